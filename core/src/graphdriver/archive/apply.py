@@ -1,0 +1,406 @@
+"""Unpack an OCI layer tar into a layer, in a sandbox.
+
+The parent process reads the caller's stream, undoes gzip or zstd, hashes the plain tar (the
+layer's diffID) and feeds it through a pipe to a forked child that has chrooted into the layer
+(like Docker's chrootarchive). The child refuses entries that would leave the layer (``..``,
+absolute names, writes through symlinks, hardlinks to outside names, whiteouts of ``..``) and
+reports back one JSON line. Whatever a hostile tar holds, no write can land outside the layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
+from . import whiteout
+from .tar import (
+    BLKTYPE,
+    CHRTYPE,
+    CHUNK,
+    DIRTYPE,
+    FIFOTYPE,
+    LNKTYPE,
+    SYMTYPE,
+    TarEntry,
+    TarReader,
+)
+
+log = logging.getLogger(__name__)
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+F_SETPIPE_SZ = 1031
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``apply_layer`` unpacked."""
+
+    #: bytes of file data written (each file once; hardlinks add nothing)
+    size: int
+    #: "sha256:<hex>" of the uncompressed tar: the OCI diffID
+    diff_id: str
+    #: "none", "gzip" or "zstd"
+    compression: str
+    #: bytes of the uncompressed tar
+    tar_size: int
+
+
+# ---------------------------------------------------------------------------------- the parent
+
+class _Decoder:
+    def __init__(self, head: bytes) -> None:
+        self.kind = "none"
+        self._z: zlib._Decompress | None = None
+        self._zstd = None
+        if head.startswith(GZIP_MAGIC):
+            self.kind = "gzip"
+            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif head.startswith(ZSTD_MAGIC):
+            import zstandard
+
+            self.kind = "zstd"
+            self._zstd = zstandard.ZstdDecompressor().decompressobj()
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            if self._z is not None:
+                out = self._z.decompress(data)
+                # concatenated gzip members (pigz, some registries)
+                while self._z.eof and self._z.unused_data:
+                    rest = self._z.unused_data
+                    self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    out += self._z.decompress(rest)
+                return out
+            if self._zstd is not None:
+                return bytes(self._zstd.decompress(data))
+        except Exception as exc:
+            raise ArchiveError(f"corrupt {self.kind} stream: {exc}") from None
+        return data
+
+    def finish(self) -> bytes:
+        if self._z is not None:
+            if not self._z.eof:
+                raise ArchiveError("truncated gzip stream")
+            return self._z.flush()
+        return b""
+
+
+def apply_layer(target: Path, stream: BinaryIO, *, whiteouts: str = "delete",
+                progress: Callable[[int], None] | None = None) -> ApplyResult:
+    """Unpack the layer tar read from *stream* into the directory *target*.
+
+    *whiteouts* is ``"delete"`` (target is the layer's full view: remove what a whiteout names)
+    or ``"overlay"`` (target is an overlay upper: write overlayfs whiteouts). On error the
+    target is left half-written; the caller rolls the layer back.
+    """
+    if whiteouts not in ("delete", "overlay"):
+        raise ValueError(whiteouts)
+    head = stream.read(6)
+    decoder = _Decoder(head)
+    data_r, data_w = os.pipe2(os.O_CLOEXEC)
+    res_r, res_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(data_w, F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
+        os.close(data_w)
+        os.close(res_r)
+        _child(str(target), data_r, res_w, whiteouts)
+    os.close(data_r)
+    os.close(res_w)
+    digest = hashlib.sha256()
+    tar_size = 0
+    feed_error: GraphDriverError | None = None
+    try:
+        chunk = head
+        while chunk:
+            plain = decoder.feed(chunk)
+            if plain:
+                digest.update(plain)
+                tar_size += len(plain)
+                _write_all(data_w, plain)
+            if progress is not None:
+                progress(len(chunk))
+            chunk = stream.read(CHUNK)
+        tail = decoder.finish()
+        if tail:
+            digest.update(tail)
+            tar_size += len(tail)
+            _write_all(data_w, tail)
+    except BrokenPipeError:
+        pass  # the child stopped reading: its report says why
+    except GraphDriverError as exc:
+        feed_error = exc
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        os.close(data_w)
+        report = _read_all(res_r)
+        os.close(res_r)
+        _, status = os.waitpid(pid, 0)
+    result = json.loads(report) if report else {}
+    if "error" in result:
+        err_cls = UnsafeArchive if result.get("unsafe") else ArchiveError
+        raise err_cls(result["error"], errno_=result.get("errno"))
+    if feed_error is not None:
+        raise feed_error
+    if status != 0 or "size" not in result:
+        raise ArchiveError(f"the extraction process died ({_describe(status)})")
+    return ApplyResult(size=int(result["size"]), diff_id="sha256:" + digest.hexdigest(),
+                       compression=decoder.kind, tar_size=tar_size)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_all(fd: int) -> bytes:
+    parts = []
+    while chunk := os.read(fd, 65536):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+# ----------------------------------------------------------------------------------- the child
+
+def _child(target: str, data_fd: int, res_fd: int, whiteouts: str) -> None:  # pragma: no cover
+    code = 0
+    report: dict[str, object]
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.chroot(target)
+        os.chdir("/")
+        os.umask(0)
+        size = _Extractor(TarReader(data_fd), whiteouts).run()
+        report = {"size": size}
+    except UnsafeArchive as exc:
+        report, code = {"error": str(exc), "unsafe": True}, 1
+    except ArchiveError as exc:
+        report, code = {"error": str(exc), "errno": exc.errno}, 1
+    except OSError as exc:
+        what = f"cannot unpack the layer: {exc.strerror}"
+        if exc.filename:
+            what += f" ({exc.filename})"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            what += ": the filesystem or the layer's size limit is full"
+        report, code = {"error": what, "errno": exc.errno}, 1
+    except BaseException as exc:
+        report, code = {"error": f"cannot unpack the layer: {exc!r}"}, 2
+    try:
+        _write_all(res_fd, json.dumps(report).encode())
+    finally:
+        os._exit(code)
+
+
+def _clean_name(raw: str) -> str:
+    """The entry name as a relative path without ``.`` parts; refuse what could escape."""
+    if raw.startswith("/"):
+        raise UnsafeArchive(f"tar entry {raw!r} has an absolute name")
+    parts = []
+    for part in raw.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise UnsafeArchive(f"tar entry {raw!r} points outside the layer ('..')")
+        parts.append(part)
+    return "/".join(parts)
+
+
+class _Extractor:
+    def __init__(self, reader: TarReader, whiteouts: str) -> None:
+        self.reader = reader
+        self.overlay = whiteouts == "overlay"
+        self.root = os.geteuid() == 0
+        self.safe_dirs: set[str] = {""}
+        self.created: set[str] = set()
+        self.dir_times: list[tuple[str, int]] = []
+        self.size = 0
+
+    def run(self) -> int:
+        for entry in self.reader:
+            self.entry(entry)
+        self.reader.drain()
+        for path, mtime in sorted(self.dir_times, key=lambda t: t[0].count("/"), reverse=True):
+            os.utime(path or "/", ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
+        return self.size
+
+    def parent_dir(self, name: str, raw: str) -> None:
+        """Make sure every directory above *name* exists and is a real directory."""
+        parts = name.split("/")[:-1]
+        path = ""
+        for part in parts:
+            path = path + "/" + part if path else part
+            if path in self.safe_dirs:
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                os.mkdir(path, 0o755)
+                self.safe_dirs.add(path)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeArchive(f"tar entry {raw!r} goes through the symlink {path!r}")
+            if not stat.S_ISDIR(st.st_mode):
+                raise ArchiveError(f"tar entry {raw!r}: {path!r} is not a directory")
+            self.safe_dirs.add(path)
+
+    def forget_dirs_under(self, path: str) -> None:
+        prefix = path + "/"
+        self.safe_dirs = {d for d in self.safe_dirs if d != path and not d.startswith(prefix)}
+
+    def remove(self, path: str) -> None:
+        """Remove whatever is at *path* (missing is fine)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+            self.forget_dirs_under(path)
+        else:
+            os.unlink(path)
+
+    def entry(self, e: TarEntry) -> None:
+        name = _clean_name(e.name)
+        if not name:  # "./": the layer's root itself
+            if e.type == DIRTYPE:
+                self.attrs("/", e, is_dir=True)
+            return
+        head, _, base = name.rpartition("/")
+        if base.startswith(whiteout.PREFIX):
+            self.whiteout(name, head, base, e.name)
+            return
+        self.parent_dir(name, e.name)
+        try:
+            existing = os.lstat(name)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not (e.type == DIRTYPE and stat.S_ISDIR(existing.st_mode)):
+            self.remove(name)
+        if not self.overlay:
+            self.created.add(name)
+        if e.type == DIRTYPE:
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                os.mkdir(name, 0o700)
+            self.safe_dirs.add(name)
+            self.attrs(name, e, is_dir=True)
+        elif e.is_file:
+            self.regular(name, e)
+        elif e.type == SYMTYPE:
+            os.symlink(e.linkname, name)
+            self.attrs(name, e, link=True)
+        elif e.type == LNKTYPE:
+            target = _clean_name(e.linkname)
+            if not target:
+                raise UnsafeArchive(f"hardlink {e.name!r} points at the layer's root")
+            self.parent_dir(target, e.linkname)
+            try:
+                tst = os.lstat(target)
+            except FileNotFoundError:
+                raise ArchiveError(f"hardlink {e.name!r}: target {e.linkname!r} is not in "
+                                   f"the layer") from None
+            if stat.S_ISDIR(tst.st_mode):
+                raise UnsafeArchive(f"hardlink {e.name!r} points at a directory")
+            os.link(target, name, follow_symlinks=False)
+        elif e.type in (CHRTYPE, BLKTYPE, FIFOTYPE):
+            kind = {CHRTYPE: stat.S_IFCHR, BLKTYPE: stat.S_IFBLK, FIFOTYPE: stat.S_IFIFO}[e.type]
+            os.mknod(name, kind | 0o600, os.makedev(e.devmajor, e.devminor))
+            self.attrs(name, e)
+
+    def regular(self, name: str, e: TarEntry) -> None:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            for piece in self.reader.data():
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
+            self.size += e.size
+            self.attrs(fd, e)
+        finally:
+            os.close(fd)
+
+    def attrs(self, target: str | int, e: TarEntry, *, is_dir: bool = False,
+              link: bool = False) -> None:
+        fd_given = isinstance(target, int)
+        if self.root:
+            if fd_given:
+                os.fchown(target, e.uid, e.gid)
+            else:
+                os.chown(target, e.uid, e.gid, follow_symlinks=False)
+        if not link:
+            os.chmod(target, e.mode)  # never a symlink here: those are skipped above
+        for key, value in e.xattrs.items():
+            if key.startswith(whiteout.OVERLAY_XATTR_PREFIX):
+                continue  # only overlayfs may write these; a tar that carries them is ignored
+            try:
+                if fd_given:
+                    os.setxattr(target, key, value)
+                else:
+                    os.setxattr(target, key, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                log.debug("xattr %s not kept on %s: %s", key, e.name, exc.strerror)
+        ns = e.mtime * 10**9
+        if is_dir:
+            assert isinstance(target, str)
+            self.dir_times.append((target, e.mtime))
+        elif fd_given:
+            os.utime(target, ns=(ns, ns))
+        else:
+            os.utime(target, ns=(ns, ns), follow_symlinks=False)
+
+    def whiteout(self, name: str, head: str, base: str, raw: str) -> None:
+        if head:
+            self.parent_dir(name, raw)
+        if base == whiteout.OPAQUE:
+            directory = head or "."
+            if self.overlay:
+                whiteout.make_overlay_opaque(directory)
+                return
+            with os.scandir(directory) as it:
+                victims = [entry.name for entry in it]
+            for victim in victims:
+                path = f"{head}/{victim}" if head else victim
+                if path not in self.created:
+                    self.remove(path)
+            return
+        if base.startswith(whiteout.META_PREFIX):
+            return  # aufs bookkeeping, meaningless here
+        hidden = base[len(whiteout.PREFIX):]
+        if hidden in ("", ".", "..") or "/" in hidden:
+            raise UnsafeArchive(f"whiteout {raw!r} names {hidden!r}")
+        path = f"{head}/{hidden}" if head else hidden
+        self.remove(path)
+        if self.overlay:
+            whiteout.make_overlay_whiteout(path)

@@ -1,0 +1,143 @@
+"""The plugin contract: what a driver package implements.
+
+The core (:mod:`graphdriver.store`) owns ids, parents, states, reference counts, locking and hooks;
+a driver only moves bytes. A driver is a subclass of :class:`Driver` registered under the entry
+point group ``graphdriver.drivers``. Optional abilities are runtime-checkable Protocols
+(:class:`NativeDiff`, :class:`NativeApply`, :class:`Quota`) that the core finds with isinstance().
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a driver can do; the conformance suite skips (and says so) what it does not declare."""
+
+    #: ``CreateOpts.size`` limits a read-write layer (writes past it fail with EDQUOT/ENOSPC).
+    quota: bool = False
+    #: diff/changes come from the driver itself (cheap), not from walking two trees.
+    native_diff: bool = False
+    #: ``mount`` makes a kernel mount that shows up in /proc/self/mountinfo.
+    real_mounts: bool = False
+    #: deepest chain (layers including the top one) that the driver can mount.
+    max_depth: int = 1 << 20
+    #: the driver needs root (mounts, ioctls, device-mapper).
+    needs_root: bool = False
+
+
+@dataclass(frozen=True)
+class CreateOpts:
+    """Options for a new layer."""
+
+    #: size limit in bytes for a read-write layer; None for no limit.
+    size: int | None = None
+    #: SELinux context passed to mounts where the driver supports it.
+    mount_label: str | None = None
+    #: free-form driver-specific options for this layer.
+    storage_opt: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a driver is told about a layer; the core keeps the authoritative record."""
+
+    id: str
+    parent: str | None
+    rw: bool
+    size: int | None = None
+    mount_label: str | None = None
+
+
+class Driver(abc.ABC):
+    """A storage driver: creates, removes and mounts layers under its ``home`` directory.
+
+    ``__init__`` raises :class:`~graphdriver.errors.DriverUnavailable` when the host cannot run
+    the driver. All methods are called with the store's lock held; they need no locking of their
+    own. ``mount`` must be idempotent for an already-mounted layer (a crashed process may have
+    left the mount behind), and ``remove``/``unmount`` must accept a half-made layer.
+    """
+
+    #: the driver's name, the entry point name it is registered under.
+    name: ClassVar[str]
+    #: the ``--opt`` keys the driver accepts, with a one-line description each.
+    options: ClassVar[Mapping[str, str]] = {}
+
+    capabilities: Capabilities = Capabilities()
+
+    def __init__(self, home: Path, options: Mapping[str, str]) -> None:
+        self.home = home
+        self.opts = dict(options)
+
+    @classmethod
+    def probe(cls, home: Path, options: Mapping[str, str]) -> None:  # noqa: B027
+        """Raise DriverUnavailable if this host cannot run the driver at *home*; change nothing."""
+
+    @abc.abstractmethod
+    def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
+        """Make *layer* as an empty layer, or as a copy-on-write child of *parent*."""
+
+    @abc.abstractmethod
+    def remove(self, layer: LayerInfo) -> None:
+        """Delete everything of *layer*; a missing or half-made layer is not an error."""
+
+    @abc.abstractmethod
+    def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
+        """Make the merged view of *layer* and return its path.
+
+        *chain* lists the layer's ancestors, nearest parent first.
+        """
+
+    @abc.abstractmethod
+    def unmount(self, layer: LayerInfo) -> None:
+        """Undo ``mount``; unmounting a layer that is not mounted is not an error."""
+
+    def is_mounted(self, layer: LayerInfo) -> bool:
+        """Whether a kernel mount of *layer* exists now (used to recover after a crash)."""
+        return False
+
+    def status(self) -> list[tuple[str, str]]:
+        """Key/value lines like the storage section of ``docker info``."""
+        return []
+
+    def close(self) -> None:  # noqa: B027
+        """Release what the driver holds open (loop devices, pools); layers stay mounted."""
+
+
+@runtime_checkable
+class NativeDiff(Protocol):
+    """A driver that knows what a layer changed without walking its parent."""
+
+    def changes(
+        self, layer: LayerInfo, chain: Sequence[LayerInfo]
+    ) -> list[tuple[str, int]] | None:
+        """(path, kind) pairs relative to the direct parent, or None to fall back to the naive walk."""
+
+    def diff_source(self, layer: LayerInfo) -> Path | None:
+        """The directory that holds exactly this layer's changes (overlay's upper), or None."""
+
+
+@runtime_checkable
+class NativeApply(Protocol):
+    """A driver that unpacks a layer tar into its own storage without a merged mount."""
+
+    def apply_target(self, layer: LayerInfo) -> tuple[Path, str] | None:
+        """(directory, whiteout format) to extract into, or None to use a merged mount.
+
+        The whiteout format is ``"delete"`` (remove the named file) or ``"overlay"`` (write a
+        0/0 character device and ``trusted.overlay.opaque``).
+        """
+
+
+@runtime_checkable
+class Quota(Protocol):
+    """A driver that can change a read-write layer's size limit after creation."""
+
+    def set_quota(self, layer: LayerInfo, size: int) -> None:
+        """Limit *layer* to *size* bytes."""
+

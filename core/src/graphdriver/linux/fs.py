@@ -1,0 +1,87 @@
+"""What filesystem a path is on (statfs magic) and whether it returns d_type."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import tempfile
+from pathlib import Path
+
+MAGIC_NAMES = {
+    0x9123683E: "btrfs",
+    0xEF53: "extfs",
+    0x58465342: "xfs",
+    0x01021994: "tmpfs",
+    0x794C7630: "overlayfs",
+    0x6969: "nfs",
+    0x2FC12FC1: "zfs",
+    0x65735546: "fuse",
+    0xF15F: "ecryptfs",
+    0x61756673: "aufs",
+    0x858458F6: "ramfs",
+    0x73717368: "squashfs",
+    0xE0F5E1E2: "erofs",
+    0x01021997: "v9fs",
+}
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [
+        ("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long), ("f_blocks", ctypes.c_ulong),
+        ("f_bfree", ctypes.c_ulong), ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
+        ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2), ("f_namelen", ctypes.c_long),
+        ("f_frsize", ctypes.c_long), ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4),
+    ]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
+
+
+def fs_magic(path: Path) -> int:
+    """The f_type of statfs(2) for *path*."""
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(path))
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+def fs_name(path: Path) -> str:
+    """A human name for the filesystem *path* is on ("xfs", "extfs", "unknown(0x...)")."""
+    magic = fs_magic(path)
+    return MAGIC_NAMES.get(magic, f"unknown(0x{magic:x})")
+
+
+def supports_d_type(path: Path) -> bool:
+    """Whether readdir on *path*'s filesystem fills in d_type (xfs with ftype=0 does not)."""
+    with tempfile.TemporaryDirectory(dir=path, prefix=".d_type-") as tmp:
+        Path(tmp, "f").touch()
+        return _dtype_known(tmp, "f")
+
+
+def _dtype_known(directory: str, name: str) -> bool:
+    class _Dirent(ctypes.Structure):
+        _fields_ = [("d_ino", ctypes.c_ulong), ("d_off", ctypes.c_long),
+                    ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                    ("d_name", ctypes.c_char * 256)]
+
+    _libc.opendir.restype = ctypes.c_void_p
+    _libc.opendir.argtypes = [ctypes.c_char_p]
+    _libc.readdir.restype = ctypes.POINTER(_Dirent)
+    _libc.readdir.argtypes = [ctypes.c_void_p]
+    _libc.closedir.argtypes = [ctypes.c_void_p]
+    d = _libc.opendir(os.fsencode(directory))
+    if not d:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), directory)
+    try:
+        while True:
+            ent = _libc.readdir(d)
+            if not ent:
+                return False
+            if ent.contents.d_name == os.fsencode(name):
+                return ent.contents.d_type != 0  # DT_UNKNOWN
+    finally:
+        _libc.closedir(d)

@@ -1,0 +1,141 @@
+"""mount(2) and umount2(2) through ctypes, and a reader of /proc/self/mountinfo."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+
+MNT_FORCE = 0x1
+MNT_DETACH = 0x2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _raise(path: str | os.PathLike[str]) -> None:
+    code = ctypes.get_errno()
+    raise OSError(code, os.strerror(code), os.fspath(path))
+
+
+def mount(source: str, target: str | os.PathLike[str], fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    """Call mount(2); raise OSError with the target as filename on failure."""
+    rc = _libc.mount(source.encode(), os.fsencode(target), fstype.encode() if fstype else None,
+                     flags, data.encode() if data is not None else None)
+    if rc != 0:
+        _raise(target)
+
+
+def unmount(target: str | os.PathLike[str], flags: int = 0, *, retries: int = 50,
+            delay: float = 0.1) -> None:
+    """Call umount2(2), retrying EBUSY *retries* times; not mounted (EINVAL/ENOENT) is fine."""
+    path = os.fsencode(target)
+    for attempt in range(retries + 1):
+        if _libc.umount2(path, flags) == 0:
+            return
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOENT):
+            return
+        if code != errno.EBUSY or attempt == retries:
+            raise OSError(code, os.strerror(code), os.fsdecode(path))
+        time.sleep(delay)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    parent_id: int
+    major_minor: str
+    root: str
+    mountpoint: str
+    options: str
+    fstype: str
+    source: str
+    super_options: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal
+    if "\\" not in field:
+        return field
+    out = bytearray()
+    raw = field.encode()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) + 1 and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode(errors="surrogateescape")
+
+
+def mountinfo(pid: str = "self") -> list[MountEntry]:
+    """Parse /proc/<pid>/mountinfo."""
+    entries = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            a = left.split(" ")
+            b = right.split(" ")
+            entries.append(MountEntry(
+                mount_id=int(a[0]), parent_id=int(a[1]), major_minor=a[2],
+                root=_unescape(a[3]), mountpoint=_unescape(a[4]), options=a[5],
+                fstype=b[0], source=_unescape(b[1]) if len(b) > 1 else "",
+                super_options=b[2] if len(b) > 2 else "",
+            ))
+    return entries
+
+
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether *path* is the mountpoint of some mount in this namespace."""
+    target = os.path.realpath(path)
+    return any(e.mountpoint == target for e in mountinfo())
+
+
+def mounts_under(path: str | os.PathLike[str]) -> list[str]:
+    """Mountpoints at or below *path*, deepest first (the order to unmount them in)."""
+    base = os.path.realpath(path)
+    prefix = base.rstrip("/") + "/"
+    found = {e.mountpoint for e in mountinfo()
+             if e.mountpoint == base or e.mountpoint.startswith(prefix)}
+    return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
+
+
+def unmount_all_under(path: str | os.PathLike[str]) -> None:
+    """Unmount everything mounted at or below *path*, deepest first."""
+    for mp in mounts_under(path):
+        try:
+            unmount(mp, retries=20)
+        except OSError:
+            unmount(mp, MNT_DETACH)
+
+
+def find_mount(path: Path) -> MountEntry | None:
+    """The mount that holds *path* (the longest mountpoint prefix)."""
+    target = os.path.realpath(path)
+    best: MountEntry | None = None
+    for e in mountinfo():
+        mp = e.mountpoint
+        if (target == mp or target.startswith(mp.rstrip("/") + "/")) and (
+                best is None or len(mp) >= len(best.mountpoint)):
+            best = e
+    return best
