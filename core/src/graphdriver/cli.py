@@ -1,0 +1,350 @@
+"""The ``graphdriver`` command: the CLI face of :class:`~graphdriver.store.LayerStore`.
+
+Errors are one line on stderr and exit 1 (2 for usage), never a traceback (``--log-level debug``
+shows it). ``--json`` prints machine-readable output for the inspection verbs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from .driver import CreateOpts
+from .errors import GraphDriverError, InvalidOption, from_oserror
+from .plugins import hooks, installed_drivers, probe_drivers
+from .store import LayerStore, open_store
+
+log = logging.getLogger("graphdriver")
+
+DEFAULT_ROOT = "/var/lib/graphdriver"
+PROGRESS_MIN = 4 << 20
+
+_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``50M``, ``1.5G``, ``4096``, ``10GiB`` -> bytes (binary multiples, like Docker)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InvalidOption(f"invalid size {text!r}: use a number with an optional K, M, G, T "
+                            f"suffix, like 50M")
+    unit = "kmgtp".find(m.group(2).lower()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * (1024 ** unit))
+
+
+@dataclass
+class Context:
+    root: str
+    driver: str | None
+    opts: dict[str, str]
+    json: bool
+    _store: LayerStore | None = field(default=None)
+
+    def store(self) -> LayerStore:
+        if self._store is None:
+            self._store = open_store(self.root, self.driver, self.opts)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def _opts(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--opt")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class _Group(click.Group):
+    """Turns graphdriver errors and OS errors into one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GraphDriverError as exc:
+            log.debug("error", exc_info=True)
+            raise _Fail(str(exc)) from None
+        except OSError as exc:
+            log.debug("error", exc_info=True)
+            raise _Fail(str(from_oserror(exc, ctx.invoked_subcommand or "graphdriver"))) \
+                from None
+
+
+class _Fail(click.ClickException):
+    exit_code = 1
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"graphdriver: error: {self.format_message()}", err=True)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", envvar="GRAPHDRIVER_ROOT", default=DEFAULT_ROOT, show_default=True,
+              help="Directory that holds the layers (GRAPHDRIVER_ROOT).")
+@click.option("--driver", "-d", "driver", envvar="GRAPHDRIVER_DRIVER", default=None,
+              help="Storage driver (default: the one with state under --root, else the first "
+                   "that works here: overlay, btrfs, devmapper, vfs).")
+@click.option("--opt", "-o", "opt", multiple=True, metavar="KEY=VALUE",
+              help="Driver option; repeat for several.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.version_option(package_name="graphdriver")
+@click.pass_context
+def cli(ctx: click.Context, root: str, driver: str | None, opt: tuple[str, ...], as_json: bool,
+        log_level: str) -> None:
+    """Copy-on-write layers for container images: create, mount, diff and apply them."""
+    logging.basicConfig(level=log_level.upper(), format="graphdriver: %(levelname)s: %(message)s")
+    obj = Context(root=root, driver=driver, opts=_opts(opt), json=as_json)
+    ctx.obj = obj
+    ctx.call_on_close(obj.close)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def _json_flag(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(Context).json = True  # type: ignore[union-attr]
+
+
+json_option = click.option("--json", is_flag=True, expose_value=False, callback=_json_flag,
+                           help="Print JSON.")
+
+
+def _emit(ctx: Context, data: Any, text: str | None = None) -> None:
+    if ctx.json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif text is not None:
+        click.echo(text)
+
+
+@cli.command()
+@click.argument("layer_id")
+@click.option("--parent", "-p", default=None, help="Layer to build on.")
+@click.option("--rw", is_flag=True, help="Read-write (container) layer.")
+@click.option("--size", "-s", default=None, help="Size limit (rw layers, drivers with quota).")
+@click.option("--label", multiple=True, metavar="KEY=VALUE", help="Free-form label.")
+@click.option("--mount-label", default=None, help="SELinux context for the layer's mounts.")
+@json_option
+@pass_ctx
+def create(ctx: Context, layer_id: str, parent: str | None, rw: bool, size: str | None,
+           label: tuple[str, ...], mount_label: str | None) -> None:
+    """Create a layer (read-only image layer unless --rw)."""
+    opts = CreateOpts(size=parse_size(size) if size else None, mount_label=mount_label)
+    ctx.store().create(layer_id, parent, opts, rw=rw, labels=_opts(label))
+    _emit(ctx, {"id": layer_id}, layer_id)
+
+
+@cli.command("rm")
+@click.argument("layer_ids", nargs=-1, required=True)
+@pass_ctx
+def rm(ctx: Context, layer_ids: tuple[str, ...]) -> None:
+    """Remove layers (refused while mounted or with children)."""
+    for layer_id in layer_ids:
+        ctx.store().remove(layer_id)
+
+
+@cli.command()
+@click.argument("layer_id")
+@json_option
+@pass_ctx
+def mount(ctx: Context, layer_id: str) -> None:
+    """Mount a layer and print the path of its root (counted; undo with umount)."""
+    path = ctx.store().get(layer_id)
+    _emit(ctx, {"id": layer_id, "path": str(path)}, str(path))
+
+
+@cli.command()
+@click.argument("layer_id")
+@pass_ctx
+def umount(ctx: Context, layer_id: str) -> None:
+    """Release one mount reference; the last one unmounts."""
+    ctx.store().put(layer_id)
+
+
+@cli.command()
+@click.argument("layer_id")
+@json_option
+@pass_ctx
+def exists(ctx: Context, layer_id: str) -> None:
+    """Exit 0 if the layer exists, 1 if not."""
+    found = ctx.store().exists(layer_id)
+    _emit(ctx, {"id": layer_id, "exists": found})
+    if not found:
+        sys.exit(1)
+
+
+@cli.command("ls")
+@json_option
+@pass_ctx
+def ls(ctx: Context) -> None:
+    """List layers, oldest first."""
+    store = ctx.store()
+    if ctx.json:
+        _emit(ctx, [store.metadata(i) for i in store.layers()])
+        return
+    for layer_id in store.layers():
+        click.echo(layer_id)
+
+
+@cli.command()
+@click.argument("layer_id")
+@pass_ctx
+def inspect(ctx: Context, layer_id: str) -> None:
+    """Show what the store knows about a layer (JSON)."""
+    click.echo(json.dumps(ctx.store().metadata(layer_id), indent=2, default=str))
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def status(ctx: Context) -> None:
+    """Show the driver's status, like the storage section of docker info."""
+    pairs = ctx.store().status()
+    _emit(ctx, dict(pairs), "\n".join(f"{k}: {v}" for k, v in pairs))
+
+
+@cli.command()
+@click.argument("layer_id")
+@click.option("--parent", "-p", default=None, help="Compare with this layer, not the parent.")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False), default=None,
+              help="Write to FILE instead of stdout.")
+@click.option("--compress", type=click.Choice(["none", "gzip", "zstd"]), default="none",
+              show_default=True)
+@pass_ctx
+def diff(ctx: Context, layer_id: str, parent: str | None, output: str | None,
+         compress: str) -> None:
+    """Write the layer's changes as an OCI layer tar."""
+    store = ctx.store()
+    if output is None:
+        if sys.stdout.isatty():
+            raise click.UsageError("refusing to write a tar to a terminal; use -o FILE or a pipe")
+        sys.stdout.flush()
+        store.write_diff(layer_id, sys.stdout.fileno(), parent, compress)
+        return
+    tmp = Path(output + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            store.write_diff(layer_id, f, parent, compress)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@cli.command()
+@click.argument("layer_id")
+@click.option("--parent", "-p", default=None, help="Compare with this layer, not the parent.")
+@json_option
+@pass_ctx
+def changes(ctx: Context, layer_id: str, parent: str | None) -> None:
+    """List what the layer changed: C (modified), A (added), D (deleted)."""
+    found = ctx.store().changes(layer_id, parent)
+    if ctx.json:
+        _emit(ctx, [{"path": c.path, "kind": c.kind.name.lower()} for c in found])
+        return
+    for c in found:
+        click.echo(f"{c.kind.letter} {c.path}")
+
+
+@cli.command("diff-size")
+@click.argument("layer_id")
+@click.option("--parent", "-p", default=None)
+@json_option
+@pass_ctx
+def diff_size(ctx: Context, layer_id: str, parent: str | None) -> None:
+    """Print the bytes of file data that diff would carry."""
+    size = ctx.store().diff_size(layer_id, parent)
+    _emit(ctx, {"id": layer_id, "size": size}, str(size))
+
+
+@contextlib.contextmanager
+def _progress(total: int | None, label: str) -> Iterator[Any]:
+    if not sys.stderr.isatty() or (total is not None and total < PROGRESS_MIN):
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+              file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
+@cli.command("apply-diff")
+@click.argument("layer_id")
+@click.argument("source", default="-", metavar="[FILE|-]")
+@json_option
+@pass_ctx
+def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
+    """Unpack an OCI layer tar (plain, gzip or zstd) into a fresh layer."""
+    store = ctx.store()
+    with contextlib.ExitStack() as stack:
+        if source == "-":
+            stream: IO[bytes] = sys.stdin.buffer
+            total = None
+        else:
+            try:
+                stream = stack.enter_context(open(source, "rb"))
+            except OSError as exc:
+                raise from_oserror(exc, f"open {source}") from exc
+            total = os.fstat(stream.fileno()).st_size
+        update = stack.enter_context(_progress(total, f"apply {layer_id}"))
+        result = store.apply(layer_id, stream, update)
+    _emit(ctx, {"id": layer_id, "size": result.size, "diff_id": result.diff_id,
+                "compression": result.compression},
+          f"{result.size} {result.diff_id}")
+
+
+@cli.command()
+@pass_ctx
+def cleanup(ctx: Context) -> None:
+    """Unmount every layer of the store."""
+    ctx.store().cleanup()
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def drivers(ctx: Context) -> None:
+    """List installed drivers and whether each works here (for --root)."""
+    reports = probe_drivers(Path(ctx.root).absolute(), {})
+    if ctx.json:
+        _emit(ctx, [r.__dict__ for r in reports])
+        return
+    if not installed_drivers():
+        click.echo("no storage drivers installed")
+    for r in reports:
+        state = "ok" if r.works else f"unavailable: {r.reason}"
+        click.echo(f"{r.name:<12} {state}  [{r.target}]")
+
+
+def main() -> None:
+    """Entry point of the ``graphdriver`` script."""
+    try:
+        hooks().cli(cli)
+    except Exception as exc:  # a plugin's broken CLI hook must not break the command
+        log.warning("a plugin failed to extend the CLI: %s", exc)
+    try:
+        cli.main(prog_name="graphdriver", standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("graphdriver: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: still one line, the traceback at debug level
+        log.debug("unexpected error", exc_info=True)
+        click.echo(f"graphdriver: internal error: {exc!r} (run with --log-level debug for "
+                   f"details)", err=True)
+        sys.exit(1)

@@ -1,0 +1,182 @@
+"""Real storage for the conformance suite: filesystems on loop devices, and a thin pool.
+
+Each backing is a context manager that yields a :class:`Backing` and takes everything down
+again (mounts first, then devices) even when the test failed. A host that lacks something
+raises :class:`BackingUnavailable` with the reason, which the suite turns into a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..linux import loop
+from ..linux.mount import mount, unmount_all_under
+
+BACKINGS = ("tmpdir", "loop-ext4", "loop-xfs", "loop-btrfs", "thin-pool")
+
+_MKFS = {
+    "ext4": (["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
+             "e2fsprogs", ""),
+    "xfs": (["mkfs.xfs", "-q", "-f", "-K"], "xfsprogs", "prjquota"),
+    "btrfs": (["mkfs.btrfs", "-q", "-f", "-K"], "btrfs-progs", ""),
+}
+
+
+class BackingUnavailable(Exception):
+    """This host cannot provide the backing; the message says what is missing."""
+
+
+@dataclass
+class Backing:
+    """Where a store's root goes, and driver options the backing implies."""
+
+    kind: str
+    root: Path
+    options: dict[str, str] = field(default_factory=dict)
+    device: str | None = None
+    #: mount options that the kernel refused and that were dropped, with why
+    degraded: dict[str, str] = field(default_factory=dict)
+
+
+def _need_root(kind: str) -> None:
+    if os.geteuid() != 0:
+        raise BackingUnavailable(f"backing {kind} needs root (loop devices and mounts)")
+    if not Path("/dev/loop-control").exists():
+        raise BackingUnavailable(f"backing {kind} needs loop devices (/dev/loop-control)")
+
+
+def _filesystems() -> set[str]:
+    text = Path("/proc/filesystems").read_text()
+    return {line.split()[-1] for line in text.splitlines() if line.strip()}
+
+
+@contextlib.contextmanager
+def loop_filesystem(fstype: str, size: int = 1 << 30,
+                    workdir: Path | None = None) -> Iterator[Backing]:
+    """A fresh *fstype* filesystem on a sparse file on a loop device, mounted."""
+    kind = f"loop-{fstype}"
+    _need_root(kind)
+    cmd, package, options = _MKFS[fstype]
+    if shutil.which(cmd[0]) is None:
+        raise BackingUnavailable(f"backing {kind} needs {cmd[0]} (apt-get install {package})")
+    if fstype not in _filesystems():
+        raise BackingUnavailable(f"backing {kind}: the kernel has no {fstype} filesystem")
+    with tempfile.TemporaryDirectory(prefix=f"gd-{kind}-", dir=workdir) as tmp:
+        image = Path(tmp, "image")
+        target = Path(tmp, "mnt")
+        target.mkdir()
+        with open(image, "wb") as f:
+            f.truncate(size)
+        try:
+            with loop.attach(image) as dev:  # closed at the end: autoclear then detaches it
+                subprocess.run([*cmd, dev.path], check=True, capture_output=True, timeout=300)
+                degraded = {}
+                try:
+                    mount(dev.path, target, fstype, 0, options or None)
+                except OSError as exc:
+                    if not options or exc.errno != errno.EINVAL:
+                        raise
+                    # e.g. XFS built without CONFIG_XFS_QUOTA refuses prjquota
+                    degraded[options] = f"the kernel refused it ({exc.strerror})"
+                    mount(dev.path, target, fstype, 0, None)
+                device = dev.path
+            yield Backing(kind, target, device=device, degraded=degraded)
+        finally:
+            unmount_all_under(target)
+            _wait_detached(image)
+
+
+def _wait_detached(image: Path) -> None:
+    """Autoclear detaches asynchronously; wait so no test run leaves a loop device behind."""
+    for _ in range(100):
+        if not any(loop.backing_file(d) == str(image) for d in _loop_devices()):
+            return
+        time.sleep(0.05)
+
+
+def _loop_devices() -> list[str]:
+    return [f"/dev/{p.name}" for p in Path("/sys/block").glob("loop*")]
+
+
+@contextlib.contextmanager
+def tmpdir(workdir: Path | None = None) -> Iterator[Backing]:
+    """A plain temporary directory on whatever filesystem holds the temp dir."""
+    with tempfile.TemporaryDirectory(prefix="gd-tmpdir-", dir=workdir) as tmp:
+        try:
+            yield Backing("tmpdir", Path(tmp))
+        finally:
+            unmount_all_under(tmp)
+
+
+def _dmsetup(*args: str) -> str:
+    env = {**os.environ, "DM_DISABLE_UDEV": "1"}
+    proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+    if proc.returncode != 0:
+        raise OSError(f"dmsetup {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@contextlib.contextmanager
+def thin_pool(data_size: int = 2 << 30, meta_size: int = 64 << 20,
+              workdir: Path | None = None) -> Iterator[Backing]:
+    """A device-mapper thin pool on two loop devices (data, metadata), given to the driver as
+    ``dm.thinpooldev``; the store's root is a plain directory beside it."""
+    _need_root("thin-pool")
+    if not Path("/dev/mapper/control").exists():
+        raise BackingUnavailable("backing thin-pool needs device-mapper (/dev/mapper/control is "
+                                 "missing: this kernel has none; run the tests under vm/run)")
+    if shutil.which("dmsetup") is None:
+        raise BackingUnavailable("backing thin-pool needs dmsetup (apt-get install dmsetup)")
+    with tempfile.TemporaryDirectory(prefix="gd-thin-pool-", dir=workdir) as tmp:
+        name = f"gd-pool-{os.getpid()}-{Path(tmp).name[-8:]}"
+        files = []
+        for part, size in (("data", data_size), ("meta", meta_size)):
+            path = Path(tmp, part)
+            with open(path, "wb") as f:
+                f.truncate(size)
+            files.append(path)
+        root = Path(tmp, "root")
+        root.mkdir()
+        with loop.attach(files[0]) as data, loop.attach(files[1]) as meta:
+            with open(meta.path, "r+b") as f:  # a pool needs zeroed metadata to start from
+                f.write(b"\0" * 4096)
+            table = (f"0 {data_size // 512} thin-pool {meta.path} {data.path} 128 "
+                     f"{data_size // 512 // 10} 1 skip_block_zeroing")
+            _dmsetup("create", name, "--noudevsync", "--table", table)
+        try:
+            yield Backing("thin-pool", root, {"dm.thinpooldev": name}, device=f"/dev/mapper/{name}")
+        finally:
+            unmount_all_under(root)
+            for _ in range(50):
+                try:
+                    _dmsetup("remove", "--noudevsync", name)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            for path in files:
+                _wait_detached(path)
+
+
+@contextlib.contextmanager
+def make_backing(kind: str, workdir: Path | None = None) -> Iterator[Backing]:
+    """The backing named *kind* (see :data:`BACKINGS`)."""
+    if kind == "tmpdir":
+        cm = tmpdir(workdir)
+    elif kind.startswith("loop-") and kind[5:] in _MKFS:
+        cm = loop_filesystem(kind[5:], workdir=workdir)
+    elif kind == "thin-pool":
+        cm = thin_pool(workdir=workdir)
+    else:
+        raise ValueError(f"unknown backing {kind!r}; choose from {', '.join(BACKINGS)}")
+    with cm as backing:
+        yield backing

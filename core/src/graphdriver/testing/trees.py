@@ -1,0 +1,123 @@
+"""Deterministic layer content for the suite, and exact snapshots of trees to compare.
+
+Follows moby's graphtest fixtures: the "base" layer of CreateBase, seeded random content,
+and a rich tree that holds every kind of file a layer can hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat
+from pathlib import Path
+from typing import Any
+
+IGNORED = {"lost+found"}
+
+
+def random_content(size: int, seed: int) -> bytes:
+    """*size* bytes that depend only on *seed* (moby's randomContent)."""
+    return random.Random(seed).randbytes(size)
+
+
+def make_base(root: Path) -> None:
+    """moby's CreateBase: "a subdir" 0705+sticky owned 1:2, "a file" 0222+setuid."""
+    sub = root / "a subdir"
+    sub.mkdir()
+    os.chmod(sub, 0o705 | stat.S_ISVTX)
+    os.chown(sub, 1, 2)
+    f = root / "a file"
+    f.write_bytes(b"Some data")
+    os.chmod(f, 0o222 | stat.S_ISUID)
+
+
+def make_rich(root: Path) -> None:
+    """A tree with every kind of entry: files, dirs, xattrs, hardlinks, symlinks, devices."""
+    (root / "etc").mkdir(mode=0o755)
+    (root / "etc" / "hostname").write_bytes(b"layer\n")
+    (root / "etc" / "empty").write_bytes(b"")
+    big = root / "big.bin"
+    big.write_bytes(random_content(1 << 20, 1))
+    os.chown(big, 1000, 1000)
+    os.chmod(big, 0o640)
+    (root / "deep" / "a" / "b" / "c").mkdir(parents=True)
+    (root / "deep" / "a" / "b" / "c" / "leaf").write_bytes(random_content(5000, 2))
+    x = root / "xattr-file"
+    x.write_bytes(b"with xattrs")
+    os.setxattr(x, "user.comment", b"hello")
+    os.setxattr(x, "trusted.graphdriver", b"\x00\x01binary")
+    os.setxattr(root / "etc", "user.dir", b"on a dir")
+    (root / "hard1").write_bytes(b"linked")
+    os.link(root / "hard1", root / "etc" / "hard2")
+    os.symlink("etc/hostname", root / "rel-link")
+    os.symlink("/etc/hostname", root / "abs-link")
+    os.symlink("nowhere", root / "dangling")
+    os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(root / "loopdev", stat.S_IFBLK | 0o660, os.makedev(7, 200))
+    os.mkfifo(root / "fifo", 0o600)
+    sticky = root / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    setuid = root / "suid"
+    setuid.write_bytes(b"#!/bin/sh\n")
+    os.chmod(setuid, 0o4755)
+    os.chown(root / "deep", 3, 4)
+    name = root / ("long-" + "n" * 150)
+    name.mkdir()
+    (name / ("file-" + "m" * 120)).write_bytes(b"long path")
+    (root / "sp ace & ünïcödé").write_bytes(b"names")
+    os.symlink("t" * 200, root / "long-target-link")
+
+
+def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    out = []
+    for n in sorted(names):
+        if n.startswith(("trusted.overlay.", "security.selinux")):
+            continue
+        out.append((n, os.getxattr(path, n, follow_symlinks=False)))
+    return tuple(out)
+
+
+def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, Any]:
+    """Everything a user can see of a tree: per path its type, mode, owner, size, mtime
+    (whole seconds, as tar keeps them; directories' left out), target, device, xattrs,
+    content digest and hardlink group."""
+    out: dict[str, Any] = {}
+    inodes: dict[tuple[int, int], str] = {}
+    base = str(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        if dirpath == base:
+            dirnames[:] = [d for d in dirnames if d not in IGNORED]
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            rel = path[len(base):]
+            st = os.lstat(path)
+            entry: dict[str, Any] = {
+                "type": stat.S_IFMT(st.st_mode), "mode": oct(stat.S_IMODE(st.st_mode)),
+                "uid": st.st_uid, "gid": st.st_gid, "xattrs": _xattrs(path),
+            }
+            if mtimes and not stat.S_ISDIR(st.st_mode):
+                entry["mtime"] = int(st.st_mtime)
+            if stat.S_ISREG(st.st_mode):
+                entry["size"] = st.st_size
+                with open(path, "rb") as f:
+                    entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+                if st.st_nlink > 1:
+                    entry["hardlink-group"] = inodes.setdefault((st.st_dev, st.st_ino), rel)
+            elif stat.S_ISLNK(st.st_mode):
+                entry["target"] = os.readlink(path)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                entry["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            out[rel] = entry
+    return out
+
+
+def listing(root: Path) -> list[str]:
+    """Top-level names of a layer, without the filesystem's own lost+found."""
+    return sorted(n for n in os.listdir(root) if n not in IGNORED)
