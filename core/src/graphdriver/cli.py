@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import click
 
@@ -36,10 +36,11 @@ def parse_size(text: str) -> int:
     """``50M``, ``1.5G``, ``4096``, ``10GiB`` -> bytes (binary multiples, like Docker)."""
     m = _SIZE.match(text)
     if not m:
-        raise InvalidOption(f"invalid size {text!r}: use a number with an optional K, M, G, T "
-                            f"suffix, like 50M")
+        raise InvalidOption(
+            f"invalid size {text!r}: use a number with an optional K, M, G, T suffix, like 50M"
+        )
     unit = "kmgtp".find(m.group(2).lower()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * (1024 ** unit))
+    return int(float(m.group(1)) * (1024**unit))
 
 
 @dataclass
@@ -81,8 +82,7 @@ class _Group(click.Group):
             raise _Fail(str(exc)) from None
         except OSError as exc:
             log.debug("error", exc_info=True)
-            raise _Fail(str(from_oserror(exc, ctx.invoked_subcommand or "graphdriver"))) \
-                from None
+            raise _Fail(str(from_oserror(exc, ctx.invoked_subcommand or "graphdriver"))) from None
 
 
 class _Fail(click.ClickException):
@@ -93,20 +93,47 @@ class _Fail(click.ClickException):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", envvar="GRAPHDRIVER_ROOT", default=DEFAULT_ROOT, show_default=True,
-              help="Directory that holds the layers (GRAPHDRIVER_ROOT).")
-@click.option("--driver", "-d", "driver", envvar="GRAPHDRIVER_DRIVER", default=None,
-              help="Storage driver (default: the one with state under --root, else the first "
-                   "that works here: overlay, btrfs, devmapper, vfs).")
-@click.option("--opt", "-o", "opt", multiple=True, metavar="KEY=VALUE",
-              help="Driver option; repeat for several.")
+@click.option(
+    "--root",
+    envvar="GRAPHDRIVER_ROOT",
+    default=DEFAULT_ROOT,
+    show_default=True,
+    help="Directory that holds the layers (GRAPHDRIVER_ROOT).",
+)
+@click.option(
+    "--driver",
+    "-d",
+    "driver",
+    envvar="GRAPHDRIVER_DRIVER",
+    default=None,
+    help="Storage driver (default: the one with state under --root, else the first "
+    "that works here: overlay, btrfs, devmapper, vfs).",
+)
+@click.option(
+    "--opt",
+    "-o",
+    "opt",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Driver option; repeat for several.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
 @click.version_option(package_name="graphdriver")
 @click.pass_context
-def cli(ctx: click.Context, root: str, driver: str | None, opt: tuple[str, ...], as_json: bool,
-        log_level: str) -> None:
+def cli(
+    ctx: click.Context,
+    root: str,
+    driver: str | None,
+    opt: tuple[str, ...],
+    as_json: bool,
+    log_level: str,
+) -> None:
     """Copy-on-write layers for container images: create, mount, diff and apply them."""
     logging.basicConfig(level=log_level.upper(), format="graphdriver: %(levelname)s: %(message)s")
     obj = Context(root=root, driver=driver, opts=_opts(opt), json=as_json)
@@ -122,8 +149,9 @@ def _json_flag(ctx: click.Context, _param: click.Parameter, value: bool) -> None
         ctx.find_object(Context).json = True  # type: ignore[union-attr]
 
 
-json_option = click.option("--json", is_flag=True, expose_value=False, callback=_json_flag,
-                           help="Print JSON.")
+json_option = click.option(
+    "--json", is_flag=True, expose_value=False, callback=_json_flag, help="Print JSON."
+)
 
 
 def _emit(ctx: Context, data: Any, text: str | None = None) -> None:
@@ -142,8 +170,15 @@ def _emit(ctx: Context, data: Any, text: str | None = None) -> None:
 @click.option("--mount-label", default=None, help="SELinux context for the layer's mounts.")
 @json_option
 @pass_ctx
-def create(ctx: Context, layer_id: str, parent: str | None, rw: bool, size: str | None,
-           label: tuple[str, ...], mount_label: str | None) -> None:
+def create(
+    ctx: Context,
+    layer_id: str,
+    parent: str | None,
+    rw: bool,
+    size: str | None,
+    label: tuple[str, ...],
+    mount_label: str | None,
+) -> None:
     """Create a layer (read-only image layer unless --rw)."""
     opts = CreateOpts(size=parse_size(size) if size else None, mount_label=mount_label)
     ctx.store().create(layer_id, parent, opts, rw=rw, labels=_opts(label))
@@ -222,13 +257,21 @@ def status(ctx: Context) -> None:
 @cli.command()
 @click.argument("layer_id")
 @click.option("--parent", "-p", default=None, help="Compare with this layer, not the parent.")
-@click.option("--output", "-o", "output", type=click.Path(dir_okay=False), default=None,
-              help="Write to FILE instead of stdout.")
-@click.option("--compress", type=click.Choice(["none", "gzip", "zstd"]), default="none",
-              show_default=True)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write to FILE instead of stdout.",
+)
+@click.option(
+    "--compress", type=click.Choice(["none", "gzip", "zstd"]), default="none", show_default=True
+)
 @pass_ctx
-def diff(ctx: Context, layer_id: str, parent: str | None, output: str | None,
-         compress: str) -> None:
+def diff(
+    ctx: Context, layer_id: str, parent: str | None, output: str | None, compress: str
+) -> None:
     """Write the layer's changes as an OCI layer tar."""
     store = ctx.store()
     if output is None:
@@ -279,8 +322,15 @@ def _progress(total: int | None, label: str) -> Iterator[Any]:
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-              file=sys.stderr, leave=False) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=label,
+        file=sys.stderr,
+        leave=False,
+    ) as bar:
         yield bar.update
 
 
@@ -294,7 +344,7 @@ def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
     store = ctx.store()
     with contextlib.ExitStack() as stack:
         if source == "-":
-            stream: IO[bytes] = sys.stdin.buffer
+            stream: BinaryIO = sys.stdin.buffer
             total = None
         else:
             try:
@@ -304,9 +354,16 @@ def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
             total = os.fstat(stream.fileno()).st_size
         update = stack.enter_context(_progress(total, f"apply {layer_id}"))
         result = store.apply(layer_id, stream, update)
-    _emit(ctx, {"id": layer_id, "size": result.size, "diff_id": result.diff_id,
-                "compression": result.compression},
-          f"{result.size} {result.diff_id}")
+    _emit(
+        ctx,
+        {
+            "id": layer_id,
+            "size": result.size,
+            "diff_id": result.diff_id,
+            "compression": result.compression,
+        },
+        f"{result.size} {result.diff_id}",
+    )
 
 
 @cli.command()
@@ -345,6 +402,8 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # a bug: still one line, the traceback at debug level
         log.debug("unexpected error", exc_info=True)
-        click.echo(f"graphdriver: internal error: {exc!r} (run with --log-level debug for "
-                   f"details)", err=True)
+        click.echo(
+            f"graphdriver: internal error: {exc!r} (run with --log-level debug for details)",
+            err=True,
+        )
         sys.exit(1)

@@ -75,8 +75,11 @@ class Driver(abc.ABC):
         self.opts = dict(options)
 
     @classmethod
-    def probe(cls, home: Path, options: Mapping[str, str]) -> None:  # noqa: B027
-        """Raise DriverUnavailable if this host cannot run the driver at *home*; change nothing."""
+    def probe(cls, home: Path, options: Mapping[str, str]) -> None:
+        """Raise DriverUnavailable if this host cannot run the driver at *home*; change nothing.
+
+        The default accepts every host; a driver that needs a kernel feature overrides it.
+        """
 
     @abc.abstractmethod
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
@@ -105,7 +108,7 @@ class Driver(abc.ABC):
         """Key/value lines like the storage section of ``docker info``."""
         return []
 
-    def close(self) -> None:  # noqa: B027
+    def close(self) -> None:
         """Release what the driver holds open (loop devices, pools); layers stay mounted."""
 
 
@@ -113,10 +116,8 @@ class Driver(abc.ABC):
 class NativeDiff(Protocol):
     """A driver that knows what a layer changed without walking its parent."""
 
-    def changes(
-        self, layer: LayerInfo, chain: Sequence[LayerInfo]
-    ) -> list[tuple[str, int]] | None:
-        """(path, kind) pairs relative to the direct parent, or None to fall back to the naive walk."""
+    def changes(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> list[tuple[str, int]] | None:
+        """(path, kind) pairs against the direct parent, or None for the naive walk."""
 
     def diff_source(self, layer: LayerInfo) -> Path | None:
         """The directory that holds exactly this layer's changes (overlay's upper), or None."""
@@ -140,4 +141,3 @@ class Quota(Protocol):
 
     def set_quota(self, layer: LayerInfo, size: int) -> None:
         """Limit *layer* to *size* bytes."""
-

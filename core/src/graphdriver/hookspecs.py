@@ -42,8 +42,9 @@ def graphdriver_layer_created(store: LayerStore, layer: LayerRecord) -> None:
 
 
 @hookspec
-def graphdriver_layer_applied(store: LayerStore, layer: LayerRecord, size: int,
-                              diff_id: str) -> None:
+def graphdriver_layer_applied(
+    store: LayerStore, layer: LayerRecord, size: int, diff_id: str
+) -> None:
     """Called after ``apply_diff`` unpacked a tar into *layer* and committed it."""
 
 
@@ -53,8 +54,9 @@ def graphdriver_layer_removed(store: LayerStore, layer_id: str) -> None:
 
 
 @hookspec(firstresult=True)
-def graphdriver_mount(store: LayerStore, layer: LayerRecord,
-                      chain: Sequence[LayerRecord]) -> Path | None:
+def graphdriver_mount(
+    store: LayerStore, layer: LayerRecord, chain: Sequence[LayerRecord]
+) -> Path | None:
     """Mount *layer* (first reference only) and return the merged root.
 
     The core implements this hook itself (it calls the driver). A plugin wraps it with
@@ -82,5 +84,3 @@ def graphdriver_driver_options(driver: str) -> Mapping[str, str] | None:
 
     Keys returned here are accepted by the option check and passed to the driver unchanged.
     """
-
-

@@ -62,17 +62,40 @@ class LayerRecord:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-_COLUMNS = ("id", "parent", "state", "rw", "size_limit", "mount_label", "created", "boundary_ns",
-            "mount_count", "mount_path", "dirty", "diff_id", "unpacked_size", "labels")
+_COLUMNS = (
+    "id",
+    "parent",
+    "state",
+    "rw",
+    "size_limit",
+    "mount_label",
+    "created",
+    "boundary_ns",
+    "mount_count",
+    "mount_path",
+    "dirty",
+    "diff_id",
+    "unpacked_size",
+    "labels",
+)
 
 
 def _record(row: sqlite3.Row) -> LayerRecord:
     return LayerRecord(
-        id=row["id"], parent=row["parent"], state=row["state"], rw=bool(row["rw"]),
-        size_limit=row["size_limit"], mount_label=row["mount_label"], created=row["created"],
-        boundary_ns=row["boundary_ns"], mount_count=row["mount_count"],
-        mount_path=row["mount_path"], dirty=bool(row["dirty"]), diff_id=row["diff_id"],
-        unpacked_size=row["unpacked_size"], labels=json.loads(row["labels"]),
+        id=row["id"],
+        parent=row["parent"],
+        state=row["state"],
+        rw=bool(row["rw"]),
+        size_limit=row["size_limit"],
+        mount_label=row["mount_label"],
+        created=row["created"],
+        boundary_ns=row["boundary_ns"],
+        mount_count=row["mount_count"],
+        mount_path=row["mount_path"],
+        dirty=bool(row["dirty"]),
+        diff_id=row["diff_id"],
+        unpacked_size=row["unpacked_size"],
+        labels=json.loads(row["labels"]),
     )
 
 
@@ -82,8 +105,9 @@ class Metadata:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=60,
-                                      check_same_thread=False)
+            self.db = sqlite3.connect(
+                path, isolation_level=None, timeout=60, check_same_thread=False
+            )
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -98,19 +122,22 @@ class Metadata:
     def _migrate(self) -> None:
         with self.transaction():
             have = self.db.execute(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+                "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+            ).fetchone()
             if have is None:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
-                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                                (str(SCHEMA_VERSION),))
+                self.db.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
                 return
             version = int(self.get_meta("schema_version") or 0)
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"metadata {self.path} has schema version {version}, newer than this "
-                    f"graphdriver ({SCHEMA_VERSION}); upgrade graphdriver")
+                    f"graphdriver ({SCHEMA_VERSION}); upgrade graphdriver"
+                )
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -141,21 +168,30 @@ class Metadata:
         return [_record(r) for r in self.db.execute("SELECT * FROM layers ORDER BY created, id")]
 
     def children(self, layer_id: str) -> list[str]:
-        return [r[0] for r in self.db.execute(
-            "SELECT id FROM layers WHERE parent=? ORDER BY id", (layer_id,))]
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT id FROM layers WHERE parent=? ORDER BY id", (layer_id,)
+            )
+        ]
 
     def insert(self, rec: LayerRecord) -> None:
         values = [getattr(rec, c) for c in _COLUMNS]
         values[_COLUMNS.index("labels")] = json.dumps(rec.labels, sort_keys=True)
-        self.db.execute(f"INSERT INTO layers ({', '.join(_COLUMNS)}) "  # noqa: S608
-                        f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+        self.db.execute(
+            f"INSERT INTO layers ({', '.join(_COLUMNS)}) "  # noqa: S608
+            f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+            values,
+        )
 
     def update(self, layer_id: str, **fields: object) -> None:
         if "labels" in fields:
             fields["labels"] = json.dumps(fields["labels"], sort_keys=True)
         cols = ", ".join(f"{k}=?" for k in fields)
-        self.db.execute(f"UPDATE layers SET {cols} WHERE id=?",  # noqa: S608
-                        [*fields.values(), layer_id])
+        self.db.execute(
+            f"UPDATE layers SET {cols} WHERE id=?",  # noqa: S608
+            [*fields.values(), layer_id],
+        )
 
     def delete(self, layer_id: str) -> None:
         self.db.execute("DELETE FROM layers WHERE id=?", (layer_id,))

@@ -48,15 +48,17 @@ def load_driver(name: str) -> type[Driver]:
     known = installed_drivers()
     if name not in known:
         listing = ", ".join(known) or "none"
-        raise DriverNotFound(f"no storage driver named {name!r} is installed "
-                             f"(installed: {listing})")
+        raise DriverNotFound(
+            f"no storage driver named {name!r} is installed (installed: {listing})"
+        )
 
     def failed(_manager: object, entrypoint: object, exc: BaseException) -> None:
         raise DriverLoadError(f"driver {name!r} ({known[name]}) failed to load: {exc}") from exc
 
     try:
-        manager = DriverManager(DRIVER_GROUP, name, invoke_on_load=False,
-                                on_load_failure_callback=failed)
+        manager: Any = DriverManager(
+            DRIVER_GROUP, name, invoke_on_load=False, on_load_failure_callback=failed
+        )
     except GraphDriverError:
         raise
     except Exception as exc:  # stevedore's own errors (conflicts, missing entry points)
@@ -99,24 +101,24 @@ class Hooks:
         return self.pm.hook
 
     def default_driver(self, root: Path, available: Sequence[str]) -> str | None:
-        return cast("str | None", self._hook.graphdriver_default_driver(
-            root=root, available=list(available)))
+        return cast(
+            "str | None",
+            self._hook.graphdriver_default_driver(root=root, available=list(available)),
+        )
 
     def layer_created(self, store: LayerStore, layer: LayerRecord) -> None:
         self._hook.graphdriver_layer_created(store=store, layer=layer)
 
-    def layer_applied(self, store: LayerStore, layer: LayerRecord, size: int,
-                      diff_id: str) -> None:
-        self._hook.graphdriver_layer_applied(store=store, layer=layer, size=size,
-                                             diff_id=diff_id)
+    def layer_applied(self, store: LayerStore, layer: LayerRecord, size: int, diff_id: str) -> None:
+        self._hook.graphdriver_layer_applied(store=store, layer=layer, size=size, diff_id=diff_id)
 
     def layer_removed(self, store: LayerStore, layer_id: str) -> None:
         self._hook.graphdriver_layer_removed(store=store, layer_id=layer_id)
 
-    def mount(self, store: LayerStore, layer: LayerRecord,
-              chain: Sequence[LayerRecord]) -> Path:
-        return cast("Path", self._hook.graphdriver_mount(store=store, layer=layer,
-                                                         chain=list(chain)))
+    def mount(self, store: LayerStore, layer: LayerRecord, chain: Sequence[LayerRecord]) -> Path:
+        return cast(
+            "Path", self._hook.graphdriver_mount(store=store, layer=layer, chain=list(chain))
+        )
 
     @property
     def filters_diff(self) -> bool:
@@ -153,8 +155,12 @@ def hooks() -> Hooks:
                 if pm.get_plugin(ep.name) is None:
                     pm.register(plugin, name=ep.name)
             except Exception as exc:
-                log.warning("graphdriver plugin %s (%s) failed to load and is ignored: %s",
-                            ep.name, ep.value, exc)
+                log.warning(
+                    "graphdriver plugin %s (%s) failed to load and is ignored: %s",
+                    ep.name,
+                    ep.value,
+                    exc,
+                )
         pm.check_pending()
         _HOOKS = Hooks(pm)
     return _HOOKS
@@ -170,8 +176,10 @@ def choose_driver(root: Path) -> str:
     first that works here in the order overlay, btrfs, devmapper, vfs."""
     present = sorted(p.parent.name for p in root.glob("*/metadata.db")) if root.is_dir() else []
     if len(present) > 1:
-        raise GraphDriverError(f"{root} holds state of several drivers ({', '.join(present)}); "
-                               f"choose one with --driver")
+        raise GraphDriverError(
+            f"{root} holds state of several drivers ({', '.join(present)}); "
+            f"choose one with --driver"
+        )
     if present:
         return present[0]
     available = available_for(root)
@@ -179,8 +187,9 @@ def choose_driver(root: Path) -> str:
     if chosen:
         return chosen
     if not available:
-        raise DriverUnavailable(f"no installed storage driver works for {root} on this host; "
-                                f"see `graphdriver drivers`")
+        raise DriverUnavailable(
+            f"no installed storage driver works for {root} on this host; see `graphdriver drivers`"
+        )
     return available[0]
 
 
@@ -188,6 +197,7 @@ class _CoreMount:
     """The innermost ``graphdriver_mount``: the driver's own mount. Plugins wrap around it."""
 
     @hookspecs.hookimpl(trylast=True)
-    def graphdriver_mount(self, store: LayerStore, layer: LayerRecord,
-                          chain: Sequence[LayerRecord]) -> Path:
+    def graphdriver_mount(
+        self, store: LayerStore, layer: LayerRecord, chain: Sequence[LayerRecord]
+    ) -> Path:
         return store._driver_mount(layer, chain)

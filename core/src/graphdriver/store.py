@@ -49,21 +49,25 @@ def validate_id(layer_id: str, what: str = "layer id") -> str:
     """Return *layer_id* if it is ``[A-Za-z0-9][A-Za-z0-9_.-]{0,127}``, else InvalidLayerId."""
     if not isinstance(layer_id, str) or not _ID.match(layer_id):
         shown = repr(layer_id) if len(str(layer_id)) <= 40 else repr(str(layer_id)[:40]) + "..."
-        raise InvalidLayerId(f"invalid {what} {shown}: use 1-128 characters of A-Z a-z 0-9 _ . -, "
-                             f"starting with a letter or digit")
+        raise InvalidLayerId(
+            f"invalid {what} {shown}: use 1-128 characters of A-Z a-z 0-9 _ . -, "
+            f"starting with a letter or digit"
+        )
     return layer_id
 
 
 def _info(rec: LayerRecord) -> LayerInfo:
-    return LayerInfo(id=rec.id, parent=rec.parent, rw=rec.rw, size=rec.size_limit,
-                     mount_label=rec.mount_label)
+    return LayerInfo(
+        id=rec.id, parent=rec.parent, rw=rec.rw, size=rec.size_limit, mount_label=rec.mount_label
+    )
 
 
 class LayerStore:
     """A stack of copy-on-write layers kept by one driver under ``<root>/<driver>``."""
 
-    def __init__(self, root: Path, driver_cls: type[Driver], options: Mapping[str, str],
-                 plugin_hooks: Hooks) -> None:
+    def __init__(
+        self, root: Path, driver_cls: type[Driver], options: Mapping[str, str], plugin_hooks: Hooks
+    ) -> None:
         self.root = root
         self.home = root / driver_cls.name
         self.hooks = plugin_hooks
@@ -80,8 +84,9 @@ class LayerStore:
                 if recorded is None:
                     self.meta.set_meta("driver", self.name)
                 elif recorded != self.name:
-                    raise StoreError(f"{self.home} belongs to driver {recorded!r}, "
-                                     f"not {self.name!r}")
+                    raise StoreError(
+                        f"{self.home} belongs to driver {recorded!r}, not {self.name!r}"
+                    )
             self._recover()
 
     # ------------------------------------------------------------------------ locking, recovery
@@ -106,8 +111,9 @@ class LayerStore:
         for rec in reversed(self.meta.all()):
             info = _info(rec)
             if rec.state in IN_FLIGHT:
-                log.warning("rolling back layer %s left %s by a process that died", rec.id,
-                            rec.state)
+                log.warning(
+                    "rolling back layer %s left %s by a process that died", rec.id, rec.state
+                )
                 with contextlib.suppress(GraphDriverError, OSError):
                     self.driver.unmount(info)
                 self._call(self.driver.remove, info, doing=f"roll back layer {rec.id}")
@@ -118,8 +124,11 @@ class LayerStore:
                 continue
             mounted = self.driver.is_mounted(info)
             if rec.mount_count and not mounted:
-                log.warning("layer %s was counted as mounted %d times but is not mounted",
-                            rec.id, rec.mount_count)
+                log.warning(
+                    "layer %s was counted as mounted %d times but is not mounted",
+                    rec.id,
+                    rec.mount_count,
+                )
                 with self.meta.transaction():
                     self.meta.update(rec.id, mount_count=0, mount_path=None)
             elif not rec.mount_count and mounted:
@@ -172,26 +181,44 @@ class LayerStore:
         rec = self._ready(layer_id)
         chain = self.meta.chain(layer_id)
         return {
-            "id": rec.id, "parent": rec.parent, "rw": rec.rw, "driver": self.name,
+            "id": rec.id,
+            "parent": rec.parent,
+            "rw": rec.rw,
+            "driver": self.name,
             "created": datetime.datetime.fromtimestamp(rec.created, datetime.UTC).isoformat(),
-            "depth": len(chain) + 1, "chain": [r.id for r in chain],
-            "children": self.meta.children(rec.id), "size_limit": rec.size_limit,
-            "mount_count": rec.mount_count, "mount_path": rec.mount_path,
-            "diff_id": rec.diff_id, "unpacked_size": rec.unpacked_size, "labels": rec.labels,
+            "depth": len(chain) + 1,
+            "chain": [r.id for r in chain],
+            "children": self.meta.children(rec.id),
+            "size_limit": rec.size_limit,
+            "mount_count": rec.mount_count,
+            "mount_path": rec.mount_path,
+            "diff_id": rec.diff_id,
+            "unpacked_size": rec.unpacked_size,
+            "labels": rec.labels,
         }
 
     def status(self) -> list[tuple[str, str]]:
         """Key/value pairs like the storage section of ``docker info``."""
         recs = [r for r in self.meta.all() if r.state == "ready"]
-        return [("Storage Driver", self.name), ("Root Dir", str(self.home)),
-                ("Layers", str(len(recs))),
-                ("Mounted Layers", str(sum(1 for r in recs if r.mount_count))),
-                *self.driver.status()]
+        return [
+            ("Storage Driver", self.name),
+            ("Root Dir", str(self.home)),
+            ("Layers", str(len(recs))),
+            ("Mounted Layers", str(sum(1 for r in recs if r.mount_count))),
+            *self.driver.status(),
+        ]
 
     # ---------------------------------------------------------------------------- lifecycle
 
-    def create(self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None,
-               *, rw: bool = False, labels: Mapping[str, str] | None = None) -> None:
+    def create(
+        self,
+        layer_id: str,
+        parent: str | None = None,
+        opts: CreateOpts | None = None,
+        *,
+        rw: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
         """Create a read-only (image) layer, or a read-write one with ``rw=True``."""
         opts = opts or CreateOpts()
         validate_id(layer_id)
@@ -199,8 +226,10 @@ class LayerStore:
             validate_id(parent, "parent id")
         if opts.size is not None:
             if not self.driver.capabilities.quota:
-                raise InvalidOption(f"driver {self.name!r} cannot limit a layer's size "
-                                    f"(no quota support); drop --size or use another driver")
+                raise InvalidOption(
+                    f"driver {self.name!r} cannot limit a layer's size "
+                    f"(no quota support); drop --size or use another driver"
+                )
             if opts.size <= 0:
                 raise InvalidOption(f"size must be positive, not {opts.size}")
         with self._locked():
@@ -211,16 +240,28 @@ class LayerStore:
             if depth > self.driver.capabilities.max_depth:
                 raise MaxDepthExceeded(
                     f"layer {layer_id!r} would be {depth} layers deep; driver {self.name!r} "
-                    f"mounts at most {self.driver.capabilities.max_depth}")
-            rec = LayerRecord(id=layer_id, parent=parent, state="creating", rw=rw,
-                              size_limit=opts.size, mount_label=opts.mount_label,
-                              created=time.time(), labels=dict(labels or {}))
+                    f"mounts at most {self.driver.capabilities.max_depth}"
+                )
+            rec = LayerRecord(
+                id=layer_id,
+                parent=parent,
+                state="creating",
+                rw=rw,
+                size_limit=opts.size,
+                mount_label=opts.mount_label,
+                created=time.time(),
+                labels=dict(labels or {}),
+            )
             with self.meta.transaction():
                 self.meta.insert(rec)
             try:
-                self._call(self.driver.create, _info(rec),
-                           _info(parent_rec) if parent_rec else None, opts,
-                           doing=f"create layer {layer_id}")
+                self._call(
+                    self.driver.create,
+                    _info(rec),
+                    _info(parent_rec) if parent_rec else None,
+                    opts,
+                    doing=f"create layer {layer_id}",
+                )
             except BaseException:
                 self._discard(rec)
                 raise
@@ -230,8 +271,9 @@ class LayerStore:
                 self.meta.update(layer_id, state="ready", boundary_ns=rec.boundary_ns)
         self.hooks.layer_created(self, rec)
 
-    def create_rw(self, layer_id: str, parent: str | None = None,
-                  opts: CreateOpts | None = None) -> None:
+    def create_rw(
+        self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
+    ) -> None:
         """Create a read-write (container) layer; ``opts.size`` limits it where there is quota."""
         self.create(layer_id, parent, opts, rw=True)
 
@@ -247,8 +289,9 @@ class LayerStore:
         try:
             self.driver.remove(_info(rec))
         except Exception:  # the error that got us here is the one to report
-            log.exception("cleaning up half-made layer %s failed; it is retried at next open",
-                          rec.id)
+            log.exception(
+                "cleaning up half-made layer %s failed; it is retried at next open", rec.id
+            )
             return
         with self.meta.transaction():
             self.meta.delete(rec.id)
@@ -258,8 +301,10 @@ class LayerStore:
         with self._locked():
             rec = self._ready(layer_id)
             if rec.mount_count:
-                raise LayerInUse(f"layer {layer_id!r} is mounted ({rec.mount_count} "
-                                 f"reference(s)); unmount it first")
+                raise LayerInUse(
+                    f"layer {layer_id!r} is mounted ({rec.mount_count} "
+                    f"reference(s)); unmount it first"
+                )
             children = self.meta.children(layer_id)
             if children:
                 shown = ", ".join(children[:5]) + (" ..." if len(children) > 5 else "")
@@ -274,8 +319,9 @@ class LayerStore:
     # ---------------------------------------------------------------------------- mounts
 
     def _driver_mount(self, rec: LayerRecord, chain: Sequence[LayerRecord]) -> Path:
-        result = self._call(self.driver.mount, _info(rec), [_info(r) for r in chain],
-                            doing=f"mount layer {rec.id}")
+        result = self._call(
+            self.driver.mount, _info(rec), [_info(r) for r in chain], doing=f"mount layer {rec.id}"
+        )
         assert isinstance(result, Path)
         return result
 
@@ -284,12 +330,15 @@ class LayerStore:
         with self._locked():
             rec = self._ready(layer_id)
             path: Path | None = Path(rec.mount_path) if rec.mount_path else None
-            if path is None or (self.driver.capabilities.real_mounts
-                                and not self.driver.is_mounted(_info(rec))):
+            if path is None or (
+                self.driver.capabilities.real_mounts and not self.driver.is_mounted(_info(rec))
+            ):
                 path = self.hooks.mount(self, rec, self.meta.chain(layer_id))
             with self.meta.transaction():
-                fields: dict[str, object] = {"mount_count": rec.mount_count + 1,
-                                             "mount_path": str(path)}
+                fields: dict[str, object] = {
+                    "mount_count": rec.mount_count + 1,
+                    "mount_path": str(path),
+                }
                 if not _internal:
                     fields["dirty"] = 1
                 self.meta.update(layer_id, **fields)
@@ -304,8 +353,11 @@ class LayerStore:
             if rec.mount_count == 1:
                 self._call(self.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
             with self.meta.transaction():
-                self.meta.update(layer_id, mount_count=rec.mount_count - 1,
-                                 mount_path=rec.mount_path if rec.mount_count > 1 else None)
+                self.meta.update(
+                    layer_id,
+                    mount_count=rec.mount_count - 1,
+                    mount_path=rec.mount_path if rec.mount_count > 1 else None,
+                )
 
     @contextlib.contextmanager
     def mounted(self, layer_id: str) -> Iterator[Path]:
@@ -320,16 +372,18 @@ class LayerStore:
         """Unmount every layer of this store, whoever mounted it, and zero the counts."""
         with self._locked():
             for rec in self.meta.all():
-                if rec.mount_count or (self.driver.capabilities.real_mounts
-                                       and self.driver.is_mounted(_info(rec))):
+                if rec.mount_count or (
+                    self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec))
+                ):
                     self._call(self.driver.unmount, _info(rec), doing=f"unmount {rec.id}")
                     with self.meta.transaction():
                         self.meta.update(rec.id, mount_count=0, mount_path=None)
 
     # ---------------------------------------------------------------------------- diffs
 
-    def _against(self, layer_id: str, parent: str | None) -> tuple[LayerRecord,
-                                                                   LayerRecord | None, bool]:
+    def _against(
+        self, layer_id: str, parent: str | None
+    ) -> tuple[LayerRecord, LayerRecord | None, bool]:
         rec = self._ready(layer_id)
         if parent is None:
             base = self._ready(rec.parent, "parent") if rec.parent else None
@@ -338,8 +392,9 @@ class LayerStore:
         return rec, base, base.id == rec.parent
 
     @contextlib.contextmanager
-    def _change_source(self, layer_id: str, parent: str | None
-                       ) -> Iterator[tuple[list[Change], str, str]]:
+    def _change_source(
+        self, layer_id: str, parent: str | None
+    ) -> Iterator[tuple[list[Change], str, str]]:
         """The changes of *layer_id* against *parent*, and (root, kind) to read files from."""
         with self._locked():
             rec, base, direct = self._against(layer_id, parent)
@@ -355,8 +410,9 @@ class LayerStore:
             with contextlib.ExitStack() as stack:
                 top = stack.enter_context(self.mounted(layer_id))
                 below = stack.enter_context(self.mounted(base.id)) if base else None
-                changes = archive.tree_changes(str(top), str(below) if below else None,
-                                               rec.boundary_ns if direct else None)
+                changes = archive.tree_changes(
+                    str(top), str(below) if below else None, rec.boundary_ns if direct else None
+                )
                 yield self._filtered(layer_id, changes), str(top), "tree"
 
     def _filtered(self, layer_id: str, changes: list[Change]) -> list[Change]:
@@ -374,8 +430,13 @@ class LayerStore:
         with self._change_source(layer_id, parent) as (changes, root, _kind):
             return archive.changes_size(root, changes)
 
-    def write_diff(self, layer_id: str, out: IO[bytes] | int, parent: str | None = None,
-                   compress: str | None = None) -> int:
+    def write_diff(
+        self,
+        layer_id: str,
+        out: IO[bytes] | int,
+        parent: str | None = None,
+        compress: str | None = None,
+    ) -> int:
         """Write the OCI layer tar of *layer_id*'s changes to *out* (fd or binary file).
 
         Returns the bytes of (uncompressed) tar written.
@@ -411,8 +472,9 @@ class LayerStore:
         thread.start()
         return io.BufferedReader(_DiffStream(r, thread, failure), buffer_size=1 << 20)
 
-    def apply_diff(self, layer_id: str, stream: IO[bytes],
-                   progress: Callable[[int], None] | None = None) -> int:
+    def apply_diff(
+        self, layer_id: str, stream: BinaryIO, progress: Callable[[int], None] | None = None
+    ) -> int:
         """Unpack an OCI layer tar (plain, gzip or zstd) into a fresh layer; return its size.
 
         On any error the layer is rolled back to empty and the error raised; the layer's diffID
@@ -420,19 +482,23 @@ class LayerStore:
         """
         return self.apply(layer_id, stream, progress).size
 
-    def apply(self, layer_id: str, stream: IO[bytes],
-              progress: Callable[[int], None] | None = None) -> archive.ApplyResult:
+    def apply(
+        self, layer_id: str, stream: BinaryIO, progress: Callable[[int], None] | None = None
+    ) -> archive.ApplyResult:
         """``apply_diff`` that also returns the diffID and compression of the tar."""
         with self._locked():
             rec = self._ready(layer_id)
             if rec.mount_count:
                 raise LayerInUse(f"layer {layer_id!r} is mounted; apply-diff needs it unmounted")
             if self.meta.children(layer_id):
-                raise LayerInUse(f"layer {layer_id!r} has children; apply-diff would change "
-                                 f"what they see")
+                raise LayerInUse(
+                    f"layer {layer_id!r} has children; apply-diff would change what they see"
+                )
             if rec.dirty or rec.diff_id:
-                raise LayerInUse(f"layer {layer_id!r} already has content (it was mounted or "
-                                 f"applied before); apply-diff needs a fresh layer")
+                raise LayerInUse(
+                    f"layer {layer_id!r} already has content (it was mounted or "
+                    f"applied before); apply-diff needs a fresh layer"
+                )
             with self.meta.transaction():
                 self.meta.update(layer_id, state="applying")
             try:
@@ -441,16 +507,23 @@ class LayerStore:
                 self._reset(rec)
                 raise
             with self.meta.transaction():
-                self.meta.update(layer_id, state="ready", dirty=1, diff_id=result.diff_id,
-                                 unpacked_size=result.size)
+                self.meta.update(
+                    layer_id,
+                    state="ready",
+                    dirty=1,
+                    diff_id=result.diff_id,
+                    unpacked_size=result.size,
+                )
         rec.state = "ready"
         self.hooks.layer_applied(self, rec, result.size, result.diff_id)
         return result
 
-    def _apply_into(self, rec: LayerRecord, stream: IO[bytes],
-                    progress: Callable[[int], None] | None) -> archive.ApplyResult:
-        target = (self.driver.apply_target(_info(rec))
-                  if isinstance(self.driver, NativeApply) else None)
+    def _apply_into(
+        self, rec: LayerRecord, stream: BinaryIO, progress: Callable[[int], None] | None
+    ) -> archive.ApplyResult:
+        target = (
+            self.driver.apply_target(_info(rec)) if isinstance(self.driver, NativeApply) else None
+        )
         if target is not None:
             return archive.apply_layer(target[0], stream, whiteouts=target[1], progress=progress)
         chain = self.meta.chain(rec.id)
@@ -465,8 +538,11 @@ class LayerStore:
         parent = self.meta.get(rec.parent) if rec.parent else None
         try:
             self.driver.remove(_info(rec))
-            self.driver.create(_info(rec), _info(parent) if parent else None,
-                               CreateOpts(size=rec.size_limit, mount_label=rec.mount_label))
+            self.driver.create(
+                _info(rec),
+                _info(parent) if parent else None,
+                CreateOpts(size=rec.size_limit, mount_label=rec.mount_label),
+            )
         except Exception:
             log.exception("layer %s could not be reset after a failed apply; removing it", rec.id)
             self._discard(rec)
@@ -475,8 +551,7 @@ class LayerStore:
             self.meta.update(rec.id, state="ready", boundary_ns=self._boundary())
 
 
-def _tar_writer(out: IO[bytes] | int, compress: str | None) -> tuple[TarWriter,
-                                                                      Callable[[], None]]:
+def _tar_writer(out: IO[bytes] | int, compress: str | None) -> tuple[TarWriter, Callable[[], None]]:
     """A TarWriter onto *out*, compressing if asked, and the function that finishes it."""
     if compress in (None, "none"):
         if isinstance(out, int):
@@ -490,18 +565,22 @@ def _tar_writer(out: IO[bytes] | int, compress: str | None) -> tuple[TarWriter,
         def write(data: bytes) -> None:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
     else:
         write = out.write
     if compress == "gzip":
         import zlib
 
-        z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-        return TarWriter(write=lambda d: write(z.compress(d))), lambda: write(z.flush())
-    import zstandard
+        compressor: Any = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    else:
+        import zstandard
 
-    c = zstandard.ZstdCompressor(level=3).compressobj()
-    return TarWriter(write=lambda d: write(c.compress(d))), lambda: write(c.flush())
+        compressor = zstandard.ZstdCompressor(level=3).compressobj()
+
+    def finish() -> None:
+        write(compressor.flush())
+
+    return TarWriter(write=lambda d: write(compressor.compress(d))), finish
 
 
 class _DiffStream(io.RawIOBase):
@@ -530,8 +609,11 @@ class _DiffStream(io.RawIOBase):
         super().close()
 
 
-def open_store(root: str | os.PathLike[str], driver: str | None = None,
-               options: Mapping[str, str] | None = None) -> LayerStore:
+def open_store(
+    root: str | os.PathLike[str],
+    driver: str | None = None,
+    options: Mapping[str, str] | None = None,
+) -> LayerStore:
     """Open (creating it if needed) the store under *root*, with *driver* or the default one."""
     root_path = Path(root).absolute()
     try:
@@ -546,8 +628,9 @@ def open_store(root: str | os.PathLike[str], driver: str | None = None,
     unknown = sorted(set(options) - set(known))
     if unknown:
         listing = ", ".join(sorted(known)) or "none"
-        raise InvalidOption(f"driver {name!r} has no option {unknown[0]!r} "
-                            f"(its options: {listing})")
+        raise InvalidOption(
+            f"driver {name!r} has no option {unknown[0]!r} (its options: {listing})"
+        )
     try:
         return LayerStore(root_path, driver_cls, options, plugin_hooks)
     except OSError as exc:

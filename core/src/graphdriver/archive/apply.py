@@ -9,6 +9,7 @@ reports back one JSON line. Whatever a hostile tar holds, no write can land outs
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -63,6 +64,7 @@ class ApplyResult:
 
 # ---------------------------------------------------------------------------------- the parent
 
+
 class _Decoder:
     def __init__(self, head: bytes) -> None:
         self.kind = "none"
@@ -101,8 +103,13 @@ class _Decoder:
         return b""
 
 
-def apply_layer(target: Path, stream: BinaryIO, *, whiteouts: str = "delete",
-                progress: Callable[[int], None] | None = None) -> ApplyResult:
+def apply_layer(
+    target: Path,
+    stream: BinaryIO,
+    *,
+    whiteouts: str = "delete",
+    progress: Callable[[int], None] | None = None,
+) -> ApplyResult:
     """Unpack the layer tar read from *stream* into the directory *target*.
 
     *whiteouts* is ``"delete"`` (target is the layer's full view: remove what a whiteout names)
@@ -115,10 +122,8 @@ def apply_layer(target: Path, stream: BinaryIO, *, whiteouts: str = "delete",
     decoder = _Decoder(head)
     data_r, data_w = os.pipe2(os.O_CLOEXEC)
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
-    try:
+    with contextlib.suppress(OSError):  # a bigger pipe is faster, not needed
         fcntl.fcntl(data_w, F_SETPIPE_SZ, 1 << 20)
-    except OSError:
-        pass
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
         os.close(data_w)
@@ -165,14 +170,18 @@ def apply_layer(target: Path, stream: BinaryIO, *, whiteouts: str = "delete",
         raise feed_error
     if status != 0 or "size" not in result:
         raise ArchiveError(f"the extraction process died ({_describe(status)})")
-    return ApplyResult(size=int(result["size"]), diff_id="sha256:" + digest.hexdigest(),
-                       compression=decoder.kind, tar_size=tar_size)
+    return ApplyResult(
+        size=int(result["size"]),
+        diff_id="sha256:" + digest.hexdigest(),
+        compression=decoder.kind,
+        tar_size=tar_size,
+    )
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _read_all(fd: int) -> bytes:
@@ -189,6 +198,7 @@ def _describe(status: int) -> str:
 
 
 # ----------------------------------------------------------------------------------- the child
+
 
 def _child(target: str, data_fd: int, res_fd: int, whiteouts: str) -> None:  # pragma: no cover
     code = 0
@@ -326,8 +336,9 @@ class _Extractor:
             try:
                 tst = os.lstat(target)
             except FileNotFoundError:
-                raise ArchiveError(f"hardlink {e.name!r}: target {e.linkname!r} is not in "
-                                   f"the layer") from None
+                raise ArchiveError(
+                    f"hardlink {e.name!r}: target {e.linkname!r} is not in the layer"
+                ) from None
             if stat.S_ISDIR(tst.st_mode):
                 raise UnsafeArchive(f"hardlink {e.name!r} points at a directory")
             os.link(target, name, follow_symlinks=False)
@@ -337,23 +348,25 @@ class _Extractor:
             self.attrs(name, e)
 
     def regular(self, name: str, e: TarEntry) -> None:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+        fd = os.open(
+            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
         try:
             for piece in self.reader.data():
                 view = memoryview(piece)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             self.size += e.size
             self.attrs(fd, e)
         finally:
             os.close(fd)
 
-    def attrs(self, target: str | int, e: TarEntry, *, is_dir: bool = False,
-              link: bool = False) -> None:
+    def attrs(
+        self, target: str | int, e: TarEntry, *, is_dir: bool = False, link: bool = False
+    ) -> None:
         fd_given = isinstance(target, int)
         if self.root:
-            if fd_given:
+            if isinstance(target, int):
                 os.fchown(target, e.uid, e.gid)
             else:
                 os.chown(target, e.uid, e.gid, follow_symlinks=False)
@@ -397,7 +410,7 @@ class _Extractor:
             return
         if base.startswith(whiteout.META_PREFIX):
             return  # aufs bookkeeping, meaningless here
-        hidden = base[len(whiteout.PREFIX):]
+        hidden = base[len(whiteout.PREFIX) :]
         if hidden in ("", ".", "..") or "/" in hidden:
             raise UnsafeArchive(f"whiteout {raw!r} names {hidden!r}")
         path = f"{head}/{hidden}" if head else hidden

@@ -60,10 +60,15 @@ def _same_content(a: str, b: str) -> bool:
                 return True
 
 
-def _unchanged(new: os.stat_result, old: os.stat_result, new_path: str, old_path: str,
-               boundary_ns: int | None) -> bool:
-    if (new.st_mode != old.st_mode or new.st_uid != old.st_uid or new.st_gid != old.st_gid
-            or new.st_rdev != old.st_rdev):
+def _unchanged(
+    new: os.stat_result, old: os.stat_result, new_path: str, old_path: str, boundary_ns: int | None
+) -> bool:
+    if (
+        new.st_mode != old.st_mode
+        or new.st_uid != old.st_uid
+        or new.st_gid != old.st_gid
+        or new.st_rdev != old.st_rdev
+    ):
         return False
     is_dir = stat.S_ISDIR(new.st_mode)
     if not is_dir and (new.st_size != old.st_size or new.st_mtime_ns != old.st_mtime_ns):
@@ -102,8 +107,9 @@ def _add_all(path: str, rel: str, out: list[Change]) -> None:
                 _add_all(entry.path, child, out)
 
 
-def tree_changes(new_root: str, old_root: str | None,
-                 boundary_ns: int | None = None) -> list[Change]:
+def tree_changes(
+    new_root: str, old_root: str | None, boundary_ns: int | None = None
+) -> list[Change]:
     """Changes that turn the tree at *old_root* (None: empty) into the tree at *new_root*.
 
     *boundary_ns* is a ctime taken right after the new layer was made from the old one (see
@@ -118,8 +124,9 @@ def tree_changes(new_root: str, old_root: str | None,
     return out
 
 
-def _compare(new_dir: str, old_dir: str, rel: str, boundary_ns: int | None,
-             out: list[Change]) -> bool:
+def _compare(
+    new_dir: str, old_dir: str, rel: str, boundary_ns: int | None, out: list[Change]
+) -> bool:
     """Append the changes below *rel*; return whether there were any."""
     new = _scan(new_dir)
     old = _scan(old_dir)

@@ -34,8 +34,12 @@ GNU_LONGNAME = b"L"
 GNU_LONGLINK = b"K"
 
 _MODE_TYPE = {
-    stat.S_IFREG: REGTYPE, stat.S_IFDIR: DIRTYPE, stat.S_IFLNK: SYMTYPE,
-    stat.S_IFCHR: CHRTYPE, stat.S_IFBLK: BLKTYPE, stat.S_IFIFO: FIFOTYPE,
+    stat.S_IFREG: REGTYPE,
+    stat.S_IFDIR: DIRTYPE,
+    stat.S_IFLNK: SYMTYPE,
+    stat.S_IFCHR: CHRTYPE,
+    stat.S_IFBLK: BLKTYPE,
+    stat.S_IFIFO: FIFOTYPE,
 }
 _TYPE_MODE = {v: k for k, v in _MODE_TYPE.items()}
 _TYPE_MODE[AREGTYPE] = stat.S_IFREG
@@ -67,6 +71,7 @@ class TarEntry:
 
 # ---------------------------------------------------------------------------------------- writer
 
+
 def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
@@ -86,14 +91,25 @@ def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
     if len(name) > 256:
         return None
     for i in range(len(name) - 1, 0, -1):
-        if name[i:i + 1] == b"/" and i <= 155 and len(name) - i - 1 <= 100 and i > 0:
-            return name[:i], name[i + 1:]
+        if name[i : i + 1] == b"/" and i <= 155 and len(name) - i - 1 <= 100 and i > 0:
+            return name[:i], name[i + 1 :]
     return None
 
 
-def encode_header(name: str, typeflag: bytes, *, mode: int = 0, uid: int = 0, gid: int = 0,
-                  size: int = 0, mtime: int = 0, linkname: str = "", devmajor: int = 0,
-                  devminor: int = 0, xattrs: Iterable[tuple[str, bytes]] = ()) -> bytes:
+def encode_header(
+    name: str,
+    typeflag: bytes,
+    *,
+    mode: int = 0,
+    uid: int = 0,
+    gid: int = 0,
+    size: int = 0,
+    mtime: int = 0,
+    linkname: str = "",
+    devmajor: int = 0,
+    devminor: int = 0,
+    xattrs: Iterable[tuple[str, bytes]] = (),
+) -> bytes:
     """The header block(s) of one entry: a PAX extended header first when ustar cannot hold it."""
     bname = os.fsencode(name)
     blink = os.fsencode(linkname)
@@ -122,15 +138,37 @@ def encode_header(name: str, typeflag: bytes, *, mode: int = 0, uid: int = 0, gi
         pname = (b"PaxHeaders/" + split[1])[:100]
         out = _block(pname, b"", XHDTYPE, 0o644, 0, 0, len(data), mtime, b"", 0, 0)
         out += data + b"\0" * (-len(data) % BLOCK)
-    out += _block(split[1], split[0], typeflag, mode, uid, gid,
-                  size if size <= _OCTAL_LIMITS[12] else 0, mtime, blink, devmajor, devminor)
+    out += _block(
+        split[1],
+        split[0],
+        typeflag,
+        mode,
+        uid,
+        gid,
+        size if size <= _OCTAL_LIMITS[12] else 0,
+        mtime,
+        blink,
+        devmajor,
+        devminor,
+    )
     return out
 
 
-def _block(name: bytes, prefix: bytes, typeflag: bytes, mode: int, uid: int, gid: int, size: int,
-           mtime: int, linkname: bytes, devmajor: int, devminor: int) -> bytes:
+def _block(
+    name: bytes,
+    prefix: bytes,
+    typeflag: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    linkname: bytes,
+    devmajor: int,
+    devminor: int,
+) -> bytes:
     hdr = bytearray(BLOCK)
-    hdr[0:len(name)] = name
+    hdr[0 : len(name)] = name
     hdr[100:108] = _octal(mode & 0o7777, 8)
     hdr[108:116] = _octal(uid, 8)
     hdr[116:124] = _octal(gid, 8)
@@ -138,11 +176,11 @@ def _block(name: bytes, prefix: bytes, typeflag: bytes, mode: int, uid: int, gid
     hdr[136:148] = _octal(mtime, 12)
     hdr[148:156] = b" " * 8
     hdr[156:157] = typeflag
-    hdr[157:157 + len(linkname)] = linkname
+    hdr[157 : 157 + len(linkname)] = linkname
     hdr[257:265] = b"ustar\x0000"
     hdr[329:337] = _octal(devmajor, 8)
     hdr[337:345] = _octal(devminor, 8)
-    hdr[345:345 + len(prefix)] = prefix
+    hdr[345 : 345 + len(prefix)] = prefix
     hdr[148:156] = b"%06o\0 " % sum(hdr)
     return bytes(hdr)
 
@@ -169,8 +207,9 @@ class TarWriter:
     With a plain fd the file data goes by sendfile(2) and never enters Python.
     """
 
-    def __init__(self, write: Callable[[bytes], object] | None = None,
-                 fd: int | None = None) -> None:
+    def __init__(
+        self, write: Callable[[bytes], object] | None = None, fd: int | None = None
+    ) -> None:
         if (write is None) == (fd is None):
             raise ValueError("give exactly one of write or fd")
         self._write = write
@@ -225,10 +264,21 @@ class TarWriter:
         major = minor = 0
         if fmt in (stat.S_IFCHR, stat.S_IFBLK):
             major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        self._emit(encode_header(
-            arcname, typeflag, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
-            size=size, mtime=int(st.st_mtime), linkname=linkname, devmajor=major,
-            devminor=minor, xattrs=() if typeflag == LNKTYPE else _xattrs(path)))
+        self._emit(
+            encode_header(
+                arcname,
+                typeflag,
+                mode=stat.S_IMODE(st.st_mode),
+                uid=st.st_uid,
+                gid=st.st_gid,
+                size=size,
+                mtime=int(st.st_mtime),
+                linkname=linkname,
+                devmajor=major,
+                devminor=minor,
+                xattrs=() if typeflag == LNKTYPE else _xattrs(path),
+            )
+        )
         if size:
             self._add_data(path, size)
 
@@ -273,8 +323,9 @@ def _arc(path: str) -> str:
     return path.lstrip("/")
 
 
-def write_changes_tar(writer: TarWriter, root: str, changes: Iterable[Change], *,
-                      source: str = "tree") -> None:
+def write_changes_tar(
+    writer: TarWriter, root: str, changes: Iterable[Change], *, source: str = "tree"
+) -> None:
     """Write *changes* of the layer whose files are under *root* as an OCI layer tar.
 
     With ``source="overlay"`` *root* is an overlay upper directory: a 0/0 character device
@@ -290,13 +341,13 @@ def write_changes_tar(writer: TarWriter, root: str, changes: Iterable[Change], *
         full = root + change.path
         st = os.lstat(full)
         writer.add_path(full, arc, st)
-        if (source == "overlay" and stat.S_ISDIR(st.st_mode)
-                and whiteout.is_overlay_opaque(full)):
+        if source == "overlay" and stat.S_ISDIR(st.st_mode) and whiteout.is_overlay_opaque(full):
             writer.add_whiteout(arc + "/" + whiteout.OPAQUE)
     writer.close()
 
 
 # ---------------------------------------------------------------------------------------- reader
+
 
 def _number(field: bytes, what: str) -> int:
     if field and field[0] & 0x80:  # GNU base-256
@@ -338,7 +389,7 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
             length = int(data[pos:space])
         except ValueError:
             raise ArchiveError("corrupt PAX header length") from None
-        record = data[space + 1:pos + length]
+        record = data[space + 1 : pos + length]
         if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
             raise ArchiveError("corrupt PAX header record")
         key, _, value = record[:-1].partition(b"=")
@@ -363,7 +414,7 @@ class TarReader:
         """Exactly *n* bytes, or fewer at end of input."""
         avail = len(self._buf) - self._pos
         if avail < n:
-            parts = [self._buf[self._pos:]]
+            parts = [self._buf[self._pos :]]
             have = avail
             while have < n:
                 chunk = os.read(self._fd, max(CHUNK, n - have))
@@ -373,7 +424,7 @@ class TarReader:
                 have += len(chunk)
             self._buf = b"".join(parts)
             self._pos = 0
-        out = self._buf[self._pos:self._pos + n]
+        out = self._buf[self._pos : self._pos + n]
         self._pos += len(out)
         self.offset += len(out)
         return out
@@ -398,8 +449,9 @@ class TarReader:
                     raise ArchiveError("not a tar archive: the input is empty")
                 raise ArchiveError("truncated tar: input ended without the end-of-archive marker")
             if len(block) != BLOCK:
-                raise ArchiveError(f"truncated tar: input ended inside a header at byte "
-                                   f"{self.offset}")
+                raise ArchiveError(
+                    f"truncated tar: input ended inside a header at byte {self.offset}"
+                )
             if block == b"\0" * BLOCK:
                 if first:
                     raise ArchiveError("not a tar archive: it starts with an empty block")
@@ -407,8 +459,9 @@ class TarReader:
             if not _checksum_ok(block):
                 if first:
                     raise ArchiveError("not a tar archive (bad header checksum)")
-                raise ArchiveError(f"corrupt tar: bad header checksum at byte "
-                                   f"{self.offset - BLOCK}")
+                raise ArchiveError(
+                    f"corrupt tar: bad header checksum at byte {self.offset - BLOCK}"
+                )
             first = False
             typeflag = block[156:157]
             size = _number(block[124:136], "size")
@@ -442,22 +495,29 @@ class TarReader:
             if "size" in merged:
                 size = int(merged["size"])
             entry = TarEntry(
-                name=os.fsdecode(name), type=typeflag,
+                name=os.fsdecode(name),
+                type=typeflag,
                 mode=_number(block[100:108], "mode") & 0o7777,
                 uid=int(merged["uid"]) if "uid" in merged else _number(block[108:116], "uid"),
                 gid=int(merged["gid"]) if "gid" in merged else _number(block[116:124], "gid"),
                 size=size,
-                mtime=int(float(merged["mtime"])) if "mtime" in merged
+                mtime=int(float(merged["mtime"]))
+                if "mtime" in merged
                 else _number(block[136:148], "mtime"),
                 linkname=os.fsdecode(link),
                 devmajor=_number(block[329:337], "devmajor"),
                 devminor=_number(block[337:345], "devminor"),
-                xattrs={k[len("SCHILY.xattr."):]: v for k, v in merged.items()
-                        if k.startswith("SCHILY.xattr.")},
+                xattrs={
+                    k[len("SCHILY.xattr.") :]: v
+                    for k, v in merged.items()
+                    if k.startswith("SCHILY.xattr.")
+                },
             )
             if typeflag not in _TYPE_MODE and typeflag != LNKTYPE:
-                raise ArchiveError(f"tar entry {entry.name!r} has unsupported type "
-                                   f"{typeflag.decode(errors='replace')!r}")
+                raise ArchiveError(
+                    f"tar entry {entry.name!r} has unsupported type "
+                    f"{typeflag.decode(errors='replace')!r}"
+                )
             self._data_left = size
             self._pad = -size % BLOCK
             pax, longname, longlink = {}, None, None
@@ -482,7 +542,7 @@ class TarReader:
                 if not avail:
                     self._truncated()
             n = min(avail, self._data_left)
-            view = memoryview(self._buf)[self._pos:self._pos + n]
+            view = memoryview(self._buf)[self._pos : self._pos + n]
             self._pos += n
             self.offset += n
             self._data_left -= n

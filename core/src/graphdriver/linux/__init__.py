@@ -1,1 +1,1 @@
-"""Thin typed wrappers over the Linux interfaces graphdriver needs (mounts, loop devices, statfs)."""
+"""Thin typed wrappers over the Linux interfaces graphdriver needs: mounts, loops, statfs."""

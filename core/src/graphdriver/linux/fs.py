@@ -28,10 +28,18 @@ MAGIC_NAMES = {
 
 class _Statfs(ctypes.Structure):
     _fields_ = [
-        ("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long), ("f_blocks", ctypes.c_ulong),
-        ("f_bfree", ctypes.c_ulong), ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
-        ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2), ("f_namelen", ctypes.c_long),
-        ("f_frsize", ctypes.c_long), ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4),
+        ("f_type", ctypes.c_long),
+        ("f_bsize", ctypes.c_long),
+        ("f_blocks", ctypes.c_ulong),
+        ("f_bfree", ctypes.c_ulong),
+        ("f_bavail", ctypes.c_ulong),
+        ("f_files", ctypes.c_ulong),
+        ("f_ffree", ctypes.c_ulong),
+        ("f_fsid", ctypes.c_int * 2),
+        ("f_namelen", ctypes.c_long),
+        ("f_frsize", ctypes.c_long),
+        ("f_flags", ctypes.c_long),
+        ("f_spare", ctypes.c_long * 4),
     ]
 
 
@@ -63,9 +71,13 @@ def supports_d_type(path: Path) -> bool:
 
 def _dtype_known(directory: str, name: str) -> bool:
     class _Dirent(ctypes.Structure):
-        _fields_ = [("d_ino", ctypes.c_ulong), ("d_off", ctypes.c_long),
-                    ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
-                    ("d_name", ctypes.c_char * 256)]
+        _fields_ = [
+            ("d_ino", ctypes.c_ulong),
+            ("d_off", ctypes.c_long),
+            ("d_reclen", ctypes.c_ushort),
+            ("d_type", ctypes.c_ubyte),
+            ("d_name", ctypes.c_char * 256),
+        ]
 
     _libc.opendir.restype = ctypes.c_void_p
     _libc.opendir.argtypes = [ctypes.c_char_p]
@@ -82,6 +94,6 @@ def _dtype_known(directory: str, name: str) -> bool:
             if not ent:
                 return False
             if ent.contents.d_name == os.fsencode(name):
-                return ent.contents.d_type != 0  # DT_UNKNOWN
+                return bool(ent.contents.d_type != 0)  # 0 is DT_UNKNOWN
     finally:
         _libc.closedir(d)

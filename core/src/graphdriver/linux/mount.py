@@ -22,8 +22,13 @@ MNT_FORCE = 0x1
 MNT_DETACH = 0x2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
@@ -32,17 +37,28 @@ def _raise(path: str | os.PathLike[str]) -> None:
     raise OSError(code, os.strerror(code), os.fspath(path))
 
 
-def mount(source: str, target: str | os.PathLike[str], fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
+def mount(
+    source: str,
+    target: str | os.PathLike[str],
+    fstype: str | None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
     """Call mount(2); raise OSError with the target as filename on failure."""
-    rc = _libc.mount(source.encode(), os.fsencode(target), fstype.encode() if fstype else None,
-                     flags, data.encode() if data is not None else None)
+    rc = _libc.mount(
+        source.encode(),
+        os.fsencode(target),
+        fstype.encode() if fstype else None,
+        flags,
+        data.encode() if data is not None else None,
+    )
     if rc != 0:
         _raise(target)
 
 
-def unmount(target: str | os.PathLike[str], flags: int = 0, *, retries: int = 50,
-            delay: float = 0.1) -> None:
+def unmount(
+    target: str | os.PathLike[str], flags: int = 0, *, retries: int = 50, delay: float = 0.1
+) -> None:
     """Call umount2(2), retrying EBUSY *retries* times; not mounted (EINVAL/ENOENT) is fine."""
     path = os.fsencode(target)
     for attempt in range(retries + 1):
@@ -79,8 +95,8 @@ def _unescape(field: str) -> str:
     raw = field.encode()
     i = 0
     while i < len(raw):
-        if raw[i] == 0x5C and i + 3 < len(raw) + 1 and raw[i + 1:i + 4].isdigit():
-            out.append(int(raw[i + 1:i + 4], 8))
+        if raw[i] == 0x5C and i + 3 < len(raw) + 1 and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
             i += 4
         else:
             out.append(raw[i])
@@ -96,12 +112,19 @@ def mountinfo(pid: str = "self") -> list[MountEntry]:
             left, _, right = line.rstrip("\n").partition(" - ")
             a = left.split(" ")
             b = right.split(" ")
-            entries.append(MountEntry(
-                mount_id=int(a[0]), parent_id=int(a[1]), major_minor=a[2],
-                root=_unescape(a[3]), mountpoint=_unescape(a[4]), options=a[5],
-                fstype=b[0], source=_unescape(b[1]) if len(b) > 1 else "",
-                super_options=b[2] if len(b) > 2 else "",
-            ))
+            entries.append(
+                MountEntry(
+                    mount_id=int(a[0]),
+                    parent_id=int(a[1]),
+                    major_minor=a[2],
+                    root=_unescape(a[3]),
+                    mountpoint=_unescape(a[4]),
+                    options=a[5],
+                    fstype=b[0],
+                    source=_unescape(b[1]) if len(b) > 1 else "",
+                    super_options=b[2] if len(b) > 2 else "",
+                )
+            )
     return entries
 
 
@@ -115,8 +138,9 @@ def mounts_under(path: str | os.PathLike[str]) -> list[str]:
     """Mountpoints at or below *path*, deepest first (the order to unmount them in)."""
     base = os.path.realpath(path)
     prefix = base.rstrip("/") + "/"
-    found = {e.mountpoint for e in mountinfo()
-             if e.mountpoint == base or e.mountpoint.startswith(prefix)}
+    found = {
+        e.mountpoint for e in mountinfo() if e.mountpoint == base or e.mountpoint.startswith(prefix)
+    }
     return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
 
 
@@ -136,6 +160,7 @@ def find_mount(path: Path) -> MountEntry | None:
     for e in mountinfo():
         mp = e.mountpoint
         if (target == mp or target.startswith(mp.rstrip("/") + "/")) and (
-                best is None or len(mp) >= len(best.mountpoint)):
+            best is None or len(mp) >= len(best.mountpoint)
+        ):
             best = e
     return best

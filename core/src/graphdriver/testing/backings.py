@@ -24,8 +24,11 @@ from ..linux.mount import mount, unmount_all_under
 BACKINGS = ("tmpdir", "loop-ext4", "loop-xfs", "loop-btrfs", "thin-pool")
 
 _MKFS = {
-    "ext4": (["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
-             "e2fsprogs", ""),
+    "ext4": (
+        ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
+        "e2fsprogs",
+        "",
+    ),
     "xfs": (["mkfs.xfs", "-q", "-f", "-K"], "xfsprogs", "prjquota"),
     "btrfs": (["mkfs.btrfs", "-q", "-f", "-K"], "btrfs-progs", ""),
 }
@@ -60,8 +63,9 @@ def _filesystems() -> set[str]:
 
 
 @contextlib.contextmanager
-def loop_filesystem(fstype: str, size: int = 1 << 30,
-                    workdir: Path | None = None) -> Iterator[Backing]:
+def loop_filesystem(
+    fstype: str, size: int = 1 << 30, workdir: Path | None = None
+) -> Iterator[Backing]:
     """A fresh *fstype* filesystem on a sparse file on a loop device, mounted."""
     kind = f"loop-{fstype}"
     _need_root(kind)
@@ -119,22 +123,24 @@ def tmpdir(workdir: Path | None = None) -> Iterator[Backing]:
 
 def _dmsetup(*args: str) -> str:
     env = {**os.environ, "DM_DISABLE_UDEV": "1"}
-    proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, env=env, timeout=120)
     if proc.returncode != 0:
         raise OSError(f"dmsetup {' '.join(args)}: {proc.stderr.strip()}")
     return proc.stdout
 
 
 @contextlib.contextmanager
-def thin_pool(data_size: int = 2 << 30, meta_size: int = 64 << 20,
-              workdir: Path | None = None) -> Iterator[Backing]:
+def thin_pool(
+    data_size: int = 2 << 30, meta_size: int = 64 << 20, workdir: Path | None = None
+) -> Iterator[Backing]:
     """A device-mapper thin pool on two loop devices (data, metadata), given to the driver as
     ``dm.thinpooldev``; the store's root is a plain directory beside it."""
     _need_root("thin-pool")
     if not Path("/dev/mapper/control").exists():
-        raise BackingUnavailable("backing thin-pool needs device-mapper (/dev/mapper/control is "
-                                 "missing: this kernel has none; run the tests under vm/run)")
+        raise BackingUnavailable(
+            "backing thin-pool needs device-mapper (/dev/mapper/control is "
+            "missing: this kernel has none; run the tests under vm/run)"
+        )
     if shutil.which("dmsetup") is None:
         raise BackingUnavailable("backing thin-pool needs dmsetup (apt-get install dmsetup)")
     with tempfile.TemporaryDirectory(prefix="gd-thin-pool-", dir=workdir) as tmp:
@@ -150,8 +156,10 @@ def thin_pool(data_size: int = 2 << 30, meta_size: int = 64 << 20,
         with loop.attach(files[0]) as data, loop.attach(files[1]) as meta:
             with open(meta.path, "r+b") as f:  # a pool needs zeroed metadata to start from
                 f.write(b"\0" * 4096)
-            table = (f"0 {data_size // 512} thin-pool {meta.path} {data.path} 128 "
-                     f"{data_size // 512 // 10} 1 skip_block_zeroing")
+            table = (
+                f"0 {data_size // 512} thin-pool {meta.path} {data.path} 128 "
+                f"{data_size // 512 // 10} 1 skip_block_zeroing"
+            )
             _dmsetup("create", name, "--noudevsync", "--table", table)
         try:
             yield Backing("thin-pool", root, {"dm.thinpooldev": name}, device=f"/dev/mapper/{name}")

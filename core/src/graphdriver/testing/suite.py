@@ -50,8 +50,9 @@ def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
     return buf.getvalue()
 
 
-def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = b"",
-            linkname: str = "") -> tuple[tarfile.TarInfo, bytes | None]:
+def _member(
+    name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = b"", linkname: str = ""
+) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
@@ -61,10 +62,17 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = b"",
     return info, data if kind == tarfile.REGTYPE else None
 
 
+def _writer(name: str, text: str) -> Callable[[Path], object]:
+    return lambda root: (root / name).write_text(text)
+
+
 def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:
     """Tars that must be refused, with the error class they must raise."""
-    good = _tar(_member("ok", data=b"fine"), _member("dir", tarfile.DIRTYPE),
-                _member("dir/file", data=b"x" * 3000))
+    good = _tar(
+        _member("ok", data=b"fine"),
+        _member("dir", tarfile.DIRTYPE),
+        _member("dir/file", data=b"x" * 3000),
+    )
     return {
         "truncated": (good[:1500], ArchiveError),
         "not-a-tar": (random_content(4096, 7), ArchiveError),
@@ -72,19 +80,42 @@ def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:
         "dotdot": (_tar(_member("../escape", data=b"evil")), UnsafeArchive),
         "dotdot-nested": (_tar(_member("a/../../escape", data=b"evil")), UnsafeArchive),
         "absolute": (_tar(_member("/abs-escape", data=b"evil")), UnsafeArchive),
-        "symlink-escape": (_tar(_member("evil", tarfile.SYMTYPE, linkname="/"),
-                                _member("evil/etc/escape", data=b"evil")), UnsafeArchive),
-        "symlink-dotdot-escape": (_tar(_member("up", tarfile.SYMTYPE, linkname="../../.."),
-                                       _member("up/escape", data=b"evil")), UnsafeArchive),
-        "hardlink-outside": (_tar(_member("pw", tarfile.LNKTYPE, linkname="../../etc/passwd")),
-                             UnsafeArchive),
-        "hardlink-absolute": (_tar(_member("pw", tarfile.LNKTYPE, linkname="/etc/passwd")),
-                              UnsafeArchive),
+        "symlink-escape": (
+            _tar(
+                _member("evil", tarfile.SYMTYPE, linkname="/"),
+                _member("evil/etc/escape", data=b"evil"),
+            ),
+            UnsafeArchive,
+        ),
+        "symlink-dotdot-escape": (
+            _tar(
+                _member("up", tarfile.SYMTYPE, linkname="../../.."),
+                _member("up/escape", data=b"evil"),
+            ),
+            UnsafeArchive,
+        ),
+        "hardlink-outside": (
+            _tar(_member("pw", tarfile.LNKTYPE, linkname="../../etc/passwd")),
+            UnsafeArchive,
+        ),
+        "hardlink-absolute": (
+            _tar(_member("pw", tarfile.LNKTYPE, linkname="/etc/passwd")),
+            UnsafeArchive,
+        ),
         "hardlink-through-symlink": (
-            _tar(_member("evil", tarfile.SYMTYPE, linkname="/"),
-                 _member("pw", tarfile.LNKTYPE, linkname="evil/etc/passwd")), UnsafeArchive),
-        "whiteout-dotdot": (_tar(_member("sub", tarfile.DIRTYPE), _member("sub/.wh..."),
-                                 ), UnsafeArchive),
+            _tar(
+                _member("evil", tarfile.SYMTYPE, linkname="/"),
+                _member("pw", tarfile.LNKTYPE, linkname="evil/etc/passwd"),
+            ),
+            UnsafeArchive,
+        ),
+        "whiteout-dotdot": (
+            _tar(
+                _member("sub", tarfile.DIRTYPE),
+                _member("sub/.wh..."),
+            ),
+            UnsafeArchive,
+        ),
         "whiteout-dot": (_tar(_member(".wh..")), UnsafeArchive),
         "corrupt-gzip": (gzip.compress(good)[:-40], ArchiveError),
     }
@@ -117,8 +148,9 @@ class DriverConformance:
         yield root
 
     @pytest.fixture
-    def open_again(self, store_root: Path, gd_backing: Backing) -> Iterator[
-            Callable[[], LayerStore]]:
+    def open_again(
+        self, store_root: Path, gd_backing: Backing
+    ) -> Iterator[Callable[[], LayerStore]]:
         opened: list[LayerStore] = []
 
         def opener() -> LayerStore:
@@ -144,12 +176,13 @@ class DriverConformance:
     # ------------------------------------------------------------------ helpers
 
     @staticmethod
-    def fill(store: LayerStore, layer_id: str, fn: Callable[[Path], None]) -> None:
+    def fill(store: LayerStore, layer_id: str, fn: Callable[[Path], object]) -> None:
         with store.mounted(layer_id) as root:
             fn(root)
 
-    def base_with(self, store: LayerStore, fn: Callable[[Path], None],
-                  layer_id: str = "base") -> str:
+    def base_with(
+        self, store: LayerStore, fn: Callable[[Path], object], layer_id: str = "base"
+    ) -> str:
         store.create(layer_id)
         self.fill(store, layer_id, fn)
         return layer_id
@@ -223,7 +256,7 @@ class DriverConformance:
         for i in range(1, depth):
             store.create(f"l{i}", f"l{i - 1}")
             if i % 16 == 0:
-                self.fill(store, f"l{i}", lambda r, i=i: (r / f"at-{i}").write_text(str(i)))
+                self.fill(store, f"l{i}", _writer(f"at-{i}", str(i)))
         top = f"l{depth - 1}"
         assert store.metadata(top)["depth"] == depth
         with store.mounted(top) as root:
@@ -235,7 +268,7 @@ class DriverConformance:
         self.base_with(store, lambda r: (r / "f").write_text("v0"), "l0")
         for i in range(1, 4):
             store.create(f"l{i}", f"l{i - 1}")
-            self.fill(store, f"l{i}", lambda r, i=i: (r / "f").write_text(f"v{i}"))
+            self.fill(store, f"l{i}", _writer("f", f"v{i}"))
         for i in range(4):
             with store.mounted(f"l{i}") as root:
                 assert (root / "f").read_text() == f"v{i}"
@@ -262,11 +295,25 @@ class DriverConformance:
         store.create("child", "base")
         self.fill(store, "child", child)
         got = [(c.path, c.kind) for c in store.changes("child")]
-        assert got == [("/a", C), ("/a/b", C), ("/a/b/file", C), ("/gone", D), ("/new", A),
-                       ("/old", D)]
+        assert got == [
+            ("/a", C),
+            ("/a/b", C),
+            ("/a/b/file", C),
+            ("/gone", D),
+            ("/new", A),
+            ("/old", D),
+        ]
         assert [(c.path, c.kind) for c in store.changes("base")] == [
-            ("/a", A), ("/a/b", A), ("/a/b/file", A), ("/a/same", A), ("/gone", A),
-            ("/gone/sub", A), ("/gone/sub/x", A), ("/old", A), ("/untouched", A)]
+            ("/a", A),
+            ("/a/b", A),
+            ("/a/b/file", A),
+            ("/a/same", A),
+            ("/gone", A),
+            ("/gone/sub", A),
+            ("/gone/sub/x", A),
+            ("/old", A),
+            ("/untouched", A),
+        ]
 
     def test_changes_same_size_rewrite_right_after_create(self, store: LayerStore) -> None:
         # A rewrite within one timestamp tick keeps size and mtime; it must still be seen,
@@ -347,7 +394,8 @@ class DriverConformance:
         assert size == store.diff_size("child")
         assert size == 300_000 + len(b"changed\n")
         assert {(c.path, c.kind) for c in store.changes("copy")} == {
-            (c.path, c.kind) for c in store.changes("child")}
+            (c.path, c.kind) for c in store.changes("child")
+        }
 
     def test_diff_apply_of_base_layer(self, store: LayerStore) -> None:
         self.base_with(store, make_rich)
@@ -428,8 +476,10 @@ class DriverConformance:
         with store.diff("base") as stream:
             plain = stream.read()
         digest = "sha256:" + hashlib.sha256(plain).hexdigest()
-        for layer_id, data in (("gz", gzip.compress(plain)),
-                               ("zst", zstandard.ZstdCompressor().compress(plain))):
+        for layer_id, data in (
+            ("gz", gzip.compress(plain)),
+            ("zst", zstandard.ZstdCompressor().compress(plain)),
+        ):
             store.create(layer_id)
             result = store.apply(layer_id, io.BytesIO(data))
             assert result.diff_id == digest
@@ -440,8 +490,21 @@ class DriverConformance:
         src = tmp_path / "src"
         src.mkdir()
         make_rich(src)
-        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner",
-                               "-C", str(src), "-cf", "-", "."], capture_output=True, check=True)
+        proc = subprocess.run(
+            [
+                "tar",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--numeric-owner",
+                "-C",
+                str(src),
+                "-cf",
+                "-",
+                ".",
+            ],
+            capture_output=True,
+            check=True,
+        )
         store.create("layer")
         store.apply("layer", io.BytesIO(proc.stdout))
         with store.mounted("layer") as root:
@@ -515,16 +578,27 @@ class DriverConformance:
         assert self.snap(store, "c2") == before
 
     def test_second_store_sees_same_layers_and_mounts(
-            self, store: LayerStore, open_again: Callable[[], LayerStore],
-            store_root: Path, gd_backing: Backing) -> None:
+        self,
+        store: LayerStore,
+        open_again: Callable[[], LayerStore],
+        store_root: Path,
+        gd_backing: Backing,
+    ) -> None:
         self.base_with(store, make_base)
         store.create_rw("c", "base")
         path = store.get("c")
         other = open_again()
         assert other.layers() == ["base", "c"]
         assert other.metadata("c")["mount_count"] == 1
-        cmd = [sys.executable, "-m", "graphdriver", "--root", str(store_root), "--driver",
-               self.driver]
+        cmd = [
+            sys.executable,
+            "-m",
+            "graphdriver",
+            "--root",
+            str(store_root),
+            "--driver",
+            self.driver,
+        ]
         for k, v in {**gd_backing.options, **self.options}.items():
             cmd += ["--opt", f"{k}={v}"]
         out = subprocess.run([*cmd, "ls"], capture_output=True, text=True, check=True)
@@ -561,8 +635,9 @@ class DriverConformance:
 
     # ------------------------------------------------------------------ bad input
 
-    @pytest.mark.parametrize("bad", ["../x", "/x", "", "a" * 129, "a\0b", ".hidden", "a/b",
-                                     "-rf", "x y"])
+    @pytest.mark.parametrize(
+        "bad", ["../x", "/x", "", "a" * 129, "a\0b", ".hidden", "a/b", "-rf", "x y"]
+    )
     def test_invalid_ids(self, store: LayerStore, bad: str) -> None:
         with pytest.raises(InvalidLayerId):
             store.create(bad)
@@ -588,8 +663,9 @@ class DriverConformance:
         assert store.exists("a" * 128)
 
     @pytest.mark.parametrize("case", sorted(hostile_tars()))
-    def test_bad_tar_refused_and_rolled_back(self, store: LayerStore, case: str,
-                                             gd_backing: Backing) -> None:
+    def test_bad_tar_refused_and_rolled_back(
+        self, store: LayerStore, case: str, gd_backing: Backing
+    ) -> None:
         data, error = hostile_tars()[case]
         outside = gd_backing.root / "outside-sentinel"
         outside.mkdir(exist_ok=True)

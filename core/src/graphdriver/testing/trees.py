@@ -96,11 +96,14 @@ def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, Any]:
         dirnames.sort()
         for name in sorted(dirnames + filenames):
             path = os.path.join(dirpath, name)
-            rel = path[len(base):]
+            rel = path[len(base) :]
             st = os.lstat(path)
             entry: dict[str, Any] = {
-                "type": stat.S_IFMT(st.st_mode), "mode": oct(stat.S_IMODE(st.st_mode)),
-                "uid": st.st_uid, "gid": st.st_gid, "xattrs": _xattrs(path),
+                "type": stat.S_IFMT(st.st_mode),
+                "mode": oct(stat.S_IMODE(st.st_mode)),
+                "uid": st.st_uid,
+                "gid": st.st_gid,
+                "xattrs": _xattrs(path),
             }
             if mtimes and not stat.S_ISDIR(st.st_mode):
                 entry["mtime"] = int(st.st_mtime)

@@ -67,8 +67,13 @@ def _copy_data(src: str, dst: str, size: int) -> None:
                 fcntl.ioctl(dfd, FICLONE, sfd)
                 return
             except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY,
-                                     errno.ETXTBSY):
+                if exc.errno not in (
+                    errno.EOPNOTSUPP,
+                    errno.EXDEV,
+                    errno.EINVAL,
+                    errno.ENOTTY,
+                    errno.ETXTBSY,
+                ):
                     raise
             left = size
             while left > 0:
@@ -93,8 +98,9 @@ def _copy_meta(src: str, dst: str, st: os.stat_result, *, link: bool = False) ->
         names = []
     for key in names:
         try:
-            os.setxattr(dst, key, os.getxattr(src, key, follow_symlinks=False),
-                        follow_symlinks=False)
+            os.setxattr(
+                dst, key, os.getxattr(src, key, follow_symlinks=False), follow_symlinks=False
+            )
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise
