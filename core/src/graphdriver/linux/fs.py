@@ -23,6 +23,7 @@ MAGIC_NAMES = {
     0x73717368: "squashfs",
     0xE0F5E1E2: "erofs",
     0x01021997: "v9fs",
+    0x9FA0: "proc",
 }
 
 

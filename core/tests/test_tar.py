@@ -1,0 +1,153 @@
+"""The tar reader and writer against GNU tar and Python's tarfile, and on broken input."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from graphdriver.archive.tar import TarReader, TarWriter, encode_header
+from graphdriver.errors import ArchiveError
+from graphdriver.testing.trees import make_rich
+
+
+def _read_all(data: bytes) -> list[tuple[str, bytes, bytes]]:
+    r, w = os.pipe()
+    try:
+        # small inputs fit in the pipe; larger ones are fed by a thread
+        import threading
+
+        def feed() -> None:
+            try:
+                os.write(w, data)
+            finally:
+                os.close(w)
+
+        t = threading.Thread(target=feed)
+        t.start()
+        reader = TarReader(r)
+        out = []
+        for entry in reader:
+            body = b"".join(bytes(p) for p in reader.data()) if entry.is_file else b""
+            out.append((entry.name, entry.type, body))
+        reader.drain()
+        t.join()
+        return out
+    finally:
+        os.close(r)
+
+
+def _write_tree(root: Path) -> bytes:
+    chunks: list[bytes] = []
+    w = TarWriter(write=chunks.append)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            w.add_path(full, os.path.relpath(full, root))
+    w.close()
+    return b"".join(chunks)
+
+
+def test_writer_output_reads_back_in_gnu_tar_and_tarfile(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_rich(src)
+    data = _write_tree(src)
+    listing = subprocess.run(["tar", "-tvf", "-"], input=data, capture_output=True, check=True)
+    assert b"long-" + b"n" * 150 in listing.stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        members = {m.name: m for m in tf}
+    assert members["long-target-link"].linkname == "t" * 200
+    # the walk meets hard1 (top level) before etc/hard2, so the second is the link
+    assert members["etc/hard2"].islnk() and members["etc/hard2"].linkname == "hard1"
+    assert members["xattr-file"].pax_headers["SCHILY.xattr.user.comment"] == "hello"
+    null = members["null"]
+    assert null.ischr() and (null.devmajor, null.devminor) == (1, 3)
+    assert members["suid"].mode == 0o4755
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(
+        ["tar", "--xattrs", "--xattrs-include=*", "-C", str(out), "-xf", "-"],
+        input=data,
+        check=True,
+    )
+    assert (out / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+    assert os.getxattr(out / "xattr-file", "trusted.graphdriver") == b"\x00\x01binary"
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar", "oldgnu"])
+def test_reader_takes_gnu_tar_formats(tmp_path: Path, fmt: str) -> None:
+    src = tmp_path / "src"
+    (src / ("d" * 90)).mkdir(parents=True)
+    (src / ("d" * 90) / ("f" * 90)).write_bytes(b"deep name")
+    (src / "plain").write_bytes(os.urandom(70_000))
+    if fmt == "ustar":
+        (src / ("d" * 90) / ("f" * 90)).unlink()
+        (src / ("d" * 90) / "short").write_bytes(b"deep name")
+    data = subprocess.run(
+        ["tar", f"--format={fmt}", "-C", str(src), "-cf", "-", "."], capture_output=True, check=True
+    ).stdout
+    got = {name.lstrip("./").rstrip("/"): body for name, _t, body in _read_all(data)}
+    assert got["plain"] == (src / "plain").read_bytes()
+    deep = [k for k in got if k.startswith("d" * 90 + "/")]
+    assert len(deep) == 1 and got[deep[0]] == b"deep name"
+
+
+def test_pax_for_big_ids_and_base256_read() -> None:
+    hdr = encode_header("f", b"0", uid=3_000_000, gid=5, size=0, mode=0o644)
+    data = hdr + b"\0" * 1024
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert tf.getmembers()[0].uid == 3_000_000
+    # GNU base-256 numbers (as GNU tar writes for huge uids)
+    info = tarfile.TarInfo("g")
+    info.uid = 1 << 33
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        tf.addfile(info, io.BytesIO(b""))
+    r, w = os.pipe()
+    os.write(w, buf.getvalue())
+    os.close(w)
+    entries = list(TarReader(r))
+    os.close(r)
+    assert entries[0].uid == 1 << 33
+
+
+def _good() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(3):
+            info = tarfile.TarInfo(f"file{i}" + "x" * 120)
+            payload = os.urandom(700 + i)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def test_every_truncation_is_an_archive_error() -> None:
+    data = _good()
+    end = len(data.rstrip(b"\0"))
+    for cut in range(0, end, 37):
+        with pytest.raises(ArchiveError):
+            _read_all(data[:cut])
+
+
+def test_corrupt_header_and_not_a_tar() -> None:
+    data = bytearray(_good())
+    data[1024 + 10] ^= 0xFF  # inside the first ustar header (after a PAX header and its data)
+    with pytest.raises(ArchiveError):
+        _read_all(bytes(data))
+    with pytest.raises(ArchiveError, match="not a tar"):
+        _read_all(b"hello world, this is not a tar" * 40)
+    with pytest.raises(ArchiveError, match="empty"):
+        _read_all(b"")
+
+
+def test_writer_is_deterministic(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_rich(src)
+    assert _write_tree(src) == _write_tree(src)

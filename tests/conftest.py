@@ -1,0 +1,80 @@
+"""Fixtures for the tests that cross packages: a loop-ext4 root and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from graphdriver.testing import Backing, BackingUnavailable, make_backing
+
+
+@pytest.fixture(scope="session")
+def loop_ext4() -> Iterator[Backing]:
+    try:
+        with make_backing("loop-ext4") as backing:
+            yield backing
+    except BackingUnavailable as exc:
+        pytest.skip(f"host lacks it: {exc}")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    raw: bytes
+
+
+class GD:
+    """Runs the real ``graphdriver`` command against one root."""
+
+    def __init__(self, root: Path, driver: str = "vfs") -> None:
+        self.root = root
+        self.driver = driver
+        exe = shutil.which("graphdriver", path=str(Path(sys.executable).parent))
+        self.base = [exe] if exe else [sys.executable, "-m", "graphdriver"]
+
+    def argv(self, *args: str) -> list[str]:
+        return [*self.base, "--root", str(self.root), "--driver", self.driver, *args]
+
+    def __call__(
+        self, *args: str, input: bytes | None = None, check: bool = True, stdout: int | None = None
+    ) -> Result:
+        proc = subprocess.run(
+            self.argv(*args),
+            input=input,
+            capture_output=stdout is None,
+            stdout=stdout,
+            timeout=300,
+            env={**os.environ},
+        )
+        raw = proc.stdout or b""
+        res = Result(
+            proc.returncode,
+            raw.decode(errors="replace"),
+            (proc.stderr or b"").decode(errors="replace"),
+            raw,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"graphdriver {' '.join(args)} failed ({proc.returncode}): {res.err}"
+            )
+        return res
+
+
+@pytest.fixture
+def gd(loop_ext4: Backing, request: pytest.FixtureRequest) -> Iterator[GD]:
+    root = loop_ext4.root / request.node.name.replace("/", "_")[:80]
+    root.mkdir()
+    runner = GD(root)
+    try:
+        yield runner
+    finally:
+        subprocess.run(runner.argv("cleanup"), capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""Bad input through the CLI: one line of error, a non-zero exit, and nothing lost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import GD
+from graphdriver.testing.suite import hostile_tars
+
+
+def one_line_error(res: object, code: int = 1) -> str:
+    assert res.code == code, (res.code, res.err)  # type: ignore[attr-defined]
+    err = res.err.strip()  # type: ignore[attr-defined]
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1 if code == 1 else err, err
+    return err
+
+
+@pytest.mark.parametrize("bad", ["../x", "/x", "", "a" * 129, ".dot", "a/b", "x y"])
+def test_invalid_ids(gd: GD, bad: str) -> None:
+    err = one_line_error(gd("create", bad, check=False))
+    assert "invalid layer id" in err
+    err = one_line_error(gd("create", "--parent", bad, "ok", check=False))
+    assert "invalid parent id" in err
+    assert gd("ls").out == ""
+
+
+def test_nul_in_id_is_refused(gd: GD) -> None:
+    # argv cannot carry a NUL; the library refuses it (see the conformance suite), and the
+    # closest the CLI can get is a control character
+    one_line_error(gd("create", "a\tb", check=False))
+
+
+def test_unknown_parent_duplicate_and_unknown_layer(gd: GD) -> None:
+    assert "does not exist" in one_line_error(gd("create", "--parent", "nope", "x", check=False))
+    gd("create", "x")
+    assert "already exists" in one_line_error(gd("create", "x", check=False))
+    for verb in ("rm", "mount", "umount", "inspect", "diff", "changes", "diff-size"):
+        assert "does not exist" in one_line_error(gd(verb, "nope", check=False)), verb
+    assert gd("ls").out.split() == ["x"]
+
+
+def test_unknown_driver_lists_installed(gd: GD) -> None:
+    gd.driver = "nosuchdriver"
+    err = one_line_error(gd("ls", check=False))
+    assert "no storage driver named 'nosuchdriver'" in err and "vfs" in err
+
+
+def test_unknown_opt_key(gd: GD) -> None:
+    err = one_line_error(gd("--opt", "vfs.bogus=1", "ls", check=False))
+    assert "has no option 'vfs.bogus'" in err
+    one_line_error(gd("--opt", "novalue", "ls", check=False), code=2)
+
+
+def test_usage_errors_exit_2(gd: GD) -> None:
+    one_line_error(gd("create", check=False), code=2)
+    one_line_error(gd("frobnicate", check=False), code=2)
+    one_line_error(gd("diff", "x", "--compress", "lz4", check=False), code=2)
+
+
+def test_bad_size(gd: GD) -> None:
+    assert "invalid size" in one_line_error(
+        gd("create", "--rw", "--size", "lots", "c", check=False)
+    )
+    assert "no quota support" in one_line_error(
+        gd("create", "--rw", "--size", "50M", "c", check=False)
+    )
+    assert gd("ls").out == ""
+
+
+def test_rm_of_mounted_layer_and_of_parent(gd: GD) -> None:
+    gd("create", "base")
+    gd("create", "--rw", "--parent", "base", "c")
+    gd("mount", "c")
+    assert "is mounted" in one_line_error(gd("rm", "c", check=False))
+    assert "has children" in one_line_error(gd("rm", "base", check=False))
+    gd("umount", "c")
+    gd("rm", "c", "base")
+
+
+@pytest.mark.parametrize("case", sorted(hostile_tars()))
+def test_hostile_tar_refused_and_rolled_back(gd: GD, case: str) -> None:
+    data, _error = hostile_tars()[case]
+    gd("create", "base")
+    gd("create", "--parent", "base", "target")
+    gd("create", "--parent", "base", "sibling")
+    err = one_line_error(gd("apply-diff", "target", input=data, check=False))
+    assert err.startswith("graphdriver: error: ")
+    assert gd("ls").out.split() == ["base", "target", "sibling"]
+    assert gd("changes", "target").out == ""
+    meta = json.loads(gd("inspect", "target").out)
+    assert meta["diff_id"] is None and meta["mount_count"] == 0
+    assert not (gd.root.parent / "escape").exists()
+    assert not (gd.root / "escape").exists()
+
+
+def test_apply_diff_of_missing_file(gd: GD) -> None:
+    gd("create", "x")
+    err = one_line_error(gd("apply-diff", "x", "/nonexistent/layer.tar", check=False))
+    assert "No such file" in err

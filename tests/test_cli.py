@@ -1,0 +1,113 @@
+"""The graphdriver command end to end on a loop-ext4 root: the workflow of the README."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+from conftest import GD
+from graphdriver.testing.trees import make_rich, snapshot
+
+
+def _rootfs_tar(tmp_path: Path) -> bytes:
+    src = tmp_path / "rootfs"
+    src.mkdir()
+    make_rich(src)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(src, arcname=".")
+    return buf.getvalue()
+
+
+def test_workflow(gd: GD, tmp_path: Path) -> None:
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(_rootfs_tar(tmp_path))
+    assert gd("create", "base").out.strip() == "base"
+    out = gd("apply-diff", "base", str(layer), "--json").out
+    applied = json.loads(out)
+    assert applied["diff_id"] == "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
+    gd("create", "--rw", "--parent", "base", "c1")
+    merged = Path(gd("mount", "c1").out.strip())
+    assert (merged / "etc" / "hostname").read_bytes() == b"layer\n"
+    (merged / "etc" / "hostname").write_bytes(b"container\n")
+    (merged / "new-file").write_bytes(b"new")
+    (merged / "big.bin").unlink()
+    gd("umount", "c1")
+    assert gd("changes", "c1").out.splitlines() == [
+        "D /big.bin",
+        "C /etc",
+        "C /etc/hostname",
+        "A /new-file",
+    ]
+    assert gd("diff-size", "c1").out.strip() == str(len(b"container\n") + 3)
+    diff_file = tmp_path / "c1.tar"
+    with open(diff_file, "wb") as f:
+        gd("diff", "c1", stdout=f.fileno())
+    with tarfile.open(diff_file) as tf:
+        names = tf.getnames()
+    assert names == [".wh.big.bin", "etc", "etc/hostname", "new-file"]
+    # apply the diff on a fresh child from stdin: the same tree as c1
+    gd("create", "--parent", "base", "c1-copy")
+    res = gd("apply-diff", "c1-copy", input=diff_file.read_bytes())
+    size, diff_id = res.out.split()
+    assert int(size) == 13
+    assert diff_id == "sha256:" + hashlib.sha256(diff_file.read_bytes()).hexdigest()
+    a = Path(gd("mount", "c1").out.strip())
+    b = Path(gd("mount", "c1-copy").out.strip())
+    assert snapshot(a) == snapshot(b)
+    gd("umount", "c1")
+    gd("umount", "c1-copy")
+    assert gd("ls").out.split() == ["base", "c1", "c1-copy"]
+    meta = json.loads(gd("inspect", "c1").out)
+    assert meta["parent"] == "base" and meta["rw"] is True and meta["mount_count"] == 0
+    status = json.loads(gd("status", "--json").out)
+    assert status["Storage Driver"] == "vfs" and status["Layers"] == "3"
+    assert gd("exists", "c1").code == 0
+    assert gd("exists", "nope", check=False).code == 1
+    gd("rm", "c1-copy", "c1")
+    gd("rm", "base")
+    assert gd("ls").out == ""
+
+
+def test_compressed_diff_roundtrip(gd: GD, tmp_path: Path) -> None:
+    gd("create", "base")
+    gd("apply-diff", "base", input=_rootfs_tar(tmp_path))
+    plain = gd("diff", "base").raw
+    for comp, magic in (("gzip", b"\x1f\x8b"), ("zstd", b"\x28\xb5\x2f\xfd")):
+        out = tmp_path / f"base.tar.{comp}"
+        gd("diff", "base", "--compress", comp, "-o", str(out))
+        assert out.read_bytes().startswith(magic)
+        gd("create", f"from-{comp}")
+        res = json.loads(gd("apply-diff", f"from-{comp}", str(out), "--json").out)
+        assert res["compression"] == comp
+        assert res["diff_id"] == "sha256:" + hashlib.sha256(plain).hexdigest()
+
+
+def test_mount_in_one_process_umount_in_another(gd: GD) -> None:
+    gd("create", "--rw", "c")
+    path = gd("mount", "c").out.strip()
+    assert gd("mount", "c").out.strip() == path
+    assert json.loads(gd("inspect", "c").out)["mount_count"] == 2
+    gd("umount", "c")
+    gd("umount", "c")
+    res = gd("umount", "c", check=False)
+    assert res.code == 1 and "not mounted" in res.err
+
+
+def test_drivers_lists_vfs(gd: GD) -> None:
+    rows = json.loads(gd("drivers", "--json").out)
+    vfs = next(r for r in rows if r["name"] == "vfs")
+    assert vfs["works"] is True and vfs["target"] == "graphdriver_vfs:VfsDriver"
+    assert "vfs" in gd("drivers").out
+
+
+def test_default_driver_is_the_one_with_state(gd: GD) -> None:
+    gd("create", "x")
+    argv = [a for a in gd.argv("ls") if a not in ("--driver", "vfs")]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ})
+    assert out.stdout.split() == ["x"]

@@ -1,0 +1,178 @@
+"""A driver package written by someone else installs, is listed, and passes the suite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PYPROJECT = """
+[project]
+name = "graphdriver-tinycopy"
+version = "0.1.0"
+dependencies = ["graphdriver"]
+
+[project.entry-points."graphdriver.drivers"]
+tinycopy = "graphdriver_tinycopy:TinyCopy"
+
+[project.entry-points."graphdriver"]
+tinycopy-audit = "graphdriver_tinycopy.audit"
+
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[tool.hatch.build.targets.wheel]
+packages = ["src/graphdriver_tinycopy"]
+"""
+
+DRIVER = '''
+"""A third-party driver: layers are `cp -a` copies of their parent."""
+import shutil
+import subprocess
+from pathlib import Path
+
+from graphdriver import Capabilities, Driver, DriverUnavailable
+
+
+class TinyCopy(Driver):
+    name = "tinycopy"
+    options = {"tinycopy.reflink": "auto|always|never, passed to cp --reflink"}
+    capabilities = Capabilities()
+
+    @classmethod
+    def probe(cls, home, options):
+        if shutil.which("cp") is None:
+            raise DriverUnavailable("tinycopy needs cp (coreutils)")
+
+    def _dir(self, layer):
+        return self.home / "layers" / layer.id
+
+    def create(self, layer, parent, opts):
+        target = self._dir(layer)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if parent is None:
+            target.mkdir(0o755)
+            target.chmod(0o755)
+            return
+        reflink = self.opts.get("tinycopy.reflink", "auto")
+        subprocess.run(["cp", "-a", f"--reflink={reflink}", str(self._dir(parent)),
+                        str(target)], check=True)
+
+    def remove(self, layer):
+        shutil.rmtree(self._dir(layer), ignore_errors=True)
+
+    def mount(self, layer, chain):
+        return self._dir(layer)
+
+    def unmount(self, layer):
+        pass
+'''
+
+AUDIT = '''
+"""A third-party hook plugin: records layer events in the store's home."""
+from graphdriver import hookimpl
+
+
+@hookimpl
+def graphdriver_layer_created(store, layer):
+    with open(store.home / "audit.log", "a") as f:
+        f.write(f"created {layer.id}\\n")
+'''
+
+SUITE = """
+from graphdriver.testing import DriverConformance
+
+
+class TestTinyCopy(DriverConformance):
+    driver = "tinycopy"
+    backing = "loop-ext4"
+    options = {"tinycopy.reflink": "auto"}
+"""
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    if uv is None:
+        pytest.fail("uv is needed to install the test package; run the README's set-up")
+    work = tmp_path_factory.mktemp("tinycopy")
+    pkg = work / "pkg"
+    (pkg / "src" / "graphdriver_tinycopy").mkdir(parents=True)
+    (pkg / "pyproject.toml").write_text(PYPROJECT)
+    (pkg / "src" / "graphdriver_tinycopy" / "__init__.py").write_text(textwrap.dedent(DRIVER))
+    (pkg / "src" / "graphdriver_tinycopy" / "audit.py").write_text(textwrap.dedent(AUDIT))
+    target = work / "site"
+    subprocess.run(
+        [
+            uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--python",
+            sys.executable,
+            "--target",
+            str(target),
+            str(pkg),
+        ],
+        check=True,
+        timeout=600,
+    )
+    return target
+
+
+def _env(site: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(site)}
+
+
+def test_listed_and_usable_from_the_cli(site: Path, tmp_path: Path) -> None:
+    gd = [sys.executable, "-m", "graphdriver", "--root", str(tmp_path / "root")]
+    out = subprocess.run(
+        [*gd, "drivers"], env=_env(site), capture_output=True, text=True, check=True
+    ).stdout
+    assert any(line.split()[:2] == ["tinycopy", "ok"] for line in out.splitlines()), out
+    run = [*gd, "--driver", "tinycopy", "--opt", "tinycopy.reflink=auto"]
+    subprocess.run([*run, "create", "base"], env=_env(site), check=True)
+    subprocess.run([*run, "create", "--parent", "base", "child"], env=_env(site), check=True)
+    ls = subprocess.run([*run, "ls"], env=_env(site), capture_output=True, text=True, check=True)
+    assert ls.stdout.split() == ["base", "child"]
+    log = (tmp_path / "root" / "tinycopy" / "audit.log").read_text()
+    assert log == "created base\ncreated child\n"
+    bad = subprocess.run(
+        [*run.__getitem__(slice(0, -2)), "--opt", "tinycopy.nope=1", "ls"],
+        env=_env(site),
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "tinycopy.reflink" in bad.stderr
+
+
+def test_passes_the_conformance_suite(site: Path, tmp_path: Path) -> None:
+    (tmp_path / "test_tinycopy.py").write_text(SUITE)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_tinycopy.py"),
+        ],
+        env=_env(site),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    tail = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert " passed" in tail and "failed" not in tail, tail
