@@ -251,6 +251,7 @@ class _Extractor:
         self.overlay = whiteouts == "overlay"
         self.root = os.geteuid() == 0
         self.safe_dirs: set[str] = {""}
+        self.sgid_dirs: set[str] = set()
         self.created: set[str] = set()
         self.dir_times: list[tuple[str, int]] = []
         self.size = 0
@@ -276,12 +277,17 @@ class _Extractor:
             except FileNotFoundError:
                 os.mkdir(path, 0o755)
                 self.safe_dirs.add(path)
+                parent = path.rpartition("/")[0]
+                if parent in self.sgid_dirs:  # a new directory inherits the setgid bit
+                    self.sgid_dirs.add(path)
                 continue
             if stat.S_ISLNK(st.st_mode):
                 raise UnsafeArchive(f"tar entry {raw!r} goes through the symlink {path!r}")
             if not stat.S_ISDIR(st.st_mode):
                 raise ArchiveError(f"tar entry {raw!r}: {path!r} is not a directory")
             self.safe_dirs.add(path)
+            if st.st_mode & stat.S_ISGID:
+                self.sgid_dirs.add(path)
 
     def forget_dirs_under(self, path: str) -> None:
         prefix = path + "/"
@@ -303,31 +309,22 @@ class _Extractor:
         name = _clean_name(e.name)
         if not name:  # "./": the layer's root itself
             if e.type == DIRTYPE:
-                self.attrs("/", e, is_dir=True)
+                self.attrs("/", e, "", is_dir=True)
             return
         head, _, base = name.rpartition("/")
         if base.startswith(whiteout.PREFIX):
             self.whiteout(name, head, base, e.name)
             return
         self.parent_dir(name, e.name)
-        try:
-            existing = os.lstat(name)
-        except FileNotFoundError:
-            existing = None
-        if existing is not None and not (e.type == DIRTYPE and stat.S_ISDIR(existing.st_mode)):
-            self.remove(name)
         if not self.overlay:
             self.created.add(name)
         if e.type == DIRTYPE:
-            if existing is None or not stat.S_ISDIR(existing.st_mode):
-                os.mkdir(name, 0o700)
-            self.safe_dirs.add(name)
-            self.attrs(name, e, is_dir=True)
+            self.directory(name, head, e)
         elif e.is_file:
-            self.regular(name, e)
+            self.regular(name, head, e)
         elif e.type == SYMTYPE:
-            os.symlink(e.linkname, name)
-            self.attrs(name, e, link=True)
+            self.make(name, lambda: os.symlink(e.linkname, name))
+            self.attrs(name, e, head, link=True)
         elif e.type == LNKTYPE:
             target = _clean_name(e.linkname)
             if not target:
@@ -341,37 +338,79 @@ class _Extractor:
                 ) from None
             if stat.S_ISDIR(tst.st_mode):
                 raise UnsafeArchive(f"hardlink {e.name!r} points at a directory")
-            os.link(target, name, follow_symlinks=False)
+            self.make(name, lambda: os.link(target, name, follow_symlinks=False))
         elif e.type in (CHRTYPE, BLKTYPE, FIFOTYPE):
             kind = {CHRTYPE: stat.S_IFCHR, BLKTYPE: stat.S_IFBLK, FIFOTYPE: stat.S_IFIFO}[e.type]
-            os.mknod(name, kind | 0o600, os.makedev(e.devmajor, e.devminor))
-            self.attrs(name, e)
+            dev = os.makedev(e.devmajor, e.devminor)
+            self.make(name, lambda: os.mknod(name, kind | 0o600, dev))
+            self.attrs(name, e, head)
 
-    def regular(self, name: str, e: TarEntry) -> None:
-        fd = os.open(
-            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
+    def make(self, name: str, create: Callable[[], object]) -> None:
+        """Run *create*; if something is in the way, remove it and run it again."""
+        try:
+            create()
+        except FileExistsError:
+            self.remove(name)
+            create()
+
+    def directory(self, name: str, head: str, e: TarEntry) -> None:
+        try:
+            os.mkdir(name, 0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(name).st_mode):
+                self.remove(name)
+                os.mkdir(name, 0o700)
+        self.safe_dirs.add(name)
+        if e.mode & stat.S_ISGID:
+            self.sgid_dirs.add(name)
+        else:
+            self.sgid_dirs.discard(name)
+        self.attrs(name, e, head, is_dir=True)
+
+    def regular(self, name: str, head: str, e: TarEntry) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:  # created with its final permissions: no chmod needed for most files
+            fd = os.open(name, flags, e.mode & 0o777)
+        except FileExistsError:
+            self.remove(name)
+            fd = os.open(name, flags, e.mode & 0o777)
         try:
             for piece in self.reader.data():
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]
             self.size += e.size
-            self.attrs(fd, e)
+            self.attrs(fd, e, head, fresh=True)
         finally:
             os.close(fd)
 
     def attrs(
-        self, target: str | int, e: TarEntry, *, is_dir: bool = False, link: bool = False
+        self,
+        target: str | int,
+        e: TarEntry,
+        head: str,
+        *,
+        is_dir: bool = False,
+        link: bool = False,
+        fresh: bool = False,
     ) -> None:
+        """Owner, mode, xattrs and mtime of an entry; *fresh* files already have their mode.
+
+        A file made by root is owned 0:0 unless its directory is setgid, so most files need
+        no chown; a chown clears setuid/setgid bits, so those are set after it.
+        """
         fd_given = isinstance(target, int)
-        if self.root:
+        if self.root and (e.uid or e.gid or head in self.sgid_dirs or not fresh):
             if isinstance(target, int):
                 os.fchown(target, e.uid, e.gid)
             else:
                 os.chown(target, e.uid, e.gid, follow_symlinks=False)
-        if not link:
-            os.chmod(target, e.mode)  # never a symlink here: those are skipped above
+            fresh = False
+        if not link and (not fresh or e.mode & 0o7000):
+            if isinstance(target, int):
+                os.fchmod(target, e.mode)
+            else:
+                os.chmod(target, e.mode)  # never a symlink: those have link=True
         for key, value in e.xattrs.items():
             if key.startswith(whiteout.OVERLAY_XATTR_PREFIX):
                 continue  # only overlayfs may write these; a tar that carries them is ignored

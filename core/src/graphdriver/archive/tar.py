@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ _TYPE_MODE[CONTTYPE] = stat.S_IFREG
 _OCTAL_LIMITS = {8: 0o7777777, 12: 0o77777777777}
 
 
-@dataclass
+@dataclass(slots=True)
 class TarEntry:
     """One member of a tar as read, after PAX and GNU extensions were folded in."""
 
@@ -70,10 +71,6 @@ class TarEntry:
 
 
 # ---------------------------------------------------------------------------------------- writer
-
-
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
 
 
 def _pax_record(key: str, value: bytes) -> bytes:
@@ -154,6 +151,9 @@ def encode_header(
     return out
 
 
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
+
+
 def _block(
     name: bytes,
     prefix: bytes,
@@ -167,22 +167,12 @@ def _block(
     devmajor: int,
     devminor: int,
 ) -> bytes:
-    hdr = bytearray(BLOCK)
-    hdr[0 : len(name)] = name
-    hdr[100:108] = _octal(mode & 0o7777, 8)
-    hdr[108:116] = _octal(uid, 8)
-    hdr[116:124] = _octal(gid, 8)
-    hdr[124:136] = _octal(size, 12)
-    hdr[136:148] = _octal(mtime, 12)
-    hdr[148:156] = b" " * 8
-    hdr[156:157] = typeflag
-    hdr[157 : 157 + len(linkname)] = linkname
-    hdr[257:265] = b"ustar\x0000"
-    hdr[329:337] = _octal(devmajor, 8)
-    hdr[337:345] = _octal(devminor, 8)
-    hdr[345 : 345 + len(prefix)] = prefix
-    hdr[148:156] = b"%06o\0 " % sum(hdr)
-    return bytes(hdr)
+    hdr = _USTAR.pack(
+        name, b"%07o\0" % (mode & 0o7777), b"%07o\0" % uid, b"%07o\0" % gid,
+        b"%011o\0" % size, b"%011o\0" % mtime, b"        ", typeflag, linkname,
+        b"ustar\0", b"00", b"", b"", b"%07o\0" % devmajor, b"%07o\0" % devminor, prefix, b"",
+    )  # fmt: skip
+    return hdr[:148] + b"%06o\0 " % sum(hdr) + hdr[156:]
 
 
 def _xattrs(path: str) -> list[tuple[str, bytes]]:
@@ -226,17 +216,17 @@ class TarWriter:
     def flush(self) -> None:
         if not self._buf:
             return
-        data = bytes(self._buf)
-        self._buf.clear()
-        self.bytes_written += len(data)
+        self.bytes_written += len(self._buf)
         if self._fd is not None:
-            view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            with memoryview(self._buf) as view:
+                done = 0
+                while done < len(view):
+                    done += os.write(self._fd, view[done:])
+            self._buf.clear()
         else:
             assert self._write is not None
-            self._write(data)
+            data, self._buf = self._buf, bytearray()
+            self._write(bytes(data))
 
     def add_path(self, path: str, arcname: str, st: os.stat_result | None = None) -> None:
         """Add the file at *path* (not following a final symlink) as *arcname*."""
@@ -350,6 +340,10 @@ def write_changes_tar(
 
 
 def _number(field: bytes, what: str) -> int:
+    try:  # the common case: octal digits padded with spaces or NULs
+        return int(field.strip(b" \0"), 8)
+    except ValueError:
+        pass
     if field and field[0] & 0x80:  # GNU base-256
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     text = field.split(b"\0", 1)[0].strip(b" ")
@@ -369,7 +363,8 @@ def _checksum_ok(block: bytes) -> bool:
         want = int(stored, 8)
     except ValueError:
         return False
-    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    # the checksum counts its own field as eight spaces
+    unsigned = sum(block) - sum(block[148:156]) + 256
     if want == unsigned:
         return True
     signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
@@ -468,8 +463,7 @@ class TarReader:
             if typeflag in (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK):
                 if size > 16 << 20:
                     raise ArchiveError(f"tar extension header of {size} bytes is too large")
-                data = self._need(size, "an extended header")
-                self._need(-size % BLOCK, "padding")
+                data = self._need(size + (-size % BLOCK), "an extended header")[:size]
                 if typeflag == XHDTYPE:
                     pax.update(_parse_pax(data))
                 elif typeflag == XGLTYPE:
@@ -479,7 +473,7 @@ class TarReader:
                 else:
                     longlink = data.split(b"\0", 1)[0]
                 continue
-            merged = {**self._globals, **pax}
+            merged = {**self._globals, **pax} if self._globals else pax
             name = block[0:100].split(b"\0", 1)[0]
             if block[257:262] == b"ustar" and block[345] != 0:
                 name = block[345:500].split(b"\0", 1)[0] + b"/" + name
@@ -505,14 +499,16 @@ class TarReader:
                 if "mtime" in merged
                 else _number(block[136:148], "mtime"),
                 linkname=os.fsdecode(link),
-                devmajor=_number(block[329:337], "devmajor"),
-                devminor=_number(block[337:345], "devminor"),
-                xattrs={
+            )
+            if typeflag in (CHRTYPE, BLKTYPE):
+                entry.devmajor = _number(block[329:337], "devmajor")
+                entry.devminor = _number(block[337:345], "devminor")
+            if merged:
+                entry.xattrs = {
                     k[len("SCHILY.xattr.") :]: v
                     for k, v in merged.items()
                     if k.startswith("SCHILY.xattr.")
-                },
-            )
+                }
             if typeflag not in _TYPE_MODE and typeflag != LNKTYPE:
                 raise ArchiveError(
                     f"tar entry {entry.name!r} has unsupported type "
