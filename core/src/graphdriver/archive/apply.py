@@ -233,6 +233,10 @@ def _child(target: str, data_fd: int, res_fd: int, whiteouts: str) -> None:  # p
 
 def _clean_name(raw: str) -> str:
     """The entry name as a relative path without ``.`` parts; refuse what could escape."""
+    name = raw[2:] if raw.startswith("./") else raw
+    name = name.rstrip("/")
+    if name and name[0] not in "./" and "/." not in name and "//" not in name:
+        return name  # the common case: nothing to clean, nothing that can climb
     if raw.startswith("/"):
         raise UnsafeArchive(f"tar entry {raw!r} has an absolute name")
     parts = []
@@ -266,6 +270,8 @@ class _Extractor:
 
     def parent_dir(self, name: str, raw: str) -> None:
         """Make sure every directory above *name* exists and is a real directory."""
+        if name.rpartition("/")[0] in self.safe_dirs:
+            return
         parts = name.split("/")[:-1]
         path = ""
         for part in parts:
