@@ -111,3 +111,40 @@ def test_default_driver_is_the_one_with_state(gd: GD) -> None:
     argv = [a for a in gd.argv("ls") if a not in ("--driver", "vfs")]
     out = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ})
     assert out.stdout.split() == ["x"]
+
+
+def test_progress_bar_on_a_terminal_only(gd: GD, tmp_path: Path) -> None:
+    import pty
+    import select
+
+    src = tmp_path / "big"
+    src.mkdir()
+    (src / "blob").write_bytes(os.urandom(8 << 20))
+    layer = tmp_path / "big.tar"
+    with tarfile.open(layer, "w") as tf:
+        tf.add(src / "blob", arcname="blob")
+    gd("create", "quiet")
+    assert gd("apply-diff", "quiet", str(layer)).err == ""  # stderr is a pipe: no bar
+    gd("create", "loud")
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "GRAPHDRIVER_PROGRESS_DELAY": "0"}
+    proc = subprocess.Popen(
+        gd.argv("apply-diff", "loud", str(layer)), stderr=secondary, stdout=subprocess.PIPE, env=env
+    )
+    os.close(secondary)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([primary], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=60)
+    os.close(primary)
+    assert proc.returncode == 0
+    assert b"apply loud:" in seen and b"8.01M" in seen and b"B/s" in seen, seen

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -274,19 +275,22 @@ def diff(
 ) -> None:
     """Write the layer's changes as an OCI layer tar."""
     store = ctx.store()
-    if output is None:
-        if sys.stdout.isatty():
-            raise click.UsageError("refusing to write a tar to a terminal; use -o FILE or a pipe")
-        sys.stdout.flush()
-        store.write_diff(layer_id, sys.stdout.fileno(), parent, compress)
-        return
-    tmp = Path(output + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            store.write_diff(layer_id, f, parent, compress)
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _progress(None, f"diff {layer_id}") as update:
+        if output is None:
+            if sys.stdout.isatty():
+                raise click.UsageError(
+                    "refusing to write a tar to a terminal; use -o FILE or a pipe"
+                )
+            sys.stdout.flush()
+            store.write_diff(layer_id, sys.stdout.fileno(), parent, compress, update)
+            return
+        tmp = Path(output + ".partial")
+        try:
+            with open(tmp, "wb") as f:
+                store.write_diff(layer_id, f, parent, compress, update)
+            tmp.replace(output)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @cli.command()
@@ -317,11 +321,14 @@ def diff_size(ctx: Context, layer_id: str, parent: str | None) -> None:
 
 @contextlib.contextmanager
 def _progress(total: int | None, label: str) -> Iterator[Any]:
+    """A tqdm byte counter on stderr when it is a terminal and the stream is large; it shows
+    up only after a second, so quick operations print nothing."""
     if not sys.stderr.isatty() or (total is not None and total < PROGRESS_MIN):
         yield None
         return
     from tqdm import tqdm
 
+    size = shutil.get_terminal_size((80, 24))
     with tqdm(
         total=total,
         unit="B",
@@ -330,6 +337,11 @@ def _progress(total: int | None, label: str) -> Iterator[Any]:
         desc=label,
         file=sys.stderr,
         leave=False,
+        # a terminal that reports 0x0 (a fresh pty) still gets a bar; tqdm would hide it
+        ncols=size.columns,
+        nrows=size.lines,
+        ascii=True,
+        delay=float(os.environ.get("GRAPHDRIVER_PROGRESS_DELAY", "1")),
     ) as bar:
         yield bar.update
 

@@ -436,6 +436,7 @@ class LayerStore:
         out: IO[bytes] | int,
         parent: str | None = None,
         compress: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> int:
         """Write the OCI layer tar of *layer_id*'s changes to *out* (fd or binary file).
 
@@ -445,6 +446,7 @@ class LayerStore:
             raise InvalidOption(f"unknown compression {compress!r}: use gzip, zstd or none")
         with self._change_source(layer_id, parent) as (changes, root, kind):
             writer, finish = _tar_writer(out, compress)
+            writer.progress = progress
             try:
                 write_changes_tar(writer, root, changes, source=kind)
             except OSError as exc:

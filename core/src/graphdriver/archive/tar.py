@@ -207,6 +207,8 @@ class TarWriter:
         self._buf = bytearray()
         self._links: dict[tuple[int, int], str] = {}
         self.bytes_written = 0
+        #: called with the number of bytes each time some are written
+        self.progress: Callable[[int], object] | None = None
 
     def _emit(self, data: bytes) -> None:
         self._buf += data
@@ -217,6 +219,8 @@ class TarWriter:
         if not self._buf:
             return
         self.bytes_written += len(self._buf)
+        if self.progress is not None:
+            self.progress(len(self._buf))
         if self._fd is not None:
             with memoryview(self._buf) as view:
                 done = 0
@@ -286,6 +290,8 @@ class TarWriter:
                     offset += n
                     left -= n
                 self.bytes_written += size - left
+                if self.progress is not None:
+                    self.progress(size - left)
             else:
                 while left:
                     data = os.read(fd, min(left, CHUNK))
