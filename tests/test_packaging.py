@@ -1,0 +1,86 @@
+"""Each distribution builds its own wheel, and the wheels work installed (not editable)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SUITE = """
+from graphdriver.testing import DriverConformance
+
+
+class TestVfsFromWheel(DriverConformance):
+    driver = "vfs"
+    backing = "tmpdir"
+"""
+
+
+@pytest.fixture(scope="module")
+def uv() -> str:
+    found = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    if found is None:
+        pytest.fail("uv is needed to build the wheels; run the README's set-up")
+    return found
+
+
+def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [uv, "build", "--all-packages", "--wheel", "-o", str(dist)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    wheels = sorted(p.name for p in dist.glob("*.whl"))
+    assert [w.split("-")[0] for w in wheels] == ["graphdriver", "graphdriver_vfs"]
+    venv = tmp_path / "venv"
+    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    subprocess.run(
+        [
+            uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            py,
+            *(str(p) for p in dist.glob("*.whl")),
+            "pytest",
+        ],
+        check=True,
+        timeout=600,
+    )
+    out = subprocess.run(
+        [str(venv / "bin" / "graphdriver"), "--root", str(tmp_path / "root"), "drivers"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.split()[:2] == ["vfs", "ok"]
+    (tmp_path / "test_from_wheel.py").write_text(SUITE)
+    proc = subprocess.run(
+        [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_from_wheel.py"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "passed" in proc.stdout.strip().splitlines()[-1]
