@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from graphdriver.testing import Backing, BackingUnavailable, make_backing
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import GD
+
 from graphdriver.testing.suite import hostile_tars
 
 

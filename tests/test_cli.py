@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 from conftest import GD
+
 from graphdriver.testing.trees import make_rich, snapshot
 
 

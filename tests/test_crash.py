@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import GD
+
 from graphdriver.testing.trees import random_content
 
 

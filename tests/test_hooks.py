@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from graphdriver import Change, LayerStore, hookimpl, open_store
 from graphdriver.plugins import choose_driver, hooks
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from graphdriver.linux import loop
 from graphdriver.linux.fs import fs_name, supports_d_type
 from graphdriver.linux.mount import is_mountpoint, mount, mountinfo, unmount, unmount_all_under

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from graphdriver.archive import ChangeKind, apply_layer, overlay_changes
 from graphdriver.archive.tar import TarWriter, write_changes_tar
 from graphdriver.linux.mount import mount, unmount_all_under

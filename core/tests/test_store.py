@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from graphdriver import InvalidOption, StoreError, open_store
 from graphdriver.cli import parse_size
 from graphdriver.metadata import LayerRecord, Metadata

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from graphdriver.archive.tar import TarReader, TarWriter, encode_header
 from graphdriver.errors import ArchiveError
 from graphdriver.testing.trees import make_rich

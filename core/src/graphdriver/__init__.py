@@ -7,7 +7,7 @@ to add a storage driver, catch :class:`GraphDriverError`.
 from __future__ import annotations
 
 from .archive import ApplyResult, Change, ChangeKind
-from .driver import Capabilities, CreateOpts, Driver, LayerInfo, NativeApply, NativeDiff, Quota
+from .driver import Capabilities, CreateOpts, Driver, LayerInfo, NativeApply, NativeDiff
 from .errors import (
     ArchiveError,
     DriverError,
@@ -54,7 +54,6 @@ __all__ = [
     "NativeApply",
     "NativeDiff",
     "NotMounted",
-    "Quota",
     "StoreError",
     "UnsafeArchive",
     "hookimpl",

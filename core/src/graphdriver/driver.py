@@ -3,14 +3,16 @@
 The core (:mod:`graphdriver.store`) owns ids, parents, states, reference counts, locking and hooks;
 a driver only moves bytes. A driver is a subclass of :class:`Driver` registered under the entry
 point group ``graphdriver.drivers``. Optional abilities are runtime-checkable Protocols
-(:class:`NativeDiff`, :class:`NativeApply`, :class:`Quota`) that the core finds with isinstance().
+(:class:`NativeDiff`, :class:`NativeApply`) that the core finds with isinstance(). A size limit
+is given at creation (``CreateOpts.size``, like moby's CreateOpts), so quota needs no protocol:
+a driver that honours it declares ``Capabilities.quota``.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -39,8 +41,6 @@ class CreateOpts:
     size: int | None = None
     #: SELinux context passed to mounts where the driver supports it.
     mount_label: str | None = None
-    #: free-form driver-specific options for this layer.
-    storage_opt: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,11 +133,3 @@ class NativeApply(Protocol):
         The whiteout format is ``"delete"`` (remove the named file) or ``"overlay"`` (write a
         0/0 character device and ``trusted.overlay.opaque``).
         """
-
-
-@runtime_checkable
-class Quota(Protocol):
-    """A driver that can change a read-write layer's size limit after creation."""
-
-    def set_quota(self, layer: LayerInfo, size: int) -> None:
-        """Limit *layer* to *size* bytes."""
