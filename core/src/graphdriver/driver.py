@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -31,6 +31,8 @@ class Capabilities:
     max_depth: int = 1 << 20
     #: the driver needs root (mounts, ioctls, device-mapper).
     needs_root: bool = False
+    #: why a capability the driver has is off on this host ({"quota": "XFS without prjquota"})
+    why_not: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,12 @@ class Driver(abc.ABC):
     def unmount(self, layer: LayerInfo) -> None:
         """Undo ``mount``; unmounting a layer that is not mounted is not an error."""
 
-    def is_mounted(self, layer: LayerInfo) -> bool:
-        """Whether a kernel mount of *layer* exists now (used to recover after a crash)."""
-        return False
+    def is_mounted(self, layer: LayerInfo) -> bool | None:
+        """Whether a kernel mount of *layer* exists now (used to recover after a crash).
+
+        None: this layer needs no kernel mount, so there is nothing to check.
+        """
+        return None
 
     def status(self) -> list[tuple[str, str]]:
         """Key/value lines like the storage section of ``docker info``."""

@@ -123,6 +123,8 @@ class LayerStore:
             if not real:
                 continue
             mounted = self.driver.is_mounted(info)
+            if mounted is None:
+                continue
             if rec.mount_count and not mounted:
                 log.warning(
                     "layer %s was counted as mounted %d times but is not mounted",
@@ -225,10 +227,12 @@ class LayerStore:
         if parent is not None:
             validate_id(parent, "parent id")
         if opts.size is not None:
-            if not self.driver.capabilities.quota:
+            caps = self.driver.capabilities
+            if not caps.quota:
+                why = caps.why_not.get("quota", "the driver has no quota support")
                 raise InvalidOption(
-                    f"driver {self.name!r} cannot limit a layer's size "
-                    f"(no quota support); drop --size or use another driver"
+                    f"driver {self.name!r} cannot limit a layer's size here ({why}); "
+                    f"drop --size or use another driver"
                 )
             if opts.size <= 0:
                 raise InvalidOption(f"size must be positive, not {opts.size}")
@@ -331,7 +335,7 @@ class LayerStore:
             rec = self._ready(layer_id)
             path: Path | None = Path(rec.mount_path) if rec.mount_path else None
             if path is None or (
-                self.driver.capabilities.real_mounts and not self.driver.is_mounted(_info(rec))
+                self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec)) is False
             ):
                 path = self.hooks.mount(self, rec, self.meta.chain(layer_id))
             with self.meta.transaction():
@@ -373,7 +377,8 @@ class LayerStore:
         with self._locked():
             for rec in self.meta.all():
                 if rec.mount_count or (
-                    self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec))
+                    self.driver.capabilities.real_mounts
+                    and self.driver.is_mounted(_info(rec)) is True
                 ):
                     self._call(self.driver.unmount, _info(rec), doing=f"unmount {rec.id}")
                     with self.meta.transaction():
@@ -558,8 +563,12 @@ def _tar_writer(out: IO[bytes] | int, compress: str | None) -> tuple[TarWriter, 
     if compress in (None, "none"):
         if isinstance(out, int):
             return TarWriter(fd=out), lambda: None
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):  # BytesIO and other in-memory files
+            return TarWriter(write=out.write), lambda: None
         out.flush()
-        return TarWriter(fd=out.fileno()), lambda: None
+        return TarWriter(fd=fd), lambda: None
     write: Callable[[bytes], object]
     if isinstance(out, int):
         fd = out

@@ -98,13 +98,44 @@ def _scan(path: str) -> dict[str, os.stat_result]:
     return out
 
 
-def _add_all(path: str, rel: str, out: list[Change]) -> None:
+_Links = dict[tuple[int, int], list[str]]
+
+
+def _note_link(links: _Links, st: os.stat_result, path: str) -> None:
+    if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+        links.setdefault((st.st_dev, st.st_ino), []).append(path)
+
+
+def _add_all(path: str, rel: str, out: list[Change], links: _Links) -> None:
     with os.scandir(path) as it:
         for entry in it:
             child = rel + "/" + entry.name
             out.append(Change(child, ChangeKind.ADD))
             if entry.is_dir(follow_symlinks=False):
-                _add_all(entry.path, child, out)
+                _add_all(entry.path, child, out, links)
+            elif entry.is_file(follow_symlinks=False):
+                _note_link(links, entry.stat(follow_symlinks=False), child)
+
+
+def _complete_links(out: list[Change], links: _Links) -> None:
+    """A changed file's other names go into the diff too, so that applying it links them.
+
+    Without this, ``ln old new`` in a layer would unpack as two separate files, since the
+    unchanged ``old`` is not in the tar for ``new`` to be linked to.
+    """
+    changed = {c.path for c in out if c.kind != ChangeKind.DELETE}
+    listed = {c.path for c in out}
+    for names in links.values():
+        if len(names) < 2 or not any(n in changed for n in names):
+            continue
+        for name in names:
+            parent = name
+            while parent not in listed:
+                listed.add(parent)
+                out.append(Change(parent, ChangeKind.MODIFY))
+                parent = parent.rpartition("/")[0]
+                if not parent:
+                    break
 
 
 def tree_changes(
@@ -116,16 +147,23 @@ def tree_changes(
     :meth:`LayerStore.create`); None when the two trees are not parent and child.
     """
     out: list[Change] = []
+    links: _Links = {}
     if old_root is None:
-        _add_all(new_root, "", out)
+        _add_all(new_root, "", out, links)
     else:
-        _compare(new_root, old_root, "", boundary_ns, out)
+        _compare(new_root, old_root, "", boundary_ns, out, links)
+    _complete_links(out, links)
     out.sort()
     return out
 
 
 def _compare(
-    new_dir: str, old_dir: str, rel: str, boundary_ns: int | None, out: list[Change]
+    new_dir: str,
+    old_dir: str,
+    rel: str,
+    boundary_ns: int | None,
+    out: list[Change],
+    links: _Links,
 ) -> bool:
     """Append the changes below *rel*; return whether there were any."""
     new = _scan(new_dir)
@@ -134,16 +172,17 @@ def _compare(
     for name, nst in new.items():
         child = rel + "/" + name
         npath = new_dir + "/" + name
+        _note_link(links, nst, child)
         ost = old.get(name)
         if ost is None:
             out.append(Change(child, ChangeKind.ADD))
             if stat.S_ISDIR(nst.st_mode):
-                _add_all(npath, child, out)
+                _add_all(npath, child, out, links)
             changed = True
             continue
         opath = old_dir + "/" + name
         if stat.S_ISDIR(nst.st_mode) and stat.S_ISDIR(ost.st_mode):
-            inner = _compare(npath, opath, child, boundary_ns, out)
+            inner = _compare(npath, opath, child, boundary_ns, out, links)
             if inner or not _unchanged(nst, ost, npath, opath, boundary_ns):
                 out.append(Change(child, ChangeKind.MODIFY))
                 changed = True
@@ -152,7 +191,7 @@ def _compare(
             # a directory replaced by a file or the reverse: the tar must drop the old one
             out.append(Change(child, ChangeKind.MODIFY))
             if stat.S_ISDIR(nst.st_mode):
-                _add_all(npath, child, out)
+                _add_all(npath, child, out, links)
             changed = True
             continue
         if not _unchanged(nst, ost, npath, opath, boundary_ns):

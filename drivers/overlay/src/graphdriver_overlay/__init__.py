@@ -1,0 +1,422 @@
+"""overlay: each layer an overlayfs upper directory over its ancestors' directories.
+
+On-disk layout, as Docker's overlay2 (so that people who know it feel at home)::
+
+    <home>/<id>/diff      the layer's own files (the overlay upper dir)
+    <home>/<id>/work      overlayfs's work dir
+    <home>/<id>/merged    where the layer is mounted
+    <home>/<id>/link      the layer's short id, 26 characters
+    <home>/<id>/lower     its ancestors as l/<short>:l/<short>... nearest first
+    <home>/l/<short>      -> ../<id>/diff, short paths for the classic mount option string
+
+A layer without a parent needs no mount: its diff directory is its root. Every other layer is
+mounted with its diff as upper and its ancestors' diffs as lower directories, through the new
+mount API (one ``lowerdir+`` per layer, up to overlayfs's 500) or, on kernels before 6.8, the
+classic mount(2) option string with relative ``l/`` paths (128 layers, Docker's limit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from graphdriver import Capabilities, CreateOpts, Driver, DriverUnavailable, InvalidOption
+from graphdriver.archive import overlay_changes
+from graphdriver.driver import LayerInfo
+from graphdriver.linux import quota
+from graphdriver.linux.fs import fs_name, supports_d_type
+from graphdriver.linux.mount import (
+    MNT_DETACH,
+    fsconfig_accepts,
+    fsmount,
+    is_mountpoint,
+    mount,
+    unmount,
+)
+
+log = logging.getLogger(__name__)
+
+#: overlayfs's own limit on lower layers (OVL_MAX_STACK)
+NEW_API_MAX_DEPTH = 500
+#: Docker's limit for the one-page option string: (26 + 3) * 128 bytes of lowerdir plus room
+CLASSIC_MAX_DEPTH = 128
+PAGE = 4096
+_LINK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_UNSUPPORTED_UPPER = {
+    "overlayfs",
+    "aufs",
+    "ecryptfs",
+    "nfs",
+    "zfs",
+    "fuse",
+    "v9fs",
+    "squashfs",
+    "erofs",
+}
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _short_id() -> str:
+    return "".join(secrets.choice(_LINK_ALPHABET) for _ in range(26))
+
+
+class OverlayDriver(Driver):
+    """Layers as overlayfs upper directories stacked on their ancestors."""
+
+    name = "overlay"
+    options = {
+        "overlay.mount_api": "new (fsconfig lowerdir+, 500 layers), classic (mount(2), "
+        "128 layers) or auto (new where the kernel has it)",
+        "overlay.mountopt": "extra overlay mount options, comma-separated (e.g. nodev)",
+        "overlay.native_diff": "auto (read the upper dir) or off (compare trees, slower)",
+    }
+
+    @classmethod
+    def probe(cls, home: Path, options: Mapping[str, str]) -> None:
+        if os.geteuid() != 0:
+            raise DriverUnavailable("overlay needs root to mount")
+        with open("/proc/filesystems") as f:
+            if not any(line.split()[-1:] == ["overlay"] for line in f):
+                raise DriverUnavailable("the kernel has no overlay filesystem (modprobe overlay)")
+        where = _existing(home)
+        backing = fs_name(where)
+        if backing in _UNSUPPORTED_UPPER:
+            raise DriverUnavailable(
+                f"overlay cannot use {backing} under {where} as its upper "
+                f"filesystem; put --root on xfs or ext4"
+            )
+        if not supports_d_type(where):
+            raise DriverUnavailable(
+                f"the {backing} filesystem under {where} does not return d_type (xfs made with "
+                f"ftype=0?); overlay would lose files: reformat with mkfs.xfs -n ftype=1"
+            )
+        api = options.get("overlay.mount_api", "auto")
+        if api not in ("auto", "new", "classic"):
+            raise InvalidOption(f"overlay.mount_api must be new, classic or auto, not {api!r}")
+        _test_mount(where)
+
+    def __init__(self, home: Path, options: Mapping[str, str]) -> None:
+        super().__init__(home, options)
+        self.probe(home, options)
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "l").mkdir(exist_ok=True)
+        self.backing = fs_name(home)
+        self.new_api = self._choose_api(options.get("overlay.mount_api", "auto"))
+        # Mounting with redirect_dir and metacopy off keeps the upper dir a complete record
+        # of the layer (a renamed directory is copied up, not redirected), so the native diff
+        # is always right. Kernels that do not know the options do not have the features.
+        self.fixed_opts = [
+            (k, "off")
+            for k in ("redirect_dir", "metacopy")
+            if fsconfig_accepts("overlay", k, "off")
+        ]
+        why_not: dict[str, str] = {}
+        native = options.get("overlay.native_diff", "auto")
+        if native not in ("auto", "off"):
+            raise InvalidOption(f"overlay.native_diff must be auto or off, not {native!r}")
+        self.native_diff = native == "auto" and not _in_user_namespace()
+        if not self.native_diff:
+            why_not["native_diff"] = (
+                "turned off by overlay.native_diff=off"
+                if native == "off"
+                else "inside a user namespace the trusted.overlay xattrs cannot be read"
+            )
+        self.quota = self.backing == "xfs" and quota.project_quota_enforced(home)
+        if not self.quota:
+            why_not["quota"] = (
+                f"the root is on {self.backing}; --size needs XFS mounted with prjquota"
+                if self.backing != "xfs"
+                else "XFS here does not enforce project quota (mounted without prjquota, "
+                "or a kernel built without XFS quota)"
+            )
+        self.capabilities = Capabilities(
+            quota=self.quota,
+            native_diff=self.native_diff,
+            real_mounts=True,
+            max_depth=NEW_API_MAX_DEPTH if self.new_api else CLASSIC_MAX_DEPTH,
+            needs_root=True,
+            why_not=why_not,
+        )
+        self.extra = [o for o in options.get("overlay.mountopt", "").split(",") if o]
+        self._repair_links()
+
+    def _choose_api(self, wanted: str) -> bool:
+        have = fsconfig_accepts("overlay", "lowerdir+", str(self.home / "l"))
+        if wanted == "new" and not have:
+            raise DriverUnavailable(
+                "overlay.mount_api=new needs Linux 6.8 or later (fsconfig lowerdir+)"
+            )
+        return have and wanted != "classic"
+
+    def _repair_links(self) -> None:
+        """Recreate ``l/`` links that went missing (containers/storage #326)."""
+        for link_file in self.home.glob("*/link"):
+            short = link_file.read_text().strip()
+            target = self.home / "l" / short
+            if not target.is_symlink():
+                log.warning(
+                    "recreating missing link l/%s for layer %s", short, link_file.parent.name
+                )
+                target.symlink_to(Path("..") / link_file.parent.name / "diff")
+
+    # ---------------------------------------------------------------------------- paths
+
+    def _dir(self, layer: LayerInfo | str) -> Path:
+        return self.home / (layer if isinstance(layer, str) else layer.id)
+
+    def _diff(self, layer: LayerInfo | str) -> Path:
+        return self._dir(layer) / "diff"
+
+    def _short(self, layer: LayerInfo | str) -> str:
+        return (self._dir(layer) / "link").read_text().strip()
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
+        d = self._dir(layer)
+        d.mkdir(0o700)
+        diff = d / "diff"
+        diff.mkdir(0o755)
+        (d / "work").mkdir(0o700)
+        if parent is not None:
+            # the merged root takes the upper dir's owner and mode: inherit the parent's
+            pst = os.stat(self._diff(parent))
+            os.chown(diff, pst.st_uid, pst.st_gid)
+            os.chmod(diff, stat.S_IMODE(pst.st_mode))
+            lower = f"l/{self._short(parent)}"
+            parent_lower = self._dir(parent) / "lower"
+            if parent_lower.exists():
+                lower += ":" + parent_lower.read_text().strip()
+            (d / "lower").write_text(lower)
+        else:
+            os.chmod(diff, 0o755)
+            os.chown(diff, 0, 0)
+        short = _short_id()
+        (self.home / "l" / short).symlink_to(Path("..") / layer.id / "diff")
+        (d / "link").write_text(short)
+        if opts.size is not None:
+            self._set_quota(layer, diff, opts.size)
+
+    def _set_quota(self, layer: LayerInfo, diff: Path, size: int) -> None:
+        if not self.quota:
+            raise InvalidOption(
+                f"overlay cannot limit a layer's size: {self.capabilities.why_not['quota']}"
+            )
+        base = quota.get_project(self.home)
+        used = [int(p.read_text()) for p in self.home.glob("*/projid")]
+        project = max([base, *used]) + 1
+        quota.set_project(diff, project)
+        quota.set_limit(self.home, project, size)
+        (self._dir(layer) / "projid").write_text(str(project))
+
+    def remove(self, layer: LayerInfo) -> None:
+        d = self._dir(layer)
+        merged = d / "merged"
+        if merged.exists() and is_mountpoint(merged):
+            self.unmount(layer)
+        link = d / "link"
+        if link.exists():
+            (self.home / "l" / link.read_text().strip()).unlink(missing_ok=True)
+        projid = d / "projid"
+        if projid.exists() and self.quota:
+            with contextlib.suppress(OSError):
+                quota.set_limit(self.home, int(projid.read_text()), 0)
+        if d.exists():
+            shutil.rmtree(d)
+
+    # ---------------------------------------------------------------------------- mounts
+
+    def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
+        if not chain:
+            return self._diff(layer)  # nothing below: the diff dir is the root
+        d = self._dir(layer)
+        merged = d / "merged"
+        merged.mkdir(exist_ok=True)
+        if is_mountpoint(merged):
+            return merged
+        opts: list[tuple[str, str | None]] = [("index", "off"), *self.fixed_opts]
+        if layer.mount_label:
+            opts.append(("context", layer.mount_label))
+        for extra in self.extra:
+            key, sep, value = extra.partition("=")
+            opts.append((key, value if sep else None))
+        if self.new_api:
+            config: list[tuple[str, str | None]] = [
+                ("lowerdir+", str(self._diff(p))) for p in chain
+            ]
+            config += [("upperdir", str(d / "diff")), ("workdir", str(d / "work")), *opts]
+            fsmount("overlay", merged, config)
+        else:
+            self._classic_mount(layer, merged, opts)
+        return merged
+
+    def _classic_mount(
+        self, layer: LayerInfo, merged: Path, opts: list[tuple[str, str | None]]
+    ) -> None:
+        """mount(2) with relative l/ paths, from a child that chdirs into home."""
+        lower = (self._dir(layer) / "lower").read_text().strip()
+        data = ",".join(
+            [
+                f"lowerdir={lower}",
+                f"upperdir={layer.id}/diff",
+                f"workdir={layer.id}/work",
+                *(k if v is None else f"{k}={v}" for k, v in opts),
+            ]
+        )
+        if len(data) >= PAGE:
+            raise OSError(
+                errno.E2BIG,
+                f"overlay mount options of {len(data)} bytes do not fit "
+                f"one page; use overlay.mount_api=new (Linux 6.8+)",
+                str(merged),
+            )
+        _mount_from(self.home, data, merged)
+
+    def unmount(self, layer: LayerInfo) -> None:
+        merged = self._dir(layer) / "merged"
+        if not merged.exists():
+            return
+        try:
+            unmount(merged, retries=20, delay=0.05)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            log.warning("layer %s still busy; detaching its mount lazily", layer.id)
+            unmount(merged, MNT_DETACH)
+        with contextlib.suppress(OSError):
+            merged.rmdir()
+
+    def is_mounted(self, layer: LayerInfo) -> bool | None:
+        if not (self._dir(layer) / "lower").exists():
+            return None  # no kernel mount for a layer without parent
+        merged = self._dir(layer) / "merged"
+        return merged.exists() and is_mountpoint(merged)
+
+    # ---------------------------------------------------------------------------- diffs
+
+    def changes(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> list[tuple[str, int]] | None:
+        if not self.native_diff or not chain:
+            return None
+        lowers = [str(self._diff(p)) for p in chain]
+        found = overlay_changes(str(self._diff(layer)), lambda p: _visible(lowers, p))
+        return [(c.path, int(c.kind)) for c in found]
+
+    def diff_source(self, layer: LayerInfo) -> Path | None:
+        if not self.native_diff or not (self._dir(layer) / "lower").exists():
+            return None
+        return self._diff(layer)
+
+    def apply_target(self, layer: LayerInfo) -> tuple[Path, str] | None:
+        has_parent = (self._dir(layer) / "lower").exists()
+        return self._diff(layer), "overlay" if has_parent else "delete"
+
+    def status(self) -> list[tuple[str, str]]:
+        return [
+            ("Backing Filesystem", self.backing),
+            ("Supports d_type", str(supports_d_type(self.home)).lower()),
+            ("Native Overlay Diff", str(self.native_diff).lower()),
+            ("Using metacopy", "false"),
+            ("Mount API", "new (fsconfig lowerdir+)" if self.new_api else "classic (mount(2))"),
+            ("Max Depth", str(self.capabilities.max_depth)),
+            ("Project Quota", str(self.quota).lower()),
+        ]
+
+
+def _visible(lowers: list[str], path: str) -> bool:
+    """Whether *path* exists in the stack of lower dirs (nearest first), as overlayfs sees it:
+    a whiteout hides it, an opaque directory hides what lies below it."""
+    parts = path.strip("/").split("/")
+    for lower in lowers:
+        cur = lower
+        for i, part in enumerate(parts):
+            cur = cur + "/" + part
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                break
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                return False  # whited out here
+            if i == len(parts) - 1:
+                return True
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+        else:
+            continue
+        # not found in this layer: an opaque directory on the way stops the search
+        probe = lower
+        for part in parts[:-1]:
+            probe = probe + "/" + part
+            if os.path.isdir(probe) and _opaque(probe):
+                return False
+    return False
+
+
+def _opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _in_user_namespace() -> bool:
+    try:
+        mapping = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return False
+    return mapping[:3] != ["0", "0", "4294967295"]
+
+
+def _mount_from(cwd: Path, data: str, target: Path) -> None:
+    """mount(2) an overlay whose option string uses paths relative to *cwd*.
+
+    A forked child changes directory and mounts, so this process's cwd never moves and no
+    path needs escaping (commas and colons in absolute paths would break the option string).
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only mounts
+        code = 0
+        try:
+            os.chdir(cwd)
+            mount("overlay", target, "overlay", 0, data)
+        except OSError as exc:
+            code = exc.errno or 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise OSError(code, os.strerror(code), str(target))
+
+
+def _test_mount(where: Path) -> None:
+    """Mount a tiny overlay under *where*: the only sure test that overlay works there."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".overlay-probe-", dir=where))
+    except OSError as exc:
+        raise DriverUnavailable(f"cannot write under {where}: {exc.strerror}") from exc
+    try:
+        for sub in ("lower1", "lower2", "upper", "work", "merged"):
+            (tmp / sub).mkdir()
+        data = "lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off"
+        try:
+            _mount_from(tmp, data, tmp / "merged")
+        except OSError as exc:
+            raise DriverUnavailable(
+                f"a test overlay mount under {where} failed: {exc.strerror}"
+            ) from exc
+        unmount(tmp / "merged")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,283 @@
+"""What the overlay driver promises beyond the conformance suite: layout, depth, native diff."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graphdriver import (
+    DriverUnavailable,
+    InvalidOption,
+    LayerStore,
+    MaxDepthExceeded,
+    open_store,
+)
+from graphdriver.linux.mount import is_mountpoint, mount, unmount_all_under
+from graphdriver.testing import Backing, BackingUnavailable, make_backing
+from graphdriver.testing.trees import make_rich, snapshot
+
+
+def _backing(kind: str) -> Iterator[Backing]:
+    try:
+        with make_backing(kind) as backing:
+            yield backing
+    except BackingUnavailable as exc:
+        pytest.skip(f"host lacks it: {exc}")
+
+
+@pytest.fixture(scope="module")
+def xfs() -> Iterator[Backing]:
+    yield from _backing("loop-xfs")
+
+
+@pytest.fixture(scope="module")
+def ext4() -> Iterator[Backing]:
+    yield from _backing("loop-ext4")
+
+
+@pytest.fixture
+def root(xfs: Backing, request: pytest.FixtureRequest) -> Iterator[Path]:
+    path = xfs.root / request.node.name.replace("[", "_").replace("]", "")
+    path.mkdir()
+    yield path
+    unmount_all_under(path)
+
+
+def _open(root: Path, **opts: str) -> LayerStore:
+    return open_store(root, "overlay", {f"overlay.{k}": v for k, v in opts.items()})
+
+
+def test_layout_like_overlay2(root: Path) -> None:
+    with _open(root) as s:
+        s.create("base")
+        s.create("child", "base")
+        s.create_rw("top", "child")
+        home = root / "overlay"
+        short = {i: (home / i / "link").read_text() for i in ("base", "child", "top")}
+        for layer, link in short.items():
+            assert len(link) == 26 and link.isupper()
+            assert os.readlink(home / "l" / link) == f"../{layer}/diff"
+            assert (home / layer / "diff").is_dir() and (home / layer / "work").is_dir()
+        assert not (home / "base" / "lower").exists()
+        assert (home / "child" / "lower").read_text() == f"l/{short['base']}"
+        assert (home / "top" / "lower").read_text() == f"l/{short['child']}:l/{short['base']}"
+        assert s.get("base") == home / "base" / "diff"  # nothing below: no mount
+        merged = s.get("top")
+        assert merged == home / "top" / "merged" and is_mountpoint(merged)
+        s.put("top")
+        s.put("base")
+        assert not merged.exists()  # unmounted and removed
+        for layer in ("top", "child", "base"):
+            s.remove(layer)
+        assert list((home / "l").iterdir()) == []
+
+
+def test_missing_links_are_recreated_at_open(root: Path) -> None:
+    with _open(root) as s:
+        s.create("base")
+        with s.mounted("base") as p:
+            (p / "f").write_text("from base")
+        s.create("child", "base")
+        link = (root / "overlay" / "base" / "link").read_text()
+        (root / "overlay" / "l" / link).unlink()
+    with _open(root) as s:
+        assert (root / "overlay" / "l" / link).is_symlink()
+        with s.mounted("child") as p:
+            assert (p / "f").read_text() == "from base"
+        s.cleanup()
+
+
+def _chain(s: LayerStore, depth: int) -> None:
+    s.create("l0")
+    with s.mounted("l0") as p:
+        (p / "bottom").write_text("at the bottom")
+    for i in range(1, depth):
+        s.create(f"l{i}", f"l{i - 1}")
+
+
+def test_500_deep_chain_mounts_and_501_is_refused_at_create(root: Path) -> None:
+    with _open(root, mount_api="new") as s:
+        assert dict(s.status())["Mount API"].startswith("new")
+        _chain(s, 500)
+        with s.mounted("l499") as p:
+            assert (p / "bottom").read_text() == "at the bottom"
+        with pytest.raises(MaxDepthExceeded, match="500"):
+            s.create("l500", "l499")
+        assert not s.exists("l500")
+        s.create_rw("sibling", "l498")  # 500 deep as a rw layer too
+        with s.mounted("sibling") as p:
+            (p / "new").write_text("upper")
+            assert (p / "bottom").read_text() == "at the bottom"
+
+
+def test_classic_mount_128_deep_and_129_refused(root: Path) -> None:
+    with _open(root, mount_api="classic") as s:
+        assert dict(s.status())["Mount API"].startswith("classic")
+        _chain(s, 128)
+        with s.mounted("l127") as p:
+            assert (p / "bottom").read_text() == "at the bottom"
+        with pytest.raises(MaxDepthExceeded, match="128"):
+            s.create("l128", "l127")
+
+
+def _entries(data: bytes) -> dict[str, tuple[Any, ...]]:
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        for m in tf:
+            body = tf.extractfile(m).read() if m.isfile() else b""  # type: ignore[union-attr]
+            out[m.name.rstrip("/")] = (
+                m.type,
+                m.mode,
+                m.uid,
+                m.gid,
+                m.size,
+                m.mtime,
+                m.linkname,
+                sorted(m.pax_headers.items()),
+                hashlib.sha256(body).hexdigest(),
+            )
+    return out
+
+
+def _tricky(r: Path) -> None:
+    (r / "etc" / "hostname").write_bytes(b"changed\n")
+    os.setxattr(r / "xattr-file", "user.comment", b"changed xattr")
+    os.chmod(r / "big.bin", 0o600)
+    os.link(r / "hard1", r / "hard3")  # a new name for a lower file
+    os.rename(r / "suid", r / "suid-renamed")  # a file moved out of the lower layer
+    shutil.move(r / "deep" / "a", r / "moved-dir")  # a directory renamed: EXDEV, copied
+    shutil.rmtree(r / "tmp")
+    (r / "tmp").mkdir()  # deleted and made again: opaque
+    (r / "tmp" / "fresh").write_text("fresh")
+    (r / "rel-link").unlink()
+    os.symlink("elsewhere", r / "rel-link")
+    (r / "new-dir" / "sub").mkdir(parents=True)
+    (r / "new-dir" / "sub" / "file").write_bytes(os.urandom(5000))
+    os.unlink(r / "fifo")
+
+
+def test_native_diff_equals_naive_diff(root: Path) -> None:
+    with _open(root) as s:
+        s.create("base")
+        with s.mounted("base") as p:
+            make_rich(p)
+            (p / "tmp" / "old1").write_text("1")
+            (p / "tmp" / "old2").write_text("2")
+        s.create_rw("child", "base")
+        with s.mounted("child") as p:
+            _tricky(p)
+        native_changes = s.changes("child")
+        native = io.BytesIO()
+        s.write_diff("child", native)
+        native_size = s.diff_size("child")
+    with _open(root, native_diff="off") as naive_store:
+        assert dict(naive_store.status())["Native Overlay Diff"] == "false"
+        naive_changes = naive_store.changes("child")
+        naive = io.BytesIO()
+        naive_store.write_diff("child", naive)
+        assert naive_store.diff_size("child") == native_size
+    # the one difference by design: overlay records a re-made directory as opaque, the tree
+    # walk as one whiteout per name that went away
+    opaque_children = {"/tmp/old1", "/tmp/old2"}
+    assert [c for c in naive_changes if c.path not in opaque_children] == native_changes
+    a, b = _entries(native.getvalue()), _entries(naive.getvalue())
+    assert a.pop("tmp/.wh..wh..opq")
+    assert b.pop("tmp/.wh.old1") and b.pop("tmp/.wh.old2")
+    assert a == b
+    # and both reproduce the layer
+    with _open(root) as s:
+        want = None
+        for name, data in (("from-native", native), ("from-naive", naive)):
+            s.create(name, "base")
+            s.apply(name, io.BytesIO(data.getvalue()))
+            with s.mounted(name) as p:
+                got = snapshot(p)
+            with s.mounted("child") as p:
+                want = snapshot(p)
+            assert got == want, name
+
+
+def test_status(root: Path) -> None:
+    with _open(root) as s:
+        status = dict(s.status())
+    assert status["Backing Filesystem"] == "xfs"
+    assert status["Supports d_type"] == "true"
+    assert status["Native Overlay Diff"] == "true"
+    assert status["Using metacopy"] == "false"
+    assert status["Max Depth"] == "500"
+    assert set(status) >= {"Mount API", "Project Quota"}
+
+
+def test_size_refused_without_project_quota(ext4: Backing) -> None:
+    from graphdriver import CreateOpts
+
+    with _open(ext4.root / "size") as s:
+        with pytest.raises(InvalidOption, match="XFS mounted with prjquota"):
+            s.create_rw("c", None, CreateOpts(size=50 << 20))
+        assert s.layers() == []
+
+
+def test_upper_on_overlayfs_is_refused(tmp_path: Path) -> None:
+    for d in ("lower", "upper", "work", "merged"):
+        (tmp_path / d).mkdir()
+    mount(
+        "overlay",
+        tmp_path / "merged",
+        "overlay",
+        0,
+        f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work",
+    )
+    try:
+        with pytest.raises(DriverUnavailable, match="overlayfs"):
+            open_store(tmp_path / "merged" / "root", "overlay")
+    finally:
+        unmount_all_under(tmp_path)
+
+
+def test_d_type_less_filesystem_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    with open(image, "wb") as f:
+        f.truncate(400 << 20)
+    mkfs = subprocess.run(
+        ["mkfs.xfs", "-q", "-f", "-m", "crc=0", "-n", "ftype=0", str(image)], capture_output=True
+    )
+    if mkfs.returncode != 0:
+        pytest.skip("host lacks it: mkfs.xfs cannot make ftype=0 (V4) filesystems")
+    target = tmp_path / "mnt"
+    target.mkdir()
+    if (
+        subprocess.run(
+            ["mount", "-o", "loop", str(image), str(target)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip(
+            "host lacks it: the kernel does not mount XFS V4, the only XFS without "
+            "d_type (CONFIG_XFS_SUPPORT_V4 is off)"
+        )
+    try:
+        with pytest.raises(DriverUnavailable, match="d_type"):
+            open_store(target, "overlay")
+    finally:
+        unmount_all_under(target)
+
+
+def test_mount_label_is_passed_as_selinux_context(root: Path) -> None:
+    if not Path("/sys/fs/selinux/enforce").exists():
+        pytest.skip("host lacks it: SELinux is not enabled, so no context= mount option")
+    from graphdriver import CreateOpts
+
+    with _open(root) as s:
+        s.create("base")
+        s.create_rw("c", "base", CreateOpts(mount_label="system_u:object_r:container_file_t:s0"))
+        with s.mounted("c") as p:
+            assert "container_file_t" in os.getxattr(p, "security.selinux").decode()
