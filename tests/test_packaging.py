@@ -18,6 +18,11 @@ from graphdriver.testing import DriverConformance
 class TestVfsFromWheel(DriverConformance):
     driver = "vfs"
     backing = "tmpdir"
+
+
+class TestOverlayFromWheel(DriverConformance):
+    driver = "overlay"
+    backing = "loop-ext4"
 """
 
 
@@ -39,7 +44,11 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
         timeout=600,
     )
     wheels = sorted(p.name for p in dist.glob("*.whl"))
-    assert [w.split("-")[0] for w in wheels] == ["graphdriver", "graphdriver_vfs"]
+    assert [w.split("-")[0] for w in wheels] == [
+        "graphdriver",
+        "graphdriver_overlay",
+        "graphdriver_vfs",
+    ]
     venv = tmp_path / "venv"
     subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
     py = str(venv / "bin" / "python")
@@ -63,7 +72,8 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
         text=True,
         check=True,
     ).stdout
-    assert out.split()[:2] == ["vfs", "ok"]
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()}
+    assert rows == {"overlay": "ok", "vfs": "ok"}, out
     (tmp_path / "test_from_wheel.py").write_text(SUITE)
     proc = subprocess.run(
         [
