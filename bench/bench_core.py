@@ -1,6 +1,6 @@
-"""apply-diff and diff of vfs against GNU tar, side by side on one loop-ext4 filesystem.
+"""apply-diff and diff of a driver against GNU tar, side by side on one loop-ext4 filesystem.
 
-    uv run --locked python bench/bench_core.py [--runs 5] [--out bench/results]
+    uv run --locked python bench/bench_core.py [--driver vfs] [--runs 5] [--out bench/results]
 
 Data: a Debian minimal root filesystem (debootstrap --variant=minbase, from the Debian archive)
 packed as a layer tar, cached under /var/tmp/graphdriver-bench; if debootstrap cannot run, a tar
@@ -122,7 +122,7 @@ def timed(cmd: list[str], **kw: object) -> tuple[float, int]:
 LIB_OP = """
 import sys, time
 from graphdriver import open_store
-store = open_store(sys.argv[1], "vfs")
+store = open_store(sys.argv[1], sys.argv[5])
 t = time.perf_counter()
 if sys.argv[2] == "apply":
     with open(sys.argv[4], "rb") as f:
@@ -134,10 +134,10 @@ print(time.perf_counter() - t)
 """
 
 
-def lib_op(store: Path, op: str, layer: str, path: Path) -> float:
+def lib_op(store: Path, op: str, layer: str, path: Path, driver: str) -> float:
     """Seconds of the library call alone, without the interpreter's start-up."""
     out = subprocess.run(
-        [sys.executable, "-c", LIB_OP, str(store), op, layer, str(path)],
+        [sys.executable, "-c", LIB_OP, str(store), op, layer, str(path), driver],
         capture_output=True,
         text=True,
         check=True,
@@ -152,6 +152,7 @@ def stats(xs: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--driver", default="vfs")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -169,7 +170,7 @@ def main() -> None:
     with loop_filesystem("ext4", size=16 << 30) as backing:
         fs = backing.root
         store = fs / "store"
-        gd = [*GD, "--root", str(store), "--driver", "vfs"]
+        gd = [*GD, "--root", str(store), "--driver", args.driver]
         for run in range(args.runs):
             # unpack: GNU tar into a plain directory vs apply-diff into a fresh layer
             target = fs / f"tar-x-{run}"
@@ -196,6 +197,7 @@ def main() -> None:
             rss["apply-diff"].append(m)
             # pack: GNU tar of the unpacked tree vs diff of the layer, both to a file on fs
             out = fs / "out.tar"
+            subprocess.run(["sync"], check=True)
             t, _ = timed(
                 [
                     "tar",
@@ -211,15 +213,17 @@ def main() -> None:
             )
             rows["tar -c"].append(t)
             out.unlink()
+            subprocess.run(["sync"], check=True)
             t, m = timed([*gd, "diff", layer, "-o", str(out)])
             rows["diff"].append(t)
             rss["diff"].append(m)
             out.unlink()
-            rows["diff lib"].append(lib_op(store, "diff", layer, out))
+            subprocess.run(["sync"], check=True)
+            rows["diff lib"].append(lib_op(store, "diff", layer, out, args.driver))
             out.unlink()
             subprocess.run([*gd, "create", layer + "-lib"], check=True, capture_output=True)
             subprocess.run(["sync"], check=True)
-            rows["apply lib"].append(lib_op(store, "apply", layer + "-lib", tar))
+            rows["apply lib"].append(lib_op(store, "apply", layer + "-lib", tar, args.driver))
             shutil.rmtree(target)
             subprocess.run([*gd, "rm", layer, layer + "-lib"], check=True)
         for run in range(2):
@@ -244,7 +248,7 @@ def main() -> None:
         ["tar", "--version"], capture_output=True, text=True
     ).stdout.splitlines()[0]
     lines = [
-        f"# vfs apply-diff and diff against GNU tar, {today}",
+        f"# {args.driver} apply-diff and diff against GNU tar, {today}",
         "",
         f"- machine: {platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, "
         f"Python {platform.python_version()}",
@@ -253,9 +257,10 @@ def main() -> None:
         "- backing: ext4 on a sparse file on a loop device; both sides write to it",
         f"- runs: {args.runs}, interleaved; seconds as median (min..max); graphdriver timed as "
         "the whole CLI process (Python start-up included)",
-        f"- command: `uv run --locked python bench/bench_core.py --runs {args.runs}`",
+        "- command: `uv run --locked python bench/bench_core.py "
+        f"--driver {args.driver} --runs {args.runs}`",
         "",
-        "| operation | GNU tar (s) | graphdriver vfs (s) | ratio | target |",
+        f"| operation | GNU tar (s) | graphdriver {args.driver} (s) | ratio | target |",
         "|---|---|---|---|---|",
         f"| unpack (tar -x / apply-diff) | {stats(rows['tar -x'])} | "
         f"{stats(rows['apply-diff'])} | {ratio_x:.2f}x | <= 1.5x |",
@@ -277,7 +282,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{today}-core-vfs-vs-gnu-tar.md").write_text(report)
+    (args.out / f"{today}-{args.driver}-vs-gnu-tar.md").write_text(report)
 
 
 if __name__ == "__main__":

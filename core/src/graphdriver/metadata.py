@@ -95,7 +95,7 @@ def _record(row: sqlite3.Row) -> LayerRecord:
         dirty=bool(row["dirty"]),
         diff_id=row["diff_id"],
         unpacked_size=row["unpacked_size"],
-        labels=json.loads(row["labels"]),
+        labels=json.loads(row["labels"]) if row["labels"] != "{}" else {},
     )
 
 
@@ -197,12 +197,17 @@ class Metadata:
         self.db.execute("DELETE FROM layers WHERE id=?", (layer_id,))
 
     def chain(self, layer_id: str) -> list[LayerRecord]:
-        """The layer's ancestors, nearest parent first."""
-        out: list[LayerRecord] = []
-        rec = self.get(layer_id)
-        while rec is not None and rec.parent is not None:
-            rec = self.get(rec.parent)
-            if rec is None:
-                break
-            out.append(rec)
-        return out
+        """The layer's ancestors, nearest parent first (one query, however deep)."""
+        rows = self.db.execute(
+            """
+            WITH RECURSIVE up(id, parent, n) AS (
+                SELECT id, parent, 0 FROM layers WHERE id = ?
+                UNION ALL
+                SELECT l.id, l.parent, up.n + 1 FROM layers l JOIN up ON l.id = up.parent
+            )
+            SELECT layers.* FROM up JOIN layers ON layers.id = up.id WHERE up.n > 0
+            ORDER BY up.n
+            """,
+            (layer_id,),
+        )
+        return [_record(r) for r in rows]

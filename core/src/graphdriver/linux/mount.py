@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import time
@@ -21,7 +20,7 @@ MS_PRIVATE = 1 << 18
 MNT_FORCE = 0x1
 MNT_DETACH = 0x2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would run ldconfig
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,

@@ -8,7 +8,6 @@ Needs an XFS filesystem mounted with ``prjquota`` (and a kernel built with XFS q
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -35,7 +34,7 @@ _DISK_QUOTA = struct.Struct("=bbHI QQQQQQ ii HH bbbb QQQ iHh 8s")
 # struct fs_quota_stat: the head is enough to read the flags
 _QUOTA_STAT = struct.Struct("bHb")  # native alignment, as the kernel lays it out
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would run ldconfig
 _libc.syscall.restype = ctypes.c_long
 
 

@@ -37,7 +37,6 @@ from graphdriver.linux.mount import (
     MNT_DETACH,
     fsconfig_accepts,
     fsmount,
-    is_mountpoint,
     mount,
     unmount,
 )
@@ -225,7 +224,7 @@ class OverlayDriver(Driver):
     def remove(self, layer: LayerInfo) -> None:
         d = self._dir(layer)
         merged = d / "merged"
-        if merged.exists() and is_mountpoint(merged):
+        if os.path.ismount(merged):
             self.unmount(layer)
         link = d / "link"
         if link.exists():
@@ -245,7 +244,7 @@ class OverlayDriver(Driver):
         d = self._dir(layer)
         merged = d / "merged"
         merged.mkdir(exist_ok=True)
-        if is_mountpoint(merged):
+        if os.path.ismount(merged):  # an overlay has its own st_dev: no mountinfo scan needed
             return merged
         opts: list[tuple[str, str | None]] = [("index", "off"), *self.fixed_opts]
         if layer.mount_label:
@@ -254,8 +253,9 @@ class OverlayDriver(Driver):
             key, sep, value = extra.partition("=")
             opts.append((key, value if sep else None))
         if self.new_api:
+            home = str(self.home)  # plain strings: Path joins cost more than the syscalls
             config: list[tuple[str, str | None]] = [
-                ("lowerdir+", str(self._diff(p))) for p in chain
+                ("lowerdir+", f"{home}/{p.id}/diff") for p in chain
             ]
             config += [("upperdir", str(d / "diff")), ("workdir", str(d / "work")), *opts]
             fsmount("overlay", merged, config)
@@ -302,8 +302,7 @@ class OverlayDriver(Driver):
     def is_mounted(self, layer: LayerInfo) -> bool | None:
         if not (self._dir(layer) / "lower").exists():
             return None  # no kernel mount for a layer without parent
-        merged = self._dir(layer) / "merged"
-        return merged.exists() and is_mountpoint(merged)
+        return os.path.ismount(self._dir(layer) / "merged")
 
     # ---------------------------------------------------------------------------- diffs
 
