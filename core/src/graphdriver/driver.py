@@ -31,6 +31,8 @@ class Capabilities:
     max_depth: int = 1 << 20
     #: the driver needs root (mounts, ioctls, device-mapper).
     needs_root: bool = False
+    #: a mounted image layer that has children is read-only (writes fail with EROFS).
+    readonly_images: bool = False
     #: why a capability the driver has is off on this host ({"quota": "XFS without prjquota"})
     why_not: Mapping[str, str] = field(default_factory=dict)
 
@@ -54,6 +56,8 @@ class LayerInfo:
     rw: bool
     size: int | None = None
     mount_label: str | None = None
+    #: an image layer that has children: it must never change, so mount it read-only
+    sealed: bool = False
 
 
 class Driver(abc.ABC):

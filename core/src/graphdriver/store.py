@@ -56,9 +56,14 @@ def validate_id(layer_id: str, what: str = "layer id") -> str:
     return layer_id
 
 
-def _info(rec: LayerRecord) -> LayerInfo:
+def _info(rec: LayerRecord, *, sealed: bool = False) -> LayerInfo:
     return LayerInfo(
-        id=rec.id, parent=rec.parent, rw=rec.rw, size=rec.size_limit, mount_label=rec.mount_label
+        id=rec.id,
+        parent=rec.parent,
+        rw=rec.rw,
+        size=rec.size_limit,
+        mount_label=rec.mount_label,
+        sealed=sealed,
     )
 
 
@@ -240,6 +245,11 @@ class LayerStore:
             if self.meta.get(layer_id) is not None:
                 raise LayerExists(f"layer {layer_id!r} already exists")
             parent_rec = self._ready(parent, "parent") if parent is not None else None
+            if parent_rec is not None and parent_rec.mount_count:
+                raise LayerInUse(
+                    f"parent {parent!r} is mounted, so its files can still change; unmount it "
+                    f"before creating a layer on top"
+                )
             depth = len(self.meta.chain(parent)) + 2 if parent is not None else 1
             if depth > self.driver.capabilities.max_depth:
                 raise MaxDepthExceeded(
@@ -323,8 +333,12 @@ class LayerStore:
     # ---------------------------------------------------------------------------- mounts
 
     def _driver_mount(self, rec: LayerRecord, chain: Sequence[LayerRecord]) -> Path:
+        sealed = not rec.rw and bool(self.meta.children(rec.id))
         result = self._call(
-            self.driver.mount, _info(rec), [_info(r) for r in chain], doing=f"mount layer {rec.id}"
+            self.driver.mount,
+            _info(rec, sealed=sealed),
+            [_info(r) for r in chain],
+            doing=f"mount layer {rec.id}",
         )
         assert isinstance(result, Path)
         return result

@@ -70,12 +70,17 @@ def test_layout_like_overlay2(root: Path) -> None:
         assert not (home / "base" / "lower").exists()
         assert (home / "child" / "lower").read_text() == f"l/{short['base']}"
         assert (home / "top" / "lower").read_text() == f"l/{short['child']}:l/{short['base']}"
-        assert s.get("base") == home / "base" / "diff"  # nothing below: no mount
+        s.create("solo")
+        assert s.get("solo") == home / "solo" / "diff"  # nothing below or above: no mount
+        s.put("solo")
+        sealed = s.get("base")  # has children: a read-only bind mount
+        assert sealed == home / "base" / "merged" and is_mountpoint(sealed)
         merged = s.get("top")
         assert merged == home / "top" / "merged" and is_mountpoint(merged)
         s.put("top")
         s.put("base")
-        assert not merged.exists()  # unmounted and removed
+        assert not merged.exists() and not sealed.exists()  # unmounted and removed
+        s.remove("solo")
         for layer in ("top", "child", "base"):
             s.remove(layer)
         assert list((home / "l").iterdir()) == []

@@ -594,6 +594,32 @@ class DriverConformance:
         assert self.snap(store, "base") == before
         assert self.snap(store, "c2") == before
 
+    def test_image_layer_with_children_is_read_only(self, store: LayerStore) -> None:
+        if not store.driver.capabilities.readonly_images:
+            pytest.skip(f"driver {self.driver} does not declare read-only image mounts")
+        self.base_with(store, make_base)
+        store.create("mid", "base")
+        self.fill(store, "mid", lambda r: (r / "mid-file").write_text("m"))
+        store.create("top", "mid")
+        for layer in ("base", "mid"):
+            with store.mounted(layer) as root:
+                with pytest.raises(OSError) as info:
+                    (root / "new").write_text("must not land")
+                assert info.value.errno == errno.EROFS
+                assert not (root / "new").exists()
+        with store.mounted("top") as root:  # the child sees them unchanged and can write
+            assert (root / "mid-file").read_text() == "m"
+            (root / "new").write_text("fine here")
+
+    def test_no_child_of_a_mounted_layer(self, store: LayerStore) -> None:
+        self.base_with(store, make_base)
+        store.get("base")
+        with pytest.raises(LayerInUse):
+            store.create("child", "base")
+        assert not store.exists("child")
+        store.put("base")
+        store.create("child", "base")
+
     def test_second_store_sees_same_layers_and_mounts(
         self,
         store: LayerStore,

@@ -35,6 +35,9 @@ from graphdriver.linux import quota
 from graphdriver.linux.fs import fs_name, supports_d_type
 from graphdriver.linux.mount import (
     MNT_DETACH,
+    MS_BIND,
+    MS_RDONLY,
+    MS_REMOUNT,
     fsconfig_accepts,
     fsmount,
     mount,
@@ -146,6 +149,7 @@ class OverlayDriver(Driver):
             native_diff=self.native_diff,
             real_mounts=True,
             max_depth=NEW_API_MAX_DEPTH if self.new_api else CLASSIC_MAX_DEPTH,
+            readonly_images=True,
             needs_root=True,
             why_not=why_not,
         )
@@ -239,12 +243,16 @@ class OverlayDriver(Driver):
     # ---------------------------------------------------------------------------- mounts
 
     def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
-        if not chain:
-            return self._diff(layer)  # nothing below: the diff dir is the root
         d = self._dir(layer)
+        if not chain and not layer.sealed:
+            return d / "diff"  # nothing below and nothing above: the diff dir is the root
         merged = d / "merged"
         merged.mkdir(exist_ok=True)
         if os.path.ismount(merged):  # an overlay has its own st_dev: no mountinfo scan needed
+            return merged
+        if not chain:  # a sealed bottom layer: a read-only bind mount of its diff
+            mount(str(d / "diff"), merged, None, MS_BIND)
+            mount("none", merged, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
             return merged
         opts: list[tuple[str, str | None]] = [("index", "off"), *self.fixed_opts]
         if layer.mount_label:
@@ -252,13 +260,18 @@ class OverlayDriver(Driver):
         for extra in self.extra:
             key, sep, value = extra.partition("=")
             opts.append((key, value if sep else None))
+        home = str(self.home)  # plain strings: Path joins cost more than the syscalls
+        lowers = [f"{home}/{p.id}/diff" for p in chain]
+        if layer.sealed:  # an image layer with children: its own diff becomes a lower too
+            lowers.insert(0, f"{home}/{layer.id}/diff")
         if self.new_api:
-            home = str(self.home)  # plain strings: Path joins cost more than the syscalls
-            config: list[tuple[str, str | None]] = [
-                ("lowerdir+", f"{home}/{p.id}/diff") for p in chain
-            ]
-            config += [("upperdir", str(d / "diff")), ("workdir", str(d / "work")), *opts]
-            fsmount("overlay", merged, config)
+            config: list[tuple[str, str | None]] = [("lowerdir+", low) for low in lowers]
+            if not layer.sealed:
+                config += [
+                    ("upperdir", f"{home}/{layer.id}/diff"),
+                    ("workdir", f"{home}/{layer.id}/work"),
+                ]
+            fsmount("overlay", merged, config + opts)
         else:
             self._classic_mount(layer, merged, opts)
         return merged
@@ -268,19 +281,16 @@ class OverlayDriver(Driver):
     ) -> None:
         """mount(2) with relative l/ paths, from a child that chdirs into home."""
         lower = (self._dir(layer) / "lower").read_text().strip()
-        data = ",".join(
-            [
-                f"lowerdir={lower}",
-                f"upperdir={layer.id}/diff",
-                f"workdir={layer.id}/work",
-                *(k if v is None else f"{k}={v}" for k, v in opts),
-            ]
-        )
+        if layer.sealed:
+            parts = [f"lowerdir=l/{self._short(layer)}:{lower}"]
+        else:
+            parts = [f"lowerdir={lower}", f"upperdir={layer.id}/diff", f"workdir={layer.id}/work"]
+        data = ",".join([*parts, *(k if v is None else f"{k}={v}" for k, v in opts)])
         if len(data) >= PAGE:
             raise OSError(
                 errno.E2BIG,
-                f"overlay mount options of {len(data)} bytes do not fit "
-                f"one page; use overlay.mount_api=new (Linux 6.8+)",
+                f"overlay mount options of {len(data)} bytes do not fit one page; "
+                f"use overlay.mount_api=new (Linux 6.8+)",
                 str(merged),
             )
         _mount_from(self.home, data, merged)
@@ -300,9 +310,10 @@ class OverlayDriver(Driver):
             merged.rmdir()
 
     def is_mounted(self, layer: LayerInfo) -> bool | None:
-        if not (self._dir(layer) / "lower").exists():
-            return None  # no kernel mount for a layer without parent
-        return os.path.ismount(self._dir(layer) / "merged")
+        mounted = os.path.ismount(self._dir(layer) / "merged")
+        if not mounted and not (self._dir(layer) / "lower").exists():
+            return None  # a bottom layer is usually its own diff dir: nothing to check
+        return mounted
 
     # ---------------------------------------------------------------------------- diffs
 
