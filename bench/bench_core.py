@@ -1,4 +1,4 @@
-"""apply-diff and diff of a driver against GNU tar, side by side on one loop-ext4 filesystem.
+"""apply-diff and diff of a driver against GNU tar, side by side on one loop filesystem.
 
     uv run --locked python bench/bench_core.py [--driver vfs] [--runs 5] [--out bench/results]
 
@@ -153,6 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--driver", default="vfs")
+    ap.add_argument("--fs", default=None, help="ext4 (default), xfs or btrfs (default for btrfs)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -167,7 +168,8 @@ def main() -> None:
         k: [] for k in ("tar -x", "apply-diff", "tar -c", "diff", "apply lib", "diff lib")
     }
     rss: dict[str, list[int]] = {k: [] for k in ("apply-diff", "diff", "apply-diff 1G", "diff 1G")}
-    with loop_filesystem("ext4", size=16 << 30) as backing:
+    fstype = args.fs or ("btrfs" if args.driver == "btrfs" else "ext4")
+    with loop_filesystem(fstype, size=16 << 30) as backing:
         fs = backing.root
         store = fs / "store"
         gd = [*GD, "--root", str(store), "--driver", args.driver]
@@ -254,11 +256,11 @@ def main() -> None:
         f"Python {platform.python_version()}",
         f"- {gdver}; {tarver}",
         f"- data: {what}: {size_mb:.0f} MB tar, {len(members)} entries, {files} files",
-        "- backing: ext4 on a sparse file on a loop device; both sides write to it",
+        f"- backing: {fstype} on a sparse file on a loop device; both sides write to it",
         f"- runs: {args.runs}, interleaved; seconds as median (min..max); graphdriver timed as "
         "the whole CLI process (Python start-up included)",
         "- command: `uv run --locked python bench/bench_core.py "
-        f"--driver {args.driver} --runs {args.runs}`",
+        f"--driver {args.driver} --fs {fstype} --runs {args.runs}`",
         "",
         f"| operation | GNU tar (s) | graphdriver {args.driver} (s) | ratio | target |",
         "|---|---|---|---|---|",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from graphdriver import InvalidOption, StoreError, open_store
-from graphdriver.cli import parse_size
+from graphdriver.driver import parse_size
 from graphdriver.metadata import LayerRecord, Metadata
 
 

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -20,8 +19,8 @@ from typing import IO, Any, BinaryIO
 
 import click
 
-from .driver import CreateOpts
-from .errors import GraphDriverError, InvalidOption, from_oserror
+from .driver import CreateOpts, parse_size
+from .errors import GraphDriverError, from_oserror
 from .plugins import hooks, installed_drivers, probe_drivers
 from .store import LayerStore, open_store
 
@@ -29,19 +28,6 @@ log = logging.getLogger("graphdriver")
 
 DEFAULT_ROOT = "/var/lib/graphdriver"
 PROGRESS_MIN = 4 << 20
-
-_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$")
-
-
-def parse_size(text: str) -> int:
-    """``50M``, ``1.5G``, ``4096``, ``10GiB`` -> bytes (binary multiples, like Docker)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise InvalidOption(
-            f"invalid size {text!r}: use a number with an optional K, M, G, T suffix, like 50M"
-        )
-    unit = "kmgtp".find(m.group(2).lower()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * (1024**unit))
 
 
 @dataclass

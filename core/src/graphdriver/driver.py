@@ -11,10 +11,13 @@ a driver that honours it declares ``Capabilities.quota``.
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
+
+from .errors import InvalidOption
 
 
 @dataclass(frozen=True)
@@ -142,3 +145,17 @@ class NativeApply(Protocol):
         The whiteout format is ``"delete"`` (remove the named file) or ``"overlay"`` (write a
         0/0 character device and ``trusted.overlay.opaque``).
         """
+
+
+_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``50M``, ``1.5G``, ``4096``, ``10GiB`` -> bytes (binary multiples, like Docker)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InvalidOption(
+            f"invalid size {text!r}: use a number with an optional K, M, G, T suffix, like 50M"
+        )
+    unit = "kmgtp".find(m.group(2).lower()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * (1024**unit))

@@ -1,0 +1,195 @@
+"""btrfs: every layer a subvolume, every child a snapshot of its parent.
+
+    <home>/subvolumes/<id>     the layer (its root is the layer's root; no mount)
+
+A child is a snapshot of its parent's subvolume, so making one takes the same time whatever
+the parent holds. An image layer that has children is read-only at the subvolume level (any
+write fails with EROFS); it becomes writable again when its last child is gone. ``--size`` is a
+qgroup limit on what the subvolume references: quota is turned on when first needed and never
+turned off by graphdriver, so the filesystem's own quota settings survive (moby #34593).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from graphdriver import Capabilities, CreateOpts, Driver, DriverUnavailable, InvalidOption
+from graphdriver.driver import LayerInfo, parse_size
+from graphdriver.linux.fs import fs_name
+
+from . import ioctl
+
+log = logging.getLogger(__name__)
+
+
+def _btrfsutil() -> Any:
+    """Import btrfsutil only when the driver is used, so listing drivers never needs it."""
+    try:
+        import btrfsutil
+    except ImportError as exc:
+        raise DriverUnavailable(
+            f"the btrfs driver needs the btrfsutil module ({exc}); install graphdriver-btrfs "
+            f"after apt-get install libbtrfsutil-dev"
+        ) from exc
+    return btrfsutil
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+class BtrfsDriver(Driver):
+    """Layers as btrfs subvolumes and snapshots."""
+
+    name = "btrfs"
+    options = {
+        "btrfs.min_space": "smallest --size accepted for a layer (e.g. 10M); like Docker's",
+    }
+
+    @classmethod
+    def probe(cls, home: Path, options: Mapping[str, str]) -> None:
+        where = _existing(home)
+        found = fs_name(where)
+        if found != "btrfs":
+            raise DriverUnavailable(
+                f"the btrfs driver needs its root on btrfs; {where} is on {found}"
+            )
+        if os.geteuid() != 0:
+            raise DriverUnavailable("the btrfs driver needs root (subvolume ioctls)")
+        _btrfsutil()
+
+    def __init__(self, home: Path, options: Mapping[str, str]) -> None:
+        super().__init__(home, options)
+        self.probe(home, options)
+        self.bu: Any = _btrfsutil()
+        self.min_space = (
+            parse_size(options["btrfs.min_space"]) if "btrfs.min_space" in options else 0
+        )
+        (home / "subvolumes").mkdir(parents=True, exist_ok=True)
+        self.capabilities = Capabilities(
+            quota=True, real_mounts=False, readonly_images=True, needs_root=True
+        )
+
+    def _path(self, layer: LayerInfo | str) -> Path:
+        return self.home / "subvolumes" / (layer if isinstance(layer, str) else layer.id)
+
+    def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
+        target = self._path(layer)
+        if opts.size is not None and opts.size < self.min_space:
+            raise InvalidOption(
+                f"size {opts.size} is below btrfs.min_space ({self.min_space} bytes)"
+            )
+        if parent is None:
+            self.bu.create_subvolume(str(target))
+            os.chmod(target, 0o755)
+            os.chown(target, 0, 0)
+        else:
+            source = self._path(parent)
+            self.bu.create_snapshot(str(source), str(target))
+            if not parent.rw:  # an image layer with a child never changes again
+                self.bu.set_subvolume_read_only(str(source), True)
+        if opts.size is not None:
+            self._limit(target, opts.size)
+
+    def _limit(self, target: Path, size: int) -> None:
+        if not ioctl.quota_enabled(self.home):
+            log.info("enabling btrfs quota on the filesystem of %s", self.home)
+            ioctl.enable_quota(self.home)
+        ioctl.limit_qgroup(self.home, self.bu.subvolume_id(str(target)), size)
+
+    def remove(self, layer: LayerInfo) -> None:
+        target = self._path(layer)
+        if not target.exists():
+            return
+        if not self.bu.is_subvolume(str(target)):  # a half-made layer
+            target.rmdir()
+            return
+        ids = [self.bu.subvolume_id(str(target))]
+        ids += [info.id for _path, info in self.bu.SubvolumeIterator(str(target), info=True)]
+        # nested subvolumes a container made inside its layer go first, deepest first
+        self.bu.delete_subvolume(str(target), recursive=True)
+        if layer.parent is not None:
+            self._release_parent(layer.parent)
+        if ioctl.quota_enabled(self.home):
+            self._drop_qgroups(ids)
+
+    def _release_parent(self, parent_id: str) -> None:
+        """An image layer whose last child went away may be written again."""
+        parent = self._path(parent_id)
+        children = [
+            c
+            for c in (self.home / "subvolumes").iterdir()
+            if c != parent and self._parent_of(c) == parent
+        ]
+        if not children and self.bu.get_subvolume_read_only(str(parent)):
+            self.bu.set_subvolume_read_only(str(parent), False)
+
+    def _parent_of(self, path: Path) -> Path | None:
+        try:
+            parent_uuid = self.bu.subvolume_info(str(path)).parent_uuid
+        except Exception:  # not a subvolume (half made)
+            return None
+        for other in (self.home / "subvolumes").iterdir():
+            with contextlib.suppress(Exception):
+                if self.bu.subvolume_info(str(other)).uuid == parent_uuid:
+                    return other
+        return None
+
+    def _drop_qgroups(self, ids: list[int]) -> None:
+        """Destroy the deleted subvolumes' qgroups once the cleaner has dropped them."""
+        deadline = time.monotonic() + 30
+        self.bu.sync(str(self.home))
+        while set(ids) & set(self.bu.deleted_subvolumes(str(self.home))):
+            if time.monotonic() > deadline:
+                log.warning("btrfs cleaner still busy with %s; their qgroups stay for now", ids)
+                return
+            time.sleep(0.05)
+            self.bu.sync(str(self.home))
+        present = set(ioctl.qgroups(self.home))
+        for qid in ids:
+            if qid in present:
+                ioctl.destroy_qgroup(self.home, qid)
+
+    def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
+        target = self._path(layer)
+        if not layer.rw:
+            read_only = self.bu.get_subvolume_read_only(str(target))
+            if read_only != layer.sealed:
+                self.bu.set_subvolume_read_only(str(target), layer.sealed)
+        return target
+
+    def unmount(self, layer: LayerInfo) -> None:
+        return None
+
+    def status(self) -> list[tuple[str, str]]:
+        space = ioctl.space_info(self.home)
+        data_used, data_total = space["data"]
+        meta_used, meta_total = space["metadata"]
+        return [
+            ("Build Version", f"btrfsutil {importlib.metadata.version('btrfsutil')}"),
+            ("Library Version", _library_version()),
+            ("Quota Enabled", str(ioctl.quota_enabled(self.home)).lower()),
+            ("Data Space Used", str(data_used)),
+            ("Data Space Total", str(data_total)),
+            ("Metadata Space Used", str(meta_used)),
+            ("Metadata Space Total", str(meta_total)),
+        ]
+
+
+def _library_version() -> str:
+    """libbtrfsutil's version, from the file name of the shared library this process mapped."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "libbtrfsutil.so" in line:
+                name = line.split()[-1].rsplit("/", 1)[-1]
+                return "libbtrfsutil " + name.partition(".so.")[2]
+    return "unknown"
