@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, BinaryIO
 
 from . import archive
 from .archive.changes import Change
-from .archive.tar import TarWriter, write_changes_tar
+from .archive.streams import DiffStream, tar_writer
+from .archive.tar import write_changes_tar
 from .driver import CreateOpts, Driver, LayerInfo, NativeApply, NativeDiff
 from .errors import (
     GraphDriverError,
@@ -464,7 +465,7 @@ class LayerStore:
         if compress not in (None, "none", "gzip", "zstd"):
             raise InvalidOption(f"unknown compression {compress!r}: use gzip, zstd or none")
         with self._change_source(layer_id, parent) as (changes, root, kind):
-            writer, finish = _tar_writer(out, compress)
+            writer, finish = tar_writer(out, compress)
             writer.progress = progress
             try:
                 write_changes_tar(writer, root, changes, source=kind)
@@ -491,7 +492,7 @@ class LayerStore:
 
         thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
         thread.start()
-        return io.BufferedReader(_DiffStream(r, thread, failure), buffer_size=1 << 20)
+        return io.BufferedReader(DiffStream(r, thread, failure), buffer_size=1 << 20)
 
     def apply_diff(
         self, layer_id: str, stream: BinaryIO, progress: Callable[[int], None] | None = None
@@ -570,68 +571,6 @@ class LayerStore:
             return
         with self.meta.transaction():
             self.meta.update(rec.id, state="ready", boundary_ns=self._boundary())
-
-
-def _tar_writer(out: IO[bytes] | int, compress: str | None) -> tuple[TarWriter, Callable[[], None]]:
-    """A TarWriter onto *out*, compressing if asked, and the function that finishes it."""
-    if compress in (None, "none"):
-        if isinstance(out, int):
-            return TarWriter(fd=out), lambda: None
-        try:
-            fd = out.fileno()
-        except (AttributeError, OSError, ValueError):  # BytesIO and other in-memory files
-            return TarWriter(write=out.write), lambda: None
-        out.flush()
-        return TarWriter(fd=fd), lambda: None
-    write: Callable[[bytes], object]
-    if isinstance(out, int):
-        fd = out
-
-        def write(data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-    else:
-        write = out.write
-    if compress == "gzip":
-        import zlib
-
-        compressor: Any = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    else:
-        import zstandard
-
-        compressor = zstandard.ZstdCompressor(level=3).compressobj()
-
-    def finish() -> None:
-        write(compressor.flush())
-
-    return TarWriter(write=lambda d: write(compressor.compress(d))), finish
-
-
-class _DiffStream(io.RawIOBase):
-    """The read end of a diff pipe; end of stream re-raises the writer's error, if any."""
-
-    def __init__(self, fd: int, thread: threading.Thread, failure: list[BaseException]) -> None:
-        self._fd = fd
-        self._thread = thread
-        self._failure = failure
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = os.readv(self._fd, [buffer])
-        if n == 0:
-            self._thread.join()
-            if self._failure:
-                raise self._failure[0]
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-            self._thread.join()
-        super().close()
 
 
 def open_store(

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest.register_assert_rewrite("graphdriver.testing.suite", "graphdriver.testing.trees")
+pytest.register_assert_rewrite(
+    "graphdriver.testing.base",
+    "graphdriver.testing.cases_layers",
+    "graphdriver.testing.cases_diff",
+    "graphdriver.testing.cases_bad_input",
+    "graphdriver.testing.trees",
+)
 
 from .backings import BACKINGS, Backing, BackingUnavailable, make_backing  # noqa: E402
 from .suite import DriverConformance  # noqa: E402

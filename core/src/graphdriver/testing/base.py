@@ -1,0 +1,189 @@
+"""Fixtures and helpers shared by the conformance cases (see :mod:`graphdriver.testing`)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from .. import (
+    ArchiveError,
+    ChangeKind,
+    LayerStore,
+    UnsafeArchive,
+    open_store,
+)
+from .backings import Backing, BackingUnavailable, make_backing
+from .trees import random_content, snapshot
+
+C, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
+MiB = 1 << 20
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _member(
+    name: str, kind: bytes = tarfile.REGTYPE, data: bytes | None = b"", linkname: str = ""
+) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.linkname = linkname
+    if kind == tarfile.REGTYPE and data is not None:
+        info.size = len(data)
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+def _writer(name: str, text: str) -> Callable[[Path], object]:
+    return lambda root: (root / name).write_text(text)
+
+
+def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:
+    """Tars that must be refused, with the error class they must raise."""
+    good = _tar(
+        _member("ok", data=b"fine"),
+        _member("dir", tarfile.DIRTYPE),
+        _member("dir/file", data=b"x" * 3000),
+    )
+    return {
+        "truncated": (good[:1500], ArchiveError),
+        "not-a-tar": (random_content(4096, 7), ArchiveError),
+        "empty": (b"", ArchiveError),
+        "dotdot": (_tar(_member("../escape", data=b"evil")), UnsafeArchive),
+        "dotdot-nested": (_tar(_member("a/../../escape", data=b"evil")), UnsafeArchive),
+        "absolute": (_tar(_member("/abs-escape", data=b"evil")), UnsafeArchive),
+        "symlink-escape": (
+            _tar(
+                _member("evil", tarfile.SYMTYPE, linkname="/"),
+                _member("evil/etc/escape", data=b"evil"),
+            ),
+            UnsafeArchive,
+        ),
+        "symlink-dotdot-escape": (
+            _tar(
+                _member("up", tarfile.SYMTYPE, linkname="../../.."),
+                _member("up/escape", data=b"evil"),
+            ),
+            UnsafeArchive,
+        ),
+        "hardlink-outside": (
+            _tar(_member("pw", tarfile.LNKTYPE, linkname="../../etc/passwd")),
+            UnsafeArchive,
+        ),
+        "hardlink-absolute": (
+            _tar(_member("pw", tarfile.LNKTYPE, linkname="/etc/passwd")),
+            UnsafeArchive,
+        ),
+        "hardlink-through-symlink": (
+            _tar(
+                _member("evil", tarfile.SYMTYPE, linkname="/"),
+                _member("pw", tarfile.LNKTYPE, linkname="evil/etc/passwd"),
+            ),
+            UnsafeArchive,
+        ),
+        "whiteout-dotdot": (
+            _tar(
+                _member("sub", tarfile.DIRTYPE),
+                _member("sub/.wh..."),
+            ),
+            UnsafeArchive,
+        ),
+        "whiteout-dot": (_tar(_member(".wh..")), UnsafeArchive),
+        "corrupt-gzip": (gzip.compress(good)[:-40], ArchiveError),
+    }
+
+
+class ConformanceBase:
+    """Fixtures and helpers; a subclass sets ``driver``, ``backing`` and maybe ``options``."""
+
+    driver: ClassVar[str]
+    backing: ClassVar[str] = "tmpdir"
+    options: ClassVar[dict[str, str]] = {}
+    #: chain depth for the deep-read case (moby uses 128 for overlay2)
+    deep_chain: ClassVar[int] = 128
+
+    # ------------------------------------------------------------------ fixtures
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def gd_backing(cls, request: pytest.FixtureRequest) -> Iterator[Backing]:
+        try:
+            with make_backing(cls.backing) as backing:
+                yield backing
+        except BackingUnavailable as exc:
+            pytest.skip(f"host lacks it: {exc}")
+
+    @pytest.fixture
+    def store_root(self, gd_backing: Backing, request: pytest.FixtureRequest) -> Iterator[Path]:
+        root = gd_backing.root / re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:80]
+        root.mkdir()
+        yield root
+
+    @pytest.fixture
+    def open_again(
+        self, store_root: Path, gd_backing: Backing
+    ) -> Iterator[Callable[[], LayerStore]]:
+        opened: list[LayerStore] = []
+
+        def opener() -> LayerStore:
+            s = open_store(store_root, self.driver, {**gd_backing.options, **self.options})
+            opened.append(s)
+            return s
+
+        yield opener
+        for s in opened:
+            s.close()
+
+    @pytest.fixture
+    def store(self, open_again: Callable[[], LayerStore], store_root: Path) -> Iterator[LayerStore]:
+        s = open_again()
+        try:
+            yield s
+        finally:
+            s.cleanup()
+            for layer_id in reversed(s.layers()):  # children were created after parents
+                s.remove(layer_id)
+            assert s.layers() == []
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def fill(store: LayerStore, layer_id: str, fn: Callable[[Path], object]) -> None:
+        with store.mounted(layer_id) as root:
+            fn(root)
+
+    def base_with(
+        self, store: LayerStore, fn: Callable[[Path], object], layer_id: str = "base"
+    ) -> str:
+        store.create(layer_id)
+        self.fill(store, layer_id, fn)
+        return layer_id
+
+    @staticmethod
+    def snap(store: LayerStore, layer_id: str) -> dict[str, Any]:
+        with store.mounted(layer_id) as root:
+            return snapshot(root)
+
+    def roundtrip(self, store: LayerStore, layer_id: str, copy_id: str) -> tuple[int, bytes]:
+        """diff *layer_id*, apply it on a fresh child of the same parent, return (size, tar)."""
+        with store.diff(layer_id) as stream:
+            data = stream.read()
+        parent = store.metadata(layer_id)["parent"]
+        store.create(copy_id, parent if isinstance(parent, str) else None)
+        result = store.apply(copy_id, io.BytesIO(data))
+        assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert self.snap(store, copy_id) == self.snap(store, layer_id)
+        return result.size, data
