@@ -12,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver.testing import Backing, BackingUnavailable, make_backing
+from graphdriver.testing import Backing, backing_or_skip
 
 
 @pytest.fixture(scope="session")
 def loop_ext4() -> Iterator[Backing]:
-    try:
-        with make_backing("loop-ext4") as backing:
-            yield backing
-    except BackingUnavailable as exc:
-        pytest.skip(f"host lacks it: {exc}")
+    yield from backing_or_skip("loop-ext4")
 
 
 @dataclass

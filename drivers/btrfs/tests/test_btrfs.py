@@ -11,23 +11,15 @@ import btrfsutil
 import pytest
 
 from graphdriver import CreateOpts, DriverUnavailable, InvalidOption, LayerStore, open_store
-from graphdriver.testing import Backing, BackingUnavailable, make_backing
+from graphdriver.testing import Backing, backing_or_skip
 from graphdriver_btrfs import ioctl
 
 MiB = 1 << 20
 
 
-def _backing(kind: str) -> Iterator[Backing]:
-    try:
-        with make_backing(kind) as backing:
-            yield backing
-    except BackingUnavailable as exc:
-        pytest.skip(f"host lacks it: {exc}")
-
-
 @pytest.fixture(scope="module")
 def fs() -> Iterator[Backing]:
-    yield from _backing("loop-btrfs")
+    yield from backing_or_skip("loop-btrfs")
 
 
 @pytest.fixture
@@ -150,6 +142,6 @@ def test_status(store: LayerStore) -> None:
 
 
 def test_home_not_on_btrfs_is_refused() -> None:
-    for backing in _backing("loop-ext4"):
+    for backing in backing_or_skip("loop-ext4"):
         with pytest.raises(DriverUnavailable, match="is on extfs"):
             open_store(backing.root / "x", "btrfs")

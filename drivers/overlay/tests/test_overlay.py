@@ -22,26 +22,18 @@ from graphdriver import (
     open_store,
 )
 from graphdriver.linux.mount import is_mountpoint, mount, unmount_all_under
-from graphdriver.testing import Backing, BackingUnavailable, make_backing
+from graphdriver.testing import Backing, backing_or_skip
 from graphdriver.testing.trees import make_rich, snapshot
-
-
-def _backing(kind: str) -> Iterator[Backing]:
-    try:
-        with make_backing(kind) as backing:
-            yield backing
-    except BackingUnavailable as exc:
-        pytest.skip(f"host lacks it: {exc}")
 
 
 @pytest.fixture(scope="module")
 def xfs() -> Iterator[Backing]:
-    yield from _backing("loop-xfs")
+    yield from backing_or_skip("loop-xfs")
 
 
 @pytest.fixture(scope="module")
 def ext4() -> Iterator[Backing]:
-    yield from _backing("loop-ext4")
+    yield from backing_or_skip("loop-ext4")
 
 
 @pytest.fixture

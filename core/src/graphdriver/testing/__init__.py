@@ -27,6 +27,14 @@ pytest.register_assert_rewrite(
 )
 
 from .backings import BACKINGS, Backing, BackingUnavailable, make_backing  # noqa: E402
+from .base import backing_or_skip  # noqa: E402
 from .suite import DriverConformance  # noqa: E402
 
-__all__ = ["BACKINGS", "Backing", "BackingUnavailable", "DriverConformance", "make_backing"]
+__all__ = [
+    "BACKINGS",
+    "Backing",
+    "BackingUnavailable",
+    "DriverConformance",
+    "backing_or_skip",
+    "make_backing",
+]

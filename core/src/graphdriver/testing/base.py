@@ -51,6 +51,16 @@ def _writer(name: str, text: str) -> Callable[[Path], object]:
     return lambda root: (root / name).write_text(text)
 
 
+def backing_or_skip(kind: str) -> Iterator[Backing]:
+    """:func:`make_backing` for a pytest fixture (``yield from``): a host that lacks the
+    backing skips the tests that need it, saying what is missing."""
+    try:
+        with make_backing(kind) as backing:
+            yield backing
+    except BackingUnavailable as exc:
+        pytest.skip(f"host lacks it: {exc}")
+
+
 def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:
     """Tars that must be refused, with the error class they must raise."""
     good = _tar(
@@ -120,11 +130,7 @@ class ConformanceBase:
     @pytest.fixture(scope="class")
     @classmethod
     def gd_backing(cls, request: pytest.FixtureRequest) -> Iterator[Backing]:
-        try:
-            with make_backing(cls.backing) as backing:
-                yield backing
-        except BackingUnavailable as exc:
-            pytest.skip(f"host lacks it: {exc}")
+        yield from backing_or_skip(cls.backing)
 
     @pytest.fixture
     def store_root(self, gd_backing: Backing, request: pytest.FixtureRequest) -> Iterator[Path]:
