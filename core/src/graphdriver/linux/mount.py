@@ -243,20 +243,3 @@ def fsmount(
             os.close(mnt_fd)
     finally:
         os.close(fs_fd)
-
-
-def fsconfig_accepts(fstype: str, key: str, value: str | None) -> bool:
-    """Whether fsconfig on a fresh *fstype* context accepts *key* (nothing is mounted)."""
-    try:
-        fs_fd = _sys(_SYS_FSOPEN, fstype.encode(), FSOPEN_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        kind = FSCONFIG_SET_FLAG if value is None else FSCONFIG_SET_STRING
-        raw = None if value is None else os.fsencode(value)
-        _sys(_SYS_FSCONFIG, fs_fd, kind, key.encode(), raw, 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fs_fd)

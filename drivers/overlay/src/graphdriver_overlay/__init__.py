@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import secrets
@@ -38,10 +39,10 @@ from graphdriver.linux.mount import (
     MS_BIND,
     MS_RDONLY,
     MS_REMOUNT,
-    fsconfig_accepts,
     fsmount,
     mount,
     unmount,
+    unmount_all_under,
 )
 
 log = logging.getLogger(__name__)
@@ -116,15 +117,8 @@ class OverlayDriver(Driver):
         home.mkdir(parents=True, exist_ok=True)
         (home / "l").mkdir(exist_ok=True)
         self.backing = fs_name(home)
-        self.new_api = self._choose_api(options.get("overlay.mount_api", "auto"))
-        # Mounting with redirect_dir and metacopy off keeps the upper dir a complete record
-        # of the layer (a renamed directory is copied up, not redirected), so the native diff
-        # is always right. Kernels that do not know the options do not have the features.
-        self.fixed_opts = [
-            (k, "off")
-            for k in ("redirect_dir", "metacopy")
-            if fsconfig_accepts("overlay", k, "off")
-        ]
+        has_new_api, self.fixed_opts = _cached_features(home)
+        self.new_api = self._choose_api(options.get("overlay.mount_api", "auto"), has_new_api)
         why_not: dict[str, str] = {}
         native = options.get("overlay.native_diff", "auto")
         if native not in ("auto", "off"):
@@ -156,8 +150,7 @@ class OverlayDriver(Driver):
         self.extra = [o for o in options.get("overlay.mountopt", "").split(",") if o]
         self._repair_links()
 
-    def _choose_api(self, wanted: str) -> bool:
-        have = fsconfig_accepts("overlay", "lowerdir+", str(self.home / "l"))
+    def _choose_api(self, wanted: str, have: bool) -> bool:
         if wanted == "new" and not have:
             raise DriverUnavailable(
                 "overlay.mount_api=new needs Linux 6.8 or later (fsconfig lowerdir+)"
@@ -409,6 +402,63 @@ def _mount_from(cwd: Path, data: str, target: Path) -> None:
     code = os.waitstatus_to_exitcode(status)
     if code:
         raise OSError(code, os.strerror(code), str(target))
+
+
+def _cached_features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
+    """:func:`_features`, probed once per kernel and kept in ``<home>/features.json``."""
+    cache = home / "features.json"
+    kernel = os.uname().release
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        known = json.loads(cache.read_text())
+        if known["kernel"] == kernel:
+            return bool(known["new_api"]), [(k, v) for k, v in known["fixed"]]
+    new_api, fixed = _features(home)
+    cache.write_text(json.dumps({"kernel": kernel, "new_api": new_api, "fixed": fixed}))
+    return new_api, fixed
+
+
+def _features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
+    """What this kernel's overlayfs takes, found by real mounts (fsconfig alone is no test: a
+    kernel whose overlay predates the new mount API accepts any key there, then fails).
+
+    Returns whether ``lowerdir+`` works through the new mount API (Linux 6.8+), and which of
+    redirect_dir=off and metacopy=off to pass: mounting with both off keeps the upper dir a
+    complete record of the layer (a renamed directory is copied up, not redirected), so the
+    native diff is always right. Kernels that do not know an option do not have the feature.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=".overlay-features-", dir=home))
+    try:
+        for sub in ("lower1", "lower2", "upper", "work", "merged"):
+            (tmp / sub).mkdir()
+        try:
+            fsmount(
+                "overlay",
+                tmp / "merged",
+                [
+                    ("lowerdir+", str(tmp / "lower1")),
+                    ("lowerdir+", str(tmp / "lower2")),
+                    ("upperdir", str(tmp / "upper")),
+                    ("workdir", str(tmp / "work")),
+                    ("index", "off"),
+                ],
+            )
+            unmount(tmp / "merged")
+            new_api = True
+        except OSError:
+            new_api = False
+        fixed: list[tuple[str, str | None]] = []
+        for key in ("redirect_dir", "metacopy"):
+            data = f"lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off,{key}=off"
+            try:
+                _mount_from(tmp, data, tmp / "merged")
+                unmount(tmp / "merged")
+                fixed.append((key, "off"))
+            except OSError:
+                continue
+        return new_api, fixed
+    finally:
+        unmount_all_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _test_mount(where: Path) -> None:
