@@ -102,7 +102,11 @@ def _chain(s: LayerStore, depth: int) -> None:
 
 
 def test_500_deep_chain_mounts_and_501_is_refused_at_create(root: Path) -> None:
-    with _open(root, mount_api="new") as s:
+    try:
+        s = _open(root, mount_api="new")
+    except DriverUnavailable as exc:
+        pytest.skip(f"host lacks it: {exc}")
+    with s:
         assert dict(s.status())["Mount API"].startswith("new")
         _chain(s, 500)
         with s.mounted("l499") as p:
@@ -210,7 +214,8 @@ def test_status(root: Path) -> None:
     assert status["Supports d_type"] == "true"
     assert status["Native Overlay Diff"] == "true"
     assert status["Using metacopy"] == "false"
-    assert status["Max Depth"] == "500"
+    new_api = status["Mount API"].startswith("new")
+    assert status["Max Depth"] == ("500" if new_api else "128")
     assert set(status) >= {"Mount API", "Project Quota"}
 
 

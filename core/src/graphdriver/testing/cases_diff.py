@@ -248,8 +248,8 @@ class DiffCases(ConformanceBase):
             assert result.compression == {"gz": "gzip", "zst": "zstd"}[layer_id]
             assert self.snap(store, layer_id) == self.snap(store, "base")
 
-    def test_apply_tar_from_gnu_tar(self, store: LayerStore, tmp_path: Path) -> None:
-        src = tmp_path / "src"
+    def test_apply_tar_from_gnu_tar(self, store: LayerStore, store_root: Path) -> None:
+        src = store_root / "gnu-tar-source"  # on the backing: it keeps user.* xattrs
         src.mkdir()
         make_rich(src)
         proc = subprocess.run(
