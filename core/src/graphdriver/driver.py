@@ -120,8 +120,12 @@ class Driver(abc.ABC):
         """Key/value lines like the storage section of ``docker info``."""
         return []
 
+    def cleanup(self) -> None:
+        """Called by ``LayerStore.cleanup`` after every layer was unmounted: release what
+        the driver keeps active between processes (devmapper deactivates its devices)."""
+
     def close(self) -> None:
-        """Release what the driver holds open (loop devices, pools); layers stay mounted."""
+        """Release what this object holds open (files, databases); layers stay mounted."""
 
 
 @runtime_checkable

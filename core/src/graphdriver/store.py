@@ -398,6 +398,7 @@ class LayerStore:
                     self._call(self.driver.unmount, _info(rec), doing=f"unmount {rec.id}")
                     with self.meta.transaction():
                         self.meta.update(rec.id, mount_count=0, mount_path=None)
+            self._call(self.driver.cleanup, doing="clean up the driver")
 
     # ---------------------------------------------------------------------------- diffs
 

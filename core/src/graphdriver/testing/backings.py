@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class Backing:
     device: str | None = None
     #: mount options that the kernel refused and that were dropped, with why
     degraded: dict[str, str] = field(default_factory=dict)
+    #: storage made afresh for each store root (a thin pool); yields extra driver options
+    per_store: Callable[[Path], contextlib.AbstractContextManager[dict[str, str]]] | None = None
 
 
 def _need_root(kind: str) -> None:
@@ -130,11 +133,54 @@ def _dmsetup(*args: str) -> str:
 
 
 @contextlib.contextmanager
-def thin_pool(
-    data_size: int = 2 << 30, meta_size: int = 64 << 20, workdir: Path | None = None
-) -> Iterator[Backing]:
-    """A device-mapper thin pool on two loop devices (data, metadata), given to the driver as
-    ``dm.thinpooldev``; the store's root is a plain directory beside it."""
+def pool_on_loop_files(
+    directory: Path, data_size: int = 2 << 30, meta_size: int = 64 << 20
+) -> Iterator[str]:
+    """A fresh device-mapper thin pool on two sparse files in *directory*; yields its name.
+
+    64 KiB blocks, ``error_if_no_space`` (a full pool fails writes instead of hanging them).
+    The loop devices autoclear once the pool is removed.
+    """
+    name = f"gd-pool-{os.getpid()}-{secrets.token_hex(4)}"
+    files = []
+    for part, size in (("pool-data", data_size), ("pool-meta", meta_size)):
+        path = directory / part
+        with open(path, "wb") as f:
+            f.truncate(size)
+        files.append(path)
+    with loop.attach(files[0]) as data, loop.attach(files[1]) as meta:
+        with open(meta.path, "r+b") as f:  # a pool needs zeroed metadata to start from
+            f.write(b"\0" * 4096)
+        blocks = data_size // 512 // 128
+        table = (
+            f"0 {blocks * 128} thin-pool {meta.path} {data.path} 128 {max(1, blocks // 10)} "
+            f"2 skip_block_zeroing error_if_no_space"
+        )
+        _dmsetup("create", name, "--noudevsync", "--table", table)
+    try:
+        yield name
+    finally:
+        for _ in range(50):
+            try:
+                _dmsetup("remove", "--noudevsync", name)
+                break
+            except OSError:
+                time.sleep(0.1)
+        for path in files:
+            _wait_detached(path)
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _store_pool(root: Path) -> Iterator[dict[str, str]]:
+    with pool_on_loop_files(root) as name:
+        yield {"dm.thinpooldev": name}
+
+
+@contextlib.contextmanager
+def thin_pool(workdir: Path | None = None) -> Iterator[Backing]:
+    """Device-mapper thin pools: each store gets a fresh pool on two loop devices, given to
+    the driver as ``dm.thinpooldev`` (an external pool must be empty at first use)."""
     _need_root("thin-pool")
     if not Path("/dev/mapper/control").exists():
         raise BackingUnavailable(
@@ -144,35 +190,10 @@ def thin_pool(
     if shutil.which("dmsetup") is None:
         raise BackingUnavailable("backing thin-pool needs dmsetup (apt-get install dmsetup)")
     with tempfile.TemporaryDirectory(prefix="gd-thin-pool-", dir=workdir) as tmp:
-        name = f"gd-pool-{os.getpid()}-{Path(tmp).name[-8:]}"
-        files = []
-        for part, size in (("data", data_size), ("meta", meta_size)):
-            path = Path(tmp, part)
-            with open(path, "wb") as f:
-                f.truncate(size)
-            files.append(path)
-        root = Path(tmp, "root")
-        root.mkdir()
-        with loop.attach(files[0]) as data, loop.attach(files[1]) as meta:
-            with open(meta.path, "r+b") as f:  # a pool needs zeroed metadata to start from
-                f.write(b"\0" * 4096)
-            table = (
-                f"0 {data_size // 512} thin-pool {meta.path} {data.path} 128 "
-                f"{data_size // 512 // 10} 1 skip_block_zeroing"
-            )
-            _dmsetup("create", name, "--noudevsync", "--table", table)
         try:
-            yield Backing("thin-pool", root, {"dm.thinpooldev": name}, device=f"/dev/mapper/{name}")
+            yield Backing("thin-pool", Path(tmp), per_store=_store_pool)
         finally:
-            unmount_all_under(root)
-            for _ in range(50):
-                try:
-                    _dmsetup("remove", "--noudevsync", name)
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            for path in files:
-                _wait_detached(path)
+            unmount_all_under(tmp)
 
 
 @contextlib.contextmanager

@@ -139,13 +139,23 @@ class ConformanceBase:
         yield root
 
     @pytest.fixture
+    def store_options(self, store_root: Path, gd_backing: Backing) -> Iterator[dict[str, str]]:
+        """Driver options for this test's store: the backing's, fresh per-store storage's
+        (a thin pool), and the class's own."""
+        if gd_backing.per_store is None:
+            yield {**gd_backing.options, **self.options}
+            return
+        with gd_backing.per_store(store_root) as extra:
+            yield {**gd_backing.options, **extra, **self.options}
+
+    @pytest.fixture
     def open_again(
-        self, store_root: Path, gd_backing: Backing
+        self, store_root: Path, store_options: dict[str, str]
     ) -> Iterator[Callable[[], LayerStore]]:
         opened: list[LayerStore] = []
 
         def opener() -> LayerStore:
-            s = open_store(store_root, self.driver, {**gd_backing.options, **self.options})
+            s = open_store(store_root, self.driver, store_options)
             opened.append(s)
             return s
 

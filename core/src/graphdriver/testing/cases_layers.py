@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from .. import CreateOpts, InvalidOption, LayerInUse, LayerStore, NotMounted
-from .backings import Backing
 from .base import ConformanceBase, MiB, _writer
 from .trees import listing, make_base, make_rich, random_content
 
@@ -190,7 +189,7 @@ class LayerCases(ConformanceBase):
         store: LayerStore,
         open_again: Callable[[], LayerStore],
         store_root: Path,
-        gd_backing: Backing,
+        store_options: dict[str, str],
     ) -> None:
         self.base_with(store, make_base)
         store.create_rw("c", "base")
@@ -207,7 +206,7 @@ class LayerCases(ConformanceBase):
             "--driver",
             self.driver,
         ]
-        for k, v in {**gd_backing.options, **self.options}.items():
+        for k, v in store_options.items():
             cmd += ["--opt", f"{k}={v}"]
         out = subprocess.run([*cmd, "ls"], capture_output=True, text=True, check=True)
         assert out.stdout.split() == ["base", "c"]

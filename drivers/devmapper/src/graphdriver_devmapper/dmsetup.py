@@ -1,0 +1,143 @@
+"""A thin, typed wrapper over the ``dmsetup`` command (in the shape of containerd's dmsetup.go).
+
+Every call runs without udev (``--noudevsync`` and DM_DISABLE_UDEV=1, so dmsetup makes the
+/dev/mapper nodes itself) and turns dmsetup's error text back into an errno, so that callers
+can tell a busy device (EBUSY) from a missing one (ENXIO/ENODATA) or a duplicate (EEXIST).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+
+_ERRORS = (
+    ("Device or resource busy", errno.EBUSY),
+    ("File exists", errno.EEXIST),
+    ("No data available", errno.ENODATA),
+    ("No such device or address", errno.ENXIO),
+    ("No space left on device", errno.ENOSPC),
+    ("Invalid argument", errno.EINVAL),
+    ("not found", errno.ENXIO),
+    ("does not exist", errno.ENXIO),
+)
+
+
+class DmsetupError(OSError):
+    """dmsetup failed; ``errno`` is recovered from its message where it names one."""
+
+
+def _errno_of(text: str) -> int:
+    for needle, code in _ERRORS:
+        if needle in text:
+            return code
+    return errno.EIO
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "DM_DISABLE_UDEV": "1"}
+    proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, env=env, timeout=120)
+    if proc.returncode != 0:
+        text = (proc.stderr or proc.stdout).strip().replace("\n", "; ")
+        raise DmsetupError(
+            _errno_of(text), f"dmsetup {args[0]} {args[1] if len(args) > 1 else ''}: {text}"
+        )
+    return proc.stdout
+
+
+def create(name: str, table: str, *, read_only: bool = False) -> None:
+    _run("create", name, "--noudevsync", "--table", table, *(["--readonly"] if read_only else []))
+
+
+def reload(name: str, table: str) -> None:
+    _run("reload", name, "--noudevsync", "--table", table)
+
+
+def message(name: str, sector: int, msg: str) -> None:
+    _run("message", name, str(sector), msg)
+
+
+def suspend(name: str) -> None:
+    _run("suspend", "--noudevsync", name)
+
+
+def resume(name: str) -> None:
+    _run("resume", "--noudevsync", name)
+
+
+def remove(name: str, *, retries: int = 200, delay: float = 0.1, deferred: bool = False) -> None:
+    """Remove a device; a busy one is retried (*retries* x *delay*), or its removal deferred
+    until its last user closes it. A device that is already gone is not an error."""
+    for attempt in range(retries + 1):
+        try:
+            _run("remove", "--noudevsync", *(["--deferred"] if deferred else []), name)
+            return
+        except DmsetupError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            if exc.errno != errno.EBUSY or attempt == retries or deferred:
+                raise
+            time.sleep(delay)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """``dmsetup info`` of one device."""
+
+    name: str
+    major: int
+    minor: int
+    open_count: int
+    segments: int
+    suspended: bool
+
+
+def info(name: str) -> DeviceInfo | None:
+    """The device's info, or None if no device has that name."""
+    try:
+        out = _run(
+            "info",
+            "--columns",
+            "--noheadings",
+            "--separator",
+            ";",
+            "-o",
+            "name,major,minor,open,segments,attr",
+            name,
+        )
+    except DmsetupError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        raise
+    fields = out.strip().split(";")
+    return DeviceInfo(
+        name=fields[0],
+        major=int(fields[1]),
+        minor=int(fields[2]),
+        open_count=int(fields[3]),
+        segments=int(fields[4]),
+        suspended=fields[5][1:2] == "s",
+    )
+
+
+def status(name: str) -> str:
+    return _run("status", name).strip()
+
+
+def table(name: str) -> str:
+    return _run("table", name).strip()
+
+
+def version() -> dict[str, str]:
+    """{"Library version": "1.02.185 ...", "Driver version": "4.47.0"}"""
+    out: dict[str, str] = {}
+    for line in _run("version").splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def mknodes(name: str) -> None:
+    _run("mknodes", name)
