@@ -116,8 +116,15 @@ class DevmapperDriver(Driver):
         tag = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:12]  # noqa: S324
         self.prefix = f"graphdriver-{tag}"
         self.external = opt.get("dm.thinpooldev")
-        self.db = sqlite3.connect(self.dir / "devices.db", isolation_level=None, timeout=60)
+        # the store's lock serialises every call; a diff runs in a thread of its own
+        self.db = sqlite3.connect(
+            self.dir / "devices.db", isolation_level=None, timeout=60, check_same_thread=False
+        )
         self.db.executescript(_SCHEMA)
+        self.loop_sizes = (
+            parse_size(opt["dm.loopdatasize"]),
+            parse_size(opt["dm.loopmetadatasize"]),
+        )
         if self.external:
             self.pool = ThinPool(self.external.removeprefix("/dev/mapper/"))
             if not self.pool.exists():
@@ -125,14 +132,7 @@ class DevmapperDriver(Driver):
             self.pool.read_block_size()
         else:
             self.pool = ThinPool(f"{self.prefix}-pool")
-            if not self.pool.exists():
-                create_loop_pool(
-                    self.pool.name,
-                    self.dir / "data",
-                    self.dir / "metadata",
-                    parse_size(opt["dm.loopdatasize"]),
-                    parse_size(opt["dm.loopmetadatasize"]),
-                )
+            self._pool_up()
             log.warning(
                 "devmapper is using a loop-backed thin pool (%s): fine for development, "
                 "slow and unsafe for production; give it a real pool with "
@@ -145,6 +145,13 @@ class DevmapperDriver(Driver):
         self.capabilities = Capabilities(
             quota=True, real_mounts=True, needs_root=True, readonly_images=True
         )
+
+    def _pool_up(self) -> None:
+        """Bring a loop-backed pool (back) up from its files; cleanup() takes it down."""
+        if not self.external and not self.pool.exists():
+            create_loop_pool(
+                self.pool.name, self.dir / "data", self.dir / "metadata", *self.loop_sizes
+            )
 
     # ------------------------------------------------------------------ metadata
 
@@ -308,6 +315,7 @@ class DevmapperDriver(Driver):
     # ------------------------------------------------------------------ layers
 
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
+        self._pool_up()
         status = self.pool.status()
         if status.data_free_fraction < self.min_free:
             raise DriverError(
@@ -360,6 +368,7 @@ class DevmapperDriver(Driver):
         device = self._device(layer.id)
         if device is None:
             return  # a half-made layer: nothing in the pool
+        self._pool_up()
         self.unmount(layer)
         dev_id = device[0]
         dmsetup.remove(self._name(dev_id), deferred=False)
@@ -379,6 +388,7 @@ class DevmapperDriver(Driver):
         device = self._device(layer.id)
         if device is None:
             raise DriverError(f"layer {layer.id!r} has no thin device")
+        self._pool_up()
         dev = self.pool.activate(self._name(device[0]), device[0], device[1])
         target.mkdir(exist_ok=True)
         mount(dev, target, self.fs, MS_RDONLY if layer.sealed else 0, self._mount_data())
@@ -409,6 +419,7 @@ class DevmapperDriver(Driver):
         self.db.close()
 
     def status(self) -> list[tuple[str, str]]:
+        self._pool_up()
         st = self.pool.status()
         ver = dmsetup.version()
         return [
