@@ -77,7 +77,9 @@ def test_crash_inside_a_pool_transaction_is_rolled_back(root: Path, pool: str, p
     )
     assert proc.returncode == -9
     thin = ThinPool(pool)
-    assert thin.status().transaction_id == _tid(root) + 1  # the pool moved ahead
+    # the device is in the pool but not in the metadata; after the id moved, the pool is ahead
+    ahead = 1 if point == "after-transaction-id" else 0
+    assert thin.status().transaction_id == _tid(root) + ahead
     with open_store(root, "devmapper", _opts(pool)) as s:
         assert s.layers() == ["base"]
         assert thin.status().transaction_id == _tid(root)

@@ -140,6 +140,13 @@ class DevmapperDriver(Driver):
                 self.dir,
             )
         self.tid = int(self._meta("transaction_id") or 0)
+        if self.external and self._meta("base_size") is None:
+            status = self.pool.status()
+            if status.transaction_id != 0 or status.data_used > 0:
+                raise DriverUnavailable(
+                    f"dm.thinpooldev {self.pool.name} is not empty (transaction "
+                    f"{status.transaction_id}); give graphdriver a pool of its own"
+                )
         self._recover()
         self._ensure_base()
         self.capabilities = Capabilities(
@@ -256,12 +263,6 @@ class DevmapperDriver(Driver):
             self.base_size = int(recorded)
             self.fs = self._meta("fs") or self.fs
             return
-        status = self.pool.status()
-        if self.external and (status.transaction_id != 0 or status.data_used > 0):
-            raise DriverUnavailable(
-                f"dm.thinpooldev {self.pool.name} is not empty (transaction "
-                f"{status.transaction_id}); give graphdriver a pool of its own"
-            )
 
         def record(db: sqlite3.Connection) -> None:
             self._set_meta("base_size", str(self.base_size))
