@@ -24,7 +24,7 @@ import signal
 import sqlite3
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from graphdriver import (
@@ -37,6 +37,7 @@ from graphdriver import (
 )
 from graphdriver.driver import LayerInfo, parse_size
 from graphdriver.linux.mount import MS_RDONLY, mount, unmount
+from graphdriver.metadata import transaction
 
 from . import dmsetup
 from .pool import ThinPool, create_loop_pool
@@ -172,15 +173,8 @@ class DevmapperDriver(Driver):
         else:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    @contextlib.contextmanager
-    def _sql(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+    def _sql(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.db)
 
     def _device(self, layer: str) -> tuple[int, int] | None:
         row = self.db.execute("SELECT dev_id, size FROM devices WHERE layer=?", (layer,)).fetchone()
