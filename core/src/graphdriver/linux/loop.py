@@ -48,16 +48,6 @@ class LoopDevice:
             os.close(self.fd)
             self.fd = -1
 
-    def detach(self) -> None:
-        """Detach now (LOOP_CLR_FD); with autoclear this is deferred while it is in use."""
-        if self.fd >= 0:
-            try:
-                fcntl.ioctl(self.fd, LOOP_CLR_FD, 0)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:
-                    raise
-        self.close()
-
     def __enter__(self) -> LoopDevice:
         return self
 

@@ -7,7 +7,6 @@ import errno
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -150,19 +149,6 @@ def unmount_all_under(path: str | os.PathLike[str]) -> None:
             unmount(mp, retries=20)
         except OSError:
             unmount(mp, MNT_DETACH)
-
-
-def find_mount(path: Path) -> MountEntry | None:
-    """The mount that holds *path* (the longest mountpoint prefix)."""
-    target = os.path.realpath(path)
-    best: MountEntry | None = None
-    for e in mountinfo():
-        mp = e.mountpoint
-        if (target == mp or target.startswith(mp.rstrip("/") + "/")) and (
-            best is None or len(mp) >= len(best.mountpoint)
-        ):
-            best = e
-    return best
 
 
 # ------------------------------------------------------------------------- the new mount API
