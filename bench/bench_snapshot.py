@@ -104,7 +104,8 @@ def main() -> None:
         f"- machine: {platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, "
         f"Python {platform.python_version()}",
         f"- runs: {args.runs}; milliseconds as median (min..max) of LayerStore.create",
-        "- command: `uv run --locked python bench/bench_snapshot.py`",
+        f"- command: `{'vm/run --share bench/results -- ' if _in_guest() else ''}"
+        f"python bench/bench_snapshot.py {' '.join(sys.argv[1:])}`",
         "",
         f"- kernel {platform.release()}{' (qemu guest, vm/run)' if _in_guest() else ''}",
         "",
