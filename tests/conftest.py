@@ -75,3 +75,31 @@ def gd(loop_ext4: Backing, request: pytest.FixtureRequest) -> Iterator[GD]:
     finally:
         subprocess.run(runner.argv("cleanup"), capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def run_suite(python: str, directory: Path, source: str, env: dict[str, str] | None = None) -> str:
+    """Run a conformance test module (*source*) with *python* in a pytest of its own; assert
+    it passed and return its last line."""
+    (directory / "test_generated_suite.py").write_text(source)
+    proc = subprocess.run(
+        [
+            python,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(directory),
+            str(directory / "test_generated_suite.py"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=directory,
+        timeout=900,
+    )
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert " passed" in tail and "failed" not in tail, tail
+    return tail

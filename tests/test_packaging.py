@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,23 +85,4 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
         "vfs": "ok",
     }, out
     assert "needs its root on btrfs" in out
-    (tmp_path / "test_from_wheel.py").write_text(SUITE)
-    proc = subprocess.run(
-        [
-            py,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            str(tmp_path),
-            str(tmp_path / "test_from_wheel.py"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "passed" in proc.stdout.strip().splitlines()[-1]
+    run_suite(py, tmp_path, SUITE)

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_suite
 
 PYPROJECT = """
 [project]
@@ -154,25 +155,4 @@ def test_listed_and_usable_from_the_cli(site: Path, tmp_path: Path) -> None:
 
 
 def test_passes_the_conformance_suite(site: Path, tmp_path: Path) -> None:
-    (tmp_path / "test_tinycopy.py").write_text(SUITE)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            str(tmp_path),
-            str(tmp_path / "test_tinycopy.py"),
-        ],
-        env=_env(site),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=900,
-    )
-    tail = proc.stdout.strip().splitlines()[-1]
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    assert " passed" in tail and "failed" not in tail, tail
+    run_suite(sys.executable, tmp_path, SUITE, env=_env(site))
