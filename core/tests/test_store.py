@@ -50,6 +50,36 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         open_store(tmp_path, "vfs")
 
 
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE layers (
+    id TEXT PRIMARY KEY, parent TEXT REFERENCES layers(id), state TEXT NOT NULL,
+    rw INTEGER NOT NULL,
+    size_limit INTEGER, mount_label TEXT, created REAL NOT NULL, boundary_ns INTEGER,
+    mount_count INTEGER NOT NULL DEFAULT 0, mount_path TEXT, dirty INTEGER NOT NULL DEFAULT 0,
+    diff_id TEXT, unpacked_size INTEGER, labels TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX layers_parent ON layers(parent);
+INSERT INTO meta VALUES ('schema_version', '1'), ('driver', 'vfs');
+INSERT INTO layers (id, state, rw, created, labels) VALUES ('old', 'ready', 0, 1.0, '{"k": "v"}');
+"""
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    (tmp_path / "vfs" / "dir" / "old").mkdir(parents=True)
+    db = sqlite3.connect(tmp_path / "vfs" / "metadata.db")
+    db.executescript(V1_SCHEMA)
+    db.close()
+    with open_store(tmp_path, "vfs") as store:
+        assert store.layers() == ["old"]
+        info = store.metadata("old")
+        assert info["labels"] == {"k": "v"} and info["volumes"] == []
+        store.create("new", "old", volumes=["/data"])
+        assert store.metadata("new")["volumes"] == ["/data"]
+        assert store.meta.get_meta("schema_version") == "2"
+        assert store.meta.db.execute("SELECT count(*) FROM containers").fetchone()[0] == 0
+
+
 def test_corrupt_database_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "vfs").mkdir()
     (tmp_path / "vfs" / "metadata.db").write_bytes(b"this is not sqlite" * 100)

@@ -19,10 +19,13 @@ from typing import IO, Any, BinaryIO
 
 import click
 
+from .cli_containers import register
+from .containers import ContainerStore
 from .driver import CreateOpts, parse_size
 from .errors import GraphDriverError, from_oserror
 from .plugins import hooks, installed_drivers, probe_drivers
 from .store import LayerStore, open_store
+from .volumes import VolumeStore
 
 log = logging.getLogger("graphdriver")
 
@@ -37,15 +40,31 @@ class Context:
     opts: dict[str, str]
     json: bool
     _store: LayerStore | None = field(default=None)
+    _containers: ContainerStore | None = field(default=None)
+    _volumes: VolumeStore | None = field(default=None)
 
     def store(self) -> LayerStore:
         if self._store is None:
             self._store = open_store(self.root, self.driver, self.opts)
         return self._store
 
+    def containers(self) -> ContainerStore:
+        if self._containers is None:
+            self._containers = ContainerStore(self.store())
+        return self._containers
+
+    def volumes(self) -> VolumeStore:
+        """The root's volumes; needs no storage driver."""
+        if self._containers is not None:
+            return self._containers.volumes
+        if self._volumes is None:
+            self._volumes = VolumeStore(Path(self.root).absolute())
+        return self._volumes
+
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
+        for part in (self._containers, self._volumes, self._store):
+            if part is not None:
+                part.close()
 
 
 def _opts(values: tuple[str, ...]) -> dict[str, str]:
@@ -155,6 +174,13 @@ def _emit(ctx: Context, data: Any, text: str | None = None) -> None:
 @click.option("--size", "-s", default=None, help="Size limit (rw layers, drivers with quota).")
 @click.option("--label", multiple=True, metavar="KEY=VALUE", help="Free-form label.")
 @click.option("--mount-label", default=None, help="SELinux context for the layer's mounts.")
+@click.option(
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="PATH",
+    help="Declare PATH a volume (Dockerfile VOLUME): containers on this layer get one there.",
+)
 @json_option
 @pass_ctx
 def create(
@@ -165,10 +191,11 @@ def create(
     size: str | None,
     label: tuple[str, ...],
     mount_label: str | None,
+    volumes: tuple[str, ...],
 ) -> None:
     """Create a layer (read-only image layer unless --rw)."""
     opts = CreateOpts(size=parse_size(size) if size else None, mount_label=mount_label)
-    ctx.store().create(layer_id, parent, opts, rw=rw, labels=_opts(label))
+    ctx.store().create(layer_id, parent, opts, rw=rw, labels=_opts(label), volumes=volumes)
     _emit(ctx, {"id": layer_id}, layer_id)
 
 
@@ -367,8 +394,8 @@ def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
 @cli.command()
 @pass_ctx
 def cleanup(ctx: Context) -> None:
-    """Unmount every layer of the store."""
-    ctx.store().cleanup()
+    """Unmount every container and layer of the store."""
+    ctx.containers().cleanup()
 
 
 @cli.command()
@@ -385,6 +412,9 @@ def drivers(ctx: Context) -> None:
     for r in reports:
         state = "ok" if r.works else f"unavailable: {r.reason}"
         click.echo(f"{r.name:<12} {state}  [{r.target}]")
+
+
+register(cli, pass_ctx, json_option, _emit)
 
 
 def main() -> None:

@@ -14,6 +14,12 @@ that says what went wrong and, where there is one, what to do about it::
     ├── ArchiveError            truncated, corrupt or unreadable layer tar
     │   └── UnsafeArchive       entry that would land outside the layer
     ├── StoreError              metadata or lock problem (corrupt database, newer schema)
+    ├── NotFound                unknown container or volume
+    │   ├── ContainerNotFound
+    │   └── VolumeNotFound
+    ├── AlreadyExists           duplicate container name, volume name with another driver
+    ├── InUse                   container mounted, volume used by a container
+    ├── InvalidMountSpec        a -v / --volumes-from spec that cannot be used (bad path, ...)
     └── DriverError             the driver failed to move bytes
         ├── DriverUnavailable   this host cannot run the driver (missing fs, kernel feature, root)
         ├── DriverNotFound      no installed driver of that name
@@ -79,6 +85,30 @@ class UnsafeArchive(ArchiveError):
 
 class StoreError(GraphDriverError):
     """The store's metadata or lock cannot be used."""
+
+
+class NotFound(GraphDriverError):
+    """No container or volume of that name."""
+
+
+class ContainerNotFound(NotFound):
+    """No container of that name."""
+
+
+class VolumeNotFound(NotFound):
+    """No volume of that name."""
+
+
+class AlreadyExists(GraphDriverError):
+    """A container or volume of that name exists already."""
+
+
+class InUse(GraphDriverError):
+    """A mounted container, or a volume that containers use."""
+
+
+class InvalidMountSpec(InvalidOption):
+    """A volume spec (``-v``, ``--volumes-from``, ``--volume``) that cannot be used."""
 
 
 class DriverError(GraphDriverError):

@@ -16,9 +16,24 @@ from pathlib import Path
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_CONTAINERS = """
+CREATE TABLE containers (
+    name           TEXT PRIMARY KEY,
+    layer          TEXT NOT NULL UNIQUE,
+    image          TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
+    created        REAL NOT NULL,
+    mounts         TEXT NOT NULL,
+    mount_count    INTEGER NOT NULL DEFAULT 0,
+    root           TEXT,
+    remove_volumes INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE layers (
     id            TEXT PRIMARY KEY,
@@ -34,10 +49,18 @@ CREATE TABLE layers (
     dirty         INTEGER NOT NULL DEFAULT 0,
     diff_id       TEXT,
     unpacked_size INTEGER,
-    labels        TEXT NOT NULL DEFAULT '{}'
+    labels        TEXT NOT NULL DEFAULT '{}',
+    volumes       TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX layers_parent ON layers(parent);
 """
+    + _CONTAINERS
+)
+
+#: what each schema version adds to the one before
+_MIGRATIONS = {
+    2: "ALTER TABLE layers ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]';" + _CONTAINERS,
+}
 
 IN_FLIGHT = ("creating", "applying", "removing")
 
@@ -60,6 +83,8 @@ class LayerRecord:
     diff_id: str | None = None
     unpacked_size: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    #: paths an image layer declares as volumes (``create --volume``)
+    volumes: list[str] = field(default_factory=list)
 
 
 _COLUMNS = (
@@ -77,6 +102,7 @@ _COLUMNS = (
     "diff_id",
     "unpacked_size",
     "labels",
+    "volumes",
 )
 
 
@@ -96,6 +122,7 @@ def _record(row: sqlite3.Row) -> LayerRecord:
         diff_id=row["diff_id"],
         unpacked_size=row["unpacked_size"],
         labels=json.loads(row["labels"]) if row["labels"] != "{}" else {},
+        volumes=json.loads(row["volumes"]) if row["volumes"] != "[]" else [],
     )
 
 
@@ -154,6 +181,11 @@ class Metadata:
                     f"metadata {self.path} has schema version {version}, newer than this "
                     f"graphdriver ({SCHEMA_VERSION}); upgrade graphdriver"
                 )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for stmt in _MIGRATIONS[step].split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.set_meta("schema_version", str(step))
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception; nests as a no-op."""
@@ -184,6 +216,7 @@ class Metadata:
     def insert(self, rec: LayerRecord) -> None:
         values = [getattr(rec, c) for c in _COLUMNS]
         values[_COLUMNS.index("labels")] = json.dumps(rec.labels, sort_keys=True)
+        values[_COLUMNS.index("volumes")] = json.dumps(rec.volumes)
         self.db.execute(
             f"INSERT INTO layers ({', '.join(_COLUMNS)}) "  # noqa: S608
             f"VALUES ({', '.join('?' * len(_COLUMNS))})",
@@ -201,6 +234,13 @@ class Metadata:
 
     def delete(self, layer_id: str) -> None:
         self.db.execute("DELETE FROM layers WHERE id=?", (layer_id,))
+
+    def container_of(self, layer_id: str) -> str | None:
+        """The container whose read-write layer this is (once made, until it is removed)."""
+        row = self.db.execute(
+            "SELECT name FROM containers WHERE layer=? AND state='ready'", (layer_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def chain(self, layer_id: str) -> list[LayerRecord]:
         """The layer's ancestors, nearest parent first (one query, however deep)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import io
 import logging
 import os
@@ -29,6 +28,7 @@ from .driver import CreateOpts, Driver, LayerInfo, NativeApply, NativeDiff
 from .errors import (
     GraphDriverError,
     InvalidLayerId,
+    InvalidMountSpec,
     InvalidOption,
     LayerExists,
     LayerInUse,
@@ -38,6 +38,8 @@ from .errors import (
     StoreError,
     from_oserror,
 )
+from .linux.bind import container_path
+from .locking import FileLock
 from .metadata import IN_FLIGHT, LayerRecord, Metadata
 from .plugins import Hooks, choose_driver, hooks, load_driver
 
@@ -78,9 +80,7 @@ class LayerStore:
         self.home = root / driver_cls.name
         self.hooks = plugin_hooks
         self.home.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.home / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._lock_depth = 0
-        self._thread_lock = threading.RLock()
+        self._lock = FileLock(self.home / "lock")
         self.driver = driver_cls(self.home, options)
         self.name = driver_cls.name
         self.meta = Metadata(self.home / "metadata.db")
@@ -97,19 +97,9 @@ class LayerStore:
 
     # ------------------------------------------------------------------------ locking, recovery
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the store's exclusive lock (re-entrant within this object)."""
-        with self._thread_lock:
-            if self._lock_depth == 0:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
-                if self._lock_depth == 0:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        return self._lock.held()
 
     def _recover(self) -> None:
         """Roll back what a killed process left half-done, and match mount counts to reality."""
@@ -154,9 +144,7 @@ class LayerStore:
         """Close the metadata and lock; mounts stay (another process may ``put`` them)."""
         self.driver.close()
         self.meta.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._lock.close()
 
     def __enter__(self) -> LayerStore:
         return self
@@ -203,6 +191,7 @@ class LayerStore:
             "diff_id": rec.diff_id,
             "unpacked_size": rec.unpacked_size,
             "labels": rec.labels,
+            "volumes": rec.volumes,
         }
 
     def status(self) -> list[tuple[str, str]]:
@@ -226,10 +215,23 @@ class LayerStore:
         *,
         rw: bool = False,
         labels: Mapping[str, str] | None = None,
+        volumes: Sequence[str] = (),
     ) -> None:
-        """Create a read-only (image) layer, or a read-write one with ``rw=True``."""
+        """Create a read-only (image) layer, or a read-write one with ``rw=True``.
+
+        *volumes* are paths the layer declares as volumes (a Dockerfile's ``VOLUME``): a
+        container made on it, or on a layer above it, gets a volume at each.
+        """
         opts = opts or CreateOpts()
         validate_id(layer_id)
+        declared = []
+        for path in volumes:
+            try:
+                declared.append(container_path(path))
+            except ValueError as exc:
+                raise InvalidMountSpec(
+                    f"invalid volume path for layer {layer_id!r}: {exc}"
+                ) from None
         if parent is not None:
             validate_id(parent, "parent id")
         if opts.size is not None:
@@ -266,6 +268,7 @@ class LayerStore:
                 mount_label=opts.mount_label,
                 created=time.time(),
                 labels=dict(labels or {}),
+                volumes=sorted(set(declared)),
             )
             with self.meta.transaction():
                 self.meta.insert(rec)
@@ -324,6 +327,12 @@ class LayerStore:
             if children:
                 shown = ", ".join(children[:5]) + (" ..." if len(children) > 5 else "")
                 raise LayerInUse(f"layer {layer_id!r} has children ({shown}); remove them first")
+            owner = self.meta.container_of(layer_id)
+            if owner is not None:
+                raise LayerInUse(
+                    f"layer {layer_id!r} is the read-write layer of container {owner!r}; "
+                    f"use `graphdriver container rm {owner}`"
+                )
             with self.meta.transaction():
                 self.meta.update(layer_id, state="removing")
             self._call(self.driver.remove, _info(rec), doing=f"remove layer {layer_id}")

@@ -1,0 +1,220 @@
+"""Paths resolved inside a root filesystem, and bind mounts onto them.
+
+A container's volume goes at a path *inside* its root filesystem, and that filesystem comes from
+an image: a symlink in it (``data -> /etc``, ``data -> ../../..``) must not send the mount, or
+the copy of the image's content, anywhere on the host. :func:`open_in_root` resolves the path
+with openat2(2) and ``RESOLVE_IN_ROOT`` (Linux 5.6), so the kernel treats the root filesystem as
+``/`` for every symlink and ``..`` on the way, and hands back an ``O_PATH`` descriptor: the
+mount then goes onto that descriptor (move_mount(2) or ``/proc/self/fd/N``), never onto a path
+that could be swapped in between.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from pathlib import PurePosixPath
+
+from .mount import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, mount, unmount
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_OPENAT2 = 437
+_SYS_MOUNT_SETATTR = 442
+
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MS_PRIVATE = 1 << 18
+
+#: set to False to use mount(2) binds even where the new mount API works (tests, old kernels)
+NEW_API = True
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _check(rc: int, path: str | None = None) -> int:
+    if rc < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    return rc
+
+
+def _openat2(dirfd: int, path: str, flags: int) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    rc = _libc.syscall(
+        _SYS_OPENAT2,
+        ctypes.c_int(dirfd),
+        os.fsencode(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(int(rc), path)
+
+
+def container_path(path: str) -> str:
+    """*path* as a clean absolute path inside a container; ValueError says what is wrong."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{path!r} has a '..' component")
+    if not parts:
+        raise ValueError("a volume cannot be mounted at '/'")
+    return "/" + "/".join(parts)
+
+
+def open_in_root(root: str, path: str, *, create: str | None = None) -> int | None:
+    """An ``O_PATH`` fd of *path* resolved with *root* as ``/``, or None when it is missing.
+
+    With *create* ``"dir"`` or ``"file"``, missing components are made (directories 0755, the
+    last one of that kind), as Docker does for a volume's mountpoint.
+    """
+    parts = PurePosixPath(container_path(path)).parts[1:]
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            try:
+                fd = _openat2(root_fd, sub, os.O_PATH)
+            except FileNotFoundError:
+                if create is None:
+                    return None
+                _make(root_fd, parts[:i], "dir" if i < len(parts) else create)
+                fd = _openat2(root_fd, sub, os.O_PATH)
+            if i == len(parts):
+                return fd
+            os.close(fd)
+        raise AssertionError("unreachable")
+    finally:
+        os.close(root_fd)
+
+
+def _make(root_fd: int, parts: tuple[str, ...], kind: str) -> None:
+    parent_fd = _openat2(root_fd, "/".join(parts[:-1]) or ".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        name = parts[-1]
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise OSError(
+                errno.ENOENT,
+                f"/{'/'.join(parts)} is a symlink to a missing path inside the image",
+            )
+        if kind == "dir":
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        else:
+            os.close(
+                os.open(
+                    name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=parent_fd,
+                )
+            )
+    finally:
+        os.close(parent_fd)
+
+
+def fd_path(fd: int) -> str:
+    """The path the kernel has for an open fd (``/proc/self/fd/N``'s target)."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def bind(source: str, target_fd: int, *, readonly: bool = False) -> None:
+    """Bind *source* (recursively, private) onto the file or directory open as *target_fd*;
+    *readonly* makes the whole tree read-only, submounts included where the kernel can."""
+    if NEW_API:
+        try:
+            _bind_new(source, target_fd, readonly)
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+    _bind_classic(source, target_fd, readonly)
+
+
+def _bind_new(source: str, target_fd: int, readonly: bool) -> None:
+    tree = _check(
+        int(
+            _libc.syscall(
+                _SYS_OPEN_TREE,
+                ctypes.c_int(-100),
+                os.fsencode(source),
+                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),
+            )
+        ),
+        source,
+    )
+    try:
+        attr = _MountAttr(MOUNT_ATTR_RDONLY if readonly else 0, 0, MS_PRIVATE, 0)
+        _check(
+            int(
+                _libc.syscall(
+                    _SYS_MOUNT_SETATTR,
+                    ctypes.c_int(tree),
+                    b"",
+                    ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+                    ctypes.byref(attr),
+                    ctypes.c_size_t(ctypes.sizeof(attr)),
+                )
+            ),
+            source,
+        )
+        _check(
+            int(
+                _libc.syscall(
+                    _SYS_MOVE_MOUNT,
+                    ctypes.c_int(tree),
+                    b"",
+                    ctypes.c_int(target_fd),
+                    b"",
+                    ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+                )
+            ),
+            fd_path(target_fd),
+        )
+    finally:
+        os.close(tree)
+
+
+def _bind_classic(source: str, target_fd: int, readonly: bool) -> None:
+    where = f"/proc/self/fd/{target_fd}"
+    real = fd_path(target_fd)
+    mount(source, where, None, MS_BIND | MS_REC)
+    try:
+        mount("none", real, None, MS_PRIVATE | MS_REC)
+        if readonly:
+            # the new mount now sits on the path; only its top is made read-only here
+            fd = os.open(real, os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                mount("none", f"/proc/self/fd/{fd}", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+            finally:
+                os.close(fd)
+    except OSError:
+        unmount(real, MNT_DETACH)
+        raise

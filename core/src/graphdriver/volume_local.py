@@ -1,0 +1,110 @@
+"""The ``local`` volume driver: ``<root>/volumes/<name>/_data``, as Docker's.
+
+Without options the volume is that directory. With ``type``, ``device`` and ``o`` (Docker's
+local driver options) the device is mounted on ``_data`` while some container uses the volume:
+``--opt type=tmpfs --opt device=tmpfs --opt o=size=64m``, ``--opt type=ext4 --opt
+device=/dev/loop3``, ``--opt type=none --opt device=/srv/data --opt o=bind``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import InvalidOption
+from .linux import mount as m
+from .volumes import VolumeDriver
+
+#: mount(8) option words that are flags, not filesystem data: word -> (set, clear)
+_FLAGS: dict[str, tuple[int, int]] = {
+    "ro": (m.MS_RDONLY, 0),
+    "rw": (0, m.MS_RDONLY),
+    "nosuid": (m.MS_NOSUID, 0),
+    "suid": (0, m.MS_NOSUID),
+    "nodev": (m.MS_NODEV, 0),
+    "dev": (0, m.MS_NODEV),
+    "noexec": (0x8, 0),
+    "exec": (0, 0x8),
+    "sync": (0x10, 0),
+    "async": (0, 0x10),
+    "noatime": (0x400, 0),
+    "atime": (0, 0x400),
+    "nodiratime": (0x800, 0),
+    "relatime": (1 << 21, 0),
+    "strictatime": (1 << 24, 0),
+    "bind": (m.MS_BIND, 0),
+    "rbind": (m.MS_BIND | m.MS_REC, 0),
+}
+
+
+def parse_mount_options(text: str) -> tuple[int, str]:
+    """Split ``o=`` into mount(2) flags and the filesystem's data string."""
+    flags = 0
+    data = []
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        if word in _FLAGS:
+            on, off = _FLAGS[word]
+            flags = (flags | on) & ~off
+        else:
+            data.append(word)
+    return flags, ",".join(data)
+
+
+class LocalVolumeDriver(VolumeDriver):
+    """Volumes as directories under ``<root>/volumes``, optionally backed by a mount."""
+
+    name = "local"
+    options = {
+        "type": "filesystem type to mount on the volume (tmpfs, ext4, xfs, nfs, none for bind)",
+        "device": "what to mount: a block device, a host directory with o=bind, tmpfs",
+        "o": "mount options, comma-separated (size=64m, uid=1000, bind, ro, ...)",
+    }
+
+    def _base(self, name: str) -> Path:
+        return self.volumes_dir / name
+
+    def path(self, name: str, options: Mapping[str, str]) -> Path:
+        return self._base(name) / "_data"
+
+    def validate(self, options: Mapping[str, str]) -> None:
+        if options and not {"type", "device"} <= set(options):
+            raise InvalidOption(
+                "the local volume driver needs both --opt type=... and --opt device=... to "
+                "mount something (e.g. type=tmpfs device=tmpfs)"
+            )
+        flags, _data = parse_mount_options(options.get("o", ""))
+        if flags & m.MS_BIND and not options.get("device", "").startswith("/"):
+            raise InvalidOption("a bind volume needs an absolute host path as --opt device=")
+
+    def create(self, name: str, options: Mapping[str, str]) -> None:
+        base = self._base(name)
+        base.mkdir(0o711)
+        (base / "_data").mkdir(0o755)
+        os.chmod(base / "_data", 0o755)
+
+    def remove(self, name: str, options: Mapping[str, str]) -> None:
+        base = self._base(name)
+        m.unmount_all_under(base)
+        if base.exists():
+            shutil.rmtree(base)
+
+    def mount(self, name: str, options: Mapping[str, str]) -> Path:
+        data = self.path(name, options)
+        if not data.is_dir():
+            raise FileNotFoundError(2, "the volume's directory is missing", str(data))
+        if options:
+            flags, extra = parse_mount_options(options.get("o", ""))
+            device = options["device"]
+            if flags & m.MS_BIND and not os.path.exists(device):
+                raise FileNotFoundError(2, "bind source of the volume does not exist", device)
+            fstype = None if flags & m.MS_BIND else options["type"]
+            m.mount(device, data, fstype, flags, extra or None)
+            if flags & m.MS_BIND and flags & m.MS_RDONLY:  # a bind ignores ro until a remount
+                m.mount("none", data, None, m.MS_REMOUNT | m.MS_BIND | m.MS_RDONLY)
+        return data
+
+    def unmount(self, name: str, options: Mapping[str, str]) -> None:
+        if options:
+            m.unmount(self.path(name, options))

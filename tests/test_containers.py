@@ -1,0 +1,463 @@
+"""Containers and volumes through the CLI, on overlay and vfs (loop-ext4): every spec form, the
+lifecycle Docker users expect, and the safety rules (symlinks in images, bind sources, names)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import GD
+
+from graphdriver.linux.mount import mountinfo, mounts_under
+from graphdriver.testing import Backing
+
+
+@pytest.fixture(params=["overlay", "vfs"])
+def gd(loop_ext4: Backing, request: pytest.FixtureRequest) -> Iterator[GD]:
+    root = loop_ext4.root / re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:80]
+    root.mkdir()
+    runner = GD(root, request.param)
+    try:
+        yield runner
+    finally:
+        subprocess.run(runner.argv("cleanup"), capture_output=True, timeout=120)
+        leftover = mounts_under(root)
+        shutil.rmtree(root, ignore_errors=True)
+        assert not leftover, f"mounts left behind: {leftover}"
+
+
+def _tar(entries: dict[str, str | bytes | None]) -> bytes:
+    """name -> bytes (file), None (directory) or "->target" (symlink)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, value in entries.items():
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if value is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            elif isinstance(value, str):
+                info.type, info.linkname = tarfile.SYMTYPE, value[2:]
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(value), 0o640
+                info.uid = info.gid = 1234
+                tf.addfile(info, io.BytesIO(value))
+    return buf.getvalue()
+
+
+IMAGE = {
+    "etc": None,
+    "etc/hostname": b"image\n",
+    "data": None,
+    "data/seed": b"from the image\n",
+    "data/sub": None,
+    "data/sub/deep": b"deep\n",
+    "srv": None,
+    "srv/existing": b"image srv\n",
+}
+
+
+def _image(
+    gd: GD, name: str = "img", *volumes: str, extra: dict[str, str | bytes | None] | None = None
+) -> None:
+    args = [a for v in volumes for a in ("--volume", v)]
+    gd("create", *args, name)
+    gd("apply-diff", name, input=_tar({**IMAGE, **(extra or {})}))
+
+
+def _inspect(gd: GD, kind: str, name: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(gd(kind, "inspect", name).out)[0]  # type: ignore[no-any-return]
+
+
+def _volumes(gd: GD) -> list[str]:
+    return gd("volume", "ls", "-q").out.split()
+
+
+def _fail(gd: GD, *args: str) -> str:
+    res = gd(*args, check=False)
+    assert res.code == 1, (res.code, res.out, res.err)
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphdriver: error: "), res.err
+    assert "Traceback" not in res.err
+    return lines[0]
+
+
+def _binds(root: Path) -> list[str]:
+    base = os.path.realpath(root)
+    return [m for m in mounts_under(base) if m != base]
+
+
+# ------------------------------------------------------------------------- spec forms, mount
+
+
+def test_every_spec_form_is_mounted_where_asked(gd: GD, tmp_path: Path) -> None:
+    _image(gd)
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "h").write_text("host file\n")
+    (tmp_path / "single").write_text("one file\n")
+    gd(
+        "container", "create", "c1", "--image", "img",
+        "-v", "named:/named",
+        "-v", "ro-named:/ro-named:ro",
+        "-v", f"{host}:/host",
+        "-v", f"{host}:/host-ro:ro",
+        "-v", f"{tmp_path / 'single'}:/etc/single:ro",
+        "-v", "/anon",
+        "-v", "/deep/anon/path",
+    )  # fmt: skip
+    info = _inspect(gd, "container", "c1")
+    kinds = {m["Destination"]: (m["Type"], m["RW"]) for m in info["Mounts"]}
+    assert kinds == {
+        "/named": ("volume", True),
+        "/ro-named": ("volume", False),
+        "/host": ("bind", True),
+        "/host-ro": ("bind", False),
+        "/etc/single": ("bind", False),
+        "/anon": ("volume", True),
+        "/deep/anon/path": ("volume", True),
+    }
+    anon = [m["Name"] for m in info["Mounts"] if m.get("Anonymous")]
+    assert len(anon) == 2 and all(re.fullmatch(r"[0-9a-f]{64}", n) for n in anon)
+    assert sorted(_volumes(gd)) == sorted(["named", "ro-named", *anon])
+
+    root = Path(gd("container", "mount", "c1").out.strip())
+    assert (root / "etc" / "hostname").read_text() == "image\n"
+    assert (root / "host" / "h").read_text() == "host file\n"
+    assert (root / "etc" / "single").read_text() == "one file\n"
+    (root / "named" / "n").write_text("n")
+    (root / "host" / "from-container").write_text("c")
+    (root / "deep" / "anon" / "path" / "x").write_text("x")
+    assert (host / "from-container").read_text() == "c"
+    for ro in ("ro-named", "host-ro"):
+        with pytest.raises(OSError, match="Read-only"):
+            (root / ro / "nope").write_text("x")
+    with pytest.raises(OSError, match="Read-only"):
+        (root / "etc" / "single").write_text("x")
+    named = Path(_inspect(gd, "volume", "named")["Mountpoint"])
+    assert named == gd.root / "volumes" / "named" / "_data"
+    assert (named / "n").read_text() == "n"
+    assert len(_binds(root)) == 7
+    gd("container", "umount", "c1")
+    assert _binds(root) == []
+    assert not (root / "named" / "n").exists()  # the volume is not in the layer
+
+
+def test_remount_keeps_data_and_mounts_are_counted(gd: GD) -> None:
+    _image(gd)
+    gd("container", "create", "c1", "--image", "img", "-v", "keep:/keep", "-v", "/anon")
+    root = Path(gd("container", "mount", "c1").out.strip())
+    (root / "etc" / "hostname").write_text("container\n")
+    (root / "keep" / "k").write_text("k")
+    (root / "anon" / "a").write_text("a")
+    assert Path(gd("container", "mount", "c1").out.strip()) == root
+    gd("container", "umount", "c1")
+    assert (root / "keep" / "k").exists()  # still mounted: one reference left
+    gd("container", "umount", "c1")
+    assert _fail(gd, "container", "umount", "c1").endswith("container 'c1' is not mounted")
+    root = Path(gd("container", "mount", "c1").out.strip())
+    assert (root / "etc" / "hostname").read_text() == "container\n"
+    assert (root / "keep" / "k").read_text() == "k"
+    assert (root / "anon" / "a").read_text() == "a"
+    assert _inspect(gd, "container", "c1")["Mounted"] is True
+    gd("container", "umount", "c1")
+
+
+# ------------------------------------------------------------------ image-declared volumes
+
+
+def test_image_volume_is_filled_from_the_image_on_first_mount_only(gd: GD) -> None:
+    _image(gd, "img", "/data")
+    gd("create", "--parent", "img", "app")  # declared volumes are inherited by layers above
+    gd("container", "create", "c1", "--image", "app")
+    (mp,) = _inspect(gd, "container", "c1")["Mounts"]
+    assert (mp["Destination"], mp["Origin"], mp["Anonymous"]) == ("/data", "image", True)
+    data = Path(mp["Source"])
+    assert os.listdir(data) == []
+    root = Path(gd("container", "mount", "c1").out.strip())
+    assert (root / "data" / "seed").read_text() == "from the image\n"
+    assert (root / "data" / "sub" / "deep").read_text() == "deep\n"
+    st = (data / "seed").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1234, 1234, 0o640)
+    (root / "data" / "seed").unlink()
+    gd("container", "umount", "c1")
+    assert not (data / "seed").exists()
+    root = Path(gd("container", "mount", "c1").out.strip())
+    assert not (root / "data" / "seed").exists()  # not copied a second time
+    gd("container", "umount", "c1")
+
+
+def test_cli_volume_overrides_image_volume_and_keeps_named_content(gd: GD) -> None:
+    _image(gd, "img", "/data", "/srv")
+    gd("volume", "create", "full")
+    full = Path(_inspect(gd, "volume", "full")["Mountpoint"])
+    (full / "mine").write_text("mine")
+    gd("container", "create", "c1", "--image", "img", "-v", "full:/data", "-v", "empty:/srv:nocopy")
+    mounts = {m["Destination"]: m for m in _inspect(gd, "container", "c1")["Mounts"]}
+    assert mounts["/data"]["Name"] == "full" and mounts["/data"]["Origin"] == "cli"
+    root = Path(gd("container", "mount", "c1").out.strip())
+    assert sorted(os.listdir(root / "data")) == ["mine"]  # a non-empty volume is not filled
+    assert os.listdir(root / "srv") == []  # nocopy
+    gd("container", "umount", "c1")
+    gd("container", "create", "c2", "--image", "img", "-v", "fresh:/data")
+    root = Path(gd("container", "mount", "c2").out.strip())
+    assert (root / "data" / "seed").read_text() == "from the image\n"  # an empty named one is
+    gd("container", "umount", "c2")
+
+
+# ---------------------------------------------------------------------------- lifecycle
+
+
+def test_rm_keeps_volumes_and_rm_v_removes_only_anonymous_ones(gd: GD) -> None:
+    _image(gd, "img", "/data")
+    gd("container", "create", "c1", "--image", "img", "-v", "named:/named", "-v", "/anon")
+    info = _inspect(gd, "container", "c1")
+    anon = sorted(m["Name"] for m in info["Mounts"] if m["Anonymous"])
+    root = Path(gd("container", "mount", "c1").out.strip())
+    (root / "named" / "n").write_text("n")
+    (root / "in-layer").write_text("layer data")
+    assert _fail(gd, "container", "rm", "c1").endswith("is mounted; umount it first, or use -f")
+    gd("container", "umount", "c1")
+    assert _fail(gd, "rm", info["Layer"]).endswith("use `graphdriver container rm c1`")
+    gd("container", "rm", "c1")
+    assert info["Layer"] not in gd("ls").out.split()
+    assert not list(gd.root.rglob(f"*{info['Layer']}*"))  # the layer's data is gone
+    assert sorted(_volumes(gd)) == sorted(["named", *anon])  # volumes stay
+    assert _fail(gd, "container", "inspect", "c1").endswith("container 'c1' does not exist")
+
+    gd("container", "create", "c2", "--image", "img", "-v", "named:/named", "-v", "/anon")
+    anon2 = sorted(m["Name"] for m in _inspect(gd, "container", "c2")["Mounts"] if m["Anonymous"])
+    root = Path(gd("container", "mount", "c2").out.strip())
+    assert (root / "named" / "n").read_text() == "n"  # the named volume came back with its data
+    gd("container", "rm", "-f", "-v", "c2")  # -f: unmounted first
+    assert _binds(root) == []
+    assert sorted(_volumes(gd)) == sorted(["named", *anon])  # c2's anonymous ones are gone
+    assert not set(anon2) & set(_volumes(gd))
+
+
+def test_volume_in_use_needs_force_and_never_while_mounted(gd: GD) -> None:
+    _image(gd)
+    gd("container", "create", "c1", "--image", "img", "-v", "shared:/s")
+    gd("container", "create", "c2", "--image", "img", "-v", "shared:/s")
+    err = _fail(gd, "volume", "rm", "shared")
+    assert err.endswith(
+        "volume 'shared' is in use by container(s) c1, c2; remove them first, or use -f"
+    )
+    root = Path(gd("container", "mount", "c1").out.strip())
+    (root / "s" / "f").write_text("f")
+    assert "is mounted in container(s)" in _fail(gd, "volume", "rm", "-f", "shared")
+    assert (root / "s" / "f").exists()
+    gd("container", "umount", "c1")
+    assert gd("volume", "rm", "-f", "shared").out.strip() == "shared"
+    assert "shared" not in _volumes(gd)
+    # a named volume a container still names is made again (empty) at its next mount
+    root = Path(gd("container", "mount", "c2").out.strip())
+    assert os.listdir(root / "s") == []
+    assert _inspect(gd, "volume", "shared")["UsedBy"] == ["c2"]
+    gd("container", "umount", "c2")
+    assert gd("volume", "rm", "-f", "missing").code == 0  # -f: a missing volume is no error
+    assert _fail(gd, "volume", "rm", "missing").endswith("volume 'missing' does not exist")
+
+
+def test_volumes_from_shares_the_same_directories(gd: GD, tmp_path: Path) -> None:
+    _image(gd, "img", "/data")
+    host = tmp_path / "h"
+    host.mkdir()
+    gd("container", "create", "a", "--image", "img", "-v", "named:/named", "-v", f"{host}:/host")
+    gd("container", "create", "b", "--image", "img", "--volumes-from", "a")
+    gd("container", "create", "r", "--image", "img", "--volumes-from", "a:ro", "-v", "/named")
+    mounts_b = {m["Destination"]: m for m in _inspect(gd, "container", "b")["Mounts"]}
+    mounts_a = {m["Destination"]: m for m in _inspect(gd, "container", "a")["Mounts"]}
+    assert {k: v.get("Name", v["Source"]) for k, v in mounts_b.items()} == {
+        k: v.get("Name", v["Source"]) for k, v in mounts_a.items()
+    }
+    assert all(m["Origin"] == "volumes-from:a" for m in mounts_b.values())
+    ra = Path(gd("container", "mount", "a").out.strip())
+    rb = Path(gd("container", "mount", "b").out.strip())
+    rr = Path(gd("container", "mount", "r").out.strip())
+    (ra / "data" / "from-a").write_text("a")
+    (rb / "named" / "from-b").write_text("b")
+    assert (rb / "data" / "from-a").read_text() == "a"
+    assert (ra / "named" / "from-b").read_text() == "b"
+    assert (rr / "data" / "from-a").read_text() == "a"
+    with pytest.raises(OSError, match="Read-only"):
+        (rr / "data" / "x").write_text("x")
+    assert os.listdir(rr / "named") == []  # -v overrides what volumes-from brought
+    (rr / "named" / "own").write_text("own")
+    for c in ("a", "b", "r"):
+        gd("container", "umount", c)
+    gd("container", "rm", "-v", "a")  # b still uses a's anonymous volume: kept
+    rb = Path(gd("container", "mount", "b").out.strip())
+    assert (rb / "data" / "from-a").read_text() == "a"
+    gd("container", "umount", "b")
+
+
+# ------------------------------------------------------------------------------- safety
+
+
+def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
+    before = {e.mountpoint for e in mountinfo()}
+    _image(
+        gd,
+        "img",
+        "/data/link/x",
+        "/escape/e",
+        extra={
+            "data/link": "->/etc",
+            "escape": "->../../../../../../../../etc",
+            "dangling": "->/nowhere/at/all",
+        },
+    )
+    gd("container", "create", "c1", "--image", "img", "-v", "/data/link/y", "-v", "esc:/escape/z")
+    root = Path(gd("container", "mount", "c1").out.strip())
+    new = {e.mountpoint for e in mountinfo()} - before
+    real_root = os.path.realpath(root)
+    assert new and all(m == real_root or m.startswith(real_root + "/") for m in new), new
+    # every mount landed on the image's own /etc, inside the root filesystem
+    assert {m[len(real_root) :] for m in new if m != real_root} == {
+        "/etc/x",
+        "/etc/y",
+        "/etc/e",
+        "/etc/z",
+    }
+    (root / "etc" / "y" / "marker").write_text("m")
+    assert not any(Path("/etc", n).exists() for n in "xyez")
+    gd("container", "umount", "c1")
+    # a symlink to a path the image lacks is refused at mount, and nothing stays mounted
+    gd("container", "create", "c2", "--image", "img", "-v", "named:/ok", "-v", "/dangling/v")
+    err = _fail(gd, "container", "mount", "c2")
+    assert "/dangling is a symlink to a missing path inside the image" in err
+    assert {e.mountpoint for e in mountinfo()} == before
+    assert _inspect(gd, "container", "c2")["Mounted"] is False
+    assert _inspect(gd, "volume", "named")["MountCount"] == 0
+    assert not Path("/nowhere").exists()
+
+
+def test_bad_specs_fail_with_one_line_and_change_nothing(gd: GD, tmp_path: Path) -> None:
+    _image(gd)
+    before = (_volumes(gd), gd("ls").out)
+    cases = {
+        ("-v", str(tmp_path / "missing") + ":/x"): "bind source " + str(tmp_path / "missing"),
+        ("-v", "named:relative/path"): "is not an absolute path",
+        ("-v", "relative"): "is not an absolute path",
+        ("-v", "named:/"): "cannot be mounted at '/'",
+        ("-v", "named:/a/../b"): "has a '..' component",
+        ("-v", "named:/x:rx"): "is not a comma list of ro, rw, nocopy",
+        ("-v", "/x:ro"): "a volume without a source takes no mode",
+        ("-v", "bad name!:/x"): "invalid volume name",
+        ("-v", "./rel:/x"): "a bind source must be an absolute host path",
+        ("-v", f"{gd.root}:/x"): "inside the graphdriver root",
+        ("-v", f"{gd.root / 'volumes'}:/x"): "inside the graphdriver root",
+        ("-v", "a:/x", "-v", "b:/x"): "duplicate mount point /x",
+        ("--volumes-from", "ghost"): "container 'ghost' does not exist",
+        ("--volumes-from", "ghost:rx"): "the mode is ro or rw",
+        ("--volume-driver", "nope", "-v", "v:/x"): "no volume driver named 'nope'",
+    }
+    for args, message in cases.items():
+        err = _fail(gd, "container", "create", "c1", "--image", "img", *args)
+        assert message in err, (args, err)
+    assert _fail(gd, "container", "create", "c1", "--image", "ghost").endswith(
+        "image 'ghost' does not exist"
+    )
+    assert "invalid container name" in _fail(gd, "container", "create", "../x", "--image", "img")
+    assert "invalid volume path" in _fail(gd, "create", "--volume", "rel", "x")
+    assert (_volumes(gd), gd("ls").out) == before
+    assert gd("container", "ls", "--json").out.strip() == "[]"
+    gd("container", "create", "c1", "--image", "img")
+    assert _fail(gd, "container", "create", "c1", "--image", "img").endswith(
+        "container 'c1' already exists"
+    )
+    err = _fail(gd, "container", "create", "c2", "--image", "img", "--volumes-from", "c2")
+    assert err.endswith("container 'c2' cannot take volumes from itself")
+
+
+def test_a_killed_create_is_rolled_back(gd: GD) -> None:
+    _image(gd, "img", "/data")
+    gd("volume", "create", "keep")
+    proc = subprocess.run(
+        gd.argv("container", "create", "c1", "--image", "img", "-v", "keep:/k", "-v", "/anon"),
+        env={**os.environ, "GRAPHDRIVER_CRASH_AT": "container-create"},
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9
+    assert len(_volumes(gd)) == 3  # keep + two anonymous, until the next open rolls back
+    assert gd("container", "ls", "--json").out.strip() == "[]"  # opens the store: rolls back
+    assert _volumes(gd) == ["keep"]
+    assert _inspect(gd, "volume", "keep")["UsedBy"] == []
+    assert gd("ls").out.split() == ["img"]
+    gd("container", "create", "c1", "--image", "img", "-v", "keep:/k")
+
+
+# -------------------------------------------------------------------------- volume verbs
+
+
+def test_volume_verbs(gd: GD) -> None:
+    name = gd("volume", "create").out.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", name)
+    gd("volume", "create", "web", "--label", "app=shop", "--label", "tier=front")
+    assert gd("volume", "create", "web").out.strip() == "web"  # same driver: returns it
+    assert "already exists" in _fail(
+        gd, "volume", "create", "web", "--opt", "type=tmpfs", "--opt", "device=tmpfs"
+    )
+    info = _inspect(gd, "volume", "web")
+    assert info["Driver"] == "local" and info["Labels"] == {"app": "shop", "tier": "front"}
+    assert info["Anonymous"] is False and info["Scope"] == "local"
+    assert gd("volume", "ls", "-q", "--filter", "label=app=shop").out.split() == ["web"]
+    assert gd("volume", "ls", "-q", "--filter", "dangling=false").out.split() == []
+    assert "no volume driver named 'nfs-x'" in _fail(
+        gd, "volume", "create", "--driver", "nfs-x", "v"
+    )
+    assert "has no option 'colour'" in _fail(gd, "volume", "create", "--opt", "colour=red", "v")
+    assert "needs both --opt type" in _fail(gd, "volume", "create", "--opt", "type=tmpfs", "v")
+    assert "invalid volume name" in _fail(gd, "volume", "create", "bad!")
+    Path(info["Mountpoint"], "f").write_bytes(b"x" * 10000)
+    _image(gd)
+    gd("container", "create", "c1", "--image", "img", "-v", "/used")
+    used = _inspect(gd, "container", "c1")["Mounts"][0]["Name"]
+    pruned = json.loads(gd("volume", "prune", "--json").out)
+    assert pruned["VolumesDeleted"] == [name]  # anonymous and unused only
+    assert sorted(_volumes(gd)) == sorted(["web", used])
+    pruned = json.loads(gd("volume", "prune", "--all", "--json").out)
+    assert pruned["VolumesDeleted"] == ["web"] and pruned["SpaceReclaimed"] >= 10000
+    assert not (gd.root / "volumes" / "web").exists()
+    assert _volumes(gd) == [used]
+
+
+def test_local_volume_with_a_tmpfs_mount(gd: GD) -> None:
+    _image(gd)
+    gd(
+        "volume",
+        "create",
+        "scratch",
+        "--opt",
+        "type=tmpfs",
+        "--opt",
+        "device=tmpfs",
+        "--opt",
+        "o=size=4m,mode=0700",
+    )
+    gd("container", "create", "c1", "--image", "img", "-v", "scratch:/scratch")
+    gd("container", "create", "c2", "--image", "img", "-v", "scratch:/scratch")
+    r1 = Path(gd("container", "mount", "c1").out.strip())
+    r2 = Path(gd("container", "mount", "c2").out.strip())
+    (r1 / "scratch" / "f").write_text("shared")
+    assert (r2 / "scratch" / "f").read_text() == "shared"  # one tmpfs for both
+    entry = next(e for e in mountinfo() if e.mountpoint == os.path.realpath(r1 / "scratch"))
+    assert entry.fstype == "tmpfs" and "size=4096k" in entry.super_options
+    assert _inspect(gd, "volume", "scratch")["MountCount"] == 2
+    gd("container", "umount", "c1")
+    assert (r2 / "scratch" / "f").exists()
+    gd("container", "umount", "c2")
+    assert _inspect(gd, "volume", "scratch")["MountCount"] == 0
+    data = gd.root / "volumes" / "scratch" / "_data"
+    assert os.path.realpath(data) not in {e.mountpoint for e in mountinfo()}
