@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,28 @@ def gd(loop_ext4: Backing, request: pytest.FixtureRequest) -> Iterator[GD]:
     finally:
         subprocess.run(runner.argv("cleanup"), capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def install_package(work: Path, pyproject: str, modules: dict[str, str]) -> Path:
+    """Build a package from *pyproject* and ``src/`` *modules* (path -> source) with hatchling
+    and install it with uv into a target folder of its own; return that folder (for
+    PYTHONPATH)."""
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    if uv is None:
+        pytest.fail("uv is needed to install the test package; run the README's set-up")
+    pkg = work / "pkg"
+    for rel, source in modules.items():
+        (pkg / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / "src" / rel).write_text(textwrap.dedent(source))
+    (pkg / "pyproject.toml").write_text(pyproject)
+    target = work / "site"
+    subprocess.run(
+        [uv, "pip", "install", "--quiet", "--no-deps", "--python", sys.executable,
+         "--target", str(target), str(pkg)],
+        check=True,
+        timeout=600,
+    )  # fmt: skip
+    return target
 
 
 def run_suite(python: str, directory: Path, source: str, env: dict[str, str] | None = None) -> str:

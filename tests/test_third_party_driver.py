@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_suite
+from conftest import install_package, run_suite
 
 PYPROJECT = """
 [project]
@@ -99,33 +97,14 @@ class TestTinyCopy(DriverConformance):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-    if uv is None:
-        pytest.fail("uv is needed to install the test package; run the README's set-up")
-    work = tmp_path_factory.mktemp("tinycopy")
-    pkg = work / "pkg"
-    (pkg / "src" / "graphdriver_tinycopy").mkdir(parents=True)
-    (pkg / "pyproject.toml").write_text(PYPROJECT)
-    (pkg / "src" / "graphdriver_tinycopy" / "__init__.py").write_text(textwrap.dedent(DRIVER))
-    (pkg / "src" / "graphdriver_tinycopy" / "audit.py").write_text(textwrap.dedent(AUDIT))
-    target = work / "site"
-    subprocess.run(
-        [
-            uv,
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--python",
-            sys.executable,
-            "--target",
-            str(target),
-            str(pkg),
-        ],
-        check=True,
-        timeout=600,
+    return install_package(
+        tmp_path_factory.mktemp("tinycopy"),
+        PYPROJECT,
+        {
+            "graphdriver_tinycopy/__init__.py": DRIVER,
+            "graphdriver_tinycopy/audit.py": AUDIT,
+        },
     )
-    return target
 
 
 def _env(site: Path) -> dict[str, str]:

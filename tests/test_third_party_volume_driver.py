@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import install_package
 
 from graphdriver.linux.mount import mounts_under
 
@@ -77,22 +76,11 @@ class JournalDriver(VolumeDriver):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-    if uv is None:
-        pytest.fail("uv is needed to install the test package; run the README's set-up")
-    work = tmp_path_factory.mktemp("journalvol")
-    pkg = work / "pkg"
-    (pkg / "src" / "graphdriver_journalvol").mkdir(parents=True)
-    (pkg / "pyproject.toml").write_text(PYPROJECT)
-    (pkg / "src" / "graphdriver_journalvol" / "__init__.py").write_text(textwrap.dedent(DRIVER))
-    target = work / "site"
-    subprocess.run(
-        [uv, "pip", "install", "--quiet", "--no-deps", "--python", sys.executable,
-         "--target", str(target), str(pkg)],
-        check=True,
-        timeout=600,
-    )  # fmt: skip
-    return target
+    return install_package(
+        tmp_path_factory.mktemp("journalvol"),
+        PYPROJECT,
+        {"graphdriver_journalvol/__init__.py": DRIVER},
+    )
 
 
 def test_volume_driver_package_serves_containers(site: Path, tmp_path: Path) -> None:
