@@ -99,7 +99,11 @@ def _binds(root: Path) -> list[str]:
 # ------------------------------------------------------------------------- spec forms, mount
 
 
-def test_every_spec_form_is_mounted_where_asked(gd: GD, tmp_path: Path) -> None:
+@pytest.mark.parametrize("api", ["new", "classic"])
+def test_every_spec_form_is_mounted_where_asked(
+    gd: GD, tmp_path: Path, api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRAPHDRIVER_BIND_API", api)  # open_tree+move_mount, or mount(2)
     _image(gd)
     host = tmp_path / "host"
     host.mkdir()

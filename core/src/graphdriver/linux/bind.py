@@ -38,8 +38,8 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MOUNT_ATTR_RDONLY = 0x1
 MS_PRIVATE = 1 << 18
 
-#: set to False to use mount(2) binds even where the new mount API works (tests, old kernels)
-NEW_API = True
+#: GRAPHDRIVER_BIND_API=classic: mount(2) binds even where open_tree/move_mount work (tests)
+NEW_API = os.environ.get("GRAPHDRIVER_BIND_API", "new") != "classic"
 
 
 class _OpenHow(ctypes.Structure):
