@@ -377,6 +377,18 @@ def _checksum_ok(block: bytes) -> bool:
     return want == signed
 
 
+_ZERO_BLOCK = b"\0" * BLOCK
+
+
+def _pax_time(value: bytes) -> int:
+    """Whole seconds of a PAX time ("1700000000.123456789", maybe negative)."""
+    whole, _, _frac = value.partition(b".")
+    try:
+        return int(whole) if whole not in (b"", b"-") else 0
+    except ValueError:
+        raise ArchiveError(f"corrupt PAX time {value[:40]!r}") from None
+
+
 def _parse_pax(data: bytes) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     pos = 0
@@ -453,11 +465,17 @@ class TarReader:
                 raise ArchiveError(
                     f"truncated tar: input ended inside a header at byte {self.offset}"
                 )
-            if block == b"\0" * BLOCK:
+            if block == _ZERO_BLOCK:
                 if first:
                     raise ArchiveError("not a tar archive: it starts with an empty block")
                 return
-            if not _checksum_ok(block):
+            # the checksum counts its own field as eight spaces; the common case inline
+            field8 = block[148:156]
+            try:
+                fast_ok = int(field8.strip(b" \0"), 8) == sum(block) - sum(field8) + 256
+            except ValueError:
+                fast_ok = False
+            if not fast_ok and not _checksum_ok(block):
                 if first:
                     raise ArchiveError("not a tar archive (bad header checksum)")
                 raise ArchiveError(
@@ -495,16 +513,16 @@ class TarReader:
             if "size" in merged:
                 size = int(merged["size"])
             entry = TarEntry(
-                name=os.fsdecode(name),
+                name=name.decode("utf-8", "surrogateescape"),
                 type=typeflag,
                 mode=_number(block[100:108], "mode") & 0o7777,
                 uid=int(merged["uid"]) if "uid" in merged else _number(block[108:116], "uid"),
                 gid=int(merged["gid"]) if "gid" in merged else _number(block[116:124], "gid"),
                 size=size,
-                mtime=int(float(merged["mtime"]))
+                mtime=_pax_time(merged["mtime"])
                 if "mtime" in merged
                 else _number(block[136:148], "mtime"),
-                linkname=os.fsdecode(link),
+                linkname=link.decode("utf-8", "surrogateescape") if link else "",
             )
             if typeflag in (CHRTYPE, BLKTYPE):
                 entry.devmajor = _number(block[329:337], "devmajor")
