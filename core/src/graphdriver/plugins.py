@@ -31,10 +31,7 @@ PRIORITY = ("overlay", "btrfs", "devmapper", "vfs")
 
 def installed_drivers() -> dict[str, str]:
     """Installed driver names -> "module:Class", read from package metadata without importing."""
-    found: dict[str, str] = {}
-    for ep in importlib.metadata.entry_points(group=DRIVER_GROUP):
-        found.setdefault(ep.name, ep.value)
-    return dict(sorted(found.items(), key=lambda kv: _priority(kv[0])))
+    return dict(sorted(entry_point_names(DRIVER_GROUP).items(), key=lambda kv: _priority(kv[0])))
 
 
 def _priority(name: str) -> tuple[int, str]:
@@ -43,27 +40,40 @@ def _priority(name: str) -> tuple[int, str]:
 
 def load_driver(name: str) -> type[Driver]:
     """Import the driver class registered as *name* (and nothing else)."""
+    return cast("type[Driver]", load_plugin(DRIVER_GROUP, name, installed_drivers(), "storage"))
+
+
+def entry_point_names(group: str) -> dict[str, str]:
+    """Names registered in an entry point *group* -> "module:Class", without importing."""
+    found: dict[str, str] = {}
+    for ep in importlib.metadata.entry_points(group=group):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def load_plugin(group: str, name: str, known: Mapping[str, str], kind: str) -> object:
+    """What the entry point *name* of *group* names, loaded with stevedore (the way every
+    driver, storage or volume, is loaded); *known* are the installed names, for the error."""
     from stevedore import DriverManager  # imported late: it is slow and only needed here
 
-    known = installed_drivers()
     if name not in known:
         listing = ", ".join(known) or "none"
-        raise DriverNotFound(
-            f"no storage driver named {name!r} is installed (installed: {listing})"
-        )
+        raise DriverNotFound(f"no {kind} driver named {name!r} is installed (installed: {listing})")
 
     def failed(_manager: object, entrypoint: object, exc: BaseException) -> None:
-        raise DriverLoadError(f"driver {name!r} ({known[name]}) failed to load: {exc}") from exc
+        raise DriverLoadError(
+            f"{kind} driver {name!r} ({known[name]}) failed to load: {exc}"
+        ) from exc
 
     try:
         manager: Any = DriverManager(
-            DRIVER_GROUP, name, invoke_on_load=False, on_load_failure_callback=failed
+            group, name, invoke_on_load=False, on_load_failure_callback=failed
         )
     except GraphDriverError:
         raise
     except Exception as exc:  # stevedore's own errors (conflicts, missing entry points)
-        raise DriverLoadError(f"driver {name!r} cannot be loaded: {exc}") from exc
-    return cast("type[Driver]", manager.driver)
+        raise DriverLoadError(f"{kind} driver {name!r} cannot be loaded: {exc}") from exc
+    return manager.driver
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import logging
 import os
@@ -28,7 +27,6 @@ from typing import Any, ClassVar
 from .errors import (
     AlreadyExists,
     DriverLoadError,
-    DriverNotFound,
     GraphDriverError,
     InUse,
     InvalidOption,
@@ -38,6 +36,7 @@ from .errors import (
 )
 from .locking import FileLock
 from .metadata import transaction
+from .plugins import entry_point_names, load_plugin
 
 log = logging.getLogger(__name__)
 
@@ -91,27 +90,14 @@ class VolumeDriver(ABC):
 
 def installed_volume_drivers() -> dict[str, str]:
     """Installed volume driver names -> "module:Class"."""
-    found: dict[str, str] = {}
-    for ep in importlib.metadata.entry_points(group=VOLUME_DRIVER_GROUP):
-        found.setdefault(ep.name, ep.value)
-    return dict(sorted(found.items()))
+    return dict(sorted(entry_point_names(VOLUME_DRIVER_GROUP).items()))
 
 
 def load_volume_driver(name: str) -> type[VolumeDriver]:
-    """Import the volume driver registered as *name*."""
-    known = installed_volume_drivers()
-    if name not in known:
-        raise DriverNotFound(
-            f"no volume driver named {name!r} is installed (installed: "
-            f"{', '.join(known) or 'none'})"
-        )
-    ep = next(iter(importlib.metadata.entry_points(group=VOLUME_DRIVER_GROUP, name=name)))
-    try:
-        cls = ep.load()
-    except Exception as exc:
-        raise DriverLoadError(f"volume driver {name!r} ({ep.value}) failed to load: {exc}") from exc
+    """Import the volume driver registered as *name*, like a storage driver."""
+    cls = load_plugin(VOLUME_DRIVER_GROUP, name, installed_volume_drivers(), "volume")
     if not (isinstance(cls, type) and issubclass(cls, VolumeDriver)):
-        raise DriverLoadError(f"volume driver {name!r} ({ep.value}) is not a VolumeDriver")
+        raise DriverLoadError(f"volume driver {name!r} is not a graphdriver.VolumeDriver")
     return cls
 
 
