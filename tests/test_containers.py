@@ -179,6 +179,24 @@ def test_remount_keeps_data_and_mounts_are_counted(gd: GD) -> None:
 # ------------------------------------------------------------------ image-declared volumes
 
 
+def test_diff_of_a_mounted_container_leaves_its_volumes_out(gd: GD, tmp_path: Path) -> None:
+    _image(gd)
+    host = tmp_path / "host"
+    host.mkdir()
+    gd("container", "create", "c1", "--image", "img", "-v", "named:/named", "-v", f"{host}:/h")
+    layer = _inspect(gd, "container", "c1")["Layer"]
+    root = Path(gd("container", "mount", "c1").out.strip())
+    (root / "named" / "in-volume").write_text("v")
+    (root / "h" / "in-bind").write_text("b")
+    (root / "in-layer").write_text("l")
+    changes = gd("changes", layer).out.splitlines()
+    assert changes == ["A /h", "A /in-layer", "A /named"], changes
+    with tarfile.open(fileobj=io.BytesIO(gd("diff", layer, stdout=None).raw)) as tf:
+        assert sorted(tf.getnames()) == ["h", "in-layer", "named"]
+    assert (root / "named" / "in-volume").exists()  # the container is still mounted
+    gd("container", "umount", "c1")
+
+
 def test_image_volume_is_filled_from_the_image_on_first_mount_only(gd: GD) -> None:
     _image(gd, "img", "/data")
     gd("create", "--parent", "img", "app")  # declared volumes are inherited by layers above

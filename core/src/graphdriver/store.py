@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +40,7 @@ from .errors import (
     from_oserror,
 )
 from .linux.bind import container_path
+from .linux.mount import MS_BIND, mount, mounts_under, unmount
 from .locking import FileLock
 from .metadata import IN_FLIGHT, LayerRecord, Metadata
 from .plugins import Hooks, choose_driver, hooks, load_driver
@@ -438,12 +440,24 @@ class LayerStore:
                     yield self._filtered(layer_id, changes), str(source), "overlay"
                     return
             with contextlib.ExitStack() as stack:
-                top = stack.enter_context(self.mounted(layer_id))
+                top = self._without_submounts(stack, stack.enter_context(self.mounted(layer_id)))
                 below = stack.enter_context(self.mounted(base.id)) if base else None
                 changes = archive.tree_changes(
                     str(top), str(below) if below else None, rec.boundary_ns if direct else None
                 )
                 yield self._filtered(layer_id, changes), str(top), "tree"
+
+    def _without_submounts(self, stack: contextlib.ExitStack, root: Path) -> Path:
+        """*root*, or, when something is mounted inside it (a mounted container's volumes), a
+        private non-recursive bind of it: a diff must not walk into volumes."""
+        real = os.path.realpath(root)
+        if not any(m != real for m in mounts_under(real)):
+            return root
+        view = Path(tempfile.mkdtemp(prefix=".diff-view-", dir=self.home))
+        stack.callback(view.rmdir)
+        mount(real, view, None, MS_BIND)
+        stack.callback(unmount, view)
+        return view
 
     def _filtered(self, layer_id: str, changes: list[Change]) -> list[Change]:
         if not self.hooks.filters_diff:
