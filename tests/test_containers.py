@@ -364,6 +364,19 @@ def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
     assert not Path("/nowhere").exists()
 
 
+def test_a_bind_source_swapped_for_the_store_is_refused_at_mount(gd: GD, tmp_path: Path) -> None:
+    _image(gd)
+    host = tmp_path / "host"
+    host.mkdir()
+    gd("container", "create", "c1", "--image", "img", "-v", "v:/v", "-v", f"{host}:/h")
+    host.rmdir()
+    host.symlink_to(gd.root / "volumes")  # after create: now it names the store's own files
+    before = {e.mountpoint for e in mountinfo()}
+    assert "inside the graphdriver root" in _fail(gd, "container", "mount", "c1")
+    assert {e.mountpoint for e in mountinfo()} == before
+    assert _inspect(gd, "volume", "v")["MountCount"] == 0
+
+
 def test_bad_specs_fail_with_one_line_and_change_nothing(gd: GD, tmp_path: Path) -> None:
     _image(gd)
     before = (_volumes(gd), gd("ls").out)

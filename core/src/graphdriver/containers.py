@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -397,7 +398,7 @@ class ContainerStore:
                 raise InvalidMountSpec(
                     f"bind source {mp.source} of container {name!r} no longer exists"
                 )
-            return mp.source
+            return mp.source  # checked again, race-free, on the fd that is bound
         if self.volumes.find(mp.source) is None:  # removed with volume rm -f
             log.warning("volume %s of container %s was removed; making it again", mp.source, name)
             self.volumes.create(mp.source, anonymous=mp.anonymous)
@@ -412,13 +413,19 @@ class ContainerStore:
                 if mp.type == "volume" and mp.copy and not mp.copied:
                     self._copy_image_content(root, mp.destination, source)
                     mp.copied = True
-                kind = "dir" if os.path.isdir(source) else "file"
-                fd = bind.open_in_root(root, mp.destination, create=kind)
-                assert fd is not None
+                src = os.open(source, os.O_PATH | os.O_CLOEXEC)
                 try:
-                    bind.bind(source, fd, readonly=not mp.rw)
+                    if mp.type == "bind":  # what the path names now, not at create
+                        self._check_bind(f"{mp.source}:{mp.destination}", bind.fd_path(src))
+                    kind = "dir" if stat.S_ISDIR(os.fstat(src).st_mode) else "file"
+                    fd = bind.open_in_root(root, mp.destination, create=kind)
+                    assert fd is not None
+                    try:
+                        bind.bind(src, fd, readonly=not mp.rw)
+                    finally:
+                        os.close(fd)
                 finally:
-                    os.close(fd)
+                    os.close(src)
             except OSError as exc:
                 raise from_oserror(exc, doing) from exc
         except BaseException:

@@ -145,9 +145,10 @@ def fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-def bind(source: str, target_fd: int, *, readonly: bool = False) -> None:
-    """Bind *source* (recursively, private) onto the file or directory open as *target_fd*;
-    *readonly* makes the whole tree read-only, submounts included where the kernel can."""
+def bind(source: str | int, target_fd: int, *, readonly: bool = False) -> None:
+    """Bind *source* (a path, or an fd open on it) recursively and private onto the file or
+    directory open as *target_fd*; *readonly* makes the whole tree read-only, submounts
+    included where the kernel can."""
     if NEW_API:
         try:
             _bind_new(source, target_fd, readonly)
@@ -158,17 +159,19 @@ def bind(source: str, target_fd: int, *, readonly: bool = False) -> None:
     _bind_classic(source, target_fd, readonly)
 
 
-def _bind_new(source: str, target_fd: int, readonly: bool) -> None:
+def _bind_new(source: str | int, target_fd: int, readonly: bool) -> None:
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+    where = source if isinstance(source, str) else fd_path(source)
     tree = _check(
         int(
             _libc.syscall(
                 _SYS_OPEN_TREE,
-                ctypes.c_int(-100),
-                os.fsencode(source),
-                ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),
+                ctypes.c_int(-100 if isinstance(source, str) else source),
+                os.fsencode(source) if isinstance(source, str) else b"",
+                ctypes.c_uint(flags if isinstance(source, str) else flags | AT_EMPTY_PATH),
             )
         ),
-        source,
+        where,
     )
     try:
         attr = _MountAttr(MOUNT_ATTR_RDONLY if readonly else 0, 0, MS_PRIVATE, 0)
@@ -183,7 +186,7 @@ def _bind_new(source: str, target_fd: int, readonly: bool) -> None:
                     ctypes.c_size_t(ctypes.sizeof(attr)),
                 )
             ),
-            source,
+            where,
         )
         _check(
             int(
@@ -202,10 +205,11 @@ def _bind_new(source: str, target_fd: int, readonly: bool) -> None:
         os.close(tree)
 
 
-def _bind_classic(source: str, target_fd: int, readonly: bool) -> None:
+def _bind_classic(source: str | int, target_fd: int, readonly: bool) -> None:
     where = f"/proc/self/fd/{target_fd}"
     real = fd_path(target_fd)
-    mount(source, where, None, MS_BIND | MS_REC)
+    src = source if isinstance(source, str) else f"/proc/self/fd/{source}"
+    mount(src, where, None, MS_BIND | MS_REC)
     try:
         mount("none", real, None, MS_PRIVATE | MS_REC)
         if readonly:
