@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 
 class GraphDriverError(Exception):
@@ -125,6 +127,17 @@ class DriverNotFound(DriverError):
 
 class DriverLoadError(DriverError):
     """The driver's package is installed but failed to load."""
+
+
+T = TypeVar("T")
+
+
+def call_os(fn: Callable[..., T], *args: object, doing: str) -> T:
+    """``fn(*args)``, with an ``OSError`` turned into a one-line error about *doing*."""
+    try:
+        return fn(*args)
+    except OSError as exc:
+        raise from_oserror(exc, doing) from exc
 
 
 def from_oserror(exc: OSError, doing: str) -> GraphDriverError:

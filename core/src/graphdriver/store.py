@@ -37,6 +37,7 @@ from .errors import (
     MaxDepthExceeded,
     NotMounted,
     StoreError,
+    call_os,
     from_oserror,
 )
 from .linux.bind import container_path
@@ -135,12 +136,7 @@ class LayerStore:
                 log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
                 self._call(self.driver.unmount, info, doing=f"unmount layer {rec.id}")
 
-    @staticmethod
-    def _call(fn: Callable[..., object], *args: object, doing: str) -> object:
-        try:
-            return fn(*args)
-        except OSError as exc:
-            raise from_oserror(exc, doing) from exc
+    _call = staticmethod(call_os)
 
     def close(self) -> None:
         """Close the metadata and lock; mounts stay (another process may ``put`` them)."""

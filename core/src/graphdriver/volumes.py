@@ -32,6 +32,7 @@ from .errors import (
     InvalidOption,
     StoreError,
     VolumeNotFound,
+    call_os,
     from_oserror,
 )
 from .locking import FileLock
@@ -344,7 +345,7 @@ class VolumeStore:
                     ),
                 )
             try:
-                self._call(drv.create, name, options, doing=f"create volume {name}")
+                call_os(drv.create, name, options, doing=f"create volume {name}")
             except BaseException:
                 self._destroy(rec)
                 raise
@@ -352,13 +353,6 @@ class VolumeStore:
                 self.db.execute("UPDATE volumes SET state='ready' WHERE name=?", (name,))
             rec.state = "ready"
             return rec
-
-    @staticmethod
-    def _call(fn: Any, *args: Any, doing: str) -> Any:
-        try:
-            return fn(*args)
-        except OSError as exc:
-            raise from_oserror(exc, doing) from exc
 
     def _destroy(self, rec: VolumeRecord) -> None:
         """Remove the driver's data, then the record (kept, marked removing, if that fails)."""
@@ -368,7 +362,7 @@ class VolumeStore:
         if rec.mount_count:
             with contextlib.suppress(GraphDriverError, OSError):
                 drv.unmount(rec.name, rec.options)
-        self._call(drv.remove, rec.name, rec.options, doing=f"remove volume {rec.name}")
+        call_os(drv.remove, rec.name, rec.options, doing=f"remove volume {rec.name}")
         with transaction(self.db):
             self.db.execute("DELETE FROM refs WHERE volume=?", (rec.name,))
             self.db.execute("DELETE FROM volumes WHERE name=?", (rec.name,))
@@ -433,7 +427,7 @@ class VolumeStore:
             if rec.mount_count and rec.mountpoint:
                 path = rec.mountpoint
             else:
-                path = str(self._call(drv.mount, name, rec.options, doing=f"mount volume {name}"))
+                path = str(call_os(drv.mount, name, rec.options, doing=f"mount volume {name}"))
             with transaction(self.db):
                 self.db.execute(
                     "UPDATE volumes SET mount_count=?, mountpoint=? WHERE name=?",
@@ -449,7 +443,7 @@ class VolumeStore:
                 return
             if rec.mount_count == 1:
                 drv = self.driver(rec.driver)
-                self._call(drv.unmount, name, rec.options, doing=f"unmount volume {name}")
+                call_os(drv.unmount, name, rec.options, doing=f"unmount volume {name}")
             with transaction(self.db):
                 self.db.execute(
                     "UPDATE volumes SET mount_count=?, mountpoint=? WHERE name=?",
@@ -466,7 +460,7 @@ class VolumeStore:
             for rec in self._all():
                 if rec.mount_count:
                     drv = self.driver(rec.driver)
-                    self._call(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
+                    call_os(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
                     with transaction(self.db):
                         self.db.execute(
                             "UPDATE volumes SET mount_count=0, mountpoint=NULL WHERE name=?",
