@@ -420,7 +420,7 @@ def test_a_killed_create_is_rolled_back(gd: GD) -> None:
     gd("volume", "create", "keep")
     proc = subprocess.run(
         gd.argv("container", "create", "c1", "--image", "img", "-v", "keep:/k", "-v", "/anon"),
-        env={**os.environ, "GRAPHDRIVER_CRASH_AT": "container-create"},
+        env={**os.environ, "GRAPHDRIVER_FAULT": "containers.create.after-volumes"},
         capture_output=True,
         timeout=120,
     )

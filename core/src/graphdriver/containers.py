@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import stat
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .errors import (
     AlreadyExists,
     ContainerNotFound,
@@ -105,12 +105,6 @@ def parse_spec(spec: str) -> MountPoint:
     except GraphDriverError as exc:
         raise bad(str(exc)) from None
     return MountPoint(destination, "volume", source, rw, copy=copy)
-
-
-def _crash_point(where: str) -> None:
-    """Die here, as a power cut would, when GRAPHDRIVER_CRASH_AT names this point (tests)."""
-    if os.environ.get("GRAPHDRIVER_CRASH_AT") == where:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _depth_order(mounts: Sequence[MountPoint]) -> list[MountPoint]:
@@ -300,7 +294,7 @@ class ContainerStore:
                             anonymous=mp.anonymous,
                         )
                     self.volumes.add_ref(mp.source, self._key(name))
-                _crash_point("container-create")
+                faults.point("containers.create.after-volumes")
             except BaseException:
                 self._undo(name, layer, mounts, remove_anonymous=True)
                 raise

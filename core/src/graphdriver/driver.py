@@ -109,6 +109,14 @@ class Driver(abc.ABC):
     def unmount(self, layer: LayerInfo) -> None:
         """Undo ``mount``; unmounting a layer that is not mounted is not an error."""
 
+    def recover(self, layers: Sequence[LayerInfo]) -> None:
+        """Finish or roll back what a process killed inside this driver left half-done.
+
+        Called once per open, after ``__init__``, with the store's exclusive lock held and
+        *layers* the layers the store knows (in every state); ``__init__`` must not change
+        shared state, since it runs before the lock is taken. The default does nothing.
+        """
+
     def is_mounted(self, layer: LayerInfo) -> bool | None:
         """Whether a kernel mount of *layer* exists now (used to recover after a crash).
 

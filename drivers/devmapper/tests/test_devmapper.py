@@ -73,7 +73,7 @@ def test_crash_inside_a_pool_transaction_is_rolled_back(root: Path, pool: str, p
         cmd += ["--opt", f"{k}={v}"]
     proc = subprocess.run(
         [*cmd, "create", "--parent", "base", "victim"],
-        env={**os.environ, "GRAPHDRIVER_DM_CRASH_AT": point},
+        env={**os.environ, "GRAPHDRIVER_FAULT": f"devmapper.transaction.{point}"},
     )
     assert proc.returncode == -9
     thin = ThinPool(pool)

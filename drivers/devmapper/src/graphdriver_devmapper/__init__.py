@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ from graphdriver import (
     DriverError,
     DriverUnavailable,
     InvalidOption,
+    faults,
 )
 from graphdriver.driver import LayerInfo, parse_size
 from graphdriver.linux.mount import MS_RDONLY, mount, unmount
@@ -60,12 +60,6 @@ CREATE TABLE IF NOT EXISTS devices (
     layer TEXT PRIMARY KEY, dev_id INTEGER UNIQUE NOT NULL, size INTEGER NOT NULL
 );
 """
-
-
-def _crash_point(name: str) -> None:
-    """Die here if the crash test asks for it (GRAPHDRIVER_DM_CRASH_AT=<name>)."""
-    if os.environ.get("GRAPHDRIVER_DM_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class DevmapperDriver(Driver):
@@ -201,9 +195,9 @@ class DevmapperDriver(Driver):
         with self._sql():
             self._set_meta("open_transaction", json.dumps({"tid": new, "dev_id": dev_id, "op": op}))
         action()
-        _crash_point("after-pool-message")
+        faults.point("devmapper.transaction.after-pool-message")
         self.pool.set_transaction_id(self.tid, new)
-        _crash_point("after-transaction-id")
+        faults.point("devmapper.transaction.after-transaction-id")
         with self._sql() as db:
             record(db)
             self._set_meta("transaction_id", str(new))
