@@ -11,7 +11,9 @@ Use it from a driver package's tests::
 
 Cases follow moby's graphtest, containers/storage's graphtest and containerd's snapshotter
 testsuite on real storage. Skips always say why: the host lacks something, or the driver does
-not declare a capability.
+not declare a capability. ``GRAPHDRIVER_REQUIRE`` (see :mod:`.require`) turns the first kind into
+failures; a driver package's own tests say "host lacks it" through :func:`host_lacks` (or
+:func:`backing_or_skip`, :func:`quota_or_skip`) so that it does the same for them.
 """
 
 from __future__ import annotations
@@ -24,17 +26,23 @@ pytest.register_assert_rewrite(
     "graphdriver.testing.cases_diff",
     "graphdriver.testing.cases_bad_input",
     "graphdriver.testing.trees",
+    "graphdriver.testing.require",
 )
 
 from .backings import BACKINGS, Backing, BackingUnavailable, make_backing  # noqa: E402
-from .base import backing_or_skip  # noqa: E402
+from .base import backing_or_skip, quota_or_skip  # noqa: E402
+from .require import REQUIREMENTS, host_lacks, required  # noqa: E402
 from .suite import DriverConformance  # noqa: E402
 
 __all__ = [
     "BACKINGS",
+    "REQUIREMENTS",
     "Backing",
     "BackingUnavailable",
     "DriverConformance",
     "backing_or_skip",
+    "host_lacks",
     "make_backing",
+    "quota_or_skip",
+    "required",
 ]

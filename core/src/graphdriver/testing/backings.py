@@ -2,7 +2,9 @@
 
 Each backing is a context manager that yields a :class:`Backing` and takes everything down
 again (mounts first, then devices) even when the test failed. A host that lacks something
-raises :class:`BackingUnavailable` with the reason, which the suite turns into a skip.
+raises :class:`BackingUnavailable` with the reason and the requirement it names (see
+:mod:`.require`), which the suite turns into a skip, or a failure when GRAPHDRIVER_REQUIRE
+names it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ _MKFS = {
 
 
 class BackingUnavailable(Exception):
-    """This host cannot provide the backing; the message says what is missing."""
+    """This host cannot provide the backing; the message says what is missing, and
+    *requirement* is its name in GRAPHDRIVER_REQUIRE (``root``, ``loop-xfs``, ``thin-pool``...)."""
+
+    def __init__(self, message: str, requirement: str | None = None) -> None:
+        super().__init__(message)
+        self.requirement = requirement
 
 
 @dataclass
@@ -55,9 +62,9 @@ class Backing:
 
 def _need_root(kind: str) -> None:
     if os.geteuid() != 0:
-        raise BackingUnavailable(f"backing {kind} needs root (loop devices and mounts)")
+        raise BackingUnavailable(f"backing {kind} needs root (loop devices and mounts)", "root")
     if not Path("/dev/loop-control").exists():
-        raise BackingUnavailable(f"backing {kind} needs loop devices (/dev/loop-control)")
+        raise BackingUnavailable(f"backing {kind} needs loop devices (/dev/loop-control)", "root")
 
 
 def _filesystems() -> set[str]:
@@ -74,9 +81,9 @@ def loop_filesystem(
     _need_root(kind)
     cmd, package, options = _MKFS[fstype]
     if shutil.which(cmd[0]) is None:
-        raise BackingUnavailable(f"backing {kind} needs {cmd[0]} (apt-get install {package})")
+        raise BackingUnavailable(f"backing {kind} needs {cmd[0]} (apt-get install {package})", kind)
     if fstype not in _filesystems():
-        raise BackingUnavailable(f"backing {kind}: the kernel has no {fstype} filesystem")
+        raise BackingUnavailable(f"backing {kind}: the kernel has no {fstype} filesystem", kind)
     with tempfile.TemporaryDirectory(prefix=f"gd-{kind}-", dir=workdir) as tmp:
         image = Path(tmp, "image")
         target = Path(tmp, "mnt")
@@ -185,10 +192,13 @@ def thin_pool(workdir: Path | None = None) -> Iterator[Backing]:
     if not Path("/dev/mapper/control").exists():
         raise BackingUnavailable(
             "backing thin-pool needs device-mapper (/dev/mapper/control is "
-            "missing: this kernel has none; run the tests under vm/run)"
+            "missing: this kernel has none; run the tests under vm/run)",
+            "thin-pool",
         )
     if shutil.which("dmsetup") is None:
-        raise BackingUnavailable("backing thin-pool needs dmsetup (apt-get install dmsetup)")
+        raise BackingUnavailable(
+            "backing thin-pool needs dmsetup (apt-get install dmsetup)", "thin-pool"
+        )
     with tempfile.TemporaryDirectory(prefix="gd-thin-pool-", dir=workdir) as tmp:
         try:
             yield Backing("thin-pool", Path(tmp), per_store=_store_pool)

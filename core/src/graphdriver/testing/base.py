@@ -21,6 +21,7 @@ from .. import (
     open_store,
 )
 from .backings import Backing, BackingUnavailable, make_backing
+from .require import REQUIREMENTS, host_lacks
 from .trees import random_content, snapshot
 
 C, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
@@ -53,12 +54,28 @@ def _writer(name: str, text: str) -> Callable[[Path], object]:
 
 def backing_or_skip(kind: str) -> Iterator[Backing]:
     """:func:`make_backing` for a pytest fixture (``yield from``): a host that lacks the
-    backing skips the tests that need it, saying what is missing."""
+    backing skips the tests that need it, saying what is missing (fails them when
+    GRAPHDRIVER_REQUIRE names the backing or what it lacks)."""
     try:
         with make_backing(kind) as backing:
             yield backing
+            return
     except BackingUnavailable as exc:
-        pytest.skip(f"host lacks it: {exc}")
+        lacking = exc
+    # outside the except: a failure shows the reason alone, not a chained traceback
+    host_lacks(str(lacking), *sorted({kind, lacking.requirement or kind} & REQUIREMENTS.keys()))
+
+
+def quota_or_skip(store: LayerStore, backing: str) -> None:
+    """Return if *store*'s driver limits rw layers' size here; else skip, saying whether the
+    host lacks it (a failure when GRAPHDRIVER_REQUIRE has ``xfs-quota`` and the backing is
+    loop-xfs) or the driver does not declare quota."""
+    caps = store.driver.capabilities
+    if caps.quota:
+        return
+    if "quota" in caps.why_not:
+        host_lacks(caps.why_not["quota"], *(["xfs-quota"] if backing == "loop-xfs" else []))
+    pytest.skip(f"driver {store.driver.name} does not declare the quota capability")
 
 
 def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:

@@ -1,0 +1,60 @@
+"""``GRAPHDRIVER_REQUIRE``: what the host must provide, so that "host lacks it" fails a test.
+
+A test that finds the host lacking something (root, a filesystem, device-mapper, XFS quota)
+skips, saying why. CI names what its machines have in ``GRAPHDRIVER_REQUIRE`` (a comma list of
+:data:`REQUIREMENTS`), and then the same finding fails the test with the same reason: a green run
+means those tests ran. Skips because a driver does not declare a capability stay skips.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import pytest
+
+ENV = "GRAPHDRIVER_REQUIRE"
+
+#: every name GRAPHDRIVER_REQUIRE may list -> what it requires of the host
+REQUIREMENTS = {
+    "root": "running as root with loop devices (/dev/loop-control): every backing but tmpdir, "
+    "every mount",
+    "loop-ext4": "the loop-ext4 backing: mkfs.ext4 (e2fsprogs) and ext4 in the kernel",
+    "loop-xfs": "the loop-xfs backing: mkfs.xfs (xfsprogs) and xfs in the kernel",
+    "loop-btrfs": "the loop-btrfs backing: mkfs.btrfs (btrfs-progs) and btrfs in the kernel",
+    "thin-pool": "the thin-pool backing and the devmapper tests: device-mapper "
+    "(/dev/mapper/control) and dmsetup",
+    "xfs-quota": "XFS project quota (mount -o prjquota; a kernel built with CONFIG_XFS_QUOTA): "
+    "overlay's size-limited rw layers",
+}
+
+
+class UnknownRequirement(ValueError):
+    """GRAPHDRIVER_REQUIRE, or a test, names something that is not in :data:`REQUIREMENTS`."""
+
+
+def _check(names: set[str]) -> None:
+    unknown = sorted(names - REQUIREMENTS.keys())
+    if unknown:
+        raise UnknownRequirement(
+            f"{ENV} names unknown requirements {', '.join(unknown)}; "
+            f"choose from {', '.join(REQUIREMENTS)}"
+        )
+
+
+def required() -> frozenset[str]:
+    """The requirements named in ``GRAPHDRIVER_REQUIRE`` (none when it is unset or empty)."""
+    names = {n.strip() for n in os.environ.get(ENV, "").split(",") if n.strip()}
+    _check(names)
+    return frozenset(names)
+
+
+def host_lacks(reason: str, *requirements: str) -> NoReturn:
+    """Skip the running test because the host lacks something (*reason* says what), or fail it
+    with the same reason when ``GRAPHDRIVER_REQUIRE`` names one of *requirements*."""
+    _check(set(requirements))
+    message = f"host lacks it: {reason}"
+    demanded = sorted(required() & set(requirements))
+    if demanded:
+        pytest.fail(f"{message} ({ENV} requires {', '.join(demanded)})", pytrace=False)
+    pytest.skip(message)
