@@ -2,7 +2,12 @@
 
 Plugins register under the entry point group ``graphdriver`` and implement any of these
 functions, marked with :data:`hookimpl`. Hooks are called by the core; none of them may be called
-by a driver. A hook that raises aborts the operation it was called for, with its error.
+by a driver. A hook that raises a :class:`~graphdriver.GraphDriverError` refuses the operation it
+was called for, with that error. Any other exception is a bug in the plugin: the plugin is
+unregistered for the rest of the process with one warning naming it and the error, and the
+operation goes on as if the hook had returned None (a failing wrapper passes the result through).
+A plugin that fails to load, or implements a hook that is not specified here, is left out with one
+warning. No plugin can make every command fail.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -160,20 +160,98 @@ def hooks() -> Hooks:
         pm.add_hookspecs(hookspecs)
         pm.register(_CoreMount(), name="graphdriver.core")
         for ep in importlib.metadata.entry_points(group=HOOK_GROUP):
-            try:
-                plugin = ep.load()
-                if pm.get_plugin(ep.name) is None:
-                    pm.register(plugin, name=ep.name)
-            except Exception as exc:
-                log.warning(
-                    "graphdriver plugin %s (%s) failed to load and is ignored: %s",
-                    ep.name,
-                    ep.value,
-                    exc,
-                )
-        pm.check_pending()
+            if pm.get_plugin(ep.name) is None and _register(pm, ep):
+                _guard(pm, ep.name)
         _HOOKS = Hooks(pm)
     return _HOOKS
+
+
+def _register(pm: pluggy.PluginManager, ep: importlib.metadata.EntryPoint) -> bool:
+    """Load and register one hook plugin; one that fails to (import error, a bad signature, a
+    hook name that no spec has) is left out with one warning, so it breaks no command."""
+    try:
+        pm.register(ep.load(), name=ep.name)
+        pm.check_pending()  # the plugins before this one passed: only its own hooks can fail
+    except Exception as exc:
+        if pm.get_plugin(ep.name) is not None:
+            pm.unregister(name=ep.name)
+        log.warning(
+            "graphdriver plugin %s (%s) failed to load and is ignored: %s", ep.name, ep.value, exc
+        )
+        return False
+    return True
+
+
+def _guard(pm: pluggy.PluginManager, name: str) -> None:
+    """Make every hook of the plugin registered as *name* unregister it, with one warning line,
+    when it raises anything but a GraphDriverError; the hook call then goes on without it."""
+    plugin = pm.get_plugin(name)
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin:
+                # pluggy calls impl.function with the argnames it read at register time, so
+                # a guard that takes *args fits in its place; pluggy types it Final
+                impl.function = _guarded(pm, name, caller.name, impl)  # type: ignore[misc]
+
+
+def _guarded(
+    pm: pluggy.PluginManager, name: str, hook: str, impl: pluggy.HookImpl
+) -> Callable[..., Any]:
+    """*impl*'s function, guarded: a failure counts as "no answer" (None), and a wrapper that
+    fails passes the wrapped call's result through."""
+    function: Callable[..., Any] = impl.function
+
+    def failed(exc: Exception) -> None:
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+            log.warning(
+                "graphdriver plugin %s failed in %s and is unregistered: %s: %s",
+                name,
+                hook,
+                type(exc).__name__,
+                exc,
+            )
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except GraphDriverError:  # a deliberate refusal of the operation
+            raise
+        except Exception as exc:
+            failed(exc)
+            return None
+
+    def wrap(*args: Any, **kwargs: Any) -> Generator[None, Any, Any]:
+        try:
+            gen: Generator[None, Any, Any] = function(*args, **kwargs)
+            next(gen)
+        except GraphDriverError:
+            raise
+        except Exception as exc:  # StopIteration too: a wrapper that never yields
+            failed(exc)
+            return (yield)
+        try:
+            inner = yield
+        except BaseException as raised:  # the wrapped call failed: the plugin sees it first
+            try:
+                gen.throw(raised)
+            except StopIteration as stop:
+                return stop.value
+            raise raised from None  # yielded again; the call's own error stands
+        try:
+            gen.send(inner)
+        except StopIteration as stop:
+            return stop.value if impl.wrapper else None
+        except GraphDriverError:
+            raise
+        except Exception as exc:
+            failed(exc)
+            return inner
+        gen.close()
+        failed(RuntimeError("the wrapper yielded twice"))
+        return inner
+
+    return wrap if impl.wrapper or impl.hookwrapper else call
 
 
 def available_for(root: Path) -> list[str]:
