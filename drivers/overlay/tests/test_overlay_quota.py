@@ -20,7 +20,6 @@ import pytest
 from graphdriver import open_store
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing import Backing, backing_or_skip, quota_or_skip
-from graphdriver.testing.trees import random_content
 
 MiB = 1 << 20
 
@@ -44,9 +43,10 @@ def root(xfs: Backing, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 def _fill(path: Path, mib: int) -> None:
     """Write *mib* MiB to *path*, synced each MiB so the limit bites at the write past it."""
+    chunk = b"\xa5" * MiB  # the content does not matter to a quota; making it costs in the guest
     with open(path, "wb") as f:
-        for i in range(mib):
-            f.write(random_content(MiB, i))
+        for _ in range(mib):
+            f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
 
@@ -55,7 +55,7 @@ def test_size_limits_each_rw_layer_on_its_own(root: Path) -> None:
     with open_store(root, "overlay") as store:
         store.create("base")
     # the user's way in; two commands only, as each costs seconds in the emulated guest
-    for name, size in (("small", "20M"), ("large", "60M")):
+    for name, size in (("small", "8M"), ("large", "24M")):
         subprocess.run(
             [sys.executable, "-m", "graphdriver", "--root", str(root), "--driver", "overlay",
              "create", "--rw", "--parent", "base", "--size", size, name],
@@ -65,12 +65,12 @@ def test_size_limits_each_rw_layer_on_its_own(root: Path) -> None:
     with open_store(root, "overlay") as store:
         with store.mounted("small") as small, store.mounted("large") as large:
             with pytest.raises(OSError) as info:
-                _fill(small / "too-big", 30)
+                _fill(small / "too-big", 16)
             assert info.value.errno in (errno.EDQUOT, errno.ENOSPC)
-            _fill(large / "fits", 30)  # the other layer's limit is its own
-            assert (large / "fits").stat().st_size == 30 * MiB
+            _fill(large / "fits", 16)  # the other layer's limit is its own
+            assert (large / "fits").stat().st_size == 16 * MiB
             (small / "too-big").unlink()
-            _fill(small / "fits-again", 10)  # freed space counts again
+            _fill(small / "fits-again", 4)  # freed space counts again
         for layer in ("small", "large", "base"):
             store.remove(layer)
         assert store.layers() == []
