@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver.archive.tar import TarReader, TarWriter, encode_header
+from graphdriver.archive.tar import TarWriter, encode_header
+from graphdriver.archive.tar_reader import TarReader
 from graphdriver.errors import ArchiveError
 from graphdriver.testing.trees import make_rich
 
