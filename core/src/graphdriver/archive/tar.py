@@ -136,9 +136,7 @@ def encode_header(
     if size > _OCTAL_LIMITS[12]:
         pax.append(_pax_record("size", str(size).encode()))
     if mtime_ns is not None:
-        mtime = mtime_ns // 10**9
-        if mtime_ns % 10**9:
-            pax.append(_pax_record("mtime", _format_pax_time(mtime_ns)))
+        mtime = _sub_second_mtime(pax, mtime_ns)
     mtime = max(0, min(mtime, _OCTAL_LIMITS[12]))
     for key, value in sorted(xattrs):
         pax.append(_pax_record("SCHILY.xattr." + key, value))
@@ -164,11 +162,16 @@ def encode_header(
     return out
 
 
-def _format_pax_time(ns: int) -> bytes:
-    """ "seconds.fraction" with trailing zeros dropped, as Go's archive/tar writes it."""
-    sign = "-" if ns < 0 else ""
-    whole, frac = divmod(abs(ns), 10**9)
-    return f"{sign}{whole}.{frac:09d}".rstrip("0").encode()
+def _sub_second_mtime(pax: list[bytes], ns: int) -> int:
+    """Whole seconds of *ns* for the ustar field, and a PAX ``mtime`` record when there is a
+    fraction ("seconds.fraction", trailing zeros dropped, as Go's archive/tar writes it)."""
+    whole, frac = divmod(ns, 10**9)
+    if frac:
+        sign = "-" if ns < 0 else ""
+        int_part, frac_part = divmod(abs(ns), 10**9)
+        text = f"{sign}{int_part}.{frac_part:09d}".rstrip("0")
+        pax.append(_pax_record("mtime", text.encode()))
+    return whole
 
 
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
