@@ -187,6 +187,10 @@ def _result(
         raise ArchiveError(result["error"], errno_=result.get("errno"))
     if status != 0 or "size" not in result:
         raise ArchiveError(f"the extraction process died ({_describe(status)})")
+    if tar_size == 0:
+        log.warning(
+            "the layer stream was empty (0 bytes): applied as an empty layer, as Docker does"
+        )
     return ApplyResult(
         size=int(result["size"]),
         diff_id="sha256:" + digest.hexdigest(),

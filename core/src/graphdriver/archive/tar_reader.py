@@ -178,11 +178,8 @@ class TarReader:
         """The next header block, or None at the end-of-archive marker."""
         block = self._read(BLOCK)
         if not block:
-            if first:
-                raise ArchiveError(
-                    "not a tar archive: the input is empty (an empty layer is a tar of two "
-                    "zero blocks)"
-                )
+            if first:  # a 0-byte layer.tar: old `docker save` wrote them (moby#18170)
+                return None
             raise ArchiveError("truncated tar: input ended without the end-of-archive marker")
         if len(block) != BLOCK:
             raise ArchiveError(f"truncated tar: input ended inside a header at byte {self.offset}")

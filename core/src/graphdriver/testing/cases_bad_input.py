@@ -15,9 +15,10 @@ from .backings import Backing
 from .base import ConformanceBase, _member, _tar, hostile_tars
 from .trees import make_base, random_content, snapshot
 
-#: names Docker and containerd read relative to the layer's root, so that they cannot escape:
-#: ``/abs-escape`` lands in the layer, a hardlink to ``/etc/passwd`` needs the layer's own
-_ROOT_RELATIVE = {"absolute", "hardlink-absolute"}
+#: what Docker and containerd read without refusing it: names relative to the layer's root (so
+#: ``/abs-escape`` lands in the layer, a hardlink to ``/etc/passwd`` needs the layer's own) and a
+#: 0-byte stream as an empty layer (moby#18170)
+_ANCHORS_ACCEPT = {"absolute", "hardlink-absolute", "empty"}
 
 
 def _sparse_tar(pax: dict[str, str], data: bytes, name: str = "GNUSparseFile.0/f") -> bytes:
@@ -130,7 +131,7 @@ class BadInputCases(ConformanceBase):
         store.create("a" * 128)
         assert store.exists("a" * 128)
 
-    @pytest.mark.parametrize("case", sorted(set(hostile_tars()) - _ROOT_RELATIVE))
+    @pytest.mark.parametrize("case", sorted(set(hostile_tars()) - _ANCHORS_ACCEPT))
     def test_bad_tar_refused_and_rolled_back(
         self, store: LayerStore, case: str, gd_backing: Backing
     ) -> None:
@@ -174,9 +175,9 @@ class BadInputCases(ConformanceBase):
         with pytest.raises(LayerInUse):
             store.apply_diff("fresh", io.BytesIO(good))
 
-    def test_absolute_names_stay_inside_the_layer(
-        self, store: LayerStore, gd_backing: Backing
-    ) -> None:
+    def test_absolute_names_and_empty_input_as_docker_reads_them(self, store: LayerStore) -> None:
+        store.create("empty")
+        assert store.apply_diff("empty", io.BytesIO(hostile_tars()["empty"][0])) == 0
         store.create("target")
         store.apply_diff("target", io.BytesIO(hostile_tars()["absolute"][0]))
         with store.mounted("target") as root:
