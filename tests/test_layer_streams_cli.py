@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from conftest import GD
 from test_bad_input import one_line_error
+
+from graphdriver.testing.cases_bad_input import bad_layers
 
 
 def _gzip(data: bytes) -> bytes:
@@ -33,3 +36,13 @@ def test_corrupt_and_trailing_garbage_in_one_line(gd: GD) -> None:
     assert f"trailing data at byte {len(layer)}" in err
     meta = json.loads(gd("inspect", "x").out)
     assert meta["diff_id"] is None
+
+
+@pytest.mark.parametrize(
+    "case", ["sparse-past-end", "sparse-many-tib", "zstd-absurd-skippable-frame"]
+)
+def test_bad_sparse_file_and_skippable_frame_in_one_line(gd: GD, case: str) -> None:
+    data, says = bad_layers()[case]
+    gd("create", "x")
+    assert says in one_line_error(gd("apply-diff", "x", input=data, check=False))
+    assert gd("changes", "x").out == ""

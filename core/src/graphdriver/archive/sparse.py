@@ -27,11 +27,12 @@ def _int(text: bytes, name: str) -> int:
     return int(text)
 
 
-def check_count(count: int, name: str) -> None:
+def check_count(count: int, name: str | None) -> None:
+    """Refuse a map longer than MAX_REGIONS (*name* is None before the entry's name is known)."""
     if count > MAX_REGIONS:
+        what = f"sparse file {name!r}" if name is not None else "a sparse file"
         raise ArchiveError(
-            f"sparse file {name!r} has a map of {count} regions, more than the {MAX_REGIONS} "
-            f"this reader accepts"
+            f"{what} has a map of {count} regions, more than the {MAX_REGIONS} this reader accepts"
         )
 
 

@@ -92,7 +92,10 @@ def _pax_time(value: bytes) -> int:
 
 
 def _parse_pax(data: bytes) -> dict[str, bytes]:
+    """The records of a PAX header; sparse format 0.0's repeated offset/numbytes records are
+    gathered, in order, into one ``GNU.sparse.map`` as format 0.1 writes it."""
     out: dict[str, bytes] = {}
+    sparse_numbers: list[bytes] = []
     pos = 0
     while pos < len(data):
         if data[pos] == 0:
@@ -109,12 +112,14 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
             raise ArchiveError("corrupt PAX header record")
         key, _, value = record[:-1].partition(b"=")
         name = key.decode("utf-8", "surrogateescape")
-        if name in ("GNU.sparse.offset", "GNU.sparse.numbytes"):  # 0.0: repeated, in order
-            have = out.get("GNU.sparse.map")
-            out["GNU.sparse.map"] = have + b"," + value if have is not None else value
+        if name in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
+            sparse_numbers.append(value)
+            sparse.check_count(len(sparse_numbers) // 2, None)
         else:
             out[name] = value
         pos += length
+    if sparse_numbers:
+        out["GNU.sparse.map"] = b",".join(sparse_numbers)
     return out
 
 

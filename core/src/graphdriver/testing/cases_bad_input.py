@@ -28,6 +28,14 @@ def _sparse_tar(pax: dict[str, str], data: bytes, name: str = "GNUSparseFile.0/f
     return _tar((info, data))
 
 
+def _sparse_0_0(regions: int) -> bytes:
+    """A PAX 0.0 sparse file: its map is one offset and one numbytes record per region."""
+    records = b"23 GNU.sparse.offset=0\n25 GNU.sparse.numbytes=0\n" * regions
+    ext = tarfile.TarInfo("PaxHeaders/f")
+    ext.type, ext.size = tarfile.XHDTYPE, len(records)
+    return _tar((ext, records), _member("f", data=b""))
+
+
 def _map_1_0(*numbers: int) -> bytes:
     text = b"".join(b"%d\n" % n for n in numbers)
     return text + b"\0" * (-len(text) % 512)
@@ -89,6 +97,7 @@ def bad_layers() -> dict[str, tuple[bytes, str]]:
             _sparse_tar({**v01, "GNU.sparse.map": ",".join(["0,0"] * 200_000)}, b""),
             "map of 200000 regions",
         ),
+        "sparse-0.0-millions-of-records": (_sparse_0_0(300_000), "map of 131073 regions"),
         "sparse-1.0-map-cut-short": (
             _sparse_tar(
                 {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "9"},
