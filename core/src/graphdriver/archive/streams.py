@@ -18,7 +18,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 #: skippable frames have the magic 0x184D2A50..0x184D2A5F, little-endian
 _SKIPPABLE_LOW = b"\x2a\x4d\x18"
-#: input handed to a decompressor at a time: the granularity of a corruption's offset
+#: input handed to a decompressor at a time (bounds the search for a gzip error's byte)
 _SLICE = 64 * 1024
 
 
@@ -46,6 +46,109 @@ def _first_bad_byte(decompressor: Any, piece: bytes) -> int:
         except zlib.error:
             return i
     return len(piece) - 1
+
+
+class _BadPart(Exception):
+    """A zstd frame did not decode in its part (header, block, checksum) that starts *at*."""
+
+    def __init__(self, at: int, part: str, reason: object) -> None:
+        super().__init__(f"{part}: {reason}")
+        self.at = at
+        self.part = part
+        self.reason = reason
+
+
+class _ZstdFrame:
+    """One zstd frame walked through its header, blocks and checksum (RFC 8878), each handed
+    to the decompressor in turn: the frame's end comes from its own structure and an error
+    names the part it is in. Reads like a zlib decompressor (decompress, eof, unused_data)."""
+
+    def __init__(self) -> None:
+        import zstandard
+
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._pos = 0  # bytes of the frame taken
+        self._part = "frame header"
+        self._part_at = 0
+        self._head = b""  # the frame or block header being gathered
+        self._left = 0  # bytes of the block or checksum still to take
+        self._checksum = False
+        self._last = False
+        self.eof = False
+        self.unused_data = b""
+
+    def decompress(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        i = 0
+        while i < len(data) and not self.eof:
+            if self._part in ("block", "checksum"):
+                take = data[i : i + self._left]
+                self._left -= len(take)
+            else:
+                take = data[i : i + self._header_size() - len(self._head)]
+                self._head += take
+            i += len(take)
+            self._pos += len(take)
+            try:
+                out.append(bytes(self._d.decompress(take)))
+            except Exception as exc:  # zstandard.ZstdError
+                raise _BadPart(self._part_at, self._part, exc) from None
+            self._advance()
+        self.unused_data = data[i:]
+        return b"".join(out)
+
+    def _header_size(self) -> int:
+        if self._part == "block header":
+            return 3
+        if len(self._head) < 5:  # magic and frame header descriptor
+            return 5
+        fhd = self._head[4]
+        single_segment = bool(fhd & 0x20)
+        content_size = (1 if single_segment else 0, 2, 4, 8)[fhd >> 6]
+        return 5 + (not single_segment) + (0, 1, 2, 4)[fhd & 3] + content_size
+
+    def _advance(self) -> None:
+        """Move to the next part once the current one was taken whole."""
+        if self._part in ("block", "checksum"):
+            if self._left:
+                return
+            if self._part == "block":
+                self._after_block()
+            else:
+                self._end()
+            return
+        if len(self._head) < self._header_size():
+            return
+        head, self._head = self._head, b""
+        if self._part == "frame header":
+            self._checksum = bool(head[4] & 0x04)
+            self._start("block header")
+            return
+        value = int.from_bytes(head, "little")
+        self._last = bool(value & 1)
+        kind = (value >> 1) & 3
+        if kind == 3:
+            raise _BadPart(self._part_at, "block", "reserved block type")
+        self._part, self._left = "block", 1 if kind == 1 else value >> 3  # RLE: one byte
+        if not self._left:
+            self._after_block()
+
+    def _start(self, part: str) -> None:
+        self._part, self._part_at = part, self._pos
+
+    def _after_block(self) -> None:
+        if not self._last:
+            self._start("block header")
+        elif self._checksum:
+            self._start("checksum")
+            self._left = 4
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        if not self._d.eof:
+            raise _BadPart(self._part_at, self._part, "the frame does not end after it")
+        self.eof = True
 
 
 class LayerDecoder:
@@ -97,13 +200,17 @@ class LayerDecoder:
         before = self._member.copy() if self.kind == "gzip" else None
         try:
             out.append(self._member.decompress(piece))
-        except Exception as exc:  # zlib.error, zstandard.ZstdError
-            where = f"in bytes {self.offset}-{self.offset + len(piece) - 1}"
-            if before is not None:
-                where = f"at byte {self.offset + _first_bad_byte(before, piece)}"
+        except _BadPart as bad:
             raise ArchiveError(
-                f"corrupt {self.kind} stream {where} (the {self._unit} that starts at byte "
-                f"{self._member_start}): {exc}"
+                f"corrupt zstd stream: the {bad.part} at byte {self._member_start + bad.at} "
+                f"(in the frame that starts at byte {self._member_start}) does not decode: "
+                f"{bad.reason}"
+            ) from None
+        except zlib.error as exc:
+            assert before is not None
+            raise ArchiveError(
+                f"corrupt gzip stream at byte {self.offset + _first_bad_byte(before, piece)} "
+                f"(the member that starts at byte {self._member_start}): {exc}"
             ) from None
         if not self._member.eof:
             self.offset += len(piece)
@@ -151,9 +258,7 @@ class LayerDecoder:
     def _new_member(self) -> Any:
         if self.kind == "gzip":
             return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        import zstandard
-
-        return zstandard.ZstdDecompressor().decompressobj()
+        return _ZstdFrame()
 
     def _check_zeros(self, buf: bytes, pos: int) -> None:
         rest = buf[pos:]

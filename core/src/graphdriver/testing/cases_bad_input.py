@@ -60,6 +60,11 @@ def bad_layers() -> dict[str, tuple[bytes, str]]:
         "gzip-trailing-garbage": (gz + b"GARBAGE", f"trailing data at byte {len(gz)}"),
         "gzip-garbage-after-padding": (gz + b"\0" * 10 + b"x", f"at byte {len(gz) + 10}"),
         "zstd-truncated": (zst[:-100], "truncated zstd stream"),
+        "zstd-corrupt": (zst[:-4] + b"\0\0\0\0", f"the checksum at byte {len(zst) - 4}"),
+        "zstd-reserved-block-type": (  # magic, a 2-byte frame header, a block of type 3
+            b"\x28\xb5\x2f\xfd\0\0\x07\0\0" + b"\0" * 100,
+            "at byte 6 (in the frame that starts at byte 0) does not decode",
+        ),
         "zstd-trailing-garbage": (zst + b"GARBAGE!", f"trailing data at byte {len(zst)}"),
         "zstd-absurd-skippable-frame": (
             zst + skippable + b"short",
