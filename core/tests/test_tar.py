@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver.archive.tar import TarReader, TarWriter, encode_header
+from graphdriver.archive.tar import TarWriter, encode_header
+from graphdriver.archive.tar_reader import TarReader
 from graphdriver.errors import ArchiveError
 from graphdriver.testing.trees import make_rich
 
@@ -131,7 +132,7 @@ def _good() -> bytes:
 def test_every_truncation_is_an_archive_error() -> None:
     data = _good()
     end = len(data.rstrip(b"\0"))
-    for cut in range(0, end, 37):
+    for cut in range(1, end, 37):  # 0 bytes is an empty layer
         with pytest.raises(ArchiveError):
             _read_all(data[:cut])
 
@@ -143,8 +144,18 @@ def test_corrupt_header_and_not_a_tar() -> None:
         _read_all(bytes(data))
     with pytest.raises(ArchiveError, match="not a tar"):
         _read_all(b"hello world, this is not a tar" * 40)
-    with pytest.raises(ArchiveError, match="empty"):
-        _read_all(b"")
+
+
+def test_empty_archives_and_the_end_marker() -> None:
+    # the empty layer, a 0-byte layer.tar (old `docker save`, moby#18170) and one zero block
+    # at the end of input (Go's archive/tar) are all empty archives
+    for data in (b"\0" * 1024, b"", b"\0" * 512):
+        assert _read_all(data) == []
+    # after the end marker anything may follow, as Docker ignores it
+    assert len(_read_all(_good() + b"trailing bytes")) == 3
+    # a lone zero block followed by more entries is not an end: refused, not cut short
+    with pytest.raises(ArchiveError, match="lone zero block at byte 0"):
+        _read_all(b"\0" * 512 + _good())
 
 
 def test_writer_is_deterministic(tmp_path: Path) -> None:

@@ -20,14 +20,14 @@ import os
 import shutil
 import signal
 import stat
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
-from . import whiteout
+from . import sparse, whiteout
+from .streams import LayerDecoder, compression_of
 from .tar import (
     BLKTYPE,
     CHRTYPE,
@@ -37,13 +37,11 @@ from .tar import (
     LNKTYPE,
     SYMTYPE,
     TarEntry,
-    TarReader,
 )
+from .tar_reader import TarReader
 
 log = logging.getLogger(__name__)
 
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 F_SETPIPE_SZ = 1031
 PR_SET_PDEATHSIG = 1
 
@@ -65,44 +63,6 @@ class ApplyResult:
 # ---------------------------------------------------------------------------------- the parent
 
 
-class _Decoder:
-    def __init__(self, head: bytes) -> None:
-        self.kind = "none"
-        self._z: zlib._Decompress | None = None
-        self._zstd = None
-        if head.startswith(GZIP_MAGIC):
-            self.kind = "gzip"
-            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif head.startswith(ZSTD_MAGIC):
-            import zstandard
-
-            self.kind = "zstd"
-            self._zstd = zstandard.ZstdDecompressor().decompressobj()
-
-    def feed(self, data: bytes) -> bytes:
-        try:
-            if self._z is not None:
-                out = self._z.decompress(data)
-                # concatenated gzip members (pigz, some registries)
-                while self._z.eof and self._z.unused_data:
-                    rest = self._z.unused_data
-                    self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                    out += self._z.decompress(rest)
-                return out
-            if self._zstd is not None:
-                return bytes(self._zstd.decompress(data))
-        except Exception as exc:
-            raise ArchiveError(f"corrupt {self.kind} stream: {exc}") from None
-        return data
-
-    def finish(self) -> bytes:
-        if self._z is not None:
-            if not self._z.eof:
-                raise ArchiveError("truncated gzip stream")
-            return self._z.flush()
-        return b""
-
-
 def apply_layer(
     target: Path,
     stream: BinaryIO,
@@ -121,8 +81,8 @@ def apply_layer(
     direct = _plain_file(stream)
     if direct is not None:
         return _apply_file(target, *direct, whiteouts, progress)
-    head = stream.read(6)
-    decoder = _Decoder(head)
+    head = stream.read(8)
+    decoder = LayerDecoder(head)
     data_r, data_w = os.pipe2(os.O_CLOEXEC)
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):  # a bigger pipe is faster, not needed
@@ -148,11 +108,7 @@ def apply_layer(
             if progress is not None:
                 progress(len(chunk))
             chunk = stream.read(CHUNK)
-        tail = decoder.finish()
-        if tail:
-            digest.update(tail)
-            tar_size += len(tail)
-            _write_all(data_w, tail)
+        decoder.finish()
     except BrokenPipeError:
         pass  # the child stopped reading: its report says why
     except GraphDriverError as exc:
@@ -177,7 +133,7 @@ def _plain_file(stream: BinaryIO) -> tuple[int, int] | None:
         return None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         return None
-    if _Decoder(os.pread(fd, 6, offset)).kind != "none":
+    if compression_of(os.pread(fd, 8, offset)) != "none":
         return None
     return fd, offset
 
@@ -223,13 +179,18 @@ def _result(
     tar_size: int,
 ) -> ApplyResult:
     result = json.loads(report) if report else {}
-    if "error" in result:
-        err_cls = UnsafeArchive if result.get("unsafe") else ArchiveError
-        raise err_cls(result["error"], errno_=result.get("errno"))
-    if feed_error is not None:
+    if result.get("unsafe"):
+        raise UnsafeArchive(result["error"])
+    if feed_error is not None:  # the sandbox saw a cut stream: its error is a consequence
         raise feed_error
+    if "error" in result:
+        raise ArchiveError(result["error"], errno_=result.get("errno"))
     if status != 0 or "size" not in result:
         raise ArchiveError(f"the extraction process died ({_describe(status)})")
+    if tar_size == 0:
+        log.warning(
+            "the layer stream was empty (0 bytes): applied as an empty layer, as Docker does"
+        )
     return ApplyResult(
         size=int(result["size"]),
         diff_id="sha256:" + digest.hexdigest(),
@@ -292,20 +253,27 @@ def _child(target: str, data_fd: int, res_fd: int, whiteouts: str) -> None:  # p
 
 
 def _clean_name(raw: str) -> str:
-    """The entry name as a relative path without ``.`` parts; refuse what could escape."""
+    """The entry name as a path relative to the layer's root ("" for the root itself).
+
+    Cleaned as Docker and containerd do: ``.`` parts and empty parts go, a leading ``/`` is
+    the layer's root (``/``, ``./`` and ``.`` name the root, ``/etc/x`` is ``etc/x``), and
+    ``..`` is resolved lexically; a ``..`` that climbs above the root is refused.
+    """
     name = raw[2:] if raw.startswith("./") else raw
     name = name.rstrip("/")
     if name and name[0] not in "./" and "/." not in name and "//" not in name:
         return name  # the common case: nothing to clean, nothing that can climb
-    if raw.startswith("/"):
-        raise UnsafeArchive(f"tar entry {raw!r} has an absolute name")
-    parts = []
+    absolute = raw.startswith("/")
+    parts: list[str] = []
     for part in raw.split("/"):
         if part in ("", "."):
             continue
-        if part == "..":
+        if part != "..":
+            parts.append(part)
+        elif parts:
+            parts.pop()
+        elif not absolute:  # "/.." is "/" (as in a path), "../x" leaves the layer
             raise UnsafeArchive(f"tar entry {raw!r} points outside the layer ('..')")
-        parts.append(part)
     return "/".join(parts)
 
 
@@ -317,15 +285,17 @@ class _Extractor:
         self.safe_dirs: set[str] = {""}
         self.sgid_dirs: set[str] = set()
         self.created: set[str] = set()
-        self.dir_times: list[tuple[str, int]] = []
+        self.dir_times: list[tuple[str, int, int]] = []
         self.size = 0
 
     def run(self) -> int:
         for entry in self.reader:
             self.entry(entry)
         self.reader.drain()
-        for path, mtime in sorted(self.dir_times, key=lambda t: t[0].count("/"), reverse=True):
-            os.utime(path or "/", ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
+        for path, atime, mtime in sorted(
+            self.dir_times, key=lambda t: t[0].count("/"), reverse=True
+        ):
+            os.utime(path or "/", ns=(atime, mtime), follow_symlinks=False)
         return self.size
 
     def parent_dir(self, name: str, raw: str) -> None:
@@ -373,9 +343,12 @@ class _Extractor:
 
     def entry(self, e: TarEntry) -> None:
         name = _clean_name(e.name)
-        if not name:  # "./": the layer's root itself
-            if e.type == DIRTYPE:
-                self.attrs("/", e, "", is_dir=True)
+        if not name:  # "/", "./" or ".": the layer's root itself, whose attributes it sets
+            if e.type != DIRTYPE:
+                raise ArchiveError(
+                    f"tar entry {e.name!r} names the layer's root but is not a directory"
+                )
+            self.attrs("/", e, "", is_dir=True)
             return
         head, _, base = name.rpartition("/")
         if base.startswith(whiteout.PREFIX):
@@ -441,10 +414,14 @@ class _Extractor:
             self.remove(name)
             fd = os.open(name, flags, e.mode & 0o777)
         try:
-            for piece in self.reader.data():
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view) :]
+            if e.sparse is not None:
+                sparse.check_fits(e.size, e.name)
+                sparse.write_regions(fd, e.sparse, self.reader.data(), e.size)
+            else:
+                for piece in self.reader.data():
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view) :]
             self.size += e.size
             self.attrs(fd, e, head, fresh=True)
         finally:
@@ -489,14 +466,14 @@ class _Extractor:
                 if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                     raise
                 log.debug("xattr %s not kept on %s: %s", key, e.name, exc.strerror)
-        ns = e.mtime * 10**9
+        times = (e.mtime_ns if e.atime_ns is None else e.atime_ns, e.mtime_ns)
         if is_dir:
             assert isinstance(target, str)
-            self.dir_times.append((target, e.mtime))
+            self.dir_times.append((target, *times))
         elif fd_given:
-            os.utime(target, ns=(ns, ns))
+            os.utime(target, ns=times)
         else:
-            os.utime(target, ns=(ns, ns), follow_symlinks=False)
+            os.utime(target, ns=times, follow_symlinks=False)
 
     def whiteout(self, name: str, head: str, base: str, raw: str) -> None:
         if head:

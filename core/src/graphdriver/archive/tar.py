@@ -1,8 +1,8 @@
-"""A streaming reader and writer of OCI layer tars (POSIX ustar + PAX, GNU long names read).
+"""A streaming writer of OCI layer tars (POSIX ustar + PAX), and what it shares with the
+reader in :mod:`.tar_reader`: the type flags and :class:`TarEntry`.
 
 Written for this job rather than taken from :mod:`tarfile`: the writer sends file data with
-sendfile(2) straight from the layer to the output, the reader hands file data over in large
-slices, and both report corrupt or truncated input as :class:`~graphdriver.errors.ArchiveError`.
+sendfile(2) straight from the layer to the output.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import ArchiveError
@@ -33,6 +33,7 @@ XHDTYPE = b"x"
 XGLTYPE = b"g"
 GNU_LONGNAME = b"L"
 GNU_LONGLINK = b"K"
+GNU_SPARSE = b"S"
 
 _MODE_TYPE = {
     stat.S_IFREG: REGTYPE,
@@ -58,12 +59,16 @@ class TarEntry:
     mode: int
     uid: int
     gid: int
+    #: bytes of the file (of a sparse file: its real size, holes included)
     size: int
-    mtime: int
+    mtime_ns: int
+    atime_ns: int | None = None
     linkname: str = ""
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    #: a sparse file's data regions (offset, length); the rest of it is holes
+    sparse: list[tuple[int, int]] | None = None
 
     @property
     def is_file(self) -> bool:
@@ -102,12 +107,16 @@ def encode_header(
     gid: int = 0,
     size: int = 0,
     mtime: int = 0,
+    mtime_ns: int | None = None,
     linkname: str = "",
     devmajor: int = 0,
     devminor: int = 0,
     xattrs: Iterable[tuple[str, bytes]] = (),
 ) -> bytes:
-    """The header block(s) of one entry: a PAX extended header first when ustar cannot hold it."""
+    """The header block(s) of one entry: a PAX extended header first when ustar cannot hold it.
+
+    *mtime_ns*, when it has a fraction of a second, goes in a PAX ``mtime`` record as well;
+    whole seconds stay in the ustar field alone (as Docker writes them)."""
     bname = os.fsencode(name)
     blink = os.fsencode(linkname)
     pax: list[bytes] = []
@@ -126,6 +135,8 @@ def encode_header(
         gid = 0
     if size > _OCTAL_LIMITS[12]:
         pax.append(_pax_record("size", str(size).encode()))
+    if mtime_ns is not None:
+        mtime = _sub_second_mtime(pax, mtime_ns)
     mtime = max(0, min(mtime, _OCTAL_LIMITS[12]))
     for key, value in sorted(xattrs):
         pax.append(_pax_record("SCHILY.xattr." + key, value))
@@ -149,6 +160,18 @@ def encode_header(
         devminor,
     )
     return out
+
+
+def _sub_second_mtime(pax: list[bytes], ns: int) -> int:
+    """Whole seconds of *ns* for the ustar field, and a PAX ``mtime`` record when there is a
+    fraction ("seconds.fraction", trailing zeros dropped, as Go's archive/tar writes it)."""
+    whole, frac = divmod(ns, 10**9)
+    if frac:
+        sign = "-" if ns < 0 else ""
+        int_part, frac_part = divmod(abs(ns), 10**9)
+        text = f"{sign}{int_part}.{frac_part:09d}".rstrip("0")
+        pax.append(_pax_record("mtime", text.encode()))
+    return whole
 
 
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
@@ -266,7 +289,7 @@ class TarWriter:
                 uid=st.st_uid,
                 gid=st.st_gid,
                 size=size,
-                mtime=int(st.st_mtime),
+                mtime_ns=st.st_mtime_ns,
                 linkname=linkname,
                 devmajor=major,
                 devminor=minor,
@@ -340,250 +363,3 @@ def write_changes_tar(
         if source == "overlay" and stat.S_ISDIR(st.st_mode) and whiteout.is_overlay_opaque(full):
             writer.add_whiteout(arc + "/" + whiteout.OPAQUE)
     writer.close()
-
-
-# ---------------------------------------------------------------------------------------- reader
-
-
-def _number(field: bytes, what: str) -> int:
-    try:  # the common case: octal digits padded with spaces or NULs
-        return int(field.strip(b" \0"), 8)
-    except ValueError:
-        pass
-    if field and field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise ArchiveError(f"corrupt tar header: {what} field {field!r}") from None
-
-
-def _checksum_ok(block: bytes) -> bool:
-    stored = block[148:156].split(b"\0", 1)[0].strip(b" ")
-    if not stored:
-        return False
-    try:
-        want = int(stored, 8)
-    except ValueError:
-        return False
-    # the checksum counts its own field as eight spaces
-    unsigned = sum(block) - sum(block[148:156]) + 256
-    if want == unsigned:
-        return True
-    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
-    return want == signed
-
-
-_ZERO_BLOCK = b"\0" * BLOCK
-
-
-def _pax_time(value: bytes) -> int:
-    """Whole seconds of a PAX time ("1700000000.123456789", maybe negative)."""
-    whole, _, _frac = value.partition(b".")
-    try:
-        return int(whole) if whole not in (b"", b"-") else 0
-    except ValueError:
-        raise ArchiveError(f"corrupt PAX time {value[:40]!r}") from None
-
-
-def _parse_pax(data: bytes) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:
-            break
-        space = data.find(b" ", pos)
-        if space < 0:
-            raise ArchiveError("corrupt PAX header")
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise ArchiveError("corrupt PAX header length") from None
-        record = data[space + 1 : pos + length]
-        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
-            raise ArchiveError("corrupt PAX header record")
-        key, _, value = record[:-1].partition(b"=")
-        out[key.decode("utf-8", "surrogateescape")] = value
-        pos += length
-    return out
-
-
-class TarReader:
-    """Reads tar entries from a file descriptor; call :meth:`data` or :meth:`skip` per entry."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buf = b""
-        self._pos = 0
-        self.offset = 0
-        self._data_left = 0  # data of the current entry not consumed yet
-        self._pad = 0  # its padding
-        self._globals: dict[str, bytes] = {}
-
-    def _read(self, n: int) -> bytes:
-        """Exactly *n* bytes, or fewer at end of input."""
-        avail = len(self._buf) - self._pos
-        if avail < n:
-            parts = [self._buf[self._pos :]]
-            have = avail
-            while have < n:
-                chunk = os.read(self._fd, max(CHUNK, n - have))
-                if not chunk:
-                    break
-                parts.append(chunk)
-                have += len(chunk)
-            self._buf = b"".join(parts)
-            self._pos = 0
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += len(out)
-        self.offset += len(out)
-        return out
-
-    def _need(self, n: int, what: str) -> bytes:
-        data = self._read(n)
-        if len(data) != n:
-            raise ArchiveError(f"truncated tar: input ended inside {what} at byte {self.offset}")
-        return data
-
-    def __iter__(self) -> Iterator[TarEntry]:
-        pax: dict[str, bytes] = {}
-        longname: bytes | None = None
-        longlink: bytes | None = None
-        first = True
-        while True:
-            if self._data_left or self._pad:
-                self.skip()
-            block = self._read(BLOCK)
-            if not block:
-                if first:
-                    raise ArchiveError("not a tar archive: the input is empty")
-                raise ArchiveError("truncated tar: input ended without the end-of-archive marker")
-            if len(block) != BLOCK:
-                raise ArchiveError(
-                    f"truncated tar: input ended inside a header at byte {self.offset}"
-                )
-            if block == _ZERO_BLOCK:
-                if first:
-                    raise ArchiveError("not a tar archive: it starts with an empty block")
-                return
-            # the checksum counts its own field as eight spaces; the common case inline
-            field8 = block[148:156]
-            try:
-                fast_ok = int(field8.strip(b" \0"), 8) == sum(block) - sum(field8) + 256
-            except ValueError:
-                fast_ok = False
-            if not fast_ok and not _checksum_ok(block):
-                if first:
-                    raise ArchiveError("not a tar archive (bad header checksum)")
-                raise ArchiveError(
-                    f"corrupt tar: bad header checksum at byte {self.offset - BLOCK}"
-                )
-            first = False
-            typeflag = block[156:157]
-            size = _number(block[124:136], "size")
-            if typeflag in (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK):
-                if size > 16 << 20:
-                    raise ArchiveError(f"tar extension header of {size} bytes is too large")
-                data = self._need(size + (-size % BLOCK), "an extended header")[:size]
-                if typeflag == XHDTYPE:
-                    pax.update(_parse_pax(data))
-                elif typeflag == XGLTYPE:
-                    self._globals.update(_parse_pax(data))
-                elif typeflag == GNU_LONGNAME:
-                    longname = data.split(b"\0", 1)[0]
-                else:
-                    longlink = data.split(b"\0", 1)[0]
-                continue
-            merged = {**self._globals, **pax} if self._globals else pax
-            name = block[0:100].split(b"\0", 1)[0]
-            if block[257:262] == b"ustar" and block[345] != 0:
-                name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-            if longname is not None:
-                name = longname
-            if "path" in merged:
-                name = merged["path"]
-            link = block[157:257].split(b"\0", 1)[0]
-            if longlink is not None:
-                link = longlink
-            if "linkpath" in merged:
-                link = merged["linkpath"]
-            if "size" in merged:
-                size = int(merged["size"])
-            entry = TarEntry(
-                name=name.decode("utf-8", "surrogateescape"),
-                type=typeflag,
-                mode=_number(block[100:108], "mode") & 0o7777,
-                uid=int(merged["uid"]) if "uid" in merged else _number(block[108:116], "uid"),
-                gid=int(merged["gid"]) if "gid" in merged else _number(block[116:124], "gid"),
-                size=size,
-                mtime=_pax_time(merged["mtime"])
-                if "mtime" in merged
-                else _number(block[136:148], "mtime"),
-                linkname=link.decode("utf-8", "surrogateescape") if link else "",
-            )
-            if typeflag in (CHRTYPE, BLKTYPE):
-                entry.devmajor = _number(block[329:337], "devmajor")
-                entry.devminor = _number(block[337:345], "devminor")
-            if merged:
-                entry.xattrs = {
-                    k[len("SCHILY.xattr.") :]: v
-                    for k, v in merged.items()
-                    if k.startswith("SCHILY.xattr.")
-                }
-            if typeflag not in _TYPE_MODE and typeflag != LNKTYPE:
-                raise ArchiveError(
-                    f"tar entry {entry.name!r} has unsupported type "
-                    f"{typeflag.decode(errors='replace')!r}"
-                )
-            self._data_left = size
-            self._pad = -size % BLOCK
-            pax, longname, longlink = {}, None, None
-            yield entry
-
-    def data(self) -> Iterator[bytes | memoryview]:
-        """The current entry's data in slices; its padding is consumed after the last one."""
-        while self._data_left:
-            avail = len(self._buf) - self._pos
-            if not avail:
-                if self._data_left >= CHUNK:  # large file: hand over reads without buffering
-                    chunk = os.read(self._fd, CHUNK)
-                    if not chunk:
-                        self._truncated()
-                    self._data_left -= len(chunk)
-                    self.offset += len(chunk)
-                    yield chunk
-                    continue
-                self._buf = os.read(self._fd, CHUNK)
-                self._pos = 0
-                avail = len(self._buf)
-                if not avail:
-                    self._truncated()
-            n = min(avail, self._data_left)
-            view = memoryview(self._buf)[self._pos : self._pos + n]
-            self._pos += n
-            self.offset += n
-            self._data_left -= n
-            yield view
-        self._need(self._pad, "padding")
-        self._pad = 0
-
-    def _truncated(self) -> None:
-        raise ArchiveError(f"truncated tar: input ended inside file data at byte {self.offset}")
-
-    def skip(self) -> None:
-        """Skip the rest of the current entry's data and its padding."""
-        left = self._data_left + self._pad
-        while left:
-            got = len(self._read(min(left, CHUNK)))
-            if not got:
-                self._truncated()
-            left -= got
-        self._data_left = self._pad = 0
-
-    def drain(self) -> None:
-        """Read the input to its end (the bytes after the end-of-archive marker)."""
-        while os.read(self._fd, CHUNK):
-            pass

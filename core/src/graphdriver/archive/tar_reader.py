@@ -1,0 +1,357 @@
+"""A streaming reader of layer tars: POSIX ustar + PAX, GNU long names, GNU sparse files
+(PAX 0.0, 0.1, 1.0 and type ``S``), nanosecond PAX times.
+
+The reader hands file data over in large slices and reports corrupt or truncated input as
+:class:`~graphdriver.errors.ArchiveError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..errors import ArchiveError
+from . import sparse
+from .tar import (
+    _TYPE_MODE,
+    BLKTYPE,
+    BLOCK,
+    CHRTYPE,
+    CHUNK,
+    GNU_LONGLINK,
+    GNU_LONGNAME,
+    GNU_SPARSE,
+    LNKTYPE,
+    REGTYPE,
+    XGLTYPE,
+    XHDTYPE,
+    TarEntry,
+)
+
+
+def _number(field: bytes, what: str) -> int:
+    try:  # the common case: octal digits padded with spaces or NULs
+        return int(field.strip(b" \0"), 8)
+    except ValueError:
+        pass
+    if field and field[0] & 0x80:  # GNU base-256
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ArchiveError(f"corrupt tar header: {what} field {field!r}") from None
+
+
+def _checksum_ok(block: bytes) -> bool:
+    stored = block[148:156].split(b"\0", 1)[0].strip(b" ")
+    if not stored:
+        return False
+    try:
+        want = int(stored, 8)
+    except ValueError:
+        return False
+    # the checksum counts its own field as eight spaces
+    unsigned = sum(block) - sum(block[148:156]) + 256
+    if want == unsigned:
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
+    return want == signed
+
+
+_ZERO_BLOCK = b"\0" * BLOCK
+
+
+@dataclass(slots=True)
+class _Extensions:
+    """What PAX and GNU long-name headers say about the entry that follows them."""
+
+    pax: dict[str, bytes] = field(default_factory=dict)
+    longname: bytes | None = None
+    longlink: bytes | None = None
+
+
+def _pax_int(value: bytes, what: str) -> int:
+    if not value.isdigit():
+        raise ArchiveError(f"corrupt PAX {what} record {value[:40]!r}")
+    return int(value)
+
+
+def _pax_time(value: bytes) -> int:
+    """Nanoseconds of a PAX time ("1700000000.123456789", maybe negative)."""
+    whole, _, frac = value.partition(b".")
+    negative = whole.startswith(b"-")
+    digits = whole[1:] if negative else whole
+    if not (digits + frac).isdigit():  # also refuses "", "-" and "."
+        raise ArchiveError(f"corrupt PAX time {value[:40]!r}")
+    ns = int(digits or b"0") * 10**9 + int(frac[:9].ljust(9, b"0") or b"0")
+    return -ns if negative else ns
+
+
+def _parse_pax(data: bytes) -> dict[str, bytes]:
+    """The records of a PAX header; sparse format 0.0's repeated offset/numbytes records are
+    gathered, in order, into one ``GNU.sparse.map`` as format 0.1 writes it."""
+    out: dict[str, bytes] = {}
+    sparse_numbers: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:
+            break
+        space = data.find(b" ", pos)
+        if space < 0:
+            raise ArchiveError("corrupt PAX header")
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise ArchiveError("corrupt PAX header length") from None
+        record = data[space + 1 : pos + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise ArchiveError("corrupt PAX header record")
+        key, _, value = record[:-1].partition(b"=")
+        name = key.decode("utf-8", "surrogateescape")
+        if name in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
+            sparse_numbers.append(value)
+            sparse.check_count(len(sparse_numbers) // 2, None)
+        else:
+            out[name] = value
+        pos += length
+    if sparse_numbers:
+        out["GNU.sparse.map"] = b",".join(sparse_numbers)
+    return out
+
+
+class TarReader:
+    """Reads tar entries from a file descriptor; call :meth:`data` or :meth:`skip` per entry."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = b""
+        self._pos = 0
+        self.offset = 0
+        self._data_left = 0  # data of the current entry not consumed yet
+        self._pad = 0  # its padding
+        self._globals: dict[str, bytes] = {}
+
+    def _read(self, n: int) -> bytes:
+        """Exactly *n* bytes, or fewer at end of input."""
+        avail = len(self._buf) - self._pos
+        if avail < n:
+            parts = [self._buf[self._pos :]]
+            have = avail
+            while have < n:
+                chunk = os.read(self._fd, max(CHUNK, n - have))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                have += len(chunk)
+            self._buf = b"".join(parts)
+            self._pos = 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += len(out)
+        self.offset += len(out)
+        return out
+
+    def _need(self, n: int, what: str) -> bytes:
+        data = self._read(n)
+        if len(data) != n:
+            raise ArchiveError(f"truncated tar: input ended inside {what} at byte {self.offset}")
+        return data
+
+    def __iter__(self) -> Iterator[TarEntry]:
+        ext = _Extensions()
+        first = True
+        while True:
+            if self._data_left or self._pad:
+                self.skip()
+            block = self._header(first)
+            if block is None:
+                return
+            first = False
+            typeflag = block[156:157]
+            size = _number(block[124:136], "size")
+            if typeflag in (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK):
+                self._extension(typeflag, size, ext)
+                continue
+            entry = self._entry(block, typeflag, size, ext)
+            ext = _Extensions()
+            yield entry
+
+    def _header(self, first: bool) -> bytes | None:
+        """The next header block, or None at the end-of-archive marker."""
+        block = self._read(BLOCK)
+        if not block:
+            if first:  # a 0-byte layer.tar: old `docker save` wrote them (moby#18170)
+                return None
+            raise ArchiveError("truncated tar: input ended without the end-of-archive marker")
+        if len(block) != BLOCK:
+            raise ArchiveError(f"truncated tar: input ended inside a header at byte {self.offset}")
+        if block == _ZERO_BLOCK:
+            self._end_marker()
+            return None
+        # the checksum counts its own field as eight spaces; the common case inline
+        field8 = block[148:156]
+        try:
+            fast_ok = int(field8.strip(b" \0"), 8) == sum(block) - sum(field8) + 256
+        except ValueError:
+            fast_ok = False
+        if not fast_ok and not _checksum_ok(block):
+            if first:
+                raise ArchiveError("not a tar archive (bad header checksum)")
+            raise ArchiveError(f"corrupt tar: bad header checksum at byte {self.offset - BLOCK}")
+        return block
+
+    def _end_marker(self) -> None:
+        """After a zero block: a second one, or the end of input, ends the archive (as Go's
+        archive/tar reads it); a header there means the archive is corrupt."""
+        block = self._read(BLOCK)
+        if block and block != _ZERO_BLOCK:
+            raise ArchiveError(
+                f"corrupt tar: a lone zero block at byte {self.offset - len(block) - BLOCK} "
+                f"is followed by more data"
+            )
+
+    def _extension(self, typeflag: bytes, size: int, ext: _Extensions) -> None:
+        """Fold a PAX or GNU long-name header into what applies to the next entry."""
+        if size > 16 << 20:
+            raise ArchiveError(f"tar extension header of {size} bytes is too large")
+        data = self._need(size + (-size % BLOCK), "an extended header")[:size]
+        if typeflag == XHDTYPE:
+            ext.pax.update(_parse_pax(data))
+        elif typeflag == XGLTYPE:
+            self._globals.update(_parse_pax(data))
+        elif typeflag == GNU_LONGNAME:
+            ext.longname = data.split(b"\0", 1)[0]
+        else:
+            ext.longlink = data.split(b"\0", 1)[0]
+
+    def _entry(self, block: bytes, typeflag: bytes, size: int, ext: _Extensions) -> TarEntry:
+        """The entry a header block describes, with its extensions folded in."""
+        pax = {**self._globals, **ext.pax} if self._globals else ext.pax
+        name = block[0:100].split(b"\0", 1)[0]
+        if block[257:263] == b"ustar\0" and block[345] != 0:
+            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+        name = pax.get("GNU.sparse.name", pax.get("path", ext.longname or name))
+        link = pax.get("linkpath", ext.longlink or block[157:257].split(b"\0", 1)[0])
+        if "size" in pax:
+            size = _pax_int(pax["size"], "size")
+        entry = TarEntry(
+            name=name.decode("utf-8", "surrogateescape"),
+            type=typeflag,
+            mode=_number(block[100:108], "mode") & 0o7777,
+            uid=_pax_int(pax["uid"], "uid") if "uid" in pax else _number(block[108:116], "uid"),
+            gid=_pax_int(pax["gid"], "gid") if "gid" in pax else _number(block[116:124], "gid"),
+            size=size,
+            mtime_ns=_pax_time(pax["mtime"])
+            if "mtime" in pax
+            else _number(block[136:148], "mtime") * 10**9,
+            atime_ns=_pax_time(pax["atime"]) if "atime" in pax else None,
+            linkname=link.decode("utf-8", "surrogateescape") if link else "",
+        )
+        if typeflag in (CHRTYPE, BLKTYPE):
+            entry.devmajor = _number(block[329:337], "devmajor")
+            entry.devminor = _number(block[337:345], "devminor")
+        if pax:
+            entry.xattrs = {
+                k[len("SCHILY.xattr.") :]: v
+                for k, v in pax.items()
+                if k.startswith("SCHILY.xattr.")
+            }
+        data_left = size
+        if typeflag == GNU_SPARSE:
+            self._gnu_sparse(entry, block)
+        elif "GNU.sparse.map" in pax or "GNU.sparse.major" in pax:
+            data_left = self._pax_sparse(entry, pax)
+        elif typeflag not in _TYPE_MODE and typeflag != LNKTYPE:
+            raise ArchiveError(
+                f"tar entry {entry.name!r} has unsupported type "
+                f"{typeflag.decode(errors='replace')!r}"
+            )
+        self._data_left = data_left
+        self._pad = -size % BLOCK  # a 1.0 map fills whole blocks: the same padding
+        return entry
+
+    def _gnu_sparse(self, entry: TarEntry, block: bytes) -> None:
+        """GNU type S: a map of 4 regions in the header, 21 more per extension block."""
+        regions = sparse.gnu_header_map(block, 386, 4, entry.name)
+        extended = block[482]
+        while extended:
+            more = self._need(BLOCK, "a sparse header")
+            regions += sparse.gnu_header_map(more, 0, 21, entry.name)
+            sparse.check_count(len(regions), entry.name)
+            extended = more[504]
+        real_size = _number(block[483:495], "realsize")
+        sparse.check_map(regions, real_size, entry.size, entry.name)
+        entry.type, entry.sparse, entry.size = REGTYPE, regions, real_size
+
+    def _pax_sparse(self, entry: TarEntry, pax: dict[str, bytes]) -> int:
+        """PAX GNU.sparse.*: the map in the header (0.0, 0.1) or at the start of the data
+        (1.0); returns the bytes of data that follow the map."""
+        real = pax.get("GNU.sparse.realsize", pax.get("GNU.sparse.size"))
+        if real is None:
+            raise ArchiveError(f"sparse file {entry.name!r} has no real size")
+        real_size = _pax_int(real, "GNU.sparse.realsize")
+        data_size = entry.size
+        if pax.get("GNU.sparse.major") == b"1":
+            reader = sparse.MapReader(entry.name)
+            used = 0
+            done = False
+            while not done:
+                if used >= data_size:
+                    raise ArchiveError(f"sparse file {entry.name!r}: its map is cut short")
+                done = reader.feed(self._need(BLOCK, "a sparse map"))
+                used += BLOCK
+            regions = reader.regions
+            data_size -= used
+        else:
+            regions = sparse.pax_map(pax.get("GNU.sparse.map", b""), entry.name)
+        sparse.check_map(regions, real_size, data_size, entry.name)
+        entry.type, entry.sparse, entry.size = REGTYPE, regions, real_size
+        return data_size
+
+    def data(self) -> Iterator[bytes | memoryview]:
+        """The current entry's data in slices; its padding is consumed after the last one."""
+        while self._data_left:
+            avail = len(self._buf) - self._pos
+            if not avail:
+                if self._data_left >= CHUNK:  # large file: hand over reads without buffering
+                    chunk = os.read(self._fd, CHUNK)
+                    if not chunk:
+                        self._truncated()
+                    self._data_left -= len(chunk)
+                    self.offset += len(chunk)
+                    yield chunk
+                    continue
+                self._buf = os.read(self._fd, CHUNK)
+                self._pos = 0
+                avail = len(self._buf)
+                if not avail:
+                    self._truncated()
+            n = min(avail, self._data_left)
+            view = memoryview(self._buf)[self._pos : self._pos + n]
+            self._pos += n
+            self.offset += n
+            self._data_left -= n
+            yield view
+        self._need(self._pad, "padding")
+        self._pad = 0
+
+    def _truncated(self) -> None:
+        raise ArchiveError(f"truncated tar: input ended inside file data at byte {self.offset}")
+
+    def skip(self) -> None:
+        """Skip the rest of the current entry's data and its padding."""
+        left = self._data_left + self._pad
+        while left:
+            got = len(self._read(min(left, CHUNK)))
+            if not got:
+                self._truncated()
+            left -= got
+        self._data_left = self._pad = 0
+
+    def drain(self) -> None:
+        """Read the input to its end (the bytes after the end-of-archive marker)."""
+        while os.read(self._fd, CHUNK):
+            pass
