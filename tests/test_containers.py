@@ -390,7 +390,7 @@ def test_bad_specs_fail_with_one_line_and_change_nothing(gd: GD, tmp_path: Path)
         ("-v", "/x:ro"): "a volume without a source takes no mode",
         ("-v", "bad name!:/x"): "invalid volume name",
         ("-v", "./rel:/x"): "a bind source must be an absolute host path",
-        ("-v", f"{gd.root}:/x"): "inside the graphdriver root",
+        ("-v", f"{gd.root}:/x"): "is the graphdriver root",
         ("-v", f"{gd.root / 'volumes'}:/x"): "inside the graphdriver root",
         ("-v", "a:/x", "-v", "b:/x"): "duplicate mount point /x",
         ("--volumes-from", "ghost"): "container 'ghost' does not exist",
