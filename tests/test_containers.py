@@ -459,6 +459,21 @@ def test_a_refused_container_rm_commits_nothing(gd: GD) -> None:
     assert gd("ls").out.split() == ["img"] and _volumes(gd) == ["named"]
 
 
+def test_a_volume_rm_that_fails_keeps_the_volume(gd: GD) -> None:
+    gd("volume", "create", "v")
+    stuck = Path(_inspect(gd, "volume", "v")["Mountpoint"]) / "f"
+    stuck.write_text("x")
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)  # unlink fails with EPERM
+    try:
+        assert "remove volume v: Operation not permitted" in _fail(gd, "volume", "rm", "v")
+        assert _volumes(gd) == ["v"]  # still there, and every volume verb still works
+        assert _inspect(gd, "volume", "v")["Name"] == "v"
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    gd("volume", "rm", "v")
+    assert _volumes(gd) == []
+
+
 def test_bad_specs_fail_with_one_line_and_change_nothing(gd: GD, tmp_path: Path) -> None:
     _image(gd)
     before = (_volumes(gd), gd("ls").out)
