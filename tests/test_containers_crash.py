@@ -160,7 +160,7 @@ def test_a_kill_at_any_transition_loses_nothing(
         w.mount_c_once()
     elif verb in ("rm", "rm-v"):
         w.create_c()
-        mounts = _json(gd, "container", "inspect", "c")[0]["Mounts"]
+        mounts = json.loads(gd("container", "inspect", "c").out)[0]["Mounts"]
         (anon,) = [m["Name"] for m in mounts if m.get("Anonymous")]  # the image's /data
         w.killed("container", "rm", *(["-v"] if verb == "rm-v" else []), "c", point=point)
         w.check(c=None)
