@@ -97,6 +97,17 @@ def _binds(root: Path) -> list[str]:
     return [m for m in mounts_under(base) if m != base]
 
 
+def _mount_table(gd: GD) -> set[str]:
+    """This namespace's mountpoints, less those of other test runs' loop roots (other sessions
+    run the same tests on their own loop devices at the same time)."""
+    ours = str(gd.root.parent)
+    return {
+        e.mountpoint
+        for e in mountinfo()
+        if "/gd-loop-" not in e.mountpoint or e.mountpoint.startswith(ours)
+    }
+
+
 # ------------------------------------------------------------------------- spec forms, mount
 
 
@@ -328,7 +339,7 @@ def test_volumes_from_shares_the_same_directories(gd: GD, tmp_path: Path) -> Non
 
 
 def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
-    before = {e.mountpoint for e in mountinfo()}
+    before = _mount_table(gd)
     _image(
         gd,
         "img",
@@ -342,7 +353,7 @@ def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
     )
     gd("container", "create", "c1", "--image", "img", "-v", "/data/link/y", "-v", "esc:/escape/z")
     root = Path(gd("container", "mount", "c1").out.strip())
-    new = {e.mountpoint for e in mountinfo()} - before
+    new = _mount_table(gd) - before
     real_root = os.path.realpath(root)
     assert new and all(m == real_root or m.startswith(real_root + "/") for m in new), new
     # every mount landed on the image's own /etc, inside the root filesystem
@@ -359,7 +370,7 @@ def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
     gd("container", "create", "c2", "--image", "img", "-v", "named:/ok", "-v", "/dangling/v")
     err = _fail(gd, "container", "mount", "c2")
     assert "/dangling is a symlink to a missing path inside the image" in err
-    assert {e.mountpoint for e in mountinfo()} == before
+    assert _mount_table(gd) == before
     assert _inspect(gd, "container", "c2")["Mounted"] is False
     assert _inspect(gd, "volume", "named")["MountCount"] == 0
     assert not Path("/nowhere").exists()
@@ -372,9 +383,9 @@ def test_a_bind_source_swapped_for_the_store_is_refused_at_mount(gd: GD, tmp_pat
     gd("container", "create", "c1", "--image", "img", "-v", "v:/v", "-v", f"{host}:/h")
     host.rmdir()
     host.symlink_to(gd.root / "volumes")  # after create: now it names the store's own files
-    before = {e.mountpoint for e in mountinfo()}
+    before = _mount_table(gd)
     assert "inside the graphdriver root" in _fail(gd, "container", "mount", "c1")
-    assert {e.mountpoint for e in mountinfo()} == before
+    assert _mount_table(gd) == before
     assert _inspect(gd, "volume", "v")["MountCount"] == 0
 
 
