@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import GD
 
-from graphdriver.linux.mount import mountinfo, mounts_under
+from graphdriver.linux.mount import MS_BIND, mount, mountinfo, mounts_under, unmount
 from graphdriver.testing import Backing
 
 
@@ -94,6 +95,17 @@ def _fail(gd: GD, *args: str) -> str:
 def _binds(root: Path) -> list[str]:
     base = os.path.realpath(root)
     return [m for m in mounts_under(base) if m != base]
+
+
+def _mount_table(gd: GD) -> set[str]:
+    """This namespace's mountpoints, less those of other test runs' loop roots (other sessions
+    run the same tests on their own loop devices at the same time)."""
+    ours = str(gd.root.parent)
+    return {
+        e.mountpoint
+        for e in mountinfo()
+        if "/gd-loop-" not in e.mountpoint or e.mountpoint.startswith(ours)
+    }
 
 
 # ------------------------------------------------------------------------- spec forms, mount
@@ -327,7 +339,7 @@ def test_volumes_from_shares_the_same_directories(gd: GD, tmp_path: Path) -> Non
 
 
 def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
-    before = {e.mountpoint for e in mountinfo()}
+    before = _mount_table(gd)
     _image(
         gd,
         "img",
@@ -341,7 +353,7 @@ def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
     )
     gd("container", "create", "c1", "--image", "img", "-v", "/data/link/y", "-v", "esc:/escape/z")
     root = Path(gd("container", "mount", "c1").out.strip())
-    new = {e.mountpoint for e in mountinfo()} - before
+    new = _mount_table(gd) - before
     real_root = os.path.realpath(root)
     assert new and all(m == real_root or m.startswith(real_root + "/") for m in new), new
     # every mount landed on the image's own /etc, inside the root filesystem
@@ -358,7 +370,7 @@ def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
     gd("container", "create", "c2", "--image", "img", "-v", "named:/ok", "-v", "/dangling/v")
     err = _fail(gd, "container", "mount", "c2")
     assert "/dangling is a symlink to a missing path inside the image" in err
-    assert {e.mountpoint for e in mountinfo()} == before
+    assert _mount_table(gd) == before
     assert _inspect(gd, "container", "c2")["Mounted"] is False
     assert _inspect(gd, "volume", "named")["MountCount"] == 0
     assert not Path("/nowhere").exists()
@@ -371,10 +383,106 @@ def test_a_bind_source_swapped_for_the_store_is_refused_at_mount(gd: GD, tmp_pat
     gd("container", "create", "c1", "--image", "img", "-v", "v:/v", "-v", f"{host}:/h")
     host.rmdir()
     host.symlink_to(gd.root / "volumes")  # after create: now it names the store's own files
-    before = {e.mountpoint for e in mountinfo()}
+    before = _mount_table(gd)
     assert "inside the graphdriver root" in _fail(gd, "container", "mount", "c1")
-    assert {e.mountpoint for e in mountinfo()} == before
+    assert _mount_table(gd) == before
     assert _inspect(gd, "volume", "v")["MountCount"] == 0
+
+
+def _bind_volume(name: str, device: Path) -> list[str]:
+    opts = ("--opt", "type=none", "--opt", f"device={device}", "--opt", "o=bind")
+    return ["volume", "create", name, *opts]
+
+
+def test_bind_sources_are_compared_by_identity_not_by_path(gd: GD, tmp_path: Path) -> None:
+    _image(gd)
+    store = gd.root / gd.driver  # holds metadata.db
+    create = ["container", "create", "c1", "--image", "img", "-v"]
+    err = _fail(gd, *_bind_volume("meta", store))
+    assert f"bind device {store} is inside the graphdriver root" in err
+    link = tmp_path / "link"
+    link.symlink_to(gd.root / "volumes")
+    assert "is inside the graphdriver root" in _fail(gd, *create, f"{link}:/x")
+    assert "contains the graphdriver root" in _fail(gd, *create, f"{gd.root.parent}:/x")
+    alias = tmp_path / "alias"  # a second path to the root's inode
+    alias.mkdir()
+    mount(str(gd.root), alias, None, MS_BIND)
+    try:
+        assert "is inside the graphdriver root" in _fail(gd, *create, f"{alias / gd.driver}:/d")
+        err = _fail(gd, *create, f"{alias / gd.driver / 'metadata.db'}:/m")
+        assert "is inside the graphdriver root" in err
+        assert "is the graphdriver root" in _fail(gd, *create, f"{alias}:/d")
+        assert "is inside the graphdriver root" in _fail(
+            gd, *_bind_volume("meta", alias / gd.driver)
+        )
+    finally:
+        unmount(alias)
+    assert _volumes(gd) == [] and gd("container", "ls", "--json").out.strip() == "[]"
+    # a host directory is fine, as -v and as a local bind volume
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "f").write_text("host")
+    gd(*_bind_volume("hv", host))
+    gd(*create, f"{host}:/h", "-v", "hv:/hv")
+    root = Path(gd("container", "mount", "c1").out.strip())
+    assert (root / "h" / "f").read_text() == (root / "hv" / "f").read_text() == "host"
+    gd("container", "umount", "c1")
+    # swapped for a path into the store after create: refused at mount, on the fd bound
+    gd("container", "create", "c2", "--image", "img", "-v", "hv:/hv")
+    host.rename(tmp_path / "host.old")
+    host.symlink_to(store)
+    assert "is inside the graphdriver root" in _fail(gd, "container", "mount", "c2")
+    assert mounts_under(gd.root) == []
+    assert _inspect(gd, "volume", "hv")["MountCount"] == 0
+    assert _inspect(gd, "container", "c2")["Mounted"] is False
+
+
+def test_the_volumes_folder_is_for_root_only(gd: GD) -> None:
+    gd("volume", "create", "v")
+    folder = gd.root / "volumes"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o755)  # made by an older graphdriver
+    gd("volume", "ls")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_refused_container_rm_commits_nothing(gd: GD) -> None:
+    _image(gd, "img", "/data")
+    gd("container", "create", "c1", "--image", "img", "-v", "named:/named")
+    info = _inspect(gd, "container", "c1")
+    layer = info["Layer"]
+    gd("mount", layer)  # the layer by itself, outside the container
+    for args in (["rm"], ["rm", "-f"], ["rm", "-f", "-v"]):
+        err = _fail(gd, "container", *args, "c1")
+        assert err.endswith(f"`graphdriver umount {layer}` first"), err
+    assert _inspect(gd, "container", "c1") == info  # every verb still works
+    root = Path(gd("container", "mount", "c1").out.strip())
+    (root / "named" / "n").write_text("n")
+    gd("container", "umount", "c1")
+    gd("umount", layer)
+    assert sorted(gd("ls").out.split()) == sorted(["img", layer])
+    gd("create", "--parent", layer, "child")  # a layer made on the container's
+    assert "remove them first" in _fail(gd, "container", "rm", "c1")
+    gd("cleanup")
+    assert _inspect(gd, "container", "c1") == info
+    gd("rm", "child")
+    gd("container", "rm", "-v", "c1")
+    assert gd("ls").out.split() == ["img"] and _volumes(gd) == ["named"]
+
+
+def test_a_volume_rm_that_fails_keeps_the_volume(gd: GD) -> None:
+    gd("volume", "create", "v")
+    stuck = Path(_inspect(gd, "volume", "v")["Mountpoint"]) / "f"
+    stuck.write_text("x")
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)  # unlink fails with EPERM
+    try:
+        assert "remove volume v: Operation not permitted" in _fail(gd, "volume", "rm", "v")
+        assert _volumes(gd) == ["v"]  # still there, and every volume verb still works
+        assert _inspect(gd, "volume", "v")["Name"] == "v"
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    gd("volume", "rm", "v")
+    assert _volumes(gd) == []
 
 
 def test_bad_specs_fail_with_one_line_and_change_nothing(gd: GD, tmp_path: Path) -> None:
@@ -390,7 +498,7 @@ def test_bad_specs_fail_with_one_line_and_change_nothing(gd: GD, tmp_path: Path)
         ("-v", "/x:ro"): "a volume without a source takes no mode",
         ("-v", "bad name!:/x"): "invalid volume name",
         ("-v", "./rel:/x"): "a bind source must be an absolute host path",
-        ("-v", f"{gd.root}:/x"): "inside the graphdriver root",
+        ("-v", f"{gd.root}:/x"): "is the graphdriver root",
         ("-v", f"{gd.root / 'volumes'}:/x"): "inside the graphdriver root",
         ("-v", "a:/x", "-v", "b:/x"): "duplicate mount point /x",
         ("--volumes-from", "ghost"): "container 'ghost' does not exist",

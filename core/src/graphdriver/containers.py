@@ -6,10 +6,14 @@ points worked out at create, in Docker's order: ``--volumes-from`` first, then `
 Managed volumes live in the root's :class:`~graphdriver.volumes.VolumeStore`, which counts the
 containers that reference each one.
 
-``container mount`` mounts the layer, then binds every volume at its path *inside* the root
-filesystem (resolved by the kernel with the root as ``/``, so no symlink in the image can send a
-mount to the host), filling an empty managed volume with the image's content at that path the
-first time. ``container umount`` undoes it, deepest mount first.
+``container mount`` takes the layer reference and records the mount in one transaction, then
+binds every volume at its path *inside* the root filesystem (resolved by the kernel with the root
+as ``/``, so no symlink in the image can send a mount to the host), filling an empty managed
+volume with the image's content at that path the first time, and records each bind once it is in
+place. ``container umount`` marks the binds gone first, then undoes them, deepest first. Opening
+the store reconciles both ways: a recorded mount that is incomplete or whose mounts are gone is
+undone and its references released; mounts in a container's layer that no mount records are
+unmounted. So a killed command never leaves a reference behind and a mount never stacks.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import shutil
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,81 +38,24 @@ from .errors import (
     GraphDriverError,
     InUse,
     InvalidMountSpec,
+    LayerInUse,
     NotMounted,
     from_oserror,
 )
 from .linux import bind
 from .linux.copy import copy_tree
-from .linux.mount import mounts_under, unmount
+from .linux.mount import mountinfo, mounts_under, unmount
+from .mount_points import MountPoint, depth_order, parse_spec
 from .store import LayerStore, validate_id
 from .volumes import DEFAULT_VOLUME_DRIVER, VolumeStore, anonymous_name
 
 log = logging.getLogger(__name__)
 
 CONTAINER_LABEL = "graphdriver.container"
-_MODES = ("ro", "rw", "nocopy")
 
 
-@dataclass
-class MountPoint:
-    """One volume or bind of a container."""
-
-    destination: str
-    #: "volume" (managed, by name) or "bind" (a host path)
-    type: str
-    #: the volume's name, or the host path of a bind
-    source: str
-    rw: bool = True
-    #: "cli", "image" or "volumes-from:<container>"
-    origin: str = "cli"
-    anonymous: bool = False
-    #: fill an empty volume with the image's content at the destination on first mount
-    copy: bool = True
-    copied: bool = False
-
-
-def parse_spec(spec: str) -> MountPoint:
-    """``NAME:/path[:MODE]``, ``/host/dir:/path[:MODE]`` or ``/path``; MODE is a comma list
-    of ``ro``, ``rw``, ``nocopy``."""
-    parts = spec.split(":")
-
-    def bad(why: str) -> InvalidMountSpec:
-        return InvalidMountSpec(f"invalid volume spec {spec!r}: {why}")
-
-    if len(parts) > 3 or not all(parts):
-        raise bad("use NAME:/path[:ro], /host/path:/path[:ro] or /path")
-    modes: list[str] = []
-    if len(parts) == 3:
-        modes = parts[2].split(",")
-        unknown = [m for m in modes if m not in _MODES]
-        if unknown or ("ro" in modes and "rw" in modes):
-            raise bad(f"mode {parts[2]!r} is not a comma list of {', '.join(_MODES)}")
-    if len(parts) == 2 and set(parts[1].split(",")) <= set(_MODES):
-        raise bad("a volume without a source takes no mode; use /path, or NAME:/path:MODE")
-    try:
-        destination = bind.container_path(parts[-1] if len(parts) < 3 else parts[1])
-    except ValueError as exc:
-        raise bad(f"the path inside the container {exc}") from None
-    rw = "ro" not in modes
-    copy = "nocopy" not in modes
-    if len(parts) == 1:
-        return MountPoint(destination, "volume", "", rw, anonymous=True, copy=copy)
-    source = parts[0]
-    if source.startswith("/"):
-        if "nocopy" in modes:
-            raise bad("nocopy is for volumes, not for binds")
-        return MountPoint(destination, "bind", os.path.normpath(source), rw, copy=False)
-    if source.startswith("."):
-        raise bad("a bind source must be an absolute host path")
-    try:
-        validate_id(source, "volume name")
-    except GraphDriverError as exc:
-        raise bad(str(exc)) from None
-    return MountPoint(destination, "volume", source, rw, copy=copy)
-
-
-def _depth_order(mounts: Sequence[MountPoint]) -> list[MountPoint]:
-    return sorted(mounts, key=lambda m: (m.destination.count("/"), m.destination))
+def _mountpoints() -> set[str]:
+    return {e.mountpoint for e in mountinfo()}
 
 
 class ContainerStore:
@@ -118,8 +65,9 @@ class ContainerStore:
         self.store = store
         self.meta = store.meta
         self._volumes: VolumeStore | None = None
-        with self.store._locked():
-            self._recover()
+        if self._needs_recovery():  # looked at without the lock, then done under it
+            with self.store._locked():
+                self._recover()
 
     @property
     def volumes(self) -> VolumeStore:
@@ -136,14 +84,22 @@ class ContainerStore:
 
     # ------------------------------------------------------------------------------- records
 
+    @staticmethod
+    def _parse(row: Any) -> dict[str, Any]:
+        out = dict(row)
+        out["mounts"] = [MountPoint(**m) for m in json.loads(row["mounts"])]
+        return out
+
     def _row(self, name: str, *, any_state: bool = False) -> dict[str, Any]:
         validate_id(name, "container name")
         row = self.meta.db.execute("SELECT * FROM containers WHERE name=?", (name,)).fetchone()
         if row is None or (row["state"] != "ready" and not any_state):
             raise ContainerNotFound(f"container {name!r} does not exist")
-        out = dict(row)
-        out["mounts"] = [MountPoint(**m) for m in json.loads(row["mounts"])]
-        return out
+        return self._parse(row)
+
+    def _rows(self) -> list[dict[str, Any]]:
+        rows = self.meta.db.execute("SELECT * FROM containers ORDER BY created, name")
+        return [self._parse(r) for r in rows]
 
     def _update(self, name: str, **fields: Any) -> None:
         if "mounts" in fields:
@@ -239,20 +195,38 @@ class ContainerStore:
         for mp in planned.values():
             if mp.type == "volume" and not mp.source:
                 mp.source = anonymous_name()
-        return _depth_order(list(planned.values()))
+        return depth_order(list(planned.values()))
 
-    def _check_bind(self, spec: str, source: str) -> None:
-        if not os.path.exists(source):
+    def _check_bind(self, spec: str, source: str, fd: int | None = None) -> None:
+        """Refuse a bind source that is the store's root, is inside it or contains it, compared
+        by identity on the opened source (on *fd* when given: the one that is bound)."""
+        try:
+            src = os.open(source, os.O_PATH | os.O_CLOEXEC) if fd is None else fd
+        except FileNotFoundError:
             raise InvalidMountSpec(
                 f"invalid volume spec {spec!r}: bind source {source} does not exist"
-            )
-        real = os.path.realpath(source)
-        root = os.path.realpath(self.store.root)
-        if real == root or real.startswith(root.rstrip("/") + "/"):
+            ) from None
+        try:
+            how = bind.reaches_root(src, str(self.store.root))
+        finally:
+            if fd is None:
+                os.close(src)
+        if how is not None:
             raise InvalidMountSpec(
-                f"invalid volume spec {spec!r}: {source} is inside the graphdriver root "
-                f"{root}; a container must not reach the store's own files"
+                f"invalid volume spec {spec!r}: {source} {how} the graphdriver root "
+                f"{self.store.root}; a container must not reach the store's own files"
             )
+
+    def _check_creatable(self, image: str, mounts: Sequence[MountPoint], driver: str) -> None:
+        """What would refuse the create half-way, refused before anything is recorded."""
+        if self.store._ready(image, "image").mount_count:
+            raise LayerInUse(
+                f"image {image!r} is mounted, so its files can still change; unmount it before "
+                f"creating a container on it"
+            )
+        for mp in mounts:
+            if mp.type == "volume" and self.volumes.find(mp.source) is None:
+                self.volumes.existing(mp.source, driver)
 
     def create(
         self,
@@ -274,6 +248,7 @@ class ContainerStore:
                 raise AlreadyExists(f"container {name!r} already exists")
             mounts = self._plan(name, image, specs, volumes_from)
             self.volumes.driver(volume_driver)  # an unknown driver fails before anything is made
+            self._check_creatable(image, mounts, volume_driver)
             layer = anonymous_name()
             with self.meta.transaction():
                 self.meta.db.execute(
@@ -281,13 +256,14 @@ class ContainerStore:
                     "VALUES (?, ?, ?, 'creating', ?, ?)",
                     (name, layer, image, time.time(), json.dumps([asdict(m) for m in mounts])),
                 )
+            faults.point("containers.create.after-record")
             try:
                 self.store.create(layer, image, rw=True, labels={CONTAINER_LABEL: name})
+                faults.point("containers.create.after-layer")
                 for mp in mounts:
                     if mp.type != "volume":
                         continue
-                    have = self.volumes.find(mp.source)
-                    if have is None:
+                    if self.volumes.find(mp.source) is None:
                         self.volumes.create(
                             mp.source,
                             volume_driver if mp.origin == "cli" else DEFAULT_VOLUME_DRIVER,
@@ -296,7 +272,10 @@ class ContainerStore:
                     self.volumes.add_ref(mp.source, self._key(name))
                 faults.point("containers.create.after-volumes")
             except BaseException:
-                self._undo(name, layer, mounts, remove_anonymous=True)
+                try:
+                    self._undo(name, layer, mounts, remove_anonymous=True)
+                except Exception:  # the error that got us here is the one to report
+                    log.exception("rolling back container %s failed; retried at next open", name)
                 raise
             self._update(name, state="ready")
         return self.inspect(name)
@@ -308,59 +287,134 @@ class ContainerStore:
         nothing else uses; then its record. Used by rm, a failed create and recovery."""
         if self.store.exists(layer):
             self.store.remove(layer)
+        faults.point("containers.rm.after-layer")
         self.volumes.drop_refs(self._key(name))
+        faults.point("containers.rm.after-refs")
         if remove_anonymous:
             for mp in mounts:
-                if mp.type != "volume" or not mp.anonymous or self.volumes.find(mp.source) is None:
-                    continue
-                users = self.volumes.users(mp.source)
-                if users:
-                    log.warning(
-                        "kept anonymous volume %s: container(s) %s still use it",
-                        mp.source,
-                        ", ".join(u.split(":", 1)[1] for u in users),
-                    )
-                    continue
-                self.volumes.remove(mp.source)
+                if mp.type == "volume" and mp.anonymous:
+                    self._remove_anonymous(mp.source)
         with self.meta.transaction():
             self.meta.db.execute("DELETE FROM containers WHERE name=?", (name,))
 
+    def _remove_anonymous(self, volume: str) -> None:
+        """Remove an anonymous volume nothing else uses; keep it, with a warning, otherwise."""
+        rec = self.volumes.find(volume)
+        if rec is None:
+            return
+        users = [u.split(":", 1)[1] for u in self.volumes.users(volume)]
+        if users or rec.mount_count:
+            log.warning("kept anonymous volume %s: container(s) %s still use it", volume,
+                        ", ".join(users) or "?")  # fmt: skip
+            return
+        try:
+            self.volumes.remove(volume)
+        except GraphDriverError as exc:
+            log.warning("kept anonymous volume %s: %s", volume, exc)
+
+    # ----------------------------------------------------------------------------- recovery
+
+    def _stale(self, row: dict[str, Any], mounted: set[str]) -> list[str]:
+        """Mounts inside the layer of a container that no container mount records (deepest
+        first): what a process that died between binding and recording left."""
+        if row["mount_count"]:
+            return []
+        home = os.path.realpath(self.store.home) + "/"
+        layer = self.meta.get(row["layer"])
+        own = os.path.realpath(layer.mount_path) if layer and layer.mount_path else None
+        found = [
+            m
+            for m in mounted
+            if m.startswith(home) and row["layer"] in m[len(home) :].split("/") and m != own
+        ]
+        return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
+
+    def _intact(self, row: dict[str, Any], mounted: set[str]) -> bool:
+        """Whether a recorded mount is complete: its layer reference and every bind in place."""
+        layer = self.meta.get(row["layer"])
+        if layer is None or not layer.mount_count:
+            return False
+        return all(mp.bound and mp.target in mounted for mp in row["mounts"])
+
+    def _needs_recovery(self) -> bool:
+        mounted = _mountpoints()
+        return any(
+            row["state"] != "ready"
+            or (row["mount_count"] and not self._intact(row, mounted))
+            or self._stale(row, mounted)
+            for row in self._rows()
+        )
+
     def _recover(self) -> None:
-        """Finish what a killed process left half-done; forget mounts that are gone."""
-        for name in self.names():
-            row = self._row(name)
-            layer = self.meta.get(row["layer"])
-            if row["mount_count"] and layer is not None and not layer.mount_count:
-                log.warning("container %s was counted as mounted but is not", name)
-                with self.volumes.locked():
-                    self._unbind(row["root"], row["mounts"])
-                self._update(name, mount_count=0, root=None)
-        rows = self.meta.db.execute("SELECT name FROM containers WHERE state!='ready'").fetchall()
-        for (name,) in rows:
-            row = self._row(name, any_state=True)
-            log.warning("finishing container %s left %s by a process that died", name, row["state"])
-            with self.volumes.locked():
-                self._undo(
-                    name,
-                    row["layer"],
-                    row["mounts"],
-                    remove_anonymous=row["state"] == "creating" or bool(row["remove_volumes"]),
-                )
+        """Finish what a killed process left half-done and match container mounts to the
+        mount table. A container that fails to recover is logged and retried at the next
+        open; it never stops commands on the others."""
+        mounted = _mountpoints()
+        for row in self._rows():
+            name = row["name"]
+            try:
+                if row["state"] != "ready":
+                    log.warning("finishing container %s left %s by a process that died",
+                                name, row["state"])  # fmt: skip
+                    with self.volumes.locked():
+                        self._undo(
+                            name,
+                            row["layer"],
+                            row["mounts"],
+                            remove_anonymous=row["state"] == "creating"
+                            or bool(row["remove_volumes"]),
+                        )
+                elif row["mount_count"] and not self._intact(row, mounted):
+                    log.warning("container %s was left partly mounted; unmounting it", name)
+                    with self.volumes.locked():
+                        self._teardown(name, row)
+                else:
+                    for path in self._stale(row, mounted):
+                        log.warning("unmounting %s in container %s: no mount records it",
+                                    path, name)  # fmt: skip
+                        unmount(path, retries=20)
+            except (GraphDriverError, OSError) as exc:
+                log.warning("container %s could not be recovered (retried at next open): %s",
+                            name, exc)  # fmt: skip
 
     # ------------------------------------------------------------------------------- remove
 
+    def _check_removable(self, name: str, row: dict[str, Any], force: bool) -> None:
+        if row["mount_count"] and not force:
+            raise InUse(f"container {name!r} is mounted; umount it first, or use -f")
+        layer = self.meta.get(row["layer"])
+        if layer is None:
+            return
+        others = layer.mount_count - (1 if row["mount_count"] else 0)
+        if others > 0:
+            raise InUse(
+                f"the read-write layer {layer.id} of container {name!r} is mounted outside the "
+                f"container ({others} reference(s)); `graphdriver umount {layer.id}` first"
+            )
+        children = self.meta.children(layer.id)
+        if children:
+            raise InUse(
+                f"layer(s) {', '.join(children[:5])} are made on the read-write layer of "
+                f"container {name!r}; remove them first"
+            )
+
     def remove(self, name: str, *, volumes: bool = False, force: bool = False) -> None:
         """Delete the container's read-write layer; its volumes stay, except with *volumes*
-        its anonymous ones that no other container uses. A mounted container needs *force*."""
+        its anonymous ones that no other container uses. A mounted container needs *force*.
+        Everything that can refuse is checked before anything changes."""
         with self.store._locked(), self.volumes.locked():
             row = self._row(name)
+            self._check_removable(name, row, force)
             if row["mount_count"]:
-                if not force:
-                    raise InUse(f"container {name!r} is mounted; umount it first, or use -f")
-                while self._row(name)["mount_count"]:
-                    self.unmount(name)
+                self._teardown(name, row)
             self._update(name, state="removing", remove_volumes=int(volumes))
-            self._undo(name, row["layer"], row["mounts"], remove_anonymous=volumes)
+            faults.point("containers.rm.after-mark")
+            try:
+                self._undo(name, row["layer"], row["mounts"], remove_anonymous=volumes)
+            except BaseException:
+                if self.store.exists(row["layer"]):  # nothing was removed: the container stays
+                    self._update(name, state="ready", remove_volumes=0)
+                raise
 
     # ------------------------------------------------------------------------------- mounts
 
@@ -369,21 +423,36 @@ class ContainerStore:
         Counted: each mount needs its umount."""
         with self.store._locked(), self.volumes.locked():
             row = self._row(name)
-            if row["mount_count"]:
+            mounts: list[MountPoint] = row["mounts"]
+            if row["mount_count"] and all(mp.bound for mp in mounts):
                 self._update(name, mount_count=row["mount_count"] + 1)
                 return Path(row["root"])
-            root = self.store.get(row["layer"])
-            mounts: list[MountPoint] = row["mounts"]
-            done: list[MountPoint] = []
+            if row["mount_count"]:  # a umount that failed half-way: finish it first
+                self._teardown(name, row)
+            for mp in mounts:
+                mp.bound, mp.target = False, None
+            # the layer reference and its record commit together: never one without the other
+            with self.meta.transaction():
+                root = self.store.get(row["layer"])
+                faults.point("containers.mount.after-get")
+                self._update(name, mount_count=1, root=str(root), mounts=mounts)
+            faults.point("containers.mount.after-layer")
             try:
+                for path in mounts_under(root):
+                    if path != os.path.realpath(root):
+                        log.warning("unmounting %s in container %s: no mount records it",
+                                    path, name)  # fmt: skip
+                        unmount(path, retries=20)
                 for mp in mounts:
                     self._bind_one(name, str(root), mp)
-                    done.append(mp)
+                    faults.point("containers.mount.after-bind")
+                    self._update(name, mounts=mounts)
             except BaseException:
-                self._unbind(str(root), done)
-                self.store.put(row["layer"])
+                try:
+                    self._teardown(name, self._row(name))
+                except Exception:  # the error that got us here is the one to report
+                    log.exception("undoing the mount of container %s failed", name)
                 raise
-            self._update(name, mount_count=1, root=str(root), mounts=mounts)
             return root
 
     def _volume_source(self, name: str, mp: MountPoint) -> str:
@@ -396,36 +465,33 @@ class ContainerStore:
         if self.volumes.find(mp.source) is None:  # removed with volume rm -f
             log.warning("volume %s of container %s was removed; making it again", mp.source, name)
             self.volumes.create(mp.source, anonymous=mp.anonymous)
-        self.volumes.add_ref(mp.source, self._key(name))  # volume rm -f dropped it
-        return str(self.volumes.mount(mp.source))
+        path = self.volumes.mount(mp.source, self._key(name))
+        faults.point("containers.mount.after-volume")
+        return str(path)
 
     def _bind_one(self, name: str, root: str, mp: MountPoint) -> None:
         source = self._volume_source(name, mp)
         try:
-            doing = f"mount {mp.source} at {mp.destination} in container {name}"
+            if mp.type == "volume" and mp.copy and not mp.copied:
+                self._copy_image_content(root, mp.destination, source)
+                mp.copied = True
+            src = os.open(source, os.O_PATH | os.O_CLOEXEC)
             try:
-                if mp.type == "volume" and mp.copy and not mp.copied:
-                    self._copy_image_content(root, mp.destination, source)
-                    mp.copied = True
-                src = os.open(source, os.O_PATH | os.O_CLOEXEC)
+                if mp.type == "bind":  # what the path names now, not at create
+                    self._check_bind(f"{mp.source}:{mp.destination}", mp.source, src)
+                kind = "dir" if stat.S_ISDIR(os.fstat(src).st_mode) else "file"
+                fd = bind.open_in_root(root, mp.destination, create=kind)
+                assert fd is not None
                 try:
-                    if mp.type == "bind":  # what the path names now, not at create
-                        self._check_bind(f"{mp.source}:{mp.destination}", bind.fd_path(src))
-                    kind = "dir" if stat.S_ISDIR(os.fstat(src).st_mode) else "file"
-                    fd = bind.open_in_root(root, mp.destination, create=kind)
-                    assert fd is not None
-                    try:
-                        bind.bind(src, fd, readonly=not mp.rw)
-                    finally:
-                        os.close(fd)
+                    mp.target = bind.fd_path(fd)
+                    bind.bind(src, fd, readonly=not mp.rw)
+                    mp.bound = True
                 finally:
-                    os.close(src)
-            except OSError as exc:
-                raise from_oserror(exc, doing) from exc
-        except BaseException:
-            if mp.type == "volume":
-                self.volumes.unmount(mp.source)
-            raise
+                    os.close(fd)
+            finally:
+                os.close(src)
+        except OSError as exc:
+            raise from_oserror(exc, f"mount {mp.source} at {mp.destination} in {name}") from exc
 
     @staticmethod
     def _copy_image_content(root: str, destination: str, volume_dir: str) -> None:
@@ -451,14 +517,36 @@ class ContainerStore:
         finally:
             os.close(fd)
 
-    def _unbind(self, root: str, mounts: Sequence[MountPoint]) -> None:
-        base = os.path.realpath(root)
-        for mp_path in mounts_under(base):
-            if mp_path != base:
-                unmount(mp_path, retries=20)
+    def _teardown(self, name: str, row: dict[str, Any]) -> None:
+        """Undo a container mount, whatever part of it is in place: the binds (deepest first),
+        the volumes' mounts, the layer reference. The binds are marked gone first, so a crash
+        on the way is finished at the next open. Used by umount, a failed mount, rm -f,
+        cleanup and recovery."""
+        mounts: list[MountPoint] = row["mounts"]
+        if any(mp.bound for mp in mounts):
+            for mp in mounts:
+                mp.bound = False
+            self._update(name, mounts=mounts)
+            faults.point("containers.umount.after-mark")
+        try:
+            if row["root"]:
+                base = os.path.realpath(row["root"])
+                for path in mounts_under(base):
+                    if path != base:
+                        unmount(path, retries=20)
+            faults.point("containers.umount.after-unbind")
+        except OSError as exc:
+            raise from_oserror(exc, f"unmount container {name}") from exc
         for mp in mounts:
             if mp.type == "volume":
-                self.volumes.unmount(mp.source)
+                self.volumes.unmount(mp.source, self._key(name))
+        faults.point("containers.umount.after-volumes")
+        layer = self.meta.get(row["layer"])
+        with self.meta.transaction():  # the reference goes with its record, as it came
+            if layer is not None and layer.state == "ready" and layer.mount_count:
+                self.store.put(row["layer"])
+            faults.point("containers.umount.after-put")
+            self._update(name, mount_count=0, root=None, mounts=mounts)
 
     def unmount(self, name: str) -> None:
         """Release one mount of the container; the last one unbinds the volumes (deepest
@@ -467,28 +555,24 @@ class ContainerStore:
             row = self._row(name)
             if not row["mount_count"]:
                 raise NotMounted(f"container {name!r} is not mounted")
-            if row["mount_count"] == 1:
-                try:
-                    self._unbind(row["root"], row["mounts"])
-                except OSError as exc:
-                    raise from_oserror(exc, f"unmount container {name}") from exc
-                self.store.put(row["layer"])
-            self._update(
-                name,
-                mount_count=row["mount_count"] - 1,
-                root=row["root"] if row["mount_count"] > 1 else None,
-            )
+            if row["mount_count"] > 1 and all(mp.bound for mp in row["mounts"]):
+                self._update(name, mount_count=row["mount_count"] - 1)
+                return
+            self._teardown(name, row)
 
     def cleanup(self) -> None:
         """Unmount every container (whoever mounted it), then the store's layers."""
+        failed: BaseException | None = None
         with self.store._locked():
-            for name in self.names():
-                row = self._row(name)
-                if row["mount_count"]:
-                    self._unbind(row["root"], [])
-                    self._update(name, mount_count=0, root=None)
-                    with contextlib.suppress(GraphDriverError):
-                        self.store.put(row["layer"])
+            for row in self._rows():
+                if row["state"] == "ready" and row["mount_count"]:
+                    try:
+                        self._teardown(row["name"], row)
+                    except (GraphDriverError, OSError) as exc:
+                        log.warning("container %s: %s", row["name"], exc)
+                        failed = failed or exc
             if (self.store.root / "volumes" / ".metadata.db").exists():
                 self.volumes.cleanup()
             self.store.cleanup()
+        if failed is not None:
+            raise failed

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import InvalidOption
 from .linux import mount as m
+from .linux.bind import reaches_root
 from .volumes import VolumeDriver
 
 #: mount(8) option words that are flags, not filesystem data: word -> (set, clear)
@@ -75,8 +76,27 @@ class LocalVolumeDriver(VolumeDriver):
                 "mount something (e.g. type=tmpfs device=tmpfs)"
             )
         flags, _data = parse_mount_options(options.get("o", ""))
-        if flags & m.MS_BIND and not options.get("device", "").startswith("/"):
-            raise InvalidOption("a bind volume needs an absolute host path as --opt device=")
+        if flags & m.MS_BIND:
+            device = options.get("device", "")
+            if not device.startswith("/"):
+                raise InvalidOption("a bind volume needs an absolute host path as --opt device=")
+            try:
+                fd = os.open(device, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return  # checked again at mount, on the fd that is bound
+            try:
+                self._check_bind_source(fd, device)
+            finally:
+                os.close(fd)
+
+    def _check_bind_source(self, fd: int, device: str) -> None:
+        root = self.volumes_dir.parent
+        how = reaches_root(fd, str(root))
+        if how is not None:
+            raise InvalidOption(
+                f"bind device {device} {how} the graphdriver root {root}; a volume must not "
+                f"reach the store's own files"
+            )
 
     def create(self, name: str, options: Mapping[str, str]) -> None:
         base = self._base(name)
@@ -97,13 +117,26 @@ class LocalVolumeDriver(VolumeDriver):
         if options:
             flags, extra = parse_mount_options(options.get("o", ""))
             device = options["device"]
-            if flags & m.MS_BIND and not os.path.exists(device):
-                raise FileNotFoundError(2, "bind source of the volume does not exist", device)
-            fstype = None if flags & m.MS_BIND else options["type"]
-            m.mount(device, data, fstype, flags, extra or None)
+            if flags & m.MS_BIND:
+                self._bind(device, data, flags, extra)
+            else:
+                m.mount(device, data, options["type"], flags, extra or None)
             if flags & m.MS_BIND and flags & m.MS_RDONLY:  # a bind ignores ro until a remount
                 m.mount("none", data, None, m.MS_REMOUNT | m.MS_BIND | m.MS_RDONLY)
         return data
+
+    def _bind(self, device: str, data: Path, flags: int, extra: str) -> None:
+        """Bind *device* from an fd checked not to reach the root, so what is checked is what
+        is bound, whatever the path names by then."""
+        try:
+            fd = os.open(device, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "bind source of the volume does not exist", device) from None
+        try:
+            self._check_bind_source(fd, device)
+            m.mount(f"/proc/self/fd/{fd}", data, None, flags, extra or None)
+        finally:
+            os.close(fd)
 
     def unmount(self, name: str, options: Mapping[str, str]) -> None:
         if options:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from . import faults
 from .errors import (
     AlreadyExists,
     DriverLoadError,
@@ -35,6 +36,7 @@ from .errors import (
     call_os,
     from_oserror,
 )
+from .linux.mount import is_mountpoint
 from .locking import FileLock
 from .metadata import transaction
 from .plugins import entry_point_names, load_plugin
@@ -118,10 +120,13 @@ CREATE TABLE volumes (
 CREATE TABLE refs (
     volume    TEXT NOT NULL REFERENCES volumes(name),
     container TEXT NOT NULL,
+    mounted   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (volume, container)
 );
 """
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: what each schema version adds to the one before
+_MIGRATIONS = {2: "ALTER TABLE refs ADD COLUMN mounted INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass
@@ -163,7 +168,10 @@ class VolumeStore:
         self.root = root
         self.dir = root / "volumes"
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            # 0700: a volume's data (and a hostile image's setuid files copied into it) is for
+            # the containers it is bound into, not for every local user
+            self.dir.mkdir(0o700, parents=True, exist_ok=True)
+            os.chmod(self.dir, 0o700)
             self._lock = FileLock(self.dir / ".lock")
         except OSError as exc:
             raise from_oserror(exc, f"open volume store {self.dir}") from exc
@@ -179,9 +187,15 @@ class VolumeStore:
                     row = self.db.execute(
                         "SELECT value FROM meta WHERE key='schema_version'"
                     ).fetchone()
-                    if row is not None and int(row[0]) > SCHEMA_VERSION:
+                    version = int(row[0]) if row is not None else 1
+                    if version > SCHEMA_VERSION:
                         raise StoreError(
                             f"volume metadata {path} is newer than this graphdriver; upgrade it"
+                        )
+                    for step in range(version + 1, SCHEMA_VERSION + 1):
+                        self.db.execute(_MIGRATIONS[step])
+                        self.db.execute(
+                            "UPDATE meta SET value=? WHERE key='schema_version'", (str(step),)
                         )
                 else:
                     for stmt in _SCHEMA.split(";"):
@@ -203,12 +217,25 @@ class VolumeStore:
         return self._lock.held()
 
     def _recover(self) -> None:
-        """Finish or roll back what a killed process left half-done."""
+        """Finish or roll back what a killed process left half-done: a volume being created or
+        removed goes; a driver mount nobody counts is undone. A volume that fails to recover is
+        logged and retried at the next open; it never stops commands on other volumes."""
         for rec in self._all(include_in_flight=True):
-            if rec.state == "ready":
-                continue
-            log.warning("removing volume %s left %s by a process that died", rec.name, rec.state)
-            self._destroy(rec)
+            try:
+                if rec.state != "ready":
+                    log.warning(
+                        "removing volume %s left %s by a process that died", rec.name, rec.state
+                    )
+                    self._destroy(rec)
+                elif not rec.mount_count:
+                    drv = self.driver(rec.driver)
+                    if is_mountpoint(drv.path(rec.name, rec.options)):
+                        log.warning("unmounting volume %s, left mounted by a process that died",
+                                    rec.name)  # fmt: skip
+                        call_os(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
+            except (GraphDriverError, OSError) as exc:
+                log.warning("volume %s could not be recovered (retried at next open): %s",
+                            rec.name, exc)  # fmt: skip
 
     # ------------------------------------------------------------------------------ drivers
 
@@ -312,15 +339,9 @@ class VolumeStore:
         drv = self.driver(driver)
         self._check_options(drv, options)
         with self.locked():
-            have = self.db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
+            have = self.existing(name, driver, options)
             if have is not None:
-                rec = _record(have)
-                if rec.state == "ready" and rec.driver == driver and rec.options == options:
-                    return rec
-                raise AlreadyExists(
-                    f"volume {name!r} already exists with driver {rec.driver!r} and options "
-                    f"{rec.options or '{}'}"
-                )
+                return have
             rec = VolumeRecord(
                 name=name,
                 driver=driver,
@@ -344,25 +365,64 @@ class VolumeStore:
                         json.dumps(options, sort_keys=True),
                     ),
                 )
+            faults.point("volumes.create.after-record")
             try:
                 call_os(drv.create, name, options, doing=f"create volume {name}")
+                faults.point("volumes.create.after-driver")
             except BaseException:
-                self._destroy(rec)
+                try:
+                    self._destroy(rec)
+                except Exception:  # the error that got us here is the one to report
+                    log.exception("rolling back volume %s failed; retried at next open", name)
                 raise
             with transaction(self.db):
                 self.db.execute("UPDATE volumes SET state='ready' WHERE name=?", (name,))
             rec.state = "ready"
             return rec
 
+    def existing(
+        self, name: str, driver: str, options: Mapping[str, str] | None = None
+    ) -> VolumeRecord | None:
+        """The ready volume *name* if it has *driver* and *options*, None if there is no such
+        name; AlreadyExists if the name is taken otherwise (or is being created or removed)."""
+        have = self.db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
+        if have is None:
+            return None
+        rec = _record(have)
+        if rec.state == "ready" and rec.driver == driver and rec.options == dict(options or {}):
+            return rec
+        if rec.state != "ready":
+            raise AlreadyExists(
+                f"volume {name!r} is still {rec.state}, left so by an interrupted command; "
+                f"it is finished at the next open (see the log)"
+            )
+        raise AlreadyExists(
+            f"volume {name!r} already exists with driver {rec.driver!r} and options "
+            f"{rec.options or '{}'}"
+        )
+
     def _destroy(self, rec: VolumeRecord) -> None:
-        """Remove the driver's data, then the record (kept, marked removing, if that fails)."""
+        """Remove the driver's data, then the record. Marked removing first, so a crash is
+        finished at the next open; a driver that fails leaves a ready volume ready again."""
+        drv = self.driver(rec.driver)  # a driver that cannot load refuses before anything
         with transaction(self.db):
             self.db.execute("UPDATE volumes SET state='removing' WHERE name=?", (rec.name,))
-        drv = self.driver(rec.driver)
-        if rec.mount_count:
-            with contextlib.suppress(GraphDriverError, OSError):
-                drv.unmount(rec.name, rec.options)
-        call_os(drv.remove, rec.name, rec.options, doing=f"remove volume {rec.name}")
+        faults.point("volumes.remove.after-mark")
+        try:
+            if rec.mount_count:
+                with contextlib.suppress(GraphDriverError, OSError):
+                    drv.unmount(rec.name, rec.options)
+            call_os(drv.remove, rec.name, rec.options, doing=f"remove volume {rec.name}")
+        except BaseException:
+            if rec.state == "ready":
+                with transaction(self.db):
+                    self.db.execute(
+                        "UPDATE volumes SET state='ready', mount_count=0, mountpoint=NULL "
+                        "WHERE name=?",
+                        (rec.name,),
+                    )
+            raise
+        faults.point("volumes.remove.after-driver")
         with transaction(self.db):
             self.db.execute("DELETE FROM refs WHERE volume=?", (rec.name,))
             self.db.execute("DELETE FROM volumes WHERE name=?", (rec.name,))
@@ -408,7 +468,9 @@ class VolumeStore:
 
     def add_ref(self, name: str, container: str) -> None:
         with transaction(self.db):
-            self.db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?)", (name, container))
+            self.db.execute(
+                "INSERT OR IGNORE INTO refs (volume, container) VALUES (?, ?)", (name, container)
+            )
 
     def drop_refs(self, container: str) -> list[str]:
         """Forget every reference of *container*; return the volumes it referenced."""
@@ -419,8 +481,16 @@ class VolumeStore:
             self.db.execute("DELETE FROM refs WHERE container=?", (container,))
         return names
 
-    def mount(self, name: str) -> Path:
-        """The directory to bind for *name*; the driver mounts it for the first user."""
+    def _ref_mounted(self, name: str, container: str) -> bool:
+        row = self.db.execute(
+            "SELECT mounted FROM refs WHERE volume=? AND container=?", (name, container)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def mount(self, name: str, container: str) -> Path:
+        """The directory to bind for *name* in *container*; the driver mounts it for the first
+        container. Counted once per container, so repeating it (recovery, a second mount
+        point of the same volume) never counts twice."""
         with self.locked():
             rec = self.get(name)
             drv = self.driver(rec.driver)
@@ -428,27 +498,38 @@ class VolumeStore:
                 path = rec.mountpoint
             else:
                 path = str(call_os(drv.mount, name, rec.options, doing=f"mount volume {name}"))
+            if self._ref_mounted(name, container):
+                return Path(path)
+            faults.point("volumes.mount.after-driver")
             with transaction(self.db):
+                self.db.execute(
+                    "INSERT OR REPLACE INTO refs (volume, container, mounted) VALUES (?, ?, 1)",
+                    (name, container),
+                )
                 self.db.execute(
                     "UPDATE volumes SET mount_count=?, mountpoint=? WHERE name=?",
                     (rec.mount_count + 1, path, name),
                 )
             return Path(path)
 
-    def unmount(self, name: str) -> None:
-        """Release one mount of *name*; the last one asks the driver to unmount."""
+    def unmount(self, name: str, container: str) -> None:
+        """Release *container*'s mount of *name* (nothing if it holds none); the last one asks
+        the driver to unmount."""
         with self.locked():
             rec = self.find(name)
-            if rec is None or rec.mount_count <= 0:
+            if rec is None or not self._ref_mounted(name, container):
                 return
-            if rec.mount_count == 1:
+            if rec.mount_count <= 1:
                 drv = self.driver(rec.driver)
                 call_os(drv.unmount, name, rec.options, doing=f"unmount volume {name}")
             with transaction(self.db):
                 self.db.execute(
+                    "UPDATE refs SET mounted=0 WHERE volume=? AND container=?", (name, container)
+                )
+                self.db.execute(
                     "UPDATE volumes SET mount_count=?, mountpoint=? WHERE name=?",
                     (
-                        rec.mount_count - 1,
+                        max(rec.mount_count - 1, 0),
                         rec.mountpoint if rec.mount_count > 1 else None,
                         name,
                     ),
@@ -466,3 +547,4 @@ class VolumeStore:
                             "UPDATE volumes SET mount_count=0, mountpoint=NULL WHERE name=?",
                             (rec.name,),
                         )
+                        self.db.execute("UPDATE refs SET mounted=0 WHERE volume=?", (rec.name,))

@@ -222,3 +222,72 @@ def _bind_classic(source: str | int, target_fd: int, readonly: bool) -> None:
     except OSError:
         unmount(real, MNT_DETACH)
         raise
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _ancestors(dir_fd: int) -> list[tuple[int, int]]:
+    """(device, inode) of the directory open as *dir_fd* and of each directory above it, up to
+    this process's ``/``, following ``..`` from the fd (so across bind mounts, never by name)."""
+    out = [_identity(dir_fd)]
+    fd = os.dup(dir_fd)
+    try:
+        for _ in range(4096):
+            up = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            ident = _identity(fd)
+            if ident == out[-1]:
+                return out
+            out.append(ident)
+        raise OSError(errno.ELOOP, "too many directories above", fd_path(dir_fd))
+    finally:
+        os.close(fd)
+
+
+def _parent_of(fd: int) -> int:
+    """An ``O_PATH`` fd of the directory holding the non-directory open as *fd*, checked to
+    hold that very inode (a file has no ``..``, so its name is looked up, then verified)."""
+    path = fd_path(fd)
+    parent = os.open(os.path.dirname(path) or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.stat(os.path.basename(path), dir_fd=parent, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != _identity(fd):
+            raise OSError(errno.ESTALE, "the file moved while it was being checked", path)
+    except BaseException:
+        os.close(parent)
+        raise
+    return parent
+
+
+def reaches_root(source_fd: int, root: str) -> str | None:
+    """How the file or directory open as *source_fd* would expose the directory *root* if it
+    were bound into a container: ``"is"``, ``"is inside"``, ``"contains"``, or None.
+
+    Compared by identity (device and inode) on the fd, walking ``..`` from it, so a symlink, a
+    second path through a bind mount of the root, or a rename cannot hide the relation.
+    """
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        above_root = _ancestors(root_fd)
+    finally:
+        os.close(root_fd)
+    root_id = above_root[0]
+    if stat.S_ISDIR(os.fstat(source_fd).st_mode):
+        chain = _ancestors(source_fd)
+    else:
+        parent = _parent_of(source_fd)
+        try:
+            chain = [_identity(source_fd), *_ancestors(parent)]
+        finally:
+            os.close(parent)
+    if chain[0] == root_id:
+        return "is"
+    if root_id in chain:
+        return "is inside"
+    if chain[0] in above_root:
+        return "contains"
+    return None

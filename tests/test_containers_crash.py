@@ -1,0 +1,183 @@
+"""A container or volume command killed (SIGKILL) at any of its state transitions, on overlay and
+vfs: the next command opens the store, the half-done thing is gone or complete, nothing else is
+lost, no mount is stacked or leaked, and every count is right."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import GD
+from test_containers import _image, gd  # noqa: F401  (gd: the overlay/vfs fixture)
+
+from graphdriver.linux.mount import is_mountpoint, mounts_under
+
+CREATE = [
+    "containers.create.after-record",
+    "volumes.create.after-record",  # the image's anonymous volume
+    "volumes.create.after-driver",
+    "containers.create.after-layer",
+    "containers.create.after-volumes",
+]
+MOUNT = [
+    "containers.mount.after-get",  # layer mounted, not yet committed
+    "containers.mount.after-layer",
+    "volumes.mount.after-driver",  # the tmpfs volume mounted, not yet counted
+    "containers.mount.after-volume",
+    "containers.mount.after-bind",  # a bind in place, not yet recorded
+]
+UMOUNT = [
+    "containers.umount.after-mark",
+    "containers.umount.after-unbind",
+    "containers.umount.after-volumes",
+    "containers.umount.after-put",  # layer unmounted, not yet committed
+]
+RM = ["containers.rm.after-mark", "containers.rm.after-layer", "containers.rm.after-refs"]
+RM_V = [*RM, "volumes.remove.after-mark", "volumes.remove.after-driver"]
+VOLUME_RM = ["volumes.remove.after-mark", "volumes.remove.after-driver"]
+VOLUME_CREATE = ["volumes.create.after-record", "volumes.create.after-driver"]
+
+CASES = [
+    *(("create", p) for p in CREATE),
+    *(("mount", p) for p in MOUNT),
+    *(("umount", p) for p in UMOUNT),
+    *(("rm", p) for p in RM),
+    *(("rm-v", p) for p in RM_V),
+    *(("volume-rm", p) for p in VOLUME_RM),
+    *(("volume-create", p) for p in VOLUME_CREATE),
+]
+
+
+def _json(runner: GD, *args: str) -> Any:
+    return json.loads(runner(*args, "--json").out)
+
+
+class World:
+    """A store with a mounted container ``o`` (a named and an anonymous volume), a named volume
+    with data, a tmpfs volume and a host directory: what must survive any kill."""
+
+    def __init__(self, runner: GD, tmp_path: Path) -> None:
+        self.gd = g = runner
+        _image(g, "img", "/data")
+        g("volume", "create", "keep")
+        self.keep = g.root / "volumes" / "keep" / "_data"
+        (self.keep / "k").write_text("keep")
+        g("volume", "create", "tmp2", "--opt", "type=tmpfs", "--opt", "device=tmpfs")
+        self.host = tmp_path / "host"
+        self.host.mkdir()
+        (self.host / "h").write_text("host")
+        g("container", "create", "o", "--image", "img", "-v", "keep:/keep")
+        self.o_root = Path(g("container", "mount", "o").out.strip())
+        (self.o_root / "in-o").write_text("o's layer")
+        (self.o_root / "data" / "in-anon").write_text("o's anonymous volume")
+        self.c_specs = ["-v", "tmp2:/a-tmp", "-v", f"{self.host}:/h", "-v", "keep:/k"]
+        self.base = 1 if g.driver == "overlay" else 0  # the overlay mount of a root
+
+    def create_c(self) -> None:
+        self.gd("container", "create", "c", "--image", "img", *self.c_specs)
+
+    def killed(self, *args: str, point: str) -> None:
+        proc = subprocess.run(
+            self.gd.argv(*args),
+            env={**os.environ, "GRAPHDRIVER_FAULT": point},
+            capture_output=True,
+            timeout=300,
+        )
+        assert proc.returncode == -9, (point, proc.returncode, proc.stderr.decode())
+
+    def mounts(self) -> list[str]:
+        return mounts_under(os.path.realpath(self.gd.root))
+
+    def check(self, *, c: str | None) -> None:
+        """c: None (gone), "unmounted" or "mounted"."""
+        gd = self.gd  # noqa: F811
+        containers = {i["Name"]: i for i in _json(gd, "container", "ls")}
+        assert sorted(containers) == sorted(["o", *([] if c is None else ["c"])])
+        o = containers["o"]
+        assert o["MountCount"] == 1 and Path(o["Root"]) == self.o_root
+        assert (self.o_root / "in-o").read_text() == "o's layer"
+        assert (self.o_root / "keep" / "k").read_text() == "keep"
+        assert (self.o_root / "data" / "in-anon").read_text() == "o's anonymous volume"
+        o_real = os.path.realpath(self.o_root)
+        expect = self.base + 2  # o's binds: /data and /keep
+        if c == "mounted":
+            expect += self.base + 4 + 1  # c's root, binds, and tmp2's tmpfs
+        assert len(self.mounts()) == expect, self.mounts()
+        layers = gd("ls").out.split()
+        wanted = ["img", o["Layer"], *([containers["c"]["Layer"]] if c else [])]
+        assert sorted(layers) == sorted(wanted)
+        vols = {v["Name"]: v for v in _json(gd, "volume", "ls")}
+        assert vols["keep"]["MountCount"] == (2 if c == "mounted" else 1)
+        assert sorted(vols["keep"]["UsedBy"]) == sorted(["o", *(["c"] if c else [])])
+        assert vols["tmp2"]["MountCount"] == (1 if c == "mounted" else 0)
+        assert is_mountpoint(vols["tmp2"]["Mountpoint"]) == (c == "mounted")
+        (o_anon,) = [m["Name"] for m in o["Mounts"] if m["Type"] == "volume" and m["Anonymous"]]
+        assert vols[o_anon]["MountCount"] == 1
+        assert (self.keep / "k").read_text() == "keep"
+        assert all(m.startswith(o_real) for m in self.mounts()) or c == "mounted"
+
+    def mount_c_once(self) -> None:
+        """Mount c: every bind once (nothing stacked), its data there; then unmount it."""
+        root = Path(self.gd("container", "mount", "c").out.strip())
+        real = os.path.realpath(root)
+        inside = [m for m in self.mounts() if m == real or m.startswith(real + "/")]
+        assert len(inside) == self.base + 4, inside
+        assert (root / "h" / "h").read_text() == "host"
+        assert (root / "k" / "k").read_text() == "keep"
+        assert len(self.mounts()) == 2 * self.base + 2 + 4 + 1  # o, c and tmp2's tmpfs
+        self.gd("container", "umount", "c")
+
+    def finish(self) -> None:
+        self.gd("container", "umount", "o")
+        self.gd("cleanup")
+        assert self.mounts() == []
+
+
+@pytest.mark.parametrize(("verb", "point"), CASES, ids=[f"{v}-{p}" for v, p in CASES])
+def test_a_kill_at_any_transition_loses_nothing(
+    gd: GD,  # noqa: F811
+    tmp_path: Path,
+    verb: str,
+    point: str,
+) -> None:
+    w = World(gd, tmp_path)
+    if verb == "create":
+        w.killed("container", "create", "c", "--image", "img", *w.c_specs, point=point)
+        w.check(c=None)
+        assert len(_json(gd, "volume", "ls")) == 3  # keep, tmp2, o's anonymous one
+        w.create_c()
+        w.mount_c_once()
+    elif verb in ("mount", "umount"):
+        w.create_c()
+        if verb == "umount":
+            gd("container", "mount", "c")
+        w.killed("container", verb, "c", point=point)
+        w.check(c="unmounted")
+        w.mount_c_once()
+    elif verb in ("rm", "rm-v"):
+        w.create_c()
+        mounts = json.loads(gd("container", "inspect", "c").out)[0]["Mounts"]
+        (anon,) = [m["Name"] for m in mounts if m.get("Anonymous")]  # the image's /data
+        w.killed("container", "rm", *(["-v"] if verb == "rm-v" else []), "c", point=point)
+        w.check(c=None)
+        left = {v["Name"] for v in _json(gd, "volume", "ls")}
+        assert (anon in left) == (verb == "rm")
+        w.create_c()
+    elif verb == "volume-rm":
+        gd("volume", "create", "gone")
+        w.killed("volume", "rm", "gone", point=point)
+        w.check(c=None)
+        assert "gone" not in gd("volume", "ls", "-q").out.split()
+        assert not (gd.root / "volumes" / "gone").exists()
+        gd("volume", "create", "gone")
+    else:
+        w.killed("volume", "create", "new", point=point)
+        w.check(c=None)
+        assert "new" not in gd("volume", "ls", "-q").out.split()
+        assert not (gd.root / "volumes" / "new").exists()
+        gd("volume", "create", "new")
+    w.finish()
