@@ -4,12 +4,14 @@
     <home>/devicemapper/devices.db       device ids, sizes and the pool's transaction id
     <home>/mnt/<id>                      where a layer's device is mounted; its root is rootfs/
 
+``devicemapper/`` and ``mnt/`` are 0700: a layer's files are out of other users' reach.
 Thin device 0 is the base: formatted once (``dm.fs``) at ``dm.basesize``, with an empty
-``rootfs`` directory (0755, 0:0) so a layer's root is never the filesystem's lost+found level.
+``rootfs`` directory (0755, 0:0) so a layer's root is never the filesystem's lost+found level;
+it is recorded as made only once both exist, so a failed mkfs is retried at the next open.
 Every layer is a thin snapshot of its parent's device (of the base for a layer without parent).
 Each pool message runs inside a transaction: the open transaction is written first, the pool's
-transaction id is moved after the message, then the metadata commits; at open, a transaction
-left open by a crash is rolled back (Docker's rule).
+transaction id is moved after the message, then the metadata commits; ``recover()`` (under the
+store's lock, never ``__init__``) rolls back a transaction left open by a crash (Docker's rule).
 """
 
 from __future__ import annotations
