@@ -235,8 +235,8 @@ def test_construction_of_a_loop_pool_driver_makes_no_pool(root: Path) -> None:
         driver.recover([])
         assert dmsetup.info(driver.pool.name) is not None
         assert _meta(root, "base_size") == str(50 * MiB)
-        driver.cleanup()
     finally:
+        driver.cleanup()  # takes the loop pool down, even when the test failed
         driver.close()
 
 

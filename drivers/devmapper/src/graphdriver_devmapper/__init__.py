@@ -423,7 +423,10 @@ class DevmapperDriver(Driver):
             # a device left active would pin the layer's snapshot and block its removal
             with contextlib.suppress(OSError):
                 target.rmdir()
-            dmsetup.remove(name)
+            try:
+                dmsetup.remove(name)
+            except OSError as exc:  # the mount's own error is the one to report
+                log.warning("could not deactivate %s after a failed mount: %s", name, exc)
             raise
         return target / "rootfs"
 
