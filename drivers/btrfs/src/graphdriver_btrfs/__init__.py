@@ -94,6 +94,7 @@ class BtrfsDriver(Driver):
             raise InvalidOption(
                 f"size {opts.size} is below btrfs.min_space ({self.min_space} bytes)"
             )
+        target.parent.mkdir(0o700, exist_ok=True)  # recover() made it; a driver used alone
         if parent is None:
             self.bu.create_subvolume(str(target))
             os.chmod(target, 0o755)

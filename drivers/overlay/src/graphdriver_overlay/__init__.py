@@ -232,6 +232,7 @@ class OverlayDriver(Driver):
             os.chmod(diff, 0o755)
             os.chown(diff, 0, 0)
         short = _short_id()
+        (self.home / "l").mkdir(0o700, exist_ok=True)  # recover() made it; a driver used alone
         (self.home / "l" / short).symlink_to(Path("..") / layer.id / "diff")
         (d / "link").write_text(short)
         if opts.size is not None:

@@ -37,6 +37,7 @@ class VfsDriver(Driver):
 
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
         target = self._dir(layer)
+        target.parent.mkdir(0o700, exist_ok=True)  # recover() made it; a driver used alone
         if parent is None:
             target.mkdir(0o755)
             os.chmod(target, 0o755)
