@@ -96,8 +96,6 @@ class LayerStore:
                     raise StoreError(
                         f"{self.home} belongs to driver {recorded!r}, not {self.name!r}"
                     )
-            # TEMPORARY (drivers branch): the store helper's branch makes this call for real
-            self.driver.recover([_info(r) for r in self.meta.all()])
             self._recover()
 
     # ------------------------------------------------------------------------ locking, recovery
