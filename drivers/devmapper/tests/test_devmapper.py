@@ -11,13 +11,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from graphdriver import CreateOpts, DriverUnavailable, GraphDriverError, InvalidOption, open_store
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing.backings import pool_on_loop_files
-from graphdriver_devmapper import dmsetup
+from graphdriver_devmapper import DevmapperDriver, dmsetup
 from graphdriver_devmapper.pool import ThinPool
 
 pytestmark = pytest.mark.skipif(
@@ -54,12 +55,25 @@ def _opts(pool: str | None, **extra: str) -> dict[str, str]:
     return opts
 
 
-def _tid(root: Path) -> int:
+def _meta(root: Path, key: str) -> str | None:
     db = sqlite3.connect(root / "devmapper" / "devicemapper" / "devices.db")
     try:
-        return int(db.execute("SELECT value FROM meta WHERE key='transaction_id'").fetchone()[0])
+        row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
     finally:
         db.close()
+
+
+def _tid(root: Path) -> int:
+    return int(_meta(root, "transaction_id") or 0)
+
+
+def _cli(root: Path, opts: dict[str, str], *args: str, fault: str | None = None) -> Any:
+    cmd = [sys.executable, "-m", "graphdriver", "--root", str(root), "--driver", "devmapper"]
+    for k, v in opts.items():
+        cmd += ["--opt", f"{k}={v}"]
+    env = {**os.environ, **({"GRAPHDRIVER_FAULT": fault} if fault else {})}
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("point", ["after-pool-message", "after-transaction-id"])
@@ -182,4 +196,102 @@ def test_loop_pool_comes_back_after_cleanup(root: Path) -> None:
         with s.mounted("base") as p:
             assert (p / "f").read_text() == "survives"
         s.remove("base")
+        s.cleanup()
+
+
+def test_construction_changes_nothing_and_recover_rolls_back(root: Path, pool: str) -> None:
+    """The driver is constructed before the store's lock is taken: an open transaction may be
+    another process's live one, so only recover() (under the lock) may roll it back."""
+    with open_store(root, "devmapper", _opts(pool)) as s:
+        s.create("base")
+    killed = _cli(
+        root,
+        _opts(pool),
+        "create",
+        "--parent",
+        "base",
+        "victim",
+        fault="devmapper.transaction.after-transaction-id",
+    )
+    assert killed.returncode == -9
+    thin = ThinPool(pool)
+    assert thin.status().transaction_id == _tid(root) + 1
+    driver = DevmapperDriver(root / "devmapper", _opts(pool))
+    try:
+        assert thin.status().transaction_id == _tid(root) + 1
+        assert _meta(root, "open_transaction") is not None
+        driver.recover([])
+        assert thin.status().transaction_id == _tid(root)
+        assert _meta(root, "open_transaction") is None
+    finally:
+        driver.close()
+
+
+def test_construction_of_a_loop_pool_driver_makes_no_pool(root: Path) -> None:
+    opts = _opts(None, **{"dm.loopdatasize": "1G", "dm.loopmetadatasize": "64M"})
+    driver = DevmapperDriver(root / "devmapper", opts)
+    try:
+        assert dmsetup.info(driver.pool.name) is None
+        driver.recover([])
+        assert dmsetup.info(driver.pool.name) is not None
+        assert _meta(root, "base_size") == str(50 * MiB)
+    finally:
+        driver.cleanup()  # takes the loop pool down, even when the test failed
+        driver.close()
+
+
+def test_transaction_id_is_read_afresh_after_another_process_committed(
+    root: Path, pool: str
+) -> None:
+    with open_store(root, "devmapper", _opts(pool)) as first:
+        with open_store(root, "devmapper", _opts(pool)) as second:
+            second.create("theirs")  # moves the pool's transaction id under first's feet
+        first.create("ours")
+        assert sorted(first.layers()) == ["ours", "theirs"]
+        assert ThinPool(pool).status().transaction_id == _tid(root)
+        first.cleanup()
+
+
+def test_bad_mkfsarg_fails_in_one_line_and_a_good_open_then_works(root: Path, pool: str) -> None:
+    bad = _cli(root, _opts(pool, **{"dm.mkfsarg": "--bogus-flag"}), "ls")
+    assert bad.returncode == 1
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "dm.mkfsarg" in bad.stderr
+    with open_store(root, "devmapper", _opts(pool)) as s:
+        s.create("base")
+        with s.mounted("base") as p:
+            (p / "f").write_text("written")
+        s.create("child", "base")
+        with s.mounted("child") as p:
+            assert (p / "f").read_text() == "written"
+        s.cleanup()
+
+
+def test_crash_between_base_device_and_mkfs_is_finished_at_next_open(root: Path, pool: str) -> None:
+    killed = _cli(root, _opts(pool), "ls", fault="devmapper.base.before-mkfs")
+    assert killed.returncode == -9, killed.stderr
+    with open_store(root, "devmapper", _opts(pool)) as s:
+        s.create("base")
+        with s.mounted("base") as p:
+            assert os.listdir(p) == []
+            (p / "f").write_text("written")
+        s.cleanup()
+
+
+def test_failed_mount_deactivates_the_device(
+    root: Path, pool: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_store(root, "devmapper", _opts(pool)) as s:
+        s.create_rw("c")
+        assert isinstance(s.driver, DevmapperDriver)
+        device = s.driver._device("c")
+        assert device is not None
+        name = s.driver._name(device[0])
+        monkeypatch.setenv("GRAPHDRIVER_FAULT", "devmapper.mount.after-activate=EIO")
+        with pytest.raises(GraphDriverError):
+            s.get("c")
+        assert dmsetup.info(name) is None
+        monkeypatch.delenv("GRAPHDRIVER_FAULT")
+        with s.mounted("c") as p:
+            (p / "f").write_text("works")
         s.cleanup()

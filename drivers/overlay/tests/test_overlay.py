@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -16,12 +17,13 @@ import pytest
 
 from graphdriver import (
     DriverUnavailable,
+    GraphDriverError,
     InvalidOption,
     LayerStore,
     MaxDepthExceeded,
     open_store,
 )
-from graphdriver.linux.mount import is_mountpoint, mount, unmount_all_under
+from graphdriver.linux.mount import is_mountpoint, mount, mountinfo, unmount_all_under
 from graphdriver.testing import Backing, backing_or_skip
 from graphdriver.testing.trees import make_rich, snapshot
 
@@ -283,3 +285,25 @@ def test_mount_label_is_passed_as_selinux_context(root: Path) -> None:
         s.create_rw("c", "base", CreateOpts(mount_label="system_u:object_r:container_file_t:s0"))
         with s.mounted("c") as p:
             assert "container_file_t" in os.getxattr(p, "security.selinux").decode()
+
+
+def test_failed_readonly_remount_leaves_no_writable_bind(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image layer with children is bound read-only; if the classic bind-then-remount
+    fails half-way, the writable bind must not stay (an image layer would then change)."""
+    with _open(root, mount_api="classic") as s:
+        s.create("base")
+        s.create("child", "base")
+        merged = root / "overlay" / "base" / "merged"
+        monkeypatch.setenv("GRAPHDRIVER_FAULT", "overlay.mount.readonly-remount=EIO")
+        with pytest.raises(GraphDriverError):
+            s.get("base")
+        assert not is_mountpoint(merged)
+        assert [m for m in mountinfo() if m.mountpoint.startswith(str(root))] == []
+        monkeypatch.delenv("GRAPHDRIVER_FAULT")
+        with s.mounted("base") as p:
+            with pytest.raises(OSError) as info:
+                (p / "new").write_text("must not land in an image layer")
+            assert info.value.errno == errno.EROFS
+        assert not (root / "overlay" / "base" / "diff" / "new").exists()

@@ -216,6 +216,26 @@ class LayerCases(ConformanceBase):
         with pytest.raises(NotMounted):
             other.put("c")
 
+    def test_layer_content_out_of_other_users_reach(self, store: LayerStore) -> None:
+        """A hostile layer's setuid-root file or ``brw-rw-rw-`` device node must not be
+        reachable by other local users (CVE-2021-41091): some directory on the way from the
+        store root to every layer's root denies them search (o+x), on the real filesystem."""
+        self.base_with(store, make_base)
+        store.create("child", "base")
+        store.create_rw("container", "child")
+        for layer_id in ("base", "child", "container"):
+            content = store.get(layer_id)
+            try:
+                walk = [content.parent, *content.parent.parents]
+                path = walk[: walk.index(store.root) + 1]
+                modes = {str(d): stat.filemode(os.stat(d).st_mode) for d in path}
+                assert any(not os.stat(d).st_mode & stat.S_IXOTH for d in path), (
+                    f"{layer_id}: every directory from the store root to {content} lets "
+                    f"other users through: {modes}"
+                )
+            finally:
+                store.put(layer_id)
+
     # ------------------------------------------------------------------ quota
 
     def test_quota(self, store: LayerStore) -> None:

@@ -74,10 +74,16 @@ class BtrfsDriver(Driver):
         self.min_space = (
             parse_size(options["btrfs.min_space"]) if "btrfs.min_space" in options else 0
         )
-        (home / "subvolumes").mkdir(parents=True, exist_ok=True)
         self.capabilities = Capabilities(
             quota=True, real_mounts=False, readonly_images=True, needs_root=True
         )
+
+    def recover(self, layers: Sequence[LayerInfo]) -> None:
+        # layer roots are 0755 for the container: only root may walk to them (a hostile
+        # layer's setuid file or world-writable device node stays out of other users' reach)
+        for folder in (self.home, self.home / "subvolumes"):
+            folder.mkdir(0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
 
     def _path(self, layer: LayerInfo | str) -> Path:
         return self.home / "subvolumes" / (layer if isinstance(layer, str) else layer.id)
@@ -88,6 +94,7 @@ class BtrfsDriver(Driver):
             raise InvalidOption(
                 f"size {opts.size} is below btrfs.min_space ({self.min_space} bytes)"
             )
+        target.parent.mkdir(0o700, exist_ok=True)  # recover() made it; a driver used alone
         if parent is None:
             self.bu.create_subvolume(str(target))
             os.chmod(target, 0o755)

@@ -4,12 +4,14 @@
     <home>/devicemapper/devices.db       device ids, sizes and the pool's transaction id
     <home>/mnt/<id>                      where a layer's device is mounted; its root is rootfs/
 
+``devicemapper/`` and ``mnt/`` are 0700: a layer's files are out of other users' reach.
 Thin device 0 is the base: formatted once (``dm.fs``) at ``dm.basesize``, with an empty
-``rootfs`` directory (0755, 0:0) so a layer's root is never the filesystem's lost+found level.
+``rootfs`` directory (0755, 0:0) so a layer's root is never the filesystem's lost+found level;
+it is recorded as made only once both exist, so a failed mkfs is retried at the next open.
 Every layer is a thin snapshot of its parent's device (of the base for a layer without parent).
 Each pool message runs inside a transaction: the open transaction is written first, the pool's
-transaction id is moved after the message, then the metadata commits; at open, a transaction
-left open by a crash is rolled back (Docker's rule).
+transaction id is moved after the message, then the metadata commits; ``recover()`` (under the
+store's lock, never ``__init__``) rolls back a transaction left open by a crash (Docker's rule).
 """
 
 from __future__ import annotations
@@ -106,12 +108,12 @@ class DevmapperDriver(Driver):
         self.min_free = _fraction(opt["dm.min_free_space"])
         self.deferred = opt["dm.use_deferred_removal"].lower() in ("true", "1", "yes")
         self.dir = home / "devicemapper"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (home / "mnt").mkdir(exist_ok=True)
         tag = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:12]  # noqa: S324
         self.prefix = f"graphdriver-{tag}"
         self.external = opt.get("dm.thinpooldev")
-        # the store's lock serialises every call; a diff runs in a thread of its own
+        # the store's lock serialises every call; a diff runs in a thread of its own. Creating
+        # the (empty) catalogue is the only write before recover(): it races with nobody
+        _private_dir(self.dir)
         self.db = sqlite3.connect(
             self.dir / "devices.db", isolation_level=None, timeout=60, check_same_thread=False
         )
@@ -127,6 +129,19 @@ class DevmapperDriver(Driver):
             self.pool.read_block_size()
         else:
             self.pool = ThinPool(f"{self.prefix}-pool")
+        self.capabilities = Capabilities(
+            quota=True, real_mounts=True, needs_root=True, readonly_images=True
+        )
+
+    def recover(self, layers: Sequence[LayerInfo]) -> None:
+        """Bring the pool up, roll back a transaction a killed process left open, and make
+        (or finish making) the base device: all under the store's lock, never in __init__."""
+        _private_dir(self.home)
+        _private_dir(self.dir)
+        _private_dir(self.home / "mnt")
+        if self.external:
+            self._check_pool_is_ours()
+        else:
             self._pool_up()
             log.warning(
                 "devmapper is using a loop-backed thin pool (%s): fine for development, "
@@ -134,19 +149,19 @@ class DevmapperDriver(Driver):
                 "dm.thinpooldev",
                 self.dir,
             )
-        self.tid = int(self._meta("transaction_id") or 0)
-        if self.external and self._meta("base_size") is None:
-            status = self.pool.status()
-            if status.transaction_id != 0 or status.data_used > 0:
-                raise DriverUnavailable(
-                    f"dm.thinpooldev {self.pool.name} is not empty (transaction "
-                    f"{status.transaction_id}); give graphdriver a pool of its own"
-                )
         self._recover()
         self._ensure_base()
-        self.capabilities = Capabilities(
-            quota=True, real_mounts=True, needs_root=True, readonly_images=True
-        )
+
+    def _check_pool_is_ours(self) -> None:
+        """Refuse an external pool that someone else already uses, before we first write it."""
+        if self._tid() or self._meta("open_transaction") is not None:
+            return  # we have written to it
+        status = self.pool.status()
+        if status.transaction_id != 0 or status.data_used > 0:
+            raise DriverUnavailable(
+                f"dm.thinpooldev {self.pool.name} is not empty (transaction "
+                f"{status.transaction_id}); give graphdriver a pool of its own"
+            )
 
     def _pool_up(self) -> None:
         """Bring a loop-backed pool (back) up from its files; cleanup() takes it down."""
@@ -166,6 +181,11 @@ class DevmapperDriver(Driver):
             self.db.execute("DELETE FROM meta WHERE key=?", (key,))
         else:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def _tid(self) -> int:
+        """The pool transaction id the catalogue last committed; read afresh, never cached,
+        since another process may have committed since this one opened."""
+        return int(self._meta("transaction_id") or 0)
 
     def _sql(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return transaction(self.db)
@@ -191,22 +211,23 @@ class DevmapperDriver(Driver):
         record: Callable[[sqlite3.Connection], None],
     ) -> None:
         """Send pool message(s) in a transaction that a crash at any point can undo."""
-        new = self.tid + 1
+        old = self._tid()
+        new = old + 1
         with self._sql():
             self._set_meta("open_transaction", json.dumps({"tid": new, "dev_id": dev_id, "op": op}))
         action()
         faults.point("devmapper.transaction.after-pool-message")
-        self.pool.set_transaction_id(self.tid, new)
+        self.pool.set_transaction_id(old, new)
         faults.point("devmapper.transaction.after-transaction-id")
         with self._sql() as db:
             record(db)
             self._set_meta("transaction_id", str(new))
             self._set_meta("open_transaction", None)
-        self.tid = new
 
     def _recover(self) -> None:
         """Roll back a transaction that a crash left open, so pool and metadata agree."""
         raw = self._meta("open_transaction")
+        tid = self._tid()
         pool_tid = self.pool.status().transaction_id
         if raw is not None:
             tx = json.loads(raw)
@@ -220,27 +241,29 @@ class DevmapperDriver(Driver):
             if tx["op"] == "create":
                 self.pool.delete(tx["dev_id"])
                 if pool_tid == tx["tid"]:
-                    self.pool.set_transaction_id(tx["tid"], self.tid)
+                    self.pool.set_transaction_id(tx["tid"], tid)
             else:  # a delete is finished, not undone: the layer was on its way out
                 self.pool.delete(tx["dev_id"])
-                if pool_tid == self.tid:
-                    self.pool.set_transaction_id(self.tid, tx["tid"])
+                if pool_tid == tid:
+                    self.pool.set_transaction_id(tid, tx["tid"])
                 with self._sql() as db:
                     db.execute("DELETE FROM devices WHERE dev_id=?", (tx["dev_id"],))
                     self._set_meta("transaction_id", str(tx["tid"]))
-                self.tid = tx["tid"]
+                tid = tx["tid"]
             with self._sql():
                 self._set_meta("open_transaction", None)
             pool_tid = self.pool.status().transaction_id
-        if pool_tid != self.tid:
+        if pool_tid != tid:
             raise DriverError(
                 f"thin pool {self.pool.name} is at transaction {pool_tid} but the metadata in "
-                f"{self.dir} at {self.tid}: the pool was changed by someone else"
+                f"{self.dir} at {tid}: the pool was changed by someone else"
             )
 
     # ------------------------------------------------------------------ the base device
 
     def _ensure_base(self) -> None:
+        """Make the base device once. It is recorded as made (``base_size``) only after its
+        filesystem and rootfs exist, so a failed or killed mkfs is retried at the next open."""
         recorded = self._meta("base_size")
         if recorded is not None:
             if int(recorded) != self.base_size and "dm.basesize" in self.opts:
@@ -251,27 +274,33 @@ class DevmapperDriver(Driver):
             self.base_size = int(recorded)
             self.fs = self._meta("fs") or self.fs
             return
+        if self._meta("base_device") is None:
 
-        def record(db: sqlite3.Connection) -> None:
-            self._set_meta("base_size", str(self.base_size))
-            self._set_meta("fs", self.fs)
+            def record(db: sqlite3.Connection) -> None:
+                self._set_meta("base_device", str(BASE_ID))
 
-        self._pool_op(BASE_ID, "create", lambda: self.pool.create_thin(BASE_ID), record)
+            self._pool_op(BASE_ID, "create", lambda: self.pool.create_thin(BASE_ID), record)
+        else:
+            log.warning("making the filesystem of a base device that an earlier open left bare")
         name = self._name(BASE_ID)
         dev = self.pool.activate(name, BASE_ID, self.base_size)
         try:
+            faults.point("devmapper.base.before-mkfs")
             self._mkfs(dev)
             with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
                 mount(dev, tmp, self.fs, 0, self._mount_data())
                 try:
                     rootfs = Path(tmp, "rootfs")
-                    rootfs.mkdir(0o755)
+                    rootfs.mkdir(0o755, exist_ok=True)
                     os.chmod(rootfs, 0o755)
                     os.chown(rootfs, 0, 0)
                 finally:
                     unmount(tmp)
         finally:
             dmsetup.remove(name)
+        with self._sql():
+            self._set_meta("base_size", str(self.base_size))
+            self._set_meta("fs", self.fs)
 
     def _mkfs(self, dev: str) -> None:
         if self.fs == "ext4":
@@ -288,7 +317,13 @@ class DevmapperDriver(Driver):
             cmd = ["mkfs.xfs", "-q", "-f", "-K", *self.mkfs_args, dev]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise DriverError(f"{' '.join(cmd[:2])} failed: {proc.stderr.strip()}")
+            said = next((line.strip() for line in proc.stderr.splitlines() if line.strip()), "")
+            fix = (
+                f"fix dm.mkfsarg ({' '.join(self.mkfs_args)!r}) and open again"
+                if self.mkfs_args
+                else "open again once it is fixed"
+            )
+            raise DriverError(f"{cmd[0]} of the base device failed ({said}); {fix}")
         if self.fs == "ext4":
             subprocess.run(["tune2fs", "-c", "-1", "-i", "0", dev], capture_output=True, check=True)
 
@@ -378,9 +413,21 @@ class DevmapperDriver(Driver):
         if device is None:
             raise DriverError(f"layer {layer.id!r} has no thin device")
         self._pool_up()
-        dev = self.pool.activate(self._name(device[0]), device[0], device[1])
-        target.mkdir(exist_ok=True)
-        mount(dev, target, self.fs, MS_RDONLY if layer.sealed else 0, self._mount_data())
+        name = self._name(device[0])
+        dev = self.pool.activate(name, device[0], device[1])
+        try:
+            faults.point("devmapper.mount.after-activate")
+            target.mkdir(exist_ok=True)
+            mount(dev, target, self.fs, MS_RDONLY if layer.sealed else 0, self._mount_data())
+        except BaseException:
+            # a device left active would pin the layer's snapshot and block its removal
+            with contextlib.suppress(OSError):
+                target.rmdir()
+            try:
+                dmsetup.remove(name)
+            except OSError as exc:  # the mount's own error is the one to report
+                log.warning("could not deactivate %s after a failed mount: %s", name, exc)
+            raise
         return target / "rootfs"
 
     def unmount(self, layer: LayerInfo) -> None:
@@ -430,6 +477,12 @@ class DevmapperDriver(Driver):
             ("Loop-backed (development only)", str(not self.external).lower()),
             ("Library Version", ver.get("Library version", "unknown")),
         ]
+
+
+def _private_dir(path: Path) -> None:
+    """Make *path* a directory only root can enter; an older, looser one is tightened."""
+    path.mkdir(0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
 
 
 def _fraction(text: str) -> float:

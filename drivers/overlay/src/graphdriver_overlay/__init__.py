@@ -29,10 +29,18 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from graphdriver import Capabilities, CreateOpts, Driver, DriverUnavailable, InvalidOption
+from graphdriver import (
+    Capabilities,
+    CreateOpts,
+    Driver,
+    DriverUnavailable,
+    InvalidOption,
+    faults,
+)
 from graphdriver.archive import overlay_changes
 from graphdriver.driver import LayerInfo
 from graphdriver.linux import quota
+from graphdriver.linux.bind import bind
 from graphdriver.linux.fs import fs_name, supports_d_type
 from graphdriver.linux.mount import (
     MNT_DETACH,
@@ -132,7 +140,6 @@ class OverlayDriver(Driver):
         home.mkdir(parents=True, exist_ok=True)
         if not known:
             marker.write_text(_probe_stamp(home))
-        (home / "l").mkdir(exist_ok=True)
         self.backing = fs_name(home)
         has_new_api, self.fixed_opts = _cached_features(home)
         self.new_api = self._choose_api(options.get("overlay.mount_api", "auto"), has_new_api)
@@ -165,6 +172,13 @@ class OverlayDriver(Driver):
             why_not=why_not,
         )
         self.extra = [o for o in options.get("overlay.mountopt", "").split(",") if o]
+
+    def recover(self, layers: Sequence[LayerInfo]) -> None:
+        # the mounter is root (CAP_DAC_OVERRIDE), so no lower path needs traversal by others:
+        # 0700 keeps a hostile layer's setuid file or device node out of other users' reach
+        for folder in (self.home, self.home / "l"):
+            folder.mkdir(0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
         self._repair_links()
 
     def _choose_api(self, wanted: str, have: bool) -> bool:
@@ -218,6 +232,7 @@ class OverlayDriver(Driver):
             os.chmod(diff, 0o755)
             os.chown(diff, 0, 0)
         short = _short_id()
+        (self.home / "l").mkdir(0o700, exist_ok=True)  # recover() made it; a driver used alone
         (self.home / "l" / short).symlink_to(Path("..") / layer.id / "diff")
         (d / "link").write_text(short)
         if opts.size is not None:
@@ -261,8 +276,7 @@ class OverlayDriver(Driver):
         if os.path.ismount(merged):  # an overlay has its own st_dev: no mountinfo scan needed
             return merged
         if not chain:  # a sealed bottom layer: a read-only bind mount of its diff
-            mount(str(d / "diff"), merged, None, MS_BIND)
-            mount("none", merged, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+            self._bind_readonly(d / "diff", merged)
             return merged
         opts: list[tuple[str, str | None]] = [("index", "off"), *self.fixed_opts]
         if layer.mount_label:
@@ -285,6 +299,28 @@ class OverlayDriver(Driver):
         else:
             self._classic_mount(layer, merged, opts)
         return merged
+
+    def _bind_readonly(self, source: Path, target: Path) -> None:
+        """Bind *source* read-only on *target*; a writable bind is never left behind.
+
+        With the new mount API the detached tree is made read-only before it is attached
+        (open_tree, mount_setattr, move_mount); the classic bind-then-remount unmounts the
+        bind when the remount fails.
+        """
+        if self.new_api:
+            fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                bind(str(source), fd, readonly=True)
+            finally:
+                os.close(fd)
+            return
+        mount(str(source), target, None, MS_BIND)
+        try:
+            faults.point("overlay.mount.readonly-remount")
+            mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        except BaseException:
+            unmount(target, MNT_DETACH)
+            raise
 
     def _classic_mount(
         self, layer: LayerInfo, merged: Path, opts: list[tuple[str, str | None]]

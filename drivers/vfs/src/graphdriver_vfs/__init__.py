@@ -18,7 +18,8 @@ from graphdriver.linux.copy import copy_tree
 
 
 class VfsDriver(Driver):
-    """Every layer a plain directory under ``<home>/dir/<id>``, children by full copy."""
+    """Every layer a plain directory under ``<home>/dir/<id>`` (``dir`` is 0700), children by
+    full copy."""
 
     name = "vfs"
     options = {}
@@ -27,9 +28,16 @@ class VfsDriver(Driver):
     def _dir(self, layer: LayerInfo) -> Path:
         return self.home / "dir" / layer.id
 
+    def recover(self, layers: Sequence[LayerInfo]) -> None:
+        # layer roots are 0755 for the container: only root may walk to them (a hostile
+        # layer's setuid file or world-writable device node stays out of other users' reach)
+        for folder in (self.home, self.home / "dir"):
+            folder.mkdir(0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
         target = self._dir(layer)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(0o700, exist_ok=True)  # recover() made it; a driver used alone
         if parent is None:
             target.mkdir(0o755)
             os.chmod(target, 0o755)
