@@ -399,7 +399,8 @@ def test_a_full_disk_is_one_clear_error(request: pytest.FixtureRequest) -> None:
             if res.code:
                 break
         line = _one_line_error(res)
-        assert "full" in line, line
+        assert f"the filesystem holding {where}/root/vfs/metadata.db is full" in line, line
+        assert "free space there" in line
         (where / "filler").unlink()
         gd("create", "after")
         _assert_clean(gd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -135,6 +136,8 @@ def _record(row: sqlite3.Row) -> LayerRecord:
     )
 
 
+#: free bytes under which an I/O error on the database is taken for a full filesystem
+FULL_BELOW = 1 << 20
 #: seconds a statement waits for another process's write transaction before giving up
 BUSY_TIMEOUT = 60
 
@@ -149,7 +152,7 @@ def sqlite_error(exc: sqlite3.Error | OSError, where: str) -> StoreError:
     name = getattr(exc, "sqlite_errorname", "") or ""
     code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
     path = Path(where)
-    if name == "SQLITE_FULL" or code in (errno.ENOSPC, errno.EDQUOT):
+    if name == "SQLITE_FULL" or code in (errno.ENOSPC, errno.EDQUOT) or _is_full(path, name):
         return StoreError(
             f"the filesystem holding {where} is full ({exc}); nothing was recorded: free "
             f"space there and run the command again",
@@ -176,6 +179,18 @@ def sqlite_error(exc: sqlite3.Error | OSError, where: str) -> StoreError:
             errno_=errno.EACCES,
         )
     return StoreError(f"metadata database {where}: {exc}")
+
+
+def _is_full(path: Path, name: str) -> bool:
+    """Whether an I/O error is a full filesystem: SQLite reports one that stops its shared
+    memory file from growing (WAL) as SQLITE_IOERR_SHMSIZE or another IOERR, not as FULL."""
+    if not name.startswith("SQLITE_IOERR"):
+        return False
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW
 
 
 class _Cursor(sqlite3.Cursor):
@@ -318,9 +333,9 @@ class Metadata:
                 ("SQLITE_CORRUPT", "SQLITE_NOTADB")
             ):
                 raise StoreError(
-                    f"metadata database {path} cannot be used, it is unreadable ({cause}): the "
-                    f"store is not opened; run `{check_hint(path)}` to diagnose it (--repair moves it aside "
-                    f"and rebuilds what can be known)"
+                    f"metadata database {path} cannot be used, it is unreadable ({cause}): "
+                    f"the store is not opened; run `{check_hint(path)}` to diagnose it "
+                    f"(--repair moves it aside and rebuilds what can be known)"
                 ) from cause
             raise
         marker = _present_marker(path)
