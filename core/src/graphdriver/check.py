@@ -43,7 +43,7 @@ from .driver import Driver, LayerInfo
 from .errors import GraphDriverError, StoreError
 from .linux.mount import mountinfo
 from .locking import FileLock
-from .metadata import IN_FLIGHT, LayerRecord, Metadata, refuse_reason
+from .metadata import IN_FLIGHT, LayerRecord, Metadata, connect, refuse_reason
 from .plugins import choose_driver, load_driver
 
 log = logging.getLogger(__name__)
@@ -473,7 +473,7 @@ def diagnose_db(path: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         return f"the database cannot be opened: {exc}"
     try:
@@ -498,7 +498,7 @@ def _salvage(path: Path) -> dict[str, list[sqlite3.Row]]:
     if not path.exists() or path.stat().st_size == 0:
         return out
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     except sqlite3.Error:
         return out
     db.row_factory = sqlite3.Row
@@ -597,7 +597,7 @@ class _Volumes:
         self.dir = root / "volumes"
         path = self.dir / ".metadata.db"
         self.present = path.exists()
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=60) if self.present else None
+        self.db = connect(path) if self.present else None
 
     def exists(self, name: str) -> bool:
         assert self.db is not None
