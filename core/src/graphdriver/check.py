@@ -67,9 +67,28 @@ class Problem:
         fix = "--repair fixes this" if self.repairable else "not repairable"
         return f"{self.kind} {self.subject}: {self.what} ({fix})"
 
-    def done(self) -> str:
+    def done(self) -> Repair:
         """What repair did, once this problem is gone."""
-        return _DONE.get(self.kind, "fixed {kind} {subject}: {what}").format(**self.__dict__)
+        what = _DONE.get(self.kind, "fixed {kind} {subject}: {what}").format(**self.__dict__)
+        return Repair(self.kind, self.subject, what)
+
+    def as_json(self) -> dict[str, object]:
+        return {**self.__dict__, "repaired": False}
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One thing ``--repair`` did."""
+
+    kind: str
+    subject: str
+    what: str
+
+    def line(self) -> str:
+        return f"repaired: {self.what}"
+
+    def as_json(self) -> dict[str, object]:
+        return {**self.__dict__, "repairable": True, "repaired": True}
 
 
 _DONE = {
@@ -86,7 +105,7 @@ class Report:
     """What ``check`` found (after ``--repair``: what remains) and what repair did."""
 
     problems: list[Problem] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
+    repaired: list[Repair] = field(default_factory=list)
 
 
 def check_store(
@@ -218,9 +237,19 @@ class _Checker:
             if rec.state == "ready" and rec.id not in stored
         ]
         rebuilt = meta.get_meta("rebuilt")
+        needed = {p for p in stored.values() if p} | {
+            r.parent for r in records.values() if r.parent
+        }
         for layer_id in sorted(set(stored) - set(records)):
             where = f"storage of {driver.name} layer {layer_id} under {self.home} has no record"
-            if rebuilt:
+            if layer_id in needed:
+                users = sorted(
+                    [i for i, p in stored.items() if p == layer_id]
+                    + [r.id for r in records.values() if r.parent == layer_id]
+                )
+                what = f"{where}, but layers are built on it ({', '.join(sorted(set(users)))})"
+                problems.append(Problem("orphan-storage", layer_id, what, False))
+            elif rebuilt:
                 problems.append(
                     Problem(
                         "orphan-storage",
@@ -281,9 +310,9 @@ class _Checker:
 
     # ------------------------------------------------------------------------------ repair
 
-    def repair(self, problems: list[Problem]) -> list[str]:
+    def repair(self, problems: list[Problem]) -> list[Repair]:
         """Fix what is safe; return what was done (problems that went away are added later)."""
-        done: list[str] = []
+        done: list[Repair] = []
         database = [p for p in problems if p.kind == "database"]
         if database:
             if not database[0].repairable:
@@ -342,7 +371,7 @@ class _Checker:
         finally:
             volumes.close()
 
-    def _rebuild(self) -> list[str]:
+    def _rebuild(self) -> list[Repair]:
         """Move a broken database aside and rebuild the records from what can be known."""
         lock = FileLock(self.home / "lock")
         try:
@@ -356,7 +385,7 @@ class _Checker:
         finally:
             lock.close()
 
-    def _rebuild_from(self, stored: Mapping[str, str | None], name: str) -> list[str]:
+    def _rebuild_from(self, stored: Mapping[str, str | None], name: str) -> list[Repair]:
         salvaged = _salvage(self.db_path)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         fresh = self.home / "metadata.db.rebuild"
@@ -374,14 +403,19 @@ class _Checker:
             for src in (self.db_path, *_sidecars(self.db_path)):
                 if src.exists():
                     src.rename(self.home / (aside.name + src.name[len("metadata.db") :]))
-            done.append(f"moved the damaged database aside to {aside}")
+            done.append(
+                Repair(
+                    "database", str(self.db_path), f"moved the damaged database aside to {aside}"
+                )
+            )
         fresh.rename(self.db_path)
         Path(f"{fresh}.present").unlink(missing_ok=True)
-        done.append(
+        what = (
             f"rebuilt the records of {counts[0]} layer(s) ({counts[1]} from the old database, "
             f"the rest from the driver's storage, labelled {REBUILT_LABEL}) and "
             f"{counts[2]} container(s)"
         )
+        done.append(Repair("database", str(self.db_path), what))
         return done
 
     # ------------------------------------------------------------------------------ digests
