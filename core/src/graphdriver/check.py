@@ -28,7 +28,6 @@ the rebuild could not place).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import io
 import json
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, cast
 
+from .check_rebuild import rebuild
 from .driver import Driver, LayerInfo
 from .errors import GraphDriverError, StoreError
 from .linux.mount import mountinfo
@@ -47,9 +47,6 @@ from .metadata import IN_FLIGHT, LayerRecord, Metadata, connect, refuse_reason
 from .plugins import choose_driver, load_driver
 
 log = logging.getLogger(__name__)
-
-#: label on records that ``check --repair`` rebuilt from the driver's storage
-REBUILT_LABEL = "graphdriver.check"
 
 
 @dataclass(frozen=True)
@@ -379,44 +376,14 @@ class _Checker:
                 driver = self.driver_cls(self.home, self.options)
                 try:
                     stored = driver.stored_layers()
-                    return [] if stored is None else self._rebuild_from(stored, driver.name)
+                    if stored is None:
+                        return []
+                    done = rebuild(self.db_path, stored, driver.name)
+                    return [Repair("database", str(self.db_path), what) for what in done]
                 finally:
                     driver.close()
         finally:
             lock.close()
-
-    def _rebuild_from(self, stored: Mapping[str, str | None], name: str) -> list[Repair]:
-        salvaged = _salvage(self.db_path)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-        fresh = self.home / "metadata.db.rebuild"
-        for leftover in (fresh, *_sidecars(fresh), Path(f"{fresh}.present")):
-            leftover.unlink(missing_ok=True)
-        meta = Metadata(fresh)
-        try:
-            counts = _fill(meta, stored, salvaged, f"{stamp} by graphdriver check --repair")
-            meta.set_meta("driver", name)
-        finally:
-            meta.close()
-        done = []
-        if self.db_path.exists():
-            aside = self.home / f"metadata.db.corrupt-{stamp}"
-            for src in (self.db_path, *_sidecars(self.db_path)):
-                if src.exists():
-                    src.rename(self.home / (aside.name + src.name[len("metadata.db") :]))
-            done.append(
-                Repair(
-                    "database", str(self.db_path), f"moved the damaged database aside to {aside}"
-                )
-            )
-        fresh.rename(self.db_path)
-        Path(f"{fresh}.present").unlink(missing_ok=True)
-        what = (
-            f"rebuilt the records of {counts[0]} layer(s) ({counts[1]} from the old database, "
-            f"the rest from the driver's storage, labelled {REBUILT_LABEL}) and "
-            f"{counts[2]} container(s)"
-        )
-        done.append(Repair("database", str(self.db_path), what))
-        return done
 
     # ------------------------------------------------------------------------------ digests
 
@@ -520,108 +487,6 @@ def diagnose_db(path: Path) -> str | None:
     finally:
         db.close()
     return None
-
-
-def _sidecars(path: Path) -> list[Path]:
-    return [path.with_name(path.name + s) for s in ("-wal", "-shm")]
-
-
-def _salvage(path: Path) -> dict[str, list[sqlite3.Row]]:
-    """The layer and container rows that can still be read from a damaged database."""
-    out: dict[str, list[sqlite3.Row]] = {"layers": [], "containers": []}
-    if not path.exists() or path.stat().st_size == 0:
-        return out
-    try:
-        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return out
-    db.row_factory = sqlite3.Row
-    for table in out:
-        with contextlib.suppress(sqlite3.Error):
-            out[table] = db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608
-    db.close()
-    return out
-
-
-def _fill(
-    meta: Metadata,
-    stored: Mapping[str, str | None],
-    salvaged: Mapping[str, list[sqlite3.Row]],
-    when: str,
-) -> tuple[int, int, int]:
-    """Insert records for the stored layers, parents first: the salvaged row where there is
-    one, else a record with the parent the storage needs (none for a complete copy).
-    A layer whose needed parent is not stored is left out. Returns (layers, salvaged,
-    containers)."""
-    old = {r["id"]: r for r in salvaged["layers"] if r["id"] in stored}
-    placed: set[str] = set()
-    from_old = 0
-    with meta.transaction():
-        pending = sorted(stored)
-        while pending:
-            later = []
-            for layer_id in pending:
-                row = old.get(layer_id)
-                parent = row["parent"] if row is not None else stored[layer_id]
-                if stored[layer_id] is not None and stored[layer_id] != parent:
-                    parent = stored[layer_id]  # the storage's own word wins
-                if parent is not None and parent not in placed:
-                    later.append(layer_id)
-                    continue
-                meta.insert(_rebuilt_record(layer_id, parent, row, when))
-                from_old += row is not None
-                placed.add(layer_id)
-            if len(later) == len(pending):
-                for layer_id in later:
-                    log.warning(
-                        "layer %s needs parent %s, which is gone", layer_id, stored[layer_id]
-                    )
-                break
-            pending = later
-        containers = [c for c in salvaged["containers"] if c["layer"] in placed]
-        for c in containers:
-            cols = [k for k in c.keys() if k not in ("mount_count", "root")]  # noqa: SIM118
-            meta.db.execute(
-                f"INSERT INTO containers ({', '.join(cols)}) "  # noqa: S608
-                f"VALUES ({', '.join('?' * len(cols))})",
-                [c[k] for k in cols],
-            )
-        meta.set_meta("rebuilt", when)
-    return len(placed), from_old, len(containers)
-
-
-def _rebuilt_record(
-    layer_id: str, parent: str | None, row: sqlite3.Row | None, when: str
-) -> LayerRecord:
-    if row is not None:
-        labels = json.loads(row["labels"] or "{}")
-        return LayerRecord(
-            id=layer_id,
-            parent=parent,
-            state="ready",
-            rw=bool(row["rw"]),
-            size_limit=row["size_limit"],
-            mount_label=row["mount_label"],
-            created=row["created"],
-            boundary_ns=row["boundary_ns"],
-            dirty=bool(row["dirty"]),
-            diff_id=row["diff_id"],
-            unpacked_size=row["unpacked_size"],
-            labels={**labels, REBUILT_LABEL: f"salvaged {when}"},
-            volumes=json.loads(row["volumes"]) if "volumes" in row.keys() else [],  # noqa: SIM118
-        )
-    note = "parent unknown: diffs are against nothing" if parent is None else "from storage"
-    return LayerRecord(
-        id=layer_id,
-        parent=parent,
-        state="ready",
-        rw=False,
-        size_limit=None,
-        mount_label=None,
-        created=datetime.datetime.now(datetime.UTC).timestamp(),
-        dirty=True,  # it has content: apply-diff must never reset it
-        labels={REBUILT_LABEL: f"rebuilt {when}; {note}"},
-    )
 
 
 class _Volumes:
