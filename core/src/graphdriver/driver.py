@@ -19,6 +19,13 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from .errors import InvalidOption
 
+_LAYER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+
+
+def is_layer_id(name: str) -> bool:
+    """Whether *name* has the form of a layer id (what ``Driver.stored_layers`` may list)."""
+    return _LAYER_ID.match(name) is not None
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -121,6 +128,18 @@ class Driver(abc.ABC):
         """Whether a kernel mount of *layer* exists now (used to recover after a crash).
 
         None: this layer needs no kernel mount, so there is nothing to check.
+        """
+        return None
+
+    def stored_layers(self) -> Mapping[str, str | None] | None:
+        """The layers that have storage on disk now, each with the parent that storage
+        depends on (None when its files are complete by themselves), or None if the driver
+        cannot tell (the default).
+
+        List only what is unmistakably the driver's own (named as a layer id, laid out as
+        ``create`` makes it): ``graphdriver check`` reports storage without a record and
+        records without storage from it, ``check --repair`` removes the former with
+        ``remove``, and rebuilds records from it when the database is lost.
         """
         return None
 

@@ -3,17 +3,27 @@
 One database per store home (``metadata.db``, WAL journal), a versioned schema, and one
 transaction per operation. Layer rows carry a state: ``creating``, ``applying`` and ``removing``
 are in-flight states that :meth:`LayerStore.open` finishes or rolls back after a crash.
+
+This module is the one boundary where SQLite's errors become :class:`StoreError`: every
+statement runs through :class:`_Cursor`, so a full disk, an I/O error or a lock held too long is
+one line that says what to do, whoever ran the statement. A database that is empty, damaged, or
+missing while the store had one is refused at open with a pointer to ``graphdriver check``,
+never silently made anew (that would orphan every layer's storage).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from . import faults
 from .errors import StoreError
 
 SCHEMA_VERSION = 2
@@ -126,20 +136,176 @@ def _record(row: sqlite3.Row) -> LayerRecord:
     )
 
 
+#: free bytes under which an I/O error on the database is taken for a full filesystem
+FULL_BELOW = 1 << 20
+#: seconds a statement waits for another process's write transaction before giving up
+BUSY_TIMEOUT = 60
+
+
+def check_hint(path: Path) -> str:
+    """The command that diagnoses the store whose database is *path*."""
+    return f"graphdriver --root {path.parent.parent} --driver {path.parent.name} check"
+
+
+def sqlite_error(exc: sqlite3.Error | OSError, where: str) -> StoreError:
+    """Turn a SQLite failure on the database *where* into a one-line :class:`StoreError`."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    path = Path(where)
+    if name == "SQLITE_FULL" or code in (errno.ENOSPC, errno.EDQUOT) or _is_full(path, name):
+        return StoreError(
+            f"the filesystem holding {where} is full ({exc}); nothing was recorded: free "
+            f"space there and run the command again",
+            errno_=errno.ENOSPC,
+        )
+    if name.startswith("SQLITE_IOERR") or code == errno.EIO:
+        return StoreError(
+            f"I/O error on {where} ({exc}): the disk or filesystem is failing; look at "
+            f"`dmesg`, then run `{check_hint(path)}`",
+            errno_=errno.EIO,
+        )
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StoreError(
+            f"{where} stayed locked by another process for {BUSY_TIMEOUT} s ({exc}); find it "
+            f"with `fuser -v {where}` and run the command again once it is done",
+            errno_=errno.EBUSY,
+        )
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return StoreError(f"{where} is damaged ({exc}); run `{check_hint(path)}`")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
+        return StoreError(
+            f"cannot write {where} ({exc}): is its filesystem mounted read-only, or are you "
+            f"not root?",
+            errno_=errno.EACCES,
+        )
+    return StoreError(f"metadata database {where}: {exc}")
+
+
+def _is_full(path: Path, name: str) -> bool:
+    """Whether an I/O error is a full filesystem: SQLite reports one that stops its shared
+    memory file from growing (WAL) as SQLITE_IOERR_SHMSIZE or another IOERR, not as FULL."""
+    if not name.startswith("SQLITE_IOERR"):
+        return False
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor whose SQLite errors are :class:`StoreError`."""
+
+    connection: _Connection
+
+    def _fail(self, exc: sqlite3.Error) -> StoreError:
+        return sqlite_error(exc, self.connection.where)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements run through :class:`_Cursor`."""
+
+    def __init__(self, database: str | Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(database, *args, **kwargs)
+        self.where = str(database)
+
+    def cursor(self, factory: Any = _Cursor) -> Any:
+        return super().cursor(factory)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        cur: _Cursor = self.cursor()
+        return cur.execute(sql, parameters)
+
+
+def connect(path: Path, *, timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
+    """An autocommit connection (``isolation_level=None``) to *path*, rows as ``sqlite3.Row``,
+    whose errors are :class:`StoreError`; for any of graphdriver's SQLite databases."""
+    try:
+        db = sqlite3.connect(
+            path,
+            isolation_level=None,
+            timeout=timeout,
+            check_same_thread=False,
+            factory=_Connection,
+        )
+    except sqlite3.Error as exc:
+        raise sqlite_error(exc, str(path)) from exc
+    db.row_factory = sqlite3.Row
+    return db
+
+
 @contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT on an autocommit connection (``isolation_level=None``),
-    rolled back on any exception; inside an open transaction it only yields."""
+    rolled back on any exception, a failed COMMIT (disk full) included; inside an open
+    transaction it only yields."""
     if db.in_transaction:
         yield db
         return
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        try:
+            faults.point("metadata.commit")
+        except OSError as exc:
+            raise sqlite_error(exc, getattr(db, "where", "metadata")) from exc
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
+
+
+def _present_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".present")
+
+
+_MARKER_TEXT = (
+    "This store has a metadata database next to this file. If that file is missing or empty, "
+    "the layers' records were lost: run `graphdriver check` (see --help) before anything else.\n"
+)
+
+
+def refuse_reason(path: Path) -> str | None:
+    """Why the database at *path* must not be opened (and silently made anew), or None.
+
+    A missing or 0-byte file is a brand-new store unless :func:`_present_marker` says this
+    store had a database (written at every successful open).
+    """
+    had_one = _present_marker(path).exists()
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing although this store had one" if had_one else None
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if size == 0 and had_one:
+        return "is empty (0 bytes)"
+    return None
 
 
 class Metadata:
@@ -147,17 +313,34 @@ class Metadata:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self.db = sqlite3.connect(
-                path, isolation_level=None, timeout=60, check_same_thread=False
+        why = refuse_reason(path)
+        if why is not None:
+            raise StoreError(
+                f"metadata database {path} {why}: the layers' records are lost, so the "
+                f"store is not opened; run `{check_hint(path)}` to see what is left "
+                f"(--repair rebuilds what can be known)"
             )
-            self.db.row_factory = sqlite3.Row
+        self.db = connect(path)
+        try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"metadata database {path} cannot be used: {exc}") from exc
+        except StoreError as exc:
+            self.db.close()
+            cause = exc.__cause__
+            if getattr(cause, "sqlite_errorname", "").startswith(
+                ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+            ):
+                raise StoreError(
+                    f"metadata database {path} cannot be used, it is unreadable ({cause}): "
+                    f"the store is not opened; run `{check_hint(path)}` to diagnose it "
+                    f"(--repair moves it aside and rebuilds what can be known)"
+                ) from cause
+            raise
+        marker = _present_marker(path)
+        if not marker.exists():
+            marker.write_text(_MARKER_TEXT)
 
     def close(self) -> None:
         self.db.close()
@@ -243,17 +426,32 @@ class Metadata:
         return None if row is None else str(row[0])
 
     def chain(self, layer_id: str) -> list[LayerRecord]:
-        """The layer's ancestors, nearest parent first (one query, however deep)."""
+        """The layer's ancestors, nearest parent first (one query, however deep).
+
+        A parent cycle (only a damaged or hand-edited database has one) is a StoreError
+        naming the layers in it, never an endless walk.
+        """
         rows = self.db.execute(
             """
             WITH RECURSIVE up(id, parent, n) AS (
                 SELECT id, parent, 0 FROM layers WHERE id = ?
                 UNION ALL
                 SELECT l.id, l.parent, up.n + 1 FROM layers l JOIN up ON l.id = up.parent
+                WHERE up.n <= (SELECT count(*) FROM layers)
             )
-            SELECT layers.* FROM up JOIN layers ON layers.id = up.id WHERE up.n > 0
+            SELECT layers.*, up.n AS n FROM up JOIN layers ON layers.id = up.id
             ORDER BY up.n
             """,
             (layer_id,),
-        )
-        return [_record(r) for r in rows]
+        ).fetchall()
+        seen: dict[str, int] = {}
+        for row in rows:
+            if row["id"] in seen:
+                loop = [r["id"] for r in rows[seen[row["id"]] : row["n"] + 1]]
+                raise StoreError(
+                    f"the parents of layer {layer_id!r} form a cycle "
+                    f"({' -> '.join(loop)}): the metadata is damaged; run "
+                    f"`{check_hint(self.path)}`"
+                )
+            seen[row["id"]] = row["n"]
+        return [_record(r) for r in rows[1:]]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdriver import Capabilities, CreateOpts, Driver, DriverUnavailable, InvalidOption
-from graphdriver.driver import LayerInfo, parse_size
+from graphdriver.driver import LayerInfo, is_layer_id, parse_size
 from graphdriver.linux.fs import fs_name
 
 from . import ioctl
@@ -176,6 +176,11 @@ class BtrfsDriver(Driver):
 
     def unmount(self, layer: LayerInfo) -> None:
         return None
+
+    def stored_layers(self) -> Mapping[str, str | None]:
+        """Every ``subvolumes/<id>``; a snapshot holds all its files, so no parent is needed."""
+        base = self.home / "subvolumes"
+        return {p.name: None for p in base.iterdir() if is_layer_id(p.name) and p.is_dir()}
 
     def status(self) -> list[tuple[str, str]]:
         space = ioctl.space_info(self.home)

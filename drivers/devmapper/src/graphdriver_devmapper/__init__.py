@@ -454,6 +454,11 @@ class DevmapperDriver(Driver):
     def close(self) -> None:
         self.db.close()
 
+    def stored_layers(self) -> Mapping[str, str | None]:
+        """The layers of the device db (the pool agrees with it, or ``__init__`` refused);
+        a thin snapshot holds all its blocks, so no parent is needed."""
+        return {str(r[0]): None for r in self.db.execute("SELECT layer FROM devices")}
+
     def status(self) -> list[tuple[str, str]]:
         self._pool_up()
         st = self.pool.status()

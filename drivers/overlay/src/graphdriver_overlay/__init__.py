@@ -38,7 +38,7 @@ from graphdriver import (
     faults,
 )
 from graphdriver.archive import overlay_changes
-from graphdriver.driver import LayerInfo
+from graphdriver.driver import LayerInfo, is_layer_id
 from graphdriver.linux import quota
 from graphdriver.linux.bind import bind
 from graphdriver.linux.fs import fs_name, supports_d_type
@@ -378,6 +378,24 @@ class OverlayDriver(Driver):
     def apply_target(self, layer: LayerInfo) -> tuple[Path, str] | None:
         has_parent = (self._dir(layer) / "lower").exists()
         return self._diff(layer), "overlay" if has_parent else "delete"
+
+    def stored_layers(self) -> Mapping[str, str | None]:
+        """Every ``<id>/`` with a ``diff`` dir, with the parent its ``lower`` file names first
+        (resolved through ``l/``; the unresolved ``l/<short>`` when that link is gone)."""
+        found: dict[str, str | None] = {}
+        for entry in os.scandir(self.home):
+            if not is_layer_id(entry.name) or not os.path.isdir(f"{entry.path}/diff"):
+                continue
+            try:
+                nearest = Path(entry.path, "lower").read_text().strip().split(":")[0]
+            except FileNotFoundError:
+                found[entry.name] = None
+                continue
+            try:
+                found[entry.name] = Path(os.readlink(self.home / nearest)).parent.name
+            except OSError:
+                found[entry.name] = nearest
+        return found
 
     def status(self) -> list[tuple[str, str]]:
         return [

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from graphdriver import Capabilities, CreateOpts, Driver, LayerInfo
+from graphdriver.driver import is_layer_id
 from graphdriver.linux.copy import copy_tree
 
 
@@ -58,3 +59,13 @@ class VfsDriver(Driver):
 
     def status(self) -> list[tuple[str, str]]:
         return [("Copy", "reflink (FICLONE) where possible, else copy_file_range")]
+
+    def stored_layers(self) -> Mapping[str, str | None]:
+        """Every ``dir/<id>`` directory; a full copy depends on no parent."""
+        try:
+            entries = list(os.scandir(self.home / "dir"))
+        except FileNotFoundError:
+            return {}
+        return {
+            e.name: None for e in entries if is_layer_id(e.name) and e.is_dir(follow_symlinks=False)
+        }
