@@ -11,8 +11,16 @@ import pytest
 from graphdriver.linux import loop
 from graphdriver.linux.fs import fs_name, supports_d_type
 from graphdriver.linux.mount import is_mountpoint, mount, mountinfo, unmount, unmount_all_under
+from graphdriver.testing import host_lacks
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices and mounts")
+
+@pytest.fixture
+def _root() -> None:
+    if os.geteuid() != 0:
+        host_lacks("needs root for loop devices and mounts", "root")
+
+
+root_only = pytest.mark.usefixtures("_root")
 
 
 @root_only

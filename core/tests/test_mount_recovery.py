@@ -18,8 +18,13 @@ import pytest
 from graphdriver import Capabilities, CreateOpts, Driver, LayerInfo, LayerStore, NotMounted
 from graphdriver.linux.mount import MS_BIND, is_mountpoint, mount, unmount, unmount_all_under
 from graphdriver.plugins import hooks
+from graphdriver.testing import host_lacks
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for bind mounts")
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        host_lacks("needs root for bind mounts", "root")
 
 
 class BindDriver(Driver):

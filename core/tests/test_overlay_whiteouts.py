@@ -14,8 +14,13 @@ import pytest
 from graphdriver.archive import ChangeKind, apply_layer, overlay_changes
 from graphdriver.archive.tar import TarWriter, write_changes_tar
 from graphdriver.linux.mount import mount, unmount_all_under
+from graphdriver.testing import host_lacks
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount overlayfs")
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        host_lacks("needs root to mount overlayfs", "root")
 
 
 @pytest.fixture

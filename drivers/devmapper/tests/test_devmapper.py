@@ -17,15 +17,22 @@ import pytest
 
 from graphdriver import CreateOpts, DriverUnavailable, GraphDriverError, InvalidOption, open_store
 from graphdriver.linux.mount import unmount_all_under
+from graphdriver.testing import host_lacks
 from graphdriver.testing.backings import pool_on_loop_files
 from graphdriver_devmapper import DevmapperDriver, dmsetup
 from graphdriver_devmapper.pool import ThinPool
 
-pytestmark = pytest.mark.skipif(
-    not Path("/dev/mapper/control").exists() or os.geteuid() != 0,
-    reason="host lacks it: device-mapper (/dev/mapper/control) and root; run under vm/run, "
-    "as tox -e conformance-devmapper does",
-)
+
+@pytest.fixture(autouse=True)
+def _device_mapper() -> None:
+    if not Path("/dev/mapper/control").exists() or os.geteuid() != 0:
+        host_lacks(
+            "device-mapper (/dev/mapper/control) and root; run under vm/run, "
+            "as tox -e conformance-devmapper does",
+            "thin-pool",
+        )
+
+
 MiB = 1 << 20
 
 

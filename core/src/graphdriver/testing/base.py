@@ -78,6 +78,15 @@ def quota_or_skip(store: LayerStore, backing: str) -> None:
     pytest.skip(f"driver {store.driver.name} does not declare the quota capability")
 
 
+def anchor_accepted_tars() -> dict[str, bytes]:
+    """Inputs that look hostile but that Docker and containerd apply, and so do we: a 0-byte
+    stream is an empty layer (moby#18170), and an absolute name is relative to the layer."""
+    return {
+        "empty": b"",
+        "absolute": _tar(_member("/abs-escape", data=b"evil")),
+    }
+
+
 def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:
     """Tars that must be refused, with the error class they must raise."""
     good = _tar(
@@ -88,10 +97,8 @@ def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:
     return {
         "truncated": (good[:1500], ArchiveError),
         "not-a-tar": (random_content(4096, 7), ArchiveError),
-        "empty": (b"", ArchiveError),
         "dotdot": (_tar(_member("../escape", data=b"evil")), UnsafeArchive),
         "dotdot-nested": (_tar(_member("a/../../escape", data=b"evil")), UnsafeArchive),
-        "absolute": (_tar(_member("/abs-escape", data=b"evil")), UnsafeArchive),
         "symlink-escape": (
             _tar(
                 _member("evil", tarfile.SYMTYPE, linkname="/"),
@@ -110,9 +117,9 @@ def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:
             _tar(_member("pw", tarfile.LNKTYPE, linkname="../../etc/passwd")),
             UnsafeArchive,
         ),
-        "hardlink-absolute": (
+        "hardlink-absolute": (  # /etc/passwd means the layer's etc/passwd, which is not there
             _tar(_member("pw", tarfile.LNKTYPE, linkname="/etc/passwd")),
-            UnsafeArchive,
+            ArchiveError,
         ),
         "hardlink-through-symlink": (
             _tar(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .. import CreateOpts, InvalidOption, LayerInUse, LayerStore, NotMounted
-from .base import ConformanceBase, MiB, _writer
+from .base import ConformanceBase, MiB, _writer, quota_or_skip
 from .trees import listing, make_base, make_rich, random_content
 
 
@@ -239,11 +239,7 @@ class LayerCases(ConformanceBase):
     # ------------------------------------------------------------------ quota
 
     def test_quota(self, store: LayerStore) -> None:
-        caps = store.driver.capabilities
-        if not caps.quota:
-            if "quota" in caps.why_not:
-                pytest.skip(f"host lacks it: {caps.why_not['quota']}")
-            pytest.skip(f"driver {self.driver} does not declare the quota capability")
+        quota_or_skip(store, self.backing)
         store.create("base")
         store.create_rw("limited", "base", CreateOpts(size=50 * MiB))
         with store.mounted("limited") as root:
