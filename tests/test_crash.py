@@ -63,15 +63,15 @@ def test_sigkill_during_apply_diff(gd: GD, tmp_path: Path) -> None:
                 or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
             )
         )
-    # the next open rolls the half-applied layer back and keeps everything else
-    assert gd("ls").out.split() == ["base", "keep"]
-    assert not victim_dir.exists()
+    # the next open empties the half-applied layer (the user created it: it stays) and keeps
+    # everything else
+    assert gd("ls").out.split() == ["base", "keep", "victim"]
+    assert gd("changes", "victim").out == ""
     meta = json.loads(gd("inspect", "keep").out)
     assert meta["mount_count"] == 1 and meta["mount_path"] == keep_path
     assert gd("changes", "base").out.splitlines() == ["A /small"]
     gd("umount", "keep")
-    # and the id can be used again
-    gd("create", "--parent", "base", "victim")
+    # and the layer can be filled again
     gd("apply-diff", "victim", input=data)
     assert len(os.listdir(victim_dir)) == 401
 

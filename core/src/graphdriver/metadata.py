@@ -257,3 +257,13 @@ class Metadata:
             (layer_id,),
         )
         return [_record(r) for r in rows]
+
+    def meta_items(self, prefix: str) -> dict[str, str]:
+        """The ``meta`` rows whose key starts with *prefix*, keyed without it."""
+        rows = self.db.execute(
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+        )
+        return {str(k)[len(prefix) :]: str(v) for k, v in rows}
+
+    def delete_meta(self, key: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key=?", (key,))

@@ -1,9 +1,11 @@
 """LayerStore: what users of graphdriver call.
 
-The store validates input, keeps the layer catalogue (:mod:`.metadata`), serialises mutations
-across processes with an fcntl lock, counts mounts, calls hooks, and asks the driver to move
-bytes. Every mutation is recorded as in flight (``creating``, ``applying``, ``removing``) before
-the driver is called, so that :func:`open_store` can roll back what a killed process left behind.
+The store validates input, keeps the layer catalogue (:mod:`.metadata`), serialises state
+transitions across processes with an fcntl lock (:mod:`.locking`), counts mounts, calls hooks, and
+asks the driver to move bytes. Every mutation is recorded as in flight (``creating``,
+``applying``, ``removing``) under a per-layer lock before the driver is called, so that
+:mod:`.recovery` can tell a live operation from one a killed process left behind. Long work (a
+diff stream, an extraction) runs without the store lock.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -21,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from . import archive
+from . import archive, faults, recovery
 from .archive.changes import Change
 from .archive.streams import DiffStream, tar_writer
 from .archive.tar import write_changes_tar
@@ -42,13 +45,41 @@ from .errors import (
 )
 from .linux.bind import container_path
 from .linux.mount import MS_BIND, mount, mounts_under, unmount
-from .locking import FileLock
-from .metadata import IN_FLIGHT, LayerRecord, Metadata
+from .locking import FileLock, LayerLocks
+from .metadata import LayerRecord, Metadata
 from .plugins import Hooks, choose_driver, hooks, load_driver
 
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+#: write ends of the pipes of running ``diff`` streams: a child forked meanwhile (the apply
+#: sandbox) must not keep one open, or the reader would never see the end of the tar
+_DIFF_PIPES: set[int] = set()
+
+
+def _close_diff_pipes() -> None:
+    for fd in list(_DIFF_PIPES):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _DIFF_PIPES.clear()
+
+
+os.register_at_fork(after_in_child=_close_diff_pipes)
+
+_DOING = {"creating": "created", "applying": "filled by apply-diff", "removing": "removed"}
+
+
+def private_dir(path: Path) -> None:
+    """Make *path* (mode 0700), or take group and other access away from an existing one: a
+    layer may hold a hostile tar's device nodes and setuid files (CVE-2021-41091)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if not st.st_mode & 0o077:
+        return
+    if st.st_mode & stat.S_ISVTX:  # /tmp and the like: shared by others, never ours to close
+        log.warning("%s is a shared directory; give the store a directory of its own", path)
+        return
+    os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def validate_id(layer_id: str, what: str = "layer id") -> str:
@@ -77,64 +108,55 @@ class LayerStore:
     """A stack of copy-on-write layers kept by one driver under ``<root>/<driver>``."""
 
     def __init__(
-        self, root: Path, driver_cls: type[Driver], options: Mapping[str, str], plugin_hooks: Hooks
+        self,
+        root: Path,
+        driver_cls: type[Driver],
+        options: Mapping[str, str],
+        plugin_hooks: Hooks,
+        *,
+        wait: float | None = None,
     ) -> None:
         self.root = root
         self.home = root / driver_cls.name
         self.hooks = plugin_hooks
-        self.home.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(self.home / "lock")
-        self.driver = driver_cls(self.home, options)
         self.name = driver_cls.name
-        self.meta = Metadata(self.home / "metadata.db")
-        with self._locked():
-            with self.meta.transaction():
-                recorded = self.meta.get_meta("driver")
-                if recorded is None:
-                    self.meta.set_meta("driver", self.name)
-                elif recorded != self.name:
-                    raise StoreError(
-                        f"{self.home} belongs to driver {recorded!r}, not {self.name!r}"
-                    )
-            self._recover()
+        private_dir(self.home)
+        self._lock = FileLock(self.home / "lock", wait)
+        try:
+            self.layer_locks = LayerLocks(self.home)
+            self.meta = Metadata(self.home / "metadata.db")
+        except BaseException:
+            self._lock.close()
+            raise
+        try:
+            # drivers may change shared state when they start (and recover): under the lock
+            with self._locked("open the store"):
+                with self.meta.transaction():
+                    recorded = self.meta.get_meta("driver")
+                    if recorded is None:
+                        self.meta.set_meta("driver", self.name)
+                    elif recorded != self.name:
+                        raise StoreError(
+                            f"{self.home} belongs to driver {recorded!r}, not {self.name!r}"
+                        )
+                self.driver = driver_cls(self.home, options)
+                self._call(
+                    self.driver.recover,
+                    [_info(r) for r in self.meta.all()],
+                    doing=f"recover driver {self.name}",
+                )
+            recovery.recover(self)
+        except BaseException:
+            self.meta.close()
+            self._lock.close()
+            raise
 
     # ------------------------------------------------------------------------ locking, recovery
 
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the store's exclusive lock (re-entrant within this object)."""
-        return self._lock.held()
-
-    def _recover(self) -> None:
-        """Roll back what a killed process left half-done, and match mount counts to reality."""
-        real = self.driver.capabilities.real_mounts
-        for rec in reversed(self.meta.all()):
-            info = _info(rec)
-            if rec.state in IN_FLIGHT:
-                log.warning(
-                    "rolling back layer %s left %s by a process that died", rec.id, rec.state
-                )
-                with contextlib.suppress(GraphDriverError, OSError):
-                    self.driver.unmount(info)
-                self._call(self.driver.remove, info, doing=f"roll back layer {rec.id}")
-                with self.meta.transaction():
-                    self.meta.delete(rec.id)
-                continue
-            if not real:
-                continue
-            mounted = self.driver.is_mounted(info)
-            if mounted is None:
-                continue
-            if rec.mount_count and not mounted:
-                log.warning(
-                    "layer %s was counted as mounted %d times but is not mounted",
-                    rec.id,
-                    rec.mount_count,
-                )
-                with self.meta.transaction():
-                    self.meta.update(rec.id, mount_count=0, mount_path=None)
-            elif not rec.mount_count and mounted:
-                log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
-                self._call(self.driver.unmount, info, doing=f"unmount layer {rec.id}")
+    def _locked(self, doing: str = "change the store") -> contextlib.AbstractContextManager[None]:
+        """Hold the store's exclusive lock (re-entrant within this object); *doing* is what
+        a process waiting for it is told."""
+        return self._lock.held(doing)
 
     _call = staticmethod(call_os)
 
@@ -155,8 +177,19 @@ class LayerStore:
     def _ready(self, layer_id: str, what: str = "layer") -> LayerRecord:
         validate_id(layer_id, f"{what} id")
         rec = self.meta.get(layer_id)
-        if rec is None or rec.state != "ready":
+        if rec is None or rec.state == "removing":
             raise LayerNotFound(f"{what} {layer_id!r} does not exist")
+        if rec.state != "ready":
+            failed = self.meta.meta_items(recovery.FAILED).get(layer_id)
+            if failed is not None:
+                raise LayerInUse(
+                    f"{what} {layer_id!r} was left {rec.state} by a command that died and "
+                    f"could not be recovered ({failed}); see `graphdriver status`"
+                )
+            raise LayerInUse(
+                f"{what} {layer_id!r} is being {_DOING[rec.state]} by another command; "
+                f"try again when it is done"
+            )
         return rec
 
     def exists(self, layer_id: str) -> bool:
@@ -193,7 +226,8 @@ class LayerStore:
         }
 
     def status(self) -> list[tuple[str, str]]:
-        """Key/value pairs like the storage section of ``docker info``."""
+        """Key/value pairs like the storage section of ``docker info``; a layer that a dead
+        command left half-done and recovery could not fix is listed as "Recovery Failed"."""
         recs = [r for r in self.meta.all() if r.state == "ready"]
         return [
             ("Storage Driver", self.name),
@@ -201,6 +235,7 @@ class LayerStore:
             ("Layers", str(len(recs))),
             ("Mounted Layers", str(sum(1 for r in recs if r.mount_count))),
             *self.driver.status(),
+            *recovery.failures(self),
         ]
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -242,9 +277,8 @@ class LayerStore:
                 )
             if opts.size <= 0:
                 raise InvalidOption(f"size must be positive, not {opts.size}")
-        with self._locked():
-            if self.meta.get(layer_id) is not None:
-                raise LayerExists(f"layer {layer_id!r} already exists")
+        with self._locked(f"create layer {layer_id}"):
+            self._free_id(layer_id)
             parent_rec = self._ready(parent, "parent") if parent is not None else None
             if parent_rec is not None and parent_rec.mount_count:
                 raise LayerInUse(
@@ -268,24 +302,59 @@ class LayerStore:
                 labels=dict(labels or {}),
                 volumes=sorted(set(declared)),
             )
-            with self.meta.transaction():
-                self.meta.insert(rec)
-            try:
-                self._call(
-                    self.driver.create,
-                    _info(rec),
-                    _info(parent_rec) if parent_rec else None,
-                    opts,
-                    doing=f"create layer {layer_id}",
-                )
-            except BaseException:
-                self._discard(rec)
-                raise
-            rec.state = "ready"
-            rec.boundary_ns = self._boundary()
-            with self.meta.transaction():
-                self.meta.update(layer_id, state="ready", boundary_ns=rec.boundary_ns)
+            with self._operation(layer_id) as done:
+                with self.meta.transaction():
+                    self.meta.insert(rec)
+                try:
+                    faults.point("store.create.recorded")
+                    self._call(
+                        self.driver.create,
+                        _info(rec),
+                        _info(parent_rec) if parent_rec else None,
+                        opts,
+                        doing=f"create layer {layer_id}",
+                    )
+                    faults.point("store.create.after-driver")
+                    rec.state = "ready"
+                    rec.boundary_ns = self._boundary()
+                    with self.meta.transaction():
+                        self.meta.update(layer_id, state="ready", boundary_ns=rec.boundary_ns)
+                except BaseException:
+                    self._discard(rec)
+                    raise
+                done()
         self.hooks.layer_created(self, rec)
+
+    def _free_id(self, layer_id: str) -> None:
+        """Refuse an id in use; finish first the removal of a layer a failed ``rm`` left."""
+        rec = self.meta.get(layer_id)
+        if rec is None:
+            return
+        if rec.state == "removing" and not self.layer_locks.busy(layer_id):
+            if recovery.finish_removal(self, rec):
+                return
+            reason = self.meta.meta_items(recovery.FAILED).get(layer_id, "")
+            raise LayerExists(
+                f"layer {layer_id!r} is still being removed: {reason}; "
+                f"free what holds it, then try again"
+            )
+        raise LayerExists(f"layer {layer_id!r} already exists")
+
+    @contextlib.contextmanager
+    def _operation(self, layer_id: str) -> Iterator[Callable[[], None]]:
+        """Hold the layer's lock for an in-flight operation (the store lock is held); the
+        yielded function marks the operation over, so the lock file can go."""
+        fd = self.layer_locks.exclusive(layer_id)
+        if fd is None:
+            raise LayerInUse(
+                f"layer {layer_id!r} is being read or changed by another command (a diff "
+                f"streaming it?); try again when it is done"
+            )
+        over: list[bool] = []
+        try:
+            yield lambda: over.append(True)
+        finally:
+            self.layer_locks.release(fd, layer_id if over else None)
 
     def create_rw(
         self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
@@ -304,17 +373,23 @@ class LayerStore:
         """Remove a half-made layer from the driver and the metadata, keeping the first error."""
         try:
             self.driver.remove(_info(rec))
-        except Exception:  # the error that got us here is the one to report
-            log.exception(
-                "cleaning up half-made layer %s failed; it is retried at next open", rec.id
+        except Exception as exc:  # the error that got us here is the one to report
+            log.warning(
+                "cleaning up half-made layer %s failed (%s); retried at next open", rec.id, exc
             )
+            log.debug("cleanup failure", exc_info=True)
+            recovery.record_failure(self, rec.id, exc)
             return
         with self.meta.transaction():
             self.meta.delete(rec.id)
 
     def remove(self, layer_id: str) -> None:
-        """Delete a layer; refused while it is mounted or has children."""
-        with self._locked():
+        """Delete a layer; refused while it is mounted or has children.
+
+        The layer disappears from the store first (state ``removing``); if the driver then
+        fails (EBUSY), the removal is finished at the next open or on reuse of the id.
+        """
+        with self._locked(f"remove layer {layer_id}"):
             rec = self._ready(layer_id)
             if rec.mount_count:
                 raise LayerInUse(
@@ -331,11 +406,17 @@ class LayerStore:
                     f"layer {layer_id!r} is the read-write layer of container {owner!r}; "
                     f"use `graphdriver container rm {owner}`"
                 )
-            with self.meta.transaction():
-                self.meta.update(layer_id, state="removing")
-            self._call(self.driver.remove, _info(rec), doing=f"remove layer {layer_id}")
-            with self.meta.transaction():
-                self.meta.delete(layer_id)
+            with self._operation(layer_id) as done:
+                with self.meta.transaction():
+                    self.meta.update(layer_id, state="removing")
+                faults.point("store.remove.recorded")
+                if not recovery.finish_removal(self, rec):
+                    reason = self.meta.meta_items(recovery.FAILED).get(layer_id, "")
+                    raise StoreError(
+                        f"layer {layer_id!r} is removed from the store, but deleting its files "
+                        f"failed ({reason}); that is retried at the next open"
+                    )
+                done()
         self.hooks.layer_removed(self, layer_id)
 
     # ---------------------------------------------------------------------------- mounts
@@ -351,33 +432,40 @@ class LayerStore:
         assert isinstance(result, Path)
         return result
 
-    def get(self, layer_id: str, *, _internal: bool = False) -> Path:
-        """Mount the layer (first reference) and return its merged root; counts references."""
-        with self._locked():
+    def _mount_path(self, rec: LayerRecord) -> Path:
+        """The layer's mounted root: the counted mount if it is still there, else a new one."""
+        path: Path | None = Path(rec.mount_path) if rec.mount_path else None
+        if path is None or (
+            self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec)) is False
+        ):
+            path = self.hooks.mount(self, rec, self.meta.chain(rec.id))
+        return path
+
+    def get(self, layer_id: str) -> Path:
+        """Mount the layer (first reference) and return its merged root; counts references.
+
+        The layer counts as written to from then on (see ``apply_diff``).
+        """
+        with self._locked(f"mount layer {layer_id}"):
             rec = self._ready(layer_id)
-            path: Path | None = Path(rec.mount_path) if rec.mount_path else None
-            if path is None or (
-                self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec)) is False
-            ):
-                path = self.hooks.mount(self, rec, self.meta.chain(layer_id))
+            path = self._mount_path(rec)
+            faults.point("store.get.after-driver")
             with self.meta.transaction():
-                fields: dict[str, object] = {
-                    "mount_count": rec.mount_count + 1,
-                    "mount_path": str(path),
-                }
-                if not _internal:
-                    fields["dirty"] = 1
-                self.meta.update(layer_id, **fields)
+                self.meta.update(
+                    layer_id, mount_count=rec.mount_count + 1, mount_path=str(path), dirty=1
+                )
             return path
 
     def put(self, layer_id: str) -> None:
         """Release one reference; the last one unmounts. ``put`` without ``get`` is an error."""
-        with self._locked():
+        with self._locked(f"unmount layer {layer_id}"):
             rec = self._ready(layer_id)
             if rec.mount_count <= 0:
                 raise NotMounted(f"layer {layer_id!r} is not mounted")
-            if rec.mount_count == 1:
+            # a diff streaming the layer keeps the mount; it unmounts when it is done
+            if rec.mount_count == 1 and not self.layer_locks.busy(layer_id):
                 self._call(self.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
+            faults.point("store.put.after-driver")
             with self.meta.transaction():
                 self.meta.update(
                     layer_id,
@@ -388,16 +476,20 @@ class LayerStore:
     @contextlib.contextmanager
     def mounted(self, layer_id: str) -> Iterator[Path]:
         """``get`` for the length of a with-block, then ``put``."""
-        path = self.get(layer_id, _internal=True)
+        path = self.get(layer_id)
         try:
             yield path
         finally:
             self.put(layer_id)
 
     def cleanup(self) -> None:
-        """Unmount every layer of this store, whoever mounted it, and zero the counts."""
-        with self._locked():
+        """Unmount every layer of this store, whoever mounted it, and zero the counts; a
+        layer that a running diff streams keeps its mount."""
+        with self._locked("clean up the store"):
             for rec in self.meta.all():
+                if self.layer_locks.busy(rec.id):
+                    log.warning("layer %s is in use by a running command; left mounted", rec.id)
+                    continue
                 if rec.mount_count or (
                     self.driver.capabilities.real_mounts
                     and self.driver.is_mounted(_info(rec)) is True
@@ -419,29 +511,56 @@ class LayerStore:
         base = self._ready(parent, "parent")
         return rec, base, base.id == rec.parent
 
+    def _read_ref(self, stack: contextlib.ExitStack, rec: LayerRecord, mount: bool) -> Path | None:
+        """Take a reader's reference on *rec* (store lock held) until *stack* closes: the layer
+        cannot be removed, changed or unmounted under it. With *mount*, its mounted root."""
+        fd = self.layer_locks.shared(rec.id)
+        if fd is None:
+            raise LayerInUse(f"layer {rec.id!r} is being changed; try again when it is done")
+        stack.callback(self._end_read, rec.id, fd)
+        return self._mount_path(rec) if mount else None
+
+    def _end_read(self, layer_id: str, fd: int) -> None:
+        """Drop a reader's reference; unmount the layer if it was mounted only for readers."""
+        with self._locked(f"end the diff of layer {layer_id}"):
+            self.layer_locks.release(fd)
+            rec = self.meta.get(layer_id)
+            if rec is not None and not rec.mount_count and not self.layer_locks.busy(layer_id):
+                self._call(self.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
+
     @contextlib.contextmanager
     def _change_source(
-        self, layer_id: str, parent: str | None
+        self, layer_id: str, parent: str | None, *, filtered: bool = True
     ) -> Iterator[tuple[list[Change], str, str]]:
-        """The changes of *layer_id* against *parent*, and (root, kind) to read files from."""
-        with self._locked():
-            rec, base, direct = self._against(layer_id, parent)
-            drv = self.driver
-            if direct and isinstance(drv, NativeDiff):
-                chain = [_info(r) for r in self.meta.chain(layer_id)]
-                native = drv.changes(_info(rec), chain)
-                source = drv.diff_source(_info(rec))
-                if native is not None and source is not None:
-                    changes = [Change(p, archive.ChangeKind(k)) for p, k in native]
-                    yield self._filtered(layer_id, changes), str(source), "overlay"
-                    return
-            with contextlib.ExitStack() as stack:
-                top = self._without_submounts(stack, stack.enter_context(self.mounted(layer_id)))
-                below = stack.enter_context(self.mounted(base.id)) if base else None
-                changes = archive.tree_changes(
-                    str(top), str(below) if below else None, rec.boundary_ns if direct else None
+        """The changes of *layer_id* against *parent*, and (root, kind) to read files from.
+
+        References are taken under the store lock; the tree walk and whatever the caller
+        streams run without it, so a long diff never holds up other commands.
+        """
+        with contextlib.ExitStack() as stack:
+            native: list[Change] | None = None
+            top = below = None
+            root = kind = ""
+            with self._locked(f"diff layer {layer_id}"):
+                rec, base, direct = self._against(layer_id, parent)
+                drv = self.driver
+                if direct and isinstance(drv, NativeDiff):
+                    found = drv.changes(_info(rec), [_info(r) for r in self.meta.chain(layer_id)])
+                    source = drv.diff_source(_info(rec))
+                    if found is not None and source is not None:
+                        self._read_ref(stack, rec, mount=False)
+                        native = [Change(p, archive.ChangeKind(k)) for p, k in found]
+                        root, kind = str(source), "overlay"
+                if native is None:
+                    top = self._read_ref(stack, rec, mount=True)
+                    below = self._read_ref(stack, base, mount=True) if base else None
+            if native is None:
+                assert top is not None
+                root, kind = str(self._without_submounts(stack, top)), "tree"
+                native = archive.tree_changes(
+                    root, str(below) if below else None, rec.boundary_ns if direct else None
                 )
-                yield self._filtered(layer_id, changes), str(top), "tree"
+            yield (self._filtered(layer_id, native) if filtered else native), root, kind
 
     def _without_submounts(self, stack: contextlib.ExitStack, root: Path) -> Path:
         """*root*, or, when something is mounted inside it (a mounted container's volumes), a
@@ -484,31 +603,34 @@ class LayerStore:
         """
         if compress not in (None, "none", "gzip", "zstd"):
             raise InvalidOption(f"unknown compression {compress!r}: use gzip, zstd or none")
-        with self._change_source(layer_id, parent) as (changes, root, kind):
-            writer, finish = tar_writer(out, compress)
-            writer.progress = progress
-            try:
-                write_changes_tar(writer, root, changes, source=kind)
-            except OSError as exc:
-                raise from_oserror(exc, f"diff of layer {layer_id}") from exc
-            finish()
-            return writer.bytes_written
+        with self._change_source(layer_id, parent) as source:
+            return _write_tar(layer_id, source, out, compress, progress)
 
     def diff(self, layer_id: str, parent: str | None = None) -> BinaryIO:
-        """A readable stream of the uncompressed OCI layer tar; close it when done."""
-        self._ready(layer_id)
+        """A readable stream of the uncompressed OCI layer tar; close it when done.
+
+        The layers it reads are referenced from now until the stream ends or is closed.
+        """
+        source = self._change_source(layer_id, parent)
+        found = source.__enter__()
         r, w = os.pipe2(os.O_CLOEXEC)
+        _DIFF_PIPES.add(w)
         failure: list[BaseException] = []
 
         def produce() -> None:
             try:
-                self.write_diff(layer_id, w, parent)
+                _write_tar(layer_id, found, w, None, None)
             except BrokenPipeError:
                 pass  # the reader closed early
             except BaseException as exc:
                 failure.append(exc)
             finally:
+                _DIFF_PIPES.discard(w)
                 os.close(w)
+                try:
+                    source.__exit__(None, None, None)
+                except BaseException as exc:
+                    failure.append(exc)
 
         thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
         thread.start()
@@ -527,81 +649,154 @@ class LayerStore:
     def apply(
         self, layer_id: str, stream: BinaryIO, progress: Callable[[int], None] | None = None
     ) -> archive.ApplyResult:
-        """``apply_diff`` that also returns the diffID and compression of the tar."""
-        with self._locked():
-            rec = self._ready(layer_id)
-            if rec.mount_count:
-                raise LayerInUse(f"layer {layer_id!r} is mounted; apply-diff needs it unmounted")
-            if self.meta.children(layer_id):
-                raise LayerInUse(
-                    f"layer {layer_id!r} has children; apply-diff would change what they see"
-                )
-            if rec.dirty or rec.diff_id:
-                raise LayerInUse(
-                    f"layer {layer_id!r} already has content (it was mounted or "
-                    f"applied before); apply-diff needs a fresh layer"
-                )
-            with self.meta.transaction():
-                self.meta.update(layer_id, state="applying")
+        """``apply_diff`` that also returns the diffID and compression of the tar.
+
+        The layer is marked ``applying`` under the store lock, the tar is extracted without
+        it, and the lock is taken again to mark the layer ready (or empty it again).
+        """
+        doing = f"apply-diff into layer {layer_id}"
+        with contextlib.ExitStack() as stack:
+            with self._locked(doing):
+                rec = self._refuse_apply(layer_id)
+                done = stack.enter_context(self._operation(layer_id))
+                with self.meta.transaction():
+                    self.meta.update(layer_id, state="applying")
+                try:
+                    faults.point("store.apply.recorded")
+                    target, whiteouts, mounted = self._apply_target(rec)
+                except BaseException:
+                    self._reset(rec)
+                    done()
+                    raise
             try:
-                result = self._apply_into(rec, stream, progress)
+                faults.point("store.apply.prepared")
+                result = archive.apply_layer(target, stream, whiteouts=whiteouts, progress=progress)
+                faults.point("store.apply.extracted")
+                with self._locked(doing):
+                    if mounted:
+                        self._call(self.driver.unmount, _info(rec), doing=f"unmount {layer_id}")
+                    faults.point("store.apply.unmounted")
+                    with self.meta.transaction():
+                        self.meta.update(
+                            layer_id,
+                            state="ready",
+                            dirty=1,
+                            diff_id=result.diff_id,
+                            unpacked_size=result.size,
+                        )
+                    done()
             except BaseException:
-                self._reset(rec)
+                with self._locked(f"roll back {doing}"):
+                    now = self.meta.get(layer_id)
+                    if now is not None and now.state == "applying":  # not committed
+                        self._reset(rec)
+                        done()
                 raise
-            with self.meta.transaction():
-                self.meta.update(
-                    layer_id,
-                    state="ready",
-                    dirty=1,
-                    diff_id=result.diff_id,
-                    unpacked_size=result.size,
-                )
         rec.state = "ready"
         self.hooks.layer_applied(self, rec, result.size, result.diff_id)
         return result
 
-    def _apply_into(
-        self, rec: LayerRecord, stream: BinaryIO, progress: Callable[[int], None] | None
-    ) -> archive.ApplyResult:
-        target = (
-            self.driver.apply_target(_info(rec)) if isinstance(self.driver, NativeApply) else None
-        )
-        if target is not None:
-            return archive.apply_layer(target[0], stream, whiteouts=target[1], progress=progress)
-        chain = self.meta.chain(rec.id)
-        path = self.hooks.mount(self, rec, chain)
-        try:
-            return archive.apply_layer(path, stream, whiteouts="delete", progress=progress)
-        finally:
-            self._call(self.driver.unmount, _info(rec), doing=f"unmount layer {rec.id}")
+    def _refuse_apply(self, layer_id: str) -> LayerRecord:
+        """The layer's record if apply-diff may fill it; a refusal commits nothing."""
+        rec = self._ready(layer_id)
+        if rec.mount_count:
+            raise LayerInUse(f"layer {layer_id!r} is mounted; apply-diff needs it unmounted")
+        if self.meta.children(layer_id):
+            raise LayerInUse(
+                f"layer {layer_id!r} has children; apply-diff would change what they see"
+            )
+        if rec.diff_id:
+            raise LayerInUse(
+                f"layer {layer_id!r} already has content (apply-diff filled it before); "
+                f"apply-diff needs a fresh layer"
+            )
+        if rec.dirty and self._has_changes(rec):
+            raise LayerInUse(
+                f"layer {layer_id!r} already has content (files were written while it was "
+                f"mounted); apply-diff needs a fresh layer"
+            )
+        rec.state = "applying"
+        return rec
+
+    def _has_changes(self, rec: LayerRecord) -> bool:
+        """Whether a layer that was mounted changed anything (mounted and unmounted without a
+        write is still fresh, as moby's graphtest DiffApply expects)."""
+        with self._change_source(rec.id, None, filtered=False) as (changes, _root, _kind):
+            return bool(changes)
+
+    def _apply_target(self, rec: LayerRecord) -> tuple[Path, str, bool]:
+        """(directory, whiteout format, whether it was mounted for this) to extract into."""
+        if isinstance(self.driver, NativeApply):
+            target = self._call(self.driver.apply_target, _info(rec), doing=f"apply {rec.id}")
+            if target is not None:
+                return target[0], target[1], False
+        return self.hooks.mount(self, rec, self.meta.chain(rec.id)), "delete", True
 
     def _reset(self, rec: LayerRecord) -> None:
-        """After a failed apply: make the layer empty again, or drop it if that fails too."""
+        """After a failed apply: make the layer empty again, as ``create`` made it. If that
+        fails too, the layer stays ``applying`` and recovery tries again at the next open;
+        the record the user made is never deleted."""
         parent = self.meta.get(rec.parent) if rec.parent else None
         try:
+            with contextlib.suppress(GraphDriverError, OSError):
+                self.driver.unmount(_info(rec))
             self.driver.remove(_info(rec))
             self.driver.create(
                 _info(rec),
                 _info(parent) if parent else None,
                 CreateOpts(size=rec.size_limit, mount_label=rec.mount_label),
             )
-        except Exception:
-            log.exception("layer %s could not be reset after a failed apply; removing it", rec.id)
-            self._discard(rec)
+            faults.point("store.apply.reset")
+        except Exception as exc:
+            log.warning("layer %s could not be emptied after a failed apply: %s", rec.id, exc)
+            log.debug("reset failure", exc_info=True)
+            recovery.record_failure(self, rec.id, exc)
             return
         with self.meta.transaction():
-            self.meta.update(rec.id, state="ready", boundary_ns=self._boundary())
+            self.meta.update(
+                rec.id,
+                state="ready",
+                boundary_ns=self._boundary(),
+                dirty=0,
+                diff_id=None,
+                unpacked_size=None,
+            )
+            self.meta.delete_meta(recovery.FAILED + rec.id)
+
+
+def _write_tar(
+    layer_id: str,
+    source: tuple[list[Change], str, str],
+    out: IO[bytes] | int,
+    compress: str | None,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Write the tar of *source* (changes, root, kind) to *out*; the tar's byte count."""
+    changes, root, kind = source
+    writer, finish = tar_writer(out, compress)
+    writer.progress = progress
+    try:
+        write_changes_tar(writer, root, changes, source=kind)
+    except OSError as exc:
+        raise from_oserror(exc, f"diff of layer {layer_id}") from exc
+    finish()
+    return writer.bytes_written
 
 
 def open_store(
     root: str | os.PathLike[str],
     driver: str | None = None,
     options: Mapping[str, str] | None = None,
+    *,
+    wait: float | None = None,
 ) -> LayerStore:
-    """Open (creating it if needed) the store under *root*, with *driver* or the default one."""
+    """Open (creating it if needed) the store under *root*, with *driver* or the default one.
+
+    *wait* bounds, in seconds, how long any call waits for the store lock (None: for ever).
+    """
     root_path = Path(root).absolute()
     try:
-        root_path.mkdir(parents=True, exist_ok=True)
+        private_dir(root_path)
     except OSError as exc:
         raise from_oserror(exc, f"create root {root_path}") from exc
     plugin_hooks = hooks()
@@ -616,6 +811,6 @@ def open_store(
             f"driver {name!r} has no option {unknown[0]!r} (its options: {listing})"
         )
     try:
-        return LayerStore(root_path, driver_cls, options, plugin_hooks)
+        return LayerStore(root_path, driver_cls, options, plugin_hooks, wait=wait)
     except OSError as exc:
         raise from_oserror(exc, f"open store at {root_path}") from exc
