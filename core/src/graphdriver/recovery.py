@@ -31,10 +31,19 @@ log = logging.getLogger(__name__)
 FAILED = "recovery-failed:"
 
 
-def _info(rec: LayerRecord) -> LayerInfo:
+def layer_info(rec: LayerRecord, *, sealed: bool = False) -> LayerInfo:
+    """What the driver is told about the layer of *rec*."""
     return LayerInfo(
-        id=rec.id, parent=rec.parent, rw=rec.rw, size=rec.size_limit, mount_label=rec.mount_label
+        id=rec.id,
+        parent=rec.parent,
+        rw=rec.rw,
+        size=rec.size_limit,
+        mount_label=rec.mount_label,
+        sealed=sealed,
     )
+
+
+_info = layer_info
 
 
 def recover(store: LayerStore) -> None:
@@ -75,7 +84,9 @@ def _roll(store: LayerStore, rec: LayerRecord) -> None:
             ],
         )
         if rec.state == "applying":
-            store._reset(rec)
+            from .applying import reset  # applying records its failures here
+
+            reset(store, rec)
         elif rec.state == "creating":
             with contextlib.suppress(GraphDriverError, OSError):
                 store.driver.unmount(_info(rec))

@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import logging
 import os
 import re
 import stat
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from . import archive, faults, recovery
+from . import applying, archive, diffs, faults, recovery
 from .archive.changes import Change
-from .archive.streams import DiffStream, tar_writer
-from .archive.tar import write_changes_tar
-from .driver import CreateOpts, Driver, LayerInfo, NativeApply, NativeDiff
+from .driver import CreateOpts, Driver
 from .errors import (
     GraphDriverError,
     InvalidLayerId,
@@ -44,27 +39,14 @@ from .errors import (
     from_oserror,
 )
 from .linux.bind import container_path
-from .linux.mount import MS_BIND, mount, mounts_under, unmount
 from .locking import FileLock, LayerLocks
 from .metadata import LayerRecord, Metadata
 from .plugins import Hooks, choose_driver, hooks, load_driver
+from .recovery import layer_info as _info
 
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-#: write ends of the pipes of running ``diff`` streams: a child forked meanwhile (the apply
-#: sandbox) must not keep one open, or the reader would never see the end of the tar
-_DIFF_PIPES: set[int] = set()
-
-
-def _close_diff_pipes() -> None:
-    for fd in list(_DIFF_PIPES):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _DIFF_PIPES.clear()
-
-
-os.register_at_fork(after_in_child=_close_diff_pipes)
 
 _DOING = {"creating": "created", "applying": "filled by apply-diff", "removing": "removed"}
 
@@ -91,17 +73,6 @@ def validate_id(layer_id: str, what: str = "layer id") -> str:
             f"starting with a letter or digit"
         )
     return layer_id
-
-
-def _info(rec: LayerRecord, *, sealed: bool = False) -> LayerInfo:
-    return LayerInfo(
-        id=rec.id,
-        parent=rec.parent,
-        rw=rec.rw,
-        size=rec.size_limit,
-        mount_label=rec.mount_label,
-        sealed=sealed,
-    )
 
 
 class LayerStore:
@@ -501,92 +472,14 @@ class LayerStore:
 
     # ---------------------------------------------------------------------------- diffs
 
-    def _against(
-        self, layer_id: str, parent: str | None
-    ) -> tuple[LayerRecord, LayerRecord | None, bool]:
-        rec = self._ready(layer_id)
-        if parent is None:
-            base = self._ready(rec.parent, "parent") if rec.parent else None
-            return rec, base, True
-        base = self._ready(parent, "parent")
-        return rec, base, base.id == rec.parent
-
-    def _read_ref(self, stack: contextlib.ExitStack, rec: LayerRecord, mount: bool) -> Path | None:
-        """Take a reader's reference on *rec* (store lock held) until *stack* closes: the layer
-        cannot be removed, changed or unmounted under it. With *mount*, its mounted root."""
-        fd = self.layer_locks.shared(rec.id)
-        if fd is None:
-            raise LayerInUse(f"layer {rec.id!r} is being changed; try again when it is done")
-        stack.callback(self._end_read, rec.id, fd)
-        return self._mount_path(rec) if mount else None
-
-    def _end_read(self, layer_id: str, fd: int) -> None:
-        """Drop a reader's reference; unmount the layer if it was mounted only for readers."""
-        with self._locked(f"end the diff of layer {layer_id}"):
-            self.layer_locks.release(fd)
-            rec = self.meta.get(layer_id)
-            if rec is not None and not rec.mount_count and not self.layer_locks.busy(layer_id):
-                self._call(self.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
-
-    @contextlib.contextmanager
-    def _change_source(
-        self, layer_id: str, parent: str | None, *, filtered: bool = True
-    ) -> Iterator[tuple[list[Change], str, str]]:
-        """The changes of *layer_id* against *parent*, and (root, kind) to read files from.
-
-        References are taken under the store lock; the tree walk and whatever the caller
-        streams run without it, so a long diff never holds up other commands.
-        """
-        with contextlib.ExitStack() as stack:
-            native: list[Change] | None = None
-            top = below = None
-            root = kind = ""
-            with self._locked(f"diff layer {layer_id}"):
-                rec, base, direct = self._against(layer_id, parent)
-                drv = self.driver
-                if direct and isinstance(drv, NativeDiff):
-                    found = drv.changes(_info(rec), [_info(r) for r in self.meta.chain(layer_id)])
-                    source = drv.diff_source(_info(rec))
-                    if found is not None and source is not None:
-                        self._read_ref(stack, rec, mount=False)
-                        native = [Change(p, archive.ChangeKind(k)) for p, k in found]
-                        root, kind = str(source), "overlay"
-                if native is None:
-                    top = self._read_ref(stack, rec, mount=True)
-                    below = self._read_ref(stack, base, mount=True) if base else None
-            if native is None:
-                assert top is not None
-                root, kind = str(self._without_submounts(stack, top)), "tree"
-                native = archive.tree_changes(
-                    root, str(below) if below else None, rec.boundary_ns if direct else None
-                )
-            yield (self._filtered(layer_id, native) if filtered else native), root, kind
-
-    def _without_submounts(self, stack: contextlib.ExitStack, root: Path) -> Path:
-        """*root*, or, when something is mounted inside it (a mounted container's volumes), a
-        private non-recursive bind of it: a diff must not walk into volumes."""
-        real = os.path.realpath(root)
-        if not any(m != real for m in mounts_under(real)):
-            return root
-        view = Path(tempfile.mkdtemp(prefix=".diff-view-", dir=self.home))
-        stack.callback(view.rmdir)
-        mount(real, view, None, MS_BIND)
-        stack.callback(unmount, view)
-        return view
-
-    def _filtered(self, layer_id: str, changes: list[Change]) -> list[Change]:
-        if not self.hooks.filters_diff:
-            return changes
-        return [c for c in changes if self.hooks.keep_change(layer_id, c)]
-
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         """Sorted changes of *layer_id* relative to *parent* (default: its own parent)."""
-        with self._change_source(layer_id, parent) as (changes, _root, _kind):
+        with diffs.change_source(self, layer_id, parent) as (changes, _root, _kind):
             return changes
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         """Bytes of file data that ``diff`` would carry; what ``apply_diff`` returns for it."""
-        with self._change_source(layer_id, parent) as (changes, root, _kind):
+        with diffs.change_source(self, layer_id, parent) as (changes, root, _kind):
             return archive.changes_size(root, changes)
 
     def write_diff(
@@ -603,38 +496,15 @@ class LayerStore:
         """
         if compress not in (None, "none", "gzip", "zstd"):
             raise InvalidOption(f"unknown compression {compress!r}: use gzip, zstd or none")
-        with self._change_source(layer_id, parent) as source:
-            return _write_tar(layer_id, source, out, compress, progress)
+        with diffs.change_source(self, layer_id, parent) as source:
+            return diffs.write_tar(layer_id, source, out, compress, progress)
 
     def diff(self, layer_id: str, parent: str | None = None) -> BinaryIO:
         """A readable stream of the uncompressed OCI layer tar; close it when done.
 
         The layers it reads are referenced from now until the stream ends or is closed.
         """
-        source = self._change_source(layer_id, parent)
-        found = source.__enter__()
-        r, w = os.pipe2(os.O_CLOEXEC)
-        _DIFF_PIPES.add(w)
-        failure: list[BaseException] = []
-
-        def produce() -> None:
-            try:
-                _write_tar(layer_id, found, w, None, None)
-            except BrokenPipeError:
-                pass  # the reader closed early
-            except BaseException as exc:
-                failure.append(exc)
-            finally:
-                _DIFF_PIPES.discard(w)
-                os.close(w)
-                try:
-                    source.__exit__(None, None, None)
-                except BaseException as exc:
-                    failure.append(exc)
-
-        thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
-        thread.start()
-        return io.BufferedReader(DiffStream(r, thread, failure), buffer_size=1 << 20)
+        return diffs.stream(self, layer_id, parent)
 
     def apply_diff(
         self, layer_id: str, stream: BinaryIO, progress: Callable[[int], None] | None = None
@@ -654,133 +524,7 @@ class LayerStore:
         The layer is marked ``applying`` under the store lock, the tar is extracted without
         it, and the lock is taken again to mark the layer ready (or empty it again).
         """
-        doing = f"apply-diff into layer {layer_id}"
-        with contextlib.ExitStack() as stack:
-            with self._locked(doing):
-                rec = self._refuse_apply(layer_id)
-                done = stack.enter_context(self._operation(layer_id))
-                with self.meta.transaction():
-                    self.meta.update(layer_id, state="applying")
-                try:
-                    faults.point("store.apply.recorded")
-                    target, whiteouts, mounted = self._apply_target(rec)
-                except BaseException:
-                    self._reset(rec)
-                    done()
-                    raise
-            try:
-                faults.point("store.apply.prepared")
-                result = archive.apply_layer(target, stream, whiteouts=whiteouts, progress=progress)
-                faults.point("store.apply.extracted")
-                with self._locked(doing):
-                    if mounted:
-                        self._call(self.driver.unmount, _info(rec), doing=f"unmount {layer_id}")
-                    faults.point("store.apply.unmounted")
-                    with self.meta.transaction():
-                        self.meta.update(
-                            layer_id,
-                            state="ready",
-                            dirty=1,
-                            diff_id=result.diff_id,
-                            unpacked_size=result.size,
-                        )
-                    done()
-            except BaseException:
-                with self._locked(f"roll back {doing}"):
-                    now = self.meta.get(layer_id)
-                    if now is not None and now.state == "applying":  # not committed
-                        self._reset(rec)
-                        done()
-                raise
-        rec.state = "ready"
-        self.hooks.layer_applied(self, rec, result.size, result.diff_id)
-        return result
-
-    def _refuse_apply(self, layer_id: str) -> LayerRecord:
-        """The layer's record if apply-diff may fill it; a refusal commits nothing."""
-        rec = self._ready(layer_id)
-        if rec.mount_count:
-            raise LayerInUse(f"layer {layer_id!r} is mounted; apply-diff needs it unmounted")
-        if self.meta.children(layer_id):
-            raise LayerInUse(
-                f"layer {layer_id!r} has children; apply-diff would change what they see"
-            )
-        if rec.diff_id:
-            raise LayerInUse(
-                f"layer {layer_id!r} already has content (apply-diff filled it before); "
-                f"apply-diff needs a fresh layer"
-            )
-        if rec.dirty and self._has_changes(rec):
-            raise LayerInUse(
-                f"layer {layer_id!r} already has content (files were written while it was "
-                f"mounted); apply-diff needs a fresh layer"
-            )
-        rec.state = "applying"
-        return rec
-
-    def _has_changes(self, rec: LayerRecord) -> bool:
-        """Whether a layer that was mounted changed anything (mounted and unmounted without a
-        write is still fresh, as moby's graphtest DiffApply expects)."""
-        with self._change_source(rec.id, None, filtered=False) as (changes, _root, _kind):
-            return bool(changes)
-
-    def _apply_target(self, rec: LayerRecord) -> tuple[Path, str, bool]:
-        """(directory, whiteout format, whether it was mounted for this) to extract into."""
-        if isinstance(self.driver, NativeApply):
-            target = self._call(self.driver.apply_target, _info(rec), doing=f"apply {rec.id}")
-            if target is not None:
-                return target[0], target[1], False
-        return self.hooks.mount(self, rec, self.meta.chain(rec.id)), "delete", True
-
-    def _reset(self, rec: LayerRecord) -> None:
-        """After a failed apply: make the layer empty again, as ``create`` made it. If that
-        fails too, the layer stays ``applying`` and recovery tries again at the next open;
-        the record the user made is never deleted."""
-        parent = self.meta.get(rec.parent) if rec.parent else None
-        try:
-            with contextlib.suppress(GraphDriverError, OSError):
-                self.driver.unmount(_info(rec))
-            self.driver.remove(_info(rec))
-            self.driver.create(
-                _info(rec),
-                _info(parent) if parent else None,
-                CreateOpts(size=rec.size_limit, mount_label=rec.mount_label),
-            )
-            faults.point("store.apply.reset")
-        except Exception as exc:
-            log.warning("layer %s could not be emptied after a failed apply: %s", rec.id, exc)
-            log.debug("reset failure", exc_info=True)
-            recovery.record_failure(self, rec.id, exc)
-            return
-        with self.meta.transaction():
-            self.meta.update(
-                rec.id,
-                state="ready",
-                boundary_ns=self._boundary(),
-                dirty=0,
-                diff_id=None,
-                unpacked_size=None,
-            )
-            self.meta.delete_meta(recovery.FAILED + rec.id)
-
-
-def _write_tar(
-    layer_id: str,
-    source: tuple[list[Change], str, str],
-    out: IO[bytes] | int,
-    compress: str | None,
-    progress: Callable[[int], None] | None,
-) -> int:
-    """Write the tar of *source* (changes, root, kind) to *out*; the tar's byte count."""
-    changes, root, kind = source
-    writer, finish = tar_writer(out, compress)
-    writer.progress = progress
-    try:
-        write_changes_tar(writer, root, changes, source=kind)
-    except OSError as exc:
-        raise from_oserror(exc, f"diff of layer {layer_id}") from exc
-    finish()
-    return writer.bytes_written
+        return applying.apply(self, layer_id, stream, progress)
 
 
 def open_store(
