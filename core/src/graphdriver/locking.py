@@ -71,7 +71,7 @@ class FileLock:
             f"{self.wait:g} s (--wait): try again when it is done"
         )
 
-    def _acquire(self, doing: str) -> None:
+    def _acquire(self) -> None:
         start = time.monotonic()
         reported: list[bool] = []
         while not self._thread_lock.acquire(timeout=0.05):
@@ -79,30 +79,38 @@ class FileLock:
                 raise self._refuse()
         if self._depth:
             return
+        try:
+            self._flock(start, reported)
+        except BaseException:  # a timeout, or a signal while waiting
+            self._thread_lock.release()
+            raise
+
+    def _flock(self, start: float, reported: list[bool]) -> None:
         pause = 0.001
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return
             except BlockingIOError:
                 pass
-            except BaseException:
-                self._thread_lock.release()
-                raise
             if self._timed_out(start, reported):
-                self._thread_lock.release()
                 raise self._refuse()
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+    def _write_holder(self, doing: str) -> None:
+        """Tell waiters who holds the lock and what for."""
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()} {doing}\n".encode(), 0)
 
     @contextlib.contextmanager
     def held(self, doing: str = "changes the store") -> Iterator[None]:
         """Hold the lock for the with-block; *doing* tells waiters what the holder does."""
-        self._acquire(doing)
+        self._acquire()
         self._depth += 1
         try:
+            if self._depth == 1:
+                self._write_holder(doing)
             yield
         finally:
             self._depth -= 1
