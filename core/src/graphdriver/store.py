@@ -380,7 +380,6 @@ class LayerStore:
             with self._operation(layer_id) as done:
                 with self.meta.transaction():
                     self.meta.update(layer_id, state="removing")
-                faults.point("store.remove.recorded")
                 if not recovery.finish_removal(self, rec):
                     reason = self.meta.meta_items(recovery.FAILED).get(layer_id, "")
                     raise StoreError(
