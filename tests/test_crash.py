@@ -264,9 +264,11 @@ def test_term_point_during_apply_rolls_back_to_empty(store_gd: GD, tmp_path: Pat
     _others_intact(gd, keep_path)
 
 
-def test_sigterm_from_timeout_keeps_the_layer(gd: GD, tmp_path: Path) -> None:
-    """`timeout` signals the whole process group: the apply rolls back to the empty layer the
-    user created earlier, and the sandboxed extraction dies with it."""
+@pytest.mark.parametrize("group", [True, False], ids=["process-group", "command-only"])
+def test_sigterm_during_apply_keeps_the_layer(gd: GD, tmp_path: Path, group: bool) -> None:
+    """SIGTERM to the process group (as `timeout` sends it) or to the command alone (`kill`):
+    the apply rolls back to the empty layer the user created earlier, and the sandboxed
+    extraction dies with it."""
     tar = tmp_path / "big.tar"
     _big_tar(tar)
     data = tar.read_bytes()
@@ -284,7 +286,10 @@ def test_sigterm_from_timeout_keeps_the_layer(gd: GD, tmp_path: Path) -> None:
     _wait_for(lambda: len(os.listdir(victim_dir)) > 5)
     children = _children(proc.pid)
     assert children, "no extraction child"
-    os.killpg(proc.pid, signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM" in proc.stderr.read().decode()
     proc.stdin.close()
