@@ -6,8 +6,9 @@ import io
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from graphdriver import (
 from graphdriver.driver import parse_size
 from graphdriver.linux.mount import mount, unmount
 from graphdriver.metadata import LayerRecord, Metadata
-from graphdriver.testing.trees import random_content
 
 
 def test_in_flight_layers_are_recovered_at_open(tmp_path: Path) -> None:
@@ -197,27 +197,32 @@ def test_a_failed_apply_empties_the_layer_and_keeps_it(tmp_path: Path) -> None:
 
 
 def test_apply_from_a_diff_of_the_same_store_in_one_process(tmp_path: Path) -> None:
-    """The diff streams without the store lock, so apply_diff can read it (no deadlock)."""
-    with open_store(tmp_path, "vfs") as store:
-        store.create("a")
-        with store.mounted("a") as root:
-            for i in range(8):
-                (root / f"f{i}").write_bytes(random_content(1 << 20, i))
-        store.create("b")
-        stream = store.diff("a")
-        done = threading.Event()
-
-        def watchdog() -> None:
-            if not done.wait(120):
-                os.close(stream.fileno())  # unblock a hung reader so the test fails, not hangs
-
-        threading.Thread(target=watchdog, daemon=True).start()
-        try:
-            assert store.apply_diff("b", stream) == 8 << 20
-        finally:
-            done.set()
-            stream.close()
-        assert [c.path for c in store.changes("b")] == [f"/f{i}" for i in range(8)]
+    """The diff streams without the store lock, so apply_diff can read it (no deadlock); run
+    in a child process, so that a deadlock fails the test instead of hanging it."""
+    script = """
+import sys
+from graphdriver import open_store
+from graphdriver.testing.trees import random_content
+with open_store(sys.argv[1], "vfs") as store:
+    store.create("a")
+    with store.mounted("a") as root:
+        for i in range(8):
+            (root / f"f{i}").write_bytes(random_content(1 << 20, i))
+    store.create("b")
+    print(store.apply_diff("b", store.diff("a")))
+    print(" ".join(c.path for c in store.changes("b")))
+"""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("apply_diff(b, diff(a)) in one process deadlocked")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(8 << 20), " ".join(f"/f{i}" for i in range(8))]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs inside a layer")
