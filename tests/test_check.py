@@ -346,6 +346,20 @@ def test_a_lost_database_is_refused(vfs: GD) -> None:
     assert sorted(vfs("ls").out.split()) == ["base", "child", "top"]
 
 
+def test_a_database_lost_with_its_marker_is_refused_by_the_layers_left(vfs: GD) -> None:
+    """A store from before ``metadata.db.present`` existed: the layers on disk tell."""
+    _image(vfs)
+    home = vfs.root / "vfs"
+    for path in home.glob("metadata.db*"):
+        path.unlink()
+    line = _one_line_error(vfs("ls", check=False))
+    assert "is new but" in line and "holds 3 layer(s)" in line and "check" in line
+    assert not list(home.glob("metadata.db*")), "a refused open must not leave a new database"
+    code, lines = _check(vfs, "--repair")
+    assert code == 0, lines
+    assert sorted(vfs("ls").out.split()) == ["base", "child", "top"]
+
+
 def test_a_brand_new_store_is_no_lost_database(vfs: GD) -> None:
     vfs("ls")
     _assert_clean(vfs)

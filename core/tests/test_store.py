@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import io
+import os
 import sqlite3
+import stat
+import subprocess
+import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from graphdriver import InvalidOption, StoreError, open_store
+from graphdriver import (
+    ArchiveError,
+    InvalidOption,
+    LayerExists,
+    LayerInUse,
+    StoreError,
+    open_store,
+)
 from graphdriver.driver import parse_size
+from graphdriver.linux.mount import mount, unmount
 from graphdriver.metadata import LayerRecord, Metadata
 
 
-def test_in_flight_layers_are_rolled_back_at_open(tmp_path: Path) -> None:
+def test_in_flight_layers_are_recovered_at_open(tmp_path: Path) -> None:
+    """A half-made or half-removed layer goes; a half-applied one is emptied, never deleted
+    (the user created it with an earlier command)."""
     with open_store(tmp_path, "vfs") as store:
         store.create("ok")
     meta = Metadata(tmp_path / "vfs" / "metadata.db")
@@ -36,8 +52,10 @@ def test_in_flight_layers_are_rolled_back_at_open(tmp_path: Path) -> None:
         d.mkdir()
         (d / "partial").write_text("x")
     with open_store(tmp_path, "vfs") as store:
-        assert store.layers() == ["ok"]
-    assert sorted(p.name for p in (tmp_path / "vfs" / "dir").iterdir()) == ["ok"]
+        assert store.layers() == ["ok", "half-applying"]
+        assert store.changes("half-applying") == []
+        assert store.metadata("half-applying")["diff_id"] is None
+    assert sorted(p.name for p in (tmp_path / "vfs" / "dir").iterdir()) == ["half-applying", "ok"]
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -111,3 +129,166 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(InvalidOption):
         parse_size(text)
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_store_root_and_home_are_private(tmp_path: Path) -> None:
+    """A layer may hold a hostile tar's device nodes and setuid files: no other local user
+    may reach them (CVE-2021-41091)."""
+    open_store(tmp_path / "new", "vfs").close()
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "new" / "vfs").stat().st_mode) == 0o700
+    old = tmp_path / "old"
+    (old / "vfs").mkdir(parents=True, mode=0o755)
+    os.chmod(old, 0o755)
+    os.chmod(old / "vfs", 0o755)
+    open_store(old, "vfs").close()
+    assert stat.S_IMODE(old.stat().st_mode) == 0o700
+    assert stat.S_IMODE((old / "vfs").stat().st_mode) == 0o700
+
+
+def test_writes_through_mounted_make_apply_refuse(tmp_path: Path) -> None:
+    """A file written through ``mounted`` is content: apply-diff refuses the layer instead of
+    wiping the file when the apply fails."""
+    with open_store(tmp_path, "vfs") as store:
+        store.create("x")
+        with store.mounted("x") as root:
+            (root / "mine").write_text("user data")
+        with pytest.raises(LayerInUse, match="already has content"):
+            store.apply_diff("x", io.BytesIO(b"not a tar" * 100))
+        with store.mounted("x") as root:
+            assert (root / "mine").read_text() == "user data"
+
+
+def test_apply_onto_a_layer_mounted_but_never_written(tmp_path: Path) -> None:
+    """moby graphtest DiffApply: get and put a fresh layer, then apply a diff onto it."""
+    with open_store(tmp_path, "vfs") as store:
+        store.create("base")
+        store.apply_diff("base", io.BytesIO(_tar({"a": b"a"})))
+        store.create("x", "base")
+        store.get("x")
+        store.put("x")
+        assert store.apply_diff("x", io.BytesIO(_tar({"b": b"bb"}))) == 2
+        assert [c.path for c in store.changes("x")] == ["/b"]
+        store.create("y", "base")
+        with store.mounted("y") as root:
+            (root / "a").write_text("changed")
+        with pytest.raises(LayerInUse, match="already has content"):
+            store.apply_diff("y", io.BytesIO(_tar({"b": b"bb"})))
+
+
+def test_a_failed_apply_empties_the_layer_and_keeps_it(tmp_path: Path) -> None:
+    with open_store(tmp_path, "vfs") as store:
+        store.create("x")
+        with pytest.raises(ArchiveError):
+            store.apply_diff("x", io.BytesIO(_tar({"f": b"data"})[:700]))
+        assert store.layers() == ["x"]
+        assert store.changes("x") == []
+        assert store.apply_diff("x", io.BytesIO(_tar({"f": b"data"}))) == 4
+
+
+def test_apply_from_a_diff_of_the_same_store_in_one_process(tmp_path: Path) -> None:
+    """The diff streams without the store lock, so apply_diff can read it (no deadlock); run
+    in a child process, so that a deadlock fails the test instead of hanging it."""
+    script = """
+import sys
+from graphdriver import open_store
+from graphdriver.testing.trees import random_content
+with open_store(sys.argv[1], "vfs") as store:
+    store.create("a")
+    with store.mounted("a") as root:
+        for i in range(8):
+            (root / f"f{i}").write_bytes(random_content(1 << 20, i))
+    store.create("b")
+    print(store.apply_diff("b", store.diff("a")))
+    print(" ".join(c.path for c in store.changes("b")))
+"""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("apply_diff(b, diff(a)) in one process deadlocked")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(8 << 20), " ".join(f"/f{i}" for i in range(8))]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs inside a layer")
+def test_remove_that_hits_ebusy_does_not_wedge_the_store(tmp_path: Path) -> None:
+    """rm of a layer whose files are busy (something mounted inside it): the layer is gone from
+    the store at once, its files are deleted at a later open, and the failure is listed by
+    status without blocking commands on other layers."""
+    with open_store(tmp_path, "vfs") as store:
+        store.create("keep")
+        store.create("busy")
+        busy_dir = tmp_path / "vfs" / "dir" / "busy"
+        (busy_dir / "sub").mkdir()
+        (busy_dir / "file").write_text("x")
+        mount("tmpfs", busy_dir / "sub", "tmpfs", 0)
+        try:
+            with pytest.raises(StoreError, match="retried at the next open"):
+                store.remove("busy")
+            assert store.layers() == ["keep"]
+            assert not store.exists("busy")
+        except BaseException:
+            unmount(busy_dir / "sub")
+            raise
+    try:
+        with open_store(tmp_path, "vfs") as store:  # recovery fails again: logged, not fatal
+            failed = [v for k, v in store.status() if k == "Recovery Failed"]
+            assert len(failed) == 1 and failed[0].startswith("busy: remove layer busy")
+            store.create("other", "keep")
+            store.remove("other")
+            with pytest.raises(LayerExists, match="still being removed"):
+                store.create("busy")
+    finally:
+        unmount(busy_dir / "sub")
+    with open_store(tmp_path, "vfs") as store:
+        assert not busy_dir.exists()
+        assert not [kv for kv in store.status() if kv[0] == "Recovery Failed"]
+        store.create("busy")  # the id is free again
+        assert store.layers() == ["keep", "busy"]
+
+
+def test_remove_fault_ebusy_then_finished_at_next_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_store(tmp_path, "vfs") as store:
+        store.create("keep")
+        store.create("x")
+        monkeypatch.setenv("GRAPHDRIVER_FAULT", "store.remove.driver=EBUSY")
+        with pytest.raises(StoreError, match="busy"):
+            store.remove("x")
+        assert store.layers() == ["keep"]
+        monkeypatch.delenv("GRAPHDRIVER_FAULT")
+    with open_store(tmp_path, "vfs") as store:
+        assert store.layers() == ["keep"]
+        assert not (tmp_path / "vfs" / "dir" / "x").exists()
+        store.create("x")
+
+
+def test_refused_remove_commits_nothing(tmp_path: Path) -> None:
+    with open_store(tmp_path, "vfs") as store:
+        store.create("base")
+        store.create("child", "base")
+        store.get("child")
+        for layer in ("base", "child"):
+            with pytest.raises(LayerInUse):
+                store.remove(layer)
+        assert store.layers() == ["base", "child"]
+        assert store.meta.get("child").state == "ready"  # type: ignore[union-attr]
+        store.put("child")
+        store.remove("child")
+        store.remove("base")

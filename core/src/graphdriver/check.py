@@ -163,8 +163,13 @@ class _Checker:
 
     def scan(self) -> list[Problem]:
         broken = diagnose_db(self.db_path)
-        if broken is None and not self.db_path.exists() and self._stored():
-            broken = "the database is missing"
+        if broken is None and self._stored() and not _has_records(self.db_path):
+            # never "storage without a record" for every layer: that is a lost catalogue
+            broken = (
+                "the database has no layer records"
+                if self.db_path.exists()
+                else "the database is missing"
+            )
         if broken is not None:
             return [self._database_problem(broken)]
         try:
@@ -464,6 +469,19 @@ def _mount_problems(driver: Driver, records: Mapping[str, LayerRecord]) -> list[
             what = "mounted but not counted (left by a process that died)"
             problems.append(Problem("mount-count", rec.id, what, True))
     return problems
+
+
+def _has_records(path: Path) -> bool:
+    """Whether the (healthy) database at *path* records any layer."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT 1 FROM layers LIMIT 1").fetchone() is not None
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
 
 
 def diagnose_db(path: Path) -> str | None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,13 +40,15 @@ class Context:
     driver: str | None
     opts: dict[str, str]
     json: bool
+    #: seconds to wait for the store lock (--wait); None: for ever
+    wait: float | None = None
     _store: LayerStore | None = field(default=None)
     _containers: ContainerStore | None = field(default=None)
     _volumes: VolumeStore | None = field(default=None)
 
     def store(self) -> LayerStore:
         if self._store is None:
-            self._store = open_store(self.root, self.driver, self.opts)
+            self._store = open_store(self.root, self.driver, self.opts, wait=self.wait)
         return self._store
 
     def containers(self) -> ContainerStore:
@@ -125,6 +128,15 @@ class _Fail(click.ClickException):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    envvar="GRAPHDRIVER_WAIT",
+    default=None,
+    metavar="SECONDS",
+    help="Give up (exit 1) after waiting this long for another command's lock "
+    "(GRAPHDRIVER_WAIT; default: wait as long as it takes).",
+)
+@click.option(
     "--log-level",
     default="warning",
     show_default=True,
@@ -138,11 +150,12 @@ def cli(
     driver: str | None,
     opt: tuple[str, ...],
     as_json: bool,
+    wait: float | None,
     log_level: str,
 ) -> None:
     """Copy-on-write layers for container images: create, mount, diff and apply them."""
     logging.basicConfig(level=log_level.upper(), format="graphdriver: %(levelname)s: %(message)s")
-    obj = Context(root=root, driver=driver, opts=_opts(opt), json=as_json)
+    obj = Context(root=root, driver=driver, opts=_opts(opt), json=as_json, wait=wait)
     ctx.obj = obj
     ctx.call_on_close(obj.close)
 
@@ -417,17 +430,39 @@ def drivers(ctx: Context) -> None:
 register(cli, pass_ctx, json_option, _emit)
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT, raised where the main thread is, so that the operation under way
+    rolls back (or finishes) in order; like KeyboardInterrupt, no ``except Exception``
+    swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    # a second signal ends the process at once; the next command's recovery rolls back
+    signal.signal(signum, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
 def main() -> None:
     """Entry point of the ``graphdriver`` script."""
     try:
         hooks().cli(cli)
     except Exception as exc:  # a plugin's broken CLI hook must not break the command
         log.warning("a plugin failed to extend the CLI: %s", exc)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         cli.main(prog_name="graphdriver", standalone_mode=True)
-    except KeyboardInterrupt:
-        click.echo("graphdriver: interrupted", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+        name = signal.Signals(signum).name
+        click.echo(
+            f"graphdriver: interrupted by {name}; what it had half done was rolled back", err=True
+        )
+        sys.exit(128 + signum)
     except Exception as exc:  # a bug: still one line, the traceback at debug level
         log.debug("unexpected error", exc_info=True)
         click.echo(

@@ -320,6 +320,8 @@ class Metadata:
                 f"store is not opened; run `{check_hint(path)}` to see what is left "
                 f"(--repair rebuilds what can be known)"
             )
+        #: this open made the database (a new store, or a lost one: the store decides)
+        self.created = False
         self.db = connect(path)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -345,12 +347,21 @@ class Metadata:
     def close(self) -> None:
         self.db.close()
 
+    def discard(self) -> None:
+        """Close and delete a database this open made (with its marker), so that a refused
+        first open leaves the home as it found it."""
+        assert self.created
+        self.db.close()
+        for path in (self.path, *(Path(f"{self.path}{s}") for s in ("-wal", "-shm", ".present"))):
+            path.unlink(missing_ok=True)
+
     def _migrate(self) -> None:
         with self.transaction():
             have = self.db.execute(
                 "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
             ).fetchone()
             if have is None:
+                self.created = True
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
@@ -455,3 +466,13 @@ class Metadata:
                 )
             seen[row["id"]] = row["n"]
         return [_record(r) for r in rows[1:]]
+
+    def meta_items(self, prefix: str) -> dict[str, str]:
+        """The ``meta`` rows whose key starts with *prefix*, keyed without it."""
+        rows = self.db.execute(
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+        )
+        return {str(k)[len(prefix) :]: str(v) for k, v in rows}
+
+    def delete_meta(self, key: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key=?", (key,))

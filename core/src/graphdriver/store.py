@@ -1,31 +1,29 @@
 """LayerStore: what users of graphdriver call.
 
-The store validates input, keeps the layer catalogue (:mod:`.metadata`), serialises mutations
-across processes with an fcntl lock, counts mounts, calls hooks, and asks the driver to move
-bytes. Every mutation is recorded as in flight (``creating``, ``applying``, ``removing``) before
-the driver is called, so that :func:`open_store` can roll back what a killed process left behind.
+The store validates input, keeps the layer catalogue (:mod:`.metadata`), serialises state
+transitions across processes with an fcntl lock (:mod:`.locking`), counts mounts, calls hooks, and
+asks the driver to move bytes. Every mutation is recorded as in flight (``creating``,
+``applying``, ``removing``) under a per-layer lock before the driver is called, so that
+:mod:`.recovery` can tell a live operation from one a killed process left behind. Long work (a
+diff stream, an extraction) runs without the store lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import logging
 import os
 import re
-import tempfile
-import threading
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from . import archive
+from . import applying, archive, diffs, faults, recovery
 from .archive.changes import Change
-from .archive.streams import DiffStream, tar_writer
-from .archive.tar import write_changes_tar
-from .driver import CreateOpts, Driver, LayerInfo, NativeApply, NativeDiff
+from .driver import CreateOpts, Driver
 from .errors import (
     GraphDriverError,
     InvalidLayerId,
@@ -41,14 +39,29 @@ from .errors import (
     from_oserror,
 )
 from .linux.bind import container_path
-from .linux.mount import MS_BIND, mount, mounts_under, unmount
-from .locking import FileLock
-from .metadata import IN_FLIGHT, LayerRecord, Metadata
+from .locking import FileLock, LayerLocks
+from .metadata import LayerRecord, Metadata, check_hint
 from .plugins import Hooks, choose_driver, hooks, load_driver
+from .recovery import layer_info as _info
 
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+
+_DOING = {"creating": "created", "applying": "filled by apply-diff", "removing": "removed"}
+
+
+def private_dir(path: Path) -> None:
+    """Make *path* (mode 0700), or take group and other access away from an existing one: a
+    layer may hold a hostile tar's device nodes and setuid files (CVE-2021-41091)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if not st.st_mode & 0o077:
+        return
+    if st.st_mode & stat.S_ISVTX:  # /tmp and the like: shared by others, never ours to close
+        log.warning("%s is a shared directory; give the store a directory of its own", path)
+        return
+    os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def validate_id(layer_id: str, what: str = "layer id") -> str:
@@ -62,79 +75,75 @@ def validate_id(layer_id: str, what: str = "layer id") -> str:
     return layer_id
 
 
-def _info(rec: LayerRecord, *, sealed: bool = False) -> LayerInfo:
-    return LayerInfo(
-        id=rec.id,
-        parent=rec.parent,
-        rw=rec.rw,
-        size=rec.size_limit,
-        mount_label=rec.mount_label,
-        sealed=sealed,
-    )
-
-
 class LayerStore:
     """A stack of copy-on-write layers kept by one driver under ``<root>/<driver>``."""
 
     def __init__(
-        self, root: Path, driver_cls: type[Driver], options: Mapping[str, str], plugin_hooks: Hooks
+        self,
+        root: Path,
+        driver_cls: type[Driver],
+        options: Mapping[str, str],
+        plugin_hooks: Hooks,
+        *,
+        wait: float | None = None,
     ) -> None:
         self.root = root
         self.home = root / driver_cls.name
         self.hooks = plugin_hooks
-        self.home.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(self.home / "lock")
-        self.driver = driver_cls(self.home, options)
         self.name = driver_cls.name
-        self.meta = Metadata(self.home / "metadata.db")
-        with self._locked():
-            with self.meta.transaction():
+        private_dir(self.home)
+        self._lock = FileLock(self.home / "lock", wait)
+        try:
+            self.layer_locks = LayerLocks(self.home)
+            self.meta = Metadata(self.home / "metadata.db")
+        except BaseException:
+            self._lock.close()
+            raise
+        try:
+            # drivers may change shared state when they start (and recover): under the lock
+            with self._locked("open the store"):
                 recorded = self.meta.get_meta("driver")
-                if recorded is None:
-                    self.meta.set_meta("driver", self.name)
-                elif recorded != self.name:
+                if recorded is not None and recorded != self.name:
                     raise StoreError(
                         f"{self.home} belongs to driver {recorded!r}, not {self.name!r}"
                     )
-            self._recover()
+                self.driver = driver_cls(self.home, options)
+                if recorded is None:
+                    self._first_open()
+                self._call(
+                    self.driver.recover,
+                    [_info(r) for r in self.meta.all()],
+                    doing=f"recover driver {self.name}",
+                )
+            recovery.recover(self)
+        except BaseException:
+            self.meta.close()
+            self._lock.close()
+            raise
+
+    def _first_open(self) -> None:
+        """Claim a new database for this driver, unless the driver already holds layers: then
+        the database was lost (from before ``metadata.db.present`` existed), and making it
+        anew would orphan them."""
+        stored = self.driver.stored_layers()
+        if stored and self.meta.created:
+            self.meta.discard()
+        if stored:
+            shown = ", ".join(sorted(stored)[:3]) + (" ..." if len(stored) > 3 else "")
+            raise StoreError(
+                f"metadata database {self.meta.path} is new but {self.home} holds "
+                f"{len(stored)} layer(s) ({shown}): the layers' records are lost, so the store "
+                f"is not opened; run `{check_hint(self.meta.path)}` (--repair rebuilds them)"
+            )
+        with self.meta.transaction():
+            self.meta.set_meta("driver", self.name)
 
     # ------------------------------------------------------------------------ locking, recovery
 
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the store's exclusive lock (re-entrant within this object)."""
-        return self._lock.held()
-
-    def _recover(self) -> None:
-        """Roll back what a killed process left half-done, and match mount counts to reality."""
-        real = self.driver.capabilities.real_mounts
-        for rec in reversed(self.meta.all()):
-            info = _info(rec)
-            if rec.state in IN_FLIGHT:
-                log.warning(
-                    "rolling back layer %s left %s by a process that died", rec.id, rec.state
-                )
-                with contextlib.suppress(GraphDriverError, OSError):
-                    self.driver.unmount(info)
-                self._call(self.driver.remove, info, doing=f"roll back layer {rec.id}")
-                with self.meta.transaction():
-                    self.meta.delete(rec.id)
-                continue
-            if not real:
-                continue
-            mounted = self.driver.is_mounted(info)
-            if mounted is None:
-                continue
-            if rec.mount_count and not mounted:
-                log.warning(
-                    "layer %s was counted as mounted %d times but is not mounted",
-                    rec.id,
-                    rec.mount_count,
-                )
-                with self.meta.transaction():
-                    self.meta.update(rec.id, mount_count=0, mount_path=None)
-            elif not rec.mount_count and mounted:
-                log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
-                self._call(self.driver.unmount, info, doing=f"unmount layer {rec.id}")
+    def _locked(self, doing: str = "change the store") -> contextlib.AbstractContextManager[None]:
+        """Hold the store's exclusive lock (re-entrant within this object); *doing* is what
+        a process waiting for it is told."""
+        return self._lock.held(doing)
 
     _call = staticmethod(call_os)
 
@@ -155,8 +164,19 @@ class LayerStore:
     def _ready(self, layer_id: str, what: str = "layer") -> LayerRecord:
         validate_id(layer_id, f"{what} id")
         rec = self.meta.get(layer_id)
-        if rec is None or rec.state != "ready":
+        if rec is None or rec.state == "removing":
             raise LayerNotFound(f"{what} {layer_id!r} does not exist")
+        if rec.state != "ready":
+            failed = self.meta.meta_items(recovery.FAILED).get(layer_id)
+            if failed is not None:
+                raise LayerInUse(
+                    f"{what} {layer_id!r} was left {rec.state} by a command that died and "
+                    f"could not be recovered ({failed}); see `graphdriver status`"
+                )
+            raise LayerInUse(
+                f"{what} {layer_id!r} is being {_DOING[rec.state]} by another command; "
+                f"try again when it is done"
+            )
         return rec
 
     def exists(self, layer_id: str) -> bool:
@@ -193,7 +213,8 @@ class LayerStore:
         }
 
     def status(self) -> list[tuple[str, str]]:
-        """Key/value pairs like the storage section of ``docker info``."""
+        """Key/value pairs like the storage section of ``docker info``; a layer that a dead
+        command left half-done and recovery could not fix is listed as "Recovery Failed"."""
         recs = [r for r in self.meta.all() if r.state == "ready"]
         return [
             ("Storage Driver", self.name),
@@ -201,6 +222,7 @@ class LayerStore:
             ("Layers", str(len(recs))),
             ("Mounted Layers", str(sum(1 for r in recs if r.mount_count))),
             *self.driver.status(),
+            *recovery.failures(self),
         ]
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -242,9 +264,8 @@ class LayerStore:
                 )
             if opts.size <= 0:
                 raise InvalidOption(f"size must be positive, not {opts.size}")
-        with self._locked():
-            if self.meta.get(layer_id) is not None:
-                raise LayerExists(f"layer {layer_id!r} already exists")
+        with self._locked(f"create layer {layer_id}"):
+            self._free_id(layer_id)
             parent_rec = self._ready(parent, "parent") if parent is not None else None
             if parent_rec is not None and parent_rec.mount_count:
                 raise LayerInUse(
@@ -268,24 +289,59 @@ class LayerStore:
                 labels=dict(labels or {}),
                 volumes=sorted(set(declared)),
             )
-            with self.meta.transaction():
-                self.meta.insert(rec)
-            try:
-                self._call(
-                    self.driver.create,
-                    _info(rec),
-                    _info(parent_rec) if parent_rec else None,
-                    opts,
-                    doing=f"create layer {layer_id}",
-                )
-            except BaseException:
-                self._discard(rec)
-                raise
-            rec.state = "ready"
-            rec.boundary_ns = self._boundary()
-            with self.meta.transaction():
-                self.meta.update(layer_id, state="ready", boundary_ns=rec.boundary_ns)
+            with self._operation(layer_id) as done:
+                with self.meta.transaction():
+                    self.meta.insert(rec)
+                try:
+                    faults.point("store.create.recorded")
+                    self._call(
+                        self.driver.create,
+                        _info(rec),
+                        _info(parent_rec) if parent_rec else None,
+                        opts,
+                        doing=f"create layer {layer_id}",
+                    )
+                    faults.point("store.create.after-driver")
+                    rec.state = "ready"
+                    rec.boundary_ns = self._boundary()
+                    with self.meta.transaction():
+                        self.meta.update(layer_id, state="ready", boundary_ns=rec.boundary_ns)
+                except BaseException:
+                    self._discard(rec)
+                    raise
+                done()
         self.hooks.layer_created(self, rec)
+
+    def _free_id(self, layer_id: str) -> None:
+        """Refuse an id in use; finish first the removal of a layer a failed ``rm`` left."""
+        rec = self.meta.get(layer_id)
+        if rec is None:
+            return
+        if rec.state == "removing" and not self.layer_locks.busy(layer_id):
+            if recovery.finish_removal(self, rec):
+                return
+            reason = self.meta.meta_items(recovery.FAILED).get(layer_id, "")
+            raise LayerExists(
+                f"layer {layer_id!r} is still being removed: {reason}; "
+                f"free what holds it, then try again"
+            )
+        raise LayerExists(f"layer {layer_id!r} already exists")
+
+    @contextlib.contextmanager
+    def _operation(self, layer_id: str) -> Iterator[Callable[[], None]]:
+        """Hold the layer's lock for an in-flight operation (the store lock is held); the
+        yielded function marks the operation over, so the lock file can go."""
+        fd = self.layer_locks.exclusive(layer_id)
+        if fd is None:
+            raise LayerInUse(
+                f"layer {layer_id!r} is being read or changed by another command (a diff "
+                f"streaming it?); try again when it is done"
+            )
+        over: list[bool] = []
+        try:
+            yield lambda: over.append(True)
+        finally:
+            self.layer_locks.release(fd, layer_id if over else None)
 
     def create_rw(
         self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
@@ -304,17 +360,23 @@ class LayerStore:
         """Remove a half-made layer from the driver and the metadata, keeping the first error."""
         try:
             self.driver.remove(_info(rec))
-        except Exception:  # the error that got us here is the one to report
-            log.exception(
-                "cleaning up half-made layer %s failed; it is retried at next open", rec.id
+        except Exception as exc:  # the error that got us here is the one to report
+            log.warning(
+                "cleaning up half-made layer %s failed (%s); retried at next open", rec.id, exc
             )
+            log.debug("cleanup failure", exc_info=True)
+            recovery.record_failure(self, rec.id, exc)
             return
         with self.meta.transaction():
             self.meta.delete(rec.id)
 
     def remove(self, layer_id: str) -> None:
-        """Delete a layer; refused while it is mounted or has children."""
-        with self._locked():
+        """Delete a layer; refused while it is mounted or has children.
+
+        The layer disappears from the store first (state ``removing``); if the driver then
+        fails (EBUSY), the removal is finished at the next open or on reuse of the id.
+        """
+        with self._locked(f"remove layer {layer_id}"):
             rec = self._ready(layer_id)
             if rec.mount_count:
                 raise LayerInUse(
@@ -331,11 +393,16 @@ class LayerStore:
                     f"layer {layer_id!r} is the read-write layer of container {owner!r}; "
                     f"use `graphdriver container rm {owner}`"
                 )
-            with self.meta.transaction():
-                self.meta.update(layer_id, state="removing")
-            self._call(self.driver.remove, _info(rec), doing=f"remove layer {layer_id}")
-            with self.meta.transaction():
-                self.meta.delete(layer_id)
+            with self._operation(layer_id) as done:
+                with self.meta.transaction():
+                    self.meta.update(layer_id, state="removing")
+                if not recovery.finish_removal(self, rec):
+                    reason = self.meta.meta_items(recovery.FAILED).get(layer_id, "")
+                    raise StoreError(
+                        f"layer {layer_id!r} is removed from the store, but deleting its files "
+                        f"failed ({reason}); that is retried at the next open"
+                    )
+                done()
         self.hooks.layer_removed(self, layer_id)
 
     # ---------------------------------------------------------------------------- mounts
@@ -351,33 +418,40 @@ class LayerStore:
         assert isinstance(result, Path)
         return result
 
-    def get(self, layer_id: str, *, _internal: bool = False) -> Path:
-        """Mount the layer (first reference) and return its merged root; counts references."""
-        with self._locked():
+    def _mount_path(self, rec: LayerRecord) -> Path:
+        """The layer's mounted root: the counted mount if it is still there, else a new one."""
+        path: Path | None = Path(rec.mount_path) if rec.mount_path else None
+        if path is None or (
+            self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec)) is False
+        ):
+            path = self.hooks.mount(self, rec, self.meta.chain(rec.id))
+        return path
+
+    def get(self, layer_id: str) -> Path:
+        """Mount the layer (first reference) and return its merged root; counts references.
+
+        The layer counts as written to from then on (see ``apply_diff``).
+        """
+        with self._locked(f"mount layer {layer_id}"):
             rec = self._ready(layer_id)
-            path: Path | None = Path(rec.mount_path) if rec.mount_path else None
-            if path is None or (
-                self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec)) is False
-            ):
-                path = self.hooks.mount(self, rec, self.meta.chain(layer_id))
+            path = self._mount_path(rec)
+            faults.point("store.get.after-driver")
             with self.meta.transaction():
-                fields: dict[str, object] = {
-                    "mount_count": rec.mount_count + 1,
-                    "mount_path": str(path),
-                }
-                if not _internal:
-                    fields["dirty"] = 1
-                self.meta.update(layer_id, **fields)
+                self.meta.update(
+                    layer_id, mount_count=rec.mount_count + 1, mount_path=str(path), dirty=1
+                )
             return path
 
     def put(self, layer_id: str) -> None:
         """Release one reference; the last one unmounts. ``put`` without ``get`` is an error."""
-        with self._locked():
+        with self._locked(f"unmount layer {layer_id}"):
             rec = self._ready(layer_id)
             if rec.mount_count <= 0:
                 raise NotMounted(f"layer {layer_id!r} is not mounted")
-            if rec.mount_count == 1:
+            # a diff streaming the layer keeps the mount; it unmounts when it is done
+            if rec.mount_count == 1 and not self.layer_locks.busy(layer_id):
                 self._call(self.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
+            faults.point("store.put.after-driver")
             with self.meta.transaction():
                 self.meta.update(
                     layer_id,
@@ -388,16 +462,20 @@ class LayerStore:
     @contextlib.contextmanager
     def mounted(self, layer_id: str) -> Iterator[Path]:
         """``get`` for the length of a with-block, then ``put``."""
-        path = self.get(layer_id, _internal=True)
+        path = self.get(layer_id)
         try:
             yield path
         finally:
             self.put(layer_id)
 
     def cleanup(self) -> None:
-        """Unmount every layer of this store, whoever mounted it, and zero the counts."""
-        with self._locked():
+        """Unmount every layer of this store, whoever mounted it, and zero the counts; a
+        layer that a running diff streams keeps its mount."""
+        with self._locked("clean up the store"):
             for rec in self.meta.all():
+                if self.layer_locks.busy(rec.id):
+                    log.warning("layer %s is in use by a running command; left mounted", rec.id)
+                    continue
                 if rec.mount_count or (
                     self.driver.capabilities.real_mounts
                     and self.driver.is_mounted(_info(rec)) is True
@@ -409,65 +487,14 @@ class LayerStore:
 
     # ---------------------------------------------------------------------------- diffs
 
-    def _against(
-        self, layer_id: str, parent: str | None
-    ) -> tuple[LayerRecord, LayerRecord | None, bool]:
-        rec = self._ready(layer_id)
-        if parent is None:
-            base = self._ready(rec.parent, "parent") if rec.parent else None
-            return rec, base, True
-        base = self._ready(parent, "parent")
-        return rec, base, base.id == rec.parent
-
-    @contextlib.contextmanager
-    def _change_source(
-        self, layer_id: str, parent: str | None
-    ) -> Iterator[tuple[list[Change], str, str]]:
-        """The changes of *layer_id* against *parent*, and (root, kind) to read files from."""
-        with self._locked():
-            rec, base, direct = self._against(layer_id, parent)
-            drv = self.driver
-            if direct and isinstance(drv, NativeDiff):
-                chain = [_info(r) for r in self.meta.chain(layer_id)]
-                native = drv.changes(_info(rec), chain)
-                source = drv.diff_source(_info(rec))
-                if native is not None and source is not None:
-                    changes = [Change(p, archive.ChangeKind(k)) for p, k in native]
-                    yield self._filtered(layer_id, changes), str(source), "overlay"
-                    return
-            with contextlib.ExitStack() as stack:
-                top = self._without_submounts(stack, stack.enter_context(self.mounted(layer_id)))
-                below = stack.enter_context(self.mounted(base.id)) if base else None
-                changes = archive.tree_changes(
-                    str(top), str(below) if below else None, rec.boundary_ns if direct else None
-                )
-                yield self._filtered(layer_id, changes), str(top), "tree"
-
-    def _without_submounts(self, stack: contextlib.ExitStack, root: Path) -> Path:
-        """*root*, or, when something is mounted inside it (a mounted container's volumes), a
-        private non-recursive bind of it: a diff must not walk into volumes."""
-        real = os.path.realpath(root)
-        if not any(m != real for m in mounts_under(real)):
-            return root
-        view = Path(tempfile.mkdtemp(prefix=".diff-view-", dir=self.home))
-        stack.callback(view.rmdir)
-        mount(real, view, None, MS_BIND)
-        stack.callback(unmount, view)
-        return view
-
-    def _filtered(self, layer_id: str, changes: list[Change]) -> list[Change]:
-        if not self.hooks.filters_diff:
-            return changes
-        return [c for c in changes if self.hooks.keep_change(layer_id, c)]
-
     def changes(self, layer_id: str, parent: str | None = None) -> list[Change]:
         """Sorted changes of *layer_id* relative to *parent* (default: its own parent)."""
-        with self._change_source(layer_id, parent) as (changes, _root, _kind):
+        with diffs.change_source(self, layer_id, parent) as (changes, _root, _kind):
             return changes
 
     def diff_size(self, layer_id: str, parent: str | None = None) -> int:
         """Bytes of file data that ``diff`` would carry; what ``apply_diff`` returns for it."""
-        with self._change_source(layer_id, parent) as (changes, root, _kind):
+        with diffs.change_source(self, layer_id, parent) as (changes, root, _kind):
             return archive.changes_size(root, changes)
 
     def write_diff(
@@ -484,35 +511,15 @@ class LayerStore:
         """
         if compress not in (None, "none", "gzip", "zstd"):
             raise InvalidOption(f"unknown compression {compress!r}: use gzip, zstd or none")
-        with self._change_source(layer_id, parent) as (changes, root, kind):
-            writer, finish = tar_writer(out, compress)
-            writer.progress = progress
-            try:
-                write_changes_tar(writer, root, changes, source=kind)
-            except OSError as exc:
-                raise from_oserror(exc, f"diff of layer {layer_id}") from exc
-            finish()
-            return writer.bytes_written
+        with diffs.change_source(self, layer_id, parent) as source:
+            return diffs.write_tar(layer_id, source, out, compress, progress)
 
     def diff(self, layer_id: str, parent: str | None = None) -> BinaryIO:
-        """A readable stream of the uncompressed OCI layer tar; close it when done."""
-        self._ready(layer_id)
-        r, w = os.pipe2(os.O_CLOEXEC)
-        failure: list[BaseException] = []
+        """A readable stream of the uncompressed OCI layer tar; close it when done.
 
-        def produce() -> None:
-            try:
-                self.write_diff(layer_id, w, parent)
-            except BrokenPipeError:
-                pass  # the reader closed early
-            except BaseException as exc:
-                failure.append(exc)
-            finally:
-                os.close(w)
-
-        thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
-        thread.start()
-        return io.BufferedReader(DiffStream(r, thread, failure), buffer_size=1 << 20)
+        The layers it reads are referenced from now until the stream ends or is closed.
+        """
+        return diffs.stream(self, layer_id, parent)
 
     def apply_diff(
         self, layer_id: str, stream: BinaryIO, progress: Callable[[int], None] | None = None
@@ -527,81 +534,28 @@ class LayerStore:
     def apply(
         self, layer_id: str, stream: BinaryIO, progress: Callable[[int], None] | None = None
     ) -> archive.ApplyResult:
-        """``apply_diff`` that also returns the diffID and compression of the tar."""
-        with self._locked():
-            rec = self._ready(layer_id)
-            if rec.mount_count:
-                raise LayerInUse(f"layer {layer_id!r} is mounted; apply-diff needs it unmounted")
-            if self.meta.children(layer_id):
-                raise LayerInUse(
-                    f"layer {layer_id!r} has children; apply-diff would change what they see"
-                )
-            if rec.dirty or rec.diff_id:
-                raise LayerInUse(
-                    f"layer {layer_id!r} already has content (it was mounted or "
-                    f"applied before); apply-diff needs a fresh layer"
-                )
-            with self.meta.transaction():
-                self.meta.update(layer_id, state="applying")
-            try:
-                result = self._apply_into(rec, stream, progress)
-            except BaseException:
-                self._reset(rec)
-                raise
-            with self.meta.transaction():
-                self.meta.update(
-                    layer_id,
-                    state="ready",
-                    dirty=1,
-                    diff_id=result.diff_id,
-                    unpacked_size=result.size,
-                )
-        rec.state = "ready"
-        self.hooks.layer_applied(self, rec, result.size, result.diff_id)
-        return result
+        """``apply_diff`` that also returns the diffID and compression of the tar.
 
-    def _apply_into(
-        self, rec: LayerRecord, stream: BinaryIO, progress: Callable[[int], None] | None
-    ) -> archive.ApplyResult:
-        target = (
-            self.driver.apply_target(_info(rec)) if isinstance(self.driver, NativeApply) else None
-        )
-        if target is not None:
-            return archive.apply_layer(target[0], stream, whiteouts=target[1], progress=progress)
-        chain = self.meta.chain(rec.id)
-        path = self.hooks.mount(self, rec, chain)
-        try:
-            return archive.apply_layer(path, stream, whiteouts="delete", progress=progress)
-        finally:
-            self._call(self.driver.unmount, _info(rec), doing=f"unmount layer {rec.id}")
-
-    def _reset(self, rec: LayerRecord) -> None:
-        """After a failed apply: make the layer empty again, or drop it if that fails too."""
-        parent = self.meta.get(rec.parent) if rec.parent else None
-        try:
-            self.driver.remove(_info(rec))
-            self.driver.create(
-                _info(rec),
-                _info(parent) if parent else None,
-                CreateOpts(size=rec.size_limit, mount_label=rec.mount_label),
-            )
-        except Exception:
-            log.exception("layer %s could not be reset after a failed apply; removing it", rec.id)
-            self._discard(rec)
-            return
-        with self.meta.transaction():
-            self.meta.update(rec.id, state="ready", boundary_ns=self._boundary())
+        The layer is marked ``applying`` under the store lock, the tar is extracted without
+        it, and the lock is taken again to mark the layer ready (or empty it again).
+        """
+        return applying.apply(self, layer_id, stream, progress)
 
 
 def open_store(
     root: str | os.PathLike[str],
     driver: str | None = None,
     options: Mapping[str, str] | None = None,
+    *,
+    wait: float | None = None,
 ) -> LayerStore:
-    """Open (creating it if needed) the store under *root*, with *driver* or the default one."""
+    """Open (creating it if needed) the store under *root*, with *driver* or the default one.
+
+    *wait* bounds, in seconds, how long any call waits for the store lock (None: for ever).
+    """
     root_path = Path(root).absolute()
     try:
-        root_path.mkdir(parents=True, exist_ok=True)
+        private_dir(root_path)
     except OSError as exc:
         raise from_oserror(exc, f"create root {root_path}") from exc
     plugin_hooks = hooks()
@@ -616,6 +570,6 @@ def open_store(
             f"driver {name!r} has no option {unknown[0]!r} (its options: {listing})"
         )
     try:
-        return LayerStore(root_path, driver_cls, options, plugin_hooks)
+        return LayerStore(root_path, driver_cls, options, plugin_hooks, wait=wait)
     except OSError as exc:
         raise from_oserror(exc, f"open store at {root_path}") from exc

@@ -1,0 +1,151 @@
+"""apply-diff: fill a fresh layer from an OCI layer tar, without holding the store lock.
+
+The layer is checked and marked ``applying`` under the store lock, with its layer lock held for
+the whole operation (so recovery knows the work is live); the extraction, the long part, runs
+without the store lock; the lock is taken again to mark the layer ready. A failure or a signal
+empties the layer again, as ``create`` made it: the record the user made is never deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from . import archive, faults
+from .diffs import change_source
+from .driver import CreateOpts, NativeApply
+from .errors import GraphDriverError, LayerInUse
+from .metadata import LayerRecord
+from .recovery import FAILED, record_failure
+from .recovery import layer_info as _info
+
+if TYPE_CHECKING:
+    from .store import LayerStore
+
+log = logging.getLogger(__name__)
+
+
+def apply(
+    store: LayerStore,
+    layer_id: str,
+    stream: BinaryIO,
+    progress: Callable[[int], None] | None = None,
+) -> archive.ApplyResult:
+    """``apply_diff`` that also returns the diffID and compression of the tar.
+
+    The layer is marked ``applying`` under the store lock, the tar is extracted without
+    it, and the lock is taken again to mark the layer ready (or empty it again).
+    """
+    doing = f"apply-diff into layer {layer_id}"
+    with contextlib.ExitStack() as stack:
+        with store._locked(doing):
+            rec = _refuse(store, layer_id)
+            done = stack.enter_context(store._operation(layer_id))
+            with store.meta.transaction():
+                store.meta.update(layer_id, state="applying")
+            try:
+                faults.point("store.apply.recorded")
+                target, whiteouts, mounted = _target(store, rec)
+            except BaseException:
+                reset(store, rec)
+                done()
+                raise
+        try:
+            faults.point("store.apply.prepared")
+            result = archive.apply_layer(target, stream, whiteouts=whiteouts, progress=progress)
+            faults.point("store.apply.extracted")
+            with store._locked(doing):
+                if mounted:
+                    store._call(store.driver.unmount, _info(rec), doing=f"unmount {layer_id}")
+                faults.point("store.apply.unmounted")
+                with store.meta.transaction():
+                    store.meta.update(
+                        layer_id,
+                        state="ready",
+                        dirty=1,
+                        diff_id=result.diff_id,
+                        unpacked_size=result.size,
+                    )
+                done()
+        except BaseException:
+            with store._locked(f"roll back {doing}"):
+                now = store.meta.get(layer_id)
+                if now is not None and now.state == "applying":  # not committed
+                    reset(store, rec)
+                    done()
+            raise
+    rec.state = "ready"
+    store.hooks.layer_applied(store, rec, result.size, result.diff_id)
+    return result
+
+
+def _refuse(store: LayerStore, layer_id: str) -> LayerRecord:
+    """The layer's record if apply-diff may fill it; a refusal commits nothing."""
+    rec = store._ready(layer_id)
+    if rec.mount_count:
+        raise LayerInUse(f"layer {layer_id!r} is mounted; apply-diff needs it unmounted")
+    if store.meta.children(layer_id):
+        raise LayerInUse(f"layer {layer_id!r} has children; apply-diff would change what they see")
+    if rec.diff_id:
+        raise LayerInUse(
+            f"layer {layer_id!r} already has content (apply-diff filled it before); "
+            f"apply-diff needs a fresh layer"
+        )
+    if rec.dirty and _has_changes(store, rec):
+        raise LayerInUse(
+            f"layer {layer_id!r} already has content (files were written while it was "
+            f"mounted); apply-diff needs a fresh layer"
+        )
+    rec.state = "applying"
+    return rec
+
+
+def _has_changes(store: LayerStore, rec: LayerRecord) -> bool:
+    """Whether a layer that was mounted changed anything (mounted and unmounted without a
+    write is still fresh, as moby's graphtest DiffApply expects)."""
+    with change_source(store, rec.id, None, filtered=False) as (changes, _root, _kind):
+        return bool(changes)
+
+
+def _target(store: LayerStore, rec: LayerRecord) -> tuple[Path, str, bool]:
+    """(directory, whiteout format, whether it was mounted for this) to extract into."""
+    if isinstance(store.driver, NativeApply):
+        target = store._call(store.driver.apply_target, _info(rec), doing=f"apply {rec.id}")
+        if target is not None:
+            return target[0], target[1], False
+    return store.hooks.mount(store, rec, store.meta.chain(rec.id)), "delete", True
+
+
+def reset(store: LayerStore, rec: LayerRecord) -> None:
+    """After a failed apply: make the layer empty again, as ``create`` made it. If that
+    fails too, the layer stays ``applying`` and recovery tries again at the next open;
+    the record the user made is never deleted."""
+    parent = store.meta.get(rec.parent) if rec.parent else None
+    try:
+        with contextlib.suppress(GraphDriverError, OSError):
+            store.driver.unmount(_info(rec))
+        store.driver.remove(_info(rec))
+        store.driver.create(
+            _info(rec),
+            _info(parent) if parent else None,
+            CreateOpts(size=rec.size_limit, mount_label=rec.mount_label),
+        )
+        faults.point("store.apply.reset")
+    except Exception as exc:
+        log.warning("layer %s could not be emptied after a failed apply: %s", rec.id, exc)
+        log.debug("reset failure", exc_info=True)
+        record_failure(store, rec.id, exc)
+        return
+    with store.meta.transaction():
+        store.meta.update(
+            rec.id,
+            state="ready",
+            boundary_ns=store._boundary(),
+            dirty=0,
+            diff_id=None,
+            unpacked_size=None,
+        )
+        store.meta.delete_meta(FAILED + rec.id)

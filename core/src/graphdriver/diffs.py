@@ -1,0 +1,181 @@
+"""Reading layers: changes, diff sizes and diff streams, without holding the store lock.
+
+A reader takes, under the store lock, a shared layer lock on each layer it reads (so the layer
+cannot be removed, applied to or unmounted under it) and mounts what it must; the tree walk and
+the tar stream run without the store lock; at the end it drops its references and unmounts a
+layer that was mounted only for readers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, BinaryIO
+
+from . import archive
+from .archive.changes import Change
+from .archive.streams import DiffStream, tar_writer
+from .archive.tar import write_changes_tar
+from .driver import NativeDiff
+from .errors import LayerInUse, from_oserror
+from .linux.mount import MS_BIND, mount, mounts_under, unmount
+from .metadata import LayerRecord
+from .recovery import layer_info as _info
+
+if TYPE_CHECKING:
+    from .store import LayerStore
+
+#: write ends of the pipes of running ``diff`` streams: a child forked meanwhile (the apply
+#: sandbox) must not keep one open, or the reader would never see the end of the tar
+_DIFF_PIPES: set[int] = set()
+
+
+def _close_diff_pipes() -> None:
+    for fd in list(_DIFF_PIPES):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _DIFF_PIPES.clear()
+
+
+os.register_at_fork(after_in_child=_close_diff_pipes)
+
+
+def against(
+    store: LayerStore, layer_id: str, parent: str | None
+) -> tuple[LayerRecord, LayerRecord | None, bool]:
+    rec = store._ready(layer_id)
+    if parent is None:
+        base = store._ready(rec.parent, "parent") if rec.parent else None
+        return rec, base, True
+    base = store._ready(parent, "parent")
+    return rec, base, base.id == rec.parent
+
+
+def _read_ref(
+    store: LayerStore, stack: contextlib.ExitStack, rec: LayerRecord, mount: bool
+) -> Path | None:
+    """Take a reader's reference on *rec* (store lock held) until *stack* closes: the layer
+    cannot be removed, changed or unmounted under it. With *mount*, its mounted root."""
+    fd = store.layer_locks.shared(rec.id)
+    if fd is None:
+        raise LayerInUse(f"layer {rec.id!r} is being changed; try again when it is done")
+    stack.callback(_end_read, store, rec.id, fd)
+    return store._mount_path(rec) if mount else None
+
+
+def _end_read(store: LayerStore, layer_id: str, fd: int) -> None:
+    """Drop a reader's reference; unmount the layer if it was mounted only for readers."""
+    with store._locked(f"end the diff of layer {layer_id}"):
+        store.layer_locks.release(fd)
+        rec = store.meta.get(layer_id)
+        if rec is not None and not rec.mount_count and not store.layer_locks.busy(layer_id):
+            store._call(store.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
+
+
+@contextlib.contextmanager
+def change_source(
+    store: LayerStore, layer_id: str, parent: str | None, *, filtered: bool = True
+) -> Iterator[tuple[list[Change], str, str]]:
+    """The changes of *layer_id* against *parent*, and (root, kind) to read files from.
+
+    References are taken under the store lock; the tree walk and whatever the caller
+    streams run without it, so a long diff never holds up other commands.
+    """
+    with contextlib.ExitStack() as stack:
+        native: list[Change] | None = None
+        top = below = None
+        root = kind = ""
+        with store._locked(f"diff layer {layer_id}"):
+            rec, base, direct = against(store, layer_id, parent)
+            drv = store.driver
+            if direct and isinstance(drv, NativeDiff):
+                found = drv.changes(_info(rec), [_info(r) for r in store.meta.chain(layer_id)])
+                source = drv.diff_source(_info(rec))
+                if found is not None and source is not None:
+                    _read_ref(store, stack, rec, mount=False)
+                    native = [Change(p, archive.ChangeKind(k)) for p, k in found]
+                    root, kind = str(source), "overlay"
+            if native is None:
+                top = _read_ref(store, stack, rec, mount=True)
+                below = _read_ref(store, stack, base, mount=True) if base else None
+        if native is None:
+            assert top is not None
+            root, kind = str(_without_submounts(store, stack, top)), "tree"
+            native = archive.tree_changes(
+                root, str(below) if below else None, rec.boundary_ns if direct else None
+            )
+        yield (_filtered(store, layer_id, native) if filtered else native), root, kind
+
+
+def _without_submounts(store: LayerStore, stack: contextlib.ExitStack, root: Path) -> Path:
+    """*root*, or, when something is mounted inside it (a mounted container's volumes), a
+    private non-recursive bind of it: a diff must not walk into volumes."""
+    real = os.path.realpath(root)
+    if not any(m != real for m in mounts_under(real)):
+        return root
+    view = Path(tempfile.mkdtemp(prefix=".diff-view-", dir=store.home))
+    stack.callback(view.rmdir)
+    mount(real, view, None, MS_BIND)
+    stack.callback(unmount, view)
+    return view
+
+
+def _filtered(store: LayerStore, layer_id: str, changes: list[Change]) -> list[Change]:
+    if not store.hooks.filters_diff:
+        return changes
+    return [c for c in changes if store.hooks.keep_change(layer_id, c)]
+
+
+def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> BinaryIO:
+    """A readable stream of the uncompressed OCI layer tar; close it when done.
+
+    The layers it reads are referenced from now until the stream ends or is closed.
+    """
+    source = change_source(store, layer_id, parent)
+    found = source.__enter__()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    _DIFF_PIPES.add(w)
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            write_tar(layer_id, found, w, None, None)
+        except BrokenPipeError:
+            pass  # the reader closed early
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            _DIFF_PIPES.discard(w)
+            os.close(w)
+            try:
+                source.__exit__(None, None, None)
+            except BaseException as exc:
+                failure.append(exc)
+
+    thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
+    thread.start()
+    return io.BufferedReader(DiffStream(r, thread, failure), buffer_size=1 << 20)
+
+
+def write_tar(
+    layer_id: str,
+    source: tuple[list[Change], str, str],
+    out: IO[bytes] | int,
+    compress: str | None,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Write the tar of *source* (changes, root, kind) to *out*; the tar's byte count."""
+    changes, root, kind = source
+    writer, finish = tar_writer(out, compress)
+    writer.progress = progress
+    try:
+        write_changes_tar(writer, root, changes, source=kind)
+    except OSError as exc:
+        raise from_oserror(exc, f"diff of layer {layer_id}") from exc
+    finish()
+    return writer.bytes_written

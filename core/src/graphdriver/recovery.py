@@ -1,0 +1,156 @@
+"""Recovery of a layer store at open: finish or roll back what dead processes left half-done.
+
+A record in flight (``creating``, ``applying``, ``removing``) may belong to a live process (an
+apply-diff extracts without the store lock), so it is touched only when its layer lock can be
+taken (:class:`~graphdriver.locking.LayerLocks`): then its process is gone. A half-made layer
+is removed, a half-applied one is emptied again (never deleted: the user created it), a
+half-removed one is removed. Opening looks without the store lock and takes it only when there
+is something to recover. What fails to recover is logged, kept in the ``meta`` table under
+``recovery-failed:<id>``, listed by ``status`` and retried at the next open; it never stops
+commands on other layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import faults
+from .driver import LayerInfo
+from .errors import GraphDriverError
+from .metadata import IN_FLIGHT, LayerRecord
+
+if TYPE_CHECKING:
+    from .store import LayerStore
+
+log = logging.getLogger(__name__)
+
+#: prefix of the ``meta`` keys that hold why a layer could not be recovered
+FAILED = "recovery-failed:"
+
+
+def layer_info(rec: LayerRecord, *, sealed: bool = False) -> LayerInfo:
+    """What the driver is told about the layer of *rec*."""
+    return LayerInfo(
+        id=rec.id,
+        parent=rec.parent,
+        rw=rec.rw,
+        size=rec.size_limit,
+        mount_label=rec.mount_label,
+        sealed=sealed,
+    )
+
+
+_info = layer_info
+
+
+def recover(store: LayerStore) -> None:
+    """Look for what a dead process left (without the store lock); recover it under the lock."""
+    records = store.meta.all()
+    if not any(r.state in IN_FLIGHT for r in records) and not _mounts_disagree(store, records):
+        return
+    with store._locked("recover the store"):
+        for rec in reversed(store.meta.all()):
+            if rec.state in IN_FLIGHT:
+                _roll(store, rec)
+            else:
+                _reconcile_mount(store, rec)
+
+
+def _mounts_disagree(store: LayerStore, records: Sequence[LayerRecord]) -> bool:
+    if not store.driver.capabilities.real_mounts:
+        return False
+    for rec in records:
+        mounted = store.driver.is_mounted(_info(rec))
+        if mounted is not None and mounted != bool(rec.mount_count):
+            return True
+    return False
+
+
+def _roll(store: LayerStore, rec: LayerRecord) -> None:
+    """Finish or roll back one in-flight record, if its process is gone."""
+    fd = store.layer_locks.exclusive(rec.id)
+    if fd is None:
+        return  # a live process works on it
+    try:
+        log.warning(
+            "layer %s was left %s by a command that died; %s",
+            rec.id,
+            rec.state,
+            {"creating": "removing it", "applying": "emptying it", "removing": "removing it"}[
+                rec.state
+            ],
+        )
+        if rec.state == "applying":
+            from .applying import reset  # applying records its failures here
+
+            reset(store, rec)
+        elif rec.state == "creating":
+            with contextlib.suppress(GraphDriverError, OSError):
+                store.driver.unmount(_info(rec))
+            store._discard(rec)
+        else:
+            finish_removal(store, rec)
+    finally:
+        store.layer_locks.release(fd, rec.id)
+
+
+def _reconcile_mount(store: LayerStore, rec: LayerRecord) -> None:
+    """Match a layer's mount count to its kernel mount."""
+    if not store.driver.capabilities.real_mounts:
+        return
+    info = _info(rec)
+    mounted = store.driver.is_mounted(info)
+    if mounted is None:
+        return
+    if rec.mount_count and not mounted:
+        log.warning(
+            "layer %s was counted as mounted %d times but is not mounted", rec.id, rec.mount_count
+        )
+        with store.meta.transaction():
+            store.meta.update(rec.id, mount_count=0, mount_path=None)
+    elif not rec.mount_count and mounted and not store.layer_locks.busy(rec.id):
+        log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
+        try:
+            store._call(store.driver.unmount, info, doing=f"unmount layer {rec.id}")
+        except GraphDriverError as exc:
+            log.warning("%s; retried at the next open", exc)
+
+
+def finish_removal(store: LayerStore, rec: LayerRecord) -> bool:
+    """Delete a ``removing`` layer's storage, then its record; False (logged, kept for the
+    next open) if the driver fails."""
+    try:
+        faults.point("store.remove.driver")
+        store._call(store.driver.remove, _info(rec), doing=f"remove layer {rec.id}")
+        faults.point("store.remove.after-driver")
+    except Exception as exc:
+        log.warning("%s; retried at the next open", exc)
+        record_failure(store, rec.id, exc)
+        return False
+    with store.meta.transaction():
+        store.meta.delete(rec.id)
+        store.meta.delete_meta(FAILED + rec.id)
+    return True
+
+
+def record_failure(store: LayerStore, layer_id: str, exc: BaseException) -> None:
+    """Keep why *layer_id* could not be recovered, for ``status`` and the next attempt."""
+    with store.meta.transaction():
+        store.meta.set_meta(FAILED + layer_id, str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+
+def failures(store: LayerStore) -> list[tuple[str, str]]:
+    """("Recovery Failed", "<id>: <why>") for each record left by a dead process."""
+    if not any(r.state in IN_FLIGHT for r in store.meta.all()):
+        return []
+    out = []
+    with store._locked("read the store's status"):
+        reasons = store.meta.meta_items(FAILED)
+        for rec in store.meta.all():
+            if rec.state in IN_FLIGHT and not store.layer_locks.busy(rec.id):
+                why = reasons.get(rec.id, f"left {rec.state}")
+                out.append(("Recovery Failed", f"{rec.id}: {why}"))
+    return out
