@@ -155,14 +155,19 @@ def test_a_record_without_storage_is_reported_not_deleted(gd: GD) -> None:
     _assert_clean(gd)
 
 
-def test_storage_without_a_record_is_removed_by_repair(gd: GD) -> None:
+def test_storage_without_a_record_is_recorded_again_never_deleted(gd: GD) -> None:
+    """A lost row (a restored or damaged database) must not cost the user the layer's files:
+    --repair records the storage as a layer again, and `rm` is the user's choice."""
     _image(gd)
     if gd.driver == "vfs":
         orphan = _storage(gd, "orphan")
         orphan.mkdir()
-        (orphan / "junk").write_text("left by a crash")
+        (orphan / "junk").write_text("the user's file")
     else:  # a whole overlay layer whose record is gone
         gd("create", "orphan", "--parent", "top")
+        root = gd("mount", "orphan").out.strip()
+        Path(root, "junk").write_text("the user's file")
+        gd("umount", "orphan")
         _sql(gd, "DELETE FROM layers WHERE id='orphan'")
         orphan = _storage(gd, "orphan")
     code, lines = _check(gd)
@@ -172,14 +177,23 @@ def test_storage_without_a_record_is_removed_by_repair(gd: GD) -> None:
         f"{gd.root / gd.driver} has no record (--repair fixes this)"
     ]
     code, lines = _check(gd, "--repair")
-    assert (code, lines) == (0, ["repaired: removed the storage of orphan, which had no record"])
-    assert not orphan.exists()
-    if gd.driver == "overlay":
-        assert all(os.path.exists(link) for link in (gd.root / "overlay" / "l").iterdir())
+    assert (code, lines) == (
+        0,
+        [
+            "repaired: recorded the storage of orphan as a layer again (label "
+            "graphdriver.check); `graphdriver rm orphan` deletes it"
+        ],
+    )
+    assert orphan.exists()
     _assert_clean(gd)
-    path = gd("mount", "top").out.strip()
-    assert sorted(os.listdir(path)) == ["base.txt", "child.txt", "top.txt"]
-    gd("umount", "top")
+    path = gd("mount", "orphan").out.strip()
+    assert Path(path, "junk").read_text() == "the user's file"
+    if gd.driver == "overlay":  # its parent chain came back from the storage
+        assert sorted(os.listdir(path)) == ["base.txt", "child.txt", "junk", "top.txt"]
+    gd("umount", "orphan")
+    gd("rm", "orphan")
+    assert not orphan.exists()
+    _assert_clean(gd)
 
 
 def test_storage_other_layers_are_built_on_is_never_removed(overlay: GD) -> None:
@@ -224,12 +238,12 @@ def test_an_in_flight_record_left_behind_is_rolled_back(vfs: GD) -> None:
     _storage(vfs, "half").mkdir()
     code, lines = _check(vfs)
     assert code == 1 and lines == [
-        "in-flight half: left creating by a process that died (or is still running) "
+        "in-flight half: left creating by a process that died "
         "(--repair fixes this)"
     ]
     code, lines = _check(vfs, "--repair")
     assert code == 0 and lines == [
-        "repaired: rolled back half, left creating by a process that died (or is still running)"
+        "repaired: rolled back half, left creating by a process that died"
     ]
     assert not _storage(vfs, "half").exists()
     _assert_clean(vfs)

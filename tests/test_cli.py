@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import GD
 
+from graphdriver.testing import Backing
 from graphdriver.testing.trees import make_rich, snapshot
 
 
@@ -149,3 +150,25 @@ def test_progress_bar_on_a_terminal_only(gd: GD, tmp_path: Path) -> None:
     os.close(primary)
     assert proc.returncode == 0
     assert b"apply loud:" in seen and b"8.01M" in seen and b"B/s" in seen, seen
+
+
+def test_a_refused_driver_leaves_no_store_behind(loop_ext4: Backing, tmp_path: Path) -> None:
+    """`--driver btrfs` on ext4 fails; it must not leave a btrfs catalogue that the default
+    driver choice would then take for existing btrfs state."""
+    root = loop_ext4.root / "refused-driver"
+    vfs = GD(root, "vfs")
+    btrfs = GD(root, "btrfs")
+    res = btrfs("ls", check=False)
+    assert res.code == 1 and res.err.count("\n") == 1, res.err
+    assert not (root / "btrfs" / "metadata.db").exists()
+    vfs("create", "base")
+    auto = subprocess.run(
+        [*vfs.base, "--root", str(root), "ls"], capture_output=True, text=True, timeout=120
+    )
+    assert (auto.returncode, auto.stdout.split()) == (0, ["base"]), auto.stderr
+    btrfs("ls", check=False)
+    auto = subprocess.run(
+        [*vfs.base, "--root", str(root), "ls"], capture_output=True, text=True, timeout=120
+    )
+    assert (auto.returncode, auto.stdout.split()) == (0, ["base"]), auto.stderr
+    vfs("rm", "base")

@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, cast
 
-from .check_rebuild import rebuild
+from .check_rebuild import adopt, rebuild
 from .driver import Driver, LayerInfo
 from .errors import GraphDriverError, StoreError
 from .linux.mount import mountinfo
-from .locking import FileLock
+from .locking import FileLock, LayerLocks
 from .metadata import IN_FLIGHT, LayerRecord, Metadata, connect, refuse_reason
 from .plugins import choose_driver, load_driver
 
@@ -89,7 +89,10 @@ class Repair:
 
 
 _DONE = {
-    "orphan-storage": "removed the storage of {subject}, which had no record",
+    "orphan-storage": (
+        "recorded the storage of {subject} as a layer again (label graphdriver.check); "
+        "`graphdriver rm {subject}` deletes it"
+    ),
     "mount-count": "set the mount count of {subject} to what is mounted ({what})",
     "in-flight": "rolled back {subject}, {what}",
     "container": "dropped container {subject}: {what}",
@@ -206,13 +209,14 @@ class _Checker:
     def _scan(self, meta: Metadata, driver: Driver) -> list[Problem]:
         records = {r.id: r for r in meta.all()}
         problems = _parent_problems(records)
+        live = LayerLocks(self.home)
         for rec in records.values():
-            if rec.state in IN_FLIGHT:
+            if rec.state in IN_FLIGHT and not live.busy(rec.id):  # busy: a live command's work
                 problems.append(
                     Problem(
                         "in-flight",
                         rec.id,
-                        f"left {rec.state} by a process that died (or is still running)",
+                        f"left {rec.state} by a process that died",
                         True,
                     )
                 )
@@ -263,6 +267,9 @@ class _Checker:
                 )
             elif self._mounted_in(layer_id):
                 problems.append(Problem("orphan-storage", layer_id, f"{where}; in use", False))
+            elif stored[layer_id] is not None and stored[layer_id] not in records:
+                what = f"{where}, and neither has the layer it is built on ({stored[layer_id]})"
+                problems.append(Problem("orphan-storage", layer_id, what, False))
             else:
                 problems.append(Problem("orphan-storage", layer_id, where, True))
         return problems
@@ -352,7 +359,9 @@ class _Checker:
         stored = driver.stored_layers() or {}
         for p in (p for p in problems if p.repairable):
             if p.kind == "orphan-storage":
-                driver.remove(LayerInfo(id=p.subject, parent=stored.get(p.subject), rw=False))
+                # never deleted: a lost record (a restored or damaged database) must not cost
+                # the user the layer's files; recorded again, the user decides with `rm`
+                adopt(meta, p.subject, stored.get(p.subject))
             elif p.kind == "mount-count" and (rec := meta.get(p.subject)) is not None:
                 if rec.mount_count:  # the other way round, store recovery unmounts
                     with meta.transaction():

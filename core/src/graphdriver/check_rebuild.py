@@ -127,6 +127,15 @@ def _fill(
     return len(placed), from_old, len(containers)
 
 
+def adopt(meta: Metadata, layer_id: str, parent: str | None) -> None:
+    """Record storage that has no record as a layer (on *parent* when its files need it)."""
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    with meta.transaction():
+        meta.insert(
+            _rebuilt_record(layer_id, parent, None, f"{when} by graphdriver check --repair")
+        )
+
+
 def _rebuilt_record(
     layer_id: str, parent: str | None, row: sqlite3.Row | None, when: str
 ) -> LayerRecord:

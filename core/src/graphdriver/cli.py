@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,9 +441,23 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+#: when the first SIGTERM/SIGINT arrived (monotonic seconds), or None
+_interrupted_at: list[float] = []
+#: a repeat within this many seconds is the same request: coreutils ``timeout`` signals the
+#: command and then its process group, and a terminal's Ctrl-C reaches the whole group too
+_REPEAT_GRACE = 2.0
+
+
 def _interrupt(signum: int, _frame: object) -> None:
-    # a second signal ends the process at once; the next command's recovery rolls back
-    signal.signal(signum, signal.SIG_DFL)
+    now = time.monotonic()
+    if _interrupted_at:
+        if now - _interrupted_at[0] < _REPEAT_GRACE:
+            return  # the rollback under way goes on
+        # asked again later: end at once; the next command's recovery rolls back
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _interrupted_at.append(now)
     raise Interrupted(signum)
 
 

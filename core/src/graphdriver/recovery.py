@@ -75,14 +75,15 @@ def _roll(store: LayerStore, rec: LayerRecord) -> None:
     if fd is None:
         return  # a live process works on it
     try:
-        log.warning(
-            "layer %s was left %s by a command that died; %s",
-            rec.id,
-            rec.state,
-            {"creating": "removing it", "applying": "emptying it", "removing": "removing it"}[
-                rec.state
-            ],
-        )
+        if rec.state == "removing":  # also after a removal the driver could not finish
+            log.warning("finishing the removal of layer %s", rec.id)
+        else:
+            log.warning(
+                "layer %s was left %s by a command that died; %s",
+                rec.id,
+                rec.state,
+                "removing it" if rec.state == "creating" else "emptying it",
+            )
         if rec.state == "applying":
             from .applying import reset  # applying records its failures here
 

@@ -117,7 +117,12 @@ class LayerStore:
                 )
             recovery.recover(self)
         except BaseException:
-            self.meta.close()
+            if self.meta.created:
+                # a refused first open (the driver cannot run here...) leaves no database, or
+                # the next open would take this root for the refused driver's store
+                self.meta.discard()
+            else:
+                self.meta.close()
             self._lock.close()
             raise
 
@@ -126,8 +131,6 @@ class LayerStore:
         the database was lost (from before ``metadata.db.present`` existed), and making it
         anew would orphan them."""
         stored = self.driver.stored_layers()
-        if stored and self.meta.created:
-            self.meta.discard()
         if stored:
             shown = ", ".join(sorted(stored)[:3]) + (" ..." if len(stored) > 3 else "")
             raise StoreError(

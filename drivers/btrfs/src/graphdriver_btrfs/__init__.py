@@ -180,6 +180,8 @@ class BtrfsDriver(Driver):
     def stored_layers(self) -> Mapping[str, str | None]:
         """Every ``subvolumes/<id>``; a snapshot holds all its files, so no parent is needed."""
         base = self.home / "subvolumes"
+        if not base.is_dir():  # a new home, before recover() made it
+            return {}
         return {p.name: None for p in base.iterdir() if is_layer_id(p.name) and p.is_dir()}
 
     def status(self) -> list[tuple[str, str]]:
