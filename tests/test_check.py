@@ -238,8 +238,7 @@ def test_an_in_flight_record_left_behind_is_rolled_back(vfs: GD) -> None:
     _storage(vfs, "half").mkdir()
     code, lines = _check(vfs)
     assert code == 1 and lines == [
-        "in-flight half: left creating by a process that died "
-        "(--repair fixes this)"
+        "in-flight half: left creating by a process that died (--repair fixes this)"
     ]
     code, lines = _check(vfs, "--repair")
     assert code == 0 and lines == [
