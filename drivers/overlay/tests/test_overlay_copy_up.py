@@ -100,3 +100,21 @@ def test_a_symlink_in_a_lower_dir_cannot_redirect_the_copy_up(
         with store.mounted(layer_id) as root:
             assert not (root / "stolen").exists()
     assert (outside / "secret").stat().st_nlink == 1
+
+
+def test_a_sparse_target_keeps_its_holes(store: LayerStore) -> None:
+    store.create("base")
+    with store.mounted("base") as root, open(root / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(64 << 20)
+        f.write(b"tail")
+    store.create("child", "base")
+    assert store.apply_diff("child", io.BytesIO(_links(("link", "sparse")))) == (64 << 20) + 4
+    upper = store.root / "overlay" / "child" / "diff"
+    st = os.lstat(upper / "sparse")
+    assert st.st_nlink == 2 and st.st_size == (64 << 20) + 4
+    assert st.st_blocks * 512 < 1 << 20, "the copy-up wrote the holes as zeros"
+    with open(upper / "link", "rb") as f:
+        assert f.read(4) == b"head"
+        f.seek(64 << 20)
+        assert f.read() == b"tail"

@@ -55,7 +55,14 @@ class LowerDirs:
                     not stat.S_ISDIR(in_upper.st_mode) or whiteout.is_overlay_opaque(upper)
                 ):
                     return 0  # below a whiteout, a file or an opaque dir: nothing shows through
-                found = self._lookup(layers, part, upper, raw, last=i == len(parts) - 1)
+                found = self._lookup(
+                    layers,
+                    part,
+                    upper,
+                    raw,
+                    last=i == len(parts) - 1,
+                    upper_dir=in_upper is not None,
+                )
                 if not found:
                     return 0
                 if i == len(parts) - 1:
@@ -72,9 +79,12 @@ class LowerDirs:
                 os.close(fd)
 
     @staticmethod
-    def _lookup(layers: list[int], part: str, upper: str, raw: str, *, last: bool) -> list[int]:
+    def _lookup(
+        layers: list[int], part: str, upper: str, raw: str, *, last: bool, upper_dir: bool
+    ) -> list[int]:
         """The lower dirs (as fds) that show *part* below the current directory, nearest first:
-        the directory fds for a directory, or the one parent fd that holds the last part."""
+        the directory fds for a directory, or the one parent fd that holds the last part.
+        A lower non-directory under a directory of the upper (*upper_dir*) is not merged."""
         shown: list[int] = []
         for fd in layers:
             try:
@@ -85,7 +95,7 @@ class LowerDirs:
                 break
             if last:
                 return [fd]
-            if stat.S_ISLNK(st.st_mode) and not shown:
+            if stat.S_ISLNK(st.st_mode) and not shown and not upper_dir:
                 raise UnsafeArchive(f"hardlink target {raw!r} goes through the symlink {upper!r}")
             if not stat.S_ISDIR(st.st_mode):
                 break
@@ -165,17 +175,31 @@ def _copy_entry(parent: int, part: str, upper: str, root: bool) -> int:
 
 
 def _copy_data(src: int, dst: int, size: int) -> None:
-    copied = 0
+    """Copy the data regions of *src*, leaving its holes as holes (as overlayfs's copy-up)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break  # only a hole is left
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        _copy_range(src, dst, start, end)
+        pos = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
     try:
-        while copied < size and (n := os.copy_file_range(src, dst, size - copied)):
-            copied += n
+        while start < end and (n := os.copy_file_range(src, dst, end - start, start, start)):
+            start += n
         return
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-    while chunk := os.pread(src, _COPY_CHUNK, copied):  # where the kernel cannot copy itself
-        os.pwrite(dst, chunk, copied)
-        copied += len(chunk)
+    while start < end and (chunk := os.pread(src, min(_COPY_CHUNK, end - start), start)):
+        start += os.pwrite(dst, chunk, start)  # where the kernel cannot copy by itself
 
 
 def _copy_attrs(src: int, dst: int, st: os.stat_result, root: bool) -> None:
