@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from . import archive, faults
 from .diffs import change_source
-from .driver import CreateOpts, NativeApply
+from .driver import ApplyLowers, CreateOpts, NativeApply
 from .errors import GraphDriverError, LayerInUse
 from .metadata import LayerRecord
 from .recovery import FAILED, record_failure
@@ -48,14 +48,16 @@ def apply(
                 store.meta.update(layer_id, state="applying")
             try:
                 faults.point("store.apply.recorded")
-                target, whiteouts, mounted = _target(store, rec)
+                target, whiteouts, lowers, mounted = _target(store, rec)
             except BaseException:
                 reset(store, rec)
                 done()
                 raise
         try:
             faults.point("store.apply.prepared")
-            result = archive.apply_layer(target, stream, whiteouts=whiteouts, progress=progress)
+            result = archive.apply_layer(
+                target, stream, whiteouts=whiteouts, lowers=lowers, progress=progress
+            )
             faults.point("store.apply.extracted")
             with store._locked(doing):
                 if mounted:
@@ -110,13 +112,18 @@ def _has_changes(store: LayerStore, rec: LayerRecord) -> bool:
         return bool(changes)
 
 
-def _target(store: LayerStore, rec: LayerRecord) -> tuple[Path, str, bool]:
-    """(directory, whiteout format, whether it was mounted for this) to extract into."""
-    if isinstance(store.driver, NativeApply):
-        target = store._call(store.driver.apply_target, _info(rec), doing=f"apply {rec.id}")
+def _target(store: LayerStore, rec: LayerRecord) -> tuple[Path, str, Sequence[Path], bool]:
+    """(directory, whiteout format, lower dirs to copy up from, whether it was mounted for
+    this) to extract into."""
+    driver = store.driver
+    if isinstance(driver, NativeApply):
+        target = store._call(driver.apply_target, _info(rec), doing=f"apply {rec.id}")
         if target is not None:
-            return target[0], target[1], False
-    return store.hooks.mount(store, rec, store.meta.chain(rec.id)), "delete", True
+            lowers: Sequence[Path] = ()
+            if target[1] == "overlay" and isinstance(driver, ApplyLowers):
+                lowers = store._call(driver.apply_lowers, _info(rec), doing=f"apply {rec.id}")
+            return target[0], target[1], lowers, False
+    return store.hooks.mount(store, rec, store.meta.chain(rec.id)), "delete", (), True
 
 
 def reset(store: LayerStore, rec: LayerRecord) -> None:

@@ -3,9 +3,9 @@
 The core (:mod:`graphdriver.store`) owns ids, parents, states, reference counts, locking and hooks;
 a driver only moves bytes. A driver is a subclass of :class:`Driver` registered under the entry
 point group ``graphdriver.drivers``. Optional abilities are runtime-checkable Protocols
-(:class:`NativeDiff`, :class:`NativeApply`) that the core finds with isinstance(). A size limit
-is given at creation (``CreateOpts.size``, like moby's CreateOpts), so quota needs no protocol:
-a driver that honours it declares ``Capabilities.quota``.
+(:class:`NativeDiff`, :class:`NativeApply`, :class:`ApplyLowers`) that the core finds with
+isinstance(). A size limit is given at creation (``CreateOpts.size``, like moby's CreateOpts),
+so quota needs no protocol: a driver that honours it declares ``Capabilities.quota``.
 """
 
 from __future__ import annotations
@@ -176,6 +176,16 @@ class NativeApply(Protocol):
         The whiteout format is ``"delete"`` (remove the named file) or ``"overlay"`` (write a
         0/0 character device and ``trusted.overlay.opaque``).
         """
+
+
+@runtime_checkable
+class ApplyLowers(Protocol):
+    """A :class:`NativeApply` driver whose ``"overlay"`` target has lower dirs the apply may
+    copy a hardlink's target up from (optional: without it such a hardlink is refused)."""
+
+    def apply_lowers(self, layer: LayerInfo) -> Sequence[Path]:
+        """The read-only lower dirs below ``apply_target``'s directory, nearest first, holding
+        overlayfs whiteouts and opaque markers."""
 
 
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$")

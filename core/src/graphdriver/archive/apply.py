@@ -20,13 +20,14 @@ import os
 import shutil
 import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
 from . import sparse, whiteout
+from .copy_up import LowerDirs
 from .streams import LayerDecoder, compression_of
 from .tar import (
     BLKTYPE,
@@ -68,19 +69,39 @@ def apply_layer(
     stream: BinaryIO,
     *,
     whiteouts: str = "delete",
+    lowers: Sequence[Path] = (),
     progress: Callable[[int], None] | None = None,
 ) -> ApplyResult:
     """Unpack the layer tar read from *stream* into the directory *target*.
 
     *whiteouts* is ``"delete"`` (target is the layer's full view: remove what a whiteout names)
-    or ``"overlay"`` (target is an overlay upper: write overlayfs whiteouts). On error the
-    target is left half-written; the caller rolls the layer back.
+    or ``"overlay"`` (target is an overlay upper: write overlayfs whiteouts). *lowers* are an
+    overlay upper's lower dirs, nearest first: a hardlink to a file in them copies it up, as
+    the kernel does. On error the target is left half-written; the caller rolls it back.
     """
     if whiteouts not in ("delete", "overlay"):
         raise ValueError(whiteouts)
-    direct = _plain_file(stream)
-    if direct is not None:
-        return _apply_file(target, *direct, whiteouts, progress)
+    lower_fds: list[int] = []
+    try:  # opened before the sandbox's chroot: its only way to the lower dirs
+        for lower in lowers:
+            lower_fds.append(os.open(lower, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        direct = _plain_file(stream)
+        if direct is not None:
+            return _apply_file(target, *direct, whiteouts, lower_fds, progress)
+        return _apply_stream(target, stream, whiteouts, lower_fds, progress)
+    finally:
+        for fd in lower_fds:
+            os.close(fd)
+
+
+def _apply_stream(
+    target: Path,
+    stream: BinaryIO,
+    whiteouts: str,
+    lower_fds: list[int],
+    progress: Callable[[int], None] | None,
+) -> ApplyResult:
+    """apply_layer for any stream: decoded and hashed here, fed to the sandbox by a pipe."""
     head = stream.read(8)
     decoder = LayerDecoder(head)
     data_r, data_w = os.pipe2(os.O_CLOEXEC)
@@ -91,7 +112,7 @@ def apply_layer(
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
         os.close(data_w)
         os.close(res_r)
-        _child(str(target), data_r, res_w, whiteouts)
+        _child(str(target), data_r, res_w, whiteouts, lower_fds)
     os.close(data_r)
     os.close(res_w)
     digest = hashlib.sha256()
@@ -139,7 +160,12 @@ def _plain_file(stream: BinaryIO) -> tuple[int, int] | None:
 
 
 def _apply_file(
-    target: Path, fd: int, offset: int, whiteouts: str, progress: Callable[[int], None] | None
+    target: Path,
+    fd: int,
+    offset: int,
+    whiteouts: str,
+    lower_fds: list[int],
+    progress: Callable[[int], None] | None,
 ) -> ApplyResult:
     """apply_layer for a plain tar in a regular file: the sandbox reads the file itself while
     this process hashes it, so no byte goes through a pipe."""
@@ -149,7 +175,7 @@ def _apply_file(
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
         os.close(res_r)
-        _child(str(target), own, res_w, whiteouts)
+        _child(str(target), own, res_w, whiteouts, lower_fds)
     os.close(own)
     os.close(res_w)
     digest = hashlib.sha256()
@@ -221,7 +247,9 @@ def _describe(status: int) -> str:
 # ----------------------------------------------------------------------------------- the child
 
 
-def _child(target: str, data_fd: int, res_fd: int, whiteouts: str) -> None:  # pragma: no cover
+def _child(  # pragma: no cover
+    target: str, data_fd: int, res_fd: int, whiteouts: str, lower_fds: list[int]
+) -> None:
     code = 0
     report: dict[str, object]
     try:
@@ -231,7 +259,8 @@ def _child(target: str, data_fd: int, res_fd: int, whiteouts: str) -> None:  # p
         os.chroot(target)
         os.chdir("/")
         os.umask(0)
-        size = _Extractor(TarReader(data_fd), whiteouts).run()
+        lowers = LowerDirs(lower_fds) if lower_fds else None
+        size = _Extractor(TarReader(data_fd), whiteouts, lowers).run()
         report = {"size": size}
     except UnsafeArchive as exc:
         report, code = {"error": str(exc), "unsafe": True}, 1
@@ -278,9 +307,10 @@ def _clean_name(raw: str) -> str:
 
 
 class _Extractor:
-    def __init__(self, reader: TarReader, whiteouts: str) -> None:
+    def __init__(self, reader: TarReader, whiteouts: str, lowers: LowerDirs | None) -> None:
         self.reader = reader
         self.overlay = whiteouts == "overlay"
+        self.lowers = lowers
         self.root = os.geteuid() == 0
         self.safe_dirs: set[str] = {""}
         self.sgid_dirs: set[str] = set()
@@ -365,24 +395,32 @@ class _Extractor:
             self.make(name, lambda: os.symlink(e.linkname, name))
             self.attrs(name, e, head, link=True)
         elif e.type == LNKTYPE:
-            target = _clean_name(e.linkname)
-            if not target:
-                raise UnsafeArchive(f"hardlink {e.name!r} points at the layer's root")
-            self.parent_dir(target, e.linkname)
-            try:
-                tst = os.lstat(target)
-            except FileNotFoundError:
-                raise ArchiveError(
-                    f"hardlink {e.name!r}: target {e.linkname!r} is not in the layer"
-                ) from None
-            if stat.S_ISDIR(tst.st_mode):
-                raise UnsafeArchive(f"hardlink {e.name!r} points at a directory")
+            target = self.link_target(e)
             self.make(name, lambda: os.link(target, name, follow_symlinks=False))
         elif e.type in (CHRTYPE, BLKTYPE, FIFOTYPE):
             kind = {CHRTYPE: stat.S_IFCHR, BLKTYPE: stat.S_IFBLK, FIFOTYPE: stat.S_IFIFO}[e.type]
             dev = os.makedev(e.devmajor, e.devminor)
             self.make(name, lambda: os.mknod(name, kind | 0o600, dev))
             self.attrs(name, e, head)
+
+    def link_target(self, e: TarEntry) -> str:
+        """The existing name a hardlink entry links to; one that only a lower dir of an overlay
+        upper holds is copied up first, as the kernel did when the layer was built."""
+        target = _clean_name(e.linkname)
+        if not target:
+            raise UnsafeArchive(f"hardlink {e.name!r} points at the layer's root")
+        if self.lowers is not None:
+            self.size += self.lowers.copy_up(target, e.linkname)
+        self.parent_dir(target, e.linkname)
+        try:
+            tst = os.lstat(target)
+        except FileNotFoundError:
+            tst = None
+        if tst is None or (self.overlay and whiteout.is_overlay_whiteout(tst)):
+            raise ArchiveError(f"hardlink {e.name!r}: target {e.linkname!r} is not in the layer")
+        if stat.S_ISDIR(tst.st_mode):
+            raise UnsafeArchive(f"hardlink {e.name!r} points at a directory")
+        return target
 
     def make(self, name: str, create: Callable[[], object]) -> None:
         """Run *create*; if something is in the way, remove it and run it again."""

@@ -224,6 +224,43 @@ class DiffCases(ConformanceBase):
         with store.mounted("copy") as root:
             assert os.lstat(root / "orig").st_ino == os.lstat(root / "sub" / "link").st_ino
 
+    def test_applied_hardlink_to_a_file_of_the_parent(self, store: LayerStore) -> None:
+        # `ln dir/orig new` in a build step: Docker and podman write only the hardlink entry;
+        # the kernel had copied dir/orig up, keeping its data and attributes, and dir's
+        def base(r: Path) -> None:
+            (r / "dir").mkdir()
+            (r / "dir" / "orig").write_bytes(b"shared data")
+            os.setxattr(r / "dir" / "orig", "user.kept", b"yes")
+            os.chown(r / "dir" / "orig", 1000, 1001)
+            os.chmod(r / "dir" / "orig", 0o4751)
+            os.utime(r / "dir" / "orig", ns=(1_600_000_000_000_000_001,) * 2)
+            os.chown(r / "dir", 5, 6)
+            os.chmod(r / "dir", 0o710)
+            os.utime(r / "dir", ns=(1_500_000_000_000_000_000,) * 2)
+
+        self.base_with(store, base)
+        before = self.snap(store, "base")
+        with store.mounted("base") as root:
+            want = {p: os.lstat(root / p) for p in ("dir", "dir/orig")}
+        info = tarfile.TarInfo("new")
+        info.type, info.linkname = tarfile.LNKTYPE, "dir/orig"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            tf.addfile(info)
+        store.create("child", "base")
+        store.apply_diff("child", io.BytesIO(buf.getvalue()))
+        with store.mounted("child") as root:
+            new, orig = os.lstat(root / "new"), os.lstat(root / "dir" / "orig")
+            assert (new.st_ino, new.st_nlink) == (orig.st_ino, 2)
+            assert (root / "new").read_bytes() == b"shared data"
+            assert os.getxattr(root / "new", "user.kept") == b"yes"
+            for rel, st in want.items():
+                got = os.lstat(root / rel)
+                assert (got.st_mode, got.st_uid, got.st_gid) == (st.st_mode, st.st_uid, st.st_gid)
+                assert got.st_mtime_ns == st.st_mtime_ns, rel
+        assert self.snap(store, "base") == before
+        self.roundtrip(store, "child", "copy")
+
     def test_diff_against_grandparent(self, store: LayerStore) -> None:
         self.base_with(store, make_base)
         store.create("mid", "base")

@@ -379,6 +379,14 @@ class OverlayDriver(Driver):
         has_parent = (self._dir(layer) / "lower").exists()
         return self._diff(layer), "overlay" if has_parent else "delete"
 
+    def apply_lowers(self, layer: LayerInfo) -> list[Path]:
+        """The parents' diff dirs, nearest first, as the ``lower`` file names them (``l/``)."""
+        try:
+            lower = (self._dir(layer) / "lower").read_text().strip()
+        except FileNotFoundError:
+            return []
+        return [self.home / part for part in lower.split(":") if part]
+
     def stored_layers(self) -> Mapping[str, str | None]:
         """Every ``<id>/`` with a ``diff`` dir, with the parent its ``lower`` file names first
         (resolved through ``l/``; the unresolved ``l/<short>`` when that link is gone)."""

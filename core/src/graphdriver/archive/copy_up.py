@@ -1,0 +1,219 @@
+"""Copy-up from an overlay upper's lower dirs, for a hardlink whose target is below the layer.
+
+A build step that runs ``ln lower-file new-name`` writes a layer tar holding only the hardlink;
+the kernel had copied ``lower-file`` up (data, mode, owner, xattrs, times, and its parent
+directories) and linked the new name to the copy. The apply sandbox does the same from the lower
+dirs, opened as descriptors before its chroot: every name is looked up one component at a time
+with ``O_NOFOLLOW``, as overlayfs merges them (a whiteout or an opaque directory hides what lies
+below it), so no symlink in a lower dir can send the copy anywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator, Sequence
+
+from ..errors import UnsafeArchive
+from . import whiteout
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_COPY_CHUNK = 1 << 20
+
+
+class LowerDirs:
+    """The read-only lower dirs of the overlay upper that is the current root, nearest first."""
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        self.fds = list(fds)
+        self.root = os.geteuid() == 0
+
+    def copy_up(self, path: str, raw: str) -> int:
+        """Copy *path* (clean, relative) into the upper dir from the nearest lower that shows
+        it, with the directories above it; returns the bytes copied (0 when the upper has it
+        already, or no lower shows it: the caller then refuses the hardlink)."""
+        parts = path.split("/")
+        layers = self.fds
+        upper = ""
+        opened: list[int] = []
+        try:
+            for i, part in enumerate(parts):
+                upper = f"{upper}/{part}" if upper else part
+                in_upper = _lstat(upper)
+                if in_upper is not None and stat.S_ISLNK(in_upper.st_mode) and i < len(parts) - 1:
+                    raise UnsafeArchive(
+                        f"hardlink target {raw!r} goes through the symlink {upper!r}"
+                    )
+                if in_upper is not None and i == len(parts) - 1:
+                    return 0
+                if in_upper is not None and (
+                    not stat.S_ISDIR(in_upper.st_mode) or whiteout.is_overlay_opaque(upper)
+                ):
+                    return 0  # below a whiteout, a file or an opaque dir: nothing shows through
+                found = self._lookup(
+                    layers,
+                    part,
+                    upper,
+                    raw,
+                    last=i == len(parts) - 1,
+                    upper_dir=in_upper is not None,
+                )
+                if not found:
+                    return 0
+                if i == len(parts) - 1:
+                    with _parent_times_kept(upper):
+                        return _copy_entry(found[0], part, upper, self.root)
+                opened.extend(found)
+                if in_upper is None:
+                    with _parent_times_kept(upper):
+                        _copy_dir(found[0], upper, self.root)
+                layers = found
+            return 0
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    @staticmethod
+    def _lookup(
+        layers: list[int], part: str, upper: str, raw: str, *, last: bool, upper_dir: bool
+    ) -> list[int]:
+        """The lower dirs (as fds) that show *part* below the current directory, nearest first:
+        the directory fds for a directory, or the one parent fd that holds the last part.
+        A lower non-directory under a directory of the upper (*upper_dir*) is not merged."""
+        shown: list[int] = []
+        for fd in layers:
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if whiteout.is_overlay_whiteout(st):
+                break
+            if last:
+                return [fd]
+            if stat.S_ISLNK(st.st_mode) and not shown and not upper_dir:
+                raise UnsafeArchive(f"hardlink target {raw!r} goes through the symlink {upper!r}")
+            if not stat.S_ISDIR(st.st_mode):
+                break
+            sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            shown.append(sub)
+            if _opaque(sub):
+                break
+        if last or not shown:
+            for fd in shown:
+                os.close(fd)
+            return []
+        return shown
+
+
+@contextlib.contextmanager
+def _parent_times_kept(path: str) -> Iterator[None]:
+    """Give the directory above *path* its times back after a copy-up into it, as the kernel
+    does: a copy-up changes no time a user can see."""
+    parent = path.rpartition("/")[0] or "."
+    st = os.lstat(parent)
+    yield
+    os.utime(parent, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _opaque(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, whiteout.OVERLAY_OPAQUE_XATTR) == b"y"
+    except OSError:
+        return False
+
+
+def _copy_dir(src: int, upper: str, root: bool) -> None:
+    """Make the directory *upper* as a copy of the lower directory *src* (not its content)."""
+    os.mkdir(upper, 0o700)
+    dst = os.open(upper, _DIR_FLAGS)
+    try:
+        _copy_attrs(src, dst, os.fstat(src), root)
+    finally:
+        os.close(dst)
+
+
+def _copy_entry(parent: int, part: str, upper: str, root: bool) -> int:
+    """Copy the non-directory *part* of the lower dir *parent* to *upper*; the bytes copied."""
+    st = os.stat(part, dir_fd=parent, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        return 0  # the caller refuses a hardlink to a directory
+    if stat.S_ISREG(st.st_mode):
+        src = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            dst = os.open(upper, flags, 0o600)
+            try:
+                _copy_data(src, dst, st.st_size)
+                _copy_attrs(src, dst, st, root)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        return st.st_size
+    if stat.S_ISLNK(st.st_mode):  # linked as itself, never followed
+        os.symlink(os.readlink(part, dir_fd=parent), upper)
+    else:  # a fifo or a device node
+        os.mknod(upper, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)
+    if root:
+        os.chown(upper, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(upper, stat.S_IMODE(st.st_mode))
+    os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    return 0
+
+
+def _copy_data(src: int, dst: int, size: int) -> None:
+    """Copy the data regions of *src*, leaving its holes as holes (as overlayfs's copy-up)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break  # only a hole is left
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        _copy_range(src, dst, start, end)
+        pos = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    try:
+        while start < end and (n := os.copy_file_range(src, dst, end - start, start, start)):
+            start += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while start < end and (chunk := os.pread(src, min(_COPY_CHUNK, end - start), start)):
+        start += os.pwrite(dst, chunk, start)  # where the kernel cannot copy by itself
+
+
+def _copy_attrs(src: int, dst: int, st: os.stat_result, root: bool) -> None:
+    """Owner, mode (after the chown, which clears setuid bits), xattrs and times."""
+    if root:
+        os.fchown(dst, st.st_uid, st.st_gid)
+    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+    for key in os.listxattr(src):
+        if key.startswith(whiteout.OVERLAY_XATTR_PREFIX):
+            continue  # overlayfs's own bookkeeping of the lower layer
+        try:
+            os.setxattr(dst, key, os.getxattr(src, key))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                raise
+            log.debug("xattr %s not kept on copy-up: %s", key, exc.strerror)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
