@@ -130,15 +130,22 @@ class MapReader:
         return list(zip(self._numbers[0::2], self._numbers[1::2], strict=True))
 
 
+#: a sparse file's size is accepted up to its filesystem's capacity or this, whichever is more:
+#: holes cost nothing, and real images hold big sparse files (``/var/log/lastlog`` after
+#: ``useradd`` of a high uid is hundreds of GB), but one of many TiB could never be diffed
+SPARSE_SIZE_FLOOR = 1 << 40
+
+
 def check_fits(real_size: int, name: str) -> None:
-    """Refuse a sparse file larger than the whole filesystem the layer is on: it could never
-    be copied, diffed or read back whole there."""
+    """Refuse a sparse file whose size is more than its filesystem's capacity and more than
+    :data:`SPARSE_SIZE_FLOOR`: a hostile size, never read back or diffed whole."""
     st = os.statvfs(".")
     capacity = st.f_blocks * st.f_frsize
-    if real_size > capacity:
+    limit = max(capacity, SPARSE_SIZE_FLOOR)
+    if real_size > limit:
         raise ArchiveError(
-            f"sparse file {name!r} declares {real_size} bytes, more than the whole "
-            f"filesystem of the layer ({capacity} bytes)"
+            f"sparse file {name!r} declares {real_size} bytes, more than the {limit} a sparse "
+            f"file may have here (the larger of its filesystem's size and 1 TiB)"
         )
 
 

@@ -87,7 +87,7 @@ def bad_layers() -> dict[str, tuple[bytes, str]]:
         ),
         "sparse-many-tib": (
             _sparse_tar({"GNU.sparse.size": str(1 << 60), "GNU.sparse.map": "0,4"}, b"data"),
-            "more than the whole filesystem",
+            "a sparse file may have here",
         ),
         "sparse-1.0-millions-of-regions": (
             _sparse_tar(
