@@ -94,7 +94,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
         assert info["labels"] == {"k": "v"} and info["volumes"] == []
         store.create("new", "old", volumes=["/data"])
         assert store.metadata("new")["volumes"] == ["/data"]
-        assert store.meta.get_meta("schema_version") == "2"
+        assert store.meta.get_meta("schema_version") == "3"
         assert store.meta.db.execute("SELECT count(*) FROM containers").fetchone()[0] == 0
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from . import archive, faults
+from .archive import tarsplit
 from .diffs import change_source
 from .driver import ApplyLowers, CreateOpts, NativeApply
 from .errors import GraphDriverError, LayerInUse
@@ -56,8 +58,19 @@ def apply(
         try:
             faults.point("store.apply.prepared")
             result = archive.apply_layer(
-                target, stream, whiteouts=whiteouts, lowers=lowers, progress=progress
+                target,
+                stream,
+                whiteouts=whiteouts,
+                lowers=lowers,
+                progress=progress,
+                record=keeps_records(),
             )
+            if result.no_record:
+                log.warning(
+                    "layer %s: its diff will be generated, not the applied tar again: %s",
+                    layer_id,
+                    result.no_record,
+                )
             faults.point("store.apply.extracted")
             with store._locked(doing):
                 if mounted:
@@ -71,6 +84,10 @@ def apply(
                         diff_id=result.diff_id,
                         unpacked_size=result.size,
                     )
+                    if result.record is not None:
+                        store.meta.set_tar_split(
+                            layer_id, tarsplit.digest(result.record), result.record
+                        )
                 done()
         except BaseException:
             with store._locked(f"roll back {doing}"):
@@ -82,6 +99,12 @@ def apply(
     rec.state = "ready"
     store.hooks.layer_applied(store, rec, result.size, result.diff_id)
     return result
+
+
+def keeps_records() -> bool:
+    """Whether apply-diff keeps exact-diff records (``GRAPHDRIVER_TAR_SPLIT=off`` turns them
+    off, for measuring what they cost)."""
+    return os.environ.get("GRAPHDRIVER_TAR_SPLIT", "on").lower() not in ("off", "0", "no")
 
 
 def _refuse(store: LayerStore, layer_id: str) -> LayerRecord:
@@ -155,4 +178,5 @@ def reset(store: LayerStore, rec: LayerRecord) -> None:
             diff_id=None,
             unpacked_size=None,
         )
+        store.meta.delete_tar_split(rec.id)
         store.meta.delete_meta(FAILED + rec.id)

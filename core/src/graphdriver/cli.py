@@ -296,11 +296,17 @@ def status(ctx: Context) -> None:
 @click.option(
     "--compress", type=click.Choice(["none", "gzip", "zstd"]), default="none", show_default=True
 )
+@json_option
 @pass_ctx
 def diff(
     ctx: Context, layer_id: str, parent: str | None, output: str | None, compress: str
 ) -> None:
-    """Write the layer's changes as an OCI layer tar."""
+    """Write the layer's changes as an OCI layer tar.
+
+    The diff of a layer that apply-diff filled, while it is unchanged, is the applied tar again,
+    byte for byte (its sha256 is the layer's diffID); otherwise it is generated from the layer.
+    --json prints which, and why, on stdout (on stderr when the tar goes to stdout).
+    """
     store = ctx.store()
     with _progress(None, f"diff {layer_id}") as update:
         if output is None:
@@ -309,15 +315,25 @@ def diff(
                     "refusing to write a tar to a terminal; use -o FILE or a pipe"
                 )
             sys.stdout.flush()
-            store.write_diff(layer_id, sys.stdout.fileno(), parent, compress, update)
-            return
-        tmp = Path(output + ".partial")
-        try:
-            with open(tmp, "wb") as f:
-                store.write_diff(layer_id, f, parent, compress, update)
-            tmp.replace(output)
-        finally:
-            tmp.unlink(missing_ok=True)
+            result = store.export(layer_id, sys.stdout.fileno(), parent, compress, update)
+        else:
+            tmp = Path(output + ".partial")
+            try:
+                with open(tmp, "wb") as f:
+                    result = store.export(layer_id, f, parent, compress, update)
+                tmp.replace(output)
+            finally:
+                tmp.unlink(missing_ok=True)
+    if ctx.json:
+        report = {
+            "id": layer_id,
+            "exact": result.exact,
+            "reason": result.reason,
+            "diff_id": result.diff_id,
+            "tar_size": result.tar_size,
+            "compression": compress,
+        }
+        click.echo(json.dumps(report, indent=2), err=output is None)
 
 
 @cli.command()

@@ -4,21 +4,27 @@ A reader takes, under the store lock, a shared layer lock on each layer it reads
 cannot be removed, applied to or unmounted under it) and mounts what it must; the tree walk and
 the tar stream run without the store lock; at the end it drops its references and unmounts a
 layer that was mounted only for readers.
+
+The diff of a layer that apply-diff filled, while that layer is unchanged, is the applied tar
+again, byte for byte (``archive.tarsplit``); otherwise it is generated from the layer's changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
 from . import archive
-from .archive.changes import Change
+from .archive import tarsplit
+from .archive.changes import Change, ChangeKind
 from .archive.streams import DiffStream, tar_writer
 from .archive.tar import write_changes_tar
 from .driver import NativeDiff
@@ -29,6 +35,8 @@ from .recovery import layer_info as _info
 
 if TYPE_CHECKING:
     from .store import LayerStore
+
+log = logging.getLogger(__name__)
 
 #: write ends of the pipes of running ``diff`` streams: a child forked meanwhile (the apply
 #: sandbox) must not keep one open, or the reader would never see the end of the tar
@@ -125,6 +133,69 @@ def _without_submounts(store: LayerStore, stack: contextlib.ExitStack, root: Pat
     return view
 
 
+@dataclass(frozen=True)
+class DiffResult:
+    """What ``LayerStore.export`` wrote."""
+
+    #: bytes of (uncompressed) tar
+    tar_size: int
+    #: whether it is the tar apply-diff read, byte for byte (its sha256 is ``diff_id``)
+    exact: bool
+    #: why it is generated instead (None when exact, or when the layer was never applied)
+    reason: str | None
+    #: the layer's diffID when the tar is exact
+    diff_id: str | None
+
+
+@dataclass(frozen=True)
+class _Source:
+    changes: list[Change]
+    root: str
+    kind: str
+    record: tarsplit.Record | None
+    diff_id: str | None
+    reason: str | None
+
+
+@contextlib.contextmanager
+def diff_source(store: LayerStore, layer_id: str, parent: str | None) -> Iterator[_Source]:
+    """What a diff of *layer_id* writes: the applied tar again when its record still holds,
+    else the layer's changes."""
+    with change_source(store, layer_id, parent) as (changes, root, kind):
+        record, diff_id, reason = _exact(store, layer_id, parent, changes, root)
+        yield _Source(changes, root, kind, record, diff_id, reason)
+
+
+def _exact(
+    store: LayerStore, layer_id: str, parent: str | None, changes: list[Change], root: str
+) -> tuple[tarsplit.Record | None, str | None, str | None]:
+    """(record, diffID, None) when the layer's diff can be the applied tar again, else
+    (None, None, why not)."""
+    rec = store.meta.get(layer_id)
+    if rec is None or not rec.diff_id:
+        return None, None, None  # never applied: a generated diff is all there is
+    if parent is not None and parent != rec.parent:
+        return None, None, f"it is compared with {parent}, not its parent"
+    if store.hooks.filters_diff:
+        return None, None, "a plugin filters diff entries"
+    row = store.meta.tar_split(layer_id)
+    if row is None:
+        return None, None, "no record of the applied tar was kept"
+    digest, blob = row
+    try:
+        if tarsplit.digest(blob) != digest:
+            raise tarsplit.RecordError("the record was changed behind the store")
+        record = tarsplit.Record(blob)
+        checks = record.checks()
+    except tarsplit.RecordError as exc:
+        log.warning("layer %s: its exact-diff record is unusable: %s", layer_id, exc)
+        return None, None, f"its record is unusable: {exc}"
+    why = tarsplit.stale(checks, root, [(c.path, c.kind == ChangeKind.DELETE) for c in changes])
+    if why is not None:
+        return None, None, why
+    return record, rec.diff_id, None
+
+
 def _filtered(store: LayerStore, layer_id: str, changes: list[Change]) -> list[Change]:
     if not store.hooks.filters_diff:
         return changes
@@ -136,7 +207,7 @@ def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> Binar
 
     The layers it reads are referenced from now until the stream ends or is closed.
     """
-    source = change_source(store, layer_id, parent)
+    source = diff_source(store, layer_id, parent)
     found = source.__enter__()
     r, w = os.pipe2(os.O_CLOEXEC)
     _DIFF_PIPES.add(w)
@@ -164,18 +235,25 @@ def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> Binar
 
 def write_tar(
     layer_id: str,
-    source: tuple[list[Change], str, str],
+    source: _Source,
     out: IO[bytes] | int,
     compress: str | None,
     progress: Callable[[int], None] | None,
-) -> int:
-    """Write the tar of *source* (changes, root, kind) to *out*; the tar's byte count."""
-    changes, root, kind = source
+) -> DiffResult:
+    """Write the tar of *source* to *out*."""
     writer, finish = tar_writer(out, compress)
     writer.progress = progress
     try:
-        write_changes_tar(writer, root, changes, source=kind)
+        if source.record is not None:
+            assert source.diff_id is not None
+            tarsplit.replay(source.record, source.root, writer.write_raw, source.diff_id)
+            writer.flush()
+        else:
+            if source.reason:
+                log.info("layer %s: diff generated from the layer: %s", layer_id, source.reason)
+            write_changes_tar(writer, source.root, source.changes, source=source.kind)
     except OSError as exc:
         raise from_oserror(exc, f"diff of layer {layer_id}") from exc
     finish()
-    return writer.bytes_written
+    exact = source.record is not None
+    return DiffResult(writer.bytes_written, exact, source.reason, source.diff_id)

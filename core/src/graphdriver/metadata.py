@@ -26,7 +26,7 @@ from typing import Any
 from . import faults
 from .errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _CONTAINERS = """
 CREATE TABLE containers (
@@ -39,6 +39,16 @@ CREATE TABLE containers (
     mount_count    INTEGER NOT NULL DEFAULT 0,
     root           TEXT,
     remove_volumes INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+#: per applied layer, what an exact diff needs (``archive.tarsplit``), with its sha256 so that a
+#: record edited behind the store is refused; gone with the layer
+_TAR_SPLIT = """
+CREATE TABLE tar_split (
+    layer   TEXT PRIMARY KEY REFERENCES layers(id) ON DELETE CASCADE,
+    digest  TEXT NOT NULL,
+    data    BLOB NOT NULL
 );
 """
 
@@ -65,11 +75,13 @@ CREATE TABLE layers (
 CREATE INDEX layers_parent ON layers(parent);
 """
     + _CONTAINERS
+    + _TAR_SPLIT
 )
 
 #: what each schema version adds to the one before
 _MIGRATIONS = {
     2: "ALTER TABLE layers ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]';" + _CONTAINERS,
+    3: _TAR_SPLIT,
 }
 
 IN_FLIGHT = ("creating", "applying", "removing")
@@ -466,6 +478,27 @@ class Metadata:
                 )
             seen[row["id"]] = row["n"]
         return [_record(r) for r in rows[1:]]
+
+    def set_tar_split(self, layer_id: str, digest: str, data: bytes) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO tar_split VALUES (?, ?, ?)", (layer_id, digest, data)
+        )
+
+    def tar_split(self, layer_id: str) -> tuple[str, bytes] | None:
+        """(digest, record) of the layer's exact-diff record, or None."""
+        row = self.db.execute(
+            "SELECT digest, data FROM tar_split WHERE layer=?", (layer_id,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
+    def tar_split_size(self, layer_id: str) -> int | None:
+        row = self.db.execute(
+            "SELECT length(data) FROM tar_split WHERE layer=?", (layer_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def delete_tar_split(self, layer_id: str) -> None:
+        self.db.execute("DELETE FROM tar_split WHERE layer=?", (layer_id,))
 
     def meta_items(self, prefix: str) -> dict[str, str]:
         """The ``meta`` rows whose key starts with *prefix*, keyed without it."""

@@ -210,10 +210,19 @@ class LayerStore:
             "mount_count": rec.mount_count,
             "mount_path": rec.mount_path,
             "diff_id": rec.diff_id,
+            # apply-diff kept what `diff` needs to give back the applied tar byte for byte
+            "exact_diff_record": self.meta.tar_split_size(rec.id),
             "unpacked_size": rec.unpacked_size,
             "labels": rec.labels,
             "volumes": rec.volumes,
         }
+
+    @property
+    def reproduces_exact_diffs(self) -> bool:
+        """Docker's ``ReproducesExactDiffs``: the diff of a layer that apply-diff filled, while
+        it is unchanged, is the applied tar byte for byte (on every driver: the core keeps a
+        record of each applied tar, ``archive.tarsplit``)."""
+        return applying.keeps_records()
 
     def status(self) -> list[tuple[str, str]]:
         """Key/value pairs like the storage section of ``docker info``; a layer that a dead
@@ -224,6 +233,7 @@ class LayerStore:
             ("Root Dir", str(self.home)),
             ("Layers", str(len(recs))),
             ("Mounted Layers", str(sum(1 for r in recs if r.mount_count))),
+            ("Reproduces Exact Diffs", "true" if self.reproduces_exact_diffs else "false"),
             *self.driver.status(),
             *recovery.failures(self),
         ]
@@ -512,9 +522,21 @@ class LayerStore:
 
         Returns the bytes of (uncompressed) tar written.
         """
+        return self.export(layer_id, out, parent, compress, progress).tar_size
+
+    def export(
+        self,
+        layer_id: str,
+        out: IO[bytes] | int,
+        parent: str | None = None,
+        compress: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> diffs.DiffResult:
+        """``write_diff`` that says whether the tar is the applied one again, byte for byte
+        (an applied layer that is unchanged), or generated, and why."""
         if compress not in (None, "none", "gzip", "zstd"):
             raise InvalidOption(f"unknown compression {compress!r}: use gzip, zstd or none")
-        with diffs.change_source(self, layer_id, parent) as source:
+        with diffs.diff_source(self, layer_id, parent) as source:
             return diffs.write_tar(layer_id, source, out, compress, progress)
 
     def diff(self, layer_id: str, parent: str | None = None) -> BinaryIO:

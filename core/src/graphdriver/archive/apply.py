@@ -20,13 +20,14 @@ import os
 import shutil
 import signal
 import stat
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
-from . import sparse, whiteout
+from . import sparse, tarsplit, whiteout
 from .copy_up import LowerDirs
 from .streams import LayerDecoder, compression_of
 from .tar import (
@@ -59,6 +60,10 @@ class ApplyResult:
     compression: str
     #: bytes of the uncompressed tar
     tar_size: int
+    #: what an exact diff of the layer needs (``archive.tarsplit``), or None
+    record: bytes | None = None
+    #: why no record was kept (None when one was, or none was asked for)
+    no_record: str | None = None
 
 
 # ---------------------------------------------------------------------------------- the parent
@@ -71,13 +76,15 @@ def apply_layer(
     whiteouts: str = "delete",
     lowers: Sequence[Path] = (),
     progress: Callable[[int], None] | None = None,
+    record: bool = False,
 ) -> ApplyResult:
     """Unpack the layer tar read from *stream* into the directory *target*.
 
     *whiteouts* is ``"delete"`` (target is the layer's full view: remove what a whiteout names)
     or ``"overlay"`` (target is an overlay upper: write overlayfs whiteouts). *lowers* are an
     overlay upper's lower dirs, nearest first: a hardlink to a file in them copies it up, as
-    the kernel does. On error the target is left half-written; the caller rolls it back.
+    the kernel does. With *record*, the result carries what an exact diff of the layer
+    needs (``tarsplit``). On error the target is left half-written; the caller rolls it back.
     """
     if whiteouts not in ("delete", "overlay"):
         raise ValueError(whiteouts)
@@ -87,18 +94,26 @@ def apply_layer(
             lower_fds.append(os.open(lower, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         direct = _plain_file(stream)
         if direct is not None:
-            return _apply_file(target, *direct, whiteouts, lower_fds, progress)
-        return _apply_stream(target, stream, whiteouts, lower_fds, progress)
+            return _apply_file(target, *direct, _Sandbox(whiteouts, lower_fds, record), progress)
+        return _apply_stream(target, stream, _Sandbox(whiteouts, lower_fds, record), progress)
     finally:
         for fd in lower_fds:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class _Sandbox:
+    """What the extraction child is asked to do besides reading the tar."""
+
+    whiteouts: str
+    lower_fds: list[int]
+    record: bool
+
+
 def _apply_stream(
     target: Path,
     stream: BinaryIO,
-    whiteouts: str,
-    lower_fds: list[int],
+    sandbox: _Sandbox,
     progress: Callable[[int], None] | None,
 ) -> ApplyResult:
     """apply_layer for any stream: decoded and hashed here, fed to the sandbox by a pipe."""
@@ -112,7 +127,7 @@ def _apply_stream(
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
         os.close(data_w)
         os.close(res_r)
-        _child(str(target), data_r, res_w, whiteouts, lower_fds)
+        _child(str(target), data_r, res_w, sandbox)
     os.close(data_r)
     os.close(res_w)
     digest = hashlib.sha256()
@@ -163,8 +178,7 @@ def _apply_file(
     target: Path,
     fd: int,
     offset: int,
-    whiteouts: str,
-    lower_fds: list[int],
+    sandbox: _Sandbox,
     progress: Callable[[int], None] | None,
 ) -> ApplyResult:
     """apply_layer for a plain tar in a regular file: the sandbox reads the file itself while
@@ -175,7 +189,7 @@ def _apply_file(
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
         os.close(res_r)
-        _child(str(target), own, res_w, whiteouts, lower_fds)
+        _child(str(target), own, res_w, sandbox)
     os.close(own)
     os.close(res_w)
     digest = hashlib.sha256()
@@ -204,7 +218,8 @@ def _result(
     compression: str,
     tar_size: int,
 ) -> ApplyResult:
-    result = json.loads(report) if report else {}
+    line, _, blob = report.partition(b"\n")
+    result = json.loads(line) if line else {}
     if result.get("unsafe"):
         raise UnsafeArchive(result["error"])
     if feed_error is not None:  # the sandbox saw a cut stream: its error is a consequence
@@ -217,11 +232,16 @@ def _result(
         log.warning(
             "the layer stream was empty (0 bytes): applied as an empty layer, as Docker does"
         )
+    no_record = result.get("no_record")
+    if blob and result.get("tar_size") != tar_size:  # never: the sandbox read what was hashed
+        no_record, blob = "its record does not cover the whole tar", b""
     return ApplyResult(
         size=int(result["size"]),
         diff_id="sha256:" + digest.hexdigest(),
         compression=compression,
         tar_size=tar_size,
+        record=blob or None,
+        no_record=no_record,
     )
 
 
@@ -248,10 +268,11 @@ def _describe(status: int) -> str:
 
 
 def _child(  # pragma: no cover
-    target: str, data_fd: int, res_fd: int, whiteouts: str, lower_fds: list[int]
+    target: str, data_fd: int, res_fd: int, sandbox: _Sandbox
 ) -> None:
     code = 0
     report: dict[str, object]
+    blob = b""
     try:
         libc = ctypes.CDLL(None)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -259,9 +280,16 @@ def _child(  # pragma: no cover
         os.chroot(target)
         os.chdir("/")
         os.umask(0)
-        lowers = LowerDirs(lower_fds) if lower_fds else None
-        size = _Extractor(TarReader(data_fd), whiteouts, lowers).run()
+        lowers = LowerDirs(sandbox.lower_fds) if sandbox.lower_fds else None
+        reader = TarReader(data_fd)
+        recorder = tarsplit.Recorder() if sandbox.record else None
+        if recorder is not None:
+            reader.tap = recorder.raw
+        size = _Extractor(reader, sandbox.whiteouts, lowers, recorder).run()
         report = {"size": size}
+        if recorder is not None:
+            blob = recorder.finish(lambda p: os.lstat(p or "/")) or b""
+            report.update(tar_size=recorder.tar_size, no_record=recorder.failed)
     except UnsafeArchive as exc:
         report, code = {"error": str(exc), "unsafe": True}, 1
     except ArchiveError as exc:
@@ -276,7 +304,7 @@ def _child(  # pragma: no cover
     except BaseException as exc:
         report, code = {"error": f"cannot unpack the layer: {exc!r}"}, 2
     try:
-        _write_all(res_fd, json.dumps(report).encode())
+        _write_all(res_fd, json.dumps(report).encode() + b"\n" + blob)
     finally:
         os._exit(code)
 
@@ -307,8 +335,15 @@ def _clean_name(raw: str) -> str:
 
 
 class _Extractor:
-    def __init__(self, reader: TarReader, whiteouts: str, lowers: LowerDirs | None) -> None:
+    def __init__(
+        self,
+        reader: TarReader,
+        whiteouts: str,
+        lowers: LowerDirs | None,
+        recorder: tarsplit.Recorder | None = None,
+    ) -> None:
         self.reader = reader
+        self.recorder = recorder
         self.overlay = whiteouts == "overlay"
         self.lowers = lowers
         self.root = os.geteuid() == 0
@@ -317,6 +352,7 @@ class _Extractor:
         self.created: set[str] = set()
         self.dir_times: list[tuple[str, int, int]] = []
         self.size = 0
+        self._body_size = self._body_crc = 0
 
     def run(self) -> int:
         for entry in self.reader:
@@ -364,6 +400,10 @@ class _Extractor:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
+            st = None
+        if self.recorder is not None:
+            self.recorder.removed(path, st is not None and stat.S_ISDIR(st.st_mode))
+        if st is None:
             return
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(path)
@@ -385,6 +425,8 @@ class _Extractor:
             self.whiteout(name, head, base, e.name)
             return
         self.parent_dir(name, e.name)
+        if self.recorder is not None:
+            self.recorder.touch(name)
         if not self.overlay:
             self.created.add(name)
         if e.type == DIRTYPE:
@@ -411,6 +453,8 @@ class _Extractor:
             raise UnsafeArchive(f"hardlink {e.name!r} points at the layer's root")
         if self.lowers is not None:
             self.size += self.lowers.copy_up(target, e.linkname)
+        if self.recorder is not None:  # its link count (ctime) changes; maybe copied up
+            self.recorder.touch(target)
         self.parent_dir(target, e.linkname)
         try:
             tst = os.lstat(target)
@@ -452,18 +496,32 @@ class _Extractor:
             self.remove(name)
             fd = os.open(name, flags, e.mode & 0o777)
         try:
+            pieces = self.reader.data()
+            if self.recorder is not None:
+                self.recorder.start_body()
+                pieces = self._counted(pieces)
             if e.sparse is not None:
                 sparse.check_fits(e.size, e.name)
-                sparse.write_regions(fd, e.sparse, self.reader.data(), e.size)
+                sparse.write_regions(fd, e.sparse, pieces, e.size)
             else:
-                for piece in self.reader.data():
+                for piece in pieces:
                     view = memoryview(piece)
                     while view:
                         view = view[os.write(fd, view) :]
+            if self.recorder is not None:
+                self.recorder.body(name, self._body_size, self._body_crc, e.sparse)
             self.size += e.size
             self.attrs(fd, e, head, fresh=True)
         finally:
             os.close(fd)
+
+    def _counted(self, pieces: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+        """*pieces*, their bytes and CRC-32 noted for the record."""
+        self._body_size = self._body_crc = 0
+        for piece in pieces:
+            self._body_crc = zlib.crc32(piece, self._body_crc)
+            self._body_size += len(piece)
+            yield piece
 
     def attrs(
         self,
@@ -516,8 +574,12 @@ class _Extractor:
     def whiteout(self, name: str, head: str, base: str, raw: str) -> None:
         if head:
             self.parent_dir(name, raw)
+        if self.recorder is not None:
+            self.recorder.touch(head)
         if base == whiteout.OPAQUE:
             directory = head or "."
+            if self.recorder is not None:
+                self.recorder.made_opaque(head)
             if self.overlay:
                 whiteout.make_overlay_opaque(directory)
                 return
@@ -537,3 +599,5 @@ class _Extractor:
         self.remove(path)
         if self.overlay:
             whiteout.make_overlay_whiteout(path)
+            if self.recorder is not None:
+                self.recorder.touch(path)

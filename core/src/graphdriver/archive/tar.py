@@ -238,6 +238,12 @@ class TarWriter:
         if len(self._buf) >= CHUNK:
             self.flush()
 
+    def write_raw(self, data: bytes | memoryview) -> None:
+        """Bytes that are already tar (an exact diff's headers and bodies)."""
+        self._buf += data
+        if len(self._buf) >= CHUNK:
+            self.flush()
+
     def flush(self) -> None:
         if not self._buf:
             return

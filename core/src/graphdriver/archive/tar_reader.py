@@ -8,7 +8,7 @@ The reader hands file data over in large slices and reports corrupt or truncated
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ArchiveError
@@ -134,6 +134,10 @@ class TarReader:
         self._data_left = 0  # data of the current entry not consumed yet
         self._pad = 0  # its padding
         self._globals: dict[str, bytes] = {}
+        #: called with every byte read that is not an entry's data (headers, extension data,
+        #: padding, sparse maps, the end marker and what follows it, skipped data): an exact
+        #: diff's record (tarsplit.Recorder.raw)
+        self.tap: Callable[[bytes], None] | None = None
 
     def _read(self, n: int) -> bytes:
         """Exactly *n* bytes, or fewer at end of input."""
@@ -152,6 +156,8 @@ class TarReader:
         out = self._buf[self._pos : self._pos + n]
         self._pos += len(out)
         self.offset += len(out)
+        if self.tap is not None and out:
+            self.tap(out)
         return out
 
     def _need(self, n: int, what: str) -> bytes:
@@ -353,5 +359,5 @@ class TarReader:
 
     def drain(self) -> None:
         """Read the input to its end (the bytes after the end-of-archive marker)."""
-        while os.read(self._fd, CHUNK):
+        while self._read(CHUNK):
             pass
