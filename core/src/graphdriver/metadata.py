@@ -487,7 +487,8 @@ class Metadata:
     def tar_split(self, layer_id: str) -> tuple[str, bytes] | None:
         """(digest, record) of the layer's exact-diff record, or None."""
         row = self.db.execute(
-            "SELECT digest, data FROM tar_split WHERE layer=?", (layer_id,)
+            "SELECT CAST(digest AS TEXT), CAST(data AS BLOB) FROM tar_split WHERE layer=?",
+            (layer_id,),
         ).fetchone()
         return None if row is None else (str(row[0]), bytes(row[1]))
 

@@ -299,7 +299,9 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
 
     *changes* are the layer's changes against its parent: (absolute path, is a deletion).
     """
-    for path, (mode, mtime, ctime) in checks.present.items():
+    # files first: a deleted or rewritten file is named, not the directory that holds it
+    ordered = sorted(checks.present.items(), key=lambda item: stat.S_ISDIR(item[1][0]))
+    for path, (mode, mtime, ctime) in ordered:
         try:
             st = os.lstat(os.path.join(root, path) if path else root)
         except FileNotFoundError:

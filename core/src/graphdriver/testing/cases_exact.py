@@ -1,0 +1,219 @@
+"""Exact diffs: the diff of an applied, unchanged layer is the applied tar, byte for byte
+(Docker's ReproducesExactDiffs); a layer changed after apply-diff gets a generated diff, which
+says why."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+from .. import LayerStore
+from .base import ConformanceBase
+from .trees import make_rich, random_content
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _tarfile(*members: tuple[str, bytes, bytes | None], **kw: object) -> bytes:
+    """A tar written by Python's tarfile: (name, type, data or link name) in the order given."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", **kw) as tf:  # type: ignore[call-overload]
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mtime = 1_600_000_000
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            if kind in (tarfile.LNKTYPE, tarfile.SYMTYPE):
+                info.linkname = (data or b"").decode()
+                data = None
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _gnu_tar(src: Path, *args: str) -> bytes:
+    return subprocess.run(
+        ["tar", "--numeric-owner", *args, "-C", str(src), "-cf", "-", "."],
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+class ExactDiffCases(ConformanceBase):
+    """apply-diff keeps what ``diff`` needs to give the applied tar back, on every driver."""
+
+    def _export(self, store: LayerStore, layer_id: str) -> tuple[bytes, bool, str | None]:
+        out = io.BytesIO()
+        result = store.export(layer_id, out)
+        assert result.tar_size == len(out.getvalue())
+        return out.getvalue(), result.exact, result.reason
+
+    def _assert_exact(self, store: LayerStore, layer_id: str, applied: bytes) -> None:
+        data, exact, reason = self._export(store, layer_id)
+        assert exact, f"diff of {layer_id} is generated: {reason}"
+        assert data == applied, f"diff of {layer_id} is not the applied tar"
+        assert store.metadata(layer_id)["diff_id"] == _sha(applied)
+
+    def test_diff_gives_back_the_applied_tar(self, store: LayerStore, tmp_path: Path) -> None:
+        self.base_with(store, make_rich, "source")
+        sparse = tmp_path / "sparse"
+        sparse.mkdir()
+        with open(sparse / "holes", "wb") as f:
+            f.truncate(8 << 20)
+            f.seek(3 << 20)
+            f.write(random_content(5000, 3))
+        with store.mounted("source") as src:
+            tars = {
+                "gnu-tar": _gnu_tar(src, "--format=gnu", "--xattrs", "--xattrs-include=*"),
+                "gnu-tar-pax": _gnu_tar(src, "--format=pax", "--xattrs", "--xattrs-include=*"),
+            }
+        tars["gnu-tar-sparse"] = _gnu_tar(sparse, "--format=pax", "-S")
+        tars["gnu-tar-sparse-gnu"] = _gnu_tar(sparse, "--format=gnu", "-S")
+        tars["tarfile-odd"] = _tarfile(  # no directory entries, odd names, not sorted
+            ("/etc/hostname", tarfile.REGTYPE, b"box\n"),
+            ("./usr/bin/tool", tarfile.REGTYPE, random_content(70_000, 5)),
+            ("usr/bin/alias", tarfile.LNKTYPE, b"usr/bin/tool"),
+            ("./", tarfile.DIRTYPE, None),
+            ("a/" + "long-name-" * 20, tarfile.REGTYPE, b"long"),
+            ("a/sym", tarfile.SYMTYPE, b"../etc/hostname"),
+            format=tarfile.GNU_FORMAT,
+        )
+        tars["tarfile-pax-global"] = _tarfile(
+            ("dir", tarfile.DIRTYPE, None),
+            ("dir/f", tarfile.REGTYPE, b"x" * 513),
+            ("dir/empty", tarfile.REGTYPE, b""),
+            format=tarfile.PAX_FORMAT,
+            pax_headers={"comment": "a global header"},
+        )
+        tars["trailing-bytes"] = tars["tarfile-pax-global"] + b"\0" * 9216 + b"junk after the end"
+        tars["empty"] = b"\0" * 1024
+        tars["zero-bytes"] = b""
+        with store.diff("source") as stream:
+            tars["our-own"] = stream.read()
+        for i, (name, applied) in enumerate(tars.items()):
+            layer_id = f"exact-{i}"
+            store.create(layer_id)
+            # the compressed form of the tar is applied; its diff is the uncompressed tar
+            blob = gzip.compress(applied, mtime=0) if i % 2 else applied
+            assert store.apply(layer_id, io.BytesIO(blob)).diff_id == _sha(applied), name
+            self._assert_exact(store, layer_id, applied)
+            with store.mounted(layer_id):
+                pass  # mounted and unmounted, never written: still the same layer
+            data, exact, reason = self._export(store, layer_id)
+            assert exact and data == applied, f"{name}: {reason}"
+        meta = store.metadata("exact-0")
+        assert isinstance(meta["exact_diff_record"], int)
+        assert meta["exact_diff_record"] < len(tars["gnu-tar"])
+        assert ("Reproduces Exact Diffs", "true") in store.status()
+
+    def test_exact_diff_of_a_child_with_whiteouts(self, store: LayerStore) -> None:
+        parent = _tarfile(
+            ("a", tarfile.DIRTYPE, None),
+            ("a/x", tarfile.REGTYPE, b"x"),
+            ("a/y", tarfile.REGTYPE, b"y"),
+            ("d", tarfile.DIRTYPE, None),
+            ("d/1", tarfile.REGTYPE, b"1"),
+            ("e", tarfile.DIRTYPE, None),
+            ("e/old", tarfile.REGTYPE, b"old"),
+            ("f", tarfile.REGTYPE, b"lower file"),
+            ("keep", tarfile.REGTYPE, b"keep"),
+            format=tarfile.PAX_FORMAT,
+        )
+        child = _tarfile(
+            ("a/.wh.x", tarfile.REGTYPE, b""),
+            (".wh.d", tarfile.REGTYPE, b""),
+            ("e", tarfile.DIRTYPE, None),
+            ("e/.wh..wh..opq", tarfile.REGTYPE, b""),
+            ("e/new", tarfile.REGTYPE, b"new"),
+            ("link-to-f", tarfile.LNKTYPE, b"f"),
+            ("keep", tarfile.REGTYPE, b"changed"),
+            format=tarfile.PAX_FORMAT,
+        )
+        store.create("parent")
+        store.apply("parent", io.BytesIO(parent))
+        store.create("child", "parent")
+        store.apply("child", io.BytesIO(child))
+        self._assert_exact(store, "child", child)
+        self._assert_exact(store, "parent", parent)  # a child on top changes nothing
+        _size, data = self.roundtrip(store, "child", "again")
+        assert data == child
+        with store.mounted("child") as root:
+            assert sorted(os.listdir(root)) == ["a", "e", "f", "keep", "link-to-f"]
+            assert os.listdir(root / "e") == ["new"]
+            assert os.stat(root / "link-to-f").st_ino == os.stat(root / "f").st_ino
+
+    def test_a_changed_layer_gets_a_generated_diff(self, store: LayerStore) -> None:
+        applied = _tarfile(
+            ("dir", tarfile.DIRTYPE, None),
+            ("dir/file", tarfile.REGTYPE, b"0123456789"),
+            ("other", tarfile.REGTYPE, b"other"),
+            format=tarfile.PAX_FORMAT,
+        )
+
+        def add_file(root: Path) -> None:
+            (root / "dir" / "new").write_bytes(b"new")
+
+        def same_size_same_mtime(root: Path) -> None:
+            st = os.stat(root / "dir" / "file")
+            with open(root / "dir" / "file", "r+b") as f:
+                f.write(b"ABCDEFGHIJ")
+            os.utime(root / "dir" / "file", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+        def chmod_and_back(root: Path) -> None:
+            os.chmod(root / "other", 0o600)
+            os.chmod(root / "other", 0o644)
+
+        def delete(root: Path) -> None:
+            os.unlink(root / "other")
+
+        for i, (change, path) in enumerate(
+            (
+                (add_file, "/dir"),
+                (same_size_same_mtime, "/dir/file"),
+                (chmod_and_back, "/other"),
+                (delete, "/other"),
+            )
+        ):
+            layer_id = f"changed-{i}"
+            store.create(layer_id, rw=True)
+            store.apply(layer_id, io.BytesIO(applied))
+            self._assert_exact(store, layer_id, applied)
+            self.fill(store, layer_id, change)
+            data, exact, reason = self._export(store, layer_id)
+            assert not exact, f"{change.__name__}: the stale record was used"
+            assert reason is not None and path in reason, reason
+            assert data != applied
+            self.roundtrip(store, layer_id, f"copy-{i}")  # the generated diff is the layer
+
+    def test_a_tar_that_overwrites_itself_has_no_record(self, store: LayerStore) -> None:
+        applied = _tarfile(
+            ("f", tarfile.REGTYPE, b"first"),
+            ("f", tarfile.REGTYPE, b"second"),
+            format=tarfile.PAX_FORMAT,
+        )
+        store.create("dup")
+        store.apply("dup", io.BytesIO(applied))
+        data, exact, reason = self._export(store, "dup")
+        assert not exact and reason is not None
+        with store.mounted("dup") as root:
+            assert (root / "f").read_bytes() == b"second"
+        self.roundtrip(store, "dup", "dup-copy")
+
+    def test_a_record_goes_with_its_layer(self, store: LayerStore) -> None:
+        first = _tarfile(("f", tarfile.REGTYPE, b"first"), format=tarfile.GNU_FORMAT)
+        second = _tarfile(("g", tarfile.REGTYPE, b"second"), format=tarfile.PAX_FORMAT)
+        store.create("L")
+        store.apply("L", io.BytesIO(first))
+        store.remove("L")
+        store.create("L")
+        assert store.metadata("L")["exact_diff_record"] is None
+        store.apply("L", io.BytesIO(second))
+        self._assert_exact(store, "L", second)
