@@ -201,7 +201,7 @@ class ExactDiffCases(ConformanceBase):
         )
         store.create("dup")
         store.apply("dup", io.BytesIO(applied))
-        data, exact, reason = self._export(store, "dup")
+        _data, exact, reason = self._export(store, "dup")
         assert not exact and reason is not None
         with store.mounted("dup") as root:
             assert (root / "f").read_bytes() == b"second"
