@@ -9,7 +9,11 @@ devmapper where the kernel has device-mapper), on a fresh sparse loop filesystem
   it, 10,000 small files and one 1 GiB file, beside GNU ``tar -x`` of the same tar onto the same
   filesystem, and ``podman import`` of the same tar with podman's own driver of that name into a
   private root (minbase and the small files; the 1 GiB file would take podman minutes);
-- pack: ``graphdriver diff`` of the minbase layer beside ``tar -c`` of the unpacked tree;
+- pack: ``graphdriver diff`` of the minbase layer (applied, so its exact-diff record is
+  replayed) beside ``tar -c`` of the unpacked tree;
+- exact diffs: apply-diff keeping the exact-diff record beside apply-diff without
+  (``GRAPHDRIVER_TAR_SPLIT=off``), the record's size per layer, and the diff replayed from the
+  record beside the diff generated from the same layer (minbase, apt, 10,000 small files);
 - a small change (3 files) on the minbase image: ``changes`` and ``diff`` beside ``tar -c`` of
   the changed files;
 - ``create`` of an empty layer, and of a child of the minbase layer beside a child of an empty
@@ -254,6 +258,54 @@ class Bench:
             self.rss.setdefault("diff big1g", []).append(m)
             out.unlink()
         run([*self.gd, "rm", "big"])
+
+    # ----------------------------------------------------------------------- exact diffs
+
+    def exact(self) -> None:
+        """What exact-diff records cost: apply-diff keeping them beside apply-diff without
+        (GRAPHDRIVER_TAR_SPLIT=off), the bytes each takes, and the diff of an applied layer
+        replayed from its record beside the diff generated from the same layer."""
+        off = ["env", "GRAPHDRIVER_TAR_SPLIT=off"]
+        out = self.fs / "exact.tar"
+        have = {layer["id"] for layer in json.loads(run([*self.gd, "--json", "ls"]))}
+        if "base" not in have:  # the unpack step did not run
+            run([*self.gd, "create", "base"])
+            run([*self.gd, "apply-diff", "base", str(self.sets["minbase"][0])])
+        for key in ("minbase", "apt", "small10k"):
+            tar = self.sets[key][0]
+            parent = ["--parent", "base"] if key == "apt" else []
+            fig = self.fig(f"apply-diff {key}, keeping its exact-diff record",
+                           ref_name="apply-diff without records", target="<= 1.05x")  # fmt: skip
+            dfig = self.fig(f"diff of the applied {key} (its record replayed)",
+                            ref_name="diff generated from the layer")  # fmt: skip
+            stored: list[int] = []
+            for i in range(self.runs):
+                kept, plain = self.fresh("X"), self.fresh("Y")
+                run([*self.gd, "create", *parent, kept])
+                run([*self.gd, "create", *parent, plain])
+                ref_t, t, _m = both(
+                    i,
+                    [*off, *self.gd, "apply-diff", plain, str(tar)],
+                    [*self.gd, "apply-diff", kept, str(tar)],
+                )
+                fig.ref.append(ref_t)
+                fig.ours.append(t)
+                stored.append(json.loads(run([*self.gd, "inspect", kept]))["exact_diff_record"])
+                ref_t, t, _m = both(
+                    i,
+                    [*self.gd, "diff", plain, "-o", str(out)],
+                    [*self.gd, "diff", kept, "-o", str(out)],
+                    after=out.unlink,
+                )
+                dfig.ref.append(ref_t)
+                dfig.ours.append(t)
+                run([*self.gd, "rm", kept, plain])
+            size = tar.stat().st_size
+            per_layer = statistics.median(stored)
+            fig.extra = (
+                f"record {per_layer / 1024:,.0f} KiB per layer, {100 * per_layer / size:.2f}% "
+                f"of the {size / 1e6:,.0f} MB tar"
+            )
 
     # ----------------------------------------------------------------------- small change
 
@@ -523,6 +575,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--only", default=None, help="comma list of driver/fs, e.g. overlay/xfs")
+    ap.add_argument("--steps", default=None,
+                    help="comma list of steps (unpack,pack,exact,small_change,create,mounts,"
+                    "deep_read); unpack makes the base layer the others need")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--chart", type=Path, default=None, help="redraw the PNG of a results JSON")
     args = ap.parse_args()
@@ -546,10 +601,12 @@ def main() -> None:
             bench = Bench(driver, fstype, fs, args.runs, sets)
             try:
                 steps: list[Callable[[], None]] = [
-                    bench.unpack, bench.pack, bench.small_change, bench.create,
+                    bench.unpack, bench.pack, bench.exact, bench.small_change, bench.create,
                     bench.mounts, bench.deep_read,
                 ]  # fmt: skip
                 for step in steps:
+                    if args.steps and step.__name__ not in args.steps.split(","):
+                        continue
                     step()
             finally:
                 bench.cleanup()
