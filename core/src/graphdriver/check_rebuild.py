@@ -64,8 +64,9 @@ def _sidecars(path: Path) -> list[Path]:
 
 
 def _salvage(path: Path) -> dict[str, list[sqlite3.Row]]:
-    """The layer and container rows that can still be read from a damaged database."""
-    out: dict[str, list[sqlite3.Row]] = {"layers": [], "containers": []}
+    """The layer, container and exact-diff record rows that can still be read from a
+    damaged database."""
+    out: dict[str, list[sqlite3.Row]] = {"layers": [], "containers": [], "tar_split": []}
     if not path.exists() or path.stat().st_size == 0:
         return out
     try:
@@ -123,6 +124,12 @@ def _fill(
                 f"VALUES ({', '.join('?' * len(cols))})",
                 [c[k] for k in cols],
             )
+        # exact-diff records of the layers kept from the old database (their digest still
+        # refuses one the damage changed)
+        for r in salvaged["tar_split"]:
+            row = old.get(r["layer"])
+            if r["layer"] in placed and row is not None and row["diff_id"]:
+                meta.set_tar_split(r["layer"], str(r["digest"]), bytes(r["data"]))
         meta.set_meta("rebuilt", when)
     return len(placed), from_old, len(containers)
 
