@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import GD
 
+from graphdriver import LayerStore, open_store
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing import Backing, backing_or_skip, host_lacks
 from graphdriver.testing.trees import assert_same_tree, make_rich, random_content, snapshot
@@ -41,20 +41,29 @@ def loop_xfs() -> Iterator[Backing]:
 
 @dataclass
 class Store:
-    gd: GD
-    work: Path  # scratch space on the same backing (xattrs, devices, holes all work there)
+    """A layer store (the Python API, in this process) and scratch space on its backing
+    (xattrs, device nodes and holes all work there)."""
 
-    def sha256_of_diff(self, layer: str) -> str:
-        out = self.work / f"rediff-{layer}.tar"
-        self.gd("diff", layer, "-o", str(out))
-        return _sha256(out)
+    layers: LayerStore
+    work: Path
+
+    def apply(self, layer: str, tar: Path, parent: str | None = None) -> None:
+        self.layers.create(layer, parent)
+        with open(tar, "rb") as f:
+            self.layers.apply_diff(layer, f)
+
+    def write_diff(self, layer: str) -> Path:
+        out = self.work / f"diff-{layer}.tar"
+        with open(out, "wb") as f:
+            self.layers.write_diff(layer, f)
+        return out
 
     def snapshot_of(self, layer: str) -> dict[str, object]:
-        root = Path(self.gd("mount", layer).out.strip())
+        root = self.layers.get(layer)
         try:
             return snapshot(root, exact=True)
         finally:
-            self.gd("umount", layer)
+            self.layers.put(layer)
 
 
 @pytest.fixture(params=STORES, ids=[d for d, _ in STORES])
@@ -65,11 +74,13 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     root, work = backing.root / name, backing.root / f"{name}-work"
     root.mkdir()
     work.mkdir()
-    gd = GD(root, driver)
     try:
-        yield Store(gd, work)
+        with open_store(root, driver) as layers:
+            try:
+                yield Store(layers, work)
+            finally:
+                layers.cleanup()
     finally:
-        subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -84,7 +95,9 @@ def _run(*argv: str | Path, env: dict[str, str] | None = None) -> str:
         [str(a) for a in argv], capture_output=True, text=True, timeout=300, env=env
     )
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr}"
+        )
     return proc.stdout
 
 
@@ -139,17 +152,15 @@ def test_gnu_tar_layer_applies_as_gnu_tar_extracts_it(store: Store, fmt: str) ->
     want = store.work / "extracted"
     want.mkdir()
     _gnu_tar_extract(layer, want)
-    store.gd("create", "L")
-    store.gd("apply-diff", "L", input=layer.read_bytes())
+    store.apply("L", layer)
     assert_same_tree(snapshot(want, exact=True), store.snapshot_of("L"), "gnu-tar/graphdriver")
 
 
 @pytest.mark.parametrize("fmt", list(TAR_FORMATS))
 def test_gnu_tar_layer_rediffs_exactly(store: Store, fmt: str) -> None:
     layer = _gnu_tar_layer(store, fmt)
-    store.gd("create", "L")
-    store.gd("apply-diff", "L", input=layer.read_bytes())
-    assert store.sha256_of_diff("L") == _sha256(layer)
+    store.apply("L", layer)
+    assert _sha256(store.write_diff("L")) == _sha256(layer)
 
 
 # --- graphdriver's diffs unpacked by GNU tar and umoci ----------------------------------------
@@ -158,9 +169,9 @@ def test_gnu_tar_layer_rediffs_exactly(store: Store, fmt: str) -> None:
 def _chain(store: Store) -> list[Path]:
     """A base and a child that deletes a lower file and directory, replaces a directory,
     chowns, sets xattrs, links to a lower file, sets a sub-second mtime; their diffs."""
-    gd = store.gd
-    gd("create", "base")
-    root = Path(gd("mount", "base").out.strip())
+    layers = store.layers
+    layers.create("base")
+    root = layers.get("base")
     make_rich(root)
     (root / "gone" / "sub").mkdir(parents=True)
     (root / "gone" / "sub" / "f").write_bytes(b"in a deleted dir")
@@ -169,10 +180,10 @@ def _chain(store: Store) -> list[Path]:
     (root / "replaced" / "old").write_bytes(b"old")
     (root / "owned").write_bytes(b"owned")
     (root / "linktarget").write_bytes(b"linked from above")
-    gd("umount", "base")
+    layers.put("base")
 
-    gd("create", "child", "--parent", "base")
-    root = Path(gd("mount", "child").out.strip())
+    layers.create("child", "base")
+    root = layers.get("child")
     shutil.rmtree(root / "gone")
     (root / "gone-file").unlink()
     (root / "etc" / "empty").unlink()
@@ -188,14 +199,8 @@ def _chain(store: Store) -> list[Path]:
     (root / "ns").write_bytes(b"sub-second")
     os.utime(root / "ns", ns=(NS_MTIME, NS_MTIME))
     os.utime(root / "etc", ns=(NS_MTIME, NS_MTIME))
-    gd("umount", "child")
-
-    diffs = []
-    for layer in ("base", "child"):
-        out = store.work / f"{layer}.tar"
-        gd("diff", layer, "-o", str(out))
-        diffs.append(out)
-    return diffs
+    layers.put("child")
+    return [store.write_diff("base"), store.write_diff("child")]
 
 
 def _apply_whiteouts(layer: Path, root: Path) -> None:
@@ -340,10 +345,14 @@ def _base_rootfs(root: Path) -> None:
                 shutil.copy2(word, lib)
 
 
-@pytest.fixture(scope="module")
-def podman_image() -> Iterator[PodmanImage]:
+@pytest.fixture(scope="module", params=["vfs", "overlay"], ids=lambda d: f"podman-{d}")
+def podman_image(request: pytest.FixtureRequest) -> Iterator[PodmanImage]:
     """An image built by buildah from a base that podman imported, in a private podman
-    storage (vfs driver) that is taken down at the end."""
+    storage that is taken down at the end. Its storage driver decides how layers are made:
+    vfs compares trees (a replaced directory is whiteouts of each old entry, a hardlink to a
+    lower file a copy), overlay reads its upper dir (an opaque whiteout, the link's target
+    copied up with it)."""
+    driver: str = request.param
     missing = [t for t in ("podman", "buildah") if shutil.which(t) is None]
     if missing:
         host_lacks(f"{' and '.join(missing)} (apt-get install podman buildah)", "podman")
@@ -356,7 +365,8 @@ def podman_image() -> Iterator[PodmanImage]:
         )
         (work / "registries.conf").write_text("unqualified-search-registries = []\n")
         (work / "storage.conf").write_text(
-            f'[storage]\ndriver = "vfs"\nrunroot = "{work}/run"\ngraphroot = "{work}/storage"\n'
+            f'[storage]\ndriver = "{driver}"\n'
+            f'runroot = "{work}/run"\ngraphroot = "{work}/storage"\n'
         )
         env = {
             **os.environ,
@@ -365,7 +375,13 @@ def podman_image() -> Iterator[PodmanImage]:
             "CONTAINERS_REGISTRIES_CONF": str(work / "registries.conf"),
             "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"),
         }
-        storage = ["--root", f"{work}/storage", "--runroot", f"{work}/run", "--storage-driver=vfs"]
+        storage = [
+            "--root",
+            f"{work}/storage",
+            "--runroot",
+            f"{work}/run",
+            f"--storage-driver={driver}",
+        ]
         podman = ["podman", *storage, "--cgroup-manager=cgroupfs", "--events-backend=file"]
         buildah = ["buildah", *storage]
         try:
@@ -409,8 +425,7 @@ def _apply_podman_layers(store: Store, image: PodmanImage) -> list[str]:
     ids, parent = [], None
     for n, layer in enumerate(image.layers):
         layer_id = f"p{n}"
-        store.gd("create", layer_id, *(["--parent", parent] if parent else []))
-        store.gd("apply-diff", layer_id, input=layer.read_bytes())
+        store.apply(layer_id, layer, parent)
         ids.append(layer_id)
         parent = layer_id
     return ids
@@ -428,4 +443,4 @@ def test_podman_save_layers_rediff_exactly(store: Store, podman_image: PodmanIma
     ids = _apply_podman_layers(store, podman_image)
     for layer_id, diff_id, tar in zip(ids, podman_image.diff_ids, podman_image.layers, strict=True):
         assert f"sha256:{_sha256(tar)}" == diff_id  # docker-archive layers are uncompressed
-        assert f"sha256:{store.sha256_of_diff(layer_id)}" == diff_id, layer_id
+        assert f"sha256:{_sha256(store.write_diff(layer_id))}" == diff_id, layer_id

@@ -154,7 +154,8 @@ def differences(want: dict[str, Any], got: dict[str, Any], *, names: str = "want
 def assert_same_tree(want: dict[str, Any], got: dict[str, Any], names: str = "want/got") -> None:
     """Fail listing every difference between two snapshots (see :func:`differences`)."""
     found = differences(want, got, names=names)
-    assert not found, f"{len(found)} differences ({names}):\n" + "\n".join(found)
+    if found:
+        raise AssertionError(f"{len(found)} differences ({names}):\n" + "\n".join(found))
 
 
 _TYPES = {
