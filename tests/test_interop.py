@@ -359,9 +359,11 @@ def podman_image(request: pytest.FixtureRequest) -> Iterator[PodmanImage]:
     with tempfile.TemporaryDirectory(prefix="gd-podman-") as tmp:
         work = Path(tmp)
         (work / "xdg").mkdir()
+        (work / "tmp").mkdir()
         (work / "containers.conf").write_text(
             '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
             f'events_logfile_path = "{work}/events.log"\n'
+            f'tmp_dir = "{work}/tmp"\n'
         )
         (work / "registries.conf").write_text("unqualified-search-registries = []\n")
         (work / "storage.conf").write_text(
@@ -374,14 +376,11 @@ def podman_image(request: pytest.FixtureRequest) -> Iterator[PodmanImage]:
             "CONTAINERS_CONF": str(work / "containers.conf"),
             "CONTAINERS_REGISTRIES_CONF": str(work / "registries.conf"),
             "CONTAINERS_STORAGE_CONF": str(work / "storage.conf"),
+            "TMPDIR": str(work / "tmp"),  # buildah's and podman's scratch files (else /var/tmp)
         }
         storage = [
-            "--root",
-            f"{work}/storage",
-            "--runroot",
-            f"{work}/run",
-            f"--storage-driver={driver}",
-        ]
+            "--root", f"{work}/storage", "--runroot", f"{work}/run", f"--storage-driver={driver}"
+        ]  # fmt: skip
         podman = ["podman", *storage, "--cgroup-manager=cgroupfs", "--events-backend=file"]
         buildah = ["buildah", *storage]
         try:
@@ -390,7 +389,9 @@ def podman_image(request: pytest.FixtureRequest) -> Iterator[PodmanImage]:
             _run(*podman, "import", "-q", work / "base.tar", "localhost/gd-base:1", env=env)
             (work / "ctx").mkdir()
             (work / "ctx" / "Containerfile").write_text(CONTAINERFILE)
-            # buildah 1.28 refuses --network none with chroot isolation; the steps use none
+            # no --network none: buildah 1.28 refuses it with chroot isolation (and OCI
+            # isolation needs a cgroup setup crun accepts); the steps reach no network and pull
+            # nothing (the base is local, registries.conf lists none)
             _run(
                 *buildah, "bud", "--layers", "--isolation", "chroot", "-q",
                 "-t", "localhost/gd-test:1", work / "ctx", env=env,
