@@ -26,6 +26,9 @@ REQUIREMENTS = {
     "(/dev/mapper/control) and dmsetup",
     "xfs-quota": "XFS project quota (mount -o prjquota; a kernel built with CONFIG_XFS_QUOTA): "
     "overlay's size-limited rw layers",
+    "podman": "podman, buildah and crun run rootful on the vfs storage driver, with setfattr "
+    "(attr) and setcap (libcap2-bin) to copy into the test image: tests/test_interop.py",
+    "umoci": "umoci unpacks an OCI image layout: tests/test_interop.py",
 }
 
 

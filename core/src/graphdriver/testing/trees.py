@@ -83,10 +83,11 @@ def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
     return tuple(out)
 
 
-def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, Any]:
+def snapshot(root: Path, *, mtimes: bool = True, exact: bool = False) -> dict[str, Any]:
     """Everything a user can see of a tree: per path its type, mode, owner, size, mtime
     (whole seconds, as tar keeps them; directories' left out), target, device, xattrs,
-    content digest and hardlink group."""
+    content digest and hardlink group. *exact* keeps mtimes to the nanosecond, directories'
+    too (what a PAX tar carries and an unpacker restores)."""
     out: dict[str, Any] = {}
     inodes: dict[tuple[int, int], str] = {}
     base = str(root)
@@ -105,7 +106,9 @@ def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, Any]:
                 "gid": st.st_gid,
                 "xattrs": _xattrs(path),
             }
-            if mtimes and not stat.S_ISDIR(st.st_mode):
+            if exact:
+                entry["mtime"] = st.st_mtime_ns
+            elif mtimes and not stat.S_ISDIR(st.st_mode):
                 entry["mtime"] = int(st.st_mtime)
             if stat.S_ISREG(st.st_mode):
                 entry["size"] = st.st_size
@@ -124,3 +127,53 @@ def snapshot(root: Path, *, mtimes: bool = True) -> dict[str, Any]:
 def listing(root: Path) -> list[str]:
     """Top-level names of a layer, without the filesystem's own lost+found."""
     return sorted(n for n in os.listdir(root) if n not in IGNORED)
+
+
+def differences(want: dict[str, Any], got: dict[str, Any], *, names: str = "want/got") -> list[str]:
+    """Every difference between two :func:`snapshot` results, one readable line each:
+    a path only one side has, or one attribute of a path that both have. *names* labels
+    the two sides (``"podman/graphdriver"``)."""
+    left, right = names.split("/", 1)
+    out: list[str] = []
+    for path in sorted(want.keys() | got.keys()):
+        if path not in got:
+            out.append(f"{path}: only in {left} ({_describe(want[path])})")
+        elif path not in want:
+            out.append(f"{path}: only in {right} ({_describe(got[path])})")
+        else:
+            a, b = want[path], got[path]
+            for key in sorted(a.keys() | b.keys()):
+                if a.get(key) != b.get(key):
+                    out.append(
+                        f"{path}: {key} {left}={_show(key, a.get(key))} "
+                        f"{right}={_show(key, b.get(key))}"
+                    )
+    return out
+
+
+def assert_same_tree(want: dict[str, Any], got: dict[str, Any], names: str = "want/got") -> None:
+    """Fail listing every difference between two snapshots (see :func:`differences`)."""
+    found = differences(want, got, names=names)
+    if found:
+        raise AssertionError(f"{len(found)} differences ({names}):\n" + "\n".join(found))
+
+
+_TYPES = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFCHR: "char device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
+
+
+def _show(key: str, value: Any) -> str:
+    if key == "type" and isinstance(value, int):
+        return _TYPES.get(value, oct(value))
+    return repr(value)
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    return _TYPES.get(entry.get("type", 0), "entry")
