@@ -309,6 +309,14 @@ def _child(  # pragma: no cover
         os._exit(code)
 
 
+def _missing(path: str) -> bool:
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def _clean_name(raw: str) -> str:
     """The entry name as a path relative to the layer's root ("" for the root itself).
 
@@ -377,11 +385,16 @@ class _Extractor:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
-                os.mkdir(path, 0o755)
-                self.safe_dirs.add(path)
-                parent = path.rpartition("/")[0]
-                if parent in self.sgid_dirs:  # a new directory inherits the setgid bit
+                if self.lowers is not None:  # a directory of a lower layer: copied up
+                    self.lowers.copy_up(path, raw, directory=True)
+                if _missing(path):
+                    os.mkdir(path, 0o755)
+                    parent = path.rpartition("/")[0]
+                    if parent in self.sgid_dirs:  # a new directory inherits the setgid bit
+                        self.sgid_dirs.add(path)
+                elif os.lstat(path).st_mode & stat.S_ISGID:
                     self.sgid_dirs.add(path)
+                self.safe_dirs.add(path)
                 continue
             if stat.S_ISLNK(st.st_mode):
                 raise UnsafeArchive(f"tar entry {raw!r} goes through the symlink {path!r}")

@@ -33,10 +33,16 @@ class LowerDirs:
         self.fds = list(fds)
         self.root = os.geteuid() == 0
 
-    def copy_up(self, path: str, raw: str) -> int:
+    def copy_up(self, path: str, raw: str, *, directory: bool = False) -> int:
         """Copy *path* (clean, relative) into the upper dir from the nearest lower that shows
         it, with the directories above it; returns the bytes copied (0 when the upper has it
-        already, or no lower shows it: the caller then refuses the hardlink)."""
+        already, or no lower shows it: the caller then refuses the hardlink).
+
+        With *directory*, *path* is a directory a tar entry needs but does not name: it is
+        copied up (mode, owner, xattrs, times) if the lowers show a directory there, as the
+        kernel does when a file is made in it; nothing is done otherwise (the caller makes a
+        plain one, as over an empty lower).
+        """
         parts = path.split("/")
         layers = self.fds
         upper = ""
@@ -45,11 +51,14 @@ class LowerDirs:
             for i, part in enumerate(parts):
                 upper = f"{upper}/{part}" if upper else part
                 in_upper = _lstat(upper)
-                if in_upper is not None and stat.S_ISLNK(in_upper.st_mode) and i < len(parts) - 1:
+                last = i == len(parts) - 1 and not directory
+                if in_upper is not None and stat.S_ISLNK(in_upper.st_mode) and not last:
+                    if directory:
+                        return 0  # the extractor refuses the entry, naming the symlink
                     raise UnsafeArchive(
                         f"hardlink target {raw!r} goes through the symlink {upper!r}"
                     )
-                if in_upper is not None and i == len(parts) - 1:
+                if in_upper is not None and last:
                     return 0
                 if in_upper is not None and (
                     not stat.S_ISDIR(in_upper.st_mode) or whiteout.is_overlay_opaque(upper)
@@ -60,12 +69,12 @@ class LowerDirs:
                     part,
                     upper,
                     raw,
-                    last=i == len(parts) - 1,
-                    upper_dir=in_upper is not None,
+                    last=last,
+                    upper_dir=in_upper is not None or directory,
                 )
                 if not found:
                     return 0
-                if i == len(parts) - 1:
+                if last:
                     with _parent_times_kept(upper):
                         return _copy_entry(found[0], part, upper, self.root)
                 opened.extend(found)

@@ -486,3 +486,31 @@ class DiffCases(ConformanceBase):
         with store.mounted("copy") as root:
             for rel, ns in stamps.items():
                 assert os.lstat(root / rel).st_mtime_ns == ns, rel
+
+    def test_directories_a_tar_does_not_name_keep_their_attributes(self, store: LayerStore) -> None:
+        # a tar may hold tmp/x without an entry for tmp/: the layer's tmp is the parent's
+        # (mode 1777, owner, xattrs), as when the file is made through a mount; overlay copies
+        # the directory up from the lower layer as the kernel does
+        def base(r: Path) -> None:
+            (r / "tmp").mkdir()
+            os.chmod(r / "tmp", 0o1777)
+            (r / "var" / "mail").mkdir(parents=True)
+            os.chown(r / "var" / "mail", 0, 8)
+            os.chmod(r / "var" / "mail", 0o2775)
+            os.setxattr(r / "var" / "mail", "user.kept", b"yes")
+
+        self.base_with(store, base)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for name in ("tmp/x", "var/mail/y", "var/.wh.gone"):
+                info = tarfile.TarInfo(name)
+                info.size = 1
+                tf.addfile(info, io.BytesIO(b"1"))
+        store.create("child", "base")
+        store.apply("child", io.BytesIO(buf.getvalue()))
+        with store.mounted("child") as root:
+            assert oct((root / "tmp").stat().st_mode) == oct(0o41777)
+            mail = (root / "var" / "mail").stat()
+            assert (oct(mail.st_mode), mail.st_uid, mail.st_gid) == (oct(0o42775), 0, 8)
+            assert os.getxattr(root / "var" / "mail", "user.kept") == b"yes"
+            assert (root / "tmp" / "x").read_bytes() == b"1"
