@@ -245,8 +245,7 @@ def write_tar(
     writer.progress = progress
     try:
         if source.record is not None:
-            assert source.diff_id is not None
-            tarsplit.replay(source.record, source.root, writer.write_raw, source.diff_id)
+            tarsplit.replay(source.record, source.root, writer.write_raw)
             writer.flush()
         else:
             if source.reason:

@@ -240,6 +240,16 @@ class TarWriter:
 
     def write_raw(self, data: bytes | memoryview) -> None:
         """Bytes that are already tar (an exact diff's headers and bodies)."""
+        if self._fd is not None and len(data) >= 1 << 16:  # large: no copy into the buffer
+            self.flush()
+            with memoryview(data) as view:
+                done = 0
+                while done < len(view):
+                    done += os.write(self._fd, view[done:])
+            self.bytes_written += len(data)
+            if self.progress is not None:
+                self.progress(len(data))
+            return
         self._buf += data
         if len(self._buf) >= CHUNK:
             self.flush()

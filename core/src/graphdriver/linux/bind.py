@@ -28,6 +28,8 @@ _SYS_OPENAT2 = 437
 _SYS_MOUNT_SETATTR = 442
 
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
@@ -62,8 +64,16 @@ def _check(rc: int, path: str | None = None) -> int:
     return rc
 
 
-def _openat2(dirfd: int, path: str, flags: int) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+def open_beneath(dirfd: int, path: str, flags: int) -> int:
+    """openat2(2) of *path* below *dirfd* following no symlink at all and never leaving it
+    (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): one call for what a walk of O_NOFOLLOW opens does."""
+    return _openat2(dirfd, path, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+
+
+def _openat2(
+    dirfd: int, path: str, flags: int, resolve: int = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
     rc = _libc.syscall(
         _SYS_OPENAT2,
         ctypes.c_int(dirfd),
