@@ -140,8 +140,10 @@ class Recorder:
         self.gone.add(path)
         if self.failed is not None:
             return
-        prefix = path + "/"
-        if path in self.bodies or (was_dir and any(b.startswith(prefix) for b in self.bodies)):
+        prefix = path + "/"  # a body under *path* touched it: one the tar never named has none
+        if path in self.bodies or (
+            was_dir and path in self.touched and any(b.startswith(prefix) for b in self.bodies)
+        ):
             self.fail(f"a file of the tar under {path!r} is replaced later in the same tar")
 
     def made_opaque(self, path: str) -> None:
