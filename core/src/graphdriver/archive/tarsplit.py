@@ -46,7 +46,7 @@ _REGION = struct.Struct("<QQ")
 _FLUSH_RAW = 1 << 20
 
 
-class RecordError(Exception):
+class RecordError(ArchiveError):
     """A record that cannot be used (corrupt, edited, or not this layer's any more)."""
 
 
@@ -275,6 +275,8 @@ class Record:
                     yield z.read(n)
                 elif tag == _BODY:
                     path = z.path()
+                    if {"", ".", ".."} & set(path.split("/")):  # none leaves the layer
+                        raise RecordError(f"the record is corrupt (a body at {path!r})")
                     (size,) = _U64.unpack(z.read(8))
                     (crc,) = _U32.unpack(z.read(4))
                     (count,) = _U32.unpack(z.read(4))
