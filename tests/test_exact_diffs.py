@@ -8,11 +8,16 @@ import io
 import json
 import os
 import sqlite3
+import struct
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 
+import zstandard
 from conftest import GD
+
+from graphdriver.archive import tarsplit
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -123,3 +128,63 @@ def test_records_can_be_turned_off(gd: GD, tmp_path: Path) -> None:
     assert report["exact"] is False
     assert report["reason"] == "no record of the applied tar was kept"
     assert json.loads(gd("inspect", "L").out)["exact_diff_record"] is None
+
+
+def test_a_record_naming_a_file_outside_the_layer_is_not_replayed(gd: GD, tmp_path: Path) -> None:
+    """Found in review (#13): a body path is opened component by component below the layer's
+    root, but ``..`` is not refused, so a record edited behind the store (its digest and the
+    layer's diff_id made to match) made ``diff`` copy a file from outside the layer into the
+    tar. It must be refused (a generated diff or one clear error), never read."""
+    secret = b"host secret, not in any layer\n"
+    (gd.root / "secret").write_bytes(secret)
+    _applied(gd, "L", {"x": b"a" * len(secret)})
+    layer_dir = gd.root / "vfs" / "dir" / "L"
+    header = tarfile.TarInfo("x")
+    header.size, header.mtime = len(secret), 1_650_000_000
+    head = header.tobuf(tarfile.GNU_FORMAT)
+    tail = b"\0" * (-len(secret) % 512) + b"\0" * 1024
+    rec = tarsplit.Recorder()
+    rec.raw(head)
+    rec.start_body()
+    rec.body("../../../secret", len(secret), zlib.crc32(secret), None)
+    rec.raw(tail)
+    rec.touch("x")
+    blob = rec.finish(lambda p: os.lstat(layer_dir / p))
+    assert blob is not None
+    forged = head + secret + tail
+    with _db(gd) as db:
+        db.execute(
+            "UPDATE tar_split SET data = ?, digest = ? WHERE layer = 'L'",
+            (blob, tarsplit.digest(blob)),
+        )
+        db.execute("UPDATE layers SET diff_id = ? WHERE id = 'L'", (_sha(forged),))
+    res = gd("diff", "L", check=False)
+    assert secret not in res.raw, "diff read a file outside the layer"
+    assert "Traceback" not in res.err
+
+
+def test_a_record_corrupt_past_its_checks_is_a_clear_error(gd: GD, tmp_path: Path) -> None:
+    """Found in review (#13): a record whose digest matches and whose check table reads but
+    whose segments are corrupt raised ``RecordError`` (not a GraphDriverError) in the middle
+    of the replay: ``diff`` said "internal error" and ``check --digests`` stopped there."""
+    _applied(gd, "L", {"x": b"abc"})
+    with _db(gd) as db:
+        (blob,) = db.execute("SELECT data FROM tar_split WHERE layer = 'L'").fetchone()
+        start = len(tarsplit.MAGIC) + 8
+        (seg_len,) = struct.unpack_from("<Q", blob, len(tarsplit.MAGIC))
+        segments = (
+            zstandard.ZstdDecompressor().decompressobj().decompress(blob[start : start + seg_len])
+        )
+        bad = zstandard.ZstdCompressor().compress(segments[:-1] + b"Q")  # end tag: unknown
+        forged = tarsplit.MAGIC + struct.pack("<Q", len(bad)) + bad + blob[start + seg_len :]
+        db.execute(
+            "UPDATE tar_split SET data = ?, digest = ? WHERE layer = 'L'",
+            (forged, tarsplit.digest(forged)),
+        )
+    res = gd("diff", "L", "-o", str(tmp_path / "out.tar"), check=False)
+    assert res.code != 0
+    assert "internal error" not in res.err and "Traceback" not in res.err, res.err
+    assert "corrupt" in res.err
+    check = gd("check", "--digests", check=False)
+    assert check.code == 1 and "internal error" not in check.err, check.err
+    assert "L" in check.out

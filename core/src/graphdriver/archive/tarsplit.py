@@ -11,14 +11,15 @@ path the tar touched, what the layer then held (type and mode, mtime, ctime), an
 deleted or made opaque.
 
 ``diff`` uses a record only when the layer still is what apply left: every noted path has the
-same type, mode, mtime and (non-directories) ctime, and every change the layer shows against its
+same type, mode, mtime and ctime, and every change the layer shows against its
 parent is a path the tar touched (or a deletion it made). A ctime cannot be set back by a user,
 so a file written, chmodded, relinked or swapped behind the store is caught before the first byte
 is written. As a last guard each body's CRC-32 is checked while it is written. Otherwise the
 diff is generated from the layer, and says why.
 
 Layout of a record: ``MAGIC``, the length of the segments part, the segments (zstd), the check
-table (zstd). Both parts are read as streams, so memory stays bounded whatever the layer's size.
+table (zstd). Both parts are decompressed as streams; the record itself, and the sets of paths
+the recorder and the checks hold, grow with the number of entries (about 100 bytes each).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import zstandard
 from ..errors import ArchiveError
 from ..linux.bind import open_beneath
 
-MAGIC = b"graphdriver-tar-split 1\n"
+MAGIC = b"graphdriver-tar-split 2\n"
 #: a record larger than this (compressed) is not kept: the diff is generated instead
 MAX_RECORD = 256 << 20
 
@@ -44,14 +45,14 @@ _RAW, _BODY, _END = b"R", b"F", b"E"  # segments
 _PRESENT, _GONE, _OPAQUE, _DONE = b"P", b"G", b"O", b"Z"  # check table
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_PRESENT_FIELDS = struct.Struct("<Iqq")  # st_mode, mtime_ns, ctime_ns
+_PRESENT_FIELDS = struct.Struct("<IqIqI")  # st_mode, mtime (s, ns), ctime (s, ns)
 _REGION = struct.Struct("<QQ")
 _FLUSH_RAW = 1 << 20
 _BATCH = 1 << 18  # bytes handed to the compressor at a time (small calls cost more than bytes)
 _LEVEL = 3  # zstd: headers compress ~40x, ten times faster than zlib's default
 
 
-class RecordError(Exception):
+class RecordError(ArchiveError):
     """A record that cannot be used (corrupt, edited, or not this layer's any more)."""
 
 
@@ -153,8 +154,10 @@ class Recorder:
         self.gone.add(path)
         if self.failed is not None:
             return
-        prefix = path + "/"
-        if path in self.bodies or (was_dir and any(b.startswith(prefix) for b in self.bodies)):
+        prefix = path + "/"  # a body under *path* touched it: one the tar never named has none
+        if path in self.bodies or (
+            was_dir and path in self.touched and any(b.startswith(prefix) for b in self.bodies)
+        ):
             self.fail(f"a file of the tar under {path!r} is replaced later in the same tar")
 
     def made_opaque(self, path: str) -> None:
@@ -179,7 +182,8 @@ class Recorder:
                 self.gone.add(path)
                 continue
             table += _PRESENT + _path_bytes(path)
-            table += _PRESENT_FIELDS.pack(st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+            mtime, ctime = divmod(st.st_mtime_ns, 10**9), divmod(st.st_ctime_ns, 10**9)
+            table += _PRESENT_FIELDS.pack(st.st_mode, *mtime, *ctime)
         for tag, paths in ((_GONE, self.gone), (_OPAQUE, self.opaque)):
             for path in sorted(paths):
                 table += tag + _path_bytes(path)
@@ -260,8 +264,8 @@ class Record:
             while (tag := z.read(1)) != _DONE:
                 path = z.path()
                 if tag == _PRESENT:
-                    mode, mtime, ctime = _PRESENT_FIELDS.unpack(z.read(_PRESENT_FIELDS.size))
-                    out.present[path] = (mode, mtime, ctime)
+                    mode, ms, mns, cs, cns = _PRESENT_FIELDS.unpack(z.read(_PRESENT_FIELDS.size))
+                    out.present[path] = (mode, ms * 10**9 + mns, cs * 10**9 + cns)
                 elif tag == _GONE:
                     out.gone.add(path)
                 elif tag == _OPAQUE:
@@ -283,6 +287,8 @@ class Record:
                     yield z.read(n)
                 elif tag == _BODY:
                     path = z.path()
+                    if {"", ".", ".."} & set(path.split("/")):  # none leaves the layer
+                        raise RecordError(f"the record is corrupt (a body at {path!r})")
                     (size,) = _U64.unpack(z.read(8))
                     (crc,) = _U32.unpack(z.read(4))
                     (count,) = _U32.unpack(z.read(4))
@@ -318,11 +324,9 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
             return f"/{path} was removed after apply-diff"
         if st.st_mode != mode:
             return f"/{path} changed type or mode after apply-diff"
-        if stat.S_ISDIR(mode):
-            if st.st_mtime_ns != mtime:
-                return f"the directory /{path} changed after apply-diff"
-        elif st.st_mtime_ns != mtime or st.st_ctime_ns != ctime:
-            return f"/{path} changed after apply-diff"
+        if st.st_mtime_ns != mtime or st.st_ctime_ns != ctime:  # owner, xattrs, links, data
+            what = "the directory /" if stat.S_ISDIR(mode) else "/"
+            return f"{what}{path} changed after apply-diff"
     for path, deleted in changes:
         rel = path.lstrip("/")
         if not deleted:
@@ -350,6 +354,8 @@ def replay(record: Record, root: str, write: Callable[[bytes | memoryview], obje
                 write(seg)
                 total += len(seg)
                 continue
+            if not seg.size:
+                continue  # an empty file: nothing to read (the checks saw it is there)
             crc = 0
             # below the root, no symlink followed: the checks passed, this is belt and braces
             fd = open_beneath(root_fd, seg.path, os.O_RDONLY)

@@ -217,3 +217,49 @@ class ExactDiffCases(ConformanceBase):
         assert store.metadata("L")["exact_diff_record"] is None
         store.apply("L", io.BytesIO(second))
         self._assert_exact(store, "L", second)
+
+    # ------------------------------------------------------------------ found in review (#13)
+
+    def test_a_directory_chowned_or_given_an_xattr_gets_a_generated_diff(
+        self, store: LayerStore
+    ) -> None:
+        """A chown or an xattr changes only a directory's ctime, which the record does not
+        check: the applied tar's header (old owner, no xattr) must not be replayed as exact."""
+        applied = _tarfile(
+            ("dir", tarfile.DIRTYPE, None),
+            ("dir/file", tarfile.REGTYPE, b"0123456789"),
+            format=tarfile.PAX_FORMAT,
+        )
+
+        def chown_dir(root: Path) -> None:
+            os.chown(root / "dir", 4242, 4242)
+
+        def xattr_on_dir(root: Path) -> None:
+            os.setxattr(root / "dir", "user.review", b"new")
+
+        def chown_root(root: Path) -> None:
+            os.chown(root, 4242, 4242)
+
+        for i, change in enumerate((chown_dir, xattr_on_dir, chown_root)):
+            layer_id = f"dir-attr-{i}"
+            store.create(layer_id, rw=True)
+            store.apply(layer_id, io.BytesIO(applied))
+            self._assert_exact(store, layer_id, applied)
+            self.fill(store, layer_id, change)
+            data, exact, _reason = self._export(store, layer_id)
+            assert not exact, f"{change.__name__}: a stale directory header was replayed"
+            assert data != applied
+
+    def test_a_file_dated_after_2262_is_applied(self, store: LayerStore) -> None:
+        """mtimes past 2^63 ns (year 2262; ext4, xfs bigtime and btrfs keep them) fit a tar
+        and apply without a record; with one, apply-diff failed with "error('argument out
+        of range')" (the check table packs nanoseconds as a signed 64-bit number)."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+            info = tarfile.TarInfo("future")
+            info.size, info.mtime = 4, 10_500_000_000  # the year 2302
+            tf.addfile(info, io.BytesIO(b"data"))
+        applied = buf.getvalue()
+        store.create("future")
+        store.apply("future", io.BytesIO(applied))
+        self._assert_exact(store, "future", applied)

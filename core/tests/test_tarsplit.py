@@ -1,0 +1,26 @@
+"""The exact-diff recorder alone (found in review, issue #13)."""
+
+from __future__ import annotations
+
+import time
+
+from graphdriver.archive.tarsplit import Recorder
+
+
+def test_removing_directories_does_not_rescan_every_body() -> None:
+    """A child layer on a full-copy driver (vfs, btrfs, devmapper) that whiteouts K
+    directories of its parent and adds N files made ``Recorder.removed`` scan all N bodies
+    for each of the K directories: 2,000 dirs and 20,000 files took 40 s to apply with a
+    record, 5 s without. Here the extractor's calls are made directly (touch, then body)."""
+    rec = Recorder()
+    for i in range(10_000):
+        path = f"usr/share/f{i}"
+        rec.touch(path)
+        rec.start_body()
+        rec.body(path, 0, 0, None)
+    start = time.monotonic()
+    for i in range(1_000):
+        rec.removed(f"var/lib/d{i}", was_dir=True)  # the parent's directories, whited out
+    took = time.monotonic() - start
+    assert rec.failed is None
+    assert took < 0.5, f"1,000 whited-out directories took {took:.1f} s"
