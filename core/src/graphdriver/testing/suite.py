@@ -1,18 +1,20 @@
 """DriverConformance: the test cases every driver passes, on real storage.
 
 Subclass it with ``driver`` and ``backing`` set; see :mod:`graphdriver.testing`. The cases live
-in three modules: :mod:`.cases_layers`, :mod:`.cases_diff` and :mod:`.cases_bad_input`.
+in four modules: :mod:`.cases_layers`, :mod:`.cases_diff`, :mod:`.cases_canonical` and
+:mod:`.cases_bad_input`.
 """
 
 from __future__ import annotations
 
 from .base import ConformanceBase, hostile_tars
 from .cases_bad_input import BadInputCases
+from .cases_canonical import CanonicalCases
 from .cases_diff import DiffCases
 from .cases_layers import LayerCases
 
 __all__ = ["ConformanceBase", "DriverConformance", "hostile_tars"]
 
 
-class DriverConformance(LayerCases, DiffCases, BadInputCases):
+class DriverConformance(LayerCases, DiffCases, CanonicalCases, BadInputCases):
     """Every conformance case; a subclass sets ``driver``, ``backing`` and maybe ``options``."""
