@@ -213,8 +213,8 @@ class _Compare:
                 continue
             ost, opath = found
             if stat.S_ISDIR(nst.st_mode) and stat.S_ISDIR(ost.st_mode):
-                if below is None:
-                    below = self.lookup(stack, name)[1]
+                if below is None:  # a plain tree's stack is the one old directory
+                    below = self.lookup(stack, name)[1] if self.overlay else [opath]
                 opaque = full or (self.overlay and whiteout.is_overlay_opaque(npath))
                 inner = self.compare(npath, child, below, opaque)
                 if inner or not _unchanged(nst, ost, npath, opath, self.boundary_ns):
