@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver.archive import ChangeKind, apply_layer, overlay_changes
+from graphdriver.archive import ChangeKind, apply_layer, overlay_changes, tree_changes
 from graphdriver.archive.tar import TarWriter, write_changes_tar
 from graphdriver.linux.mount import mount, unmount_all_under
 from graphdriver.testing import host_lacks
@@ -90,16 +91,83 @@ def test_upper_written_by_overlayfs_becomes_oci_whiteouts(dirs: dict[str, Path])
     unmount_all_under(merged)
 
     lower = dirs["lower"]
-    changes = overlay_changes(str(dirs["upper"]), lambda p: os.path.lexists(str(lower) + p))
+    assert os.getxattr(dirs["upper"] / "dir", "trusted.overlay.opaque") == b"y"
+    changes = overlay_changes(str(dirs["upper"]), [str(lower)])
     kinds = {c.path: c.kind for c in changes}
     assert kinds == {
         "/added": ChangeKind.ADD,
         "/dir": ChangeKind.MODIFY,
         "/dir/fresh": ChangeKind.ADD,
+        "/dir/old1": ChangeKind.DELETE,
+        "/dir/old2": ChangeKind.DELETE,
         "/gone": ChangeKind.DELETE,
     }
     chunks: list[bytes] = []
     write_changes_tar(TarWriter(write=chunks.append), str(dirs["upper"]), changes, source="overlay")
     with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tf:
         names = tf.getnames()
-    assert names == ["added", "dir", "dir/.wh..wh..opq", "dir/fresh", ".wh.gone"]
+    # the opaque directory is written as a tree compare sees it: one whiteout per old name
+    assert names == ["added", "dir", "dir/fresh", "dir/.wh.old1", "dir/.wh.old2", ".wh.gone"]
+
+
+def _overlay(target: Path, lowers: list[Path], upper: Path | None, work: Path | None) -> Path:
+    target.mkdir(exist_ok=True)
+    data = "lowerdir=" + ":".join(map(str, lowers)) + ",index=off"
+    if upper is not None:
+        data += f",upperdir={upper},workdir={work}"
+    mount("overlay", target, "overlay", 0, data)
+    return target
+
+
+def test_upper_over_two_lowers_gives_the_tree_compare(tmp_path: Path) -> None:
+    """overlay_changes of an upper over lowers that hold whiteouts and opaque dirs lists what a
+    tree compare of the two merged mounts lists, and writes the same tar bytes."""
+    d = {n: tmp_path / n for n in ("bottom", "mid", "upper", "w1", "w2")}
+    for p in d.values():
+        p.mkdir()
+    bottom, mid, upper = d["bottom"], d["mid"], d["upper"]
+    (bottom / "dir" / "sub").mkdir(parents=True)
+    for name in ("dir/a", "dir/b", "dir/sub/c", "keep", "gone", "opq/x"):
+        (bottom / name).parent.mkdir(exist_ok=True)
+        (bottom / name).write_text(name)
+    try:
+        merged = _overlay(tmp_path / "m1", [bottom], mid, d["w1"])
+        (merged / "dir" / "b").unlink()  # a whiteout in the middle layer
+        shutil.rmtree(merged / "opq")  # and an opaque directory there
+        (merged / "opq").mkdir()
+        (merged / "opq" / "y").write_text("y")
+        (merged / "keep").write_text("kept")
+        unmount_all_under(tmp_path)
+
+        merged = _overlay(tmp_path / "m2", [mid, bottom], upper, d["w2"])
+        shutil.rmtree(merged / "dir")
+        (merged / "dir" / "sub").mkdir(parents=True)
+        (merged / "dir" / "a").write_text("changed")
+        (merged / "dir" / "b").write_text("back")  # deleted below, made again: an add
+        (merged / "gone").unlink()
+        os.chown(merged / "keep", 7, 7)
+        os.chown(merged / "keep", 0, 0)  # a copy-up equal to what is below
+        (merged / "opq" / "z").write_text("z")
+        old = _overlay(tmp_path / "old", [mid, bottom], None, None)
+
+        got = overlay_changes(str(upper), [str(mid), str(bottom)])
+        want = tree_changes(str(merged), str(old))
+        assert got == want
+        assert [(c.path, c.kind) for c in got] == [
+            ("/dir", ChangeKind.MODIFY),
+            ("/dir/a", ChangeKind.MODIFY),
+            ("/dir/b", ChangeKind.ADD),
+            ("/dir/sub", ChangeKind.MODIFY),
+            ("/dir/sub/c", ChangeKind.DELETE),
+            ("/gone", ChangeKind.DELETE),
+            ("/opq", ChangeKind.MODIFY),
+            ("/opq/z", ChangeKind.ADD),
+        ]
+        tars = []
+        for root, changes in ((upper, got), (merged, want)):
+            chunks: list[bytes] = []
+            write_changes_tar(TarWriter(write=chunks.append), str(root), changes)
+            tars.append(b"".join(chunks))
+        assert tars[0] == tars[1]
+    finally:
+        unmount_all_under(tmp_path)

@@ -1,8 +1,9 @@
 """What a layer changed: by comparing two trees (any driver), or by reading an overlay upper.
 
-Paths are absolute inside the layer (``/etc/passwd``), sorted so that a directory comes before
-what it holds. As in Docker, a directory that holds a change is itself listed as modified, so that
-its metadata travels with the diff, and a deleted directory is one ``delete`` entry.
+Paths are absolute inside the layer (``/etc/passwd``), in :func:`canonical_order`. As in Docker,
+a directory that holds a change is itself listed as modified, so that its metadata travels with
+the diff, and a deleted directory is one ``delete`` entry. Both ways give the same list for the
+same changes (ARCHITECTURE.md, "Generated diffs are canonical").
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import enum
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import whiteout
@@ -42,6 +42,8 @@ def _xattrs(path: str) -> dict[str, bytes]:
         return {}
     out = {}
     for name in names:
+        if name.startswith(whiteout.OVERLAY_XATTR_PREFIX):
+            continue  # overlayfs's own bookkeeping (origin, impure, opaque), never in a tar
         try:
             out[name] = os.getxattr(path, name, follow_symlinks=False)
         except OSError:
@@ -99,43 +101,165 @@ def _scan(path: str) -> dict[str, os.stat_result]:
 
 
 _Links = dict[tuple[int, int], list[str]]
+#: an entry of the old tree: its stat and where it is
+_Old = tuple[os.stat_result, str]
 
 
-def _note_link(links: _Links, st: os.stat_result, path: str) -> None:
-    if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
-        links.setdefault((st.st_dev, st.st_ino), []).append(path)
+def canonical_order(changes: list[Change]) -> None:
+    """Sort *changes* in place in the one order every diff uses: the bytes of the path (so a
+    directory comes before what it holds), a delete at the place of the name it deletes."""
+    changes.sort(key=lambda c: os.fsencode(c.path))
 
 
-def _add_all(path: str, rel: str, out: list[Change], links: _Links) -> None:
-    with os.scandir(path) as it:
-        for entry in it:
-            child = rel + "/" + entry.name
-            out.append(Change(child, ChangeKind.ADD))
-            if entry.is_dir(follow_symlinks=False):
-                _add_all(entry.path, child, out, links)
-            elif entry.is_file(follow_symlinks=False):
-                _note_link(links, entry.stat(follow_symlinks=False), child)
+class _Compare:
+    """The tree compare behind :func:`tree_changes` and :func:`overlay_changes`.
 
-
-def _complete_links(out: list[Change], links: _Links) -> None:
-    """A changed file's other names go into the diff too, so that applying it links them.
-
-    Without this, ``ln old new`` in a layer would unpack as two separate files, since the
-    unchanged ``old`` is not in the tar for ``new`` to be linked to.
+    The old side is a stack of directories, nearest first: one directory for a plain tree, or
+    an overlay's lower dirs, read as overlayfs merges them (a 0/0 character device hides the
+    name below it, an opaque directory hides everything below it).
     """
-    changed = {c.path for c in out if c.kind != ChangeKind.DELETE}
-    listed = {c.path for c in out}
-    for names in links.values():
-        if len(names) < 2 or not any(n in changed for n in names):
-            continue
-        for name in names:
-            parent = name
-            while parent not in listed:
-                listed.add(parent)
-                out.append(Change(parent, ChangeKind.MODIFY))
-                parent = parent.rpartition("/")[0]
-                if not parent:
-                    break
+
+    def __init__(self, boundary_ns: int | None, overlay: bool) -> None:
+        self.boundary_ns = boundary_ns
+        self.overlay = overlay
+        self.out: list[Change] = []
+        self.links: _Links = {}
+
+    def note_link(self, st: os.stat_result, path: str) -> None:
+        if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+            self.links.setdefault((st.st_dev, st.st_ino), []).append(path)
+
+    def add_all(self, path: str, rel: str) -> None:
+        with os.scandir(path) as it:
+            for entry in it:
+                child = rel + "/" + entry.name
+                if self.overlay and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False)):
+                    continue  # nothing below a new directory for it to hide
+                self.out.append(Change(child, ChangeKind.ADD))
+                if entry.is_dir(follow_symlinks=False):
+                    self.add_all(entry.path, child)
+                elif entry.is_file(follow_symlinks=False):
+                    self.note_link(entry.stat(follow_symlinks=False), child)
+
+    def lookup(self, stack: list[str], name: str) -> tuple[_Old | None, list[str]]:
+        """The entry *name* of the merged *stack*, and the stack of directories at it."""
+        found: _Old | None = None
+        below: list[str] = []
+        for d in stack:
+            p = d + "/" + name
+            try:
+                st = os.lstat(p)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if self.overlay and whiteout.is_overlay_whiteout(st):
+                break
+            if found is None:
+                found = (st, p)
+            if not stat.S_ISDIR(st.st_mode):
+                break  # a file hides what is below it; a directory above hides the file
+            below.append(p)
+            if self.overlay and whiteout.is_overlay_opaque(p):
+                break
+        return found, below
+
+    def scan_old(self, stack: list[str]) -> dict[str, _Old]:
+        """Every visible entry of the merged *stack*: the nearest one of each name."""
+        seen: dict[str, _Old] = {}
+        hidden: set[str] = set()
+        for d in stack:
+            with os.scandir(d) as it:
+                for entry in it:
+                    if entry.name in seen or entry.name in hidden:
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if self.overlay and whiteout.is_overlay_whiteout(st):
+                        hidden.add(entry.name)
+                    else:
+                        seen[entry.name] = (st, entry.path)
+        return seen
+
+    def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
+        """Append the changes below *rel*; return whether there were any.
+
+        *full*: *new_dir* is the whole new content at *rel* (a plain tree, or an opaque
+        directory of an overlay upper and what it holds), so a name of the old side that it
+        lacks is deleted. Otherwise *new_dir* is an overlay upper directory over *stack*,
+        holding only what changed.
+        """
+        new = _scan(new_dir)
+        old = self.scan_old(stack) if full else {}
+        present: set[str] = set()
+        changed = False
+        for name, nst in new.items():
+            child = rel + "/" + name
+            npath = new_dir + "/" + name
+            if self.overlay and whiteout.is_overlay_whiteout(nst):
+                if not full and self.lookup(stack, name)[0] is not None:
+                    self.out.append(Change(child, ChangeKind.DELETE))
+                    changed = True
+                continue
+            present.add(name)
+            self.note_link(nst, child)
+            below: list[str] | None = None
+            if full:
+                found = old.get(name)
+            else:
+                found, below = self.lookup(stack, name)
+            if found is None:
+                self.out.append(Change(child, ChangeKind.ADD))
+                if stat.S_ISDIR(nst.st_mode):
+                    self.add_all(npath, child)
+                changed = True
+                continue
+            ost, opath = found
+            if stat.S_ISDIR(nst.st_mode) and stat.S_ISDIR(ost.st_mode):
+                if below is None:  # a plain tree's stack is the one old directory
+                    below = self.lookup(stack, name)[1] if self.overlay else [opath]
+                opaque = full or (self.overlay and whiteout.is_overlay_opaque(npath))
+                inner = self.compare(npath, child, below, opaque)
+                if inner or not _unchanged(nst, ost, npath, opath, self.boundary_ns):
+                    self.out.append(Change(child, ChangeKind.MODIFY))
+                    changed = True
+                continue
+            if stat.S_ISDIR(ost.st_mode) != stat.S_ISDIR(nst.st_mode):
+                # a directory replaced by a file or the reverse: the tar must drop the old one
+                self.out.append(Change(child, ChangeKind.MODIFY))
+                if stat.S_ISDIR(nst.st_mode):
+                    self.add_all(npath, child)
+                changed = True
+                continue
+            if not _unchanged(nst, ost, npath, opath, self.boundary_ns):
+                self.out.append(Change(child, ChangeKind.MODIFY))
+                changed = True
+        for name in old.keys() - present:
+            self.out.append(Change(rel + "/" + name, ChangeKind.DELETE))
+            changed = True
+        return changed
+
+    def complete_links(self) -> None:
+        """A changed file's other names go into the diff too, so that applying it links them.
+
+        Without this, ``ln old new`` in a layer would unpack as two separate files, since the
+        unchanged ``old`` is not in the tar for ``new`` to be linked to.
+        """
+        changed = {c.path for c in self.out if c.kind != ChangeKind.DELETE}
+        listed = {c.path for c in self.out}
+        for names in self.links.values():
+            if len(names) < 2 or not any(n in changed for n in names):
+                continue
+            for name in names:
+                parent = name
+                while parent not in listed:
+                    listed.add(parent)
+                    self.out.append(Change(parent, ChangeKind.MODIFY))
+                    parent = parent.rpartition("/")[0]
+                    if not parent:
+                        break
+
+    def result(self) -> list[Change]:
+        self.complete_links()
+        canonical_order(self.out)
+        return self.out
 
 
 def tree_changes(
@@ -146,88 +270,25 @@ def tree_changes(
     *boundary_ns* is a ctime taken right after the new layer was made from the old one (see
     :meth:`LayerStore.create`); None when the two trees are not parent and child.
     """
-    out: list[Change] = []
-    links: _Links = {}
+    walk = _Compare(boundary_ns, overlay=False)
     if old_root is None:
-        _add_all(new_root, "", out, links)
+        walk.add_all(new_root, "")
     else:
-        _compare(new_root, old_root, "", boundary_ns, out, links)
-    _complete_links(out, links)
-    out.sort()
-    return out
+        walk.compare(new_root, "", [old_root], full=True)
+    return walk.result()
 
 
-def _compare(
-    new_dir: str,
-    old_dir: str,
-    rel: str,
-    boundary_ns: int | None,
-    out: list[Change],
-    links: _Links,
-) -> bool:
-    """Append the changes below *rel*; return whether there were any."""
-    new = _scan(new_dir)
-    old = _scan(old_dir)
-    changed = False
-    for name, nst in new.items():
-        child = rel + "/" + name
-        npath = new_dir + "/" + name
-        _note_link(links, nst, child)
-        ost = old.get(name)
-        if ost is None:
-            out.append(Change(child, ChangeKind.ADD))
-            if stat.S_ISDIR(nst.st_mode):
-                _add_all(npath, child, out, links)
-            changed = True
-            continue
-        opath = old_dir + "/" + name
-        if stat.S_ISDIR(nst.st_mode) and stat.S_ISDIR(ost.st_mode):
-            inner = _compare(npath, opath, child, boundary_ns, out, links)
-            if inner or not _unchanged(nst, ost, npath, opath, boundary_ns):
-                out.append(Change(child, ChangeKind.MODIFY))
-                changed = True
-            continue
-        if stat.S_ISDIR(ost.st_mode) != stat.S_ISDIR(nst.st_mode):
-            # a directory replaced by a file or the reverse: the tar must drop the old one
-            out.append(Change(child, ChangeKind.MODIFY))
-            if stat.S_ISDIR(nst.st_mode):
-                _add_all(npath, child, out, links)
-            changed = True
-            continue
-        if not _unchanged(nst, ost, npath, opath, boundary_ns):
-            out.append(Change(child, ChangeKind.MODIFY))
-            changed = True
-    for name in old.keys() - new.keys():
-        out.append(Change(rel + "/" + name, ChangeKind.DELETE))
-        changed = True
-    return changed
+def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
+    """Changes recorded in an overlay upper directory over its *lowers* (nearest first).
 
-
-def overlay_changes(upper: str, exists_below: Callable[[str], bool]) -> list[Change]:
-    """Changes recorded in an overlay upper directory.
-
-    A 0/0 character device is a delete, anything else an add or a modify depending on whether
-    *exists_below* (a path like ``/etc/passwd``) finds it in the lower layers.
+    The result is what :func:`tree_changes` finds between the merged layer and the merged
+    lowers: an upper entry equal to the one below (copied up, a chown and back) is not a
+    change, a whiteout of nothing is dropped, and an opaque directory becomes one delete per
+    name below that it lacks, so that every driver writes the same tar for the same changes.
     """
-    out: list[Change] = []
-
-    def walk(path: str, rel: str, below: bool) -> None:
-        with os.scandir(path) as it:
-            for entry in it:
-                child = rel + "/" + entry.name
-                st = entry.stat(follow_symlinks=False)
-                if whiteout.is_overlay_whiteout(st):
-                    out.append(Change(child, ChangeKind.DELETE))
-                    continue
-                here = below and exists_below(child)
-                out.append(Change(child, ChangeKind.MODIFY if here else ChangeKind.ADD))
-                if stat.S_ISDIR(st.st_mode):
-                    opaque = whiteout.is_overlay_opaque(entry.path)
-                    walk(entry.path, child, here and not opaque)
-
-    walk(upper, "", True)
-    out.sort()
-    return out
+    walk = _Compare(None, overlay=True)
+    walk.compare(upper, "", lowers, full=whiteout.is_overlay_opaque(upper))
+    return walk.result()
 
 
 def changes_size(root: str, changes: list[Change]) -> int:

@@ -363,9 +363,12 @@ def write_changes_tar(
 ) -> None:
     """Write *changes* of the layer whose files are under *root* as an OCI layer tar.
 
-    With ``source="overlay"`` *root* is an overlay upper directory: a 0/0 character device
-    becomes ``.wh.<name>`` and an opaque directory gets ``<dir>/.wh..wh..opq``.
+    Every delete is one ``.wh.<name>``, never an opaque marker, whatever *source* (``"tree"``
+    or ``"overlay"``, an upper directory) the changes came from: overlay's
+    :func:`~.changes.overlay_changes` lists one delete per name an opaque directory hides,
+    so the same changes give the same bytes on every driver.
     """
+    del source  # kept for callers; the entries do not depend on it
     for change in changes:
         arc = _arc(change.path)
         head, _, base = arc.rpartition("/")
@@ -376,6 +379,4 @@ def write_changes_tar(
         full = root + change.path
         st = os.lstat(full)
         writer.add_path(full, arc, st)
-        if source == "overlay" and stat.S_ISDIR(st.st_mode) and whiteout.is_overlay_opaque(full):
-            writer.add_whiteout(arc + "/" + whiteout.OPAQUE)
     writer.close()

@@ -25,6 +25,7 @@ pytest.register_assert_rewrite(
     "graphdriver.testing.cases_layers",
     "graphdriver.testing.cases_diff",
     "graphdriver.testing.cases_exact",
+    "graphdriver.testing.cases_canonical",
     "graphdriver.testing.cases_bad_input",
     "graphdriver.testing.trees",
     "graphdriver.testing.require",

@@ -1,14 +1,15 @@
 """DriverConformance: the test cases every driver passes, on real storage.
 
 Subclass it with ``driver`` and ``backing`` set; see :mod:`graphdriver.testing`. The cases live
-in four modules: :mod:`.cases_layers`, :mod:`.cases_diff`, :mod:`.cases_exact` and
-:mod:`.cases_bad_input`.
+in five modules: :mod:`.cases_layers`, :mod:`.cases_diff`, :mod:`.cases_exact`,
+:mod:`.cases_canonical` and :mod:`.cases_bad_input`.
 """
 
 from __future__ import annotations
 
 from .base import ConformanceBase, hostile_tars
 from .cases_bad_input import BadInputCases
+from .cases_canonical import CanonicalCases
 from .cases_diff import DiffCases
 from .cases_exact import ExactDiffCases
 from .cases_layers import LayerCases
@@ -16,5 +17,5 @@ from .cases_layers import LayerCases
 __all__ = ["ConformanceBase", "DriverConformance", "hostile_tars"]
 
 
-class DriverConformance(LayerCases, DiffCases, ExactDiffCases, BadInputCases):
+class DriverConformance(LayerCases, DiffCases, ExactDiffCases, CanonicalCases, BadInputCases):
     """Every conformance case; a subclass sets ``driver``, ``backing`` and maybe ``options``."""

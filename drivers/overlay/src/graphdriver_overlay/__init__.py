@@ -367,7 +367,7 @@ class OverlayDriver(Driver):
         if not self.native_diff or not chain:
             return None
         lowers = [str(self._diff(p)) for p in chain]
-        found = overlay_changes(str(self._diff(layer)), lambda p: _visible(lowers, p))
+        found = overlay_changes(str(self._diff(layer)), lowers)
         return [(c.path, int(c.kind)) for c in found]
 
     def diff_source(self, layer: LayerInfo) -> Path | None:
@@ -415,42 +415,6 @@ class OverlayDriver(Driver):
             ("Max Depth", str(self.capabilities.max_depth)),
             ("Project Quota", str(self.quota).lower()),
         ]
-
-
-def _visible(lowers: list[str], path: str) -> bool:
-    """Whether *path* exists in the stack of lower dirs (nearest first), as overlayfs sees it:
-    a whiteout hides it, an opaque directory hides what lies below it."""
-    parts = path.strip("/").split("/")
-    for lower in lowers:
-        cur = lower
-        for i, part in enumerate(parts):
-            cur = cur + "/" + part
-            try:
-                st = os.lstat(cur)
-            except FileNotFoundError:
-                break
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                return False  # whited out here
-            if i == len(parts) - 1:
-                return True
-            if not stat.S_ISDIR(st.st_mode):
-                return False
-        else:
-            continue
-        # not found in this layer: an opaque directory on the way stops the search
-        probe = lower
-        for part in parts[:-1]:
-            probe = probe + "/" + part
-            if os.path.isdir(probe) and _opaque(probe):
-                return False
-    return False
-
-
-def _opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
-    except OSError:
-        return False
 
 
 def _in_user_namespace() -> bool:
