@@ -1,7 +1,8 @@
 """DriverConformance: the test cases every driver passes, on real storage.
 
 Subclass it with ``driver`` and ``backing`` set; see :mod:`graphdriver.testing`. The cases live
-in three modules: :mod:`.cases_layers`, :mod:`.cases_diff` and :mod:`.cases_bad_input`.
+in three modules: :mod:`.cases_layers`, :mod:`.cases_diff` and :mod:`.cases_bad_input`; each
+case is marked with its group (:mod:`.groups`), and a subclass may run only some groups.
 """
 
 from __future__ import annotations
