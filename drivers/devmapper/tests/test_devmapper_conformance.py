@@ -31,6 +31,6 @@ class TestDevmapperLoopPool(DriverConformance):
     options = {**SMALL, "dm.loopdatasize": "2G", "dm.loopmetadatasize": "64M"}
     groups = {"lifecycle", "mount", "quota"}
     groups_why = (
-        "diffs, tar streams and bad input are the store's code on thin devices that do not "
-        "depend on the pool kind; TestDevmapperThinPool runs them on the same driver"
+        "a long chain of snapshots, diffs, tar streams and bad input work on thin devices "
+        "alike in any pool; TestDevmapperThinPool runs them on the same driver"
     )
