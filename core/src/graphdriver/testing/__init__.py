@@ -9,6 +9,18 @@ Use it from a driver package's tests::
         backing = "loop-xfs"      # loop-ext4 | loop-xfs | loop-btrfs | thin-pool | tmpdir
         options = {}              # --opt values for the driver
 
+Every case belongs to one group (:data:`GROUPS`: lifecycle, depth, mount, quota, diff,
+streams, bad-input). A class runs them all unless it names the ones it runs, with why the
+others need not run there (say, a second class of the same driver on another pool kind)::
+
+    class TestMyDriverOtherPool(DriverConformance):
+        ...
+        groups = {"lifecycle", "mount", "quota"}
+        groups_why = "diffs, streams and bad input are the store's code: TestMyDriver runs them"
+
+The other groups' cases are deselected at collection, not skipped: the header says which class
+left how many out and why, and pytest's summary counts them as deselected (:mod:`.groups`).
+
 Cases follow moby's graphtest, containers/storage's graphtest and containerd's snapshotter
 testsuite on real storage. Skips always say why: the host lacks something, or the driver does
 not declare a capability. ``GRAPHDRIVER_REQUIRE`` (see :mod:`.require`) turns the first kind into
@@ -29,20 +41,24 @@ pytest.register_assert_rewrite(
     "graphdriver.testing.cases_bad_input",
     "graphdriver.testing.trees",
     "graphdriver.testing.require",
+    "graphdriver.testing.groups",
 )
 
 from .backings import BACKINGS, Backing, BackingUnavailable, make_backing  # noqa: E402
 from .base import backing_or_skip, quota_or_skip  # noqa: E402
+from .groups import GROUPS, group  # noqa: E402
 from .require import REQUIREMENTS, host_lacks, required  # noqa: E402
 from .suite import DriverConformance  # noqa: E402
 
 __all__ = [
     "BACKINGS",
+    "GROUPS",
     "REQUIREMENTS",
     "Backing",
     "BackingUnavailable",
     "DriverConformance",
     "backing_or_skip",
+    "group",
     "host_lacks",
     "make_backing",
     "quota_or_skip",

@@ -7,7 +7,7 @@ import hashlib
 import io
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -148,6 +148,10 @@ class ConformanceBase:
     options: ClassVar[dict[str, str]] = {}
     #: chain depth for the deep-read case (moby uses 128 for overlay2)
     deep_chain: ClassVar[int] = 128
+    #: the case groups this class runs (see :mod:`.groups`); None: all of them
+    groups: ClassVar[Collection[str] | None] = None
+    #: with ``groups``: one line saying where the other groups' cases are covered
+    groups_why: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ fixtures
 

@@ -13,6 +13,7 @@ import zstandard
 from .. import ArchiveError, InvalidLayerId, LayerExists, LayerInUse, LayerNotFound, LayerStore
 from .backings import Backing
 from .base import ConformanceBase, _member, _tar, anchor_accepted_tars, hostile_tars
+from .groups import group
 from .trees import make_base, random_content, snapshot
 
 
@@ -116,6 +117,7 @@ class BadInputCases(ConformanceBase):
 
     # ------------------------------------------------------------------ bad input
 
+    @group("bad-input")
     @pytest.mark.parametrize(
         "bad", ["../x", "/x", "", "a" * 129, "a\0b", ".hidden", "a/b", "-rf", "x y"]
     )
@@ -126,6 +128,7 @@ class BadInputCases(ConformanceBase):
             store.create("ok", bad)
         assert store.layers() == []
 
+    @group("bad-input")
     def test_unknown_parent_and_duplicate(self, store: LayerStore) -> None:
         with pytest.raises(LayerNotFound):
             store.create("orphan", "missing")
@@ -139,10 +142,12 @@ class BadInputCases(ConformanceBase):
             store.remove("missing")
         assert store.layers() == ["once"]
 
+    @group("bad-input")
     def test_max_id_length(self, store: LayerStore) -> None:
         store.create("a" * 128)
         assert store.exists("a" * 128)
 
+    @group("bad-input")
     @pytest.mark.parametrize("case", sorted(hostile_tars()))
     def test_bad_tar_refused_and_rolled_back(
         self, store: LayerStore, case: str, gd_backing: Backing
@@ -171,6 +176,7 @@ class BadInputCases(ConformanceBase):
         good = _tar(_member("good", data=b"good"))
         assert store.apply_diff("target", io.BytesIO(good)) == 4
 
+    @group("bad-input")
     def test_apply_refused_on_used_layer(self, store: LayerStore) -> None:
         good = _tar(_member("f", data=b"data"))
         self.base_with(store, make_base)
@@ -187,6 +193,7 @@ class BadInputCases(ConformanceBase):
         with pytest.raises(LayerInUse):
             store.apply_diff("fresh", io.BytesIO(good))
 
+    @group("streams")
     def test_absolute_names_and_empty_input_as_docker_reads_them(self, store: LayerStore) -> None:
         store.create("empty")
         assert store.apply_diff("empty", io.BytesIO(anchor_accepted_tars()["empty"])) == 0
@@ -200,6 +207,7 @@ class BadInputCases(ConformanceBase):
             store.apply_diff("other", io.BytesIO(hostile_tars()["hardlink-absolute"][0]))
         assert store.changes("other") == []
 
+    @group("bad-input")
     @pytest.mark.parametrize("case", sorted(bad_layers()))
     def test_bad_layer_stream_refused_in_one_line(self, store: LayerStore, case: str) -> None:
         data, says = bad_layers()[case]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import LayerStore, open_store
 from .base import ConformanceBase
+from .groups import group
 from .trees import IGNORED
 
 #: every path's mtime is this plus a few seconds taken from its name, in the parent and the child
@@ -118,6 +119,7 @@ def _build_and_diff(store: LayerStore) -> tuple[bytes, list[tuple[str, int]]]:
 class CanonicalCases(ConformanceBase):
     """The diff of a layer built the same way has the same bytes as vfs's (issue #13)."""
 
+    @group("diff")
     def test_generated_diff_is_canonical(self, store: LayerStore, tmp_path: Path) -> None:
         reference = open_store(tmp_path / "reference", "vfs", {})
         try:

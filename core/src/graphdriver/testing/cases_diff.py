@@ -16,6 +16,7 @@ import pytest
 
 from .. import LayerStore
 from .base import A, C, ConformanceBase, D
+from .groups import group
 from .trees import listing, make_base, make_rich, random_content, snapshot
 
 
@@ -24,6 +25,7 @@ class DiffCases(ConformanceBase):
 
     # ------------------------------------------------------------------ changes
 
+    @group("diff")
     def test_changes_exact(self, store: LayerStore) -> None:
         def base(r: Path) -> None:
             (r / "a" / "b").mkdir(parents=True)
@@ -64,6 +66,7 @@ class DiffCases(ConformanceBase):
             ("/untouched", A),
         ]
 
+    @group("diff")
     def test_changes_same_size_rewrite_right_after_create(self, store: LayerStore) -> None:
         # A rewrite within one timestamp tick keeps size and mtime; it must still be seen,
         # without sleeping to the next second like moby's NaiveDiffDriver. Put the mtime back
@@ -80,6 +83,7 @@ class DiffCases(ConformanceBase):
         assert [(c.path, c.kind) for c in store.changes("child")] == [("/f", C)]
         self.roundtrip(store, "child", "copy")
 
+    @group("diff")
     def test_changes_at_ten_depths(self, store: LayerStore) -> None:
         def base(r: Path) -> None:
             d = r
@@ -104,6 +108,7 @@ class DiffCases(ConformanceBase):
             want += [(path, C), (path + "/file", C)]
         assert sorted((c.path, c.kind) for c in store.changes("child")) == sorted(want)
 
+    @group("diff")
     def test_chown_and_chmod_in_child(self, store: LayerStore) -> None:
         self.base_with(store, make_rich)
         store.create("child", "base")
@@ -122,6 +127,7 @@ class DiffCases(ConformanceBase):
 
     # ------------------------------------------------------------------ diff and apply
 
+    @group("diff")
     def test_diff_apply_reproduces_layer(self, store: LayerStore) -> None:
         self.base_with(store, make_rich)
         store.create_rw("child", "base")
@@ -146,6 +152,7 @@ class DiffCases(ConformanceBase):
             (c.path, c.kind) for c in store.changes("child")
         }
 
+    @group("diff")
     def test_diff_apply_of_base_layer(self, store: LayerStore) -> None:
         self.base_with(store, make_rich)
         size, data = self.roundtrip(store, "base", "copy")
@@ -154,6 +161,7 @@ class DiffCases(ConformanceBase):
             names = tf.getnames()
         assert "big.bin" in names and "etc/hostname" in names
 
+    @group("diff")
     def test_delete_file_from_lower(self, store: LayerStore) -> None:
         self.base_with(store, make_base)
         store.create("child", "base")
@@ -165,6 +173,7 @@ class DiffCases(ConformanceBase):
         with store.mounted("base") as root:
             assert (root / "a file").read_bytes() == b"Some data"
 
+    @group("diff")
     def test_delete_directory_from_lower(self, store: LayerStore) -> None:
         self.base_with(store, make_rich)
         store.create("child", "base")
@@ -174,6 +183,7 @@ class DiffCases(ConformanceBase):
         assert [(c.path, c.kind) for c in store.changes("child")] == [("/deep", D)]
         self.roundtrip(store, "child", "copy")
 
+    @group("diff")
     def test_directory_deleted_and_recreated(self, store: LayerStore) -> None:
         def base(r: Path) -> None:
             (r / "dir").mkdir()
@@ -192,6 +202,7 @@ class DiffCases(ConformanceBase):
         with store.mounted("copy") as root:
             assert sorted(os.listdir(root / "dir")) == ["z"]
 
+    @group("diff")
     def test_file_moved_out_of_lower(self, store: LayerStore) -> None:
         def base(r: Path) -> None:
             (r / "a").mkdir()
@@ -208,6 +219,7 @@ class DiffCases(ConformanceBase):
         assert {("/a/file", D), ("/b", A), ("/b/file", A)} <= got
         self.roundtrip(store, "child", "copy")
 
+    @group("diff")
     def test_hardlink_to_a_file_of_the_lower_layer(self, store: LayerStore) -> None:
         def base(r: Path) -> None:
             (r / "orig").write_text("shared")
@@ -224,6 +236,7 @@ class DiffCases(ConformanceBase):
         with store.mounted("copy") as root:
             assert os.lstat(root / "orig").st_ino == os.lstat(root / "sub" / "link").st_ino
 
+    @group("diff")
     def test_applied_hardlink_to_a_file_of_the_parent(self, store: LayerStore) -> None:
         # `ln dir/orig new` in a build step: Docker and podman write only the hardlink entry;
         # the kernel had copied dir/orig up, keeping its data and attributes, and dir's
@@ -261,6 +274,7 @@ class DiffCases(ConformanceBase):
         assert self.snap(store, "base") == before
         self.roundtrip(store, "child", "copy")
 
+    @group("diff")
     def test_diff_against_grandparent(self, store: LayerStore) -> None:
         self.base_with(store, make_base)
         store.create("mid", "base")
@@ -271,6 +285,7 @@ class DiffCases(ConformanceBase):
         assert [c.path for c in store.changes("top", "base")] == ["/from-mid", "/from-top"]
         assert store.diff_size("top", "base") == 2
 
+    @group("streams")
     def test_apply_compressed_streams(self, store: LayerStore) -> None:
         import zstandard
 
@@ -288,6 +303,7 @@ class DiffCases(ConformanceBase):
             assert result.compression == {"gz": "gzip", "zst": "zstd"}[layer_id]
             assert self.snap(store, layer_id) == self.snap(store, "base")
 
+    @group("streams")
     def test_apply_tar_from_gnu_tar(self, store: LayerStore) -> None:
         # the source tree lives in a layer: the driver's filesystem keeps user.* xattrs, where
         # a temp dir on tmpfs (before Linux 6.6) would not
@@ -316,6 +332,7 @@ class DiffCases(ConformanceBase):
 
     # ------------------------------------------------------------------ layers real tools write
 
+    @group("streams")
     def test_empty_layer_applies(self, store: LayerStore) -> None:
         # Docker's commit of an unchanged container writes this layer; so does our own diff
         store.create("unchanged")
@@ -331,6 +348,7 @@ class DiffCases(ConformanceBase):
             with store.mounted(layer_id) as root:
                 assert listing(root) == []
 
+    @group("streams")
     def test_root_named_entries_set_the_layer_root(self, store: LayerStore) -> None:
         # umoci writes a "/" entry; GNU tar writes "./"; Docker and containerd read
         # "/etc/x" as "etc/x"
@@ -360,6 +378,7 @@ class DiffCases(ConformanceBase):
             for rel in ("etc/x", "abs/file", "up/file"):
                 assert (root / rel).read_bytes() == b"data"
 
+    @group("streams")
     def test_multi_frame_zstd_and_multi_member_gzip(self, store: LayerStore) -> None:
         # zstd:chunked (podman, buildah) is zstd frames with skippable frames between and
         # after them; pigz and `cat a.gz b.gz` make several gzip members
@@ -393,6 +412,7 @@ class DiffCases(ConformanceBase):
             assert result.diff_id == "sha256:" + hashlib.sha256(plain).hexdigest(), layer_id
             assert self.snap(store, layer_id) == want, layer_id
 
+    @group("streams")
     @pytest.mark.parametrize(
         "tar_args",
         [
@@ -435,6 +455,7 @@ class DiffCases(ConformanceBase):
                 assert (root / name).read_bytes() == (src / name).read_bytes()
                 assert got.st_blocks * 512 < 1 << 20, "holes were written as zeros"
 
+    @group("streams")
     def test_nanosecond_times(self, store: LayerStore, tmp_path: Path) -> None:
         src = tmp_path / "src"
         (src / "dir").mkdir(parents=True)
@@ -487,6 +508,7 @@ class DiffCases(ConformanceBase):
             for rel, ns in stamps.items():
                 assert os.lstat(root / rel).st_mtime_ns == ns, rel
 
+    @group("streams")
     def test_directories_a_tar_does_not_name_keep_their_attributes(self, store: LayerStore) -> None:
         # a tar may hold tmp/x without an entry for tmp/: the layer's tmp is the parent's
         # (mode 1777, owner, xattrs), as when the file is made through a mount; overlay copies

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import LayerStore
 from .base import ConformanceBase
+from .groups import group
 from .trees import make_rich, random_content
 
 
@@ -62,6 +63,7 @@ class ExactDiffCases(ConformanceBase):
         assert data == applied, f"diff of {layer_id} is not the applied tar"
         assert store.metadata(layer_id)["diff_id"] == _sha(applied)
 
+    @group("streams")
     def test_diff_gives_back_the_applied_tar(self, store: LayerStore, tmp_path: Path) -> None:
         self.base_with(store, make_rich, "source")
         sparse = tmp_path / "sparse"
@@ -114,6 +116,7 @@ class ExactDiffCases(ConformanceBase):
         assert meta["exact_diff_record"] < len(tars["gnu-tar"])
         assert ("Reproduces Exact Diffs", "true") in store.status()
 
+    @group("streams")
     def test_exact_diff_of_a_child_with_whiteouts(self, store: LayerStore) -> None:
         parent = _tarfile(
             ("a", tarfile.DIRTYPE, None),
@@ -150,6 +153,7 @@ class ExactDiffCases(ConformanceBase):
             assert os.listdir(root / "e") == ["new"]
             assert os.stat(root / "link-to-f").st_ino == os.stat(root / "f").st_ino
 
+    @group("streams")
     def test_a_changed_layer_gets_a_generated_diff(self, store: LayerStore) -> None:
         applied = _tarfile(
             ("dir", tarfile.DIRTYPE, None),
@@ -193,6 +197,7 @@ class ExactDiffCases(ConformanceBase):
             assert data != applied
             self.roundtrip(store, layer_id, f"copy-{i}")  # the generated diff is the layer
 
+    @group("streams")
     def test_a_tar_that_overwrites_itself_has_no_record(self, store: LayerStore) -> None:
         applied = _tarfile(
             ("f", tarfile.REGTYPE, b"first"),
@@ -207,6 +212,7 @@ class ExactDiffCases(ConformanceBase):
             assert (root / "f").read_bytes() == b"second"
         self.roundtrip(store, "dup", "dup-copy")
 
+    @group("streams")
     def test_a_record_goes_with_its_layer(self, store: LayerStore) -> None:
         first = _tarfile(("f", tarfile.REGTYPE, b"first"), format=tarfile.GNU_FORMAT)
         second = _tarfile(("g", tarfile.REGTYPE, b"second"), format=tarfile.PAX_FORMAT)
@@ -220,6 +226,7 @@ class ExactDiffCases(ConformanceBase):
 
     # ------------------------------------------------------------------ found in review (#13)
 
+    @group("streams")
     def test_a_directory_chowned_or_given_an_xattr_gets_a_generated_diff(
         self, store: LayerStore
     ) -> None:
@@ -250,6 +257,7 @@ class ExactDiffCases(ConformanceBase):
             assert not exact, f"{change.__name__}: a stale directory header was replayed"
             assert data != applied
 
+    @group("streams")
     def test_a_file_dated_after_2262_is_applied(self, store: LayerStore) -> None:
         """mtimes past 2^63 ns (year 2262; ext4, xfs bigtime and btrfs keep them) fit a tar
         and apply without a record; with one, apply-diff failed with "error('argument out

@@ -15,6 +15,7 @@ import pytest
 
 from .. import CreateOpts, InvalidOption, LayerInUse, LayerStore, NotMounted
 from .base import ConformanceBase, MiB, _writer, quota_or_skip
+from .groups import group
 from .trees import listing, make_base, make_rich, random_content
 
 
@@ -23,6 +24,7 @@ class LayerCases(ConformanceBase):
 
     # ------------------------------------------------------------------ create and snapshot
 
+    @group("lifecycle")
     def test_create_empty(self, store: LayerStore) -> None:
         store.create("empty")
         with store.mounted("empty") as root:
@@ -33,6 +35,7 @@ class LayerCases(ConformanceBase):
             assert listing(root) == []
         assert store.exists("empty")
 
+    @group("lifecycle")
     def test_create_base(self, store: LayerStore) -> None:
         self.base_with(store, make_base)
         with store.mounted("base") as root:
@@ -44,6 +47,7 @@ class LayerCases(ConformanceBase):
             assert stat.S_IMODE(f.st_mode) == 0o222 | stat.S_ISUID
             assert (root / "a file").read_bytes() == b"Some data"
 
+    @group("lifecycle")
     def test_snapshot_inherits_everything(self, store: LayerStore) -> None:
         self.base_with(store, make_rich)
         store.create("child", "base")
@@ -55,6 +59,7 @@ class LayerCases(ConformanceBase):
             a, b = os.lstat(root / "hard1"), os.lstat(root / "etc" / "hard2")
             assert a.st_ino == b.st_ino and a.st_nlink == 2
 
+    @group("lifecycle")
     def test_root_chmod_inherited_by_grandchild(self, store: LayerStore) -> None:
         def chmod_root(root: Path) -> None:
             os.chmod(root, 0o700)
@@ -68,6 +73,7 @@ class LayerCases(ConformanceBase):
             assert stat.S_IMODE(st.st_mode) == 0o700
             assert (st.st_uid, st.st_gid) == (5, 6)
 
+    @group("depth")
     def test_deep_chain_read(self, store: LayerStore) -> None:
         depth = min(self.deep_chain, store.driver.capabilities.max_depth)
         self.base_with(store, lambda r: (r / "bottom").write_bytes(b"from the bottom"), "l0")
@@ -82,6 +88,7 @@ class LayerCases(ConformanceBase):
             for i in range(16, depth, 16):
                 assert (root / f"at-{i}").read_text() == str(i)
 
+    @group("lifecycle")
     def test_layer_file_update_per_layer(self, store: LayerStore) -> None:
         self.base_with(store, lambda r: (r / "f").write_text("v0"), "l0")
         for i in range(1, 4):
@@ -93,6 +100,7 @@ class LayerCases(ConformanceBase):
 
     # ------------------------------------------------------------------ listing and refcounts
 
+    @group("lifecycle")
     def test_ls_lists_exactly_what_exists(self, store: LayerStore) -> None:
         assert store.layers() == []
         store.create("one")
@@ -106,6 +114,7 @@ class LayerCases(ConformanceBase):
         assert meta["parent"] == "one" and meta["rw"] is False and meta["depth"] == 2
         assert meta["children"] == []
 
+    @group("lifecycle")
     def test_remove_then_reuse_id(self, store: LayerStore) -> None:
         self.base_with(store, make_base, "x")
         store.remove("x")
@@ -113,6 +122,7 @@ class LayerCases(ConformanceBase):
         with store.mounted("x") as root:
             assert listing(root) == []
 
+    @group("mount")
     def test_get_get_put_keeps_mounted(self, store: LayerStore) -> None:
         self.base_with(store, make_base)
         p1 = store.get("base")
@@ -126,6 +136,7 @@ class LayerCases(ConformanceBase):
         with pytest.raises(NotMounted):
             store.put("base")
 
+    @group("lifecycle")
     def test_remove_refused_while_mounted_or_with_children(self, store: LayerStore) -> None:
         self.base_with(store, make_base)
         store.get("base")
@@ -140,6 +151,7 @@ class LayerCases(ConformanceBase):
         store.remove("base")
         assert store.layers() == []
 
+    @group("lifecycle")
     def test_read_only_parent_never_changes(self, store: LayerStore) -> None:
         self.base_with(store, make_rich)
         before = self.snap(store, "base")
@@ -158,6 +170,7 @@ class LayerCases(ConformanceBase):
         assert self.snap(store, "base") == before
         assert self.snap(store, "c2") == before
 
+    @group("mount")
     def test_image_layer_with_children_is_read_only(self, store: LayerStore) -> None:
         if not store.driver.capabilities.readonly_images:
             pytest.skip(f"driver {self.driver} does not declare read-only image mounts")
@@ -175,6 +188,7 @@ class LayerCases(ConformanceBase):
             assert (root / "mid-file").read_text() == "m"
             (root / "new").write_text("fine here")
 
+    @group("lifecycle")
     def test_no_child_of_a_mounted_layer(self, store: LayerStore) -> None:
         self.base_with(store, make_base)
         store.get("base")
@@ -184,6 +198,7 @@ class LayerCases(ConformanceBase):
         store.put("base")
         store.create("child", "base")
 
+    @group("mount")
     def test_second_store_sees_same_layers_and_mounts(
         self,
         store: LayerStore,
@@ -216,6 +231,7 @@ class LayerCases(ConformanceBase):
         with pytest.raises(NotMounted):
             other.put("c")
 
+    @group("mount")
     def test_layer_content_out_of_other_users_reach(self, store: LayerStore) -> None:
         """A hostile layer's setuid-root file or ``brw-rw-rw-`` device node must not be
         reachable by other local users (CVE-2021-41091): some directory on the way from the
@@ -238,6 +254,7 @@ class LayerCases(ConformanceBase):
 
     # ------------------------------------------------------------------ quota
 
+    @group("quota")
     def test_quota(self, store: LayerStore) -> None:
         quota_or_skip(store, self.backing)
         store.create("base")
@@ -252,6 +269,7 @@ class LayerCases(ConformanceBase):
             assert info.value.errno in (errno.EDQUOT, errno.ENOSPC)
             (root / "too-big").unlink()
 
+    @group("quota")
     def test_size_without_quota_refused(self, store: LayerStore) -> None:
         if store.driver.capabilities.quota:
             pytest.skip(f"driver {self.driver} has quota; the refusal case does not apply")

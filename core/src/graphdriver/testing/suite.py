@@ -2,7 +2,8 @@
 
 Subclass it with ``driver`` and ``backing`` set; see :mod:`graphdriver.testing`. The cases live
 in five modules: :mod:`.cases_layers`, :mod:`.cases_diff`, :mod:`.cases_exact`,
-:mod:`.cases_canonical` and :mod:`.cases_bad_input`.
+:mod:`.cases_canonical` and :mod:`.cases_bad_input`; each case is marked with its group
+(:mod:`.groups`), and a subclass may run only some groups.
 """
 
 from __future__ import annotations
