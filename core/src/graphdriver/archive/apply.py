@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
 from . import sparse, tarsplit, whiteout
-from .copy_up import LowerDirs
+from .copy_up import LowerDirs, lstat_or_none
 from .streams import LayerDecoder, compression_of
 from .tar import (
     BLKTYPE,
@@ -309,14 +309,6 @@ def _child(  # pragma: no cover
         os._exit(code)
 
 
-def _missing(path: str) -> bool:
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        return True
-    return False
-
-
 def _clean_name(raw: str) -> str:
     """The entry name as a path relative to the layer's root ("" for the root itself).
 
@@ -387,12 +379,13 @@ class _Extractor:
             except FileNotFoundError:
                 if self.lowers is not None:  # a directory of a lower layer: copied up
                     self.lowers.copy_up(path, raw, directory=True)
-                if _missing(path):
+                copied = lstat_or_none(path)
+                if copied is None:
                     os.mkdir(path, 0o755)
                     parent = path.rpartition("/")[0]
                     if parent in self.sgid_dirs:  # a new directory inherits the setgid bit
                         self.sgid_dirs.add(path)
-                elif os.lstat(path).st_mode & stat.S_ISGID:
+                elif copied.st_mode & stat.S_ISGID:
                     self.sgid_dirs.add(path)
                 self.safe_dirs.add(path)
                 continue

@@ -50,7 +50,7 @@ class LowerDirs:
         try:
             for i, part in enumerate(parts):
                 upper = f"{upper}/{part}" if upper else part
-                in_upper = _lstat(upper)
+                in_upper = lstat_or_none(upper)
                 last = i == len(parts) - 1 and not directory
                 if in_upper is not None and stat.S_ISLNK(in_upper.st_mode) and not last:
                     if directory:
@@ -129,7 +129,7 @@ def _parent_times_kept(path: str) -> Iterator[None]:
     os.utime(parent, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def _lstat(path: str) -> os.stat_result | None:
+def lstat_or_none(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except FileNotFoundError:
