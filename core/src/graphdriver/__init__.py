@@ -9,7 +9,16 @@ to add a storage driver or a :class:`VolumeDriver` to add a volume driver, catch
 from __future__ import annotations
 
 from .archive import ApplyResult, Change, ChangeKind
-from .driver import Capabilities, CreateOpts, Driver, LayerInfo, NativeApply, NativeDiff
+from .driver import (
+    Capabilities,
+    CreateOpts,
+    Driver,
+    LayerInfo,
+    MountEntry,
+    MountSpec,
+    NativeApply,
+    NativeDiff,
+)
 from .errors import (
     AlreadyExists,
     ArchiveError,
@@ -64,6 +73,8 @@ __all__ = [
     "LayerNotFound",
     "LayerStore",
     "MaxDepthExceeded",
+    "MountEntry",
+    "MountSpec",
     "NativeApply",
     "NativeDiff",
     "NotFound",

@@ -7,6 +7,7 @@ shows it). ``--json`` prints machine-readable output for the inspection verbs.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -501,6 +502,42 @@ def main() -> None:
             err=True,
         )
         sys.exit(1)
+
+
+class _ServeGroup(click.Group):
+    """``graphdriver serve NAME``: servers that bridge the store to a container engine.
+
+    Each is a click command named by an entry point of the group ``graphdriver.serve`` (the
+    integration packages under integrations/); it is imported only when it runs, so that
+    the core CLI never imports an engine's libraries (grpcio for containerd).
+    """
+
+    GROUP = "graphdriver.serve"
+
+    def _entry_points(self) -> dict[str, importlib.metadata.EntryPoint]:
+        found = importlib.metadata.entry_points(group=self.GROUP)
+        return {ep.name: ep for ep in sorted(found, key=lambda ep: ep.name)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self._entry_points())
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        ep = self._entry_points().get(cmd_name)
+        if ep is None:
+            return None
+        command = ep.load()
+        if not isinstance(command, click.Command):
+            raise _Fail(f"entry point {ep.value!r} of {self.GROUP} is not a click command")
+        return command
+
+
+@cli.group(cls=_ServeGroup)
+def serve() -> None:
+    """Serve the store to a container engine (containerd's proxy snapshotter, ...).
+
+    The servers come from integration packages (graphdriver-containerd, ...); this lists the
+    installed ones. Each runs in the foreground until SIGTERM or SIGINT.
+    """
 
 
 @cli.command("check")

@@ -188,6 +188,31 @@ class ApplyLowers(Protocol):
         overlayfs whiteouts and opaque markers."""
 
 
+@dataclass(frozen=True)
+class MountEntry:
+    """One mount that another program makes itself: ``mount -t TYPE -o OPTIONS SOURCE target``
+    (containerd's ``Mount`` type; the options are mount(8)'s, ``ro``/``rw`` and ``rbind``
+    included)."""
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class MountSpec(Protocol):
+    """A driver whose layer another program can mount itself, the way containerd mounts what
+    its snapshotters return; without it, or when it returns None, the caller binds the mount
+    this store holds (``LayerStore.get``)."""
+
+    def mount_spec(
+        self, layer: LayerInfo, chain: Sequence[LayerInfo], readonly: bool
+    ) -> Sequence[MountEntry] | None:
+        """The mounts that show *layer* over *chain* (its ancestors, nearest first), writes
+        going to the layer's own storage, or nothing writable when *readonly*; None when one
+        mount cannot say it (overlay: lower dirs past one page of options)."""
+
+
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$")
 
 

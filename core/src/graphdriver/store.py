@@ -23,7 +23,7 @@ from typing import IO, BinaryIO
 
 from . import applying, archive, diffs, faults, recovery
 from .archive.changes import Change
-from .driver import CreateOpts, Driver
+from .driver import CreateOpts, Driver, MountEntry, MountSpec
 from .errors import (
     GraphDriverError,
     InvalidLayerId,
@@ -418,6 +418,27 @@ class LayerStore:
                 done()
         self.hooks.layer_removed(self, layer_id)
 
+    def commit(self, layer_id: str) -> None:
+        """Make a read-write layer a read-only (image) layer in place, copying nothing: what it
+        holds becomes what children see (containerd's Commit). Refused while mounted; a layer
+        that is already read-only is left as it is, so a retried commit succeeds."""
+        with self._locked(f"commit layer {layer_id}"):
+            rec = self._ready(layer_id)
+            if not rec.rw:
+                return
+            if rec.mount_count:
+                raise LayerInUse(
+                    f"layer {layer_id!r} is mounted ({rec.mount_count} reference(s)); "
+                    f"unmount it before committing it"
+                )
+            owner = self.meta.container_of(layer_id)
+            if owner is not None:
+                raise LayerInUse(
+                    f"layer {layer_id!r} is the read-write layer of container {owner!r}"
+                )
+            with self.meta.transaction():
+                self.meta.update(layer_id, rw=0)
+
     # ---------------------------------------------------------------------------- mounts
 
     def _driver_mount(self, rec: LayerRecord, chain: Sequence[LayerRecord]) -> Path:
@@ -439,6 +460,23 @@ class LayerStore:
         ):
             path = self.hooks.mount(self, rec, self.meta.chain(rec.id))
         return path
+
+    def mount_spec(self, layer_id: str, readonly: bool = False) -> list[MountEntry] | None:
+        """The mounts another program can make itself to see the layer (writable unless
+        *readonly*), from a driver that implements :class:`MountSpec`; None when the caller
+        must bind the mount that ``get`` returns instead."""
+        rec = self._ready(layer_id)
+        if not isinstance(self.driver, MountSpec):
+            return None
+        chain = self.meta.chain(layer_id)
+        spec = self._call(
+            self.driver.mount_spec,
+            _info(rec),
+            [_info(r) for r in chain],
+            readonly,
+            doing=f"describe the mounts of layer {layer_id}",
+        )
+        return None if spec is None else list(spec)
 
     def get(self, layer_id: str) -> Path:
         """Mount the layer (first reference) and return its merged root; counts references.

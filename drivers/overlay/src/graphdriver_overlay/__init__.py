@@ -35,6 +35,7 @@ from graphdriver import (
     Driver,
     DriverUnavailable,
     InvalidOption,
+    MountEntry,
     faults,
 )
 from graphdriver.archive import overlay_changes
@@ -278,12 +279,7 @@ class OverlayDriver(Driver):
         if not chain:  # a sealed bottom layer: a read-only bind mount of its diff
             self._bind_readonly(d / "diff", merged)
             return merged
-        opts: list[tuple[str, str | None]] = [("index", "off"), *self.fixed_opts]
-        if layer.mount_label:
-            opts.append(("context", layer.mount_label))
-        for extra in self.extra:
-            key, sep, value = extra.partition("=")
-            opts.append((key, value if sep else None))
+        opts = self._options(layer)
         home = str(self.home)  # plain strings: Path joins cost more than the syscalls
         lowers = [f"{home}/{p.id}/diff" for p in chain]
         if layer.sealed:  # an image layer with children: its own diff becomes a lower too
@@ -299,6 +295,39 @@ class OverlayDriver(Driver):
         else:
             self._classic_mount(layer, merged, opts)
         return merged
+
+    def _options(self, layer: LayerInfo) -> list[tuple[str, str | None]]:
+        """The overlay mount options besides the dirs: index=off, what the probe found
+        needed, the SELinux context, and ``overlay.mountopt``."""
+        opts: list[tuple[str, str | None]] = [("index", "off"), *self.fixed_opts]
+        if layer.mount_label:
+            opts.append(("context", layer.mount_label))
+        for extra in self.extra:
+            key, sep, value = extra.partition("=")
+            opts.append((key, value if sep else None))
+        return opts
+
+    def mount_spec(
+        self, layer: LayerInfo, chain: Sequence[LayerInfo], readonly: bool
+    ) -> list[MountEntry] | None:
+        """What containerd's own overlayfs snapshotter returns: a bind of the diff dir for a
+        layer without parents, else an overlay of the diff dir over the parents' (no upper
+        dir when *readonly*: the layer's own diff dir is then the top lower). None when the
+        lower dirs do not fit one page of options (containerd's mount code makes one mount(2)
+        call): the caller then binds this driver's own mount (new mount API, 500 layers)."""
+        diff = str(self._diff(layer))
+        if not chain:
+            return [MountEntry("bind", diff, ("ro" if readonly else "rw", "rbind"))]
+        lowers = [str(self._diff(p)) for p in chain]
+        opts = [k if v is None else f"{k}={v}" for k, v in self._options(layer)]
+        if readonly:
+            opts.append("lowerdir=" + ":".join([diff, *lowers]))
+        else:
+            work = str(self._dir(layer) / "work")
+            opts += [f"workdir={work}", f"upperdir={diff}", "lowerdir=" + ":".join(lowers)]
+        if len(",".join(opts)) >= PAGE:
+            return None
+        return [MountEntry("overlay", "overlay", tuple(opts))]
 
     def _bind_readonly(self, source: Path, target: Path) -> None:
         """Bind *source* read-only on *target*; a writable bind is never left behind.
