@@ -548,6 +548,13 @@ class LayerStore:
         with diffs.change_source(self, layer_id, parent) as (changes, root, _kind):
             return archive.changes_size(root, changes)
 
+    def usage(self, layer_id: str) -> tuple[int, int]:
+        """(bytes, inodes) of what the layer itself holds against its parent: the file data
+        ``diff`` would carry, and the entries it adds or changes (containerd's Usage)."""
+        with diffs.change_source(self, layer_id, None) as (changes, root, _kind):
+            kept = [c for c in changes if c.kind != archive.ChangeKind.DELETE]
+            return archive.changes_size(root, changes), len(kept)
+
     def write_diff(
         self,
         layer_id: str,
