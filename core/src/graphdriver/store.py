@@ -235,6 +235,7 @@ class LayerStore:
             ("Mounted Layers", str(sum(1 for r in recs if r.mount_count))),
             ("Reproduces Exact Diffs", "true" if self.reproduces_exact_diffs else "false"),
             *self.driver.status(),
+            *self.hooks.status(self),
             *recovery.failures(self),
         ]
 

@@ -40,6 +40,7 @@ from graphdriver import (
     LayerStore,
     MountEntry,
     NotMounted,
+    faults,
     open_store,
 )
 
@@ -254,6 +255,7 @@ class Snapshotter:
             mounts, held = self._on_store(
                 lambda: self._make_layer(snap.layer, parent_layer, readonly)
             )
+            faults.point("containerd.prepare.after-layer")
         except BaseException:
             self._undo_prepare(snap)
             raise
@@ -325,6 +327,7 @@ class Snapshotter:
                 active_key=key,
             )
         try:
+            faults.point("containerd.commit.recorded")
             self._finish_commit(name, snap.layer, snap.held)
         except BaseException:
             # the layer is still the active snapshot's: give containerd its key back
@@ -345,6 +348,7 @@ class Snapshotter:
             if held and int(str(self.store.metadata(layer)["mount_count"])):
                 self.store.put(layer)
             self.store.commit(layer)
+            faults.point("containerd.commit.after-store")
             return self.store.usage(layer)
 
         size, inodes = self._on_store(run)
