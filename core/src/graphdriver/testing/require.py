@@ -29,6 +29,8 @@ REQUIREMENTS = {
     "podman": "podman, buildah and crun run rootful on the vfs storage driver, with setfattr "
     "(attr) and setcap (libcap2-bin) to copy into the test image: tests/test_interop.py",
     "umoci": "umoci unpacks an OCI image layout: tests/test_interop.py",
+    "containerd": "containerd 1.6+, ctr, runc, umoci and busybox-static run an image end to end "
+    "on our proxy snapshotter: integrations/containerd/tests/test_engine.py",
 }
 
 
