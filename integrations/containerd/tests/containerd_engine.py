@@ -11,6 +11,7 @@ is unmounted, also when a test fails.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -23,6 +24,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from graphdriver.linux.mount import mounts_under, unmount_all_under
 
@@ -155,6 +157,13 @@ class Proxy:
         proc = subprocess.run(self.gd("ls"), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.split()
+
+    def records(self) -> list[dict[str, Any]]:
+        """``graphdriver --json ls``: what the store knows about each layer."""
+        proc = subprocess.run(self.gd("--json", "ls"), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        got: list[dict[str, Any]] = json.loads(proc.stdout)
+        return got
 
 
 @dataclass

@@ -63,6 +63,9 @@ def eng(backed: tuple[str, Backing], request: pytest.FixtureRequest) -> Iterator
     base = backing.root / request.node.name.split("[")[0]
     with engine(base, driver) as e:
         yield e
+        # pytest shows a test's captured output only when it failed: the daemons' last words
+        for log in (e.proxy.log, e.containerd.log):
+            print(f"--- {log.name} (end)\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def _import(eng: Engine, archive: Path) -> None:
@@ -102,6 +105,17 @@ def _chain(eng: Engine) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _walk(parents: dict[str, str]) -> list[str]:
+    """The snapshots of *parents* (name -> parent, "" for none) from the one top down to the
+    bottom; an error unless they are a single chain."""
+    tops = set(parents) - set(parents.values())
+    assert len(tops) == 1, f"not one chain: {parents}"
+    walked = [tops.pop()]
+    while parents[walked[-1]]:
+        walked.append(parents[walked[-1]])
+    return walked
+
+
 def test_readme_has_the_tested_containerd_config(tmp_path: Path) -> None:
     snippet = readme_config_v2()
     config = engine_config(snippet, tmp_path / "gd.sock", tmp_path)
@@ -117,13 +131,12 @@ def test_import_run_and_garbage_collect(eng: Engine, image: Path) -> None:
 
     chain = _chain(eng)
     assert [kind for _, _, kind in chain] == ["Committed"] * 3, chain
-    by_key = {key: parent for key, parent, _ in chain}
-    bottom = [key for key, parent in by_key.items() if parent == ""]
-    assert len(bottom) == 1, chain
-    # one chain: each snapshot but the bottom one sits on another of the three
-    assert all(parent in by_key for parent in by_key.values() if parent), chain
+    assert len(_walk({key: parent for key, parent, _ in chain})) == 3, chain
+    # the store holds the same three layers, one image layer on another
+    records = eng.proxy.records()
+    assert not [r["id"] for r in records if r["rw"]], records
+    assert len(_walk({r["id"]: r["parent"] or "" for r in records})) == 3, records
     image_layers = eng.proxy.layers()
-    assert len(image_layers) == 3
 
     out = _run(eng, "gd-run-1")
     assert out == EXPECTED
@@ -142,12 +155,14 @@ def test_import_run_and_garbage_collect(eng: Engine, image: Path) -> None:
 
 def test_proxy_restarted_under_a_running_containerd(eng: Engine, image: Path) -> None:
     _import(eng, image)
+    image_layers = eng.proxy.layers()
     assert eng.proxy.stop() == 0
     assert not eng.proxy.socket.exists(), "the proxy left its socket behind"
     eng.proxy.start()
     # containerd's first call on the new socket may fail UNAVAILABLE while it reconnects
     assert _run(eng, "gd-run-2", attempts=5) == EXPECTED
-    assert len(eng.proxy.layers()) == 3
+    assert len(_chain(eng)) == 3
+    assert set(image_layers) <= set(eng.proxy.layers())
     eng.ctr("images", "rm", "--sync", IMAGE)
     assert eng.proxy.layers() == []
     assert eng.mounts() == []
