@@ -85,9 +85,10 @@ def _run(eng: Engine, name: str, attempts: int = 1) -> str:
     for attempt in range(attempts):
         try:
             return eng.ctr(*argv, timeout=120)
-        except AssertionError:
+        except AssertionError as exc:
             if attempt == attempts - 1:
                 raise
+            print(f"ctr run, attempt {attempt + 1}: {exc}")
             time.sleep(0.5)
     raise AssertionError("unreachable")
 
