@@ -48,6 +48,7 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
     assert [w.split("-")[0] for w in wheels] == [
         "graphdriver",
         "graphdriver_btrfs",
+        "graphdriver_containerd",
         "graphdriver_devmapper",
         "graphdriver_overlay",
         "graphdriver_vfs",
@@ -85,4 +86,13 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
         "vfs": "ok",
     }, out
     assert "needs its root on btrfs" in out
+    # the containerd bridge: its command is listed, and its generated gRPC code is in the wheel
+    served = subprocess.run(
+        [str(venv / "bin" / "graphdriver"), "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "containerd" in served
+    subprocess.run([py, "-c", "import graphdriver_containerd.service"], check=True)
     run_suite(py, tmp_path, SUITE)

@@ -89,3 +89,9 @@ def graphdriver_driver_options(driver: str) -> Mapping[str, str] | None:
 
     Keys returned here are accepted by the option check and passed to the driver unchanged.
     """
+
+
+@hookspec
+def graphdriver_status(store: LayerStore) -> Sequence[tuple[str, str]] | None:
+    """Extra (key, value) lines for ``graphdriver status``: what a plugin keeps about the
+    store (the containerd proxy: its snapshots and whether it runs)."""

@@ -141,6 +141,12 @@ class Hooks:
     def cli(self, group: click.Group) -> None:
         self._hook.graphdriver_cli(group=group)
 
+    def status(self, store: LayerStore) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for lines in self._hook.graphdriver_status(store=store):
+            out.extend(lines or ())
+        return out
+
     def driver_options(self, driver: str) -> dict[str, str]:
         out: dict[str, str] = {}
         for extra in self._hook.graphdriver_driver_options(driver=driver):

@@ -235,6 +235,7 @@ class LayerStore:
             ("Mounted Layers", str(sum(1 for r in recs if r.mount_count))),
             ("Reproduces Exact Diffs", "true" if self.reproduces_exact_diffs else "false"),
             *self.driver.status(),
+            *self.hooks.status(self),
             *recovery.failures(self),
         ]
 
@@ -547,6 +548,13 @@ class LayerStore:
         """Bytes of file data that ``diff`` would carry; what ``apply_diff`` returns for it."""
         with diffs.change_source(self, layer_id, parent) as (changes, root, _kind):
             return archive.changes_size(root, changes)
+
+    def usage(self, layer_id: str) -> tuple[int, int]:
+        """(bytes, inodes) of what the layer itself holds against its parent: the file data
+        ``diff`` would carry, and the entries it adds or changes (containerd's Usage)."""
+        with diffs.change_source(self, layer_id, None) as (changes, root, _kind):
+            kept = [c for c in changes if c.kind != archive.ChangeKind.DELETE]
+            return archive.changes_size(root, changes), len(kept)
 
     def write_diff(
         self,
