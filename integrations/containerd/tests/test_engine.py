@@ -2,8 +2,9 @@
 
 containerd 1.6 (Debian's) runs with the README's own configuration (version 2) and a private
 root, state and sockets; ``graphdriver serve containerd`` serves the store beside it, overlay on
-loop-xfs and btrfs on loop-btrfs. The image is built offline by umoci from busybox-static:
-three layers, the second deleting a file and a directory of the first (whiteouts).
+loop-xfs, btrfs on loop-btrfs and vfs on loop-ext4. The image is built offline by umoci from
+busybox-static: three layers, the second deleting a file and a directory of the first
+(whiteouts).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ SCRIPT = (
 )
 EXPECTED = "from the lowest layer\nfrom the top layer\nwritten in the container\n"
 
-DRIVERS = [("overlay", "loop-xfs"), ("btrfs", "loop-btrfs")]
+#: overlay hands containerd overlay mounts to make; btrfs and vfs have containerd bind a mount
+#: the proxy holds (a subvolume, a copied directory)
+DRIVERS = [("overlay", "loop-xfs"), ("btrfs", "loop-btrfs"), ("vfs", "loop-ext4")]
 
 
 @pytest.fixture(scope="module")
