@@ -11,8 +11,9 @@ disk. Measured, interleaved (who goes first alternates), median of --runs:
   removes only its record there, so the backends' removals are measured apart, as the
   synchronous garbage collection (``ctr leases delete --sync`` of the batch's lease) that
   follows each batch;
-- the same cycle sent straight to the proxy's socket (no containerd in between), beside
-  containerd's overlayfs path: what the gRPC hop through containerd costs;
+- the same cycle (on the same image layer) sent straight to the proxy's socket, no containerd in
+  between, beside containerd's overlayfs path: what containerd's own bookkeeping and the extra
+  gRPC hop add;
 - ``ctr image import`` of the end-to-end tests' image (busybox-static, three layers),
   unpacked by each snapshotter (the image is removed with ``--sync`` between runs).
 
@@ -123,6 +124,7 @@ def measure(
 ) -> tuple[list[Measure], list[str]]:
     """Every figure on the filesystem mounted at *fs* (loop-xfs); also a few lines about
     what was run (versions)."""
+    load = f"{os.getloadavg()[0]:.2f}"
     work = fs / "bench-containerd"
     work.mkdir()
     archive = containerd_engine.build_image(work / "image")
@@ -147,6 +149,8 @@ def measure(
                         eng.ctr("images", "rm", "--sync", IMAGE)
             # the image stays, unpacked by both (the last run imported it twice)
             parents = {sn: api.top(sn) for sn in (OURS, THEIRS)}
+            # the same layer under the key containerd gave it in the proxy ("NS/N/sha256:...")
+            direct_parent = proxy.top(OURS)
             for i in range(runs):
                 order = (OURS, THEIRS) if i % 2 == 0 else (THEIRS, OURS)
                 for sn in order:
@@ -160,7 +164,7 @@ def measure(
                     (gc.ours if sn == OURS else gc.ref).append(_gc(eng, lease))
                 start = time.perf_counter()
                 for j in range(batch):
-                    proxy.cycle(OURS, f"direct-{i}-{j}", "")
+                    proxy.cycle(OURS, f"direct-{i}-{j}", direct_parent)
                 direct.ours.append((time.perf_counter() - start) / batch)
             direct.ref = cycle.ref
             eng.ctr("images", "rm", "--sync", IMAGE)
@@ -174,6 +178,7 @@ def measure(
         subprocess.run([cmd, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
         for cmd in (containerd_engine.CONTAINERD, "runc")
     ]
+    versions.append(f"load average {load} before, {os.getloadavg()[0]:.2f} after")
     return [cycle, gc, direct, imp], versions
 
 
