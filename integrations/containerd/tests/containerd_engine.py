@@ -44,13 +44,13 @@ class ReadmeConfigMissing(Exception):
     """README.md lost the marked containerd configuration the tests run with."""
 
 
-def readme_config_v2(readme: Path = README) -> str:
-    """The TOML code block that follows :data:`CONFIG_MARKER` in *readme*."""
+def readme_config_v2(readme: Path = README, marker: str = CONFIG_MARKER) -> str:
+    """The TOML code block that follows *marker* in *readme*."""
     text = readme.read_text()
-    found = re.search(re.escape(CONFIG_MARKER) + r"\s*\n```toml\n(.*?)\n```", text, re.DOTALL)
+    found = re.search(re.escape(marker) + r"\s*\n```toml\n(.*?)\n```", text, re.DOTALL)
     if found is None:
         raise ReadmeConfigMissing(
-            f"{readme} has no ```toml block right after {CONFIG_MARKER}: the tests run "
+            f"{readme} has no ```toml block right after {marker}: the tests run "
             "containerd with the configuration the README documents"
         )
     return found.group(1)
