@@ -44,8 +44,9 @@ class ReadmeConfigMissing(Exception):
     """README.md lost the marked containerd configuration the tests run with."""
 
 
-def readme_config_v2(readme: Path = README, marker: str = CONFIG_MARKER) -> str:
-    """The TOML code block that follows *marker* in *readme*."""
+def readme_config(readme: Path = README, marker: str = CONFIG_MARKER) -> str:
+    """The TOML code block that follows *marker* in *readme* (by default the version-2
+    configuration the tests run)."""
     text = readme.read_text()
     found = re.search(re.escape(marker) + r"\s*\n```toml\n(.*?)\n```", text, re.DOTALL)
     if found is None:
@@ -264,7 +265,7 @@ def engine(base: Path, driver: str) -> Iterator[Engine]:
     (``base/store``, driver *driver*); everything stopped and unmounted at the end."""
     base.mkdir(parents=True, exist_ok=True)
     proxy = Proxy(base / "store", driver, base / "graphdriver.sock", base / "graphdriver.log")
-    containerd = Containerd(base, engine_config(readme_config_v2(), proxy.socket, base))
+    containerd = Containerd(base, engine_config(readme_config(), proxy.socket, base))
     ctr = containerd.ctr(f"gd-engine-{secrets.token_hex(4)}")
     try:
         proxy.start()

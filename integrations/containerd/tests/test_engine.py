@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 from containerd_engine import (
-    DOCUMENTED_ADDRESS as DOCUMENTED,
-)
-from containerd_engine import (
+    DOCUMENTED_ADDRESS,
     README,
     Engine,
     ReadmeConfigMissing,
@@ -27,7 +25,7 @@ from containerd_engine import (
     engine,
     engine_config,
     missing_tools,
-    readme_config_v2,
+    readme_config,
 )
 
 from graphdriver.testing import Backing, backing_or_skip, host_lacks
@@ -128,17 +126,17 @@ def _walk(parents: dict[str, str]) -> list[str]:
 
 
 def test_readme_has_the_tested_containerd_config(tmp_path: Path) -> None:
-    snippet = readme_config_v2()
+    snippet = readme_config()
     config = engine_config(snippet, tmp_path / "gd.sock", tmp_path)
     assert f'address = "{tmp_path / "gd.sock"}"' in config
     readme = tmp_path / "README.md"
     readme.write_text(README.read_text().replace("<!-- containerd-config-v2 -->", ""))
     with pytest.raises(ReadmeConfigMissing):
-        readme_config_v2(readme)
+        readme_config(readme)
     # containerd 2.x's form is not run here (Debian has 1.6); it must at least say the same
-    v3 = tomllib.loads(readme_config_v2(marker="<!-- containerd-config-v3 -->"))
+    v3 = tomllib.loads(readme_config(marker="<!-- containerd-config-v3 -->"))
     assert v3["version"] == 3
-    assert v3["proxy_plugins"]["graphdriver"] == {"type": "snapshot", "address": DOCUMENTED}
+    assert v3["proxy_plugins"]["graphdriver"] == {"type": "snapshot", "address": DOCUMENTED_ADDRESS}
     assert v3["plugins"]["io.containerd.cri.v1.images"]["snapshotter"] == "graphdriver"
     v2 = tomllib.loads(snippet)
     assert v2["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "graphdriver"
