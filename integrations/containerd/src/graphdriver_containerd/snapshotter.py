@@ -308,14 +308,15 @@ class Snapshotter:
         labels = check_labels(labels)
         now = _now_ns()
         with self.catalog.transaction():
+            # in containerd's own order: the name taken, the key missing, the key not active
+            if self.catalog.get(name) is not None:
+                raise AlreadyExistsError(f"snapshot {name!r} already exists")
             snap = self._get(key)
             if snap.kind != "active" or snap.state != "ready":
                 raise FailedPreconditionError(
                     f"snapshot {key!r} is {snap.kind}, not active: only an active snapshot "
                     f"can be committed"
                 )
-            if self.catalog.get(name) is not None:
-                raise AlreadyExistsError(f"snapshot {name!r} already exists")
             self.catalog.update(
                 key,
                 key=name,
