@@ -23,7 +23,10 @@ devmapper where the kernel has device-mapper), on a fresh sparse loop filesystem
   get + put beside raw mount(2) + umount2(2) in one process;
 - reading a 1 MiB file from the bottom of a 128-deep chain through the top layer's mount,
   beside reading it in the bottom layer itself;
-- peak RSS (``/usr/bin/time``) of apply-diff and diff.
+- peak RSS (``/usr/bin/time``) of apply-diff and diff;
+- containerd (overlay on xfs only; ``bench_containerd.py``): a container snapshot's Prepare +
+  Mounts + Remove through containerd, the garbage collection after them, and ``ctr image
+  import``, on our proxy snapshotter beside containerd's own overlayfs on the same filesystem.
 
 Every figure is the median of --runs interleaved runs (5 by default) with its spread, and a
 ratio to its reference. Writes ``results/<date>.md`` and ``results/<date>.png``.
@@ -157,6 +160,7 @@ def podman_ok() -> str | None:
 class Bench:
     def __init__(self, driver: str, fstype: str, fs: Path, runs: int, sets: dict) -> None:  # type: ignore[type-arg]
         self.driver = driver
+        self.fstype = fstype
         self.fs = fs
         self.runs = runs
         self.sets = sets
@@ -400,6 +404,24 @@ class Bench:
         mnt = self.fig(f"get + put of the top of a {DEPTH}-deep chain (library)", unit="ms")
         mnt.ours = got["mount"]
 
+    # ------------------------------------------------------------------------- containerd
+
+    def containerd(self) -> None:
+        """graphdriver as containerd's proxy snapshotter beside containerd's overlayfs, on
+        this filesystem (its own store and containerd root; see bench_containerd.py)."""
+        if (self.driver, self.fstype) != ("overlay", "xfs"):
+            return
+        import bench_containerd  # grpcio, only for this step
+
+        lacking = bench_containerd.containerd_engine.missing_tools()
+        if lacking is not None:
+            print(f"bench: containerd step skipped: needs {lacking}", file=sys.stderr)
+            return
+        figures, _ = bench_containerd.measure(self.fs, self.runs)
+        for m in figures:
+            fig = self.fig(f"containerd: {m.name}", ref_name=m.ref_name, unit="ms")
+            fig.ours, fig.ref = m.ours, m.ref
+
     def cleanup(self) -> None:
         subprocess.run([*self.gd, "cleanup"], capture_output=True)
 
@@ -577,7 +599,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma list of driver/fs, e.g. overlay/xfs")
     ap.add_argument("--steps", default=None,
                     help="comma list of steps (unpack,pack,exact,small_change,create,mounts,"
-                    "deep_read); unpack makes the base layer the others need")  # fmt: skip
+                    "deep_read,containerd); unpack makes the base layer the others need "
+                    "(containerd needs none of them)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--chart", type=Path, default=None, help="redraw the PNG of a results JSON")
     args = ap.parse_args()
@@ -602,7 +625,7 @@ def main() -> None:
             try:
                 steps: list[Callable[[], None]] = [
                     bench.unpack, bench.pack, bench.exact, bench.small_change, bench.create,
-                    bench.mounts, bench.deep_read,
+                    bench.mounts, bench.deep_read, bench.containerd,
                 ]  # fmt: skip
                 for step in steps:
                     if args.steps and step.__name__ not in args.steps.split(","):

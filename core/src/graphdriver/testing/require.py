@@ -29,9 +29,9 @@ REQUIREMENTS = {
     "podman": "podman, buildah and crun run rootful on the vfs storage driver, with setfattr "
     "(attr) and setcap (libcap2-bin) to copy into the test image: tests/test_interop.py",
     "umoci": "umoci unpacks an OCI image layout: tests/test_interop.py",
-    "containerd": "containerd, ctr and runc run containers, and Go builds containerd's "
-    "snapshotter test suite offline from Debian's golang-github-containerd-containerd-dev: "
-    "integrations/containerd/tests",
+    "containerd": "containerd, ctr and runc run containers (an image umoci builds from "
+    "busybox-static: test_engine.py), and Go builds containerd's snapshotter test suite offline "
+    "from Debian's golang-github-containerd-containerd-dev: integrations/containerd/tests",
 }
 
 
