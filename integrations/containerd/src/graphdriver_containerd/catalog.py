@@ -112,7 +112,9 @@ class Catalog:
         self.lock = threading.RLock()
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
+            # as the store's own metadata.db: WAL + NORMAL survives a killed process; a power
+            # cut may lose the last changes, and Cleanup removes a layer no row names
+            self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=10000")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
