@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,35 +168,6 @@ def test_cleanup_removes_layers_no_key_names(vfs: Proxy) -> None:
     vfs.cleanup()
     layers = vfs.layers()
     assert "ctd-orphan" not in layers and "mine" in layers and len(layers) == 2
-
-
-def test_requests_are_served_while_a_long_prepare_runs(vfs: Proxy, tmp_path: Path) -> None:
-    vfs.prepare("base-tmp")
-    [m] = vfs.mounts("base-tmp")
-    src = Path(m.source)  # type: ignore[attr-defined]
-    for i in range(40):  # a parent that vfs takes a while to copy
-        (src / f"f{i}").write_bytes(os.urandom(1) * (8 << 20))
-    vfs.commit("base", "base-tmp")
-    vfs.prepare("other")
-    done = threading.Event()
-    answered_meanwhile = []
-
-    def long_prepare() -> None:
-        try:
-            vfs.prepare("copy", "base")
-        finally:
-            done.set()
-
-    worker = threading.Thread(target=long_prepare)
-    worker.start()
-    while not done.is_set():
-        vfs.stat("other")
-        assert "other" in vfs.list()
-        if not done.is_set():
-            answered_meanwhile.append(True)
-    worker.join()
-    assert answered_meanwhile, "no request was answered while the copy ran"
-    assert vfs.stat("copy").kind == 2
 
 
 # ---------------------------------------------------------------------------- mounts

@@ -167,6 +167,14 @@ class Catalog:
                 )
             return [_row(r) for r in rows.fetchall()]
 
+    def taken(self, key: str) -> bool:
+        """Whether *key* names a snapshot, or the active snapshot a commit under way renames."""
+        with self.lock:
+            row = self.db.execute(
+                "SELECT 1 FROM snapshots WHERE key=? OR active_key=?", (key, key)
+            ).fetchone()
+        return row is not None
+
     def children(self, key: str) -> list[str]:
         with self.lock:
             rows = self.db.execute("SELECT key FROM snapshots WHERE parent=? ORDER BY key", (key,))

@@ -29,9 +29,19 @@ WORKERS = 8
 GRACE = 10.0
 
 
+#: sun_path's size less its terminating NUL
+MAX_SOCKET_PATH = 107
+
+
 def _free_address(address: Path) -> None:
     """Refuse a path that is not a socket, or a socket something answers on; remove a stale
     socket (a proxy that was killed)."""
+    size = len(os.fsencode(address))
+    if size > MAX_SOCKET_PATH:
+        raise InvalidOption(
+            f"socket path {address} is {size} bytes; a unix socket's path holds at most "
+            f"{MAX_SOCKET_PATH}: choose a shorter --address"
+        )
     try:
         st = address.lstat()
     except FileNotFoundError:
@@ -117,8 +127,10 @@ def serve_containerd(ctx: click.Context, address: Path) -> None:
         )
         try:
             add_to_server(snapshotter, server)
-            if not server.add_insecure_port(f"unix://{address}"):
-                raise InUse(f"cannot listen on {address}")
+            try:
+                server.add_insecure_port(f"unix://{address}")
+            except RuntimeError as exc:  # grpc says only "Failed to bind"
+                raise InUse(f"cannot listen on {address}: {exc}") from None
             server.start()
             click.echo(
                 f"graphdriver: serving containerd snapshots of {snapshotter.store.name} "

@@ -152,10 +152,12 @@ class Filter:
     """Filters as ``List`` receives them: any of them matches, all selectors of one must."""
 
     def __init__(self, filters: Sequence[str]) -> None:
+        # an empty filter matches everything (containerd's Parse("") is Always)
+        self.everything = not filters or any(not f for f in filters)
         self.any = [_Parser(f).parse() for f in filters if f]
 
     def match(self, fields: Fields) -> bool:
-        if not self.any:
+        if self.everything:
             return True
         return any(all(s.match(fields) for s in sel) for sel in self.any)
 

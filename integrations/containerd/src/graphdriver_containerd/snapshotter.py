@@ -15,7 +15,10 @@ Every snapshot is a layer of its own (``ctd-<random>``, labelled ``graphdriver.c
 
 The store is driven by one thread (a LayerStore and its SQLite connection belong to the thread
 that opened them; its lock serialises changes anyway); Stat, List, Update and Mounts read the
-catalogue only, so they are answered while a long Prepare (a vfs copy) runs.
+catalogue only (Mounts of a held snapshot whose store mount a reboot took away mounts it
+again), so they are answered while a long Prepare (a vfs copy) runs. Usage walks a layer (CRI
+asks every few seconds) on a second store of its own: it takes the store's lock only to take
+its references, so a walk holds up no Prepare, Commit or Remove.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -58,8 +62,9 @@ KINDS = ("active", "view", "committed")
 T = TypeVar("T")
 
 
-class SnapshotError(Exception):
-    """An error with the gRPC status code containerd expects (``code`` is its name)."""
+class SnapshotError(GraphDriverError):
+    """An error with the gRPC status code containerd expects (``code`` is its name); a
+    GraphDriverError, so that one met while the proxy starts is one line on stderr."""
 
     code = "UNKNOWN"
 
@@ -150,30 +155,52 @@ class Snapshotter:
         self, root: Path, driver: str | None, options: Mapping[str, str], wait: float | None
     ) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usage")
+        self._opened: list[tuple[concurrent.futures.ThreadPoolExecutor, LayerStore]] = []
         try:
-            self.store: LayerStore = self._pool.submit(
-                open_store, root, driver, options, wait=wait
-            ).result()
-        except BaseException:
-            self._pool.shutdown()
-            raise
-        try:
+            self.store = self._open(self._pool, root, driver, options, wait)
+            self.reader = self._open(self._reader, root, self.store.name, options, wait)
             self.catalog = Catalog(root / "containerd" / self.store.name / "snapshots.db")
         except BaseException:
-            self._pool.submit(self.store.close).result()
-            self._pool.shutdown()
+            self._close_stores()
             raise
-        self.recover()
+        self.real_mounts = self.store.driver.capabilities.real_mounts
+        self.home_dev = os.stat(self.store.home).st_dev
+        try:
+            self.recover()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(
+        self,
+        pool: concurrent.futures.ThreadPoolExecutor,
+        root: Path,
+        driver: str | None,
+        options: Mapping[str, str],
+        wait: float | None,
+    ) -> LayerStore:
+        store = pool.submit(open_store, root, driver, options, wait=wait).result()
+        self._opened.append((pool, store))
+        return store
+
+    def _close_stores(self) -> None:
+        for pool, store in self._opened:
+            pool.submit(store.close).result()
+        self._opened.clear()
+        self._pool.shutdown()
+        self._reader.shutdown()
 
     def close(self) -> None:
         self.catalog.close()
-        self._pool.submit(self.store.close).result()
-        self._pool.shutdown()
+        self._close_stores()
 
-    def _on_store(self, fn: Callable[[], T]) -> T:
-        """Run *fn* on the store's thread; its errors come back as SnapshotErrors."""
+    def _on_store(
+        self, fn: Callable[[], T], pool: concurrent.futures.ThreadPoolExecutor | None = None
+    ) -> T:
+        """Run *fn* on the store's thread (or *pool*'s); errors come back as SnapshotErrors."""
         try:
-            return self._pool.submit(fn).result()
+            return (pool or self._pool).submit(fn).result()
         except SnapshotError:
             raise
         except (GraphDriverError, OSError) as exc:
@@ -209,13 +236,15 @@ class Snapshotter:
             raise FailedPreconditionError(
                 f"snapshot {key!r} is committed: only active and view snapshots have mounts"
             )
+        if snap.held and not self._still_mounted(snap):
+            return self._hold(snap)  # a reboot or `graphdriver cleanup` took the mount away
         return snap.mounts
 
     def usage(self, key: str) -> tuple[int, int]:
         snap = self._get(key)
         if snap.kind == "committed" and snap.size is not None and snap.inodes is not None:
             return snap.size, snap.inodes
-        return self._on_store(lambda: self.store.usage(snap.layer))
+        return self._on_store(lambda: self.reader.usage(snap.layer), self._reader)
 
     # ------------------------------------------------------------------------ changes
 
@@ -238,16 +267,20 @@ class Snapshotter:
             labels=labels,
         )
         with self.catalog.transaction():
-            if self.catalog.get(key) is not None:
+            if self.catalog.taken(key):
                 raise AlreadyExistsError(f"snapshot {key!r} already exists")
             parent_layer = None
             if parent:
                 above = self.catalog.get(parent)
                 if above is None or above.state == "preparing":
                     raise NotFoundError(f"parent snapshot {parent!r} does not exist")
-                if above.kind != "committed" or above.state != "ready":
+                if above.kind != "committed":
                     raise InvalidArgumentError(
                         f"parent {parent!r} is not a committed snapshot (it is {above.kind})"
+                    )
+                if above.state != "ready":
+                    raise FailedPreconditionError(
+                        f"parent {parent!r} is still being committed; try again"
                     )
                 parent_layer = above.layer
             self.catalog.insert(snap)
@@ -256,10 +289,10 @@ class Snapshotter:
                 lambda: self._make_layer(snap.layer, parent_layer, readonly)
             )
             faults.point("containerd.prepare.after-layer")
+            self.catalog.update(key, state="ready", mounts=mounts_json(mounts), held=int(held))
         except BaseException:
             self._undo_prepare(snap)
             raise
-        self.catalog.update(key, state="ready", mounts=mounts_json(mounts), held=int(held))
         return mounts
 
     def _make_layer(
@@ -271,11 +304,41 @@ class Snapshotter:
             spec = self.store.mount_spec(layer, readonly=readonly)
             if spec is not None:
                 return spec, False
-            path = self.store.get(layer)
-            return [MountEntry("bind", str(path), ("ro" if readonly else "rw", "rbind"))], True
+            return _bind(self.store.get(layer), readonly), True
         except BaseException:
             self._drop_layer(layer, held=False)
             raise
+
+    def _hold(self, snap: Snapshot) -> list[MountEntry]:
+        """The bind of the store mount a held snapshot needs, mounted again if a reboot or
+        `graphdriver cleanup` took it away; the proxy keeps one reference (``get``, and
+        ``put`` of the extra one when it had one already)."""
+
+        def run() -> list[MountEntry]:
+            count = self._mount_count(snap.layer)
+            path = self.store.get(snap.layer)  # mounts again where the mount is gone
+            if count:
+                self.store.put(snap.layer)  # the reference it had is still counted
+            return _bind(path, snap.kind == "view")
+
+        mounts = self._on_store(run)
+        if mounts != snap.mounts:
+            self.catalog.update(snap.key, mounts=mounts_json(mounts))
+        return mounts
+
+    def _still_mounted(self, snap: Snapshot) -> bool:
+        """Whether the store mount a held snapshot's bind names is there: always for a driver
+        without real mounts (vfs, btrfs: a directory); else the source is on another device
+        than the store's home (an overlay, a thin device's filesystem), not the bare dir."""
+        if not self.real_mounts:
+            return True
+        try:
+            return os.stat(snap.mounts[0].source).st_dev != self.home_dev
+        except (OSError, IndexError):
+            return False
+
+    def _mount_count(self, layer: str) -> int:
+        return int(str(self.store.metadata(layer)["mount_count"]))
 
     def _undo_prepare(self, snap: Snapshot) -> None:
         try:
@@ -294,8 +357,7 @@ class Snapshotter:
         if not self.store.exists(layer):
             return  # gone, or a removal the store itself finishes at its next open
         if held:
-            count = int(str(self.store.metadata(layer)["mount_count"]))
-            for _ in range(count):
+            for _ in range(self._mount_count(layer)):
                 try:
                     self.store.put(layer)
                 except NotMounted:
@@ -309,14 +371,15 @@ class Snapshotter:
         now = _now_ns()
         with self.catalog.transaction():
             # in containerd's own order: the name taken, the key missing, the key not active
-            if self.catalog.get(name) is not None:
+            if self.catalog.taken(name):
                 raise AlreadyExistsError(f"snapshot {name!r} already exists")
             snap = self._get(key)
-            if snap.kind != "active" or snap.state != "ready":
+            if snap.kind != "active":
                 raise FailedPreconditionError(
                     f"snapshot {key!r} is {snap.kind}, not active: only an active snapshot "
                     f"can be committed"
                 )
+            # the row takes the name now; its active_key keeps the key taken until it is done
             self.catalog.update(
                 key,
                 key=name,
@@ -331,10 +394,16 @@ class Snapshotter:
             faults.point("containerd.commit.recorded")
             self._finish_commit(name, snap.layer, snap.held)
         except BaseException:
-            # the layer is still the active snapshot's: give containerd its key back
+            self._undo_commit(name, snap)
+            raise
+
+    def _undo_commit(self, name: str, snap: Snapshot) -> None:
+        """The store refused the commit: the layer is still the active snapshot's; give
+        containerd its key back (``_finish_commit`` took the proxy's mount again)."""
+        with self.catalog.transaction():
             self.catalog.update(
                 name,
-                key=key,
+                key=snap.key,
                 kind="active",
                 state="ready",
                 labels=snap.labels,
@@ -342,15 +411,24 @@ class Snapshotter:
                 updated_ns=snap.updated_ns,
                 active_key=None,
             )
-            raise
 
     def _finish_commit(self, name: str, layer: str, held: bool) -> None:
-        def run() -> tuple[int, int]:
-            if held and int(str(self.store.metadata(layer)["mount_count"])):
+        def run() -> tuple[int | None, int | None]:
+            released = held and self._mount_count(layer) > 0
+            if released:
                 self.store.put(layer)
-            self.store.commit(layer)
-            faults.point("containerd.commit.after-store")
-            return self.store.usage(layer)
+            try:
+                self.store.commit(layer)
+            except BaseException:
+                if released:  # the snapshot stays active: its bind needs the mount again
+                    self.store.get(layer)
+                raise
+            try:
+                faults.point("containerd.commit.after-store")
+                return self.store.usage(layer)
+            except (GraphDriverError, OSError) as exc:  # the commit stands: Usage computes it
+                log.warning("usage of committed layer %s: %s; computed when asked", layer, exc)
+                return None, None
 
         size, inodes = self._on_store(run)
         self.catalog.update(
@@ -361,7 +439,9 @@ class Snapshotter:
         with self.catalog.transaction():
             snap = self._get(key)
             if snap.state != "ready":
-                raise FailedPreconditionError(f"snapshot {key!r} is being {snap.state}")
+                raise FailedPreconditionError(
+                    f"snapshot {key!r} is still being committed; try again"
+                )
             children = self.catalog.children(key)
             if children:
                 shown = ", ".join(repr(c) for c in children[:3])
@@ -411,9 +491,11 @@ class Snapshotter:
         """Finish failed removals; remove layers of ours that no snapshot names."""
         for layer, held in self.catalog.removals():
             self._finish_removal(layer, held)
-        known = self.catalog.layers()
 
         def orphans() -> list[str]:
+            # on the store thread, which makes every layer: a Prepare whose row is not read
+            # here has not made its layer yet
+            known = self.catalog.layers()
             found = []
             for layer in self.store.layers():
                 if layer in known or not layer.startswith("ctd-"):
@@ -428,18 +510,28 @@ class Snapshotter:
             self._finish_removal(layer, held=True)
 
     def recover(self) -> None:
-        """Finish or undo what a killed proxy left (see catalog's module doc)."""
+        """Finish or undo what a stopped proxy left (see catalog's module doc), and mount again
+        what held snapshots need after a reboot. A snapshot that cannot be put right is
+        logged and left as it is: the proxy still starts."""
         for snap in self.catalog.all(state="preparing"):
             log.warning("undoing snapshot %r, left half-prepared by a stopped proxy", snap.key)
             self._undo_prepare(snap)
         for snap in self.catalog.all(state="committing"):
             log.warning("finishing the commit of %r, left by a stopped proxy", snap.key)
-            self._finish_commit(snap.key, snap.layer, snap.held)
+            try:
+                self._finish_commit(snap.key, snap.layer, snap.held)
+            except SnapshotError as exc:
+                log.warning("the commit of %r cannot finish (%s): it stays active", snap.key, exc)
+                self._undo_commit(snap.key, replace(snap, key=snap.active_key or snap.key))
         for layer, held in self.catalog.removals():
             self._finish_removal(layer, held)
-
-    def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(KINDS, 0)
         for snap in self.catalog.all():
-            out[snap.kind] += 1
-        return out
+            if snap.held and not self._still_mounted(snap):
+                try:
+                    self._hold(snap)
+                except SnapshotError as exc:
+                    log.warning("could not mount %r again: %s; Mounts retries", snap.key, exc)
+
+
+def _bind(path: Path, readonly: bool) -> list[MountEntry]:
+    return [MountEntry("bind", str(path), ("ro" if readonly else "rw", "rbind"))]
