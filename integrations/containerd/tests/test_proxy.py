@@ -7,37 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from ctd_proxy import Proxy, code, running
-
-from graphdriver.testing import Backing, backing_or_skip
+from ctd_proxy import Proxy, code
 
 pytestmark = pytest.mark.privileged
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture
-def vfs(tmp_path: Path) -> Iterator[Proxy]:
-    with running(tmp_path / "store", "vfs") as proxy:
-        yield proxy
-
-
-@pytest.fixture(scope="module")
-def xfs() -> Iterator[Backing]:
-    yield from backing_or_skip("loop-xfs")
-
-
-@pytest.fixture
-def overlay(xfs: Backing, request: pytest.FixtureRequest) -> Iterator[Proxy]:
-    root = xfs.root / request.node.name
-    root.mkdir()
-    with running(root / "store", "overlay", xfs.options) as proxy:
-        yield proxy
 
 
 def _fails(call: object, *args: object) -> grpc.StatusCode:
