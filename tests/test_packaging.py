@@ -50,6 +50,7 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
         "graphdriver_btrfs",
         "graphdriver_containerd",
         "graphdriver_devmapper",
+        "graphdriver_docker",
         "graphdriver_overlay",
         "graphdriver_vfs",
     ]
@@ -95,4 +96,7 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
     ).stdout
     assert "containerd" in served
     subprocess.run([py, "-c", "import graphdriver_containerd.service"], check=True)
+    # the Docker plugins: the volume plugin's command is listed and imports from the wheel
+    assert "docker-volume" in served
+    subprocess.run([py, "-c", "import graphdriver_docker.volume"], check=True)
     run_suite(py, tmp_path, SUITE)

@@ -32,6 +32,8 @@ REQUIREMENTS = {
     "containerd": "containerd, ctr and runc run containers (an image umoci builds from "
     "busybox-static: test_engine.py), and Go builds containerd's snapshotter test suite offline "
     "from Debian's golang-github-containerd-containerd-dev: integrations/containerd/tests",
+    "docker": "Debian's docker.io (dockerd and docker 20.10) runs containers on a private "
+    "containerd, with our volume plugin on /run/docker/plugins: integrations/docker/tests",
 }
 
 
