@@ -296,3 +296,8 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         for plugin in plugins:
             self.endpoints.update(plugin.endpoints)
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed outside a call (the client went away mid-request or
+        mid-answer): logged, not printed; the server goes on."""
+        log.debug("connection dropped", exc_info=True)

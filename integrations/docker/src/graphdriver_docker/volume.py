@@ -55,11 +55,12 @@ class VolumePlugin:
         finally:
             self._thread.shutdown(wait=True)
 
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    def _call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store thread; an OSError becomes a one-line store error."""
         try:
             return self._thread.submit(fn, *args).result()
         except OSError as exc:
-            raise from_oserror(exc, fn.__name__) from exc
+            raise from_oserror(exc, doing) from exc
 
     def plugin(self) -> Plugin:
         endpoints: dict[str, JsonCall] = {
@@ -90,17 +91,20 @@ class VolumePlugin:
         driver = options.pop(DRIVER_OPTION, DEFAULT_VOLUME_DRIVER)
         if not driver:
             raise InvalidOption(f"option {DRIVER_OPTION} is empty")
-        self._call(lambda: self.store.create(name, driver, options=options, anonymous=False))
+        self._call(
+            f"create volume {name}",
+            lambda: self.store.create(name, driver, options=options, anonymous=False),
+        )
         return {}
 
     def remove(self, args: dict[str, Any]) -> Response:
         name = field_str(args, "Name")
-        self._call(self.store.remove, name)
+        self._call(f"remove volume {name}", self.store.remove, name)
         return {}
 
     def mount(self, args: dict[str, Any]) -> Response:
         name, mount_id = field_str(args, "Name"), field_str(args, "ID")
-        path = self._call(self.store.mount, name, MOUNT_PREFIX + mount_id)
+        path = self._call(f"mount volume {name}", self.store.mount, name, MOUNT_PREFIX + mount_id)
         return {"Mountpoint": str(path)}
 
     def unmount(self, args: dict[str, Any]) -> Response:
@@ -112,12 +116,12 @@ class VolumePlugin:
             # the ID is the mount point's own: once unmounted it is not a user any more
             self.store.drop_refs(MOUNT_PREFIX + mount_id)
 
-        self._call(unmount)
+        self._call(f"unmount volume {name}", unmount)
         return {}
 
     def path(self, args: dict[str, Any]) -> Response:
         name = field_str(args, "Name")
-        return {"Mountpoint": self._call(self._mountpoint, name)}
+        return {"Mountpoint": self._call(f"path of volume {name}", self._mountpoint, name)}
 
     def _mountpoint(self, name: str) -> str:
         rec = self.store.get(name)
@@ -142,7 +146,7 @@ class VolumePlugin:
 
     def get(self, args: dict[str, Any]) -> Response:
         name = field_str(args, "Name")
-        return {"Volume": self._call(self._volume, name)}
+        return {"Volume": self._call(f"get volume {name}", self._volume, name)}
 
     def list(self, args: dict[str, Any]) -> Response:
         def every() -> list[dict[str, Any]]:
@@ -154,7 +158,7 @@ class VolumePlugin:
                     found.append({"Name": rec.name, "Mountpoint": ""})
             return found
 
-        return {"Volumes": self._call(every)}
+        return {"Volumes": self._call("list volumes", every)}
 
     def capabilities(self, args: dict[str, Any]) -> Response:
         # local: the data is on this machine, dockerd may not share it with other nodes
