@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from graphdriver import GraphDriverError, InvalidOption
+from graphdriver import GraphDriverError, InUse, InvalidOption
 from graphdriver.errors import from_oserror
 from graphdriver.volumes import DEFAULT_VOLUME_DRIVER, VolumeStore
 
@@ -99,7 +99,19 @@ class VolumePlugin:
 
     def remove(self, args: dict[str, Any]) -> Response:
         name = field_str(args, "Name")
-        self._call(f"remove volume {name}", self.store.remove, name)
+
+        def remove() -> None:
+            rec = self.store.get(name)
+            held = [u for u in self.store.users(name) if u.startswith(MOUNT_PREFIX)]
+            if rec.mount_count and held:  # else the store says who holds it
+                ids = ", ".join(u.removeprefix(MOUNT_PREFIX)[:12] for u in held)
+                raise InUse(
+                    f"volume {name!r} is mounted ({rec.mount_count} mount(s), dockerd mount "
+                    f"ID(s) {ids}); it can be removed once they are unmounted"
+                )
+            self.store.remove(name)
+
+        self._call(f"remove volume {name}", remove)
         return {}
 
     def mount(self, args: dict[str, Any]) -> Response:
