@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from graphdriver import InUse, InvalidOption
+from graphdriver.errors import call_os, from_oserror
 
 from .http import Plugin, PluginServer
 
@@ -44,8 +45,10 @@ def _free_socket(path: Path) -> None:
     try:
         st = path.lstat()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        call_os(path.parent.mkdir, 0o755, True, True, doing=f"make {path.parent}")
         return
+    except OSError as exc:
+        raise from_oserror(exc, f"serve on {path}") from exc
     if not stat.S_ISSOCK(st.st_mode):
         raise InvalidOption(f"{path} exists and is not a socket; choose another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -96,7 +99,7 @@ def serve(socket_path: Path, plugins: list[Plugin], banner: str) -> None:
     try:
         server = PluginServer(str(socket_path), plugins)
     except OSError as exc:
-        raise InUse(f"cannot listen on {socket_path}: {exc.strerror or exc}") from None
+        raise from_oserror(exc, f"listen on {socket_path}") from None
     try:
         # dockerd runs as root and connects as root; nobody else has business on the socket
         os.chmod(socket_path, 0o600)
@@ -137,10 +140,11 @@ def serve_docker_volume(ctx: click.Context, name: str, socket_path: Path | None)
     """Docker's volume plugin: the store's volumes for `docker volume create -d NAME`.
 
     dockerd finds the plugin by its socket; then `docker run -v VOL:/path`, --volumes-from,
-    `docker volume ls/inspect/rm` keep their data under --root. `--opt volume-driver=D` picks
-    the store's volume driver (local by default); other --opt go to it (local's type, device
-    and o). Mount counts are kept per mount in the store, across restarts. Runs until SIGTERM
-    or SIGINT, then removes the socket; mounted volumes stay mounted.
+    `docker volume ls/inspect/rm` keep their data under --root. `docker volume create -o
+    volume-driver=D` picks the store's volume driver (local by default); the other -o go to it
+    (local's type, device and o). Mount counts are kept per mount in the store, across
+    restarts. Runs until SIGTERM or SIGINT, then removes the socket; mounted volumes stay
+    mounted.
     """
     from .volume import VolumePlugin
 
