@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import faulthandler
-import fcntl
 import logging
 import os
 import re
-import signal
-import socket
-import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from graphdriver import InUse, InvalidOption
-from graphdriver.errors import call_os, from_oserror
+from graphdriver import InvalidOption, serving
+from graphdriver.errors import from_oserror
 
 from .http import Plugin, PluginServer
 
@@ -29,72 +23,12 @@ log = logging.getLogger("graphdriver.docker")
 PLUGIN_DIR = Path("/run/docker/plugins")
 #: a plugin name dockerd can be given (``docker volume create -d NAME``)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-#: sun_path's size less its terminating NUL
-MAX_SOCKET_PATH = 107
-
-
-def _free_socket(path: Path) -> None:
-    """Refuse a path that is not a socket, or a socket something answers on; remove a stale
-    socket (a plugin that was killed)."""
-    size = len(os.fsencode(path))
-    if size > MAX_SOCKET_PATH:
-        raise InvalidOption(
-            f"socket path {path} is {size} bytes; a unix socket's path holds at most "
-            f"{MAX_SOCKET_PATH}: choose a shorter --socket"
-        )
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        call_os(path.parent.mkdir, 0o755, True, True, doing=f"make {path.parent}")
-        return
-    except OSError as exc:
-        raise from_oserror(exc, f"serve on {path}") from exc
-    if not stat.S_ISSOCK(st.st_mode):
-        raise InvalidOption(f"{path} exists and is not a socket; choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # nobody listens: left by a plugin that was killed
-        return
-    finally:
-        probe.close()
-    raise InUse(f"{path} is in use: another server answers on it")
-
-
-@contextlib.contextmanager
-def _serve_lock(path: Path, what: str) -> Iterator[None]:
-    """One server of a kind per store: an flock on *path*, holding the server's pid."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise InUse(
-                f"another {what} (pid {holder}) already serves {path.parent.parent}; stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 def serve(socket_path: Path, plugins: list[Plugin], banner: str) -> None:
-    """Serve *plugins* on *socket_path* (freed by :func:`_free_socket`) until SIGTERM or
+    """Serve *plugins* on *socket_path* (freed by ``serving.free_socket``) until SIGTERM or
     SIGINT, then remove the socket."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    # `kill -USR1 PID` prints every thread's stack to stderr: what a stuck request waits for
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stop = serving.stop_event()
 
     try:
         server = PluginServer(str(socket_path), plugins)
@@ -106,8 +40,7 @@ def serve(socket_path: Path, plugins: list[Plugin], banner: str) -> None:
         thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
         thread.start()
         click.echo(f"graphdriver: {banner} on {socket_path}", err=True)
-        while not stop.wait(3600):
-            pass
+        serving.wait(stop)
         server.shutdown()
     finally:
         server.server_close()
@@ -151,8 +84,10 @@ def serve_docker_volume(ctx: click.Context, name: str, socket_path: Path | None)
     core: Any = ctx.find_root().obj
     root = Path(core.root).absolute()
     path = _plugin_socket(name, socket_path)
-    with _serve_lock(root / "docker" / "volume-serve.lock", "volume plugin"):
-        _free_socket(path)  # before the store opens: a wrong --socket is refused at once
+    with serving.serve_lock(root / "docker" / "volume-serve.lock", "volume plugin", root):
+        serving.free_socket(
+            path, "--socket"
+        )  # before the store opens: a wrong --socket is refused at once
         volumes = VolumePlugin(root)
         try:
             serve(path, [volumes.plugin()], f"serving the volumes of {root} as {name!r}")

@@ -1,0 +1,96 @@
+"""What every ``graphdriver serve`` server does the same way (the integrations' commands):
+one server of a kind per store, a unix socket that is free, and a stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InUse, InvalidOption, call_os, from_oserror
+
+log = logging.getLogger(__name__)
+
+#: sun_path's size less its terminating NUL
+MAX_SOCKET_PATH = 107
+
+
+def free_socket(path: Path, option: str) -> None:
+    """Make *path* ready to listen on: refuse a path too long for a unix socket, one that is
+    not a socket, or a socket something answers on (*option* is the flag that names it);
+    remove a stale socket (a server that was killed); make the parent directory."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise InvalidOption(
+            f"socket path {path} is {size} bytes; a unix socket's path holds at most "
+            f"{MAX_SOCKET_PATH}: choose a shorter {option}"
+        )
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        call_os(path.parent.mkdir, 0o755, True, True, doing=f"make {path.parent}")
+        return
+    except OSError as exc:
+        raise from_oserror(exc, f"serve on {path}") from exc
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidOption(f"{path} exists and is not a socket; choose another {option}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: left by a server that was killed
+        return
+    finally:
+        probe.close()
+    raise InUse(f"{path} is in use: another server answers on it")
+
+
+@contextlib.contextmanager
+def serve_lock(path: Path, what: str, served: Path) -> Iterator[None]:
+    """One *what* per store: an flock on *path* that holds the server's pid, so that a second
+    one is refused in one line naming the first (*served* is what it serves)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise InUse(
+                f"another {what} (pid {holder}) already serves {served}; stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def stop_event() -> threading.Event:
+    """An event SIGTERM and SIGINT set (installed now, before the socket takes connections:
+    the core's own handlers would raise mid-start); SIGUSR1 prints every thread's stack to
+    stderr, to see what a stuck request waits for."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    return stop
+
+
+def wait(stop: threading.Event) -> None:
+    """Block until *stop* is set (in slices, so signal handlers run)."""
+    while not stop.wait(3600):
+        pass
