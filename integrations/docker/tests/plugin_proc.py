@@ -1,4 +1,5 @@
-"""A `graphdriver serve docker-volume` process for the tests, and an HTTP client for its socket."""
+"""`graphdriver serve docker-volume` and `docker-graphdriver` processes for the tests, and an
+HTTP client for their sockets."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,63 @@ def running(root: Path, name: str, socket_path: Path) -> Iterator[VolumePlugin]:
         if plugin.proc is not None:
             plugin.proc.kill()
             plugin.proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            if socket_path.is_socket():
+                os.unlink(socket_path)
+
+
+class GraphPlugin(VolumePlugin):
+    """``graphdriver --root ROOT --driver DRIVER [--opt K=V...] serve docker-graphdriver
+    --name NAME --socket SOCKET``."""
+
+    def __init__(
+        self,
+        root: Path,
+        driver: str,
+        name: str,
+        socket_path: Path,
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(root, name, socket_path, root.parent / f"{name}.log")
+        self.driver = driver
+        self.options = dict(options or {})
+
+    def command(self, *args: str) -> list[str]:
+        opts = [f"--opt={k}={v}" for k, v in self.options.items()]
+        return [GRAPHDRIVER, "--root", str(self.root), "--driver", self.driver, *opts, *args]
+
+    def serve_command(self) -> list[str]:
+        return self.command(
+            "serve", "docker-graphdriver", "--name", self.name, "--socket", str(self.socket)
+        )
+
+    def layers(self) -> list[str]:
+        """``graphdriver ls``: the store's layers, as its own CLI lists them."""
+        out = subprocess.run(self.command("ls"), capture_output=True, text=True, check=True)
+        return sorted(out.stdout.split())
+
+
+@contextlib.contextmanager
+def running_graph(
+    root: Path,
+    driver: str,
+    name: str,
+    socket_path: Path,
+    options: Mapping[str, str] | None = None,
+) -> Iterator[GraphPlugin]:
+    """A started graphdriver plugin; stopped, and the store's mounts released (``graphdriver
+    cleanup``), whatever happens."""
+    plugin = GraphPlugin(root, driver, name, socket_path, options)
+    try:
+        plugin.start()
+        yield plugin
+    finally:
+        with contextlib.suppress(AssertionError):
+            plugin.stop()
+        if plugin.proc is not None:
+            plugin.proc.kill()
+            plugin.proc.wait()
+        subprocess.run(plugin.command("cleanup"), capture_output=True, check=False)
         with contextlib.suppress(FileNotFoundError):
             if socket_path.is_socket():
                 os.unlink(socket_path)

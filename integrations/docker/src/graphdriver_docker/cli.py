@@ -93,3 +93,45 @@ def serve_docker_volume(ctx: click.Context, name: str, socket_path: Path | None)
             serve(path, [volumes.plugin()], f"serving the volumes of {root} as {name!r}")
         finally:
             volumes.close()
+
+
+@click.command("docker-graphdriver")
+@click.option(
+    "--name", "-n", required=True, help="The plugin's name: dockerd --storage-driver NAME."
+)
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Unix socket to serve on.  [default: /run/docker/plugins/NAME.sock, where dockerd "
+    "finds it]",
+)
+@click.pass_context
+def serve_docker_graphdriver(ctx: click.Context, name: str, socket_path: Path | None) -> None:
+    """Docker's graphdriver plugin: dockerd's image and container layers in the store.
+
+    dockerd (20.10 to 26, started with --experimental --storage-driver NAME) finds the plugin
+    by its socket and keeps every layer in the store of --root and --driver, under the ids it
+    gives them. Runs until SIGTERM or SIGINT, then removes the socket; mounted layers stay
+    mounted (dockerd's Cleanup, at its own exit, unmounts them).
+    """
+    from graphdriver.plugins import choose_driver
+
+    from .graph import GraphPlugin
+
+    core: Any = ctx.find_root().obj
+    root = Path(core.root).absolute()
+    driver = core.driver or choose_driver(root)
+    path = _plugin_socket(name, socket_path)
+    lock = root / "docker" / f"graph-{driver}-serve.lock"
+    with serving.serve_lock(lock, "graphdriver plugin", root / driver):
+        serving.free_socket(path, "--socket")  # before the store opens
+        graph = GraphPlugin(root, driver, core.opts, core.wait)
+        try:
+            serve(
+                path,
+                [graph.plugin()],
+                f"serving the {driver} layers of {root} to dockerd as {name!r}",
+            )
+        finally:
+            graph.close()

@@ -212,10 +212,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         except Exception:
             # the status is sent: cutting the stream short (no last chunk) is how the client
-            # learns of the failure
+            # learns of the failure (or the client went away)
             log.exception("%s failed while streaming its answer", self.path)
             self.close_connection = True
             return
+        finally:
+            # a generator stopped early releases what it holds now, not when it is collected
+            close = getattr(response.chunks, "close", None)
+            if close is not None:
+                close()
         self.wfile.write(b"0\r\n\r\n")
 
     def _body(self) -> Body:

@@ -1,0 +1,255 @@
+"""Docker's GraphDriver plugin (moby's ``daemon/graphdriver/proxy.go``) over a LayerStore.
+
+dockerd names every layer itself (64 hex digits, ``<hex>-init`` for a container's init layer):
+these ids are the store's layer ids, so ``graphdriver ls`` shows dockerd's layers. ``Create``
+makes an image layer, ``CreateReadWrite`` a container's (``StorageOpt size=`` is the layer's
+size limit, where the driver has quota); ``Get`` mounts and counts, ``Put`` releases one
+count; ``Diff`` streams the raw layer tar; ``ApplyDiff`` unpacks the request's raw tar into a
+layer dockerd has just created (a tar that fails leaves the layer empty again). ``Remove`` of a
+layer that does not exist succeeds, as with dockerd's own drivers (dockerd retries removals it
+thinks failed). ``Init``'s ``Home`` is ignored: the layers live under the store's root.
+
+The store and its SQLite connection belong to the thread that opened them: every call runs on
+one store thread, in order; a Diff's tar is read on the connection's thread while others run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from graphdriver import (
+    CreateOpts,
+    InvalidOption,
+    LayerNotFound,
+    LayerStore,
+    open_store,
+    validate_id,
+)
+from graphdriver.driver import parse_size
+from graphdriver.errors import from_oserror
+
+from .http import BadRequest, Body, Plugin, RawResponse, Request, Response, field_map, field_str
+
+log = logging.getLogger("graphdriver.docker")
+
+T = TypeVar("T")
+KIND = "GraphDriver"
+#: bytes of a Diff's tar sent per chunk
+CHUNK = 1 << 20
+
+
+class _BodyReader(io.RawIOBase):
+    """A request body as a binary stream (what ``LayerStore.apply_diff`` reads)."""
+
+    def __init__(self, body: Body) -> None:
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._body.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
+def _metadata_value(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+class GraphPlugin:
+    """The GraphDriver endpoints of one store (root and driver)."""
+
+    def __init__(
+        self,
+        root: Path,
+        driver: str | None,
+        options: Mapping[str, str],
+        wait: float | None = None,
+    ) -> None:
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="layers")
+        try:
+            self.store: LayerStore = self._thread.submit(
+                open_store, root, driver, options, wait=wait
+            ).result()
+        except BaseException:
+            self._thread.shutdown()
+            raise
+
+    def close(self) -> None:
+        """Let the call under way finish, then close the store (mounts stay)."""
+        try:
+            self._thread.submit(self.store.close).result()
+        finally:
+            self._thread.shutdown(wait=True)
+
+    def _call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store thread; an OSError becomes a one-line store error."""
+        try:
+            return self._thread.submit(fn, *args).result()
+        except OSError as exc:
+            raise from_oserror(exc, doing) from exc
+
+    def plugin(self) -> Plugin:
+        json_calls: dict[str, Callable[[dict[str, Any]], Response]] = {
+            "Init": self.init,
+            "Create": lambda args: self.create(args, rw=False),
+            "CreateReadWrite": lambda args: self.create(args, rw=True),
+            "Remove": self.remove,
+            "Get": self.get,
+            "Put": self.put,
+            "Exists": self.exists,
+            "Status": self.status,
+            "GetMetadata": self.get_metadata,
+            "Cleanup": self.cleanup,
+            "Diff": self.diff,
+            "Changes": self.changes,
+            "DiffSize": self.diff_size,
+            "Capabilities": self.capabilities,
+        }
+
+        def json_endpoint(
+            fn: Callable[[dict[str, Any]], Response],
+        ) -> Callable[[Request], Response]:
+            return lambda request: fn(request.json())
+
+        endpoints: dict[str, Callable[[Request], Response]] = {
+            f"/{KIND}.{name}": json_endpoint(fn) for name, fn in json_calls.items()
+        }
+        endpoints[f"/{KIND}.ApplyDiff"] = self.apply_diff
+        return Plugin(KIND, endpoints)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _id(args: Mapping[str, Any], key: str = "ID") -> str:
+        return validate_id(field_str(args, key), "parent id" if key == "Parent" else "layer id")
+
+    @staticmethod
+    def _parent(args: Mapping[str, Any], key: str = "Parent") -> str | None:
+        parent = field_str(args, key, required=False)
+        return validate_id(parent, "parent id") if parent else None
+
+    # ------------------------------------------------------------------------------ endpoints
+
+    def init(self, args: dict[str, Any]) -> Response:
+        opts = args.get("Opts") or []
+        if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+            raise BadRequest("Opts must be a list of strings")
+        if opts:
+            raise InvalidOption(
+                f"dockerd's --storage-opt ({', '.join(opts)}) is not taken by this plugin: give "
+                f"driver options to `graphdriver --opt KEY=VALUE serve`"
+            )
+        if args.get("UIDMaps") or args.get("GIDMaps"):
+            raise InvalidOption(
+                "this plugin does not support user namespace remapping (--userns-remap)"
+            )
+        home = args.get("Home")
+        log.info("Init from dockerd (Home %s); the layers are kept in %s", home, self.store.home)
+        return {}
+
+    def create(self, args: dict[str, Any], *, rw: bool) -> Response:
+        layer_id, parent = self._id(args), self._parent(args)
+        size: int | None = None
+        for key, value in field_map(args, "StorageOpt").items():
+            if key.lower() == "size":
+                size = parse_size(value)
+            else:
+                raise InvalidOption(
+                    f"unknown storage option {key!r} for layer {layer_id[:12]}: use size="
+                )
+        label = field_str(args, "MountLabel", required=False) or None
+        opts = CreateOpts(size=size, mount_label=label)
+        fn = self.store.create_rw if rw else self.store.create
+        self._call(f"create layer {layer_id}", fn, layer_id, parent, opts)
+        return {}
+
+    def remove(self, args: dict[str, Any]) -> Response:
+        layer_id = self._id(args)
+        # as with dockerd's own drivers, a layer already gone is removed
+        with contextlib.suppress(LayerNotFound):
+            self._call(f"remove layer {layer_id}", self.store.remove, layer_id)
+        return {}
+
+    def get(self, args: dict[str, Any]) -> Response:
+        layer_id = self._id(args)
+        path = self._call(f"mount layer {layer_id}", self.store.get, layer_id)
+        return {"Dir": str(path)}
+
+    def put(self, args: dict[str, Any]) -> Response:
+        layer_id = self._id(args)
+        self._call(f"unmount layer {layer_id}", self.store.put, layer_id)
+        return {}
+
+    def exists(self, args: dict[str, Any]) -> Response:
+        layer_id = field_str(args, "ID")
+        return {"Exists": self._call(f"look up layer {layer_id}", self.store.exists, layer_id)}
+
+    def status(self, args: dict[str, Any]) -> Response:
+        pairs = self._call("status of the store", self.store.status)
+        return {"Status": [[k, v] for k, v in pairs]}
+
+    def get_metadata(self, args: dict[str, Any]) -> Response:
+        layer_id = self._id(args)
+        meta = self._call(f"metadata of layer {layer_id}", self.store.metadata, layer_id)
+        return {"Metadata": {k: _metadata_value(v) for k, v in meta.items() if v is not None}}
+
+    def cleanup(self, args: dict[str, Any]) -> Response:
+        self._call("clean up the store", self.store.cleanup)
+        return {}
+
+    def diff(self, args: dict[str, Any]) -> Response:
+        layer_id, parent = self._id(args), self._parent(args)
+        stream = self._call(f"diff of layer {layer_id}", self.store.diff, layer_id, parent)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                while data := stream.read(CHUNK):
+                    yield data
+            finally:
+                stream.close()
+
+        return RawResponse(chunks())
+
+    def changes(self, args: dict[str, Any]) -> Response:
+        layer_id, parent = self._id(args), self._parent(args)
+        found = self._call(f"changes of layer {layer_id}", self.store.changes, layer_id, parent)
+        return {"Changes": [{"Path": c.path, "Kind": int(c.kind)} for c in found]}
+
+    def diff_size(self, args: dict[str, Any]) -> Response:
+        layer_id, parent = self._id(args), self._parent(args)
+        size = self._call(f"diff size of layer {layer_id}", self.store.diff_size, layer_id, parent)
+        return {"Size": size}
+
+    def apply_diff(self, request: Request) -> Response:
+        layer_id = self._id(request.query, "id")
+        parent = self._parent(request.query, "parent")
+
+        def apply() -> int:
+            recorded = self.store.metadata(layer_id)["parent"]
+            if parent is not None and recorded != parent:
+                raise InvalidOption(
+                    f"ApplyDiff: layer {layer_id!r} has parent {recorded!r}, not {parent!r}"
+                )
+            stream: BinaryIO = io.BufferedReader(_BodyReader(request.body), CHUNK)
+            return self.store.apply_diff(layer_id, stream)
+
+        return {"Size": self._call(f"apply a diff to layer {layer_id}", apply)}
+
+    def capabilities(self, args: dict[str, Any]) -> Response:
+        return {"Capabilities": {"ReproducesExactDiffs": self.store.reproduces_exact_diffs}}
