@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
 import subprocess
 import tarfile
@@ -196,6 +197,7 @@ def test_diff_then_apply_diff_round_trip(plugin: GraphPlugin, conn: UnixConnecti
         tf.addfile(info, io.BytesIO(b""))
     status, answer = apply_diff(conn, TOP, APPLIED, buf.getvalue())
     assert (status, answer) == (200, {"Size": 0, "Err": ""})
+    assert diff(conn, TOP, APPLIED) == buf.getvalue()  # the parent named, as dockerd does
     changes = ok(conn, "Changes", {"ID": TOP, "Parent": APPLIED})["Changes"]
     assert {"Path": "/bin/tool", "Kind": 2} in changes
     top = Path(ok(conn, "Get", {"ID": TOP})["Dir"])
@@ -309,12 +311,38 @@ def test_client_gone_mid_diff(plugin: GraphPlugin, conn: UnixConnection) -> None
         deadline = time.monotonic() + 30
         while True:  # the plugin sees the disconnect at its next write
             status, answer = other.call("GraphDriver.Remove", {"ID": IMAGE})
+            assert status == 200
             if not answer["Err"]:
                 break
             assert "being read" in answer["Err"] and time.monotonic() < deadline, answer
             time.sleep(0.05)
         assert ok(other, "Exists", {"ID": IMAGE})["Exists"] is False
     assert plugin.layers() == []
+
+
+def test_restart_after_sigkill_keeps_layers_and_mounts(plugin: GraphPlugin) -> None:
+    """A plugin killed with SIGKILL and started again: the layers and their mount counts are
+    there, a second plugin on the same store is refused, and the next calls work."""
+    with plugin.connect() as conn:
+        ok(conn, "Create", {"ID": IMAGE})
+        ok(conn, "CreateReadWrite", {"ID": CONTAINER, "Parent": IMAGE})
+        merged = Path(ok(conn, "Get", {"ID": CONTAINER})["Dir"])
+        (merged / "f").write_text("kept\n")
+    assert plugin.stop(signal.SIGKILL) == -signal.SIGKILL
+    plugin.start()
+    second = GraphPlugin(plugin.root, "vfs", "gd-graph-2", plugin.socket.with_name("g2.sock"))
+    refused = subprocess.run(second.serve_command(), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "already serves" in refused.stderr
+    with plugin.connect() as conn:
+        assert ok(conn, "Exists", {"ID": CONTAINER})["Exists"] is True
+        assert ok(conn, "GetMetadata", {"ID": CONTAINER})["Metadata"]["mount_count"] == "1"
+        assert Path(ok(conn, "Get", {"ID": CONTAINER})["Dir"]) == merged
+        assert (merged / "f").read_text() == "kept\n"
+        ok(conn, "Put", {"ID": CONTAINER})
+        ok(conn, "Put", {"ID": CONTAINER})
+        assert ok(conn, "Changes", {"ID": CONTAINER})["Changes"] == [{"Path": "/f", "Kind": 1}]
+    assert plugin.layers() == sorted([IMAGE, CONTAINER])
 
 
 @pytest.fixture(scope="module")
