@@ -137,7 +137,7 @@ class GraphPlugin:
 
     @staticmethod
     def _id(args: Mapping[str, Any], key: str = "ID") -> str:
-        return validate_id(field_str(args, key), "parent id" if key == "Parent" else "layer id")
+        return validate_id(field_str(args, key))
 
     @staticmethod
     def _parent(args: Mapping[str, Any], key: str = "Parent") -> str | None:
@@ -243,9 +243,8 @@ class GraphPlugin:
         def apply() -> int:
             recorded = self.store.metadata(layer_id)["parent"]
             if parent is not None and recorded != parent:
-                raise InvalidOption(
-                    f"ApplyDiff: layer {layer_id!r} has parent {recorded!r}, not {parent!r}"
-                )
+                has = f"parent {recorded!r}" if recorded else "no parent"
+                raise InvalidOption(f"ApplyDiff: layer {layer_id!r} has {has}, not {parent!r}")
             stream: BinaryIO = io.BufferedReader(_BodyReader(request.body), CHUNK)
             return self.store.apply_diff(layer_id, stream)
 
