@@ -45,7 +45,7 @@ from graphdriver.testing.require import host_lacks
 
 pytestmark = pytest.mark.privileged
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 CONFIG_MARKER = "<!-- docker-graphdriver-config -->"
 DRIVERS = {"overlay": "loop-xfs", "btrfs": "loop-btrfs"}
 
