@@ -26,7 +26,10 @@ devmapper where the kernel has device-mapper), on a fresh sparse loop filesystem
 - peak RSS (``/usr/bin/time``) of apply-diff and diff;
 - containerd (overlay on xfs only; ``bench_containerd.py``): a container snapshot's Prepare +
   Mounts + Remove through containerd, the garbage collection after them, and ``ctr image
-  import``, on our proxy snapshotter beside containerd's own overlayfs on the same filesystem.
+  import``, on our proxy snapshotter beside containerd's own overlayfs on the same filesystem;
+- docker (overlay on xfs only; ``bench_docker.py``): ``docker import`` of a rootfs tar and
+  ``docker run --rm true`` through our GraphDriver plugin beside dockerd's built-in overlay2,
+  both data-roots on the same filesystem.
 
 Every figure is the median of --runs interleaved runs (5 by default) with its spread, and a
 ratio to its reference. Writes ``results/<date>.md`` and ``results/<date>.png``.
@@ -422,6 +425,24 @@ class Bench:
             fig = self.fig(f"containerd: {m.name}", ref_name=m.ref_name, unit="ms")
             fig.ours, fig.ref = m.ours, m.ref
 
+    # ----------------------------------------------------------------------------- docker
+
+    def docker(self) -> None:
+        """graphdriver as dockerd's GraphDriver plugin beside dockerd's overlay2, on this
+        filesystem (its own store and data-roots; see bench_docker.py)."""
+        if (self.driver, self.fstype) != ("overlay", "xfs"):
+            return
+        import bench_docker
+
+        lacking = bench_docker.engine.missing_tools()
+        if lacking is not None:
+            print(f"bench: docker step skipped: needs {lacking}", file=sys.stderr)
+            return
+        figures, _ = bench_docker.measure(self.fs, self.runs)
+        for m in figures:
+            fig = self.fig(f"docker: {m.name}", ref_name=m.ref_name, unit="ms")
+            fig.ours, fig.ref = m.ours, m.ref
+
     def cleanup(self) -> None:
         subprocess.run([*self.gd, "cleanup"], capture_output=True)
 
@@ -599,8 +620,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma list of driver/fs, e.g. overlay/xfs")
     ap.add_argument("--steps", default=None,
                     help="comma list of steps (unpack,pack,exact,small_change,create,mounts,"
-                    "deep_read,containerd); unpack makes the base layer the others need "
-                    "(containerd needs none of them)")  # fmt: skip
+                    "deep_read,containerd,docker); unpack makes the base layer the others "
+                    "need (containerd and docker need none of them)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--chart", type=Path, default=None, help="redraw the PNG of a results JSON")
     args = ap.parse_args()
@@ -625,7 +646,7 @@ def main() -> None:
             try:
                 steps: list[Callable[[], None]] = [
                     bench.unpack, bench.pack, bench.exact, bench.small_change, bench.create,
-                    bench.mounts, bench.deep_read, bench.containerd,
+                    bench.mounts, bench.deep_read, bench.containerd, bench.docker,
                 ]  # fmt: skip
                 for step in steps:
                     if args.steps and step.__name__ not in args.steps.split(","):
