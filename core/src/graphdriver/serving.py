@@ -90,7 +90,14 @@ def stop_event() -> threading.Event:
     return stop
 
 
+#: how often the main thread looks for a signal that another thread received
+SIGNAL_POLL = 0.2
+
+
 def wait(stop: threading.Event) -> None:
-    """Block until *stop* is set (in slices, so signal handlers run)."""
-    while not stop.wait(3600):
+    """Block until *stop* is set. In short slices: the kernel may deliver SIGTERM to any
+    thread (grpc's and the servers' threads do not block signals), and then Python runs the
+    handler only when the main thread next runs bytecode, not when its wait is interrupted;
+    one long wait would sleep through the signal."""
+    while not stop.wait(SIGNAL_POLL):
         pass
