@@ -3,6 +3,7 @@ one server of a kind per store, a unix socket that is free, and a stop on SIGTER
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import faulthandler
 import fcntl
@@ -12,12 +13,22 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import InUse, InvalidOption, call_os, from_oserror
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Closable)
 
 #: sun_path's size less its terminating NUL
 MAX_SOCKET_PATH = 107
@@ -101,3 +112,27 @@ def wait(stop: threading.Event) -> None:
     one long wait would sleep through the signal."""
     while not stop.wait(SIGNAL_POLL):
         pass
+
+
+class StoreThread(Generic[S]):
+    """A store (LayerStore, VolumeStore) owned by one thread: its SQLite connection belongs to
+    the thread that opened it, so a server's request threads hand every call to this one."""
+
+    def __init__(self, name: str, opener: Callable[[], S]) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        try:
+            self.store: S = self._pool.submit(opener).result()
+        except BaseException:
+            self._pool.shutdown()
+            raise
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store's thread, after the calls before it."""
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        """Let the call under way finish, then close the store (mounts stay)."""
+        try:
+            self._pool.submit(self.store.close).result()
+        finally:
+            self._pool.shutdown(wait=True)

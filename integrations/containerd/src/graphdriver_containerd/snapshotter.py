@@ -23,7 +23,6 @@ its references, so a walk holds up no Prepare, Commit or Remove.
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import logging
 import os
@@ -46,6 +45,7 @@ from graphdriver import (
     NotMounted,
     faults,
     open_store,
+    serving,
 )
 
 from .catalog import Catalog, Snapshot, mounts_json
@@ -154,12 +154,19 @@ class Snapshotter:
     def __init__(
         self, root: Path, driver: str | None, options: Mapping[str, str], wait: float | None
     ) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
-        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usage")
-        self._opened: list[tuple[concurrent.futures.ThreadPoolExecutor, LayerStore]] = []
+        self._writer = serving.StoreThread(
+            "store", lambda: open_store(root, driver, options, wait=wait)
+        )
+        self.store: LayerStore = self._writer.store
         try:
-            self.store = self._open(self._pool, root, driver, options, wait)
-            self.reader = self._open(self._reader, root, self.store.name, options, wait)
+            self._reader = serving.StoreThread(
+                "usage", lambda: open_store(root, self.store.name, options, wait=wait)
+            )
+        except BaseException:
+            self._writer.close()
+            raise
+        self.reader: LayerStore = self._reader.store
+        try:
             self.catalog = Catalog(root / "containerd" / self.store.name / "snapshots.db")
         except BaseException:
             self._close_stores()
@@ -172,35 +179,20 @@ class Snapshotter:
             self.close()
             raise
 
-    def _open(
-        self,
-        pool: concurrent.futures.ThreadPoolExecutor,
-        root: Path,
-        driver: str | None,
-        options: Mapping[str, str],
-        wait: float | None,
-    ) -> LayerStore:
-        store = pool.submit(open_store, root, driver, options, wait=wait).result()
-        self._opened.append((pool, store))
-        return store
-
     def _close_stores(self) -> None:
-        for pool, store in self._opened:
-            pool.submit(store.close).result()
-        self._opened.clear()
-        self._pool.shutdown()
-        self._reader.shutdown()
+        self._reader.close()
+        self._writer.close()
 
     def close(self) -> None:
         self.catalog.close()
         self._close_stores()
 
     def _on_store(
-        self, fn: Callable[[], T], pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self, fn: Callable[[], T], owner: serving.StoreThread[LayerStore] | None = None
     ) -> T:
-        """Run *fn* on the store's thread (or *pool*'s); errors come back as SnapshotErrors."""
+        """Run *fn* on the store's thread (or *owner*'s); errors come back as SnapshotErrors."""
         try:
-            return (pool or self._pool).submit(fn).result()
+            return (owner or self._writer).call(fn)
         except SnapshotError:
             raise
         except (GraphDriverError, OSError) as exc:

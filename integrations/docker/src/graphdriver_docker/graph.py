@@ -15,7 +15,6 @@ one store thread, in order; a Diff's tar is read on the connection's thread whil
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import io
 import json
@@ -30,6 +29,7 @@ from graphdriver import (
     LayerNotFound,
     LayerStore,
     open_store,
+    serving,
     validate_id,
 )
 from graphdriver.driver import parse_size
@@ -81,26 +81,19 @@ class GraphPlugin:
         options: Mapping[str, str],
         wait: float | None = None,
     ) -> None:
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="layers")
-        try:
-            self.store: LayerStore = self._thread.submit(
-                open_store, root, driver, options, wait=wait
-            ).result()
-        except BaseException:
-            self._thread.shutdown()
-            raise
+        self._owner = serving.StoreThread(
+            "layers", lambda: open_store(root, driver, options, wait=wait)
+        )
+        self.store: LayerStore = self._owner.store
 
     def close(self) -> None:
         """Let the call under way finish, then close the store (mounts stay)."""
-        try:
-            self._thread.submit(self.store.close).result()
-        finally:
-            self._thread.shutdown(wait=True)
+        self._owner.close()
 
     def _call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread; an OSError becomes a one-line store error."""
         try:
-            return self._thread.submit(fn, *args).result()
+            return self._owner.call(fn, *args)
         except OSError as exc:
             raise from_oserror(exc, doing) from exc
 

@@ -14,12 +14,11 @@ store thread, in order, whatever connection it came on.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from graphdriver import GraphDriverError, InUse, InvalidOption
+from graphdriver import GraphDriverError, InUse, InvalidOption, serving
 from graphdriver.errors import from_oserror
 from graphdriver.volumes import DEFAULT_VOLUME_DRIVER, VolumeStore
 
@@ -41,24 +40,17 @@ class VolumePlugin:
     """The VolumeDriver endpoints of one root's VolumeStore."""
 
     def __init__(self, root: Path) -> None:
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="volumes")
-        try:
-            self.store: VolumeStore = self._thread.submit(VolumeStore, root).result()
-        except BaseException:
-            self._thread.shutdown()
-            raise
+        self._owner = serving.StoreThread("volumes", lambda: VolumeStore(root))
+        self.store: VolumeStore = self._owner.store
 
     def close(self) -> None:
         """Let the call under way finish, then close the store."""
-        try:
-            self._thread.submit(self.store.close).result()
-        finally:
-            self._thread.shutdown(wait=True)
+        self._owner.close()
 
     def _call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread; an OSError becomes a one-line store error."""
         try:
-            return self._thread.submit(fn, *args).result()
+            return self._owner.call(fn, *args)
         except OSError as exc:
             raise from_oserror(exc, doing) from exc
 
