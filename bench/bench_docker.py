@@ -83,11 +83,8 @@ def overlay2_dockerd(base: Path) -> Iterator[engine.Docker]:
                 ctd / "containerd.sock",
             )
         )
-        argv = [engine.DOCKERD, "--config-file", str(config), "--data-root", str(base / "data"),
-                "--exec-root", str(base / "exec"), "--pidfile", str(base / "dockerd.pid"),
-                "--host", f"unix://{api}", "--containerd", str(ctd / "containerd.sock"),
-                *flags, "--storage-driver=overlay2"]  # fmt: skip
-        procs.append(engine._start(argv, base / "dockerd.log", api))
+        flags = [*flags, "--storage-driver=overlay2"]
+        procs.append(engine.start_dockerd(base, config, ctd / "containerd.sock", api, flags))
         # engine.Docker carries a plugin for the volume tests; this one is never started
         unused = VolumePlugin(base, "none", base / "none.sock", base / "none.log")
         docker = engine.Docker(base, api, unused)

@@ -180,6 +180,33 @@ def _remove_containers(docker: Docker) -> None:
             docker.run("rm", "-f", "-v", *ids, timeout=120)
 
 
+def start_dockerd(
+    base: Path, config: Path, containerd: Path, api: Path, flags: list[str]
+) -> subprocess.Popen[bytes]:
+    """dockerd with its data, exec root, pidfile and log under *base*, *config* as its
+    daemon.json, the containerd on *containerd*, serving on *api*; up when this returns."""
+    return _start(
+        [
+            DOCKERD,
+            "--config-file",
+            str(config),
+            "--data-root",
+            str(base / "data"),
+            "--exec-root",
+            str(base / "exec"),
+            "--pidfile",
+            str(base / "dockerd.pid"),
+            "--host",
+            f"unix://{api}",
+            "--containerd",
+            str(containerd),
+            *flags,
+        ],
+        base / "dockerd.log",
+        api,
+    )
+
+
 @contextlib.contextmanager
 def dockerd(base: Path) -> Iterator[Docker]:
     """containerd, dockerd and the volume plugin under *base*, with the test image imported;
@@ -204,28 +231,7 @@ def dockerd(base: Path) -> Iterator[Docker]:
             )
         )
         with running(base / "store", name, PLUGIN_DIR / f"{name}.sock") as plugin:
-            procs.append(
-                _start(
-                    [
-                        DOCKERD,
-                        "--config-file",
-                        str(config),
-                        "--data-root",
-                        str(base / "data"),
-                        "--exec-root",
-                        str(base / "exec"),
-                        "--pidfile",
-                        str(base / "dockerd.pid"),
-                        "--host",
-                        f"unix://{api}",
-                        "--containerd",
-                        str(ctd / "containerd.sock"),
-                        *DOCKERD_FLAGS,
-                    ],
-                    base / "dockerd.log",
-                    api,
-                )
-            )
+            procs.append(start_dockerd(base, config, ctd / "containerd.sock", api, DOCKERD_FLAGS))
             docker = Docker(base, api, plugin)
             docker.run("import", str(_rootfs_tar(base)), IMAGE)
             try:

@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 from dockerd import (
     CONTAINERD,
-    DOCKERD,
     DOCKERD_FLAGS,
     IMAGE,
     PLUGIN_DIR,
@@ -35,6 +34,7 @@ from dockerd import (
     _start,
     containerd_config,
     missing_tools,
+    start_dockerd,
     stop,
 )
 from plugin_proc import GraphPlugin, running_graph
@@ -91,28 +91,7 @@ def graph_dockerd(
         socket = PLUGIN_DIR / f"{name}.sock"
         with running_graph(store, driver, name, socket, options) as plugin:
             try:
-                procs.append(
-                    _start(
-                        [
-                            DOCKERD,
-                            "--config-file",
-                            str(config),
-                            "--data-root",
-                            str(base / "data"),
-                            "--exec-root",
-                            str(base / "exec"),
-                            "--pidfile",
-                            str(base / "dockerd.pid"),
-                            "--host",
-                            f"unix://{api}",
-                            "--containerd",
-                            str(ctd / "containerd.sock"),
-                            *flags,
-                        ],
-                        base / "dockerd.log",
-                        api,
-                    )
-                )
+                procs.append(start_dockerd(base, config, ctd / "containerd.sock", api, flags))
                 docker = Docker(base, api, plugin)
                 try:
                     yield docker
