@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import faults
-from .driver import LayerInfo
+from .driver import KernelMounts, LayerInfo
 from .errors import GraphDriverError
 from .metadata import IN_FLIGHT, LayerRecord
 
@@ -60,10 +60,11 @@ def recover(store: LayerStore) -> None:
 
 
 def _mounts_disagree(store: LayerStore, records: Sequence[LayerRecord]) -> bool:
-    if not store.driver.capabilities.real_mounts:
+    driver = store.driver
+    if not isinstance(driver, KernelMounts):
         return False
     for rec in records:
-        mounted = store.driver.is_mounted(_info(rec))
+        mounted = driver.is_mounted(_info(rec))
         if mounted is not None and mounted != bool(rec.mount_count):
             return True
     return False
@@ -100,10 +101,11 @@ def _roll(store: LayerStore, rec: LayerRecord) -> None:
 
 def _reconcile_mount(store: LayerStore, rec: LayerRecord) -> None:
     """Match a layer's mount count to its kernel mount."""
-    if not store.driver.capabilities.real_mounts:
+    driver = store.driver
+    if not isinstance(driver, KernelMounts):
         return
     info = _info(rec)
-    mounted = store.driver.is_mounted(info)
+    mounted = driver.is_mounted(info)
     if mounted is None:
         return
     if rec.mount_count and not mounted:

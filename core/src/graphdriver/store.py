@@ -23,7 +23,7 @@ from typing import IO, BinaryIO
 
 from . import applying, archive, diffs, faults, recovery
 from .archive.changes import Change
-from .driver import CreateOpts, Driver, MountEntry, MountSpec
+from .driver import CreateOpts, Driver, KernelMounts, MountEntry, MountSpec
 from .errors import (
     GraphDriverError,
     InvalidLayerId,
@@ -457,7 +457,7 @@ class LayerStore:
         """The layer's mounted root: the counted mount if it is still there, else a new one."""
         path: Path | None = Path(rec.mount_path) if rec.mount_path else None
         if path is None or (
-            self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec)) is False
+            isinstance(self.driver, KernelMounts) and self.driver.is_mounted(_info(rec)) is False
         ):
             path = self.hooks.mount(self, rec, self.meta.chain(rec.id))
         return path
@@ -529,7 +529,7 @@ class LayerStore:
                     log.warning("layer %s is in use by a running command; left mounted", rec.id)
                     continue
                 if rec.mount_count or (
-                    self.driver.capabilities.real_mounts
+                    isinstance(self.driver, KernelMounts)
                     and self.driver.is_mounted(_info(rec)) is True
                 ):
                     self._call(self.driver.unmount, _info(rec), doing=f"unmount {rec.id}")

@@ -75,7 +75,7 @@ class BtrfsDriver(Driver):
             parse_size(options["btrfs.min_space"]) if "btrfs.min_space" in options else 0
         )
         self.capabilities = Capabilities(
-            quota=True, real_mounts=False, readonly_images=True, needs_root=True
+            quota=True, readonly_images=True, needs_root=True
         )
 
     def recover(self, layers: Sequence[LayerInfo]) -> None:

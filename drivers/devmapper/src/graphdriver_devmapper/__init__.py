@@ -130,7 +130,7 @@ class DevmapperDriver(Driver):
         else:
             self.pool = ThinPool(f"{self.prefix}-pool")
         self.capabilities = Capabilities(
-            quota=True, real_mounts=True, needs_root=True, readonly_images=True
+            quota=True, needs_root=True, readonly_images=True
         )
 
     def recover(self, layers: Sequence[LayerInfo]) -> None:

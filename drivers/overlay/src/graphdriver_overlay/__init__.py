@@ -165,8 +165,6 @@ class OverlayDriver(Driver):
             )
         self.capabilities = Capabilities(
             quota=self.quota,
-            native_diff=self.native_diff,
-            real_mounts=True,
             max_depth=NEW_API_MAX_DEPTH if self.new_api else CLASSIC_MAX_DEPTH,
             readonly_images=True,
             needs_root=True,

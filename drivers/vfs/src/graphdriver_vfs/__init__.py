@@ -24,7 +24,7 @@ class VfsDriver(Driver):
 
     name = "vfs"
     options = {}
-    capabilities = Capabilities(quota=False, native_diff=False, real_mounts=False)
+    capabilities = Capabilities(quota=False)
 
     def _dir(self, layer: LayerInfo) -> Path:
         return self.home / "dir" / layer.id
