@@ -74,9 +74,7 @@ class BtrfsDriver(Driver):
         self.min_space = (
             parse_size(options["btrfs.min_space"]) if "btrfs.min_space" in options else 0
         )
-        self.capabilities = Capabilities(
-            quota=True, readonly_images=True, needs_root=True
-        )
+        self.capabilities = Capabilities(quota=True, readonly_images=True, needs_root=True)
 
     def recover(self, layers: Sequence[LayerInfo]) -> None:
         # layer roots are 0755 for the container: only root may walk to them (a hostile

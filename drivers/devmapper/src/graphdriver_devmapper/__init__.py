@@ -129,9 +129,7 @@ class DevmapperDriver(Driver):
             self.pool.read_block_size()
         else:
             self.pool = ThinPool(f"{self.prefix}-pool")
-        self.capabilities = Capabilities(
-            quota=True, needs_root=True, readonly_images=True
-        )
+        self.capabilities = Capabilities(quota=True, needs_root=True, readonly_images=True)
 
     def recover(self, layers: Sequence[LayerInfo]) -> None:
         """Bring the pool up, roll back a transaction a killed process left open, and make
