@@ -36,6 +36,7 @@ pytest.register_assert_rewrite(
     "graphdriver.testing.base",
     "graphdriver.testing.cases_layers",
     "graphdriver.testing.cases_diff",
+    "graphdriver.testing.cases_streams",
     "graphdriver.testing.cases_exact",
     "graphdriver.testing.cases_canonical",
     "graphdriver.testing.cases_bad_input",
