@@ -12,8 +12,16 @@ import zstandard
 
 from .. import ArchiveError, InvalidLayerId, LayerExists, LayerInUse, LayerNotFound, LayerStore
 from .backings import Backing
-from .base import ConformanceBase, _member, _tar, anchor_accepted_tars, hostile_tars
+from .base import (
+    APPLIES,
+    ConformanceBase,
+    _member,
+    _tar,
+    anchor_accepted_tars,
+    hostile_tars,
+)
 from .groups import group
+from .require import needs_root
 from .trees import make_base, random_content, snapshot
 
 
@@ -206,6 +214,7 @@ class BadInputCases(ConformanceBase):
 
     @group("streams")
     def test_absolute_names_and_empty_input_as_docker_reads_them(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
         store.create("empty")
         assert store.apply_diff("empty", io.BytesIO(anchor_accepted_tars()["empty"])) == 0
         store.create("target")

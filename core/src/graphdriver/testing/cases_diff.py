@@ -9,8 +9,9 @@ import tarfile
 from pathlib import Path
 
 from .. import LayerStore
-from .base import A, C, ConformanceBase, D
+from .base import APPLIES, A, C, ConformanceBase, D
 from .groups import group
+from .require import needs_root
 from .trees import listing, make_base, make_rich, random_content
 
 
@@ -232,6 +233,8 @@ class DiffCases(ConformanceBase):
 
     @group("diff")
     def test_applied_hardlink_to_a_file_of_the_parent(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
+
         # `ln dir/orig new` in a build step: Docker and podman write only the hardlink entry;
         # the kernel had copied dir/orig up, keeping its data and attributes, and dir's
         def base(r: Path) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from .. import LayerStore
-from .base import ConformanceBase
+from .base import APPLIES, ConformanceBase
 from .groups import group
+from .require import needs_root
 from .trees import listing, make_rich, random_content, snapshot
 
 
@@ -73,6 +74,7 @@ class StreamCases(ConformanceBase):
 
     @group("streams")
     def test_empty_layer_applies(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
         # Docker's commit of an unchanged container writes this layer; so does our own diff
         store.create("unchanged")
         with store.diff("unchanged") as stream:
@@ -89,6 +91,7 @@ class StreamCases(ConformanceBase):
 
     @group("streams")
     def test_root_named_entries_set_the_layer_root(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
         # umoci writes a "/" entry; GNU tar writes "./"; Docker and containerd read
         # "/etc/x" as "etc/x"
         members: list[tuple[tarfile.TarInfo, bytes | None]] = []
@@ -165,6 +168,7 @@ class StreamCases(ConformanceBase):
     def test_sparse_files_keep_their_holes(
         self, store: LayerStore, tmp_path: Path, tar_args: list[str]
     ) -> None:
+        needs_root(APPLIES)
         src = tmp_path / "src"
         src.mkdir()
         seed = tmp_path / "seed"
@@ -196,6 +200,7 @@ class StreamCases(ConformanceBase):
 
     @group("streams")
     def test_nanosecond_times(self, store: LayerStore, tmp_path: Path) -> None:
+        needs_root(APPLIES)
         src = tmp_path / "src"
         (src / "dir").mkdir(parents=True)
         (src / "dir" / "file").write_bytes(b"ns")
@@ -249,6 +254,8 @@ class StreamCases(ConformanceBase):
 
     @group("streams")
     def test_directories_a_tar_does_not_name_keep_their_attributes(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
+
         # a tar may hold tmp/x without an entry for tmp/: the layer's tmp is the parent's
         # (mode 1777, owner, xattrs), as when the file is made through a mount; overlay copies
         # the directory up from the lower layer as the kernel does

@@ -13,6 +13,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from .require import needs_root
+
 IGNORED = {"lost+found"}
 
 
@@ -23,6 +25,7 @@ def random_content(size: int, seed: int) -> bytes:
 
 def make_base(root: Path) -> None:
     """moby's CreateBase: "a subdir" 0705+sticky owned 1:2, "a file" 0222+setuid."""
+    needs_root("moby's CreateBase tree has a directory owned by 1:2 (chown)")
     sub = root / "a subdir"
     sub.mkdir()
     os.chmod(sub, 0o705 | stat.S_ISVTX)
@@ -34,6 +37,7 @@ def make_base(root: Path) -> None:
 
 def make_rich(root: Path) -> None:
     """A tree with every kind of entry: files, dirs, xattrs, hardlinks, symlinks, devices."""
+    needs_root("the rich tree has files of other owners, device nodes and trusted.* xattrs")
     (root / "etc").mkdir(mode=0o755)
     (root / "etc" / "hostname").write_bytes(b"layer\n")
     (root / "etc" / "empty").write_bytes(b"")
