@@ -48,7 +48,7 @@ from pathlib import Path
 import data
 from bench_core import GD, GNU_TAR, in_process, lib_op
 from figures import Figure, Run, Target, chart, misses, recorded, table, timed
-from library_calls import DEEP_READ, MOUNT, SMALL_CHANGE
+from library_calls import DEEP_READ, MOUNT, RECORD_SIZE, SMALL_CHANGE
 
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing.backings import loop_filesystem
@@ -307,7 +307,7 @@ class Bench:
                     [*self.gd, "apply-diff", kept, str(tar)],
                 )
                 fig.add(ours, ref)
-                stored.append(json.loads(run([*self.gd, "inspect", kept]))["exact_diff_record"])
+                stored.append(int(in_process(RECORD_SIZE, str(self.store), self.driver, kept)))
                 ref, ours = both(
                     i,
                     [*self.gd, "diff", plain, "-o", str(out)],

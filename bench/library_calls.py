@@ -83,3 +83,12 @@ for i in reversed(range(depth)):
 s.close()
 print(json.dumps({"deep": deep, "direct": direct, "mount": mnt}))
 """
+
+#: the bytes of a layer's exact-diff record (what `graphdriver inspect` shows)
+RECORD_SIZE = """
+import sys
+from graphdriver import open_store
+s = open_store(sys.argv[1], sys.argv[2])
+print(s.metadata(sys.argv[3])["exact_diff_record"])
+s.close()
+"""
