@@ -194,6 +194,34 @@ class Bench:
             self.pods[key] = pod
         return self.pods[key]
 
+    def cli_and_lib(self, name: str, ref_name: str, target: Target | None) -> list[Figure]:
+        """The CLI figure, the library figure (same reference) and their peak RSS figures."""
+        cli = self.fig(name, ref_name=ref_name, target=target)
+        lib = self.fig(name, "lib", ref_name=ref_name.replace("(to a file)", "").strip() +
+                       " (process)", target=target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
+        return [cli, lib, self.mem(f"{name} (CLI)"), self.mem(f"{name} (library call)")]
+
+    def run_both(
+        self,
+        i: int,
+        figs: list[Figure],
+        ref: list[str],
+        ours: list[str],
+        call: tuple[str, str, Path],
+        after: Callable[[], object] | None = None,
+    ) -> Run:
+        """One run of the CLI command beside the reference (``both``), then the same operation
+        as a library call (*call*: op, layer, path for ``lib_op``)."""
+        cli, lib, mem_cli, mem_lib = figs
+        got_ref, got = both(i, ref, ours, after)
+        cli.add(got, got_ref)
+        mem_cli.ours.append(got.rss / 1024)
+        sync()
+        by_lib = lib_op(self.store, call[0], call[1], call[2], self.driver)
+        lib.add(by_lib)
+        mem_lib.ours.append(by_lib.rss / 1024)
+        return got
+
     # ---------------------------------------------------------------------------- unpack
 
     def unpack(self) -> None:
@@ -202,13 +230,7 @@ class Bench:
             tar = self.tar(key)
             entries, files = data.tar_stats(tar)
             target = AS_FAST_AS_TAR if key != "big1g" else None
-            cli = self.fig(f"apply-diff {key}", ref_name="GNU tar -x", target=target)
-            lib = self.fig(f"apply-diff {key}", "lib", ref_name="GNU tar -x (process)",
-                           target=target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
-            mem_cli, mem_lib = (
-                self.mem(f"apply-diff {key} (CLI)"),
-                self.mem(f"apply-diff {key} (library call)"),
-            )
+            figs = self.cli_and_lib(f"apply-diff {key}", "GNU tar -x", target)
             pod = None
             if self.podman and key in ("minbase", "small10k"):
                 pod = self.fig(f"apply-diff {key} vs podman import",
@@ -220,17 +242,13 @@ class Bench:
                 parent = ["--parent", self.base()] if key == "apt" else []
                 run([*self.gd, "create", *parent, layer])
                 run([*self.gd, "create", *parent, again])
-                ref, ours = both(
+                ours = self.run_both(
                     i,
+                    figs,
                     [*GNU_TAR, "-C", str(into), "-xf", str(tar)],
                     [*self.gd, "apply-diff", layer, str(tar)],
+                    ("apply", again, tar),
                 )
-                cli.add(ours, ref)
-                mem_cli.ours.append(ours.rss / 1024)
-                sync()
-                got = lib_op(self.store, "apply", again, tar, self.driver)
-                lib.add(got)
-                mem_lib.ours.append(got.rss / 1024)
                 if pod is not None:
                     podman = self.podman_for(key)
                     sync()
@@ -238,10 +256,11 @@ class Bench:
                     run(podman("rmi", "-f", "bench:layer"))
                 run([*self.gd, "rm", layer, again])
                 data.rmtree(into)
-            for f in (cli, lib):
+            for f in figs[:2]:
                 med = f.value() or 1.0
-                f.extra = (f"{tar.stat().st_size / 1e6 / med:.0f} MB/s, {files / med:,.0f} "
-                           f"files/s ({entries:,} entries)")  # fmt: skip
+                f.extra = f"{tar.stat().st_size / 1e6 / med:.0f} MB/s"
+                if files > 1:
+                    f.extra += f", {files / med:,.0f} files/s ({entries:,} entries)"
 
     # ------------------------------------------------------------------------------ pack
 
@@ -252,23 +271,16 @@ class Bench:
             tree = self.fs / f"{key}-tree"
             tree.mkdir()
             run([*GNU_TAR, "-C", str(tree), "-xf", str(self.tar(key))])
-            cli = self.fig(f"diff {key}", ref_name="GNU tar -c (to a file)", target=AS_FAST_AS_TAR)
-            lib = self.fig(f"diff {key}", "lib", ref_name="GNU tar -c (process)",
-                           target=AS_FAST_AS_TAR, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
-            mem_cli, mem_lib = self.mem(f"diff {key} (CLI)"), self.mem(f"diff {key} (library call)")
+            figs = self.cli_and_lib(f"diff {key}", "GNU tar -c (to a file)", AS_FAST_AS_TAR)
             for i in range(self.runs):
-                ref, ours = both(
+                self.run_both(
                     i,
+                    figs,
                     [*GNU_TAR, "-C", str(tree), "-cf", str(out), "."],
                     [*self.gd, "diff", layer, "-o", str(out)],
+                    ("diff", layer, out),
                     after=out.unlink,
                 )
-                cli.add(ours, ref)
-                mem_cli.ours.append(ours.rss / 1024)
-                sync()
-                got = lib_op(self.store, "diff", layer, out, self.driver)
-                lib.add(got)
-                mem_lib.ours.append(got.rss / 1024)
                 out.unlink()
             data.rmtree(tree)
         if "big1g" in self.keys:
@@ -634,9 +646,11 @@ def write(results: list[tuple[str, Bench | str]], sets: dict, args: argparse.Nam
     (args.out / f"{name}.md").write_text(text + f"\n![ratios to the references]({name}.png)\n")
     title = f"graphdriver vs references, {name}"
     benches = [(t, b) for t, b in results if isinstance(b, Bench)]
-    ratios = {t: {f.key: f.ratio() for f in b.figs} for t, b in benches}
+    ratios = {t: chart_ratios(b.figs) for t, b in benches}
     targets = {f.key: f.target.limit for _, b in benches for f in b.figs
                if f.target and not f.target.absolute}  # fmt: skip
+    targets.update({f"{f.key} / target": 1.0 for _, b in benches for f in b.figs
+                    if f.target and f.target.absolute})  # fmt: skip
     raw = {t: {f.key: {"ours": f.ours, "ref": f.ref, "ours_cpu": f.ours_cpu, "ref_cpu": f.ref_cpu,
                        "ref_name": f.ref_name, "unit": f.unit,
                        "target": f.target.text(f.unit) if f.target else None}
@@ -647,6 +661,17 @@ def write(results: list[tuple[str, Bench | str]], sets: dict, args: argparse.Nam
     chart(ratios, targets, args.out / f"{name}.png", title)
     print(text)
     print(f"bench: wrote {args.out / name}.md, .json, .png", file=sys.stderr)
+
+
+def chart_ratios(figs: list[Figure]) -> dict[str, float | None]:
+    """Each figure's ratio to its reference; a figure with an absolute target also as its
+    value over the target (key "<key> / target")."""
+    got = {f.key: f.ratio() for f in figs}
+    for f in figs:
+        value = f.value()
+        if f.target and f.target.absolute and value is not None:
+            got[f"{f.key} / target"] = value * (1e3 if f.unit == "ms" else 1) / f.target.limit
+    return got
 
 
 def devmapper_here() -> str:

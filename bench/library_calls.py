@@ -6,42 +6,32 @@ from __future__ import annotations
 
 #: changes() and write_diff() of a small change, after one untimed call of each (imports)
 SMALL_CHANGE = """
-import json, sys, time
-from figures import cpu_now
+import json, sys
+from figures import timed_calls
 from graphdriver import open_store
 store, driver, layer, out, runs = sys.argv[1:6]
 s = open_store(store, driver)
-got = {"changes": [], "changes_cpu": [], "diff": [], "diff_cpu": []}
 def diff():
     with open(out, "wb") as f:
         s.write_diff(layer, f)
 s.changes(layer); diff()
-for _ in range(int(runs)):
-    for name, call in (("changes", lambda: s.changes(layer)), ("diff", diff)):
-        c, t = cpu_now(), time.perf_counter()
-        call()
-        got[name].append(time.perf_counter() - t); got[name + "_cpu"].append(cpu_now() - c)
+got = timed_calls({"changes": lambda: s.changes(layer), "diff": diff}, int(runs))
 s.close()
 print(json.dumps(got))
 """
 
 #: get + put of an overlay container layer beside mount(2) + umount2(2) of its directories
 MOUNT = """
-import json, sys, time
-from figures import cpu_now
+import json, sys
+from figures import timed_calls
 from graphdriver import open_store
 from graphdriver.linux.mount import mount, unmount
 store, layer, runs, opts, target = sys.argv[1:6]
 s = open_store(store, "overlay")
-got = {"lib": [], "lib_cpu": [], "raw": [], "raw_cpu": []}
 s.get(layer); s.put(layer)  # warm: the first call opens the database and loads the driver
 def raw():
     mount("overlay", target, "overlay", 0, opts); unmount(target)
-for _ in range(int(runs)):
-    for name, call in (("lib", lambda: (s.get(layer), s.put(layer))), ("raw", raw)):
-        c, t = cpu_now(), time.perf_counter()
-        call()
-        got[name].append(time.perf_counter() - t); got[name + "_cpu"].append(cpu_now() - c)
+got = timed_calls({"lib": lambda: (s.get(layer), s.put(layer)), "raw": raw}, int(runs))
 s.close()
 print(json.dumps(got))
 """
