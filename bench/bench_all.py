@@ -592,7 +592,8 @@ def main() -> None:
         help=f"comma list of data sets for unpack, pack and exact ({','.join(SETS)})",
     )
     ap.add_argument("--no-podman", action="store_true", help="leave podman's figures out")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                    help="where the report goes (default bench/results)")  # fmt: skip
     ap.add_argument("--chart", type=Path, default=None, help="redraw the PNG of a results JSON")
     args = ap.parse_args()
     if args.chart is not None:
