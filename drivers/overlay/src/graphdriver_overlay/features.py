@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from graphdriver import DriverUnavailable
@@ -58,6 +59,24 @@ def cached_features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
     return new_api, fixed
 
 
+#: the option string of a scratch overlay, relative to its folder
+SCRATCH = "lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off"
+
+
+@contextlib.contextmanager
+def scratch_overlay(where: Path, prefix: str) -> Iterator[Path]:
+    """A folder under *where* with two lower dirs, an upper, a work and a ``merged`` dir for a
+    test mount; whatever was mounted in it is unmounted and the folder removed at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    try:
+        for sub in ("lower1", "lower2", "upper", "work", "merged"):
+            (tmp / sub).mkdir()
+        yield tmp
+    finally:
+        unmount_all_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
     """What this kernel's overlayfs takes, found by real mounts (fsconfig alone is no test: a
     kernel whose overlay predates the new mount API accepts any key there, then fails).
@@ -67,10 +86,7 @@ def features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
     complete record of the layer (a renamed directory is copied up, not redirected), so the
     native diff is always right. Kernels that do not know an option do not have the feature.
     """
-    tmp = Path(tempfile.mkdtemp(prefix=".overlay-features-", dir=home))
-    try:
-        for sub in ("lower1", "lower2", "upper", "work", "merged"):
-            (tmp / sub).mkdir()
+    with scratch_overlay(home, ".overlay-features-") as tmp:
         try:
             fsmount(
                 "overlay",
@@ -89,17 +105,13 @@ def features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
             new_api = False
         fixed: list[tuple[str, str | None]] = []
         for key in ("redirect_dir", "metacopy"):
-            data = f"lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off,{key}=off"
             try:
-                mount_from(tmp, data, tmp / "merged")
+                mount_from(tmp, f"{SCRATCH},{key}=off", tmp / "merged")
                 unmount(tmp / "merged")
                 fixed.append((key, "off"))
             except OSError:
                 continue
         return new_api, fixed
-    finally:
-        unmount_all_under(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def probe_stamp(home: Path) -> str:
@@ -111,20 +123,15 @@ def probe_stamp(home: Path) -> str:
 
 def try_mount(where: Path) -> None:
     """Mount a tiny overlay under *where*: the only sure test that overlay works there."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=".overlay-probe-", dir=where))
-    except OSError as exc:
-        raise DriverUnavailable(f"cannot write under {where}: {exc.strerror}") from exc
-    try:
-        for sub in ("lower1", "lower2", "upper", "work", "merged"):
-            (tmp / sub).mkdir()
-        data = "lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off"
+    with contextlib.ExitStack() as stack:
         try:
-            mount_from(tmp, data, tmp / "merged")
+            tmp = stack.enter_context(scratch_overlay(where, ".overlay-probe-"))
+        except OSError as exc:
+            raise DriverUnavailable(f"cannot write under {where}: {exc.strerror}") from exc
+        try:
+            mount_from(tmp, SCRATCH, tmp / "merged")
         except OSError as exc:
             raise DriverUnavailable(
                 f"a test overlay mount under {where} failed: {exc.strerror}"
             ) from exc
         unmount(tmp / "merged")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
