@@ -27,8 +27,8 @@ class VfsDriver(Driver):
     """Every layer a plain directory under ``<home>/dir/<id>`` (``dir`` is 0700), children by
     full copy."""
 
-    name = "vfs"
-    options = {}
+    name = "vfs"  # the entry point's name in graphdriver.drivers
+    options = {}  # none: each option is "name": "help", shown by `graphdriver drivers`
     capabilities = Capabilities(quota=False, native_diff=False, real_mounts=False)
 
     def _dir(self, layer: LayerInfo) -> Path:
@@ -56,6 +56,7 @@ class VfsDriver(Driver):
             shutil.rmtree(target)
 
     def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
+        """The layer's directory is its root: nothing to mount (the core counts references)."""
         return self._dir(layer)
 
     def unmount(self, layer: LayerInfo) -> None:
