@@ -20,9 +20,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from graphdriver import Capabilities, CreateOpts, Driver, DriverUnavailable, InvalidOption
-from graphdriver.driver import LayerInfo, is_layer_id, parse_size
-from graphdriver.linux.fs import fs_name
+from graphdriver import (
+    Capabilities,
+    CreateOpts,
+    Driver,
+    DriverUnavailable,
+    InvalidOption,
+    LayerInfo,
+)
+from graphdriver.toolkit import fs_name, is_layer_id, nearest_existing, parse_size, private_dir
 
 from . import ioctl
 
@@ -41,12 +47,6 @@ def _btrfsutil() -> Any:
     return btrfsutil
 
 
-def _existing(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 class BtrfsDriver(Driver):
     """Layers as btrfs subvolumes and snapshots."""
 
@@ -57,7 +57,7 @@ class BtrfsDriver(Driver):
 
     @classmethod
     def probe(cls, home: Path, options: Mapping[str, str]) -> None:
-        where = _existing(home)
+        where = nearest_existing(home)
         found = fs_name(where)
         if found != "btrfs":
             raise DriverUnavailable(
@@ -79,9 +79,7 @@ class BtrfsDriver(Driver):
     def recover(self, layers: Sequence[LayerInfo]) -> None:
         # layer roots are 0755 for the container: only root may walk to them (a hostile
         # layer's setuid file or world-writable device node stays out of other users' reach)
-        for folder in (self.home, self.home / "subvolumes"):
-            folder.mkdir(0o700, parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
+        private_dir(self.home, self.home / "subvolumes")
 
     def _path(self, layer: LayerInfo | str) -> Path:
         return self.home / "subvolumes" / (layer if isinstance(layer, str) else layer.id)
