@@ -47,9 +47,9 @@ class _Walking:
     """The driver answers "walk" (the fallback every driver has) for layer *walk* only."""
 
     def __init__(self, store: LayerStore, walk: str) -> None:
-        self.native = store.driver.changes
+        self.native = store.driver.changes  # type: ignore[attr-defined]
         self.walk = walk
-        store.driver.changes = self  # type: ignore[method-assign]
+        store.driver.changes = self  # type: ignore[attr-defined]
 
     def __call__(self, layer: LayerInfo, chain: object) -> object:
         return None if layer.id == self.walk else self.native(layer, chain)
