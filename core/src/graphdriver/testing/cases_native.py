@@ -46,6 +46,7 @@ def _parent_steps(r: Path) -> None:
         (r / name / "sub" / "x").write_text(f"{name}/sub/x\n")
         (r / name / "keep").write_text(f"{name}/keep\n")
     os.utime(r / "redo" / "keep", (_WHEN, _WHEN))
+    os.link(r / "renamed-dir" / "keep", r / "bulk" / "d10" / "partner-of-moved")
     shutil.rmtree(r / "file-to-dir")
     (r / "file-to-dir").write_text("a file in the parent\n")
 
@@ -113,6 +114,12 @@ class NativeDiffCases(ConformanceBase):
         # overlay writes one name of a lower pair apart from the other (index=off): no pair-b
         assert "/etc/same-size" in paths and "/etc/pair-a" in paths
         assert "/bulk/d03/f07" not in paths and "/redo/keep" not in paths
+        # a file moved with its directory is added; its other name, untouched, goes with it
+        # (where the move was a rename: overlayfs without redirect_dir copies)
+        with store.mounted(layer_id) as root:
+            renamed = (root / "bulk/d09/renamed-dir/keep").stat().st_nlink == 2
+        assert "/bulk/d09/renamed-dir/keep" in paths
+        assert ("/bulk/d10/partner-of-moved" in paths) == renamed
 
     @group("diff")
     def test_native_changes_of_a_container_layer_match_the_walk(self, store: LayerStore) -> None:
