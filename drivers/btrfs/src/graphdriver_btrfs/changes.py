@@ -9,9 +9,12 @@ every entry added or removed, and the tree search ioctl skips every tree block o
 T + 1 without reading it (``btrfs subvolume find-new``). So the inodes written since T, and
 the directories above their names, are the only places where the two trees can differ; the
 core's tree compare runs on those directories alone and finds there what the full walk would
-find (:class:`_Pruned`). A superset is harmless (a read that moved an atime is compared and
-found equal); a miss would not be, so whenever the relation is not plainly "a snapshot of a
-parent unchanged since", the answer is None and the store walks both trees.
+find (:class:`_Pruned`), and a hardlinked file's other names come from the kernel
+(``BTRFS_IOC_INO_PATHS``). An inode written only for its atime (a read) is left out by its
+ctime. The search sees only the btree, so pending writes are committed first (``sync``: free
+when there are none, a transaction commit when there are). A superset is harmless (it is
+compared and found equal); a miss would not be, so whenever the relation is not plainly "a
+snapshot of a parent unchanged since", the answer is None and the store walks both trees.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from . import ioctl
 
 log = logging.getLogger(__name__)
 
-#: past this many inodes written since the snapshot, resolving their names costs more than the
-#: walk saves: walk instead
+#: past this many inodes written since the snapshot, resolving their names (one ioctl each) and
+#: comparing their directories costs about what the walk of a small image does: walk instead
 MAX_CHANGED = 4096
 
 #: the subvolume's root directory, and the last inode number (above: orphans, free-space items)
