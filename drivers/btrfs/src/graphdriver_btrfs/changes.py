@@ -144,20 +144,21 @@ def _opened(path: Path) -> Iterator[int]:
 def snapshot_changes(bu: Any, child: Path, parent: Path) -> list[Change] | None:
     """The changes of subvolume *child* against *parent*, the subvolume it is a snapshot of,
     exactly as ``tree_changes`` finds them; None when only a walk can tell (then logged)."""
-    why = _why_not(bu, child, parent)
-    if why is None:
-        # the tree search sees only the btree: delayed inode items and delayed allocation
-        # (data still in the page cache) reach it at the commit
-        bu.sync(str(child))
-        with _opened(child) as fd, _opened(parent) as parent_fd:
-            since, otime_ns = ioctl.created(fd, bu.subvolume_id(str(child)))
-            if written_since(parent_fd, since, otime_ns, limit=0) != set():
-                why = "the parent changed after the snapshot"
-            elif (inodes := written_since(fd, since, otime_ns, MAX_CHANGED)) is None:
-                why = f"more than {MAX_CHANGED} inodes changed"
-            else:
-                walk = _Pruned(fd, _names(fd, inodes))
-                walk.compare(str(child), "", [str(parent)], full=True)
-                return walk.result()
+    try:
+        why = _why_not(bu, child, parent)
+        if why is None:
+            bu.sync(str(child))  # see the module's docstring
+            with _opened(child) as fd, _opened(parent) as parent_fd:
+                since, otime_ns = ioctl.created(fd, bu.subvolume_id(str(child)))
+                if written_since(parent_fd, since, otime_ns, limit=0) != set():
+                    why = "the parent changed after the snapshot"
+                elif (inodes := written_since(fd, since, otime_ns, MAX_CHANGED)) is None:
+                    why = f"more than {MAX_CHANGED} inodes changed"
+                else:
+                    walk = _Pruned(fd, _names(fd, inodes))
+                    walk.compare(str(child), "", [str(parent)], full=True)
+                    return walk.result()
+    except OSError as exc:  # btrfsutil's errors too; a kernel refusing an ioctl, say
+        why = f"the btrfs tree search failed: {exc}"
     log.debug("btrfs changes of %s: walking both trees: %s", child.name, why)
     return None
