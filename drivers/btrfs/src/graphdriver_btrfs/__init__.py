@@ -3,10 +3,12 @@
     <home>/subvolumes/<id>     the layer (its root is the layer's root; no mount)
 
 A child is a snapshot of its parent's subvolume, so making one takes the same time whatever
-the parent holds. An image layer that has children is read-only at the subvolume level (any
-write fails with EROFS); it becomes writable again when its last child is gone. ``--size`` is a
-qgroup limit on what the subvolume references: quota is turned on when first needed and never
-turned off by graphdriver, so the filesystem's own quota settings survive (moby #34593).
+the parent holds, and its changes are read from the btrfs generation numbers of what it wrote
+since (:mod:`.changes`), so they cost what changed. An image layer that has children is
+read-only at the subvolume level (any write fails with EROFS); it becomes writable again when
+its last child is gone. ``--size`` is a qgroup limit on what the subvolume references: quota
+is turned on when first needed and never turned off by graphdriver, so the filesystem's own
+quota settings survive (moby #34593).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from graphdriver import (
 from graphdriver.toolkit import fs_name, is_layer_id, nearest_existing, parse_size, private_dir
 
 from . import ioctl
+from .changes import snapshot_changes
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +175,18 @@ class BtrfsDriver(Driver):
 
     def unmount(self, layer: LayerInfo) -> None:
         return None
+
+    def changes(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> list[tuple[str, int]] | None:
+        """NativeDiff: what a snapshot changed, from the btrfs generation numbers (see
+        :mod:`.changes`); None (walk both trees) for a layer without a parent."""
+        if layer.parent is None:
+            return None
+        found = snapshot_changes(self.bu, self._path(layer), self._path(layer.parent))
+        return None if found is None else [(c.path, int(c.kind)) for c in found]
+
+    def diff_source(self, layer: LayerInfo) -> Path | None:
+        """NativeDiff: the files of a diff are read from the layer's own subvolume."""
+        return self._path(layer)
 
     def stored_layers(self) -> Mapping[str, str | None]:
         """Every ``subvolumes/<id>``; a snapshot holds all its files, so no parent is needed."""
