@@ -3,8 +3,7 @@
 Subclass it with ``driver`` and ``backing`` set; see :mod:`graphdriver.testing`. The cases live
 in seven modules: :mod:`.cases_layers`, :mod:`.cases_diff`, :mod:`.cases_streams`,
 :mod:`.cases_exact`, :mod:`.cases_canonical`, :mod:`.cases_native` and :mod:`.cases_bad_input`;
-each case is marked
-with its group (:mod:`.groups`), and a subclass may run only some groups.
+each case is marked with its group (:mod:`.groups`), and a subclass may run only some groups.
 """
 
 from __future__ import annotations
