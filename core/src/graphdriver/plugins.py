@@ -148,12 +148,13 @@ class DriverReport:
 
 
 def probe_drivers(root: Path, options: Mapping[str, str] | None = None) -> list[DriverReport]:
-    """Every installed driver with whether it works for *root* on this host, and why not."""
+    """Every installed driver with whether it works for *root* on this host, and why not;
+    each is probed with the *options* it declares (``overlay.mountopt`` goes to overlay)."""
     out = []
     for name, target in installed_drivers().items():
         try:
             cls = load_driver(name)
-            cls.probe(root / name, options or {})
+            cls.probe(root / name, {k: v for k, v in (options or {}).items() if k in cls.options})
         except GraphDriverError as exc:
             out.append(DriverReport(name, target, False, str(exc)))
         else:
