@@ -103,7 +103,16 @@ def test_volume_driver_package_serves_containers(site: Path, tmp_path: Path) -> 
         assert (home / "data" / "v1").stat().st_mode & 0o777 == 0o700
         err = gd("volume", "create", "--volume-driver", "journal", "--opt", "mode=1", "x", ok=False)
         assert "has no option 'mode' (its options: journal.mode)" in err.stderr
-        err = gd("volume", "create", "--volume-driver", "journal", "--opt", "journal.mode=rw", "x", ok=False)
+        err = gd(
+            "volume",
+            "create",
+            "--volume-driver",
+            "journal",
+            "--opt",
+            "journal.mode=rw",
+            "x",
+            ok=False,
+        )
         assert err.stderr.strip() == "graphdriver: error: journal.mode must be octal, not 'rw'"
         gd("create", "img")
         gd("container", "create", "c1", "--image", "img", "-v", "v1:/data",

@@ -110,6 +110,19 @@ def emit(ctx: Context, data: Any, text: str | None = None) -> None:
         click.echo(text)
 
 
+def announce(text: str, **fields: object) -> None:
+    """A server's line once it serves: ``graphdriver: TEXT`` on stderr, or with ``--json`` one
+    JSON object on stdout, ``{"serving": true, FIELDS...}``, for a script that waits for it."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_object(Context) if ctx is not None else None
+    if obj is not None and obj.json:
+        import json
+
+        click.echo(json.dumps({"serving": True, **fields}, default=str))
+    else:
+        click.echo(f"graphdriver: {text}", err=True)
+
+
 def emit_done(ctx: Context, name: str) -> None:
     """The text line of one thing a verb of several did (a removed id), as it is done; the
     verb emits the JSON of all of them at the end."""
