@@ -57,15 +57,18 @@ def _read_entry_points() -> dict[str, dict[str, str]]:
             stem, dot, suffix = name.rpartition(".")
             if not dot or suffix not in ("dist-info", "egg-info"):
                 continue
-            dist = re.sub(r"[-_.]+", "_", stem.split("-", 1)[0]).lower()
+            dist = stem.split("-", 1)[0].lower().replace("-", "_").replace(".", "_")
             if dist in seen:
                 continue
             seen.add(dist)
             try:
-                with open(os.path.join(entry or ".", name, "entry_points.txt")) as f:
-                    text = f.read()
+                fd = os.open(os.path.join(entry or ".", name, "entry_points.txt"), os.O_RDONLY)
             except OSError:
                 continue
+            try:
+                text = os.read(fd, 1 << 20).decode("utf-8", "replace")
+            finally:
+                os.close(fd)
             _parse(text, found)
     return found
 
