@@ -452,7 +452,7 @@ def test_a_refused_container_rm_commits_nothing(gd: GD) -> None:
     info = _inspect(gd, "container", "c1")
     layer = info["Layer"]
     gd("mount", layer)  # the layer by itself, outside the container
-    for args in (["rm"], ["rm", "-f"], ["rm", "-f", "-v"]):
+    for args in (["rm"], ["rm", "-f"], ["rm", "-f", "--volumes"]):
         err = _fail(gd, "container", *args, "c1")
         assert err.endswith(f"`graphdriver umount {layer}` first"), err
     assert _inspect(gd, "container", "c1") == info  # every verb still works
