@@ -7,8 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import click
+from click.testing import CliRunner
 
-from graphdriver.cli import cli
+from graphdriver import hookimpl
+from graphdriver.cli import cli, extend_by_plugins
+from graphdriver.plugins import hooks
 
 
 def _walk(
@@ -74,3 +77,33 @@ def test_the_json_option_is_one_and_the_same() -> None:
         if "--json" in o.opts
     }
     assert len(helps) == 1, helps
+
+
+class _ExtendsTheCli:
+    @hookimpl
+    def graphdriver_cli(self, group: click.Group) -> None:
+        @group.command("hello")
+        @click.option("--json", is_flag=True, help="JSON.")
+        def hello(json: bool) -> None:
+            """Say hello."""
+            click.echo("hello")
+
+        ls = group.get_command(click.Context(group), "ls")
+        assert ls is not None
+        ls.params.append(click.Option(["--audit"], is_flag=True, help="Audit."))
+
+
+def test_a_cli_plugin_sees_the_lazily_loaded_commands() -> None:
+    plugin = _ExtendsTheCli()
+    hooks().pm.register(plugin, name="test-cli-plugin")
+    try:
+        extend_by_plugins()
+        assert "hello" in cli.commands and "ls" in cli.commands
+        result = CliRunner().invoke(cli, ["hello"])
+        assert result.exit_code == 0 and result.output == "hello\n"
+        assert "--audit" in CliRunner().invoke(cli, ["ls", "--help"]).output
+    finally:
+        hooks().pm.unregister(plugin)
+        cli.commands.pop("hello", None)
+        ls = cli.commands["ls"]
+        ls.params[:] = [p for p in ls.params if p.name != "audit"]

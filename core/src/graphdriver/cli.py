@@ -157,17 +157,23 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
-def main() -> None:
-    """Entry point of the ``graphdriver`` script."""
+def extend_by_plugins() -> None:
+    """Let hook plugins add commands, or options to any command (the lazy ones are loaded
+    first, only when a plugin implements ``graphdriver_cli``)."""
     from .plugins import hooks
 
     try:
         plugin_hooks = hooks()
         if plugin_hooks.extends_cli:
-            cli.load_all()  # a plugin may add options to any command
+            cli.load_all()
             plugin_hooks.cli(cli)
     except Exception as exc:  # a plugin's broken CLI hook must not break the command
         log.warning("a plugin failed to extend the CLI: %s", exc)
+
+
+def main() -> None:
+    """Entry point of the ``graphdriver`` script."""
+    extend_by_plugins()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
