@@ -19,9 +19,9 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
-from . import applying, archive, diffs, faults, recovery
+from . import faults, recovery
 from .archive.changes import Change
 from .driver import CreateOpts, Driver, KernelMounts, MountEntry, MountSpec
 from .errors import (
@@ -38,11 +38,19 @@ from .errors import (
     call_os,
     from_oserror,
 )
+from .lazy import LazyModule
 from .linux.bind import container_path
 from .locking import FileLock, LayerLocks
 from .metadata import LayerRecord, Metadata, check_hint
 from .plugins import Hooks, choose_driver, hooks, load_driver
 from .recovery import layer_info as _info
+
+if TYPE_CHECKING:
+    from . import applying, archive, diffs
+else:  # the diff and apply engine is imported by the first call that needs it
+    applying, archive, diffs = (
+        LazyModule(f"graphdriver.{m}") for m in ("applying", "archive", "diffs")
+    )
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +467,7 @@ class LayerStore:
         if path is None or (
             isinstance(self.driver, KernelMounts) and self.driver.is_mounted(_info(rec)) is False
         ):
-            path = self.hooks.mount(self, rec, self.meta.chain(rec.id))
+            path = self.hooks.mount(self, rec, self.meta.chain(rec.id), self._driver_mount)
         return path
 
     def mount_spec(self, layer_id: str, readonly: bool = False) -> list[MountEntry] | None:
