@@ -162,19 +162,6 @@ class ConformanceBase:
 
     # ------------------------------------------------------------------ fixtures
 
-    @pytest.fixture(autouse=True)
-    def gd_entry_point_cache(
-        self, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """stevedore caches entry points under $XDG_CACHE_HOME (else ~/.cache): a case whose
-        store loads a driver, in this process or a CLI child, uses a cache of the run's own,
-        never a stale one of the user's; an XDG_CACHE_HOME already set (tox sets one) is kept.
-        The variable is restored after each case."""
-        if "XDG_CACHE_HOME" not in os.environ:
-            cache = tmp_path_factory.getbasetemp() / "xdg-cache"
-            cache.mkdir(exist_ok=True)
-            monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-
     @pytest.fixture(scope="class")
     @classmethod
     def gd_backing(cls, request: pytest.FixtureRequest) -> Iterator[Backing]:
