@@ -13,6 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from ..linux import xattr
 from . import whiteout
 
 
@@ -36,19 +37,8 @@ class Change:
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    out = {}
-    for name in names:
-        if name.startswith(whiteout.OVERLAY_XATTR_PREFIX):
-            continue  # overlayfs's own bookkeeping (origin, impure, opaque), never in a tar
-        try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError:
-            continue
-    return out
+    # overlayfs's own bookkeeping (origin, impure, opaque) is never in a tar
+    return dict(xattr.read(path, skip=(whiteout.OVERLAY_XATTR_PREFIX,)))
 
 
 def _same_content(a: str, b: str) -> bool:
@@ -108,7 +98,7 @@ _Old = tuple[os.stat_result, str]
 def canonical_order(changes: list[Change]) -> None:
     """Sort *changes* in place in the one order every diff uses: the bytes of the path (so a
     directory comes before what it holds), a delete at the place of the name it deletes."""
-    changes.sort(key=lambda c: os.fsencode(c.path))
+    changes.sort(key=lambda c: c.path.encode("utf-8", "surrogateescape"))  # os.fsencode
 
 
 class _Compare:
@@ -124,6 +114,8 @@ class _Compare:
         self.overlay = overlay
         self.out: list[Change] = []
         self.links: _Links = {}
+        #: whether names of one inode are gathered (not when every entry is new anyway)
+        self.linking = True
 
     def note_link(self, st: os.stat_result, path: str) -> None:
         if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
@@ -138,7 +130,7 @@ class _Compare:
                 self.out.append(Change(child, ChangeKind.ADD))
                 if entry.is_dir(follow_symlinks=False):
                     self.add_all(entry.path, child)
-                elif entry.is_file(follow_symlinks=False):
+                elif self.linking and entry.is_file(follow_symlinks=False):
                     self.note_link(entry.stat(follow_symlinks=False), child)
 
     def lookup(self, stack: list[str], name: str) -> tuple[_Old | None, list[str]]:
@@ -242,6 +234,8 @@ class _Compare:
         Without this, ``ln old new`` in a layer would unpack as two separate files, since the
         unchanged ``old`` is not in the tar for ``new`` to be linked to.
         """
+        if all(len(names) < 2 for names in self.links.values()):
+            return
         changed = {c.path for c in self.out if c.kind != ChangeKind.DELETE}
         listed = {c.path for c in self.out}
         for names in self.links.values():
@@ -272,6 +266,7 @@ def tree_changes(
     """
     walk = _Compare(boundary_ns, overlay=False)
     if old_root is None:
+        walk.linking = False  # every name is in the diff: nothing to complete
         walk.add_all(new_root, "")
     else:
         walk.compare(new_root, "", [old_root], full=True)

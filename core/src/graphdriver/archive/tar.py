@@ -7,6 +7,7 @@ sendfile(2) straight from the layer to the output.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import ArchiveError
+from ..linux import xattr
 from . import whiteout
 from .changes import Change, ChangeKind
 
@@ -48,6 +50,8 @@ _TYPE_MODE[AREGTYPE] = stat.S_IFREG
 _TYPE_MODE[CONTTYPE] = stat.S_IFREG
 
 _OCTAL_LIMITS = {8: 0o7777777, 12: 0o77777777777}
+#: overlayfs's own xattrs (origin, impure, opaque) never go into a tar
+_NOT_IN_TARS = (whiteout.OVERLAY_XATTR_PREFIX,)
 
 
 @dataclass(slots=True)
@@ -198,26 +202,19 @@ def _block(
     return hdr[:148] + b"%06o\0 " % sum(hdr) + hdr[156:]
 
 
-def _xattrs(path: str) -> list[tuple[str, bytes]]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return []
-    out = []
-    for key in names:
-        if key.startswith(whiteout.OVERLAY_XATTR_PREFIX):
-            continue
-        try:
-            out.append((key, os.getxattr(path, key, follow_symlinks=False)))
-        except OSError:
-            continue
-    return out
+#: bodies at least this large go from the layer to an output fd by sendfile(2), in the kernel;
+#: smaller ones are read into the buffer, so that many entries leave in one write
+KERNEL_COPY = 128 * 1024
+_ZEROS = bytes(BLOCK)
+#: errors of sendfile(2) that only say it cannot write to this output (O_APPEND, a tty...)
+_NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class TarWriter:
     """Writes tar entries to a file descriptor or to a ``write`` callable.
 
-    With a plain fd the file data goes by sendfile(2) and never enters Python.
+    Headers and small bodies gather in one reused buffer of :data:`CHUNK` bytes that leaves in
+    one write; with a plain fd, large bodies go by sendfile(2) and never enter Python.
     """
 
     def __init__(
@@ -227,49 +224,90 @@ class TarWriter:
             raise ValueError("give exactly one of write or fd")
         self._write = write
         self._fd = fd
-        self._buf = bytearray()
+        self._sendfile = fd is not None
+        self._buf = memoryview(bytearray(CHUNK))
+        self._pos = 0
         self._links: dict[tuple[int, int], str] = {}
         self.bytes_written = 0
         #: called with the number of bytes each time some are written
         self.progress: Callable[[int], object] | None = None
 
-    def _emit(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) >= CHUNK:
-            self.flush()
-
     def write_raw(self, data: bytes | memoryview) -> None:
-        """Bytes that are already tar (an exact diff's headers and bodies)."""
-        if self._fd is not None and len(data) >= 1 << 16:  # large: no copy into the buffer
+        """Bytes that are already tar (headers, padding, an exact diff's raw parts)."""
+        n = len(data)
+        pos = self._pos
+        if pos + n > CHUNK:
             self.flush()
+            pos = 0
+            if n > CHUNK:
+                self._out(data)
+                return
+        self._buf[pos : pos + n] = data
+        self._pos = pos + n
+
+    def _out(self, data: bytes | memoryview) -> None:
+        if self._fd is not None:
             with memoryview(data) as view:
                 done = 0
                 while done < len(view):
                     done += os.write(self._fd, view[done:])
-            self.bytes_written += len(data)
-            if self.progress is not None:
-                self.progress(len(data))
-            return
-        self._buf += data
-        if len(self._buf) >= CHUNK:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        self.bytes_written += len(self._buf)
-        if self.progress is not None:
-            self.progress(len(self._buf))
-        if self._fd is not None:
-            with memoryview(self._buf) as view:
-                done = 0
-                while done < len(view):
-                    done += os.write(self._fd, view[done:])
-            self._buf.clear()
         else:
             assert self._write is not None
-            data, self._buf = self._buf, bytearray()
             self._write(bytes(data))
+        self._wrote(len(data))
+
+    def _wrote(self, n: int) -> None:
+        self.bytes_written += n
+        if self.progress is not None:
+            self.progress(n)
+
+    def flush(self) -> None:
+        if self._pos:
+            self._out(self._buf[: self._pos])
+            self._pos = 0
+
+    def copy_from(self, src: int, offset: int, length: int) -> int:
+        """Append *length* bytes of the open file *src* from *offset*; the bytes copied, fewer
+        only when the file ends sooner."""
+        if length >= KERNEL_COPY and self._sendfile:
+            self.flush()
+            done = self._kernel_copy(src, offset, length)
+            if done >= 0:
+                self._wrote(done)
+                return done
+        done = 0
+        buf = self._buf
+        while done < length:
+            if self._pos == CHUNK:
+                self.flush()
+            room = min(CHUNK - self._pos, length - done)
+            n = os.preadv(src, [buf[self._pos : self._pos + room]], offset + done)
+            if not n:
+                break
+            self._pos += n
+            done += n
+        return done
+
+    def _kernel_copy(self, src: int, offset: int, length: int) -> int:
+        """sendfile(2) of the range; -1 when this output takes no sendfile (nothing written)."""
+        assert self._fd is not None
+        done = 0
+        while done < length:
+            try:
+                n = os.sendfile(self._fd, src, offset + done, min(length - done, 1 << 30))
+            except OSError as exc:
+                if done or exc.errno not in _NO_SENDFILE:
+                    raise
+                self._sendfile = False
+                return -1
+            if not n:
+                break
+            done += n
+        return done
+
+    def pad(self, size: int) -> None:
+        """The zeros that end a body of *size* bytes on a block boundary."""
+        self.write_raw(_ZEROS[: -size % BLOCK])
 
     def add_path(self, path: str, arcname: str, st: os.stat_result | None = None) -> None:
         """Add the file at *path* (not following a final symlink) as *arcname*."""
@@ -292,12 +330,12 @@ class TarWriter:
             size = st.st_size
         elif typeflag == SYMTYPE:
             linkname = os.readlink(path)
-        if typeflag == DIRTYPE and not arcname.endswith("/"):
+        elif typeflag == DIRTYPE and not arcname.endswith("/"):
             arcname += "/"
         major = minor = 0
         if fmt in (stat.S_IFCHR, stat.S_IFBLK):
             major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        self._emit(
+        self.write_raw(
             encode_header(
                 arcname,
                 typeflag,
@@ -309,7 +347,7 @@ class TarWriter:
                 linkname=linkname,
                 devmajor=major,
                 devminor=minor,
-                xattrs=() if typeflag == LNKTYPE else _xattrs(path),
+                xattrs=() if typeflag == LNKTYPE else xattr.read(path, _NOT_IN_TARS),
             )
         )
         if size:
@@ -318,39 +356,19 @@ class TarWriter:
     def _add_data(self, path: str, size: int) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            left = size
-            if self._fd is not None and size > 256 * 1024:
-                self.flush()
-                offset = 0
-                while left:
-                    n = os.sendfile(self._fd, fd, offset, min(left, 1 << 30))
-                    if n == 0:
-                        break
-                    offset += n
-                    left -= n
-                self.bytes_written += size - left
-                if self.progress is not None:
-                    self.progress(size - left)
-            else:
-                while left:
-                    data = os.read(fd, min(left, CHUNK))
-                    if not data:
-                        break
-                    left -= len(data)
-                    self._emit(data)
-            if left:
+            if self.copy_from(fd, 0, size) != size:
                 raise ArchiveError(f"{path} shrank while it was being archived")
         finally:
             os.close(fd)
-        self._emit(b"\0" * (-size % BLOCK))
+        self.pad(size)
 
     def add_whiteout(self, arcname: str) -> None:
         """Add an empty OCI whiteout entry (``.wh.<name>`` or ``.wh..wh..opq``)."""
-        self._emit(encode_header(arcname, REGTYPE, mode=0, mtime=0))
+        self.write_raw(encode_header(arcname, REGTYPE, mode=0, mtime=0))
 
     def close(self) -> None:
         """Write the end-of-archive marker (two zero blocks) and flush."""
-        self._emit(b"\0" * (2 * BLOCK))
+        self.write_raw(_ZEROS * 2)
         self.flush()
 
 
