@@ -199,40 +199,63 @@ class Recorder:
 
 
 class _Inflater:
-    """Reads exact byte counts from a zstd stream, a bounded piece at a time."""
+    """Reads a zstd stream a bounded piece at a time, for parsers that unpack in place."""
 
     def __init__(self, data: memoryview) -> None:
         self._r = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
         self._buf = b""
         self._pos = 0
 
+    def _fill(self, n: int) -> None:
+        rest = self._buf[self._pos :]
+        parts = [rest]
+        have = len(rest)
+        while have < n:
+            more = self._r.read(max(n - have, 1 << 20))
+            if not more:
+                break
+            parts.append(more)
+            have += len(more)
+        self._buf, self._pos = b"".join(parts), 0
+
+    def peek(self, n: int) -> tuple[bytes, int]:
+        """The buffer and where the next bytes start in it, at least *n* of them unless the
+        stream ends sooner; nothing is consumed."""
+        if len(self._buf) - self._pos < n:
+            self._fill(n)
+        return self._buf, self._pos
+
     def take(self, n: int) -> tuple[bytes, int]:
         """Consume *n* bytes: the buffer that holds them and where they start in it (for
         ``unpack_from``, which then copies nothing)."""
         if len(self._buf) - self._pos < n:
-            rest = self._buf[self._pos :]
-            parts = [rest]
-            have = len(rest)
-            while have < n:
-                more = self._r.read(max(n - have, 1 << 20))
-                if not more:
-                    raise RecordError("the record is cut short")
-                parts.append(more)
-                have += len(more)
-            self._buf, self._pos = b"".join(parts), 0
+            self._fill(n)
+            if len(self._buf) < n:
+                raise RecordError("the record is cut short")
         pos = self._pos
         self._pos = pos + n
         return self._buf, pos
 
-    def read(self, n: int) -> bytes:
-        buf, pos = self.take(n)
-        return buf[pos : pos + n]
 
-    def path_length(self) -> int:
-        n: int = _U32.unpack_from(*self.take(4))[0]
-        if n > 1 << 20:
-            raise RecordError(f"the record is corrupt (a path of {n} bytes)")
-        return n
+def _tagged(z: _Inflater) -> tuple[bytes, int, bytes, int]:
+    """The next entry's tag, and, unless it is a tag alone at the end, the buffer and the
+    position of what follows its 4- or 8-byte length, and that length (an entry is peeked,
+    then taken whole)."""
+    buf, pos = z.peek(9)
+    tag = buf[pos : pos + 1]
+    if not tag:
+        raise RecordError("the record is cut short")
+    if tag in (_END, _DONE):
+        return tag, 0, b"", 0
+    if tag == _RAW:
+        (n,) = _U64.unpack_from(buf, pos + 1)
+        if n > _FLUSH_RAW * 2:
+            raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
+        return tag, n, *z.take(9 + n)
+    (n,) = _U32.unpack_from(buf, pos + 1)
+    if n > 1 << 20:
+        raise RecordError(f"the record is corrupt (a path of {n} bytes)")
+    return tag, n, buf, pos
 
 
 @dataclass
@@ -279,17 +302,17 @@ class Record:
         z = _Inflater(self._checks)
         fields = _PRESENT_FIELDS.size
         try:
-            while (tag := z.read(1)) != _DONE:
-                n = z.path_length()
+            while (tagged := _tagged(z))[0] != _DONE:
+                tag, n, buf, pos = tagged
                 if tag == _PRESENT:
-                    buf, pos = z.take(n + fields)
-                    path = buf[pos : pos + n].decode("utf-8", "surrogateescape")
-                    mode, ms, mns, cs, cns = _PRESENT_FIELDS.unpack_from(buf, pos + n)
+                    buf, pos = z.take(5 + n + fields)
+                    path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
+                    mode, ms, mns, cs, cns = _PRESENT_FIELDS.unpack_from(buf, pos + 5 + n)
                     out.present[path] = (mode, ms * 10**9 + mns, cs * 10**9 + cns)
-                elif tag == _GONE:
-                    out.gone.add(z.read(n).decode("utf-8", "surrogateescape"))
-                elif tag == _OPAQUE:
-                    out.opaque.add(z.read(n).decode("utf-8", "surrogateescape"))
+                elif tag in (_GONE, _OPAQUE):
+                    buf, pos = z.take(5 + n)
+                    path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
+                    (out.gone if tag == _GONE else out.opaque).add(path)
                 else:
                     raise RecordError(f"the record is corrupt (check tag {tag!r})")
         except (zstandard.ZstdError, struct.error) as exc:
@@ -297,32 +320,35 @@ class Record:
         return out
 
     def segments(self) -> Iterator[bytes | Body]:
+        """The record's parts in tar order: raw bytes, and bodies to read from the layer."""
         z = _Inflater(self._segments)
         try:
-            while (tag := z.read(1)) != _END:
+            while (tagged := _tagged(z))[0] != _END:
+                tag, n, buf, pos = tagged
                 if tag == _RAW:
-                    (n,) = _U64.unpack_from(*z.take(8))
-                    if n > _FLUSH_RAW * 2:
-                        raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
-                    yield z.read(n)
+                    yield buf[pos + 9 : pos + 9 + n]
                 elif tag == _BODY:
-                    yield _body(z)
+                    yield _body(z, n)
                 else:
                     raise RecordError(f"the record is corrupt (segment tag {tag!r})")
         except (zstandard.ZstdError, struct.error) as exc:
             raise RecordError(f"the record is corrupt ({exc})") from None
 
 
-def _body(z: _Inflater) -> Body:
-    n = z.path_length()
-    buf, pos = z.take(n + _BODY_FIELDS.size)
+def _body(z: _Inflater, n: int) -> Body:
+    """A body entry whose path has *n* bytes (tag and length peeked, not taken)."""
+    buf, pos = z.take(5 + n + _BODY_FIELDS.size)
+    pos += 5
     path = buf[pos : pos + n].decode("utf-8", "surrogateescape")
-    if {"", ".", ".."} & set(path.split("/")):  # none leaves the layer
+    slashed = f"/{path}/"
+    if "//" in slashed or "/./" in slashed or "/../" in slashed:  # none leaves the layer
         raise RecordError(f"the record is corrupt (a body at {path!r})")
     size, crc, count = _BODY_FIELDS.unpack_from(buf, pos + n)
-    if count > 1 << 20:
-        raise RecordError(f"the record is corrupt ({count} sparse regions)")
-    regions = [_REGION.unpack_from(*z.take(_REGION.size)) for _ in range(count)] or None
+    regions = None
+    if count:
+        if count > 1 << 20:
+            raise RecordError(f"the record is corrupt ({count} sparse regions)")
+        regions = [_REGION.unpack_from(*z.take(_REGION.size)) for _ in range(count)]
     return Body(path, size, crc, regions)
 
 
