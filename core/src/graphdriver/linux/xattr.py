@@ -6,15 +6,16 @@ from __future__ import annotations
 import os
 
 
-def read(path: str, skip: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
-    """(name, value) of every extended attribute of *path* whose name does not start with one
-    of *skip*, in the order the filesystem lists them.
+def read(path: str | int, skip: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
+    """(name, value) of every extended attribute of *path* (or of the open file *path*) whose
+    name does not start with one of *skip*, in the order the filesystem lists them.
 
     A filesystem that has none or cannot list them (ENOTSUP) gives ``[]``; a name removed
     between the listing and the read is left out.
     """
+    follow = isinstance(path, int)  # an fd is the file itself: no symlink to follow or not
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError:
         return []
     out = []
@@ -22,7 +23,7 @@ def read(path: str, skip: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
         if skip and name.startswith(skip):
             continue
         try:
-            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+            out.append((name, os.getxattr(path, name, follow_symlinks=follow)))
         except OSError:
             continue
     return out
