@@ -122,16 +122,25 @@ class _Compare:
             self.links.setdefault((st.st_dev, st.st_ino), []).append(path)
 
     def add_all(self, path: str, rel: str) -> None:
+        """Everything below the new directory *path* is added; the directory's entry types
+        (d_type) say which to stat: files for their links, others for overlay whiteouts."""
         with os.scandir(path) as it:
             for entry in it:
                 child = rel + "/" + entry.name
-                if self.overlay and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False)):
+                if entry.is_dir(follow_symlinks=False):
+                    self.out.append(Change(child, ChangeKind.ADD))
+                    self.add_all(entry.path, child)
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    if self.linking:
+                        self.note_link(entry.stat(follow_symlinks=False), child)
+                elif (
+                    self.overlay
+                    and not entry.is_symlink()
+                    and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
+                ):
                     continue  # nothing below a new directory for it to hide
                 self.out.append(Change(child, ChangeKind.ADD))
-                if entry.is_dir(follow_symlinks=False):
-                    self.add_all(entry.path, child)
-                elif self.linking and entry.is_file(follow_symlinks=False):
-                    self.note_link(entry.stat(follow_symlinks=False), child)
 
     def lookup(self, stack: list[str], name: str) -> tuple[_Old | None, list[str]]:
         """The entry *name* of the merged *stack*, and the stack of directories at it."""
@@ -282,6 +291,7 @@ def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
     name below that it lacks, so that every driver writes the same tar for the same changes.
     """
     walk = _Compare(None, overlay=True)
+    walk.linking = bool(lowers)  # with nothing below, every name is in the diff
     walk.compare(upper, "", lowers, full=whiteout.is_overlay_opaque(upper))
     return walk.result()
 
