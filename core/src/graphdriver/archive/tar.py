@@ -145,26 +145,20 @@ def encode_header(
     mtime = max(0, min(mtime, _OCTAL_LIMITS[12]))
     for key, value in sorted(xattrs):
         pax.append(_pax_record("SCHILY.xattr." + key, value))
-    out = b""
-    if pax:
-        data = b"".join(pax)
-        pname = (b"PaxHeaders/" + split[1])[:100]
-        out = _block(pname, b"", XHDTYPE, 0o644, 0, 0, len(data), mtime, b"", 0, 0)
-        out += data + b"\0" * (-len(data) % BLOCK)
-    out += _block(
-        split[1],
-        split[0],
-        typeflag,
-        mode,
-        uid,
-        gid,
-        size if size <= _OCTAL_LIMITS[12] else 0,
-        mtime,
-        blink,
-        devmajor,
-        devminor,
+    head = _pax_header(pax, split[1], mtime) if pax else b""
+    prefix, base = split
+    size = size if size <= _OCTAL_LIMITS[12] else 0
+    return head + _block(
+        base, prefix, typeflag, mode, uid, gid, size, mtime, blink, devmajor, devminor
     )
-    return out
+
+
+def _pax_header(records: list[bytes], name: bytes, mtime: int) -> bytes:
+    """The PAX extended header (its block and its records) that goes before an entry."""
+    data = b"".join(records)
+    pname = (b"PaxHeaders/" + name)[:100]
+    head = _block(pname, b"", XHDTYPE, 0o644, 0, 0, len(data), mtime, b"", 0, 0)
+    return head + data + b"\0" * (-len(data) % BLOCK)
 
 
 def _sub_second_mtime(pax: list[bytes], ns: int) -> int:
