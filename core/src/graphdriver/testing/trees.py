@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from ..linux import xattr
 from .require import needs_root
 
 IGNORED = {"lost+found"}
@@ -75,16 +76,7 @@ def make_rich(root: Path) -> None:
 
 
 def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return ()
-    out = []
-    for n in sorted(names):
-        if n.startswith(("trusted.overlay.", "security.selinux")):
-            continue
-        out.append((n, os.getxattr(path, n, follow_symlinks=False)))
-    return tuple(out)
+    return tuple(sorted(xattr.read(path, skip=("trusted.overlay.", "security.selinux"))))
 
 
 def snapshot(root: Path, *, mtimes: bool = True, exact: bool = False) -> dict[str, Any]:
