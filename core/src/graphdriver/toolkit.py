@@ -30,7 +30,9 @@ Overlay whiteouts
     OCI ``.wh.`` names (:data:`WHITEOUT_PREFIX`, :data:`WHITEOUT_OPAQUE`,
     :func:`whiteout_name`) and overlayfs's spelling of them (:func:`is_overlay_whiteout`,
     :func:`is_overlay_opaque`, :func:`make_overlay_whiteout`, :func:`make_overlay_opaque`);
-    :func:`overlay_changes`: what an upper directory changes over its lower directories.
+    :func:`overlay_changes`: what an upper directory changes over its lower directories;
+    :func:`changes_within`: the tree compare entering only the directories a driver knows
+    were written since a snapshot (btrfs).
 SQLite
     :func:`sqlite_transaction`: ``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit
     connection, rolled back on any exception, a no-op when nested.
@@ -52,6 +54,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .archive.changes import changes_within as changes_within
     from .archive.changes import overlay_changes as overlay_changes
     from .archive.whiteout import OPAQUE as WHITEOUT_OPAQUE
     from .archive.whiteout import PREFIX as WHITEOUT_PREFIX
@@ -99,6 +102,7 @@ if TYPE_CHECKING:
 #: where each name of ``__all__`` comes from: (the core module that implements it, its name
 #: there); the imports above say the same to type checkers
 SOURCES: dict[str, tuple[str, str]] = {
+    "changes_within": ("archive.changes", "changes_within"),
     "overlay_changes": ("archive.changes", "overlay_changes"),
     "WHITEOUT_OPAQUE": ("archive.whiteout", "OPAQUE"),
     "WHITEOUT_PREFIX": ("archive.whiteout", "PREFIX"),
@@ -160,6 +164,7 @@ __all__ = [
     "LoopDevice",
     "attach_loop",
     "bind",
+    "changes_within",
     "copy_tree",
     "fault_point",
     "fs_magic",

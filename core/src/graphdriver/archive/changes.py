@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import stat
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from ..linux import xattr
@@ -279,6 +280,47 @@ def tree_changes(
         walk.add_all(new_root, "")
     else:
         walk.compare(new_root, "", [old_root], full=True)
+    return walk.result()
+
+
+class _Within(_Compare):
+    """The compare entering only the directories in *within*; every other directory of the
+    new tree is taken to be the old tree's, unchanged, and so is everything below it."""
+
+    def __init__(self, within: Collection[str], names_of: Callable[[int], Iterable[str]]) -> None:
+        super().__init__(None, overlay=False)
+        self.within = within
+        self.names_of = names_of
+
+    def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
+        return rel in self.within and super().compare(new_dir, rel, stack, full)
+
+    def complete_links(self) -> None:
+        # the full walk sees every name of a hardlinked file; here the caller lists the names
+        # in directories the compare did not enter, for the files whose names change
+        changed = {c.path for c in self.out if c.kind != ChangeKind.DELETE}
+        for (_dev, ino), names in self.links.items():
+            if any(n in changed for n in names):
+                names[:] = sorted(set(names) | {"/" + p for p in self.names_of(ino)})
+        super().complete_links()
+
+
+def changes_within(
+    new_root: str,
+    old_root: str,
+    within: Collection[str],
+    names_of: Callable[[int], Iterable[str]],
+) -> list[Change]:
+    """:func:`tree_changes` of a snapshot against the tree it was taken of, entering only the
+    directories in *within* (``""`` the root, ``"/a/b"``, each with every directory above it).
+
+    For a driver that knows which directories were written since the snapshot (btrfs's
+    generation numbers): what it leaves out must be the old tree's own, unchanged.
+    *names_of(inode)* gives every name (relative to *new_root*, no leading ``/``) of a
+    hardlinked file, so that a changed file's names in directories not entered are linked too.
+    """
+    walk = _Within(within, names_of)
+    walk.compare(new_root, "", [old_root], full=True)
     return walk.result()
 
 

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from graphdriver.archive.changes import Change, ChangeKind, _Compare
-from graphdriver.linux.mount import mounts_under
+from graphdriver import Change
+from graphdriver.toolkit import changes_within, mounts_under
 
 from . import ioctl
 
@@ -87,31 +87,6 @@ def _names(fd: int, inodes: set[int]) -> set[str]:
     return wanted
 
 
-class _Pruned(_Compare):
-    """The core's tree compare, entering only the directories in *wanted*: every other
-    directory of the child is the very inode of the parent, unwritten since the snapshot, and
-    so is everything below it."""
-
-    def __init__(self, fd: int, wanted: set[str]) -> None:
-        super().__init__(None, overlay=False)
-        self.fd = fd
-        self.wanted = wanted
-
-    def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
-        if rel not in self.wanted:
-            return False
-        return super().compare(new_dir, rel, stack, full)
-
-    def complete_links(self) -> None:
-        # the walk saw every name of a hardlinked file; here the kernel lists the ones the
-        # pruned compare did not enter, for the files whose names change
-        changed = {c.path for c in self.out if c.kind != ChangeKind.DELETE}
-        for (_dev, ino), names in self.links.items():
-            if any(n in changed for n in names):
-                names[:] = sorted(set(names) | {"/" + p for p in ioctl.ino_paths(self.fd, ino)})
-        super().complete_links()
-
-
 def _nested(bu: Any, path: Path) -> bool:
     """Whether a subvolume lives inside *path* (a snapshot holds an empty stand-in for it)."""
     with contextlib.suppress(StopIteration):
@@ -155,9 +130,12 @@ def snapshot_changes(bu: Any, child: Path, parent: Path) -> list[Change] | None:
                 elif (inodes := written_since(fd, since, otime_ns, MAX_CHANGED)) is None:
                     why = f"more than {MAX_CHANGED} inodes changed"
                 else:
-                    walk = _Pruned(fd, _names(fd, inodes))
-                    walk.compare(str(child), "", [str(parent)], full=True)
-                    return walk.result()
+                    return changes_within(
+                        str(child),
+                        str(parent),
+                        _names(fd, inodes),
+                        lambda i: ioctl.ino_paths(fd, i),
+                    )
     except OSError as exc:  # btrfsutil's errors too; a kernel refusing an ioctl, say
         why = f"the btrfs tree search failed: {exc}"
     log.debug("btrfs changes of %s: walking both trees: %s", child.name, why)
