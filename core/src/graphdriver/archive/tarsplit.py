@@ -47,6 +47,8 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _PRESENT_FIELDS = struct.Struct("<IqIqI")  # st_mode, mtime (s, ns), ctime (s, ns)
 _REGION = struct.Struct("<QQ")
+_BODY_FIELDS = _U32  # the path's length, then the path
+_BODY_SIZES = struct.Struct("<QII")  # size, CRC-32, number of regions
 _FLUSH_RAW = 1 << 20
 _BATCH = 1 << 18  # bytes handed to the compressor at a time (small calls cost more than bytes)
 _LEVEL = 3  # zstd: headers compress ~40x, ten times faster than zlib's default
@@ -100,10 +102,12 @@ class Recorder:
             self._flush_raw()
 
     def _flush_raw(self) -> None:
-        if self._raw:
-            self._put(_RAW + _U64.pack(len(self._raw)))
-            self._put(bytes(self._raw))
-            self._raw.clear()
+        raw = self._raw
+        for start in range(0, len(raw), _FLUSH_RAW):  # parts the replay accepts
+            part = raw[start : start + _FLUSH_RAW]
+            self._pending += _RAW + _U64.pack(len(part))
+            self._put(part)
+        raw.clear()
 
     def _put(self, data: bytes | bytearray) -> None:
         self._pending += data
@@ -127,19 +131,19 @@ class Recorder:
     def body(self, path: str, size: int, crc: int, regions: list[tuple[int, int]] | None) -> None:
         """The body of the regular file at *path* (*size* bytes of the tar, all of the file's
         data or, for a sparse file, its *regions*) is read back from the layer. Called after
-        :meth:`start_body` and the body, whose padding :meth:`raw` already holds (it goes
+        :meth:`start_body` and the body, whose padding :meth:`raw` may already hold (it goes
         after the body)."""
         if self.failed is not None:
             return
         self.tar_size += size
         self.bodies.add(path)
-        spans = regions or []
+        spans = regions or ()
+        data = path.encode("utf-8", "surrogateescape")
         self._put(
             _BODY
-            + _path_bytes(path)
-            + _U64.pack(size)
-            + _U32.pack(crc)
-            + _U32.pack(len(spans))
+            + _BODY_FIELDS.pack(len(data))
+            + data
+            + _BODY_SIZES.pack(size, crc, len(spans))
             + b"".join(_REGION.pack(o, n) for o, n in spans)
         )
 
