@@ -15,9 +15,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import signal
 import stat
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -94,7 +96,6 @@ def _apply_stream(
 ) -> ApplyResult:
     """apply_layer for any stream: decoded and hashed here, fed to the sandbox by a pipe."""
     head = stream.read(8)
-    decoder = LayerDecoder(head)
     data_r, data_w = os.pipe2(os.O_CLOEXEC)
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
     with contextlib.suppress(OSError):  # a bigger pipe is faster, not needed
@@ -109,23 +110,21 @@ def _apply_stream(
     digest = hashlib.sha256()
     tar_size = 0
     feed_error: GraphDriverError | None = None
+    decoding = _Decoding(stream, head)
     try:
-        chunk = head
-        while chunk:
-            plain = decoder.feed(chunk)
+        for plain, used in decoding:
             if plain:
                 digest.update(plain)
                 tar_size += len(plain)
                 write_all(data_w, plain)
             if progress is not None:
-                progress(len(chunk))
-            chunk = stream.read(CHUNK)
-        decoder.finish()
+                progress(used)
     except BrokenPipeError:
-        pass  # the child stopped reading: its report says why
+        decoding.stop(wait=True)  # the child stopped reading: its report says why
     except GraphDriverError as exc:
         feed_error = exc
     except BaseException:
+        decoding.stop(wait=False)
         os.kill(pid, signal.SIGKILL)
         raise
     finally:
@@ -133,7 +132,59 @@ def _apply_stream(
         report = _read_all(res_r)
         os.close(res_r)
         _, status = os.waitpid(pid, 0)
-    return _result(report, status, feed_error, digest, decoder.kind, tar_size)
+    return _result(report, status, feed_error, digest, decoding.kind, tar_size)
+
+
+class _Decoding:
+    """The caller's stream read and decoded in a thread of its own, so that reading and
+    undoing gzip or zstd overlap the hashing and the writes into the sandbox's pipe (zlib,
+    zstandard, hashlib and os.write all let go of the GIL). Iterating gives (plain bytes,
+    stream bytes they came from); a decoding error is raised there."""
+
+    _DONE = object()
+
+    def __init__(self, stream: BinaryIO, head: bytes) -> None:
+        self._decoder = LayerDecoder(head)
+        self.kind = self._decoder.kind
+        # four reads of a quarter of CHUNK in flight: no more memory than one read of CHUNK
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=4)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(stream, head), name="graphdriver-decode", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, stream: BinaryIO, head: bytes) -> None:
+        try:
+            chunk = head
+            while chunk and not self._stopped.is_set():
+                self._put((self._decoder.feed(chunk), len(chunk)))
+                chunk = stream.read(CHUNK // 4)
+            self._decoder.finish()
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the reading thread
+            self._put(exc)
+
+    def _put(self, item: object) -> None:
+        while not self._stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(item, timeout=0.1)
+                return
+
+    def __iter__(self) -> Iterator[tuple[bytes, int]]:
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                self._thread.join()
+                raise item
+            yield item  # type: ignore[misc]
+        self._thread.join()
+
+    def stop(self, *, wait: bool) -> None:
+        """Stop reading the stream; *wait*: until the thread is done with it (it may be
+        inside a read that never ends: a signal does not wait)."""
+        self._stopped.set()
+        if wait:
+            self._thread.join()
 
 
 def _plain_file(stream: BinaryIO) -> tuple[int, int] | None:
