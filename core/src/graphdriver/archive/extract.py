@@ -211,7 +211,7 @@ class Extractor:
             self.regular(name, head, e)
         elif e.type == SYMTYPE:
             self.make(name, lambda: os.symlink(e.linkname, name))
-            self.attrs(name, e, head, link=True)
+            self.attrs(name, e, head, link=True, fresh=head not in self.sgid_dirs)
         elif e.type == LNKTYPE:
             target = self.link_target(e)
             self.make(name, lambda: os.link(target, name, follow_symlinks=False))
@@ -251,18 +251,23 @@ class Extractor:
             create()
 
     def directory(self, name: str, head: str, e: TarEntry) -> None:
+        # made with its final permissions; one in a setgid directory inherits its group
+        # and setgid bit, which attrs() then sets as the tar says
+        fresh = head not in self.sgid_dirs
         try:
-            os.mkdir(name, 0o700)
+            os.mkdir(name, e.mode & 0o777)
         except FileExistsError:
-            if not stat.S_ISDIR(os.lstat(name).st_mode):
+            if stat.S_ISDIR(os.lstat(name).st_mode):
+                fresh = False  # an existing directory: owner and mode as the tar says
+            else:
                 self.remove(name)
-                os.mkdir(name, 0o700)
+                os.mkdir(name, e.mode & 0o777)
         self.safe_dirs.add(name)
         if e.mode & stat.S_ISGID:
             self.sgid_dirs.add(name)
         else:
             self.sgid_dirs.discard(name)
-        self.attrs(name, e, head, is_dir=True)
+        self.attrs(name, e, head, is_dir=True, fresh=fresh)
 
     def regular(self, name: str, head: str, e: TarEntry) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -310,7 +315,8 @@ class Extractor:
         link: bool = False,
         fresh: bool = False,
     ) -> None:
-        """Owner, mode, xattrs and mtime of an entry; *fresh* files already have their mode.
+        """Owner, mode, xattrs and mtime of an entry; *fresh*: just made by this process
+        with its permission bits, in a directory that is not setgid.
 
         A file made by root is owned 0:0 unless its directory is setgid, so most files need
         no chown; a chown clears setuid/setgid bits, so those are set after it.

@@ -137,15 +137,13 @@ class Recorder:
             return
         self.tar_size += size
         self.bodies.add(path)
-        spans = regions or ()
         data = path.encode("utf-8", "surrogateescape")
-        self._put(
-            _BODY
-            + _BODY_FIELDS.pack(len(data))
-            + data
-            + _BODY_SIZES.pack(size, crc, len(spans))
-            + b"".join(_REGION.pack(o, n) for o, n in spans)
-        )
+        self._pending += _BODY + _BODY_FIELDS.pack(len(data)) + data
+        if regions:
+            self._pending += _BODY_SIZES.pack(size, crc, len(regions))
+            self._put(b"".join(_REGION.pack(o, n) for o, n in regions))
+        else:
+            self._put(_BODY_SIZES.pack(size, crc, 0))
 
     def touch(self, path: str) -> None:
         """*path* and the directories above it were made or changed by the tar."""
