@@ -1,10 +1,12 @@
 """Unpack an OCI layer tar into a layer, in a sandbox.
 
-The parent process reads the caller's stream, undoes gzip or zstd, hashes the plain tar (the
-layer's diffID) and feeds it through a pipe to a forked child that has chrooted into the layer
-(like Docker's chrootarchive). The child refuses entries that would leave the layer (``..``,
-absolute names, writes through symlinks, hardlinks to outside names, whiteouts of ``..``) and
-reports back one JSON line. Whatever a hostile tar holds, no write can land outside the layer.
+The parent process (this module) reads the caller's stream, undoes gzip or zstd in a thread
+of its own, hashes the plain tar (the layer's diffID) and feeds it through a pipe to a forked
+child that has chrooted into the layer (like Docker's chrootarchive; a plain tar in a regular
+file the child reads itself while the parent hashes it). The child (:mod:`.extract`) refuses
+entries that would leave the layer (``..``, absolute names, writes through symlinks, hardlinks
+to outside names, whiteouts of ``..``) and reports back one JSON line. Whatever a hostile tar
+holds, no write can land outside the layer.
 """
 
 from __future__ import annotations
