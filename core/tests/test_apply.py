@@ -6,10 +6,15 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
+from subprocess import PIPE
+
+import pytest
 
 from graphdriver.archive import apply_layer
+from graphdriver.errors import ArchiveError
 from graphdriver.testing import host_lacks
 
 
@@ -65,3 +70,37 @@ def test_entries_in_a_setgid_directory_get_the_tar_s_owner_and_mode(tmp_path: Pa
             "plain": (0o751, 0),
         }, how
         assert os.lstat(target / "s/l").st_gid == 0
+
+
+def test_large_bodies_from_a_file_and_from_a_pipe(tmp_path: Path) -> None:
+    """Without a record, a large body is moved by the kernel (copy_file_range from a tar in
+    a file, splice from a pipe); the files hold the tar's bytes, and a tar cut inside a
+    large body is refused as truncated."""
+    big = os.urandom(3 << 20) + b"end"
+    small = b"x" * 700
+    data = _tar(
+        (_with_size(_info("big", tarfile.REGTYPE, 0o600), len(big)), big),
+        (_with_size(_info("small", tarfile.REGTYPE, 0o644), len(small)), small),
+    )
+    (tmp_path / "layer.tar").write_bytes(data)
+    for how in ("file", "pipe"):
+        target = tmp_path / how
+        target.mkdir()
+        if how == "file":
+            with open(tmp_path / "layer.tar", "rb") as f:
+                apply_layer(target, f)
+        else:  # a pipe: what `cat layer.tar | graphdriver apply-diff` hands over
+            with subprocess.Popen(["cat", str(tmp_path / "layer.tar")], stdout=PIPE) as cat:
+                assert cat.stdout is not None
+                apply_layer(target, cat.stdout)
+        assert (target / "big").read_bytes() == big, how
+        assert (target / "small").read_bytes() == small, how
+    (tmp_path / "cut.tar").write_bytes(data[: 512 + (2 << 20)])
+    (tmp_path / "cut").mkdir()
+    with open(tmp_path / "cut.tar", "rb") as f, pytest.raises(ArchiveError, match="truncated"):
+        apply_layer(tmp_path / "cut", f)
+
+
+def _with_size(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
+    info.size = size
+    return info

@@ -7,7 +7,9 @@ The reader hands file data over in large slices and reports corrupt or truncated
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +66,8 @@ def _checksum_ok(block: bytes) -> bool:
 
 
 _ZERO_BLOCK = b"\0" * BLOCK
+#: what copy_file_range and splice say when they cannot move these bytes
+_NO_MOVE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
 _EXTENSIONS = (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK)
 
 
@@ -196,6 +200,10 @@ class TarReader:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        mode = os.fstat(fd).st_mode
+        self._move: Callable[[int, int, int], int] | None = (
+            os.copy_file_range if stat.S_ISREG(mode) else os.splice if stat.S_ISFIFO(mode) else None
+        )
         self._buf = b""
         self._pos = 0
         self._base = 0  # offset in the input of _buf[0]
@@ -401,28 +409,33 @@ class TarReader:
         The data does not go to the tap."""
         self._start_body()
         while self._data_left:
-            if self._pos == len(self._buf):
-                if self._data_left >= CHUNK:  # large file: hand over reads without buffering
-                    chunk = os.read(self._fd, CHUNK)
-                    if not chunk:
-                        self._truncated()
-                    self._data_left -= len(chunk)
-                    self._base += len(chunk)
-                    yield chunk
-                    continue
-                self._fill(1)
-                if not self._buf:
-                    self._truncated()
-            n = min(len(self._buf) - self._pos, self._data_left)
-            start = self._pos
-            self._pos = self._tapped = start + n
-            self._data_left -= n
-            yield memoryview(self._buf)[start : start + n]
+            yield self._piece()
         self._pass(self._pad, "padding")
         self._pad = 0
 
+    def _piece(self) -> bytes | memoryview:
+        """The next slice of the current entry's data."""
+        if self._pos == len(self._buf):
+            if self._data_left >= CHUNK:  # large file: hand over reads without buffering
+                chunk = os.read(self._fd, CHUNK)
+                if not chunk:
+                    self._truncated()
+                self._data_left -= len(chunk)
+                self._base += len(chunk)
+                return chunk
+            self._fill(1)
+            if not self._buf:
+                self._truncated()
+        n = min(len(self._buf) - self._pos, self._data_left)
+        start = self._pos
+        self._pos = self._tapped = start + n
+        self._data_left -= n
+        return memoryview(self._buf)[start : start + n]
+
     def write_to(self, fd: int, crc: bool) -> int:
-        """Write the current entry's data to *fd*; its CRC-32 if *crc* (else 0)."""
+        """Write the current entry's data to *fd*; its CRC-32 if *crc* (else 0). Without a
+        CRC, a large body goes from the input to *fd* in the kernel (copy_file_range from a
+        file, splice from a pipe)."""
         value = 0
         start, left = self._pos, self._data_left
         if start + left + self._pad <= len(self._buf):  # the common case: all of it buffered
@@ -435,11 +448,37 @@ class TarReader:
             self._pos += self._pad
             self._data_left = self._pad = 0
             return value
-        for piece in self.data():
+        self._start_body()
+        while self._data_left:
+            big = self._pos == len(self._buf) and self._data_left >= CHUNK
+            if big and not crc and self._moved(fd):
+                continue
+            piece = self._piece()
             if crc:
                 value = zlib.crc32(piece, value)
             write_all(fd, piece)
+        self._pass(self._pad, "padding")
+        self._pad = 0
         return value
+
+    def _moved(self, fd: int) -> bool:
+        """Move the rest of the current entry's data to *fd* in the kernel, as far as it goes;
+        False if it cannot (then it is read and written)."""
+        move = self._move
+        if move is None:
+            return False
+        try:
+            n = move(self._fd, fd, self._data_left)
+        except OSError as exc:
+            if exc.errno not in _NO_MOVE:
+                raise
+            self._move = None  # another filesystem or an old kernel: read and write
+            return False
+        if not n:
+            self._truncated()
+        self._data_left -= n
+        self._base += n
+        return True
 
     def _truncated(self) -> None:
         raise ArchiveError(f"truncated tar: input ended inside file data at byte {self.offset}")
