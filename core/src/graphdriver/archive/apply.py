@@ -122,11 +122,11 @@ def _apply_stream(
             if progress is not None:
                 progress(used)
     except BrokenPipeError:
-        decoding.stop(wait=True)  # the child stopped reading: its report says why
+        decoding.stop()  # the child stopped reading: its report says why
     except GraphDriverError as exc:
         feed_error = exc
     except BaseException:
-        decoding.stop(wait=False)
+        decoding.stop()
         os.kill(pid, signal.SIGKILL)
         raise
     finally:
@@ -138,55 +138,60 @@ def _apply_stream(
 
 
 class _Decoding:
-    """The caller's stream read and decoded in a thread of its own, so that reading and
-    undoing gzip or zstd overlap the hashing and the writes into the sandbox's pipe (zlib,
-    zstandard, hashlib and os.write all let go of the GIL). Iterating gives (plain bytes,
-    stream bytes they came from); a decoding error is raised there."""
+    """gzip or zstd undone in a thread of its own, one read ahead: while it decodes a piece
+    of the stream, the calling thread reads the next one and hashes and writes the one
+    before into the sandbox's pipe (zlib, zstandard, hashlib and os.write let go of the
+    GIL). Only the calling thread reads the stream: a signal never leaves a thread inside a
+    read of it. Iterating gives (plain bytes, stream bytes they came from); a decoding
+    error is raised there."""
 
+    _STOP = object()
     _DONE = object()
 
     def __init__(self, stream: BinaryIO, head: bytes) -> None:
+        self._stream = stream
+        self._head = head
         self._decoder = LayerDecoder(head)
         self.kind = self._decoder.kind
-        # four reads of a quarter of CHUNK in flight: no more memory than one read of CHUNK
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=4)
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(stream, head), name="graphdriver-decode", daemon=True
-        )
+        self._in: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._out: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="graphdriver-decode", daemon=True)
         self._thread.start()
 
-    def _run(self, stream: BinaryIO, head: bytes) -> None:
+    def _run(self) -> None:
         try:
-            chunk = head
-            while chunk and not self._stopped.is_set():
-                self._put((self._decoder.feed(chunk), len(chunk)))
-                chunk = stream.read(CHUNK // 4)
-            self._decoder.finish()
-            self._put(self._DONE)
-        except BaseException as exc:  # handed to the reading thread
-            self._put(exc)
-
-    def _put(self, item: object) -> None:
-        while not self._stopped.is_set():
-            with contextlib.suppress(queue.Full):
-                self._queue.put(item, timeout=0.1)
-                return
+            while isinstance(piece := self._in.get(), bytes):
+                self._out.put((self._decoder.feed(piece), len(piece)))
+            if piece is self._DONE:
+                self._decoder.finish()
+                self._out.put(self._DONE)
+        except BaseException as exc:  # handed to the calling thread
+            self._out.put(exc)
 
     def __iter__(self) -> Iterator[tuple[bytes, int]]:
-        while (item := self._queue.get()) is not self._DONE:
+        self._in.put(self._head)
+        while True:
+            chunk = self._stream.read(_READ)  # while the thread decodes the one before
+            self._in.put(chunk or self._DONE)
+            item = self._out.get()
             if isinstance(item, BaseException):
-                self._thread.join()
                 raise item
             yield item  # type: ignore[misc]
+            if not chunk:
+                break
+        item = self._out.get()
+        if isinstance(item, BaseException):
+            raise item
         self._thread.join()
 
-    def stop(self, *, wait: bool) -> None:
-        """Stop reading the stream; *wait*: until the thread is done with it (it may be
-        inside a read that never ends: a signal does not wait)."""
-        self._stopped.set()
-        if wait:
-            self._thread.join()
+    def stop(self) -> None:
+        """Stop the thread (it is at most decoding one piece)."""
+        self._in.put(self._STOP)
+        self._thread.join()
+
+
+#: a read of the caller's stream: one in decoding and one read ahead stay within CHUNK
+_READ = CHUNK // 2
 
 
 def _plain_file(stream: BinaryIO) -> tuple[int, int] | None:
