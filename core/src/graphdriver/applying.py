@@ -65,29 +65,9 @@ def apply(
                 progress=progress,
                 record=keeps_records(),
             )
-            if result.no_record:
-                log.warning(
-                    "layer %s: its diff will be generated, not the applied tar again: %s",
-                    layer_id,
-                    result.no_record,
-                )
             faults.point("store.apply.extracted")
             with store._locked(doing):
-                if mounted:
-                    store._call(store.driver.unmount, _info(rec), doing=f"unmount {layer_id}")
-                faults.point("store.apply.unmounted")
-                with store.meta.transaction():
-                    store.meta.update(
-                        layer_id,
-                        state="ready",
-                        dirty=1,
-                        diff_id=result.diff_id,
-                        unpacked_size=result.size,
-                    )
-                    if result.record is not None:
-                        store.meta.set_tar_split(
-                            layer_id, tarsplit.digest(result.record), result.record
-                        )
+                _mark_ready(store, rec, result, mounted)
                 done()
         except BaseException:
             with store._locked(f"roll back {doing}"):
@@ -99,6 +79,32 @@ def apply(
     rec.state = "ready"
     store.hooks.layer_applied(store, rec, result.size, result.diff_id)
     return result
+
+
+def _mark_ready(
+    store: LayerStore, rec: LayerRecord, result: archive.ApplyResult, mounted: bool
+) -> None:
+    """Under the store lock, after the extraction: unmount what apply mounted, then record
+    the layer ready with its diffID, size and exact-diff record, in one transaction."""
+    if result.no_record:
+        log.warning(
+            "layer %s: its diff will be generated, not the applied tar again: %s",
+            rec.id,
+            result.no_record,
+        )
+    if mounted:
+        store._call(store.driver.unmount, _info(rec), doing=f"unmount {rec.id}")
+    faults.point("store.apply.unmounted")
+    with store.meta.transaction():
+        store.meta.update(
+            rec.id,
+            state="ready",
+            dirty=1,
+            diff_id=result.diff_id,
+            unpacked_size=result.size,
+        )
+        if result.record is not None:
+            store.meta.set_tar_split(rec.id, tarsplit.digest(result.record), result.record)
 
 
 def keeps_records() -> bool:

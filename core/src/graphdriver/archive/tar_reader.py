@@ -7,7 +7,10 @@ The reader hands file data over in large slices and reports corrupt or truncated
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -63,6 +66,9 @@ def _checksum_ok(block: bytes) -> bool:
 
 
 _ZERO_BLOCK = b"\0" * BLOCK
+#: what copy_file_range and splice say when they cannot move these bytes
+_NO_MOVE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
+_EXTENSIONS = (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK)
 
 
 @dataclass(slots=True)
@@ -96,68 +102,164 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
     gathered, in order, into one ``GNU.sparse.map`` as format 0.1 writes it."""
     out: dict[str, bytes] = {}
     sparse_numbers: list[bytes] = []
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:
-            break
+    pos, size = 0, len(data)
+    while pos < size and data[pos]:
         space = data.find(b" ", pos)
         if space < 0:
             raise ArchiveError("corrupt PAX header")
         try:
-            length = int(data[pos:space])
+            end = pos + int(data[pos:space])
         except ValueError:
             raise ArchiveError("corrupt PAX header length") from None
-        record = data[space + 1 : pos + length]
-        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+        equals = data.find(b"=", space + 1, end)
+        if end <= pos or end > size or data[end - 1] != 10 or equals < 0:
             raise ArchiveError("corrupt PAX header record")
-        key, _, value = record[:-1].partition(b"=")
-        name = key.decode("utf-8", "surrogateescape")
-        if name in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
-            sparse_numbers.append(value)
+        name = data[space + 1 : equals].decode("utf-8", "surrogateescape")
+        if name in _SPARSE_00:
+            sparse_numbers.append(data[equals + 1 : end - 1])
             sparse.check_count(len(sparse_numbers) // 2, None)
         else:
-            out[name] = value
-        pos += length
+            out[name] = data[equals + 1 : end - 1]
+        pos = end
     if sparse_numbers:
         out["GNU.sparse.map"] = b",".join(sparse_numbers)
     return out
 
 
+_SPARSE_00 = frozenset(("GNU.sparse.offset", "GNU.sparse.numbytes"))
+
+
+def _header_entry(
+    block: bytes, typeflag: bytes, size: int, ext: _Extensions, pax: dict[str, bytes]
+) -> TarEntry:
+    """The entry of a header block and the PAX records and GNU long names before it."""
+    name = block[0:100].split(b"\0", 1)[0]
+    if block[345] != 0 and block[257:263] == b"ustar\0":
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    link = ext.longlink or block[157:257].split(b"\0", 1)[0]
+    name = ext.longname or name
+    entry = TarEntry(
+        name="",
+        type=typeflag,
+        mode=_number(block[100:108], "mode") & 0o7777,
+        uid=0,
+        gid=0,
+        size=size,
+        mtime_ns=0,
+    )
+    if pax:
+        name = pax.get("GNU.sparse.name", pax.get("path", name))
+        link = pax.get("linkpath", link)
+        _pax_fields(entry, block, pax)
+    else:
+        entry.uid = _number(block[108:116], "uid")
+        entry.gid = _number(block[116:124], "gid")
+        entry.mtime_ns = _number(block[136:148], "mtime") * 10**9
+    entry.name = name.decode("utf-8", "surrogateescape")
+    if link:
+        entry.linkname = link.decode("utf-8", "surrogateescape")
+    if typeflag in (CHRTYPE, BLKTYPE):
+        entry.devmajor = _number(block[329:337], "devmajor")
+        entry.devminor = _number(block[337:345], "devminor")
+    return entry
+
+
+def _pax_fields(entry: TarEntry, block: bytes, pax: dict[str, bytes]) -> None:
+    """Owner, size, times and xattrs from PAX records, or the header where they have none."""
+    get = pax.get
+    value = get("uid")
+    entry.uid = _number(block[108:116], "uid") if value is None else _pax_int(value, "uid")
+    value = get("gid")
+    entry.gid = _number(block[116:124], "gid") if value is None else _pax_int(value, "gid")
+    value = get("size")
+    if value is not None:
+        entry.size = _pax_int(value, "size")
+    value = get("mtime")
+    if value is None:
+        entry.mtime_ns = _number(block[136:148], "mtime") * 10**9
+    else:
+        entry.mtime_ns = _pax_time(value)
+    value = get("atime")
+    if value is not None:
+        entry.atime_ns = _pax_time(value)
+    xattrs = {k[13:]: v for k, v in pax.items() if k.startswith("SCHILY.xattr.")}
+    if xattrs:
+        entry.xattrs = xattrs
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until all of *data* is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class TarReader:
-    """Reads tar entries from a file descriptor; call :meth:`data` or :meth:`skip` per entry."""
+    """Reads tar entries from a file descriptor; per entry, call :meth:`write_to`,
+    :meth:`data` or :meth:`skip` (or nothing: the next entry skips what is left)."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        mode = os.fstat(fd).st_mode
+        self._move: Callable[[int, int, int], int] | None = (
+            os.copy_file_range if stat.S_ISREG(mode) else os.splice if stat.S_ISFIFO(mode) else None
+        )
         self._buf = b""
         self._pos = 0
-        self.offset = 0
+        self._base = 0  # offset in the input of _buf[0]
+        self._tapped = 0  # _buf[:_tapped] went to tap already, or was an entry's data
         self._data_left = 0  # data of the current entry not consumed yet
         self._pad = 0  # its padding
         self._globals: dict[str, bytes] = {}
-        #: called with every byte read that is not an entry's data (headers, extension data,
-        #: padding, sparse maps, the end marker and what follows it, skipped data): an exact
-        #: diff's record (tarsplit.Recorder.raw)
-        self.tap: Callable[[bytes], None] | None = None
+        #: called with every byte read that is not a regular file's data (headers, extension
+        #: data, padding, sparse maps, the end marker and what follows it, skipped data), in
+        #: runs as long as the buffer allows, as a view the callee must copy: an exact diff's
+        #: record (tarsplit.Recorder.raw)
+        self.tap: Callable[[memoryview], None] | None = None
+        #: called where a regular file's data starts, after the tap got what came before it
+        #: (tarsplit.Recorder.start_body)
+        self.tap_body: Callable[[], None] | None = None
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the input consumed."""
+        return self._base + self._pos
+
+    def _flush_tap(self) -> None:
+        if self._tapped < self._pos:
+            if self.tap is not None:
+                self.tap(memoryview(self._buf)[self._tapped : self._pos])
+            self._tapped = self._pos
+
+    def _start_body(self) -> None:
+        self._flush_tap()
+        if self.tap_body is not None:
+            self.tap_body()
+
+    def _fill(self, n: int) -> None:
+        """Make *n* bytes available at the read position (fewer at the end of input)."""
+        self._flush_tap()
+        rest = self._buf[self._pos :]
+        parts = [rest]
+        have = len(rest)
+        while have < n:
+            chunk = os.read(self._fd, max(CHUNK, n - have))
+            if not chunk:
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        self._base += self._pos
+        self._buf = b"".join(parts)
+        self._pos = self._tapped = 0
 
     def _read(self, n: int) -> bytes:
         """Exactly *n* bytes, or fewer at end of input."""
-        avail = len(self._buf) - self._pos
-        if avail < n:
-            parts = [self._buf[self._pos :]]
-            have = avail
-            while have < n:
-                chunk = os.read(self._fd, max(CHUNK, n - have))
-                if not chunk:
-                    break
-                parts.append(chunk)
-                have += len(chunk)
-            self._buf = b"".join(parts)
-            self._pos = 0
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += len(out)
-        self.offset += len(out)
-        if self.tap is not None and out:
-            self.tap(out)
+        end = self._pos + n
+        if end > len(self._buf):
+            self._fill(n)
+            end = min(n, len(self._buf))
+        out = self._buf[self._pos : end]
+        self._pos = end
         return out
 
     def _need(self, n: int, what: str) -> bytes:
@@ -165,6 +267,19 @@ class TarReader:
         if len(data) != n:
             raise ArchiveError(f"truncated tar: input ended inside {what} at byte {self.offset}")
         return data
+
+    def _pass(self, n: int, what: str) -> None:
+        """Consume *n* bytes that stay in the tap (padding, skipped data)."""
+        while n:
+            if self._pos == len(self._buf):
+                self._fill(min(n, CHUNK))
+                if not self._buf:
+                    raise ArchiveError(
+                        f"truncated tar: input ended inside {what} at byte {self.offset}"
+                    )
+            take = min(n, len(self._buf) - self._pos)
+            self._pos += take
+            n -= take
 
     def __iter__(self) -> Iterator[TarEntry]:
         ext = _Extensions()
@@ -174,16 +289,16 @@ class TarReader:
                 self.skip()
             block = self._header(first)
             if block is None:
+                self._flush_tap()
                 return
             first = False
             typeflag = block[156:157]
             size = _number(block[124:136], "size")
-            if typeflag in (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK):
+            if typeflag in _EXTENSIONS:
                 self._extension(typeflag, size, ext)
                 continue
-            entry = self._entry(block, typeflag, size, ext)
+            yield self._entry(block, typeflag, size, ext)
             ext = _Extensions()
-            yield entry
 
     def _header(self, first: bool) -> bytes | None:
         """The next header block, or None at the end-of-archive marker."""
@@ -236,39 +351,11 @@ class TarReader:
     def _entry(self, block: bytes, typeflag: bytes, size: int, ext: _Extensions) -> TarEntry:
         """The entry a header block describes, with its extensions folded in."""
         pax = {**self._globals, **ext.pax} if self._globals else ext.pax
-        name = block[0:100].split(b"\0", 1)[0]
-        if block[257:263] == b"ustar\0" and block[345] != 0:
-            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-        name = pax.get("GNU.sparse.name", pax.get("path", ext.longname or name))
-        link = pax.get("linkpath", ext.longlink or block[157:257].split(b"\0", 1)[0])
-        if "size" in pax:
-            size = _pax_int(pax["size"], "size")
-        entry = TarEntry(
-            name=name.decode("utf-8", "surrogateescape"),
-            type=typeflag,
-            mode=_number(block[100:108], "mode") & 0o7777,
-            uid=_pax_int(pax["uid"], "uid") if "uid" in pax else _number(block[108:116], "uid"),
-            gid=_pax_int(pax["gid"], "gid") if "gid" in pax else _number(block[116:124], "gid"),
-            size=size,
-            mtime_ns=_pax_time(pax["mtime"])
-            if "mtime" in pax
-            else _number(block[136:148], "mtime") * 10**9,
-            atime_ns=_pax_time(pax["atime"]) if "atime" in pax else None,
-            linkname=link.decode("utf-8", "surrogateescape") if link else "",
-        )
-        if typeflag in (CHRTYPE, BLKTYPE):
-            entry.devmajor = _number(block[329:337], "devmajor")
-            entry.devminor = _number(block[337:345], "devminor")
-        if pax:
-            entry.xattrs = {
-                k[len("SCHILY.xattr.") :]: v
-                for k, v in pax.items()
-                if k.startswith("SCHILY.xattr.")
-            }
-        data_left = size
+        entry = _header_entry(block, typeflag, size, ext, pax)
+        data_left = entry.size
         if typeflag == GNU_SPARSE:
             self._gnu_sparse(entry, block)
-        elif "GNU.sparse.map" in pax or "GNU.sparse.major" in pax:
+        elif pax and ("GNU.sparse.map" in pax or "GNU.sparse.major" in pax):
             data_left = self._pax_sparse(entry, pax)
         elif typeflag not in _TYPE_MODE and typeflag != LNKTYPE:
             raise ArchiveError(
@@ -276,7 +363,7 @@ class TarReader:
                 f"{typeflag.decode(errors='replace')!r}"
             )
         self._data_left = data_left
-        self._pad = -size % BLOCK  # a 1.0 map fills whole blocks: the same padding
+        self._pad = -data_left % BLOCK  # a 1.0 map fills whole blocks: the same padding
         return entry
 
     def _gnu_sparse(self, entry: TarEntry, block: bytes) -> None:
@@ -318,46 +405,94 @@ class TarReader:
         return data_size
 
     def data(self) -> Iterator[bytes | memoryview]:
-        """The current entry's data in slices; its padding is consumed after the last one."""
+        """The current entry's data in slices; its padding is consumed after the last one.
+        The data does not go to the tap."""
+        self._start_body()
         while self._data_left:
-            avail = len(self._buf) - self._pos
-            if not avail:
-                if self._data_left >= CHUNK:  # large file: hand over reads without buffering
-                    chunk = os.read(self._fd, CHUNK)
-                    if not chunk:
-                        self._truncated()
-                    self._data_left -= len(chunk)
-                    self.offset += len(chunk)
-                    yield chunk
-                    continue
-                self._buf = os.read(self._fd, CHUNK)
-                self._pos = 0
-                avail = len(self._buf)
-                if not avail:
-                    self._truncated()
-            n = min(avail, self._data_left)
-            view = memoryview(self._buf)[self._pos : self._pos + n]
-            self._pos += n
-            self.offset += n
-            self._data_left -= n
-            yield view
-        self._need(self._pad, "padding")
+            yield self._piece()
+        self._pass(self._pad, "padding")
         self._pad = 0
+
+    def _piece(self) -> bytes | memoryview:
+        """The next slice of the current entry's data."""
+        if self._pos == len(self._buf):
+            if self._data_left >= CHUNK:  # large file: hand over reads without buffering
+                chunk = os.read(self._fd, CHUNK)
+                if not chunk:
+                    self._truncated()
+                self._data_left -= len(chunk)
+                self._base += len(chunk)
+                return chunk
+            self._fill(1)
+            if not self._buf:
+                self._truncated()
+        n = min(len(self._buf) - self._pos, self._data_left)
+        start = self._pos
+        self._pos = self._tapped = start + n
+        self._data_left -= n
+        return memoryview(self._buf)[start : start + n]
+
+    def write_to(self, fd: int, crc: bool) -> int:
+        """Write the current entry's data to *fd*; its CRC-32 if *crc* (else 0). Without a
+        CRC, a large body goes from the input to *fd* in the kernel (copy_file_range from a
+        file, splice from a pipe)."""
+        value = 0
+        start, left = self._pos, self._data_left
+        if start + left + self._pad <= len(self._buf):  # the common case: all of it buffered
+            self._start_body()
+            self._pos = self._tapped = start + left
+            view = memoryview(self._buf)[start : start + left]
+            if crc:
+                value = zlib.crc32(view)
+            write_all(fd, view)
+            self._pos += self._pad
+            self._data_left = self._pad = 0
+            return value
+        self._start_body()
+        while self._data_left:
+            big = self._pos == len(self._buf) and self._data_left >= CHUNK
+            if big and not crc and self._moved(fd):
+                continue
+            piece = self._piece()
+            if crc:
+                value = zlib.crc32(piece, value)
+            write_all(fd, piece)
+        self._pass(self._pad, "padding")
+        self._pad = 0
+        return value
+
+    def _moved(self, fd: int) -> bool:
+        """Move the rest of the current entry's data to *fd* in the kernel, as far as it goes;
+        False if it cannot (then it is read and written)."""
+        move = self._move
+        if move is None:
+            return False
+        try:
+            n = move(self._fd, fd, self._data_left)
+        except OSError as exc:
+            if exc.errno not in _NO_MOVE:
+                raise
+            self._move = None  # another filesystem or an old kernel: read and write
+            return False
+        if not n:
+            self._truncated()
+        self._data_left -= n
+        self._base += n
+        return True
 
     def _truncated(self) -> None:
         raise ArchiveError(f"truncated tar: input ended inside file data at byte {self.offset}")
 
     def skip(self) -> None:
-        """Skip the rest of the current entry's data and its padding."""
+        """Skip the rest of the current entry's data and its padding (they go to the tap)."""
         left = self._data_left + self._pad
-        while left:
-            got = len(self._read(min(left, CHUNK)))
-            if not got:
-                self._truncated()
-            left -= got
         self._data_left = self._pad = 0
+        self._pass(left, "file data")
 
     def drain(self) -> None:
         """Read the input to its end (the bytes after the end-of-archive marker)."""
-        while self._read(CHUNK):
-            pass
+        while True:
+            self._pos = len(self._buf)
+            self._fill(CHUNK)
+            if not self._buf:
+                return

@@ -103,10 +103,12 @@ class Recorder:
             self._flush_raw()
 
     def _flush_raw(self) -> None:
-        if self._raw:
-            self._put(_RAW + _U64.pack(len(self._raw)))
-            self._put(bytes(self._raw))
-            self._raw.clear()
+        raw = self._raw
+        for start in range(0, len(raw), _FLUSH_RAW):  # parts the replay accepts
+            part = raw[start : start + _FLUSH_RAW]
+            self._pending += _RAW + _U64.pack(len(part))
+            self._put(part)
+        raw.clear()
 
     def _put(self, data: bytes | bytearray) -> None:
         self._pending += data
@@ -130,21 +132,19 @@ class Recorder:
     def body(self, path: str, size: int, crc: int, regions: list[tuple[int, int]] | None) -> None:
         """The body of the regular file at *path* (*size* bytes of the tar, all of the file's
         data or, for a sparse file, its *regions*) is read back from the layer. Called after
-        :meth:`start_body` and the body, whose padding :meth:`raw` already holds (it goes
+        :meth:`start_body` and the body, whose padding :meth:`raw` may already hold (it goes
         after the body)."""
         if self.failed is not None:
             return
         self.tar_size += size
         self.bodies.add(path)
-        spans = regions or []
-        self._put(
-            _BODY
-            + _path_bytes(path)
-            + _U64.pack(size)
-            + _U32.pack(crc)
-            + _U32.pack(len(spans))
-            + b"".join(_REGION.pack(o, n) for o, n in spans)
-        )
+        data = path.encode("utf-8", "surrogateescape")
+        self._pending += _BODY + _U32.pack(len(data)) + data
+        if regions:
+            self._pending += _BODY_FIELDS.pack(size, crc, len(regions))
+            self._put(b"".join(_REGION.pack(o, n) for o, n in regions))
+        else:
+            self._put(_BODY_FIELDS.pack(size, crc, 0))
 
     def touch(self, path: str) -> None:
         """*path* and the directories above it were made or changed by the tar."""

@@ -1,0 +1,386 @@
+"""The sandboxed extractor: the forked child of :func:`.apply.apply_layer` that has chrooted
+into the layer and unpacks the tar it reads, refusing every entry that would leave the layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ..errors import ArchiveError, UnsafeArchive
+from . import sparse, tarsplit, whiteout
+from .copy_up import LowerDirs, lstat_or_none
+from .tar import BLKTYPE, CHRTYPE, DIRTYPE, FIFOTYPE, LNKTYPE, SYMTYPE, TarEntry
+from .tar_reader import TarReader, write_all
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """What the extraction child is asked to do besides reading the tar."""
+
+    whiteouts: str
+    lower_fds: list[int]
+    record: bool
+
+
+def run_child(  # pragma: no cover
+    target: str, data_fd: int, res_fd: int, sandbox: Sandbox
+) -> None:
+    """The forked child: chroot into *target*, extract the tar read from *data_fd*, report
+    one JSON line (and the record) on *res_fd*, and exit."""
+    code = 0
+    report: dict[str, object]
+    blob = b""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.chroot(target)
+        os.chdir("/")
+        os.umask(0)
+        lowers = LowerDirs(sandbox.lower_fds) if sandbox.lower_fds else None
+        reader = TarReader(data_fd)
+        recorder = tarsplit.Recorder() if sandbox.record else None
+        if recorder is not None:
+            reader.tap, reader.tap_body = recorder.raw, recorder.start_body
+        size = Extractor(reader, sandbox.whiteouts, lowers, recorder).run()
+        report = {"size": size}
+        if recorder is not None:
+            blob = recorder.finish(lambda p: os.lstat(p or "/")) or b""
+            report.update(tar_size=recorder.tar_size, no_record=recorder.failed)
+    except UnsafeArchive as exc:
+        report, code = {"error": str(exc), "unsafe": True}, 1
+    except ArchiveError as exc:
+        report, code = {"error": str(exc), "errno": exc.errno}, 1
+    except OSError as exc:
+        what = f"cannot unpack the layer: {exc.strerror}"
+        if exc.filename:
+            what += f" ({exc.filename})"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            what += ": the filesystem or the layer's size limit is full"
+        report, code = {"error": what, "errno": exc.errno}, 1
+    except BaseException as exc:
+        report, code = {"error": f"cannot unpack the layer: {exc!r}"}, 2
+    try:
+        write_all(res_fd, json.dumps(report).encode() + b"\n" + blob)
+    finally:
+        os._exit(code)
+
+
+def clean_name(raw: str) -> str:
+    """The entry name as a path relative to the layer's root ("" for the root itself).
+
+    Cleaned as Docker and containerd do: ``.`` parts and empty parts go, a leading ``/`` is
+    the layer's root (``/``, ``./`` and ``.`` name the root, ``/etc/x`` is ``etc/x``), and
+    ``..`` is resolved lexically; a ``..`` that climbs above the root is refused.
+    """
+    name = raw[2:] if raw.startswith("./") else raw
+    name = name.rstrip("/")
+    if name and name[0] not in "./" and "/." not in name and "//" not in name:
+        return name  # the common case: nothing to clean, nothing that can climb
+    absolute = raw.startswith("/")
+    parts: list[str] = []
+    for part in raw.split("/"):
+        if part in ("", "."):
+            continue
+        if part != "..":
+            parts.append(part)
+        elif parts:
+            parts.pop()
+        elif not absolute:  # "/.." is "/" (as in a path), "../x" leaves the layer
+            raise UnsafeArchive(f"tar entry {raw!r} points outside the layer ('..')")
+    return "/".join(parts)
+
+
+class Extractor:
+    def __init__(
+        self,
+        reader: TarReader,
+        whiteouts: str,
+        lowers: LowerDirs | None,
+        recorder: tarsplit.Recorder | None = None,
+    ) -> None:
+        self.reader = reader
+        self.recorder = recorder
+        self.overlay = whiteouts == "overlay"
+        self.lowers = lowers
+        self.root = os.geteuid() == 0
+        self.safe_dirs: set[str] = {""}
+        self.sgid_dirs: set[str] = set()
+        self.created: set[str] = set()
+        self.dir_times: list[tuple[str, int, int]] = []
+        self.size = 0
+
+    def run(self) -> int:
+        for entry in self.reader:
+            self.entry(entry)
+        self.reader.drain()
+        for path, atime, mtime in sorted(
+            self.dir_times, key=lambda t: t[0].count("/"), reverse=True
+        ):
+            os.utime(path or "/", ns=(atime, mtime), follow_symlinks=False)
+        return self.size
+
+    def parent_dir(self, name: str, raw: str) -> None:
+        """Make sure every directory above *name* exists and is a real directory."""
+        if name.rpartition("/")[0] in self.safe_dirs:
+            return
+        parts = name.split("/")[:-1]
+        path = ""
+        for part in parts:
+            path = path + "/" + part if path else part
+            if path in self.safe_dirs:
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if self.lowers is not None:  # a directory of a lower layer: copied up
+                    self.lowers.copy_up(path, raw, directory=True)
+                copied = lstat_or_none(path)
+                if copied is None:
+                    os.mkdir(path, 0o755)
+                    parent = path.rpartition("/")[0]
+                    if parent in self.sgid_dirs:  # a new directory inherits the setgid bit
+                        self.sgid_dirs.add(path)
+                elif copied.st_mode & stat.S_ISGID:
+                    self.sgid_dirs.add(path)
+                self.safe_dirs.add(path)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeArchive(f"tar entry {raw!r} goes through the symlink {path!r}")
+            if not stat.S_ISDIR(st.st_mode):
+                raise ArchiveError(f"tar entry {raw!r}: {path!r} is not a directory")
+            self.safe_dirs.add(path)
+            if st.st_mode & stat.S_ISGID:
+                self.sgid_dirs.add(path)
+
+    def forget_dirs_under(self, path: str) -> None:
+        prefix = path + "/"
+        self.safe_dirs = {d for d in self.safe_dirs if d != path and not d.startswith(prefix)}
+
+    def remove(self, path: str) -> None:
+        """Remove whatever is at *path* (missing is fine)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if self.recorder is not None:
+            self.recorder.removed(path, st is not None and stat.S_ISDIR(st.st_mode))
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+            self.forget_dirs_under(path)
+        else:
+            os.unlink(path)
+
+    def entry(self, e: TarEntry) -> None:
+        name = clean_name(e.name)
+        if not name:  # "/", "./" or ".": the layer's root itself, whose attributes it sets
+            if e.type != DIRTYPE:
+                raise ArchiveError(
+                    f"tar entry {e.name!r} names the layer's root but is not a directory"
+                )
+            self.attrs("/", e, "", is_dir=True)
+            return
+        head, _, base = name.rpartition("/")
+        if base.startswith(whiteout.PREFIX):
+            self.whiteout(name, head, base, e.name)
+            return
+        self.parent_dir(name, e.name)
+        if self.recorder is not None:
+            self.recorder.touch(name)
+        if not self.overlay:
+            self.created.add(name)
+        if e.type == DIRTYPE:
+            self.directory(name, head, e)
+        elif e.is_file:
+            self.regular(name, head, e)
+        elif e.type == SYMTYPE:
+            self.make(name, lambda: os.symlink(e.linkname, name))
+            self.attrs(name, e, head, link=True, fresh=head not in self.sgid_dirs)
+        elif e.type == LNKTYPE:
+            target = self.link_target(e)
+            self.make(name, lambda: os.link(target, name, follow_symlinks=False))
+        elif e.type in (CHRTYPE, BLKTYPE, FIFOTYPE):
+            kind = {CHRTYPE: stat.S_IFCHR, BLKTYPE: stat.S_IFBLK, FIFOTYPE: stat.S_IFIFO}[e.type]
+            dev = os.makedev(e.devmajor, e.devminor)
+            self.make(name, lambda: os.mknod(name, kind | 0o600, dev))
+            self.attrs(name, e, head)
+
+    def link_target(self, e: TarEntry) -> str:
+        """The existing name a hardlink entry links to; one that only a lower dir of an overlay
+        upper holds is copied up first, as the kernel did when the layer was built."""
+        target = clean_name(e.linkname)
+        if not target:
+            raise UnsafeArchive(f"hardlink {e.name!r} points at the layer's root")
+        if self.lowers is not None:
+            self.size += self.lowers.copy_up(target, e.linkname)
+        if self.recorder is not None:  # its link count (ctime) changes; maybe copied up
+            self.recorder.touch(target)
+        self.parent_dir(target, e.linkname)
+        try:
+            tst = os.lstat(target)
+        except FileNotFoundError:
+            tst = None
+        if tst is None or (self.overlay and whiteout.is_overlay_whiteout(tst)):
+            raise ArchiveError(f"hardlink {e.name!r}: target {e.linkname!r} is not in the layer")
+        if stat.S_ISDIR(tst.st_mode):
+            raise UnsafeArchive(f"hardlink {e.name!r} points at a directory")
+        return target
+
+    def make(self, name: str, create: Callable[[], object]) -> None:
+        """Run *create*; if something is in the way, remove it and run it again."""
+        try:
+            create()
+        except FileExistsError:
+            self.remove(name)
+            create()
+
+    def directory(self, name: str, head: str, e: TarEntry) -> None:
+        # made with its final permissions; one in a setgid directory inherits its group
+        # and setgid bit, which attrs() then sets as the tar says
+        fresh = head not in self.sgid_dirs
+        try:
+            os.mkdir(name, e.mode & 0o777)
+        except FileExistsError:
+            if stat.S_ISDIR(os.lstat(name).st_mode):
+                fresh = False  # an existing directory: owner and mode as the tar says
+            else:
+                self.remove(name)
+                os.mkdir(name, e.mode & 0o777)
+        self.safe_dirs.add(name)
+        if e.mode & stat.S_ISGID:
+            self.sgid_dirs.add(name)
+        else:
+            self.sgid_dirs.discard(name)
+        self.attrs(name, e, head, is_dir=True, fresh=fresh)
+
+    def regular(self, name: str, head: str, e: TarEntry) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:  # created with its final permissions: no chmod needed for most files
+            fd = os.open(name, flags, e.mode & 0o777)
+        except FileExistsError:
+            self.remove(name)
+            fd = os.open(name, flags, e.mode & 0o777)
+        try:
+            recorder = self.recorder
+            if e.sparse is not None:
+                crc = self._sparse(fd, e)
+            else:
+                crc = self.reader.write_to(fd, recorder is not None)
+            if recorder is not None:
+                stored = e.size if e.sparse is None else sum(n for _, n in e.sparse)
+                recorder.body(name, stored, crc, e.sparse)
+            self.size += e.size
+            self.attrs(fd, e, head, fresh=True)
+        finally:
+            os.close(fd)
+
+    def _sparse(self, fd: int, e: TarEntry) -> int:
+        """Write a sparse file's regions; the CRC-32 of the data the tar carried."""
+        assert e.sparse is not None
+        sparse.check_fits(e.size, e.name)
+        crc = 0
+
+        def counted() -> Iterator[bytes | memoryview]:
+            nonlocal crc
+            for piece in self.reader.data():
+                crc = zlib.crc32(piece, crc)
+                yield piece
+
+        sparse.write_regions(fd, e.sparse, counted(), e.size)
+        return crc
+
+    def attrs(
+        self,
+        target: str | int,
+        e: TarEntry,
+        head: str,
+        *,
+        is_dir: bool = False,
+        link: bool = False,
+        fresh: bool = False,
+    ) -> None:
+        """Owner, mode, xattrs and mtime of an entry; *fresh*: just made by this process
+        with its permission bits, in a directory that is not setgid.
+
+        A file made by root is owned 0:0 unless its directory is setgid, so most files need
+        no chown; a chown clears setuid/setgid bits, so those are set after it.
+        """
+        fd_given = isinstance(target, int)
+        if self.root and (e.uid or e.gid or head in self.sgid_dirs or not fresh):
+            if isinstance(target, int):
+                os.fchown(target, e.uid, e.gid)
+            else:
+                os.chown(target, e.uid, e.gid, follow_symlinks=False)
+            fresh = False
+        if not link and (not fresh or e.mode & 0o7000):
+            if isinstance(target, int):
+                os.fchmod(target, e.mode)
+            else:
+                os.chmod(target, e.mode)  # never a symlink: those have link=True
+        for key, value in e.xattrs.items():
+            if key.startswith(whiteout.OVERLAY_XATTR_PREFIX):
+                continue  # only overlayfs may write these; a tar that carries them is ignored
+            try:
+                if fd_given:
+                    os.setxattr(target, key, value)
+                else:
+                    os.setxattr(target, key, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                log.debug("xattr %s not kept on %s: %s", key, e.name, exc.strerror)
+        times = (e.mtime_ns if e.atime_ns is None else e.atime_ns, e.mtime_ns)
+        if is_dir:
+            assert isinstance(target, str)
+            self.dir_times.append((target, *times))
+        elif fd_given:
+            os.utime(target, ns=times)
+        else:
+            os.utime(target, ns=times, follow_symlinks=False)
+
+    def whiteout(self, name: str, head: str, base: str, raw: str) -> None:
+        if head:
+            self.parent_dir(name, raw)
+        if self.recorder is not None:
+            self.recorder.touch(head)
+        if base == whiteout.OPAQUE:
+            directory = head or "."
+            if self.recorder is not None:
+                self.recorder.made_opaque(head)
+            if self.overlay:
+                whiteout.make_overlay_opaque(directory)
+                return
+            with os.scandir(directory) as it:
+                victims = [entry.name for entry in it]
+            for victim in victims:
+                path = f"{head}/{victim}" if head else victim
+                if path not in self.created:
+                    self.remove(path)
+            return
+        if base.startswith(whiteout.META_PREFIX):
+            return  # aufs bookkeeping, meaningless here
+        hidden = base[len(whiteout.PREFIX) :]
+        if hidden in ("", ".", "..") or "/" in hidden:
+            raise UnsafeArchive(f"whiteout {raw!r} names {hidden!r}")
+        path = f"{head}/{hidden}" if head else hidden
+        self.remove(path)
+        if self.overlay:
+            whiteout.make_overlay_whiteout(path)
+            if self.recorder is not None:
+                self.recorder.touch(path)

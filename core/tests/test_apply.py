@@ -1,0 +1,106 @@
+"""apply_layer on its own, into a plain directory: owners and modes as the tar says, where
+the kernel would give a new entry something else (a setgid directory's group and bit)."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+from subprocess import PIPE
+
+import pytest
+
+from graphdriver.archive import apply_layer
+from graphdriver.errors import ArchiveError
+from graphdriver.testing import host_lacks
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def _info(name: str, kind: bytes, mode: int, gid: int = 0) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, 0, gid, 1_700_000_000
+    return info
+
+
+def test_entries_in_a_setgid_directory_get_the_tar_s_owner_and_mode(tmp_path: Path) -> None:
+    """A directory, file and symlink made in a setgid directory inherit its group (and a
+    directory its setgid bit) from the kernel; the tar says 0:0 and 0755, and wins."""
+    if os.geteuid() != 0:
+        host_lacks("needs root to set owners", "root")
+    link = _info("s/l", tarfile.SYMTYPE, 0o777)
+    link.linkname = "f"
+    data = _tar(
+        (_info("s", tarfile.DIRTYPE, 0o2775, gid=5), b""),
+        (_info("s/sub", tarfile.DIRTYPE, 0o755), b""),
+        (_info("s/g", tarfile.DIRTYPE, 0o2750, gid=7), b""),
+        (_info("s/g/inner", tarfile.DIRTYPE, 0o700), b""),
+        (_info("s/f", tarfile.REGTYPE, 0o644), b""),
+        (link, b""),
+        (_info("plain", tarfile.DIRTYPE, 0o751), b""),
+    )
+    target = tmp_path / "layer"
+    target.mkdir()
+    for how in ("file", "stream"):
+        if how == "file":
+            (tmp_path / "layer.tar").write_bytes(data)
+            with open(tmp_path / "layer.tar", "rb") as f:
+                apply_layer(target, f)
+        else:
+            apply_layer(target, io.BytesIO(data))
+        got = {
+            p: (stat.S_IMODE(os.lstat(target / p).st_mode), os.lstat(target / p).st_gid)
+            for p in ("s", "s/sub", "s/g", "s/g/inner", "s/f", "plain")
+        }
+        assert got == {
+            "s": (0o2775, 5),
+            "s/sub": (0o755, 0),
+            "s/g": (0o2750, 7),
+            "s/g/inner": (0o700, 0),
+            "s/f": (0o644, 0),
+            "plain": (0o751, 0),
+        }, how
+        assert os.lstat(target / "s/l").st_gid == 0
+
+
+def test_large_bodies_from_a_file_and_from_a_pipe(tmp_path: Path) -> None:
+    """Without a record, a large body is moved by the kernel (copy_file_range from a tar in
+    a file, splice from a pipe); the files hold the tar's bytes, and a tar cut inside a
+    large body is refused as truncated."""
+    big = os.urandom(3 << 20) + b"end"
+    small = b"x" * 700
+    data = _tar(
+        (_with_size(_info("big", tarfile.REGTYPE, 0o600), len(big)), big),
+        (_with_size(_info("small", tarfile.REGTYPE, 0o644), len(small)), small),
+    )
+    (tmp_path / "layer.tar").write_bytes(data)
+    for how in ("file", "pipe"):
+        target = tmp_path / how
+        target.mkdir()
+        if how == "file":
+            with open(tmp_path / "layer.tar", "rb") as f:
+                apply_layer(target, f)
+        else:  # a pipe: what `cat layer.tar | graphdriver apply-diff` hands over
+            with subprocess.Popen(["cat", str(tmp_path / "layer.tar")], stdout=PIPE) as cat:
+                assert cat.stdout is not None
+                apply_layer(target, cat.stdout)
+        assert (target / "big").read_bytes() == big, how
+        assert (target / "small").read_bytes() == small, how
+    (tmp_path / "cut.tar").write_bytes(data[: 512 + (2 << 20)])
+    (tmp_path / "cut").mkdir()
+    with open(tmp_path / "cut.tar", "rb") as f, pytest.raises(ArchiveError, match="truncated"):
+        apply_layer(tmp_path / "cut", f)
+
+
+def _with_size(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
+    info.size = size
+    return info
