@@ -11,8 +11,6 @@ holds, no write can land outside the layer.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,13 +26,11 @@ from typing import Any, BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
 from .extract import Sandbox, run_child
-from .streams import LayerDecoder, compression_of
+from .streams import LayerDecoder, big_pipe, compression_of
 from .tar import CHUNK
 from .tar_reader import write_all
 
 log = logging.getLogger(__name__)
-
-F_SETPIPE_SZ = 1031
 
 
 @dataclass(frozen=True)
@@ -98,10 +94,8 @@ def _apply_stream(
 ) -> ApplyResult:
     """apply_layer for any stream: decoded and hashed here, fed to the sandbox by a pipe."""
     head = stream.read(8)
-    data_r, data_w = os.pipe2(os.O_CLOEXEC)
+    data_r, data_w = big_pipe()
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
-    with contextlib.suppress(OSError):  # a bigger pipe is faster, not needed
-        fcntl.fcntl(data_w, F_SETPIPE_SZ, 1 << 20)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
         os.close(data_w)

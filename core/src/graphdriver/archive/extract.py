@@ -4,7 +4,6 @@ into the layer and unpacks the tar it reads, refusing every entry that would lea
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import logging
@@ -17,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import ArchiveError, UnsafeArchive
+from ..linux.libc import LIBC
 from . import sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
 from .tar import BLKTYPE, CHRTYPE, DIRTYPE, FIFOTYPE, LNKTYPE, SYMTYPE, TarEntry
@@ -45,8 +45,7 @@ def run_child(  # pragma: no cover
     report: dict[str, object]
     blob = b""
     try:
-        libc = ctypes.CDLL(None)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.chroot(target)
         os.chdir("/")
