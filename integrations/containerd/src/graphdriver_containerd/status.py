@@ -10,8 +10,12 @@ import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from graphdriver import LayerStore, hookimpl
+from graphdriver import hookimpl
+
+if TYPE_CHECKING:  # every command loads this plugin: the store is imported only when used
+    from graphdriver import LayerStore
 
 
 def _proxy(lock: Path) -> str:
