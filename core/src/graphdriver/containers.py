@@ -19,9 +19,10 @@ import datetime
 import logging
 import os
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
-from . import faults
+from . import faults, recovery
 from .container_mounts import ContainerMounts
 from .errors import (
     AlreadyExists,
@@ -291,35 +292,36 @@ class ContainerStore(ContainerMounts):
 
     def _recover(self) -> None:
         """Finish what a killed process left half-done and match container mounts to the
-        mount table. A container that fails to recover is logged and retried at the next
-        open; it never stops commands on the others."""
+        mount table (store lock held). A container that fails to recover is logged and
+        retried at the next open; it never stops commands on the others."""
         mounted = _mountpoints()
-        for row in self._rows():
-            name = row["name"]
-            try:
-                if row["state"] != "ready":
-                    log.warning("finishing container %s left %s by a process that died",
-                                name, row["state"])  # fmt: skip
-                    with self.volumes.locked():
-                        self._undo(
-                            name,
-                            row["layer"],
-                            row["mounts"],
-                            remove_anonymous=row["state"] == "creating"
-                            or bool(row["remove_volumes"]),
-                        )
-                elif row["mount_count"] and not self._intact(row, mounted):
-                    log.warning("container %s was left partly mounted; unmounting it", name)
-                    with self.volumes.locked():
-                        self._teardown(name, row)
-                else:
-                    for path in self._stale(row, mounted):
-                        log.warning("unmounting %s in container %s: no mount records it",
-                                    path, name)  # fmt: skip
-                        unmount(path, retries=20)
-            except (GraphDriverError, OSError) as exc:
-                log.warning("container %s could not be recovered (retried at next open): %s",
-                            name, exc)  # fmt: skip
+        recovery.each(
+            "container",
+            self._rows(),
+            lambda row: str(row["name"]),
+            partial(self._recover_one, mounted),
+        )
+
+    def _recover_one(self, mounted: set[str], row: dict[str, Any]) -> None:
+        name = row["name"]
+        if row["state"] != "ready":
+            log.warning("finishing container %s left %s by a process that died",
+                        name, row["state"])  # fmt: skip
+            with self.volumes.locked():
+                self._undo(
+                    name,
+                    row["layer"],
+                    row["mounts"],
+                    remove_anonymous=row["state"] == "creating" or bool(row["remove_volumes"]),
+                )
+        elif row["mount_count"] and not self._intact(row, mounted):
+            log.warning("container %s was left partly mounted; unmounting it", name)
+            with self.volumes.locked():
+                self._teardown(name, row)
+        else:
+            for path in self._stale(row, mounted):
+                log.warning("unmounting %s in container %s: no mount records it", path, name)
+                unmount(path, retries=20)
 
     # ------------------------------------------------------------------------------- remove
 

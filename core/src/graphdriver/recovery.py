@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from . import faults
 from .driver import LayerInfo
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from .store import LayerStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: prefix of the ``meta`` keys that hold why a layer could not be recovered
 FAILED = "recovery-failed:"
@@ -152,6 +154,21 @@ def finish_removal(store: LayerStore, rec: LayerRecord) -> bool:
         store.meta.delete(rec.id)
         store.meta.delete_meta(FAILED + rec.id)
     return True
+
+
+def each(
+    what: str, records: Iterable[T], name: Callable[[T], str], step: Callable[[T], None]
+) -> None:
+    """Recover each of *records* with *step*: a record that fails is logged and left as it is
+    (still in flight, so the next open tries again); it never stops the others. *what* names
+    the kind of record in the log. Containers and volumes recover through it; layers record
+    each failure where ``status`` shows it (:func:`record_failure`)."""
+    for rec in records:
+        try:
+            step(rec)
+        except (GraphDriverError, OSError) as exc:
+            log.warning("%s %s could not be recovered (retried at next open): %s",
+                        what, name(rec), exc)  # fmt: skip
 
 
 def record_failure(store: LayerStore, layer_id: str, exc: BaseException) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import faults
+from . import faults, recovery
 from .errors import (
     AlreadyExists,
     GraphDriverError,
@@ -91,22 +91,18 @@ class VolumeStore:
         """Finish or roll back what a killed process left half-done: a volume being created or
         removed goes; a driver mount nobody counts is undone. A volume that fails to recover is
         logged and retried at the next open; it never stops commands on other volumes."""
-        for rec in self.catalog.all(include_in_flight=True):
-            try:
-                if rec.state != "ready":
-                    log.warning(
-                        "removing volume %s left %s by a process that died", rec.name, rec.state
-                    )
-                    self._destroy(rec)
-                elif not rec.mount_count:
-                    drv = self.driver(rec.driver)
-                    if is_mountpoint(drv.path(rec.name, rec.options)):
-                        log.warning("unmounting volume %s, left mounted by a process that died",
-                                    rec.name)  # fmt: skip
-                        call_os(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
-            except (GraphDriverError, OSError) as exc:
-                log.warning("volume %s could not be recovered (retried at next open): %s",
-                            rec.name, exc)  # fmt: skip
+        records = self.catalog.all(include_in_flight=True)
+        recovery.each("volume", records, lambda rec: rec.name, self._recover_one)
+
+    def _recover_one(self, rec: VolumeRecord) -> None:
+        if rec.state != "ready":
+            log.warning("removing volume %s left %s by a process that died", rec.name, rec.state)
+            self._destroy(rec)
+        elif not rec.mount_count:
+            drv = self.driver(rec.driver)
+            if is_mountpoint(drv.path(rec.name, rec.options)):
+                log.warning("unmounting volume %s, left mounted by a process that died", rec.name)
+                call_os(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
 
     # ------------------------------------------------------------------------------ drivers
 
