@@ -202,3 +202,16 @@ def test_sqlite_errors_through_the_helper_are_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
     assert not db.in_transaction
     db.close()
+
+
+def test_tables_without_a_version_are_refused_or_adopted(tmp_path: Path) -> None:
+    """A database made before its code kept a version: refused, unless the schema says what
+    version such a database is (as devmapper's devices.db would)."""
+    path = tmp_path / "devices.db"
+    _make(path, "CREATE TABLE snapshots (key TEXT PRIMARY KEY);")
+    with pytest.raises(StoreError, match="no schema version"):
+        open_db(path, V2)
+    db, created = open_db(path, Schema(V2.version, V2.create, V2.migrations, unversioned=1))
+    assert not created
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()

@@ -7,6 +7,7 @@ copies and are recorded without a parent. Rebuilt records carry the :data:`REBUI
 and ``dirty`` (so ``apply-diff`` never resets them); the meta key ``rebuilt`` tells ``check``
 not to delete storage without a record from then on. The new database is made beside the old
 one and renamed into place, so a crash midway leaves the damaged one where it was.
+:func:`diagnose_db` says what is wrong with a database, read-only.
 """
 
 from __future__ import annotations

@@ -196,8 +196,10 @@ class Schema:
 
     *create* makes a new database at *version*; ``migrations[n]`` turns version n-1 into n.
     *version_in* is where the version is kept: ``"user_version"`` (the pragma), or ``"meta"``
-    (the ``schema_version`` row of table ``meta``, which *create* must make; a ``meta`` table
-    without that row is version 1). *label* names the database in messages.
+    (the ``schema_version`` row of table ``meta``, which *create* must make). *unversioned*
+    is the version of a database that has tables but no version recorded (made before its
+    code kept one: devmapper's ``devices.db`` would say 1); None refuses such a database.
+    *label* names the database in messages.
     """
 
     version: int
@@ -205,22 +207,31 @@ class Schema:
     migrations: Mapping[int, str] = field(default_factory=dict)
     version_in: Literal["user_version", "meta"] = "user_version"
     label: str = "database"
+    unversioned: int | None = None
 
 
 def _statements(script: str) -> list[str]:
     return [s for s in script.split(";") if s.strip()]
 
 
-def _read_version(db: sqlite3.Connection, schema: Schema) -> int | None:
+def _read_version(db: sqlite3.Connection, path: Path, schema: Schema) -> int | None:
     """The database's schema version, or None when it is new (holds no table)."""
     if schema.version_in == "meta":
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
             return None
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        return int(row[0]) if row is not None else 1
-    version = int(db.execute("PRAGMA user_version").fetchone()[0])
-    if version == 0 and not db.execute("SELECT 1 FROM sqlite_master").fetchone():
-        return None
+        version = int(row[0]) if row is not None else 0
+    else:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version == 0 and not db.execute("SELECT 1 FROM sqlite_master").fetchone():
+            return None
+    if version == 0:
+        if schema.unversioned is None:
+            raise StoreError(
+                f"{schema.label} {path} holds tables but no schema version: it was not made "
+                f"by graphdriver; move it aside"
+            )
+        return schema.unversioned
     return version
 
 
@@ -235,7 +246,7 @@ def migrate(db: sqlite3.Connection, path: Path, schema: Schema) -> bool:
     """Make the schema (a new database: True) or bring it to ``schema.version``, in one
     transaction; a database newer than *schema* is refused."""
     with transaction(db):
-        version = _read_version(db, schema)
+        version = _read_version(db, path, schema)
         if version is None:
             for stmt in _statements(schema.create):
                 db.execute(stmt)

@@ -49,6 +49,7 @@ SCHEMA = Schema(
     migrations={2: "ALTER TABLE refs ADD COLUMN mounted INTEGER NOT NULL DEFAULT 0"},
     version_in="meta",
     label="volume metadata",
+    unversioned=1,  # as before sqlite.py: a meta table without the row is version 1
 )
 
 
