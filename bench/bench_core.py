@@ -13,22 +13,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
+
+import figures
 
 from graphdriver.testing.backings import loop_filesystem
 
 CACHE = Path("/var/tmp/graphdriver-bench")
-GD = [sys.executable, "-m", "graphdriver"]
-TIME = "/usr/bin/time"
+#: the console script a user runs (the venv's), else the module
+_SCRIPT = Path(sys.executable).parent / "graphdriver"
+GD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "graphdriver"]
 #: GNU tar keeping what graphdriver keeps (owners by number, xattrs), for a fair comparison
 GNU_TAR = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*"]
 
@@ -97,41 +99,46 @@ def big_tar() -> Path:
     return out
 
 
-def timed(cmd: list[str], **kw: object) -> tuple[float, int]:
+def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (KiB, the largest process of the command) of *cmd*."""
-    start = time.perf_counter()
-    proc = subprocess.run([TIME, "-f", "%M", *cmd], capture_output=True, text=True, **kw)  # type: ignore[call-overload]
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-500:]}")
-    rss = int(re.findall(r"^(\d+)$", proc.stderr, re.M)[-1])
-    return wall, rss
+    got = figures.timed(cmd, rss=True)
+    return got.wall, got.rss
 
 
 LIB_OP = """
-import sys, time
+import json, sys, time
+from figures import cpu_now, peak_rss
 from graphdriver import open_store
 store = open_store(sys.argv[1], sys.argv[5])
-t = time.perf_counter()
+c, t = cpu_now(), time.perf_counter()
 if sys.argv[2] == "apply":
     with open(sys.argv[4], "rb") as f:
         store.apply(sys.argv[3], f)
 else:
     with open(sys.argv[4], "wb") as f:
         store.write_diff(sys.argv[3], f)
-print(time.perf_counter() - t)
+t, c = time.perf_counter() - t, cpu_now() - c
+store.close()
+print(json.dumps({"s": t, "cpu": c, "rss": peak_rss()}))
 """
 
 
-def lib_op(store: Path, op: str, layer: str, path: Path, driver: str) -> float:
-    """Seconds of the library call alone, without the interpreter's start-up."""
-    out = subprocess.run(
-        [sys.executable, "-c", LIB_OP, str(store), op, layer, str(path), driver],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(out.stdout.strip())
+def in_process(script: str, *args: str) -> str:
+    """stdout of a Python *script* run by this interpreter, with bench/ on its path (under GNU
+    time, so that its own peak RSS does not start at this process's; see figures.TIME)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    argv = [figures.TIME, "-o", os.devnull, sys.executable, "-c", script, *args]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"in-process benchmark failed: {out.stderr[-800:]}")
+    return out.stdout
+
+
+def lib_op(store: Path, op: str, layer: str, path: Path, driver: str) -> figures.Run:
+    """The library call alone, without the interpreter's start-up: wall and CPU seconds of the
+    call (its children included), and the process's peak RSS in KiB (interpreter included)."""
+    got = json.loads(in_process(LIB_OP, str(store), op, layer, str(path), driver))
+    return figures.Run(got["s"], got["cpu"], got["rss"])
 
 
 def stats(xs: list[float]) -> str:
@@ -187,11 +194,11 @@ def main() -> None:
             rss["diff"].append(m)
             out.unlink()
             subprocess.run(["sync"], check=True)
-            rows["diff lib"].append(lib_op(store, "diff", layer, out, args.driver))
+            rows["diff lib"].append(lib_op(store, "diff", layer, out, args.driver).wall)
             out.unlink()
             subprocess.run([*gd, "create", layer + "-lib"], check=True, capture_output=True)
             subprocess.run(["sync"], check=True)
-            rows["apply lib"].append(lib_op(store, "apply", layer + "-lib", tar, args.driver))
+            rows["apply lib"].append(lib_op(store, "apply", layer + "-lib", tar, args.driver).wall)
             shutil.rmtree(target)
             subprocess.run([*gd, "rm", layer, layer + "-lib"], check=True)
         for run in range(2):

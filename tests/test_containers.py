@@ -272,7 +272,7 @@ def test_rm_keeps_volumes_and_rm_v_removes_only_anonymous_ones(gd: GD) -> None:
     anon2 = sorted(m["Name"] for m in _inspect(gd, "container", "c2")["Mounts"] if m["Anonymous"])
     root = Path(gd("container", "mount", "c2").out.strip())
     assert (root / "named" / "n").read_text() == "n"  # the named volume came back with its data
-    gd("container", "rm", "-f", "-v", "c2")  # -f: unmounted first
+    gd("container", "rm", "-f", "--volumes", "c2")  # -f: unmounted first
     assert _binds(root) == []
     assert sorted(_volumes(gd)) == sorted(["named", *anon])  # c2's anonymous ones are gone
     assert not set(anon2) & set(_volumes(gd))
@@ -329,7 +329,7 @@ def test_volumes_from_shares_the_same_directories(gd: GD, tmp_path: Path) -> Non
     (rr / "named" / "own").write_text("own")
     for c in ("a", "b", "r"):
         gd("container", "umount", c)
-    gd("container", "rm", "-v", "a")  # b still uses a's anonymous volume: kept
+    gd("container", "rm", "--volumes", "a")  # b still uses a's anonymous volume: kept
     rb = Path(gd("container", "mount", "b").out.strip())
     assert (rb / "data" / "from-a").read_text() == "a"
     gd("container", "umount", "b")
@@ -452,7 +452,7 @@ def test_a_refused_container_rm_commits_nothing(gd: GD) -> None:
     info = _inspect(gd, "container", "c1")
     layer = info["Layer"]
     gd("mount", layer)  # the layer by itself, outside the container
-    for args in (["rm"], ["rm", "-f"], ["rm", "-f", "-v"]):
+    for args in (["rm"], ["rm", "-f"], ["rm", "-f", "--volumes"]):
         err = _fail(gd, "container", *args, "c1")
         assert err.endswith(f"`graphdriver umount {layer}` first"), err
     assert _inspect(gd, "container", "c1") == info  # every verb still works
@@ -466,7 +466,7 @@ def test_a_refused_container_rm_commits_nothing(gd: GD) -> None:
     gd("cleanup")
     assert _inspect(gd, "container", "c1") == info
     gd("rm", "child")
-    gd("container", "rm", "-v", "c1")
+    gd("container", "rm", "--volumes", "c1")
     assert gd("ls").out.split() == ["img"] and _volumes(gd) == ["named"]
 
 
@@ -558,7 +558,7 @@ def test_volume_verbs(gd: GD) -> None:
     assert gd("volume", "ls", "-q", "--filter", "label=app=shop").out.split() == ["web"]
     assert gd("volume", "ls", "-q", "--filter", "dangling=false").out.split() == []
     assert "no volume driver named 'nfs-x'" in _fail(
-        gd, "volume", "create", "--driver", "nfs-x", "v"
+        gd, "volume", "create", "--volume-driver", "nfs-x", "v"
     )
     assert "has no option 'colour'" in _fail(gd, "volume", "create", "--opt", "colour=red", "v")
     assert "needs both --opt type" in _fail(gd, "volume", "create", "--opt", "type=tmpfs", "v")

@@ -162,7 +162,7 @@ def test_a_kill_at_any_transition_loses_nothing(
         w.create_c()
         mounts = json.loads(gd("container", "inspect", "c").out)[0]["Mounts"]
         (anon,) = [m["Name"] for m in mounts if m.get("Anonymous")]  # the image's /data
-        w.killed("container", "rm", *(["-v"] if verb == "rm-v" else []), "c", point=point)
+        w.killed("container", "rm", *(["--volumes"] if verb == "rm-v" else []), "c", point=point)
         w.check(c=None)
         left = {v["Name"] for v in _json(gd, "volume", "ls")}
         assert (anon in left) == (verb == "rm")

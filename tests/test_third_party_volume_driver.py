@@ -95,15 +95,24 @@ def test_volume_driver_package_serves_containers(site: Path, tmp_path: Path) -> 
 
     try:
         assert "journal" in gd("volume", "drivers").stdout.split()
-        gd("volume", "create", "--driver", "journal", "--opt", "journal.mode=0700", "v1")
+        gd("volume", "create", "--volume-driver", "journal", "--opt", "journal.mode=0700", "v1")
         info = json.loads(gd("volume", "inspect", "v1").stdout)[0]
         home = root / "volumes" / "_drivers" / "journal"
         assert info["Driver"] == "journal" and info["Options"] == {"journal.mode": "0700"}
         assert info["Mountpoint"] == str(home / "data" / "v1")
         assert (home / "data" / "v1").stat().st_mode & 0o777 == 0o700
-        err = gd("volume", "create", "--driver", "journal", "--opt", "mode=1", "x", ok=False)
+        err = gd("volume", "create", "--volume-driver", "journal", "--opt", "mode=1", "x", ok=False)
         assert "has no option 'mode' (its options: journal.mode)" in err.stderr
-        err = gd("volume", "create", "-d", "journal", "--opt", "journal.mode=rw", "x", ok=False)
+        err = gd(
+            "volume",
+            "create",
+            "--volume-driver",
+            "journal",
+            "--opt",
+            "journal.mode=rw",
+            "x",
+            ok=False,
+        )
         assert err.stderr.strip() == "graphdriver: error: journal.mode must be octal, not 'rw'"
         gd("create", "img")
         gd("container", "create", "c1", "--image", "img", "-v", "v1:/data",

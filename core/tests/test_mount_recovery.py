@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver import Capabilities, CreateOpts, Driver, LayerInfo, LayerStore, NotMounted
+from graphdriver import CreateOpts, Driver, LayerInfo, LayerStore, NotMounted
 from graphdriver.linux.mount import MS_BIND, is_mountpoint, mount, unmount, unmount_all_under
 from graphdriver.plugins import hooks
 from graphdriver.testing import host_lacks
@@ -29,7 +29,6 @@ def _root() -> None:
 
 class BindDriver(Driver):
     name = "bindtest"
-    capabilities = Capabilities(real_mounts=True)
 
     def _dir(self, layer: LayerInfo) -> Path:
         return self.home / "layers" / layer.id

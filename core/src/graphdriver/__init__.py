@@ -8,45 +8,95 @@ to add a storage driver or a :class:`VolumeDriver` to add a volume driver, catch
 
 from __future__ import annotations
 
-from .archive import ApplyResult, Change, ChangeKind
-from .driver import (
-    Capabilities,
-    CreateOpts,
-    Driver,
-    LayerInfo,
-    MountEntry,
-    MountSpec,
-    NativeApply,
-    NativeDiff,
-)
-from .errors import (
-    AlreadyExists,
-    ArchiveError,
-    ContainerNotFound,
-    DriverError,
-    DriverLoadError,
-    DriverNotFound,
-    DriverUnavailable,
-    GraphDriverError,
-    InUse,
-    InvalidLayerId,
-    InvalidMountSpec,
-    InvalidOption,
-    LayerExists,
-    LayerInUse,
-    LayerNotFound,
-    MaxDepthExceeded,
-    NotFound,
-    NotMounted,
-    StoreError,
-    UnsafeArchive,
-    VolumeNotFound,
-)
-from .hookspecs import hookimpl
-from .store import LayerStore, open_store, validate_id
-from .volumes import VolumeDriver, VolumeStore
+from typing import TYPE_CHECKING, Any
+
+from .lazy import lazy_attribute
+
+if TYPE_CHECKING:
+    from .archive import ApplyResult, Change, ChangeKind
+    from .driver import (
+        Capabilities,
+        CreateOpts,
+        Driver,
+        KernelMounts,
+        LayerInfo,
+        MountEntry,
+        MountSpec,
+        NativeApply,
+        NativeDiff,
+    )
+    from .errors import (
+        AlreadyExists,
+        ArchiveError,
+        ContainerNotFound,
+        DriverError,
+        DriverLoadError,
+        DriverNotFound,
+        DriverUnavailable,
+        GraphDriverError,
+        InUse,
+        InvalidLayerId,
+        InvalidMountSpec,
+        InvalidOption,
+        LayerExists,
+        LayerInUse,
+        LayerNotFound,
+        MaxDepthExceeded,
+        NotFound,
+        NotMounted,
+        StoreError,
+        UnsafeArchive,
+        VolumeNotFound,
+    )
+    from .plugins import hookimpl
+    from .store import LayerStore, open_store, validate_id
+    from .volumes import VolumeDriver, VolumeStore
 
 __version__ = "0.1.0"
+
+#: the public names, each imported from its module on first use (a CLI call imports only
+#: what it runs)
+_WHERE = {
+    "AlreadyExists": ".errors",
+    "ApplyResult": ".archive.apply",
+    "ArchiveError": ".errors",
+    "Capabilities": ".driver",
+    "Change": ".archive.changes",
+    "ChangeKind": ".archive.changes",
+    "ContainerNotFound": ".errors",
+    "CreateOpts": ".driver",
+    "Driver": ".driver",
+    "KernelMounts": ".driver",
+    "DriverError": ".errors",
+    "DriverLoadError": ".errors",
+    "DriverNotFound": ".errors",
+    "DriverUnavailable": ".errors",
+    "GraphDriverError": ".errors",
+    "InUse": ".errors",
+    "InvalidLayerId": ".errors",
+    "InvalidMountSpec": ".errors",
+    "InvalidOption": ".errors",
+    "LayerExists": ".errors",
+    "LayerInUse": ".errors",
+    "LayerInfo": ".driver",
+    "LayerNotFound": ".errors",
+    "LayerStore": ".store",
+    "MaxDepthExceeded": ".errors",
+    "MountEntry": ".driver",
+    "MountSpec": ".driver",
+    "NativeApply": ".driver",
+    "NativeDiff": ".driver",
+    "NotFound": ".errors",
+    "NotMounted": ".errors",
+    "StoreError": ".errors",
+    "UnsafeArchive": ".errors",
+    "VolumeDriver": ".volumes",
+    "VolumeNotFound": ".errors",
+    "VolumeStore": ".volumes",
+    "hookimpl": ".plugins",
+    "open_store": ".store",
+    "validate_id": ".store",
+}
 
 __all__ = [
     "AlreadyExists",
@@ -67,6 +117,7 @@ __all__ = [
     "InvalidLayerId",
     "InvalidMountSpec",
     "InvalidOption",
+    "KernelMounts",
     "LayerExists",
     "LayerInUse",
     "LayerInfo",
@@ -88,3 +139,7 @@ __all__ = [
     "open_store",
     "validate_id",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_attribute(__name__, _WHERE, name)

@@ -146,7 +146,12 @@ def _target(store: LayerStore, rec: LayerRecord) -> tuple[Path, str, Sequence[Pa
             if target[1] == "overlay" and isinstance(driver, ApplyLowers):
                 lowers = store._call(driver.apply_lowers, _info(rec), doing=f"apply {rec.id}")
             return target[0], target[1], lowers, False
-    return store.hooks.mount(store, rec, store.meta.chain(rec.id)), "delete", (), True
+    return (
+        store.hooks.mount(store, rec, store.meta.chain(rec.id), store._driver_mount),
+        "delete",
+        (),
+        True,
+    )
 
 
 def reset(store: LayerStore, rec: LayerRecord) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from .check_rebuild import adopt, diagnose_db, has_records, rebuild
-from .driver import Driver, LayerInfo
+from .driver import Driver, KernelMounts, LayerInfo
 from .errors import ArchiveError, GraphDriverError, StoreError
 from .linux.mount import mountinfo
 from .locking import FileLock, LayerLocks
@@ -469,7 +469,7 @@ def _parent_problems(records: Mapping[str, LayerRecord]) -> list[Problem]:
 
 
 def _mount_problems(driver: Driver, records: Mapping[str, LayerRecord]) -> list[Problem]:
-    if not driver.capabilities.real_mounts:
+    if not isinstance(driver, KernelMounts):
         return []
     problems = []
     for rec in records.values():

@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 from . import archive
 from .archive import tarsplit
 from .archive.changes import Change, ChangeKind
-from .archive.streams import DiffStream, tar_writer
+from .archive.streams import DiffStream, big_pipe, tar_writer
 from .archive.tar import write_changes_tar
 from .driver import NativeDiff
 from .errors import LayerInUse, from_oserror
@@ -209,7 +209,7 @@ def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> Binar
     """
     source = diff_source(store, layer_id, parent)
     found = source.__enter__()
-    r, w = os.pipe2(os.O_CLOEXEC)
+    r, w = big_pipe()
     _DIFF_PIPES.add(w)
     failure: list[BaseException] = []
 
@@ -245,7 +245,7 @@ def write_tar(
     writer.progress = progress
     try:
         if source.record is not None:
-            tarsplit.replay(source.record, source.root, writer.write_raw)
+            tarsplit.replay(source.record, source.root, writer)
             writer.flush()
         else:
             if source.reason:

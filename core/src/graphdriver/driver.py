@@ -3,9 +3,11 @@
 The core (:mod:`graphdriver.store`) owns ids, parents, states, reference counts, locking and hooks;
 a driver only moves bytes. A driver is a subclass of :class:`Driver` registered under the entry
 point group ``graphdriver.drivers``. Optional abilities are runtime-checkable Protocols
-(:class:`NativeDiff`, :class:`NativeApply`, :class:`ApplyLowers`) that the core finds with
-isinstance(). A size limit is given at creation (``CreateOpts.size``, like moby's CreateOpts),
-so quota needs no protocol: a driver that honours it declares ``Capabilities.quota``.
+(:class:`NativeDiff`, :class:`NativeApply`, :class:`ApplyLowers`, :class:`MountSpec`,
+:class:`KernelMounts`) that the core finds with isinstance(): implementing one is the only way
+to have it, so no flag repeats them. :class:`Capabilities` holds what no method can say (a size
+limit is given at creation, ``CreateOpts.size`` like moby's CreateOpts, so quota needs no
+protocol: a driver that honours it declares ``Capabilities.quota``).
 """
 
 from __future__ import annotations
@@ -29,21 +31,20 @@ def is_layer_id(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a driver can do; the conformance suite skips (and says so) what it does not declare."""
+    """What a driver declares about itself beyond the Protocols it implements (those are found
+    with isinstance(), never declared); the conformance suite skips, saying so, what it does not
+    declare."""
 
     #: ``CreateOpts.size`` limits a read-write layer (writes past it fail with EDQUOT/ENOSPC).
     quota: bool = False
-    #: diff/changes come from the driver itself (cheap), not from walking two trees.
-    native_diff: bool = False
-    #: ``mount`` makes a kernel mount that shows up in /proc/self/mountinfo.
-    real_mounts: bool = False
     #: deepest chain (layers including the top one) that the driver can mount.
     max_depth: int = 1 << 20
     #: the driver needs root (mounts, ioctls, device-mapper).
     needs_root: bool = False
     #: a mounted image layer that has children is read-only (writes fail with EROFS).
     readonly_images: bool = False
-    #: why a capability the driver has is off on this host ({"quota": "XFS without prjquota"})
+    #: why an ability the driver has is off on this host, by field or Protocol name
+    #: ({"quota": "XFS without prjquota"}, {"native_diff": "turned off by an option"})
     why_not: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -124,13 +125,6 @@ class Driver(abc.ABC):
         shared state, since it runs before the lock is taken. The default does nothing.
         """
 
-    def is_mounted(self, layer: LayerInfo) -> bool | None:
-        """Whether a kernel mount of *layer* exists now (used to recover after a crash).
-
-        None: this layer needs no kernel mount, so there is nothing to check.
-        """
-        return None
-
     def stored_layers(self) -> Mapping[str, str | None] | None:
         """The layers that have storage on disk now, each with the parent that storage
         depends on (None when its files are complete by themselves), or None if the driver
@@ -156,8 +150,20 @@ class Driver(abc.ABC):
 
 
 @runtime_checkable
+class KernelMounts(Protocol):
+    """A driver whose ``mount`` makes kernel mounts (they show in /proc/self/mountinfo and go
+    away at reboot): the store checks them against its mount counts after a crash. A driver
+    whose mount only returns a directory (vfs, btrfs) does not implement it."""
+
+    def is_mounted(self, layer: LayerInfo) -> bool | None:
+        """Whether the kernel mount of *layer* exists now; None when this layer needs none
+        (overlay's bottom layer is its own diff dir), so there is nothing to check."""
+
+
+@runtime_checkable
 class NativeDiff(Protocol):
-    """A driver that knows what a layer changed without walking its parent."""
+    """A driver that knows what a layer changed without walking its parent (the name
+    ``native_diff`` in ``Capabilities.why_not`` says why its methods return None here)."""
 
     def changes(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> list[tuple[str, int]] | None:
         """(path, kind) pairs against the direct parent, or None for the naive walk."""

@@ -1,7 +1,8 @@
 """The error tree of graphdriver.
 
 Every error the library raises on purpose is a :class:`GraphDriverError`; its message is one line
-that says what went wrong and, where there is one, what to do about it::
+(the class joins the lines of a longer one, such as a command's stderr, with "; ") that says
+what went wrong and, where there is one, what to do about it::
 
     GraphDriverError
     ├── InvalidLayerId          id not of the form [A-Za-z0-9][A-Za-z0-9_.-]{0,127}
@@ -10,23 +11,26 @@ that says what went wrong and, where there is one, what to do about it::
     ├── LayerInUse              remove/apply while mounted or while it has children
     ├── NotMounted              put() without a matching get()
     ├── InvalidOption           unknown --opt key, bad value, --size where the driver has no quota
+    │   └── InvalidMountSpec    a -v / --volumes-from spec that cannot be used (bad path, ...)
     ├── MaxDepthExceeded        chain deeper than the driver can mount
     ├── ArchiveError            truncated, corrupt or unreadable layer tar
-    │   └── UnsafeArchive       entry that would land outside the layer
+    │   ├── UnsafeArchive       entry that would land outside the layer
+    │   └── RecordError         an exact-diff record that cannot be used (archive.tarsplit)
     ├── StoreError              metadata or lock problem (corrupt database, newer schema)
     ├── NotFound                unknown container or volume
     │   ├── ContainerNotFound
     │   └── VolumeNotFound
     ├── AlreadyExists           duplicate container name, volume name with another driver
     ├── InUse                   container mounted, volume used by a container
-    ├── InvalidMountSpec        a -v / --volumes-from spec that cannot be used (bad path, ...)
     └── DriverError             the driver failed to move bytes
         ├── DriverUnavailable   this host cannot run the driver (missing fs, kernel feature, root)
         ├── DriverNotFound      no installed driver of that name
         └── DriverLoadError     the driver's package failed to import
 
-Low-level failures (``OSError``, ``subprocess.CalledProcessError``) are turned into these at one
-boundary, :func:`from_oserror`, not everywhere.
+Low-level failures are ``OSError`` (a wrapper of a command raises an OSError subclass with the
+errno its stderr names, like devmapper's ``DmsetupError``), and they are turned into these at one
+boundary, :func:`from_oserror` (:func:`call_os` around a call), not everywhere; the CLI maps what
+is left the same way. The integrations add subclasses for their protocols' error codes.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class GraphDriverError(Exception):
     errno: int | None = None
 
     def __init__(self, message: str, *, errno_: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__("; ".join(line.strip() for line in message.splitlines() if line.strip()))
         if errno_ is not None:
             self.errno = errno_
 

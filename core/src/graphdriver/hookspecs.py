@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
+from .plugins import hookimpl as hookimpl  # where plugins found it before
+
 if TYPE_CHECKING:
     import click
 
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 
 PROJECT = "graphdriver"
 hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec(firstresult=True)

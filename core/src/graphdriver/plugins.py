@@ -1,22 +1,32 @@
-"""Loading drivers (stevedore, one by name) and hook plugins (pluggy, all of them)."""
+"""Finding and loading plugins: drivers (one by name, from its entry point) and hook plugins.
+
+Entry points are read from the ``entry_points.txt`` of the distributions on ``sys.path`` (a
+directory listing and a few small reads, once per process), not through
+:mod:`importlib.metadata`, which costs a CLI call more than the call itself. pluggy is imported
+only when a hook plugin is installed (or a caller asks for :attr:`Hooks.pm`); with none, the hook
+calls are the core's own defaults.
+"""
 
 from __future__ import annotations
 
-import importlib.metadata
+import contextvars
+import importlib
 import logging
-from collections.abc import Callable, Generator, Mapping, Sequence
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
-import click
-import pluggy
-
-from . import hookspecs
 from .errors import DriverLoadError, DriverNotFound, DriverUnavailable, GraphDriverError
 
 if TYPE_CHECKING:
-    from .archive import Change
+    import click
+    import pluggy
+
+    from .archive.changes import Change
     from .driver import Driver
     from .metadata import LayerRecord
     from .store import LayerStore
@@ -27,6 +37,77 @@ DRIVER_GROUP = "graphdriver.drivers"
 HOOK_GROUP = "graphdriver"
 #: Docker's order: the first driver that works on the host is the default
 PRIORITY = ("overlay", "btrfs", "devmapper", "vfs")
+
+#: group -> name -> "module:attr", for every distribution on sys.path (read once)
+_ENTRY_POINTS: dict[str, dict[str, str]] | None = None
+_SECTION = re.compile(r"^\[\s*([^\]]+?)\s*\]$")
+
+
+def _read_entry_points() -> dict[str, dict[str, str]]:
+    """Every entry point of every distribution on ``sys.path``; like importlib.metadata, the
+    first distribution of a name on the path wins and the first entry point of a name too."""
+    found: dict[str, dict[str, str]] = {}
+    seen: set[str] = set()
+    for entry in sys.path:
+        try:
+            names = sorted(os.listdir(entry or "."))
+        except OSError:
+            continue
+        for name in names:
+            stem, dot, suffix = name.rpartition(".")
+            if not dot or suffix not in ("dist-info", "egg-info"):
+                continue
+            dist = stem.split("-", 1)[0].lower().replace("-", "_").replace(".", "_")
+            if dist in seen:
+                continue
+            seen.add(dist)
+            try:
+                fd = os.open(os.path.join(entry or ".", name, "entry_points.txt"), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                text = os.read(fd, 1 << 20).decode("utf-8", "replace")
+            finally:
+                os.close(fd)
+            _parse(text, found)
+    return found
+
+
+def _parse(text: str, found: dict[str, dict[str, str]]) -> None:
+    group: dict[str, str] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        section = _SECTION.match(line)
+        if section:
+            group = found.setdefault(section.group(1), {})
+        elif group is not None and "=" in line:
+            key, _, value = line.partition("=")
+            group.setdefault(key.strip(), value.strip())
+
+
+def entry_point_names(group: str) -> dict[str, str]:
+    """Names registered in an entry point *group* -> "module:attr", without importing."""
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None:
+        _ENTRY_POINTS = _read_entry_points()
+    return dict(_ENTRY_POINTS.get(group, {}))
+
+
+def forget_entry_points() -> None:
+    """Read the entry points again on next use (after installing a package in this process)."""
+    global _ENTRY_POINTS
+    _ENTRY_POINTS = None
+
+
+def load_entry_point(value: str) -> object:
+    """What an entry point value ("module:attr.attr [extras]") names, imported."""
+    module, _, attrs = value.partition("[")[0].strip().partition(":")
+    obj: object = importlib.import_module(module.strip())
+    for attr in filter(None, attrs.strip().split(".")):
+        obj = getattr(obj, attr)
+    return obj
 
 
 def installed_drivers() -> dict[str, str]:
@@ -43,37 +124,20 @@ def load_driver(name: str) -> type[Driver]:
     return cast("type[Driver]", load_plugin(DRIVER_GROUP, name, installed_drivers(), "storage"))
 
 
-def entry_point_names(group: str) -> dict[str, str]:
-    """Names registered in an entry point *group* -> "module:Class", without importing."""
-    found: dict[str, str] = {}
-    for ep in importlib.metadata.entry_points(group=group):
-        found.setdefault(ep.name, ep.value)
-    return found
-
-
 def load_plugin(group: str, name: str, known: Mapping[str, str], kind: str) -> object:
-    """What the entry point *name* of *group* names, loaded with stevedore (the way every
-    driver, storage or volume, is loaded); *known* are the installed names, for the error."""
-    from stevedore import DriverManager  # imported late: it is slow and only needed here
-
+    """What the entry point *name* of *group* names (the way every driver, storage or volume,
+    is loaded); *known* are the installed names, for the error."""
     if name not in known:
         listing = ", ".join(known) or "none"
         raise DriverNotFound(f"no {kind} driver named {name!r} is installed (installed: {listing})")
-
-    def failed(_manager: object, entrypoint: object, exc: BaseException) -> None:
+    try:
+        return load_entry_point(known[name])
+    except GraphDriverError:
+        raise
+    except Exception as exc:  # an ImportError, a missing attribute, an error in the module
         raise DriverLoadError(
             f"{kind} driver {name!r} ({known[name]}) failed to load: {exc}"
         ) from exc
-
-    try:
-        manager: Any = DriverManager(
-            group, name, invoke_on_load=False, on_load_failure_callback=failed
-        )
-    except GraphDriverError:
-        raise
-    except Exception as exc:  # stevedore's own errors (conflicts, missing entry points)
-        raise DriverLoadError(f"{kind} driver {name!r} cannot be loaded: {exc}") from exc
-    return manager.driver
 
 
 @dataclass(frozen=True)
@@ -87,12 +151,13 @@ class DriverReport:
 
 
 def probe_drivers(root: Path, options: Mapping[str, str] | None = None) -> list[DriverReport]:
-    """Every installed driver with whether it works for *root* on this host, and why not."""
+    """Every installed driver with whether it works for *root* on this host, and why not;
+    each is probed with the *options* it declares (``overlay.mountopt`` goes to overlay)."""
     out = []
     for name, target in installed_drivers().items():
         try:
             cls = load_driver(name)
-            cls.probe(root / name, options or {})
+            cls.probe(root / name, {k: v for k, v in (options or {}).items() if k in cls.options})
         except GraphDriverError as exc:
             out.append(DriverReport(name, target, False, str(exc)))
         else:
@@ -100,56 +165,186 @@ def probe_drivers(root: Path, options: Mapping[str, str] | None = None) -> list[
     return out
 
 
-class Hooks:
-    """A typed facade over the plugin manager, so that mypy checks every hook call."""
+#: the driver's own mount, for the innermost graphdriver_mount of the call under way
+DRIVER_MOUNT: contextvars.ContextVar[Callable[[LayerRecord, Sequence[LayerRecord]], Path]] = (
+    contextvars.ContextVar("graphdriver_driver_mount")
+)
 
-    def __init__(self, pm: pluggy.PluginManager) -> None:
-        self.pm = pm
+#: the hooks of hookspecs.py (a test checks the two agree)
+HOOK_NAMES = frozenset(
+    {
+        "graphdriver_default_driver",
+        "graphdriver_layer_created",
+        "graphdriver_layer_applied",
+        "graphdriver_layer_removed",
+        "graphdriver_mount",
+        "graphdriver_diff_filter",
+        "graphdriver_cli",
+        "graphdriver_driver_options",
+        "graphdriver_status",
+    }
+)
+#: the attribute a hook implementation carries: pluggy's ``<project>_impl``, its options
+IMPL_MARK = f"{HOOK_GROUP}_impl"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@overload
+def hookimpl(function: _F, /) -> _F: ...
+@overload
+def hookimpl(
+    *,
+    wrapper: bool = False,
+    hookwrapper: bool = False,
+    optionalhook: bool = False,
+    tryfirst: bool = False,
+    trylast: bool = False,
+    specname: str | None = None,
+) -> Callable[[_F], _F]: ...
+def hookimpl(
+    function: _F | None = None,
+    /,
+    *,
+    wrapper: bool = False,
+    hookwrapper: bool = False,
+    optionalhook: bool = False,
+    tryfirst: bool = False,
+    trylast: bool = False,
+    specname: str | None = None,
+) -> _F | Callable[[_F], _F]:
+    """Marks a hook implementation, as pluggy's ``HookimplMarker("graphdriver")`` does (the
+    same options, the same mark), without importing pluggy: a plugin module costs a command
+    nothing until one of its hooks is called."""
+    opts = {
+        "wrapper": wrapper,
+        "hookwrapper": hookwrapper,
+        "optionalhook": optionalhook,
+        "tryfirst": tryfirst,
+        "trylast": trylast,
+        "specname": specname,
+    }
+
+    def mark(func: _F) -> _F:
+        setattr(func, IMPL_MARK, opts)
+        return func
+
+    return mark if function is None else mark(function)
+
+
+def _implemented(plugin: object) -> set[str]:
+    """The hook names *plugin* marks implementations of."""
+    return {
+        name
+        for name in dir(plugin)
+        if name.startswith(f"{HOOK_GROUP}_") and hasattr(getattr(plugin, name, None), IMPL_MARK)
+    }
+
+
+class Hooks:
+    """A typed facade over the hook plugins, so that mypy checks every hook call. The plugin
+    manager (pluggy) is made only when a hook that some plugin implements is called; any other
+    call is what it is with no plugin."""
+
+    def __init__(
+        self,
+        plugins: Mapping[str, tuple[str, object]] | None = None,
+        pm: pluggy.PluginManager | None = None,
+    ) -> None:
+        #: name -> (entry point value, the loaded plugin)
+        self._plugins = dict(plugins or {})
+        self._implemented = set().union(*(_implemented(p) for _v, p in self._plugins.values()))
+        self._pm = pm
+        if self._implemented - HOOK_NAMES:
+            self._manager()  # pluggy names the plugin with a hook no spec has, and drops it
 
     @property
-    def _hook(self) -> Any:
-        return self.pm.hook
+    def pm(self) -> pluggy.PluginManager:
+        """The pluggy manager (made on first use: registering a plugin at run time needs it)."""
+        return self._manager()
+
+    def _manager(self) -> pluggy.PluginManager:
+        if self._pm is None:
+            from .plugin_manager import plugin_manager
+
+            self._pm = plugin_manager(HOOK_GROUP, self._plugins)
+        return self._pm
+
+    def _hook(self, name: str) -> Any:
+        """pluggy's caller of hook *name*, or None when no plugin implements it."""
+        if self._pm is None and name not in self._implemented:
+            return None
+        return getattr(self._manager().hook, name)
 
     def default_driver(self, root: Path, available: Sequence[str]) -> str | None:
-        return cast(
-            "str | None",
-            self._hook.graphdriver_default_driver(root=root, available=list(available)),
-        )
+        hook = self._hook("graphdriver_default_driver")
+        if hook is None:
+            return None
+        return cast("str | None", hook(root=root, available=list(available)))
 
     def layer_created(self, store: LayerStore, layer: LayerRecord) -> None:
-        self._hook.graphdriver_layer_created(store=store, layer=layer)
+        hook = self._hook("graphdriver_layer_created")
+        if hook is not None:
+            hook(store=store, layer=layer)
 
     def layer_applied(self, store: LayerStore, layer: LayerRecord, size: int, diff_id: str) -> None:
-        self._hook.graphdriver_layer_applied(store=store, layer=layer, size=size, diff_id=diff_id)
+        hook = self._hook("graphdriver_layer_applied")
+        if hook is not None:
+            hook(store=store, layer=layer, size=size, diff_id=diff_id)
 
     def layer_removed(self, store: LayerStore, layer_id: str) -> None:
-        self._hook.graphdriver_layer_removed(store=store, layer_id=layer_id)
+        hook = self._hook("graphdriver_layer_removed")
+        if hook is not None:
+            hook(store=store, layer_id=layer_id)
 
-    def mount(self, store: LayerStore, layer: LayerRecord, chain: Sequence[LayerRecord]) -> Path:
-        return cast(
-            "Path", self._hook.graphdriver_mount(store=store, layer=layer, chain=list(chain))
-        )
+    def mount(
+        self,
+        store: LayerStore,
+        layer: LayerRecord,
+        chain: Sequence[LayerRecord],
+        driver_mount: Callable[[LayerRecord, Sequence[LayerRecord]], Path],
+    ) -> Path:
+        """Mount *layer* with *driver_mount* (the store's own mount), wrapped by the plugins."""
+        hook = self._hook("graphdriver_mount")
+        if hook is None:
+            return driver_mount(layer, chain)
+        token = DRIVER_MOUNT.set(driver_mount)
+        try:
+            return cast("Path", hook(store=store, layer=layer, chain=list(chain)))
+        finally:
+            DRIVER_MOUNT.reset(token)
 
     @property
     def filters_diff(self) -> bool:
-        return bool(self._hook.graphdriver_diff_filter.get_hookimpls())
+        hook = self._hook("graphdriver_diff_filter")
+        return hook is not None and bool(hook.get_hookimpls())
 
     def keep_change(self, layer_id: str, change: Change) -> bool:
-        results = self._hook.graphdriver_diff_filter(layer_id=layer_id, change=change)
-        return all(r is not False for r in results)
+        hook = self._hook("graphdriver_diff_filter")
+        if hook is None:
+            return True
+        return all(r is not False for r in hook(layer_id=layer_id, change=change))
+
+    @property
+    def extends_cli(self) -> bool:
+        hook = self._hook("graphdriver_cli")
+        return hook is not None and bool(hook.get_hookimpls())
 
     def cli(self, group: click.Group) -> None:
-        self._hook.graphdriver_cli(group=group)
+        hook = self._hook("graphdriver_cli")
+        if hook is not None:
+            hook(group=group)
 
     def status(self, store: LayerStore) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
-        for lines in self._hook.graphdriver_status(store=store):
+        hook = self._hook("graphdriver_status")
+        for lines in hook(store=store) if hook is not None else ():
             out.extend(lines or ())
         return out
 
     def driver_options(self, driver: str) -> dict[str, str]:
         out: dict[str, str] = {}
-        for extra in self._hook.graphdriver_driver_options(driver=driver):
+        hook = self._hook("graphdriver_driver_options")
+        for extra in hook(driver=driver) if hook is not None else ():
             if extra:
                 out.update(extra)
         return out
@@ -159,105 +354,20 @@ _HOOKS: Hooks | None = None
 
 
 def hooks() -> Hooks:
-    """The process-wide plugin manager with every ``graphdriver`` plugin loaded (once)."""
+    """The process-wide hooks, with every ``graphdriver`` plugin loaded (once). A plugin that
+    fails to import is left out with one warning, so it breaks no command."""
     global _HOOKS
     if _HOOKS is None:
-        pm = pluggy.PluginManager(HOOK_GROUP)
-        pm.add_hookspecs(hookspecs)
-        pm.register(_CoreMount(), name="graphdriver.core")
-        for ep in importlib.metadata.entry_points(group=HOOK_GROUP):
-            if pm.get_plugin(ep.name) is None and _register(pm, ep):
-                _guard(pm, ep.name)
-        _HOOKS = Hooks(pm)
-    return _HOOKS
-
-
-def _register(pm: pluggy.PluginManager, ep: importlib.metadata.EntryPoint) -> bool:
-    """Load and register one hook plugin; one that fails to (import error, a bad signature, a
-    hook name that no spec has) is left out with one warning, so it breaks no command."""
-    try:
-        pm.register(ep.load(), name=ep.name)
-        pm.check_pending()  # the plugins before this one passed: only its own hooks can fail
-    except Exception as exc:
-        if pm.get_plugin(ep.name) is not None:
-            pm.unregister(name=ep.name)
-        log.warning(
-            "graphdriver plugin %s (%s) failed to load and is ignored: %s", ep.name, ep.value, exc
-        )
-        return False
-    return True
-
-
-def _guard(pm: pluggy.PluginManager, name: str) -> None:
-    """Make every hook of the plugin registered as *name* unregister it, with one warning line,
-    when it raises anything but a GraphDriverError; the hook call then goes on without it."""
-    plugin = pm.get_plugin(name)
-    for caller in pm.get_hookcallers(plugin) or []:
-        for impl in caller.get_hookimpls():
-            if impl.plugin is plugin:
-                # pluggy calls impl.function with the argnames it read at register time, so
-                # a guard that takes *args fits in its place; pluggy types it Final
-                impl.function = _guarded(pm, name, caller.name, impl)  # type: ignore[misc]
-
-
-def _guarded(
-    pm: pluggy.PluginManager, name: str, hook: str, impl: pluggy.HookImpl
-) -> Callable[..., Any]:
-    """*impl*'s function, guarded: a failure counts as "no answer" (None), and a wrapper that
-    fails passes the wrapped call's result through."""
-    function: Callable[..., Any] = impl.function
-
-    def failed(exc: Exception) -> None:
-        if pm.get_plugin(name) is not None:
-            pm.unregister(name=name)
-            log.warning(
-                "graphdriver plugin %s failed in %s and is unregistered: %s: %s",
-                name,
-                hook,
-                type(exc).__name__,
-                exc,
-            )
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        except GraphDriverError:  # a deliberate refusal of the operation
-            raise
-        except Exception as exc:
-            failed(exc)
-            return None
-
-    def wrap(*args: Any, **kwargs: Any) -> Generator[None, Any, Any]:
-        try:
-            gen: Generator[None, Any, Any] = function(*args, **kwargs)
-            next(gen)
-        except GraphDriverError:
-            raise
-        except Exception as exc:  # StopIteration too: a wrapper that never yields
-            failed(exc)
-            return (yield)
-        try:
-            inner = yield
-        except BaseException as raised:  # the wrapped call failed: the plugin sees it first
+        plugins: dict[str, tuple[str, object]] = {}
+        for name, value in entry_point_names(HOOK_GROUP).items():
             try:
-                gen.throw(raised)
-            except StopIteration as stop:
-                return stop.value
-            raise raised from None  # yielded again; the call's own error stands
-        try:
-            gen.send(inner)
-        except StopIteration as stop:
-            return stop.value if impl.wrapper else None
-        except GraphDriverError:
-            raise
-        except Exception as exc:
-            failed(exc)
-            return inner
-        gen.close()
-        failed(RuntimeError("the wrapper yielded twice"))
-        return inner
-
-    return wrap if impl.wrapper or impl.hookwrapper else call
+                plugins[name] = (value, load_entry_point(value))
+            except Exception as exc:
+                log.warning(
+                    "graphdriver plugin %s (%s) failed to load and is ignored: %s", name, value, exc
+                )
+        _HOOKS = Hooks(plugins)
+    return _HOOKS
 
 
 def available_for(root: Path) -> list[str]:
@@ -285,13 +395,3 @@ def choose_driver(root: Path) -> str:
             f"no installed storage driver works for {root} on this host; see `graphdriver drivers`"
         )
     return available[0]
-
-
-class _CoreMount:
-    """The innermost ``graphdriver_mount``: the driver's own mount. Plugins wrap around it."""
-
-    @hookspecs.hookimpl(trylast=True)
-    def graphdriver_mount(
-        self, store: LayerStore, layer: LayerRecord, chain: Sequence[LayerRecord]
-    ) -> Path:
-        return store._driver_mount(layer, chain)

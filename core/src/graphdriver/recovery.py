@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from . import faults
-from .driver import LayerInfo
+from .driver import KernelMounts, LayerInfo
 from .errors import GraphDriverError, call_os
 from .metadata import IN_FLIGHT, LayerRecord
 
@@ -67,10 +67,11 @@ def recover(store: LayerStore, reset: Reset) -> None:
 
 
 def _mounts_disagree(store: LayerStore, records: Sequence[LayerRecord]) -> bool:
-    if not store.driver.capabilities.real_mounts:
+    driver = store.driver
+    if not isinstance(driver, KernelMounts):
         return False
     for rec in records:
-        mounted = store.driver.is_mounted(_info(rec))
+        mounted = driver.is_mounted(_info(rec))
         if mounted is not None and mounted != bool(rec.mount_count):
             return True
     return False
@@ -105,10 +106,11 @@ def _roll(store: LayerStore, rec: LayerRecord, reset: Reset) -> None:
 
 def _reconcile_mount(store: LayerStore, rec: LayerRecord) -> None:
     """Match a layer's mount count to its kernel mount."""
-    if not store.driver.capabilities.real_mounts:
+    driver = store.driver
+    if not isinstance(driver, KernelMounts):
         return
     info = _info(rec)
-    mounted = store.driver.is_mounted(info)
+    mounted = driver.is_mounted(info)
     if mounted is None:
         return
     if rec.mount_count and not mounted:

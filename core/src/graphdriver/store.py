@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from . import applying, faults, recovery
+from . import faults, recovery
 from .driver import CreateOpts, Driver
 from .errors import (
     GraphDriverError,
@@ -93,7 +93,8 @@ class LayerStore(LayerMounts, LayerDiffs):
                     [_info(r) for r in self.meta.all()],
                     doing=f"recover driver {self.name}",
                 )
-            recovery.recover(self, applying.reset)
+            # the apply engine is imported only when a half-applied layer needs it
+            recovery.recover(self, _reset_applied)
         except BaseException:
             if self.meta.created:
                 # a refused first open (the driver cannot run here...) leaves no database, or
@@ -423,6 +424,12 @@ class LayerStore(LayerMounts, LayerDiffs):
                 )
             with self.meta.transaction():
                 self.meta.update(layer_id, rw=0)
+
+
+def _reset_applied(store: LayerStore, rec: LayerRecord) -> None:
+    from . import applying
+
+    applying.reset(store, rec)
 
 
 def open_store(

@@ -7,12 +7,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, BinaryIO, cast
 
-from . import applying, archive, diffs
 from .archive.changes import Change
 from .errors import InvalidOption
+from .lazy import LazyModule
 
 if TYPE_CHECKING:
+    from . import applying, archive, diffs
     from .store import LayerStore
+else:  # the diff and apply engine is imported by the first call that needs it
+    applying, archive, diffs = (
+        LazyModule(f"graphdriver.{m}") for m in ("applying", "archive", "diffs")
+    )
 
 
 def _store(mixin: LayerDiffs) -> LayerStore:

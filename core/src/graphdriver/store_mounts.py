@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from . import faults
-from .driver import Driver, MountEntry, MountSpec
+from .driver import Driver, KernelMounts, MountEntry, MountSpec
 from .errors import NotMounted, call_os
 from .locking import LayerLocks
 from .metadata import LayerRecord, Metadata
@@ -60,9 +60,10 @@ class LayerMounts:
         """The layer's mounted root: the counted mount if it is still there, else a new one."""
         path: Path | None = Path(rec.mount_path) if rec.mount_path else None
         if path is None or (
-            self.driver.capabilities.real_mounts and self.driver.is_mounted(_info(rec)) is False
+            isinstance(self.driver, KernelMounts) and self.driver.is_mounted(_info(rec)) is False
         ):
-            path = self.hooks.mount(cast("LayerStore", self), rec, self.meta.chain(rec.id))
+            chain = self.meta.chain(rec.id)
+            path = self.hooks.mount(cast("LayerStore", self), rec, chain, self._driver_mount)
         return path
 
     def mount_spec(self, layer_id: str, readonly: bool = False) -> list[MountEntry] | None:
@@ -132,7 +133,7 @@ class LayerMounts:
                     log.warning("layer %s is in use by a running command; left mounted", rec.id)
                     continue
                 if rec.mount_count or (
-                    self.driver.capabilities.real_mounts
+                    isinstance(self.driver, KernelMounts)
                     and self.driver.is_mounted(_info(rec)) is True
                 ):
                     call_os(self.driver.unmount, _info(rec), doing=f"unmount {rec.id}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import btrfsutil
@@ -15,20 +14,6 @@ from graphdriver.testing import Backing, backing_or_skip
 from graphdriver_btrfs import ioctl
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def fs() -> Iterator[Backing]:
-    yield from backing_or_skip("loop-btrfs")
-
-
-@pytest.fixture
-def store(fs: Backing, request: pytest.FixtureRequest) -> Iterator[LayerStore]:
-    s = open_store(fs.root / request.node.name, "btrfs")
-    yield s
-    for layer in reversed(s.layers()):
-        s.remove(layer)
-    s.close()
 
 
 def _subvolumes(root: Path) -> list[str]:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from graphdriver import CreateOpts, DriverUnavailable, GraphDriverError, InvalidOption, open_store
-from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing import host_lacks
 from graphdriver.testing.backings import pool_on_loop_files
+from graphdriver.toolkit import unmount_all_under
 from graphdriver_devmapper import DevmapperDriver, dmsetup
 from graphdriver_devmapper.pool import ThinPool
 

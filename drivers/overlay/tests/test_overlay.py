@@ -23,9 +23,9 @@ from graphdriver import (
     MaxDepthExceeded,
     open_store,
 )
-from graphdriver.linux.mount import is_mountpoint, mount, mountinfo, unmount_all_under
 from graphdriver.testing import Backing, backing_or_skip
 from graphdriver.testing.trees import make_rich, snapshot
+from graphdriver.toolkit import is_mountpoint, mount, mountinfo, unmount_all_under
 
 
 @pytest.fixture(scope="module")

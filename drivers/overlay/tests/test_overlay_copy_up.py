@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from graphdriver import ArchiveError, LayerStore, UnsafeArchive, open_store
-from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing import Backing, backing_or_skip
+from graphdriver.toolkit import unmount_all_under
 
 
 @pytest.fixture(scope="module")

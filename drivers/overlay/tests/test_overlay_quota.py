@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from graphdriver import open_store
-from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing import Backing, backing_or_skip, quota_or_skip
+from graphdriver.toolkit import unmount_all_under
 
 MiB = 1 << 20
 

@@ -1,10 +1,30 @@
-"""The archive engine: what changed between two trees, OCI layer tars both ways, safe apply."""
+"""The archive engine: what changed between two trees, OCI layer tars both ways, safe apply.
+
+Its names are imported on first use (module ``__getattr__``), so that importing one part (the
+tree compare a driver uses) does not import the tar code and zstandard with it.
+"""
 
 from __future__ import annotations
 
-from .apply import ApplyResult, apply_layer
-from .changes import Change, ChangeKind, changes_size, overlay_changes, tree_changes
-from .tar import write_changes_tar
+from typing import TYPE_CHECKING, Any
+
+from ..lazy import lazy_attribute
+
+if TYPE_CHECKING:
+    from .apply import ApplyResult, apply_layer
+    from .changes import Change, ChangeKind, changes_size, overlay_changes, tree_changes
+    from .tar import write_changes_tar
+
+_WHERE = {
+    "ApplyResult": ".apply",
+    "apply_layer": ".apply",
+    "Change": ".changes",
+    "ChangeKind": ".changes",
+    "changes_size": ".changes",
+    "overlay_changes": ".changes",
+    "tree_changes": ".changes",
+    "write_changes_tar": ".tar",
+}
 
 __all__ = [
     "ApplyResult",
@@ -16,3 +36,7 @@ __all__ = [
     "tree_changes",
     "write_changes_tar",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_attribute(__name__, _WHERE, name)

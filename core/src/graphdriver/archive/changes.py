@@ -11,8 +11,10 @@ from __future__ import annotations
 import enum
 import os
 import stat
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+from ..linux import xattr
 from . import whiteout
 
 
@@ -36,19 +38,8 @@ class Change:
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
-    out = {}
-    for name in names:
-        if name.startswith(whiteout.OVERLAY_XATTR_PREFIX):
-            continue  # overlayfs's own bookkeeping (origin, impure, opaque), never in a tar
-        try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError:
-            continue
-    return out
+    # overlayfs's own bookkeeping (origin, impure, opaque) is never in a tar
+    return dict(xattr.read(path, skip=(whiteout.OVERLAY_XATTR_PREFIX,)))
 
 
 def _same_content(a: str, b: str) -> bool:
@@ -108,7 +99,7 @@ _Old = tuple[os.stat_result, str]
 def canonical_order(changes: list[Change]) -> None:
     """Sort *changes* in place in the one order every diff uses: the bytes of the path (so a
     directory comes before what it holds), a delete at the place of the name it deletes."""
-    changes.sort(key=lambda c: os.fsencode(c.path))
+    changes.sort(key=lambda c: c.path.encode("utf-8", "surrogateescape"))  # os.fsencode
 
 
 class _Compare:
@@ -124,22 +115,33 @@ class _Compare:
         self.overlay = overlay
         self.out: list[Change] = []
         self.links: _Links = {}
+        #: whether names of one inode are gathered (not when every entry is new anyway)
+        self.linking = True
 
     def note_link(self, st: os.stat_result, path: str) -> None:
         if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
             self.links.setdefault((st.st_dev, st.st_ino), []).append(path)
 
     def add_all(self, path: str, rel: str) -> None:
+        """Everything below the new directory *path* is added; the directory's entry types
+        (d_type) say which to stat: files for their links, others for overlay whiteouts."""
         with os.scandir(path) as it:
             for entry in it:
                 child = rel + "/" + entry.name
-                if self.overlay and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False)):
+                if entry.is_dir(follow_symlinks=False):
+                    self.out.append(Change(child, ChangeKind.ADD))
+                    self.add_all(entry.path, child)
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    if self.linking:
+                        self.note_link(entry.stat(follow_symlinks=False), child)
+                elif (
+                    self.overlay
+                    and not entry.is_symlink()
+                    and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
+                ):
                     continue  # nothing below a new directory for it to hide
                 self.out.append(Change(child, ChangeKind.ADD))
-                if entry.is_dir(follow_symlinks=False):
-                    self.add_all(entry.path, child)
-                elif entry.is_file(follow_symlinks=False):
-                    self.note_link(entry.stat(follow_symlinks=False), child)
 
     def lookup(self, stack: list[str], name: str) -> tuple[_Old | None, list[str]]:
         """The entry *name* of the merged *stack*, and the stack of directories at it."""
@@ -242,6 +244,8 @@ class _Compare:
         Without this, ``ln old new`` in a layer would unpack as two separate files, since the
         unchanged ``old`` is not in the tar for ``new`` to be linked to.
         """
+        if all(len(names) < 2 for names in self.links.values()):
+            return
         changed = {c.path for c in self.out if c.kind != ChangeKind.DELETE}
         listed = {c.path for c in self.out}
         for names in self.links.values():
@@ -272,9 +276,51 @@ def tree_changes(
     """
     walk = _Compare(boundary_ns, overlay=False)
     if old_root is None:
+        walk.linking = False  # every name is in the diff: nothing to complete
         walk.add_all(new_root, "")
     else:
         walk.compare(new_root, "", [old_root], full=True)
+    return walk.result()
+
+
+class _Within(_Compare):
+    """The compare entering only the directories in *within*; every other directory of the
+    new tree is taken to be the old tree's, unchanged, and so is everything below it."""
+
+    def __init__(self, within: Collection[str], names_of: Callable[[int], Iterable[str]]) -> None:
+        super().__init__(None, overlay=False)
+        self.within = within
+        self.names_of = names_of
+
+    def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
+        return rel in self.within and super().compare(new_dir, rel, stack, full)
+
+    def complete_links(self) -> None:
+        # the full walk sees every name of a hardlinked file; here the caller lists the names
+        # in directories the compare did not enter, for the files whose names change
+        changed = {c.path for c in self.out if c.kind != ChangeKind.DELETE}
+        for (_dev, ino), names in self.links.items():
+            if any(n in changed for n in names):
+                names[:] = sorted(set(names) | {"/" + p for p in self.names_of(ino)})
+        super().complete_links()
+
+
+def changes_within(
+    new_root: str,
+    old_root: str,
+    within: Collection[str],
+    names_of: Callable[[int], Iterable[str]],
+) -> list[Change]:
+    """:func:`tree_changes` of a snapshot against the tree it was taken of, entering only the
+    directories in *within* (``""`` the root, ``"/a/b"``, each with every directory above it).
+
+    For a driver that knows which directories were written since the snapshot (btrfs's
+    generation numbers): what it leaves out must be the old tree's own, unchanged.
+    *names_of(inode)* gives every name (relative to *new_root*, no leading ``/``) of a
+    hardlinked file, so that a changed file's names in directories not entered are linked too.
+    """
+    walk = _Within(within, names_of)
+    walk.compare(new_root, "", [old_root], full=True)
     return walk.result()
 
 
@@ -287,6 +333,7 @@ def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
     name below that it lacks, so that every driver writes the same tar for the same changes.
     """
     walk = _Compare(None, overlay=True)
+    walk.linking = bool(lowers)  # with nothing below, every name is in the diff
     walk.compare(upper, "", lowers, full=whiteout.is_overlay_opaque(upper))
     return walk.result()
 

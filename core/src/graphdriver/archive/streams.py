@@ -4,6 +4,8 @@ and the read end of the pipe that ``LayerStore.diff`` hands out."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import threading
@@ -20,6 +22,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SKIPPABLE_LOW = b"\x2a\x4d\x18"
 #: input handed to a decompressor at a time (bounds the search for a gzip error's byte)
 _SLICE = 64 * 1024
+F_SETPIPE_SZ = 1031
 
 
 def compression_of(head: bytes) -> str:
@@ -323,6 +326,15 @@ def tar_writer(out: IO[bytes] | int, compress: str | None) -> tuple[TarWriter, C
         write(compressor.flush())
 
     return TarWriter(write=lambda d: write(compressor.compress(d))), finish
+
+
+def big_pipe() -> tuple[int, int]:
+    """A pipe (both ends close-on-exec) of 1 MiB where the kernel allows it: a tar crosses it
+    in fewer, larger reads and writes than through the default 64 KiB."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # a bigger pipe is faster, not needed
+        fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
+    return r, w
 
 
 class DiffStream(io.RawIOBase):

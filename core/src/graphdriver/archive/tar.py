@@ -7,6 +7,8 @@ sendfile(2) straight from the layer to the output.
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import stat
 import struct
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import ArchiveError
+from ..linux import xattr
 from . import whiteout
 from .changes import Change, ChangeKind
 
@@ -48,6 +51,8 @@ _TYPE_MODE[AREGTYPE] = stat.S_IFREG
 _TYPE_MODE[CONTTYPE] = stat.S_IFREG
 
 _OCTAL_LIMITS = {8: 0o7777777, 12: 0o77777777777}
+#: overlayfs's own xattrs (origin, impure, opaque) never go into a tar
+_SKIP = (whiteout.OVERLAY_XATTR_PREFIX,)
 
 
 @dataclass(slots=True)
@@ -117,8 +122,8 @@ def encode_header(
 
     *mtime_ns*, when it has a fraction of a second, goes in a PAX ``mtime`` record as well;
     whole seconds stay in the ustar field alone (as Docker writes them)."""
-    bname = os.fsencode(name)
-    blink = os.fsencode(linkname)
+    bname = name.encode("utf-8", "surrogateescape")  # os.fsencode, without its call
+    blink = linkname.encode("utf-8", "surrogateescape")
     pax: list[bytes] = []
     split = _split_ustar(bname) if bname.isascii() else None
     if split is None:
@@ -140,26 +145,20 @@ def encode_header(
     mtime = max(0, min(mtime, _OCTAL_LIMITS[12]))
     for key, value in sorted(xattrs):
         pax.append(_pax_record("SCHILY.xattr." + key, value))
-    out = b""
-    if pax:
-        data = b"".join(pax)
-        pname = (b"PaxHeaders/" + split[1])[:100]
-        out = _block(pname, b"", XHDTYPE, 0o644, 0, 0, len(data), mtime, b"", 0, 0)
-        out += data + b"\0" * (-len(data) % BLOCK)
-    out += _block(
-        split[1],
-        split[0],
-        typeflag,
-        mode,
-        uid,
-        gid,
-        size if size <= _OCTAL_LIMITS[12] else 0,
-        mtime,
-        blink,
-        devmajor,
-        devminor,
+    head = _pax_header(pax, split[1], mtime) if pax else b""
+    prefix, base = split
+    size = size if size <= _OCTAL_LIMITS[12] else 0
+    return head + _block(
+        base, prefix, typeflag, mode, uid, gid, size, mtime, blink, devmajor, devminor
     )
-    return out
+
+
+def _pax_header(records: list[bytes], name: bytes, mtime: int) -> bytes:
+    """The PAX extended header (its block and its records) that goes before an entry."""
+    data = b"".join(records)
+    pname = (b"PaxHeaders/" + name)[:100]
+    head = _block(pname, b"", XHDTYPE, 0o644, 0, 0, len(data), mtime, b"", 0, 0)
+    return head + data + b"\0" * (-len(data) % BLOCK)
 
 
 def _sub_second_mtime(pax: list[bytes], ns: int) -> int:
@@ -177,6 +176,11 @@ def _sub_second_mtime(pax: list[bytes], ns: int) -> int:
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12s")
 
 
+#: what the checksum adds for the fields every header has the same: the checksum field
+#: itself (eight spaces while it is summed), the magic "ustar\0" and the version "00"
+_CHKSUM_FIXED = sum(b"        ustar\x0000")
+
+
 def _block(
     name: bytes,
     prefix: bytes,
@@ -190,34 +194,34 @@ def _block(
     devmajor: int,
     devminor: int,
 ) -> bytes:
-    hdr = _USTAR.pack(
-        name, b"%07o\0" % (mode & 0o7777), b"%07o\0" % uid, b"%07o\0" % gid,
-        b"%011o\0" % size, b"%011o\0" % mtime, b"        ", typeflag, linkname,
-        b"ustar\0", b"00", b"", b"", b"%07o\0" % devmajor, b"%07o\0" % devminor, prefix, b"",
+    name, prefix, linkname = name[:100], prefix[:155], linkname[:100]
+    numbers = (
+        b"%07o\0" % (mode & 0o7777), b"%07o\0" % uid, b"%07o\0" % gid,
+        b"%011o\0" % size, b"%011o\0" % mtime,
     )  # fmt: skip
-    return hdr[:148] + b"%06o\0 " % sum(hdr) + hdr[156:]
+    dev = (b"%07o\0" % devmajor, b"%07o\0" % devminor)
+    # the sum of the header's bytes, from its non-zero parts: summing all 512 was half the
+    # cost of a header
+    chksum = sum(b"".join((name, prefix, linkname, typeflag, *numbers, *dev))) + _CHKSUM_FIXED
+    return _USTAR.pack(
+        name, *numbers, b"%06o\0 " % chksum, typeflag, linkname,
+        b"ustar\0", b"00", b"", b"", *dev, prefix, b"",
+    )  # fmt: skip
 
 
-def _xattrs(path: str) -> list[tuple[str, bytes]]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return []
-    out = []
-    for key in names:
-        if key.startswith(whiteout.OVERLAY_XATTR_PREFIX):
-            continue
-        try:
-            out.append((key, os.getxattr(path, key, follow_symlinks=False)))
-        except OSError:
-            continue
-    return out
+#: bodies at least this large go from the layer to an output fd by sendfile(2), in the kernel;
+#: smaller ones are read into the buffer, so that many entries leave in one write
+KERNEL_COPY = 128 * 1024
+_ZEROS = bytes(BLOCK)
+#: errors of sendfile(2) that only say it cannot write to this output (O_APPEND, a tty...)
+_NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class TarWriter:
     """Writes tar entries to a file descriptor or to a ``write`` callable.
 
-    With a plain fd the file data goes by sendfile(2) and never enters Python.
+    Headers and small bodies gather in one reused buffer of :data:`CHUNK` bytes that leaves in
+    one write; with a plain fd, large bodies go by sendfile(2) and never enter Python.
     """
 
     def __init__(
@@ -227,49 +231,92 @@ class TarWriter:
             raise ValueError("give exactly one of write or fd")
         self._write = write
         self._fd = fd
-        self._buf = bytearray()
+        self._sendfile = fd is not None
+        self._buf = memoryview(bytearray(CHUNK))
+        self._pos = 0
         self._links: dict[tuple[int, int], str] = {}
         self.bytes_written = 0
         #: called with the number of bytes each time some are written
         self.progress: Callable[[int], object] | None = None
 
-    def _emit(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) >= CHUNK:
-            self.flush()
-
     def write_raw(self, data: bytes | memoryview) -> None:
-        """Bytes that are already tar (an exact diff's headers and bodies)."""
-        if self._fd is not None and len(data) >= 1 << 16:  # large: no copy into the buffer
+        """Bytes that are already tar (headers, padding, an exact diff's raw parts)."""
+        n = len(data)
+        pos = self._pos
+        if pos + n > CHUNK:
             self.flush()
+            pos = 0
+            if n > CHUNK:
+                self._out(data)
+                return
+        self._buf[pos : pos + n] = data
+        self._pos = pos + n
+
+    def _out(self, data: bytes | memoryview) -> None:
+        if self._fd is not None:
             with memoryview(data) as view:
                 done = 0
                 while done < len(view):
                     done += os.write(self._fd, view[done:])
-            self.bytes_written += len(data)
-            if self.progress is not None:
-                self.progress(len(data))
-            return
-        self._buf += data
-        if len(self._buf) >= CHUNK:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        self.bytes_written += len(self._buf)
-        if self.progress is not None:
-            self.progress(len(self._buf))
-        if self._fd is not None:
-            with memoryview(self._buf) as view:
-                done = 0
-                while done < len(view):
-                    done += os.write(self._fd, view[done:])
-            self._buf.clear()
         else:
             assert self._write is not None
-            data, self._buf = self._buf, bytearray()
             self._write(bytes(data))
+        self._wrote(len(data))
+
+    def _wrote(self, n: int) -> None:
+        self.bytes_written += n
+        if self.progress is not None:
+            self.progress(n)
+
+    def flush(self) -> None:
+        if self._pos:
+            self._out(self._buf[: self._pos])
+            self._pos = 0
+
+    def copy_from(self, src: int, offset: int, length: int) -> int:
+        """Append *length* bytes of the open file *src* from *offset*; the bytes copied, fewer
+        only when the file ends sooner."""
+        if length >= KERNEL_COPY and self._sendfile:
+            self.flush()
+            done = self._kernel_copy(src, offset, length)
+            if done >= 0:
+                self._wrote(done)
+                return done
+        done = 0
+        while done < length:
+            if self._pos == CHUNK:
+                self.flush()
+            pos = self._pos
+            # pread and a copy cost less than preadv into the buffer (its iovec set-up)
+            data = os.pread(src, min(CHUNK - pos, length - done), offset + done)
+            if not data:
+                break
+            n = len(data)
+            self._buf[pos : pos + n] = data
+            self._pos = pos + n
+            done += n
+        return done
+
+    def _kernel_copy(self, src: int, offset: int, length: int) -> int:
+        """sendfile(2) of the range; -1 when this output takes no sendfile (nothing written)."""
+        assert self._fd is not None
+        done = 0
+        while done < length:
+            try:
+                n = os.sendfile(self._fd, src, offset + done, min(length - done, 1 << 30))
+            except OSError as exc:
+                if done or exc.errno not in _NO_SENDFILE:
+                    raise
+                self._sendfile = False
+                return -1
+            if not n:
+                break
+            done += n
+        return done
+
+    def pad(self, size: int) -> None:
+        """The zeros that end a body of *size* bytes on a block boundary."""
+        self.write_raw(_ZEROS[: -size % BLOCK])
 
     def add_path(self, path: str, arcname: str, st: os.stat_result | None = None) -> None:
         """Add the file at *path* (not following a final symlink) as *arcname*."""
@@ -292,65 +339,48 @@ class TarWriter:
             size = st.st_size
         elif typeflag == SYMTYPE:
             linkname = os.readlink(path)
-        if typeflag == DIRTYPE and not arcname.endswith("/"):
+        elif typeflag == DIRTYPE and not arcname.endswith("/"):
             arcname += "/"
         major = minor = 0
         if fmt in (stat.S_IFCHR, stat.S_IFBLK):
             major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        self._emit(
-            encode_header(
-                arcname,
-                typeflag,
-                mode=stat.S_IMODE(st.st_mode),
-                uid=st.st_uid,
-                gid=st.st_gid,
-                size=size,
-                mtime_ns=st.st_mtime_ns,
-                linkname=linkname,
-                devmajor=major,
-                devminor=minor,
-                xattrs=() if typeflag == LNKTYPE else _xattrs(path),
-            )
+        header = functools.partial(
+            encode_header,
+            arcname,
+            typeflag,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=size,
+            mtime_ns=st.st_mtime_ns,
+            linkname=linkname,
+            devmajor=major,
+            devminor=minor,
         )
         if size:
-            self._add_data(path, size)
+            self._add_file(path, header, size)
+        else:
+            self.write_raw(header(xattrs=() if typeflag == LNKTYPE else xattr.read(path, _SKIP)))
 
-    def _add_data(self, path: str, size: int) -> None:
+    def _add_file(self, path: str, header: Callable[..., bytes], size: int) -> None:
+        """A regular file's header and body; its xattrs read through the fd that reads its
+        data (one path lookup where there were three)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            left = size
-            if self._fd is not None and size > 256 * 1024:
-                self.flush()
-                offset = 0
-                while left:
-                    n = os.sendfile(self._fd, fd, offset, min(left, 1 << 30))
-                    if n == 0:
-                        break
-                    offset += n
-                    left -= n
-                self.bytes_written += size - left
-                if self.progress is not None:
-                    self.progress(size - left)
-            else:
-                while left:
-                    data = os.read(fd, min(left, CHUNK))
-                    if not data:
-                        break
-                    left -= len(data)
-                    self._emit(data)
-            if left:
+            self.write_raw(header(xattrs=xattr.read(fd, _SKIP)))
+            if self.copy_from(fd, 0, size) != size:
                 raise ArchiveError(f"{path} shrank while it was being archived")
         finally:
             os.close(fd)
-        self._emit(b"\0" * (-size % BLOCK))
+        self.pad(size)
 
     def add_whiteout(self, arcname: str) -> None:
         """Add an empty OCI whiteout entry (``.wh.<name>`` or ``.wh..wh..opq``)."""
-        self._emit(encode_header(arcname, REGTYPE, mode=0, mtime=0))
+        self.write_raw(encode_header(arcname, REGTYPE, mode=0, mtime=0))
 
     def close(self) -> None:
         """Write the end-of-archive marker (two zero blocks) and flush."""
-        self._emit(b"\0" * (2 * BLOCK))
+        self.write_raw(_ZEROS * 2)
         self.flush()
 
 

@@ -14,8 +14,9 @@ deleted or made opaque.
 same type, mode, mtime and ctime, and every change the layer shows against its
 parent is a path the tar touched (or a deletion it made). A ctime cannot be set back by a user,
 so a file written, chmodded, relinked or swapped behind the store is caught before the first byte
-is written. As a last guard each body's CRC-32 is checked while it is written. Otherwise the
-diff is generated from the layer, and says why.
+is written. As a last guard each body's file is looked at again after it is copied (size, mtime,
+ctime), which catches a write while the diff runs. Otherwise the diff is generated from the
+layer, and says why.
 
 Layout of a record: ``MAGIC``, the length of the segments part, the segments (zstd), the check
 table (zstd). Both parts are decompressed as streams; the record itself, and the sets of paths
@@ -28,14 +29,15 @@ import hashlib
 import os
 import stat
 import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import zstandard
 
 from ..errors import ArchiveError
 from ..linux.bind import open_beneath
+from .tar import TarWriter
 
 MAGIC = b"graphdriver-tar-split 2\n"
 #: a record larger than this (compressed) is not kept: the diff is generated instead
@@ -47,6 +49,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _PRESENT_FIELDS = struct.Struct("<IqIqI")  # st_mode, mtime (s, ns), ctime (s, ns)
 _REGION = struct.Struct("<QQ")
+_BODY_FIELDS = struct.Struct("<QII")  # size, CRC-32, number of sparse regions
 _FLUSH_RAW = 1 << 20
 _BATCH = 1 << 18  # bytes handed to the compressor at a time (small calls cost more than bytes)
 _LEVEL = 3  # zstd: headers compress ~40x, ten times faster than zlib's default
@@ -196,34 +199,63 @@ class Recorder:
 
 
 class _Inflater:
-    """Reads exact byte counts from a zstd stream, a bounded piece at a time."""
+    """Reads a zstd stream a bounded piece at a time, for parsers that unpack in place."""
 
     def __init__(self, data: memoryview) -> None:
         self._r = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
         self._buf = b""
         self._pos = 0
 
-    def read(self, n: int) -> bytes:
-        if len(self._buf) - self._pos < n:
-            rest = self._buf[self._pos :]
-            parts = [rest]
-            have = len(rest)
-            while have < n:
-                more = self._r.read(max(n - have, 1 << 16))
-                if not more:
-                    raise RecordError("the record is cut short")
-                parts.append(more)
-                have += len(more)
-            self._buf, self._pos = b"".join(parts), 0
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return out
+    def _fill(self, n: int) -> None:
+        rest = self._buf[self._pos :]
+        parts = [rest]
+        have = len(rest)
+        while have < n:
+            more = self._r.read(max(n - have, 1 << 20))
+            if not more:
+                break
+            parts.append(more)
+            have += len(more)
+        self._buf, self._pos = b"".join(parts), 0
 
-    def path(self) -> str:
-        (n,) = _U32.unpack(self.read(4))
-        if n > 1 << 20:
-            raise RecordError(f"the record is corrupt (a path of {n} bytes)")
-        return self.read(n).decode("utf-8", "surrogateescape")
+    def peek(self, n: int) -> tuple[bytes, int]:
+        """The buffer and where the next bytes start in it, at least *n* of them unless the
+        stream ends sooner; nothing is consumed."""
+        if len(self._buf) - self._pos < n:
+            self._fill(n)
+        return self._buf, self._pos
+
+    def take(self, n: int) -> tuple[bytes, int]:
+        """Consume *n* bytes: the buffer that holds them and where they start in it (for
+        ``unpack_from``, which then copies nothing)."""
+        if len(self._buf) - self._pos < n:
+            self._fill(n)
+            if len(self._buf) < n:
+                raise RecordError("the record is cut short")
+        pos = self._pos
+        self._pos = pos + n
+        return self._buf, pos
+
+
+def _tagged(z: _Inflater) -> tuple[bytes, int, bytes, int]:
+    """The next entry's tag, and, unless it is a tag alone at the end, the buffer and the
+    position of what follows its 4- or 8-byte length, and that length (an entry is peeked,
+    then taken whole)."""
+    buf, pos = z.peek(9)
+    tag = buf[pos : pos + 1]
+    if not tag:
+        raise RecordError("the record is cut short")
+    if tag in (_END, _DONE):
+        return tag, 0, b"", 0
+    if tag == _RAW:
+        (n,) = _U64.unpack_from(buf, pos + 1)
+        if n > _FLUSH_RAW * 2:
+            raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
+        return tag, n, *z.take(9 + n)
+    (n,) = _U32.unpack_from(buf, pos + 1)
+    if n > 1 << 20:
+        raise RecordError(f"the record is corrupt (a path of {n} bytes)")
+    return tag, n, buf, pos
 
 
 @dataclass
@@ -235,8 +267,9 @@ class Checks:
     opaque: set[str] = field(default_factory=set)
 
 
-@dataclass(frozen=True)
-class Body:
+class Body(NamedTuple):
+    """A regular file's body: read back from the layer at *path*."""
+
     path: str
     size: int
     crc: int
@@ -256,20 +289,30 @@ class Record:
         view = memoryview(blob)
         self._segments = view[start : start + seg_len]
         self._checks = view[start + seg_len :]
+        self._parsed: Checks | None = None
 
     def checks(self) -> Checks:
+        """The check table (parsed once)."""
+        if self._parsed is None:
+            self._parsed = self._read_checks()
+        return self._parsed
+
+    def _read_checks(self) -> Checks:
         out = Checks()
         z = _Inflater(self._checks)
+        fields = _PRESENT_FIELDS.size
         try:
-            while (tag := z.read(1)) != _DONE:
-                path = z.path()
+            while (tagged := _tagged(z))[0] != _DONE:
+                tag, n, buf, pos = tagged
                 if tag == _PRESENT:
-                    mode, ms, mns, cs, cns = _PRESENT_FIELDS.unpack(z.read(_PRESENT_FIELDS.size))
+                    buf, pos = z.take(5 + n + fields)
+                    path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
+                    mode, ms, mns, cs, cns = _PRESENT_FIELDS.unpack_from(buf, pos + 5 + n)
                     out.present[path] = (mode, ms * 10**9 + mns, cs * 10**9 + cns)
-                elif tag == _GONE:
-                    out.gone.add(path)
-                elif tag == _OPAQUE:
-                    out.opaque.add(path)
+                elif tag in (_GONE, _OPAQUE):
+                    buf, pos = z.take(5 + n)
+                    path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
+                    (out.gone if tag == _GONE else out.opaque).add(path)
                 else:
                     raise RecordError(f"the record is corrupt (check tag {tag!r})")
         except (zstandard.ZstdError, struct.error) as exc:
@@ -277,29 +320,36 @@ class Record:
         return out
 
     def segments(self) -> Iterator[bytes | Body]:
+        """The record's parts in tar order: raw bytes, and bodies to read from the layer."""
         z = _Inflater(self._segments)
         try:
-            while (tag := z.read(1)) != _END:
+            while (tagged := _tagged(z))[0] != _END:
+                tag, n, buf, pos = tagged
                 if tag == _RAW:
-                    (n,) = _U64.unpack(z.read(8))
-                    if n > _FLUSH_RAW * 2:
-                        raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
-                    yield z.read(n)
+                    yield buf[pos + 9 : pos + 9 + n]
                 elif tag == _BODY:
-                    path = z.path()
-                    if {"", ".", ".."} & set(path.split("/")):  # none leaves the layer
-                        raise RecordError(f"the record is corrupt (a body at {path!r})")
-                    (size,) = _U64.unpack(z.read(8))
-                    (crc,) = _U32.unpack(z.read(4))
-                    (count,) = _U32.unpack(z.read(4))
-                    if count > 1 << 20:
-                        raise RecordError(f"the record is corrupt ({count} sparse regions)")
-                    regions = [_REGION.unpack(z.read(16)) for _ in range(count)] or None
-                    yield Body(path, size, crc, regions)
+                    yield _body(z, n)
                 else:
                     raise RecordError(f"the record is corrupt (segment tag {tag!r})")
         except (zstandard.ZstdError, struct.error) as exc:
             raise RecordError(f"the record is corrupt ({exc})") from None
+
+
+def _body(z: _Inflater, n: int) -> Body:
+    """A body entry whose path has *n* bytes (tag and length peeked, not taken)."""
+    buf, pos = z.take(5 + n + _BODY_FIELDS.size)
+    pos += 5
+    path = buf[pos : pos + n].decode("utf-8", "surrogateescape")
+    slashed = f"/{path}/"
+    if "//" in slashed or "/./" in slashed or "/../" in slashed:  # none leaves the layer
+        raise RecordError(f"the record is corrupt (a body at {path!r})")
+    size, crc, count = _BODY_FIELDS.unpack_from(buf, pos + n)
+    regions = None
+    if count:
+        if count > 1 << 20:
+            raise RecordError(f"the record is corrupt ({count} sparse regions)")
+        regions = [_REGION.unpack_from(*z.take(_REGION.size)) for _ in range(count)]
+    return Body(path, size, crc, regions)
 
 
 def digest(blob: bytes) -> str:
@@ -319,7 +369,7 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
     ordered = sorted(checks.present.items(), key=lambda item: stat.S_ISDIR(item[1][0]))
     for path, (mode, mtime, ctime) in ordered:
         try:
-            st = os.lstat(os.path.join(root, path) if path else root)
+            st = os.lstat(f"{root}/{path}" if path else root)
         except FileNotFoundError:
             return f"/{path} was removed after apply-diff"
         if st.st_mode != mode:
@@ -343,43 +393,81 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
     return None
 
 
-def replay(record: Record, root: str, write: Callable[[bytes | memoryview], object]) -> int:
+def replay(record: Record, root: str, writer: TarWriter) -> int:
     """Write the exact tar the record was made from, file bodies read from *root*; the bytes
-    written. A body that does not match raises :class:`ArchiveError`."""
+    written. A body that is not the applied one raises :class:`ArchiveError`.
+
+    :func:`stale` found every noted path as apply left it just before. After a body is copied
+    its file is looked at again (fstat of the fd read): the same size, mtime and ctime as after
+    apply mean the bytes read are the applied ones, since every write moves the ctime, which no
+    user can set back (and the kernel's multigrain timestamps give a write after the apply's
+    stat a new one). So a file changed behind the store, even while the diff runs, is an error,
+    never a silently different tar, with no checksum of the bodies (the CRC-32 the record
+    holds was half the cost of a replay; ``check --digests`` hashes the whole tar).
+    """
     total = 0
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+    noted = record.checks().present
+    with _Bodies(root) as bodies:
         for seg in record.segments():
             if isinstance(seg, bytes):
-                write(seg)
+                writer.write_raw(seg)
                 total += len(seg)
-                continue
-            if not seg.size:
-                continue  # an empty file: nothing to read (the checks saw it is there)
-            crc = 0
-            # below the root, no symlink followed: the checks passed, this is belt and braces
-            fd = open_beneath(root_fd, seg.path, os.O_RDONLY)
-            try:
-                for offset, length in seg.regions or [(0, seg.size)]:
-                    left = length
-                    while left:
-                        chunk = os.pread(fd, min(left, 1 << 20), offset)
-                        if not chunk:
-                            raise ArchiveError(
-                                f"exact diff: /{seg.path} is shorter than when it was applied"
-                            )
-                        crc = zlib.crc32(chunk, crc)
-                        write(chunk)
-                        offset += len(chunk)
-                        left -= len(chunk)
-                        total += len(chunk)
-            finally:
-                os.close(fd)
-            if crc != seg.crc:
-                raise ArchiveError(
-                    f"exact diff: /{seg.path} differs from the file that was applied "
-                    f"(changed behind the store); the tar written is not the layer's"
-                )
-    finally:
-        os.close(root_fd)
+            elif seg.size:  # an empty file has nothing to read (the checks saw it is there)
+                fd = bodies.open(seg.path)
+                try:
+                    _copy_body(seg, noted.get(seg.path), fd, writer)
+                finally:
+                    os.close(fd)
+                total += seg.size
     return total
+
+
+def _copy_body(seg: Body, noted: tuple[int, int, int] | None, fd: int, writer: TarWriter) -> None:
+    for offset, length in seg.regions or [(0, seg.size)]:
+        if writer.copy_from(fd, offset, length) != length:
+            raise ArchiveError(f"exact diff: /{seg.path} is shorter than when it was applied")
+    st = os.fstat(fd)
+    if (
+        noted is None
+        or (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted
+        or (seg.regions is None and st.st_size != seg.size)
+    ):
+        raise ArchiveError(
+            f"exact diff: /{seg.path} differs from the file that was applied "
+            f"(changed behind the store); the tar written is not the layer's"
+        )
+
+
+class _Bodies:
+    """Opens the files of a layer below its root, following no symlink; the directory of the
+    last one stays open, since a tar's files come directory by directory."""
+
+    _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def __init__(self, root: str) -> None:
+        self._root = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir = ""
+        self._dir_fd = self._root
+
+    def open(self, path: str) -> int:
+        """An fd of the file *path* (relative, no ``.`` or ``..`` part: see :func:`_body`)."""
+        head, _, name = path.rpartition("/")
+        if head != self._dir:
+            self._close_dir()
+            # below the root, no symlink followed: the checks passed, this is belt and braces
+            if head:
+                self._dir_fd = open_beneath(self._root, head, os.O_PATH | os.O_DIRECTORY)
+            self._dir = head
+        return os.open(name, self._FLAGS, dir_fd=self._dir_fd)
+
+    def _close_dir(self) -> None:
+        if self._dir_fd != self._root:
+            os.close(self._dir_fd)
+        self._dir, self._dir_fd = "", self._root
+
+    def __enter__(self) -> _Bodies:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_dir()
+        os.close(self._root)

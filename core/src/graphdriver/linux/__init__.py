@@ -1,1 +1,3 @@
-"""Thin typed wrappers over the Linux interfaces graphdriver needs: mounts, loops, statfs."""
+"""Thin typed wrappers over the Linux interfaces graphdriver needs: mounts, binds, loops, statfs,
+quota, tree copies; ``libc.py`` holds the one libc handle they share. Drivers reach them through
+:mod:`graphdriver.toolkit`."""

@@ -17,15 +17,19 @@ import os
 import stat
 from pathlib import PurePosixPath
 
-from .mount import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, mount, unmount
-
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-_SYS_OPEN_TREE = 428
-_SYS_MOVE_MOUNT = 429
-_SYS_OPENAT2 = 437
-_SYS_MOUNT_SETATTR = 442
+from .libc import AT_FDCWD, SYS_MOUNT_SETATTR, SYS_OPEN_TREE, SYS_OPENAT2, syscall
+from .mount import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    mount,
+    move_mount,
+    unmount,
+)
+from .mount import fd_path as fd_path
 
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
@@ -35,10 +39,7 @@ OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MOUNT_ATTR_RDONLY = 0x1
-MS_PRIVATE = 1 << 18
 
 #: GRAPHDRIVER_BIND_API=classic: mount(2) binds even where open_tree/move_mount work (tests)
 NEW_API = os.environ.get("GRAPHDRIVER_BIND_API", "new") != "classic"
@@ -57,13 +58,6 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def _check(rc: int, path: str | None = None) -> int:
-    if rc < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
-    return rc
-
-
 def open_beneath(dirfd: int, path: str, flags: int) -> int:
     """openat2(2) of *path* below *dirfd* following no symlink at all and never leaving it
     (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): one call for what a walk of O_NOFOLLOW opens does."""
@@ -74,14 +68,14 @@ def _openat2(
     dirfd: int, path: str, flags: int, resolve: int = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 ) -> int:
     how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
-    rc = _libc.syscall(
-        _SYS_OPENAT2,
+    return syscall(
+        SYS_OPENAT2,
         ctypes.c_int(dirfd),
         os.fsencode(path),
         ctypes.byref(how),
         ctypes.c_size_t(ctypes.sizeof(how)),
+        path=path,
     )
-    return _check(int(rc), path)
 
 
 def container_path(path: str) -> str:
@@ -150,11 +144,6 @@ def _make(root_fd: int, parts: tuple[str, ...], kind: str) -> None:
         os.close(parent_fd)
 
 
-def fd_path(fd: int) -> str:
-    """The path the kernel has for an open fd (``/proc/self/fd/N``'s target)."""
-    return os.readlink(f"/proc/self/fd/{fd}")
-
-
 def bind(source: str | int, target_fd: int, *, readonly: bool = False) -> None:
     """Bind *source* (a path, or an fd open on it) recursively and private onto the file or
     directory open as *target_fd*; *readonly* makes the whole tree read-only, submounts
@@ -171,46 +160,23 @@ def bind(source: str | int, target_fd: int, *, readonly: bool = False) -> None:
 
 def _bind_new(source: str | int, target_fd: int, readonly: bool) -> None:
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
-    where = source if isinstance(source, str) else fd_path(source)
-    tree = _check(
-        int(
-            _libc.syscall(
-                _SYS_OPEN_TREE,
-                ctypes.c_int(-100 if isinstance(source, str) else source),
-                os.fsencode(source) if isinstance(source, str) else b"",
-                ctypes.c_uint(flags if isinstance(source, str) else flags | AT_EMPTY_PATH),
-            )
-        ),
-        where,
-    )
+    if isinstance(source, str):
+        where, dirfd, name = source, AT_FDCWD, os.fsencode(source)
+    else:
+        where, dirfd, name, flags = fd_path(source), source, b"", flags | AT_EMPTY_PATH
+    tree = syscall(SYS_OPEN_TREE, ctypes.c_int(dirfd), name, ctypes.c_uint(flags), path=where)
     try:
         attr = _MountAttr(MOUNT_ATTR_RDONLY if readonly else 0, 0, MS_PRIVATE, 0)
-        _check(
-            int(
-                _libc.syscall(
-                    _SYS_MOUNT_SETATTR,
-                    ctypes.c_int(tree),
-                    b"",
-                    ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
-                    ctypes.byref(attr),
-                    ctypes.c_size_t(ctypes.sizeof(attr)),
-                )
-            ),
-            where,
+        syscall(
+            SYS_MOUNT_SETATTR,
+            ctypes.c_int(tree),
+            b"",
+            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+            path=where,
         )
-        _check(
-            int(
-                _libc.syscall(
-                    _SYS_MOVE_MOUNT,
-                    ctypes.c_int(tree),
-                    b"",
-                    ctypes.c_int(target_fd),
-                    b"",
-                    ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
-                )
-            ),
-            fd_path(target_fd),
-        )
+        move_mount(tree, target_fd)
     finally:
         os.close(tree)
 

@@ -10,6 +10,8 @@ import os
 import stat
 from collections.abc import Callable
 
+from . import xattr
+
 FICLONE = 0x40049409
 
 
@@ -65,15 +67,9 @@ def _copy_meta(src: str, dst: str, st: os.stat_result, *, link: bool = False) ->
         os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     if not link:
         os.chmod(dst, stat.S_IMODE(st.st_mode))
-    try:
-        names = os.listxattr(src, follow_symlinks=False)
-    except OSError:
-        names = []
-    for key in names:
+    for key, value in xattr.read(src):
         try:
-            os.setxattr(
-                dst, key, os.getxattr(src, key, follow_symlinks=False), follow_symlinks=False
-            )
+            os.setxattr(dst, key, value, follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.EPERM):
                 raise

@@ -1,4 +1,6 @@
-"""What filesystem a path is on (statfs magic) and whether it returns d_type."""
+"""What filesystem a path is on (statfs magic), whether it returns d_type, and the two
+directory chores every driver has: finding where a path-to-be would live, and folders only root
+may enter."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import ctypes
 import os
 import tempfile
 from pathlib import Path
+
+from .libc import LIBC, errno_error
 
 MAGIC_NAMES = {
     0x9123683E: "btrfs",
@@ -43,16 +47,14 @@ class _Statfs(ctypes.Structure):
     ]
 
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would run ldconfig
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
+LIBC.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
 
 
 def fs_magic(path: Path) -> int:
     """The f_type of statfs(2) for *path*."""
     buf = _Statfs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(path))
+    if LIBC.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        raise errno_error(path)
     return int(buf.f_type) & 0xFFFFFFFF
 
 
@@ -60,6 +62,24 @@ def fs_name(path: Path) -> str:
     """A human name for the filesystem *path* is on ("xfs", "extfs", "unknown(0x...)")."""
     magic = fs_magic(path)
     return MAGIC_NAMES.get(magic, f"unknown(0x{magic:x})")
+
+
+def nearest_existing(path: Path) -> Path:
+    """*path*, or the nearest directory above it that exists: where a home not made yet would
+    live, to probe that filesystem before anything is written."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def private_dir(*paths: Path) -> None:
+    """Make each of *paths*, in order, a directory only root may enter (0700); an existing one
+    is tightened. Layer content lives below such folders, out of other users' reach (a hostile
+    layer's setuid file or world-writable device node: CVE-2021-41091). Name a home before
+    the folders inside it: parents made on the way get the umask's mode."""
+    for path in paths:
+        path.mkdir(0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
 
 
 def supports_d_type(path: Path) -> bool:
@@ -79,21 +99,20 @@ def _dtype_known(directory: str, name: str) -> bool:
             ("d_name", ctypes.c_char * 256),
         ]
 
-    _libc.opendir.restype = ctypes.c_void_p
-    _libc.opendir.argtypes = [ctypes.c_char_p]
-    _libc.readdir.restype = ctypes.POINTER(_Dirent)
-    _libc.readdir.argtypes = [ctypes.c_void_p]
-    _libc.closedir.argtypes = [ctypes.c_void_p]
-    d = _libc.opendir(os.fsencode(directory))
+    LIBC.opendir.restype = ctypes.c_void_p
+    LIBC.opendir.argtypes = [ctypes.c_char_p]
+    LIBC.readdir.restype = ctypes.POINTER(_Dirent)
+    LIBC.readdir.argtypes = [ctypes.c_void_p]
+    LIBC.closedir.argtypes = [ctypes.c_void_p]
+    d = LIBC.opendir(os.fsencode(directory))
     if not d:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), directory)
+        raise errno_error(directory)
     try:
         while True:
-            ent = _libc.readdir(d)
+            ent = LIBC.readdir(d)
             if not ent:
                 return False
             if ent.contents.d_name == os.fsencode(name):
                 return bool(ent.contents.d_type != 0)  # 0 is DT_UNKNOWN
     finally:
-        _libc.closedir(d)
+        LIBC.closedir(d)

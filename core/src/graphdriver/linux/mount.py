@@ -8,6 +8,17 @@ import os
 import time
 from dataclasses import dataclass
 
+from .libc import (
+    AT_FDCWD,
+    LIBC,
+    SYS_FSCONFIG,
+    SYS_FSMOUNT,
+    SYS_FSOPEN,
+    SYS_MOVE_MOUNT,
+    errno_error,
+    syscall,
+)
+
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -19,20 +30,14 @@ MS_PRIVATE = 1 << 18
 MNT_FORCE = 0x1
 MNT_DETACH = 0x2
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would run ldconfig
-_libc.mount.argtypes = [
+LIBC.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
     ctypes.c_char_p,
     ctypes.c_ulong,
     ctypes.c_char_p,
 ]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def _raise(path: str | os.PathLike[str]) -> None:
-    code = ctypes.get_errno()
-    raise OSError(code, os.strerror(code), os.fspath(path))
+LIBC.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def mount(
@@ -43,7 +48,7 @@ def mount(
     data: str | None = None,
 ) -> None:
     """Call mount(2); raise OSError with the target as filename on failure."""
-    rc = _libc.mount(
+    rc = LIBC.mount(
         source.encode(),
         os.fsencode(target),
         fstype.encode() if fstype else None,
@@ -51,7 +56,7 @@ def mount(
         data.encode() if data is not None else None,
     )
     if rc != 0:
-        _raise(target)
+        raise errno_error(target)
 
 
 def unmount(
@@ -60,7 +65,7 @@ def unmount(
     """Call umount2(2), retrying EBUSY *retries* times; not mounted (EINVAL/ENOENT) is fine."""
     path = os.fsencode(target)
     for attempt in range(retries + 1):
-        if _libc.umount2(path, flags) == 0:
+        if LIBC.umount2(path, flags) == 0:
             return
         code = ctypes.get_errno()
         if code in (errno.EINVAL, errno.ENOENT):
@@ -155,27 +160,38 @@ def unmount_all_under(path: str | os.PathLike[str]) -> None:
 # fsopen/fsconfig/fsmount/move_mount (Linux 5.2+): options go in one at a time, so no option
 # string has to fit in a page; overlayfs takes "lowerdir+" one layer per call from Linux 6.8.
 
-_SYS_MOVE_MOUNT = 429
-_SYS_FSOPEN = 430
-_SYS_FSCONFIG = 431
-_SYS_FSMOUNT = 432
 FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1
 FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
-_AT_FDCWD = -100
-
-_libc.syscall.restype = ctypes.c_long
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
 
-def _sys(number: int, *args: object) -> int:
-    rc = int(_libc.syscall(number, *args))
-    if rc < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return rc
+def fd_path(fd: int) -> str:
+    """The path the kernel has for an open fd (``/proc/self/fd/N``'s target)."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def move_mount(mount_fd: int, target: str | os.PathLike[str] | int) -> None:
+    """Attach the detached mount open as *mount_fd* (from fsmount or open_tree) at *target*:
+    a path, or an fd open on the file or directory to mount on."""
+    if isinstance(target, int):
+        to_fd, to_path, flags = target, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+        where = fd_path(target)
+    else:
+        to_fd, to_path, flags = AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH
+        where = os.fspath(target)
+    syscall(
+        SYS_MOVE_MOUNT,
+        ctypes.c_int(mount_fd),
+        b"",
+        ctypes.c_int(to_fd),
+        to_path,
+        ctypes.c_uint(flags),
+        path=where,
+    )
 
 
 def _fs_error(fs_fd: int) -> str:
@@ -192,15 +208,15 @@ def fsmount(
     config: list[tuple[str, str | None]],
 ) -> None:
     """Mount a new *fstype* at *target*; *config* is (key, value) pairs, None for a flag."""
-    fs_fd = _sys(_SYS_FSOPEN, fstype.encode(), FSOPEN_CLOEXEC)
+    fs_fd = syscall(SYS_FSOPEN, fstype.encode(), FSOPEN_CLOEXEC)
     try:
         for key, value in config:
             try:
                 if value is None:
-                    _sys(_SYS_FSCONFIG, fs_fd, FSCONFIG_SET_FLAG, key.encode(), None, 0)
+                    syscall(SYS_FSCONFIG, fs_fd, FSCONFIG_SET_FLAG, key.encode(), None, 0)
                 else:
-                    _sys(
-                        _SYS_FSCONFIG,
+                    syscall(
+                        SYS_FSCONFIG,
                         fs_fd,
                         FSCONFIG_SET_STRING,
                         key.encode(),
@@ -211,20 +227,13 @@ def fsmount(
                 why = _fs_error(fs_fd) or exc.strerror
                 raise OSError(exc.errno, f"{key}={value}: {why}", os.fspath(target)) from None
         try:
-            _sys(_SYS_FSCONFIG, fs_fd, FSCONFIG_CMD_CREATE, None, None, 0)
+            syscall(SYS_FSCONFIG, fs_fd, FSCONFIG_CMD_CREATE, None, None, 0)
         except OSError as exc:
             why = _fs_error(fs_fd) or exc.strerror
             raise OSError(exc.errno, why, os.fspath(target)) from None
-        mnt_fd = _sys(_SYS_FSMOUNT, fs_fd, FSMOUNT_CLOEXEC, 0)
+        mnt_fd = syscall(SYS_FSMOUNT, fs_fd, FSMOUNT_CLOEXEC, 0)
         try:
-            _sys(
-                _SYS_MOVE_MOUNT,
-                mnt_fd,
-                b"",
-                _AT_FDCWD,
-                os.fsencode(target),
-                MOVE_MOUNT_F_EMPTY_PATH,
-            )
+            move_mount(mnt_fd, target)
         finally:
             os.close(mnt_fd)
     finally:

@@ -14,12 +14,13 @@ import os
 import struct
 from pathlib import Path
 
+from .libc import SYS_QUOTACTL_FD, syscall
+
 FS_IOC_FSGETXATTR = 0x801C581F
 FS_IOC_FSSETXATTR = 0x401C5820
 FS_XFLAG_PROJINHERIT = 0x200
 _FSXATTR = struct.Struct("=IIII I8s")
 
-_SYS_QUOTACTL_FD = 443
 PRJQUOTA = 2
 Q_XSETQLIM = (ord("X") << 8) + 4
 Q_XGETQSTAT = (ord("X") << 8) + 5
@@ -34,9 +35,6 @@ _DISK_QUOTA = struct.Struct("=bbHI QQQQQQ ii HH bbbb QQQ iHh 8s")
 # struct fs_quota_stat: the head is enough to read the flags
 _QUOTA_STAT = struct.Struct("bHb")  # native alignment, as the kernel lays it out
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)  # find_library would run ldconfig
-_libc.syscall.restype = ctypes.c_long
-
 
 def _qcmd(cmd: int, kind: int) -> int:
     return (cmd << 8) | (kind & 0xFF)
@@ -45,12 +43,14 @@ def _qcmd(cmd: int, kind: int) -> int:
 def _quotactl_fd(path: Path, cmd: int, qid: int, buf: ctypes.Array[ctypes.c_char]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        rc = _libc.syscall(
-            _SYS_QUOTACTL_FD, fd, ctypes.c_uint(_qcmd(cmd, PRJQUOTA)), ctypes.c_int(qid), buf
+        syscall(
+            SYS_QUOTACTL_FD,
+            fd,
+            ctypes.c_uint(_qcmd(cmd, PRJQUOTA)),
+            ctypes.c_int(qid),
+            buf,
+            path=path,
         )
-        if rc < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), str(path))
     finally:
         os.close(fd)
 

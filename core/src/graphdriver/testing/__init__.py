@@ -36,6 +36,7 @@ pytest.register_assert_rewrite(
     "graphdriver.testing.base",
     "graphdriver.testing.cases_layers",
     "graphdriver.testing.cases_diff",
+    "graphdriver.testing.cases_streams",
     "graphdriver.testing.cases_exact",
     "graphdriver.testing.cases_canonical",
     "graphdriver.testing.cases_bad_input",
@@ -47,7 +48,7 @@ pytest.register_assert_rewrite(
 from .backings import BACKINGS, Backing, BackingUnavailable, make_backing  # noqa: E402
 from .base import backing_or_skip, quota_or_skip  # noqa: E402
 from .groups import GROUPS, group  # noqa: E402
-from .require import REQUIREMENTS, host_lacks, required  # noqa: E402
+from .require import REQUIREMENTS, host_lacks, needs_root, required  # noqa: E402
 from .suite import DriverConformance  # noqa: E402
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "group",
     "host_lacks",
     "make_backing",
+    "needs_root",
     "quota_or_skip",
     "required",
 ]

@@ -62,7 +62,9 @@ class Backing:
 
 def _need_root(kind: str) -> None:
     if os.geteuid() != 0:
-        raise BackingUnavailable(f"backing {kind} needs root (loop devices and mounts)", "root")
+        raise BackingUnavailable(
+            f"backing {kind} makes loop devices and mounts (needs root)", "root"
+        )
     if not Path("/dev/loop-control").exists():
         raise BackingUnavailable(f"backing {kind} needs loop devices (/dev/loop-control)", "root")
 

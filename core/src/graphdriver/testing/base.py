@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import re
 import tarfile
 from collections.abc import Callable, Collection, Iterator
@@ -16,16 +17,20 @@ import pytest
 from .. import (
     ArchiveError,
     ChangeKind,
+    DriverUnavailable,
     LayerStore,
     UnsafeArchive,
     open_store,
 )
 from .backings import Backing, BackingUnavailable, make_backing
-from .require import REQUIREMENTS, host_lacks
+from .require import REQUIREMENTS, host_lacks, needs_root
 from .trees import random_content, snapshot
 
 C, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
 MiB = 1 << 20
+
+#: why a case that applies a layer tar needs root (see :func:`.require.needs_root`)
+APPLIES = "apply-diff unpacks in a sandbox that chroots into the layer (CAP_SYS_CHROOT)"
 
 
 def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
@@ -63,6 +68,8 @@ def backing_or_skip(kind: str) -> Iterator[Backing]:
     except BackingUnavailable as exc:
         lacking = exc
     # outside the except: a failure shows the reason alone, not a chained traceback
+    if lacking.requirement == "root" and os.geteuid() != 0:
+        needs_root(f"backing {kind} makes loop devices and mounts")
     host_lacks(str(lacking), *sorted({kind, lacking.requirement or kind} & REQUIREMENTS.keys()))
 
 
@@ -183,8 +190,19 @@ class ConformanceBase:
         opened: list[LayerStore] = []
 
         def opener() -> LayerStore:
-            s = open_store(store_root, self.driver, store_options)
-            opened.append(s)
+            s: LayerStore | None = None
+            try:
+                s = open_store(store_root, self.driver, store_options)
+            except DriverUnavailable as exc:
+                if os.geteuid() == 0:
+                    raise
+                why = f"driver {self.driver} is unavailable to this user: {exc}"
+            else:
+                opened.append(s)
+                why = f"driver {self.driver} declares Capabilities.needs_root"
+            if s is None or s.driver.capabilities.needs_root:
+                needs_root(why)  # skipped outside the except: no chained traceback
+            assert s is not None  # root, or an unavailable driver skipped as non-root
             return s
 
         yield opener
@@ -223,6 +241,7 @@ class ConformanceBase:
 
     def roundtrip(self, store: LayerStore, layer_id: str, copy_id: str) -> tuple[int, bytes]:
         """diff *layer_id*, apply it on a fresh child of the same parent, return (size, tar)."""
+        needs_root(APPLIES)
         with store.diff(layer_id) as stream:
             data = stream.read()
         parent = store.metadata(layer_id)["parent"]

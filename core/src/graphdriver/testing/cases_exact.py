@@ -13,8 +13,9 @@ import tarfile
 from pathlib import Path
 
 from .. import LayerStore
-from .base import ConformanceBase
+from .base import APPLIES, ConformanceBase
 from .groups import group
+from .require import needs_root
 from .trees import make_rich, random_content
 
 
@@ -118,6 +119,7 @@ class ExactDiffCases(ConformanceBase):
 
     @group("streams")
     def test_exact_diff_of_a_child_with_whiteouts(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
         parent = _tarfile(
             ("a", tarfile.DIRTYPE, None),
             ("a/x", tarfile.REGTYPE, b"x"),
@@ -155,6 +157,7 @@ class ExactDiffCases(ConformanceBase):
 
     @group("streams")
     def test_a_changed_layer_gets_a_generated_diff(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
         applied = _tarfile(
             ("dir", tarfile.DIRTYPE, None),
             ("dir/file", tarfile.REGTYPE, b"0123456789"),
@@ -199,6 +202,7 @@ class ExactDiffCases(ConformanceBase):
 
     @group("streams")
     def test_a_tar_that_overwrites_itself_has_no_record(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
         applied = _tarfile(
             ("f", tarfile.REGTYPE, b"first"),
             ("f", tarfile.REGTYPE, b"second"),
@@ -214,6 +218,7 @@ class ExactDiffCases(ConformanceBase):
 
     @group("streams")
     def test_a_record_goes_with_its_layer(self, store: LayerStore) -> None:
+        needs_root(APPLIES)
         first = _tarfile(("f", tarfile.REGTYPE, b"first"), format=tarfile.GNU_FORMAT)
         second = _tarfile(("g", tarfile.REGTYPE, b"second"), format=tarfile.PAX_FORMAT)
         store.create("L")
@@ -232,6 +237,7 @@ class ExactDiffCases(ConformanceBase):
     ) -> None:
         """A chown or an xattr changes only a directory's ctime, which the record does not
         check: the applied tar's header (old owner, no xattr) must not be replayed as exact."""
+        needs_root(APPLIES)
         applied = _tarfile(
             ("dir", tarfile.DIRTYPE, None),
             ("dir/file", tarfile.REGTYPE, b"0123456789"),
@@ -262,6 +268,7 @@ class ExactDiffCases(ConformanceBase):
         """mtimes past 2^63 ns (year 2262; ext4, xfs bigtime and btrfs keep them) fit a tar
         and apply without a record; with one, apply-diff failed with "error('argument out
         of range')" (the check table packs nanoseconds as a signed 64-bit number)."""
+        needs_root(APPLIES)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
             info = tarfile.TarInfo("future")

@@ -16,6 +16,7 @@ import pytest
 from .. import CreateOpts, InvalidOption, LayerInUse, LayerStore, NotMounted
 from .base import ConformanceBase, MiB, _writer, quota_or_skip
 from .groups import group
+from .require import needs_root
 from .trees import listing, make_base, make_rich, random_content
 
 
@@ -26,6 +27,7 @@ class LayerCases(ConformanceBase):
 
     @group("lifecycle")
     def test_create_empty(self, store: LayerStore) -> None:
+        needs_root("a new layer's root is owned by 0:0 only when root makes it")
         store.create("empty")
         with store.mounted("empty") as root:
             st = os.stat(root)
@@ -61,6 +63,8 @@ class LayerCases(ConformanceBase):
 
     @group("lifecycle")
     def test_root_chmod_inherited_by_grandchild(self, store: LayerStore) -> None:
+        needs_root("the test chowns a layer's root to 5:6")
+
         def chmod_root(root: Path) -> None:
             os.chmod(root, 0o700)
             os.chown(root, 5, 6)

@@ -1,17 +1,16 @@
-"""pytest plugin shipped with graphdriver: markers, GRAPHDRIVER_REQUIRE, a private entry-point
-cache, and the conformance classes that run a subset of the case groups.
+"""pytest plugin shipped with graphdriver: markers, GRAPHDRIVER_REQUIRE, and the conformance
+classes that run a subset of the case groups.
 
-stevedore caches entry points under $XDG_CACHE_HOME; a test run that installs driver packages
-must not see a stale cache, so an unset XDG_CACHE_HOME is pointed at a fresh directory.
-A GRAPHDRIVER_REQUIRE that names something unknown stops the run before any test (a typo must
-not quietly require nothing). A conformance class that sets ``groups`` has the other groups'
-cases deselected at collection (see :mod:`.groups`), and one line per such class says so.
+It is loaded in every pytest session of a project that installs graphdriver, so it changes
+nothing there (no environment variable, no file): what the suite's cases need, they get from
+their own fixtures (:class:`~graphdriver.testing.base.ConformanceBase`). A GRAPHDRIVER_REQUIRE
+that names something unknown stops the run before any test (a typo must not quietly require
+nothing). A conformance class that sets ``groups`` has the other groups' cases deselected at
+collection (see :mod:`.groups`), and one line per such class says so.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 
 import pytest
@@ -28,8 +27,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{MARKER}(group): a graphdriver conformance case of that group ({', '.join(GROUPS)})",
     )
-    if "XDG_CACHE_HOME" not in os.environ:
-        os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="graphdriver-xdg-")
     try:
         required()
     except UnknownRequirement as exc:

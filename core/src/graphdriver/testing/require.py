@@ -1,9 +1,11 @@
 """``GRAPHDRIVER_REQUIRE``: what the host must provide, so that "host lacks it" fails a test.
 
 A test that finds the host lacking something (root, a filesystem, device-mapper, XFS quota)
-skips, saying why. CI names what its machines have in ``GRAPHDRIVER_REQUIRE`` (a comma list of
-:data:`REQUIREMENTS`), and then the same finding fails the test with the same reason: a green run
-means those tests ran. Skips because a driver does not declare a capability stay skips.
+skips, saying why: "host lacks it: <what>", or "needs root: <why>" when it runs as another user
+(:func:`needs_root`; a driver author may run the suite on ``tmpdir`` without root). CI names
+what its machines have in ``GRAPHDRIVER_REQUIRE`` (a comma list of :data:`REQUIREMENTS`), and
+then the same finding fails the test with the same reason: a green run means those tests ran.
+Skips because a driver does not declare a capability stay skips.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ ENV = "GRAPHDRIVER_REQUIRE"
 #: every name GRAPHDRIVER_REQUIRE may list -> what it requires of the host
 REQUIREMENTS = {
     "root": "running as root with loop devices (/dev/loop-control): every backing but tmpdir, "
-    "every mount",
+    "every mount, and the cases that chown, make device nodes or apply a layer tar",
     "loop-ext4": "the loop-ext4 backing: mkfs.ext4 (e2fsprogs) and ext4 in the kernel",
     "loop-xfs": "the loop-xfs backing: mkfs.xfs (xfsprogs) and xfs in the kernel",
     "loop-btrfs": "the loop-btrfs backing: mkfs.btrfs (btrfs-progs) and btrfs in the kernel",
@@ -60,8 +62,18 @@ def required() -> frozenset[str]:
 def host_lacks(reason: str, *requirements: str) -> NoReturn:
     """Skip the running test because the host lacks something (*reason* says what), or fail it
     with the same reason when ``GRAPHDRIVER_REQUIRE`` names one of *requirements*."""
+    _skip_or_fail(f"host lacks it: {reason}", requirements)
+
+
+def needs_root(why: str) -> None:
+    """Return when running as root; else skip the running test with "needs root: *why*" (fail
+    it when ``GRAPHDRIVER_REQUIRE`` names ``root``)."""
+    if os.geteuid() != 0:
+        _skip_or_fail(f"needs root: {why}", ("root",))
+
+
+def _skip_or_fail(message: str, requirements: tuple[str, ...]) -> NoReturn:
     _check(set(requirements))
-    message = f"host lacks it: {reason}"
     demanded = sorted(required() & set(requirements))
     if demanded:
         pytest.fail(f"{message} ({ENV} requires {', '.join(demanded)})", pytrace=False)

@@ -13,6 +13,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from ..linux import xattr
+from .require import needs_root
+
 IGNORED = {"lost+found"}
 
 
@@ -23,6 +26,7 @@ def random_content(size: int, seed: int) -> bytes:
 
 def make_base(root: Path) -> None:
     """moby's CreateBase: "a subdir" 0705+sticky owned 1:2, "a file" 0222+setuid."""
+    needs_root("moby's CreateBase tree has a directory owned by 1:2 (chown)")
     sub = root / "a subdir"
     sub.mkdir()
     os.chmod(sub, 0o705 | stat.S_ISVTX)
@@ -34,6 +38,7 @@ def make_base(root: Path) -> None:
 
 def make_rich(root: Path) -> None:
     """A tree with every kind of entry: files, dirs, xattrs, hardlinks, symlinks, devices."""
+    needs_root("the rich tree has files of other owners, device nodes and trusted.* xattrs")
     (root / "etc").mkdir(mode=0o755)
     (root / "etc" / "hostname").write_bytes(b"layer\n")
     (root / "etc" / "empty").write_bytes(b"")
@@ -71,16 +76,7 @@ def make_rich(root: Path) -> None:
 
 
 def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return ()
-    out = []
-    for n in sorted(names):
-        if n.startswith(("trusted.overlay.", "security.selinux")):
-            continue
-        out.append((n, os.getxattr(path, n, follow_symlinks=False)))
-    return tuple(out)
+    return tuple(sorted(xattr.read(path, skip=("trusted.overlay.", "security.selinux"))))
 
 
 def snapshot(root: Path, *, mtimes: bool = True, exact: bool = False) -> dict[str, Any]:

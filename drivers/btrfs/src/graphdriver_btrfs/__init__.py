@@ -3,10 +3,12 @@
     <home>/subvolumes/<id>     the layer (its root is the layer's root; no mount)
 
 A child is a snapshot of its parent's subvolume, so making one takes the same time whatever
-the parent holds. An image layer that has children is read-only at the subvolume level (any
-write fails with EROFS); it becomes writable again when its last child is gone. ``--size`` is a
-qgroup limit on what the subvolume references: quota is turned on when first needed and never
-turned off by graphdriver, so the filesystem's own quota settings survive (moby #34593).
+the parent holds, and its changes are read from the btrfs generation numbers of what it wrote
+since (:mod:`.changes`), so they cost what changed. An image layer that has children is
+read-only at the subvolume level (any write fails with EROFS); it becomes writable again when
+its last child is gone. ``--size`` is a qgroup limit on what the subvolume references: quota
+is turned on when first needed and never turned off by graphdriver, so the filesystem's own
+quota settings survive (moby #34593).
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from graphdriver import Capabilities, CreateOpts, Driver, DriverUnavailable, InvalidOption
-from graphdriver.driver import LayerInfo, is_layer_id, parse_size
-from graphdriver.linux.fs import fs_name
+from graphdriver import (
+    Capabilities,
+    CreateOpts,
+    Driver,
+    DriverUnavailable,
+    InvalidOption,
+    LayerInfo,
+)
+from graphdriver.toolkit import fs_name, is_layer_id, nearest_existing, parse_size, private_dir
 
 from . import ioctl
+from .changes import snapshot_changes
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +50,6 @@ def _btrfsutil() -> Any:
     return btrfsutil
 
 
-def _existing(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 class BtrfsDriver(Driver):
     """Layers as btrfs subvolumes and snapshots."""
 
@@ -57,7 +60,7 @@ class BtrfsDriver(Driver):
 
     @classmethod
     def probe(cls, home: Path, options: Mapping[str, str]) -> None:
-        where = _existing(home)
+        where = nearest_existing(home)
         found = fs_name(where)
         if found != "btrfs":
             raise DriverUnavailable(
@@ -74,16 +77,12 @@ class BtrfsDriver(Driver):
         self.min_space = (
             parse_size(options["btrfs.min_space"]) if "btrfs.min_space" in options else 0
         )
-        self.capabilities = Capabilities(
-            quota=True, real_mounts=False, readonly_images=True, needs_root=True
-        )
+        self.capabilities = Capabilities(quota=True, readonly_images=True, needs_root=True)
 
     def recover(self, layers: Sequence[LayerInfo]) -> None:
         # layer roots are 0755 for the container: only root may walk to them (a hostile
         # layer's setuid file or world-writable device node stays out of other users' reach)
-        for folder in (self.home, self.home / "subvolumes"):
-            folder.mkdir(0o700, parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
+        private_dir(self.home, self.home / "subvolumes")
 
     def _path(self, layer: LayerInfo | str) -> Path:
         return self.home / "subvolumes" / (layer if isinstance(layer, str) else layer.id)
@@ -176,6 +175,18 @@ class BtrfsDriver(Driver):
 
     def unmount(self, layer: LayerInfo) -> None:
         return None
+
+    def changes(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> list[tuple[str, int]] | None:
+        """NativeDiff: what a snapshot changed, from the btrfs generation numbers (see
+        :mod:`.changes`); None (walk both trees) for a layer without a parent."""
+        if layer.parent is None:
+            return None
+        found = snapshot_changes(self.bu, self._path(layer), self._path(layer.parent))
+        return None if found is None else [(c.path, int(c.kind)) for c in found]
+
+    def diff_source(self, layer: LayerInfo) -> Path | None:
+        """NativeDiff: the files of a diff are read from the layer's own subvolume."""
+        return self._path(layer)
 
     def stored_layers(self) -> Mapping[str, str | None]:
         """Every ``subvolumes/<id>``; a snapshot holds all its files, so no parent is needed."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 _BTRFS = 0x94
@@ -91,4 +93,100 @@ def space_info(path: Path) -> dict[str, tuple[int, int]]:
             if flags & bit:
                 u, t = out[name]
                 out[name] = (u + used, t + total)
+    return out
+
+
+# ---------------------------------------------------------------- tree search and backrefs
+
+#: struct btrfs_ioctl_search_args_v2: a 104-byte key, the buffer's size, then the buffer
+_SEARCH_KEY = struct.Struct("=7Q4I4QQ")
+_SEARCH_HEADER = struct.Struct("=3Q2I")
+_SEARCH_BUFFER = 1 << 18
+BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_W | _R, 17, _SEARCH_KEY.size)
+BTRFS_IOC_INO_PATHS = _ioc(_W | _R, 35, 56)
+_MAX_U64 = (1 << 64) - 1
+
+#: (objectid, type, offset, data) of one item of a btrfs tree
+Item = tuple[int, int, int, bytes]
+
+
+def search(
+    fd: int,
+    min_transid: int = 0,
+    objectids: tuple[int, int] = (0, _MAX_U64),
+    types: tuple[int, int] = (0, 255),
+    tree: int = 0,
+) -> Iterator[Item]:
+    """The items of the key range from (*objectids*[0], *types*[0], 0) to (*objectids*[1],
+    *types*[1], max) of *tree* (0: the subvolume *fd* is in) that lie in a tree block written
+    in transaction *min_transid* or later, as ``btrfs subvolume find-new`` reads them: the
+    kernel skips older blocks whole, so the cost follows what changed, not the tree."""
+    (objectid, max_objectid), (type_, max_type), offset = objectids, types, 0
+    raw = bytearray(_SEARCH_KEY.size + _SEARCH_BUFFER)
+    while True:
+        # the kernel returns the items of the key range from (objectid, type, offset) on
+        _SEARCH_KEY.pack_into(
+            raw, 0, tree, objectid, max_objectid, offset, _MAX_U64, min_transid, _MAX_U64,
+            type_, max_type, 0xFFFFFFFF, 0, 0, 0, 0, 0, _SEARCH_BUFFER,
+        )  # fmt: skip
+        fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, raw)
+        count = _SEARCH_KEY.unpack_from(raw)[9]
+        if count == 0:
+            return
+        pos = _SEARCH_KEY.size
+        for _ in range(count):
+            _transid, objectid, offset, type_, length = _SEARCH_HEADER.unpack_from(raw, pos)
+            pos += _SEARCH_HEADER.size
+            yield objectid, type_, offset, bytes(raw[pos : pos + length])
+            pos += length
+        # go on right after the last key returned
+        if offset < _MAX_U64:
+            offset += 1
+        elif type_ < 255:
+            type_, offset = type_ + 1, 0
+        elif objectid < max_objectid:
+            objectid, type_, offset = objectid + 1, 0, 0
+        else:
+            return
+
+
+#: struct btrfs_root_item: its otransid, and its otime (seconds, nanoseconds)
+_ROOT_OTRANSID = struct.Struct("=Q")
+_ROOT_OTIME = struct.Struct("=QI")
+_ROOT_ITEM = 132
+
+
+def created(fd: int, subvolume: int) -> tuple[int, int]:
+    """(transaction, time in ns) in which *subvolume* was made, read from its root item (the
+    time to the nanosecond, which btrfsutil rounds to the second)."""
+    for _oid, _type, _offset, data in search(fd, 0, (subvolume, subvolume), (_ROOT_ITEM,) * 2, 1):
+        (otransid,) = _ROOT_OTRANSID.unpack_from(data, 303)
+        seconds, nanoseconds = _ROOT_OTIME.unpack_from(data, 339)
+        return otransid, seconds * 10**9 + nanoseconds
+    raise FileNotFoundError(errno.ENOENT, f"no root item for subvolume {subvolume}")
+
+
+def ino_paths(fd: int, ino: int) -> list[str]:
+    """Every name of inode *ino* in the subvolume *fd* is in, relative to its root (all the
+    names of a hardlinked file); empty for an inode no directory names."""
+    size = 1 << 16
+    while True:
+        container = ctypes.create_string_buffer(size)
+        args = struct.pack("=QQ4QQ", ino, size, 0, 0, 0, 0, ctypes.addressof(container))
+        try:
+            fcntl.ioctl(fd, BTRFS_IOC_INO_PATHS, bytearray(args))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return []
+            raise
+        _left, missing, count, _missed = struct.unpack_from("=4I", container.raw)
+        if missing == 0:
+            break
+        size += missing
+    base = 16
+    out = []
+    for i in range(count):
+        (at,) = struct.unpack_from("=Q", container.raw, base + 8 * i)
+        start = base + at
+        out.append(os.fsdecode(container.raw[start : container.raw.index(b"\0", start)]))
     return out

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,13 +34,20 @@ from graphdriver import (
     DriverError,
     DriverUnavailable,
     InvalidOption,
-    faults,
+    LayerInfo,
 )
-from graphdriver.driver import LayerInfo, parse_size
-from graphdriver.linux.mount import MS_RDONLY, mount, unmount
-from graphdriver.metadata import transaction
+from graphdriver.toolkit import (
+    MS_RDONLY,
+    fault_point,
+    mount,
+    parse_size,
+    private_dir,
+    sqlite_transaction,
+    unmount,
+)
 
 from . import dmsetup
+from .filesystem import grow_filesystem, make_filesystem
 from .pool import ThinPool, create_loop_pool
 
 log = logging.getLogger(__name__)
@@ -113,7 +119,7 @@ class DevmapperDriver(Driver):
         self.external = opt.get("dm.thinpooldev")
         # the store's lock serialises every call; a diff runs in a thread of its own. Creating
         # the (empty) catalogue is the only write before recover(): it races with nobody
-        _private_dir(self.dir)
+        private_dir(self.dir)
         self.db = sqlite3.connect(
             self.dir / "devices.db", isolation_level=None, timeout=60, check_same_thread=False
         )
@@ -129,16 +135,12 @@ class DevmapperDriver(Driver):
             self.pool.read_block_size()
         else:
             self.pool = ThinPool(f"{self.prefix}-pool")
-        self.capabilities = Capabilities(
-            quota=True, real_mounts=True, needs_root=True, readonly_images=True
-        )
+        self.capabilities = Capabilities(quota=True, needs_root=True, readonly_images=True)
 
     def recover(self, layers: Sequence[LayerInfo]) -> None:
         """Bring the pool up, roll back a transaction a killed process left open, and make
         (or finish making) the base device: all under the store's lock, never in __init__."""
-        _private_dir(self.home)
-        _private_dir(self.dir)
-        _private_dir(self.home / "mnt")
+        private_dir(self.home, self.dir, self.home / "mnt")
         if self.external:
             self._check_pool_is_ours()
         else:
@@ -188,7 +190,7 @@ class DevmapperDriver(Driver):
         return int(self._meta("transaction_id") or 0)
 
     def _sql(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.db)
+        return sqlite_transaction(self.db)
 
     def _device(self, layer: str) -> tuple[int, int] | None:
         row = self.db.execute("SELECT dev_id, size FROM devices WHERE layer=?", (layer,)).fetchone()
@@ -216,9 +218,9 @@ class DevmapperDriver(Driver):
         with self._sql():
             self._set_meta("open_transaction", json.dumps({"tid": new, "dev_id": dev_id, "op": op}))
         action()
-        faults.point("devmapper.transaction.after-pool-message")
+        fault_point("devmapper.transaction.after-pool-message")
         self.pool.set_transaction_id(old, new)
-        faults.point("devmapper.transaction.after-transaction-id")
+        fault_point("devmapper.transaction.after-transaction-id")
         with self._sql() as db:
             record(db)
             self._set_meta("transaction_id", str(new))
@@ -285,8 +287,8 @@ class DevmapperDriver(Driver):
         name = self._name(BASE_ID)
         dev = self.pool.activate(name, BASE_ID, self.base_size)
         try:
-            faults.point("devmapper.base.before-mkfs")
-            self._mkfs(dev)
+            fault_point("devmapper.base.before-mkfs")
+            make_filesystem(self.fs, self.mkfs_args, dev)
             with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
                 mount(dev, tmp, self.fs, 0, self._mount_data())
                 try:
@@ -301,31 +303,6 @@ class DevmapperDriver(Driver):
         with self._sql():
             self._set_meta("base_size", str(self.base_size))
             self._set_meta("fs", self.fs)
-
-    def _mkfs(self, dev: str) -> None:
-        if self.fs == "ext4":
-            cmd = [
-                "mkfs.ext4",
-                "-q",
-                "-F",
-                "-E",
-                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
-                *self.mkfs_args,
-                dev,
-            ]
-        else:
-            cmd = ["mkfs.xfs", "-q", "-f", "-K", *self.mkfs_args, dev]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            said = next((line.strip() for line in proc.stderr.splitlines() if line.strip()), "")
-            fix = (
-                f"fix dm.mkfsarg ({' '.join(self.mkfs_args)!r}) and open again"
-                if self.mkfs_args
-                else "open again once it is fixed"
-            )
-            raise DriverError(f"{cmd[0]} of the base device failed ({said}); {fix}")
-        if self.fs == "ext4":
-            subprocess.run(["tune2fs", "-c", "-1", "-i", "0", dev], capture_output=True, check=True)
 
     def _mount_data(self) -> str | None:
         opts = list(self.mount_opts)
@@ -379,10 +356,7 @@ class DevmapperDriver(Driver):
             with tempfile.TemporaryDirectory(dir=self.dir) as tmp:
                 mount(dev, tmp, self.fs, 0, self._mount_data())
                 try:
-                    cmd = ["resize2fs", dev] if self.fs == "ext4" else ["xfs_growfs", tmp]
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        raise DriverError(f"{cmd[0]} failed: {proc.stderr.strip()}")
+                    grow_filesystem(self.fs, dev, tmp)
                 finally:
                     unmount(tmp)
         finally:
@@ -416,7 +390,7 @@ class DevmapperDriver(Driver):
         name = self._name(device[0])
         dev = self.pool.activate(name, device[0], device[1])
         try:
-            faults.point("devmapper.mount.after-activate")
+            fault_point("devmapper.mount.after-activate")
             target.mkdir(exist_ok=True)
             mount(dev, target, self.fs, MS_RDONLY if layer.sealed else 0, self._mount_data())
         except BaseException:
@@ -482,12 +456,6 @@ class DevmapperDriver(Driver):
             ("Loop-backed (development only)", str(not self.external).lower()),
             ("Library Version", ver.get("Library version", "unknown")),
         ]
-
-
-def _private_dir(path: Path) -> None:
-    """Make *path* a directory only root can enter; an older, looser one is tightened."""
-    path.mkdir(0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
 
 
 def _fraction(text: str) -> float:

@@ -6,7 +6,7 @@ import errno
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphdriver.linux import loop
+from graphdriver.toolkit import attach_loop
 
 from . import dmsetup
 
@@ -126,7 +126,7 @@ def create_loop_pool(
     if fresh:
         with open(metadata, "r+b") as f:  # a new pool needs zeroed metadata
             f.write(b"\0" * META_BLOCK)
-    with loop.attach(data) as data_dev, loop.attach(metadata) as meta_dev:
+    with attach_loop(data) as data_dev, attach_loop(metadata) as meta_dev:
         sectors = data.stat().st_size // SECTOR // BLOCK_SECTORS * BLOCK_SECTORS
         low_water = max(1, sectors // BLOCK_SECTORS // 10)
         dmsetup.create(

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import secrets
 import shutil
 import stat
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,24 +33,32 @@ from graphdriver import (
     Driver,
     DriverUnavailable,
     InvalidOption,
+    LayerInfo,
     MountEntry,
-    faults,
 )
-from graphdriver.archive import overlay_changes
-from graphdriver.driver import LayerInfo, is_layer_id
-from graphdriver.linux import quota
-from graphdriver.linux.bind import bind
-from graphdriver.linux.fs import fs_name, supports_d_type
-from graphdriver.linux.mount import (
+from graphdriver.toolkit import (
     MNT_DETACH,
     MS_BIND,
     MS_RDONLY,
     MS_REMOUNT,
+    bind,
+    fault_point,
+    fs_name,
     fsmount,
+    get_quota_project,
+    is_layer_id,
     mount,
+    nearest_existing,
+    overlay_changes,
+    private_dir,
+    project_quota_enforced,
+    set_quota_limit,
+    set_quota_project,
+    supports_d_type,
     unmount,
-    unmount_all_under,
 )
+
+from .features import cached_features, in_user_namespace, mount_from, probe_stamp, try_mount
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +79,6 @@ _UNSUPPORTED_UPPER = {
     "squashfs",
     "erofs",
 }
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def _short_id() -> str:
@@ -110,7 +110,7 @@ class OverlayDriver(Driver):
     @classmethod
     def probe(cls, home: Path, options: Mapping[str, str]) -> None:
         cls._basic_checks(options)
-        where = _existing(home)
+        where = nearest_existing(home)
         backing = fs_name(where)
         if backing in _UNSUPPORTED_UPPER:
             raise DriverUnavailable(
@@ -122,13 +122,13 @@ class OverlayDriver(Driver):
                 f"the {backing} filesystem under {where} does not return d_type (xfs made with "
                 f"ftype=0?); overlay would lose files: reformat with mkfs.xfs -n ftype=1"
             )
-        _test_mount(where)
+        try_mount(where)
 
     def __init__(self, home: Path, options: Mapping[str, str]) -> None:
         super().__init__(home, options)
         # the full probe mounts a test overlay, and an overlay's unmount syncs its upper
         # filesystem (30-150 ms with dirty data): once per boot and filesystem is enough
-        stamp = _probe_stamp(home)
+        stamp = probe_stamp(home)
         marker = home / "probed"
         try:
             known = marker.read_text() == stamp
@@ -140,22 +140,22 @@ class OverlayDriver(Driver):
             self.probe(home, options)
         home.mkdir(parents=True, exist_ok=True)
         if not known:
-            marker.write_text(_probe_stamp(home))
+            marker.write_text(probe_stamp(home))
         self.backing = fs_name(home)
-        has_new_api, self.fixed_opts = _cached_features(home)
+        has_new_api, self.fixed_opts = cached_features(home)
         self.new_api = self._choose_api(options.get("overlay.mount_api", "auto"), has_new_api)
         why_not: dict[str, str] = {}
         native = options.get("overlay.native_diff", "auto")
         if native not in ("auto", "off"):
             raise InvalidOption(f"overlay.native_diff must be auto or off, not {native!r}")
-        self.native_diff = native == "auto" and not _in_user_namespace()
+        self.native_diff = native == "auto" and not in_user_namespace()
         if not self.native_diff:
             why_not["native_diff"] = (
                 "turned off by overlay.native_diff=off"
                 if native == "off"
                 else "inside a user namespace the trusted.overlay xattrs cannot be read"
             )
-        self.quota = self.backing == "xfs" and quota.project_quota_enforced(home)
+        self.quota = self.backing == "xfs" and project_quota_enforced(home)
         if not self.quota:
             why_not["quota"] = (
                 f"the root is on {self.backing}; --size needs XFS mounted with prjquota"
@@ -165,8 +165,6 @@ class OverlayDriver(Driver):
             )
         self.capabilities = Capabilities(
             quota=self.quota,
-            native_diff=self.native_diff,
-            real_mounts=True,
             max_depth=NEW_API_MAX_DEPTH if self.new_api else CLASSIC_MAX_DEPTH,
             readonly_images=True,
             needs_root=True,
@@ -177,9 +175,7 @@ class OverlayDriver(Driver):
     def recover(self, layers: Sequence[LayerInfo]) -> None:
         # the mounter is root (CAP_DAC_OVERRIDE), so no lower path needs traversal by others:
         # 0700 keeps a hostile layer's setuid file or device node out of other users' reach
-        for folder in (self.home, self.home / "l"):
-            folder.mkdir(0o700, parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
+        private_dir(self.home, self.home / "l")
         self._repair_links()
 
     def _choose_api(self, wanted: str, have: bool) -> bool:
@@ -244,11 +240,11 @@ class OverlayDriver(Driver):
             raise InvalidOption(
                 f"overlay cannot limit a layer's size: {self.capabilities.why_not['quota']}"
             )
-        base = quota.get_project(self.home)
+        base = get_quota_project(self.home)
         used = [int(p.read_text()) for p in self.home.glob("*/projid")]
         project = max([base, *used]) + 1
-        quota.set_project(diff, project)
-        quota.set_limit(self.home, project, size)
+        set_quota_project(diff, project)
+        set_quota_limit(self.home, project, size)
         (self._dir(layer) / "projid").write_text(str(project))
 
     def remove(self, layer: LayerInfo) -> None:
@@ -262,7 +258,7 @@ class OverlayDriver(Driver):
         projid = d / "projid"
         if projid.exists() and self.quota:
             with contextlib.suppress(OSError):
-                quota.set_limit(self.home, int(projid.read_text()), 0)
+                set_quota_limit(self.home, int(projid.read_text()), 0)
         if d.exists():
             shutil.rmtree(d)
 
@@ -345,7 +341,7 @@ class OverlayDriver(Driver):
             return
         mount(str(source), target, None, MS_BIND)
         try:
-            faults.point("overlay.mount.readonly-remount")
+            fault_point("overlay.mount.readonly-remount")
             mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         except BaseException:
             unmount(target, MNT_DETACH)
@@ -368,7 +364,7 @@ class OverlayDriver(Driver):
                 f"use overlay.mount_api=new (Linux 6.8+)",
                 str(merged),
             )
-        _mount_from(self.home, data, merged)
+        mount_from(self.home, data, merged)
 
     def unmount(self, layer: LayerInfo) -> None:
         merged = self._dir(layer) / "merged"
@@ -444,118 +440,3 @@ class OverlayDriver(Driver):
             ("Max Depth", str(self.capabilities.max_depth)),
             ("Project Quota", str(self.quota).lower()),
         ]
-
-
-def _in_user_namespace() -> bool:
-    try:
-        mapping = Path("/proc/self/uid_map").read_text().split()
-    except OSError:
-        return False
-    return mapping[:3] != ["0", "0", "4294967295"]
-
-
-def _mount_from(cwd: Path, data: str, target: Path) -> None:
-    """mount(2) an overlay whose option string uses paths relative to *cwd*.
-
-    A forked child changes directory and mounts, so this process's cwd never moves and no
-    path needs escaping (commas and colons in absolute paths would break the option string).
-    """
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child only mounts
-        code = 0
-        try:
-            os.chdir(cwd)
-            mount("overlay", target, "overlay", 0, data)
-        except OSError as exc:
-            code = exc.errno or 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code:
-        raise OSError(code, os.strerror(code), str(target))
-
-
-def _cached_features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
-    """:func:`_features`, probed once per kernel and kept in ``<home>/features.json``."""
-    cache = home / "features.json"
-    kernel = os.uname().release
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        known = json.loads(cache.read_text())
-        if known["kernel"] == kernel:
-            return bool(known["new_api"]), [(k, v) for k, v in known["fixed"]]
-    new_api, fixed = _features(home)
-    cache.write_text(json.dumps({"kernel": kernel, "new_api": new_api, "fixed": fixed}))
-    return new_api, fixed
-
-
-def _features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
-    """What this kernel's overlayfs takes, found by real mounts (fsconfig alone is no test: a
-    kernel whose overlay predates the new mount API accepts any key there, then fails).
-
-    Returns whether ``lowerdir+`` works through the new mount API (Linux 6.8+), and which of
-    redirect_dir=off and metacopy=off to pass: mounting with both off keeps the upper dir a
-    complete record of the layer (a renamed directory is copied up, not redirected), so the
-    native diff is always right. Kernels that do not know an option do not have the feature.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=".overlay-features-", dir=home))
-    try:
-        for sub in ("lower1", "lower2", "upper", "work", "merged"):
-            (tmp / sub).mkdir()
-        try:
-            fsmount(
-                "overlay",
-                tmp / "merged",
-                [
-                    ("lowerdir+", str(tmp / "lower1")),
-                    ("lowerdir+", str(tmp / "lower2")),
-                    ("upperdir", str(tmp / "upper")),
-                    ("workdir", str(tmp / "work")),
-                    ("index", "off"),
-                ],
-            )
-            unmount(tmp / "merged")
-            new_api = True
-        except OSError:
-            new_api = False
-        fixed: list[tuple[str, str | None]] = []
-        for key in ("redirect_dir", "metacopy"):
-            data = f"lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off,{key}=off"
-            try:
-                _mount_from(tmp, data, tmp / "merged")
-                unmount(tmp / "merged")
-                fixed.append((key, "off"))
-            except OSError:
-                continue
-        return new_api, fixed
-    finally:
-        unmount_all_under(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _probe_stamp(home: Path) -> str:
-    """What a successful probe holds for: this boot, this kernel, this filesystem."""
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        boot = f.read().strip()
-    return f"{boot} {os.uname().release} {os.stat(_existing(home)).st_dev}"
-
-
-def _test_mount(where: Path) -> None:
-    """Mount a tiny overlay under *where*: the only sure test that overlay works there."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=".overlay-probe-", dir=where))
-    except OSError as exc:
-        raise DriverUnavailable(f"cannot write under {where}: {exc.strerror}") from exc
-    try:
-        for sub in ("lower1", "lower2", "upper", "work", "merged"):
-            (tmp / sub).mkdir()
-        data = "lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off"
-        try:
-            _mount_from(tmp, data, tmp / "merged")
-        except OSError as exc:
-            raise DriverUnavailable(
-                f"a test overlay mount under {where} failed: {exc.strerror}"
-            ) from exc
-        unmount(tmp / "merged")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -4,6 +4,12 @@ It runs on any filesystem and needs no kernel feature. File data is copied with 
 the filesystem shares extents (btrfs, xfs with reflink) and copy_file_range elsewhere, so the
 copy stays in the kernel. Owners, modes, times, xattrs, hardlinks, symlinks, devices and fifos
 are kept exactly.
+
+Read it as the example for a driver of your own: it imports only ``graphdriver`` (the contract)
+and ``graphdriver.toolkit`` (the helpers), implements the four operations every driver has
+(create, remove, mount, unmount), prepares its home in ``recover`` (under the store's lock),
+and lists what it holds in ``stored_layers`` for ``graphdriver check``. The core does the rest:
+ids, parents, states, reference counts, locks, crash recovery, diffs and tar extraction.
 """
 
 from __future__ import annotations
@@ -14,17 +20,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from graphdriver import Capabilities, CreateOpts, Driver, LayerInfo
-from graphdriver.driver import is_layer_id
-from graphdriver.linux.copy import copy_tree
+from graphdriver.toolkit import copy_tree, is_layer_id, private_dir
 
 
 class VfsDriver(Driver):
     """Every layer a plain directory under ``<home>/dir/<id>`` (``dir`` is 0700), children by
     full copy."""
 
-    name = "vfs"
-    options = {}
-    capabilities = Capabilities(quota=False, native_diff=False, real_mounts=False)
+    name = "vfs"  # the entry point's name in graphdriver.drivers
+    options = {}  # none: each option is "name": "help", shown by `graphdriver drivers`
+    capabilities = Capabilities(quota=False)  # abilities beyond these: the Protocols it implements
 
     def _dir(self, layer: LayerInfo) -> Path:
         return self.home / "dir" / layer.id
@@ -32,19 +37,18 @@ class VfsDriver(Driver):
     def recover(self, layers: Sequence[LayerInfo]) -> None:
         # layer roots are 0755 for the container: only root may walk to them (a hostile
         # layer's setuid file or world-writable device node stays out of other users' reach)
-        for folder in (self.home, self.home / "dir"):
-            folder.mkdir(0o700, parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
+        private_dir(self.home, self.home / "dir")
 
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
         target = self._dir(layer)
         target.parent.mkdir(0o700, exist_ok=True)  # recover() made it; a driver used alone
-        if parent is None:
-            target.mkdir(0o755)
-            os.chmod(target, 0o755)
-            os.chown(target, 0, 0) if os.geteuid() == 0 else None
+        if parent is not None:
+            copy_tree(str(self._dir(parent)), str(target))
             return
-        copy_tree(str(self._dir(parent)), str(target))
+        target.mkdir(0o755)
+        os.chmod(target, 0o755)  # whatever the umask: an empty layer is 0755, owner 0:0
+        if os.geteuid() == 0:
+            os.chown(target, 0, 0)
 
     def remove(self, layer: LayerInfo) -> None:
         target = self._dir(layer)
@@ -52,6 +56,7 @@ class VfsDriver(Driver):
             shutil.rmtree(target)
 
     def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
+        """The layer's directory is its root: nothing to mount (the core counts references)."""
         return self._dir(layer)
 
     def unmount(self, layer: LayerInfo) -> None:

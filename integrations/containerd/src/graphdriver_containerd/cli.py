@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from graphdriver import InUse, serving
+from graphdriver.cli_common import announce
 from graphdriver.plugins import choose_driver
 
 log = logging.getLogger("graphdriver.containerd")
@@ -24,7 +25,6 @@ GRACE = 10.0
 @click.command("containerd")
 @click.option(
     "--address",
-    "-a",
     default="/run/graphdriver/containerd.sock",
     show_default=True,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -62,10 +62,13 @@ def serve_containerd(ctx: click.Context, address: Path) -> None:
             except RuntimeError as exc:  # grpc says only "Failed to bind"
                 raise InUse(f"cannot listen on {address}: {exc}") from None
             server.start()
-            click.echo(
-                f"graphdriver: serving containerd snapshots of {snapshotter.store.name} "
+            announce(
+                f"serving containerd snapshots of {snapshotter.store.name} "
                 f"under {root} on {address}",
-                err=True,
+                server="containerd",
+                driver=snapshotter.store.name,
+                root=root,
+                address=address,
             )
             serving.wait(stop)
             server.stop(GRACE).wait()

@@ -37,6 +37,7 @@ from graphdriver import (
     GraphDriverError,
     InvalidLayerId,
     InvalidOption,
+    KernelMounts,
     LayerExists,
     LayerInUse,
     LayerNotFound,
@@ -171,7 +172,7 @@ class Snapshotter:
         except BaseException:
             self._close_stores()
             raise
-        self.real_mounts = self.store.driver.capabilities.real_mounts
+        self.kernel_mounts = isinstance(self.store.driver, KernelMounts)
         self.home_dev = os.stat(self.store.home).st_dev
         try:
             self.recover()
@@ -322,7 +323,7 @@ class Snapshotter:
         """Whether the store mount a held snapshot's bind names is there: always for a driver
         without real mounts (vfs, btrfs: a directory); else the source is on another device
         than the store's home (an overlay, a thin device's filesystem), not the bare dir."""
-        if not self.real_mounts:
+        if not self.kernel_mounts:
             return True
         try:
             return os.stat(snap.mounts[0].source).st_dev != self.home_dev

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from graphdriver import InvalidOption, serving
+from graphdriver.cli_common import announce
 from graphdriver.errors import from_oserror
 
 from .http import Plugin, PluginServer
@@ -25,9 +26,9 @@ PLUGIN_DIR = Path("/run/docker/plugins")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def serve(socket_path: Path, plugins: list[Plugin], banner: str) -> None:
+def serve(socket_path: Path, plugins: list[Plugin], banner: str, **fields: object) -> None:
     """Serve *plugins* on *socket_path* (freed by ``serving.free_socket``) until SIGTERM or
-    SIGINT, then remove the socket."""
+    SIGINT, then remove the socket; say so with *banner* (*fields* with --json)."""
     stop = serving.stop_event()
 
     try:
@@ -39,7 +40,7 @@ def serve(socket_path: Path, plugins: list[Plugin], banner: str) -> None:
         os.chmod(socket_path, 0o600)
         thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
         thread.start()
-        click.echo(f"graphdriver: {banner} on {socket_path}", err=True)
+        announce(f"{banner} on {socket_path}", **fields, socket=socket_path)
         serving.wait(stop)
         server.shutdown()
     finally:
@@ -90,7 +91,14 @@ def serve_docker_volume(ctx: click.Context, name: str, socket_path: Path | None)
         )  # before the store opens: a wrong --socket is refused at once
         volumes = VolumePlugin(root)
         try:
-            serve(path, [volumes.plugin()], f"serving the volumes of {root} as {name!r}")
+            serve(
+                path,
+                [volumes.plugin()],
+                f"serving the volumes of {root} as {name!r}",
+                server="docker-volume",
+                name=name,
+                root=root,
+            )
         finally:
             volumes.close()
 
@@ -132,6 +140,10 @@ def serve_docker_graphdriver(ctx: click.Context, name: str, socket_path: Path | 
                 path,
                 [graph.plugin()],
                 f"serving the {driver} layers of {root} to dockerd as {name!r}",
+                server="docker-graphdriver",
+                name=name,
+                driver=driver,
+                root=root,
             )
         finally:
             graph.close()

@@ -1,0 +1,192 @@
+"""What every module of the ``graphdriver`` command shares: the context object (the store,
+containers and volumes of ``--root``, opened on first use), the one ``--json`` option, output,
+``KEY=VALUE`` parsing, one-line errors, and the group that imports a verb's module only when
+that verb runs.
+
+Output rule, for every verb: without ``--json`` the text is for people (ids or names, one per
+line; nothing for a verb that only acts); with ``--json`` stdout is one JSON document, the full
+record of each thing the text names (``ls --json``: each layer's ``inspect``), or
+``{"id": ..., ...}`` saying what was done.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import IO, TYPE_CHECKING, Any
+
+import click
+
+from .errors import GraphDriverError, from_oserror
+
+if TYPE_CHECKING:
+    from .containers import ContainerStore
+    from .store import LayerStore
+    from .volumes import VolumeStore
+
+log = logging.getLogger("graphdriver")
+
+
+class Context:
+    """The root group's options; the integrations' ``serve`` commands read them too."""
+
+    def __init__(
+        self,
+        root: str,
+        driver: str | None,
+        opts: dict[str, str],
+        json: bool = False,
+        wait: float | None = None,
+    ) -> None:
+        self.root = root
+        self.driver = driver
+        self.opts = opts
+        self.json = json
+        #: seconds to wait for the store lock (--wait); None: for ever
+        self.wait = wait
+        self._store: LayerStore | None = None
+        self._containers: ContainerStore | None = None
+        self._volumes: VolumeStore | None = None
+
+    def store(self) -> LayerStore:
+        if self._store is None:
+            from .store import open_store
+
+            self._store = open_store(self.root, self.driver, self.opts, wait=self.wait)
+        return self._store
+
+    def containers(self) -> ContainerStore:
+        if self._containers is None:
+            from .containers import ContainerStore
+
+            self._containers = ContainerStore(self.store())
+        return self._containers
+
+    def volumes(self) -> VolumeStore:
+        """The root's volumes; needs no storage driver."""
+        if self._containers is not None:
+            return self._containers.volumes
+        if self._volumes is None:
+            from pathlib import Path
+
+            from .volumes import VolumeStore
+
+            self._volumes = VolumeStore(Path(self.root).absolute())
+        return self._volumes
+
+    def close(self) -> None:
+        for part in (self._containers, self._volumes, self._store):
+            if part is not None:
+                part.close()
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def _json_flag(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        obj = ctx.find_object(Context)
+        if obj is not None:
+            obj.json = True
+
+
+#: the ``--json`` option of every verb (the root group's ``--json`` does the same for all)
+json_option = click.option(
+    "--json",
+    is_flag=True,
+    expose_value=False,
+    callback=_json_flag,
+    help="Print one JSON document on stdout instead of text.",
+)
+
+
+def emit(ctx: Context, data: Any, text: str | None = None) -> None:
+    """*data* as JSON with ``--json``, else *text* (nothing when None)."""
+    if ctx.json:
+        import json
+
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif text is not None:
+        click.echo(text)
+
+
+def announce(text: str, **fields: object) -> None:
+    """A server's line once it serves: ``graphdriver: TEXT`` on stderr, or with ``--json`` one
+    JSON object on stdout, ``{"serving": true, FIELDS...}``, for a script that waits for it."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_object(Context) if ctx is not None else None
+    if obj is not None and obj.json:
+        import json
+
+        click.echo(json.dumps({"serving": True, **fields}, default=str))
+    else:
+        click.echo(f"graphdriver: {text}", err=True)
+
+
+def emit_done(ctx: Context, name: str) -> None:
+    """The text line of one thing a verb of several did (a removed id), as it is done; the
+    verb emits the JSON of all of them at the end."""
+    if not ctx.json:
+        click.echo(name)
+
+
+def pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """``KEY=VALUE`` arguments of *option* as a dict; a usage error for anything else."""
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not key=value", param_hint=option)
+        out[key.strip()] = value.strip()
+    return out
+
+
+class Fail(click.ClickException):
+    """One line, ``graphdriver: error: ...``, and exit status 1."""
+
+    exit_code = 1
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"graphdriver: error: {self.format_message()}", err=True)
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported when they run (or when help lists them): *lazy*
+    maps a command name to ``"module:attr"``."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        module, _, attr = self.lazy[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        if not isinstance(command, click.Command):
+            raise Fail(f"{self.lazy[cmd_name]!r} is not a click command")
+        self.add_command(command, cmd_name)
+        return command
+
+    def load_all(self) -> None:
+        """Import every lazy command (for a plugin that extends existing commands)."""
+        ctx = click.Context(self)
+        for name in list(self.lazy):
+            self.get_command(ctx, name)
+
+
+class ErrorGroup(LazyGroup):
+    """The root group: graphdriver errors and OS errors become one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GraphDriverError as exc:
+            log.debug("error", exc_info=True)
+            raise Fail(str(exc)) from None
+        except OSError as exc:
+            log.debug("error", exc_info=True)
+            raise Fail(str(from_oserror(exc, ctx.invoked_subcommand or "graphdriver"))) from None

@@ -1,0 +1,139 @@
+"""``graphdriver diff`` and ``graphdriver apply-diff``: OCI layer tars out of and into the
+store, with a progress bar on a terminal (tqdm, imported only then)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import click
+
+from .cli_common import Context, emit, json_option, pass_ctx
+from .cli_layers import PARENT_HELP
+from .errors import from_oserror
+
+PROGRESS_MIN = 4 << 20
+
+
+@contextlib.contextmanager
+def _progress(total: int | None, label: str) -> Iterator[Any]:
+    """A tqdm byte counter on stderr when it is a terminal and the stream is large; it shows
+    up only after a second, so quick operations print nothing."""
+    if not sys.stderr.isatty() or (total is not None and total < PROGRESS_MIN):
+        yield None
+        return
+    from tqdm import tqdm
+
+    size = shutil.get_terminal_size((80, 24))
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=label,
+        file=sys.stderr,
+        leave=False,
+        # a terminal that reports 0x0 (a fresh pty) still gets a bar; tqdm would hide it
+        ncols=size.columns,
+        nrows=size.lines,
+        ascii=True,
+        delay=float(os.environ.get("GRAPHDRIVER_PROGRESS_DELAY", "1")),
+    ) as bar:
+        yield bar.update
+
+
+@click.command()
+@click.argument("layer_id")
+@click.option("--parent", "-p", default=None, help=PARENT_HELP)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write to FILE instead of stdout.",
+)
+@click.option(
+    "--compress",
+    type=click.Choice(["none", "gzip", "zstd"]),
+    default="none",
+    show_default=True,
+    help="Compress the tar.",
+)
+@json_option
+@pass_ctx
+def diff(
+    ctx: Context, layer_id: str, parent: str | None, output: str | None, compress: str
+) -> None:
+    """Write the layer's changes as an OCI layer tar.
+
+    The diff of a layer that apply-diff filled, while it is unchanged, is the applied tar again,
+    byte for byte (its sha256 is the layer's diffID); otherwise it is generated from the layer.
+    --json prints which, and why, on stdout (on stderr when the tar goes to stdout).
+    """
+    store = ctx.store()
+    with _progress(None, f"diff {layer_id}") as update:
+        if output is None:
+            if sys.stdout.isatty():
+                raise click.UsageError(
+                    "refusing to write a tar to a terminal; use -o FILE or a pipe"
+                )
+            sys.stdout.flush()
+            result = store.export(layer_id, sys.stdout.fileno(), parent, compress, update)
+        else:
+            tmp = Path(output + ".partial")
+            try:
+                with open(tmp, "wb") as f:
+                    result = store.export(layer_id, f, parent, compress, update)
+                tmp.replace(output)
+            finally:
+                tmp.unlink(missing_ok=True)
+    if ctx.json:
+        report = {
+            "id": layer_id,
+            "exact": result.exact,
+            "reason": result.reason,
+            "diff_id": result.diff_id,
+            "tar_size": result.tar_size,
+            "compression": compress,
+        }
+        click.echo(json.dumps(report, indent=2), err=output is None)
+
+
+@click.command("apply-diff")
+@click.argument("layer_id")
+@click.argument("source", default="-", metavar="[FILE|-]")
+@json_option
+@pass_ctx
+def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
+    """Unpack an OCI layer tar (plain, gzip or zstd) into a fresh layer; print its size and
+    diffID."""
+    store = ctx.store()
+    with contextlib.ExitStack() as stack:
+        if source == "-":
+            stream: BinaryIO = sys.stdin.buffer
+            total = None
+        else:
+            try:
+                stream = stack.enter_context(open(source, "rb"))
+            except OSError as exc:
+                raise from_oserror(exc, f"open {source}") from exc
+            total = os.fstat(stream.fileno()).st_size
+        update = stack.enter_context(_progress(total, f"apply {layer_id}"))
+        result = store.apply(layer_id, stream, update)
+    emit(
+        ctx,
+        {
+            "id": layer_id,
+            "size": result.size,
+            "diff_id": result.diff_id,
+            "compression": result.compression,
+        },
+        f"{result.size} {result.diff_id}",
+    )

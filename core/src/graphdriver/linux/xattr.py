@@ -1,0 +1,29 @@
+"""Extended attributes of one path, its own (a final symlink is not followed): the one reader
+behind the tree compare, the tar writer, the tree copy and the suite's tree snapshots."""
+
+from __future__ import annotations
+
+import os
+
+
+def read(path: str | int, skip: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
+    """(name, value) of every extended attribute of *path* (or of the open file *path*) whose
+    name does not start with one of *skip*, in the order the filesystem lists them.
+
+    A filesystem that has none or cannot list them (ENOTSUP) gives ``[]``; a name removed
+    between the listing and the read is left out.
+    """
+    follow = isinstance(path, int)  # an fd is the file itself: no symlink to follow or not
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if skip and name.startswith(skip):
+            continue
+        try:
+            out.append((name, os.getxattr(path, name, follow_symlinks=follow)))
+        except OSError:
+            continue
+    return out

@@ -1,0 +1,101 @@
+"""btrfs reads a snapshot's changes from its generation numbers, and walks when it cannot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import btrfsutil
+import pytest
+
+from graphdriver import LayerStore
+from graphdriver.archive import tree_changes
+from graphdriver.driver import LayerInfo
+from graphdriver_btrfs import changes, ioctl
+
+
+def _parent(root: Path) -> None:
+    for d in range(20):
+        (root / f"d{d}").mkdir()
+        for f in range(50):
+            (root / f"d{d}" / f"f{f}").write_text(f"{d}/{f}")
+
+
+def _child(root: Path) -> None:
+    (root / "d3" / "f3").write_text("changed")
+    (root / "d4" / "f4").unlink()
+    (root / "new").write_text("new")
+
+
+def _native(store: LayerStore, layer: str) -> list[tuple[str, int]] | None:
+    info = LayerInfo(layer, store.metadata(layer)["parent"], rw=True)  # type: ignore[arg-type]
+    return store.driver.changes(info, [])  # type: ignore[attr-defined,no-any-return]
+
+
+def _walked(store: LayerStore, layer: str, parent: str) -> list[tuple[str, int]]:
+    with store.mounted(layer) as top, store.mounted(parent) as below:
+        return [(c.path, int(c.kind)) for c in tree_changes(str(top), str(below))]
+
+
+def _layers(store: LayerStore, child: str = "c") -> None:
+    store.create("base")
+    with store.mounted("base") as root:
+        _parent(root)
+    store.create_rw(child, "base")
+    with store.mounted(child) as root:
+        _child(root)
+
+
+def test_snapshot_changes_come_from_generation_numbers(store: LayerStore) -> None:
+    _layers(store)
+    want = [("/d3", 0), ("/d3/f3", 0), ("/d4", 0), ("/d4/f4", 2), ("/new", 1)]
+    assert _native(store, "c") == want
+    assert _walked(store, "c", "base") == want
+    # the walk moved every atime of the layer: atime-only inode writes are no change
+    assert _native(store, "c") == want
+
+
+def test_few_inodes_are_read(store: LayerStore) -> None:
+    _layers(store)
+    child = store.home / "subvolumes" / "c"
+    fd = os.open(child, os.O_RDONLY)
+    try:
+        since, otime = ioctl.created(fd, btrfsutil.subvolume_id(str(child)))
+        btrfsutil.sync(str(child))
+        found = changes.written_since(fd, since, otime, changes.MAX_CHANGED)
+    finally:
+        os.close(fd)
+    assert found is not None and len(found) <= 5  # the root, d3, d3/f3, d4, new; not 1,000
+
+
+def test_a_layer_without_parent_is_walked(store: LayerStore) -> None:
+    store.create("base")
+    assert _native(store, "base") is None
+
+
+def test_a_parent_changed_after_the_snapshot_is_walked(store: LayerStore) -> None:
+    _layers(store)
+    base = store.home / "subvolumes" / "base"
+    btrfsutil.set_subvolume_read_only(str(base), False)
+    (base / "d5" / "f5").write_text("changed behind the store")
+    btrfsutil.set_subvolume_read_only(str(base), True)
+    assert _native(store, "c") is None
+    assert [(c.path, int(c.kind)) for c in store.changes("c")] == _walked(store, "c", "base")
+
+
+def test_a_nested_subvolume_is_walked(store: LayerStore) -> None:
+    _layers(store)
+    nested = store.home / "subvolumes" / "c" / "d6" / "nested"
+    btrfsutil.create_subvolume(str(nested))
+    (nested / "inside").write_text("inside")
+    assert _native(store, "c") is None
+    assert ("/d6/nested/inside", 1) in [(c.path, int(c.kind)) for c in store.changes("c")]
+
+
+def test_too_many_changed_inodes_are_walked(
+    store: LayerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _layers(store)
+    monkeypatch.setattr(changes, "MAX_CHANGED", 2)
+    assert _native(store, "c") is None
+    assert [(c.path, int(c.kind)) for c in store.changes("c")] == _walked(store, "c", "base")

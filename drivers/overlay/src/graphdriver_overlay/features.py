@@ -1,0 +1,137 @@
+"""What this kernel's overlayfs and the filesystem under the home can do, found by real
+mounts once (per boot and filesystem for the probe, per kernel for the features), and mount(2)
+with an option string of paths relative to a folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from graphdriver import DriverUnavailable
+from graphdriver.toolkit import fsmount, mount, nearest_existing, unmount, unmount_all_under
+
+
+def in_user_namespace() -> bool:
+    try:
+        mapping = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return False
+    return mapping[:3] != ["0", "0", "4294967295"]
+
+
+def mount_from(cwd: Path, data: str, target: Path) -> None:
+    """mount(2) an overlay whose option string uses paths relative to *cwd*.
+
+    A forked child changes directory and mounts, so this process's cwd never moves and no
+    path needs escaping (commas and colons in absolute paths would break the option string).
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only mounts
+        code = 0
+        try:
+            os.chdir(cwd)
+            mount("overlay", target, "overlay", 0, data)
+        except OSError as exc:
+            code = exc.errno or 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise OSError(code, os.strerror(code), str(target))
+
+
+def cached_features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
+    """:func:`features`, probed once per kernel and kept in ``<home>/features.json``."""
+    cache = home / "features.json"
+    kernel = os.uname().release
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        known = json.loads(cache.read_text())
+        if known["kernel"] == kernel:
+            return bool(known["new_api"]), [(k, v) for k, v in known["fixed"]]
+    new_api, fixed = features(home)
+    cache.write_text(json.dumps({"kernel": kernel, "new_api": new_api, "fixed": fixed}))
+    return new_api, fixed
+
+
+#: the option string of a scratch overlay, relative to its folder
+SCRATCH = "lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off"
+
+
+@contextlib.contextmanager
+def scratch_overlay(where: Path, prefix: str) -> Iterator[Path]:
+    """A folder under *where* with two lower dirs, an upper, a work and a ``merged`` dir for a
+    test mount; whatever was mounted in it is unmounted and the folder removed at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    try:
+        for sub in ("lower1", "lower2", "upper", "work", "merged"):
+            (tmp / sub).mkdir()
+        yield tmp
+    finally:
+        unmount_all_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
+    """What this kernel's overlayfs takes, found by real mounts (fsconfig alone is no test: a
+    kernel whose overlay predates the new mount API accepts any key there, then fails).
+
+    Returns whether ``lowerdir+`` works through the new mount API (Linux 6.8+), and which of
+    redirect_dir=off and metacopy=off to pass: mounting with both off keeps the upper dir a
+    complete record of the layer (a renamed directory is copied up, not redirected), so the
+    native diff is always right. Kernels that do not know an option do not have the feature.
+    """
+    with scratch_overlay(home, ".overlay-features-") as tmp:
+        try:
+            fsmount(
+                "overlay",
+                tmp / "merged",
+                [
+                    ("lowerdir+", str(tmp / "lower1")),
+                    ("lowerdir+", str(tmp / "lower2")),
+                    ("upperdir", str(tmp / "upper")),
+                    ("workdir", str(tmp / "work")),
+                    ("index", "off"),
+                ],
+            )
+            unmount(tmp / "merged")
+            new_api = True
+        except OSError:
+            new_api = False
+        fixed: list[tuple[str, str | None]] = []
+        for key in ("redirect_dir", "metacopy"):
+            try:
+                mount_from(tmp, f"{SCRATCH},{key}=off", tmp / "merged")
+                unmount(tmp / "merged")
+                fixed.append((key, "off"))
+            except OSError:
+                continue
+        return new_api, fixed
+
+
+def probe_stamp(home: Path) -> str:
+    """What a successful probe holds for: this boot, this kernel, this filesystem."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return f"{boot} {os.uname().release} {os.stat(nearest_existing(home)).st_dev}"
+
+
+def try_mount(where: Path) -> None:
+    """Mount a tiny overlay under *where*: the only sure test that overlay works there."""
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(scratch_overlay(where, ".overlay-probe-"))
+        except OSError as exc:
+            raise DriverUnavailable(f"cannot write under {where}: {exc.strerror}") from exc
+        try:
+            mount_from(tmp, SCRATCH, tmp / "merged")
+        except OSError as exc:
+            raise DriverUnavailable(
+                f"a test overlay mount under {where} failed: {exc.strerror}"
+            ) from exc
+        unmount(tmp / "merged")

@@ -1,0 +1,107 @@
+"""A CLI call imports what it runs: ``ls``, ``mount``, ``umount`` and ``exists`` never import the
+archive engine, zstandard, tqdm, grpc, stevedore or importlib.metadata, nor pluggy unless an
+installed hook plugin implements a hook they call. Behaviour, not timing: the real command runs
+in a subprocess and the test reads the modules it imported."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graphdriver import plugins
+
+#: never imported by a verb that does not read or write a tar
+ENGINE = {
+    "graphdriver.archive.apply",
+    "graphdriver.archive.tar",
+    "graphdriver.archive.tar_reader",
+    "graphdriver.archive.streams",
+    "graphdriver.archive.tarsplit",
+    "graphdriver.archive.sparse",
+    "graphdriver.archive.copy_up",
+    "graphdriver.diffs",
+    "graphdriver.applying",
+    "zstandard",
+    "tqdm",
+    "grpc",
+    "stevedore",
+    "importlib.metadata",
+}
+#: the hooks that open_store, mount and umount may call
+CALLED = {"graphdriver_driver_options", "graphdriver_default_driver", "graphdriver_mount"}
+
+
+#: the real command, which writes the names in sys.modules to a file as the process ends
+#: (python -X importtime misses what importlib.import_module imports, so it cannot tell)
+RUN = """
+import atexit, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write("\\n".join(sys.modules)))
+from graphdriver.cli import main
+main()
+"""
+
+
+def _imported(root: Path, driver: str, *args: str) -> set[str]:
+    out = root.parent / f"modules-{root.name}.txt"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, str(out), "--root", str(root), "--driver", driver, *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = set(out.read_text().split())
+    out.unlink()
+    return found
+
+
+def _hook_plugins_called() -> list[str]:
+    """Installed hook plugins that implement a hook these verbs call (they need pluggy)."""
+    return sorted(
+        name
+        for name, value in plugins.entry_point_names(plugins.HOOK_GROUP).items()
+        if plugins._implemented(plugins.load_entry_point(value)) & CALLED
+    )
+
+
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+def test_ls_and_mount_import_no_engine(driver: str, loop_ext4: object, tmp_path: Path) -> None:
+    from graphdriver.testing import Backing
+
+    assert isinstance(loop_ext4, Backing)
+    root = loop_ext4.root / f"imports-{driver}"
+    root.mkdir()
+    banned = set(ENGINE)
+    if not _hook_plugins_called():
+        banned.add("pluggy")
+    gd = [sys.executable, "-m", "graphdriver", "--root", str(root), "--driver", driver]
+    subprocess.run([*gd, "create", "base"], check=True, capture_output=True, timeout=120)
+    try:
+        for args in (("ls",), ("exists", "base"), ("mount", "base"), ("umount", "base")):
+            found = _imported(root, driver, *args)
+            assert "graphdriver.store" in found  # the run did open the store
+            assert sorted(found & banned) == [], args
+    finally:
+        subprocess.run([*gd, "cleanup"], capture_output=True, timeout=120)
+
+
+def test_entry_points_read_without_importlib_metadata_find_the_same() -> None:
+    """The cheap reader (the dist-info dirs on sys.path) sees what importlib.metadata sees."""
+    plugins.forget_entry_points()
+    for group in (plugins.DRIVER_GROUP, plugins.HOOK_GROUP, "graphdriver.serve",
+                  "graphdriver.volume_drivers", "console_scripts"):  # fmt: skip
+        expected: dict[str, str] = {}
+        for ep in importlib.metadata.entry_points(group=group):
+            expected.setdefault(ep.name, ep.value)
+        assert plugins.entry_point_names(group) == expected, group
+
+
+def test_hook_names_are_the_specs() -> None:
+    from graphdriver import hookspecs
+
+    specs = {n for n in dir(hookspecs) if n.startswith("graphdriver_")}
+    assert specs == plugins.HOOK_NAMES
