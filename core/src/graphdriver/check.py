@@ -30,21 +30,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
-import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 
-from .check_rebuild import adopt, rebuild
+from .check_rebuild import adopt, diagnose_db, has_records, rebuild
 from .driver import Driver, KernelMounts, LayerInfo
 from .errors import ArchiveError, GraphDriverError, StoreError
 from .linux.mount import mountinfo
 from .locking import FileLock, LayerLocks
-from .metadata import IN_FLIGHT, LayerRecord, Metadata, connect, refuse_reason
+from .metadata import IN_FLIGHT, LayerRecord, Metadata
 from .plugins import choose_driver, load_driver
+from .volume_records import VolumeCatalog, held_catalog
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ class _Checker:
 
     def scan(self) -> list[Problem]:
         broken = diagnose_db(self.db_path)
-        if broken is None and self._stored() and not _has_records(self.db_path):
+        if broken is None and self._stored() and not has_records(self.db_path):
             # never "storage without a record" for every layer: that is a lost catalogue
             broken = (
                 "the database has no layer records"
@@ -284,37 +283,20 @@ class _Checker:
     def _container_problems(
         self, meta: Metadata, driver: Driver, records: Mapping[str, LayerRecord]
     ) -> list[Problem]:
-        volumes = _Volumes(self.root)
-        names = set()
+        rows = sorted(meta.containers.all(), key=lambda r: str(r["name"]))
         problems = []
-        for row in meta.db.execute("SELECT * FROM containers ORDER BY name").fetchall():
-            name = row["name"]
-            names.add(name)
-            if row["state"] != "ready":
-                what = f"left {row['state']} by a process that died"
-                problems.append(Problem("in-flight", f"container:{name}", what, True))
-            layer = records.get(row["layer"])
-            if layer is None or layer.state not in ("ready", *IN_FLIGHT):
-                what = f"its read-write layer {row['layer']} is gone"
-                problems.append(Problem("container", name, what, True))
-            if row["image"] not in records:
-                what = f"its image layer {row['image']} is gone"
-                problems.append(Problem("container", name, what, False))
-            for mp in json.loads(row["mounts"]):
-                if mp["type"] == "volume" and volumes.present and not volumes.exists(mp["source"]):
+        with held_catalog(self.root) as volumes:
+            for row in rows:
+                problems += _container_row_problems(row, records, volumes)
+            prefix = f"{driver.name}:"
+            names = {row["name"] for row in rows}
+            for volume, container in volumes.refs() if volumes else []:
+                if container.startswith(prefix) and container[len(prefix) :] not in names:
                     what = (
-                        f"uses volume {mp['source']} at {mp['destination']}, which does not "
-                        f"exist; recreate it with `graphdriver volume create {mp['source']}`"
+                        f"is referenced by container {container[len(prefix) :]}, which does "
+                        f"not exist"
                     )
-                    problems.append(Problem("volume", name, what, False))
-        prefix = f"{driver.name}:"
-        for volume, container in volumes.refs():
-            if container.startswith(prefix) and container[len(prefix) :] not in names:
-                what = (
-                    f"is referenced by container {container[len(prefix) :]}, which does not exist"
-                )
-                problems.append(Problem("volume-ref", volume, what, True, container))
-        volumes.close()
+                    problems.append(Problem("volume-ref", volume, what, True, container))
         return problems
 
     # ------------------------------------------------------------------------------ repair
@@ -367,20 +349,16 @@ class _Checker:
                     with meta.transaction():
                         meta.update(p.subject, mount_count=0, mount_path=None)
             elif p.kind == "container":
-                with meta.transaction():
-                    meta.db.execute("DELETE FROM containers WHERE name=?", (p.subject,))
+                meta.containers.delete(p.subject)
                 self._drop_refs(None, f"{driver.name}:{p.subject}")
             elif p.kind == "volume-ref":
                 self._drop_refs(p.subject, p.other)
 
     def _drop_refs(self, volume: str | None, container: str) -> None:
         """Forget the references *container* holds (to *volume*, or to any volume)."""
-        volumes = _Volumes(self.root)
-        try:
-            with volumes.locked():
-                volumes.drop_ref(volume, container)
-        finally:
-            volumes.close()
+        with held_catalog(self.root) as volumes:
+            if volumes is not None:
+                volumes.drop_refs(container, volume)
 
     def _rebuild(self) -> list[Repair]:
         """Move a broken database aside and rebuild the records from what can be known."""
@@ -444,6 +422,32 @@ class _Sha256(io.RawIOBase):
         return view.nbytes
 
 
+def _container_row_problems(
+    row: Mapping[str, Any], records: Mapping[str, LayerRecord], volumes: VolumeCatalog | None
+) -> list[Problem]:
+    """What is wrong with one container's row: in flight, its layers gone, volumes missing."""
+    name = row["name"]
+    problems = []
+    if row["state"] != "ready":
+        what = f"left {row['state']} by a process that died"
+        problems.append(Problem("in-flight", f"container:{name}", what, True))
+    layer = records.get(row["layer"])
+    if layer is None or layer.state not in ("ready", *IN_FLIGHT):
+        what = f"its read-write layer {row['layer']} is gone"
+        problems.append(Problem("container", name, what, True))
+    if row["image"] not in records:
+        what = f"its image layer {row['image']} is gone"
+        problems.append(Problem("container", name, what, False))
+    for mp in row["mounts"]:
+        if mp.type == "volume" and volumes and not volumes.find(mp.source, any_state=True):
+            what = (
+                f"uses volume {mp.source} at {mp.destination}, which does not exist; "
+                f"recreate it with `graphdriver volume create {mp.source}`"
+            )
+            problems.append(Problem("volume", name, what, False))
+    return problems
+
+
 def _parent_problems(records: Mapping[str, LayerRecord]) -> list[Problem]:
     problems = []
     reported: set[str] = set()
@@ -482,82 +486,3 @@ def _mount_problems(driver: Driver, records: Mapping[str, LayerRecord]) -> list[
             what = "mounted but not counted (left by a process that died)"
             problems.append(Problem("mount-count", rec.id, what, True))
     return problems
-
-
-def _has_records(path: Path) -> bool:
-    """Whether the (healthy) database at *path* records any layer."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-    try:
-        return db.execute("SELECT 1 FROM layers LIMIT 1").fetchone() is not None
-    except sqlite3.Error:
-        return False
-    finally:
-        db.close()
-
-
-def diagnose_db(path: Path) -> str | None:
-    """What is wrong with the database at *path* (None: healthy, or not made yet)."""
-    why = refuse_reason(path)
-    if why is not None:
-        return f"the database {why}"
-    if not path.exists():
-        return None
-    try:
-        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        return f"the database cannot be opened: {exc}"
-    try:
-        lines = [r[0] for r in db.execute("PRAGMA integrity_check(20)")]
-        if lines != ["ok"]:
-            return "integrity_check: " + "; ".join(lines)
-        db.execute("SELECT count(*) FROM layers").fetchone()
-    except sqlite3.Error as exc:
-        return f"the database is unreadable: {exc}"
-    finally:
-        db.close()
-    return None
-
-
-class _Volumes:
-    """The root's volume catalogue, read and edited directly (no recovery, no driver)."""
-
-    def __init__(self, root: Path) -> None:
-        self.dir = root / "volumes"
-        path = self.dir / ".metadata.db"
-        self.present = path.exists()
-        self.db = connect(path) if self.present else None
-
-    def exists(self, name: str) -> bool:
-        assert self.db is not None
-        return bool(self.db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone())
-
-    def refs(self) -> list[tuple[str, str]]:
-        if self.db is None:
-            return []
-        return [(r[0], r[1]) for r in self.db.execute("SELECT volume, container FROM refs")]
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        if self.db is None:
-            yield
-            return
-        lock = FileLock(self.dir / ".lock")
-        try:
-            with lock.held():
-                yield
-        finally:
-            lock.close()
-
-    def drop_ref(self, volume: str | None, container: str) -> None:
-        if self.db is None:
-            return
-        if volume is None:
-            self.db.execute("DELETE FROM refs WHERE container=?", (container,))
-        else:
-            self.db.execute("DELETE FROM refs WHERE volume=? AND container=?", (volume, container))
-
-    def close(self) -> None:
-        if self.db is not None:
-            self.db.close()

@@ -7,6 +7,7 @@ copies and are recorded without a parent. Rebuilt records carry the :data:`REBUI
 and ``dirty`` (so ``apply-diff`` never resets them); the meta key ``rebuilt`` tells ``check``
 not to delete storage without a record from then on. The new database is made beside the old
 one and renamed into place, so a crash midway leaves the damaged one where it was.
+:func:`diagnose_db` says what is wrong with a database, read-only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 
-from .metadata import LayerRecord, Metadata
+from .metadata import LayerRecord, Metadata, refuse_reason
+from .sqlite import connect_readonly
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,9 @@ def _salvage(path: Path) -> dict[str, list[sqlite3.Row]]:
     if not path.exists() or path.stat().st_size == 0:
         return out
     try:
-        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        db = connect_readonly(path)
     except sqlite3.Error:
         return out
-    db.row_factory = sqlite3.Row
     for table in out:
         with contextlib.suppress(sqlite3.Error):
             out[table] = db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608
@@ -118,12 +119,7 @@ def _fill(
             pending = later
         containers = [c for c in salvaged["containers"] if c["layer"] in placed]
         for c in containers:
-            cols = [k for k in c.keys() if k not in ("mount_count", "root")]  # noqa: SIM118
-            meta.db.execute(
-                f"INSERT INTO containers ({', '.join(cols)}) "  # noqa: S608
-                f"VALUES ({', '.join('?' * len(cols))})",
-                [c[k] for k in cols],
-            )
+            meta.containers.restore(c)
         # exact-diff records of the layers kept from the old database (their digest still
         # refuses one the damage changed)
         for r in salvaged["tar_split"]:
@@ -175,3 +171,39 @@ def _rebuilt_record(
         dirty=True,  # it has content: apply-diff must never reset it
         labels={REBUILT_LABEL: f"rebuilt {when}; {note}"},
     )
+
+
+def has_records(path: Path) -> bool:
+    """Whether the (healthy) database at *path* records any layer."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    db = connect_readonly(path)
+    try:
+        return db.execute("SELECT 1 FROM layers LIMIT 1").fetchone() is not None
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+
+
+def diagnose_db(path: Path) -> str | None:
+    """What is wrong with the database at *path* (None: healthy, or not made yet)."""
+    why = refuse_reason(path)
+    if why is not None:
+        return f"the database {why}"
+    if not path.exists():
+        return None
+    try:
+        db = connect_readonly(path)
+    except sqlite3.Error as exc:
+        return f"the database cannot be opened: {exc}"
+    try:
+        lines = [r[0] for r in db.execute("PRAGMA integrity_check(20)")]
+        if lines != ["ok"]:
+            return "integrity_check: " + "; ".join(lines)
+        db.execute("SELECT count(*) FROM layers").fetchone()
+    except sqlite3.Error as exc:
+        return f"the database is unreadable: {exc}"
+    finally:
+        db.close()
+    return None

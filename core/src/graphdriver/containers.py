@@ -6,32 +6,24 @@ points worked out at create, in Docker's order: ``--volumes-from`` first, then `
 Managed volumes live in the root's :class:`~graphdriver.volumes.VolumeStore`, which counts the
 containers that reference each one.
 
-``container mount`` takes the layer reference and records the mount in one transaction, then
-binds every volume at its path *inside* the root filesystem (resolved by the kernel with the root
-as ``/``, so no symlink in the image can send a mount to the host), filling an empty managed
-volume with the image's content at that path the first time, and records each bind once it is in
-place. ``container umount`` marks the binds gone first, then undoes them, deepest first. Opening
-the store reconciles both ways: a recorded mount that is incomplete or whose mounts are gone is
-undone and its references released; mounts in a container's layer that no mount records are
-unmounted. So a killed command never leaves a reference behind and a mount never stacks.
+The rows belong to :mod:`.container_records`; mounting (``container mount``/``umount``) is
+:mod:`.container_mounts`. Opening the store reconciles both ways: a recorded mount that is
+incomplete or whose mounts are gone is undone and its references released; mounts in a
+container's layer that no mount records are unmounted. So a killed command never leaves a
+reference behind and a mount never stacks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import json
 import logging
 import os
-import shutil
-import stat
-import time
 from collections.abc import Sequence
-from dataclasses import asdict
-from pathlib import Path
+from functools import partial
 from typing import Any
 
-from . import faults
+from . import faults, recovery
+from .container_mounts import ContainerMounts
 from .errors import (
     AlreadyExists,
     ContainerNotFound,
@@ -39,12 +31,8 @@ from .errors import (
     InUse,
     InvalidMountSpec,
     LayerInUse,
-    NotMounted,
-    from_oserror,
 )
-from .linux import bind
-from .linux.copy import copy_tree
-from .linux.mount import mountinfo, mounts_under, unmount
+from .linux.mount import mountinfo, unmount
 from .mount_points import MountPoint, depth_order, parse_spec
 from .store import LayerStore, validate_id
 from .volumes import DEFAULT_VOLUME_DRIVER, VolumeStore, anonymous_name
@@ -58,15 +46,17 @@ def _mountpoints() -> set[str]:
     return {e.mountpoint for e in mountinfo()}
 
 
-class ContainerStore:
+class ContainerStore(ContainerMounts):
     """Containers of one layer store, with the root's volumes."""
 
     def __init__(self, store: LayerStore) -> None:
         self.store = store
         self.meta = store.meta
+        #: the container rows, kept with the layers in the store's database
+        self.records = store.meta.containers
         self._volumes: VolumeStore | None = None
         if self._needs_recovery():  # looked at without the lock, then done under it
-            with self.store._locked():
+            with self.store.locked():
                 self._recover()
 
     @property
@@ -84,38 +74,22 @@ class ContainerStore:
 
     # ------------------------------------------------------------------------------- records
 
-    @staticmethod
-    def _parse(row: Any) -> dict[str, Any]:
-        out = dict(row)
-        out["mounts"] = [MountPoint(**m) for m in json.loads(row["mounts"])]
-        return out
-
     def _row(self, name: str, *, any_state: bool = False) -> dict[str, Any]:
         validate_id(name, "container name")
-        row = self.meta.db.execute("SELECT * FROM containers WHERE name=?", (name,)).fetchone()
+        row = self.records.get(name)
         if row is None or (row["state"] != "ready" and not any_state):
             raise ContainerNotFound(f"container {name!r} does not exist")
-        return self._parse(row)
+        return row
 
     def _rows(self) -> list[dict[str, Any]]:
-        rows = self.meta.db.execute("SELECT * FROM containers ORDER BY created, name")
-        return [self._parse(r) for r in rows]
+        return self.records.all()
 
     def _update(self, name: str, **fields: Any) -> None:
-        if "mounts" in fields:
-            fields["mounts"] = json.dumps([asdict(m) for m in fields["mounts"]])
-        cols = ", ".join(f"{k}=?" for k in fields)
-        with self.meta.transaction():
-            self.meta.db.execute(
-                f"UPDATE containers SET {cols} WHERE name=?",  # noqa: S608
-                [*fields.values(), name],
-            )
+        self.records.update(name, **fields)
 
     def names(self) -> list[str]:
-        rows = self.meta.db.execute(
-            "SELECT name FROM containers WHERE state='ready' ORDER BY created, name"
-        )
-        return [r[0] for r in rows]
+        """Names of the containers, oldest first."""
+        return self.records.names()
 
     def inspect(self, name: str) -> dict[str, Any]:
         row = self._row(name)
@@ -188,7 +162,7 @@ class ContainerStore:
             if mp.type == "bind":
                 self._check_bind(spec, mp.source)
             planned[mp.destination] = mp
-        layers = [self.store._ready(image, "image"), *self.meta.chain(image)]
+        layers = [self.store.ready(image, "image"), *self.meta.chain(image)]
         for path in sorted({p for rec in layers for p in rec.volumes}):
             if path not in planned:
                 planned[path] = MountPoint(path, "volume", "", origin="image", anonymous=True)
@@ -197,29 +171,9 @@ class ContainerStore:
                 mp.source = anonymous_name()
         return depth_order(list(planned.values()))
 
-    def _check_bind(self, spec: str, source: str, fd: int | None = None) -> None:
-        """Refuse a bind source that is the store's root, is inside it or contains it, compared
-        by identity on the opened source (on *fd* when given: the one that is bound)."""
-        try:
-            src = os.open(source, os.O_PATH | os.O_CLOEXEC) if fd is None else fd
-        except FileNotFoundError:
-            raise InvalidMountSpec(
-                f"invalid volume spec {spec!r}: bind source {source} does not exist"
-            ) from None
-        try:
-            how = bind.reaches_root(src, str(self.store.root))
-        finally:
-            if fd is None:
-                os.close(src)
-        if how is not None:
-            raise InvalidMountSpec(
-                f"invalid volume spec {spec!r}: {source} {how} the graphdriver root "
-                f"{self.store.root}; a container must not reach the store's own files"
-            )
-
     def _check_creatable(self, image: str, mounts: Sequence[MountPoint], driver: str) -> None:
         """What would refuse the create half-way, refused before anything is recorded."""
-        if self.store._ready(image, "image").mount_count:
+        if self.store.ready(image, "image").mount_count:
             raise LayerInUse(
                 f"image {image!r} is mounted, so its files can still change; unmount it before "
                 f"creating a container on it"
@@ -240,22 +194,14 @@ class ContainerStore:
         """Make the container's read-write layer on *image* and record its mounts; named
         volumes that do not exist yet are created with *volume_driver*."""
         validate_id(name, "container name")
-        with self.store._locked(), self.volumes.locked():
-            exists = self.meta.db.execute(
-                "SELECT 1 FROM containers WHERE name=?", (name,)
-            ).fetchone()
-            if exists:
+        with self.store.locked(), self.volumes.locked():
+            if self.records.get(name) is not None:
                 raise AlreadyExists(f"container {name!r} already exists")
             mounts = self._plan(name, image, specs, volumes_from)
             self.volumes.driver(volume_driver)  # an unknown driver fails before anything is made
             self._check_creatable(image, mounts, volume_driver)
             layer = anonymous_name()
-            with self.meta.transaction():
-                self.meta.db.execute(
-                    "INSERT INTO containers (name, layer, image, state, created, mounts) "
-                    "VALUES (?, ?, ?, 'creating', ?, ?)",
-                    (name, layer, image, time.time(), json.dumps([asdict(m) for m in mounts])),
-                )
+            self.records.insert(name, layer, image, mounts)
             faults.point("containers.create.after-record")
             try:
                 self.store.create(layer, image, rw=True, labels={CONTAINER_LABEL: name})
@@ -294,8 +240,7 @@ class ContainerStore:
             for mp in mounts:
                 if mp.type == "volume" and mp.anonymous:
                     self._remove_anonymous(mp.source)
-        with self.meta.transaction():
-            self.meta.db.execute("DELETE FROM containers WHERE name=?", (name,))
+        self.records.delete(name)
 
     def _remove_anonymous(self, volume: str) -> None:
         """Remove an anonymous volume nothing else uses; keep it, with a warning, otherwise."""
@@ -347,35 +292,36 @@ class ContainerStore:
 
     def _recover(self) -> None:
         """Finish what a killed process left half-done and match container mounts to the
-        mount table. A container that fails to recover is logged and retried at the next
-        open; it never stops commands on the others."""
+        mount table (store lock held). A container that fails to recover is logged and
+        retried at the next open; it never stops commands on the others."""
         mounted = _mountpoints()
-        for row in self._rows():
-            name = row["name"]
-            try:
-                if row["state"] != "ready":
-                    log.warning("finishing container %s left %s by a process that died",
-                                name, row["state"])  # fmt: skip
-                    with self.volumes.locked():
-                        self._undo(
-                            name,
-                            row["layer"],
-                            row["mounts"],
-                            remove_anonymous=row["state"] == "creating"
-                            or bool(row["remove_volumes"]),
-                        )
-                elif row["mount_count"] and not self._intact(row, mounted):
-                    log.warning("container %s was left partly mounted; unmounting it", name)
-                    with self.volumes.locked():
-                        self._teardown(name, row)
-                else:
-                    for path in self._stale(row, mounted):
-                        log.warning("unmounting %s in container %s: no mount records it",
-                                    path, name)  # fmt: skip
-                        unmount(path, retries=20)
-            except (GraphDriverError, OSError) as exc:
-                log.warning("container %s could not be recovered (retried at next open): %s",
-                            name, exc)  # fmt: skip
+        recovery.each(
+            "container",
+            self._rows(),
+            lambda row: str(row["name"]),
+            partial(self._recover_one, mounted),
+        )
+
+    def _recover_one(self, mounted: set[str], row: dict[str, Any]) -> None:
+        name = row["name"]
+        if row["state"] != "ready":
+            log.warning("finishing container %s left %s by a process that died",
+                        name, row["state"])  # fmt: skip
+            with self.volumes.locked():
+                self._undo(
+                    name,
+                    row["layer"],
+                    row["mounts"],
+                    remove_anonymous=row["state"] == "creating" or bool(row["remove_volumes"]),
+                )
+        elif row["mount_count"] and not self._intact(row, mounted):
+            log.warning("container %s was left partly mounted; unmounting it", name)
+            with self.volumes.locked():
+                self._teardown(name, row)
+        else:
+            for path in self._stale(row, mounted):
+                log.warning("unmounting %s in container %s: no mount records it", path, name)
+                unmount(path, retries=20)
 
     # ------------------------------------------------------------------------------- remove
 
@@ -402,7 +348,7 @@ class ContainerStore:
         """Delete the container's read-write layer; its volumes stay, except with *volumes*
         its anonymous ones that no other container uses. A mounted container needs *force*.
         Everything that can refuse is checked before anything changes."""
-        with self.store._locked(), self.volumes.locked():
+        with self.store.locked(), self.volumes.locked():
             row = self._row(name)
             self._check_removable(name, row, force)
             if row["mount_count"]:
@@ -416,154 +362,10 @@ class ContainerStore:
                     self._update(name, state="ready", remove_volumes=0)
                 raise
 
-    # ------------------------------------------------------------------------------- mounts
-
-    def mount(self, name: str) -> Path:
-        """Mount the root filesystem and bind every volume into it; return the root.
-        Counted: each mount needs its umount."""
-        with self.store._locked(), self.volumes.locked():
-            row = self._row(name)
-            mounts: list[MountPoint] = row["mounts"]
-            if row["mount_count"] and all(mp.bound for mp in mounts):
-                self._update(name, mount_count=row["mount_count"] + 1)
-                return Path(row["root"])
-            if row["mount_count"]:  # a umount that failed half-way: finish it first
-                self._teardown(name, row)
-            for mp in mounts:
-                mp.bound, mp.target = False, None
-            # the layer reference and its record commit together: never one without the other
-            with self.meta.transaction():
-                root = self.store.get(row["layer"])
-                faults.point("containers.mount.after-get")
-                self._update(name, mount_count=1, root=str(root), mounts=mounts)
-            faults.point("containers.mount.after-layer")
-            try:
-                for path in mounts_under(root):
-                    if path != os.path.realpath(root):
-                        log.warning("unmounting %s in container %s: no mount records it",
-                                    path, name)  # fmt: skip
-                        unmount(path, retries=20)
-                for mp in mounts:
-                    self._bind_one(name, str(root), mp)
-                    faults.point("containers.mount.after-bind")
-                    self._update(name, mounts=mounts)
-            except BaseException:
-                try:
-                    self._teardown(name, self._row(name))
-                except Exception:  # the error that got us here is the one to report
-                    log.exception("undoing the mount of container %s failed", name)
-                raise
-            return root
-
-    def _volume_source(self, name: str, mp: MountPoint) -> str:
-        if mp.type == "bind":
-            if not os.path.exists(mp.source):
-                raise InvalidMountSpec(
-                    f"bind source {mp.source} of container {name!r} no longer exists"
-                )
-            return mp.source  # checked again, race-free, on the fd that is bound
-        if self.volumes.find(mp.source) is None:  # removed with volume rm -f
-            log.warning("volume %s of container %s was removed; making it again", mp.source, name)
-            self.volumes.create(mp.source, anonymous=mp.anonymous)
-        path = self.volumes.mount(mp.source, self._key(name))
-        faults.point("containers.mount.after-volume")
-        return str(path)
-
-    def _bind_one(self, name: str, root: str, mp: MountPoint) -> None:
-        source = self._volume_source(name, mp)
-        try:
-            if mp.type == "volume" and mp.copy and not mp.copied:
-                self._copy_image_content(root, mp.destination, source)
-                mp.copied = True
-            src = os.open(source, os.O_PATH | os.O_CLOEXEC)
-            try:
-                if mp.type == "bind":  # what the path names now, not at create
-                    self._check_bind(f"{mp.source}:{mp.destination}", mp.source, src)
-                kind = "dir" if stat.S_ISDIR(os.fstat(src).st_mode) else "file"
-                fd = bind.open_in_root(root, mp.destination, create=kind)
-                assert fd is not None
-                try:
-                    mp.target = bind.fd_path(fd)
-                    bind.bind(src, fd, readonly=not mp.rw)
-                    mp.bound = True
-                finally:
-                    os.close(fd)
-            finally:
-                os.close(src)
-        except OSError as exc:
-            raise from_oserror(exc, f"mount {mp.source} at {mp.destination} in {name}") from exc
-
-    @staticmethod
-    def _copy_image_content(root: str, destination: str, volume_dir: str) -> None:
-        """Docker's copy-up: an empty volume gets what the image has at its path."""
-        fd = bind.open_in_root(root, destination)
-        if fd is None:
-            return
-        try:
-            real = bind.fd_path(fd)
-            if not os.path.isdir(real) or os.listdir(volume_dir):
-                return
-            try:
-                copy_tree(real, volume_dir, into=True)
-            except BaseException:
-                # the volume was empty: leave it so, or the next mount would not copy again
-                for entry in os.scandir(volume_dir):
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        with contextlib.suppress(OSError):
-                            os.unlink(entry.path)
-                raise
-        finally:
-            os.close(fd)
-
-    def _teardown(self, name: str, row: dict[str, Any]) -> None:
-        """Undo a container mount, whatever part of it is in place: the binds (deepest first),
-        the volumes' mounts, the layer reference. The binds are marked gone first, so a crash
-        on the way is finished at the next open. Used by umount, a failed mount, rm -f,
-        cleanup and recovery."""
-        mounts: list[MountPoint] = row["mounts"]
-        if any(mp.bound for mp in mounts):
-            for mp in mounts:
-                mp.bound = False
-            self._update(name, mounts=mounts)
-            faults.point("containers.umount.after-mark")
-        try:
-            if row["root"]:
-                base = os.path.realpath(row["root"])
-                for path in mounts_under(base):
-                    if path != base:
-                        unmount(path, retries=20)
-            faults.point("containers.umount.after-unbind")
-        except OSError as exc:
-            raise from_oserror(exc, f"unmount container {name}") from exc
-        for mp in mounts:
-            if mp.type == "volume":
-                self.volumes.unmount(mp.source, self._key(name))
-        faults.point("containers.umount.after-volumes")
-        layer = self.meta.get(row["layer"])
-        with self.meta.transaction():  # the reference goes with its record, as it came
-            if layer is not None and layer.state == "ready" and layer.mount_count:
-                self.store.put(row["layer"])
-            faults.point("containers.umount.after-put")
-            self._update(name, mount_count=0, root=None, mounts=mounts)
-
-    def unmount(self, name: str) -> None:
-        """Release one mount of the container; the last one unbinds the volumes (deepest
-        first) and unmounts the root filesystem."""
-        with self.store._locked(), self.volumes.locked():
-            row = self._row(name)
-            if not row["mount_count"]:
-                raise NotMounted(f"container {name!r} is not mounted")
-            if row["mount_count"] > 1 and all(mp.bound for mp in row["mounts"]):
-                self._update(name, mount_count=row["mount_count"] - 1)
-                return
-            self._teardown(name, row)
-
     def cleanup(self) -> None:
         """Unmount every container (whoever mounted it), then the store's layers."""
         failed: BaseException | None = None
-        with self.store._locked():
+        with self.store.locked():
             for row in self._rows():
                 if row["state"] == "ready" and row["mount_count"]:
                     try:

@@ -2,45 +2,38 @@
 
 One database per store home (``metadata.db``, WAL journal), a versioned schema, and one
 transaction per operation. Layer rows carry a state: ``creating``, ``applying`` and ``removing``
-are in-flight states that :meth:`LayerStore.open` finishes or rolls back after a crash.
+are in-flight states that :meth:`LayerStore.open` finishes or rolls back after a crash. The
+database also holds the store's containers (their rows belong to :mod:`.container_records`)
+and the exact-diff records (``tar_split``).
 
-This module is the one boundary where SQLite's errors become :class:`StoreError`: every
-statement runs through :class:`_Cursor`, so a full disk, an I/O error or a lock held too long is
-one line that says what to do, whoever ran the statement. A database that is empty, damaged, or
-missing while the store had one is refused at open with a pointer to ``graphdriver check``,
-never silently made anew (that would orphan every layer's storage).
+It is opened through :mod:`.sqlite`, the one boundary where SQLite's errors become
+:class:`StoreError` (one line that says what to do, whoever ran the statement). A database
+that is empty, damaged, or missing while the store had one is refused at open with a pointer
+to ``graphdriver check``, never silently made anew (that would orphan every layer's storage).
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import sqlite3
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from . import faults
+from .container_records import SCHEMA as containers_schema
+from .container_records import ContainerRecords
 from .errors import StoreError
 
-SCHEMA_VERSION = 3
+# the SQLite boundary, where it was first written: devmapper and older callers import it here
+from .sqlite import BUSY_TIMEOUT as BUSY_TIMEOUT
+from .sqlite import FULL_BELOW as FULL_BELOW
+from .sqlite import Schema, open_db, unreadable
+from .sqlite import check_hint as check_hint
+from .sqlite import connect as connect
+from .sqlite import sqlite_error as sqlite_error
+from .sqlite import transaction as transaction
 
-_CONTAINERS = """
-CREATE TABLE containers (
-    name           TEXT PRIMARY KEY,
-    layer          TEXT NOT NULL UNIQUE,
-    image          TEXT NOT NULL,
-    state          TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
-    created        REAL NOT NULL,
-    mounts         TEXT NOT NULL,
-    mount_count    INTEGER NOT NULL DEFAULT 0,
-    root           TEXT,
-    remove_volumes INTEGER NOT NULL DEFAULT 0
-);
-"""
+SCHEMA_VERSION = 3
 
 #: per applied layer, what an exact diff needs (``archive.tarsplit``), with its sha256 so that a
 #: record edited behind the store is refused; gone with the layer
@@ -52,8 +45,7 @@ CREATE TABLE tar_split (
 );
 """
 
-_SCHEMA = (
-    """
+_LAYERS = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE layers (
     id            TEXT PRIMARY KEY,
@@ -74,15 +66,19 @@ CREATE TABLE layers (
 );
 CREATE INDEX layers_parent ON layers(parent);
 """
-    + _CONTAINERS
-    + _TAR_SPLIT
-)
 
-#: what each schema version adds to the one before
-_MIGRATIONS = {
-    2: "ALTER TABLE layers ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]';" + _CONTAINERS,
-    3: _TAR_SPLIT,
-}
+#: the database's schema; each migration is what a version adds to the one before (the
+#: version is the ``meta`` row ``schema_version``, as since version 1)
+SCHEMA = Schema(
+    version=SCHEMA_VERSION,
+    create=_LAYERS + containers_schema + _TAR_SPLIT,
+    migrations={
+        2: "ALTER TABLE layers ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]';" + containers_schema,
+        3: _TAR_SPLIT,
+    },
+    version_in="meta",
+    label="metadata",
+)
 
 IN_FLIGHT = ("creating", "applying", "removing")
 
@@ -148,150 +144,6 @@ def _record(row: sqlite3.Row) -> LayerRecord:
     )
 
 
-#: free bytes under which an I/O error on the database is taken for a full filesystem
-FULL_BELOW = 1 << 20
-#: seconds a statement waits for another process's write transaction before giving up
-BUSY_TIMEOUT = 60
-
-
-def check_hint(path: Path) -> str:
-    """The command that diagnoses the store whose database is *path*."""
-    return f"graphdriver --root {path.parent.parent} --driver {path.parent.name} check"
-
-
-def sqlite_error(exc: sqlite3.Error | OSError, where: str) -> StoreError:
-    """Turn a SQLite failure on the database *where* into a one-line :class:`StoreError`."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
-    path = Path(where)
-    if name == "SQLITE_FULL" or code in (errno.ENOSPC, errno.EDQUOT) or _is_full(path, name):
-        return StoreError(
-            f"the filesystem holding {where} is full ({exc}); nothing was recorded: free "
-            f"space there and run the command again",
-            errno_=errno.ENOSPC,
-        )
-    if name.startswith("SQLITE_IOERR") or code == errno.EIO:
-        return StoreError(
-            f"I/O error on {where} ({exc}): the disk or filesystem is failing; look at "
-            f"`dmesg`, then run `{check_hint(path)}`",
-            errno_=errno.EIO,
-        )
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return StoreError(
-            f"{where} stayed locked by another process for {BUSY_TIMEOUT} s ({exc}); find it "
-            f"with `fuser -v {where}` and run the command again once it is done",
-            errno_=errno.EBUSY,
-        )
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-        return StoreError(f"{where} is damaged ({exc}); run `{check_hint(path)}`")
-    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
-        return StoreError(
-            f"cannot write {where} ({exc}): is its filesystem mounted read-only, or are you "
-            f"not root?",
-            errno_=errno.EACCES,
-        )
-    return StoreError(f"metadata database {where}: {exc}")
-
-
-def _is_full(path: Path, name: str) -> bool:
-    """Whether an I/O error is a full filesystem: SQLite reports one that stops its shared
-    memory file from growing (WAL) as SQLITE_IOERR_SHMSIZE or another IOERR, not as FULL."""
-    if not name.startswith("SQLITE_IOERR"):
-        return False
-    try:
-        st = os.statvfs(path.parent)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < FULL_BELOW
-
-
-class _Cursor(sqlite3.Cursor):
-    """A cursor whose SQLite errors are :class:`StoreError`."""
-
-    connection: _Connection
-
-    def _fail(self, exc: sqlite3.Error) -> StoreError:
-        return sqlite_error(exc, self.connection.where)
-
-    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
-        try:
-            return super().execute(sql, parameters)
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from exc
-
-    def fetchone(self) -> Any:
-        try:
-            return super().fetchone()
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from exc
-
-    def fetchall(self) -> list[Any]:
-        try:
-            return super().fetchall()
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from exc
-
-    def __next__(self) -> Any:
-        try:
-            return super().__next__()
-        except sqlite3.Error as exc:
-            raise self._fail(exc) from exc
-
-
-class _Connection(sqlite3.Connection):
-    """A connection whose statements run through :class:`_Cursor`."""
-
-    def __init__(self, database: str | Path, *args: Any, **kwargs: Any) -> None:
-        super().__init__(database, *args, **kwargs)
-        self.where = str(database)
-
-    def cursor(self, factory: Any = _Cursor) -> Any:
-        return super().cursor(factory)
-
-    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
-        cur: _Cursor = self.cursor()
-        return cur.execute(sql, parameters)
-
-
-def connect(path: Path, *, timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
-    """An autocommit connection (``isolation_level=None``) to *path*, rows as ``sqlite3.Row``,
-    whose errors are :class:`StoreError`; for any of graphdriver's SQLite databases."""
-    try:
-        db = sqlite3.connect(
-            path,
-            isolation_level=None,
-            timeout=timeout,
-            check_same_thread=False,
-            factory=_Connection,
-        )
-    except sqlite3.Error as exc:
-        raise sqlite_error(exc, str(path)) from exc
-    db.row_factory = sqlite3.Row
-    return db
-
-
-@contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection (``isolation_level=None``),
-    rolled back on any exception, a failed COMMIT (disk full) included; inside an open
-    transaction it only yields."""
-    if db.in_transaction:
-        yield db
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-        try:
-            faults.point("metadata.commit")
-        except OSError as exc:
-            raise sqlite_error(exc, getattr(db, "where", "metadata")) from exc
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-
-
 def _present_marker(path: Path) -> Path:
     return path.with_name(path.name + ".present")
 
@@ -332,26 +184,20 @@ class Metadata:
                 f"store is not opened; run `{check_hint(path)}` to see what is left "
                 f"(--repair rebuilds what can be known)"
             )
-        #: this open made the database (a new store, or a lost one: the store decides)
-        self.created = False
-        self.db = connect(path)
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            self.db, created = open_db(path, SCHEMA, hint=check_hint(path))
         except StoreError as exc:
-            self.db.close()
-            cause = exc.__cause__
-            if getattr(cause, "sqlite_errorname", "").startswith(
-                ("SQLITE_CORRUPT", "SQLITE_NOTADB")
-            ):
+            if unreadable(exc):
                 raise StoreError(
-                    f"metadata database {path} cannot be used, it is unreadable ({cause}): "
-                    f"the store is not opened; run `{check_hint(path)}` to diagnose it "
-                    f"(--repair moves it aside and rebuilds what can be known)"
-                ) from cause
+                    f"metadata database {path} cannot be used, it is unreadable "
+                    f"({exc.__cause__}): the store is not opened; run `{check_hint(path)}` to "
+                    f"diagnose it (--repair moves it aside and rebuilds what can be known)"
+                ) from exc.__cause__
             raise
+        #: this open made the database (a new store, or a lost one: the store decides)
+        self.created = created
+        #: the containers recorded with the layers (table ``containers``)
+        self.containers = ContainerRecords(self.db)
         marker = _present_marker(path)
         if not marker.exists():
             marker.write_text(_MARKER_TEXT)
@@ -366,32 +212,6 @@ class Metadata:
         self.db.close()
         for path in (self.path, *(Path(f"{self.path}{s}") for s in ("-wal", "-shm", ".present"))):
             path.unlink(missing_ok=True)
-
-    def _migrate(self) -> None:
-        with self.transaction():
-            have = self.db.execute(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
-            ).fetchone()
-            if have is None:
-                self.created = True
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self.db.execute(stmt)
-                self.db.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-                return
-            version = int(self.get_meta("schema_version") or 0)
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"metadata {self.path} has schema version {version}, newer than this "
-                    f"graphdriver ({SCHEMA_VERSION}); upgrade graphdriver"
-                )
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for stmt in _MIGRATIONS[step].split(";"):
-                    if stmt.strip():
-                        self.db.execute(stmt)
-                self.set_meta("schema_version", str(step))
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception; nests as a no-op."""
@@ -443,10 +263,7 @@ class Metadata:
 
     def container_of(self, layer_id: str) -> str | None:
         """The container whose read-write layer this is (once made, until it is removed)."""
-        row = self.db.execute(
-            "SELECT name FROM containers WHERE layer=? AND state='ready'", (layer_id,)
-        ).fetchone()
-        return None if row is None else str(row[0])
+        return self.containers.owner_of(layer_id)
 
     def chain(self, layer_id: str) -> list[LayerRecord]:
         """The layer's ancestors, nearest parent first (one query, however deep).

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import GraphDriverError, InvalidMountSpec
+from .ids import validate_id
 from .linux import bind
-from .store import validate_id
 
 _MODES = ("ro", "rw", "nocopy")
 

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from . import faults
 from .driver import KernelMounts, LayerInfo
-from .errors import GraphDriverError
+from .errors import GraphDriverError, call_os
 from .metadata import IN_FLIGHT, LayerRecord
 
 if TYPE_CHECKING:
     from .store import LayerStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: prefix of the ``meta`` keys that hold why a layer could not be recovered
 FAILED = "recovery-failed:"
@@ -46,15 +48,20 @@ def layer_info(rec: LayerRecord, *, sealed: bool = False) -> LayerInfo:
 _info = layer_info
 
 
-def recover(store: LayerStore) -> None:
-    """Look for what a dead process left (without the store lock); recover it under the lock."""
+#: what empties a half-applied layer again (:func:`graphdriver.applying.reset`)
+Reset = Callable[["LayerStore", LayerRecord], None]
+
+
+def recover(store: LayerStore, reset: Reset) -> None:
+    """Look for what a dead process left (without the store lock); recover it under the lock.
+    A half-applied layer is emptied with *reset* (apply-diff's own rollback)."""
     records = store.meta.all()
     if not any(r.state in IN_FLIGHT for r in records) and not _mounts_disagree(store, records):
         return
-    with store._locked("recover the store"):
+    with store.locked("recover the store"):
         for rec in reversed(store.meta.all()):
             if rec.state in IN_FLIGHT:
-                _roll(store, rec)
+                _roll(store, rec, reset)
             else:
                 _reconcile_mount(store, rec)
 
@@ -70,7 +77,7 @@ def _mounts_disagree(store: LayerStore, records: Sequence[LayerRecord]) -> bool:
     return False
 
 
-def _roll(store: LayerStore, rec: LayerRecord) -> None:
+def _roll(store: LayerStore, rec: LayerRecord, reset: Reset) -> None:
     """Finish or roll back one in-flight record, if its process is gone."""
     fd = store.layer_locks.exclusive(rec.id)
     if fd is None:
@@ -86,13 +93,11 @@ def _roll(store: LayerStore, rec: LayerRecord) -> None:
                 "removing it" if rec.state == "creating" else "emptying it",
             )
         if rec.state == "applying":
-            from .applying import reset  # applying records its failures here
-
             reset(store, rec)
         elif rec.state == "creating":
             with contextlib.suppress(GraphDriverError, OSError):
                 store.driver.unmount(_info(rec))
-            store._discard(rec)
+            discard(store, rec)
         else:
             finish_removal(store, rec)
     finally:
@@ -117,9 +122,23 @@ def _reconcile_mount(store: LayerStore, rec: LayerRecord) -> None:
     elif not rec.mount_count and mounted and not store.layer_locks.busy(rec.id):
         log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
         try:
-            store._call(store.driver.unmount, info, doing=f"unmount layer {rec.id}")
+            call_os(store.driver.unmount, info, doing=f"unmount layer {rec.id}")
         except GraphDriverError as exc:
             log.warning("%s; retried at the next open", exc)
+
+
+def discard(store: LayerStore, rec: LayerRecord) -> None:
+    """Remove a half-made layer from the driver and the metadata, keeping the first error
+    (a failure is recorded and retried at the next open)."""
+    try:
+        store.driver.remove(_info(rec))
+    except Exception as exc:  # the error that got us here is the one to report
+        log.warning("cleaning up half-made layer %s failed (%s); retried at next open", rec.id, exc)
+        log.debug("cleanup failure", exc_info=True)
+        record_failure(store, rec.id, exc)
+        return
+    with store.meta.transaction():
+        store.meta.delete(rec.id)
 
 
 def finish_removal(store: LayerStore, rec: LayerRecord) -> bool:
@@ -127,7 +146,7 @@ def finish_removal(store: LayerStore, rec: LayerRecord) -> bool:
     next open) if the driver fails."""
     try:
         faults.point("store.remove.driver")
-        store._call(store.driver.remove, _info(rec), doing=f"remove layer {rec.id}")
+        call_os(store.driver.remove, _info(rec), doing=f"remove layer {rec.id}")
         faults.point("store.remove.after-driver")
     except Exception as exc:
         log.warning("%s; retried at the next open", exc)
@@ -137,6 +156,21 @@ def finish_removal(store: LayerStore, rec: LayerRecord) -> bool:
         store.meta.delete(rec.id)
         store.meta.delete_meta(FAILED + rec.id)
     return True
+
+
+def each(
+    what: str, records: Iterable[T], name: Callable[[T], str], step: Callable[[T], None]
+) -> None:
+    """Recover each of *records* with *step*: a record that fails is logged and left as it is
+    (still in flight, so the next open tries again); it never stops the others. *what* names
+    the kind of record in the log. Containers and volumes recover through it; layers record
+    each failure where ``status`` shows it (:func:`record_failure`)."""
+    for rec in records:
+        try:
+            step(rec)
+        except (GraphDriverError, OSError) as exc:
+            log.warning("%s %s could not be recovered (retried at next open): %s",
+                        what, name(rec), exc)  # fmt: skip
 
 
 def record_failure(store: LayerStore, layer_id: str, exc: BaseException) -> None:
@@ -150,7 +184,7 @@ def failures(store: LayerStore) -> list[tuple[str, str]]:
     if not any(r.state in IN_FLIGHT for r in store.meta.all()):
         return []
     out = []
-    with store._locked("read the store's status"):
+    with store.locked("read the store's status"):
         reasons = store.meta.meta_items(FAILED)
         for rec in store.meta.all():
             if rec.state in IN_FLIGHT and not store.layer_locks.busy(rec.id):

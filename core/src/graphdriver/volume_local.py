@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import InvalidOption
 from .linux import mount as m
 from .linux.bind import reaches_root
-from .volumes import VolumeDriver
+from .volume_driver import VolumeDriver
 
 #: mount(8) option words that are flags, not filesystem data: word -> (set, clear)
 _FLAGS: dict[str, tuple[int, int]] = {

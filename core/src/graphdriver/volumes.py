@@ -12,153 +12,47 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
-import secrets
-import sqlite3
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from . import faults
+from . import faults, recovery
 from .errors import (
     AlreadyExists,
-    DriverLoadError,
     GraphDriverError,
     InUse,
     InvalidOption,
-    StoreError,
     VolumeNotFound,
     call_os,
     from_oserror,
 )
+from .ids import validate_id
 from .linux.mount import is_mountpoint
 from .locking import FileLock
-from .metadata import transaction
-from .plugins import entry_point_names, load_plugin
+from .volume_driver import (
+    DEFAULT_VOLUME_DRIVER,
+    VOLUME_DRIVER_GROUP,
+    VolumeDriver,
+    installed_volume_drivers,
+    load_volume_driver,
+)
+from .volume_records import VolumeCatalog, VolumeRecord, anonymous_name, labels_match
+
+__all__ = [
+    "DEFAULT_VOLUME_DRIVER",
+    "VOLUME_DRIVER_GROUP",
+    "VolumeDriver",
+    "VolumeRecord",
+    "VolumeStore",
+    "anonymous_name",
+    "installed_volume_drivers",
+    "load_volume_driver",
+]
 
 log = logging.getLogger(__name__)
-
-VOLUME_DRIVER_GROUP = "graphdriver.volume_drivers"
-DEFAULT_VOLUME_DRIVER = "local"
-
-
-class VolumeDriver(ABC):
-    """What a volume driver implements. Every call gets the volume's recorded options.
-
-    ``home`` is a directory of the driver's own (``<root>/volumes/_drivers/<name>``, made on
-    first use); ``volumes_dir`` is ``<root>/volumes``, where ``local`` keeps its data.
-    """
-
-    name: ClassVar[str]
-    #: option keys the driver accepts (``volume create --opt KEY=VALUE``) -> one line of help
-    options: ClassVar[Mapping[str, str]] = {}
-
-    def __init__(self, home: Path, volumes_dir: Path) -> None:
-        self.home = home
-        self.volumes_dir = volumes_dir
-
-    def validate(self, options: Mapping[str, str]) -> None:
-        """Raise InvalidOption for a combination of options the driver cannot use."""
-
-    @abstractmethod
-    def create(self, name: str, options: Mapping[str, str]) -> None:
-        """Make the volume's storage (empty)."""
-
-    @abstractmethod
-    def remove(self, name: str, options: Mapping[str, str]) -> None:
-        """Delete the volume's storage and data; a missing volume is not an error."""
-
-    @abstractmethod
-    def mount(self, name: str, options: Mapping[str, str]) -> Path:
-        """Make the data reachable and return the directory to bind into containers.
-        Called once for the first container that mounts it (the store counts)."""
-
-    @abstractmethod
-    def unmount(self, name: str, options: Mapping[str, str]) -> None:
-        """Undo :meth:`mount`, after the last container unmounted the volume."""
-
-    @abstractmethod
-    def path(self, name: str, options: Mapping[str, str]) -> Path:
-        """Where the data is (``Mountpoint`` in ``volume inspect``)."""
-
-    def status(self, name: str, options: Mapping[str, str]) -> dict[str, str]:
-        """Extra key/values for ``volume inspect``."""
-        return {}
-
-
-def installed_volume_drivers() -> dict[str, str]:
-    """Installed volume driver names -> "module:Class"."""
-    return dict(sorted(entry_point_names(VOLUME_DRIVER_GROUP).items()))
-
-
-def load_volume_driver(name: str) -> type[VolumeDriver]:
-    """Import the volume driver registered as *name*, like a storage driver."""
-    cls = load_plugin(VOLUME_DRIVER_GROUP, name, installed_volume_drivers(), "volume")
-    if not (isinstance(cls, type) and issubclass(cls, VolumeDriver)):
-        raise DriverLoadError(f"volume driver {name!r} is not a graphdriver.VolumeDriver")
-    return cls
-
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE volumes (
-    name        TEXT PRIMARY KEY,
-    driver      TEXT NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
-    anonymous   INTEGER NOT NULL,
-    created     REAL NOT NULL,
-    labels      TEXT NOT NULL,
-    options     TEXT NOT NULL,
-    mount_count INTEGER NOT NULL DEFAULT 0,
-    mountpoint  TEXT
-);
-CREATE TABLE refs (
-    volume    TEXT NOT NULL REFERENCES volumes(name),
-    container TEXT NOT NULL,
-    mounted   INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (volume, container)
-);
-"""
-SCHEMA_VERSION = 2
-#: what each schema version adds to the one before
-_MIGRATIONS = {2: "ALTER TABLE refs ADD COLUMN mounted INTEGER NOT NULL DEFAULT 0"}
-
-
-@dataclass
-class VolumeRecord:
-    name: str
-    driver: str
-    state: str
-    anonymous: bool
-    created: float
-    labels: dict[str, str] = field(default_factory=dict)
-    options: dict[str, str] = field(default_factory=dict)
-    mount_count: int = 0
-    mountpoint: str | None = None
-
-
-def _record(row: sqlite3.Row) -> VolumeRecord:
-    return VolumeRecord(
-        name=row["name"],
-        driver=row["driver"],
-        state=row["state"],
-        anonymous=bool(row["anonymous"]),
-        created=row["created"],
-        labels=json.loads(row["labels"]),
-        options=json.loads(row["options"]),
-        mount_count=row["mount_count"],
-        mountpoint=row["mountpoint"],
-    )
-
-
-def anonymous_name() -> str:
-    """A random 64-hex name, like Docker's anonymous volumes."""
-    return secrets.token_hex(32)
 
 
 class VolumeStore:
@@ -176,41 +70,18 @@ class VolumeStore:
         except OSError as exc:
             raise from_oserror(exc, f"open volume store {self.dir}") from exc
         self._drivers: dict[str, VolumeDriver] = {}
-        path = self.dir / ".metadata.db"
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=60)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            with self.locked(), transaction(self.db):
-                if self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
-                    row = self.db.execute(
-                        "SELECT value FROM meta WHERE key='schema_version'"
-                    ).fetchone()
-                    version = int(row[0]) if row is not None else 1
-                    if version > SCHEMA_VERSION:
-                        raise StoreError(
-                            f"volume metadata {path} is newer than this graphdriver; upgrade it"
-                        )
-                    for step in range(version + 1, SCHEMA_VERSION + 1):
-                        self.db.execute(_MIGRATIONS[step])
-                        self.db.execute(
-                            "UPDATE meta SET value=? WHERE key='schema_version'", (str(step),)
-                        )
-                else:
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            self.db.execute(stmt)
-                    self.db.execute(
-                        "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                    )
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"volume metadata {path} cannot be used: {exc}") from exc
+            with self.locked():
+                #: the catalogue's rows (:mod:`.volume_records`)
+                self.catalog = VolumeCatalog(self.dir / ".metadata.db")
+        except BaseException:
+            self._lock.close()
+            raise
         with self.locked():
             self._recover()
 
     def close(self) -> None:
-        self.db.close()
+        self.catalog.close()
         self._lock.close()
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
@@ -220,22 +91,18 @@ class VolumeStore:
         """Finish or roll back what a killed process left half-done: a volume being created or
         removed goes; a driver mount nobody counts is undone. A volume that fails to recover is
         logged and retried at the next open; it never stops commands on other volumes."""
-        for rec in self._all(include_in_flight=True):
-            try:
-                if rec.state != "ready":
-                    log.warning(
-                        "removing volume %s left %s by a process that died", rec.name, rec.state
-                    )
-                    self._destroy(rec)
-                elif not rec.mount_count:
-                    drv = self.driver(rec.driver)
-                    if is_mountpoint(drv.path(rec.name, rec.options)):
-                        log.warning("unmounting volume %s, left mounted by a process that died",
-                                    rec.name)  # fmt: skip
-                        call_os(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
-            except (GraphDriverError, OSError) as exc:
-                log.warning("volume %s could not be recovered (retried at next open): %s",
-                            rec.name, exc)  # fmt: skip
+        records = self.catalog.all(include_in_flight=True)
+        recovery.each("volume", records, lambda rec: rec.name, self._recover_one)
+
+    def _recover_one(self, rec: VolumeRecord) -> None:
+        if rec.state != "ready":
+            log.warning("removing volume %s left %s by a process that died", rec.name, rec.state)
+            self._destroy(rec)
+        elif not rec.mount_count:
+            drv = self.driver(rec.driver)
+            if is_mountpoint(drv.path(rec.name, rec.options)):
+                log.warning("unmounting volume %s, left mounted by a process that died", rec.name)
+                call_os(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
 
     # ------------------------------------------------------------------------------ drivers
 
@@ -256,20 +123,10 @@ class VolumeStore:
 
     # ------------------------------------------------------------------------------ lookups
 
-    def _all(self, *, include_in_flight: bool = False) -> list[VolumeRecord]:
-        rows = self.db.execute("SELECT * FROM volumes ORDER BY created, name")
-        recs = [_record(r) for r in rows]
-        return recs if include_in_flight else [r for r in recs if r.state == "ready"]
-
     def find(self, name: str) -> VolumeRecord | None:
-        row = self.db.execute(
-            "SELECT * FROM volumes WHERE name=? AND state='ready'", (name,)
-        ).fetchone()
-        return None if row is None else _record(row)
+        return self.catalog.find(name)
 
     def get(self, name: str) -> VolumeRecord:
-        from .store import validate_id
-
         validate_id(name, "volume name")
         rec = self.find(name)
         if rec is None:
@@ -277,14 +134,11 @@ class VolumeStore:
         return rec
 
     def all(self) -> list[VolumeRecord]:
-        return self._all()
+        return self.catalog.all()
 
     def users(self, name: str) -> list[str]:
         """Containers (``<driver>:<name>``) that reference the volume."""
-        rows = self.db.execute(
-            "SELECT container FROM refs WHERE volume=? ORDER BY container", (name,)
-        )
-        return [r[0] for r in rows]
+        return self.catalog.users(name)
 
     def inspect(self, name: str) -> dict[str, Any]:
         rec = self.get(name)
@@ -331,8 +185,6 @@ class VolumeStore:
     ) -> VolumeRecord:
         """Create a volume (a random 64-hex name, anonymous, when *name* is None). Creating
         an existing name with the same driver and options returns it, as Docker does."""
-        from .store import validate_id
-
         anonymous = name is None if anonymous is None else anonymous
         name = anonymous_name() if name is None else validate_id(name, "volume name")
         options = dict(options or {})
@@ -351,20 +203,7 @@ class VolumeStore:
                 labels=dict(labels or {}),
                 options=options,
             )
-            with transaction(self.db):
-                self.db.execute(
-                    "INSERT INTO volumes (name, driver, state, anonymous, created, labels, "
-                    "options) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        name,
-                        driver,
-                        "creating",
-                        int(anonymous),
-                        rec.created,
-                        json.dumps(rec.labels, sort_keys=True),
-                        json.dumps(options, sort_keys=True),
-                    ),
-                )
+            self.catalog.insert(rec)
             faults.point("volumes.create.after-record")
             try:
                 call_os(drv.create, name, options, doing=f"create volume {name}")
@@ -375,8 +214,7 @@ class VolumeStore:
                 except Exception:  # the error that got us here is the one to report
                     log.exception("rolling back volume %s failed; retried at next open", name)
                 raise
-            with transaction(self.db):
-                self.db.execute("UPDATE volumes SET state='ready' WHERE name=?", (name,))
+            self.catalog.set_state(name, "ready")
             rec.state = "ready"
             return rec
 
@@ -385,10 +223,9 @@ class VolumeStore:
     ) -> VolumeRecord | None:
         """The ready volume *name* if it has *driver* and *options*, None if there is no such
         name; AlreadyExists if the name is taken otherwise (or is being created or removed)."""
-        have = self.db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
-        if have is None:
+        rec = self.catalog.find(name, any_state=True)
+        if rec is None:
             return None
-        rec = _record(have)
         if rec.state == "ready" and rec.driver == driver and rec.options == dict(options or {}):
             return rec
         if rec.state != "ready":
@@ -405,8 +242,7 @@ class VolumeStore:
         """Remove the driver's data, then the record. Marked removing first, so a crash is
         finished at the next open; a driver that fails leaves a ready volume ready again."""
         drv = self.driver(rec.driver)  # a driver that cannot load refuses before anything
-        with transaction(self.db):
-            self.db.execute("UPDATE volumes SET state='removing' WHERE name=?", (rec.name,))
+        self.catalog.set_state(rec.name, "removing")
         faults.point("volumes.remove.after-mark")
         try:
             if rec.mount_count:
@@ -415,17 +251,10 @@ class VolumeStore:
             call_os(drv.remove, rec.name, rec.options, doing=f"remove volume {rec.name}")
         except BaseException:
             if rec.state == "ready":
-                with transaction(self.db):
-                    self.db.execute(
-                        "UPDATE volumes SET state='ready', mount_count=0, mountpoint=NULL "
-                        "WHERE name=?",
-                        (rec.name,),
-                    )
+                self.catalog.set_ready_unmounted(rec.name)
             raise
         faults.point("volumes.remove.after-driver")
-        with transaction(self.db):
-            self.db.execute("DELETE FROM refs WHERE volume=?", (rec.name,))
-            self.db.execute("DELETE FROM volumes WHERE name=?", (rec.name,))
+        self.catalog.delete(rec.name)
 
     def remove(self, name: str, *, force: bool = False) -> None:
         """Delete a volume and its data. Refused while a container uses it, unless *force*;
@@ -452,12 +281,10 @@ class VolumeStore:
         those carrying every label in *labels*. Returns (name, bytes reclaimed)."""
         removed = []
         with self.locked():
-            for rec in self._all():
+            for rec in self.catalog.all():
                 if self.users(rec.name) or rec.mount_count:
                     continue
-                if not (rec.anonymous or all_volumes):
-                    continue
-                if any(rec.labels.get(k) != v for k, v in (labels or {}).items()):
+                if not (rec.anonymous or all_volumes) or not labels_match(rec, labels):
                     continue
                 size = self.size(rec.name)
                 self._destroy(rec)
@@ -467,25 +294,11 @@ class VolumeStore:
     # ---------------------------------------------------------------- references and mounts
 
     def add_ref(self, name: str, container: str) -> None:
-        with transaction(self.db):
-            self.db.execute(
-                "INSERT OR IGNORE INTO refs (volume, container) VALUES (?, ?)", (name, container)
-            )
+        self.catalog.add_ref(name, container)
 
     def drop_refs(self, container: str) -> list[str]:
         """Forget every reference of *container*; return the volumes it referenced."""
-        names = [
-            r[0] for r in self.db.execute("SELECT volume FROM refs WHERE container=?", (container,))
-        ]
-        with transaction(self.db):
-            self.db.execute("DELETE FROM refs WHERE container=?", (container,))
-        return names
-
-    def _ref_mounted(self, name: str, container: str) -> bool:
-        row = self.db.execute(
-            "SELECT mounted FROM refs WHERE volume=? AND container=?", (name, container)
-        ).fetchone()
-        return bool(row and row[0])
+        return self.catalog.drop_refs(container)
 
     def mount(self, name: str, container: str) -> Path:
         """The directory to bind for *name* in *container*; the driver mounts it for the first
@@ -498,18 +311,10 @@ class VolumeStore:
                 path = rec.mountpoint
             else:
                 path = str(call_os(drv.mount, name, rec.options, doing=f"mount volume {name}"))
-            if self._ref_mounted(name, container):
+            if self.catalog.ref_mounted(name, container):
                 return Path(path)
             faults.point("volumes.mount.after-driver")
-            with transaction(self.db):
-                self.db.execute(
-                    "INSERT OR REPLACE INTO refs (volume, container, mounted) VALUES (?, ?, 1)",
-                    (name, container),
-                )
-                self.db.execute(
-                    "UPDATE volumes SET mount_count=?, mountpoint=? WHERE name=?",
-                    (rec.mount_count + 1, path, name),
-                )
+            self.catalog.set_mounted(name, container, True, rec.mount_count + 1, path)
             return Path(path)
 
     def unmount(self, name: str, container: str) -> None:
@@ -517,34 +322,24 @@ class VolumeStore:
         the driver to unmount."""
         with self.locked():
             rec = self.find(name)
-            if rec is None or not self._ref_mounted(name, container):
+            if rec is None or not self.catalog.ref_mounted(name, container):
                 return
             if rec.mount_count <= 1:
                 drv = self.driver(rec.driver)
                 call_os(drv.unmount, name, rec.options, doing=f"unmount volume {name}")
-            with transaction(self.db):
-                self.db.execute(
-                    "UPDATE refs SET mounted=0 WHERE volume=? AND container=?", (name, container)
-                )
-                self.db.execute(
-                    "UPDATE volumes SET mount_count=?, mountpoint=? WHERE name=?",
-                    (
-                        max(rec.mount_count - 1, 0),
-                        rec.mountpoint if rec.mount_count > 1 else None,
-                        name,
-                    ),
-                )
+            self.catalog.set_mounted(
+                name,
+                container,
+                False,
+                max(rec.mount_count - 1, 0),
+                rec.mountpoint if rec.mount_count > 1 else None,
+            )
 
     def cleanup(self) -> None:
         """Unmount every volume the drivers mounted and zero the counts."""
         with self.locked():
-            for rec in self._all():
+            for rec in self.catalog.all():
                 if rec.mount_count:
                     drv = self.driver(rec.driver)
                     call_os(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
-                    with transaction(self.db):
-                        self.db.execute(
-                            "UPDATE volumes SET mount_count=0, mountpoint=NULL WHERE name=?",
-                            (rec.name,),
-                        )
-                        self.db.execute("UPDATE refs SET mounted=0 WHERE volume=?", (rec.name,))
+                    self.catalog.clear_mounts(rec.name)

@@ -1,0 +1,287 @@
+"""graphdriver's one way to open a SQLite database: WAL, a busy timeout, versioned migrations,
+and one boundary where SQLite's errors become one-line :class:`StoreError`.
+
+Every catalogue (the layers' ``metadata.db``, the volumes' ``.metadata.db``, devmapper's
+``devices.db``, the containerd proxy's ``snapshots.db``) opens through :func:`open_db` with a
+:class:`Schema`: the statements that make a new database and, per version, what each version
+adds to the one before. The version is kept in ``PRAGMA user_version``, or, for the databases
+that predate this module, in the ``schema_version`` row of their ``meta`` table
+(``version_in="meta"``), so that an existing database opens unchanged. A database newer than
+the code is refused. Every statement runs through :class:`_Cursor`, so a full disk, an I/O
+error or a lock held too long is one line that says what to do, whoever ran the statement.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import faults
+from .errors import StoreError
+
+#: free bytes under which an I/O error on the database is taken for a full filesystem
+FULL_BELOW = 1 << 20
+#: seconds a statement waits for another process's write transaction before giving up
+BUSY_TIMEOUT = 60
+
+
+def check_hint(path: Path) -> str:
+    """The command that diagnoses the store whose database is *path* (``<root>/<driver>/...``)."""
+    return f"graphdriver --root {path.parent.parent} --driver {path.parent.name} check"
+
+
+def sqlite_error(exc: sqlite3.Error | OSError, where: str, hint: str | None = None) -> StoreError:
+    """Turn a SQLite failure on the database *where* into a one-line :class:`StoreError`;
+    *hint* is the command that diagnoses it (default: :func:`check_hint`)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    path = Path(where)
+    hint = hint or check_hint(path)
+    if name == "SQLITE_FULL" or code in (errno.ENOSPC, errno.EDQUOT) or _is_full(path, name):
+        return StoreError(
+            f"the filesystem holding {where} is full ({exc}); nothing was recorded: free "
+            f"space there and run the command again",
+            errno_=errno.ENOSPC,
+        )
+    if name.startswith("SQLITE_IOERR") or code == errno.EIO:
+        return StoreError(
+            f"I/O error on {where} ({exc}): the disk or filesystem is failing; look at "
+            f"`dmesg`, then run `{hint}`",
+            errno_=errno.EIO,
+        )
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StoreError(
+            f"{where} stayed locked by another process for {BUSY_TIMEOUT} s ({exc}); find it "
+            f"with `fuser -v {where}` and run the command again once it is done",
+            errno_=errno.EBUSY,
+        )
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return StoreError(f"{where} is damaged ({exc}); run `{hint}`")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
+        return StoreError(
+            f"cannot write {where} ({exc}): is its filesystem mounted read-only, or are you "
+            f"not root?",
+            errno_=errno.EACCES,
+        )
+    return StoreError(f"metadata database {where}: {exc}")
+
+
+def unreadable(exc: BaseException) -> bool:
+    """Whether a StoreError from :func:`open_db` is a file that is not (or no longer) SQLite."""
+    cause = exc.__cause__
+    name = getattr(cause, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
+def _is_full(path: Path, name: str) -> bool:
+    """Whether an I/O error is a full filesystem: SQLite reports one that stops its shared
+    memory file from growing (WAL) as SQLITE_IOERR_SHMSIZE or another IOERR, not as FULL."""
+    if not name.startswith("SQLITE_IOERR"):
+        return False
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor whose SQLite errors are :class:`StoreError`."""
+
+    connection: _Connection
+
+    def _fail(self, exc: sqlite3.Error) -> StoreError:
+        return sqlite_error(exc, self.connection.where, self.connection.hint)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.Error as exc:
+            raise self._fail(exc) from exc
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements run through :class:`_Cursor`."""
+
+    def __init__(self, database: str | Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(database, *args, **kwargs)
+        self.where = str(database)
+        self.hint: str | None = None
+
+    def cursor(self, factory: Any = _Cursor) -> Any:
+        return super().cursor(factory)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        cur: _Cursor = self.cursor()
+        return cur.execute(sql, parameters)
+
+
+def connect(
+    path: Path, *, timeout: float = BUSY_TIMEOUT, hint: str | None = None
+) -> sqlite3.Connection:
+    """An autocommit connection (``isolation_level=None``) to *path*, rows as ``sqlite3.Row``,
+    whose errors are :class:`StoreError` (naming *hint*, the command that diagnoses it)."""
+    try:
+        db = sqlite3.connect(
+            path,
+            isolation_level=None,
+            timeout=timeout,
+            check_same_thread=False,
+            factory=_Connection,
+        )
+    except sqlite3.Error as exc:
+        raise sqlite_error(exc, str(path), hint) from exc
+    db.hint = hint
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A plain read-only connection (``mode=ro``) whose errors stay ``sqlite3.Error``: for
+    diagnosing and salvaging a database that may be damaged."""
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection (``isolation_level=None``),
+    rolled back on any exception, a failed COMMIT (disk full) included; inside an open
+    transaction it only yields."""
+    if db.in_transaction:
+        yield db
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        try:
+            faults.point("metadata.commit")
+        except OSError as exc:
+            raise sqlite_error(exc, getattr(db, "where", "metadata")) from exc
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What a database holds, version by version.
+
+    *create* makes a new database at *version*; ``migrations[n]`` turns version n-1 into n.
+    *version_in* is where the version is kept: ``"user_version"`` (the pragma), or ``"meta"``
+    (the ``schema_version`` row of table ``meta``, which *create* must make). *unversioned*
+    is the version of a database that has tables but no version recorded (made before its
+    code kept one: devmapper's ``devices.db`` would say 1); None refuses such a database.
+    *label* names the database in messages.
+    """
+
+    version: int
+    create: str
+    migrations: Mapping[int, str] = field(default_factory=dict)
+    version_in: Literal["user_version", "meta"] = "user_version"
+    label: str = "database"
+    unversioned: int | None = None
+
+
+def _statements(script: str) -> list[str]:
+    return [s for s in script.split(";") if s.strip()]
+
+
+def _read_version(db: sqlite3.Connection, path: Path, schema: Schema) -> int | None:
+    """The database's schema version, or None when it is new (holds no table)."""
+    if schema.version_in == "meta":
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+            return None
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row[0]) if row is not None else 0
+    else:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version == 0 and not db.execute("SELECT 1 FROM sqlite_master").fetchone():
+            return None
+    if version == 0:
+        if schema.unversioned is None:
+            raise StoreError(
+                f"{schema.label} {path} holds tables but no schema version: it was not made "
+                f"by graphdriver; move it aside"
+            )
+        return schema.unversioned
+    return version
+
+
+def _write_version(db: sqlite3.Connection, schema: Schema, version: int) -> None:
+    if schema.version_in == "meta":
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
+    else:
+        db.execute(f"PRAGMA user_version={int(version)}")
+
+
+def migrate(db: sqlite3.Connection, path: Path, schema: Schema) -> bool:
+    """Make the schema (a new database: True) or bring it to ``schema.version``, in one
+    transaction; a database newer than *schema* is refused."""
+    with transaction(db):
+        version = _read_version(db, path, schema)
+        if version is None:
+            for stmt in _statements(schema.create):
+                db.execute(stmt)
+            _write_version(db, schema, schema.version)
+            return True
+        if version > schema.version:
+            raise StoreError(
+                f"{schema.label} {path} has schema version {version}, newer than this "
+                f"graphdriver ({schema.version}); upgrade graphdriver"
+            )
+        for step in range(version + 1, schema.version + 1):
+            for stmt in _statements(schema.migrations[step]):
+                db.execute(stmt)
+            _write_version(db, schema, step)
+        return False
+
+
+def open_db(
+    path: Path,
+    schema: Schema,
+    *,
+    timeout: float = BUSY_TIMEOUT,
+    hint: str | None = None,
+) -> tuple[sqlite3.Connection, bool]:
+    """Open *path* (WAL, ``synchronous=NORMAL``, foreign keys, *timeout* seconds of waiting
+    for a writer), make or migrate its schema, and return (connection, whether it was made
+    now). Errors are :class:`StoreError`; on one the connection is closed."""
+    db = connect(path, timeout=timeout, hint=hint)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives a killed process; a power cut may lose the last commits
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        created = migrate(db, path, schema)
+    except BaseException:
+        db.close()
+        raise
+    return db, created

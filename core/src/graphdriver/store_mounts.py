@@ -1,0 +1,142 @@
+"""The mount half of :class:`~graphdriver.store.LayerStore`: counted mounts of layers.
+
+``get`` mounts a layer (first reference) and counts it in the metadata, ``put`` releases one
+reference and unmounts at zero; the counts live in the database, so one process can mount and
+another unmount, and :mod:`.recovery` matches them to the kernel's mounts at open. A layer that
+a diff is reading keeps its mount (the reader unmounts it when it is done).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from . import faults
+from .driver import Driver, KernelMounts, MountEntry, MountSpec
+from .errors import NotMounted, call_os
+from .locking import LayerLocks
+from .metadata import LayerRecord, Metadata
+from .recovery import layer_info as _info
+
+if TYPE_CHECKING:
+    from .plugins import Hooks
+    from .store import LayerStore
+
+log = logging.getLogger(__name__)
+
+
+class LayerMounts:
+    """Mounting and unmounting layers; mixed into :class:`~graphdriver.store.LayerStore`."""
+
+    name: str
+    driver: Driver
+    meta: Metadata
+    hooks: Hooks
+    layer_locks: LayerLocks
+
+    if TYPE_CHECKING:
+
+        def locked(self, doing: str = ...) -> contextlib.AbstractContextManager[None]: ...
+
+        def ready(self, layer_id: str, what: str = ...) -> LayerRecord: ...
+
+    def _driver_mount(self, rec: LayerRecord, chain: Sequence[LayerRecord]) -> Path:
+        """The driver's mount of *rec* (what the ``mount`` hook's default implementation
+        calls); an image layer with children is mounted sealed (read-only)."""
+        sealed = not rec.rw and bool(self.meta.children(rec.id))
+        result = call_os(
+            self.driver.mount,
+            _info(rec, sealed=sealed),
+            [_info(r) for r in chain],
+            doing=f"mount layer {rec.id}",
+        )
+        assert isinstance(result, Path)
+        return result
+
+    def _mount_path(self, rec: LayerRecord) -> Path:
+        """The layer's mounted root: the counted mount if it is still there, else a new one."""
+        path: Path | None = Path(rec.mount_path) if rec.mount_path else None
+        if path is None or (
+            isinstance(self.driver, KernelMounts) and self.driver.is_mounted(_info(rec)) is False
+        ):
+            chain = self.meta.chain(rec.id)
+            path = self.hooks.mount(cast("LayerStore", self), rec, chain, self._driver_mount)
+        return path
+
+    def mount_spec(self, layer_id: str, readonly: bool = False) -> list[MountEntry] | None:
+        """The mounts another program can make itself to see the layer (writable unless
+        *readonly*), from a driver that implements :class:`MountSpec`; None when the caller
+        must bind the mount that ``get`` returns instead."""
+        rec = self.ready(layer_id)
+        if not isinstance(self.driver, MountSpec):
+            return None
+        chain = self.meta.chain(layer_id)
+        spec = call_os(
+            self.driver.mount_spec,
+            _info(rec),
+            [_info(r) for r in chain],
+            readonly,
+            doing=f"describe the mounts of layer {layer_id}",
+        )
+        return None if spec is None else list(spec)
+
+    def get(self, layer_id: str) -> Path:
+        """Mount the layer (first reference) and return its merged root; counts references.
+
+        The layer counts as written to from then on (see ``apply_diff``).
+        """
+        with self.locked(f"mount layer {layer_id}"):
+            rec = self.ready(layer_id)
+            path = self._mount_path(rec)
+            faults.point("store.get.after-driver")
+            with self.meta.transaction():
+                self.meta.update(
+                    layer_id, mount_count=rec.mount_count + 1, mount_path=str(path), dirty=1
+                )
+            return path
+
+    def put(self, layer_id: str) -> None:
+        """Release one reference; the last one unmounts. ``put`` without ``get`` is an error."""
+        with self.locked(f"unmount layer {layer_id}"):
+            rec = self.ready(layer_id)
+            if rec.mount_count <= 0:
+                raise NotMounted(f"layer {layer_id!r} is not mounted")
+            # a diff streaming the layer keeps the mount; it unmounts when it is done
+            if rec.mount_count == 1 and not self.layer_locks.busy(layer_id):
+                call_os(self.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
+            faults.point("store.put.after-driver")
+            with self.meta.transaction():
+                self.meta.update(
+                    layer_id,
+                    mount_count=rec.mount_count - 1,
+                    mount_path=rec.mount_path if rec.mount_count > 1 else None,
+                )
+
+    @contextlib.contextmanager
+    def mounted(self, layer_id: str) -> Iterator[Path]:
+        """``get`` for the length of a with-block, then ``put``."""
+        path = self.get(layer_id)
+        try:
+            yield path
+        finally:
+            self.put(layer_id)
+
+    def cleanup(self) -> None:
+        """Unmount every layer of this store, whoever mounted it, and zero the counts; a
+        layer that a running diff streams keeps its mount."""
+        with self.locked("clean up the store"):
+            for rec in self.meta.all():
+                if self.layer_locks.busy(rec.id):
+                    log.warning("layer %s is in use by a running command; left mounted", rec.id)
+                    continue
+                if rec.mount_count or (
+                    isinstance(self.driver, KernelMounts)
+                    and self.driver.is_mounted(_info(rec)) is True
+                ):
+                    call_os(self.driver.unmount, _info(rec), doing=f"unmount {rec.id}")
+                    with self.meta.transaction():
+                        self.meta.update(rec.id, mount_count=0, mount_path=None)
+            call_os(self.driver.cleanup, doing="clean up the driver")
