@@ -34,6 +34,9 @@ Overlay whiteouts
     :func:`changes_within`: the tree compare entering only the directories a driver knows
     were written since a snapshot (btrfs).
 SQLite
+    :func:`sqlite_open` opens a database the way every graphdriver database is opened (WAL,
+    ``synchronous=NORMAL``, a busy timeout, errors as one-line :class:`StoreError`) and makes or
+    migrates the schema a :class:`SqliteSchema` describes, version by version;
     :func:`sqlite_transaction`: ``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit
     connection, rolled back on any exception, a no-op when nested.
 Crash points for tests
@@ -43,10 +46,6 @@ Crash points for tests
 
 Names are loaded on first use, so a driver that needs one helper does not import them all.
 """
-
-# TODO(lead, #16): the store helper is writing a SQLite helper with migrations (an opener that
-# versions a schema). When it is on main, re-export its opener here beside sqlite_transaction
-# and switch drivers/devmapper (devices.db, opened with sqlite3.connect in its __init__) to it.
 
 from __future__ import annotations
 
@@ -97,7 +96,9 @@ if TYPE_CHECKING:
     from .linux.quota import project_quota_enforced as project_quota_enforced
     from .linux.quota import set_limit as set_quota_limit
     from .linux.quota import set_project as set_quota_project
-    from .metadata import transaction as sqlite_transaction
+    from .sqlite import Schema as SqliteSchema
+    from .sqlite import open_db as sqlite_open
+    from .sqlite import transaction as sqlite_transaction
 
 #: where each name of ``__all__`` comes from: (the core module that implements it, its name
 #: there); the imports above say the same to type checkers
@@ -145,7 +146,9 @@ SOURCES: dict[str, tuple[str, str]] = {
     "project_quota_enforced": ("linux.quota", "project_quota_enforced"),
     "set_quota_limit": ("linux.quota", "set_limit"),
     "set_quota_project": ("linux.quota", "set_project"),
-    "sqlite_transaction": ("metadata", "transaction"),
+    "SqliteSchema": ("sqlite", "Schema"),
+    "sqlite_open": ("sqlite", "open_db"),
+    "sqlite_transaction": ("sqlite", "transaction"),
 }
 
 __all__ = [
@@ -162,6 +165,7 @@ __all__ = [
     "WHITEOUT_OPAQUE",
     "WHITEOUT_PREFIX",
     "LoopDevice",
+    "SqliteSchema",
     "attach_loop",
     "bind",
     "changes_within",
@@ -188,6 +192,7 @@ __all__ = [
     "project_quota_enforced",
     "set_quota_limit",
     "set_quota_project",
+    "sqlite_open",
     "sqlite_transaction",
     "supports_d_type",
     "unmount",

@@ -38,10 +38,12 @@ from graphdriver import (
 )
 from graphdriver.toolkit import (
     MS_RDONLY,
+    SqliteSchema,
     fault_point,
     mount,
     parse_size,
     private_dir,
+    sqlite_open,
     sqlite_transaction,
     unmount,
 )
@@ -68,6 +70,8 @@ CREATE TABLE IF NOT EXISTS devices (
     layer TEXT PRIMARY KEY, dev_id INTEGER UNIQUE NOT NULL, size INTEGER NOT NULL
 );
 """
+#: version 1 is the schema above; a devices.db made before versions were kept holds it too
+_DEVICES_DB = SqliteSchema(version=1, create=_SCHEMA, label="devmapper devices.db", unversioned=1)
 
 
 class DevmapperDriver(Driver):
@@ -120,10 +124,7 @@ class DevmapperDriver(Driver):
         # the store's lock serialises every call; a diff runs in a thread of its own. Creating
         # the (empty) catalogue is the only write before recover(): it races with nobody
         private_dir(self.dir)
-        self.db = sqlite3.connect(
-            self.dir / "devices.db", isolation_level=None, timeout=60, check_same_thread=False
-        )
-        self.db.executescript(_SCHEMA)
+        self.db, _ = sqlite_open(self.dir / "devices.db", _DEVICES_DB)
         self.loop_sizes = (
             parse_size(opt["dm.loopdatasize"]),
             parse_size(opt["dm.loopmetadatasize"]),
