@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graphdriver import MountEntry
+from graphdriver.toolkit import SqliteSchema, sqlite_open, sqlite_transaction
 
 SCHEMA_VERSION = 1
 
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS removals (
     held  INTEGER NOT NULL
 );
 """
+_CATALOG = SqliteSchema(SCHEMA_VERSION, _SCHEMA, label="containerd snapshots.db")
 
 
 @dataclass
@@ -107,27 +109,10 @@ class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
+        # WAL + synchronous=NORMAL as the store's own metadata.db: survives a killed process;
+        # a power cut may lose the last changes, and Cleanup removes a layer no row names
+        self.db, _ = sqlite_open(path, _CATALOG, timeout=10)
         self.lock = threading.RLock()
-        try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # as the store's own metadata.db: WAL + NORMAL survives a killed process; a power
-            # cut may lose the last changes, and Cleanup removes a layer no row names
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA busy_timeout=10000")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"{path} has schema version {version}; this graphdriver-containerd knows "
-                    f"{SCHEMA_VERSION}: upgrade it"
-                )
-            # executescript commits on its own; every statement is IF NOT EXISTS
-            self.db.executescript(_SCHEMA)
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except BaseException:
-            self.db.close()
-            raise
 
     def close(self) -> None:
         with self.lock:
@@ -137,17 +122,8 @@ class Catalog:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction under the lock (re-entrant: a nested call
         joins the outer one)."""
-        with self.lock:
-            if self.db.in_transaction:
-                yield self.db
-                return
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        with self.lock, sqlite_transaction(self.db) as db:
+            yield db
 
     # ---------------------------------------------------------------------------- reads
 
