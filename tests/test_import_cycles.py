@@ -22,6 +22,14 @@ STORE_OWNED = {
     "graphdriver.mount_points",
     "graphdriver.check",
     "graphdriver.check_rebuild",
+    "graphdriver.store_mounts",
+    "graphdriver.store_diff",
+    "graphdriver.container_records",
+    "graphdriver.container_mounts",
+    "graphdriver.volume_records",
+    "graphdriver.volume_driver",
+    "graphdriver.sqlite",
+    "graphdriver.ids",
 }
 
 

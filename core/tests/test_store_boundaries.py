@@ -32,6 +32,9 @@ STORE_MODULES = [
     "sqlite",
     "ids",
 ]
+# diffs.py and applying.py are not listed: they are the store's own halves (functions of a
+# LayerStore, split out to keep store.py readable) and use its private helpers (_call,
+# _operation, _boundary, _mount_path, _driver_mount); containers and volumes may not.
 #: the modules that own tables (and sqlite.py, which opens them)
 SQL_OWNERS = {"sqlite", "metadata", "container_records", "volume_records", "check_rebuild"}
 

@@ -43,7 +43,7 @@ def apply(
     """
     doing = f"apply-diff into layer {layer_id}"
     with contextlib.ExitStack() as stack:
-        with store._locked(doing):
+        with store.locked(doing):
             rec = _refuse(store, layer_id)
             done = stack.enter_context(store._operation(layer_id))
             with store.meta.transaction():
@@ -66,11 +66,11 @@ def apply(
                 record=keeps_records(),
             )
             faults.point("store.apply.extracted")
-            with store._locked(doing):
+            with store.locked(doing):
                 _mark_ready(store, rec, result, mounted)
                 done()
         except BaseException:
-            with store._locked(f"roll back {doing}"):
+            with store.locked(f"roll back {doing}"):
                 now = store.meta.get(layer_id)
                 if now is not None and now.state == "applying":  # not committed
                     reset(store, rec)
@@ -115,7 +115,7 @@ def keeps_records() -> bool:
 
 def _refuse(store: LayerStore, layer_id: str) -> LayerRecord:
     """The layer's record if apply-diff may fill it; a refusal commits nothing."""
-    rec = store._ready(layer_id)
+    rec = store.ready(layer_id)
     if rec.mount_count:
         raise LayerInUse(f"layer {layer_id!r} is mounted; apply-diff needs it unmounted")
     if store.meta.children(layer_id):

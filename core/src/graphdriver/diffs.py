@@ -56,11 +56,11 @@ os.register_at_fork(after_in_child=_close_diff_pipes)
 def against(
     store: LayerStore, layer_id: str, parent: str | None
 ) -> tuple[LayerRecord, LayerRecord | None, bool]:
-    rec = store._ready(layer_id)
+    rec = store.ready(layer_id)
     if parent is None:
-        base = store._ready(rec.parent, "parent") if rec.parent else None
+        base = store.ready(rec.parent, "parent") if rec.parent else None
         return rec, base, True
-    base = store._ready(parent, "parent")
+    base = store.ready(parent, "parent")
     return rec, base, base.id == rec.parent
 
 
@@ -78,7 +78,7 @@ def _read_ref(
 
 def _end_read(store: LayerStore, layer_id: str, fd: int) -> None:
     """Drop a reader's reference; unmount the layer if it was mounted only for readers."""
-    with store._locked(f"end the diff of layer {layer_id}"):
+    with store.locked(f"end the diff of layer {layer_id}"):
         store.layer_locks.release(fd)
         rec = store.meta.get(layer_id)
         if rec is not None and not rec.mount_count and not store.layer_locks.busy(layer_id):
@@ -98,7 +98,7 @@ def change_source(
         native: list[Change] | None = None
         top = below = None
         root = kind = ""
-        with store._locked(f"diff layer {layer_id}"):
+        with store.locked(f"diff layer {layer_id}"):
             rec, base, direct = against(store, layer_id, parent)
             drv = store.driver
             if direct and isinstance(drv, NativeDiff):
