@@ -129,7 +129,7 @@ def test_commands_run_beside_an_apply_diff_of_a_slow_stdin(gd: GD) -> None:
 
 def test_a_held_lock_is_named_and_wait_gives_up(gd: GD) -> None:
     gd("create", "base")
-    with open_store(gd.root, "vfs") as store, store._locked("a test holding the lock"):
+    with open_store(gd.root, "vfs") as store, store.locked("a test holding the lock"):
         start = time.monotonic()
         res = gd("--wait", "1", "create", "x", check=False)
         assert time.monotonic() - start < 30

@@ -130,7 +130,6 @@ class LayerStore(LayerMounts, LayerDiffs):
         return self._lock.held(doing)
 
     #: the name this had before it was public (kept for callers that use it)
-    _locked = locked
     _call = staticmethod(call_os)
 
     def close(self) -> None:
@@ -167,7 +166,6 @@ class LayerStore(LayerMounts, LayerDiffs):
             )
         return rec
 
-    _ready = ready
 
     def exists(self, layer_id: str) -> bool:
         try:
