@@ -166,7 +166,6 @@ class LayerStore(LayerMounts, LayerDiffs):
             )
         return rec
 
-
     def exists(self, layer_id: str) -> bool:
         try:
             self.ready(layer_id)
