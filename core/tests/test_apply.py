@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
@@ -104,3 +105,66 @@ def test_large_bodies_from_a_file_and_from_a_pipe(tmp_path: Path) -> None:
 def _with_size(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
     info.size = size
     return info
+
+
+def _acl(user: int, group: int, other: int) -> bytes:
+    """A POSIX ACL as the kernel stores it in system.posix_acl_*: u::, g::, o:: entries."""
+    undefined = 0xFFFFFFFF
+    entries = ((0x01, user), (0x04, group), (0x20, other))
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, undefined) for t, p in entries)
+
+
+def test_entries_under_a_default_acl_get_the_tar_s_mode(tmp_path: Path) -> None:
+    """A directory with a default ACL (the layer's root, or a directory copied from its parent
+    layer, under a host's `setfacl -d`) gives a new entry the ACL's permissions, not the umask's:
+    the tar says 0755 and 0644, and wins."""
+    data = _tar(
+        (_info("d", tarfile.DIRTYPE, 0o755), b""),
+        (_info("d/e", tarfile.DIRTYPE, 0o751), b""),
+        (_info("d/f", tarfile.REGTYPE, 0o644), b""),
+        (_info("d/e/g", tarfile.REGTYPE, 0o640), b""),
+        (_info("top", tarfile.REGTYPE, 0o644), b""),
+        (_info("implicit/h", tarfile.REGTYPE, 0o604), b""),
+    )
+    for how in ("file", "stream"):
+        target = tmp_path / how
+        target.mkdir()
+        os.setxattr(target, "system.posix_acl_default", _acl(7, 0, 0))
+        if how == "file":
+            (tmp_path / "layer.tar").write_bytes(data)
+            with open(tmp_path / "layer.tar", "rb") as f:
+                apply_layer(target, f)
+        else:
+            apply_layer(target, io.BytesIO(data))
+        got = {
+            p: oct(stat.S_IMODE(os.lstat(target / p).st_mode))
+            for p in ("d", "d/e", "d/f", "d/e/g", "top", "implicit/h")
+        }
+        assert got == {
+            "d": "0o755",
+            "d/e": "0o751",
+            "d/f": "0o644",
+            "d/e/g": "0o640",
+            "top": "0o644",
+            "implicit/h": "0o604",
+        }, how
+
+
+def test_entries_in_a_setgid_layer_root_get_the_tar_s_group(tmp_path: Path) -> None:
+    """A layer made under a setgid directory is setgid itself (the kernel's inheritance): its
+    top-level entries are the tar's 0:0 all the same."""
+    if os.geteuid() != 0:
+        host_lacks("needs root to set owners", "root")
+    data = _tar(
+        (_info("d", tarfile.DIRTYPE, 0o755), b""),
+        (_info("f", tarfile.REGTYPE, 0o644), b""),
+        (_info("implicit/g", tarfile.REGTYPE, 0o644), b""),
+    )
+    target = tmp_path / "layer"
+    target.mkdir()
+    os.chown(target, 0, 5)
+    target.chmod(0o2775)
+    apply_layer(target, io.BytesIO(data))
+    got = {p: (oct(stat.S_IMODE((target / p).lstat().st_mode)), (target / p).lstat().st_gid)
+           for p in ("d", "f", "implicit/g")}  # fmt: skip
+    assert got == {"d": ("0o755", 0), "f": ("0o644", 0), "implicit/g": ("0o644", 0)}
