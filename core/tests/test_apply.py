@@ -52,12 +52,7 @@ def test_entries_in_a_setgid_directory_get_the_tar_s_owner_and_mode(tmp_path: Pa
     target = tmp_path / "layer"
     target.mkdir()
     for how in ("file", "stream"):
-        if how == "file":
-            (tmp_path / "layer.tar").write_bytes(data)
-            with open(tmp_path / "layer.tar", "rb") as f:
-                apply_layer(target, f)
-        else:
-            apply_layer(target, io.BytesIO(data))
+        _apply(target, data, how, tmp_path / "layer.tar")
         got = {
             p: (stat.S_IMODE(os.lstat(target / p).st_mode), os.lstat(target / p).st_gid)
             for p in ("s", "s/sub", "s/g", "s/g/inner", "s/f", "plain")
@@ -102,6 +97,16 @@ def test_large_bodies_from_a_file_and_from_a_pipe(tmp_path: Path) -> None:
         apply_layer(tmp_path / "cut", f)
 
 
+def _apply(target: Path, data: bytes, how: str, scratch: Path) -> None:
+    """Apply the tar *data* from a file (at *scratch*) or from a stream."""
+    if how == "file":
+        scratch.write_bytes(data)
+        with open(scratch, "rb") as f:
+            apply_layer(target, f)
+    else:
+        apply_layer(target, io.BytesIO(data))
+
+
 def _with_size(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
     info.size = size
     return info
@@ -130,12 +135,7 @@ def test_entries_under_a_default_acl_get_the_tar_s_mode(tmp_path: Path) -> None:
         target = tmp_path / how
         target.mkdir()
         os.setxattr(target, "system.posix_acl_default", _acl(7, 0, 0))
-        if how == "file":
-            (tmp_path / "layer.tar").write_bytes(data)
-            with open(tmp_path / "layer.tar", "rb") as f:
-                apply_layer(target, f)
-        else:
-            apply_layer(target, io.BytesIO(data))
+        _apply(target, data, how, tmp_path / "layer.tar")
         got = {
             p: oct(stat.S_IMODE(os.lstat(target / p).st_mode))
             for p in ("d", "d/e", "d/f", "d/e/g", "top", "implicit/h")
