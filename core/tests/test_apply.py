@@ -3,6 +3,7 @@ the kernel would give a new entry something else (a setgid directory's group and
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import stat
@@ -168,3 +169,48 @@ def test_entries_in_a_setgid_layer_root_get_the_tar_s_group(tmp_path: Path) -> N
     got = {p: (oct(stat.S_IMODE((target / p).lstat().st_mode)), (target / p).lstat().st_gid)
            for p in ("d", "f", "implicit/g")}  # fmt: skip
     assert got == {"d": ("0o755", 0), "f": ("0o644", 0), "implicit/g": ("0o644", 0)}
+
+
+def _drop_dac_capabilities() -> None:
+    """This process (root) loses CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH: like root on an
+    NFS export with root_squash, or on a user's FUSE mount, it cannot open others' files."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[0] &= ~0b110
+    data[1] &= ~0b110
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def test_a_tar_file_root_cannot_open_again(tmp_path: Path) -> None:
+    """`sudo graphdriver apply-diff L < ~/layer.tar` with the home on NFS (root_squash) or
+    FUSE: the fd is the user's, and root cannot open the file again for an offset of its own;
+    the tar is read from the fd it was given."""
+    if os.geteuid() != 0:
+        host_lacks("needs root to apply a layer", "root")
+    secret = tmp_path / "layer.tar"
+    secret.write_bytes(_tar((_with_size(_info("f", tarfile.REGTYPE, 0o644), 2), b"hi")))
+    os.chown(secret, 65534, 65534)
+    secret.chmod(0o600)
+    target = tmp_path / "layer"
+    target.mkdir()
+    r, w = os.pipe()
+    with open(secret, "rb") as f:  # opened by the user's shell
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                _drop_dac_capabilities()
+                apply_layer(target, f)
+                os.write(w, b"ok")
+            except BaseException as exc:
+                os.write(w, repr(exc).encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as result:
+        outcome = result.read().decode()
+    os.waitpid(pid, 0)
+    assert outcome == "ok"
+    assert (target / "f").read_bytes() == b"hi"
