@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -172,3 +173,33 @@ def test_a_refused_driver_leaves_no_store_behind(loop_ext4: Backing, tmp_path: P
     )
     assert (auto.returncode, auto.stdout.split()) == (0, ["base"]), auto.stderr
     vfs("rm", "base")
+
+
+def test_diff_output_is_written_to_not_replaced(gd: GD, tmp_path: Path) -> None:
+    """`diff -o /dev/null` (or /dev/stdout, a FIFO, a symlink) writes to what the name is; only
+    a regular file is made beside and renamed over (as root, renaming over /dev/null replaced
+    the host's device with a file)."""
+    gd("create", "L")
+    gd("apply-diff", "L", input=_rootfs_tar(tmp_path))
+    want = gd("diff", "L").raw
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null
+    gd("diff", "L", "-o", str(null))
+    assert stat.S_ISCHR(null.lstat().st_mode)
+    link = tmp_path / "link.tar"
+    link.symlink_to(tmp_path / "real.tar")
+    gd("diff", "L", "-o", str(link))
+    assert link.is_symlink() and (tmp_path / "real.tar").read_bytes() == want
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with (
+        open(tmp_path / "read.tar", "wb") as out,
+        subprocess.Popen(["cat", str(fifo)], stdout=out) as reader,
+    ):
+        gd("diff", "L", "-o", str(fifo))
+        reader.wait(timeout=60)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert (tmp_path / "read.tar").read_bytes() == want
+    gd("diff", "L", "-o", str(tmp_path / "plain.tar"))
+    assert (tmp_path / "plain.tar").read_bytes() == want
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []

@@ -3,9 +3,11 @@ the kernel would give a new entry something else (a setgid directory's group and
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import stat
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
@@ -51,12 +53,7 @@ def test_entries_in_a_setgid_directory_get_the_tar_s_owner_and_mode(tmp_path: Pa
     target = tmp_path / "layer"
     target.mkdir()
     for how in ("file", "stream"):
-        if how == "file":
-            (tmp_path / "layer.tar").write_bytes(data)
-            with open(tmp_path / "layer.tar", "rb") as f:
-                apply_layer(target, f)
-        else:
-            apply_layer(target, io.BytesIO(data))
+        _apply(target, data, how, tmp_path / "layer.tar")
         got = {
             p: (stat.S_IMODE(os.lstat(target / p).st_mode), os.lstat(target / p).st_gid)
             for p in ("s", "s/sub", "s/g", "s/g/inner", "s/f", "plain")
@@ -101,6 +98,119 @@ def test_large_bodies_from_a_file_and_from_a_pipe(tmp_path: Path) -> None:
         apply_layer(tmp_path / "cut", f)
 
 
+def _apply(target: Path, data: bytes, how: str, scratch: Path) -> None:
+    """Apply the tar *data* from a file (at *scratch*) or from a stream."""
+    if how == "file":
+        scratch.write_bytes(data)
+        with open(scratch, "rb") as f:
+            apply_layer(target, f)
+    else:
+        apply_layer(target, io.BytesIO(data))
+
+
 def _with_size(info: tarfile.TarInfo, size: int) -> tarfile.TarInfo:
     info.size = size
     return info
+
+
+def _acl(user: int, group: int, other: int) -> bytes:
+    """A POSIX ACL as the kernel stores it in system.posix_acl_*: u::, g::, o:: entries."""
+    undefined = 0xFFFFFFFF
+    entries = ((0x01, user), (0x04, group), (0x20, other))
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, undefined) for t, p in entries)
+
+
+def test_entries_under_a_default_acl_get_the_tar_s_mode(tmp_path: Path) -> None:
+    """A directory with a default ACL (the layer's root, or a directory copied from its parent
+    layer, under a host's `setfacl -d`) gives a new entry the ACL's permissions, not the umask's:
+    the tar says 0755 and 0644, and wins."""
+    data = _tar(
+        (_info("d", tarfile.DIRTYPE, 0o755), b""),
+        (_info("d/e", tarfile.DIRTYPE, 0o751), b""),
+        (_info("d/f", tarfile.REGTYPE, 0o644), b""),
+        (_info("d/e/g", tarfile.REGTYPE, 0o640), b""),
+        (_info("top", tarfile.REGTYPE, 0o644), b""),
+        (_info("implicit/h", tarfile.REGTYPE, 0o604), b""),
+    )
+    for how in ("file", "stream"):
+        target = tmp_path / how
+        target.mkdir()
+        os.setxattr(target, "system.posix_acl_default", _acl(7, 0, 0))
+        _apply(target, data, how, tmp_path / "layer.tar")
+        got = {
+            p: oct(stat.S_IMODE(os.lstat(target / p).st_mode))
+            for p in ("d", "d/e", "d/f", "d/e/g", "top", "implicit/h")
+        }
+        assert got == {
+            "d": "0o755",
+            "d/e": "0o751",
+            "d/f": "0o644",
+            "d/e/g": "0o640",
+            "top": "0o644",
+            "implicit/h": "0o604",
+        }, how
+
+
+def test_entries_in_a_setgid_layer_root_get_the_tar_s_group(tmp_path: Path) -> None:
+    """A layer made under a setgid directory is setgid itself (the kernel's inheritance): its
+    top-level entries are the tar's 0:0 all the same."""
+    if os.geteuid() != 0:
+        host_lacks("needs root to set owners", "root")
+    data = _tar(
+        (_info("d", tarfile.DIRTYPE, 0o755), b""),
+        (_info("f", tarfile.REGTYPE, 0o644), b""),
+        (_info("implicit/g", tarfile.REGTYPE, 0o644), b""),
+    )
+    target = tmp_path / "layer"
+    target.mkdir()
+    os.chown(target, 0, 5)
+    target.chmod(0o2775)
+    apply_layer(target, io.BytesIO(data))
+    got = {p: (oct(stat.S_IMODE((target / p).lstat().st_mode)), (target / p).lstat().st_gid)
+           for p in ("d", "f", "implicit/g")}  # fmt: skip
+    assert got == {"d": ("0o755", 0), "f": ("0o644", 0), "implicit/g": ("0o644", 0)}
+
+
+def _drop_dac_capabilities() -> None:
+    """This process (root) loses CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH: like root on an
+    NFS export with root_squash, or on a user's FUSE mount, it cannot open others' files."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[0] &= ~0b110
+    data[1] &= ~0b110
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def test_a_tar_file_root_cannot_open_again(tmp_path: Path) -> None:
+    """`sudo graphdriver apply-diff L < ~/layer.tar` with the home on NFS (root_squash) or
+    FUSE: the fd is the user's, and root cannot open the file again for an offset of its own;
+    the tar is read from the fd it was given."""
+    if os.geteuid() != 0:
+        host_lacks("needs root to apply a layer", "root")
+    secret = tmp_path / "layer.tar"
+    secret.write_bytes(_tar((_with_size(_info("f", tarfile.REGTYPE, 0o644), 2), b"hi")))
+    os.chown(secret, 65534, 65534)
+    secret.chmod(0o600)
+    target = tmp_path / "layer"
+    target.mkdir()
+    r, w = os.pipe()
+    with open(secret, "rb") as f:  # opened by the user's shell
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                _drop_dac_capabilities()
+                apply_layer(target, f)
+                os.write(w, b"ok")
+            except BaseException as exc:
+                os.write(w, repr(exc).encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as result:
+        outcome = result.read().decode()
+    os.waitpid(pid, 0)
+    assert outcome == "ok"
+    assert (target / "f").read_bytes() == b"hi"

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,12 +87,16 @@ def diff(
                 )
             sys.stdout.flush()
             result = store.export(layer_id, sys.stdout.fileno(), parent, compress, update)
-        else:
-            tmp = Path(output + ".partial")
+        elif not _regular_or_missing(output):  # /dev/null, a FIFO: written, never replaced
+            with open(output, "wb") as f:
+                result = store.export(layer_id, f, parent, compress, update)
+        else:  # a file appears whole or not at all; a symlink's target is the file written
+            real = os.path.realpath(output)
+            tmp = Path(real + ".partial")
             try:
                 with open(tmp, "wb") as f:
                     result = store.export(layer_id, f, parent, compress, update)
-                tmp.replace(output)
+                tmp.replace(real)
             finally:
                 tmp.unlink(missing_ok=True)
     if ctx.json:
@@ -104,6 +109,14 @@ def diff(
             "compression": compress,
         }
         click.echo(json.dumps(report, indent=2), err=output is None)
+
+
+def _regular_or_missing(path: str) -> bool:
+    """Whether *path* (through symlinks) is a regular file or nothing yet."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
 
 
 @click.command("apply-diff")

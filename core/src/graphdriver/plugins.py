@@ -40,13 +40,18 @@ PRIORITY = ("overlay", "btrfs", "devmapper", "vfs")
 
 #: group -> name -> "module:attr", for every distribution on sys.path (read once)
 _ENTRY_POINTS: dict[str, dict[str, str]] | None = None
+#: (group, name) -> "dist (module:attr)" of every distribution that registers it, where
+#: more than one does (loading such a driver is an error, as it was with stevedore)
+_CONFLICTS: dict[tuple[str, str], list[str]] = {}
 _SECTION = re.compile(r"^\[\s*([^\]]+?)\s*\]$")
 
 
 def _read_entry_points() -> dict[str, dict[str, str]]:
     """Every entry point of every distribution on ``sys.path``; like importlib.metadata, the
-    first distribution of a name on the path wins and the first entry point of a name too."""
+    first distribution of a name on the path wins and the first entry point of a name too.
+    A name that two distributions register is noted in :data:`_CONFLICTS`."""
     found: dict[str, dict[str, str]] = {}
+    owners: dict[tuple[str, str], list[str]] = {}
     seen: set[str] = set()
     for entry in sys.path:
         try:
@@ -69,22 +74,31 @@ def _read_entry_points() -> dict[str, dict[str, str]]:
                 text = os.read(fd, 1 << 20).decode("utf-8", "replace")
             finally:
                 os.close(fd)
-            _parse(text, found)
+            _parse(text, found, owners, stem)
+    _CONFLICTS.clear()
+    _CONFLICTS.update((key, dists) for key, dists in owners.items() if len(dists) > 1)
     return found
 
 
-def _parse(text: str, found: dict[str, dict[str, str]]) -> None:
+def _parse(
+    text: str, found: dict[str, dict[str, str]], owners: dict[tuple[str, str], list[str]], dist: str
+) -> None:
     group: dict[str, str] | None = None
+    name = ""
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line[0] in "#;":
             continue
         section = _SECTION.match(line)
         if section:
-            group = found.setdefault(section.group(1), {})
+            name = section.group(1)
+            group = found.setdefault(name, {})
         elif group is not None and "=" in line:
-            key, _, value = line.partition("=")
-            group.setdefault(key.strip(), value.strip())
+            key, _, value = (part.strip() for part in line.partition("="))
+            group.setdefault(key, value)
+            dists = owners.setdefault((name, key), [])
+            if not dists or not dists[-1].startswith(f"{dist} "):
+                dists.append(f"{dist} ({value})")
 
 
 def entry_point_names(group: str) -> dict[str, str]:
@@ -130,6 +144,12 @@ def load_plugin(group: str, name: str, known: Mapping[str, str], kind: str) -> o
     if name not in known:
         listing = ", ".join(known) or "none"
         raise DriverNotFound(f"no {kind} driver named {name!r} is installed (installed: {listing})")
+    entry_point_names(group)  # the conflicts are noted as the entry points are read
+    if (group, name) in _CONFLICTS:
+        raise DriverLoadError(
+            f"{kind} driver {name!r} is installed by several distributions: "
+            f"{', '.join(_CONFLICTS[group, name])}; uninstall all but one"
+        )
     try:
         return load_entry_point(known[name])
     except GraphDriverError:

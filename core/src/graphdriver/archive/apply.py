@@ -79,7 +79,9 @@ def apply_layer(
             lower_fds.append(os.open(lower, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         direct = _plain_file(stream)
         if direct is not None:
-            return _apply_file(target, *direct, Sandbox(whiteouts, lower_fds, record), progress)
+            done = _apply_file(target, *direct, Sandbox(whiteouts, lower_fds, record), progress)
+            if done is not None:
+                return done
         return _apply_stream(target, stream, Sandbox(whiteouts, lower_fds, record), progress)
     finally:
         for fd in lower_fds:
@@ -208,10 +210,15 @@ def _apply_file(
     offset: int,
     sandbox: Sandbox,
     progress: Callable[[int], None] | None,
-) -> ApplyResult:
+) -> ApplyResult | None:
     """apply_layer for a plain tar in a regular file: the sandbox reads the file itself while
-    this process hashes it, so no byte goes through a pipe."""
-    own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # an offset of its own
+    this process hashes it, so no byte goes through a pipe. None (nothing done) when the file
+    cannot be opened again: an fd handed over by a more privileged process (``sudo -u user
+    graphdriver apply-diff L < /root/layer.tar``) is read as a stream."""
+    try:  # an offset of its own
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
     os.lseek(own, offset, os.SEEK_SET)
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()

@@ -79,6 +79,19 @@ def run_child(  # pragma: no cover
         os._exit(code)
 
 
+ACL_DEFAULT = "system.posix_acl_default"
+
+
+def has_default_acl(path: str) -> bool:
+    """Whether the directory *path* (relative to the layer's root) has a default ACL, which
+    gives what is made in it the ACL's permissions instead of those asked for."""
+    try:
+        os.getxattr(path or "/", ACL_DEFAULT, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
 def clean_name(raw: str) -> str:
     """The entry name as a path relative to the layer's root ("" for the root itself).
 
@@ -118,7 +131,10 @@ class Extractor:
         self.lowers = lowers
         self.root = os.geteuid() == 0
         self.safe_dirs: set[str] = {""}
-        self.sgid_dirs: set[str] = set()
+        #: directories whose new entries get another group (setgid) or mode (a default ACL)
+        #: than the ones asked for; the layer's root may be either, made under such a directory
+        self.sgid_dirs: set[str] = {""} if os.lstat("/").st_mode & stat.S_ISGID else set()
+        self.acl_dirs: set[str] = {""} if has_default_acl("") else set()
         self.created: set[str] = set()
         self.dir_times: list[tuple[str, int, int]] = []
         self.size = 0
@@ -157,6 +173,8 @@ class Extractor:
                 elif copied.st_mode & stat.S_ISGID:
                     self.sgid_dirs.add(path)
                 self.safe_dirs.add(path)
+                if has_default_acl(path):
+                    self.acl_dirs.add(path)
                 continue
             if stat.S_ISLNK(st.st_mode):
                 raise UnsafeArchive(f"tar entry {raw!r} goes through the symlink {path!r}")
@@ -165,6 +183,8 @@ class Extractor:
             self.safe_dirs.add(path)
             if st.st_mode & stat.S_ISGID:
                 self.sgid_dirs.add(path)
+            if has_default_acl(path):
+                self.acl_dirs.add(path)
 
     def forget_dirs_under(self, path: str) -> None:
         prefix = path + "/"
@@ -267,6 +287,13 @@ class Extractor:
         else:
             self.sgid_dirs.discard(name)
         self.attrs(name, e, head, is_dir=True, fresh=fresh)
+        # a new directory inherits its parent's default ACL; the tar may carry one of its own
+        if (fresh and head in self.acl_dirs) or (
+            (not fresh or ACL_DEFAULT in e.xattrs) and has_default_acl(name)
+        ):
+            self.acl_dirs.add(name)
+        else:
+            self.acl_dirs.discard(name)
 
     def regular(self, name: str, head: str, e: TarEntry) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -321,6 +348,8 @@ class Extractor:
         no chown; a chown clears setuid/setgid bits, so those are set after it.
         """
         fd_given = isinstance(target, int)
+        if head in self.acl_dirs:  # made with the default ACL's permissions, not the tar's
+            fresh = False
         if self.root and (e.uid or e.gid or head in self.sgid_dirs or not fresh):
             if isinstance(target, int):
                 os.fchown(target, e.uid, e.gid)
