@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
 from . import archive
+from .archive import exact as exact_diff
 from .archive import tarsplit
 from .archive.changes import Change, ChangeKind
 from .archive.streams import DiffStream, big_pipe, tar_writer
@@ -190,7 +191,7 @@ def _exact(
     except tarsplit.RecordError as exc:
         log.warning("layer %s: its exact-diff record is unusable: %s", layer_id, exc)
         return None, None, f"its record is unusable: {exc}"
-    why = tarsplit.stale(checks, root, [(c.path, c.kind == ChangeKind.DELETE) for c in changes])
+    why = exact_diff.stale(checks, root, [(c.path, c.kind == ChangeKind.DELETE) for c in changes])
     if why is not None:
         return None, None, why
     return record, rec.diff_id, None
@@ -245,7 +246,7 @@ def write_tar(
     writer.progress = progress
     try:
         if source.record is not None:
-            tarsplit.replay(source.record, source.root, writer)
+            exact_diff.replay(source.record, source.root, writer)
             writer.flush()
         else:
             if source.reason:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,8 +35,6 @@ from typing import NamedTuple
 import zstandard
 
 from ..errors import ArchiveError
-from ..linux.bind import open_beneath
-from .tar import TarWriter
 
 MAGIC = b"graphdriver-tar-split 2\n"
 #: a record larger than this (compressed) is not kept: the diff is generated instead
@@ -358,116 +355,3 @@ def digest(blob: bytes) -> str:
 
 
 # ------------------------------------------------------------------------ checking and replaying
-
-
-def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | None:
-    """Why the layer at *root* is no longer what the record describes, or None.
-
-    *changes* are the layer's changes against its parent: (absolute path, is a deletion).
-    """
-    # files first: a deleted or rewritten file is named, not the directory that holds it
-    ordered = sorted(checks.present.items(), key=lambda item: stat.S_ISDIR(item[1][0]))
-    for path, (mode, mtime, ctime) in ordered:
-        try:
-            st = os.lstat(f"{root}/{path}" if path else root)
-        except FileNotFoundError:
-            return f"/{path} was removed after apply-diff"
-        if st.st_mode != mode:
-            return f"/{path} changed type or mode after apply-diff"
-        if st.st_mtime_ns != mtime or st.st_ctime_ns != ctime:  # owner, xattrs, links, data
-            what = "the directory /" if stat.S_ISDIR(mode) else "/"
-            return f"{what}{path} changed after apply-diff"
-    for path, deleted in changes:
-        rel = path.lstrip("/")
-        if not deleted:
-            if rel not in checks.present:
-                return f"{path} changed after apply-diff"
-            continue
-        if rel in checks.present and rel not in checks.gone:
-            return f"{path} was deleted after apply-diff"
-        up = rel
-        while up not in checks.gone and not (up != rel and up in checks.opaque):
-            if not up:
-                return f"{path} was deleted after apply-diff"
-            up = up.rpartition("/")[0]
-    return None
-
-
-def replay(record: Record, root: str, writer: TarWriter) -> int:
-    """Write the exact tar the record was made from, file bodies read from *root*; the bytes
-    written. A body that is not the applied one raises :class:`ArchiveError`.
-
-    :func:`stale` found every noted path as apply left it just before. After a body is copied
-    its file is looked at again (fstat of the fd read): the same size, mtime and ctime as after
-    apply mean the bytes read are the applied ones, since every write moves the ctime, which no
-    user can set back (and the kernel's multigrain timestamps give a write after the apply's
-    stat a new one). So a file changed behind the store, even while the diff runs, is an error,
-    never a silently different tar, with no checksum of the bodies (the CRC-32 the record
-    holds was half the cost of a replay; ``check --digests`` hashes the whole tar).
-    """
-    total = 0
-    noted = record.checks().present
-    with _Bodies(root) as bodies:
-        for seg in record.segments():
-            if isinstance(seg, bytes):
-                writer.write_raw(seg)
-                total += len(seg)
-            elif seg.size:  # an empty file has nothing to read (the checks saw it is there)
-                fd = bodies.open(seg.path)
-                try:
-                    _copy_body(seg, noted.get(seg.path), fd, writer)
-                finally:
-                    os.close(fd)
-                total += seg.size
-    return total
-
-
-def _copy_body(seg: Body, noted: tuple[int, int, int] | None, fd: int, writer: TarWriter) -> None:
-    for offset, length in seg.regions or [(0, seg.size)]:
-        if writer.copy_from(fd, offset, length) != length:
-            raise ArchiveError(f"exact diff: /{seg.path} is shorter than when it was applied")
-    st = os.fstat(fd)
-    if (
-        noted is None
-        or (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted
-        or (seg.regions is None and st.st_size != seg.size)
-    ):
-        raise ArchiveError(
-            f"exact diff: /{seg.path} differs from the file that was applied "
-            f"(changed behind the store); the tar written is not the layer's"
-        )
-
-
-class _Bodies:
-    """Opens the files of a layer below its root, following no symlink; the directory of the
-    last one stays open, since a tar's files come directory by directory."""
-
-    _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-    def __init__(self, root: str) -> None:
-        self._root = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._dir = ""
-        self._dir_fd = self._root
-
-    def open(self, path: str) -> int:
-        """An fd of the file *path* (relative, no ``.`` or ``..`` part: see :func:`_body`)."""
-        head, _, name = path.rpartition("/")
-        if head != self._dir:
-            self._close_dir()
-            # below the root, no symlink followed: the checks passed, this is belt and braces
-            if head:
-                self._dir_fd = open_beneath(self._root, head, os.O_PATH | os.O_DIRECTORY)
-            self._dir = head
-        return os.open(name, self._FLAGS, dir_fd=self._dir_fd)
-
-    def _close_dir(self) -> None:
-        if self._dir_fd != self._root:
-            os.close(self._dir_fd)
-        self._dir, self._dir_fd = "", self._root
-
-    def __enter__(self) -> _Bodies:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._close_dir()
-        os.close(self._root)

@@ -1,0 +1,177 @@
+"""Exact diffs, the reading half: whether an applied layer is still as its record says
+(:func:`stale`, before the first byte) and the replay of the applied tar from the record and
+the layer's files (:func:`replay`). The record itself is :mod:`.tarsplit`'s."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import zlib
+from pathlib import Path
+
+from ..errors import ArchiveError
+from ..linux.bind import open_beneath
+from ..linux.fs import fs_name
+from .tar import CHUNK, TarWriter
+from .tarsplit import Body, Checks, Record
+
+
+def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | None:
+    """Why the layer at *root* is no longer what the record describes, or None.
+
+    *changes* are the layer's changes against its parent: (absolute path, is a deletion).
+    """
+    # files first: a deleted or rewritten file is named, not the directory that holds it
+    ordered = sorted(checks.present.items(), key=lambda item: stat.S_ISDIR(item[1][0]))
+    for path, (mode, mtime, ctime) in ordered:
+        try:
+            st = os.lstat(f"{root}/{path}" if path else root)
+        except FileNotFoundError:
+            return f"/{path} was removed after apply-diff"
+        if st.st_mode != mode:
+            return f"/{path} changed type or mode after apply-diff"
+        if st.st_mtime_ns != mtime or st.st_ctime_ns != ctime:  # owner, xattrs, links, data
+            what = "the directory /" if stat.S_ISDIR(mode) else "/"
+            return f"{what}{path} changed after apply-diff"
+    for path, deleted in changes:
+        rel = path.lstrip("/")
+        if not deleted:
+            if rel not in checks.present:
+                return f"{path} changed after apply-diff"
+            continue
+        if rel in checks.present and rel not in checks.gone:
+            return f"{path} was deleted after apply-diff"
+        up = rel
+        while up not in checks.gone and not (up != rel and up in checks.opaque):
+            if not up:
+                return f"{path} was deleted after apply-diff"
+            up = up.rpartition("/")[0]
+    return None
+
+
+#: filesystems whose ctime moves on every write however soon after the last stat, from Linux
+#: 6.13 on (multigrain timestamps); elsewhere a write within one timer tick of apply's stat can
+#: leave mtime and ctime as they were, so replay checks each body's CRC-32 too
+_MULTIGRAIN_FS = frozenset({"btrfs", "extfs", "xfs", "tmpfs"})
+
+
+def fine_ctimes(root: str) -> bool:
+    """Whether every write to a file under *root* gives it a new ctime (see replay)."""
+    version = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    if version is None or (int(version[1]), int(version[2])) < (6, 13):
+        return False
+    try:
+        return fs_name(Path(root)) in _MULTIGRAIN_FS
+    except OSError:
+        return False
+
+
+def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None) -> int:
+    """Write the exact tar the record was made from, file bodies read from *root*; the bytes
+    written. A body that is not the applied one raises :class:`ArchiveError`.
+
+    :func:`stale` found every noted path as apply left it just before. After a body is copied
+    its file is looked at again (fstat of the fd read): the same size, mtime and ctime as after
+    apply mean the bytes read are the applied ones, since every write moves the ctime, which no
+    user can set back. That holds where the kernel's multigrain timestamps give even a write
+    right after apply's stat a new ctime (:func:`fine_ctimes`): there no body is checksummed
+    and large ones go by sendfile. Elsewhere, or with *crc* True, each body's CRC-32 is checked
+    against the record as well (tar-split checks its CRC-64 the same way); ``check --digests``
+    hashes the whole tar.
+    """
+    total = 0
+    noted = record.checks().present
+    check = fine_ctimes(root) is False if crc is None else crc
+    with _Bodies(root) as bodies:
+        for seg in record.segments():
+            if isinstance(seg, bytes):
+                writer.write_raw(seg)
+                total += len(seg)
+            elif seg.size:  # an empty file has nothing to read (the checks saw it is there)
+                fd = bodies.open(seg.path)
+                try:
+                    (_copy_checked if check else _copy_body)(seg, fd, writer)
+                    _same_as_applied(seg, noted.get(seg.path), fd)
+                finally:
+                    os.close(fd)
+                total += seg.size
+    return total
+
+
+def _shorter(seg: Body) -> ArchiveError:
+    return ArchiveError(f"exact diff: /{seg.path} is shorter than when it was applied")
+
+
+def _differs(seg: Body) -> ArchiveError:
+    return ArchiveError(
+        f"exact diff: /{seg.path} differs from the file that was applied "
+        f"(changed behind the store); the tar written is not the layer's"
+    )
+
+
+def _copy_body(seg: Body, fd: int, writer: TarWriter) -> None:
+    for offset, length in seg.regions or [(0, seg.size)]:
+        if writer.copy_from(fd, offset, length) != length:
+            raise _shorter(seg)
+
+
+def _copy_checked(seg: Body, fd: int, writer: TarWriter) -> None:
+    """_copy_body through user space, checking the bytes' CRC-32 against the record."""
+    crc = 0
+    for offset, length in seg.regions or [(0, seg.size)]:
+        done = 0
+        while done < length:
+            data = os.pread(fd, min(CHUNK, length - done), offset + done)
+            if not data:
+                raise _shorter(seg)
+            crc = zlib.crc32(data, crc)
+            writer.write_raw(data)
+            done += len(data)
+    if crc != seg.crc:
+        raise _differs(seg)
+
+
+def _same_as_applied(seg: Body, noted: tuple[int, int, int] | None, fd: int) -> None:
+    st = os.fstat(fd)
+    if (
+        noted is None
+        or (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted
+        or (seg.regions is None and st.st_size != seg.size)
+    ):
+        raise _differs(seg)
+
+
+class _Bodies:
+    """Opens the files of a layer below its root, following no symlink; the directory of the
+    last one stays open, since a tar's files come directory by directory."""
+
+    _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def __init__(self, root: str) -> None:
+        self._root = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir = ""
+        self._dir_fd = self._root
+
+    def open(self, path: str) -> int:
+        """An fd of the file *path* (relative, no ``.`` or ``..`` part: see :func:`_body`)."""
+        head, _, name = path.rpartition("/")
+        if head != self._dir:
+            self._close_dir()
+            # below the root, no symlink followed: the checks passed, this is belt and braces
+            if head:
+                self._dir_fd = open_beneath(self._root, head, os.O_PATH | os.O_DIRECTORY)
+            self._dir = head
+        return os.open(name, self._FLAGS, dir_fd=self._dir_fd)
+
+    def _close_dir(self) -> None:
+        if self._dir_fd != self._root:
+            os.close(self._dir_fd)
+        self._dir, self._dir_fd = "", self._root
+
+    def __enter__(self) -> _Bodies:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_dir()
+        os.close(self._root)
