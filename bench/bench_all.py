@@ -41,6 +41,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,12 +105,14 @@ def plus(a: Run, b: Run) -> Run:
 
 
 class Podman:
-    """podman with a private root and run root on the benchmark's filesystem."""
+    """podman with a private root on the benchmark's filesystem and a private run root (in
+    /tmp: podman refuses a run root path over 50 characters)."""
 
     def __init__(self, base: Path, driver: str) -> None:
         self.base = base
         self.driver = driver
-        self.cmd = ["podman", "--root", str(base / "root"), "--runroot", str(base / "run"),
+        self.run_root = Path(tempfile.mkdtemp(prefix="gdpm-"))
+        self.cmd = ["podman", "--root", str(base / "root"), "--runroot", str(self.run_root),
                     "--storage-driver", driver, "--events-backend", "none"]  # fmt: skip
 
     def __call__(self, *args: str) -> list[str]:
@@ -123,6 +126,8 @@ class Podman:
             for sub in sorted((self.base / "root").glob("btrfs/subvolumes/*"), reverse=True):
                 subprocess.run(["btrfs", "subvolume", "delete", str(sub)], capture_output=True)
         data.rmtree(self.base)
+        unmount_all_under(self.run_root)
+        shutil.rmtree(self.run_root, ignore_errors=True)
 
 
 def podman_ok() -> str | None:
