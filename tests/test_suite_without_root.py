@@ -6,13 +6,13 @@ The suite runs as a real unprivileged user (``runuser``), in a pytest of its own
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pwd
 import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,11 +68,45 @@ def workdir(user: str) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _copy_packages(dest: Path) -> None:
+    """Copy into *dest* (the user's site-packages) what the suite imports: graphdriver, the
+    vfs driver, pytest and what they require, modules and dist-info (entry points) alike; an
+    editable install's source folders (its .pth lines) are copied whole. The user then reads
+    nothing below root's folders (a tox env's .tox is 0700, a pyenv lives in /root)."""
+    todo, seen = ["graphdriver", "graphdriver-vfs", "pytest"], set()
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [
+            m[0] for r in dist.requires or [] if (m := re.match(r"[\w.-]+", r)) and "extra" not in r
+        ]
+        for file in dist.files or []:
+            src = Path(str(dist.locate_file(file)))
+            if file.parts[0] == ".." or "__pycache__" in file.parts or not src.is_file():
+                continue
+            if file.suffix == ".pth":
+                for line in src.read_text().splitlines():
+                    if line and not line.startswith(("#", "import")) and Path(line).is_dir():
+                        shutil.copytree(line, dest, dirs_exist_ok=True, ignore=_NOT_SOURCE)
+                continue
+            (dest / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / file)
+
+
+_NOT_SOURCE = shutil.ignore_patterns("__pycache__", "*.egg-info")
+
+
 @pytest.fixture(scope="module")
 def python(user: str, workdir: Path) -> str:
     """An interpreter the user can run that imports this environment's packages: this one, or,
-    when it lives under a folder only root may enter (a pyenv in /root), a venv of the system's
-    Python of the same version whose .pth adds this environment's site-packages."""
+    when it lives under a folder only root may enter (a pyenv in /root, a tox env), a venv of
+    the system's Python of the same version holding copies of the packages the suite needs."""
     probe = "import graphdriver.testing, graphdriver_vfs, pytest"
     if _as(user, sys.executable, "-c", probe).returncode == 0:
         return sys.executable
@@ -83,14 +117,13 @@ def python(user: str, workdir: Path) -> str:
     venv = workdir / "venv"
     made = _as(user, system, "-m", "venv", "--without-pip", str(venv))
     assert made.returncode == 0, made.stderr
-    dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    lines = [f"import site; site.addsitedir({d!r})" for d in sorted(dirs)]
     own = str(venv / "bin" / "python")
     purelib = _as(user, own, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    (Path(purelib.stdout.strip()) / "graphdriver-tests.pth").write_text("\n".join(lines) + "\n")
+    _copy_packages(Path(purelib.stdout.strip()))
+    for path in [workdir, *workdir.rglob("*")]:
+        os.lchown(path, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
     reach = _as(user, own, "-c", probe)
-    if reach.returncode != 0:
-        host_lacks(f"user {user} cannot import this environment's packages: {reach.stderr[-300:]}")
+    assert reach.returncode == 0, f"user {user} cannot import the copied packages: {reach.stderr}"
     return own
 
 

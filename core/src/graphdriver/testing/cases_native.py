@@ -14,6 +14,9 @@ from ..archive import tree_changes, write_changes_tar
 from ..archive.tar import TarWriter
 from .base import ConformanceBase
 from .groups import group
+from .require import needs_root
+
+CHOWNS = "the changes include a chown to another owner"
 
 #: a fixed time for what the steps date explicitly
 _WHEN = 1_600_000_000
@@ -123,6 +126,7 @@ class NativeDiffCases(ConformanceBase):
 
     @group("diff")
     def test_native_changes_of_a_container_layer_match_the_walk(self, store: LayerStore) -> None:
+        needs_root(CHOWNS)
         base = self.base_with(store, _parent_steps)
         store.create_rw("native-rw", base)
         self.fill(store, "native-rw", _child_steps)
@@ -130,6 +134,7 @@ class NativeDiffCases(ConformanceBase):
 
     @group("diff")
     def test_native_changes_of_an_image_layer_match_the_walk(self, store: LayerStore) -> None:
+        needs_root(CHOWNS)
         base = self.base_with(store, _parent_steps)
         store.create("native-image", base)
         self.fill(store, "native-image", _child_steps)
