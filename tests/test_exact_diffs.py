@@ -143,14 +143,16 @@ def test_a_record_naming_a_file_outside_the_layer_is_not_replayed(gd: GD, tmp_pa
     header.size, header.mtime = len(secret), 1_650_000_000
     head = header.tobuf(tarfile.GNU_FORMAT)
     tail = b"\0" * (-len(secret) % 512) + b"\0" * 1024
-    rec = tarsplit.Recorder()
+    rec = tarsplit.SegmentRecorder()
     rec.raw(head)
     rec.start_body()
     rec.body("../../../secret", len(secret), zlib.crc32(secret), None)
     rec.raw(tail)
-    rec.touch("x")
-    blob = rec.finish(lambda p: os.lstat(layer_dir / p))
-    assert blob is not None
+    paths = tarsplit.PathRecorder()
+    paths.touch("x")
+    segments, table = rec.finish(), paths.finish(lambda p: os.lstat(layer_dir / p))
+    assert segments is not None and table is not None
+    blob = tarsplit.join(segments, table)
     forged = head + secret + tail
     with _db(gd) as db:
         db.execute(

@@ -21,13 +21,13 @@ FILES = {"etc/small": b"small body\n", "usr/big": os.urandom(KERNEL_COPY * 3 + 1
 def _record(root: Path, crcs: dict[str, int] | None = None) -> tuple[bytes, bytes]:
     """The files of FILES under *root*, the record an apply of their tar keeps, and the tar
     (*crcs*: a CRC-32 to record instead of the body's own)."""
-    rec = tarsplit.Recorder()
+    rec, paths = tarsplit.SegmentRecorder(), tarsplit.PathRecorder()
     tar = b""
     for path, data in FILES.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(data)
         header = encode_header(path, REGTYPE, mode=0o644, size=len(data), mtime=1)
-        rec.touch(path)
+        paths.touch(path)
         rec.raw(header)
         rec.start_body()
         rec.body(path, len(data), (crcs or {}).get(path, zlib.crc32(data)), None)
@@ -36,9 +36,10 @@ def _record(root: Path, crcs: dict[str, int] | None = None) -> tuple[bytes, byte
         tar += header + data + padding
     rec.raw(b"\0" * 2 * BLOCK)
     tar += b"\0" * 2 * BLOCK
-    blob = rec.finish(lambda p: os.lstat(root / p) if p else os.lstat(root))
-    assert blob is not None
-    return blob, tar
+    segments = rec.finish()
+    table = paths.finish(lambda p: os.lstat(root / p) if p else os.lstat(root))
+    assert segments is not None and table is not None
+    return tarsplit.join(segments, table), tar
 
 
 def _replay(blob: bytes, root: Path, out: Path, flags: int = 0, crc: bool | None = None) -> bytes:

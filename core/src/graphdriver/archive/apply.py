@@ -22,13 +22,14 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
-from .extract import Sandbox, run_child
+from . import tarsplit
+from .extract import Sandbox, body_path, run_child
+from .feed import Feeder
 from .streams import LayerDecoder, big_pipe, compression_of
 from .tar import CHUNK
-from .tar_reader import write_all
 
 log = logging.getLogger(__name__)
 
@@ -78,59 +79,123 @@ def apply_layer(
         for lower in lowers:
             lower_fds.append(os.open(lower, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         direct = _plain_file(stream)
-        if direct is not None:
-            done = _apply_file(target, *direct, Sandbox(whiteouts, lower_fds, record), progress)
-            if done is not None:
-                return done
-        return _apply_stream(target, stream, Sandbox(whiteouts, lower_fds, record), progress)
+        source = _FileSource(*direct) if direct else _StreamSource(stream)
+        source.progress = progress
+        return _apply(target, source, Sandbox(whiteouts, lower_fds, record))
     finally:
         for fd in lower_fds:
             os.close(fd)
 
 
-def _apply_stream(
-    target: Path,
-    stream: BinaryIO,
-    sandbox: Sandbox,
-    progress: Callable[[int], None] | None,
-) -> ApplyResult:
-    """apply_layer for any stream: decoded and hashed here, fed to the sandbox by a pipe."""
-    head = stream.read(8)
-    data_r, data_w = big_pipe()
+def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) -> ApplyResult:
+    """Fork the sandbox, feed it the tar *source* reads, and read its report."""
+    data_fd = source.reopen()  # the sandbox reads a tar file's data itself, else it comes inline
+    frames_r, frames_w = big_pipe()
     res_r, res_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
-        os.close(data_w)
+        os.close(frames_w)
         os.close(res_r)
-        run_child(str(target), data_r, res_w, sandbox)
-    os.close(data_r)
+        run_child(str(target), frames_r, data_fd, res_w, sandbox)
+    os.close(frames_r)
     os.close(res_w)
-    digest = hashlib.sha256()
-    tar_size = 0
+    if data_fd is not None:
+        os.close(data_fd)
+    segments = tarsplit.SegmentRecorder() if sandbox.record else None
     feed_error: GraphDriverError | None = None
-    decoding = _Decoding(stream, head)
+    feeder = Feeder(
+        source.read, frames_w, inline=data_fd is None, segments=segments, body_path=body_path
+    )
     try:
-        for plain, used in decoding:
-            if plain:
-                digest.update(plain)
-                tar_size += len(plain)
-                write_all(data_w, plain)
-            if progress is not None:
-                progress(used)
+        feeder.run()
     except BrokenPipeError:
-        decoding.stop()  # the child stopped reading: its report says why
+        pass  # the sandbox stopped reading: its report says why
     except GraphDriverError as exc:
         feed_error = exc
     except BaseException:
-        decoding.stop()
         os.kill(pid, signal.SIGKILL)
         raise
     finally:
-        os.close(data_w)
+        source.stop()
+        os.close(frames_w)
         report = _read_all(res_r)
         os.close(res_r)
         _, status = os.waitpid(pid, 0)
-    return _result(report, status, feed_error, digest, decoding.kind, tar_size)
+    return _result(report, status, feed_error, source, segments)
+
+
+class _FileSource:
+    """A plain tar in a regular file, read with pread (the caller's offset stays) and hashed."""
+
+    kind = "none"
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self._fd = fd
+        self._pos = offset
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.progress: Callable[[int], None] | None = None
+
+    def reopen(self) -> int | None:
+        """The tar file opened again at the tar's start, an offset of its own for the sandbox;
+        None where it cannot be (an fd handed over by a more privileged process, ``sudo -u
+        user graphdriver apply-diff L < /root/layer.tar``): then the data goes inline."""
+        try:
+            fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        os.lseek(fd, self._pos, os.SEEK_SET)
+        return fd
+
+    def read(self, n: int) -> bytes:
+        chunk = os.pread(self._fd, n, self._pos)
+        self._pos += len(chunk)
+        self.size += len(chunk)
+        self.digest.update(chunk)
+        if self.progress is not None:
+            self.progress(len(chunk))
+        return chunk
+
+    def stop(self) -> None:
+        pass
+
+
+class _StreamSource:
+    """Any other stream: gzip or zstd undone in a thread of its own (:class:`_Decoding`),
+    the plain tar hashed and handed out in pieces of at most what is asked for."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._decoding = _Decoding(stream, stream.read(8))
+        self._pieces = iter(self._decoding)
+        self.kind = self._decoding.kind
+        self._plain = b""
+        self._pos = 0
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.progress: Callable[[int], None] | None = None
+
+    def reopen(self) -> None:
+        """None: the data goes inline."""
+        return
+
+    def read(self, n: int) -> bytes:
+        while self._pos >= len(self._plain):
+            item = next(self._pieces, None)
+            if item is None:
+                return b""
+            self._plain, self._pos = item[0], 0
+            self.digest.update(self._plain)
+            self.size += len(self._plain)
+            if self.progress is not None:
+                self.progress(item[1])
+        pos = self._pos
+        self._pos = pos + n
+        if pos == 0 and n >= len(self._plain):
+            return self._plain
+        return self._plain[pos : pos + n]
+
+    def stop(self) -> None:
+        self._decoding.stop()
 
 
 class _Decoding:
@@ -204,56 +269,14 @@ def _plain_file(stream: BinaryIO) -> tuple[int, int] | None:
     return fd, offset
 
 
-def _apply_file(
-    target: Path,
-    fd: int,
-    offset: int,
-    sandbox: Sandbox,
-    progress: Callable[[int], None] | None,
-) -> ApplyResult | None:
-    """apply_layer for a plain tar in a regular file: the sandbox reads the file itself while
-    this process hashes it, so no byte goes through a pipe. None (nothing done) when the file
-    cannot be opened again: an fd handed over by a more privileged process (``sudo -u user
-    graphdriver apply-diff L < /root/layer.tar``) is read as a stream."""
-    try:  # an offset of its own
-        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    os.lseek(own, offset, os.SEEK_SET)
-    res_r, res_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
-        os.close(res_r)
-        run_child(str(target), own, res_w, sandbox)
-    os.close(own)
-    os.close(res_w)
-    digest = hashlib.sha256()
-    pos = offset
-    try:
-        while chunk := os.pread(fd, CHUNK, pos):
-            digest.update(chunk)
-            pos += len(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        raise
-    finally:
-        report = _read_all(res_r)
-        os.close(res_r)
-        _, status = os.waitpid(pid, 0)
-    return _result(report, status, None, digest, "none", pos - offset)
-
-
 def _result(
     report: bytes,
     status: int,
     feed_error: GraphDriverError | None,
-    digest: Any,
-    compression: str,
-    tar_size: int,
+    source: _FileSource | _StreamSource,
+    segments: tarsplit.SegmentRecorder | None,
 ) -> ApplyResult:
-    line, _, blob = report.partition(b"\n")
+    line, _, table = report.partition(b"\n")
     result = json.loads(line) if line else {}
     if result.get("unsafe"):
         raise UnsafeArchive(result["error"])
@@ -263,19 +286,26 @@ def _result(
         raise ArchiveError(result["error"], errno_=result.get("errno"))
     if status != 0 or "size" not in result:
         raise ArchiveError(f"the extraction process died ({_describe(status)})")
-    if tar_size == 0:
+    if source.size == 0:
         log.warning(
             "the layer stream was empty (0 bytes): applied as an empty layer, as Docker does"
         )
-    no_record = result.get("no_record")
-    if blob and result.get("tar_size") != tar_size:  # never: the sandbox read what was hashed
-        no_record, blob = "its record does not cover the whole tar", b""
+    record, no_record = None, None
+    if segments is not None:
+        no_record = segments.failed or result.get("no_record")
+        if no_record is None and segments.tar_size != source.size:  # never: read what it hashed
+            no_record = "its record does not cover the whole tar"
+        parts = segments.finish() if no_record is None else None
+        if parts is not None and table:
+            record = tarsplit.join(parts, table)
+        else:
+            no_record = no_record or segments.failed or "its check table is missing"
     return ApplyResult(
         size=int(result["size"]),
-        diff_id="sha256:" + digest.hexdigest(),
-        compression=compression,
-        tar_size=tar_size,
-        record=blob or None,
+        diff_id="sha256:" + source.digest.hexdigest(),
+        compression=source.kind,
+        tar_size=source.size,
+        record=record,
         no_record=no_record,
     )
 

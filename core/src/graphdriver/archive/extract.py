@@ -1,5 +1,6 @@
 """The sandboxed extractor: the forked child of :func:`.apply.apply_layer` that has chrooted
-into the layer and unpacks the tar it reads, refusing every entry that would leave the layer.
+into the layer and unpacks the entries the parent parsed and sends (:mod:`.feed`), refusing
+every entry that would leave the layer.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import os
 import shutil
 import signal
 import stat
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ArchiveError, UnsafeArchive
 from ..linux.libc import LIBC
 from . import sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
+from .feed import FedReader
 from .tar import BLKTYPE, CHRTYPE, DIRTYPE, FIFOTYPE, LNKTYPE, SYMTYPE, TarEntry
 from .tar_reader import TarReader, write_all
 
@@ -37,10 +38,11 @@ class Sandbox:
 
 
 def run_child(  # pragma: no cover
-    target: str, data_fd: int, res_fd: int, sandbox: Sandbox
+    target: str, frames_fd: int, data_fd: int | None, res_fd: int, sandbox: Sandbox
 ) -> None:
-    """The forked child: chroot into *target*, extract the tar read from *data_fd*, report
-    one JSON line (and the record) on *res_fd*, and exit."""
+    """The forked child: chroot into *target*, extract the entries read from *frames_fd* (a
+    :class:`.feed.Feeder`'s frames) with their data from *data_fd* (the tar file) or inline,
+    report one JSON line (and the record's check table) on *res_fd*, and exit."""
     code = 0
     report: dict[str, object]
     blob = b""
@@ -51,15 +53,15 @@ def run_child(  # pragma: no cover
         os.chdir("/")
         os.umask(0)
         lowers = LowerDirs(sandbox.lower_fds) if sandbox.lower_fds else None
-        reader = TarReader(data_fd)
-        recorder = tarsplit.Recorder() if sandbox.record else None
-        if recorder is not None:
-            reader.tap, reader.tap_body = recorder.raw, recorder.start_body
+        reader = FedReader(frames_fd, data_fd)
+        recorder = tarsplit.PathRecorder() if sandbox.record else None
         size = Extractor(reader, sandbox.whiteouts, lowers, recorder).run()
         report = {"size": size}
         if recorder is not None:
+            if reader.unwritten is not None:
+                recorder.fail(f"the data of {reader.unwritten!r} was not written")
             blob = recorder.finish(lambda p: os.lstat(p or "/")) or b""
-            report.update(tar_size=recorder.tar_size, no_record=recorder.failed)
+            report.update(no_record=recorder.failed)
     except UnsafeArchive as exc:
         report, code = {"error": str(exc), "unsafe": True}, 1
     except ArchiveError as exc:
@@ -117,13 +119,29 @@ def clean_name(raw: str) -> str:
     return "/".join(parts)
 
 
+def body_path(e: TarEntry) -> str | None:
+    """Where the extractor writes the data of the entry *e*: a regular file's path in the
+    layer, or None (not a regular file, a whiteout, the root, or a name it refuses). The
+    parent decides with it which data to send (:mod:`.feed`); :meth:`Extractor.entry` sorts
+    entries the same way."""
+    if not e.is_file:
+        return None
+    try:
+        name = clean_name(e.name)
+    except UnsafeArchive:
+        return None  # the sandbox refuses it and says why
+    if not name or name.rpartition("/")[2].startswith(whiteout.PREFIX):
+        return None
+    return name
+
+
 class Extractor:
     def __init__(
         self,
         reader: TarReader,
         whiteouts: str,
         lowers: LowerDirs | None,
-        recorder: tarsplit.Recorder | None = None,
+        recorder: tarsplit.PathRecorder | None = None,
     ) -> None:
         self.reader = reader
         self.recorder = recorder
@@ -303,33 +321,17 @@ class Extractor:
             self.remove(name)
             fd = os.open(name, flags, e.mode & 0o777)
         try:
-            recorder = self.recorder
             if e.sparse is not None:
-                crc = self._sparse(fd, e)
+                sparse.check_fits(e.size, e.name)
+                sparse.write_regions(fd, e.sparse, self.reader.data(), e.size)
             else:
-                crc = self.reader.write_to(fd, recorder is not None)
-            if recorder is not None:
-                stored = e.size if e.sparse is None else sum(n for _, n in e.sparse)
-                recorder.body(name, stored, crc, e.sparse)
+                self.reader.write_to(fd, False)
+            if self.recorder is not None:
+                self.recorder.wrote(name)
             self.size += e.size
             self.attrs(fd, e, head, fresh=True)
         finally:
             os.close(fd)
-
-    def _sparse(self, fd: int, e: TarEntry) -> int:
-        """Write a sparse file's regions; the CRC-32 of the data the tar carried."""
-        assert e.sparse is not None
-        sparse.check_fits(e.size, e.name)
-        crc = 0
-
-        def counted() -> Iterator[bytes | memoryview]:
-            nonlocal crc
-            for piece in self.reader.data():
-                crc = zlib.crc32(piece, crc)
-                yield piece
-
-        sparse.write_regions(fd, e.sparse, counted(), e.size)
-        return crc
 
     def attrs(
         self,

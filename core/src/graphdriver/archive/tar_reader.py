@@ -187,7 +187,7 @@ def _pax_fields(entry: TarEntry, block: bytes, pax: dict[str, bytes]) -> None:
         entry.xattrs = xattrs
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """os.write until all of *data* is written."""
     view = memoryview(data)
     while view:
@@ -198,12 +198,23 @@ class TarReader:
     """Reads tar entries from a file descriptor; per entry, call :meth:`write_to`,
     :meth:`data` or :meth:`skip` (or nothing: the next entry skips what is left)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, read: Callable[[int], bytes] | None = None) -> None:
+        """Reads *fd*, or calls *read* (a function that returns at most the bytes asked for,
+        b"" at the end) where one is given."""
         self._fd = fd
-        mode = os.fstat(fd).st_mode
-        self._move: Callable[[int, int, int], int] | None = (
-            os.copy_file_range if stat.S_ISREG(mode) else os.splice if stat.S_ISFIFO(mode) else None
-        )
+        self._move: Callable[[int, int, int], int] | None = None
+        if read is None:
+            mode = os.fstat(fd).st_mode
+            self._move = (
+                os.copy_file_range
+                if stat.S_ISREG(mode)
+                else os.splice
+                if stat.S_ISFIFO(mode)
+                else None
+            )
+            self._input: Callable[[int], bytes] = lambda n: os.read(fd, n)
+        else:
+            self._input = read
         self._buf = b""
         self._pos = 0
         self._base = 0  # offset in the input of _buf[0]
@@ -219,6 +230,11 @@ class TarReader:
         #: called where a regular file's data starts, after the tap got what came before it
         #: (tarsplit.Recorder.start_body)
         self.tap_body: Callable[[], None] | None = None
+
+    @property
+    def data_left(self) -> int:
+        """Bytes of the current entry's data (as the tar carries it) not consumed yet."""
+        return self._data_left
 
     @property
     def offset(self) -> int:
@@ -243,7 +259,7 @@ class TarReader:
         parts = [rest]
         have = len(rest)
         while have < n:
-            chunk = os.read(self._fd, max(CHUNK, n - have))
+            chunk = self._input(max(CHUNK, n - have))
             if not chunk:
                 break
             parts.append(chunk)
@@ -417,7 +433,7 @@ class TarReader:
         """The next slice of the current entry's data."""
         if self._pos == len(self._buf):
             if self._data_left >= CHUNK:  # large file: hand over reads without buffering
-                chunk = os.read(self._fd, CHUNK)
+                chunk = self._input(CHUNK)
                 if not chunk:
                     self._truncated()
                 self._data_left -= len(chunk)

@@ -2,13 +2,14 @@
 containers/storage call it tar-split), so that ``diff`` of that layer, while it is unchanged,
 gives back the very bytes that were applied.
 
-A record is made in the apply sandbox as the tar is read: every byte the reader consumes that
-does not land in a file (headers, PAX and GNU extension data, padding, a sparse map, the end
-marker, anything after it, the body of an entry that is not a regular file) is kept as is; a
-regular file's body is kept as a reference (its path in the layer, its size, its CRC-32 and, for
-a sparse file, the regions the tar carried). After the extraction the sandbox notes, for every
-path the tar touched, what the layer then held (type and mode, mtime, ctime), and which paths it
-deleted or made opaque.
+A record is made in two halves. Where the tar is parsed (the parent of the apply sandbox,
+:class:`SegmentRecorder`), every byte the reader consumes that does not land in a file (headers,
+PAX and GNU extension data, padding, a sparse map, the end marker, anything after it, the body of
+an entry that is not a regular file) is kept as is; a regular file's body is kept as a reference
+(its path in the layer, its size, its CRC-32 and, for a sparse file, the regions the tar
+carried). Where it is extracted (the sandbox, :class:`PathRecorder`), the paths the tar wrote,
+touched, deleted or made opaque are noted, and after the extraction what the layer then held at
+each (type and mode, mtime, ctime). :func:`join` makes the record of the two.
 
 ``diff`` uses a record only when the layer still is what apply left: every noted path has the
 same type, mode, mtime and ctime, and every change the layer shows against its
@@ -64,9 +65,10 @@ def _path_bytes(path: str) -> bytes:
 # ------------------------------------------------------------------------------ making records
 
 
-class Recorder:
-    """Builds a record while the sandbox extracts; the reader feeds :meth:`raw`, the extractor
-    says which body went to which file, what it touched and what it removed."""
+class SegmentRecorder:
+    """The segments of a record, built where the tar is parsed (the parent of the apply
+    sandbox): the reader feeds :meth:`raw`, and each regular file's body that the sandbox
+    writes is noted with :meth:`body`."""
 
     def __init__(self) -> None:
         self._z = zstandard.ZstdCompressor(level=_LEVEL).compressobj()
@@ -78,10 +80,6 @@ class Recorder:
         self.failed: str | None = None
         #: bytes of the tar the record accounts for
         self.tar_size = 0
-        self.bodies: set[str] = set()
-        self.touched: set[str] = {""}
-        self.gone: set[str] = set()
-        self.opaque: set[str] = set()
 
     def fail(self, why: str) -> None:
         if self.failed is None:
@@ -134,7 +132,6 @@ class Recorder:
         if self.failed is not None:
             return
         self.tar_size += size
-        self.bodies.add(path)
         data = path.encode("utf-8", "surrogateescape")
         self._pending += _BODY + _U32.pack(len(data)) + data
         if regions:
@@ -142,6 +139,39 @@ class Recorder:
             self._put(b"".join(_REGION.pack(o, n) for o, n in regions))
         else:
             self._put(_BODY_FIELDS.pack(size, crc, 0))
+
+    def finish(self) -> bytes | None:
+        """The segments part of the record (None if none can be kept), once the tar is read."""
+        if self.failed is not None:
+            return None
+        self._flush_raw()
+        self._put(_END)
+        self._compress()
+        if self.failed is not None:
+            return None
+        return b"".join(self._parts) + self._z.flush()
+
+
+class PathRecorder:
+    """The check table of a record, built where the tar is extracted (the apply sandbox):
+    which paths the tar wrote, touched, removed or made opaque, and then what the layer holds
+    at each of them."""
+
+    def __init__(self) -> None:
+        #: why no record can be kept (None while it can)
+        self.failed: str | None = None
+        self.bodies: set[str] = set()
+        self.touched: set[str] = {""}
+        self.gone: set[str] = set()
+        self.opaque: set[str] = set()
+
+    def fail(self, why: str) -> None:
+        if self.failed is None:
+            self.failed = why
+
+    def wrote(self, path: str) -> None:
+        """A regular file's body from the tar was written at *path*."""
+        self.bodies.add(path)
 
     def touch(self, path: str) -> None:
         """*path* and the directories above it were made or changed by the tar."""
@@ -164,16 +194,10 @@ class Recorder:
         self.opaque.add(path)
 
     def finish(self, lstat: Callable[[str], os.stat_result]) -> bytes | None:
-        """The record (None if none can be kept), once the extraction is complete; *lstat*
-        reads what the layer holds at a path relative to its root."""
+        """The check table (None if no record can be kept), once the extraction is complete;
+        *lstat* reads what the layer holds at a path relative to its root."""
         if self.failed is not None:
             return None
-        self._flush_raw()
-        self._put(_END)
-        self._compress()
-        if self.failed is not None:
-            return None
-        segments = b"".join(self._parts) + self._z.flush()
         table = bytearray()
         for path in sorted(self.touched):
             try:
@@ -188,8 +212,12 @@ class Recorder:
             for path in sorted(paths):
                 table += tag + _path_bytes(path)
         table += _DONE
-        checks = zstandard.ZstdCompressor(level=_LEVEL).compress(bytes(table))
-        return MAGIC + _U64.pack(len(segments)) + segments + checks
+        return zstandard.ZstdCompressor(level=_LEVEL).compress(bytes(table))
+
+
+def join(segments: bytes, checks: bytes) -> bytes:
+    """A record from its two parts."""
+    return MAGIC + _U64.pack(len(segments)) + segments + checks
 
 
 # ----------------------------------------------------------------------------- reading records

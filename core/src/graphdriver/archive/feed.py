@@ -1,0 +1,178 @@
+"""The pipe between the two halves of an apply: the parent (:mod:`.apply`) parses the tar, which
+it reads whole anyway to hash it, keeps the exact-diff record's segments, and tells the
+sandboxed child (:mod:`.extract`) what to write: the entries, and where the data of the regular
+files among them is. Parsing, hashing and recording so run beside the extraction, on another
+core, and the child spends its time on the filesystem.
+
+On the pipe, frames: ``E`` and a length, then that many bytes of a pickled list of
+(entry, bytes of data, offset), and ``Z`` at the end of the tar. The bytes of data are None for
+an entry whose data the child does not write; a sparse file's data is counted as the tar
+carries it. Where the tar is a regular file the child reads the data from the file itself, at
+each offset (in the plain tar; they only grow). Otherwise (a pipe, a compressed layer: *inline*)
+the data of a frame's entries follows the frame on the pipe, in their order. A pipe that ends
+before ``Z`` was cut (the parent stopped on a bad tar or died): the child stops with an error,
+and the parent says why.
+
+Only the parent's own pickles cross the pipe: the child trusts them as it trusts its own
+memory. Whatever they name, the child writes inside its chroot.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+
+from ..errors import ArchiveError
+from .tar import TarEntry
+from .tar_reader import TarReader, write_all
+from .tarsplit import SegmentRecorder
+
+_FRAME = struct.Struct("<cI")
+_ENTRIES, _END = b"E", b"Z"
+#: data gathered before a frame and its data are written: about what the pipe holds
+_BATCH = 1 << 20
+#: entries in one frame at most, so that the child starts on the first ones early
+_MAX_ENTRIES = 256
+
+Sent = tuple[TarEntry, int | None, int]
+
+
+class Feeder:
+    """The parent's half: parse the plain tar that *read* returns, keep the record's segments
+    in *segments*, and send the child its frames on *fd*, with the data *inline* or not.
+    *body_path* says where the child writes an entry's data (None: it does not)."""
+
+    def __init__(
+        self,
+        read: Callable[[int], bytes],
+        fd: int,
+        *,
+        inline: bool,
+        segments: SegmentRecorder | None,
+        body_path: Callable[[TarEntry], str | None],
+    ) -> None:
+        self.reader = TarReader(-1, read)
+        if segments is not None:
+            self.reader.tap, self.reader.tap_body = segments.raw, segments.start_body
+        self._segments = segments
+        self._fd = fd
+        self._inline = inline
+        self._body_path = body_path
+        self._entries: list[Sent] = []
+        self._data = bytearray()
+        self._framed = False  # the current entry's frame was written: its data goes straight on
+
+    def run(self) -> None:
+        """Send the whole tar, then the end frame."""
+        reader = self.reader
+        for entry in reader:
+            path = self._body_path(entry)
+            if path is None:
+                self._entries.append((entry, None, 0))  # its data, if any, stays in the raw part
+            else:
+                self._entries.append((entry, reader.data_left, reader.offset))
+                if self._inline or self._segments is not None:
+                    self._body(path, entry)
+            if len(self._entries) >= _MAX_ENTRIES:
+                self._flush()
+        reader.drain()
+        self._flush()
+        write_all(self._fd, _FRAME.pack(_END, 0))
+
+    def _body(self, path: str, entry: TarEntry) -> None:
+        """Read the data of the entry at *path*: its CRC-32 for the record, the data itself
+        for the child if inline."""
+        segments = self._segments
+        size = self.reader.data_left
+        crc = 0
+        for piece in self.reader.data():
+            if segments is not None:
+                crc = zlib.crc32(piece, crc)
+            if self._inline:
+                self._send(piece)
+        if segments is not None:
+            segments.body(path, size, crc, entry.sparse)
+        if self._framed:  # what is gathered belongs to a frame already sent
+            self._write_data()
+            self._framed = False
+
+    def _send(self, piece: bytes | memoryview) -> None:
+        if len(self._data) + len(piece) <= _BATCH:
+            self._data += piece
+            return
+        self._flush()
+        self._framed = True
+        if len(piece) >= _BATCH // 2:
+            write_all(self._fd, piece)
+        else:
+            self._data += piece
+
+    def _flush(self) -> None:
+        """Write the frame of the entries gathered, then their data."""
+        if self._entries:
+            frame = pickle.dumps(self._entries, protocol=pickle.HIGHEST_PROTOCOL)
+            write_all(self._fd, _FRAME.pack(_ENTRIES, len(frame)) + frame)
+            self._entries.clear()
+        self._write_data()
+
+    def _write_data(self) -> None:
+        if self._data:
+            write_all(self._fd, self._data)
+            self._data.clear()
+
+
+class FedReader(TarReader):
+    """The child's half: the entries and their data as the parent sent them, read as a
+    :class:`.TarReader` reads a tar (the extractor cannot tell them apart). Frames come from
+    *frames_fd*; the data from *data_fd* (the tar file) or, without one, inline."""
+
+    def __init__(self, frames_fd: int, data_fd: int | None) -> None:
+        super().__init__(frames_fd if data_fd is None else data_fd)
+        self._frames = self if data_fd is None else TarReader(frames_fd)
+        self._inline = data_fd is None
+        #: an entry whose data the parent sent but the extractor did not write (the record,
+        #: which counts on it, cannot be kept)
+        self.unwritten: str | None = None
+        self._sent = True
+
+    def __iter__(self) -> Iterator[TarEntry]:
+        while (batch := self._frame()) is not None:
+            for entry, size, offset in batch:
+                if size is not None and not self._inline and offset > self.offset:
+                    self._pass(offset - self.offset, "the tar")  # headers, and data not written
+                self._data_left, self._pad, self._sent = size or 0, 0, size is not None
+                yield entry
+                if self._data_left:
+                    self.unwritten = entry.name
+                    self.skip()
+
+    def _frame(self) -> list[Sent] | None:
+        """The entries of the next frame, or None at the end frame."""
+        head = self._frames._read(_FRAME.size)
+        if len(head) != _FRAME.size:
+            raise ArchiveError("the layer stream ended early")
+        tag, n = _FRAME.unpack(head)
+        if tag == _END:
+            return None
+        frame = self._frames._read(n)
+        if tag != _ENTRIES or len(frame) != n:
+            raise ArchiveError("the layer stream ended early")
+        batch: list[Sent] = pickle.loads(frame)  # noqa: S301 - the parent's own pickles
+        return batch
+
+    def write_to(self, fd: int, crc: bool) -> int:
+        self._check_sent()
+        return super().write_to(fd, crc)
+
+    def data(self) -> Iterator[bytes | memoryview]:
+        self._check_sent()
+        return super().data()
+
+    def _check_sent(self) -> None:
+        if not self._sent:  # the two halves disagree on which entries carry data
+            raise ArchiveError("internal error: the apply process sent no data for this file")
+
+    def drain(self) -> None:
+        """Nothing to read after the end frame: the parent read the tar to its end."""
