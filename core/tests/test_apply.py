@@ -4,8 +4,11 @@ the kernel would give a new entry something else (a setgid directory's group and
 from __future__ import annotations
 
 import ctypes
+import gzip
+import hashlib
 import io
 import os
+import random
 import stat
 import struct
 import subprocess
@@ -15,7 +18,8 @@ from subprocess import PIPE
 
 import pytest
 
-from graphdriver.archive import apply_layer
+from graphdriver.archive import apply_layer, exact, tarsplit
+from graphdriver.archive.tar import TarWriter
 from graphdriver.errors import ArchiveError
 from graphdriver.testing import host_lacks
 
@@ -214,3 +218,95 @@ def test_a_tar_file_root_cannot_open_again(tmp_path: Path) -> None:
     os.waitpid(pid, 0)
     assert outcome == "ok"
     assert (target / "f").read_bytes() == b"hi"
+
+
+def _mixed_tar() -> bytes:
+    """A tar that crosses every seam of the apply pipeline (archive/feed.py): more entries
+    than one frame holds, a body larger than a frame's data with small files after it, a
+    PAX header larger than the pipe, an empty file, a whiteout carrying data (not written),
+    a hardlink and a symlink."""
+    rng = random.Random(15)
+    members: list[tuple[tarfile.TarInfo, bytes]] = [(_info("d", tarfile.DIRTYPE, 0o755), b"")]
+    for i in range(700):
+        body = rng.randbytes(rng.randrange(0, 3000))
+        members.append((_with_size(_info(f"d/f{i}", tarfile.REGTYPE, 0o644), len(body)), body))
+        if i == 300:
+            big = rng.randbytes((5 << 19) + 7)
+            members.append((_with_size(_info("big", tarfile.REGTYPE, 0o600), len(big)), big))
+    long = _with_size(_info("long", tarfile.REGTYPE, 0o644), 3)
+    long.pax_headers = {"comment": "c" * (3 << 19)}
+    members.append((long, b"abc"))
+    members.append((_with_size(_info("d/.wh.gone", tarfile.REGTYPE, 0o644), 10), b"0123456789"))
+    hard = _info("d/hard", tarfile.LNKTYPE, 0o644)
+    hard.linkname = "d/f7"
+    soft = _info("d/soft", tarfile.SYMTYPE, 0o777)
+    soft.linkname = "f8"
+    members += [(hard, b""), (soft, b""), (_info("empty", tarfile.REGTYPE, 0o640), b"")]
+    return _tar(*members)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(root)): (
+            os.lstat(p).st_mode,
+            os.readlink(p).encode() if p.is_symlink() else p.read_bytes() if p.is_file() else b"",
+        )
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("how", ["file", "pipe", "gzip"])
+def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) -> None:
+    """From a tar file (the sandbox reads the data itself), a pipe and a gzip stream (the
+    data follows each frame on the pipe): the same files, the tar's sha256 as diff_id, and a
+    record whose replay is the tar, byte for byte."""
+    data = _mixed_tar()
+    (tmp_path / "layer.tar").write_bytes(data)
+    target = tmp_path / "layer"
+    target.mkdir()
+    if how == "file":
+        with open(tmp_path / "layer.tar", "rb") as f:
+            result = apply_layer(target, f, record=True)
+    elif how == "pipe":
+        with subprocess.Popen(["cat", str(tmp_path / "layer.tar")], stdout=PIPE) as cat:
+            assert cat.stdout is not None
+            result = apply_layer(target, cat.stdout, record=True)
+    else:
+        result = apply_layer(target, io.BytesIO(gzip.compress(data, 1)), record=True)
+    assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert result.tar_size == len(data)
+    assert result.no_record is None and result.record is not None
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        expected = tmp_path / "expected"
+        expected.mkdir()
+        tf.extractall(expected, filter="fully_trusted")
+    os.unlink(expected / "d/.wh.gone")
+    assert _tree(target) == _tree(expected)
+    out = tmp_path / "replayed.tar"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        writer = TarWriter(fd=fd)
+        exact.replay(tarsplit.Record(result.record), str(target), writer, True)
+        writer.flush()
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == data
+
+
+def test_a_cut_stream_loses_its_end_in_every_way_in(tmp_path: Path) -> None:
+    """A tar cut inside a body or inside its long PAX header is refused as truncated from a
+    file and from a gzip stream alike."""
+    data = _mixed_tar()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        long_header = tf.getmember("long").offset
+    for cut in (len(data) // 3, long_header + 4096):
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        for how in ("file", "gzip"):
+            target = tmp_path / f"{how}{cut}"
+            target.mkdir()
+            with pytest.raises(ArchiveError, match="truncated"):
+                if how == "file":
+                    with open(tmp_path / "cut.tar", "rb") as f:
+                        apply_layer(target, f, record=True)
+                else:
+                    apply_layer(target, io.BytesIO(gzip.compress(data[:cut], 1)), record=True)

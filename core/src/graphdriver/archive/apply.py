@@ -1,12 +1,13 @@
 """Unpack an OCI layer tar into a layer, in a sandbox.
 
-The parent process (this module) reads the caller's stream, undoes gzip or zstd in a thread
-of its own, hashes the plain tar (the layer's diffID) and feeds it through a pipe to a forked
-child that has chrooted into the layer (like Docker's chrootarchive; a plain tar in a regular
-file the child reads itself while the parent hashes it). The child (:mod:`.extract`) refuses
+The parent process (this module) reads the caller's stream, undoes gzip or zstd and hashes the
+plain tar (the layer's diffID) in a thread of its own, parses it, keeps the exact-diff record's
+segments, and sends a forked child that has chrooted into the layer (like Docker's
+chrootarchive) the entries to write, with their data inline or, for a plain tar in a regular
+file, where in the file the child reads it (:mod:`.feed`). The child (:mod:`.extract`) refuses
 entries that would leave the layer (``..``, absolute names, writes through symlinks, hardlinks
 to outside names, whiteouts of ``..``) and reports back one JSON line. Whatever a hostile tar
-holds, no write can land outside the layer.
+holds, no write can land outside the layer. The two halves run on two cores at once.
 """
 
 from __future__ import annotations
@@ -124,6 +125,33 @@ def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) 
     return _result(report, status, feed_error, source, segments)
 
 
+class _Hasher:
+    """The sha256 of the pieces given, in a thread of its own (hashlib lets go of the GIL), a
+    few pieces behind the thread that parses them."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._pieces: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="graphdriver-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (piece := self._pieces.get()) is not None:
+            self._hash.update(piece)
+
+    def update(self, piece: bytes) -> None:
+        self._pieces.put(piece)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._pieces.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.stop()
+        return self._hash.hexdigest()
+
+
 class _FileSource:
     """A plain tar in a regular file, read with pread (the caller's offset stays) and hashed."""
 
@@ -132,7 +160,7 @@ class _FileSource:
     def __init__(self, fd: int, offset: int) -> None:
         self._fd = fd
         self._pos = offset
-        self.digest = hashlib.sha256()
+        self.digest = _Hasher()
         self.size = 0
         self.progress: Callable[[int], None] | None = None
 
@@ -157,7 +185,10 @@ class _FileSource:
         return chunk
 
     def stop(self) -> None:
-        pass
+        self.digest.stop()
+
+    def diff_id(self) -> str:
+        return "sha256:" + self.digest.hexdigest()
 
 
 class _StreamSource:
@@ -170,7 +201,6 @@ class _StreamSource:
         self.kind = self._decoding.kind
         self._plain = b""
         self._pos = 0
-        self.digest = hashlib.sha256()
         self.size = 0
         self.progress: Callable[[int], None] | None = None
 
@@ -184,7 +214,6 @@ class _StreamSource:
             if item is None:
                 return b""
             self._plain, self._pos = item[0], 0
-            self.digest.update(self._plain)
             self.size += len(self._plain)
             if self.progress is not None:
                 self.progress(item[1])
@@ -197,14 +226,16 @@ class _StreamSource:
     def stop(self) -> None:
         self._decoding.stop()
 
+    def diff_id(self) -> str:
+        return "sha256:" + self._decoding.digest.hexdigest()
+
 
 class _Decoding:
-    """gzip or zstd undone in a thread of its own, one read ahead: while it decodes a piece
-    of the stream, the calling thread reads the next one and hashes and writes the one
-    before into the sandbox's pipe (zlib, zstandard, hashlib and os.write let go of the
-    GIL). Only the calling thread reads the stream: a signal never leaves a thread inside a
-    read of it. Iterating gives (plain bytes, stream bytes they came from); a decoding
-    error is raised there."""
+    """gzip or zstd undone and the plain tar hashed in a thread of its own, one read ahead:
+    while it decodes a piece of the stream, the calling thread reads the next one and parses
+    the one before (zlib, zstandard and hashlib let go of the GIL). Only the calling thread
+    reads the stream: a signal never leaves a thread inside a read of it. Iterating gives
+    (plain bytes, stream bytes they came from); a decoding error is raised there."""
 
     _STOP = object()
     _DONE = object()
@@ -214,6 +245,8 @@ class _Decoding:
         self._head = head
         self._decoder = LayerDecoder(head)
         self.kind = self._decoder.kind
+        #: the plain tar's sha256, complete once the iteration is
+        self.digest = hashlib.sha256()
         self._in: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._out: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="graphdriver-decode", daemon=True)
@@ -222,7 +255,9 @@ class _Decoding:
     def _run(self) -> None:
         try:
             while isinstance(piece := self._in.get(), bytes):
-                self._out.put((self._decoder.feed(piece), len(piece)))
+                plain = self._decoder.feed(piece)
+                self.digest.update(plain)
+                self._out.put((plain, len(piece)))
             if piece is self._DONE:
                 self._decoder.finish()
                 self._out.put(self._DONE)
@@ -302,7 +337,7 @@ def _result(
             no_record = no_record or segments.failed or "its check table is missing"
     return ApplyResult(
         size=int(result["size"]),
-        diff_id="sha256:" + source.digest.hexdigest(),
+        diff_id=source.diff_id(),
         compression=source.kind,
         tar_size=source.size,
         record=record,
