@@ -105,10 +105,12 @@ def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) 
     segments = tarsplit.SegmentRecorder() if sandbox.record else None
     feed_error: GraphDriverError | None = None
     feeder = Feeder(
-        source.read, frames_w, inline=data_fd is None, segments=segments, body_path=body_path
+        source.readinto, frames_w, inline=data_fd is None, segments=segments, body_path=body_path
     )
+    fed = False
     try:
         feeder.run()
+        fed = True
     except BrokenPipeError:
         pass  # the sandbox stopped reading: its report says why
     except GraphDriverError as exc:
@@ -117,39 +119,13 @@ def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) 
         os.kill(pid, signal.SIGKILL)
         raise
     finally:
-        source.stop()
+        if not fed:
+            source.stop()  # a decoding thread that did not reach the end
         os.close(frames_w)
         report = _read_all(res_r)
         os.close(res_r)
         _, status = os.waitpid(pid, 0)
     return _result(report, status, feed_error, source, segments)
-
-
-class _Hasher:
-    """The sha256 of the pieces given, in a thread of its own (hashlib lets go of the GIL), a
-    few pieces behind the thread that parses them."""
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._pieces: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, name="graphdriver-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (piece := self._pieces.get()) is not None:
-            self._hash.update(piece)
-
-    def update(self, piece: bytes) -> None:
-        self._pieces.put(piece)
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._pieces.put(None)
-            self._thread.join()
-
-    def hexdigest(self) -> str:
-        self.stop()
-        return self._hash.hexdigest()
 
 
 class _FileSource:
@@ -160,9 +136,9 @@ class _FileSource:
     def __init__(self, fd: int, offset: int) -> None:
         self._fd = fd
         self._pos = offset
-        self.digest = _Hasher()
         self.size = 0
         self.progress: Callable[[int], None] | None = None
+        self._digest = hashlib.sha256()
 
     def reopen(self) -> int | None:
         """The tar file opened again at the tar's start, an offset of its own for the sandbox;
@@ -175,32 +151,31 @@ class _FileSource:
         os.lseek(fd, self._pos, os.SEEK_SET)
         return fd
 
-    def read(self, n: int) -> bytes:
-        chunk = os.pread(self._fd, n, self._pos)
-        self._pos += len(chunk)
-        self.size += len(chunk)
-        self.digest.update(chunk)
+    def readinto(self, view: memoryview) -> int:
+        n = os.preadv(self._fd, (view,), self._pos)
+        self._digest.update(view[:n])
+        self._pos += n
+        self.size += n
         if self.progress is not None:
-            self.progress(len(chunk))
-        return chunk
+            self.progress(n)
+        return n
 
     def stop(self) -> None:
-        self.digest.stop()
+        pass
 
     def diff_id(self) -> str:
-        return "sha256:" + self.digest.hexdigest()
+        return "sha256:" + self._digest.hexdigest()
 
 
 class _StreamSource:
-    """Any other stream: gzip or zstd undone in a thread of its own (:class:`_Decoding`),
-    the plain tar hashed and handed out in pieces of at most what is asked for."""
+    """Any other stream: gzip or zstd undone and the plain tar hashed in a thread of its own
+    (:class:`_Decoding`), the plain tar handed out as it comes."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self._decoding = _Decoding(stream, stream.read(8))
         self._pieces = iter(self._decoding)
         self.kind = self._decoding.kind
-        self._plain = b""
-        self._pos = 0
+        self._plain = memoryview(b"")
         self.size = 0
         self.progress: Callable[[int], None] | None = None
 
@@ -208,20 +183,19 @@ class _StreamSource:
         """None: the data goes inline."""
         return
 
-    def read(self, n: int) -> bytes:
-        while self._pos >= len(self._plain):
+    def readinto(self, view: memoryview) -> int:
+        while not self._plain:
             item = next(self._pieces, None)
             if item is None:
-                return b""
-            self._plain, self._pos = item[0], 0
+                return 0
+            self._plain = memoryview(item[0])
             self.size += len(self._plain)
             if self.progress is not None:
                 self.progress(item[1])
-        pos = self._pos
-        self._pos = pos + n
-        if pos == 0 and n >= len(self._plain):
-            return self._plain
-        return self._plain[pos : pos + n]
+        n = min(len(view), len(self._plain))
+        view[:n] = self._plain[:n]
+        self._plain = self._plain[n:]
+        return n
 
     def stop(self) -> None:
         self._decoding.stop()

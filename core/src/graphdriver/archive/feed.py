@@ -40,20 +40,20 @@ Sent = tuple[TarEntry, int | None, int]
 
 
 class Feeder:
-    """The parent's half: parse the plain tar that *read* returns, keep the record's segments
+    """The parent's half: parse the plain tar that *readinto* reads, keep the record's segments
     in *segments*, and send the child its frames on *fd*, with the data *inline* or not.
     *body_path* says where the child writes an entry's data (None: it does not)."""
 
     def __init__(
         self,
-        read: Callable[[int], bytes],
+        readinto: Callable[[memoryview], int],
         fd: int,
         *,
         inline: bool,
         segments: SegmentRecorder | None,
         body_path: Callable[[TarEntry], str | None],
     ) -> None:
-        self.reader = TarReader(-1, read)
+        self.reader = TarReader(-1, readinto)
         if segments is not None:
             self.reader.tap, self.reader.tap_body = segments.raw, segments.start_body
         self._segments = segments

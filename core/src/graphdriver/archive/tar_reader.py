@@ -66,6 +66,8 @@ def _checksum_ok(block: bytes) -> bool:
 
 
 _ZERO_BLOCK = b"\0" * BLOCK
+#: bytes of the read buffer (a larger one for a longer extension header)
+_BUFFER = 2 * CHUNK
 #: what copy_file_range and splice say when they cannot move these bytes
 _NO_MOVE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
 _EXTENSIONS = (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK)
@@ -198,12 +200,12 @@ class TarReader:
     """Reads tar entries from a file descriptor; per entry, call :meth:`write_to`,
     :meth:`data` or :meth:`skip` (or nothing: the next entry skips what is left)."""
 
-    def __init__(self, fd: int, read: Callable[[int], bytes] | None = None) -> None:
-        """Reads *fd*, or calls *read* (a function that returns at most the bytes asked for,
-        b"" at the end) where one is given."""
+    def __init__(self, fd: int, readinto: Callable[[memoryview], int] | None = None) -> None:
+        """Reads *fd*, or calls *readinto* where one is given (it fills the start of the view
+        it gets, as far as it can, and says how many bytes; 0 at the end of input)."""
         self._fd = fd
         self._move: Callable[[int, int, int], int] | None = None
-        if read is None:
+        if readinto is None:
             mode = os.fstat(fd).st_mode
             self._move = (
                 os.copy_file_range
@@ -212,23 +214,26 @@ class TarReader:
                 if stat.S_ISFIFO(mode)
                 else None
             )
-            self._input: Callable[[int], bytes] = lambda n: os.read(fd, n)
+            self._readinto: Callable[[memoryview], int] = lambda view: os.readv(fd, (view,))
         else:
-            self._input = read
-        self._buf = b""
-        self._pos = 0
-        self._base = 0  # offset in the input of _buf[0]
-        self._tapped = 0  # _buf[:_tapped] went to tap already, or was an entry's data
+            self._readinto = readinto
+        # one buffer, read into again and again: a fresh 1 MiB bytes object per read costs
+        # more in page faults than the read itself
+        self._view = memoryview(bytearray(_BUFFER))
+        self._pos = 0  # the read position in _view
+        self._end = 0  # the end of what was read into _view
+        self._base = 0  # offset in the input of _view[0]
+        self._tapped = 0  # _view[:_tapped] went to tap already, or was an entry's data
         self._data_left = 0  # data of the current entry not consumed yet
         self._pad = 0  # its padding
         self._globals: dict[str, bytes] = {}
         #: called with every byte read that is not a regular file's data (headers, extension
         #: data, padding, sparse maps, the end marker and what follows it, skipped data), in
         #: runs as long as the buffer allows, as a view the callee must copy: an exact diff's
-        #: record (tarsplit.Recorder.raw)
+        #: record (tarsplit.SegmentRecorder.raw)
         self.tap: Callable[[memoryview], None] | None = None
         #: called where a regular file's data starts, after the tap got what came before it
-        #: (tarsplit.Recorder.start_body)
+        #: (tarsplit.SegmentRecorder.start_body)
         self.tap_body: Callable[[], None] | None = None
 
     @property
@@ -244,7 +249,7 @@ class TarReader:
     def _flush_tap(self) -> None:
         if self._tapped < self._pos:
             if self.tap is not None:
-                self.tap(memoryview(self._buf)[self._tapped : self._pos])
+                self.tap(self._view[self._tapped : self._pos])
             self._tapped = self._pos
 
     def _start_body(self) -> None:
@@ -253,28 +258,31 @@ class TarReader:
             self.tap_body()
 
     def _fill(self, n: int) -> None:
-        """Make *n* bytes available at the read position (fewer at the end of input)."""
+        """Make *n* bytes available at the read position (fewer at the end of input); what
+        the buffer handed out before is overwritten."""
         self._flush_tap()
-        rest = self._buf[self._pos :]
-        parts = [rest]
+        rest = bytes(self._view[self._pos : self._end])
+        if n > len(self._view):  # a long extension header: a larger buffer
+            self._view = memoryview(bytearray(n + CHUNK))
+        view = self._view
+        view[: len(rest)] = rest
+        self._base += self._pos
+        self._pos = self._tapped = 0
         have = len(rest)
         while have < n:
-            chunk = self._input(max(CHUNK, n - have))
-            if not chunk:
+            got = self._readinto(view[have:])
+            if not got:
                 break
-            parts.append(chunk)
-            have += len(chunk)
-        self._base += self._pos
-        self._buf = b"".join(parts)
-        self._pos = self._tapped = 0
+            have += got
+        self._end = have
 
     def _read(self, n: int) -> bytes:
         """Exactly *n* bytes, or fewer at end of input."""
         end = self._pos + n
-        if end > len(self._buf):
+        if end > self._end:
             self._fill(n)
-            end = min(n, len(self._buf))
-        out = self._buf[self._pos : end]
+            end = min(n, self._end)
+        out = bytes(self._view[self._pos : end])
         self._pos = end
         return out
 
@@ -287,13 +295,13 @@ class TarReader:
     def _pass(self, n: int, what: str) -> None:
         """Consume *n* bytes that stay in the tap (padding, skipped data)."""
         while n:
-            if self._pos == len(self._buf):
-                self._fill(min(n, CHUNK))
-                if not self._buf:
+            if self._pos == self._end:
+                self._fill(1)
+                if not self._end:
                     raise ArchiveError(
                         f"truncated tar: input ended inside {what} at byte {self.offset}"
                     )
-            take = min(n, len(self._buf) - self._pos)
+            take = min(n, self._end - self._pos)
             self._pos += take
             n -= take
 
@@ -421,8 +429,9 @@ class TarReader:
         return data_size
 
     def data(self) -> Iterator[bytes | memoryview]:
-        """The current entry's data in slices; its padding is consumed after the last one.
-        The data does not go to the tap."""
+        """The current entry's data in slices, each valid until the next is asked for (the
+        buffer is read into again); its padding is consumed after the last one. The data
+        does not go to the tap."""
         self._start_body()
         while self._data_left:
             yield self._piece()
@@ -431,22 +440,15 @@ class TarReader:
 
     def _piece(self) -> bytes | memoryview:
         """The next slice of the current entry's data."""
-        if self._pos == len(self._buf):
-            if self._data_left >= CHUNK:  # large file: hand over reads without buffering
-                chunk = self._input(CHUNK)
-                if not chunk:
-                    self._truncated()
-                self._data_left -= len(chunk)
-                self._base += len(chunk)
-                return chunk
+        if self._pos == self._end:
             self._fill(1)
-            if not self._buf:
+            if not self._end:
                 self._truncated()
-        n = min(len(self._buf) - self._pos, self._data_left)
+        n = min(self._end - self._pos, self._data_left)
         start = self._pos
         self._pos = self._tapped = start + n
         self._data_left -= n
-        return memoryview(self._buf)[start : start + n]
+        return self._view[start : start + n]
 
     def write_to(self, fd: int, crc: bool) -> int:
         """Write the current entry's data to *fd*; its CRC-32 if *crc* (else 0). Without a
@@ -454,10 +456,10 @@ class TarReader:
         file, splice from a pipe)."""
         value = 0
         start, left = self._pos, self._data_left
-        if start + left + self._pad <= len(self._buf):  # the common case: all of it buffered
+        if start + left + self._pad <= self._end:  # the common case: all of it buffered
             self._start_body()
             self._pos = self._tapped = start + left
-            view = memoryview(self._buf)[start : start + left]
+            view = self._view[start : start + left]
             if crc:
                 value = zlib.crc32(view)
             write_all(fd, view)
@@ -466,7 +468,7 @@ class TarReader:
             return value
         self._start_body()
         while self._data_left:
-            big = self._pos == len(self._buf) and self._data_left >= CHUNK
+            big = self._pos == self._end and self._data_left >= CHUNK
             if big and not crc and self._moved(fd):
                 continue
             piece = self._piece()
@@ -508,7 +510,7 @@ class TarReader:
     def drain(self) -> None:
         """Read the input to its end (the bytes after the end-of-archive marker)."""
         while True:
-            self._pos = len(self._buf)
-            self._fill(CHUNK)
-            if not self._buf:
+            self._pos = self._end
+            self._fill(1)
+            if not self._end:
                 return
