@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import ArchiveError
 from ..linux.bind import open_beneath
 from ..linux.fs import fs_name
-from .tar import CHUNK, TarWriter
+from .tar import CHUNK, KERNEL_COPY, TarWriter
 from .tarsplit import Body, Checks, Record
 
 
@@ -133,29 +133,34 @@ def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None
     total = 0
     noted = record.checks().present
     check = fine_ctimes(root) is False if crc is None else crc
-    write_raw = writer.write_raw
+    write_raw, pread = writer.write_raw, os.pread
     with _Bodies(root) as bodies:
         for seg in record.segments():
             if isinstance(seg, bytes):
                 write_raw(seg)
                 total += len(seg)
                 continue
-            size = seg.size
+            path, size, _crc, regions = seg
             if not size:  # an empty file has nothing to read (the checks saw it is there)
                 continue
-            fd = bodies.open(seg.path)
+            fd = bodies.open(path)
             try:
                 if check:
                     _copy_checked(seg, fd, writer)
-                elif seg.regions is None:  # most bodies: one call fewer
-                    if writer.copy_from(fd, 0, size) != size:
-                        raise _shorter(seg)
+                elif regions is None and size < KERNEL_COPY:  # most bodies: read in one call
+                    data = pread(fd, size, 0)
+                    write_raw(data)
+                    if len(data) != size:
+                        _copy_body(seg, fd, writer, len(data))
                 else:
                     _copy_body(seg, fd, writer)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
-            _same_as_applied(seg, noted.get(seg.path), st)
+            if (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted.get(path) or (
+                regions is None and st.st_size != size
+            ):
+                raise _differs(seg)
             total += size
     return total
 
@@ -171,8 +176,9 @@ def _differs(seg: Body) -> ArchiveError:
     )
 
 
-def _copy_body(seg: Body, fd: int, writer: TarWriter) -> None:
-    for offset, length in seg.regions or [(0, seg.size)]:
+def _copy_body(seg: Body, fd: int, writer: TarWriter, done: int = 0) -> None:
+    """Copy the body (its first *done* bytes were copied already, if it is not sparse)."""
+    for offset, length in seg.regions or [(done, seg.size - done)]:
         if writer.copy_from(fd, offset, length) != length:
             raise _shorter(seg)
 
@@ -190,15 +196,6 @@ def _copy_checked(seg: Body, fd: int, writer: TarWriter) -> None:
             writer.write_raw(data)
             done += len(data)
     if crc != seg.crc:
-        raise _differs(seg)
-
-
-def _same_as_applied(seg: Body, noted: tuple[int, int, int] | None, st: os.stat_result) -> None:
-    if (
-        noted is None
-        or (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted
-        or (seg.regions is None and st.st_size != seg.size)
-    ):
         raise _differs(seg)
 
 

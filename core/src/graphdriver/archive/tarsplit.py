@@ -347,9 +347,13 @@ def _regions(
 
 def _body(path: str, size: int, crc: int, regions: list[tuple[int, int]] | None) -> Body:
     slashed = f"/{path}/"
-    if "//" in slashed or "/./" in slashed or "/../" in slashed:  # none leaves the layer
-        raise RecordError(f"the record is corrupt (a body at {path!r})")
-    return Body(path, size, crc, regions)
+    if "//" in slashed or ("/." in slashed and ("/./" in slashed or "/../" in slashed)):
+        raise RecordError(f"the record is corrupt (a body at {path!r})")  # none leaves the layer
+    return _new_body(Body, (path, size, crc, regions))
+
+
+#: a Body made without NamedTuple's Python-level __new__ (a call per body)
+_new_body = tuple.__new__
 
 
 def digest(blob: bytes) -> str:
