@@ -266,68 +266,82 @@ class Record:
         out = Checks()
         present, gone, opaque = out.present, out.gone, out.opaque
         z = _Inflater(self._checks)
-        fields = _PRESENT_FIELDS.size
-        buf, pos = b"", 0
+        tags = {_PRESENT[0]: _PRESENT_FIELDS.size, _GONE[0]: 0, _OPAQUE[0]: 0}
+        u32, fields, billion = _U32.unpack_from, _PRESENT_FIELDS.unpack_from, 1_000_000_000
+        buf, pos, have = b"", 0, 0
         try:
             while True:
-                if len(buf) - pos < 5:
+                if have - pos < 5:
                     buf, pos = z.more(buf, pos, 5, exact=False), 0
-                tag = buf[pos : pos + 1]
-                if tag == _DONE:
-                    return out
-                if tag not in (_PRESENT, _GONE, _OPAQUE):
-                    raise RecordError(f"the record is corrupt (check tag {tag!r})")
-                (n,) = _U32.unpack_from(buf, pos + 1)
+                    have = len(buf)
+                    if not have:
+                        raise RecordError("the record is cut short")
+                tag = buf[pos]
+                extra = tags.get(tag)
+                if extra is None:
+                    if tag == _DONE[0]:
+                        return out
+                    raise RecordError(f"the record is corrupt (check tag {bytes([tag])!r})")
+                (n,) = u32(buf, pos + 1)
                 if n > 1 << 20:
                     raise RecordError(f"the record is corrupt (a path of {n} bytes)")
-                size = 5 + n + (fields if tag == _PRESENT else 0)
-                if len(buf) - pos < size:
-                    buf, pos = z.more(buf, pos, size), 0
+                if have - pos < 5 + n + extra:
+                    buf, pos = z.more(buf, pos, 5 + n + extra), 0
+                    have = len(buf)
                 path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
-                if tag == _PRESENT:
-                    mode, ms, mns, cs, cns = _PRESENT_FIELDS.unpack_from(buf, pos + 5 + n)
-                    present[path] = (mode, ms * 1_000_000_000 + mns, cs * 1_000_000_000 + cns)
+                if extra:
+                    mode, ms, mns, cs, cns = fields(buf, pos + 5 + n)
+                    present[path] = (mode, ms * billion + mns, cs * billion + cns)
                 else:
-                    (gone if tag == _GONE else opaque).add(path)
-                pos += size
+                    (gone if tag == _GONE[0] else opaque).add(path)
+                pos += 5 + n + extra
         except (zstandard.ZstdError, struct.error) as exc:
             raise RecordError(f"the record is corrupt ({exc})") from None
 
     def segments(self) -> Iterator[bytes | Body]:
         """The record's parts in tar order: raw bytes, and bodies to read from the layer."""
+        # one loop, its names local and its tags compared as ints: this runs twice per file
         z = _Inflater(self._segments)
-        fields = _BODY_FIELDS.size
-        buf, pos = b"", 0
+        raw, body, end = _RAW[0], _BODY[0], _END[0]
+        u64, u32, fields = _U64.unpack_from, _U32.unpack_from, _BODY_FIELDS.unpack_from
+        head = 5 + _BODY_FIELDS.size  # a body's tag, path length and fields
+        buf, pos, have = b"", 0, 0
         try:
             while True:
-                if len(buf) - pos < 9:
+                if have - pos < 9:
                     buf, pos = z.more(buf, pos, 9, exact=False), 0
-                tag = buf[pos : pos + 1]
-                if tag == _RAW:
-                    (n,) = _U64.unpack_from(buf, pos + 1)
+                    have = len(buf)
+                    if not have:
+                        raise RecordError("the record is cut short")
+                tag = buf[pos]
+                if tag == raw:
+                    (n,) = u64(buf, pos + 1)
                     if n > _FLUSH_RAW * 2:
                         raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
-                    if len(buf) - pos < 9 + n:
+                    if have - pos < 9 + n:
                         buf, pos = z.more(buf, pos, 9 + n), 0
+                        have = len(buf)
                     pos += 9 + n
                     yield buf[pos - n : pos]
-                elif tag == _BODY:
-                    (n,) = _U32.unpack_from(buf, pos + 1)
+                elif tag == body:
+                    (n,) = u32(buf, pos + 1)
                     if n > 1 << 20:
                         raise RecordError(f"the record is corrupt (a path of {n} bytes)")
-                    if len(buf) - pos < 5 + n + fields:
-                        buf, pos = z.more(buf, pos, 5 + n + fields), 0
+                    if have - pos < head + n:
+                        buf, pos = z.more(buf, pos, head + n), 0
+                        have = len(buf)
                     path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
-                    size, crc, count = _BODY_FIELDS.unpack_from(buf, pos + 5 + n)
-                    pos += 5 + n + fields
+                    size, crc, count = fields(buf, pos + 5 + n)
+                    pos += head + n
                     regions = None
                     if count:
                         buf, pos, regions = _regions(z, buf, pos, count)
+                        have = len(buf)
                     yield _body(path, size, crc, regions)
-                elif tag == _END:
+                elif tag == end:
                     return
                 else:
-                    raise RecordError(f"the record is corrupt (segment tag {tag!r})")
+                    raise RecordError(f"the record is corrupt (segment tag {bytes([tag])!r})")
         except (zstandard.ZstdError, struct.error) as exc:
             raise RecordError(f"the record is corrupt ({exc})") from None
 
