@@ -70,34 +70,29 @@ def _noted_changed(checks: Checks, root: str) -> str | None:
     """Why a noted path is not as apply left it (gone, another type or mode, another mtime
     or ctime), or None; files first, so that a deleted or rewritten file is named, not the
     directory that holds it."""
-    dirs = []
+    items = checks.present.items()
+    ordered = [item for item in items if not stat.S_ISDIR(item[1][0])]
+    ordered += [item for item in items if stat.S_ISDIR(item[1][0])]
+    lstat = os.lstat
     top = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for path, noted in checks.present.items():
-            if stat.S_ISDIR(noted[0]):
-                dirs.append((path, noted))
-            elif (why := _path_changed(top, path, noted)) is not None:
-                return why
-        for path, noted in dirs:
-            if (why := _path_changed(top, path, noted)) is not None:
-                return why
+        for path, noted in ordered:
+            try:
+                st = lstat(path or ".", dir_fd=top)  # relative to the root: its path once
+            except (FileNotFoundError, NotADirectoryError):  # or a directory above is a file
+                return f"/{path} was removed after apply-diff"
+            if (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted:
+                return _why(path, noted, st)
     finally:
         os.close(top)
     return None
 
 
-def _path_changed(top: int, path: str, noted: tuple[int, int, int]) -> str | None:
-    mode, mtime, ctime = noted
-    try:
-        st = os.lstat(path or ".", dir_fd=top)  # relative to the root: the root's path once
-    except (FileNotFoundError, NotADirectoryError):  # or a directory above is a file now
-        return f"/{path} was removed after apply-diff"
-    if st.st_mode != mode:
+def _why(path: str, noted: tuple[int, int, int], st: os.stat_result) -> str:
+    if st.st_mode != noted[0]:
         return f"/{path} changed type or mode after apply-diff"
-    if st.st_mtime_ns != mtime or st.st_ctime_ns != ctime:  # owner, xattrs, links, data
-        what = "the directory /" if stat.S_ISDIR(mode) else "/"
-        return f"{what}{path} changed after apply-diff"
-    return None
+    what = "the directory /" if stat.S_ISDIR(st.st_mode) else "/"  # owner, xattrs, links, data
+    return f"{what}{path} changed after apply-diff"
 
 
 #: filesystems whose ctime moves on every write however soon after the last stat, from Linux
