@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import ArchiveError
 from ..linux.bind import open_beneath
 from ..linux.fs import fs_name
-from .tar import CHUNK, KERNEL_COPY, TarWriter
+from .tar import CHUNK, TarWriter
 from .tarsplit import Body, Checks, Record
 
 
@@ -128,7 +128,7 @@ def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None
     total = 0
     noted = record.checks().present
     check = fine_ctimes(root) is False if crc is None else crc
-    write_raw, pread = writer.write_raw, os.pread
+    write_raw = writer.write_raw
     with _Bodies(root) as bodies:
         for seg in record.segments():
             if isinstance(seg, bytes):
@@ -142,11 +142,9 @@ def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None
             try:
                 if check:
                     _copy_checked(seg, fd, writer)
-                elif regions is None and size < KERNEL_COPY:  # most bodies: read in one call
-                    data = pread(fd, size, 0)
-                    write_raw(data)
-                    if len(data) != size:
-                        _copy_body(seg, fd, writer, len(data))
+                elif regions is None:  # most bodies: one call
+                    if writer.copy_from(fd, 0, size) != size:
+                        raise _shorter(seg)
                 else:
                     _copy_body(seg, fd, writer)
                 st = os.fstat(fd)
@@ -171,9 +169,8 @@ def _differs(seg: Body) -> ArchiveError:
     )
 
 
-def _copy_body(seg: Body, fd: int, writer: TarWriter, done: int = 0) -> None:
-    """Copy the body (its first *done* bytes were copied already, if it is not sparse)."""
-    for offset, length in seg.regions or [(done, seg.size - done)]:
+def _copy_body(seg: Body, fd: int, writer: TarWriter) -> None:
+    for offset, length in seg.regions or [(0, seg.size)]:
         if writer.copy_from(fd, offset, length) != length:
             raise _shorter(seg)
 
