@@ -95,10 +95,32 @@ def change_source(
     References are taken under the store lock; the tree walk and whatever the caller
     streams run without it, so a long diff never holds up other commands.
     """
+    with _layer_source(store, layer_id, parent) as found:
+        changes = found.walk() if found.changes is None else found.changes
+        yield (_filtered(store, layer_id, changes) if filtered else changes), found.root, found.kind
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A layer to diff, referenced (and mounted) until its context ends: its changes when the
+    driver listed them, else :meth:`walk` finds them in the tree at *root*."""
+
+    changes: list[Change] | None
+    root: str
+    kind: str
+    below: str | None
+    boundary_ns: int | None
+
+    def walk(self) -> list[Change]:
+        return archive.tree_changes(self.root, self.below, self.boundary_ns)
+
+
+@contextlib.contextmanager
+def _layer_source(store: LayerStore, layer_id: str, parent: str | None) -> Iterator[_Found]:
     with contextlib.ExitStack() as stack:
         native: list[Change] | None = None
         top = below = None
-        root = kind = ""
+        root = ""
         with store.locked(f"diff layer {layer_id}"):
             rec, base, direct = against(store, layer_id, parent)
             drv = store.driver
@@ -108,17 +130,17 @@ def change_source(
                 if found is not None and source is not None:
                     _read_ref(store, stack, rec, mount=False)
                     native = [Change(p, archive.ChangeKind(k)) for p, k in found]
-                    root, kind = str(source), "overlay"
+                    root = str(source)
             if native is None:
                 top = _read_ref(store, stack, rec, mount=True)
                 below = _read_ref(store, stack, base, mount=True) if base else None
-        if native is None:
-            assert top is not None
-            root, kind = str(_without_submounts(store, stack, top)), "tree"
-            native = archive.tree_changes(
-                root, str(below) if below else None, rec.boundary_ns if direct else None
-            )
-        yield (_filtered(store, layer_id, native) if filtered else native), root, kind
+        if native is not None:
+            yield _Found(native, root, "overlay", None, None)
+            return
+        assert top is not None
+        root = str(_without_submounts(store, stack, top))
+        boundary = rec.boundary_ns if direct else None
+        yield _Found(None, root, "tree", str(below) if below else None, boundary)
 
 
 def _without_submounts(store: LayerStore, stack: contextlib.ExitStack, root: Path) -> Path:
@@ -161,17 +183,35 @@ class _Source:
 @contextlib.contextmanager
 def diff_source(store: LayerStore, layer_id: str, parent: str | None) -> Iterator[_Source]:
     """What a diff of *layer_id* writes: the applied tar again when its record still holds,
-    else the layer's changes."""
-    with change_source(store, layer_id, parent) as (changes, root, kind):
-        record, diff_id, reason = _exact(store, layer_id, parent, changes, root)
-        yield _Source(changes, root, kind, record, diff_id, reason)
+    else the layer's changes.
+
+    A layer without a parent whose record holds needs no walk (:func:`exact.unchanged_alone`
+    checks it from the record's paths); any other, or one that fails that check, is walked."""
+    with _layer_source(store, layer_id, parent) as found:
+        record, diff_id, reason = _record(store, layer_id, parent)
+        if (
+            record is not None
+            and found.changes is None
+            and found.below is None
+            and exact_diff.unchanged_alone(record.checks(), found.root)
+        ):
+            yield _Source([], found.root, found.kind, record, diff_id, None)
+            return
+        changes = found.walk() if found.changes is None else found.changes
+        changes = _filtered(store, layer_id, changes)
+        if record is not None:
+            listed = [(c.path, c.kind == ChangeKind.DELETE) for c in changes]
+            reason = exact_diff.stale(record.checks(), found.root, listed)
+            if reason is not None:
+                record = diff_id = None
+        yield _Source(changes, found.root, found.kind, record, diff_id, reason)
 
 
-def _exact(
-    store: LayerStore, layer_id: str, parent: str | None, changes: list[Change], root: str
+def _record(
+    store: LayerStore, layer_id: str, parent: str | None
 ) -> tuple[tarsplit.Record | None, str | None, str | None]:
-    """(record, diffID, None) when the layer's diff can be the applied tar again, else
-    (None, None, why not)."""
+    """(record, diffID, None) when the layer's diff can be the applied tar again if the layer
+    is unchanged (:func:`exact.stale`), else (None, None, why not)."""
     rec = store.meta.get(layer_id)
     if rec is None or not rec.diff_id:
         return None, None, None  # never applied: a generated diff is all there is
@@ -187,13 +227,10 @@ def _exact(
         if tarsplit.digest(blob) != digest:
             raise tarsplit.RecordError("the record was changed behind the store")
         record = tarsplit.Record(blob)
-        checks = record.checks()
+        record.checks()
     except tarsplit.RecordError as exc:
         log.warning("layer %s: its exact-diff record is unusable: %s", layer_id, exc)
         return None, None, f"its record is unusable: {exc}"
-    why = exact_diff.stale(checks, root, [(c.path, c.kind == ChangeKind.DELETE) for c in changes])
-    if why is not None:
-        return None, None, why
     return record, rec.diff_id, None
 
 

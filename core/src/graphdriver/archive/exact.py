@@ -22,18 +22,9 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
 
     *changes* are the layer's changes against its parent: (absolute path, is a deletion).
     """
-    # files first: a deleted or rewritten file is named, not the directory that holds it
-    ordered = sorted(checks.present.items(), key=lambda item: stat.S_ISDIR(item[1][0]))
-    for path, (mode, mtime, ctime) in ordered:
-        try:
-            st = os.lstat(f"{root}/{path}" if path else root)
-        except FileNotFoundError:
-            return f"/{path} was removed after apply-diff"
-        if st.st_mode != mode:
-            return f"/{path} changed type or mode after apply-diff"
-        if st.st_mtime_ns != mtime or st.st_ctime_ns != ctime:  # owner, xattrs, links, data
-            what = "the directory /" if stat.S_ISDIR(mode) else "/"
-            return f"{what}{path} changed after apply-diff"
+    why = _noted_changed(checks, root)
+    if why is not None:
+        return why
     for path, deleted in changes:
         rel = path.lstrip("/")
         if not deleted:
@@ -48,6 +39,60 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
                 return f"{path} was deleted after apply-diff"
             up = up.rpartition("/")[0]
     return None
+
+
+def unchanged_alone(checks: Checks, root: str) -> bool:
+    """Whether the layer at *root*, which has no parent, is still what the record describes:
+    :func:`stale` without the walk that lists the layer's changes.
+
+    Against no parent every path in the layer is a change, an addition, and :func:`stale`
+    wants each one noted. Here each noted directory's names are listed instead of each entry
+    stat'ed: the root is noted, and a noted directory is one still (its mode was checked), so
+    if every name in every noted directory is noted, by induction every path is, and the two
+    agree. False sends the caller to the walk and :func:`stale`, which says why.
+    """
+    present = checks.present
+    if "" not in present or _noted_changed(checks, root) is not None:
+        return False
+    for path, (mode, _mtime, _ctime) in present.items():
+        if stat.S_ISDIR(mode):
+            prefix = f"{path}/" if path else ""
+            try:
+                names = os.listdir(f"{root}/{path}" if path else root)
+            except OSError:  # changed since its check: the walk says how
+                return False
+            if any(prefix + name not in present for name in names):
+                return False
+    return True
+
+
+def _noted_changed(checks: Checks, root: str) -> str | None:
+    """Why a noted path is not as apply left it (gone, another type or mode, another mtime
+    or ctime), or None; files first, so that a deleted or rewritten file is named, not the
+    directory that holds it."""
+    items = checks.present.items()
+    ordered = [item for item in items if not stat.S_ISDIR(item[1][0])]
+    ordered += [item for item in items if stat.S_ISDIR(item[1][0])]
+    lstat = os.lstat
+    top = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for path, noted in ordered:
+            try:
+                st = lstat(path or ".", dir_fd=top)  # relative to the root: its path once
+            except (FileNotFoundError, NotADirectoryError):  # or a directory above is a file
+                return f"/{path} was removed after apply-diff"
+            if (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted:
+                return _why(path, noted, st)
+    finally:
+        os.close(top)
+    return None
+
+
+def _why(path: str, noted: tuple[int, int, int], st: os.stat_result) -> str:
+    if st.st_mode != noted[0]:
+        return f"/{path} changed type or mode after apply-diff"
+    what = "the directory /" if stat.S_ISDIR(st.st_mode) else "/"  # owner, xattrs, links, data
+    return f"{what}{path} changed after apply-diff"
 
 
 #: filesystems whose ctime moves on every write however soon after the last stat, from Linux
@@ -83,19 +128,33 @@ def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None
     total = 0
     noted = record.checks().present
     check = fine_ctimes(root) is False if crc is None else crc
+    write_raw = writer.write_raw
     with _Bodies(root) as bodies:
         for seg in record.segments():
             if isinstance(seg, bytes):
-                writer.write_raw(seg)
+                write_raw(seg)
                 total += len(seg)
-            elif seg.size:  # an empty file has nothing to read (the checks saw it is there)
-                fd = bodies.open(seg.path)
-                try:
-                    (_copy_checked if check else _copy_body)(seg, fd, writer)
-                    _same_as_applied(seg, noted.get(seg.path), fd)
-                finally:
-                    os.close(fd)
-                total += seg.size
+                continue
+            path, size, _crc, regions = seg
+            if not size:  # an empty file has nothing to read (the checks saw it is there)
+                continue
+            fd = bodies.open(path)
+            try:
+                if check:
+                    _copy_checked(seg, fd, writer)
+                elif regions is None:  # most bodies: one call
+                    if writer.copy_from(fd, 0, size) != size:
+                        raise _shorter(seg)
+                else:
+                    _copy_body(seg, fd, writer)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted.get(path) or (
+                regions is None and st.st_size != size
+            ):
+                raise _differs(seg)
+            total += size
     return total
 
 
@@ -129,16 +188,6 @@ def _copy_checked(seg: Body, fd: int, writer: TarWriter) -> None:
             writer.write_raw(data)
             done += len(data)
     if crc != seg.crc:
-        raise _differs(seg)
-
-
-def _same_as_applied(seg: Body, noted: tuple[int, int, int] | None, fd: int) -> None:
-    st = os.fstat(fd)
-    if (
-        noted is None
-        or (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted
-        or (seg.regions is None and st.st_size != seg.size)
-    ):
         raise _differs(seg)
 
 

@@ -223,64 +223,32 @@ def join(segments: bytes, checks: bytes) -> bytes:
 # ----------------------------------------------------------------------------- reading records
 
 
+#: decompressed bytes read at a time: entries are parsed in place in a buffer this large
+_PIECE = 1 << 20
+
+
 class _Inflater:
-    """Reads a zstd stream a bounded piece at a time, for parsers that unpack in place."""
+    """Reads a zstd stream a bounded piece at a time, for parsers that unpack in place: the
+    parser keeps the buffer and its position in locals and calls :meth:`more` only when an
+    entry runs past the buffer's end (a call per entry cost more than the parsing)."""
 
     def __init__(self, data: memoryview) -> None:
         self._r = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-        self._buf = b""
-        self._pos = 0
 
-    def _fill(self, n: int) -> None:
-        rest = self._buf[self._pos :]
-        parts = [rest]
-        have = len(rest)
+    def more(self, buf: bytes, pos: int, n: int, exact: bool = True) -> bytes:
+        """A buffer that starts with ``buf[pos:]`` and holds at least *n* bytes; with
+        *exact* False, fewer when the stream ends sooner (a tag alone at the end)."""
+        parts = [buf[pos:]]
+        have = len(parts[0])
         while have < n:
-            more = self._r.read(max(n - have, 1 << 20))
-            if not more:
+            piece = self._r.read(max(n - have, _PIECE))
+            if not piece:
+                if exact:
+                    raise RecordError("the record is cut short")
                 break
-            parts.append(more)
-            have += len(more)
-        self._buf, self._pos = b"".join(parts), 0
-
-    def peek(self, n: int) -> tuple[bytes, int]:
-        """The buffer and where the next bytes start in it, at least *n* of them unless the
-        stream ends sooner; nothing is consumed."""
-        if len(self._buf) - self._pos < n:
-            self._fill(n)
-        return self._buf, self._pos
-
-    def take(self, n: int) -> tuple[bytes, int]:
-        """Consume *n* bytes: the buffer that holds them and where they start in it (for
-        ``unpack_from``, which then copies nothing)."""
-        if len(self._buf) - self._pos < n:
-            self._fill(n)
-            if len(self._buf) < n:
-                raise RecordError("the record is cut short")
-        pos = self._pos
-        self._pos = pos + n
-        return self._buf, pos
-
-
-def _tagged(z: _Inflater) -> tuple[bytes, int, bytes, int]:
-    """The next entry's tag, and, unless it is a tag alone at the end, the buffer and the
-    position of what follows its 4- or 8-byte length, and that length (an entry is peeked,
-    then taken whole)."""
-    buf, pos = z.peek(9)
-    tag = buf[pos : pos + 1]
-    if not tag:
-        raise RecordError("the record is cut short")
-    if tag in (_END, _DONE):
-        return tag, 0, b"", 0
-    if tag == _RAW:
-        (n,) = _U64.unpack_from(buf, pos + 1)
-        if n > _FLUSH_RAW * 2:
-            raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
-        return tag, n, *z.take(9 + n)
-    (n,) = _U32.unpack_from(buf, pos + 1)
-    if n > 1 << 20:
-        raise RecordError(f"the record is corrupt (a path of {n} bytes)")
-    return tag, n, buf, pos
+            parts.append(piece)
+            have += len(piece)
+        return b"".join(parts)
 
 
 @dataclass
@@ -324,57 +292,110 @@ class Record:
 
     def _read_checks(self) -> Checks:
         out = Checks()
+        present, gone, opaque = out.present, out.gone, out.opaque
         z = _Inflater(self._checks)
-        fields = _PRESENT_FIELDS.size
+        tags = {_PRESENT[0]: _PRESENT_FIELDS.size, _GONE[0]: 0, _OPAQUE[0]: 0}
+        u32, fields, billion = _U32.unpack_from, _PRESENT_FIELDS.unpack_from, 1_000_000_000
+        buf, pos, have = b"", 0, 0
         try:
-            while (tagged := _tagged(z))[0] != _DONE:
-                tag, n, buf, pos = tagged
-                if tag == _PRESENT:
-                    buf, pos = z.take(5 + n + fields)
-                    path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
-                    mode, ms, mns, cs, cns = _PRESENT_FIELDS.unpack_from(buf, pos + 5 + n)
-                    out.present[path] = (mode, ms * 10**9 + mns, cs * 10**9 + cns)
-                elif tag in (_GONE, _OPAQUE):
-                    buf, pos = z.take(5 + n)
-                    path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
-                    (out.gone if tag == _GONE else out.opaque).add(path)
+            while True:
+                if have - pos < 5:
+                    buf, pos = z.more(buf, pos, 5, exact=False), 0
+                    have = len(buf)
+                    if not have:
+                        raise RecordError("the record is cut short")
+                tag = buf[pos]
+                extra = tags.get(tag)
+                if extra is None:
+                    if tag == _DONE[0]:
+                        return out
+                    raise RecordError(f"the record is corrupt (check tag {bytes([tag])!r})")
+                (n,) = u32(buf, pos + 1)
+                if n > 1 << 20:
+                    raise RecordError(f"the record is corrupt (a path of {n} bytes)")
+                if have - pos < 5 + n + extra:
+                    buf, pos = z.more(buf, pos, 5 + n + extra), 0
+                    have = len(buf)
+                path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
+                if extra:
+                    mode, ms, mns, cs, cns = fields(buf, pos + 5 + n)
+                    present[path] = (mode, ms * billion + mns, cs * billion + cns)
                 else:
-                    raise RecordError(f"the record is corrupt (check tag {tag!r})")
+                    (gone if tag == _GONE[0] else opaque).add(path)
+                pos += 5 + n + extra
         except (zstandard.ZstdError, struct.error) as exc:
             raise RecordError(f"the record is corrupt ({exc})") from None
-        return out
 
     def segments(self) -> Iterator[bytes | Body]:
         """The record's parts in tar order: raw bytes, and bodies to read from the layer."""
+        # one loop, its names local and its tags compared as ints: this runs twice per file
         z = _Inflater(self._segments)
+        raw, body, end = _RAW[0], _BODY[0], _END[0]
+        u64, u32, fields = _U64.unpack_from, _U32.unpack_from, _BODY_FIELDS.unpack_from
+        head = 5 + _BODY_FIELDS.size  # a body's tag, path length and fields
+        buf, pos, have = b"", 0, 0
         try:
-            while (tagged := _tagged(z))[0] != _END:
-                tag, n, buf, pos = tagged
-                if tag == _RAW:
-                    yield buf[pos + 9 : pos + 9 + n]
-                elif tag == _BODY:
-                    yield _body(z, n)
+            while True:
+                if have - pos < 9:
+                    buf, pos = z.more(buf, pos, 9, exact=False), 0
+                    have = len(buf)
+                    if not have:
+                        raise RecordError("the record is cut short")
+                tag = buf[pos]
+                if tag == raw:
+                    (n,) = u64(buf, pos + 1)
+                    if n > _FLUSH_RAW * 2:
+                        raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
+                    if have - pos < 9 + n:
+                        buf, pos = z.more(buf, pos, 9 + n), 0
+                        have = len(buf)
+                    pos += 9 + n
+                    yield buf[pos - n : pos]
+                elif tag == body:
+                    (n,) = u32(buf, pos + 1)
+                    if n > 1 << 20:
+                        raise RecordError(f"the record is corrupt (a path of {n} bytes)")
+                    if have - pos < head + n:
+                        buf, pos = z.more(buf, pos, head + n), 0
+                        have = len(buf)
+                    path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
+                    size, crc, count = fields(buf, pos + 5 + n)
+                    pos += head + n
+                    regions = None
+                    if count:
+                        buf, pos, regions = _regions(z, buf, pos, count)
+                        have = len(buf)
+                    yield _body(path, size, crc, regions)
+                elif tag == end:
+                    return
                 else:
-                    raise RecordError(f"the record is corrupt (segment tag {tag!r})")
+                    raise RecordError(f"the record is corrupt (segment tag {bytes([tag])!r})")
         except (zstandard.ZstdError, struct.error) as exc:
             raise RecordError(f"the record is corrupt ({exc})") from None
 
 
-def _body(z: _Inflater, n: int) -> Body:
-    """A body entry whose path has *n* bytes (tag and length peeked, not taken)."""
-    buf, pos = z.take(5 + n + _BODY_FIELDS.size)
-    pos += 5
-    path = buf[pos : pos + n].decode("utf-8", "surrogateescape")
+def _regions(
+    z: _Inflater, buf: bytes, pos: int, count: int
+) -> tuple[bytes, int, list[tuple[int, int]]]:
+    """A sparse body's *count* regions at *pos*: (buffer, position after them, regions)."""
+    if count > 1 << 20:
+        raise RecordError(f"the record is corrupt ({count} sparse regions)")
+    size = count * _REGION.size
+    if len(buf) - pos < size:
+        buf, pos = z.more(buf, pos, size), 0
+    regions: list[tuple[int, int]] = list(_REGION.iter_unpack(buf[pos : pos + size]))
+    return buf, pos + size, regions
+
+
+def _body(path: str, size: int, crc: int, regions: list[tuple[int, int]] | None) -> Body:
     slashed = f"/{path}/"
-    if "//" in slashed or "/./" in slashed or "/../" in slashed:  # none leaves the layer
-        raise RecordError(f"the record is corrupt (a body at {path!r})")
-    size, crc, count = _BODY_FIELDS.unpack_from(buf, pos + n)
-    regions = None
-    if count:
-        if count > 1 << 20:
-            raise RecordError(f"the record is corrupt ({count} sparse regions)")
-        regions = [_REGION.unpack_from(*z.take(_REGION.size)) for _ in range(count)]
-    return Body(path, size, crc, regions)
+    if "//" in slashed or ("/." in slashed and ("/./" in slashed or "/../" in slashed)):
+        raise RecordError(f"the record is corrupt (a body at {path!r})")  # none leaves the layer
+    return _new_body(Body, (path, size, crc, regions))
+
+
+#: a Body made without NamedTuple's Python-level __new__ (a call per body)
+_new_body = tuple.__new__
 
 
 def digest(blob: bytes) -> str:
