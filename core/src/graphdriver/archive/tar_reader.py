@@ -12,15 +12,13 @@ import os
 import stat
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from ..errors import ArchiveError
 from . import sparse
+from . import tar_headers as headers
 from .tar import (
     _TYPE_MODE,
-    BLKTYPE,
     BLOCK,
-    CHRTYPE,
     CHUNK,
     GNU_LONGLINK,
     GNU_LONGNAME,
@@ -32,161 +30,12 @@ from .tar import (
     TarEntry,
 )
 
-
-def _number(field: bytes, what: str) -> int:
-    try:  # the common case: octal digits padded with spaces or NULs
-        return int(field.strip(b" \0"), 8)
-    except ValueError:
-        pass
-    if field and field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise ArchiveError(f"corrupt tar header: {what} field {field!r}") from None
-
-
-def _checksum_ok(block: bytes) -> bool:
-    stored = block[148:156].split(b"\0", 1)[0].strip(b" ")
-    if not stored:
-        return False
-    try:
-        want = int(stored, 8)
-    except ValueError:
-        return False
-    # the checksum counts its own field as eight spaces
-    unsigned = sum(block) - sum(block[148:156]) + 256
-    if want == unsigned:
-        return True
-    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
-    return want == signed
-
-
 _ZERO_BLOCK = b"\0" * BLOCK
 #: bytes of the read buffer (a larger one for a longer extension header)
 _BUFFER = 2 * CHUNK
 #: what copy_file_range and splice say when they cannot move these bytes
 _NO_MOVE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
 _EXTENSIONS = (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK)
-
-
-@dataclass(slots=True)
-class _Extensions:
-    """What PAX and GNU long-name headers say about the entry that follows them."""
-
-    pax: dict[str, bytes] = field(default_factory=dict)
-    longname: bytes | None = None
-    longlink: bytes | None = None
-
-
-def _pax_int(value: bytes, what: str) -> int:
-    if not value.isdigit():
-        raise ArchiveError(f"corrupt PAX {what} record {value[:40]!r}")
-    return int(value)
-
-
-def _pax_time(value: bytes) -> int:
-    """Nanoseconds of a PAX time ("1700000000.123456789", maybe negative)."""
-    whole, _, frac = value.partition(b".")
-    negative = whole.startswith(b"-")
-    digits = whole[1:] if negative else whole
-    if not (digits + frac).isdigit():  # also refuses "", "-" and "."
-        raise ArchiveError(f"corrupt PAX time {value[:40]!r}")
-    ns = int(digits or b"0") * 10**9 + int(frac[:9].ljust(9, b"0") or b"0")
-    return -ns if negative else ns
-
-
-def _parse_pax(data: bytes) -> dict[str, bytes]:
-    """The records of a PAX header; sparse format 0.0's repeated offset/numbytes records are
-    gathered, in order, into one ``GNU.sparse.map`` as format 0.1 writes it."""
-    out: dict[str, bytes] = {}
-    sparse_numbers: list[bytes] = []
-    pos, size = 0, len(data)
-    while pos < size and data[pos]:
-        space = data.find(b" ", pos)
-        if space < 0:
-            raise ArchiveError("corrupt PAX header")
-        try:
-            end = pos + int(data[pos:space])
-        except ValueError:
-            raise ArchiveError("corrupt PAX header length") from None
-        equals = data.find(b"=", space + 1, end)
-        if end <= pos or end > size or data[end - 1] != 10 or equals < 0:
-            raise ArchiveError("corrupt PAX header record")
-        name = data[space + 1 : equals].decode("utf-8", "surrogateescape")
-        if name in _SPARSE_00:
-            sparse_numbers.append(data[equals + 1 : end - 1])
-            sparse.check_count(len(sparse_numbers) // 2, None)
-        else:
-            out[name] = data[equals + 1 : end - 1]
-        pos = end
-    if sparse_numbers:
-        out["GNU.sparse.map"] = b",".join(sparse_numbers)
-    return out
-
-
-_SPARSE_00 = frozenset(("GNU.sparse.offset", "GNU.sparse.numbytes"))
-
-
-def _header_entry(
-    block: bytes, typeflag: bytes, size: int, ext: _Extensions, pax: dict[str, bytes]
-) -> TarEntry:
-    """The entry of a header block and the PAX records and GNU long names before it."""
-    name = block[0:100].split(b"\0", 1)[0]
-    if block[345] != 0 and block[257:263] == b"ustar\0":
-        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-    link = ext.longlink or block[157:257].split(b"\0", 1)[0]
-    name = ext.longname or name
-    entry = TarEntry(
-        name="",
-        type=typeflag,
-        mode=_number(block[100:108], "mode") & 0o7777,
-        uid=0,
-        gid=0,
-        size=size,
-        mtime_ns=0,
-    )
-    if pax:
-        name = pax.get("GNU.sparse.name", pax.get("path", name))
-        link = pax.get("linkpath", link)
-        _pax_fields(entry, block, pax)
-    else:
-        entry.uid = _number(block[108:116], "uid")
-        entry.gid = _number(block[116:124], "gid")
-        entry.mtime_ns = _number(block[136:148], "mtime") * 10**9
-    entry.name = name.decode("utf-8", "surrogateescape")
-    if link:
-        entry.linkname = link.decode("utf-8", "surrogateescape")
-    if typeflag in (CHRTYPE, BLKTYPE):
-        entry.devmajor = _number(block[329:337], "devmajor")
-        entry.devminor = _number(block[337:345], "devminor")
-    return entry
-
-
-def _pax_fields(entry: TarEntry, block: bytes, pax: dict[str, bytes]) -> None:
-    """Owner, size, times and xattrs from PAX records, or the header where they have none."""
-    get = pax.get
-    value = get("uid")
-    entry.uid = _number(block[108:116], "uid") if value is None else _pax_int(value, "uid")
-    value = get("gid")
-    entry.gid = _number(block[116:124], "gid") if value is None else _pax_int(value, "gid")
-    value = get("size")
-    if value is not None:
-        entry.size = _pax_int(value, "size")
-    value = get("mtime")
-    if value is None:
-        entry.mtime_ns = _number(block[136:148], "mtime") * 10**9
-    else:
-        entry.mtime_ns = _pax_time(value)
-    value = get("atime")
-    if value is not None:
-        entry.atime_ns = _pax_time(value)
-    xattrs = {k[13:]: v for k, v in pax.items() if k.startswith("SCHILY.xattr.")}
-    if xattrs:
-        entry.xattrs = xattrs
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -306,7 +155,7 @@ class TarReader:
             n -= take
 
     def __iter__(self) -> Iterator[TarEntry]:
-        ext = _Extensions()
+        ext = headers.Extensions()
         first = True
         while True:
             if self._data_left or self._pad:
@@ -317,12 +166,12 @@ class TarReader:
                 return
             first = False
             typeflag = block[156:157]
-            size = _number(block[124:136], "size")
+            size = headers.number(block[124:136], "size")
             if typeflag in _EXTENSIONS:
                 self._extension(typeflag, size, ext)
                 continue
             yield self._entry(block, typeflag, size, ext)
-            ext = _Extensions()
+            ext = headers.Extensions()
 
     def _header(self, first: bool) -> bytes | None:
         """The next header block, or None at the end-of-archive marker."""
@@ -342,7 +191,7 @@ class TarReader:
             fast_ok = int(field8.strip(b" \0"), 8) == sum(block) - sum(field8) + 256
         except ValueError:
             fast_ok = False
-        if not fast_ok and not _checksum_ok(block):
+        if not fast_ok and not headers.checksum_ok(block):
             if first:
                 raise ArchiveError("not a tar archive (bad header checksum)")
             raise ArchiveError(f"corrupt tar: bad header checksum at byte {self.offset - BLOCK}")
@@ -358,24 +207,24 @@ class TarReader:
                 f"is followed by more data"
             )
 
-    def _extension(self, typeflag: bytes, size: int, ext: _Extensions) -> None:
+    def _extension(self, typeflag: bytes, size: int, ext: headers.Extensions) -> None:
         """Fold a PAX or GNU long-name header into what applies to the next entry."""
         if size > 16 << 20:
             raise ArchiveError(f"tar extension header of {size} bytes is too large")
         data = self._need(size + (-size % BLOCK), "an extended header")[:size]
         if typeflag == XHDTYPE:
-            ext.pax.update(_parse_pax(data))
+            ext.pax.update(headers.parse_pax(data))
         elif typeflag == XGLTYPE:
-            self._globals.update(_parse_pax(data))
+            self._globals.update(headers.parse_pax(data))
         elif typeflag == GNU_LONGNAME:
             ext.longname = data.split(b"\0", 1)[0]
         else:
             ext.longlink = data.split(b"\0", 1)[0]
 
-    def _entry(self, block: bytes, typeflag: bytes, size: int, ext: _Extensions) -> TarEntry:
+    def _entry(self, block: bytes, typeflag: bytes, size: int, ext: headers.Extensions) -> TarEntry:
         """The entry a header block describes, with its extensions folded in."""
         pax = {**self._globals, **ext.pax} if self._globals else ext.pax
-        entry = _header_entry(block, typeflag, size, ext, pax)
+        entry = headers.header_entry(block, typeflag, size, ext, pax)
         data_left = entry.size
         if typeflag == GNU_SPARSE:
             self._gnu_sparse(entry, block)
@@ -399,7 +248,7 @@ class TarReader:
             regions += sparse.gnu_header_map(more, 0, 21, entry.name)
             sparse.check_count(len(regions), entry.name)
             extended = more[504]
-        real_size = _number(block[483:495], "realsize")
+        real_size = headers.number(block[483:495], "realsize")
         sparse.check_map(regions, real_size, entry.size, entry.name)
         entry.type, entry.sparse, entry.size = REGTYPE, regions, real_size
 
@@ -409,7 +258,7 @@ class TarReader:
         real = pax.get("GNU.sparse.realsize", pax.get("GNU.sparse.size"))
         if real is None:
             raise ArchiveError(f"sparse file {entry.name!r} has no real size")
-        real_size = _pax_int(real, "GNU.sparse.realsize")
+        real_size = headers.pax_int(real, "GNU.sparse.realsize")
         data_size = entry.size
         if pax.get("GNU.sparse.major") == b"1":
             reader = sparse.MapReader(entry.name)
