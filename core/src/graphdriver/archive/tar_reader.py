@@ -8,6 +8,7 @@ The reader hands file data over in large slices and reports corrupt or truncated
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import zlib
@@ -36,6 +37,10 @@ _BUFFER = 2 * CHUNK
 #: what copy_file_range and splice say when they cannot move these bytes
 _NO_MOVE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
 _EXTENSIONS = (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK)
+
+
+def _buffer(size: int) -> memoryview:
+    return memoryview(mmap.mmap(-1, size))
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -67,8 +72,9 @@ class TarReader:
         else:
             self._readinto = readinto
         # one buffer, read into again and again: a fresh 1 MiB bytes object per read costs
-        # more in page faults than the read itself
-        self._view = memoryview(bytearray(_BUFFER))
+        # more in page faults than the read itself; anonymous memory, whose pages are only
+        # made when first read into (a small tar touches a few)
+        self._view = _buffer(_BUFFER)
         self._pos = 0  # the read position in _view
         self._end = 0  # the end of what was read into _view
         self._base = 0  # offset in the input of _view[0]
@@ -112,7 +118,7 @@ class TarReader:
         self._flush_tap()
         rest = bytes(self._view[self._pos : self._end])
         if n > len(self._view):  # a long extension header: a larger buffer
-            self._view = memoryview(bytearray(n + CHUNK))
+            self._view = _buffer(n + CHUNK)
         view = self._view
         view[: len(rest)] = rest
         self._base += self._pos
