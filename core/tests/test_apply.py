@@ -20,7 +20,7 @@ import pytest
 
 from graphdriver.archive import apply_layer, exact, tarsplit
 from graphdriver.archive.tar import TarWriter
-from graphdriver.errors import ArchiveError
+from graphdriver.errors import ArchiveError, UnsafeArchive
 from graphdriver.testing import host_lacks
 
 
@@ -310,3 +310,46 @@ def test_a_cut_stream_loses_its_end_in_every_way_in(tmp_path: Path) -> None:
                         apply_layer(target, f, record=True)
                 else:
                     apply_layer(target, io.BytesIO(gzip.compress(data[:cut], 1)), record=True)
+
+
+def _cut_after(first: tarfile.TarInfo, files: int) -> bytes:
+    """A tar of *first*, *files* small files and a last one, cut inside the last one's body."""
+    members = [(first, b"")]
+    members += [
+        (_with_size(_info(f"f{i}", tarfile.REGTYPE, 0o644), 10), b"x" * 10) for i in range(files)
+    ]
+    members.append((_with_size(_info("last", tarfile.REGTYPE, 0o644), 5000), b"z" * 5000))
+    data = _tar(*members)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        last = tf.getmember("last").offset_data
+    return data[: last + 2048]
+
+
+@pytest.mark.parametrize("files", [5, 600])
+@pytest.mark.parametrize("how", ["file", "pipe", "gzip"])
+def test_a_bad_entry_before_a_cut_is_the_error_reported(
+    tmp_path: Path, how: str, files: int
+) -> None:
+    """Found in review: the parent parses and the sandbox writes, so a tar with a bad entry
+    and, later, a cut end has two errors; the one first in the tar is reported (as apply in
+    one process did), however many entries lie between them: an unsafe name, a hardlink to
+    nothing."""
+    evil = _with_size(_info("../evil", tarfile.REGTYPE, 0o644), 0)
+    dangling = _info("h", tarfile.LNKTYPE, 0o644)
+    dangling.linkname = "missing"
+    for first, error, match in (
+        (evil, UnsafeArchive, "outside the layer"),
+        (dangling, ArchiveError, "target 'missing' is not in the layer"),
+    ):
+        data = _cut_after(first, files)
+        target = tmp_path / f"{first.name.strip('./')}"
+        target.mkdir()
+        with pytest.raises(error, match=match):
+            if how == "file":
+                (tmp_path / "cut.tar").write_bytes(data)
+                with open(tmp_path / "cut.tar", "rb") as f:
+                    apply_layer(target, f, record=True)
+            elif how == "pipe":
+                apply_layer(target, io.BytesIO(data), record=True)
+            else:
+                apply_layer(target, io.BytesIO(gzip.compress(data, 1)), record=True)

@@ -6,8 +6,9 @@ segments, and sends a forked child that has chrooted into the layer (like Docker
 chrootarchive) the entries to write, with their data inline or, for a plain tar in a regular
 file, where in the file the child reads it (:mod:`.feed`). The child (:mod:`.extract`) refuses
 entries that would leave the layer (``..``, absolute names, writes through symlinks, hardlinks
-to outside names, whiteouts of ``..``) and reports back one JSON line. Whatever a hostile tar
-holds, no write can land outside the layer. The two halves run on two cores at once.
+to outside names, whiteouts of ``..``) and reports back one JSON line and the record's check
+table. Whatever a hostile tar holds, no write can land outside the layer. The two halves run
+on two cores at once.
 """
 
 from __future__ import annotations
@@ -91,9 +92,17 @@ def apply_layer(
 def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) -> ApplyResult:
     """Fork the sandbox, feed it the tar *source* reads, and read its report."""
     data_fd = source.reopen()  # the sandbox reads a tar file's data itself, else it comes inline
-    frames_r, frames_w = big_pipe()
-    res_r, res_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    made = [] if data_fd is None else [data_fd]
+    try:
+        frames_r, frames_w = big_pipe()
+        made += (frames_r, frames_w)
+        res_r, res_w = os.pipe2(os.O_CLOEXEC)
+        made += (res_r, res_w)
+        pid = os.fork()
+    except BaseException:
+        for fd in made:
+            os.close(fd)
+        raise
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
         os.close(frames_w)
         os.close(res_r)
@@ -156,7 +165,7 @@ class _FileSource:
         self._digest.update(view[:n])
         self._pos += n
         self.size += n
-        if self.progress is not None:
+        if self.progress is not None and n:
             self.progress(n)
         return n
 
@@ -223,8 +232,8 @@ class _Decoding:
         self.digest = hashlib.sha256()
         self._in: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._out: queue.SimpleQueue[object] = queue.SimpleQueue()
+        #: started by the first iteration, after the sandbox is forked
         self._thread = threading.Thread(target=self._run, name="graphdriver-decode", daemon=True)
-        self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -239,6 +248,7 @@ class _Decoding:
             self._out.put(exc)
 
     def __iter__(self) -> Iterator[tuple[bytes, int]]:
+        self._thread.start()
         self._in.put(self._head)
         while True:
             chunk = self._stream.read(_READ)  # while the thread decodes the one before
@@ -255,9 +265,10 @@ class _Decoding:
         self._thread.join()
 
     def stop(self) -> None:
-        """Stop the thread (it is at most decoding one piece)."""
-        self._in.put(self._STOP)
-        self._thread.join()
+        """Stop the thread (it is at most decoding one piece), if it started."""
+        if self._thread.is_alive():
+            self._in.put(self._STOP)
+            self._thread.join()
 
 
 #: a read of the caller's stream: one in decoding and one read ahead stay within CHUNK
@@ -289,6 +300,8 @@ def _result(
     result = json.loads(line) if line else {}
     if result.get("unsafe"):
         raise UnsafeArchive(result["error"])
+    if "error" in result and not result.get("cut"):  # an entry before the tar's bad spot
+        raise ArchiveError(result["error"], errno_=result.get("errno"))
     if feed_error is not None:  # the sandbox saw a cut stream: its error is a consequence
         raise feed_error
     if "error" in result:

@@ -54,15 +54,24 @@ def unchanged_alone(checks: Checks, root: str) -> bool:
     present = checks.present
     if "" not in present or _noted_changed(checks, root) is not None:
         return False
-    for path, (mode, _mtime, _ctime) in present.items():
-        if stat.S_ISDIR(mode):
-            prefix = f"{path}/" if path else ""
-            try:
-                names = os.listdir(f"{root}/{path}" if path else root)
-            except OSError:  # changed since its check: the walk says how
-                return False
-            if any(prefix + name not in present for name in names):
-                return False
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for path, (mode, _mtime, _ctime) in present.items():
+            if stat.S_ISDIR(mode):
+                prefix = f"{path}/" if path else ""
+                try:  # below the root, through no symlink (one swapped in since its check)
+                    fd = open_beneath(top, path, os.O_RDONLY | os.O_DIRECTORY) if path else top
+                except OSError:  # changed since its check: the walk says how
+                    return False
+                try:
+                    names = os.listdir(fd)
+                finally:
+                    if fd != top:
+                        os.close(fd)
+                if any(prefix + name not in present for name in names):
+                    return False
+    finally:
+        os.close(top)
     return True
 
 

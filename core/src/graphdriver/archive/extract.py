@@ -19,7 +19,7 @@ from ..errors import ArchiveError, UnsafeArchive
 from ..linux.libc import LIBC
 from . import sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
-from .feed import FedReader
+from .feed import FedReader, StreamCut
 from .tar import BLKTYPE, CHRTYPE, DIRTYPE, FIFOTYPE, LNKTYPE, SYMTYPE, TarEntry
 from .tar_reader import TarReader, write_all
 
@@ -46,6 +46,7 @@ def run_child(  # pragma: no cover
     code = 0
     report: dict[str, object]
     blob = b""
+    reader: FedReader | None = None
     try:
         LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -64,8 +65,9 @@ def run_child(  # pragma: no cover
             report.update(no_record=recorder.failed)
     except UnsafeArchive as exc:
         report, code = {"error": str(exc), "unsafe": True}, 1
-    except ArchiveError as exc:
-        report, code = {"error": str(exc), "errno": exc.errno}, 1
+    except ArchiveError as exc:  # "cut": a consequence of the parent's error, which it reports
+        cut = isinstance(exc, StreamCut) or (reader is not None and reader.ended)
+        report, code = {"error": str(exc), "errno": exc.errno, "cut": cut}, 1
     except OSError as exc:
         what = f"cannot unpack the layer: {exc.strerror}"
         if exc.filename:

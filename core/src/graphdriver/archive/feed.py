@@ -19,17 +19,19 @@ memory. Whatever they name, the child writes inside its chroot.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import struct
 import zlib
 from collections.abc import Callable, Iterator
 
-from ..errors import ArchiveError
+from ..errors import ArchiveError, GraphDriverError
 from .tar import TarEntry
 from .tar_reader import TarReader, write_all
 from .tarsplit import SegmentRecorder
 
-_FRAME = struct.Struct("<cI")
+_FRAME = struct.Struct("<cQ")
 _ENTRIES, _END = b"E", b"Z"
 #: data gathered before a frame and its data are written: about what the pipe holds
 _BATCH = 1 << 20
@@ -63,9 +65,21 @@ class Feeder:
         self._entries: list[Sent] = []
         self._data = bytearray()
         self._framed = False  # the current entry's frame was written: its data goes straight on
+        self._frame_start = 0  # where in the tar the entries gathered start
 
     def run(self) -> None:
-        """Send the whole tar, then the end frame."""
+        """Send the whole tar, then the end frame. On a tar that turns out corrupt or cut, the
+        entries before the bad spot are sent first: the child's error on one of them comes
+        first in the tar, and is the one to report."""
+        try:
+            self._run()
+        except GraphDriverError:
+            with contextlib.suppress(OSError):
+                self._flush()
+            raise
+        write_all(self._fd, _FRAME.pack(_END, 0))
+
+    def _run(self) -> None:
         reader = self.reader
         for entry in reader:
             path = self._body_path(entry)
@@ -75,11 +89,11 @@ class Feeder:
                 self._entries.append((entry, reader.data_left, reader.offset))
                 if self._inline or self._segments is not None:
                     self._body(path, entry)
-            if len(self._entries) >= _MAX_ENTRIES:
+            # a frame's bytes stay bounded: long PAX paths or xattrs count as the tar's bytes
+            if len(self._entries) >= _MAX_ENTRIES or reader.offset - self._frame_start > _BATCH:
                 self._flush()
         reader.drain()
         self._flush()
-        write_all(self._fd, _FRAME.pack(_END, 0))
 
     def _body(self, path: str, entry: TarEntry) -> None:
         """Read the data of the entry at *path*: its CRC-32 for the record, the data itself
@@ -115,12 +129,17 @@ class Feeder:
             frame = pickle.dumps(self._entries, protocol=pickle.HIGHEST_PROTOCOL)
             write_all(self._fd, _FRAME.pack(_ENTRIES, len(frame)) + frame)
             self._entries.clear()
+        self._frame_start = self.reader.offset
         self._write_data()
 
     def _write_data(self) -> None:
         if self._data:
             write_all(self._fd, self._data)
             self._data.clear()
+
+
+class StreamCut(ArchiveError):
+    """The parent stopped sending before the end of the tar: its error says why."""
 
 
 class FedReader(TarReader):
@@ -135,30 +154,47 @@ class FedReader(TarReader):
         #: an entry whose data the parent sent but the extractor did not write (the record,
         #: which counts on it, cannot be kept)
         self.unwritten: str | None = None
+        #: the input ended before what was asked for (the parent stopped: a cut stream)
+        self.ended = False
         self._sent = True
+
+    def _fill(self, n: int) -> None:
+        super()._fill(n)
+        if self._end < n:
+            self.ended = True
 
     def __iter__(self) -> Iterator[TarEntry]:
         while (batch := self._frame()) is not None:
             for entry, size, offset in batch:
                 if size is not None and not self._inline and offset > self.offset:
-                    self._pass(offset - self.offset, "the tar")  # headers, and data not written
+                    self._skip(offset - self.offset)  # headers, and data not written
                 self._data_left, self._pad, self._sent = size or 0, 0, size is not None
                 yield entry
                 if self._data_left:
                     self.unwritten = entry.name
                     self.skip()
 
+    def _skip(self, n: int) -> None:
+        """Skip *n* bytes of the tar file: past what is buffered, by moving the file offset."""
+        buffered = self._end - self._pos
+        if n <= buffered:
+            self._pos += n
+            return
+        self._pos = self._end
+        os.lseek(self._fd, n - buffered, os.SEEK_CUR)
+        self._base += n - buffered
+
     def _frame(self) -> list[Sent] | None:
         """The entries of the next frame, or None at the end frame."""
         head = self._frames._read(_FRAME.size)
         if len(head) != _FRAME.size:
-            raise ArchiveError("the layer stream ended early")
+            raise StreamCut("the layer stream ended early")
         tag, n = _FRAME.unpack(head)
         if tag == _END:
             return None
         frame = self._frames._read(n)
         if tag != _ENTRIES or len(frame) != n:
-            raise ArchiveError("the layer stream ended early")
+            raise StreamCut("the layer stream ended early")
         batch: list[Sent] = pickle.loads(frame)  # noqa: S301 - the parent's own pickles
         return batch
 
