@@ -33,7 +33,7 @@ from .tarsplit import SegmentRecorder
 
 _FRAME = struct.Struct("<cQ")
 _ENTRIES, _END = b"E", b"Z"
-#: data gathered before a frame and its data are written: about what the pipe holds
+#: tar bytes a frame covers, and data gathered before it is written: about what the pipe holds
 _BATCH = 1 << 20
 #: entries in one frame at most, so that the child starts on the first ones early
 _MAX_ENTRIES = 256
