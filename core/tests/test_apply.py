@@ -353,3 +353,16 @@ def test_a_bad_entry_before_a_cut_is_the_error_reported(
                 apply_layer(target, io.BytesIO(data), record=True)
             else:
                 apply_layer(target, io.BytesIO(gzip.compress(data, 1)), record=True)
+
+
+def test_an_xattr_the_filesystem_refuses_names_the_entry(tmp_path: Path) -> None:
+    """Found in review: an xattr over the kernel's 64 KiB limit failed with "Argument list too
+    long (6)", the 6 an fd; the one line names the entry and the xattr."""
+    info = _with_size(_info("etc/big-xattr", tarfile.REGTYPE, 0o644), 2)
+    info.pax_headers = {"SCHILY.xattr.user.big": "a" * (100 << 10)}
+    target = tmp_path / "layer"
+    target.mkdir()
+    with pytest.raises(ArchiveError) as err:
+        apply_layer(target, io.BytesIO(_tar((info, b"hi"))))
+    assert "etc/big-xattr: xattr user.big" in str(err.value), err.value
+    assert "Argument list too long" in str(err.value)

@@ -374,8 +374,8 @@ class Extractor:
                 else:
                     os.setxattr(target, key, value, follow_symlinks=False)
             except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-                    raise
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM):  # named by entry, not fd
+                    raise OSError(exc.errno, exc.strerror, f"{e.name}: xattr {key}") from None
                 log.debug("xattr %s not kept on %s: %s", key, e.name, exc.strerror)
         times = (e.mtime_ns if e.atime_ns is None else e.atime_ns, e.mtime_ns)
         if is_dir:
