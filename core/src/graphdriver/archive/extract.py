@@ -327,7 +327,7 @@ class Extractor:
                 sparse.check_fits(e.size, e.name)
                 sparse.write_regions(fd, e.sparse, self.reader.data(), e.size)
             else:
-                self.reader.write_to(fd, False)
+                self.reader.write_to(fd)
             if self.recorder is not None:
                 self.recorder.wrote(name)
             self.size += e.size

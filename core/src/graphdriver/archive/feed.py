@@ -198,9 +198,9 @@ class FedReader(TarReader):
         batch: list[Sent] = pickle.loads(frame)  # noqa: S301 - the parent's own pickles
         return batch
 
-    def write_to(self, fd: int, crc: bool) -> int:
+    def write_to(self, fd: int) -> None:
         self._check_sent()
-        return super().write_to(fd, crc)
+        super().write_to(fd)
 
     def data(self) -> Iterator[bytes | memoryview]:
         self._check_sent()

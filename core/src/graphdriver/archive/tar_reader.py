@@ -11,7 +11,6 @@ import errno
 import mmap
 import os
 import stat
-import zlib
 from collections.abc import Callable, Iterator
 
 from ..errors import ArchiveError
@@ -305,34 +304,25 @@ class TarReader:
         self._data_left -= n
         return self._view[start : start + n]
 
-    def write_to(self, fd: int, crc: bool) -> int:
-        """Write the current entry's data to *fd*; its CRC-32 if *crc* (else 0). Without a
-        CRC, a large body goes from the input to *fd* in the kernel (copy_file_range from a
-        file, splice from a pipe)."""
-        value = 0
+    def write_to(self, fd: int) -> None:
+        """Write the current entry's data to *fd*; a large body goes from the input to *fd* in
+        the kernel (copy_file_range from a file, splice from a pipe). The CRC-32 an exact
+        diff's record needs is taken where the tar is parsed (:mod:`.feed`), not here."""
         start, left = self._pos, self._data_left
         if start + left + self._pad <= self._end:  # the common case: all of it buffered
             self._start_body()
             self._pos = self._tapped = start + left
-            view = self._view[start : start + left]
-            if crc:
-                value = zlib.crc32(view)
-            write_all(fd, view)
+            write_all(fd, self._view[start : start + left])
             self._pos += self._pad
             self._data_left = self._pad = 0
-            return value
+            return
         self._start_body()
         while self._data_left:
-            big = self._pos == self._end and self._data_left >= CHUNK
-            if big and not crc and self._moved(fd):
+            if self._pos == self._end and self._data_left >= CHUNK and self._moved(fd):
                 continue
-            piece = self._piece()
-            if crc:
-                value = zlib.crc32(piece, value)
-            write_all(fd, piece)
+            write_all(fd, self._piece())
         self._pass(self._pad, "padding")
         self._pad = 0
-        return value
 
     def _moved(self, fd: int) -> bool:
         """Move the rest of the current entry's data to *fd* in the kernel, as far as it goes;

@@ -250,6 +250,14 @@ class _Inflater:
             have += len(piece)
         return b"".join(parts)
 
+    def next_entry(self, buf: bytes, pos: int, n: int) -> bytes:
+        """:meth:`more` for the start of the next entry: up to *n* bytes (the stream may end
+        with a tag alone), never none (the end tag is the record's last byte)."""
+        out = self.more(buf, pos, n, exact=False)
+        if not out:
+            raise RecordError("the record is cut short")
+        return out
+
 
 @dataclass
 class Checks:
@@ -300,10 +308,8 @@ class Record:
         try:
             while True:
                 if have - pos < 5:
-                    buf, pos = z.more(buf, pos, 5, exact=False), 0
+                    buf, pos = z.next_entry(buf, pos, 5), 0
                     have = len(buf)
-                    if not have:
-                        raise RecordError("the record is cut short")
                 tag = buf[pos]
                 extra = tags.get(tag)
                 if extra is None:
@@ -337,10 +343,8 @@ class Record:
         try:
             while True:
                 if have - pos < 9:
-                    buf, pos = z.more(buf, pos, 9, exact=False), 0
+                    buf, pos = z.next_entry(buf, pos, 9), 0
                     have = len(buf)
-                    if not have:
-                        raise RecordError("the record is cut short")
                 tag = buf[pos]
                 if tag == raw:
                     (n,) = u64(buf, pos + 1)
