@@ -199,7 +199,7 @@ class _StreamSource:
                 return 0
             self._plain = memoryview(item[0])
             self.size += len(self._plain)
-            if self.progress is not None:
+            if self.progress is not None and item[1]:
                 self.progress(item[1])
         n = min(len(view), len(self._plain))
         view[:n] = self._plain[:n]
@@ -218,7 +218,9 @@ class _Decoding:
     while it decodes a piece of the stream, the calling thread reads the next one and parses
     the one before (zlib, zstandard and hashlib let go of the GIL). Only the calling thread
     reads the stream: a signal never leaves a thread inside a read of it. Iterating gives
-    (plain bytes, stream bytes they came from); a decoding error is raised there."""
+    (plain bytes, stream bytes they end), the plain bytes in pieces of a bounded size of which
+    at most :data:`_AHEAD` wait to be taken: a compression bomb is never held whole. A
+    decoding error is raised there."""
 
     _STOP = object()
     _DONE = object()
@@ -231,16 +233,24 @@ class _Decoding:
         #: the plain tar's sha256, complete once the iteration is
         self.digest = hashlib.sha256()
         self._in: queue.SimpleQueue[object] = queue.SimpleQueue()
+        #: plain bytes, the size of each stream piece once it is decoded, the end or an error
         self._out: queue.SimpleQueue[object] = queue.SimpleQueue()
+        #: one taken for each plain piece put out, given back when it is taken from there
+        self._room = threading.Semaphore(_AHEAD)
+        self._stopping = False
         #: started by the first iteration, after the sandbox is forked
         self._thread = threading.Thread(target=self._run, name="graphdriver-decode", daemon=True)
 
     def _run(self) -> None:
         try:
             while isinstance(piece := self._in.get(), bytes):
-                plain = self._decoder.feed(piece)
-                self.digest.update(plain)
-                self._out.put((plain, len(piece)))
+                for plain in self._decoder.feed(piece):
+                    self._room.acquire()
+                    if self._stopping:
+                        return
+                    self.digest.update(plain)
+                    self._out.put(plain)
+                self._out.put(len(piece))
             if piece is self._DONE:
                 self._decoder.finish()
                 self._out.put(self._DONE)
@@ -253,24 +263,34 @@ class _Decoding:
         while True:
             chunk = self._stream.read(_READ)  # while the thread decodes the one before
             self._in.put(chunk or self._DONE)
-            item = self._out.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
+            while isinstance(item := self._take(), bytes):  # what the one before gives
+                yield item, 0
+            assert isinstance(item, int)
+            yield b"", item
             if not chunk:
                 break
+        self._take()  # the end
+        self._thread.join()
+
+    def _take(self) -> object:
         item = self._out.get()
         if isinstance(item, BaseException):
             raise item
-        self._thread.join()
+        if isinstance(item, bytes):
+            self._room.release()
+        return item
 
     def stop(self) -> None:
-        """Stop the thread (it is at most decoding one piece), if it started."""
+        """Stop the thread (it is at most decoding one bounded piece), if it started."""
         if self._thread.is_alive():
+            self._stopping = True
             self._in.put(self._STOP)
+            self._room.release()  # if it waits for room
             self._thread.join()
 
 
+#: plain pieces decoded ahead of the one being parsed
+_AHEAD = 2
 #: a read of the caller's stream: one in decoding and one read ahead stay within CHUNK
 _READ = CHUNK // 2
 

@@ -10,7 +10,7 @@ import io
 import os
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from ..errors import ArchiveError
@@ -22,6 +22,9 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SKIPPABLE_LOW = b"\x2a\x4d\x18"
 #: input handed to a decompressor at a time (bounds the search for a gzip error's byte)
 _SLICE = 64 * 1024
+#: the most plain bytes one decoding step gives (a zstd block more at most): what a few KiB
+#: of a compression bomb decode to is handed on in pieces of this size, never held whole
+PLAIN_PIECE = 1 << 20
 F_SETPIPE_SZ = 1031
 
 
@@ -64,7 +67,8 @@ class _BadPart(Exception):
 class _ZstdFrame:
     """One zstd frame walked through its header, blocks and checksum (RFC 8878), each handed
     to the decompressor in turn: the frame's end comes from its own structure and an error
-    names the part it is in. Reads like a zlib decompressor (decompress, eof, unused_data)."""
+    names the part it is in. Reads like a zlib decompressor (decompress with a bound on the
+    output, eof, unused_data, unconsumed_tail)."""
 
     def __init__(self) -> None:
         import zstandard
@@ -79,11 +83,16 @@ class _ZstdFrame:
         self._last = False
         self.eof = False
         self.unused_data = b""
+        self.unconsumed_tail = b""
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        """What *data* decodes to, taken a part at a time until the output reaches
+        *max_length* (passed by at most one block, 128 KiB): the rest of *data* is left in
+        ``unconsumed_tail``, or in ``unused_data`` once the frame has ended."""
         out: list[bytes] = []
+        produced = 0
         i = 0
-        while i < len(data) and not self.eof:
+        while i < len(data) and not self.eof and produced < max_length:
             if self._part in ("block", "checksum"):
                 take = data[i : i + self._left]
                 self._left -= len(take)
@@ -96,8 +105,10 @@ class _ZstdFrame:
                 out.append(bytes(self._d.decompress(take)))
             except Exception as exc:  # zstandard.ZstdError
                 raise _BadPart(self._part_at, self._part, exc) from None
+            produced += len(out[-1])
             self._advance()
-        self.unused_data = data[i:]
+        rest = data[i:]
+        self.unused_data, self.unconsumed_tail = (rest, b"") if self.eof else (b"", rest)
         return b"".join(out)
 
     def _header_size(self) -> int:
@@ -173,17 +184,20 @@ class LayerDecoder:
         self._padding = False  # only zero bytes may follow
         self._pending = b""  # the start of a member or frame header, split across reads
 
-    def feed(self, data: bytes) -> bytes:
-        """The plain bytes that *data* (the next part of the stream) decodes to."""
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The plain bytes that *data* (the next part of the stream) decodes to, in pieces of
+        about :data:`PLAIN_PIECE` bytes at most, each made when the one before is taken."""
         if self.kind == "none":
-            return data
+            yield data
+            return
         buf = self._pending + data if self._pending else data
         self._pending = b""
-        out: list[bytes] = []
         pos = 0
         while pos < len(buf):
             if self._member is not None:
-                pos = self._decode(buf, pos, out)
+                start = self.offset
+                yield from self._decode(buf[pos : pos + _SLICE])
+                pos += self.offset - start
             elif self._skip:
                 n = min(self._skip, len(buf) - pos)
                 self._skip -= n
@@ -196,32 +210,41 @@ class LayerDecoder:
             elif not self._next(buf, pos):
                 self._pending = buf[pos:]
                 break
-        return b"".join(out)
 
-    def _decode(self, buf: bytes, pos: int, out: list[bytes]) -> int:
-        piece = buf[pos : pos + _SLICE]
-        before = self._member.copy() if self.kind == "gzip" else None
-        try:
-            out.append(self._member.decompress(piece))
-        except _BadPart as bad:
-            raise ArchiveError(
-                f"corrupt zstd stream: the {bad.part} at byte {self._member_start + bad.at} "
-                f"(in the frame that starts at byte {self._member_start}) does not decode: "
-                f"{bad.reason}"
-            ) from None
-        except zlib.error as exc:
-            assert before is not None
-            raise ArchiveError(
-                f"corrupt gzip stream at byte {self.offset + _first_bad_byte(before, piece)} "
-                f"(the member that starts at byte {self._member_start}): {exc}"
-            ) from None
-        if not self._member.eof:
-            self.offset += len(piece)
-            return pos + len(piece)
-        used = len(piece) - len(self._member.unused_data)
-        self.offset += used
-        self._member = None
-        return pos + used
+    def _decode(self, piece: bytes) -> Iterator[bytes]:
+        """Hand *piece*, the next bytes of the current member or frame, to its decompressor and
+        yield what it decodes to, a bounded piece at a time; ``offset`` moves on by the bytes
+        used (all but those after the member's end, where the member is done)."""
+        member = self._member
+        while True:
+            before = member.copy() if self.kind == "gzip" else None
+            try:
+                plain = member.decompress(piece, PLAIN_PIECE)
+            except _BadPart as bad:
+                raise ArchiveError(
+                    f"corrupt zstd stream: the {bad.part} at byte {self._member_start + bad.at} "
+                    f"(in the frame that starts at byte {self._member_start}) does not decode: "
+                    f"{bad.reason}"
+                ) from None
+            except zlib.error as exc:
+                assert before is not None
+                raise ArchiveError(
+                    f"corrupt gzip stream at byte {self.offset + _first_bad_byte(before, piece)} "
+                    f"(the member that starts at byte {self._member_start}): {exc}"
+                ) from None
+            if member.eof:
+                self.offset += len(piece) - len(member.unused_data)
+                self._member = None
+                if plain:
+                    yield plain
+                return
+            rest = member.unconsumed_tail
+            self.offset += len(piece) - len(rest)
+            if plain:
+                yield plain
+            if len(plain) < PLAIN_PIECE and not rest:
+                return
+            piece = rest  # the output was cut at the bound: zlib may hold more of it
 
     @property
     def _unit(self) -> str:
