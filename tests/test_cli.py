@@ -202,4 +202,6 @@ def test_diff_output_is_written_to_not_replaced(gd: GD, tmp_path: Path) -> None:
     assert (tmp_path / "read.tar").read_bytes() == want
     gd("diff", "L", "-o", str(tmp_path / "plain.tar"))
     assert (tmp_path / "plain.tar").read_bytes() == want
+    assert gd("diff", "L", "-o", "-").raw == want  # stdout, as apply-diff reads '-' as stdin
+    assert not Path("-").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []

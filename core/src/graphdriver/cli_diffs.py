@@ -56,9 +56,9 @@ def _progress(total: int | None, label: str) -> Iterator[Any]:
     "--output",
     "-o",
     "output",
-    type=click.Path(dir_okay=False),
+    type=click.Path(dir_okay=False, allow_dash=True),
     default=None,
-    help="Write to FILE instead of stdout.",
+    help="Write to FILE instead of stdout ('-' is stdout, as for apply-diff).",
 )
 @click.option(
     "--compress",
@@ -79,6 +79,8 @@ def diff(
     --json prints which, and why, on stdout (on stderr when the tar goes to stdout).
     """
     store = ctx.store()
+    if output == "-":
+        output = None
     with _progress(None, f"diff {layer_id}") as update:
         if output is None:
             if sys.stdout.isatty():
