@@ -218,9 +218,9 @@ class _Decoding:
     while it decodes a piece of the stream, the calling thread reads the next one and parses
     the one before (zlib, zstandard and hashlib let go of the GIL). Only the calling thread
     reads the stream: a signal never leaves a thread inside a read of it. Iterating gives
-    (plain bytes, stream bytes they end), the plain bytes in pieces of a bounded size of which
-    at most :data:`_AHEAD` wait to be taken: a compression bomb is never held whole. A
-    decoding error is raised there."""
+    (plain bytes, stream bytes they end), the plain bytes in pieces of a bounded size, a few
+    at most waiting to be taken: a compression bomb is never held whole. A decoding error is
+    raised there."""
 
     _STOP = object()
     _DONE = object()
@@ -233,9 +233,12 @@ class _Decoding:
         #: the plain tar's sha256, complete once the iteration is
         self.digest = hashlib.sha256()
         self._in: queue.SimpleQueue[object] = queue.SimpleQueue()
-        #: plain bytes, the size of each stream piece once it is decoded, the end or an error
+        #: (plain bytes, whether room was taken for them), the size of each stream piece once
+        #: it is decoded, the end or an error
         self._out: queue.SimpleQueue[object] = queue.SimpleQueue()
-        #: one taken for each plain piece put out, given back when it is taken from there
+        #: the first piece of a read is put out at once (the calling thread reads on only when
+        #: it has taken them all: two reads are in flight at most); each further one of the same
+        #: read (a compression bomb) takes room, given back when it is taken
         self._room = threading.Semaphore(_AHEAD)
         self._stopping = False
         #: started by the first iteration, after the sandbox is forked
@@ -244,12 +247,13 @@ class _Decoding:
     def _run(self) -> None:
         try:
             while isinstance(piece := self._in.get(), bytes):
-                for plain in self._decoder.feed(piece):
-                    self._room.acquire()
-                    if self._stopping:
-                        return
+                for more, plain in enumerate(self._decoder.feed(piece)):
+                    if more:  # a read that decodes to several pieces: one at a time
+                        self._room.acquire()
+                        if self._stopping:
+                            return
                     self.digest.update(plain)
-                    self._out.put(plain)
+                    self._out.put((plain, more))
                 self._out.put(len(piece))
             if piece is self._DONE:
                 self._decoder.finish()
@@ -263,8 +267,8 @@ class _Decoding:
         while True:
             chunk = self._stream.read(_READ)  # while the thread decodes the one before
             self._in.put(chunk or self._DONE)
-            while isinstance(item := self._take(), bytes):  # what the one before gives
-                yield item, 0
+            while isinstance(item := self._take(), tuple):  # what the one before gives
+                yield item[0], 0
             assert isinstance(item, int)
             yield b"", item
             if not chunk:
@@ -276,7 +280,7 @@ class _Decoding:
         item = self._out.get()
         if isinstance(item, BaseException):
             raise item
-        if isinstance(item, bytes):
+        if isinstance(item, tuple) and item[1]:
             self._room.release()
         return item
 
@@ -289,7 +293,7 @@ class _Decoding:
             self._thread.join()
 
 
-#: plain pieces decoded ahead of the one being parsed
+#: further pieces of one read decoded ahead of the one being parsed
 _AHEAD = 2
 #: a read of the caller's stream: one in decoding and one read ahead stay within CHUNK
 _READ = CHUNK // 2

@@ -24,7 +24,7 @@ _SKIPPABLE_LOW = b"\x2a\x4d\x18"
 _SLICE = 64 * 1024
 #: the most plain bytes one decoding step gives (a zstd block more at most): what a few KiB
 #: of a compression bomb decode to is handed on in pieces of this size, never held whole
-PLAIN_PIECE = 1 << 20
+PLAIN_PIECE = 2 << 20
 F_SETPIPE_SZ = 1031
 
 
@@ -186,10 +186,23 @@ class LayerDecoder:
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """The plain bytes that *data* (the next part of the stream) decodes to, in pieces of
-        about :data:`PLAIN_PIECE` bytes at most, each made when the one before is taken."""
+        :data:`PLAIN_PIECE` to twice that (the last one smaller), each decoded when the one
+        before is taken."""
         if self.kind == "none":
             yield data
             return
+        parts: list[bytes] = []
+        have = 0
+        for plain in self._decode_all(data):
+            parts.append(plain)
+            have += len(plain)
+            if have >= PLAIN_PIECE:
+                yield b"".join(parts)
+                parts, have = [], 0
+        if parts:
+            yield b"".join(parts)
+
+    def _decode_all(self, data: bytes) -> Iterator[bytes]:
         buf = self._pending + data if self._pending else data
         self._pending = b""
         pos = 0
