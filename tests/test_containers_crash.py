@@ -181,3 +181,34 @@ def test_a_kill_at_any_transition_loses_nothing(
         assert not (gd.root / "volumes" / "new").exists()
         gd("volume", "create", "new")
     w.finish()
+
+
+def test_status_lists_a_volume_whose_recovery_fails(gd: GD) -> None:  # noqa: F811
+    """A volume that a killed `volume rm` left half-removed, and whose data cannot be deleted
+    (an immutable file in it: EPERM), is listed by status as "Recovery Failed" at every open
+    while other commands go on; once the file can go, the next open finishes the removal."""
+    gd("volume", "create", "v")
+    gd("volume", "create", "keep")
+    data = Path(json.loads(gd("volume", "inspect", "v").out)[0]["Mountpoint"])
+    (data / "stuck").write_text("x")
+    proc = subprocess.run(
+        gd.argv("volume", "rm", "v"),
+        env={**os.environ, "GRAPHDRIVER_FAULT": "volumes.remove.after-mark"},
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()
+    subprocess.run(["chattr", "+i", str(data / "stuck")], check=True)
+    try:
+        text = gd("status").out.splitlines()
+        failed = [line for line in text if line.startswith("Recovery Failed: ")]
+        assert len(failed) == 1 and failed[0].startswith("Recovery Failed: volume v: "), text
+        listed = json.loads(gd("status", "--json").out)["Recovery Failed"]
+        assert len(listed) == 1 and listed[0].startswith("volume v: ")
+        gd("create", "other")  # never in the way of the rest
+        assert gd("volume", "ls", "-q").out.split() == ["keep"]
+    finally:
+        subprocess.run(["chattr", "-i", str(data / "stuck")], check=True)
+    assert "Recovery Failed" not in gd("status", "--json").out
+    assert not data.exists()
+    assert gd("volume", "ls", "-q").out.split() == ["keep"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -126,9 +127,16 @@ def inspect(ctx: Context, layer_id: str) -> None:
 @json_option
 @pass_ctx
 def status(ctx: Context) -> None:
-    """Show the driver's status, like the storage section of docker info."""
-    found = ctx.store().status()
-    emit(ctx, dict(found), "\n".join(f"{k}: {v}" for k, v in found))
+    """Show the driver's status, like the storage section of docker info; a layer, container
+    or volume that a dead command left half-done and recovery could not fix is listed as
+    "Recovery Failed" (--json: a list of them)."""
+    found = ctx.store().status() + ctx.containers().recovery_failures
+    if Path(ctx.root, "volumes", ".metadata.db").exists():  # status makes no volume store
+        found += ctx.volumes().recovery_failures
+    data: dict[str, object] = {k: v for k, v in found if k != "Recovery Failed"}
+    if failed := [v for k, v in found if k == "Recovery Failed"]:
+        data["Recovery Failed"] = failed
+    emit(ctx, data, "\n".join(f"{k}: {v}" for k, v in found))
 
 
 @click.command()

@@ -55,6 +55,8 @@ class ContainerStore(ContainerMounts):
         #: the container rows, kept with the layers in the store's database
         self.records = store.meta.containers
         self._volumes: VolumeStore | None = None
+        #: what recovery at this open could not fix, for ``status``
+        self.recovery_failures: list[tuple[str, str]] = []
         if self._needs_recovery():  # looked at without the lock, then done under it
             with self.store.locked():
                 self._recover()
@@ -295,7 +297,7 @@ class ContainerStore(ContainerMounts):
         mount table (store lock held). A container that fails to recover is logged and
         retried at the next open; it never stops commands on the others."""
         mounted = _mountpoints()
-        recovery.each(
+        self.recovery_failures = recovery.each(
             "container",
             self._rows(),
             lambda row: str(row["name"]),

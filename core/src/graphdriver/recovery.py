@@ -160,17 +160,22 @@ def finish_removal(store: LayerStore, rec: LayerRecord) -> bool:
 
 def each(
     what: str, records: Iterable[T], name: Callable[[T], str], step: Callable[[T], None]
-) -> None:
+) -> list[tuple[str, str]]:
     """Recover each of *records* with *step*: a record that fails is logged and left as it is
     (still in flight, so the next open tries again); it never stops the others. *what* names
-    the kind of record in the log. Containers and volumes recover through it; layers record
-    each failure where ``status`` shows it (:func:`record_failure`)."""
+    the kind of record in the log. Containers and volumes recover through it, and ``status``
+    lists what it returns: ("Recovery Failed", "<what> <name>: <why>") for each failure.
+    Layers keep each failure in the metadata instead (:func:`record_failure`)."""
+    failed = []
     for rec in records:
         try:
             step(rec)
         except (GraphDriverError, OSError) as exc:
             log.warning("%s %s could not be recovered (retried at next open): %s",
                         what, name(rec), exc)  # fmt: skip
+            why = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            failed.append(("Recovery Failed", f"{what} {name(rec)}: {why}"))
+    return failed
 
 
 def record_failure(store: LayerStore, layer_id: str, exc: BaseException) -> None:

@@ -70,6 +70,8 @@ class VolumeStore:
         except OSError as exc:
             raise from_oserror(exc, f"open volume store {self.dir}") from exc
         self._drivers: dict[str, VolumeDriver] = {}
+        #: what recovery at this open could not fix, for ``status``
+        self.recovery_failures: list[tuple[str, str]] = []
         try:
             with self.locked():
                 #: the catalogue's rows (:mod:`.volume_records`)
@@ -92,7 +94,9 @@ class VolumeStore:
         removed goes; a driver mount nobody counts is undone. A volume that fails to recover is
         logged and retried at the next open; it never stops commands on other volumes."""
         records = self.catalog.all(include_in_flight=True)
-        recovery.each("volume", records, lambda rec: rec.name, self._recover_one)
+        self.recovery_failures = recovery.each(
+            "volume", records, lambda rec: rec.name, self._recover_one
+        )
 
     def _recover_one(self, rec: VolumeRecord) -> None:
         if rec.state != "ready":
