@@ -286,7 +286,9 @@ def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) 
     fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         writer = TarWriter(fd=fd)
-        exact.replay(tarsplit.Record(result.record), str(target), writer, True)
+        exact.replay(
+            tarsplit.Record(result.record), str(target), writer, result.diff_id, check=True
+        )
         writer.flush()
     finally:
         os.close(fd)

@@ -1,11 +1,11 @@
-"""Replaying an exact-diff record onto the outputs a diff writes to, and the guard that
-replaces the bodies' CRC-32: a file changed behind the store is an error, never a wrong tar."""
+"""Replaying an exact-diff record onto the outputs a diff writes to, and the guards: a file
+changed behind the store is an error, never a wrong tar."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,8 @@ from graphdriver.errors import ArchiveError
 FILES = {"etc/small": b"small body\n", "usr/big": os.urandom(KERNEL_COPY * 3 + 17)}
 
 
-def _record(root: Path, crcs: dict[str, int] | None = None) -> tuple[bytes, bytes]:
-    """The files of FILES under *root*, the record an apply of their tar keeps, and the tar
-    (*crcs*: a CRC-32 to record instead of the body's own)."""
+def _record(root: Path) -> tuple[bytes, bytes]:
+    """The files of FILES under *root*, the record an apply of their tar keeps, and the tar."""
     rec, paths = tarsplit.SegmentRecorder(), tarsplit.PathRecorder()
     tar = b""
     for path, data in FILES.items():
@@ -30,7 +29,7 @@ def _record(root: Path, crcs: dict[str, int] | None = None) -> tuple[bytes, byte
         paths.touch(path)
         rec.raw(header)
         rec.start_body()
-        rec.body(path, len(data), (crcs or {}).get(path, zlib.crc32(data)), None)
+        rec.body(path, len(data), None)
         padding = b"\0" * (-len(data) % BLOCK)
         rec.raw(padding)
         tar += header + data + padding
@@ -42,44 +41,61 @@ def _record(root: Path, crcs: dict[str, int] | None = None) -> tuple[bytes, byte
     return tarsplit.join(segments, table), tar
 
 
-def _replay(blob: bytes, root: Path, out: Path, flags: int = 0, crc: bool | None = None) -> bytes:
+def _diff_id(tar: bytes) -> str:
+    return "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+def _replay(
+    blob: bytes, root: Path, out: Path, diff_id: str, flags: int = 0, check: bool | None = None
+) -> bytes:
     record = tarsplit.Record(blob)
     assert exact.stale(record.checks(), str(root), []) is None
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o600)
     try:
         writer = TarWriter(fd=fd)
-        exact.replay(record, str(root), writer, crc)
+        exact.replay(record, str(root), writer, diff_id, check=check)
         writer.flush()
     finally:
         os.close(fd)
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("crc", [None, True], ids=["as-the-host-needs", "checksummed"])
+@pytest.mark.parametrize("check", [None, True], ids=["as-the-host-needs", "hashed"])
 @pytest.mark.parametrize("flags", [0, os.O_APPEND], ids=["file", "append"])
 def test_replay_writes_the_applied_tar_to_a_file(
-    tmp_path: Path, flags: int, crc: bool | None
+    tmp_path: Path, flags: int, check: bool | None
 ) -> None:
     """A plain file takes the large body by sendfile; an O_APPEND one (``diff >> f``) refuses
-    sendfile and gets it through the buffer; a checksummed body goes through the buffer too:
-    the same bytes every way."""
+    sendfile and gets it through the buffer; a hashed body goes through the buffer too: the
+    same bytes every way."""
     root = tmp_path / "layer"
     blob, tar = _record(root)
-    assert _replay(blob, root, tmp_path / "out.tar", flags, crc) == tar
+    assert _replay(blob, root, tmp_path / "out.tar", _diff_id(tar), flags, check) == tar
 
 
-@pytest.mark.parametrize("path", list(FILES))
-def test_a_body_whose_checksum_differs_is_an_error_where_ctimes_are_coarse(
-    tmp_path: Path, path: str
-) -> None:
+def test_a_tar_that_is_not_the_diff_id_is_an_error_where_ctimes_are_coarse(tmp_path: Path) -> None:
     """Before Linux 6.13 (no multigrain timestamps), or on a filesystem without them, a write
-    within one timer tick of apply's stat can leave mtime and ctime as recorded; there each
-    body's CRC-32 is checked (``crc=None`` decides by the host: ``exact.fine_ctimes``). The
-    recorded CRC here is of other bytes, as if the file had been rewritten in that tick."""
+    within one timer tick of apply's stat can leave size, mtime and ctime as recorded; there
+    the tar written is hashed and must be the layer's diffID (``check=None`` decides by the
+    host: ``exact.fine_ctimes``). No test can time such a write, so the layer here is as
+    applied and the diffID is another tar's: the same mismatch, found once the tar is written.
+    """
     root = tmp_path / "layer"
-    blob, _ = _record(root, crcs={path: zlib.crc32(b"other bytes")})
-    with pytest.raises(ArchiveError, match=f"/{path} differs from the file that was applied"):
-        _replay(blob, root, tmp_path / "out.tar", crc=True)
+    blob, tar = _record(root)
+    other = _diff_id(tar.replace(b"small body", b"small BODY"))
+    with pytest.raises(ArchiveError, match="the tar written is not the layer's"):
+        _replay(blob, root, tmp_path / "out.tar", other, check=True)
+    with pytest.raises(ArchiveError, match="no diffID"):
+        _replay(blob, root, tmp_path / "out2.tar", "", check=True)
+
+
+def test_a_record_of_version_2_still_replays(tmp_path: Path) -> None:
+    """Records kept before version 3 carry a CRC-32 per body, which is not read: the layers
+    applied then still diff exactly."""
+    root = tmp_path / "layer"
+    blob, tar = _record(root)
+    old = b"graphdriver-tar-split 2\n" + blob[len(tarsplit.MAGIC) :]
+    assert _replay(old, root, tmp_path / "out.tar", _diff_id(tar), check=True) == tar
 
 
 def test_replay_writes_the_applied_tar_to_a_stream(tmp_path: Path) -> None:
@@ -87,7 +103,7 @@ def test_replay_writes_the_applied_tar_to_a_stream(tmp_path: Path) -> None:
     blob, tar = _record(root)
     out = io.BytesIO()
     writer = TarWriter(write=out.write)
-    exact.replay(tarsplit.Record(blob), str(root), writer)
+    exact.replay(tarsplit.Record(blob), str(root), writer, _diff_id(tar))
     writer.flush()
     assert out.getvalue() == tar
 

@@ -30,7 +30,7 @@ def test_a_long_extension_header_replays() -> None:
     head = bytes(range(256)) * (12 << 10)  # 3 MiB
     rec.raw(memoryview(head))
     rec.start_body()
-    rec.body("f", 5, 0, None)
+    rec.body("f", 5, None)
     rec.raw(b"tail")
     segments = rec.finish()
     table = PathRecorder().finish(lambda p: os.lstat("/"))

@@ -283,7 +283,7 @@ def write_tar(
     writer.progress = progress
     try:
         if source.record is not None:
-            exact_diff.replay(source.record, source.root, writer)
+            exact_diff.replay(source.record, source.root, writer, source.diff_id)
             writer.flush()
         else:
             if source.reason:

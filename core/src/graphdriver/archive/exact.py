@@ -4,11 +4,12 @@ the layer's files (:func:`replay`). The record itself is :mod:`.tarsplit`'s."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
-import zlib
 from pathlib import Path
+from typing import Any
 
 from ..errors import ArchiveError
 from ..linux.bind import open_beneath
@@ -121,7 +122,14 @@ def fine_ctimes(root: str) -> bool:
         return False
 
 
-def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None) -> int:
+def replay(
+    record: Record,
+    root: str,
+    writer: TarWriter,
+    diff_id: str | None = None,
+    *,
+    check: bool | None = None,
+) -> int:
     """Write the exact tar the record was made from, file bodies read from *root*; the bytes
     written. A body that is not the applied one raises :class:`ArchiveError`.
 
@@ -129,18 +137,25 @@ def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None
     its file is looked at again (fstat of the fd read): the same size, mtime and ctime as after
     apply mean the bytes read are the applied ones, since every write moves the ctime, which no
     user can set back. That holds where the kernel's multigrain timestamps give even a write
-    right after apply's stat a new ctime (:func:`fine_ctimes`): there no body is checksummed
-    and large ones go by sendfile. Elsewhere, or with *crc* True, each body's CRC-32 is checked
-    against the record as well (tar-split checks its CRC-64 the same way); ``check --digests``
-    hashes the whole tar.
+    right after apply's stat a new ctime (:func:`fine_ctimes`): there nothing is hashed and
+    large bodies go by sendfile. Elsewhere, or with *check* True, the bodies go through user
+    space and every byte written is hashed: the tar's sha256 must be *diff_id*, the layer's
+    diffID, or the replay ends in an error once the tar is written (tar-split checks each
+    body's CRC-64 after writing it; a sha256 of the whole tar covers the headers too, and
+    cannot be matched on purpose). ``check --digests`` hashes the whole tar the same way.
     """
     total = 0
     noted = record.checks().present
-    check = fine_ctimes(root) is False if crc is None else crc
+    check = fine_ctimes(root) is False if check is None else check
+    digest = hashlib.sha256() if check else None
+    if digest is not None and not diff_id:
+        raise ArchiveError("exact diff: no diffID to check the tar written against")
     write_raw = writer.write_raw
     with _Bodies(root) as bodies:
         for seg in record.segments():
             if isinstance(seg, bytes):
+                if digest is not None:
+                    digest.update(seg)
                 write_raw(seg)
                 total += len(seg)
                 continue
@@ -149,8 +164,8 @@ def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None
                 continue
             fd = bodies.open(path)
             try:
-                if check:
-                    _copy_checked(seg, fd, writer)
+                if digest is not None:
+                    _copy_hashed(seg, fd, writer, digest)
                 elif regions is None:  # most bodies: one call
                     if writer.copy_from(fd, 0, size) != size:
                         raise _shorter(seg)
@@ -164,6 +179,11 @@ def replay(record: Record, root: str, writer: TarWriter, crc: bool | None = None
             ):
                 raise _differs(seg)
             total += size
+    if digest is not None and "sha256:" + digest.hexdigest() != diff_id:
+        raise ArchiveError(
+            f"exact diff: the tar written is not the layer's (its sha256 is not the diffID "
+            f"{diff_id}): a file changed behind the store"
+        )
     return total
 
 
@@ -184,20 +204,17 @@ def _copy_body(seg: Body, fd: int, writer: TarWriter) -> None:
             raise _shorter(seg)
 
 
-def _copy_checked(seg: Body, fd: int, writer: TarWriter) -> None:
-    """_copy_body through user space, checking the bytes' CRC-32 against the record."""
-    crc = 0
+def _copy_hashed(seg: Body, fd: int, writer: TarWriter, digest: Any) -> None:
+    """_copy_body through user space, every byte into *digest* as well."""
     for offset, length in seg.regions or [(0, seg.size)]:
         done = 0
         while done < length:
             data = os.pread(fd, min(CHUNK, length - done), offset + done)
             if not data:
                 raise _shorter(seg)
-            crc = zlib.crc32(data, crc)
+            digest.update(data)
             writer.write_raw(data)
             done += len(data)
-    if crc != seg.crc:
-        raise _differs(seg)
 
 
 class _Bodies:

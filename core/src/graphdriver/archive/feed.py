@@ -19,11 +19,11 @@ memory. Whatever they name, the child writes inside its chroot.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import pickle
 import struct
-import zlib
 from collections.abc import Callable, Iterator
 
 from ..errors import ArchiveError, GraphDriverError
@@ -96,18 +96,17 @@ class Feeder:
         self._flush()
 
     def _body(self, path: str, entry: TarEntry) -> None:
-        """Read the data of the entry at *path*: its CRC-32 for the record, the data itself
-        for the child if inline."""
+        """Read the data of the entry at *path*, sent to the child if inline, and note it in
+        the record as a body the layer's file holds."""
         segments = self._segments
         size = self.reader.data_left
-        crc = 0
-        for piece in self.reader.data():
-            if segments is not None:
-                crc = zlib.crc32(piece, crc)
-            if self._inline:
+        if self._inline:
+            for piece in self.reader.data():
                 self._send(piece)
+        else:
+            collections.deque(self.reader.data(), 0)  # past it, not into the record's raw part
         if segments is not None:
-            segments.body(path, size, crc, entry.sparse)
+            segments.body(path, size, entry.sparse)
         if self._framed:  # what is gathered belongs to a frame already sent
             self._write_data()
             self._framed = False

@@ -306,8 +306,7 @@ class TarReader:
 
     def write_to(self, fd: int) -> None:
         """Write the current entry's data to *fd*; a large body goes from the input to *fd* in
-        the kernel (copy_file_range from a file, splice from a pipe). The CRC-32 an exact
-        diff's record needs is taken where the tar is parsed (:mod:`.feed`), not here."""
+        the kernel (copy_file_range from a file, splice from a pipe)."""
         start, left = self._pos, self._data_left
         if start + left + self._pad <= self._end:  # the common case: all of it buffered
             self._start_body()

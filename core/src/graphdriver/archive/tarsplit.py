@@ -6,18 +6,19 @@ A record is made in two halves. Where the tar is parsed (the parent of the apply
 :class:`SegmentRecorder`), every byte the reader consumes that does not land in a file (headers,
 PAX and GNU extension data, padding, a sparse map, the end marker, anything after it, the body of
 an entry that is not a regular file) is kept as is; a regular file's body is kept as a reference
-(its path in the layer, its size, its CRC-32 and, for a sparse file, the regions the tar
-carried). Where it is extracted (the sandbox, :class:`PathRecorder`), the paths the tar wrote,
-touched, deleted or made opaque are noted, and after the extraction what the layer then held at
-each (type and mode, mtime, ctime). :func:`join` makes the record of the two.
+(its path in the layer, its size and, for a sparse file, the regions the tar carried). Where it
+is extracted (the sandbox, :class:`PathRecorder`), the paths the tar wrote, touched, deleted or
+made opaque are noted, and after the extraction what the layer then held at each (type and
+mode, mtime, ctime). :func:`join` makes the record of the two.
 
 ``diff`` uses a record only when the layer still is what apply left: every noted path has the
 same type, mode, mtime and ctime, and every change the layer shows against its
 parent is a path the tar touched (or a deletion it made). A ctime cannot be set back by a user,
 so a file written, chmodded, relinked or swapped behind the store is caught before the first byte
 is written. As a last guard each body's file is looked at again after it is copied (size, mtime,
-ctime), which catches a write while the diff runs. Otherwise the diff is generated from the
-layer, and says why.
+ctime), which catches a write while the diff runs; where ctimes are coarse, the tar written is
+hashed too and must be the layer's diffID (:func:`.exact.replay`). Otherwise the diff is
+generated from the layer, and says why.
 
 Layout of a record: ``MAGIC``, the length of the segments part, the segments (zstd), the check
 table (zstd). Both parts are decompressed as streams; the record itself, and the sets of paths
@@ -37,7 +38,9 @@ import zstandard
 
 from ..errors import ArchiveError
 
-MAGIC = b"graphdriver-tar-split 2\n"
+MAGIC = b"graphdriver-tar-split 3\n"
+#: records before 3 carry each body's CRC-32, which nothing reads any more; otherwise the same
+_MAGIC_2 = b"graphdriver-tar-split 2\n"
 #: a record larger than this (compressed) is not kept: the diff is generated instead
 MAX_RECORD = 256 << 20
 
@@ -47,7 +50,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _PRESENT_FIELDS = struct.Struct("<IqIqI")  # st_mode, mtime (s, ns), ctime (s, ns)
 _REGION = struct.Struct("<QQ")
-_BODY_FIELDS = struct.Struct("<QII")  # size, CRC-32, number of sparse regions
+_BODY_FIELDS = struct.Struct("<QII")  # size, 0 (a CRC-32 before version 3), sparse regions
 _FLUSH_RAW = 1 << 20
 _BATCH = 1 << 18  # bytes handed to the compressor at a time (small calls cost more than bytes)
 _LEVEL = 3  # zstd: headers compress ~40x, ten times faster than zlib's default
@@ -124,7 +127,7 @@ class SegmentRecorder:
         if self.failed is None:
             self._flush_raw()
 
-    def body(self, path: str, size: int, crc: int, regions: list[tuple[int, int]] | None) -> None:
+    def body(self, path: str, size: int, regions: list[tuple[int, int]] | None) -> None:
         """The body of the regular file at *path* (*size* bytes of the tar, all of the file's
         data or, for a sparse file, its *regions*) is read back from the layer. Called after
         :meth:`start_body` and the body, whose padding :meth:`raw` may already hold (it goes
@@ -135,10 +138,10 @@ class SegmentRecorder:
         data = path.encode("utf-8", "surrogateescape")
         self._pending += _BODY + _U32.pack(len(data)) + data
         if regions:
-            self._pending += _BODY_FIELDS.pack(size, crc, len(regions))
+            self._pending += _BODY_FIELDS.pack(size, 0, len(regions))
             self._put(b"".join(_REGION.pack(o, n) for o, n in regions))
         else:
-            self._put(_BODY_FIELDS.pack(size, crc, 0))
+            self._put(_BODY_FIELDS.pack(size, 0, 0))
 
     def finish(self) -> bytes | None:
         """The segments part of the record (None if none can be kept), once the tar is read."""
@@ -273,7 +276,7 @@ class Body(NamedTuple):
 
     path: str
     size: int
-    crc: int
+    crc: int  # 0; a CRC-32 of the body in records before version 3, not read
     regions: list[tuple[int, int]] | None
 
 
@@ -281,7 +284,7 @@ class Record:
     """A stored record, checked for its form; :meth:`segments` streams it."""
 
     def __init__(self, blob: bytes) -> None:
-        if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 8:
+        if not blob.startswith((MAGIC, _MAGIC_2)) or len(blob) < len(MAGIC) + 8:
             raise RecordError("the record is not a graphdriver tar-split record")
         (seg_len,) = _U64.unpack_from(blob, len(MAGIC))
         start = len(MAGIC) + 8
