@@ -212,3 +212,27 @@ def test_status_lists_a_volume_whose_recovery_fails(gd: GD) -> None:  # noqa: F8
     assert "Recovery Failed" not in gd("status", "--json").out
     assert not data.exists()
     assert gd("volume", "ls", "-q").out.split() == ["keep"]
+
+
+def test_status_lists_a_container_whose_recovery_fails(gd: GD) -> None:  # noqa: F811
+    """A container that a killed create left half-made, whose layer someone mounted meanwhile
+    (it cannot be removed while mounted), is listed by status as "Recovery Failed"; once the
+    layer is unmounted, the next open rolls the create back."""
+    _image(gd)
+    proc = subprocess.run(
+        gd.argv("container", "create", "c", "--image", "img"),
+        env={**os.environ, "GRAPHDRIVER_FAULT": "containers.create.after-layer"},
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr.decode()
+    (layer,) = [x for x in gd("ls").out.split() if x != "img"]
+    gd("mount", layer)
+    try:
+        listed = json.loads(gd("status", "--json").out)["Recovery Failed"]
+        assert len(listed) == 1 and listed[0].startswith("container c: "), listed
+        assert json.loads(gd("container", "ls", "--json").out) == []  # none while half-made
+    finally:
+        gd("umount", layer)
+    assert "Recovery Failed" not in gd("status", "--json").out
+    assert gd("ls").out.split() == ["img"]
