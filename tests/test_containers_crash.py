@@ -4,6 +4,7 @@ lost, no mount is stacked or leaked, and every count is right."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -236,3 +237,19 @@ def test_status_lists_a_container_whose_recovery_fails(gd: GD) -> None:  # noqa:
         gd("umount", layer)
     assert "Recovery Failed" not in gd("status", "--json").out
     assert gd("ls").out.split() == ["img"]
+
+
+def test_status_says_when_the_volumes_cannot_be_read(gd: GD) -> None:  # noqa: F811
+    """status is what one runs on a store in trouble: volumes locked past --wait, or their
+    catalogue damaged, are one line of it, not its end."""
+    gd("volume", "create", "v")
+    volumes = Path(json.loads(gd("volume", "inspect", "v").out)[0]["Mountpoint"]).parents[1]
+    with open(volumes / ".lock", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        res = gd("--wait", "1", "status")
+    assert any(line.startswith("Volumes: cannot be read: ") for line in res.out.splitlines())
+    (volumes / ".metadata.db").write_bytes(b"not a database" * 100)
+    for name in (".metadata.db-wal", ".metadata.db-shm"):
+        (volumes / name).unlink(missing_ok=True)
+    res = gd("status", "--json")
+    assert json.loads(res.out)["Volumes"].startswith("cannot be read: ")

@@ -314,6 +314,18 @@ def test_a_cut_stream_loses_its_end_in_every_way_in(tmp_path: Path) -> None:
                     apply_layer(target, io.BytesIO(gzip.compress(data[:cut], 1)), record=True)
 
 
+def test_a_cut_gzip_stream_is_reported_as_such(tmp_path: Path) -> None:
+    """gzip cut inside a body large enough to be spliced to the sandbox: the error is the
+    decoder's (where the gzip ends), not the sandbox's end of its pipe."""
+    data = _mixed_tar()
+    packed = gzip.compress(data, 1)
+    for cut in (len(packed) // 2, len(packed) - 10):
+        target = tmp_path / f"cut{cut}"
+        target.mkdir()
+        with pytest.raises(ArchiveError, match="truncated gzip stream: input ended at byte"):
+            apply_layer(target, io.BytesIO(packed[:cut]), record=True)
+
+
 def _cut_after(first: tarfile.TarInfo, files: int) -> bytes:
     """A tar of *first*, *files* small files and a last one, cut inside the last one's body."""
     members = [(first, b"")]

@@ -71,7 +71,7 @@ class Context:
 
             from .volumes import VolumeStore
 
-            self._volumes = VolumeStore(Path(self.root).absolute())
+            self._volumes = VolumeStore(Path(self.root).absolute(), wait=self.wait)
         return self._volumes
 
     def close(self) -> None:

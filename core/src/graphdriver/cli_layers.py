@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from .cli_common import Context, emit, emit_done, json_option, pairs, pass_ctx
+from .errors import GraphDriverError
 
 PARENT_HELP = "Compare with this layer instead of the layer's own parent."
 
@@ -131,8 +132,11 @@ def status(ctx: Context) -> None:
     or volume that a dead command left half-done and recovery could not fix is listed as
     "Recovery Failed" (--json: a list of them)."""
     found = ctx.store().status() + ctx.containers().recovery_failures
-    if Path(ctx.root, "volumes", ".metadata.db").exists():  # status makes no volume store
-        found += ctx.volumes().recovery_failures
+    if Path(ctx.root, "volumes", ".metadata.db").exists():  # none is made for status
+        try:
+            found += ctx.volumes().recovery_failures
+        except GraphDriverError as exc:  # busy past --wait, or damaged: said, not fatal
+            found.append(("Volumes", f"cannot be read: {exc}"))
     data: dict[str, object] = {k: v for k, v in found if k != "Recovery Failed"}
     if failed := [v for k, v in found if k == "Recovery Failed"]:
         data["Recovery Failed"] = failed

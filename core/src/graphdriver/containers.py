@@ -64,7 +64,7 @@ class ContainerStore(ContainerMounts):
     @property
     def volumes(self) -> VolumeStore:
         if self._volumes is None:
-            self._volumes = VolumeStore(self.store.root)
+            self._volumes = VolumeStore(self.store.root, wait=self.store.wait)
         return self._volumes
 
     def close(self) -> None:

@@ -69,6 +69,8 @@ class LayerStore(LayerMounts, LayerDiffs):
         self.home = root / driver_cls.name
         self.hooks = plugin_hooks
         self.name = driver_cls.name
+        #: seconds any call waits for a lock of the store (the volumes' too); None: for ever
+        self.wait = wait
         private_dir(self.home)
         self._lock = FileLock(self.home / "lock", wait)
         try:

@@ -58,7 +58,9 @@ log = logging.getLogger(__name__)
 class VolumeStore:
     """The volumes of one root: catalogue, references from containers, mount counts."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, wait: float | None = None) -> None:
+        """*wait* bounds, in seconds, how long a call waits for the volumes' lock (None: for
+        ever), as ``open_store``'s does for the store's."""
         self.root = root
         self.dir = root / "volumes"
         try:
@@ -66,7 +68,7 @@ class VolumeStore:
             # the containers it is bound into, not for every local user
             self.dir.mkdir(0o700, parents=True, exist_ok=True)
             os.chmod(self.dir, 0o700)
-            self._lock = FileLock(self.dir / ".lock")
+            self._lock = FileLock(self.dir / ".lock", wait)
         except OSError as exc:
             raise from_oserror(exc, f"open volume store {self.dir}") from exc
         self._drivers: dict[str, VolumeDriver] = {}

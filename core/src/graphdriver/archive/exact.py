@@ -107,7 +107,7 @@ def _why(path: str, noted: tuple[int, int, int], st: os.stat_result) -> str:
 
 #: filesystems whose ctime moves on every write however soon after the last stat, from Linux
 #: 6.13 on (multigrain timestamps); elsewhere a write within one timer tick of apply's stat can
-#: leave mtime and ctime as they were, so replay checks each body's CRC-32 too
+#: leave mtime and ctime as they were, so replay hashes the tar it writes against the diffID
 _MULTIGRAIN_FS = frozenset({"btrfs", "extfs", "xfs", "tmpfs"})
 
 

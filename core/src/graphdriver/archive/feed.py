@@ -162,6 +162,10 @@ class FedReader(TarReader):
         if self._end < n:
             self.ended = True
 
+    def _truncated(self) -> None:
+        self.ended = True  # a splice that found the pipe's end: the parent stopped sending
+        super()._truncated()
+
     def __iter__(self) -> Iterator[TarEntry]:
         while (batch := self._frame()) is not None:
             for entry, size, offset in batch:

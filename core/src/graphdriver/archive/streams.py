@@ -186,8 +186,8 @@ class LayerDecoder:
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """The plain bytes that *data* (the next part of the stream) decodes to, in pieces of
-        :data:`PLAIN_PIECE` to twice that (the last one smaller), each decoded when the one
-        before is taken."""
+        :data:`PLAIN_PIECE` to twice that and a zstd block (the last one smaller), each
+        decoded when the one before is taken."""
         if self.kind == "none":
             yield data
             return
