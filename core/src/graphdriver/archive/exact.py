@@ -146,10 +146,7 @@ def replay(
     """
     total = 0
     noted = record.checks().present
-    check = fine_ctimes(root) is False if check is None else check
-    digest = hashlib.sha256() if check else None
-    if digest is not None and not diff_id:
-        raise ArchiveError("exact diff: no diffID to check the tar written against")
+    digest = _digest(fine_ctimes(root) is False if check is None else check, diff_id)
     write_raw = writer.write_raw
     with _Bodies(root) as bodies:
         for seg in record.segments():
@@ -185,6 +182,15 @@ def replay(
             f"{diff_id}): a file changed behind the store"
         )
     return total
+
+
+def _digest(check: bool, diff_id: str | None) -> Any:
+    """The hash of the tar a replay writes, if it is to be checked against *diff_id*."""
+    if not check:
+        return None
+    if not diff_id:
+        raise ArchiveError("exact diff: no diffID to check the tar written against")
+    return hashlib.sha256()
 
 
 def _shorter(seg: Body) -> ArchiveError:
