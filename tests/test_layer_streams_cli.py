@@ -84,13 +84,14 @@ def test_a_compression_bomb_is_decoded_in_bounded_memory(gd: GD, tmp_path: Path,
     gd("create", "x")
     # the peak RSS of a process carries its parent's at the exec (the kernel keeps the old
     # mm's high-water mark): the CLI is run from a small Python, not from this large one
-    peak = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS, *gd.argv("apply-diff", "x")],
-        stdin=layer.open("rb"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with layer.open("rb") as stdin:
+        peak = subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS, *gd.argv("apply-diff", "x")],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert peak.returncode == 0, peak.stderr
     assert int(peak.stdout) < 128 << 10, f"peak RSS {int(peak.stdout) >> 10} MiB"
     meta = json.loads(gd("inspect", "x").out)

@@ -173,15 +173,14 @@ def each(
         except (GraphDriverError, OSError) as exc:
             log.warning("%s %s could not be recovered (retried at next open): %s",
                         what, name(rec), exc)  # fmt: skip
-            why = str(exc).splitlines()[0] if str(exc) else repr(exc)
-            failed.append(("Recovery Failed", f"{what} {name(rec)}: {why}"))
+            failed.append(("Recovery Failed", f"{what} {name(rec)}: {_first_line(exc)}"))
     return failed
 
 
 def record_failure(store: LayerStore, layer_id: str, exc: BaseException) -> None:
     """Keep why *layer_id* could not be recovered, for ``status`` and the next attempt."""
     with store.meta.transaction():
-        store.meta.set_meta(FAILED + layer_id, str(exc).splitlines()[0] if str(exc) else repr(exc))
+        store.meta.set_meta(FAILED + layer_id, _first_line(exc))
 
 
 def failures(store: LayerStore) -> list[tuple[str, str]]:
@@ -196,3 +195,8 @@ def failures(store: LayerStore) -> list[tuple[str, str]]:
                 why = reasons.get(rec.id, f"left {rec.state}")
                 out.append(("Recovery Failed", f"{rec.id}: {why}"))
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    """Why *exc* happened, in one line for ``status``."""
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)

@@ -156,7 +156,7 @@ def replay(
                 write_raw(seg)
                 total += len(seg)
                 continue
-            path, size, _crc, regions = seg
+            path, size, regions = seg
             if not size:  # an empty file has nothing to read (the checks saw it is there)
                 continue
             fd = bodies.open(path)

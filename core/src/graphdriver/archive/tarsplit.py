@@ -276,7 +276,6 @@ class Body(NamedTuple):
 
     path: str
     size: int
-    crc: int  # 0; a CRC-32 of the body in records before version 3, not read
     regions: list[tuple[int, int]] | None
 
 
@@ -366,13 +365,13 @@ class Record:
                         buf, pos = z.more(buf, pos, head + n), 0
                         have = len(buf)
                     path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
-                    size, crc, count = fields(buf, pos + 5 + n)
+                    size, _crc, count = fields(buf, pos + 5 + n)  # a CRC-32 before 3
                     pos += head + n
                     regions = None
                     if count:
                         buf, pos, regions = _regions(z, buf, pos, count)
                         have = len(buf)
-                    yield _body(path, size, crc, regions)
+                    yield _body(path, size, regions)
                 elif tag == end:
                     return
                 else:
@@ -394,11 +393,11 @@ def _regions(
     return buf, pos + size, regions
 
 
-def _body(path: str, size: int, crc: int, regions: list[tuple[int, int]] | None) -> Body:
+def _body(path: str, size: int, regions: list[tuple[int, int]] | None) -> Body:
     slashed = f"/{path}/"
     if "//" in slashed or ("/." in slashed and ("/./" in slashed or "/../" in slashed)):
         raise RecordError(f"the record is corrupt (a body at {path!r})")  # none leaves the layer
-    return _new_body(Body, (path, size, crc, regions))
+    return _new_body(Body, (path, size, regions))
 
 
 #: a Body made without NamedTuple's Python-level __new__ (a call per body)
