@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import stat
 import sys
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ def _progress(total: int | None, label: str) -> Iterator[Any]:
     if not sys.stderr.isatty() or (total is not None and total < PROGRESS_MIN):
         yield None
         return
+    import shutil
+
     from tqdm import tqdm
 
     size = shutil.get_terminal_size((80, 24))

@@ -15,7 +15,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -149,6 +148,8 @@ def _without_submounts(store: LayerStore, stack: contextlib.ExitStack, root: Pat
     real = os.path.realpath(root)
     if not any(m != real for m in mounts_under(real)):
         return root
+    import tempfile  # here only: it imports shutil and random, which a diff needs nowhere else
+
     view = Path(tempfile.mkdtemp(prefix=".diff-view-", dir=store.home))
     stack.callback(view.rmdir)
     mount(real, view, None, MS_BIND)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from pathlib import Path
 
 from .libc import LIBC, errno_error
@@ -84,6 +83,8 @@ def private_dir(*paths: Path) -> None:
 
 def supports_d_type(path: Path) -> bool:
     """Whether readdir on *path*'s filesystem fills in d_type (xfs with ftype=0 does not)."""
+    import tempfile  # only here: it imports shutil and random
+
     with tempfile.TemporaryDirectory(dir=path, prefix=".d_type-") as tmp:
         Path(tmp, "f").touch()
         return _dtype_known(tmp, "f")

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,7 +64,11 @@ SCRATCH = "lowerdir=lower1:lower2,upperdir=upper,workdir=work,index=off"
 @contextlib.contextmanager
 def scratch_overlay(where: Path, prefix: str) -> Iterator[Path]:
     """A folder under *where* with two lower dirs, an upper, a work and a ``merged`` dir for a
-    test mount; whatever was mounted in it is unmounted and the folder removed at the end."""
+    test mount; whatever was mounted in it is unmounted and the folder removed at the end.
+    (shutil and tempfile are imported here: a probe runs once per kernel, not per command.)"""
+    import shutil
+    import tempfile
+
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
     try:
         for sub in ("lower1", "lower2", "upper", "work", "merged"):

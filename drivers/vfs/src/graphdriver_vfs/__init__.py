@@ -15,7 +15,6 @@ ids, parents, states, reference counts, locks, crash recovery, diffs and tar ext
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -53,6 +52,8 @@ class VfsDriver(Driver):
     def remove(self, layer: LayerInfo) -> None:
         target = self._dir(layer)
         if target.exists() or target.is_symlink():
+            import shutil  # only here: every command imports the driver
+
             shutil.rmtree(target)
 
     def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
