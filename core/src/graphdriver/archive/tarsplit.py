@@ -101,10 +101,19 @@ class SegmentRecorder:
             self._flush_raw()
 
     def _flush_raw(self) -> None:
-        raw = self._raw
+        raw, pending = self._raw, self._pending
+        if len(raw) <= _FLUSH_RAW:  # a header and padding: once per entry, kept cheap
+            if raw:
+                pending += _RAW
+                pending += _U64.pack(len(raw))
+                pending += raw
+                raw.clear()
+                if len(pending) >= _BATCH:
+                    self._compress()
+            return
         for start in range(0, len(raw), _FLUSH_RAW):  # parts the replay accepts
             part = raw[start : start + _FLUSH_RAW]
-            self._pending += _RAW + _U64.pack(len(part))
+            pending += _RAW + _U64.pack(len(part))
             self._put(part)
         raw.clear()
 
@@ -136,12 +145,15 @@ class SegmentRecorder:
             return
         self.tar_size += size
         data = path.encode("utf-8", "surrogateescape")
-        self._pending += _BODY + _U32.pack(len(data)) + data
+        pending = self._pending
+        pending += _BODY
+        pending += _U32.pack(len(data))
+        pending += data
+        pending += _BODY_FIELDS.pack(size, 0, len(regions) if regions else 0)
         if regions:
-            self._pending += _BODY_FIELDS.pack(size, 0, len(regions))
-            self._put(b"".join(_REGION.pack(o, n) for o, n in regions))
-        else:
-            self._put(_BODY_FIELDS.pack(size, 0, 0))
+            pending += b"".join(_REGION.pack(o, n) for o, n in regions)
+        if len(pending) >= _BATCH:
+            self._compress()
 
     def finish(self) -> bytes | None:
         """The segments part of the record (None if none can be kept), once the tar is read."""
