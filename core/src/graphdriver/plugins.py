@@ -16,7 +16,8 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast, overload
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from .errors import DriverLoadError, DriverNotFound, DriverUnavailable, GraphDriverError
 
@@ -160,9 +161,9 @@ def load_plugin(group: str, name: str, known: Mapping[str, str], kind: str) -> o
         ) from exc
 
 
-class DriverReport(NamedTuple):
-    """One row of ``graphdriver drivers`` (a NamedTuple: every command imports this module, and
-    a dataclass costs a few milliseconds to make)."""
+@dataclass(frozen=True)
+class DriverReport:
+    """One row of ``graphdriver drivers``."""
 
     name: str
     target: str

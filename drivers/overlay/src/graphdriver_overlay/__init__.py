@@ -65,7 +65,9 @@ NEW_API_MAX_DEPTH = 500
 #: Docker's limit for the one-page option string: (26 + 3) * 128 bytes of lowerdir plus room
 CLASSIC_MAX_DEPTH = 128
 PAGE = 4096
+#: exactly 32 letters (base32, as Docker's link names): _short_id picks one by five bits
 _LINK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+assert len(_LINK_ALPHABET) == 32
 _UNSUPPORTED_UPPER = {
     "overlayfs",
     "aufs",
