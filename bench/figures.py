@@ -16,7 +16,8 @@ from pathlib import Path
 
 #: the report's tables, in order, with what their figures include
 TABLES = {
-    "lib": "Library calls (one Python process, timed around the call: no start-up)",
+    "lib": "Library calls (one Python process, timed around the call: no start-up; the archive "
+    "engine's modules imported first by an untimed one-file apply and diff)",
     "cli": "CLI (whole `graphdriver` processes, Python start-up included; references are whole "
     "processes too)",
     "engine": "Container engines (whole client processes or gRPC calls, ms)",
