@@ -113,7 +113,8 @@ store = open_store(sys.argv[1], sys.argv[5])
 # untimed: one-file layers applied from a file and diffed, with and without an exact-diff record,
 # so that the archive engine's modules (imported on first use) are loaded before the clock
 # starts, as in a server that applies many layers
-warm_tar, asked = sys.argv[4] + ".warm-up.tar", os.environ.get("GRAPHDRIVER_TAR_SPLIT")
+warm_tar = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "lib-warm-up.tar")
+asked = os.environ.get("GRAPHDRIVER_TAR_SPLIT")
 with tarfile.open(warm_tar, "w") as tf:
     info = tarfile.TarInfo("warm-up")
     info.size = 1
