@@ -380,3 +380,38 @@ def test_an_xattr_the_filesystem_refuses_names_the_entry(tmp_path: Path) -> None
         apply_layer(target, io.BytesIO(_tar((info, b"hi"))))
     assert "etc/big-xattr: xattr user.big" in str(err.value), err.value
     assert "Argument list too long" in str(err.value)
+
+
+def test_entries_after_their_directory_that_are_not_plain_files(tmp_path: Path) -> None:
+    """Once the tar made a directory, a plain regular file in it is written by the
+    extractor's short path; a whiteout, a name written twice, or a name spelled with ``./``
+    or ``/`` in that directory still get what they mean."""
+    target = tmp_path / "layer"
+    (target / "d").mkdir(parents=True)
+    (target / "d" / "old").write_bytes(b"from the parent")
+
+    def file(name: str, body: bytes) -> tuple[tarfile.TarInfo, bytes]:
+        return _with_size(_info(name, tarfile.REGTYPE, 0o644), len(body)), body
+
+    data = _tar(
+        (_info("d", tarfile.DIRTYPE, 0o755), b""),
+        file("d/.wh.old", b""),
+        file("./d/dotted", b"a"),
+        file("/d/absolute", b"b"),
+        file("d/twice", b"first"),
+        file("d/twice", b"second"),
+        file("d/plain", b"c"),
+    )
+    for how in ("file", "stream"):
+        _apply(target, data, how, tmp_path / "layer.tar")
+        got = {p.name: p.read_bytes() for p in (target / "d").iterdir()}
+        assert got == {
+            "dotted": b"a",
+            "absolute": b"b",
+            "twice": b"second",
+            "plain": b"c",
+        }, how
+        for p in (target / "d").iterdir():
+            assert stat.S_IMODE(p.lstat().st_mode) == 0o644
+            assert p.lstat().st_mtime == 1_700_000_000
+        (target / "d" / "old").write_bytes(b"from the parent")  # for the second round

@@ -20,12 +20,26 @@ from ..linux.libc import LIBC
 from . import sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
 from .feed import FedReader, StreamCut
-from .tar import BLKTYPE, CHRTYPE, DIRTYPE, FIFOTYPE, LNKTYPE, SYMTYPE, TarEntry
+from .tar import (
+    AREGTYPE,
+    BLKTYPE,
+    CHRTYPE,
+    CONTTYPE,
+    DIRTYPE,
+    FIFOTYPE,
+    LNKTYPE,
+    REGTYPE,
+    SYMTYPE,
+    TarEntry,
+)
 from .tar_reader import TarReader, write_all
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+_FILE_TYPES = (REGTYPE, AREGTYPE, CONTTYPE)
+#: a regular file is made with O_EXCL (never through what is at its name) and O_NOFOLLOW
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 @dataclass(frozen=True)
@@ -160,14 +174,55 @@ class Extractor:
         self.size = 0
 
     def run(self) -> int:
+        plain_file = self.plain_file
         for entry in self.reader:
-            self.entry(entry)
+            if not plain_file(entry):
+                self.entry(entry)
         self.reader.drain()
         for path, atime, mtime in sorted(
             self.dir_times, key=lambda t: t[0].count("/"), reverse=True
         ):
             os.utime(path or "/", ns=(atime, mtime), follow_symlinks=False)
         return self.size
+
+    def plain_file(self, e: TarEntry) -> bool:
+        """Write *e* if it is the common entry: a regular file, not sparse, without xattrs or
+        setuid, setgid or sticky bits, owned by root (or by anyone when not run as root), with
+        a clean name none of whose parts starts with a dot, in a directory this extraction
+        already made safe, which is neither setgid nor has a default ACL, and nothing at its
+        name yet. That is what :meth:`entry` would do for it, less the general cases' calls
+        and checks (a quarter of the extractor's own CPU time on a layer of small files), and
+        the record's stat of it taken from the open file. False, having done nothing, for
+        any other entry."""
+        if e.type not in _FILE_TYPES or e.sparse is not None or e.xattrs or e.mode & 0o7000:
+            return False
+        name = e.name[2:] if e.name[:2] == "./" else e.name
+        # a name clean_name keeps as it is, and no part of it starts with a dot: nothing to
+        # clean, nothing that climbs, no whiteout (a dotfile takes the general path too)
+        if not name or name[0] in "./" or "/." in name or "//" in name or name[-1] == "/":
+            return False
+        head = name.rpartition("/")[0]
+        if head not in self.safe_dirs or head in self.sgid_dirs or head in self.acl_dirs:
+            return False
+        if self.root and (e.uid or e.gid):
+            return False
+        try:
+            fd = os.open(name, _CREATE, e.mode & 0o777)
+        except FileExistsError:
+            return False  # entry() removes what is in the way
+        try:
+            self.reader.write_to(fd)
+            os.utime(fd, ns=(e.mtime_ns if e.atime_ns is None else e.atime_ns, e.mtime_ns))
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.touch(name)
+                recorder.wrote(name, os.fstat(fd))
+        finally:
+            os.close(fd)
+        self.size += e.size
+        if not self.overlay:
+            self.created.add(name)
+        return True
 
     def parent_dir(self, name: str, raw: str) -> None:
         """Make sure every directory above *name* exists and is a real directory."""
@@ -316,12 +371,11 @@ class Extractor:
             self.acl_dirs.discard(name)
 
     def regular(self, name: str, head: str, e: TarEntry) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         try:  # created with its final permissions: no chmod needed for most files
-            fd = os.open(name, flags, e.mode & 0o777)
+            fd = os.open(name, _CREATE, e.mode & 0o777)
         except FileExistsError:
             self.remove(name)
-            fd = os.open(name, flags, e.mode & 0o777)
+            fd = os.open(name, _CREATE, e.mode & 0o777)
         try:
             if e.sparse is not None:
                 sparse.check_fits(e.size, e.name)

@@ -176,6 +176,9 @@ class PathRecorder:
         #: why no record can be kept (None while it can)
         self.failed: str | None = None
         self.bodies: set[str] = set()
+        #: what a body's file was once written (its fstat, cheaper than a path's lstat at
+        #: the end), while the tar touches it no more
+        self.written: dict[str, os.stat_result] = {}
         self.touched: set[str] = {""}
         self.gone: set[str] = set()
         self.opaque: set[str] = set()
@@ -184,12 +187,17 @@ class PathRecorder:
         if self.failed is None:
             self.failed = why
 
-    def wrote(self, path: str) -> None:
-        """A regular file's body from the tar was written at *path*."""
+    def wrote(self, path: str, st: os.stat_result | None = None) -> None:
+        """A regular file's body from the tar was written at *path*; *st*, if given, is the
+        file's fstat after its last change (the table's entry, unless the tar touches it
+        again)."""
         self.bodies.add(path)
+        if st is not None:
+            self.written[path] = st
 
     def touch(self, path: str) -> None:
         """*path* and the directories above it were made or changed by the tar."""
+        self.written.pop(path, None)
         while path not in self.touched:
             self.touched.add(path)
             path = path.rpartition("/")[0]
@@ -214,12 +222,15 @@ class PathRecorder:
         if self.failed is not None:
             return None
         table = bytearray()
+        written = self.written
         for path in sorted(self.touched):
-            try:
-                st = lstat(path)
-            except FileNotFoundError:
-                self.gone.add(path)
-                continue
+            st = written.get(path)
+            if st is None:
+                try:
+                    st = lstat(path)
+                except FileNotFoundError:
+                    self.gone.add(path)
+                    continue
             table += _PRESENT + _path_bytes(path)
             mtime, ctime = divmod(st.st_mtime_ns, 10**9), divmod(st.st_ctime_ns, 10**9)
             table += _PRESENT_FIELDS.pack(st.st_mode, *mtime, *ctime)
