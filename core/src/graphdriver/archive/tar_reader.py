@@ -28,6 +28,7 @@ from .tar import (
     XGLTYPE,
     XHDTYPE,
     TarEntry,
+    byte_sum,
 )
 
 _ZERO_BLOCK = b"\0" * BLOCK
@@ -193,7 +194,7 @@ class TarReader:
         # the checksum counts its own field as eight spaces; the common case inline
         field8 = block[148:156]
         try:
-            fast_ok = int(field8.strip(b" \0"), 8) == sum(block) - sum(field8) + 256
+            fast_ok = int(field8.strip(b" \0"), 8) == byte_sum(block) - sum(field8) + 256
         except ValueError:
             fast_ok = False
         if not fast_ok and not headers.checksum_ok(block):
