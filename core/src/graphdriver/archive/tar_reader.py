@@ -12,6 +12,7 @@ import mmap
 import os
 import stat
 from collections.abc import Callable, Iterator
+from zlib import adler32
 
 from ..errors import ArchiveError
 from . import sparse
@@ -28,7 +29,6 @@ from .tar import (
     XGLTYPE,
     XHDTYPE,
     TarEntry,
-    byte_sum,
 )
 
 _ZERO_BLOCK = b"\0" * BLOCK
@@ -194,7 +194,8 @@ class TarReader:
         # the checksum counts its own field as eight spaces; the common case inline
         field8 = block[148:156]
         try:
-            fast_ok = int(field8.strip(b" \0"), 8) == byte_sum(block) - sum(field8) + 256
+            total = (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+            fast_ok = int(field8.strip(b" \0"), 8) == total - sum(field8) + 256  # byte_sum
         except ValueError:
             fast_ok = False
         if not fast_ok and not headers.checksum_ok(block):
