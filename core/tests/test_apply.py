@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import os
+import pickle
 import random
 import stat
 import struct
@@ -18,8 +19,8 @@ from subprocess import PIPE
 
 import pytest
 
-from graphdriver.archive import apply_layer, exact, tarsplit
-from graphdriver.archive.tar import TarWriter
+from graphdriver.archive import apply_layer, exact, feed, tarsplit
+from graphdriver.archive.tar import TarEntry, TarWriter
 from graphdriver.errors import ArchiveError, UnsafeArchive
 from graphdriver.testing import host_lacks
 
@@ -415,3 +416,94 @@ def test_entries_after_their_directory_that_are_not_plain_files(tmp_path: Path) 
             assert stat.S_IMODE(p.lstat().st_mode) == 0o644
             assert p.lstat().st_mtime == 1_700_000_000
         (target / "d" / "old").write_bytes(b"from the parent")  # for the second round
+
+
+def test_the_record_matches_the_layer_where_a_name_changes_kind(tmp_path: Path) -> None:
+    """A directory whited out and then made a file, or a file hardlinked after it was
+    written: the layer holds what the tar says last (the file's own mtime, not the removed
+    directory's), and the record's check table matches the layer just applied."""
+
+    def entry(
+        name: str, kind: bytes, mtime: int, body: bytes = b""
+    ) -> tuple[tarfile.TarInfo, bytes]:
+        mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+        info = _with_size(_info(name, kind, mode), len(body))
+        info.mtime = mtime
+        return info, body
+
+    link = entry("g", tarfile.LNKTYPE, 1_700_000_000)
+    link[0].linkname = "f"
+    data = _tar(
+        entry("x", tarfile.DIRTYPE, 1_600_000_000),
+        entry(".wh.x", tarfile.REGTYPE, 1_700_000_000),
+        entry("x", tarfile.REGTYPE, 2_000_000_000, b"file"),
+        entry("a", tarfile.DIRTYPE, 1_700_000_000),
+        entry("a/y", tarfile.DIRTYPE, 1_600_000_000),
+        entry("a/.wh.y", tarfile.REGTYPE, 1_700_000_000),
+        entry("a/y", tarfile.REGTYPE, 2_000_000_000, b"file"),
+        entry("f", tarfile.REGTYPE, 1_900_000_000, b"linked"),
+        link,
+    )
+    for how in ("file", "stream"):
+        target = tmp_path / how
+        target.mkdir()
+        if how == "file":
+            (tmp_path / "layer.tar").write_bytes(data)
+            with open(tmp_path / "layer.tar", "rb") as f:
+                result = apply_layer(target, f, record=True)
+        else:
+            result = apply_layer(target, io.BytesIO(data), record=True)
+        assert (target / "x").read_bytes() == b"file", how
+        assert (target / "x").stat().st_mtime == 2_000_000_000, how
+        assert (target / "a/y").stat().st_mtime == 2_000_000_000, how
+        assert (target / "a").stat().st_mtime == 1_700_000_000, how
+        assert (target / "g").stat().st_ino == (target / "f").stat().st_ino, how
+        assert result.no_record is None and result.record is not None, how
+        checks = tarsplit.Record(result.record).checks()
+        assert exact._noted_changed(checks, str(target)) is None, how
+
+
+def test_a_root_entry_that_makes_the_root_setgid_or_gives_it_a_default_acl(
+    tmp_path: Path,
+) -> None:
+    """The tar's ``./`` entry makes the layer's root setgid (group 5) or gives it a default
+    ACL: what follows in the root gets the tar's owner and mode all the same."""
+    if os.geteuid() != 0:
+        host_lacks("needs root to set owners", "root")
+    root = _info("./", tarfile.DIRTYPE, 0o2775, gid=5)
+    acl_root = _info("./", tarfile.DIRTYPE, 0o755)
+    acl = _acl(7, 0, 0).decode("utf-8", "surrogateescape")
+    acl_root.pax_headers = {"SCHILY.xattr.system.posix_acl_default": acl}
+    rest = (
+        (_with_size(_info("f", tarfile.REGTYPE, 0o644), 2), b"hi"),
+        (_info("sub", tarfile.DIRTYPE, 0o755), b""),
+    )
+    for name, first in (("setgid", root), ("acl", acl_root)):
+        target = tmp_path / name
+        target.mkdir()
+        apply_layer(target, io.BytesIO(_tar((first, b""), *rest)))
+        got = {p: (oct(stat.S_IMODE((target / p).lstat().st_mode)), (target / p).lstat().st_gid)
+               for p in ("f", "sub")}  # fmt: skip
+        assert got == {"f": ("0o644", 0), "sub": ("0o755", 0)}, name
+
+
+def test_an_entry_crosses_the_pipe_to_the_sandbox_whole() -> None:
+    """The parent sends each entry to the sandbox as the tuple of its fields, in their
+    order, and the sandbox makes the entry again from it: every field arrives."""
+    entry = TarEntry(
+        name="d/f",
+        type=b"0",
+        mode=0o4755,
+        uid=1,
+        gid=2,
+        size=3,
+        mtime_ns=4,
+        atime_ns=5,
+        linkname="l",
+        devmajor=6,
+        devminor=7,
+        xattrs={"user.a": b"b"},
+        sparse=[(0, 1)],
+    )
+    sent = pickle.dumps(feed._FIELDS(entry), protocol=pickle.HIGHEST_PROTOCOL)
+    assert TarEntry(*pickle.loads(sent)) == entry

@@ -170,7 +170,8 @@ class Extractor:
         self.sgid_dirs: set[str] = {""} if os.lstat("/").st_mode & stat.S_ISGID else set()
         self.acl_dirs: set[str] = {""} if has_default_acl("") else set()
         self.created: set[str] = set()
-        self.dir_times: list[tuple[str, int, int]] = []
+        #: directory -> (atime, mtime) the tar gives it, set last, deepest first
+        self.dir_times: dict[str, tuple[int, int]] = {}
         self.size = 0
 
     def run(self) -> int:
@@ -179,10 +180,10 @@ class Extractor:
             if not plain_file(entry):
                 self.entry(entry)
         self.reader.drain()
-        for path, atime, mtime in sorted(
-            self.dir_times, key=lambda t: t[0].count("/"), reverse=True
+        for path, times in sorted(
+            self.dir_times.items(), key=lambda t: t[0].count("/"), reverse=True
         ):
-            os.utime(path or "/", ns=(atime, mtime), follow_symlinks=False)
+            os.utime(path or "/", ns=times, follow_symlinks=False)
         return self.size
 
     def plain_file(self, e: TarEntry) -> bool:
@@ -262,8 +263,17 @@ class Extractor:
                 self.acl_dirs.add(path)
 
     def forget_dirs_under(self, path: str) -> None:
+        """Forget what is known of the directory *path* and those under it, removed: whatever
+        is made at their names later is checked, and gets its own times, again."""
         prefix = path + "/"
-        self.safe_dirs = {d for d in self.safe_dirs if d != path and not d.startswith(prefix)}
+
+        def kept(d: str) -> bool:
+            return d != path and not d.startswith(prefix)
+
+        self.safe_dirs = {d for d in self.safe_dirs if kept(d)}
+        self.sgid_dirs = {d for d in self.sgid_dirs if kept(d)}
+        self.acl_dirs = {d for d in self.acl_dirs if kept(d)}
+        self.dir_times = {d: t for d, t in self.dir_times.items() if kept(d)}
 
     def remove(self, path: str) -> None:
         """Remove whatever is at *path* (missing is fine)."""
@@ -289,6 +299,15 @@ class Extractor:
                     f"tar entry {e.name!r} names the layer's root but is not a directory"
                 )
             self.attrs("/", e, "", is_dir=True)
+            # what is made in the root from now on follows its new setgid bit and default ACL
+            if e.mode & stat.S_ISGID:
+                self.sgid_dirs.add("")
+            else:
+                self.sgid_dirs.discard("")
+            if has_default_acl(""):
+                self.acl_dirs.add("")
+            else:
+                self.acl_dirs.discard("")
             return
         head, _, base = name.rpartition("/")
         if base.startswith(whiteout.PREFIX):
@@ -434,7 +453,7 @@ class Extractor:
         times = (e.mtime_ns if e.atime_ns is None else e.atime_ns, e.mtime_ns)
         if is_dir:
             assert isinstance(target, str)
-            self.dir_times.append((target, *times))
+            self.dir_times[target] = times
         elif fd_given:
             os.utime(target, ns=times)
         else:

@@ -176,9 +176,9 @@ class PathRecorder:
         #: why no record can be kept (None while it can)
         self.failed: str | None = None
         self.bodies: set[str] = set()
-        #: what a body's file was once written (its fstat, cheaper than a path's lstat at
-        #: the end), while the tar touches it no more
-        self.written: dict[str, os.stat_result] = {}
+        #: a body's row of the table from its fstat once written (cheaper than a path's lstat
+        #: at the end), dropped when the tar touches the path again
+        self.written: dict[str, bytes] = {}
         self.touched: set[str] = {""}
         self.gone: set[str] = set()
         self.opaque: set[str] = set()
@@ -193,7 +193,7 @@ class PathRecorder:
         again)."""
         self.bodies.add(path)
         if st is not None:
-            self.written[path] = st
+            self.written[path] = _row(st)
 
     def touch(self, path: str) -> None:
         """*path* and the directories above it were made or changed by the tar."""
@@ -224,21 +224,25 @@ class PathRecorder:
         table = bytearray()
         written = self.written
         for path in sorted(self.touched):
-            st = written.get(path)
-            if st is None:
+            row = written.get(path)
+            if row is None:
                 try:
-                    st = lstat(path)
+                    row = _row(lstat(path))
                 except FileNotFoundError:
                     self.gone.add(path)
                     continue
-            table += _PRESENT + _path_bytes(path)
-            mtime, ctime = divmod(st.st_mtime_ns, 10**9), divmod(st.st_ctime_ns, 10**9)
-            table += _PRESENT_FIELDS.pack(st.st_mode, *mtime, *ctime)
+            table += _PRESENT + _path_bytes(path) + row
         for tag, paths in ((_GONE, self.gone), (_OPAQUE, self.opaque)):
             for path in sorted(paths):
                 table += tag + _path_bytes(path)
         table += _DONE
         return zstandard.ZstdCompressor(level=_LEVEL).compress(bytes(table))
+
+
+def _row(st: os.stat_result) -> bytes:
+    """A present path's fields in the check table: type and mode, mtime, ctime."""
+    mtime, ctime = divmod(st.st_mtime_ns, 10**9), divmod(st.st_ctime_ns, 10**9)
+    return _PRESENT_FIELDS.pack(st.st_mode, *mtime, *ctime)
 
 
 def join(segments: bytes, checks: bytes) -> bytes:
