@@ -206,7 +206,7 @@ class Bench:
                        " (process)", target=target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
         return [cli, lib, self.mem(f"{name} (CLI)"), self.mem(f"{name} (library call)")]
 
-    def run_both(
+    def run_three(
         self,
         i: int,
         figs: list[Figure],
@@ -215,17 +215,28 @@ class Bench:
         call: tuple[str, str, Path],
         after: Callable[[], object] | None = None,
     ) -> Run:
-        """One run of the CLI command beside the reference (``both``), then the same operation
-        as a library call (*call*: op, layer, path for ``lib_op``)."""
+        """One run of the reference, the CLI command and the same operation as a library call
+        (*call*: op, layer, path for ``lib_op``), each after a sync and followed by *after*,
+        in an order turned by one each run (reference, CLI, library; CLI, library, reference;
+        ...): a big writer after another is often throttled by the loop device's writeback,
+        whoever it is. In five runs each of the three goes first, second and third at least
+        once."""
         cli, lib, mem_cli, mem_lib = figs
-        got_ref, got = both(i, ref, ours, after)
-        cli.add(got, got_ref)
-        mem_cli.ours.append(got.rss / 1024)
-        sync()
-        by_lib = lib_op(self.store, call[0], call[1], call[2], self.driver)
-        lib.add(by_lib)
-        mem_lib.ours.append(by_lib.rss / 1024)
-        return got
+        got: dict[str, Run] = {}
+        order = ("ref", "cli", "lib")
+        for who in order[i % 3 :] + order[: i % 3]:
+            sync()
+            if who == "lib":
+                got[who] = lib_op(self.store, call[0], call[1], call[2], self.driver)
+            else:
+                got[who] = timed(ref if who == "ref" else ours, rss=True)
+            if after is not None:
+                after()
+        cli.add(got["cli"], got["ref"])
+        mem_cli.ours.append(got["cli"].rss / 1024)
+        lib.add(got["lib"])
+        mem_lib.ours.append(got["lib"].rss / 1024)
+        return got["cli"]
 
     # ---------------------------------------------------------------------------- unpack
 
@@ -247,7 +258,7 @@ class Bench:
                 parent = ["--parent", self.base()] if key == "apt" else []
                 run([*self.gd, "create", *parent, layer])
                 run([*self.gd, "create", *parent, again])
-                ours = self.run_both(
+                ours = self.run_three(
                     i,
                     figs,
                     [*GNU_TAR, "-C", str(into), "-xf", str(tar)],
@@ -278,7 +289,7 @@ class Bench:
             run([*GNU_TAR, "-C", str(tree), "-xf", str(self.tar(key))])
             figs = self.cli_and_lib(f"diff {key}", "GNU tar -c (to a file)", AS_FAST_AS_TAR)
             for i in range(self.runs):
-                self.run_both(
+                self.run_three(
                     i,
                     figs,
                     [*GNU_TAR, "-C", str(tree), "-cf", str(out), "."],
@@ -286,7 +297,6 @@ class Bench:
                     ("diff", layer, out),
                     after=out.unlink,
                 )
-                out.unlink()
             data.rmtree(tree)
         if "big1g" in self.keys:
             big = self.layer_of(self.fresh("big"), "big1g")
