@@ -265,6 +265,8 @@ class Extractor:
     def forget_dirs_under(self, path: str) -> None:
         """Forget what is known of the directory *path* and those under it, removed: whatever
         is made at their names later is checked, and gets its own times, again."""
+        if path not in self.safe_dirs:  # it holds none: every safe directory's parents are
+            return  # (a parent layer's directory that the tar whites out, untouched)
         prefix = path + "/"
 
         def kept(d: str) -> bool:
