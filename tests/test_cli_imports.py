@@ -101,6 +101,18 @@ def test_ls_and_mount_import_no_engine(driver: str, request: pytest.FixtureReque
         subprocess.run([*gd, "cleanup"], capture_output=True, timeout=120)
 
 
+def test_version_opens_nothing(tmp_path: Path) -> None:
+    """``--version`` loads the installed hook plugins (one may add options) and nothing else:
+    no store, no database, no pathlib; a plugin that every command loads, like the containerd
+    status hook, imports what it needs when it is called."""
+    found = _imported(tmp_path / "root", "vfs", "--version")
+    banned = ENGINE | {"graphdriver.store", "graphdriver.metadata", "sqlite3", "pathlib", "json"}
+    if not _hook_plugins_called():
+        banned.add("pluggy")
+    assert sorted(found & banned) == []
+    assert not (tmp_path / "root").exists()
+
+
 def test_entry_points_read_without_importlib_metadata_find_the_same() -> None:
     """The cheap reader (the dist-info dirs on sys.path) sees what importlib.metadata sees."""
     plugins.forget_entry_points()

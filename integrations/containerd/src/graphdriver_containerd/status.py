@@ -1,20 +1,21 @@
 """``graphdriver status`` on a store the containerd proxy serves: how many of its layers are
 containerd's snapshots, of which kind, and whether a proxy runs. A hook plugin (entry point
-group ``graphdriver``), loaded by every command: it imports no grpc, only sqlite3."""
+group ``graphdriver``), loaded by every command: it imports nothing until ``status`` calls it
+(sqlite3 then, never grpc)."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
-import sqlite3
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from graphdriver import hookimpl
 
-if TYPE_CHECKING:  # every command loads this plugin: the store is imported only when used
+if TYPE_CHECKING:  # every command loads this plugin: what it needs is imported when used
+    from collections.abc import Sequence
+    from pathlib import Path
+
     from graphdriver import LayerStore
 
 
@@ -38,6 +39,8 @@ def _proxy(lock: Path) -> str:
 
 @hookimpl
 def graphdriver_status(store: LayerStore) -> Sequence[tuple[str, str]] | None:
+    import sqlite3
+
     home = store.root / "containerd" / store.name
     db_path = home / "snapshots.db"
     if not db_path.exists():
