@@ -53,7 +53,7 @@ _REGION = struct.Struct("<QQ")
 _BODY_FIELDS = struct.Struct("<QII")  # size, 0 (a CRC-32 before version 3), sparse regions
 _FLUSH_RAW = 1 << 20
 _BATCH = 1 << 18  # bytes handed to the compressor at a time (small calls cost more than bytes)
-_LEVEL = 3  # zstd: headers compress ~40x, ten times faster than zlib's default
+_LEVEL = 1  # zstd: tar headers compress ~47x at 1, faster and smaller than at 3 (43x)
 
 
 class RecordError(ArchiveError):
