@@ -311,9 +311,14 @@ class TarReader:
         the kernel (copy_file_range from a file, splice from a pipe)."""
         start, left = self._pos, self._data_left
         if start + left + self._pad <= self._end:  # the common case: all of it buffered
-            self._start_body()
-            self._pos = self._tapped = start + left
-            write_all(fd, self._view[start : start + left])
+            if self.tap is not None or self.tap_body is not None:
+                self._start_body()
+            end = self._pos = self._tapped = start + left
+            if left:  # one write, and the rest if it was short
+                body = self._view[start:end]
+                done = os.write(fd, body)
+                if done < left:
+                    write_all(fd, body[done:])
             self._pos += self._pad
             self._data_left = self._pad = 0
             return
