@@ -43,6 +43,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -103,19 +104,23 @@ def both(
 
 
 def whited_out(tar: Path, into: Path) -> Path:
-    """A file of the paths the whiteouts of *tar* remove (NUL-separated, for ``xargs -0``),
-    written in *into*; a layer with an opaque directory is not one bench/ makes."""
+    """A file of the paths the whiteouts of *tar* remove (NUL-separated, for ``xargs -0``,
+    relative to the layer's root), written in *into*. The names are read with tarfile (``tar
+    -t`` escapes some bytes); a name that is absolute or has a ``..`` part, and an opaque
+    directory, are not in a layer bench/ makes, and end the run rather than reach ``rm``."""
     out = into / f"{tar.stem}.whiteouts"
     if not out.exists():
-        names = run([*GNU_TAR, "-tf", str(tar)]).splitlines()
         paths = []
-        for name in names:
-            head, _, base = name.rstrip("/").rpartition("/")
-            if base.startswith(".wh."):
-                if base == ".wh..wh..opq":
-                    sys.exit(f"bench: {tar} has an opaque directory, which the reference skips")
-                paths.append(f"{head}/{base[4:]}" if head else base[4:])
-        out.write_text("".join(p + "\0" for p in paths))
+        with tarfile.open(tar) as tf:
+            for name in tf.getnames():
+                parts = [p for p in name.split("/") if p not in ("", ".")]
+                if name.startswith("/") or ".." in parts:
+                    sys.exit(f"bench: {tar} has the entry {name!r}, outside the layer's root")
+                if parts and parts[-1].startswith(".wh."):
+                    if parts[-1] == ".wh..wh..opq":
+                        sys.exit(f"bench: {tar} has an opaque directory, which the reference skips")
+                    paths.append("/".join([*parts[:-1], parts[-1][4:]]))
+        out.write_bytes(b"".join(os.fsencode(p) + b"\0" for p in paths))
     return out
 
 

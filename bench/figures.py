@@ -223,8 +223,8 @@ def recorded(results_dir: Path, name: str) -> str | None:
 CHART_FIGURES = [
     ("cli/apply-diff minbase", "apply-diff minbase / tar -x (CLI)"),
     ("lib/apply-diff minbase", "apply-diff minbase / tar -x (library)"),
-    ("cli/apply-diff apt", "apply-diff apt layer / tar -x (vfs, btrfs: + rm -rf) (CLI)"),
-    ("lib/apply-diff apt", "apply-diff apt layer / tar -x (vfs, btrfs: + rm -rf) (library)"),
+    ("cli/apply-diff apt", "apply-diff apt layer / rm -rf + tar -x (overlay: tar -x) (CLI)"),
+    ("lib/apply-diff apt", "apply-diff apt layer / rm -rf + tar -x (overlay: tar -x) (library)"),
     ("cli/apply-diff small10k", "apply-diff 10k files / tar -x (CLI)"),
     ("lib/apply-diff small10k", "apply-diff 10k files / tar -x (library)"),
     ("cli/diff minbase", "diff minbase / tar -c (CLI)"),
