@@ -254,6 +254,7 @@ def chart(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     rows = [(k, label) for k, label in CHART_FIGURES if any(k in c for c in by_config.values())]
     fig, ax = plt.subplots(figsize=(13, 1.5 + 0.5 * max(1, len(rows))))
@@ -277,6 +278,10 @@ def chart(
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    # plain ticks (0.2 ... 5): the log scale's own labels of minor ticks overlap
+    ax.xaxis.set_major_locator(FixedLocator([0.1, 0.2, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 50, 100]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ratio to the reference (median of runs; lower is better, log scale)")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
