@@ -142,4 +142,4 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    return lazy_attribute(__name__, _WHERE, name)
+    return lazy_attribute(globals(), _WHERE, name)
