@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver.archive.tar import TarWriter, byte_sum, encode_header
+from graphdriver.archive.tar import REGTYPE, TarWriter, _pax_record, byte_sum, encode_header
 from graphdriver.archive.tar_reader import TarReader
 from graphdriver.errors import ArchiveError
 from graphdriver.testing.trees import make_rich
@@ -192,3 +192,39 @@ def test_writer_is_deterministic(tmp_path: Path) -> None:
     src.mkdir()
     make_rich(src)
     assert _write_tree(src) == _write_tree(src)
+
+
+def test_pax_record_lengths_count_their_own_digits() -> None:
+    """Each record's length is its whole size, digits included, and the shortest that is (as
+    Go and GNU tar write it): after " path=" and the newline, a value of 90 bytes makes a
+    body of 97, a record of 99 (100 would count itself too); one of 91 a body of 98, which
+    takes 101."""
+    assert _pax_record("path", b"x" * 90).startswith(b"99 path=")
+    assert _pax_record("path", b"x" * 91).startswith(b"101 path=")
+    for n in range(10_010):
+        record = _pax_record("path", b"x" * n)
+        length, _, rest = record.partition(b" ")
+        assert rest == b"path=" + b"x" * n + b"\n"
+        body = len(rest) + 1  # the space after the length
+        shortest = next(size for size in range(body, body + 12) if size == body + len(str(size)))
+        assert int(length) == len(record) == shortest, n
+
+
+@pytest.mark.parametrize(
+    ("mtime_ns", "pax_mtime"),
+    [
+        (1_796_102_114_142_124_280, "1796102114.14212428"),  # trailing zeros dropped
+        (1_796_102_114_000_000_001, "1796102114.000000001"),
+        (1_796_102_114_000_000_000, None),  # whole seconds: the ustar field alone
+        (1, "0.000000001"),
+        (-1, "-0.000000001"),
+        (-1_500_000_000, "-1.5"),
+    ],
+)
+def test_sub_second_mtimes_as_go_writes_them(mtime_ns: int, pax_mtime: str | None) -> None:
+    header = encode_header("f", REGTYPE, mode=0o644, mtime_ns=mtime_ns)
+    with tarfile.open(fileobj=io.BytesIO(header + bytes(1024))) as tf:
+        (member,) = tf.getmembers()
+    assert member.pax_headers.get("mtime") == pax_mtime
+    if pax_mtime is None:
+        assert member.mtime == mtime_ns // 10**9

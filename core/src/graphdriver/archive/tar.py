@@ -85,11 +85,13 @@ class TarEntry:
 
 
 def _pax_record(key: str, value: bytes) -> bytes:
-    body = b" " + key.encode() + b"=" + value + b"\n"
-    n = len(body) + 1
-    while len(str(n).encode()) + len(body) != n:
-        n = len(str(n).encode()) + len(body)
-    return str(n).encode() + body
+    """``<length> <key>=<value>\n``, the length counting its own digits."""
+    body = b" %s=%s\n" % (key.encode(), value)
+    n = len(body)
+    digits = len(str(n))
+    if len(str(n + digits)) > digits:  # they made it a digit longer: 98 + 2 is 100, so 101
+        digits += 1
+    return b"%d%s" % (n + digits, body)
 
 
 def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
@@ -171,10 +173,12 @@ def _sub_second_mtime(pax: list[bytes], ns: int) -> int:
     fraction ("seconds.fraction", trailing zeros dropped, as Go's archive/tar writes it)."""
     whole, frac = divmod(ns, 1_000_000_000)
     if frac:
-        sign = "-" if ns < 0 else ""
-        int_part, frac_part = divmod(abs(ns), 10**9)
-        text = f"{sign}{int_part}.{frac_part:09d}".rstrip("0")
-        pax.append(_pax_record("mtime", text.encode()))
+        if ns >= 0:  # a file's mtime after 1970: the common case, formatted once
+            text = (b"%d.%09d" % (whole, frac)).rstrip(b"0")
+        else:
+            int_part, frac_part = divmod(-ns, 1_000_000_000)
+            text = (b"-%d.%09d" % (int_part, frac_part)).rstrip(b"0")
+        pax.append(_pax_record("mtime", text))
     return whole
 
 
