@@ -226,7 +226,11 @@ def _block(
         raise ValueError("a number too large for a ustar field")  # encode_header caps them
     # the sum of the header's bytes, from its non-zero parts: summing all 512 was half the
     # cost of a header
-    chksum = byte_sum(b"".join((name, prefix, linkname, typeflag, numbers, dev))) + _CHKSUM_FIXED
+    summed = b"".join((name, prefix, linkname, typeflag, numbers, dev))
+    if len(summed) <= 256:  # name, prefix and link name in 191 bytes: byte_sum's one piece
+        chksum = (adler32(summed) & 0xFFFF) - 1 + _CHKSUM_FIXED
+    else:
+        chksum = byte_sum(summed) + _CHKSUM_FIXED
     return _USTAR.pack(
         name, numbers, b"%06o\0 " % chksum, typeflag, linkname, b"ustar\x0000", dev, prefix
     )
