@@ -231,6 +231,10 @@ CHART_FIGURES = [
     ("lib/diff minbase", "diff minbase / tar -c (library)"),
     ("cli/diff small10k", "diff 10k files / tar -c (CLI)"),
     ("lib/diff small10k", "diff 10k files / tar -c (library)"),
+    (
+        "lib/diff of a container layer, every small10k file rewritten",
+        "diff of 10k rewritten files / tar -c --format=posix (library)",
+    ),
     ("cli/CLI start-up (graphdriver --version)", "graphdriver --version / python -c pass"),
     ("cli/CLI start-up (graphdriver ls)", "graphdriver ls / python -c pass"),
     ("cli/mount + umount vs podman", "mount+umount / podman image mount+umount (CLI)"),
