@@ -352,9 +352,9 @@ class Bench:
     def rewritten(self, out: Path) -> None:
         """The diff generated from a container layer on the small files whose every file was
         rewritten (as after a build step: no record; overlay reads its upper directory, btrfs
-        its generation numbers, vfs compares the trees), beside GNU tar -c of
-        a copy of its tree in PAX format without atime and ctime, whose headers then carry the
-        files' nanosecond mtimes as ours do (the same bytes give or take the root entry)."""
+        its generation numbers, vfs compares the trees), beside GNU tar -c of a copy of its
+        tree in PAX format without atime and ctime, whose headers then carry the files'
+        nanosecond mtimes as ours do (the same bytes give or take the root entry)."""
         layer, tree = self.fresh("rewritten"), self.fs / "rewritten-tree"
         run([*self.gd, "create", "--rw", "--parent", self.layer_of("small", "small10k"), layer])
         root = Path(run([*self.gd, "mount", layer]).strip())
