@@ -2,15 +2,17 @@
 archive engine, zstandard, tqdm, grpc, stevedore or importlib.metadata, nor pluggy unless an
 installed hook plugin implements a hook they call, nor the standard modules that only removing
 or probing needs (shutil, tempfile, secrets and hashlib, which loads OpenSSL: 6-10 ms each
-here). Behaviour, not timing: the real command runs in a subprocess and the test reads the
-modules it imported."""
+here); ``changes`` never imports the tar engine, nor apply-diff the diff engine. Behaviour, not
+timing: the real command runs in a subprocess and the test reads the modules it imported."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,13 +57,13 @@ main()
 """
 
 
-def _imported(root: Path, driver: str, *args: str) -> set[str]:
+def _imported(root: Path, driver: str, *args: str, stdin: bytes | None = None) -> set[str]:
     out = root.parent / f"modules-{root.name}.txt"
     proc = subprocess.run(
         [sys.executable, "-c", RUN, str(out), "--root", str(root), "--driver", driver, *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ},
+        capture_output=True, input=stdin, timeout=120, env={**os.environ},
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:].decode(errors="replace")
     found = set(out.read_text().split())
     out.unlink()
     return found
@@ -98,6 +100,34 @@ def test_ls_and_mount_import_no_engine(driver: str, request: pytest.FixtureReque
             found = _imported(root, driver, *args)
             assert "graphdriver.store" in found  # the run did open the store
             assert sorted(found & banned) == [], args
+    finally:
+        subprocess.run([*gd, "cleanup"], capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+def test_changes_and_apply_import_only_their_half(driver: str, loop_ext4: Backing) -> None:
+    """``changes`` lists without the tar engine (hashlib, zstandard, the writer); apply-diff
+    of a fresh layer writes without the diff engine (``diffs``: it only asks a layer mounted
+    before whether it changed)."""
+    root = loop_ext4.root / f"halves-{driver}"
+    root.mkdir()
+    gd = [sys.executable, "-m", "graphdriver", "--root", str(root), "--driver", driver]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 5
+        tf.addfile(info, io.BytesIO(b"base\n"))
+    try:
+        subprocess.run([*gd, "create", "base"], check=True, capture_output=True, timeout=120)
+        found = _imported(root, driver, "apply-diff", "base", stdin=buf.getvalue())
+        assert "graphdriver.archive.apply" in found  # the run did apply the tar
+        assert sorted(found & {"graphdriver.diffs", "graphdriver.archive.exact"}) == []
+        subprocess.run([*gd, "create", "--parent", "base", "c"], check=True, capture_output=True,
+                       timeout=120)  # fmt: skip
+        found = _imported(root, driver, "changes", "c")
+        assert "graphdriver.diffs" in found  # the run did list the changes
+        banned = ENGINE - {"graphdriver.diffs"} | {"graphdriver.archive.exact"}
+        assert sorted(found & banned) == []
     finally:
         subprocess.run([*gd, "cleanup"], capture_output=True, timeout=120)
 

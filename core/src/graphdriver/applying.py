@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from . import archive, faults
 from .archive import tarsplit
-from .diffs import change_source
 from .driver import ApplyLowers, CreateOpts, NativeApply
 from .errors import GraphDriverError, LayerInUse
 from .metadata import LayerRecord
@@ -137,6 +136,8 @@ def _refuse(store: LayerStore, layer_id: str) -> LayerRecord:
 def _has_changes(store: LayerStore, rec: LayerRecord) -> bool:
     """Whether a layer that was mounted changed anything (mounted and unmounted without a
     write is still fresh, as moby's graphtest DiffApply expects)."""
+    from .diffs import change_source  # the diff engine, only for a layer mounted before
+
     with change_source(store, rec.id, None, filtered=False) as (changes, _root, _kind):
         return bool(changes)
 

@@ -22,19 +22,22 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
 from . import archive
-from .archive import exact as exact_diff
-from .archive import tarsplit
 from .archive.changes import Change, ChangeKind
-from .archive.streams import DiffStream, big_pipe, tar_writer
-from .archive.tar import write_changes_tar
 from .driver import NativeDiff
 from .errors import LayerInUse, from_oserror
+from .lazy import LazyModule
 from .linux.mount import MS_BIND, mount, mounts_under, unmount
 from .metadata import LayerRecord
 from .recovery import layer_info as _info
 
 if TYPE_CHECKING:
+    from .archive import exact as exact_diff
+    from .archive import streams, tar, tarsplit
     from .store import LayerStore
+else:  # the tar engine (hashlib, zstandard), imported by the first diff: not by ``changes``
+    exact_diff, streams, tar, tarsplit = (
+        LazyModule(f"graphdriver.archive.{m}") for m in ("exact", "streams", "tar", "tarsplit")
+    )
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +251,7 @@ def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> Binar
     """
     source = diff_source(store, layer_id, parent)
     found = source.__enter__()
-    r, w = big_pipe()
+    r, w = streams.big_pipe()
     _DIFF_PIPES.add(w)
     failure: list[BaseException] = []
 
@@ -269,7 +272,7 @@ def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> Binar
 
     thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
     thread.start()
-    return io.BufferedReader(DiffStream(r, thread, failure), buffer_size=1 << 20)
+    return io.BufferedReader(streams.DiffStream(r, thread, failure), buffer_size=1 << 20)
 
 
 def write_tar(
@@ -280,7 +283,7 @@ def write_tar(
     progress: Callable[[int], None] | None,
 ) -> DiffResult:
     """Write the tar of *source* to *out*."""
-    writer, finish = tar_writer(out, compress)
+    writer, finish = streams.tar_writer(out, compress)
     writer.progress = progress
     try:
         if source.record is not None:
@@ -289,7 +292,7 @@ def write_tar(
         else:
             if source.reason:
                 log.info("layer %s: diff generated from the layer: %s", layer_id, source.reason)
-            write_changes_tar(writer, source.root, source.changes, source=source.kind)
+            tar.write_changes_tar(writer, source.root, source.changes, source=source.kind)
     except OSError as exc:
         raise from_oserror(exc, f"diff of layer {layer_id}") from exc
     finish()

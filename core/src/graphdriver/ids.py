@@ -26,6 +26,18 @@ def validate_id(layer_id: str, what: str = "layer id") -> str:
     return layer_id
 
 
+def container_path(path: str) -> str:
+    """*path* as a clean absolute path inside a container; ValueError says what is wrong."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{path!r} has a '..' component")
+    if not parts:
+        raise ValueError("a volume cannot be mounted at '/'")
+    return "/" + "/".join(parts)
+
+
 def private_dir(path: Path) -> None:
     """Make *path* (mode 0700), or take group and other access away from an existing one: a
     layer may hold a hostile tar's device nodes and setuid files (CVE-2021-41091)."""

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import GraphDriverError, InvalidMountSpec
-from .ids import validate_id
-from .linux import bind
+from .ids import container_path, validate_id
 
 _MODES = ("ro", "rw", "nocopy")
 
@@ -54,7 +53,7 @@ def parse_spec(spec: str) -> MountPoint:
     if len(parts) == 2 and set(parts[1].split(",")) <= set(_MODES):
         raise bad("a volume without a source takes no mode; use /path, or NAME:/path:MODE")
     try:
-        destination = bind.container_path(parts[-1] if len(parts) < 3 else parts[1])
+        destination = container_path(parts[-1] if len(parts) < 3 else parts[1])
     except ValueError as exc:
         raise bad(f"the path inside the container {exc}") from None
     rw = "ro" not in modes

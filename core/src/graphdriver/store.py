@@ -32,8 +32,7 @@ from .errors import (
     call_os,
     from_oserror,
 )
-from .ids import private_dir, validate_id
-from .linux.bind import container_path
+from .ids import container_path, private_dir, validate_id
 from .locking import FileLock, LayerLocks
 from .metadata import LayerRecord, Metadata
 from .plugins import Hooks, choose_driver, hooks, load_driver

@@ -17,6 +17,7 @@ import os
 import stat
 from pathlib import PurePosixPath
 
+from ..ids import container_path
 from .libc import AT_FDCWD, SYS_MOUNT_SETATTR, SYS_OPEN_TREE, SYS_OPENAT2, syscall
 from .mount import (
     MNT_DETACH,
@@ -76,18 +77,6 @@ def _openat2(
         ctypes.c_size_t(ctypes.sizeof(how)),
         path=path,
     )
-
-
-def container_path(path: str) -> str:
-    """*path* as a clean absolute path inside a container; ValueError says what is wrong."""
-    if not path.startswith("/"):
-        raise ValueError(f"{path!r} is not an absolute path")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ValueError(f"{path!r} has a '..' component")
-    if not parts:
-        raise ValueError("a volume cannot be mounted at '/'")
-    return "/" + "/".join(parts)
 
 
 def open_in_root(root: str, path: str, *, create: str | None = None) -> int | None:
