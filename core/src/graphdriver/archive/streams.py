@@ -25,6 +25,9 @@ _SLICE = 64 * 1024
 #: the most plain bytes one decoding step gives (a zstd block more at most): what a few KiB
 #: of a compression bomb decode to is handed on in pieces of this size, never held whole
 PLAIN_PIECE = 2 << 20
+#: smaller decoded pieces are gathered to at least this size before they are handed on; a
+#: larger one (a zstd block is 128 KiB) goes as it is: joining them was a copy of the tar
+GATHER = 64 * 1024
 F_SETPIPE_SZ = 1031
 
 
@@ -102,14 +105,16 @@ class _ZstdFrame:
             i += len(take)
             self._pos += len(take)
             try:
-                out.append(bytes(self._d.decompress(take)))
+                plain = self._d.decompress(take)
             except Exception as exc:  # zstandard.ZstdError
                 raise _BadPart(self._part_at, self._part, exc) from None
-            produced += len(out[-1])
+            if plain:  # most parts give nothing: a header, or a block not yet whole
+                out.append(plain)
+                produced += len(plain)
             self._advance()
         rest = data[i:]
         self.unused_data, self.unconsumed_tail = (rest, b"") if self.eof else (b"", rest)
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)  # one block: no copy
 
     def _header_size(self) -> int:
         if self._part == "block header":
@@ -186,17 +191,24 @@ class LayerDecoder:
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """The plain bytes that *data* (the next part of the stream) decodes to, in pieces of
-        :data:`PLAIN_PIECE` to twice that and a zstd block (the last one smaller), each
-        decoded when the one before is taken."""
+        at most :data:`PLAIN_PIECE` and a zstd block, each decoded when the one before is
+        taken: a decoding step's output as it is when it has :data:`GATHER` bytes or more
+        (after what was gathered before it), smaller ones joined up to that."""
         if self.kind == "none":
             yield data
             return
         parts: list[bytes] = []
         have = 0
         for plain in self._decode_all(data):
+            if len(plain) >= GATHER:
+                if parts:
+                    yield b"".join(parts)
+                    parts, have = [], 0
+                yield plain
+                continue
             parts.append(plain)
             have += len(plain)
-            if have >= PLAIN_PIECE:
+            if have >= GATHER:
                 yield b"".join(parts)
                 parts, have = [], 0
         if parts:
