@@ -6,8 +6,9 @@ For each driver and backing filesystem (vfs on ext4, overlay on xfs, btrfs on bt
 ext4 with ``--only overlay/ext4``), on a fresh sparse loop filesystem, references on the same
 filesystem in the same loop, who goes first alternating:
 
-- unpack: ``apply-diff`` of the Debian minbase layer, the apt-get layer on top of it, 10,000
-  small files and one 1 GiB file, beside GNU ``tar -x`` of the same tar (the apt layer, on a
+- unpack: ``apply-diff`` of the Debian minbase layer (plain, gzip and zstd), the apt-get layer
+  on top of it, 10,000 small files and one 1 GiB file, beside GNU ``tar -x`` of the same tar
+  (``--gzip``/``--zstd``: GNU tar decompresses in a child process, beside it; the apt layer, on a
   driver whose child layer starts as a copy of its parent, beside ``rm -rf`` of what its
   whiteouts remove and ``tar -x``, in an unpacked minbase); ``podman import`` of
   minbase and the small files into a WARM podman root (one per data set, set up and warmed by
@@ -62,7 +63,9 @@ from graphdriver.testing.backings import loop_filesystem
 CONFIGS = [("vfs", "ext4"), ("overlay", "xfs"), ("btrfs", "btrfs")]
 #: measured only when named in --only
 MORE_CONFIGS = [("overlay", "ext4")]
-SETS = ("minbase", "apt", "small10k", "big1g")
+SETS = ("minbase", "minbase.gz", "minbase.zst", "apt", "small10k", "big1g")
+#: GNU tar's option for a compressed data set (it runs gzip or zstd as a child, beside it)
+TAR_DECOMPRESS = {"minbase.gz": ["--gzip"], "minbase.zst": ["--zstd"]}
 STEPS = ("unpack", "pack", "exact", "small_change", "create", "mounts", "deep_read",
          "containerd", "docker")  # fmt: skip
 PODMAN_DRIVER = {"vfs": "vfs", "overlay": "overlay", "btrfs": "btrfs"}
@@ -277,8 +280,9 @@ class Bench:
             # files there, which tar -x into an empty directory would not do: the reference
             # does both, in an unpacked minbase
             on_base = key == "apt" and self.driver != "overlay"
+            unzip = TAR_DECOMPRESS.get(key, [])
             ref_name = "rm -rf of what it whites out + GNU tar -x, on minbase" if on_base else (
-                "GNU tar -x")  # fmt: skip
+                f"GNU tar {unzip[0]} -x" if unzip else "GNU tar -x")  # fmt: skip
             figs = self.cli_and_lib(f"apply-diff {key}", ref_name, target)
             pod = None
             if self.podman and key in ("minbase", "small10k"):
@@ -287,7 +291,7 @@ class Bench:
             for i in range(self.runs):
                 into = self.fs / self.fresh("tar-x-")
                 into.mkdir()
-                ref = [*GNU_TAR, "-C", str(into), "-xf", str(tar)]
+                ref = [*GNU_TAR, *unzip, "-C", str(into), "-xf", str(tar)]
                 if on_base:
                     run([*GNU_TAR, "-C", str(into), "-xf", str(self.tar("minbase"))])
                     ref = ["sh", "-c", 'cd "$1" && shift && xargs -0 -r rm -rf -- < "$1" && '
@@ -313,7 +317,7 @@ class Bench:
                 data.rmtree(into)
             for f in figs[:2]:
                 med = f.value() or 1.0
-                f.extra = f"{tar.stat().st_size / 1e6 / med:.0f} MB/s"
+                f.extra = f"{data.plain_of(tar).stat().st_size / 1e6 / med:.0f} MB/s"
                 if files > 1:
                     f.extra += f", {files / med:,.0f} files/s ({entries:,} entries)"
 
@@ -640,7 +644,8 @@ def report(results: list[tuple[str, Bench | str]], sets: dict, args: argparse.Na
     for key, (path, what) in sets.items():
         entries, files = data.tar_stats(path)
         lines.append(
-            f"- data `{key}`: {what}; {path.stat().st_size / 1e6:.0f} MB tar, "
+            f"- data `{key}`: {what}; {path.stat().st_size / 1e6:.0f} MB "
+            f"{'tar' if data.plain_of(path) == path else 'compressed'}, "
             f"{entries:,} entries, {files:,} files"
         )
     lines += [

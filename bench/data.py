@@ -8,6 +8,9 @@
   modifies and deletes.
 - ``small-10k.tar``: 10,000 files of 1-8 KiB in 100 directories (seeded, so always the same).
 - ``one-1g.tar``: one file of 1 GiB (seeded pseudo-random data).
+- ``debian-minbase.tar.gz`` and ``.tar.zst``: the minbase tar compressed as registries serve
+  layers (``gzip -6 -n``, docker's and containerd's default level; ``zstd -3``, their zstd
+  default), for apply-diff's decompression.
 """
 
 from __future__ import annotations
@@ -118,11 +121,42 @@ def one_big_file() -> Path:
     return out
 
 
+#: compressed data set -> (suffix, the command that writes it from the plain tar on stdin)
+COMPRESSED = {
+    "gz": (".gz", ["gzip", "-6", "-n", "-c"]),
+    "zst": (".zst", ["zstd", "-3", "-q", "-c"]),
+}
+
+
+def compressed(plain: Path, kind: str) -> Path:
+    """*plain* compressed as *kind* (a key of :data:`COMPRESSED`), next to it (made again when
+    the plain tar is newer, rebuilt since)."""
+    suffix, cmd = COMPRESSED[kind]
+    out = plain.with_name(plain.name + suffix)
+    if out.exists() and out.stat().st_mtime >= plain.stat().st_mtime:
+        return out
+    partial = out.with_name(out.name + ".partial")
+    with open(plain, "rb") as src, open(partial, "wb") as dst:
+        subprocess.run(cmd, stdin=src, stdout=dst, check=True)
+    partial.replace(out)
+    return out
+
+
+def plain_of(path: Path) -> Path:
+    """The plain tar a compressed data set was made from (*path* itself if it is plain)."""
+    for suffix, _ in COMPRESSED.values():
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
 def all_data() -> dict[str, tuple[Path, str]]:
     base, what = minbase()
     CACHE.mkdir(parents=True, exist_ok=True)
     return {
         "minbase": (base, what),
+        "minbase.gz": (compressed(base, "gz"), "the minbase tar, gzip -6 (docker's level)"),
+        "minbase.zst": (compressed(base, "zst"), "the minbase tar, zstd -3 (its default)"),
         "apt": (apt_layer(), f"apt-get install {' '.join(APT_PACKAGES)} on it, docs removed"),
         "small10k": (small_files(), "10,000 files of 1-8 KiB"),
         "big1g": (one_big_file(), "one 1 GiB file"),
@@ -130,9 +164,9 @@ def all_data() -> dict[str, tuple[Path, str]]:
 
 
 def tar_stats(path: Path) -> tuple[int, int]:
-    """(entries, regular files) of a tar."""
+    """(entries, regular files) of a tar (of the plain tar of a compressed one)."""
     entries = files = 0
-    with tarfile.open(path) as tf:
+    with tarfile.open(plain_of(path)) as tf:
         for m in tf:
             entries += 1
             files += m.isfile()

@@ -223,6 +223,8 @@ def recorded(results_dir: Path, name: str) -> str | None:
 CHART_FIGURES = [
     ("cli/apply-diff minbase", "apply-diff minbase / tar -x (CLI)"),
     ("lib/apply-diff minbase", "apply-diff minbase / tar -x (library)"),
+    ("lib/apply-diff minbase.gz", "apply-diff minbase.gz / tar --gzip -x (library)"),
+    ("lib/apply-diff minbase.zst", "apply-diff minbase.zst / tar --zstd -x (library)"),
     ("cli/apply-diff apt", "apply-diff apt layer / rm -rf + tar -x (overlay: tar -x) (CLI)"),
     ("lib/apply-diff apt", "apply-diff apt layer / rm -rf + tar -x (overlay: tar -x) (library)"),
     ("cli/apply-diff small10k", "apply-diff 10k files / tar -x (CLI)"),
