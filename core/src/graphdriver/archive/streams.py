@@ -25,8 +25,8 @@ _SLICE = 64 * 1024
 #: the most plain bytes one decoding step gives (a zstd block more at most): what a few KiB
 #: of a compression bomb decode to is handed on in pieces of this size, never held whole
 PLAIN_PIECE = 2 << 20
-#: smaller decoded pieces are gathered to at least this size before they are handed on; a
-#: larger one (a zstd block is 128 KiB) goes as it is: joining them was a copy of the tar
+#: decoded pieces smaller than this are joined, up to about this size, before they are handed
+#: on; a larger one (a zstd block is 128 KiB) goes as it is: joining them was a copy of the tar
 GATHER = 64 * 1024
 F_SETPIPE_SZ = 1031
 
