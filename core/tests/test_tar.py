@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver.archive.tar import REGTYPE, TarWriter, _pax_record, byte_sum, encode_header
+from graphdriver.archive.tar import (
+    DIRTYPE,
+    REGTYPE,
+    TarWriter,
+    _general_header,
+    _pax_record,
+    byte_sum,
+    encode_header,
+)
 from graphdriver.archive.tar_reader import TarReader
 from graphdriver.errors import ArchiveError
 from graphdriver.testing.trees import make_rich
@@ -174,6 +182,35 @@ def test_header_checksums() -> None:
     assert signed != sum(header)
     header[148:156] = b"%06o\0 " % signed
     assert _read_all(bytes(header) + good[512:]) == [("caf\u00e9-\u00ff", b"0", b"abc")]
+
+
+def test_common_headers_are_the_general_paths_bytes() -> None:
+    """encode_header's one-pack path for the common entry gives the bytes the general,
+    block-by-block path gives, at every edge it guards: name lengths, the largest ids, sizes
+    and times a ustar field holds, whole and sub-second mtimes (trailing zeros dropped) and
+    the mtime of the 1970 epoch; entries past an edge go the general way."""
+    rng = random.Random(11)
+    names = ["f", "dir/file.txt", "a" * 99, "b" * 100, "c" * 101, "d/" * 60 + "e", "caf\u00e9"]
+    names += ["".join(rng.choice("abc/._-") for _ in range(rng.randint(1, 120))) for _ in range(50)]
+    mtimes: list[tuple[int, int | None]] = [(0, None), (1, None), (0o77777777777, None)]
+    mtimes += [(0, ns) for ns in (0, 1, 10**9, 1_796_102_114_142_124_280, 1_796_102_114_1 * 10**8)]
+    mtimes += [(0, 0o77777777777 * 10**9 + 5), (0, 0o100000000000 * 10**9), (0, -1), (-5, None)]
+    mtimes += [(0, rng.randrange(10**19)) for _ in range(30)]
+    numbers = [(0o644, 0, 0, 0), (0o7777 | 0o170000, 0o7777777, 0o7777777, 0o77777777777)]
+    numbers += [(0o755, 0o10000000, 5, 1), (0o600, 7, 0o10000000, 2), (0o644, 0, 0, 1 << 34)]
+    for name in names:
+        for typeflag in (REGTYPE, DIRTYPE):
+            for mtime, mtime_ns in mtimes:
+                for mode, uid, gid, size in numbers:
+                    got = encode_header(
+                        name, typeflag, mode=mode, uid=uid, gid=gid, size=size, mtime=mtime,
+                        mtime_ns=mtime_ns,
+                    )  # fmt: skip
+                    want = _general_header(
+                        name.encode(), typeflag, mode, uid, gid, size, mtime, mtime_ns, "", 0, 0,
+                        (),
+                    )  # fmt: skip
+                    assert got == want, (name, typeflag, mtime, mtime_ns, mode, uid, gid, size)
 
 
 def test_empty_archives_and_the_end_marker() -> None:

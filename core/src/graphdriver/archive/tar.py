@@ -126,6 +126,31 @@ def encode_header(
     *mtime_ns*, when it has a fraction of a second, goes in a PAX ``mtime`` record as well;
     whole seconds stay in the ustar field alone (as Docker writes them)."""
     bname = name.encode("utf-8", "surrogateescape")  # os.fsencode, without its call
+    if not linkname and not xattrs and not devmajor and not devminor:
+        head = _plain_header(bname, typeflag, mode, uid, gid, size, mtime, mtime_ns)
+        if head is not None:
+            return head
+    return _general_header(
+        bname, typeflag, mode, uid, gid, size, mtime, mtime_ns, linkname, devmajor, devminor,
+        xattrs,
+    )  # fmt: skip
+
+
+def _general_header(
+    bname: bytes,
+    typeflag: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    mtime_ns: int | None,
+    linkname: str,
+    devmajor: int,
+    devminor: int,
+    xattrs: Iterable[tuple[str, bytes]],
+) -> bytes:
+    """:func:`encode_header` for any entry, block by block."""
     blink = linkname.encode("utf-8", "surrogateescape")
     pax: list[bytes] = []
     if len(bname) <= 100 and bname.isascii():  # most names: no call to split them
@@ -184,7 +209,10 @@ def _sub_second_mtime(pax: list[bytes], ns: int) -> int:
 
 #: a ustar header: name, the five numbers (mode, uid, gid, size, mtime: 48 bytes), checksum,
 #: type, link name, magic and version, owner names (empty), device numbers, prefix
-_USTAR = struct.Struct("100s48s8sc100s8s64x16s155s12x")
+_USTAR_FORMAT = "100s48s8sc100s8s64x16s155s12x"
+_USTAR = struct.Struct(_USTAR_FORMAT)
+#: a PAX header whose records fit one block, that block, and the entry's ustar header
+_PAX_BLOCK_USTAR = struct.Struct(_USTAR_FORMAT + "512s" + _USTAR_FORMAT)
 _NUMBERS = b"%07o\0%07o\0%07o\0%011o\0%011o\0"
 _NO_DEVICE = b"0000000\0" * 2
 
@@ -204,6 +232,54 @@ def byte_sum(data: bytes) -> int:
 #: what the checksum adds for the fields every header has the same: the checksum field
 #: itself (eight spaces while it is summed), the magic "ustar\0" and the version "00"
 _CHKSUM_FIXED = sum(b"        ustar\x0000")
+#: ... and the device fields of a header that is not a device's
+_CHKSUM_NO_DEVICE = _CHKSUM_FIXED + sum(_NO_DEVICE)
+_MAGIC = b"ustar\x0000"
+
+
+def _plain_header(
+    bname: bytes,
+    typeflag: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    mtime_ns: int | None,
+) -> bytes | None:
+    """:func:`encode_header` for the entry nearly every diff is made of (an ASCII name of
+    at most 100 bytes, numbers that fit, an mtime after 1970; the caller checks that it has
+    no link, device or xattrs), in one pack: its ustar header, after the PAX header of its
+    sub-second mtime if it has one. The same bytes as the general path, in a third of the
+    time (9 us a header was a quarter of the Python of a generated diff of small files).
+    None for any other entry."""
+    if uid > _MAX_ID or gid > _MAX_ID or size > _MAX_NUMBER or len(bname) > 100:
+        return None
+    if not bname.isascii():
+        return None
+    if mtime_ns is not None:
+        mtime, frac = divmod(mtime_ns, 1_000_000_000)
+    else:
+        frac = 0
+    if mtime < 0 or mtime > _MAX_NUMBER:
+        return None
+    numbers = _NUMBERS % (mode & 0o7777, uid, gid, size, mtime)
+    chksum = (adler32(bname + typeflag + numbers) & 0xFFFF) - 1 + _CHKSUM_NO_DEVICE
+    if not frac:
+        return _USTAR.pack(
+            bname, numbers, b"%06o\0 " % chksum, typeflag, b"", _MAGIC, _NO_DEVICE, b""
+        )
+    text = (b"%d.%09d" % (mtime, frac)).rstrip(b"0")
+    # "<length> mtime=<text>\n": 10 bytes and the text, whose length has two digits
+    record = b"%d mtime=%s\n" % (len(text) + 10, text)
+    pname = (b"PaxHeaders/" + bname)[:100]
+    pnumbers = _NUMBERS % (0o644, 0, 0, len(record), mtime)
+    pchksum = (adler32(pname + XHDTYPE + pnumbers) & 0xFFFF) - 1 + _CHKSUM_NO_DEVICE
+    return _PAX_BLOCK_USTAR.pack(
+        pname, pnumbers, b"%06o\0 " % pchksum, XHDTYPE, b"", _MAGIC, _NO_DEVICE, b"",
+        record,
+        bname, numbers, b"%06o\0 " % chksum, typeflag, b"", _MAGIC, _NO_DEVICE, b"",
+    )  # fmt: skip
 
 
 def _block(
@@ -348,6 +424,27 @@ class TarWriter:
             done += n
         return done
 
+    def _small_file(self, header: bytes, fd: int, size: int) -> bool:
+        """Put the entry of the open file *fd* of at most :data:`KERNEL_COPY` bytes (its
+        *header*, its *size* bytes, their padding) into the buffer at once, if the file still
+        has *size* bytes: the entry most diffs are made of, in one pread and no calls. False,
+        having added nothing, otherwise."""
+        if self._pos + len(header) + size + BLOCK > CHUNK:
+            self.flush()
+        pos = self._pos
+        start = pos + len(header)
+        end = start + size
+        padded = end + (-size % BLOCK)
+        data = os.pread(fd, size, 0) if size else b""
+        if len(data) != size:
+            return False
+        buf = self._buf
+        buf[pos:start] = header
+        buf[start:end] = data
+        buf[end:padded] = _ZEROS[: padded - end]
+        self._pos = padded
+        return True
+
     def pad(self, size: int) -> None:
         """The zeros that end a body of *size* bytes on a block boundary."""
         self.write_raw(_ZEROS[: -size % BLOCK])
@@ -383,6 +480,13 @@ class TarWriter:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW) if size else -1
         try:
             xattrs = () if typeflag == LNKTYPE else xattr.read(path if fd < 0 else fd, _SKIP)
+            if not xattrs and not linkname and not major and not minor and size < KERNEL_COPY:
+                header = _plain_header(
+                    arcname.encode("utf-8", "surrogateescape"), typeflag, st.st_mode,
+                    st.st_uid, st.st_gid, size, 0, st.st_mtime_ns,
+                )  # fmt: skip
+                if header is not None and self._small_file(header, fd, size):
+                    return
             self.write_raw(
                 encode_header(
                     arcname,
