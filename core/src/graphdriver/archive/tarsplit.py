@@ -202,6 +202,17 @@ class PathRecorder:
             self.touched.add(path)
             path = path.rpartition("/")[0]
 
+    def made_file(self, path: str, st: os.stat_result) -> None:
+        """:meth:`touch` and :meth:`wrote` of a regular file the tar made at *path* with its
+        body, *st* its fstat once written, in one call (once for each file of a layer)."""
+        head = path
+        touched = self.touched
+        while head not in touched:
+            touched.add(head)
+            head = head.rpartition("/")[0]
+        self.bodies.add(path)
+        self.written[path] = _row(st)
+
     def removed(self, path: str, was_dir: bool) -> None:
         """The extraction removed *path* (a whiteout, or an entry replacing it)."""
         self.gone.add(path)
