@@ -25,6 +25,7 @@ from graphdriver.testing import Backing, backing_or_skip
 ENGINE = {
     "graphdriver.archive.apply",
     "graphdriver.archive.tar",
+    "graphdriver.archive.tar_writer",
     "graphdriver.archive.tar_reader",
     "graphdriver.archive.streams",
     "graphdriver.archive.tarsplit",

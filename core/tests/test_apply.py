@@ -20,7 +20,8 @@ from subprocess import PIPE
 import pytest
 
 from graphdriver.archive import apply_layer, exact, feed, tarsplit
-from graphdriver.archive.tar import TarEntry, TarWriter
+from graphdriver.archive.tar import TarEntry
+from graphdriver.archive.tar_writer import TarWriter
 from graphdriver.errors import ArchiveError, UnsafeArchive
 from graphdriver.testing import host_lacks
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from graphdriver.archive import exact, tarsplit
-from graphdriver.archive.tar import BLOCK, KERNEL_COPY, REGTYPE, TarWriter, encode_header
+from graphdriver.archive.tar import BLOCK, REGTYPE, encode_header
+from graphdriver.archive.tar_writer import KERNEL_COPY, TarWriter
 from graphdriver.errors import ArchiveError
 
 #: a small body (goes through the buffer) and a large one (sendfile when the output is an fd)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from graphdriver.archive import ChangeKind, apply_layer, overlay_changes, tree_changes
-from graphdriver.archive.tar import TarWriter, write_changes_tar
+from graphdriver.archive.tar_writer import TarWriter, write_changes_tar
 from graphdriver.linux.mount import mount, unmount_all_under
 from graphdriver.testing import host_lacks
 

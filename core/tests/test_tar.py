@@ -14,13 +14,13 @@ import pytest
 from graphdriver.archive.tar import (
     DIRTYPE,
     REGTYPE,
-    TarWriter,
     _general_header,
     _pax_record,
     byte_sum,
     encode_header,
 )
 from graphdriver.archive.tar_reader import TarReader
+from graphdriver.archive.tar_writer import TarWriter
 from graphdriver.errors import ArchiveError
 from graphdriver.testing.trees import make_rich
 

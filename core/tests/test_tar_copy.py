@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver.archive.tar import CHUNK, KERNEL_COPY, TarWriter
+from graphdriver.archive.tar import CHUNK
+from graphdriver.archive.tar_writer import KERNEL_COPY, TarWriter
 
 
 @pytest.mark.parametrize("size", [1, 5000, KERNEL_COPY + 3, CHUNK + 7], ids=str)

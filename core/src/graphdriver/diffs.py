@@ -32,11 +32,12 @@ from .recovery import layer_info as _info
 
 if TYPE_CHECKING:
     from .archive import exact as exact_diff
-    from .archive import streams, tar, tarsplit
+    from .archive import streams, tar_writer, tarsplit
     from .store import LayerStore
 else:  # the tar engine (hashlib, zstandard), imported by the first diff: not by ``changes``
-    exact_diff, streams, tar, tarsplit = (
-        LazyModule(f"graphdriver.archive.{m}") for m in ("exact", "streams", "tar", "tarsplit")
+    exact_diff, streams, tar_writer, tarsplit = (
+        LazyModule(f"graphdriver.archive.{m}")
+        for m in ("exact", "streams", "tar_writer", "tarsplit")
     )
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ def write_tar(
         else:
             if source.reason:
                 log.info("layer %s: diff generated from the layer: %s", layer_id, source.reason)
-            tar.write_changes_tar(writer, source.root, source.changes, source=source.kind)
+            tar_writer.write_changes_tar(writer, source.root, source.changes, source=source.kind)
     except OSError as exc:
         raise from_oserror(exc, f"diff of layer {layer_id}") from exc
     finish()

@@ -13,7 +13,7 @@ from ..lazy import lazy_attribute
 if TYPE_CHECKING:
     from .apply import ApplyResult, apply_layer
     from .changes import Change, ChangeKind, changes_size, overlay_changes, tree_changes
-    from .tar import write_changes_tar
+    from .tar_writer import write_changes_tar
 
 _WHERE = {
     "ApplyResult": ".apply",
@@ -23,7 +23,7 @@ _WHERE = {
     "changes_size": ".changes",
     "overlay_changes": ".changes",
     "tree_changes": ".changes",
-    "write_changes_tar": ".tar",
+    "write_changes_tar": ".tar_writer",
 }
 
 __all__ = [

@@ -14,7 +14,8 @@ from typing import Any
 from ..errors import ArchiveError
 from ..linux.bind import open_beneath
 from ..linux.fs import fs_name
-from .tar import CHUNK, TarWriter
+from .tar import CHUNK
+from .tar_writer import TarWriter
 from .tarsplit import Body, Checks, Record
 
 

@@ -18,7 +18,6 @@ from ..errors import ArchiveError
 from . import sparse
 from . import tar_headers as headers
 from .tar import (
-    _TYPE_MODE,
     BLOCK,
     CHUNK,
     GNU_LONGLINK,
@@ -26,6 +25,7 @@ from .tar import (
     GNU_SPARSE,
     LNKTYPE,
     REGTYPE,
+    TYPE_MODE,
     XGLTYPE,
     XHDTYPE,
     TarEntry,
@@ -237,7 +237,7 @@ class TarReader:
             self._gnu_sparse(entry, block)
         elif pax and ("GNU.sparse.map" in pax or "GNU.sparse.major" in pax):
             data_left = self._pax_sparse(entry, pax)
-        elif typeflag not in _TYPE_MODE and typeflag != LNKTYPE:
+        elif typeflag not in TYPE_MODE and typeflag != LNKTYPE:
             raise ArchiveError(
                 f"tar entry {entry.name!r} has unsupported type "
                 f"{typeflag.decode(errors='replace')!r}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import Change, LayerStore
 from ..archive import tree_changes, write_changes_tar
-from ..archive.tar import TarWriter
+from ..archive.tar_writer import TarWriter
 from .base import ConformanceBase
 from .groups import group
 from .require import needs_root
