@@ -22,9 +22,11 @@ filesystem in the same loop, who goes first alternating:
 - a small change (3 files) on minbase: ``changes`` and ``diff``, CLI and library time, beside
   ``tar -c`` of the changed files into a file;
 - CLI start-up (``graphdriver --version``, ``graphdriver ls``) beside the venv's
-  ``python -c pass``; ``create`` of a child of minbase beside a child of an empty layer;
-- ``mount`` + ``umount`` (CLI) beside ``podman image mount`` + ``umount`` on a warm store and
-  ``mount -t overlay`` + ``umount``; get + put beside mount(2) + umount2(2) in one process;
+  ``python -c pass``, run by the process and through ``graphdriver serve commands``;
+  ``create`` of a child of minbase beside a child of an empty layer;
+- ``mount`` + ``umount`` (CLI, and through the command server) beside ``podman image mount``
+  + ``umount`` on a warm store and ``mount -t overlay`` + ``umount``; get + put beside
+  mount(2) + umount2(2) in one process;
 - a 1 MiB read at the bottom of a 128-deep chain;
 - peak RSS of apply-diff and diff, CLI and library, of every data set (the 1 GiB one included);
 - containerd and docker (overlay on xfs; ``bench_containerd.py``, ``bench_docker.py``).
@@ -481,6 +483,15 @@ class Bench:
         for _ in range(self.runs):
             version.add(timed([*GD, "--version"]), timed([sys.executable, "-c", "pass"]))
             ls.add(timed([*self.gd, "ls"]))
+        served = []
+        for verb in ("--version", "ls"):
+            served.append(self.fig(f"CLI start-up through the command server (graphdriver {verb})",
+                                   ref_name=pyname, target=START_UP, unit="ms", ref=version.ref,
+                                   ref_cpu=version.ref_cpu))  # fmt: skip
+        with self.command_server():
+            for _ in range(self.runs):
+                served[0].add(timed([*GD, "--version"]))
+                served[1].add(timed([*self.gd, "ls"]))
         run([*self.gd, "create", "empty"])
         empty = self.fig("create empty layer", unit="ms")
         child = self.fig("create child of minbase", ref_name="child of an empty layer", unit="ms",
@@ -523,8 +534,38 @@ class Bench:
             cli.add(got["ours"])
             if pod is not None:
                 pod.add(got["ours"], got["theirs"])
+        if pod is not None:
+            served = self.fig("mount + umount through the command server vs podman", unit="ms",
+                              target=MOUNT_VS_PODMAN, ref_name=pod.ref_name, ref=pod.ref,
+                              ref_cpu=pod.ref_cpu)  # fmt: skip
+            with self.command_server():
+                for cmd in ours:
+                    run(cmd)
+                for _ in range(self.runs):
+                    served.add(plus(timed(ours[0]), timed(ours[1])))
         if self.driver == "overlay":
             self.raw_mounts(layer, cli)
+
+    @contextlib.contextmanager
+    def command_server(self) -> Iterator[None]:
+        """``graphdriver serve commands`` beside this store, named by GRAPHDRIVER_SOCKET
+        meanwhile: the commands run in its workers (their CPU time is the server's, not in
+        the figures' CPU column)."""
+        sock = self.fs / "commands.sock"
+        proc = subprocess.Popen([*GD, "serve", "commands", "--socket", str(sock)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not sock.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("graphdriver serve commands did not start")
+                time.sleep(0.05)
+            os.environ["GRAPHDRIVER_SOCKET"] = str(sock)
+            yield
+        finally:
+            os.environ.pop("GRAPHDRIVER_SOCKET", None)
+            proc.terminate()
+            proc.wait(timeout=30)
 
     def raw_mounts(self, layer: str, cli: Figure) -> None:
         """overlay: the same mount by mount(8) and by mount(2) in one process."""
@@ -671,6 +712,9 @@ def report(results: list[tuple[str, Bench | str]], sets: dict, args: argparse.Na
 
 
 def main() -> None:
+    # the CLI figures are of processes that run their command themselves, unless a figure
+    # starts a command server of its own
+    os.environ.pop("GRAPHDRIVER_SOCKET", None)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
     ap.add_argument("--only", default=None,

@@ -8,11 +8,14 @@ to add a storage driver or a :class:`VolumeDriver` to add a volume driver, catch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .lazy import lazy_attribute
 
+# typing is not imported: the command client (:mod:`.command_client`) imports this package
+# and starts in a few milliseconds; mypy takes any name TYPE_CHECKING to be true
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .archive import ApplyResult, Change, ChangeKind
     from .driver import (
         Capabilities,

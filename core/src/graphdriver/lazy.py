@@ -7,10 +7,11 @@ else; ``graphdriver ls`` must not pay for the archive engine (zstandard, the tar
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not typing's: importing the package must not import typing
 if TYPE_CHECKING:
     from types import ModuleType
+    from typing import Any
 
 
 class LazyModule:

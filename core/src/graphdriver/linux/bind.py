@@ -42,8 +42,9 @@ AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 
-#: GRAPHDRIVER_BIND_API=classic: mount(2) binds even where open_tree/move_mount work (tests)
-NEW_API = os.environ.get("GRAPHDRIVER_BIND_API", "new") != "classic"
+#: GRAPHDRIVER_BIND_API=classic: mount(2) binds even where open_tree/move_mount work (tests);
+#: read at each bind, as a command server's worker gets its client's environment after import
+BIND_API_ENV = "GRAPHDRIVER_BIND_API"
 
 
 class _OpenHow(ctypes.Structure):
@@ -137,7 +138,7 @@ def bind(source: str | int, target_fd: int, *, readonly: bool = False) -> None:
     """Bind *source* (a path, or an fd open on it) recursively and private onto the file or
     directory open as *target_fd*; *readonly* makes the whole tree read-only, submounts
     included where the kernel can."""
-    if NEW_API:
+    if os.environ.get(BIND_API_ENV, "new") != "classic":
         try:
             _bind_new(source, target_fd, readonly)
             return
