@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ def test_a_command_through_the_server_is_the_command_run_here(
             ]
             mounted = _run(env, *gd, "mount", "c1")[1].decode().strip()
             (Path(mounted) / "new").write_text("written in the container\n")
+            os.close(os.open(os.fsencode(mounted) + b"/caf\xe9", os.O_CREAT | os.O_WRONLY))
+            got.append(_run(env, *gd, "changes", "c1"))  # a name that is not UTF-8
             got.append(_run(env, *gd, "umount", "c1"))
             code, out, err = _run(env, *gd, "diff", "c1")  # its names and bytes: times differ
             got.append((code, repr(_members(out)).encode(), err))
@@ -131,24 +134,27 @@ def test_a_command_through_the_server_is_the_command_run_here(
         finally:
             _run(here, *gd, "cleanup")
             shutil.rmtree(root, ignore_errors=True)
-    assert [r[0] for r in results["here"]] == [0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0]
+    assert [r[0] for r in results["here"]] == [0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0]
     assert "layer 'nosuch' does not exist" in results["here"][5][2]
     assert results["server"] == results["here"]
     assert results["here"][7][1] == layer  # the exact diff of the applied layer
-    # every command of the server's run ran in one of its workers: the 12 above and `mount`
-    assert len(server.workers()) == 13
+    assert results["here"][10][1] == b"A /caf\xe9\nA /new\n"
+    # every command of the server's run ran in one of its workers: the 13 above and `mount`
+    assert len(server.workers()) == 14
 
 
-def _start_apply(server: Server, root: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start_apply(
+    server: Server, root: Path, nohup: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
     """An apply-diff through the server whose stdin stays open (half a layer sent): the
-    client, and the pid of the worker that runs it."""
+    client (under nohup: SIGHUP ignored), and the pid of the worker that runs it."""
     assert GRAPHDRIVER is not None
     gd = [GRAPHDRIVER, "--driver", "vfs", "--root", str(root)]
     subprocess.run([*gd, "create", "slow"], check=True, env=server.env(), timeout=120)
     before = len(server.workers())
     client = subprocess.Popen(
-        [*gd, "apply-diff", "slow"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL, env=server.env(),
+        [*(["nohup"] if nohup else []), *gd, "apply-diff", "slow"], stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=server.env(),
     )  # fmt: skip
     assert client.stdin is not None
     client.stdin.write(_layer_tar()[:4096])
@@ -209,4 +215,130 @@ def test_clients_it_does_not_serve_run_their_command_themselves(server: Server) 
         == b"graphdriver: the command server refused (another mnt namespace); running here\n"
     )
     assert len(server.workers()) == before
-    assert "refused a client: another mnt namespace" in server.log.read_text()
+    assert ": another mnt namespace" in server.log.read_text()
+
+
+def test_a_client_that_leaves_or_is_stopped_stops_its_command(
+    server: Server, loop_ext4: Backing
+) -> None:
+    root = loop_ext4.root / "cmd-leave"
+    gd = ["--driver", "vfs", "--root", str(root)]
+    try:
+        # killed outright (a runtime's timeout): its worker is stopped and rolls back
+        client, _ = _start_apply(server, root)
+        client.kill()
+        client.wait()
+        code, _, err = _run(server.env(), *gd, "--wait", "30", "rm", "slow")
+        assert code == 0, err  # the worker let go of the layer
+        # a server that does not answer (stopped): a signal still ends the client at once
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            # (its streams not pipes: the request holds them open until the server reads it)
+            proc = subprocess.run(
+                ["timeout", "2", str(GRAPHDRIVER), "--version"], env=server.env(),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+            )  # fmt: skip
+            assert proc.returncode == 124 and time.monotonic() - started < 20
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        # a signal the client ignores (nohup) is not passed on: the command goes on
+        client, _ = _start_apply(server, root / "nohup", nohup=True)
+        client.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert client.poll() is None
+        client.terminate()
+        client.communicate(timeout=60)
+        assert client.returncode == 128 + signal.SIGTERM
+    finally:
+        for r in (root, root / "nohup"):
+            _run(server.env(), "--driver", "vfs", "--root", str(r), "cleanup")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_closed_stream_or_a_foreign_socket_runs_the_command_here(server: Server) -> None:
+    assert GRAPHDRIVER is not None
+    # stdin closed: the client runs the command itself (the socket would take fd 0)
+    proc = subprocess.run(
+        [GRAPHDRIVER, "--version"], env=server.env(), capture_output=True, timeout=60,
+        preexec_fn=lambda: os.close(0),
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith(b"graphdriver, version")
+    # a socket another user listens on gets nothing of the client: not its environment,
+    # not its streams
+    public = Path(tempfile.mkdtemp(prefix="gd-public-", dir="/tmp"))  # one nobody can reach
+    os.chmod(public, 0o1777)
+    got = public / "got"
+    listener = subprocess.Popen(
+        ["/usr/bin/python3", "-c", LISTENER, str(public / "gd.sock"), str(got)], user=65534,
+        stdout=subprocess.PIPE, cwd="/",
+    )  # fmt: skip
+    try:
+        assert listener.stdout is not None and listener.stdout.readline() == b"listening\n"
+        proc = subprocess.run(
+            [GRAPHDRIVER, "--version"], capture_output=True, timeout=60,
+            env=server.env(GRAPHDRIVER_SOCKET=str(public / "gd.sock"), SECRET="hunter2"),
+        )  # fmt: skip
+        assert proc.returncode == 0 and proc.stdout.startswith(b"graphdriver, version")
+        assert b"is served by uid 65534, not this user or root; running here" in proc.stderr
+        listener.wait(timeout=60)
+        assert got.read_bytes() == b""  # connected, and sent nothing
+    finally:
+        listener.kill()
+        listener.wait()
+        shutil.rmtree(public)
+    # a caller with fewer capabilities than the server: refused, runs the command itself
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "util-linux's setpriv is part of every Debian"
+    proc = subprocess.run(
+        [setpriv, "--bounding-set", "-sys_admin", GRAPHDRIVER, "--version"],
+        env=server.env(), capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith(b"graphdriver, version")
+    assert b"the command server refused (other privileges (Cap" in proc.stderr
+
+
+#: a listener of another user: it records what a client sends it
+LISTENER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(1)
+print("listening", flush=True)
+conn, _ = s.accept()
+conn.settimeout(2)
+try:
+    data = conn.recv(65536)
+except OSError:
+    data = b""
+open(sys.argv[2], "wb").write(data)
+conn.close()
+"""
+
+
+def test_a_client_in_another_cgroup_runs_there(server: Server) -> None:
+    """A worker joins its client's cgroup (v2), so that the client's limits hold; where the
+    client's cgroups are v1 (a hybrid hierarchy), the server refuses and it runs the command
+    itself."""
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().strip().splitlines()
+    v2_only = len(lines) == 1 and lines[0].startswith("0::")
+    unified = Path("/sys/fs/cgroup" if v2_only else "/sys/fs/cgroup/unified")
+    assert (unified / "cgroup.procs").exists(), "no cgroup v2 hierarchy mounted"
+    group = unified / lines[-1].partition("::")[2].strip("/") / f"gd-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        before = len(server.workers())
+        script = f'echo $$ > {group}/cgroup.procs && exec "$0" --version'
+        proc = subprocess.run(
+            ["sh", "-c", script, str(GRAPHDRIVER)], env=server.env(), capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0 and proc.stdout.startswith(b"graphdriver, version")
+        if v2_only:  # the worker ran it, in the client's cgroup
+            assert proc.stderr == b"" and len(server.workers()) == before + 1
+        else:
+            assert b"refused (another cgroup (v1)); running here" in proc.stderr
+            assert len(server.workers()) == before
+    finally:
+        group.rmdir()

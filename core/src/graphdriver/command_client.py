@@ -4,11 +4,13 @@
 A Python process that imports the CLI (click and the store's modules) takes 60-100 ms before it
 does anything; one that forwards its command to a server that imported all that once takes
 about 20 (Mercurial's chg does the same for hg). What the command sees does not change: the
-server forks a worker that takes this process's standard streams (passed over the socket),
-working directory, umask, environment and arguments, runs the command as this process would, and
-this process exits with its status; a signal sent here (Ctrl-C, ``timeout``) goes on to the
-worker. Without a server, or when it refuses (another user, another mount namespace, another
-installation of graphdriver), the command runs here, as it always did.
+server forks a worker that takes this process's standard streams and working directory (fds
+passed over the socket), umask, environment and arguments, runs the command as this process
+would, and this process exits with its status; a signal sent here (Ctrl-C, ``timeout``) goes on
+to the worker, unless this process ignores it (``nohup``). Without a server, when the socket is
+not served by this user or root, when a standard stream is closed, or when the server refuses
+(another user, less privileges, another namespace, another installation of graphdriver), the
+command runs here, as it always did.
 
 Only the standard library's C modules are imported before the command is sent: the point is
 to start fast.
@@ -28,13 +30,21 @@ else:  # the C half of signal, without its enums (an import of enum)
     import _signal
 
 #: the protocol, sent first; a server that speaks another refuses
-MAGIC = b"graphdriver-command/1"
+MAGIC = b"graphdriver-command/2"
 #: the environment variable that names the server's socket
 SOCKET_ENV = "GRAPHDRIVER_SOCKET"
+#: the fds sent with a request: stdin, stdout, stderr and the working directory
+FDS = 4
 _LENGTH = struct.Struct("<I")
 _STATUS = struct.Struct("<i")
+_PEERCRED = struct.Struct("3i")
 #: signals that a terminal, ``timeout`` or ``kill`` send, passed on to the worker
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+#: signals whose default action dumps core: a worker killed by one is not killed again here
+_CORE = {
+    _signal.SIGQUIT, _signal.SIGILL, _signal.SIGTRAP, _signal.SIGABRT, _signal.SIGBUS,
+    _signal.SIGFPE, _signal.SIGSEGV, _signal.SIGXCPU, _signal.SIGXFSZ, _signal.SIGSYS,
+}  # fmt: skip
 
 
 def main() -> int | None:
@@ -55,7 +65,7 @@ def request(argv: list[str]) -> bytes:
     umask = os.umask(0)
     os.umask(umask)
     env = [k + b"=" + v for k, v in os.environb.items()]
-    fields = [MAGIC, package_dir(), os.fsencode(os.getcwd()), b"%o" % umask, b"%d" % len(argv)]
+    fields = [MAGIC, package_dir(), b"%o" % umask, b"%d" % len(argv)]
     return b"\0".join(fields + [os.fsencode(a) for a in argv] + env)
 
 
@@ -65,68 +75,102 @@ def package_dir() -> bytes:
     return os.fsencode(os.path.dirname(os.path.abspath(__file__)))
 
 
+class _Stop(BaseException):
+    """A signal that arrived before the worker's pid: the command ends here."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _Forward:
-    """Signals that arrive while the command is with the server: passed on to its worker once
-    its pid is known, kept until then."""
+    """Passes the signals this process does not ignore on to the worker once its pid is
+    known; one that comes before ends the command here (:class:`_Stop`: the connection
+    closes, and the server stops a worker whose client left)."""
 
     def __init__(self) -> None:
         self.pid = 0
-        self.pending: list[int] = []
-        for signum in FORWARDED:
-            _signal.signal(signum, self)
+        self.before = {signum: _signal.getsignal(signum) for signum in FORWARDED}
+        for signum, was in self.before.items():
+            if was != _signal.SIG_IGN:
+                _signal.signal(signum, self)
 
     def __call__(self, signum: int, _frame: object) -> None:
         if not self.pid:
-            self.pending.append(signum)
-            return
+            raise _Stop(signum)
         try:  # noqa: SIM105 - contextlib is an import this module does without
             os.kill(self.pid, signum)
         except ProcessLookupError:
             pass  # it has just ended: its status is on the way
 
-    def to(self, pid: int) -> None:
-        self.pid = pid
-        for signum in self.pending:
-            self(signum, None)
-
     def restore(self) -> None:
-        for signum in FORWARDED:
-            _signal.signal(signum, _signal.SIG_DFL)
-        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+        for signum, was in self.before.items():
+            _signal.signal(signum, was)
 
 
 def _through_server(path: str) -> int | None:
     """The command's exit status (negative: killed by that signal), or None if no server at
     *path* took it (nothing ran)."""
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    forward = _Forward()  # from before the request: no signal may fall between the two
     try:
-        try:
-            sock.connect(path)
-            data = request(sys.argv)
-            fds = struct.pack("3i", 0, 1, 2)
-            sock.sendmsg(
-                [_LENGTH.pack(len(data)) + data],
-                [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)],
-            )
-            answer = _read(sock, 1)
-        except OSError:
-            answer = b""  # no server there (or stdin, stdout or stderr is closed): run here
-        if answer == b"P":  # the worker's pid: it runs the command
-            (pid,) = _STATUS.unpack(_read(sock, _STATUS.size))
-            forward.to(int(pid))
-            return _status(sock, None)
-        if answer == b"S":  # a worker killed before it could say it runs: ran nothing here
-            return _status(sock, answer)
-        if answer == b"R":
-            why = _read(sock, 4096).decode(errors="replace")  # to the end: the server closes
-            os.write(2, f"graphdriver: the command server refused ({why}); running here\n".encode())
-        forward.restore()
-        if forward.pending:  # asked to stop before anything ran
-            return 128 + forward.pending[0]
+        for fd in (0, 1, 2):  # a closed one: the socket would take its number
+            os.fstat(fd)
+    except OSError:
         return None
+    forward = _Forward()  # from before the request: no signal may fall between the two
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        return _ask(sock, path, forward)
+    except _Stop as stop:  # before the worker said it runs: what it had begun, it rolls back
+        forward.restore()
+        return 128 + stop.signum
     finally:
         sock.close()
+
+
+def _ask(sock: _socket.socket, path: str, forward: _Forward) -> int | None:
+    try:
+        sock.connect(path)
+    except OSError:
+        forward.restore()
+        return None  # no server there: run here
+    _pid, uid, _gid = _PEERCRED.unpack(
+        sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    if uid not in (0, os.geteuid()):  # not a server of ours: it gets nothing of this process
+        forward.restore()
+        _say(f"{SOCKET_ENV} {path} is served by uid {uid}, not this user or root; running here")
+        return None
+    try:
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        forward.restore()
+        return None
+    try:
+        body = request(sys.argv)
+        data = _LENGTH.pack(len(body)) + body
+        fds = struct.pack(f"{FDS}i", 0, 1, 2, cwd)
+        sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        sock.sendall(data[sent:])
+        answer = _read(sock, 1)
+    except OSError:
+        answer = b""
+    finally:
+        os.close(cwd)
+    if answer == b"P":  # the worker's pid: it runs the command
+        (pid,) = _STATUS.unpack(_read(sock, _STATUS.size))
+        forward.pid = int(pid)
+        return _status(sock, None)
+    if answer == b"S":  # a worker killed before it could say it runs: it ran nothing
+        return _status(sock, answer)
+    forward.restore()
+    if answer == b"R":
+        _say(f"the command server refused ({_read(sock, 4096).decode(errors='replace')}); "
+             "running here")  # fmt: skip
+    return None
+
+
+def _say(text: str) -> None:
+    os.write(2, f"graphdriver: {text}\n".encode(errors="replace"))
 
 
 def _status(sock: _socket.socket, tag: bytes | None) -> int:
@@ -137,10 +181,10 @@ def _status(sock: _socket.socket, tag: bytes | None) -> int:
     except OSError:
         head = b""
     if len(head) != 1 + _STATUS.size or head[:1] != b"S":
-        os.write(2, b"graphdriver: the command server stopped before the command ended\n")
+        _say("the command server stopped before the command ended")
         return 1
     status = int(_STATUS.unpack(head[1:])[0])
-    if status < 0:  # killed by a signal: so is this process, as a shell would show it
+    if status < 0 and -status not in _CORE:  # killed by a signal: so is this process
         for signum in FORWARDED:
             _signal.signal(signum, _signal.SIG_DFL)
         try:  # noqa: SIM105 - (no contextlib) SIGKILL and SIGSTOP take no handler
@@ -148,8 +192,7 @@ def _status(sock: _socket.socket, tag: bytes | None) -> int:
         except (OSError, ValueError):
             pass
         os.kill(os.getpid(), -status)
-        return 128 - status  # a signal whose default is to be ignored
-    return status
+    return 128 - status if status < 0 else status  # a signal ignored here, or one that dumps
 
 
 def _read(sock: _socket.socket, n: int) -> bytes:

@@ -1,23 +1,28 @@
 """``graphdriver serve commands``: a resident process that runs ``graphdriver`` commands for the
 clients that name its socket in ``GRAPHDRIVER_SOCKET`` (:mod:`.command_client`).
 
-It imports the CLI, the store and the installed drivers once; each command then runs in a
-worker forked from it, which takes the client's standard streams (received over the socket),
-working directory, umask, environment and arguments, and runs the command exactly as the
-``graphdriver`` process would have: the same output, errors and exit status, a rollback on
-SIGINT or SIGTERM (the client passes them on). A worker starts in about a millisecond where a
-process takes 60-100 ms to import what it needs.
+It imports the CLI, the store and the installed drivers once; each connection gets a worker
+forked from it, which reads the client's request and, if it may, takes the client's standard
+streams and working directory (fds received over the socket), umask, environment and arguments
+and runs the command exactly as the ``graphdriver`` process would have: the same output, errors
+and exit status, a rollback on SIGINT or SIGTERM (the client passes them on; a client that goes
+away is taken for a SIGTERM). A worker starts in about a millisecond where a process takes
+60-100 ms to import what it needs.
 
-It serves only its own kind: a client of another user, of another mount, PID or user namespace
-(a mount made there would not be the client's), or of another installation of graphdriver is
-refused, and then runs the command itself. The socket is the server's user's alone (0600). The
-drivers and plugins are the ones installed when it started: restart it after installing more.
+It serves only callers as privileged as itself: a client of another uid, gid or groups, other
+capabilities, no_new_privs or seccomp filter, another root directory, security label, or mount,
+PID or user namespace (a mount made in the server's would not be its own), or of another
+installation of graphdriver is refused, and then runs the command itself. A worker joins its
+client's cgroup, so that the client's limits hold. The socket is the server's user's alone
+(0600). The drivers and plugins are the ones installed when it started: restart it after
+installing more.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import select
@@ -26,24 +31,32 @@ import socket
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
 
 from . import serving
 from .cli_common import announce
-from .command_client import _LENGTH, _STATUS, MAGIC, SOCKET_ENV, package_dir
+from .command_client import _LENGTH, _STATUS, FDS, MAGIC, SOCKET_ENV, package_dir
 from .errors import from_oserror
 
 log = logging.getLogger(__name__)
 
 #: the most a request may hold (arguments and environment)
 MAX_REQUEST = 1 << 20
-#: seconds a client has to send its request once connected
+#: seconds a client has to send its whole request once connected
 REQUEST_TIMEOUT = 5.0
 _PEERCRED = struct.Struct("3i")
 #: the namespaces a client must share with the server
 NAMESPACES = ("mnt", "pid", "user")
+#: the lines of /proc/PID/status that say what a process may do: a client's must be the server's
+PRIVILEGE_FIELDS = (
+    "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs",
+    "Seccomp",
+)  # fmt: skip
+#: what the server blocks around fork, so that a worker never runs the server's handlers
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD}
 
 
 class Refused(Exception):
@@ -51,72 +64,121 @@ class Refused(Exception):
 
 
 class _Request:
-    """What a client asked: its arguments, where and how to run them, and its three streams."""
+    """What a client asked: its arguments, how to run them, and its fds (stdin, stdout, stderr,
+    its working directory)."""
 
     def __init__(self, data: bytes, fds: list[int]) -> None:
         fields = data.split(b"\0")
-        if len(fields) < 5 or fields[0] != MAGIC:
+        if len(fields) < 4 or fields[0] != MAGIC:
             raise Refused("another protocol")
         if fields[1] != package_dir():
             raise Refused(f"another installation of graphdriver ({os.fsdecode(fields[1])})")
-        self.cwd = os.fsdecode(fields[2])
-        self.umask = int(fields[3], 8)
-        argc = int(fields[4])
-        self.argv = [os.fsdecode(a) for a in fields[5 : 5 + argc]]
-        if len(self.argv) != argc or len(fds) != 3:
+        self.umask = int(fields[2], 8)
+        argc = int(fields[3])
+        self.argv = [os.fsdecode(a) for a in fields[4 : 4 + argc]]
+        if len(self.argv) != argc or len(fds) != FDS:
             raise Refused("a malformed request")
-        self.env = dict(f.partition(b"=")[::2] for f in fields[5 + argc :] if f)
+        self.env = dict(f.partition(b"=")[::2] for f in fields[4 + argc :] if f)
         self.fds = fds
 
 
-def _peer(conn: socket.socket) -> tuple[int, int]:
-    """The client's (pid, uid), if it may use this server; else :class:`Refused`."""
+def _status_fields(pid: int | str) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").partition(":\t")[::2] for line in f)
+
+
+def _label(pid: int | str) -> str:
+    try:
+        with open(f"/proc/{pid}/attr/current", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""  # no LSM that labels processes
+
+
+def peer_problem(conn: socket.socket) -> tuple[int, str | None]:
+    """The client's pid, and why it may not use this server (None if it may): its uid,
+    privileges, root directory, security label or namespaces differ from the server's."""
     pid, uid, _gid = _PEERCRED.unpack(
         conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     )
     if uid != os.geteuid():
-        raise Refused(f"uid {uid} is not the server's ({os.geteuid()})")
-    for ns in NAMESPACES:
-        try:
-            same = os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
-        except OSError:
-            same = False
-        if not same:
-            raise Refused(f"another {ns} namespace")
-    return pid, uid
+        return pid, f"uid {uid} is not the server's ({os.geteuid()})"
+    try:
+        for ns in NAMESPACES:
+            if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
+                return pid, f"another {ns} namespace"
+        theirs, ours = _status_fields(pid), _status_fields("self")
+        for field in PRIVILEGE_FIELDS:
+            if theirs.get(field) != ours.get(field):
+                return pid, f"other privileges ({field})"
+        root, own = os.stat(f"/proc/{pid}/root"), os.stat("/")
+        if (root.st_dev, root.st_ino) != (own.st_dev, own.st_ino):
+            return pid, "another root directory (chroot)"
+        if _label(pid) != _label("self"):
+            return pid, "another security label"
+    except OSError as exc:
+        return pid, f"its process cannot be read ({exc.strerror})"
+    return pid, None
+
+
+def _join_cgroup(pid: int) -> None:
+    """Move this process (a worker) into the cgroup v2 of the client *pid*; Refused if it
+    cannot (cgroup v1, or not allowed)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            theirs = f.read()
+        with open("/proc/self/cgroup") as f:
+            ours = f.read()
+        if theirs == ours:
+            return
+        if not theirs.startswith("0::") or "\n" in theirs.rstrip("\n"):
+            raise Refused("another cgroup (v1)")
+        procs = f"/sys/fs/cgroup{theirs[3:].strip()}/cgroup.procs"
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as exc:
+        raise Refused(f"its cgroup cannot be joined ({exc.strerror})") from None
 
 
 def _receive(conn: socket.socket) -> _Request:
-    """Read one request and the three fds that come with its first bytes."""
+    """Read one request and the fds that come with it, within :data:`REQUEST_TIMEOUT`."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     fds: list[int] = []
     data = b""
     need = _LENGTH.size
     size = None
-    while len(data) < need:
-        piece, ancillary, _flags, _addr = conn.recvmsg(
-            min(need - len(data), 1 << 16), socket.CMSG_SPACE(3 * 4)
-        )
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                n = len(payload) // 4
-                fds += struct.unpack(f"{n}i", payload[: 4 * n])
-        if not piece:
-            break
-        data += piece
-        if size is None and len(data) >= _LENGTH.size:
-            (size,) = _LENGTH.unpack(data[: _LENGTH.size])
-            if size > MAX_REQUEST:
-                _close_all(fds)
-                raise Refused("a request too large")
-            need = _LENGTH.size + size
-    if size is None or len(data) != need:
-        _close_all(fds)
-        raise Refused("a request cut short")
     try:
-        return _Request(data[_LENGTH.size :], fds)
-    except (Refused, ValueError) as exc:
+        while len(data) < need:
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            piece, ancillary, flags, _addr = conn.recvmsg(
+                min(need - len(data), 1 << 16), socket.CMSG_SPACE(FDS * 4)
+            )
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    n = len(payload) // 4
+                    fds += struct.unpack(f"{n}i", payload[: 4 * n])
+            if flags & socket.MSG_CTRUNC:
+                raise Refused("its file descriptors could not be received (out of fds?)")
+            if not piece:
+                break
+            data += piece
+            if size is None and len(data) >= _LENGTH.size:
+                (size,) = _LENGTH.unpack(data[: _LENGTH.size])
+                if size > MAX_REQUEST:
+                    raise Refused("a request too large")
+                need = _LENGTH.size + size
+        if size is None or len(data) != need:
+            raise Refused("a request cut short")
+        try:
+            return _Request(data[_LENGTH.size :], fds)
+        except ValueError:
+            raise Refused("a malformed request") from None
+    except TimeoutError:
         _close_all(fds)
-        raise Refused(str(exc) if isinstance(exc, Refused) else "a malformed request") from None
+        raise Refused("a request not sent in time") from None
+    except BaseException:
+        _close_all(fds)
+        raise
 
 
 def _close_all(fds: list[int]) -> None:
@@ -124,55 +186,102 @@ def _close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _run_worker(
-    req: _Request, conn: socket.socket, closing: list[int]
-) -> None:  # pragma: no cover - a fork
-    """In the forked worker: send the client its pid, become the client's process, run its
-    command and send the client its exit status (itself, so that it arrives even if the
-    server stops meanwhile); never returns."""
-    code = 1
-    try:
-        # the worker alone writes to the client until it ends: its pid first, then its status
-        conn.sendall(b"P" + _STATUS.pack(os.getpid()))
-        for fd in closing:
-            os.close(fd)
-        os.setsid()  # a Ctrl-C at the server's terminal is not the client's
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(signum, signal.SIG_DFL)
-        # above 2 first, so that placing one of them does not overwrite another
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in req.fds]
-        _close_all(req.fds)
-        for target, fd in enumerate(high):
-            os.dup2(fd, target)
-        _close_all(high)
-        os.chdir(req.cwd)
-        os.umask(req.umask)
-        os.environb.clear()
-        os.environb.update(req.env)
-        sys.argv = req.argv
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - line-buffered on a tty
-        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
-        logging.root.handlers.clear()  # the command sets up its own, on its stderr
-        logging.root.setLevel(logging.WARNING)
-        from .cli import main
+def _stdio(env: dict[bytes, bytes]) -> None:
+    """New sys.stdin, stdout and stderr on fds 0-2, as Python makes them for a process with
+    the client's environment: the server's encoding and error handler unless
+    PYTHONIOENCODING says otherwise, stdout line-buffered on a terminal, stderr always,
+    neither buffered with PYTHONUNBUFFERED."""
+    io_enc = os.fsdecode(env.get(b"PYTHONIOENCODING", b"")).partition(":")
+    unbuffered = bool(env.get(b"PYTHONUNBUFFERED"))
+    made = []
+    models = (sys.__stdin__, sys.__stdout__, sys.__stderr__)
+    for fd, model in enumerate(models):
+        encoding = io_enc[0] or (model.encoding if model else None) or "utf-8"
+        errors = io_enc[2] or (model.errors if model else None) or "strict"
+        if fd == 2:
+            errors = "backslashreplace"
+        raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
+        buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        stream = io.TextIOWrapper(
+            buffered, encoding=encoding, errors=errors, write_through=unbuffered and fd > 0,
+            line_buffering=fd == 2 or (fd == 1 and os.isatty(1)),
+        )  # fmt: skip
+        made.append(stream)
+    sys.stdin, sys.stdout, sys.stderr = made
 
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = _exit_code(exc.code)
+
+def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma: no cover
+    """In the forked worker: check and read the client's request; refuse it (None), or send
+    the client this process's pid, become the client's process and run its command. Its exit
+    status, which the worker sends the client itself (so that it arrives even if the server
+    stops meanwhile)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    _close_all(closing)
+    os.setsid()  # a Ctrl-C at the server's terminal is not the client's
+    pid, problem = peer_problem(conn)  # at once: the pid is the client's while it waits
+    try:
+        req = _receive(conn)
+        if problem is not None:
+            _close_all(req.fds)
+            raise Refused(problem)
+        _join_cgroup(pid)
+    except (Refused, OSError) as exc:
+        why = str(exc) if isinstance(exc, Refused) else f"its request was not read: {exc}"
+        log.info("refused a client (pid %d): %s", pid, why)
+        with contextlib.suppress(OSError):
+            conn.sendall(b"R" + why.encode())
+        return None
+    log.info("pid %d: worker %d runs %s", pid, os.getpid(), " ".join(req.argv[1:]))
+    conn.sendall(b"P" + _STATUS.pack(os.getpid()))
+    # the client's fds, placed above 2 first, so that placing one does not overwrite another
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in req.fds]
+    _close_all(req.fds)
+    for target, fd in enumerate(high[:3]):
+        os.dup2(fd, target)
+    os.fchdir(high[3])
+    _close_all(high)
+    os.umask(req.umask)
+    os.environb.clear()
+    os.environb.update(req.env)
+    sys.argv = req.argv
+    _stdio(req.env)
+    logging.root.handlers.clear()  # the command sets up its own, on its stderr
+    logging.root.setLevel(logging.WARNING)
+    from .cli import main
+
+    try:
+        main()
+    except SystemExit as exc:
+        return _exit_code(exc.code)
+    except KeyboardInterrupt:  # before the CLI's own handlers were in place
+        return 128 + signal.SIGINT
+    return 0
+
+
+def _run_worker(conn: socket.socket, closing: list[int]) -> None:  # pragma: no cover - a fork
+    """The forked worker's life (:func:`_serve_one`), then its status to the client; never
+    returns."""
+    code: int | None = 1
+    try:
+        code = _serve_one(conn, closing)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             print(f"graphdriver: command server worker: {exc!r}", file=sys.stderr)
     finally:
+        # done: no handler may run now (the server stops, by SIGTERM, the worker of a client
+        # that hung up, which a client does once it has the status)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        with contextlib.suppress(Exception):
-            conn.sendall(b"S" + _STATUS.pack(code))
-        os._exit(code)
+        if code is not None:  # None: refused, and told so
+            with contextlib.suppress(Exception):
+                conn.sendall(b"S" + _STATUS.pack(code))
+        os._exit(code or 0)
 
 
 def _exit_code(code: object) -> int:
@@ -187,12 +296,13 @@ def _exit_code(code: object) -> int:
 
 
 class CommandServer:
-    """Accepts clients on *path* and forks a worker for each; reports each worker's status
-    to its client when it ends."""
+    """Accepts clients on *path* and forks a worker for each; sends the client of a worker
+    that a signal killed its status, and stops (SIGTERM) the worker of a client that left."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.workers: dict[int, socket.socket] = {}
+        self.by_fd: dict[int, int] = {}
         old = os.umask(0o177)  # the socket is made 0600: no moment when others may connect
         try:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -203,18 +313,26 @@ class CommandServer:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that it wakes us
         signal.set_wakeup_fd(self.wake_w)
+        self.poll = select.poll()
+        self.poll.register(self.listener.fileno(), select.POLLIN)
+        self.poll.register(self.wake_r, select.POLLIN)
 
     def run(self, stopped: threading.Event) -> None:
         while not stopped.is_set():
             try:
-                ready, _, _ = select.select([self.listener.fileno(), self.wake_r], [], [], 1.0)
+                events = self.poll.poll(1000)
             except InterruptedError:
                 continue
-            if self.wake_r in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self.wake_r, 4096)
+            for fd, _mask in events:
+                if fd == self.wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.wake_r, 4096)
+                elif fd in self.by_fd:  # a client hung up before its command ended
+                    self.poll.unregister(fd)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.by_fd.pop(fd), signal.SIGTERM)
             self.reap()
-            if self.listener.fileno() in ready:
+            if any(fd == self.listener.fileno() for fd, _ in events):
                 self.accept()
 
     def accept(self) -> None:
@@ -222,40 +340,27 @@ class CommandServer:
             conn, _ = self.listener.accept()
         except OSError as exc:  # out of fds or memory: the next command may find some
             log.warning("cannot take a command: %s", exc.strerror)
-            select.select([], [], [], 0.1)
-            return
-        conn.settimeout(REQUEST_TIMEOUT)
-        req = None
-        try:
-            req = _receive(conn)  # first: a refusal sent before it is read may never arrive
-            pid, _uid = _peer(conn)
-        except Refused as exc:
-            if req is not None:
-                _close_all(req.fds)
-            log.info("refused a client: %s", exc)
-            with contextlib.suppress(OSError):
-                conn.sendall(b"R" + str(exc).encode())
-            conn.close()
-            return
-        except OSError as exc:
-            log.info("a client left before its request: %s", exc)
-            conn.close()
+            time.sleep(0.1)
             return
         closing = [self.listener.fileno(), self.wake_r, self.wake_w]
         closing += [c.fileno() for c in self.workers.values()]
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # the worker unblocks them
         try:
             worker = os.fork()
         except OSError as exc:
-            _close_all(req.fds)
-            with contextlib.suppress(OSError):
-                conn.sendall(b"R" + f"cannot fork: {exc.strerror}".encode())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            log.warning("cannot fork a worker: %s", exc.strerror)
             conn.close()
             return
         if worker == 0:  # pragma: no cover - the worker
-            _run_worker(req, conn, closing)
-        _close_all(req.fds)
-        log.info("pid %d: worker %d runs %s", pid, worker, " ".join(req.argv[1:]))
+            try:
+                _run_worker(conn, closing)
+            finally:
+                os._exit(1)  # never back into the server's frames
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         self.workers[worker] = conn
+        self.by_fd[conn.fileno()] = worker
+        self.poll.register(conn.fileno(), select.POLLRDHUP)
 
     def reap(self) -> None:
         """Collect ended workers; to the client of one that a signal killed (it sent nothing),
@@ -270,6 +375,8 @@ class CommandServer:
             conn = self.workers.pop(pid, None)
             if conn is None:
                 continue
+            if self.by_fd.pop(conn.fileno(), None) is not None:
+                self.poll.unregister(conn.fileno())
             code = os.waitstatus_to_exitcode(status)
             if code < 0:
                 with contextlib.suppress(OSError):
@@ -316,8 +423,8 @@ def warm_up() -> None:
 def serve_commands(socket_path: Path) -> None:
     """Run graphdriver commands for clients that set GRAPHDRIVER_SOCKET to --socket, each in a
     worker forked from this process, which has imported the CLI once: a command starts in a
-    few milliseconds instead of 60-100. Clients of another user or namespace run theirs
-    themselves. Runs until SIGTERM or SIGINT."""
+    few milliseconds instead of 60-100. Clients less privileged than the server, or in
+    another namespace, run theirs themselves. Runs until SIGTERM or SIGINT."""
     stopped = serving.stop_event()
     warm_up()
     serving.free_socket(socket_path, "--socket")
