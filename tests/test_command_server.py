@@ -342,3 +342,34 @@ def test_a_client_in_another_cgroup_runs_there(server: Server) -> None:
             assert len(server.workers()) == before
     finally:
         group.rmdir()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},  # no locale: C, coerced to C.UTF-8
+        {"LANG": "C.UTF-8"},
+        {"LANG": "en_US.UTF-8"},  # installed or not, as Python takes it
+        {"LANG": "en_US.UTF-8", "LC_ALL": "C"},
+        {"LANG": "de_DE.ISO-8859-1"},
+        {"LANG": "en_US.UTF-8", "PYTHONUTF8": "1"},
+        {"LC_CTYPE": "POSIX"},
+    ],
+)
+def test_a_workers_stdio_is_what_python_makes_for_its_clients_locale(
+    env: dict[str, str],
+) -> None:
+    base = {"PATH": os.environ.get("PATH", ""), **env}
+
+    def run(code: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=base, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    python = run("import codecs, sys; print(codecs.lookup(sys.stdout.encoding).name, "
+                 "sys.stdout.errors)")  # fmt: skip
+    ours = run("import os; from graphdriver.command_server import _locale_stdio; "
+               "print(*_locale_stdio(dict(os.environb)))")  # fmt: skip
+    assert ours == python

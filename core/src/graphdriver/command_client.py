@@ -84,28 +84,39 @@ class _Stop(BaseException):
 
 
 class _Forward:
-    """Passes the signals this process does not ignore on to the worker once its pid is
-    known; one that comes before ends the command here (:class:`_Stop`: the connection
-    closes, and the server stops a worker whose client left)."""
+    """Passes the signals this process does not ignore on to the worker once it runs (by a
+    pidfd: never to another process that took its pid); one that comes before ends the
+    command here (:class:`_Stop`: the connection closes, and the server stops a worker whose
+    client left)."""
 
     def __init__(self) -> None:
-        self.pid = 0
+        self.pidfd = -1
         self.before = {signum: _signal.getsignal(signum) for signum in FORWARDED}
         for signum, was in self.before.items():
             if was != _signal.SIG_IGN:
                 _signal.signal(signum, self)
 
+    def to(self, pid: int) -> None:
+        """The worker *pid* runs the command: signals go to it from now on."""
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            self.pidfd = -2  # it has ended already: its status is on the way
+
     def __call__(self, signum: int, _frame: object) -> None:
-        if not self.pid:
+        if self.pidfd == -1:
             raise _Stop(signum)
         try:  # noqa: SIM105 - contextlib is an import this module does without
-            os.kill(self.pid, signum)
-        except ProcessLookupError:
+            _signal.pidfd_send_signal(self.pidfd, signum)
+        except OSError:
             pass  # it has just ended: its status is on the way
 
     def restore(self) -> None:
         for signum, was in self.before.items():
             _signal.signal(signum, was)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -2
 
 
 def _through_server(path: str) -> int | None:
@@ -119,12 +130,34 @@ def _through_server(path: str) -> int | None:
     forward = _Forward()  # from before the request: no signal may fall between the two
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        return _ask(sock, path, forward)
-    except _Stop as stop:  # before the worker said it runs: what it had begun, it rolls back
-        forward.restore()
-        return 128 + stop.signum
+        try:
+            return _ask(sock, path, forward)
+        except _Stop as stop:
+            return _stopped(sock, forward, stop.signum)
     finally:
+        forward.restore()
         sock.close()
+
+
+def _stopped(sock: _socket.socket, forward: _Forward, signum: int) -> int:
+    """A signal came before the worker's pid was read: if the worker has sent it, the
+    command runs, and gets the signal; else the command ends here (a worker that starts
+    after this process closed its end is stopped by the server, and rolls back)."""
+    sock.setblocking(False)
+    try:
+        head = sock.recv(1 + _STATUS.size)
+    except OSError:
+        head = b""
+    sock.setblocking(True)
+    if len(head) < 1 + _STATUS.size and head[:1] in (b"P", b"S"):
+        head += _read(sock, 1 + _STATUS.size - len(head))  # the rest is on its way
+    if head[:1] == b"P" and len(head) == 1 + _STATUS.size:
+        forward.to(int(_STATUS.unpack(head[1:])[0]))
+        forward(signum, None)
+        return _status(sock, None)
+    if head[:1] == b"S":
+        return _status(sock, head[:1], head[1:])
+    return 128 + signum
 
 
 def _ask(sock: _socket.socket, path: str, forward: _Forward) -> int | None:
@@ -158,7 +191,7 @@ def _ask(sock: _socket.socket, path: str, forward: _Forward) -> int | None:
         os.close(cwd)
     if answer == b"P":  # the worker's pid: it runs the command
         (pid,) = _STATUS.unpack(_read(sock, _STATUS.size))
-        forward.pid = int(pid)
+        forward.to(int(pid))
         return _status(sock, None)
     if answer == b"S":  # a worker killed before it could say it runs: it ran nothing
         return _status(sock, answer)
@@ -173,11 +206,12 @@ def _say(text: str) -> None:
     os.write(2, f"graphdriver: {text}\n".encode(errors="replace"))
 
 
-def _status(sock: _socket.socket, tag: bytes | None) -> int:
+def _status(sock: _socket.socket, tag: bytes | None, got: bytes = b"") -> int:
     """The worker's status when it ends (it sends it; the server, if a signal killed it), of
-    which *tag* was read, if not None."""
+    which *tag* and then *got* were read."""
     try:
-        head = (_read(sock, 1) if tag is None else tag) + _read(sock, _STATUS.size)
+        tag = _read(sock, 1) if tag is None else tag
+        head = tag + got + _read(sock, _STATUS.size - len(got))
     except OSError:
         head = b""
     if len(head) != 1 + _STATUS.size or head[:1] != b"S":

@@ -20,9 +20,11 @@ installing more.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fcntl
 import io
+import locale
 import logging
 import os
 import select
@@ -33,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -83,7 +86,7 @@ class _Request:
 
 
 def _status_fields(pid: int | str) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
+    with open(f"/proc/{pid}/status", errors="surrogateescape") as f:  # Name: is any bytes
         return dict(line.rstrip("\n").partition(":\t")[::2] for line in f)
 
 
@@ -109,6 +112,8 @@ def peer_problem(conn: socket.socket) -> tuple[int, str | None]:
                 return pid, f"another {ns} namespace"
         theirs, ours = _status_fields(pid), _status_fields("self")
         for field in PRIVILEGE_FIELDS:
+            if field == "Groups" and uid == 0:
+                continue  # root's own group (Gid) owns what it makes; the others change nothing
             if theirs.get(field) != ours.get(field):
                 return pid, f"other privileges ({field})"
         root, own = os.stat(f"/proc/{pid}/root"), os.stat("/")
@@ -191,23 +196,46 @@ def _stdio(env: dict[bytes, bytes]) -> None:
     the client's environment: the server's encoding and error handler unless
     PYTHONIOENCODING says otherwise, stdout line-buffered on a terminal, stderr always,
     neither buffered with PYTHONUNBUFFERED."""
+    encoding, errors = _locale_stdio(env)
     io_enc = os.fsdecode(env.get(b"PYTHONIOENCODING", b"")).partition(":")
+    encoding, errors = io_enc[0] or encoding, io_enc[2] or errors
     unbuffered = bool(env.get(b"PYTHONUNBUFFERED"))
     made = []
-    models = (sys.__stdin__, sys.__stdout__, sys.__stderr__)
-    for fd, model in enumerate(models):
-        encoding = io_enc[0] or (model.encoding if model else None) or "utf-8"
-        errors = io_enc[2] or (model.errors if model else None) or "strict"
-        if fd == 2:
-            errors = "backslashreplace"
+    for fd in (0, 1, 2):
         raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
-        buffered = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        buffered: Any = raw  # python -u: stdout and stderr write the raw stream at once
+        if fd == 0:
+            buffered = io.BufferedReader(raw)
+        elif not unbuffered:
+            buffered = io.BufferedWriter(raw)
         stream = io.TextIOWrapper(
-            buffered, encoding=encoding, errors=errors, write_through=unbuffered and fd > 0,
+            buffered, encoding=encoding, errors="backslashreplace" if fd == 2 else errors,
+            write_through=unbuffered and fd > 0,
             line_buffering=fd == 2 or (fd == 1 and os.isatty(1)),
         )  # fmt: skip
         made.append(stream)
     sys.stdin, sys.stdout, sys.stderr = made
+
+
+#: LC_CTYPE locales in which Python makes its stdio UTF-8 with surrogateescape (PEP 538
+#: coerces the C locale to C.UTF-8)
+_C_LOCALES = {"C", "POSIX", "C.UTF-8", "C.utf8", "UTF-8"}
+
+
+def _locale_stdio(env: dict[bytes, bytes]) -> tuple[str, str]:
+    """Set this process's LC_CTYPE from the environment (the client's, already in place) as
+    Python does at start-up, and return the encoding and error handler Python would give its
+    stdio: UTF-8 and surrogateescape in the C locale or UTF-8 mode, else the locale's
+    encoding, strict."""
+    if env.get(b"PYTHONUTF8", b"") == b"1":
+        return "utf-8", "surrogateescape"
+    try:
+        name = locale.setlocale(locale.LC_CTYPE, "")
+    except locale.Error:  # a locale this machine lacks: the C locale, as at start-up
+        name = locale.setlocale(locale.LC_CTYPE, "C")
+    if name in _C_LOCALES:
+        return "utf-8", "surrogateescape"
+    return codecs.lookup(locale.getencoding()).name, "strict"
 
 
 def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma: no cover
@@ -222,15 +250,16 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     _close_all(closing)
     os.setsid()  # a Ctrl-C at the server's terminal is not the client's
-    pid, problem = peer_problem(conn)  # at once: the pid is the client's while it waits
-    try:
+    pid = 0
+    try:  # whatever goes wrong before the command starts is a refusal: the client runs it
+        pid, problem = peer_problem(conn)  # at once: the pid is the client's while it waits
         req = _receive(conn)
         if problem is not None:
             _close_all(req.fds)
             raise Refused(problem)
         _join_cgroup(pid)
-    except (Refused, OSError) as exc:
-        why = str(exc) if isinstance(exc, Refused) else f"its request was not read: {exc}"
+    except Exception as exc:
+        why = str(exc) if isinstance(exc, Refused) else f"its request failed: {exc!r}"
         log.info("refused a client (pid %d): %s", pid, why)
         with contextlib.suppress(OSError):
             conn.sendall(b"R" + why.encode())
@@ -272,12 +301,14 @@ def _run_worker(conn: socket.socket, closing: list[int]) -> None:  # pragma: no 
         with contextlib.suppress(Exception):
             print(f"graphdriver: command server worker: {exc!r}", file=sys.stderr)
     finally:
-        # done: no handler may run now (the server stops, by SIGTERM, the worker of a client
-        # that hung up, which a client does once it has the status)
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        # what is left in the buffers goes first, signals still on: a flush into a full pipe
+        # that nobody reads ends on the client's second SIGTERM, as the command by itself
+        # would (the CLI's handler ends the process); then none may interrupt the status
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):
                 stream.flush()
+        with contextlib.suppress(BaseException):  # a handler pending now runs, and may raise
+            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         if code is not None:  # None: refused, and told so
             with contextlib.suppress(Exception):
                 conn.sendall(b"S" + _STATUS.pack(code))
@@ -299,8 +330,10 @@ class CommandServer:
     """Accepts clients on *path* and forks a worker for each; sends the client of a worker
     that a signal killed its status, and stops (SIGTERM) the worker of a client that left."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, inherited: tuple[int, ...] = ()) -> None:
         self.path = path
+        #: fds the server was started with: no worker keeps them
+        self.inherited = list(inherited)
         self.workers: dict[int, socket.socket] = {}
         self.by_fd: dict[int, int] = {}
         old = os.umask(0o177)  # the socket is made 0600: no moment when others may connect
@@ -342,7 +375,7 @@ class CommandServer:
             log.warning("cannot take a command: %s", exc.strerror)
             time.sleep(0.1)
             return
-        closing = [self.listener.fileno(), self.wake_r, self.wake_w]
+        closing = [self.listener.fileno(), self.wake_r, self.wake_w, *self.inherited]
         closing += [c.fileno() for c in self.workers.values()]
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # the worker unblocks them
         try:
@@ -396,6 +429,14 @@ class CommandServer:
             conn.close()
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def warm_up() -> None:
     """Import what commands use, once, so that no worker does: the CLI's verbs, the store,
     the archive engine, the hook plugins and every installed driver."""
@@ -426,10 +467,13 @@ def serve_commands(socket_path: Path) -> None:
     few milliseconds instead of 60-100. Clients less privileged than the server, or in
     another namespace, run theirs themselves. Runs until SIGTERM or SIGINT."""
     stopped = serving.stop_event()
+    # what the server was started with beyond its stdio is none of a command's business
+    inherited = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
+    inherited = [fd for fd in inherited if _is_open(fd)]  # (listdir's own fd is gone)
     warm_up()
     serving.free_socket(socket_path, "--socket")
     try:
-        server = CommandServer(socket_path)
+        server = CommandServer(socket_path, tuple(inherited))
     except OSError as exc:
         raise from_oserror(exc, f"listen on {socket_path}") from None
     try:
