@@ -85,12 +85,16 @@ class _Stop(BaseException):
 
 class _Forward:
     """Passes the signals this process does not ignore on to the worker once it runs (by a
-    pidfd: never to another process that took its pid); one that comes before ends the
-    command here (:class:`_Stop`: the connection closes, and the server stops a worker whose
-    client left)."""
+    pidfd: never to another process that took its pid). One that comes while the request
+    goes and the answer is awaited (*waiting*) ends the command here (:class:`_Stop`: the
+    connection closes, and the server stops a worker whose client left); one that comes
+    at any other moment before the worker's pid is held, and passed on to it if the answer
+    is its pid."""
 
     def __init__(self) -> None:
         self.pidfd = -1
+        self.waiting = False
+        self.held: list[int] = []
         self.before = {signum: _signal.getsignal(signum) for signum in FORWARDED}
         for signum, was in self.before.items():
             if was != _signal.SIG_IGN:
@@ -102,10 +106,15 @@ class _Forward:
             self.pidfd = os.pidfd_open(pid)
         except OSError:
             self.pidfd = -2  # it has ended already: its status is on the way
+        for signum in self.held:
+            self(signum, None)
 
     def __call__(self, signum: int, _frame: object) -> None:
         if self.pidfd == -1:
-            raise _Stop(signum)
+            if self.waiting:
+                raise _Stop(signum)
+            self.held.append(signum)
+            return
         try:  # noqa: SIM105 - contextlib is an import this module does without
             _signal.pidfd_send_signal(self.pidfd, signum)
         except OSError:
@@ -119,6 +128,10 @@ class _Forward:
             self.pidfd = -2
 
 
+#: every answer's first bytes: P and the worker's pid, S and a status, or R and why
+_ANSWER = 1 + _STATUS.size
+
+
 def _through_server(path: str) -> int | None:
     """The command's exit status (negative: killed by that signal), or None if no server at
     *path* took it (nothing ran)."""
@@ -127,78 +140,92 @@ def _through_server(path: str) -> int | None:
             os.fstat(fd)
     except OSError:
         return None
-    forward = _Forward()  # from before the request: no signal may fall between the two
+    forward = _Forward()  # from before the request: no signal may slip past it
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
+        stopped = 0
         try:
-            return _ask(sock, path, forward)
-        except _Stop as stop:
-            return _stopped(sock, forward, stop.signum)
+            forward.waiting = True
+            asked = _ask(sock, path)
+            forward.waiting = False
+        except _Stop as stop:  # nothing of the answer was taken yet: is it there?
+            forward.waiting = False
+            asked, stopped = True, stop.signum
+            forward.held.append(stop.signum)
+        # the answer is taken now, signals held until it says whether a worker runs
+        head = _available(sock) if asked else b""
+        if stopped and head[:1] not in (b"P", b"S"):
+            return 128 + stopped  # nothing runs: the command ends here
+        return _answered(sock, head, forward)
     finally:
         forward.restore()
         sock.close()
 
 
-def _stopped(sock: _socket.socket, forward: _Forward, signum: int) -> int:
-    """A signal came before the worker's pid was read: if the worker has sent it, the
-    command runs, and gets the signal; else the command ends here (a worker that starts
-    after this process closed its end is stopped by the server, and rolls back)."""
-    sock.setblocking(False)
-    try:
-        head = sock.recv(1 + _STATUS.size)
-    except OSError:
-        head = b""
-    sock.setblocking(True)
-    if len(head) < 1 + _STATUS.size and head[:1] in (b"P", b"S"):
-        head += _read(sock, 1 + _STATUS.size - len(head))  # the rest is on its way
-    if head[:1] == b"P" and len(head) == 1 + _STATUS.size:
-        forward.to(int(_STATUS.unpack(head[1:])[0]))
-        forward(signum, None)
-        return _status(sock, None)
-    if head[:1] == b"S":
-        return _status(sock, head[:1], head[1:])
-    return 128 + signum
-
-
-def _ask(sock: _socket.socket, path: str, forward: _Forward) -> int | None:
+def _ask(sock: _socket.socket, path: str) -> bool:
+    """Send the request and wait for the answer's first bytes without taking them (a
+    signal meanwhile leaves them in the socket); False if no server took the request."""
     try:
         sock.connect(path)
     except OSError:
-        forward.restore()
-        return None  # no server there: run here
+        return False  # no server there: run here
     _pid, uid, _gid = _PEERCRED.unpack(
         sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
     )
     if uid not in (0, os.geteuid()):  # not a server of ours: it gets nothing of this process
-        forward.restore()
         _say(f"{SOCKET_ENV} {path} is served by uid {uid}, not this user or root; running here")
-        return None
+        return False
     try:
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        forward.restore()
-        return None
+        return False
     try:
         body = request(sys.argv)
         data = _LENGTH.pack(len(body)) + body
         fds = struct.pack(f"{FDS}i", 0, 1, 2, cwd)
         sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         sock.sendall(data[sent:])
-        answer = _read(sock, 1)
+        sock.recv(_ANSWER, _socket.MSG_PEEK | _socket.MSG_WAITALL)
     except OSError:
-        answer = b""
+        return False
     finally:
         os.close(cwd)
-    if answer == b"P":  # the worker's pid: it runs the command
-        (pid,) = _STATUS.unpack(_read(sock, _STATUS.size))
-        forward.to(int(pid))
+    return True
+
+
+def _available(sock: _socket.socket) -> bytes:
+    """The answer's first bytes that have arrived, taken from the socket."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(_ANSWER)
+    except OSError:
+        return b""
+    finally:
+        sock.setblocking(True)
+
+
+def _answered(sock: _socket.socket, head: bytes, forward: _Forward) -> int | None:
+    """What to do on the answer that starts with *head*: wait for the worker that runs the
+    command, or None to run it here (refused, or no server)."""
+    try:
+        if len(head) < _ANSWER and head[:1] in (b"P", b"S"):
+            head += _read(sock, _ANSWER - len(head))  # sent at once: the rest is there
+        if head[:1] == b"R":
+            head += _read(sock, 4096)
+    except OSError:
+        pass
+    if head[:1] == b"P":  # the worker's pid: it runs the command
+        if len(head) != _ANSWER:
+            _say("the command server stopped before the command ended")
+            return 1
+        forward.to(int(_STATUS.unpack(head[1:])[0]))
         return _status(sock, None)
-    if answer == b"S":  # a worker killed before it could say it runs: it ran nothing
-        return _status(sock, answer)
-    forward.restore()
-    if answer == b"R":
-        _say(f"the command server refused ({_read(sock, 4096).decode(errors='replace')}); "
-             "running here")  # fmt: skip
+    if head[:1] == b"S":  # a worker killed before it could say it runs: it ran nothing
+        return _status(sock, head[:1], head[1:])
+    if head[:1] == b"R":
+        _say(f"the command server refused ({head[1:].decode(errors='replace')}); running here")
+    if forward.held:  # asked to stop while the answer came, and nothing runs
+        return 128 + forward.held[0]
     return None
 
 
