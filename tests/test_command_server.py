@@ -144,16 +144,18 @@ def test_a_command_through_the_server_is_the_command_run_here(
 
 
 def _start_apply(
-    server: Server, root: Path, nohup: bool = False
+    server: Server, root: Path, nohup: bool = False, prefix: list[str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """An apply-diff through the server whose stdin stays open (half a layer sent): the
-    client (under nohup: SIGHUP ignored), and the pid of the worker that runs it."""
+    client (under nohup: SIGHUP ignored; run by *prefix*, a command that execs it), and the
+    pid of the worker that runs it."""
     assert GRAPHDRIVER is not None
     gd = [GRAPHDRIVER, "--driver", "vfs", "--root", str(root)]
     subprocess.run([*gd, "create", "slow"], check=True, env=server.env(), timeout=120)
     before = len(server.workers())
     client = subprocess.Popen(
-        [*(["nohup"] if nohup else []), *gd, "apply-diff", "slow"], stdin=subprocess.PIPE,
+        [*(prefix or []), *(["nohup"] if nohup else []), *gd, "apply-diff", "slow"],
+        stdin=subprocess.PIPE,
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=server.env(),
     )  # fmt: skip
     assert client.stdin is not None
@@ -230,18 +232,21 @@ def test_a_client_that_leaves_or_is_stopped_stops_its_command(
         client.wait()
         code, _, err = _run(server.env(), *gd, "--wait", "30", "rm", "slow")
         assert code == 0, err  # the worker let go of the layer
-        # a server that does not answer (stopped): a signal still ends the client at once
+        # a server that does not answer (stopped): a signal still ends the client at once,
+        # and the command it asked for never runs, not even when the server goes on
         server.proc.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
             # (its streams not pipes: the request holds them open until the server reads it)
             proc = subprocess.run(
-                ["timeout", "2", str(GRAPHDRIVER), "--version"], env=server.env(),
+                ["timeout", "2", str(GRAPHDRIVER), *gd, "create", "late"], env=server.env(),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
             )  # fmt: skip
             assert proc.returncode == 124 and time.monotonic() - started < 20
         finally:
             server.proc.send_signal(signal.SIGCONT)
+        time.sleep(1)  # the server takes the request now, and refuses it or finds no client
+        assert _run(server.env(), *gd, "exists", "late")[1] == b"false\n"
         # a signal the client ignores (nohup) is not passed on: the command goes on
         client, _ = _start_apply(server, root / "nohup", nohup=True)
         client.send_signal(signal.SIGHUP)
@@ -354,6 +359,7 @@ def test_a_client_in_another_cgroup_runs_there(server: Server) -> None:
         {"LANG": "de_DE.ISO-8859-1"},
         {"LANG": "en_US.UTF-8", "PYTHONUTF8": "1"},
         {"LC_CTYPE": "POSIX"},
+        {"LC_ALL": "C", "PYTHONUTF8": "0"},  # no UTF-8 mode, no coercion: ASCII
     ],
 )
 def test_a_workers_stdio_is_what_python_makes_for_its_clients_locale(
@@ -370,6 +376,46 @@ def test_a_workers_stdio_is_what_python_makes_for_its_clients_locale(
 
     python = run("import codecs, sys; print(codecs.lookup(sys.stdout.encoding).name, "
                  "sys.stdout.errors)")  # fmt: skip
-    ours = run("import os; from graphdriver.command_server import _locale_stdio; "
+    ours = run("import os; from graphdriver.command_worker import _locale_stdio; "
                "print(*_locale_stdio(dict(os.environb)))")  # fmt: skip
     assert ours == python
+
+
+def test_the_worker_takes_its_clients_limits_and_job_control(
+    server: Server, loop_ext4: Backing
+) -> None:
+    """ulimit, nice and the CPUs of the client hold in its worker; Ctrl-Z (SIGTSTP) stops
+    the worker with the client, and SIGCONT continues both."""
+    root = loop_ext4.root / "cmd-limits"
+    try:
+        cpu = min(os.sched_getaffinity(0))
+        client, worker = _start_apply(
+            server, root, prefix=["prlimit", "--nofile=200:300", "nice", "-n", "7",
+                                  "taskset", "-c", str(cpu)],
+        )  # fmt: skip
+        with open(f"/proc/{worker}/limits") as f:
+            nofile = next(line for line in f if line.startswith("Max open files")).split()
+        assert nofile[3:5] == ["200", "300"]
+        assert os.getpriority(os.PRIO_PROCESS, int(worker)) == 7
+        assert os.sched_getaffinity(int(worker)) == {cpu}
+        client.send_signal(signal.SIGTSTP)
+        assert _state(worker, "T"), "the worker did not stop with its client"
+        client.send_signal(signal.SIGCONT)
+        assert _state(worker, "S", "R"), "the worker did not continue with its client"
+        client.terminate()
+        client.communicate(timeout=60)
+        assert client.returncode == 128 + signal.SIGTERM
+    finally:
+        _run(server.env(), "--driver", "vfs", "--root", str(root), "cleanup")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _state(pid: str, *states: str) -> bool:
+    """Whether process *pid* reaches one of *states* (as /proc/PID/stat says) within 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] in states:
+                return True
+        time.sleep(0.05)
+    return False

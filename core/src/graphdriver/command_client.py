@@ -6,11 +6,12 @@ does anything; one that forwards its command to a server that imported all that 
 about 20 (Mercurial's chg does the same for hg). What the command sees does not change: the
 server forks a worker that takes this process's standard streams and working directory (fds
 passed over the socket), umask, environment and arguments, runs the command as this process
-would, and this process exits with its status; a signal sent here (Ctrl-C, ``timeout``) goes on
-to the worker, unless this process ignores it (``nohup``). Without a server, when the socket is
-not served by this user or root, when a standard stream is closed, or when the server refuses
-(another user, less privileges, another namespace, another installation of graphdriver), the
-command runs here, as it always did.
+would, with this process's limits, and this process exits with its status; a signal sent here
+(Ctrl-C, ``timeout``, Ctrl-Z) goes on to the worker, unless this process ignores it
+(``nohup``). Without a server, when the socket is not served by this user or root, when a
+standard stream is closed, or when the server refuses (another user, less privileges,
+another namespace, another installation of graphdriver), the command runs here, as it
+always did.
 
 Only the standard library's C modules are imported before the command is sent: the point is
 to start fast.
@@ -30,7 +31,7 @@ else:  # the C half of signal, without its enums (an import of enum)
     import _signal
 
 #: the protocol, sent first; a server that speaks another refuses
-MAGIC = b"graphdriver-command/2"
+MAGIC = b"graphdriver-command/4"
 #: the environment variable that names the server's socket
 SOCKET_ENV = "GRAPHDRIVER_SOCKET"
 #: the fds sent with a request: stdin, stdout, stderr and the working directory
@@ -40,6 +41,9 @@ _STATUS = struct.Struct("<i")
 _PEERCRED = struct.Struct("3i")
 #: signals that a terminal, ``timeout`` or ``kill`` send, passed on to the worker
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+#: job control: Ctrl-Z stops the worker too (by SIGSTOP: the worker is in a session of its
+#: own, where the kernel would drop a SIGTSTP), ``fg`` and ``bg`` continue it
+JOB_CONTROL = (_signal.SIGTSTP, _signal.SIGCONT)
 #: signals whose default action dumps core: a worker killed by one is not killed again here
 _CORE = {
     _signal.SIGQUIT, _signal.SIGILL, _signal.SIGTRAP, _signal.SIGABRT, _signal.SIGBUS,
@@ -65,8 +69,28 @@ def request(argv: list[str]) -> bytes:
     umask = os.umask(0)
     os.umask(umask)
     env = [k + b"=" + v for k, v in os.environb.items()]
-    fields = [MAGIC, package_dir(), b"%o" % umask, b"%d" % len(argv)]
+    fields = [MAGIC, package_dir(), sys.getfilesystemencoding().encode(), b"%o" % umask]
+    fields += [limits(), b"%d" % len(argv)]
     return b"\0".join(fields + [os.fsencode(a) for a in argv] + env)
+
+
+def limits() -> bytes:
+    """What limits this process: its rlimits (``ulimit``), nice value, CPUs and OOM score
+    adjustment, which the worker takes on, as ``key=value`` words."""
+    import resource  # a C module, as cheap as the calls
+
+    words = [b"nice=%d" % os.getpriority(os.PRIO_PROCESS, 0)]
+    words.append(b"cpus=" + b",".join(b"%d" % c for c in sorted(os.sched_getaffinity(0))))
+    try:
+        with open("/proc/self/oom_score_adj", "rb") as f:
+            words.append(b"oom=" + f.read().strip())
+    except OSError:
+        pass
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            soft, hard = resource.getrlimit(getattr(resource, name))
+            words.append(b"%s=%d:%d" % (name.encode(), soft, hard))
+    return b" ".join(words)
 
 
 def package_dir() -> bytes:
@@ -95,30 +119,52 @@ class _Forward:
         self.pidfd = -1
         self.waiting = False
         self.held: list[int] = []
-        self.before = {signum: _signal.getsignal(signum) for signum in FORWARDED}
+        self.before = {signum: _signal.getsignal(signum) for signum in FORWARDED + JOB_CONTROL}
         for signum, was in self.before.items():
             if was != _signal.SIG_IGN:
                 _signal.signal(signum, self)
 
-    def to(self, pid: int) -> None:
-        """The worker *pid* runs the command: signals go to it from now on."""
+    def to(self, pid: int, sock: _socket.socket) -> None:
+        """The worker *pid* runs the command: signals go to it from now on, unless its status
+        is already in *sock* (then it has ended, and its pid may be another's)."""
         try:
             self.pidfd = os.pidfd_open(pid)
         except OSError:
             self.pidfd = -2  # it has ended already: its status is on the way
-        for signum in self.held:
+        if self.pidfd >= 0 and _available(sock, _socket.MSG_PEEK):
+            os.close(self.pidfd)
+            self.pidfd = -2
+        held, self.held = self.held, []
+        for signum in held:
             self(signum, None)
 
     def __call__(self, signum: int, _frame: object) -> None:
+        if signum in JOB_CONTROL:
+            self.job_control(signum)
+            return
         if self.pidfd == -1:
             if self.waiting:
                 raise _Stop(signum)
             self.held.append(signum)
             return
-        try:  # noqa: SIM105 - contextlib is an import this module does without
-            _signal.pidfd_send_signal(self.pidfd, signum)
-        except OSError:
-            pass  # it has just ended: its status is on the way
+        self.send(signum)
+
+    def job_control(self, signum: int) -> None:
+        """Stop the worker (if it runs) and this process, as the shell asked; continue it."""
+        if signum == _signal.SIGCONT:
+            self.send(_signal.SIGCONT)
+            return
+        self.send(_signal.SIGSTOP)
+        _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
+        os.kill(os.getpid(), _signal.SIGTSTP)  # stopped here until continued
+        _signal.signal(_signal.SIGTSTP, self)
+
+    def send(self, signum: int) -> None:
+        if self.pidfd >= 0:
+            try:  # noqa: SIM105 - contextlib is an import this module does without
+                _signal.pidfd_send_signal(self.pidfd, signum)
+            except OSError:
+                pass  # it has just ended: its status is on the way
 
     def restore(self) -> None:
         for signum, was in self.before.items():
@@ -143,23 +189,28 @@ def _through_server(path: str) -> int | None:
     forward = _Forward()  # from before the request: no signal may slip past it
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        stopped = 0
         try:
             forward.waiting = True
             asked = _ask(sock, path)
             forward.waiting = False
-        except _Stop as stop:  # nothing of the answer was taken yet: is it there?
+        except _Stop as stop:  # nothing of the answer was taken yet
             forward.waiting = False
-            asked, stopped = True, stop.signum
+            asked = True
             forward.held.append(stop.signum)
+            # no worker may start from now on (its pid would not be sent); one that sent it
+            # before runs, and gets the signal
+            try:  # noqa: SIM105 - contextlib is an import this module does without
+                sock.shutdown(_socket.SHUT_RD)
+            except OSError:
+                pass
         # the answer is taken now, signals held until it says whether a worker runs
-        head = _available(sock) if asked else b""
-        if stopped and head[:1] not in (b"P", b"S"):
-            return 128 + stopped  # nothing runs: the command ends here
-        return _answered(sock, head, forward)
+        status = _answered(sock, _available(sock) if asked else b"", forward)
     finally:
         forward.restore()
         sock.close()
+    if status is None and forward.held:  # asked to stop before anything ran: nothing will
+        return 128 + forward.held[0]
+    return status
 
 
 def _ask(sock: _socket.socket, path: str) -> bool:
@@ -193,11 +244,12 @@ def _ask(sock: _socket.socket, path: str) -> bool:
     return True
 
 
-def _available(sock: _socket.socket) -> bytes:
-    """The answer's first bytes that have arrived, taken from the socket."""
+def _available(sock: _socket.socket, flags: int = 0) -> bytes:
+    """The answer's first bytes that have arrived, taken from the socket (or, with
+    MSG_PEEK, looked at)."""
     sock.setblocking(False)
     try:
-        return sock.recv(_ANSWER)
+        return sock.recv(_ANSWER, flags)
     except OSError:
         return b""
     finally:
@@ -218,14 +270,12 @@ def _answered(sock: _socket.socket, head: bytes, forward: _Forward) -> int | Non
         if len(head) != _ANSWER:
             _say("the command server stopped before the command ended")
             return 1
-        forward.to(int(_STATUS.unpack(head[1:])[0]))
+        forward.to(int(_STATUS.unpack(head[1:])[0]), sock)
         return _status(sock, None)
     if head[:1] == b"S":  # a worker killed before it could say it runs: it ran nothing
         return _status(sock, head[:1], head[1:])
-    if head[:1] == b"R":
+    if head[:1] == b"R" and not forward.held:
         _say(f"the command server refused ({head[1:].decode(errors='replace')}); running here")
-    if forward.held:  # asked to stop while the answer came, and nothing runs
-        return 128 + forward.held[0]
     return None
 
 

@@ -13,317 +13,34 @@ It serves only callers as privileged as itself: a client of another uid, gid or 
 capabilities, no_new_privs or seccomp filter, another root directory, security label, or mount,
 PID or user namespace (a mount made in the server's would not be its own), or of another
 installation of graphdriver is refused, and then runs the command itself. A worker joins its
-client's cgroup, so that the client's limits hold. The socket is the server's user's alone
-(0600). The drivers and plugins are the ones installed when it started: restart it after
-installing more.
+client's cgroup and takes its rlimits, nice value, CPUs and OOM score adjustment, so that the
+client's limits hold (:mod:`.command_worker`). The socket is the server's user's alone (0600).
+The drivers and plugins are the ones installed when it started: restart it after installing
+more.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import fcntl
-import io
-import locale
 import logging
 import os
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
 from . import serving
 from .cli_common import announce
-from .command_client import _LENGTH, _STATUS, FDS, MAGIC, SOCKET_ENV, package_dir
+from .command_client import _STATUS, SOCKET_ENV
+from .command_worker import SIGNALS, close_all, run_worker
 from .errors import from_oserror
 
 log = logging.getLogger(__name__)
-
-#: the most a request may hold (arguments and environment)
-MAX_REQUEST = 1 << 20
-#: seconds a client has to send its whole request once connected
-REQUEST_TIMEOUT = 5.0
-_PEERCRED = struct.Struct("3i")
-#: the namespaces a client must share with the server
-NAMESPACES = ("mnt", "pid", "user")
-#: the lines of /proc/PID/status that say what a process may do: a client's must be the server's
-PRIVILEGE_FIELDS = (
-    "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs",
-    "Seccomp",
-)  # fmt: skip
-#: what the server blocks around fork, so that a worker never runs the server's handlers
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD}
-
-
-class Refused(Exception):
-    """A request the server does not run; the client runs the command itself."""
-
-
-class _Request:
-    """What a client asked: its arguments, how to run them, and its fds (stdin, stdout, stderr,
-    its working directory)."""
-
-    def __init__(self, data: bytes, fds: list[int]) -> None:
-        fields = data.split(b"\0")
-        if len(fields) < 4 or fields[0] != MAGIC:
-            raise Refused("another protocol")
-        if fields[1] != package_dir():
-            raise Refused(f"another installation of graphdriver ({os.fsdecode(fields[1])})")
-        self.umask = int(fields[2], 8)
-        argc = int(fields[3])
-        self.argv = [os.fsdecode(a) for a in fields[4 : 4 + argc]]
-        if len(self.argv) != argc or len(fds) != FDS:
-            raise Refused("a malformed request")
-        self.env = dict(f.partition(b"=")[::2] for f in fields[4 + argc :] if f)
-        self.fds = fds
-
-
-def _status_fields(pid: int | str) -> dict[str, str]:
-    with open(f"/proc/{pid}/status", errors="surrogateescape") as f:  # Name: is any bytes
-        return dict(line.rstrip("\n").partition(":\t")[::2] for line in f)
-
-
-def _label(pid: int | str) -> str:
-    try:
-        with open(f"/proc/{pid}/attr/current", "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""  # no LSM that labels processes
-
-
-def peer_problem(conn: socket.socket) -> tuple[int, str | None]:
-    """The client's pid, and why it may not use this server (None if it may): its uid,
-    privileges, root directory, security label or namespaces differ from the server's."""
-    pid, uid, _gid = _PEERCRED.unpack(
-        conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    )
-    if uid != os.geteuid():
-        return pid, f"uid {uid} is not the server's ({os.geteuid()})"
-    try:
-        for ns in NAMESPACES:
-            if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
-                return pid, f"another {ns} namespace"
-        theirs, ours = _status_fields(pid), _status_fields("self")
-        for field in PRIVILEGE_FIELDS:
-            if field == "Groups" and uid == 0:
-                continue  # root's own group (Gid) owns what it makes; the others change nothing
-            if theirs.get(field) != ours.get(field):
-                return pid, f"other privileges ({field})"
-        root, own = os.stat(f"/proc/{pid}/root"), os.stat("/")
-        if (root.st_dev, root.st_ino) != (own.st_dev, own.st_ino):
-            return pid, "another root directory (chroot)"
-        if _label(pid) != _label("self"):
-            return pid, "another security label"
-    except OSError as exc:
-        return pid, f"its process cannot be read ({exc.strerror})"
-    return pid, None
-
-
-def _join_cgroup(pid: int) -> None:
-    """Move this process (a worker) into the cgroup v2 of the client *pid*; Refused if it
-    cannot (cgroup v1, or not allowed)."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            theirs = f.read()
-        with open("/proc/self/cgroup") as f:
-            ours = f.read()
-        if theirs == ours:
-            return
-        if not theirs.startswith("0::") or "\n" in theirs.rstrip("\n"):
-            raise Refused("another cgroup (v1)")
-        procs = f"/sys/fs/cgroup{theirs[3:].strip()}/cgroup.procs"
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
-    except OSError as exc:
-        raise Refused(f"its cgroup cannot be joined ({exc.strerror})") from None
-
-
-def _receive(conn: socket.socket) -> _Request:
-    """Read one request and the fds that come with it, within :data:`REQUEST_TIMEOUT`."""
-    deadline = time.monotonic() + REQUEST_TIMEOUT
-    fds: list[int] = []
-    data = b""
-    need = _LENGTH.size
-    size = None
-    try:
-        while len(data) < need:
-            conn.settimeout(max(deadline - time.monotonic(), 0.001))
-            piece, ancillary, flags, _addr = conn.recvmsg(
-                min(need - len(data), 1 << 16), socket.CMSG_SPACE(FDS * 4)
-            )
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    n = len(payload) // 4
-                    fds += struct.unpack(f"{n}i", payload[: 4 * n])
-            if flags & socket.MSG_CTRUNC:
-                raise Refused("its file descriptors could not be received (out of fds?)")
-            if not piece:
-                break
-            data += piece
-            if size is None and len(data) >= _LENGTH.size:
-                (size,) = _LENGTH.unpack(data[: _LENGTH.size])
-                if size > MAX_REQUEST:
-                    raise Refused("a request too large")
-                need = _LENGTH.size + size
-        if size is None or len(data) != need:
-            raise Refused("a request cut short")
-        try:
-            return _Request(data[_LENGTH.size :], fds)
-        except ValueError:
-            raise Refused("a malformed request") from None
-    except TimeoutError:
-        _close_all(fds)
-        raise Refused("a request not sent in time") from None
-    except BaseException:
-        _close_all(fds)
-        raise
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-def _stdio(env: dict[bytes, bytes]) -> None:
-    """New sys.stdin, stdout and stderr on fds 0-2, as Python makes them for a process with
-    the client's environment: the server's encoding and error handler unless
-    PYTHONIOENCODING says otherwise, stdout line-buffered on a terminal, stderr always,
-    neither buffered with PYTHONUNBUFFERED."""
-    encoding, errors = _locale_stdio(env)
-    io_enc = os.fsdecode(env.get(b"PYTHONIOENCODING", b"")).partition(":")
-    encoding, errors = io_enc[0] or encoding, io_enc[2] or errors
-    unbuffered = bool(env.get(b"PYTHONUNBUFFERED"))
-    made = []
-    for fd in (0, 1, 2):
-        raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
-        buffered: Any = raw  # python -u: stdout and stderr write the raw stream at once
-        if fd == 0:
-            buffered = io.BufferedReader(raw)
-        elif not unbuffered:
-            buffered = io.BufferedWriter(raw)
-        stream = io.TextIOWrapper(
-            buffered, encoding=encoding, errors="backslashreplace" if fd == 2 else errors,
-            write_through=unbuffered and fd > 0,
-            line_buffering=fd == 2 or (fd == 1 and os.isatty(1)),
-        )  # fmt: skip
-        made.append(stream)
-    sys.stdin, sys.stdout, sys.stderr = made
-
-
-#: LC_CTYPE locales in which Python makes its stdio UTF-8 with surrogateescape (PEP 538
-#: coerces the C locale to C.UTF-8)
-_C_LOCALES = {"C", "POSIX", "C.UTF-8", "C.utf8", "UTF-8"}
-
-
-def _locale_stdio(env: dict[bytes, bytes]) -> tuple[str, str]:
-    """Set this process's LC_CTYPE from the environment (the client's, already in place) as
-    Python does at start-up, and return the encoding and error handler Python would give its
-    stdio: UTF-8 and surrogateescape in the C locale or UTF-8 mode, else the locale's
-    encoding, strict."""
-    if env.get(b"PYTHONUTF8", b"") == b"1":
-        return "utf-8", "surrogateescape"
-    try:
-        name = locale.setlocale(locale.LC_CTYPE, "")
-    except locale.Error:  # a locale this machine lacks: the C locale, as at start-up
-        name = locale.setlocale(locale.LC_CTYPE, "C")
-    if name in _C_LOCALES:
-        return "utf-8", "surrogateescape"
-    return codecs.lookup(locale.getencoding()).name, "strict"
-
-
-def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma: no cover
-    """In the forked worker: check and read the client's request; refuse it (None), or send
-    the client this process's pid, become the client's process and run its command. Its exit
-    status, which the worker sends the client itself (so that it arrives even if the server
-    stops meanwhile)."""
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.set_wakeup_fd(-1)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    _close_all(closing)
-    os.setsid()  # a Ctrl-C at the server's terminal is not the client's
-    pid = 0
-    try:  # whatever goes wrong before the command starts is a refusal: the client runs it
-        pid, problem = peer_problem(conn)  # at once: the pid is the client's while it waits
-        req = _receive(conn)
-        if problem is not None:
-            _close_all(req.fds)
-            raise Refused(problem)
-        _join_cgroup(pid)
-    except Exception as exc:
-        why = str(exc) if isinstance(exc, Refused) else f"its request failed: {exc!r}"
-        log.info("refused a client (pid %d): %s", pid, why)
-        with contextlib.suppress(OSError):
-            conn.sendall(b"R" + why.encode())
-        return None
-    log.info("pid %d: worker %d runs %s", pid, os.getpid(), " ".join(req.argv[1:]))
-    conn.sendall(b"P" + _STATUS.pack(os.getpid()))
-    # the client's fds, placed above 2 first, so that placing one does not overwrite another
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in req.fds]
-    _close_all(req.fds)
-    for target, fd in enumerate(high[:3]):
-        os.dup2(fd, target)
-    os.fchdir(high[3])
-    _close_all(high)
-    os.umask(req.umask)
-    os.environb.clear()
-    os.environb.update(req.env)
-    sys.argv = req.argv
-    _stdio(req.env)
-    logging.root.handlers.clear()  # the command sets up its own, on its stderr
-    logging.root.setLevel(logging.WARNING)
-    from .cli import main
-
-    try:
-        main()
-    except SystemExit as exc:
-        return _exit_code(exc.code)
-    except KeyboardInterrupt:  # before the CLI's own handlers were in place
-        return 128 + signal.SIGINT
-    return 0
-
-
-def _run_worker(conn: socket.socket, closing: list[int]) -> None:  # pragma: no cover - a fork
-    """The forked worker's life (:func:`_serve_one`), then its status to the client; never
-    returns."""
-    code: int | None = 1
-    try:
-        code = _serve_one(conn, closing)
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            print(f"graphdriver: command server worker: {exc!r}", file=sys.stderr)
-    finally:
-        # what is left in the buffers goes first, signals still on: a flush into a full pipe
-        # that nobody reads ends on the client's second SIGTERM, as the command by itself
-        # would (the CLI's handler ends the process); then none may interrupt the status
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-        with contextlib.suppress(BaseException):  # a handler pending now runs, and may raise
-            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        if code is not None:  # None: refused, and told so
-            with contextlib.suppress(Exception):
-                conn.sendall(b"S" + _STATUS.pack(code))
-        os._exit(code or 0)
-
-
-def _exit_code(code: object) -> int:
-    """What the process would exit with on ``sys.exit(code)``."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    with contextlib.suppress(Exception):
-        print(code, file=sys.stderr)
-    return 1
 
 
 class CommandServer:
@@ -377,20 +94,20 @@ class CommandServer:
             return
         closing = [self.listener.fileno(), self.wake_r, self.wake_w, *self.inherited]
         closing += [c.fileno() for c in self.workers.values()]
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # the worker unblocks them
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # the worker unblocks them
         try:
             worker = os.fork()
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             log.warning("cannot fork a worker: %s", exc.strerror)
             conn.close()
             return
         if worker == 0:  # pragma: no cover - the worker
             try:
-                _run_worker(conn, closing)
+                run_worker(conn, closing)
             finally:
                 os._exit(1)  # never back into the server's frames
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         self.workers[worker] = conn
         self.by_fd[conn.fileno()] = worker
         self.poll.register(conn.fileno(), select.POLLRDHUP)
@@ -424,7 +141,7 @@ class CommandServer:
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        _close_all([self.wake_r, self.wake_w])
+        close_all([self.wake_r, self.wake_w])
         for conn in self.workers.values():
             conn.close()
 
