@@ -7,7 +7,7 @@ about 20 (Mercurial's chg does the same for hg). What the command sees does not 
 server forks a worker that takes this process's standard streams and working directory (fds
 passed over the socket), umask, environment and arguments, runs the command as this process
 would, with this process's limits, and this process exits with its status; a signal sent here
-(Ctrl-C, ``timeout``, Ctrl-Z) goes on to the worker, unless this process ignores it
+(Ctrl-C, ``timeout``) goes on to the worker, unless this process ignores it
 (``nohup``). Without a server, when the socket is not served by this user or root, when a
 standard stream is closed, or when the server refuses (another user, less privileges,
 another namespace, another installation of graphdriver), the command runs here, as it
@@ -31,7 +31,7 @@ else:  # the C half of signal, without its enums (an import of enum)
     import _signal
 
 #: the protocol, sent first; a server that speaks another refuses
-MAGIC = b"graphdriver-command/4"
+MAGIC = b"graphdriver-command/5"
 #: the environment variable that names the server's socket
 SOCKET_ENV = "GRAPHDRIVER_SOCKET"
 #: the fds sent with a request: stdin, stdout, stderr and the working directory
@@ -41,9 +41,6 @@ _STATUS = struct.Struct("<i")
 _PEERCRED = struct.Struct("3i")
 #: signals that a terminal, ``timeout`` or ``kill`` send, passed on to the worker
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
-#: job control: Ctrl-Z stops the worker too (by SIGSTOP: the worker is in a session of its
-#: own, where the kernel would drop a SIGTSTP), ``fg`` and ``bg`` continue it
-JOB_CONTROL = (_signal.SIGTSTP, _signal.SIGCONT)
 #: signals whose default action dumps core: a worker killed by one is not killed again here
 _CORE = {
     _signal.SIGQUIT, _signal.SIGILL, _signal.SIGTRAP, _signal.SIGABRT, _signal.SIGBUS,
@@ -69,8 +66,7 @@ def request(argv: list[str]) -> bytes:
     umask = os.umask(0)
     os.umask(umask)
     env = [k + b"=" + v for k, v in os.environb.items()]
-    fields = [MAGIC, package_dir(), sys.getfilesystemencoding().encode(), b"%o" % umask]
-    fields += [limits(), b"%d" % len(argv)]
+    fields = [MAGIC, package_dir(), b"%o" % umask, limits(), b"%d" % len(argv)]
     return b"\0".join(fields + [os.fsencode(a) for a in argv] + env)
 
 
@@ -119,7 +115,7 @@ class _Forward:
         self.pidfd = -1
         self.waiting = False
         self.held: list[int] = []
-        self.before = {signum: _signal.getsignal(signum) for signum in FORWARDED + JOB_CONTROL}
+        self.before = {signum: _signal.getsignal(signum) for signum in FORWARDED}
         for signum, was in self.before.items():
             if was != _signal.SIG_IGN:
                 _signal.signal(signum, self)
@@ -139,25 +135,12 @@ class _Forward:
             self(signum, None)
 
     def __call__(self, signum: int, _frame: object) -> None:
-        if signum in JOB_CONTROL:
-            self.job_control(signum)
-            return
         if self.pidfd == -1:
             if self.waiting:
                 raise _Stop(signum)
             self.held.append(signum)
             return
         self.send(signum)
-
-    def job_control(self, signum: int) -> None:
-        """Stop the worker (if it runs) and this process, as the shell asked; continue it."""
-        if signum == _signal.SIGCONT:
-            self.send(_signal.SIGCONT)
-            return
-        self.send(_signal.SIGSTOP)
-        _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
-        os.kill(os.getpid(), _signal.SIGTSTP)  # stopped here until continued
-        _signal.signal(_signal.SIGTSTP, self)
 
     def send(self, signum: int) -> None:
         if self.pidfd >= 0:
@@ -195,14 +178,8 @@ def _through_server(path: str) -> int | None:
             forward.waiting = False
         except _Stop as stop:  # nothing of the answer was taken yet
             forward.waiting = False
-            asked = True
             forward.held.append(stop.signum)
-            # no worker may start from now on (its pid would not be sent); one that sent it
-            # before runs, and gets the signal
-            try:  # noqa: SIM105 - contextlib is an import this module does without
-                sock.shutdown(_socket.SHUT_RD)
-            except OSError:
-                pass
+            asked = _stop_asking(sock)
         # the answer is taken now, signals held until it says whether a worker runs
         status = _answered(sock, _available(sock) if asked else b"", forward)
     finally:
@@ -242,6 +219,24 @@ def _ask(sock: _socket.socket, path: str) -> bool:
     finally:
         os.close(cwd)
     return True
+
+
+#: seconds a signalled client waits for a worker that may have said it runs
+_STOP_WAIT = 1.0
+
+
+def _stop_asking(sock: _socket.socket) -> bool:
+    """After a signal that came while the answer was awaited: ask that nothing run (a byte
+    after the request, which a worker looks for just before it says it runs), then wait a
+    moment for the pid of a worker that had already looked; whether an answer is there."""
+    try:
+        sock.send(b"X")
+        sock.settimeout(_STOP_WAIT)
+        return bool(sock.recv(_ANSWER, _socket.MSG_PEEK))
+    except OSError:  # (a timeout too) no worker runs, nor will: the byte is in its way
+        return False
+    finally:
+        sock.settimeout(None)
 
 
 def _available(sock: _socket.socket, flags: int = 0) -> bytes:

@@ -79,8 +79,10 @@ class CommandServer:
                         os.read(self.wake_r, 4096)
                 elif fd in self.by_fd:  # a client hung up before its command ended
                     self.poll.unregister(fd)
+                    worker = self.by_fd.pop(fd)
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(self.by_fd.pop(fd), signal.SIGTERM)
+                        os.kill(worker, signal.SIGTERM)
+                        os.kill(worker, signal.SIGCONT)  # if it was stopped, it must see it
             self.reap()
             if any(fd == self.listener.fileno() for fd, _ in events):
                 self.accept()

@@ -52,18 +52,19 @@ class _Request:
 
     def __init__(self, data: bytes, fds: list[int]) -> None:
         fields = data.split(b"\0")
-        if len(fields) < 6 or fields[0] != MAGIC:
+        if len(fields) < 5 or fields[0] != MAGIC:
             raise Refused("another protocol")
         if fields[1] != package_dir():
             raise Refused(f"another installation of graphdriver ({os.fsdecode(fields[1])})")
-        fs_encoding = codecs.lookup(fields[2].decode()).name  # its sys.argv's, as it read them
-        self.umask = int(fields[3], 8)
-        self.limits = dict(w.decode().partition("=")[::2] for w in fields[4].split())
-        argc = int(fields[5])
-        self.argv = [a.decode(fs_encoding, "surrogateescape") for a in fields[6 : 6 + argc]]
+        self.umask = int(fields[2], 8)
+        self.limits = dict(w.decode().partition("=")[::2] for w in fields[3].split())
+        argc = int(fields[4])
+        # the arguments' bytes, as the server's own encoding keeps them: what the command
+        # opens or names is then the bytes the client was given
+        self.argv = [os.fsdecode(a) for a in fields[5 : 5 + argc]]
         if len(self.argv) != argc or len(fds) != FDS:
             raise Refused("a malformed request")
-        self.env = dict(f.partition(b"=")[::2] for f in fields[6 + argc :] if f)
+        self.env = dict(f.partition(b"=")[::2] for f in fields[5 + argc :] if f)
         self.fds = fds
 
 
@@ -128,19 +129,34 @@ def _join_cgroup(pid: int) -> None:
 
 
 def _take_limits(limits: dict[str, str]) -> None:
-    """Take on the client's rlimits, nice value, CPUs and OOM score adjustment (this process
-    is the server's user, who may raise them back as the client could not)."""
+    """Take on the client's rlimits, nice value, CPUs and OOM score adjustment; Refused,
+    naming it, for one this process cannot take (a server not root, or a memory limit under
+    what the server's image already takes: the command would fail where by itself it might
+    not)."""
+    status = _status_fields("self")
+    in_use = {"RLIMIT_AS": "VmSize", "RLIMIT_DATA": "VmData"}
     for key, value in limits.items():
-        if key.startswith("RLIMIT_") and hasattr(resource, key):
-            soft, _, hard = value.partition(":")
+        if not key.startswith("RLIMIT_") or not hasattr(resource, key):
+            continue
+        soft, _, hard = value.partition(":")
+        used = status.get(in_use.get(key, ""), "").split()
+        if used and 0 <= int(soft) < int(used[0]) * 1024:
+            raise Refused(f"its {key} ({int(soft) >> 10} KiB) is under the server's use")
+        try:
             resource.setrlimit(getattr(resource, key), (int(soft), int(hard)))
-    if "nice" in limits:
-        os.setpriority(os.PRIO_PROCESS, 0, int(limits["nice"]))
-    if limits.get("cpus"):
-        os.sched_setaffinity(0, {int(c) for c in limits["cpus"].split(",")})
-    if "oom" in limits:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(limits["oom"])
+        except (OSError, ValueError) as exc:
+            raise Refused(f"its {key} cannot be taken ({exc})") from None
+    try:
+        if "nice" in limits:
+            os.setpriority(os.PRIO_PROCESS, 0, int(limits["nice"]))
+        if limits.get("cpus"):
+            os.sched_setaffinity(0, {int(c) for c in limits["cpus"].split(",")})
+        if "oom" in limits:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(limits["oom"])
+    except OSError as exc:
+        why = f"its nice value, CPUs or OOM score cannot be taken ({exc.strerror})"
+        raise Refused(why) from None
 
 
 def _receive(conn: socket.socket) -> _Request:
@@ -256,6 +272,11 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     close_all(closing)
     os.setsid()  # a Ctrl-C at the server's terminal is not the client's
+    # the server's log goes on to the server's stderr once fds 0-2 are the client's
+    server_log = open(os.dup(2), "w", buffering=1, errors="backslashreplace")  # noqa: SIM115
+    for handler in logging.root.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(server_log)
     pid = 0
     try:  # whatever goes wrong before the command starts is a refusal: the client runs it
         pid, problem = peer_problem(conn)  # at once: the pid is the client's while it waits
@@ -264,7 +285,9 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
             close_all(req.fds)
             raise Refused(problem)
         _join_cgroup(pid)
-        _take_limits(req.limits)
+        _become(req)
+        if _stop_asked(conn):
+            raise Refused("stopped by a signal before it ran")
     except Exception as exc:
         why = str(exc) if isinstance(exc, Refused) else f"its request failed: {exc!r}"
         log.info("refused a client (pid %d): %s", pid, why)
@@ -273,21 +296,10 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
         return None
     try:
         conn.sendall(b"P" + _STATUS.pack(os.getpid()))
-    except OSError:  # the client left (or was signalled before it took an answer): not run
-        close_all(req.fds)
+    except OSError:  # the client left: nothing runs
         return None
     log.info("pid %d: worker %d runs %s", pid, os.getpid(), " ".join(req.argv[1:]))
-    # the client's fds, placed above 2 first, so that placing one does not overwrite another
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in req.fds]
-    close_all(req.fds)
-    for target, fd in enumerate(high[:3]):
-        os.dup2(fd, target)
-    os.fchdir(high[3])
-    close_all(high)
-    os.umask(req.umask)
-    os.environb.clear()
-    os.environb.update(req.env)
-    sys.argv = req.argv
+    server_log.close()  # not the command's
     _stdio(req.env)
     logging.root.handlers.clear()  # the command sets up its own, on its stderr
     logging.root.setLevel(logging.WARNING)
@@ -300,6 +312,36 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
     except KeyboardInterrupt:  # before the CLI's own handlers were in place
         return 128 + signal.SIGINT
     return 0
+
+
+def _become(req: _Request) -> None:
+    """Take the client's place: its fds (stdin, stdout, stderr, cwd), umask, environment,
+    arguments and limits."""
+    # the client's fds, placed above 2 first, so that placing one does not overwrite another
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in req.fds]
+    close_all(req.fds)
+    for target, fd in enumerate(high[:3]):
+        os.dup2(fd, target)
+    os.fchdir(high[3])
+    close_all(high)
+    os.umask(req.umask)
+    os.environb.clear()
+    os.environb.update(req.env)
+    sys.argv = req.argv
+    _take_limits(req.limits)  # last: a lower RLIMIT_NOFILE must not stop the steps above
+
+
+def _stop_asked(conn: socket.socket) -> bool:
+    """Whether the client, signalled before it had an answer, asked that nothing run (a byte
+    after its request), or left."""
+    conn.setblocking(False)
+    try:
+        conn.recv(1)  # a byte, or b"" at the end: either way, nothing is to run
+    except BlockingIOError:
+        return False
+    finally:
+        conn.setblocking(True)
+    return True
 
 
 def run_worker(conn: socket.socket, closing: list[int]) -> None:  # pragma: no cover - a fork
