@@ -9,12 +9,13 @@ and exit status, a rollback on SIGINT or SIGTERM (the client passes them on; a c
 away is taken for a SIGTERM). A worker starts in about a millisecond where a process takes
 60-100 ms to import what it needs.
 
-It serves only callers as privileged as itself: a client of another uid, gid or groups, other
-capabilities, no_new_privs or seccomp filter, another root directory, security label, or mount,
-PID or user namespace (a mount made in the server's would not be its own), or of another
-installation of graphdriver is refused, and then runs the command itself. A worker joins its
-client's cgroup and takes its rlimits, nice value, CPUs and OOM score adjustment, so that the
-client's limits hold (:mod:`.command_worker`). The socket is the server's user's alone (0600).
+It serves the callers it sees are like itself: a client of another uid, gid or (but for root)
+groups, other capabilities, no_new_privs or seccomp mode, another root directory, security
+label, or mount, PID or user namespace (a mount made in the server's would not be its own), or
+of another installation of graphdriver is refused, and then runs the command itself; what it
+cannot see (Landlock, seccomp rules) does not refuse, so the socket is the privilege. A worker
+joins its client's cgroup and takes its rlimits, nice value, CPUs and OOM score adjustment, so
+that the client's limits hold (:mod:`.command_worker`). The socket is its user's alone (0600).
 The drivers and plugins are the ones installed when it started: restart it after installing
 more.
 """
