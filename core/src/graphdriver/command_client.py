@@ -106,10 +106,10 @@ class _Stop(BaseException):
 class _Forward:
     """Passes the signals this process does not ignore on to the worker once it runs (by a
     pidfd: never to another process that took its pid). One that comes while the request
-    goes and the answer is awaited (*waiting*) ends the command here (:class:`_Stop`: the
-    connection closes, and the server stops a worker whose client left); one that comes
-    at any other moment before the worker's pid is held, and passed on to it if the answer
-    is its pid."""
+    goes and the answer is awaited (*waiting*) ends the command here (:class:`_Stop`, then
+    :func:`_stop_asking`: no worker starts after it, one that had started gets it); one that
+    comes at any other moment before the worker's pid is held, and passed on to it if the
+    answer is its pid, else it ends the command here."""
 
     def __init__(self) -> None:
         self.pidfd = -1
