@@ -9,6 +9,7 @@ it prints); ``graphdriver --json VERB`` is the same.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -173,6 +174,10 @@ def extend_by_plugins() -> None:
 
 def main() -> None:
     """Entry point of the ``graphdriver`` script."""
+    # a layer's names are bytes: one that is not UTF-8 goes out as it is (surrogateescape),
+    # whatever error handler the environment asked for (PYTHONIOENCODING=utf-8 says strict)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
     extend_by_plugins()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
