@@ -149,6 +149,15 @@ def test_a_command_through_the_server_is_the_command_run_here(
     assert len(server.workers()) == 14
 
 
+def _ended(client: subprocess.Popen[bytes]) -> bytes:
+    """Wait for *client* (signalled) to end, its stdin still open: the signal, passed on,
+    must reach the worker before an end of input could; then its stderr."""
+    client.wait(timeout=60)
+    assert client.stdin is not None and client.stderr is not None
+    client.stdin.close()
+    return client.stderr.read()
+
+
 def _start_apply(
     server: Server, root: Path, nohup: bool = False, prefix: list[str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -184,7 +193,7 @@ def test_signals_reach_the_worker_and_its_status_the_client(
         # Ctrl-C: the worker rolls the half-made layer back, as a command run here does
         client, _ = _start_apply(server, root)
         client.send_signal(signal.SIGINT)
-        _, err = client.communicate(timeout=60)
+        err = _ended(client)
         assert client.returncode == 128 + signal.SIGINT, err
         assert b"interrupted by SIGINT; what it had half done was rolled back" in err
         code, _, err2 = _run(
@@ -195,7 +204,7 @@ def test_signals_reach_the_worker_and_its_status_the_client(
         # a worker killed outright: the client ends by the same signal
         client, worker = _start_apply(server, root / "again")
         os.kill(int(worker), signal.SIGKILL)
-        _, err = client.communicate(timeout=60)
+        err = _ended(client)
         assert client.returncode == -signal.SIGKILL, err
     finally:
         for r in (root, root / "again"):
@@ -259,7 +268,7 @@ def test_a_client_that_leaves_or_is_stopped_stops_its_command(
         time.sleep(0.5)
         assert client.poll() is None
         client.terminate()
-        client.communicate(timeout=60)
+        _ended(client)
         assert client.returncode == 128 + signal.SIGTERM
     finally:
         for r in (root, root / "nohup"):
@@ -403,7 +412,7 @@ def test_the_worker_takes_its_clients_limits(server: Server, loop_ext4: Backing)
         assert os.getpriority(os.PRIO_PROCESS, int(worker)) == 7
         assert os.sched_getaffinity(int(worker)) == {cpu}
         client.terminate()
-        client.communicate(timeout=60)
+        _ended(client)
         assert client.returncode == 128 + signal.SIGTERM
         # few fds: served (the worker takes the limit after it placed the client's fds)
         code, out, err = _run(
