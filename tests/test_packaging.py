@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,14 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
         "graphdriver_overlay",
         "graphdriver_vfs",
     ]
+    # core's wheel carries the C fast path built for this Python (core/hatch_build.py)
+    core_wheel = next(dist.glob("graphdriver-*.whl"))
+    py_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    platform = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    assert core_wheel.name.endswith(f"-{py_tag}-{py_tag}-{platform}.whl"), core_wheel.name
+    with zipfile.ZipFile(core_wheel) as whl:
+        names = whl.namelist()
+    assert any(n.startswith("graphdriver/archive/_fastpath.cpython-") for n in names), names
     venv = tmp_path / "venv"
     subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
     py = str(venv / "bin" / "python")
@@ -99,4 +109,6 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
     # the Docker plugins: the volume plugin's command is listed and imports from the wheel
     assert "docker-volume" in served
     subprocess.run([py, "-c", "import graphdriver_docker.volume"], check=True)
+    fast = "from graphdriver.archive import feed; assert feed.FAST"
+    subprocess.run([py, "-c", fast], check=True, cwd=tmp_path)
     run_suite(py, tmp_path, SUITE)

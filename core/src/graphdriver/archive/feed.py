@@ -34,6 +34,13 @@ from .tar import TarEntry
 from .tar_reader import TarReader, write_all
 from .tarsplit import SegmentRecorder
 
+try:
+    from ._fastpath import write_plain_files as _write_plain_files
+except ImportError:  # not built (no C compiler where it was installed): Python's path only
+    _write_plain_files = None  # type: ignore[assignment]
+#: whether the C loop over plain files was built
+FAST = _write_plain_files is not None
+
 _FRAME = struct.Struct("<cQ")
 _ENTRIES, _END = b"E", b"Z"
 #: tar bytes a frame covers, and data gathered before it is written: about what the pipe holds
@@ -183,15 +190,62 @@ class FedReader(TarReader):
         order (:data:`FIELD_NAMES`), its data ready to be read until the next is asked for:
         for an extractor whose common entry needs no object (a TarEntry made and dropped was
         a tenth of its time on small files)."""
-        while (batch := self._frame()) is not None:
-            for fields, size, offset in batch:
-                if size is not None and not self._inline and offset > self.offset:
-                    self._skip(offset - self.offset)  # headers, and data not written
-                self._data_left, self._pad, self._sent = size or 0, 0, size is not None
+        for batch in self.frames():
+            for sent in batch:
+                fields = self.enter(sent)
                 yield fields
-                if self._data_left:
-                    self.unwritten = fields[0]
-                    self.skip()
+                self.leave(fields)
+
+    def frames(self) -> Iterator[list[Sent]]:
+        """The entries frame by frame, for a reader that takes each in turn (:meth:`enter`,
+        then :meth:`leave`) or a run of them at once (:meth:`write_plain_files`)."""
+        while (batch := self._frame()) is not None:
+            yield batch
+
+    def enter(self, sent: Sent) -> tuple[Any, ...]:
+        """Make *sent* the current entry, its data ready to be read; its fields."""
+        fields, size, offset = sent
+        if size is not None and not self._inline and offset > self.offset:
+            self._skip(offset - self.offset)  # headers, and data not written
+        self._data_left, self._pad, self._sent = size or 0, 0, size is not None
+        return fields
+
+    def leave(self, fields: tuple[Any, ...]) -> None:
+        """Done with the current entry (*fields*): skip what of its data was not written."""
+        if self._data_left:
+            self.unwritten = fields[0]
+            self.skip()
+
+    def write_plain_files(
+        self,
+        batch: list[Sent],
+        i: int,
+        dirs: tuple[set[str], set[str], set[str]],
+        created: set[str] | None,
+        record: tuple[set[str], set[str], dict[str, bytes]] | None,
+        root: bool,
+    ) -> tuple[int, int]:
+        """Write the plain files of *batch* from its entry *i* on, in C, with the
+        extractor's state (its safe, setgid and default-ACL directories, the set of what it
+        created, the record's touched and body paths and rows, whether it runs as root),
+        until one that needs the extractor's general path or whose data is not read yet:
+        that entry's index, and the bytes written (``_fastpath.c`` says which)."""
+        assert _write_plain_files is not None
+        i, self._pos, size = _write_plain_files(
+            batch,
+            i,
+            self._view,
+            self._pos,
+            self._end,
+            self._base,
+            self._inline,
+            dirs,
+            created,
+            record,
+            root,
+        )
+        self._tapped = self._pos
+        return i, size
 
     def _skip(self, n: int) -> None:
         """Skip *n* bytes of the tar file: past what is buffered, by moving the file offset."""

@@ -1,0 +1,56 @@
+"""Build hook: compile ``graphdriver.archive._fastpath`` (the apply sandbox's loop over plain
+files, ``src/graphdriver/archive/_fastpath.c``) with the compiler and headers of the Python
+that builds the wheel, next to its source, so that an editable install imports it too. Where
+that fails (no C compiler or no Python headers) the wheel is built without it, saying so: the
+extractor then runs the same loop in Python (``graphdriver.archive.feed.FAST`` is False)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+
+SOURCE = Path("src/graphdriver/archive/_fastpath.c")
+
+
+class FastPathHook(BuildHookInterface):  # type: ignore[misc]
+    PLUGIN_NAME = "custom"
+
+    def initialize(self, version: str, build_data: dict[str, Any]) -> None:
+        root = Path(self.root)
+        target = SOURCE.with_name("_fastpath" + sysconfig.get_config_var("EXT_SUFFIX"))
+        problem = compile_extension(root / SOURCE, root / target)
+        if problem:
+            print(f"graphdriver: building without the C fast path: {problem}", file=sys.stderr)
+            return
+        build_data["pure_python"] = False
+        build_data["infer_tag"] = True
+        build_data["artifacts"].append(target.as_posix())
+
+
+def compile_extension(source: Path, target: Path) -> str | None:
+    """Compile *source* into the extension module *target*; None, or why it could not."""
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    include = sysconfig.get_paths()["include"]
+    if not Path(include, "Python.h").exists():
+        return f"no Python.h in {include} (Debian: apt-get install python3-dev)"
+    fd, temp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [*cc, "-shared", "-fPIC", "-O2", "-Wall", "-I", include, str(source), "-o", temp]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        os.unlink(temp)
+        return f"cannot run {cc[0]}: {exc.strerror}"
+    if done.returncode != 0:
+        os.unlink(temp)
+        return f"{shlex.join(command)} failed:\n{done.stderr}"
+    os.replace(temp, target)  # atomic: a process importing the old one keeps its own
+    return None

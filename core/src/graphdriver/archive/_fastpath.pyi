@@ -1,0 +1,17 @@
+# The C module _fastpath.c (compiled by core/hatch_build.py); the arguments are described there.
+from typing import Any
+
+def write_plain_files(
+    batch: list[tuple[tuple[Any, ...], int | None, int]],
+    i: int,
+    view: memoryview,
+    pos: int,
+    end: int,
+    base: int,
+    inline: bool,
+    dirs: tuple[set[str], set[str], set[str]],
+    created: set[str] | None,
+    record: tuple[set[str], set[str], dict[str, bytes]] | None,
+    root: bool,
+    /,
+) -> tuple[int, int, int]: ...

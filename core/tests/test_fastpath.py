@@ -1,0 +1,237 @@
+"""The apply sandbox's loop over plain files in C (``graphdriver.archive._fastpath``): built
+where the package is installed with a C compiler, and held to the same layer and record as the
+extractor's Python path, which runs where it was not built (``feed.FAST`` False)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import random
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+from subprocess import PIPE
+
+import pytest
+from test_apply import replayed
+
+from graphdriver.archive import ApplyResult, apply_layer, feed, tarsplit
+from graphdriver.errors import ArchiveError
+from graphdriver.testing import host_lacks
+
+
+def test_the_c_loop_was_built() -> None:
+    """scripts/setup installs gcc and python3-dev, with which the build hook compiles it."""
+    if not feed.FAST:
+        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+
+
+def _file(
+    name: str, body: bytes, mode: int = 0o644, **attrs: object
+) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.size, info.mtime = tarfile.REGTYPE, mode, len(body), 1_700_000_000
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info, body
+
+
+def _dir(name: str, mode: int = 0o755, **attrs: object) -> tuple[tarfile.TarInfo, bytes]:
+    info, _ = _file(name, b"", mode, **attrs)
+    info.type = tarfile.DIRTYPE
+    return info, b""
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def _layer() -> bytes:
+    """Plain files between every kind of entry the C loop leaves to Python: each of the
+    checks of Extractor.plain_file, a body past the reader's buffer. (A name made twice
+    keeps no record; test_apply.py has it.)"""
+    rng = random.Random(7)
+    owned = os.geteuid() == 0
+    members = [_dir("d"), _dir("d/sub"), _dir("g", 0o2755), _dir(".hidden")]
+    for i in range(600):
+        body = rng.randbytes(rng.randrange(0, 5000))
+        members.append(_file(f"d/f{i}" if i % 3 else f"d/sub/f{i}", body, 0o600 + i % 64))
+        if i % 97 == 5:  # a run of plain files broken by one entry the C loop leaves
+            odd = [
+                _file(f"d/setuid{i}", b"s", 0o4755),
+                _file(f"d/owned{i}", b"o", uid=1000 if owned else 0, gid=5),
+                _file(f"d/xattr{i}", b"x", pax_headers={"SCHILY.xattr.user.k": "v"}),
+                _file(f"./d/dotted{i}", b"dot"),
+                _file(f"d/.dotfile{i}", b"."),
+                _file(f"g/sgid{i}", b"in a setgid directory"),
+                _file(f".hidden/f{i}", b"h"),
+                _file(f"new{i}/deep/f", b"in directories the tar does not name"),
+                _file(f"d/b\udcff{i}", b"a name that is not UTF-8"),
+                _file(f"d/atime{i}", b"a", pax_headers={"atime": "1600000000.5"}),
+                _file(f"d/old{i}", b"before 1970", mtime=-86_400),
+                _file(f"d/huge{i}", rng.randbytes((3 << 20) + 11)) if i == 5 else _dir("d/e"),
+            ]
+            members += odd
+    return _tar(members)
+
+
+def _tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """What the layer holds, but the times of the directories the tar does not name."""
+    got: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            body = b""
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    body = hashlib.sha256(f.read()).digest()
+            xattrs = {k: os.getxattr(path, k, follow_symlinks=False) for k in os.listxattr(path)}
+            rel = os.fsdecode(os.path.relpath(path, os.fsencode(root)))
+            got[rel] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns if stat.S_ISREG(st.st_mode) or rel[:3] != "new" else None,
+                st.st_atime_ns if stat.S_ISREG(st.st_mode) else None,
+                body,
+                xattrs,
+            )
+    return got
+
+
+def _apply(target: Path, data: bytes, how: str, scratch: Path) -> ApplyResult:
+    target.mkdir()
+    if how == "file":
+        scratch.write_bytes(data)
+        with open(scratch, "rb") as f:
+            return apply_layer(target, f, record=True)
+    if how == "pipe":
+        scratch.write_bytes(data)
+        with subprocess.Popen(["cat", str(scratch)], stdout=PIPE) as cat:
+            assert cat.stdout is not None
+            return apply_layer(target, cat.stdout, record=True)
+    return apply_layer(target, io.BytesIO(gzip.compress(data, 1)), record=True)
+
+
+@pytest.mark.parametrize("how", ["file", "pipe", "gzip"])
+def test_c_and_python_make_the_same_layer_and_record(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a tar file (the sandbox reads the data at each offset) and from a pipe or a
+    gzip stream (the data follows each frame): the same files, owners, modes, times, bodies
+    and xattrs either way, and a record whose replay is the tar byte for byte."""
+    if not feed.FAST:
+        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    data = _layer()
+    trees, sizes = [], []
+    for fast in (True, False):
+        monkeypatch.setattr(feed, "FAST", fast)  # the forked sandbox reads it
+        target = tmp_path / f"layer-{fast}"
+        result = _apply(target, data, how, tmp_path / "layer.tar")
+        trees.append(_tree(target))  # first: reading the bodies moves their atimes
+        assert replayed(result, target, tmp_path / "replayed.tar") == data, fast
+        sizes.append(result.size)
+    assert trees[0] == trees[1]
+    assert sizes[0] == sizes[1]
+    assert trees[0]["d/b\udcff5"][6] == hashlib.sha256(b"a name that is not UTF-8").digest()
+
+
+def test_the_c_loop_writes_the_files_and_leaves_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Called as the sandbox calls it: writes each plain file of the run with its mode,
+    times and body and the record's row of it, and stops, having done nothing for it, at
+    the first entry the general path must take."""
+    if not feed.FAST:
+        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    from graphdriver.archive._fastpath import write_plain_files
+
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("d")
+    body = b"0123456789abcdef"
+    view = memoryview(bytearray(body))
+
+    def fields(
+        name: str, size: int, mode: int = 0o640, xattrs: object = None
+    ) -> tuple[object, ...]:
+        return (
+            name,
+            b"0",
+            mode,
+            0,
+            0,
+            size,
+            1_600_000_000_123_456_789,
+            None,
+            "",
+            "",
+            0,
+            xattrs,
+            None,
+        )
+
+    batch = [
+        (fields("d/a", 4), 4, 0),
+        (fields("./d/b", 6, 0o600), 6, 4),
+        (fields("d/c", 2, xattrs={"user.k": b"v"}), 2, 10),
+        (fields("d/d", 2), 2, 12),
+    ]
+    touched: set[str] = {""}
+    bodies: set[str] = set()
+    written: dict[str, bytes] = {}
+    created: set[str] = set()
+    record = (touched, bodies, written)
+    dirs = ({"", "d"}, set(), set())
+    i, pos, size = write_plain_files(
+        batch, 0, view, 0, len(body), 0, False, dirs, created, record, True
+    )
+    assert (i, pos, size) == (2, 10, 10)
+    for name, mode, content in (("d/a", 0o640, b"0123"), ("d/b", 0o600, b"456789")):
+        st = os.lstat(name)
+        assert stat.S_IMODE(st.st_mode) == mode
+        assert st.st_mtime_ns == st.st_atime_ns == 1_600_000_000_123_456_789
+        assert written[name] == tarsplit._row(st)
+        assert Path(name).read_bytes() == content
+    assert not Path("d/c").exists()
+    assert touched == {"", "d", "d/a", "d/b"} and bodies == {"d/a", "d/b"} == created
+    # a name taken is left (the general path removes what is in the way); so is a
+    # directory the extractor has not checked, and data not all in the buffer
+    assert write_plain_files(batch, 0, view, 0, 16, 0, False, dirs, created, record, True)[0] == 0
+    assert (
+        write_plain_files(batch, 3, view, 0, 16, 0, False, ({""}, set(), set()), None, None, True)[
+            0
+        ]
+        == 3
+    )
+    assert write_plain_files(batch, 3, view, 0, 13, 0, False, dirs, None, None, True)[0] == 3
+    assert write_plain_files(batch, 3, view, 0, 16, 0, False, dirs, None, None, True) == (4, 14, 2)
+
+
+def test_a_full_filesystem_in_the_c_loop_is_one_line_and_loses_nothing(tmp_path: Path) -> None:
+    """ENOSPC while the C loop writes a file: the apply fails with the sandbox's line for a
+    full filesystem, and what was there before is as it was."""
+    if not feed.FAST:
+        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    if os.geteuid() != 0:
+        host_lacks("needs root to mount a small tmpfs", "root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        data = _tar([_dir("d")] + [_file(f"d/f{i}", b"x" * 4000) for i in range(600)])
+        (small / "layer").mkdir()
+        with pytest.raises(ArchiveError) as err:
+            apply_layer(small / "layer", io.BytesIO(data))
+        assert "No space left on device" in str(err.value)
+        assert "\n" not in str(err.value)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
