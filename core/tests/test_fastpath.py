@@ -1,6 +1,7 @@
-"""The apply sandbox's loop over plain files in C (``graphdriver.archive._fastpath``): built
-where the package is installed with a C compiler, and held to the same layer and record as the
-extractor's Python path, which runs where it was not built (``feed.FAST`` False)."""
+"""The archive engine's loops in C (``graphdriver.archive._fastpath``): the apply sandbox's
+runs of plain files and an exact diff's runs of raw parts and bodies. Built where the package
+is installed with a C compiler, and held to the same layers, records and tars as the Python
+paths, which run where it was not built (``fastpath.ENABLED`` False)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,20 @@ from subprocess import PIPE
 import pytest
 from test_apply import replayed
 
-from graphdriver.archive import ApplyResult, apply_layer, feed, tarsplit
+from graphdriver.archive import ApplyResult, apply_layer, exact, fastpath, tarsplit
+from graphdriver.archive.tar_writer import TarWriter
 from graphdriver.errors import ArchiveError
 from graphdriver.testing import host_lacks
 
 
-def test_the_c_loop_was_built() -> None:
-    """scripts/setup installs gcc and python3-dev, with which the build hook compiles it."""
-    if not feed.FAST:
+def _needs_the_c_loops() -> None:
+    if not fastpath.ENABLED:
         host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+
+
+def test_the_c_loops_were_built() -> None:
+    """scripts/setup installs gcc and python3-dev, with which the build hook compiles them."""
+    _needs_the_c_loops()
 
 
 def _file(
@@ -129,16 +135,19 @@ def test_c_and_python_make_the_same_layer_and_record(
     """From a tar file (the sandbox reads the data at each offset) and from a pipe or a
     gzip stream (the data follows each frame): the same files, owners, modes, times, bodies
     and xattrs either way, and a record whose replay is the tar byte for byte."""
-    if not feed.FAST:
-        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    _needs_the_c_loops()
     data = _layer()
     trees, sizes = [], []
     for fast in (True, False):
-        monkeypatch.setattr(feed, "FAST", fast)  # the forked sandbox reads it
+        monkeypatch.setattr(fastpath, "ENABLED", fast)  # the forked sandbox reads it
         target = tmp_path / f"layer-{fast}"
         result = _apply(target, data, how, tmp_path / "layer.tar")
         trees.append(_tree(target))  # first: reading the bodies moves their atimes
         assert replayed(result, target, tmp_path / "replayed.tar") == data, fast
+        for replay_fast in (True, False):  # the replay's own C loop, and Python's
+            monkeypatch.setattr(fastpath, "ENABLED", replay_fast)
+            got = replayed(result, target, tmp_path / "replayed.tar", check=False)
+            assert got == data, (fast, replay_fast)
         sizes.append(result.size)
     assert trees[0] == trees[1]
     assert sizes[0] == sizes[1]
@@ -151,8 +160,7 @@ def test_the_c_loop_writes_the_files_and_leaves_the_rest(
     """Called as the sandbox calls it: writes each plain file of the run with its mode,
     times and body and the record's row of it, and stops, having done nothing for it, at
     the first entry the general path must take."""
-    if not feed.FAST:
-        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    _needs_the_c_loops()
     from graphdriver.archive._fastpath import write_plain_files
 
     monkeypatch.chdir(tmp_path)
@@ -219,8 +227,7 @@ def test_the_c_loop_writes_the_files_and_leaves_the_rest(
 def test_a_full_filesystem_in_the_c_loop_is_one_line_and_loses_nothing(tmp_path: Path) -> None:
     """ENOSPC while the C loop writes a file: the apply fails with the sandbox's line for a
     full filesystem, and what was there before is as it was."""
-    if not feed.FAST:
-        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    _needs_the_c_loops()
     if os.geteuid() != 0:
         host_lacks("needs root to mount a small tmpfs", "root")
     small = tmp_path / "small"
@@ -235,3 +242,88 @@ def test_a_full_filesystem_in_the_c_loop_is_one_line_and_loses_nothing(tmp_path:
         assert "\n" not in str(err.value)
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def _applied(tmp_path: Path, data: bytes | None = None) -> tuple[ApplyResult, Path, bytes]:
+    data = _layer() if data is None else data
+    target = tmp_path / "layer"
+    return _apply(target, data, "file", tmp_path / "layer.tar"), target, data
+
+
+def _by_directory() -> bytes:
+    """Small files, directory by directory, as real layers come."""
+    rng = random.Random(3)
+    members = []
+    for d in ("a", "a/b", "c"):
+        members.append(_dir(d))
+        members += [_file(f"{d}/f{i}", rng.randbytes(rng.randrange(1, 3000))) for i in range(300)]
+    return _tar(members)
+
+
+def _replay_to_file(result: ApplyResult, target: Path, out: Path) -> bytes:
+    assert result.record is not None
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        writer = TarWriter(fd=fd)
+        exact.replay(tarsplit.Record(result.record), str(target), writer, check=False)
+        writer.flush()
+    finally:
+        os.close(fd)
+    return out.read_bytes()
+
+
+def test_the_c_replay_copies_the_common_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nearly all of a tar of small files, directory by directory, comes out of the C loop
+    (what it leaves: each directory's first body, whose directory the replay opens); a
+    writer to a callable takes the Python path: the same bytes."""
+    _needs_the_c_loops()
+    result, target, data = _applied(tmp_path, _by_directory())
+    counted: list[int] = []
+    real = fastpath.replay_run
+    assert real is not None
+
+    def counting(*args: object) -> tuple[int, int, int, int]:
+        got = real(*args)  # type: ignore[arg-type]
+        counted.append(got[3])
+        return got
+
+    monkeypatch.setattr(fastpath, "replay_run", counting)
+    assert _replay_to_file(result, target, tmp_path / "out.tar") == data
+    assert sum(counted) > 0.98 * len(data), (sum(counted), len(data))
+    counted.clear()
+    out = io.BytesIO()
+    writer = TarWriter(write=out.write)
+    exact.replay(tarsplit.Record(result.record or b""), str(target), writer, check=False)
+    writer.flush()
+    assert out.getvalue() == data and not counted
+
+
+@pytest.mark.parametrize("how", ["rewritten", "shorter", "symlink", "gone"])
+def test_the_c_replay_leaves_a_changed_file_to_the_checks(tmp_path: Path, how: str) -> None:
+    """A small file changed behind the store after the checks (same size, mtime set back;
+    cut short; replaced by a symlink; removed): the C loop leaves it, and the replay stops
+    with the Python path's error for it."""
+    _needs_the_c_loops()
+    result, target, _ = _applied(tmp_path, _by_directory())
+    victim = target / "a/b/f150"
+    st = victim.stat()
+    if how == "rewritten":
+        victim.write_bytes(bytes(st.st_size))
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif how == "shorter":
+        os.truncate(victim, 1)
+    elif how == "symlink":
+        victim.unlink()
+        victim.symlink_to("f1")
+    else:
+        victim.unlink()
+    errors = {
+        "rewritten": "a/b/f150 differs from the file that was applied",
+        "shorter": "a/b/f150 is shorter than when it was applied",
+        "symlink": "Too many levels of symbolic links",
+        "gone": "No such file or directory",
+    }
+    with pytest.raises((ArchiveError, OSError), match=errors[how]):
+        _replay_to_file(result, target, tmp_path / "out.tar")

@@ -1,8 +1,13 @@
-/* The apply sandbox's loop over plain files, in C: what Extractor.plain_file does for each
- * entry of a run, the record's made_file included, without the interpreter's per-entry work
- * (on a layer of small files that work was a third of the extraction's time, where GNU tar
- * spends none). Optional: graphdriver.archive.extract runs plain_file in Python when this
- * module was not built, and the tests hold the two to the same result.
+/* The archive engine's two hot loops in C, each doing for a run of items what a Python loop
+ * does for one, without the interpreter's work per item (on small files that work was a
+ * third of the time, where GNU tar spends none): the apply sandbox's plain files
+ * (write_plain_files, for Extractor.plain_file) and an exact diff's raw parts and bodies
+ * (replay_run, for exact.replay). Optional: where this module was not built the Python loops
+ * do it all (graphdriver.archive.fastpath), and core/tests/test_fastpath.py holds the two to
+ * the same result. Each stops, having done nothing for it, at the first item it would not
+ * handle exactly as the Python loop does, which then takes that item.
+ *
+ * ------------------------------------------------------------------ the sandbox's plain files
  *
  * write_plain_files(batch, i, view, pos, end, base, inline, dirs, created, record, root)
  *   batch    the frame's list of (fields, size, offset) (graphdriver.archive.feed.Sent)
@@ -325,9 +330,198 @@ error:
     return NULL;
 }
 
+/* ----------------------------------------------------------------- an exact diff's replay
+ *
+ * replay_run(buf, pos, wbuf, wpos, out_fd, dir, dir_fd, noted, large)
+ *   buf, pos  the record's decompressed segments (tarsplit.Segments), parsed from pos
+ *   wbuf      the TarWriter's buffer, wbuf[:wpos] filled; written to out_fd when full
+ *   dir       the directory (bytes, relative to the layer's root, "" the root) open as dir_fd
+ *   noted     the check table's present paths: path -> (st_mode, mtime ns, ctime ns)
+ *   large     bodies of this size or more are left (the writer sends them by sendfile)
+ * returns (pos, wpos, flushed, total): where it stopped, the writer's new fill, the bytes it
+ * wrote to out_fd, and the tar bytes it added (raw parts and bodies). It copies raw parts and
+ * the bodies of regular files in dir (not sparse, under large) as exact.replay does, each
+ * file's fstat once read compared with its noted row and size, and stops, having consumed
+ * nothing of it, at the first segment that is anything else, is not all in buf, or whose
+ * file cannot be opened, read or matched: exact.replay then takes it and says why. OSError
+ * when writing to out_fd fails.
+ */
+
+typedef struct {
+    char *buf;
+    Py_ssize_t pos, size;
+    int fd;
+    long long flushed;
+} Out;
+
+static int out_flush(Out *out) {
+    Py_ssize_t done = 0;
+    while (done < out->pos) {
+        ssize_t n = write(out->fd, out->buf + done, (size_t)(out->pos - done));
+        if (n < 0) {
+            if (errno == EINTR && PyErr_CheckSignals() == 0)
+                continue;
+            if (!PyErr_Occurred())
+                PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        done += n;
+    }
+    out->flushed += done;
+    out->pos = 0;
+    return 0;
+}
+
+static unsigned long long get_le(const unsigned char *p, int n) {
+    unsigned long long v = 0;
+    for (int k = n - 1; k >= 0; k--)
+        v = v << 8 | p[k];
+    return v;
+}
+
+/* Whether "/" + path + "/" holds "//", "/./" or "/../" (tarsplit._body: a corrupt record) */
+static int bad_body_path(const unsigned char *p, Py_ssize_t n) {
+    Py_ssize_t start = 0;
+    for (Py_ssize_t k = 0; k <= n; k++) {
+        if (k < n && p[k] != '/')
+            continue;
+        Py_ssize_t len = k - start;
+        if (len == 0 || (len == 1 && p[start] == '.') ||
+            (len == 2 && p[start] == '.' && p[start + 1] == '.'))
+            return 1;
+        start = k + 1;
+    }
+    return 0;
+}
+
+/* Copy one body into out: 1 done, 0 left to exact.replay (nothing consumed), -1 error. */
+static int copy_body(Out *out, int dir_fd, const unsigned char *path, Py_ssize_t n,
+                     Py_ssize_t name_at, long long size, PyObject *noted) {
+    char name[4096];
+    if (n - name_at >= (Py_ssize_t)sizeof(name) || memchr(path, 0, (size_t)n))
+        return 0;
+    memcpy(name, path + name_at, (size_t)(n - name_at));
+    name[n - name_at] = 0;
+    PyObject *key = PyUnicode_DecodeUTF8((const char *)path, n, "surrogateescape");
+    if (key == NULL)
+        return -1;
+    PyObject *row = PyDict_GetItemWithError(noted, key);
+    Py_DECREF(key);
+    if (row == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    long long want[3];
+    if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 3)
+        return 0;
+    for (int k = 0; k < 3; k++) {
+        int ok = as_ll(PyTuple_GET_ITEM(row, k), &want[k]);
+        if (ok <= 0)
+            return ok;
+    }
+    if (out->pos + size > out->size && out_flush(out) < 0)
+        return -1;
+    int fd = openat(dir_fd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    Py_ssize_t done = 0;
+    while (done < size) {
+        ssize_t got = pread(fd, out->buf + out->pos + done, (size_t)(size - done), done);
+        if (got <= 0) {
+            if (got < 0 && errno == EINTR)
+                continue;
+            break;
+        }
+        done += got;
+    }
+    struct stat st;
+    int same = done == size && fstat(fd, &st) == 0 && st.st_size == size &&
+               (long long)st.st_mode == want[0] &&
+               st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec == want[1] &&
+               st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec == want[2];
+    close(fd);
+    if (!same)
+        return 0;
+    out->pos += size;
+    return 1;
+}
+
+static PyObject *replay_run(PyObject *self, PyObject *args) {
+    Py_buffer in, wb;
+    Py_ssize_t pos, wpos;
+    int out_fd, dir_fd;
+    const char *dir;
+    Py_ssize_t dir_len;
+    PyObject *noted;
+    long long large;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nw*niy#iO!L", &in, &pos, &wb, &wpos, &out_fd, &dir, &dir_len,
+                          &dir_fd, &PyDict_Type, &noted, &large))
+        return NULL;
+    PyObject *result = NULL;
+    if (pos < 0 || pos > in.len || wpos < 0 || wpos > wb.len) {
+        PyErr_SetString(PyExc_ValueError, "replay_run: bad positions");
+        goto done;
+    }
+    const unsigned char *buf = in.buf;
+    Out out = {wb.buf, wpos, wb.len, out_fd, 0};
+    long long total = 0;
+    for (;;) {
+        Py_ssize_t left = in.len - pos;
+        if (left < 9)
+            break;
+        const unsigned char *p = buf + pos;
+        if (p[0] == 'R') {
+            unsigned long long n = get_le(p + 1, 8);
+            if (n > (unsigned long long)(left - 9) || (Py_ssize_t)n > out.size)
+                break; /* not all here, or larger than the buffer: exact.replay writes it */
+            if (out.pos + (Py_ssize_t)n > out.size && out_flush(&out) < 0)
+                goto done;
+            memcpy(out.buf + out.pos, p + 9, n);
+            out.pos += n;
+            pos += 9 + n;
+            total += n;
+            continue;
+        }
+        if (p[0] != 'F')
+            break;
+        Py_ssize_t n = (Py_ssize_t)get_le(p + 1, 4);
+        if (n > left - 21 || get_le(p + 5 + n + 12, 4) != 0) /* cut here, or sparse */
+            break;
+        long long size = (long long)get_le(p + 5 + n, 8);
+        const unsigned char *path = p + 5;
+        Py_ssize_t name_at = 0;
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (path[k] == '/')
+                name_at = k + 1;
+        Py_ssize_t head = name_at ? name_at - 1 : 0;
+        if (n == 0 || bad_body_path(path, n))
+            break; /* a corrupt record: exact.replay says so */
+        if (size == 0) { /* nothing to read (the checks saw the file is there) */
+            pos += 21 + n;
+            continue;
+        }
+        if (size < 0 || size >= large || size > out.size || head != dir_len ||
+            memcmp(path, dir, (size_t)head) != 0)
+            break;
+        int copied = copy_body(&out, dir_fd, path, n, name_at, size, noted);
+        if (copied < 0)
+            goto done;
+        if (copied == 0)
+            break;
+        pos += 21 + n;
+        total += size;
+    }
+    result = Py_BuildValue("nnLL", pos, out.pos, out.flushed, total);
+done:
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&wb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"write_plain_files", write_plain_files, METH_VARARGS,
      "Write a run of a frame's plain files; see graphdriver.archive.extract."},
+    {"replay_run", replay_run, METH_VARARGS,
+     "Copy a run of an exact diff's raw parts and bodies; see graphdriver.archive.exact."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -15,3 +15,15 @@ def write_plain_files(
     root: bool,
     /,
 ) -> tuple[int, int, int]: ...
+def replay_run(
+    buf: bytes,
+    pos: int,
+    wbuf: memoryview,
+    wpos: int,
+    out_fd: int,
+    dir: bytes,
+    dir_fd: int,
+    noted: dict[str, tuple[int, int, int]],
+    large: int,
+    /,
+) -> tuple[int, int, int, int]: ...

@@ -28,8 +28,9 @@ from typing import BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
 from . import tarsplit
-from .extract import Sandbox, body_path, run_child
+from .extract import Sandbox, run_child
 from .feed import Feeder
+from .names import body_path
 from .streams import LayerDecoder, big_pipe, compression_of
 from .tar import CHUNK
 

@@ -144,45 +144,62 @@ def replay(
     diffID, or the replay ends in an error once the tar is written (tar-split checks each
     body's CRC-64 after writing it; a sha256 of the whole tar covers the headers too, and
     cannot be matched on purpose). ``check --digests`` hashes the whole tar the same way.
+    Unhashed, to an fd, runs of raw parts and small bodies are copied by a C loop
+    (:meth:`.TarWriter.replay_run`), which leaves to this one whatever it would not do alike.
     """
     total = 0
     noted = record.checks().present
     digest = _digest(fine_ctimes(root) is False if check is None else check, diff_id)
     write_raw = writer.write_raw
+    segments = record.segment_reader()
+    runs = digest is None and writer.takes_runs()
     with _Bodies(root) as bodies:
-        for seg in record.segments():
+        while True:
+            if runs:  # the common segments in C, as below; what it leaves, here
+                total += writer.replay_run(segments, bodies.dir_bytes, bodies.dir_fd, noted)
+            seg = segments.next()
+            if seg is None:
+                break
             if isinstance(seg, bytes):
                 if digest is not None:
                     digest.update(seg)
                 write_raw(seg)
                 total += len(seg)
                 continue
-            path, size, regions = seg
-            if not size:  # an empty file has nothing to read (the checks saw it is there)
-                continue
-            fd = bodies.open(path)
-            try:
-                if digest is not None:
-                    _copy_hashed(seg, fd, writer, digest)
-                elif regions is None:  # most bodies: one call
-                    if writer.copy_from(fd, 0, size) != size:
-                        raise _shorter(seg)
-                else:
-                    _copy_body(seg, fd, writer)
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
-            if (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted.get(path) or (
-                regions is None and st.st_size != size
-            ):
-                raise _differs(seg)
-            total += size
+            total += _copy_checked(seg, bodies, writer, digest, noted)
     if digest is not None and "sha256:" + digest.hexdigest() != diff_id:
         raise ArchiveError(
             f"exact diff: the tar written is not the layer's (its sha256 is not the diffID "
             f"{diff_id}): a file changed behind the store"
         )
     return total
+
+
+def _copy_checked(
+    seg: Body, bodies: _Bodies, writer: TarWriter, digest: Any, noted: dict[str, Any]
+) -> int:
+    """Copy the body *seg* from the layer and look at its file again (:func:`replay`); the
+    bytes copied."""
+    path, size, regions = seg
+    if not size:  # an empty file has nothing to read (the checks saw it is there)
+        return 0
+    fd = bodies.open(path)
+    try:
+        if digest is not None:
+            _copy_hashed(seg, fd, writer, digest)
+        elif regions is None:  # most bodies: one call
+            if writer.copy_from(fd, 0, size) != size:
+                raise _shorter(seg)
+        else:
+            _copy_body(seg, fd, writer)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted.get(path) or (
+        regions is None and st.st_size != size
+    ):
+        raise _differs(seg)
+    return size
 
 
 def _digest(check: bool, diff_id: str | None) -> Any:
@@ -233,7 +250,9 @@ class _Bodies:
     def __init__(self, root: str) -> None:
         self._root = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dir = ""
-        self._dir_fd = self._root
+        self.dir_fd = self._root
+        #: the directory open as :attr:`dir_fd`, relative to the root, as the record spells it
+        self.dir_bytes = b""
 
     def open(self, path: str) -> int:
         """An fd of the file *path* (relative, no ``.`` or ``..`` part: see :func:`_body`)."""
@@ -242,14 +261,14 @@ class _Bodies:
             self._close_dir()
             # below the root, no symlink followed: the checks passed, this is belt and braces
             if head:
-                self._dir_fd = open_beneath(self._root, head, os.O_PATH | os.O_DIRECTORY)
-            self._dir = head
-        return os.open(name, self._FLAGS, dir_fd=self._dir_fd)
+                self.dir_fd = open_beneath(self._root, head, os.O_PATH | os.O_DIRECTORY)
+            self._dir, self.dir_bytes = head, head.encode("utf-8", "surrogateescape")
+        return os.open(name, self._FLAGS, dir_fd=self.dir_fd)
 
     def _close_dir(self) -> None:
-        if self._dir_fd != self._root:
-            os.close(self._dir_fd)
-        self._dir, self._dir_fd = "", self._root
+        if self.dir_fd != self._root:
+            os.close(self.dir_fd)
+        self._dir, self.dir_fd, self.dir_bytes = "", self._root, b""
 
     def __enter__(self) -> _Bodies:
         return self

@@ -30,16 +30,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import ArchiveError, GraphDriverError
+from . import fastpath
 from .tar import TarEntry
 from .tar_reader import TarReader, write_all
 from .tarsplit import SegmentRecorder
-
-try:
-    from ._fastpath import write_plain_files as _write_plain_files
-except ImportError:  # not built (no C compiler where it was installed): Python's path only
-    _write_plain_files = None  # type: ignore[assignment]
-#: whether the C loop over plain files was built
-FAST = _write_plain_files is not None
 
 _FRAME = struct.Struct("<cQ")
 _ENTRIES, _END = b"E", b"Z"
@@ -230,8 +224,8 @@ class FedReader(TarReader):
         created, the record's touched and body paths and rows, whether it runs as root),
         until one that needs the extractor's general path or whose data is not read yet:
         that entry's index, and the bytes written (``_fastpath.c`` says which)."""
-        assert _write_plain_files is not None
-        i, self._pos, size = _write_plain_files(
+        assert fastpath.write_plain_files is not None
+        i, self._pos, size = fastpath.write_plain_files(
             batch,
             i,
             self._view,

@@ -9,10 +9,11 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchiveError
 from ..linux import xattr
-from . import whiteout
+from . import fastpath, whiteout
 from .changes import Change, ChangeKind
 from .tar import (
     BLOCK,
@@ -25,6 +26,9 @@ from .tar import (
     encode_header,
     plain_header,
 )
+
+if TYPE_CHECKING:
+    from .tarsplit import Segments
 
 #: overlayfs's own xattrs (origin, impure, opaque) never go into a tar
 _SKIP = (whiteout.OVERLAY_XATTR_PREFIX,)
@@ -91,6 +95,34 @@ class TarWriter:
         if self._pos:
             self._out(self._buf[: self._pos])
             self._pos = 0
+
+    def replay_run(
+        self, segments: Segments, directory: bytes, dir_fd: int, noted: dict[str, Any]
+    ) -> int:
+        """Copy the raw parts and bodies at the front of *segments* in C, bodies of files in
+        *directory* (open as *dir_fd*) that match their *noted* rows, until one that
+        :func:`.exact.replay` must take (``_fastpath.c`` says which); the tar bytes added.
+        Only for a writer to an fd without progress (:meth:`takes_runs`)."""
+        assert fastpath.replay_run is not None and self._fd is not None
+        segments.pos, self._pos, flushed, total = fastpath.replay_run(
+            segments.buf,
+            segments.pos,
+            self._buf,
+            self._pos,
+            self._fd,
+            directory,
+            dir_fd,
+            noted,
+            KERNEL_COPY,
+        )
+        if flushed:
+            self._wrote(flushed)
+        return total
+
+    def takes_runs(self) -> bool:
+        """Whether :meth:`replay_run` may be used: the C loops were built, the output is an
+        fd and nobody counts progress at each write."""
+        return fastpath.ENABLED and self._fd is not None and self.progress is None
 
     def copy_from(self, src: int, offset: int, length: int) -> int:
         """Append *length* bytes of the open file *src* from *offset*; the bytes copied, fewer

@@ -374,46 +374,62 @@ class Record:
 
     def segments(self) -> Iterator[bytes | Body]:
         """The record's parts in tar order: raw bytes, and bodies to read from the layer."""
-        # one loop, its names local and its tags compared as ints: this runs twice per file
-        z = _Inflater(self._segments)
-        raw, body, end = _RAW[0], _BODY[0], _END[0]
-        u64, u32, fields = _U64.unpack_from, _U32.unpack_from, _BODY_FIELDS.unpack_from
-        head = 5 + _BODY_FIELDS.size  # a body's tag, path length and fields
-        buf, pos, have = b"", 0, 0
+        reader = self.segment_reader()
+        while (seg := reader.next()) is not None:
+            yield seg
+
+    def segment_reader(self) -> Segments:
+        """:meth:`segments` as a reader whose buffer a caller may also parse itself."""
+        return Segments(self._segments)
+
+
+class Segments:
+    """A record's segments, one for each :meth:`next`. The decompressed bytes not parsed yet
+    are ``buf[pos:]``, whole segments in place, where a faster parser may go on (and move
+    *pos*): ``_fastpath.replay_run`` (raw parts and bodies ``R``/``F``, their tags a byte,
+    their lengths little-endian: ``R`` u64 n, n bytes; ``F`` u32 n, n bytes of path, u64
+    size, u32 0, u32 sparse regions, each u64 offset and u64 length; ``E`` the end)."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._z = _Inflater(data)
+        self.buf = b""
+        self.pos = 0
+
+    def next(self) -> bytes | Body | None:
+        """The next segment, None at the record's end."""
+        buf, pos = self.buf, self.pos
+        z = self._z
         try:
-            while True:
-                if have - pos < 9:
-                    buf, pos = z.next_entry(buf, pos, 9), 0
-                    have = len(buf)
-                tag = buf[pos]
-                if tag == raw:
-                    (n,) = u64(buf, pos + 1)
-                    if n > _FLUSH_RAW * 2:
-                        raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
-                    if have - pos < 9 + n:
-                        buf, pos = z.more(buf, pos, 9 + n), 0
-                        have = len(buf)
-                    pos += 9 + n
-                    yield buf[pos - n : pos]
-                elif tag == body:
-                    (n,) = u32(buf, pos + 1)
-                    if n > 1 << 20:
-                        raise RecordError(f"the record is corrupt (a path of {n} bytes)")
-                    if have - pos < head + n:
-                        buf, pos = z.more(buf, pos, head + n), 0
-                        have = len(buf)
-                    path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
-                    size, _crc, count = fields(buf, pos + 5 + n)  # a CRC-32 before 3
-                    pos += head + n
-                    regions = None
-                    if count:
-                        buf, pos, regions = _regions(z, buf, pos, count)
-                        have = len(buf)
-                    yield _body(path, size, regions)
-                elif tag == end:
-                    return
-                else:
-                    raise RecordError(f"the record is corrupt (segment tag {bytes([tag])!r})")
+            if len(buf) - pos < 9:
+                buf, pos = z.next_entry(buf, pos, 9), 0
+            tag = buf[pos]
+            if tag == _RAW[0]:
+                (n,) = _U64.unpack_from(buf, pos + 1)
+                if n > _FLUSH_RAW * 2:
+                    raise RecordError(f"the record is corrupt (a raw part of {n} bytes)")
+                if len(buf) - pos < 9 + n:
+                    buf, pos = z.more(buf, pos, 9 + n), 0
+                self.buf, self.pos = buf, pos + 9 + n
+                return buf[pos + 9 : pos + 9 + n]
+            if tag == _BODY[0]:
+                (n,) = _U32.unpack_from(buf, pos + 1)
+                if n > 1 << 20:
+                    raise RecordError(f"the record is corrupt (a path of {n} bytes)")
+                head = 5 + _BODY_FIELDS.size  # a body's tag, path length and fields
+                if len(buf) - pos < head + n:
+                    buf, pos = z.more(buf, pos, head + n), 0
+                path = buf[pos + 5 : pos + 5 + n].decode("utf-8", "surrogateescape")
+                size, _crc, count = _BODY_FIELDS.unpack_from(buf, pos + 5 + n)  # CRC-32 < v3
+                pos += head + n
+                regions = None
+                if count:
+                    buf, pos, regions = _regions(z, buf, pos, count)
+                self.buf, self.pos = buf, pos
+                return _body(path, size, regions)
+            if tag == _END[0]:
+                self.buf, self.pos = buf, pos
+                return None
+            raise RecordError(f"the record is corrupt (segment tag {bytes([tag])!r})")
         except (zstandard.ZstdError, struct.error) as exc:
             raise RecordError(f"the record is corrupt ({exc})") from None
 
