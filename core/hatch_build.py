@@ -1,8 +1,9 @@
 """Build hook: compile ``graphdriver.archive._fastpath`` (the apply sandbox's loop over plain
 files, ``src/graphdriver/archive/_fastpath.c``) with the compiler and headers of the Python
-that builds the wheel, next to its source, so that an editable install imports it too. Where
-that fails (no C compiler or no Python headers) the wheel is built without it, saying so: the
-extractor then runs the same loop in Python (``graphdriver.archive.feed.FAST`` is False)."""
+that builds the wheel (``$CC`` and ``$CFLAGS`` if set), next to its source, so that an editable
+install imports it too. Where that fails (no C compiler or no Python headers) the wheel is
+built without it, saying so, and no older build of it is left: the archive engine then runs
+the same loops in Python (``graphdriver.archive.fastpath.ENABLED`` is False)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class FastPathHook(BuildHookInterface):  # type: ignore[misc]
         target = SOURCE.with_name("_fastpath" + sysconfig.get_config_var("EXT_SUFFIX"))
         problem = compile_extension(root / SOURCE, root / target)
         if problem:
+            # an older build's module must not outlive its source (an editable install
+            # imports what is next to the source)
+            (root / target).unlink(missing_ok=True)
             print(f"graphdriver: building without the C fast path: {problem}", file=sys.stderr)
             return
         build_data["pure_python"] = False
@@ -37,13 +41,15 @@ class FastPathHook(BuildHookInterface):  # type: ignore[misc]
 
 def compile_extension(source: Path, target: Path) -> str | None:
     """Compile *source* into the extension module *target*; None, or why it could not."""
-    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    flags = shlex.split(os.environ.get("CFLAGS", ""))
     include = sysconfig.get_paths()["include"]
     if not Path(include, "Python.h").exists():
-        return f"no Python.h in {include} (Debian: apt-get install python3-dev)"
+        return f"no Python.h in {include} (for Debian's python3: apt-get install python3-dev)"
     fd, temp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    command = [*cc, "-shared", "-fPIC", "-O2", "-Wall", "-I", include, str(source), "-o", temp]
+    command = [*cc, "-shared", "-fPIC", "-O2", "-Wall", *flags, "-I", include, str(source)]
+    command += ["-o", temp]
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as exc:

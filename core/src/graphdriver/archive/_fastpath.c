@@ -46,6 +46,10 @@
 #define F_XATTRS 11
 #define F_SPARSE 12
 
+/* What one item came to: done, left to the Python loop (nothing done for it), or an error
+ * (an exception set). */
+enum { FAILED = -1, LEFT = 0, DONE = 1 };
+
 /* the record's row of a present path: tarsplit._PRESENT_FIELDS, "<IqIqI" */
 #define ROW_SIZE 28
 
@@ -56,7 +60,7 @@ static void put_le(unsigned char *p, unsigned long long v, int n) {
         p[k] = (unsigned char)(v >> (8 * k));
 }
 
-/* -1 error, 0 not a small non-negative int that fits, 1 ok */
+/* 1 and *out set: o is an int that fits a long long; 0: it is not; -1: error */
 static int as_ll(PyObject *o, long long *out) {
     if (!PyLong_CheckExact(o))
         return 0;
@@ -159,7 +163,8 @@ static int record_file(PyObject *record, PyObject *name, const struct stat *st) 
     return rc;
 }
 
-/* Write the file: 1 done, 0 something is at its name (left for the general path), -1 error. */
+/* Write the file: DONE, LEFT (something is at its name: the general path removes it) or
+ * FAILED. The GIL stays held: the sandbox is one thread, and a call per file costs more. */
 static int make_file(PyObject *name, PyObject *path, int mode, const char *data, Py_ssize_t size,
                      long long atime, long long mtime, PyObject *record) {
     int fd;
@@ -169,11 +174,11 @@ static int make_file(PyObject *name, PyObject *path, int mode, const char *data,
     } while (fd < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
     if (fd < 0) {
         if (PyErr_Occurred())
-            return -1;
+            return FAILED;
         if (errno == EEXIST)
-            return 0;
+            return LEFT;
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
-        return -1;
+        return FAILED;
     }
     Py_ssize_t done = 0;
     while (done < size) {
@@ -194,19 +199,21 @@ static int make_file(PyObject *name, PyObject *path, int mode, const char *data,
             goto failed;
         if (record_file(record, name, &st) < 0) {
             close(fd);
-            return -1;
+            return FAILED;
         }
     }
+    /* EINTR from close: Linux closed the fd all the same (os.close would raise; the data
+     * was written, nothing is lost) */
     if (close(fd) < 0 && errno != EINTR) {
         PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
+        return FAILED;
     }
-    return 1;
+    return DONE;
 failed:
     if (!PyErr_Occurred())
         PyErr_SetFromErrno(PyExc_OSError);
     close(fd);
-    return -1;
+    return FAILED;
 }
 
 static int file_type(PyObject *type) {
@@ -245,89 +252,122 @@ static int plain(PyObject *fields, int root, long long *num) {
     return 1;
 }
 
+/* Whether head is a directory plain_file writes in: one the extractor made safe, neither
+ * setgid nor with a default ACL (1, else 0; -1 on error). */
+static int usable_dir(PyObject *dirs, PyObject *head) {
+    int in = PySet_Contains(PyTuple_GET_ITEM(dirs, 0), head);
+    for (int k = 1; in == 1 && k < 3; k++) {
+        int other = PySet_Contains(PyTuple_GET_ITEM(dirs, k), head);
+        in = other < 0 ? -1 : !other;
+    }
+    return in;
+}
+
+/* Extractor.plain_file for the entry sent (a feed.Sent), its data at *pos (inline) or at its
+ * offset: DONE (*pos after the data, *wrote its size), LEFT or FAILED. */
+static int write_entry(PyObject *sent, const char *data, Py_ssize_t *pos, Py_ssize_t end,
+                       long long base, int inline_, PyObject *dirs, PyObject *created,
+                       PyObject *record, int root, long long *wrote) {
+    if (!PyTuple_CheckExact(sent) || PyTuple_GET_SIZE(sent) != 3)
+        return LEFT;
+    PyObject *fields = PyTuple_GET_ITEM(sent, 0);
+    long long num[6], size, offset;
+    int ok = plain(fields, root, num);
+    if (ok == 1)
+        ok = as_ll(PyTuple_GET_ITEM(sent, 1), &size); /* None: no data sent */
+    if (ok == 1)
+        ok = as_ll(PyTuple_GET_ITEM(sent, 2), &offset);
+    if (ok != 1)
+        return ok;
+    if (size != num[3])
+        return LEFT; /* not the entry's own data: the general path says so */
+    Py_ssize_t start = *pos;
+    if (!inline_) {
+        if (offset < base || (unsigned long long)offset - (unsigned long long)base >
+                                 (unsigned long long)end)
+            return LEFT;
+        start = (Py_ssize_t)(offset - base);
+        if (start < *pos)
+            return LEFT;
+    }
+    if (size > end - start)
+        return LEFT; /* not all read yet */
+    PyObject *head = NULL, *name = clean_name(PyTuple_GET_ITEM(fields, F_NAME), &head);
+    if (name == NULL)
+        return FAILED;
+    if (name == Py_None) {
+        Py_DECREF(name);
+        return LEFT;
+    }
+    int result = usable_dir(dirs, head);
+    Py_DECREF(head);
+    PyObject *path = result == 1 ? PyUnicode_EncodeFSDefault(name) : NULL;
+    if (result == 1 && path == NULL)
+        result = FAILED;
+    else if (path != NULL && strlen(PyBytes_AS_STRING(path)) != (size_t)PyBytes_GET_SIZE(path))
+        result = LEFT; /* a NUL in the name: os.open refuses it, in the general path */
+    else if (path != NULL)
+        result = make_file(name, path, (int)num[0], data + start, (Py_ssize_t)size, num[5],
+                           num[4], record);
+    Py_XDECREF(path);
+    if (result == DONE && created != Py_None && PySet_Add(created, name) < 0)
+        result = FAILED;
+    Py_DECREF(name);
+    if (result == DONE) {
+        *pos = start + (Py_ssize_t)size;
+        *wrote = size;
+    }
+    return result;
+}
+
 static PyObject *write_plain_files(PyObject *self, PyObject *args) {
     PyObject *batch, *view, *dirs, *created, *record;
     Py_ssize_t i, pos, end;
     long long base;
     int inline_, root;
+    (void)self;
     if (!PyArg_ParseTuple(args, "O!nOnnLpO!OOp", &PyList_Type, &batch, &i, &view, &pos, &end,
                           &base, &inline_, &PyTuple_Type, &dirs, &created, &record, &root))
         return NULL;
-    if (PyTuple_GET_SIZE(dirs) != 3 || (record != Py_None && (!PyTuple_CheckExact(record) ||
-                                                              PyTuple_GET_SIZE(record) != 3))) {
-        PyErr_SetString(PyExc_TypeError, "write_plain_files: bad dirs or record");
+    int sets_ok = PyTuple_GET_SIZE(dirs) == 3 && (created == Py_None || PyAnySet_Check(created));
+    for (int k = 0; sets_ok && k < 3; k++)
+        sets_ok = PyAnySet_Check(PyTuple_GET_ITEM(dirs, k));
+    if (record != Py_None)
+        sets_ok = sets_ok && PyTuple_CheckExact(record) && PyTuple_GET_SIZE(record) == 3 &&
+                  PyAnySet_Check(PyTuple_GET_ITEM(record, 0)) &&
+                  PyAnySet_Check(PyTuple_GET_ITEM(record, 1)) &&
+                  PyDict_Check(PyTuple_GET_ITEM(record, 2));
+    if (!sets_ok) {
+        PyErr_SetString(PyExc_TypeError, "write_plain_files: dirs, created or record of the "
+                                         "wrong types");
         return NULL;
     }
-    PyObject *safe = PyTuple_GET_ITEM(dirs, 0), *sgid = PyTuple_GET_ITEM(dirs, 1),
-             *acl = PyTuple_GET_ITEM(dirs, 2);
     Py_buffer buf;
     if (PyObject_GetBuffer(view, &buf, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (pos < 0 || end < pos || end > buf.len) {
+    if (i < 0 || pos < 0 || end < pos || end > buf.len) {
         PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "write_plain_files: bad buffer positions");
+        PyErr_SetString(PyExc_ValueError, "write_plain_files: bad index or buffer positions");
         return NULL;
     }
-    const char *data = buf.buf;
-    long long written = 0;
-    Py_ssize_t n = PyList_GET_SIZE(batch);
-    for (; i < n; i++) {
+    long long written = 0, wrote = 0;
+    /* the list's size read at each entry: a signal handler run at EINTR could change it */
+    for (; i < PyList_GET_SIZE(batch); i++) {
         PyObject *sent = PyList_GET_ITEM(batch, i);
-        if (!PyTuple_CheckExact(sent) || PyTuple_GET_SIZE(sent) != 3)
-            break;
-        PyObject *fields = PyTuple_GET_ITEM(sent, 0), *size_o = PyTuple_GET_ITEM(sent, 1);
-        long long num[6], size, offset;
-        int ok = plain(fields, root, num);
-        if (ok == 0 && !PyErr_Occurred()) {
-            break;
+        Py_INCREF(sent);
+        int result = write_entry(sent, buf.buf, &pos, end, base, inline_, dirs, created, record,
+                                 root, &wrote);
+        Py_DECREF(sent);
+        if (result == FAILED) {
+            PyBuffer_Release(&buf);
+            return NULL;
         }
-        if (ok < 0 || (ok = as_ll(size_o, &size)) < 0 ||
-            (ok && (ok = as_ll(PyTuple_GET_ITEM(sent, 2), &offset)) < 0))
-            goto error;
-        if (!ok || size != num[3])
-            break; /* no data sent, or not the entry's own: the general path says so */
-        Py_ssize_t start = inline_ ? pos : (Py_ssize_t)(offset - base);
-        if (!inline_ && (offset - base < pos || offset - base > end))
+        if (result == LEFT)
             break;
-        if (size > end - start)
-            break; /* not all read yet */
-        PyObject *head = NULL, *name = clean_name(PyTuple_GET_ITEM(fields, F_NAME), &head);
-        if (name == NULL)
-            goto error;
-        if (name == Py_None) {
-            Py_DECREF(name);
-            break;
-        }
-        int usable = PySet_Contains(safe, head);
-        if (usable == 1)
-            usable = !PySet_Contains(sgid, head);
-        if (usable == 1)
-            usable = !PySet_Contains(acl, head);
-        Py_DECREF(head);
-        PyObject *path = usable == 1 ? PyUnicode_EncodeFSDefault(name) : NULL;
-        if (path != NULL && strlen(PyBytes_AS_STRING(path)) != (size_t)PyBytes_GET_SIZE(path)) {
-            Py_CLEAR(path); /* a NUL in the name: os.open refuses it, in the general path */
-            usable = 0;
-        }
-        int made = path == NULL ? (usable == 1 || PyErr_Occurred() ? -1 : 0)
-                                : make_file(name, path, (int)num[0], data + start,
-                                            (Py_ssize_t)size, num[5], num[4], record);
-        Py_XDECREF(path);
-        if (made == 1 && created != Py_None && PySet_Add(created, name) < 0)
-            made = -1;
-        Py_DECREF(name);
-        if (made < 0)
-            goto error;
-        if (made == 0)
-            break;
-        pos = start + (Py_ssize_t)size;
-        written += size;
+        written += wrote;
     }
     PyBuffer_Release(&buf);
     return Py_BuildValue("nnL", i, pos, written);
-error:
-    PyBuffer_Release(&buf);
-    return NULL;
 }
 
 /* ----------------------------------------------------------------- an exact diff's replay
@@ -394,34 +434,34 @@ static int bad_body_path(const unsigned char *p, Py_ssize_t n) {
     return 0;
 }
 
-/* Copy one body into out: 1 done, 0 left to exact.replay (nothing consumed), -1 error. */
+/* Copy one body into out: DONE, LEFT (to exact.replay, nothing consumed) or FAILED. */
 static int copy_body(Out *out, int dir_fd, const unsigned char *path, Py_ssize_t n,
                      Py_ssize_t name_at, long long size, PyObject *noted) {
     char name[4096];
     if (n - name_at >= (Py_ssize_t)sizeof(name) || memchr(path, 0, (size_t)n))
-        return 0;
+        return LEFT;
     memcpy(name, path + name_at, (size_t)(n - name_at));
     name[n - name_at] = 0;
     PyObject *key = PyUnicode_DecodeUTF8((const char *)path, n, "surrogateescape");
     if (key == NULL)
-        return -1;
+        return FAILED;
     PyObject *row = PyDict_GetItemWithError(noted, key);
     Py_DECREF(key);
     if (row == NULL)
-        return PyErr_Occurred() ? -1 : 0;
+        return PyErr_Occurred() ? FAILED : LEFT;
     long long want[3];
     if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 3)
-        return 0;
+        return LEFT;
     for (int k = 0; k < 3; k++) {
         int ok = as_ll(PyTuple_GET_ITEM(row, k), &want[k]);
         if (ok <= 0)
             return ok;
     }
     if (out->pos + size > out->size && out_flush(out) < 0)
-        return -1;
+        return FAILED;
     int fd = openat(dir_fd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return LEFT;
     Py_ssize_t done = 0;
     while (done < size) {
         ssize_t got = pread(fd, out->buf + out->pos + done, (size_t)(size - done), done);
@@ -439,9 +479,9 @@ static int copy_body(Out *out, int dir_fd, const unsigned char *path, Py_ssize_t
                st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec == want[2];
     close(fd);
     if (!same)
-        return 0;
+        return LEFT;
     out->pos += size;
-    return 1;
+    return DONE;
 }
 
 static PyObject *replay_run(PyObject *self, PyObject *args) {
@@ -503,9 +543,9 @@ static PyObject *replay_run(PyObject *self, PyObject *args) {
             memcmp(path, dir, (size_t)head) != 0)
             break;
         int copied = copy_body(&out, dir_fd, path, n, name_at, size, noted);
-        if (copied < 0)
+        if (copied == FAILED)
             goto done;
-        if (copied == 0)
+        if (copied == LEFT)
             break;
         pos += 21 + n;
         total += size;
