@@ -1,9 +1,10 @@
-"""Build hook: compile ``graphdriver.archive._fastpath`` (the apply sandbox's loop over plain
-files, ``src/graphdriver/archive/_fastpath.c``) with the compiler and headers of the Python
-that builds the wheel (``$CC`` and ``$CFLAGS`` if set), next to its source, so that an editable
-install imports it too. Where that fails (no C compiler or no Python headers) the wheel is
-built without it, saying so, and no older build of it is left: the archive engine then runs
-the same loops in Python (``graphdriver.archive.fastpath.ENABLED`` is False)."""
+"""Build hook: compile ``graphdriver.archive._fastpath`` (``src/graphdriver/archive/_fastpath.c``:
+the archive engine's loops in C, the apply sandbox's plain files and an exact diff's replay)
+with the compiler and headers of the Python that builds the wheel (``$CC`` and ``$CFLAGS`` if
+set), next to its source, so that an editable install imports it too. Where that fails (no C
+compiler or no Python headers) the wheel is built without it, saying so, and no older build of
+it is left: the archive engine then runs the same loops in Python
+(``graphdriver.archive.fastpath.ENABLED`` is False)."""
 
 from __future__ import annotations
 

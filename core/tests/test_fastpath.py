@@ -11,7 +11,9 @@ import io
 import os
 import random
 import stat
+import struct
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from subprocess import PIPE
@@ -344,3 +346,103 @@ def test_the_c_replay_leaves_a_changed_file_to_the_checks(tmp_path: Path, how: s
     }
     with pytest.raises((ArchiveError, OSError), match=errors[how]):
         _replay_to_file(result, target, tmp_path / "out.tar")
+
+
+def test_a_streamed_diff_of_many_small_files_does_not_stall(tmp_path: Path) -> None:
+    """LayerStore.diff streams the tar through a pipe that this process's own thread fills:
+    the C replay writes into it with the GIL released (found in review: holding it, a
+    replay of more than the pipe and the buffer, ~2 MiB, hung forever). In a child, so that
+    a hang fails the test."""
+    _needs_the_c_loops()
+    rng = random.Random(5)
+    members = [_dir("d")]
+    members += [_file(f"d/f{i}", rng.randbytes(100_000)) for i in range(60)]
+    (tmp_path / "layer.tar").write_bytes(_tar(members))
+    script = """
+import hashlib, sys
+from graphdriver import open_store
+with open_store(sys.argv[1], "vfs") as store, open(sys.argv[2], "rb") as tar:
+    store.create("L", None)
+    store.apply_diff("L", tar)
+    with store.diff("L") as stream:
+        print(hashlib.sha256(stream.read()).hexdigest())
+"""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "store"), str(tmp_path / "layer.tar")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the streamed diff hung")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == hashlib.sha256((tmp_path / "layer.tar").read_bytes()).hexdigest()
+
+
+def _segments(*parts: bytes | tuple[str, int]) -> bytes:
+    """A record's decompressed segments: raw parts (bytes) and bodies ((path, size))."""
+    out = b""
+    for part in parts:
+        if isinstance(part, bytes):
+            out += b"R" + struct.pack("<Q", len(part)) + part
+        else:
+            path, size = part
+            name = path.encode()
+            out += b"F" + struct.pack("<I", len(name)) + name + struct.pack("<QII", size, 0, 0)
+    return out + b"E" + bytes(8)
+
+
+def test_the_c_replay_copies_what_matches_and_leaves_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Called as TarWriter.replay_run calls it: copies raw parts and the bodies whose file
+    is in the open directory and matches its noted row (mode, mtime, ctime) and size, and
+    stops, having consumed nothing of it, at one that does not; what it writes out when its
+    buffer fills is counted."""
+    _needs_the_c_loops()
+    from graphdriver.archive._fastpath import replay_run
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/x").write_bytes(b"body of x")
+    (tmp_path / "y").write_bytes(b"body of y")
+    os.link(tmp_path / "y", tmp_path / "a/y")  # the same file, in the open directory too
+    dir_fd = os.open(tmp_path / "a", os.O_PATH | os.O_DIRECTORY)
+    out_fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+
+        def row(path: str) -> tuple[int, int, int]:
+            st = os.lstat(tmp_path / path)
+            return st.st_mode, st.st_mtime_ns, st.st_ctime_ns
+
+        def run(segs: bytes, noted: dict[str, tuple[int, int, int]], wbuf: int = 64) -> tuple:
+            buf = memoryview(bytearray(wbuf))
+            got = replay_run(segs, 0, buf, 0, out_fd, b"a", dir_fd, noted, 1 << 17)
+            return got, bytes(buf[: got[1]])
+
+        good = {"a/x": row("a/x"), "y": row("y")}
+        segs = _segments(b"head", ("a/x", 9), b"pad")
+        assert run(segs, good) == ((len(segs) - 9, 16, 0, 16), b"headbody of xpad")
+        first = 9 + 4  # the raw part before the body
+        mode, mtime, ctime = good["a/x"]
+        for noted in (
+            {"a/x": (mode + 1, mtime, ctime)},
+            {"a/x": (mode, mtime + 1, ctime)},
+            {"a/x": (mode, mtime, ctime + 1)},
+            {"a/x": good["y"]},  # another file's row
+            {},
+        ):
+            assert run(segs, noted)[0] == (first, 4, 0, 4), noted
+        shorter = _segments(b"head", ("a/x", 8))  # the file grew since
+        longer = _segments(b"head", ("a/x", 10))  # or was cut short
+        other_dir = _segments(b"head", ("y", 9))  # not in the open directory (a/y is it too)
+        for segs in (shorter, longer, other_dir):
+            assert run(segs, good)[0] == (first, 4, 0, 4)
+        # a buffer that fills: what went out to the fd is counted
+        segs = _segments(b"h" * 40, ("a/x", 9), b"p" * 40)
+        (pos, _, flushed, total), kept = run(segs, good, wbuf=64)
+        assert (pos, flushed, total) == (len(segs) - 9, 49, 89) and kept == b"p" * 40
+        assert (tmp_path / "out").read_bytes() == b"h" * 40 + b"body of x"
+    finally:
+        os.close(dir_fd)
+        os.close(out_fd)

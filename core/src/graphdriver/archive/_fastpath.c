@@ -329,13 +329,14 @@ static PyObject *write_plain_files(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!nOnnLpO!OOp", &PyList_Type, &batch, &i, &view, &pos, &end,
                           &base, &inline_, &PyTuple_Type, &dirs, &created, &record, &root))
         return NULL;
-    int sets_ok = PyTuple_GET_SIZE(dirs) == 3 && (created == Py_None || PyAnySet_Check(created));
+    /* read: any set; added to: a set (PySet_Add would change a frozenset in place) */
+    int sets_ok = PyTuple_GET_SIZE(dirs) == 3 && (created == Py_None || PySet_Check(created));
     for (int k = 0; sets_ok && k < 3; k++)
         sets_ok = PyAnySet_Check(PyTuple_GET_ITEM(dirs, k));
     if (record != Py_None)
         sets_ok = sets_ok && PyTuple_CheckExact(record) && PyTuple_GET_SIZE(record) == 3 &&
-                  PyAnySet_Check(PyTuple_GET_ITEM(record, 0)) &&
-                  PyAnySet_Check(PyTuple_GET_ITEM(record, 1)) &&
+                  PySet_Check(PyTuple_GET_ITEM(record, 0)) &&
+                  PySet_Check(PyTuple_GET_ITEM(record, 1)) &&
                   PyDict_Check(PyTuple_GET_ITEM(record, 2));
     if (!sets_ok) {
         PyErr_SetString(PyExc_TypeError, "write_plain_files: dirs, created or record of the "
@@ -394,10 +395,15 @@ typedef struct {
     long long flushed;
 } Out;
 
+/* Write out's buffer to its fd, the GIL released: the fd may be a pipe that a thread of
+ * this process reads (LayerStore.diff's stream). */
 static int out_flush(Out *out) {
     Py_ssize_t done = 0;
     while (done < out->pos) {
-        ssize_t n = write(out->fd, out->buf + done, (size_t)(out->pos - done));
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = write(out->fd, out->buf + done, (size_t)(out->pos - done));
+        Py_END_ALLOW_THREADS
         if (n < 0) {
             if (errno == EINTR && PyErr_CheckSignals() == 0)
                 continue;
@@ -410,6 +416,12 @@ static int out_flush(Out *out) {
     out->flushed += done;
     out->pos = 0;
     return 0;
+}
+
+/* Whether t is the time ns (compared as seconds and nanoseconds: no overflow). */
+static int same_time(const struct timespec *t, long long ns) {
+    struct timespec want = ns_time(ns);
+    return t->tv_sec == want.tv_sec && t->tv_nsec == want.tv_nsec;
 }
 
 static unsigned long long get_le(const unsigned char *p, int n) {
@@ -432,6 +444,31 @@ static int bad_body_path(const unsigned char *p, Py_ssize_t n) {
         start = k + 1;
     }
     return 0;
+}
+
+/* Whether the file name in dir_fd reads as size bytes into dst and its fstat after is
+ * size, st_mode want[0], mtime want[1] and ctime want[2] (ns). O_NONBLOCK: a FIFO swapped
+ * in does not hang the open (nor does it change a regular file's reads). */
+static int read_checked(int dir_fd, const char *name, char *dst, long long size,
+                        const long long *want) {
+    int fd = openat(dir_fd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return 0;
+    long long done = 0;
+    while (done < size) {
+        ssize_t got = pread(fd, dst + done, (size_t)(size - done), done);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            break;
+        done += got;
+    }
+    struct stat st;
+    int same = done == size && fstat(fd, &st) == 0 && st.st_size == size &&
+               (long long)st.st_mode == want[0] && same_time(&st.st_mtim, want[1]) &&
+               same_time(&st.st_ctim, want[2]);
+    close(fd);
+    return same;
 }
 
 /* Copy one body into out: DONE, LEFT (to exact.replay, nothing consumed) or FAILED. */
@@ -459,25 +496,10 @@ static int copy_body(Out *out, int dir_fd, const unsigned char *path, Py_ssize_t
     }
     if (out->pos + size > out->size && out_flush(out) < 0)
         return FAILED;
-    int fd = openat(dir_fd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0)
-        return LEFT;
-    Py_ssize_t done = 0;
-    while (done < size) {
-        ssize_t got = pread(fd, out->buf + out->pos + done, (size_t)(size - done), done);
-        if (got <= 0) {
-            if (got < 0 && errno == EINTR)
-                continue;
-            break;
-        }
-        done += got;
-    }
-    struct stat st;
-    int same = done == size && fstat(fd, &st) == 0 && st.st_size == size &&
-               (long long)st.st_mode == want[0] &&
-               st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec == want[1] &&
-               st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec == want[2];
-    close(fd);
+    int same;
+    Py_BEGIN_ALLOW_THREADS /* no Python object is touched: a slow filesystem stalls no thread */
+    same = read_checked(dir_fd, name, out->buf + out->pos, size, want);
+    Py_END_ALLOW_THREADS
     if (!same)
         return LEFT;
     out->pos += size;
@@ -503,7 +525,7 @@ static PyObject *replay_run(PyObject *self, PyObject *args) {
     }
     const unsigned char *buf = in.buf;
     Out out = {wb.buf, wpos, wb.len, out_fd, 0};
-    long long total = 0;
+    long long total = 0, bodies = 0;
     for (;;) {
         Py_ssize_t left = in.len - pos;
         if (left < 9)
@@ -524,8 +546,8 @@ static PyObject *replay_run(PyObject *self, PyObject *args) {
         if (p[0] != 'F')
             break;
         Py_ssize_t n = (Py_ssize_t)get_le(p + 1, 4);
-        if (n > left - 21 || get_le(p + 5 + n + 12, 4) != 0) /* cut here, or sparse */
-            break;
+        if (n > (1 << 20) || n > left - 21 || get_le(p + 5 + n + 12, 4) != 0)
+            break; /* a corrupt path length (tarsplit says so), cut here, or sparse */
         long long size = (long long)get_le(p + 5 + n, 8);
         const unsigned char *path = p + 5;
         Py_ssize_t name_at = 0;
@@ -542,6 +564,8 @@ static PyObject *replay_run(PyObject *self, PyObject *args) {
         if (size < 0 || size >= large || size > out.size || head != dir_len ||
             memcmp(path, dir, (size_t)head) != 0)
             break;
+        if (++bodies % 64 == 0 && PyErr_CheckSignals() < 0)
+            goto done; /* Ctrl-C: the diff stops, as between Python's bodies */
         int copied = copy_body(&out, dir_fd, path, n, name_at, size, noted);
         if (copied == FAILED)
             goto done;

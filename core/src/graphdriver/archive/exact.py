@@ -245,7 +245,9 @@ class _Bodies:
     """Opens the files of a layer below its root, following no symlink; the directory of the
     last one stays open, since a tar's files come directory by directory."""
 
-    _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    #: O_NONBLOCK: a FIFO swapped in for a file does not hang the open (a regular file's
+    #: reads are the same), as in _fastpath.c
+    _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
     def __init__(self, root: str) -> None:
         self._root = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -44,7 +44,8 @@ class TarWriter:
     """Writes tar entries to a file descriptor or to a ``write`` callable.
 
     Headers and small bodies gather in one reused buffer of :data:`CHUNK` bytes that leaves in
-    one write; with a plain fd, large bodies go by sendfile(2) and never enter Python.
+    one write; with a plain fd, large bodies go by sendfile(2) and never enter Python. A
+    writer whose write raised is not used again (its buffer may hold what it did not count).
     """
 
     def __init__(

@@ -388,7 +388,8 @@ class Segments:
     are ``buf[pos:]``, whole segments in place, where a faster parser may go on (and move
     *pos*): ``_fastpath.replay_run`` (raw parts and bodies ``R``/``F``, their tags a byte,
     their lengths little-endian: ``R`` u64 n, n bytes; ``F`` u32 n, n bytes of path, u64
-    size, u32 0, u32 sparse regions, each u64 offset and u64 length; ``E`` the end)."""
+    size, u32 0 (a CRC-32 before version 3, not read), u32 sparse regions, each u64 offset
+    and u64 length; ``E`` the end)."""
 
     def __init__(self, data: memoryview) -> None:
         self._z = _Inflater(data)

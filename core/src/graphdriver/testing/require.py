@@ -28,8 +28,9 @@ REQUIREMENTS = {
     "(/dev/mapper/control) and dmsetup",
     "xfs-quota": "XFS project quota (mount -o prjquota; a kernel built with CONFIG_XFS_QUOTA): "
     "overlay's size-limited rw layers",
-    "fastpath": "the apply sandbox's loop over plain files in C (graphdriver.archive._fastpath), "
-    "compiled when the package is installed: gcc and Python's headers (python3-dev)",
+    "fastpath": "the archive engine's loops in C (graphdriver.archive._fastpath: the apply "
+    "sandbox's plain files, an exact diff's replay), compiled when the package is installed: "
+    "gcc and Python's headers (python3-dev)",
     "podman": "podman, buildah and crun run rootful on the vfs storage driver, with setfattr "
     "(attr) and setcap (libcap2-bin) to copy into the test image: tests/test_interop.py",
     "umoci": "umoci unpacks an OCI image layout: tests/test_interop.py",
