@@ -121,10 +121,13 @@ def _tree(root: Path) -> dict[str, tuple[object, ...]]:
     return got
 
 
-def _apply(target: Path, data: bytes, how: str, scratch: Path) -> ApplyResult:
+def _apply(target: Path, data: bytes, how: str, scratch: Path, acl: bool = True) -> ApplyResult:
+    """Apply *data* (from a file, a pipe or gzip) to the new directory *target*, in which,
+    with *acl*, a parent layer left a directory ``acl`` with a default ACL."""
     target.mkdir()
-    (target / "acl").mkdir()
-    os.setxattr(target / "acl", "system.posix_acl_default", _acl(7, 0, 0))
+    if acl:
+        (target / "acl").mkdir()
+        os.setxattr(target / "acl", "system.posix_acl_default", _acl(7, 0, 0))
     if how == "file":
         scratch.write_bytes(data)
         with open(scratch, "rb") as f:
@@ -266,7 +269,7 @@ def test_a_full_filesystem_in_the_c_loop_is_one_line(tmp_path: Path) -> None:
 def _applied(tmp_path: Path, data: bytes | None = None) -> tuple[ApplyResult, Path, bytes]:
     data = _layer() if data is None else data
     target = tmp_path / "layer"
-    return _apply(target, data, "file", tmp_path / "layer.tar"), target, data
+    return _apply(target, data, "file", tmp_path / "layer.tar", acl=False), target, data
 
 
 def _by_directory() -> bytes:
@@ -446,3 +449,45 @@ def test_the_c_replay_copies_what_matches_and_leaves_the_rest(
     finally:
         os.close(dir_fd)
         os.close(out_fd)
+
+
+@pytest.mark.parametrize("how", ["as-applied", "chmod", "touched", "rewritten", "gone", "swapped"])
+def test_the_noted_paths_are_checked_alike(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before a replay every noted path is looked at (exact.stale, unchanged_alone): with the
+    C loop and without, the same answer and the same reason, whatever changed."""
+    _needs_the_c_loops()
+    result, target, _ = _applied(tmp_path, _by_directory())
+    victim = target / "a/b/f150"
+    if how == "chmod":
+        victim.chmod(0o600)
+    elif how == "touched":
+        os.utime(victim, ns=(0, 5))
+    elif how == "rewritten":
+        st = victim.stat()
+        victim.write_bytes(bytes(st.st_size))
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif how == "gone":
+        victim.unlink()
+    elif how == "swapped":
+        victim.unlink()
+        victim.mkdir()
+    assert result.record is not None
+    checks = tarsplit.Record(result.record).checks()
+    got = []
+    for fast in (True, False):
+        monkeypatch.setattr(fastpath, "ENABLED", fast)
+        got.append(
+            (exact.stale(checks, str(target), []), exact.unchanged_alone(checks, str(target)))
+        )
+    assert got[0] == got[1]
+    why = {
+        "as-applied": None,
+        "chmod": "/a/b/f150 changed type or mode after apply-diff",
+        "touched": "/a/b/f150 changed after apply-diff",
+        "rewritten": "/a/b/f150 changed after apply-diff",
+        "gone": "/a/b/f150 was removed after apply-diff",
+        "swapped": "/a/b/f150 changed type or mode after apply-diff",
+    }
+    assert got[0] == (why[how], how == "as-applied")

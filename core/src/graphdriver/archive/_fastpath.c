@@ -581,9 +581,67 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------ the noted paths, before a replay
+ *
+ * first_changed(items, i, top_fd)
+ *   items   the check table's present paths as exact._noted_changed orders them: a list of
+ *           (path, (st_mode, mtime ns, ctime ns)), path relative to the layer's root
+ *   top_fd  the layer's root, open (O_PATH)
+ * returns the index, from i on, of the first path whose lstat (relative to top_fd) fails or
+ * differs from its row, or len(items): exact._noted_changed then looks at that one again and
+ * says why (or goes on from the next, if it is as noted after all).
+ */
+static PyObject *first_changed(PyObject *self, PyObject *args) {
+    PyObject *items;
+    Py_ssize_t i;
+    int top_fd;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!ni", &PyList_Type, &items, &i, &top_fd))
+        return NULL;
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "first_changed: a negative index");
+        return NULL;
+    }
+    for (; i < PyList_GET_SIZE(items); i++) {
+        PyObject *item = PyList_GET_ITEM(items, i), *row;
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(item, 0)) ||
+            !PyTuple_CheckExact(row = PyTuple_GET_ITEM(item, 1)) || PyTuple_GET_SIZE(row) != 3)
+            break;
+        long long want[3];
+        int ok = 1;
+        for (int k = 0; ok == 1 && k < 3; k++)
+            ok = as_ll(PyTuple_GET_ITEM(row, k), &want[k]);
+        if (ok < 0)
+            return NULL;
+        PyObject *path = ok ? PyUnicode_EncodeFSDefault(PyTuple_GET_ITEM(item, 0)) : NULL;
+        if (ok && path == NULL)
+            return NULL;
+        if (!ok)
+            break;
+        const char *name = PyBytes_GET_SIZE(path) ? PyBytes_AS_STRING(path) : ".";
+        int same = strlen(name) == (size_t)(PyBytes_GET_SIZE(path) ? PyBytes_GET_SIZE(path) : 1);
+        struct stat st;
+        if (same) {
+            int rc;
+            Py_BEGIN_ALLOW_THREADS
+            rc = fstatat(top_fd, name, &st, AT_SYMLINK_NOFOLLOW);
+            Py_END_ALLOW_THREADS
+            same = rc == 0 && (long long)st.st_mode == want[0] &&
+                   same_time(&st.st_mtim, want[1]) && same_time(&st.st_ctim, want[2]);
+        }
+        Py_DECREF(path);
+        if (!same)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"write_plain_files", write_plain_files, METH_VARARGS,
      "Write a run of a frame's plain files; see graphdriver.archive.extract."},
+    {"first_changed", first_changed, METH_VARARGS,
+     "The first noted path that is not as noted; see graphdriver.archive.exact."},
     {"replay_run", replay_run, METH_VARARGS,
      "Copy a run of an exact diff's raw parts and bodies; see graphdriver.archive.exact."},
     {NULL, NULL, 0, NULL},

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ArchiveError
 from ..linux.bind import open_beneath
 from ..linux.fs import fs_name
+from . import fastpath
 from .tar import CHUNK
 from .tar_writer import TarWriter
 from .tarsplit import Body, Checks, Record
@@ -85,15 +86,23 @@ def _noted_changed(checks: Checks, root: str) -> str | None:
     ordered = [item for item in items if not stat.S_ISDIR(item[1][0])]
     ordered += [item for item in items if stat.S_ISDIR(item[1][0])]
     lstat = os.lstat
+    first_changed = fastpath.first_changed if fastpath.ENABLED else None
     top = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for path, noted in ordered:
+        i = 0
+        while i < len(ordered):
+            if first_changed is not None:  # the same lstat and compare in C, up to the first
+                i = first_changed(ordered, i, top)  # that differs, which is looked at here
+                if i == len(ordered):
+                    break
+            path, noted = ordered[i]
             try:
                 st = lstat(path or ".", dir_fd=top)  # relative to the root: its path once
             except (FileNotFoundError, NotADirectoryError):  # or a directory above is a file
                 return f"/{path} was removed after apply-diff"
             if (st.st_mode, st.st_mtime_ns, st.st_ctime_ns) != noted:
                 return _why(path, noted, st)
+            i += 1
     finally:
         os.close(top)
     return None
