@@ -74,6 +74,8 @@ PODMAN_DRIVER = {"vfs": "vfs", "overlay": "overlay", "btrfs": "btrfs"}
 DEPTH = 128
 #: issue #15's targets
 AS_FAST_AS_TAR = Target(1.1)
+#: data sets whose apply-diff and diff are also measured through the command server
+SERVED = ("minbase", "small10k")
 START_UP = Target(3.0)
 MOUNT_VS_PODMAN = Target(1.5)
 CHANGES_MS = Target(20.0, absolute=True)
@@ -317,11 +319,37 @@ class Bench:
                     run(podman("rmi", "-f", "bench:layer"))
                 run([*self.gd, "rm", layer, again])
                 data.rmtree(into)
+            if key in SERVED:
+                self.served(f"apply-diff {key}", figs[0],
+                            [*self.gd, "apply-diff", "served", str(tar)],
+                            before=lambda: run([*self.gd, "create", "served"]),
+                            after=lambda: run([*self.gd, "rm", "served"]))  # fmt: skip
             for f in figs[:2]:
                 med = f.value() or 1.0
                 f.extra = f"{data.plain_of(tar).stat().st_size / 1e6 / med:.0f} MB/s"
                 if files > 1:
                     f.extra += f", {files / med:,.0f} files/s ({entries:,} entries)"
+
+    def served(
+        self,
+        name: str,
+        cli: Figure,
+        command: list[str],
+        before: Callable[[], object] | None = None,
+        after: Callable[[], object] | None = None,
+    ) -> None:
+        """*name* through the command server: *command*, after *before* and a sync, followed
+        by *after*, beside the reference runs of the *cli* figure (taken before)."""
+        fig = self.fig(f"{name} through the command server", ref_name=cli.ref_name,
+                       target=cli.target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
+        with self.command_server():
+            for _ in range(self.runs):
+                if before is not None:
+                    before()
+                sync()
+                fig.add(timed(command))
+                if after is not None:
+                    after()
 
     # ------------------------------------------------------------------------------ pack
 
@@ -343,6 +371,8 @@ class Bench:
                     after=out.unlink,
                 )
             data.rmtree(tree)
+            self.served(f"diff {key}", figs[0], [*self.gd, "diff", layer, "-o", str(out)],
+                        after=out.unlink)  # fmt: skip
         if "small10k" in self.keys:
             self.rewritten(out)
         if "big1g" in self.keys:
