@@ -151,11 +151,37 @@ def test_a_command_through_the_server_is_the_command_run_here(
 
 def _ended(client: subprocess.Popen[bytes]) -> bytes:
     """Wait for *client* (signalled) to end, its stdin still open: the signal, passed on,
-    must reach the worker before an end of input could; then its stderr."""
-    client.wait(timeout=60)
+    must reach the worker before an end of input could; then its stderr. One that does not
+    end fails the test with where it and the processes it started wait."""
+    try:
+        client.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        where = _waiting(client.pid)
+        client.kill()
+        pytest.fail(f"the client did not end in 60 s: {where}")
     assert client.stdin is not None and client.stderr is not None
     client.stdin.close()
     return client.stderr.read()
+
+
+def _waiting(client: int) -> str:
+    """Where *client* and every graphdriver process wait: each thread's system call and
+    kernel wait channel (found once in CI, never here: the next time says where)."""
+    seen = []
+    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if pid != client and "bin/graphdriver" not in cmd:
+                continue
+            threads = [
+                f"{tid}: {Path(f'/proc/{pid}/task/{tid}/wchan').read_text()} "
+                f"{Path(f'/proc/{pid}/task/{tid}/syscall').read_text().split()[:2]}"
+                for tid in os.listdir(f"/proc/{pid}/task")
+            ]
+        except OSError:
+            continue
+        seen.append(f"{pid} {cmd[:80]!r} [{'; '.join(threads)}]")
+    return " | ".join(seen)
 
 
 def _start_apply(
