@@ -1,8 +1,8 @@
-/* The archive engine's two hot loops in C, each doing for a run of items what a Python loop
- * does for one, without the interpreter's work per item (on small files that work was a
- * third of the time, where GNU tar spends none): the apply sandbox's plain files
- * (write_plain_files, for Extractor.plain_file) and an exact diff's raw parts and bodies
- * (replay_run, for exact.replay). Optional: where this module was not built the Python loops
+/* The archive engine's hot loops in C, each doing for a run of items what a Python loop does
+ * for one, without the interpreter's work per item (on small files that work was a third of
+ * the time, where GNU tar spends none): the apply sandbox's plain files (write_plain_files,
+ * for Extractor.plain_file), and an exact diff's look at its noted paths (first_changed, for
+ * exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay). Optional: where this module was not built the Python loops
  * do it all (graphdriver.archive.fastpath), and core/tests/test_fastpath.py holds the two to
  * the same result. Each stops, having done nothing for it, at the first item it would not
  * handle exactly as the Python loop does, which then takes that item.
