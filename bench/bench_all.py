@@ -346,10 +346,12 @@ class Bench:
             for _ in range(self.runs):
                 if before is not None:
                     before()
-                sync()
-                fig.add(timed(command))
-                if after is not None:
-                    after()
+                try:
+                    sync()
+                    fig.add(timed(command))
+                finally:
+                    if after is not None:
+                        after()
 
     # ------------------------------------------------------------------------------ pack
 

@@ -156,8 +156,11 @@ def _ended(client: subprocess.Popen[bytes]) -> bytes:
     try:
         client.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        where = _waiting(client.pid)
-        client.kill()
+        try:
+            where = _waiting(client.pid)
+        finally:
+            client.kill()
+            client.wait()
         pytest.fail(f"the client did not end in 60 s: {where}")
     assert client.stdin is not None and client.stderr is not None
     client.stdin.close()
@@ -167,19 +170,27 @@ def _ended(client: subprocess.Popen[bytes]) -> bytes:
 def _waiting(client: int) -> str:
     """Where *client* and every graphdriver process wait: each thread's system call and
     kernel wait channel (found once in CI, never here: the next time says where)."""
+
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return "?"
+
     seen = []
     for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if pid != client and "bin/graphdriver" not in cmd:
-                continue
-            threads = [
-                f"{tid}: {Path(f'/proc/{pid}/task/{tid}/wchan').read_text()} "
-                f"{Path(f'/proc/{pid}/task/{tid}/syscall').read_text().split()[:2]}"
-                for tid in os.listdir(f"/proc/{pid}/task")
-            ]
-        except OSError:
+        cmd = read(f"/proc/{pid}/cmdline")
+        if pid != client and "bin/graphdriver" not in cmd:
             continue
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # ended meanwhile
+        threads = [
+            f"{tid}: {read(f'/proc/{pid}/task/{tid}/wchan')} "
+            f"{read(f'/proc/{pid}/task/{tid}/syscall').split()[:2]}"
+            for tid in tids
+        ]
         seen.append(f"{pid} {cmd[:80]!r} [{'; '.join(threads)}]")
     return " | ".join(seen)
 

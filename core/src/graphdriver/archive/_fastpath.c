@@ -634,7 +634,8 @@ static PyObject *first_changed(PyObject *self, PyObject *args) {
         if (!same)
             break;
     }
-    return PyLong_FromSsize_t(i);
+    /* never past the end (a list shrunk meanwhile, or a start past it) */
+    return PyLong_FromSsize_t(i < PyList_GET_SIZE(items) ? i : PyList_GET_SIZE(items));
 }
 
 static PyMethodDef methods[] = {
