@@ -165,7 +165,7 @@ class Extractor:
         return self.size
 
     def plain_file(self, fields: tuple[Any, ...]) -> bool:
-        """Write the entry of *fields* (a :class:`.TarEntry`'s, as :meth:`.FedReader.fields`
+        """Write the entry of *fields* (a :class:`.TarEntry`'s, as :meth:`.FedReader.enter`
         gives them) if it is the common entry: a regular file, not sparse, without xattrs or
         setuid, setgid or sticky bits, owned by root (or by anyone when not run as root), with
         a clean name none of whose parts starts with a dot, in a directory this extraction
