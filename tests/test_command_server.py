@@ -196,17 +196,23 @@ def _waiting(client: int) -> str:
 
 
 def _start_apply(
-    server: Server, root: Path, nohup: bool = False, prefix: list[str] | None = None
+    server: Server,
+    root: Path,
+    nohup: bool = False,
+    prefix: list[str] | None = None,
+    layer: str = "slow",
+    settle: float = 0.5,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """An apply-diff through the server whose stdin stays open (half a layer sent): the
-    client (under nohup: SIGHUP ignored; run by *prefix*, a command that execs it), and the
-    pid of the worker that runs it."""
+    """An apply-diff into a new *layer* through the server whose stdin stays open (half a
+    layer sent): the client (under nohup: SIGHUP ignored; run by *prefix*, a command that
+    execs it), *settle* seconds after its worker started (by then reading the layer), and the
+    pid of that worker."""
     assert GRAPHDRIVER is not None
     gd = [GRAPHDRIVER, "--driver", "vfs", "--root", str(root)]
-    subprocess.run([*gd, "create", "slow"], check=True, env=server.env(), timeout=120)
+    subprocess.run([*gd, "create", layer], check=True, env=server.env(), timeout=120)
     before = len(server.workers())
     client = subprocess.Popen(
-        [*(prefix or []), *(["nohup"] if nohup else []), *gd, "apply-diff", "slow"],
+        [*(prefix or []), *(["nohup"] if nohup else []), *gd, "apply-diff", layer],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=server.env(),
     )  # fmt: skip
@@ -216,9 +222,9 @@ def _start_apply(
     deadline = time.monotonic() + 60
     while len(server.workers()) == before:
         assert time.monotonic() < deadline, server.log.read_text()
-        time.sleep(0.05)
+        time.sleep(0.001)
     worker = server.workers()[-1].split(" worker ")[1].split()[0]
-    time.sleep(0.5)  # the worker is reading the layer
+    time.sleep(settle)
     return client, worker
 
 
@@ -246,6 +252,23 @@ def test_signals_reach_the_worker_and_its_status_the_client(
     finally:
         for r in (root, root / "again"):
             _run(server.env(), "--driver", "vfs", "--root", str(r), "cleanup")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_ctrl_c_at_any_moment_of_a_command_reaches_it(server: Server, loop_ext4: Backing) -> None:
+    # from the moment the worker starts to when it waits for input, in steps: a signal then
+    # must not land where Python ignores it (an at-fork hook, a weakref callback) or where
+    # nothing wakes the main thread (another thread, just before its read)
+    root = loop_ext4.root / "cmd-sweep"
+    try:
+        for i in range(24):
+            client, _ = _start_apply(server, root, layer=f"l{i}", settle=i * 0.002)
+            client.send_signal(signal.SIGINT)
+            err = _ended(client)
+            assert client.returncode == 128 + signal.SIGINT, (i, err)
+            assert b"interrupted by SIGINT; what it had half done was rolled back" in err, i
+    finally:
+        _run(server.env(), "--driver", "vfs", "--root", str(root), "cleanup")
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -291,10 +291,12 @@ def test_sigterm_during_apply_keeps_the_layer(gd: GD, tmp_path: Path, how: str) 
         proc.send_signal(signal.SIGTERM)
     if how != "command-only":
         os.killpg(proc.pid, signal.SIGTERM)
-    # the end of the input, as from a file: a signal the kernel handed to another thread than
-    # Python's main one is only acted on once a blocked read of stdin returns
-    proc.stdin.close()
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    # its input stays open: the signal, not the end of the input, ends the command
+    try:
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.stdin.close()
     assert "interrupted by SIGTERM" in proc.stderr.read().decode()
     for pid in children:
         assert not Path(f"/proc/{pid}").exists()
@@ -302,6 +304,40 @@ def test_sigterm_during_apply_keeps_the_layer(gd: GD, tmp_path: Path, how: str) 
     assert os.listdir(victim_dir) == []
     gd("apply-diff", "victim", input=data)
     assert len(os.listdir(victim_dir)) == 400
+
+
+def test_a_ctrl_c_at_any_moment_of_an_apply_ends_it(gd: GD, tmp_path: Path) -> None:
+    """Ctrl-C at moments spread over an apply-diff's start, its input left open: each run
+    ends, at once, by the signal itself while Python starts (nothing done yet), else with
+    status 130 and its rollback; never a traceback, never an apply that goes on."""
+    tar = tmp_path / "big.tar"
+    _big_tar(tar, files=8, size=4096)
+    head = tar.read_bytes()[:8192]
+    for i in range(16):
+        gd("create", f"l{i}")
+        proc = subprocess.Popen(
+            gd.argv("apply-diff", f"l{i}"), stdin=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(head)
+        proc.stdin.flush()
+        time.sleep(i * 0.02)
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            proc.kill()
+            proc.stdin.close()
+        err = proc.stderr.read().decode()
+        if code == -signal.SIGINT:
+            assert err == "", (i, err)
+        else:
+            assert (code, err) == (
+                128 + signal.SIGINT,
+                "graphdriver: interrupted by SIGINT; what it had half done was rolled back\n",
+            ), i
+        assert os.listdir(gd.root / "vfs" / "dir" / f"l{i}") == []
+    assert sorted(gd("ls").out.split()) == sorted(f"l{i}" for i in range(16))
 
 
 def _two_files_tar(tmp_path: Path) -> bytes:

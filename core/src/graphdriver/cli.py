@@ -14,11 +14,14 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Collection
 
 import click
 
 from .cli_common import Context, ErrorGroup, pairs
+from .linux.signals import start_thread
 
 log = logging.getLogger("graphdriver")
 
@@ -147,15 +150,60 @@ _REPEAT_GRACE = 2.0
 
 def _interrupt(signum: int, _frame: object) -> None:
     now = time.monotonic()
-    if _interrupted_at:
+    if _interrupted_at and not _lost:
         if now - _interrupted_at[0] < _REPEAT_GRACE:
             return  # the rollback under way goes on
         # asked again later: end at once; the next command's recovery rolls back
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    _interrupted_at.append(now)
+    _lost.clear()
+    _interrupted_at[:] = [now]
     raise Interrupted(signum)
+
+
+#: an interrupt raised where Python ignored it, sent again (not a repeat, whenever it comes)
+_lost: list[int] = []
+#: the hook that had the exceptions Python ignores before :func:`catch_interrupts` took them
+_unraisable_before = [sys.__unraisablehook__]
+#: how long the main thread has to leave the hook before the lost interrupt is sent again
+_RESEND_AFTER = 0.01
+
+
+def _unraisable(args: sys.UnraisableHookArgs) -> None:
+    """An interrupt raised where Python ignores exceptions (a ``__del__``, a weakref callback:
+    wherever the main thread was when the signal came) is not lost: it is sent again, to
+    arrive where the main thread goes on (or, if that is such a place again, again)."""
+    exc = args.exc_value
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+        _lost.append(signum)
+
+        main_thread = threading.main_thread().ident
+        assert main_thread is not None
+
+        def resend() -> None:  # once this hook has returned: raised in it, it would be lost
+            time.sleep(_RESEND_AFTER)
+            signal.pthread_kill(main_thread, signum)
+
+        try:
+            start_thread(threading.Thread(target=resend, name="graphdriver-resend", daemon=True))
+            return
+        except RuntimeError:  # the interpreter is ending: so is the command
+            pass
+    _unraisable_before[-1](args)
+
+
+def catch_interrupts() -> None:
+    """SIGTERM and SIGINT (unless ignored, as a shell script's background jobs do) raise
+    :class:`Interrupted` where the main thread is; one raised where Python would ignore it is
+    sent again."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored: a background job's
+        signal.signal(signal.SIGINT, _interrupt)
+    if sys.unraisablehook is not _unraisable:
+        _unraisable_before.append(sys.unraisablehook)
+        sys.unraisablehook = _unraisable
 
 
 def extend_by_plugins() -> None:
@@ -172,16 +220,18 @@ def extend_by_plugins() -> None:
         log.warning("a plugin failed to extend the CLI: %s", exc)
 
 
-def main() -> None:
-    """Entry point of the ``graphdriver`` script."""
+def main(blocked: Collection[int] = ()) -> None:
+    """Entry point of the ``graphdriver`` script. *blocked*: signals the caller blocked until
+    the handlers are in place (a command server's worker), let in then."""
     # a layer's names are bytes: one that is not UTF-8 goes out as it is (surrogateescape),
     # whatever error handler the environment asked for (PYTHONIOENCODING=utf-8 says strict)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
     extend_by_plugins()
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    catch_interrupts()
     try:
+        if blocked:  # one that came meanwhile is raised here, and said as any other
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
         cli.main(prog_name="graphdriver", standalone_mode=True)
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)

@@ -4,6 +4,7 @@ store, with a progress bar on a terminal (tqdm, imported only then)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import stat
@@ -17,6 +18,7 @@ import click
 from .cli_common import Context, emit, json_option, pass_ctx
 from .cli_layers import PARENT_HELP
 from .errors import from_oserror
+from .linux.signals import FdReader
 
 PROGRESS_MIN = 4 << 20
 
@@ -32,6 +34,7 @@ def _progress(total: int | None, label: str) -> Iterator[Any]:
 
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no monitor thread: signals go to the main thread
     size = shutil.get_terminal_size((80, 24))
     with tqdm(
         total=total,
@@ -114,6 +117,14 @@ def diff(
         click.echo(json.dumps(report, indent=2), err=output is None)
 
 
+def _pipe_like(fd: int) -> bool:
+    """Whether *fd* is open on something other than a regular file (a pipe, socket, terminal)."""
+    try:
+        return not stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 def _regular_or_missing(path: str) -> bool:
     """Whether *path* (through symlinks) is a regular file or nothing yet."""
     try:
@@ -135,6 +146,8 @@ def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
         if source == "-":
             stream: BinaryIO = sys.stdin.buffer
             total = None
+            if _pipe_like(0):  # a Ctrl-C while its writer stalls ends the command
+                stream = io.BufferedReader(FdReader(0))
         else:
             try:
                 stream = stack.enter_context(open(source, "rb"))

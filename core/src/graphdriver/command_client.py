@@ -55,6 +55,10 @@ def main() -> int | None:
         status = _through_server(path)
         if status is not None:
             return status
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        # a Ctrl-C while the CLI imports (before its handlers) ends it as it would any
+        # program that had not started: by the signal, without Python's traceback
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     from .cli import main as run_here
 
     run_here()

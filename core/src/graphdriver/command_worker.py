@@ -269,7 +269,10 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
     signal.signal(signal.SIGINT, signal.default_int_handler)
     faulthandler.unregister(signal.SIGUSR1)  # the server's stack dumps are not the command's
     signal.set_wakeup_fd(-1)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    # SIGINT (only the client sends it, once the command runs) stays blocked until the CLI's
+    # handler is in place: a KeyboardInterrupt raised meanwhile could land where Python ignores
+    # it (logging's weakref callbacks below), and the command would run on, deaf to it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS - {signal.SIGINT})
     close_all(closing)
     os.setsid()  # a Ctrl-C at the server's terminal is not the client's
     # the server's log goes on to the server's stderr once fds 0-2 are the client's
@@ -306,11 +309,9 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
     from .cli import main
 
     try:
-        main()
+        main(blocked={signal.SIGINT})
     except SystemExit as exc:
         return _exit_code(exc.code)
-    except KeyboardInterrupt:  # before the CLI's own handlers were in place
-        return 128 + signal.SIGINT
     return 0
 
 

@@ -27,6 +27,7 @@ from .driver import NativeDiff
 from .errors import LayerInUse, from_oserror
 from .lazy import LazyModule
 from .linux.mount import MS_BIND, mount, mounts_under, unmount
+from .linux.signals import start_thread
 from .metadata import LayerRecord
 from .recovery import layer_info as _info
 
@@ -272,7 +273,7 @@ def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> Binar
                 failure.append(exc)
 
     thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
-    thread.start()
+    start_thread(thread)  # signals go to the caller's main thread
     return io.BufferedReader(streams.DiffStream(r, thread, failure), buffer_size=1 << 20)
 
 

@@ -20,6 +20,9 @@ Mounts
     ``MNT_*`` flags), :func:`fsmount` (the new mount API, options one by one: no page limit),
     :func:`bind` (a recursive private bind onto an fd, read-only before it is attached),
     :func:`mountinfo`, :func:`is_mountpoint`, :func:`mounts_under`, :func:`unmount_all_under`.
+Processes
+    :func:`fork_holding_signals` (``os.fork()`` with every signal blocked until each process
+    calls :func:`release_signals`: no interrupt is lost in an at-fork hook).
 Loop devices
     :func:`attach_loop` (LOOP_CONFIGURE with autoclear: the device goes with its last user),
     :class:`LoopDevice`, :func:`loop_backing_file`.
@@ -96,6 +99,8 @@ if TYPE_CHECKING:
     from .linux.quota import project_quota_enforced as project_quota_enforced
     from .linux.quota import set_limit as set_quota_limit
     from .linux.quota import set_project as set_quota_project
+    from .linux.signals import fork_holding_signals as fork_holding_signals
+    from .linux.signals import release_signals as release_signals
     from .sqlite import Schema as SqliteSchema
     from .sqlite import open_db as sqlite_open
     from .sqlite import transaction as sqlite_transaction
@@ -118,6 +123,8 @@ SOURCES: dict[str, tuple[str, str]] = {
     "fault_point": ("faults", "point"),
     "bind": ("linux.bind", "bind"),
     "copy_tree": ("linux.copy", "copy_tree"),
+    "fork_holding_signals": ("linux.signals", "fork_holding_signals"),
+    "release_signals": ("linux.signals", "release_signals"),
     "fs_magic": ("linux.fs", "fs_magic"),
     "fs_name": ("linux.fs", "fs_name"),
     "nearest_existing": ("linux.fs", "nearest_existing"),
@@ -171,6 +178,7 @@ __all__ = [
     "changes_within",
     "copy_tree",
     "fault_point",
+    "fork_holding_signals",
     "fs_magic",
     "fs_name",
     "fsmount",
@@ -190,6 +198,7 @@ __all__ = [
     "parse_size",
     "private_dir",
     "project_quota_enforced",
+    "release_signals",
     "set_quota_limit",
     "set_quota_project",
     "sqlite_open",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
+from ..linux.signals import fork_holding_signals, release_signals, start_thread
 from . import tarsplit
 from .extract import Sandbox, run_child
 from .feed import Feeder
@@ -99,7 +100,7 @@ def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) 
         made += (frames_r, frames_w)
         res_r, res_w = os.pipe2(os.O_CLOEXEC)
         made += (res_r, res_w)
-        pid = os.fork()
+        pid, held = fork_holding_signals()  # signals held until the try below: no interrupt is lost
     except BaseException:
         for fd in made:
             os.close(fd)
@@ -107,18 +108,23 @@ def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) 
     if pid == 0:  # pragma: no cover - runs in the child, reported through res_w
         os.close(frames_w)
         os.close(res_r)
-        run_child(str(target), frames_r, data_fd, res_w, sandbox)
+        run_child(str(target), frames_r, data_fd, res_w, sandbox, held)
     os.close(frames_r)
     os.close(res_w)
     if data_fd is not None:
         os.close(data_fd)
     segments = tarsplit.SegmentRecorder() if sandbox.record else None
     feed_error: GraphDriverError | None = None
-    feeder = Feeder(
-        source.readinto, frames_w, inline=data_fd is None, segments=segments, body_path=body_path
-    )
     fed = False
     try:
+        release_signals(held)  # a signal that came while forking: handled here
+        feeder = Feeder(
+            source.readinto,
+            frames_w,
+            inline=data_fd is None,
+            segments=segments,
+            body_path=body_path,
+        )
         feeder.run()
         fed = True
     except BrokenPipeError:
@@ -263,7 +269,7 @@ class _Decoding:
             self._out.put(exc)
 
     def __iter__(self) -> Iterator[tuple[bytes, int]]:
-        self._thread.start()
+        start_thread(self._thread)  # signals go to the main thread
         self._in.put(self._head)
         while True:
             chunk = self._stream.read(_READ)  # while the thread decodes the one before

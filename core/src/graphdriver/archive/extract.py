@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import ArchiveError, UnsafeArchive
 from ..linux.libc import LIBC
+from ..linux.signals import Held, release_signals
 from . import fastpath, sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
 from .feed import FedReader, StreamCut
@@ -54,9 +55,15 @@ class Sandbox:
 
 
 def run_child(  # pragma: no cover
-    target: str, frames_fd: int, data_fd: int | None, res_fd: int, sandbox: Sandbox
+    target: str,
+    frames_fd: int,
+    data_fd: int | None,
+    res_fd: int,
+    sandbox: Sandbox,
+    held: Held,
 ) -> None:
-    """The forked child: chroot into *target*, extract the entries read from *frames_fd* (a
+    """The forked child (signals blocked until its own handlers are in place, then *held* is
+    its mask): chroot into *target*, extract the entries read from *frames_fd* (a
     :class:`.feed.Feeder`'s frames) with their data from *data_fd* (the tar file) or inline,
     report one JSON line (and the record's check table) on *res_fd*, and exit."""
     code = 0
@@ -66,6 +73,7 @@ def run_child(  # pragma: no cover
     try:
         LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        release_signals(held)
         os.chroot(target)
         os.chdir("/")
         os.umask(0)

@@ -11,7 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from graphdriver import DriverUnavailable
-from graphdriver.toolkit import fsmount, mount, nearest_existing, unmount, unmount_all_under
+from graphdriver.toolkit import (
+    fork_holding_signals,
+    fsmount,
+    mount,
+    nearest_existing,
+    release_signals,
+    unmount,
+    unmount_all_under,
+)
 
 
 def in_user_namespace() -> bool:
@@ -28,8 +36,8 @@ def mount_from(cwd: Path, data: str, target: Path) -> None:
     A forked child changes directory and mounts, so this process's cwd never moves and no
     path needs escaping (commas and colons in absolute paths would break the option string).
     """
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child only mounts
+    pid, held = fork_holding_signals()  # signals held: none is lost in an at-fork hook
+    if pid == 0:  # pragma: no cover - the child only mounts (signals held: it ends by itself)
         code = 0
         try:
             os.chdir(cwd)
@@ -38,7 +46,10 @@ def mount_from(cwd: Path, data: str, target: Path) -> None:
             code = exc.errno or 1
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    try:
+        release_signals(held)  # an interrupt meanwhile raises here, once the mount is made or not
+    finally:
+        _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code:
         raise OSError(code, os.strerror(code), str(target))

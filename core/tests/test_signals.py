@@ -1,0 +1,156 @@
+"""No signal is lost (``graphdriver.linux.signals`` and the CLI's handlers): one that comes
+during a fork, to a thread other than the main one, just before a blocking read, or while a
+``__del__`` runs, still interrupts the command. Each case runs in a process of its own (its
+handlers and signal masks are its own), first the way Python does it alone, which loses the
+signal, then the way graphdriver does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def _run(code: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+_HANDLER = """
+    import logging, os, signal, sys, threading, time
+    class Caught(BaseException):
+        pass
+    def handler(signum, frame):
+        raise Caught()
+    signal.signal(signal.SIGUSR1, handler)
+"""
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_signal_during_a_fork_is_raised_once_the_fork_is_done(held: bool) -> None:
+    # the signal comes in an at-fork hook, as it may while logging's hooks run
+    proc = _run(
+        _HANDLER
+        + f"""
+    from graphdriver.linux.signals import fork_holding_signals, release_signals
+    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        if {held}:
+            pid, mask = fork_holding_signals()
+            if pid == 0:
+                os._exit(0)
+            release_signals(mask)
+        else:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        print("not interrupted")
+    except Caught:
+        os.waitpid(pid, 0)
+        print("interrupted")
+    # logging's lock is free: another thread logs
+    done = threading.Event()
+    threading.Thread(target=lambda: (logging.warning("logged"), done.set())).start()
+    print("logging", "works" if done.wait(5) else "stuck")
+    """
+    )
+    assert proc.returncode == 0, proc.stderr
+    if held:
+        assert proc.stdout.split("\n")[:2] == ["interrupted", "logging works"], proc.stderr
+    else:  # Python alone: the handler's exception is ignored in the hook; the fork goes on
+        assert proc.stdout.startswith("not interrupted\n"), proc.stdout
+        assert "Exception ignored" in proc.stderr
+
+
+def test_threads_started_by_graphdriver_leave_every_signal_to_the_main_thread() -> None:
+    proc = _run(
+        """
+    import threading
+    from graphdriver.linux.signals import start_thread
+    def blocked():
+        for line in open(f"/proc/self/task/{threading.get_native_id()}/status"):
+            if line.startswith("SigBlk:"):
+                print(line.split()[1])
+    for start in (threading.Thread.start, start_thread):
+        thread = threading.Thread(target=blocked)
+        start(thread) if start is start_thread else thread.start()
+        thread.join()
+    """
+    )
+    assert proc.returncode == 0, proc.stderr
+    plain, ours = (int(mask, 16) for mask in proc.stdout.split())
+    assert plain == 0
+    # all but SIGKILL, SIGSTOP and the two glibc keeps for itself (32 and 33)
+    unblockable = {9, 19, 32, 33}
+    assert all(ours >> (n - 1) & 1 for n in range(1, 65) if n not in unblockable), hex(ours)
+
+
+@pytest.mark.parametrize("reader", ["os.read", "FdReader"])
+def test_a_signal_that_came_before_a_blocking_read_ends_it(reader: str) -> None:
+    # the main thread has the signal blocked, so the kernel gives it to another thread: its
+    # handler is due, but nothing wakes the main thread from the read that follows (the same
+    # as a signal that came just before the read, with nothing between to run the handler); a
+    # writer unblocks the read after 5 s
+    proc = _run(
+        _HANDLER
+        + f"""
+    from graphdriver.linux.signals import FdReader
+    r, w = os.pipe()
+    threading.Timer(5, os.write, (w, b"late")).start()
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGUSR1}})
+    os.kill(os.getpid(), signal.SIGUSR1)
+    start = time.monotonic()
+    try:
+        if "{reader}" == "FdReader":
+            FdReader(r).readinto(bytearray(4))
+        else:
+            os.read(r, 4)
+        print("read", round(time.monotonic() - start))
+    except Caught:
+        print("interrupted", round(time.monotonic() - start))
+    os._exit(0)
+    """
+    )
+    assert proc.returncode == 0, proc.stderr
+    if reader == "FdReader":
+        assert proc.stdout == "interrupted 0\n"
+    else:  # the handler ran only once the data came
+        assert proc.stdout.split()[1] == "5", proc.stdout
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_an_interrupt_raised_in_a_finalizer_is_sent_again(hooked: bool) -> None:
+    # Ctrl-C while a __del__ runs: Python ignores what the handler raises there
+    proc = _run(
+        f"""
+    import os, signal, time
+    from graphdriver import cli
+    if {hooked}:
+        cli.catch_interrupts()
+    else:
+        signal.signal(signal.SIGINT, cli._interrupt)
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+    start = time.monotonic()
+    try:
+        Finalized()
+        time.sleep(5)
+        print("slept", round(time.monotonic() - start))
+    except cli.Interrupted:
+        print("interrupted", round(time.monotonic() - start))
+    """
+    )
+    assert proc.returncode == 0, proc.stderr
+    if hooked:
+        assert proc.stdout == "interrupted 0\n", proc.stderr
+        assert "Exception ignored" not in proc.stderr
+    else:
+        assert proc.stdout == "slept 5\n"
+        assert "Exception ignored" in proc.stderr
