@@ -6,6 +6,7 @@ signal, then the way graphdriver does."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ def _run(code: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 
 
 _HANDLER = """
-    import logging, os, signal, sys, threading, time
+    import os, signal, sys, threading, time
     class Caught(BaseException):
         pass
     def handler(signum, frame):
@@ -53,24 +54,23 @@ def test_a_signal_during_a_fork_is_raised_once_the_fork_is_done(held: bool) -> N
     except Caught:
         os.waitpid(pid, 0)
         print("interrupted")
-    # logging's lock is free: another thread logs
-    done = threading.Event()
-    threading.Thread(target=lambda: (logging.warning("logged"), done.set())).start()
-    print("logging", "works" if done.wait(5) else "stuck")
     """
     )
     assert proc.returncode == 0, proc.stderr
     if held:
-        assert proc.stdout.split("\n")[:2] == ["interrupted", "logging works"], proc.stderr
+        assert (proc.stdout, proc.stderr) == ("interrupted\n", "")
     else:  # Python alone: the handler's exception is ignored in the hook; the fork goes on
-        assert proc.stdout.startswith("not interrupted\n"), proc.stdout
+        assert proc.stdout == "not interrupted\n"
         assert "Exception ignored" in proc.stderr
 
 
-def test_threads_started_by_graphdriver_leave_every_signal_to_the_main_thread() -> None:
+def test_threads_started_by_graphdriver_leave_handled_signals_to_the_main_thread() -> None:
+    # the signals with a Python handler (SIGINT's is Python's own) are blocked in the thread;
+    # the others, faults among them, are not
     proc = _run(
-        """
-    import threading
+        _HANDLER
+        + """
+    signal.signal(signal.SIGTERM, handler)
     from graphdriver.linux.signals import start_thread
     def blocked():
         for line in open(f"/proc/self/task/{threading.get_native_id()}/status"):
@@ -85,17 +85,14 @@ def test_threads_started_by_graphdriver_leave_every_signal_to_the_main_thread() 
     assert proc.returncode == 0, proc.stderr
     plain, ours = (int(mask, 16) for mask in proc.stdout.split())
     assert plain == 0
-    # all but SIGKILL, SIGSTOP and the two glibc keeps for itself (32 and 33)
-    unblockable = {9, 19, 32, 33}
-    assert all(ours >> (n - 1) & 1 for n in range(1, 65) if n not in unblockable), hex(ours)
+    assert ours == sum(1 << (s - 1) for s in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM))
 
 
 @pytest.mark.parametrize("reader", ["os.read", "FdReader"])
 def test_a_signal_that_came_before_a_blocking_read_ends_it(reader: str) -> None:
-    # the main thread has the signal blocked, so the kernel gives it to another thread: its
-    # handler is due, but nothing wakes the main thread from the read that follows (the same
-    # as a signal that came just before the read, with nothing between to run the handler); a
-    # writer unblocks the read after 5 s
+    # the main thread has the signal blocked, so the kernel gives it to another thread while
+    # the main one reads: its handler is due, but nothing wakes the main thread (the same as
+    # a signal that came just before the read); a writer unblocks the read after 5 s
     proc = _run(
         _HANDLER
         + f"""
@@ -104,7 +101,7 @@ def test_a_signal_that_came_before_a_blocking_read_ends_it(reader: str) -> None:
     threading.Timer(5, os.write, (w, b"late")).start()
     threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
     signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGUSR1}})
-    os.kill(os.getpid(), signal.SIGUSR1)
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
     start = time.monotonic()
     try:
         if "{reader}" == "FdReader":
@@ -124,17 +121,24 @@ def test_a_signal_that_came_before_a_blocking_read_ends_it(reader: str) -> None:
         assert proc.stdout.split()[1] == "5", proc.stdout
 
 
-@pytest.mark.parametrize("hooked", [False, True])
-def test_an_interrupt_raised_in_a_finalizer_is_sent_again(hooked: bool) -> None:
+@pytest.mark.parametrize("case", ["python", "hooked", "second-signal-in-the-hook"])
+def test_an_interrupt_raised_in_a_finalizer_is_sent_again(case: str) -> None:
     # Ctrl-C while a __del__ runs: Python ignores what the handler raises there
     proc = _run(
         f"""
     import os, signal, time
     from graphdriver import cli
-    if {hooked}:
-        cli.catch_interrupts()
-    else:
+    if "{case}" == "python":
         signal.signal(signal.SIGINT, cli._interrupt)
+    else:
+        cli.catch_interrupts()
+    if "{case}" == "second-signal-in-the-hook":  # as `timeout` signals the command, then its group
+        start_thread = cli.start_thread
+        def second_then_start(thread):
+            cli.start_thread = start_thread
+            os.kill(os.getpid(), signal.SIGTERM)
+            start_thread(thread)
+        cli.start_thread = second_then_start
     class Finalized:
         def __del__(self):
             os.kill(os.getpid(), signal.SIGINT)
@@ -148,9 +152,8 @@ def test_an_interrupt_raised_in_a_finalizer_is_sent_again(hooked: bool) -> None:
     """
     )
     assert proc.returncode == 0, proc.stderr
-    if hooked:
-        assert proc.stdout == "interrupted 0\n", proc.stderr
-        assert "Exception ignored" not in proc.stderr
-    else:
+    if case == "python":
         assert proc.stdout == "slept 5\n"
         assert "Exception ignored" in proc.stderr
+    else:
+        assert (proc.stdout, proc.stderr) == ("interrupted 0\n", "")

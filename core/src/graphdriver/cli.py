@@ -9,6 +9,7 @@ it prints); ``graphdriver --json VERB`` is the same.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection
+from types import FrameType
 
 import click
 
@@ -148,7 +150,10 @@ _interrupted_at: list[float] = []
 _REPEAT_GRACE = 2.0
 
 
-def _interrupt(signum: int, _frame: object) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if _where_ignored(frame):  # raised here, it would be lost
+        _resend(signum)
+        return
     now = time.monotonic()
     if _interrupted_at and not _lost:
         if now - _interrupted_at[0] < _REPEAT_GRACE:
@@ -162,11 +167,11 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
-#: an interrupt raised where Python ignored it, sent again (not a repeat, whenever it comes)
+#: interrupts raised where Python ignored them, sent again (not repeats, whenever they come)
 _lost: list[int] = []
 #: the hook that had the exceptions Python ignores before :func:`catch_interrupts` took them
 _unraisable_before = [sys.__unraisablehook__]
-#: how long the main thread has to leave the hook before the lost interrupt is sent again
+#: how long the main thread has to leave the hook before a lost interrupt is sent again
 _RESEND_AFTER = 0.01
 
 
@@ -176,22 +181,38 @@ def _unraisable(args: sys.UnraisableHookArgs) -> None:
     arrive where the main thread goes on (or, if that is such a place again, again)."""
     exc = args.exc_value
     if isinstance(exc, (Interrupted, KeyboardInterrupt)):
-        signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
-        _lost.append(signum)
+        _resend(exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT))
+    else:
+        _unraisable_before[0](args)
 
-        main_thread = threading.main_thread().ident
-        assert main_thread is not None
 
-        def resend() -> None:  # once this hook has returned: raised in it, it would be lost
-            time.sleep(_RESEND_AFTER)
-            signal.pthread_kill(main_thread, signum)
+def _resend(signum: int) -> None:
+    """Send *signum* to the main thread again in a moment, from a thread of its own (sent from
+    here, the handler would run, and raise, here again); it then raises even within the grace
+    of a repeat."""
+    _lost.append(signum)
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
 
-        try:
-            start_thread(threading.Thread(target=resend, name="graphdriver-resend", daemon=True))
-            return
-        except RuntimeError:  # the interpreter is ending: so is the command
-            pass
-    _unraisable_before[-1](args)
+    def resend() -> None:
+        time.sleep(_RESEND_AFTER)
+        signal.pthread_kill(main_thread, signum)
+
+    with contextlib.suppress(RuntimeError):  # the interpreter is ending: so is the command
+        start_thread(threading.Thread(target=resend, name="graphdriver-resend", daemon=True))
+
+
+def _where_ignored(frame: FrameType | None) -> bool:
+    """Whether *frame* is within :func:`_unraisable` or :func:`_resend` (where a second signal
+    may come), whose exceptions Python ignores."""
+    while frame is not None:
+        if frame.f_code in _IGNORING:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_IGNORING = {_unraisable.__code__, _resend.__code__}
 
 
 def catch_interrupts() -> None:
@@ -202,7 +223,7 @@ def catch_interrupts() -> None:
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored: a background job's
         signal.signal(signal.SIGINT, _interrupt)
     if sys.unraisablehook is not _unraisable:
-        _unraisable_before.append(sys.unraisablehook)
+        _unraisable_before[0] = sys.unraisablehook
         sys.unraisablehook = _unraisable
 
 
@@ -227,11 +248,11 @@ def main(blocked: Collection[int] = ()) -> None:
     # whatever error handler the environment asked for (PYTHONIOENCODING=utf-8 says strict)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
-    extend_by_plugins()
-    catch_interrupts()
     try:
+        catch_interrupts()
         if blocked:  # one that came meanwhile is raised here, and said as any other
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        extend_by_plugins()
         cli.main(prog_name="graphdriver", standalone_mode=True)
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)

@@ -117,12 +117,15 @@ def diff(
         click.echo(json.dumps(report, indent=2), err=output is None)
 
 
-def _pipe_like(fd: int) -> bool:
-    """Whether *fd* is open on something other than a regular file (a pipe, socket, terminal)."""
+def _pipe_like(stream: BinaryIO) -> int | None:
+    """The fd of *stream* if it is open on something other than a regular file (a pipe,
+    socket, terminal), else None (a file, or a stream of no fd: one a caller put in place of
+    ``sys.stdin``)."""
     try:
-        return not stat.S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
-        return False
+        fd = stream.fileno()
+        return None if stat.S_ISREG(os.fstat(fd).st_mode) else fd
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return None
 
 
 def _regular_or_missing(path: str) -> bool:
@@ -146,8 +149,9 @@ def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
         if source == "-":
             stream: BinaryIO = sys.stdin.buffer
             total = None
-            if _pipe_like(0):  # a Ctrl-C while its writer stalls ends the command
-                stream = io.BufferedReader(FdReader(0))
+            fd = _pipe_like(stream)
+            if fd is not None:  # a Ctrl-C while its writer stalls ends the command
+                stream = io.BufferedReader(FdReader(fd))
         else:
             try:
                 stream = stack.enter_context(open(source, "rb"))

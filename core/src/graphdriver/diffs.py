@@ -273,7 +273,11 @@ def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> Binar
                 failure.append(exc)
 
     thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
-    start_thread(thread)  # signals go to the caller's main thread
+    try:
+        start_thread(thread)  # signals go to the caller's main thread
+    except BaseException:  # one that came meanwhile: the producer ends on the closed pipe
+        os.close(r)
+        raise
     return io.BufferedReader(streams.DiffStream(r, thread, failure), buffer_size=1 << 20)
 
 

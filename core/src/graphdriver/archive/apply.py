@@ -95,6 +95,7 @@ def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) 
     """Fork the sandbox, feed it the tar *source* reads, and read its report."""
     data_fd = source.reopen()  # the sandbox reads a tar file's data itself, else it comes inline
     made = [] if data_fd is None else [data_fd]
+    segments = tarsplit.SegmentRecorder() if sandbox.record else None
     try:
         frames_r, frames_w = big_pipe()
         made += (frames_r, frames_w)
@@ -109,11 +110,10 @@ def _apply(target: Path, source: _FileSource | _StreamSource, sandbox: Sandbox) 
         os.close(frames_w)
         os.close(res_r)
         run_child(str(target), frames_r, data_fd, res_w, sandbox, held)
-    os.close(frames_r)
+    os.close(frames_r)  # (closes cannot fail here: nothing stands before the try below)
     os.close(res_w)
     if data_fd is not None:
         os.close(data_fd)
-    segments = tarsplit.SegmentRecorder() if sandbox.record else None
     feed_error: GraphDriverError | None = None
     fed = False
     try:

@@ -1,19 +1,21 @@
 """Forks and threads that lose no signal.
 
-Python runs a signal's handler in the main thread only, between bytecodes. Two things lose it:
+Python runs a signal's handler (one written in Python: the CLI's, a server's) in the main thread
+only, between bytecodes. Three things lose it:
 
 - ``os.fork()`` runs the at-fork hooks registered in Python (logging takes its lock before the
   fork and releases it after, in both processes). A handler that raises (the CLI's SIGINT and
   SIGTERM handlers do, as ``KeyboardInterrupt`` does) and runs inside one raises where Python
-  ignores exceptions: the interrupt is gone, and logging's lock stays taken.
-  :func:`fork_holding_signals` blocks every signal in the calling thread around the fork, and
+  ignores exceptions: the interrupt is gone, and logging's lock may stay taken.
+  :func:`fork_holding_signals` blocks those signals in the calling thread around the fork, and
   each process lets them in again with :func:`release_signals` when it is ready for one.
+  Signals without a Python handler (faults among them) are left alone, here as below.
 - The kernel gives a signal sent to the process to any thread that does not block it, when
   the main thread momentarily does (glibc blocks every signal in a thread while it creates
   another). Received by another thread, it does not interrupt the main thread's blocking
   read, and Python 3.11 does not even look for it until the main thread next makes a call
   that checks: a Ctrl-C during an ``apply-diff`` that waits for its input is never seen.
-  :func:`start_thread` starts a thread with every signal blocked in it, so that only the
+  :func:`start_thread` starts a thread with those signals blocked in it, so that only the
   main thread ever receives one.
 - A signal that arrives just before the main thread enters a blocking read (after Python last
   looked for one) does not interrupt it: its handler runs when the read returns, which for
@@ -33,9 +35,10 @@ Held = set[int]
 
 
 def fork_holding_signals() -> tuple[int, Held]:
-    """``os.fork()``'s pid, and the mask to give :func:`release_signals`; every signal is
-    blocked in the calling thread (and so in the child) when it returns, in both processes."""
-    held = _block_all()
+    """``os.fork()``'s pid, and the mask to give :func:`release_signals`; the signals that
+    have a Python handler are blocked in the calling thread (and so in the child) when it
+    returns, in both processes."""
+    held = _block_handled()
     try:
         pid = os.fork()
     except BaseException:
@@ -51,11 +54,12 @@ def release_signals(held: Held) -> None:
 
 
 def start_thread(thread: threading.Thread) -> None:
-    """Start *thread* with every signal blocked in it (a thread inherits the mask of the one
-    that starts it): a signal sent to the process then goes to the main thread, or waits for
-    it. One that came while this ran is handled as it returns (its handler may raise: the
-    thread runs then)."""
-    held = _block_all()
+    """Start *thread* with the signals that have a Python handler blocked in it (a thread
+    inherits the mask of the one that starts it; so does a process it starts, which then
+    ignores a Ctrl-C to its group, as the command's own rollback would want): such a signal
+    sent to the process then goes to the main thread, or waits for it. One that came while
+    this ran is handled as it returns (its handler may raise: the thread runs then)."""
+    held = _block_handled()
     try:
         thread.start()
     finally:
@@ -80,11 +84,15 @@ class FdReader(io.RawIOBase):
         return self._fd
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._poll.poll(SLICE_MS):
-            # pending handlers run here: a no-op whose C code runs them, whichever thread the
-            # signal went to (Python 3.11 looks for one only when the main thread got it)
-            signal.pthread_sigmask(signal.SIG_BLOCK, ())
-        return os.readv(self._fd, [buffer])
+        while True:
+            while not self._poll.poll(SLICE_MS):
+                # pending handlers run here: a no-op whose C code runs them, whichever thread
+                # the signal went to (Python 3.11 looks for one only when the main thread got it)
+                signal.pthread_sigmask(signal.SIG_BLOCK, ())
+            try:
+                return os.readv(self._fd, [buffer])
+            except BlockingIOError:  # an O_NONBLOCK fd another reader emptied meanwhile
+                continue
 
 
 #: how long a signal may wait for a read it came just before (seconds)
@@ -92,16 +100,20 @@ SLICE = 0.2
 SLICE_MS = int(SLICE * 1000)
 
 
-def _block_all() -> Held:
-    """Block every signal in this thread; the mask before. A handler may run in the call that
-    blocks them (one whose signal came just before) and raise: the mask is put back first."""
+def _block_handled() -> Held:
+    """Block, in this thread, the signals whose handler is Python code (only the main thread
+    runs those; the others, and faults, stay as they are); the mask before. A handler may run
+    in the call that blocks them (one whose signal came just before) and raise: the mask is
+    put back first."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # changes nothing
+    handled = [s for s in _CATCHABLE if callable(signal.getsignal(s))]
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, _ALL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     except BaseException:
         release_signals(held)
         raise
     return held
 
 
-_ALL = signal.valid_signals()
+#: what a handler can be set for (SIGKILL and SIGSTOP cannot have one)
+_CATCHABLE = sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
