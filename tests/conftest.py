@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,11 @@ from pathlib import Path
 import pytest
 
 from graphdriver.testing import Backing, backing_or_skip
+
+# the tests interrupt the commands they start: a runner started as a shell script's background
+# job (SIGINT ignored) or with signals blocked would hand that on to them
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 @pytest.fixture(scope="session")

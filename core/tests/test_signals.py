@@ -13,12 +13,26 @@ import textwrap
 
 import pytest
 
+#: what each case starts from, whatever the runner's signals (a background job's SIGINT is
+#: ignored; a runner may block some)
+_FRESH = """
+import signal as _signal
+_signal.signal(_signal.SIGINT, _signal.default_int_handler)
+_signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+"""
+
 
 def _run(code: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", _FRESH + textwrap.dedent(code)],
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def _outcome(out: str) -> tuple[str, int]:
+    """("interrupted" or what else the case printed, after how many seconds)."""
+    what, seconds = out.split()
+    return what, int(seconds)
 
 
 _HANDLER = """
@@ -108,17 +122,18 @@ def test_a_signal_that_came_before_a_blocking_read_ends_it(reader: str) -> None:
             FdReader(r).readinto(bytearray(4))
         else:
             os.read(r, 4)
-        print("read", round(time.monotonic() - start))
+        print("read", round(time.monotonic() - start), flush=True)
     except Caught:
-        print("interrupted", round(time.monotonic() - start))
+        print("interrupted", round(time.monotonic() - start), flush=True)
     os._exit(0)
     """
     )
     assert proc.returncode == 0, proc.stderr
-    if reader == "FdReader":
-        assert proc.stdout == "interrupted 0\n"
+    what, seconds = _outcome(proc.stdout)
+    if reader == "FdReader":  # within a slice
+        assert what == "interrupted" and seconds < 3, proc.stdout
     else:  # the handler ran only once the data came
-        assert proc.stdout.split()[1] == "5", proc.stdout
+        assert seconds >= 4, proc.stdout
 
 
 @pytest.mark.parametrize("case", ["python", "hooked", "second-signal-in-the-hook"])
@@ -152,8 +167,10 @@ def test_an_interrupt_raised_in_a_finalizer_is_sent_again(case: str) -> None:
     """
     )
     assert proc.returncode == 0, proc.stderr
+    what, seconds = _outcome(proc.stdout)
     if case == "python":
-        assert proc.stdout == "slept 5\n"
+        assert (what, seconds) == ("slept", 5)
         assert "Exception ignored" in proc.stderr
     else:
-        assert (proc.stdout, proc.stderr) == ("interrupted 0\n", "")
+        assert what == "interrupted" and seconds < 3, proc.stdout
+        assert proc.stderr == ""

@@ -151,28 +151,34 @@ _REPEAT_GRACE = 2.0
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    if _where_ignored(frame):  # raised here, it would be lost
-        _resend(signum)
-        return
     now = time.monotonic()
-    if _interrupted_at and not _lost:
+    if _interrupted_at and not _lost:  # a repeat: it never raises
         if now - _interrupted_at[0] < _REPEAT_GRACE:
             return  # the rollback under way goes on
-        # asked again later: end at once; the next command's recovery rolls back
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        _end_now(signum)  # asked again later; the next command's recovery rolls back
+        return
+    if _where_ignored(frame):  # raised here, it would be lost
+        _resend(signum)
         return
     _lost.clear()
     _interrupted_at[:] = [now]
     raise Interrupted(signum)
 
 
-#: interrupts raised where Python ignored them, sent again (not repeats, whenever they come)
+def _end_now(signum: int) -> None:
+    """End this process by *signum*, as if it had no handler."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+#: interrupts raised where Python ignored them, being sent again until one raises where it
+#: counts (not repeats, whenever they come)
 _lost: list[int] = []
+#: the thread that sends them, while it runs, and what it and :func:`_resend` hold
+_resender: list[threading.Thread] = []
+_resending = threading.RLock()
 #: the hook that had the exceptions Python ignores before :func:`catch_interrupts` took them
 _unraisable_before = [sys.__unraisablehook__]
-#: how long the main thread has to leave the hook before a lost interrupt is sent again
-_RESEND_AFTER = 0.01
 
 
 def _unraisable(args: sys.UnraisableHookArgs) -> None:
@@ -187,19 +193,39 @@ def _unraisable(args: sys.UnraisableHookArgs) -> None:
 
 
 def _resend(signum: int) -> None:
-    """Send *signum* to the main thread again in a moment, from a thread of its own (sent from
-    here, the handler would run, and raise, here again); it then raises even within the grace
-    of a repeat."""
-    _lost.append(signum)
-    main_thread = threading.main_thread().ident
-    assert main_thread is not None
+    """Send *signum* to the main thread again in a moment, and again (later each time) until
+    it raised, from a thread of its own: sent from here, the handler would run, and raise,
+    here again. Where no thread can start, end the process by it now."""
+    with _resending:  # reentrant: a signal let in as the thread starts comes back here
+        _lost.append(signum)
+        if _resender:
+            return
+        main_thread = threading.main_thread().ident
+        assert main_thread is not None
 
-    def resend() -> None:
-        time.sleep(_RESEND_AFTER)
-        signal.pthread_kill(main_thread, signum)
+        def resend() -> None:
+            pause = 0.01
+            while True:
+                time.sleep(pause)
+                with _resending:
+                    if not _lost:
+                        _resender.clear()
+                        return
+                    lost = _lost[0]
+                with contextlib.suppress(OSError):  # the main thread has just ended
+                    signal.pthread_kill(main_thread, lost)
+                pause = min(pause * 2, 1.0)
 
-    with contextlib.suppress(RuntimeError):  # the interpreter is ending: so is the command
-        start_thread(threading.Thread(target=resend, name="graphdriver-resend", daemon=True))
+        _resender.append(threading.Thread(target=resend, name="graphdriver-resend", daemon=True))
+        try:
+            start_thread(_resender[0])
+        except RuntimeError:  # no thread (the interpreter ends, or a pids limit)
+            _resender.clear()
+            _end_now(signum)
+        except BaseException:  # another handler's exception: a later loss starts one
+            if _resender[0].ident is None:
+                _resender.clear()
+            raise
 
 
 def _where_ignored(frame: FrameType | None) -> bool:
@@ -223,7 +249,8 @@ def catch_interrupts() -> None:
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored: a background job's
         signal.signal(signal.SIGINT, _interrupt)
     if sys.unraisablehook is not _unraisable:
-        _unraisable_before[0] = sys.unraisablehook
+        if _unraisable_before[0] is sys.__unraisablehook__:  # the first time only: a later
+            _unraisable_before[0] = sys.unraisablehook  # hook may call this one
         sys.unraisablehook = _unraisable
 
 

@@ -17,7 +17,7 @@ import click
 
 from .cli_common import Context, emit, json_option, pass_ctx
 from .cli_layers import PARENT_HELP
-from .errors import from_oserror
+from .errors import InvalidOption, from_oserror
 from .linux.signals import FdReader
 
 PROGRESS_MIN = 4 << 20
@@ -147,6 +147,8 @@ def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
     store = ctx.store()
     with contextlib.ExitStack() as stack:
         if source == "-":
+            if sys.stdin is None:
+                raise InvalidOption("apply-diff -: standard input is closed; give the tar as FILE")
             stream: BinaryIO = sys.stdin.buffer
             total = None
             fd = _pipe_like(stream)

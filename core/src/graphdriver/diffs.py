@@ -275,8 +275,12 @@ def stream(store: LayerStore, layer_id: str, parent: str | None = None) -> Binar
     thread = threading.Thread(target=produce, name=f"diff-{layer_id}", daemon=True)
     try:
         start_thread(thread)  # signals go to the caller's main thread
-    except BaseException:  # one that came meanwhile: the producer ends on the closed pipe
-        os.close(r)
+    except BaseException:  # a signal's handler raised as it started, or before
+        os.close(r)  # a producer that runs ends on the closed pipe
+        if thread.ident is None:  # it never ran: its cleanup is this
+            _DIFF_PIPES.discard(w)
+            os.close(w)
+            source.__exit__(None, None, None)
         raise
     return io.BufferedReader(streams.DiffStream(r, thread, failure), buffer_size=1 << 20)
 

@@ -21,8 +21,10 @@ Mounts
     :func:`bind` (a recursive private bind onto an fd, read-only before it is attached),
     :func:`mountinfo`, :func:`is_mountpoint`, :func:`mounts_under`, :func:`unmount_all_under`.
 Processes
-    :func:`fork_holding_signals` (``os.fork()`` with every signal blocked until each process
-    calls :func:`release_signals`: no interrupt is lost in an at-fork hook).
+    :func:`fork_holding_signals` (``os.fork()`` with the signals that have a Python handler
+    blocked until each process calls :func:`release_signals`: no interrupt is lost in an
+    at-fork hook; a child that execs releases them first, or its program starts with them
+    blocked).
 Loop devices
     :func:`attach_loop` (LOOP_CONFIGURE with autoclear: the device goes with its last user),
     :class:`LoopDevice`, :func:`loop_backing_file`.

@@ -62,8 +62,8 @@ def run_child(  # pragma: no cover
     sandbox: Sandbox,
     held: Held,
 ) -> None:
-    """The forked child (signals blocked until its own handlers are in place, then *held* is
-    its mask): chroot into *target*, extract the entries read from *frames_fd* (a
+    """The forked child (the handled signals blocked until SIGINT's default is back, then
+    *held* is its mask): chroot into *target*, extract the entries read from *frames_fd* (a
     :class:`.feed.Feeder`'s frames) with their data from *data_fd* (the tar file) or inline,
     report one JSON line (and the record's check table) on *res_fd*, and exit."""
     code = 0

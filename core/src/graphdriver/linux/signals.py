@@ -55,10 +55,12 @@ def release_signals(held: Held) -> None:
 
 def start_thread(thread: threading.Thread) -> None:
     """Start *thread* with the signals that have a Python handler blocked in it (a thread
-    inherits the mask of the one that starts it; so does a process it starts, which then
-    ignores a Ctrl-C to its group, as the command's own rollback would want): such a signal
-    sent to the process then goes to the main thread, or waits for it. One that came while
-    this ran is handled as it returns (its handler may raise: the thread runs then)."""
+    inherits the mask of the one that starts it): such a signal sent to the process then goes
+    to the main thread, or waits for it. A program the thread runs starts with them blocked
+    too (pending, across exec): a Ctrl-C or ``timeout`` to the group does not cut it short
+    (the unmount that ends a diff's stream), the command's rollback waits for it. One that
+    came while this ran is handled as it returns (its handler may raise: the thread runs
+    then; raised before, it did not start)."""
     held = _block_handled()
     try:
         thread.start()
