@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -74,8 +75,13 @@ PODMAN_DRIVER = {"vfs": "vfs", "overlay": "overlay", "btrfs": "btrfs"}
 DEPTH = 128
 #: issue #15's targets
 AS_FAST_AS_TAR = Target(1.1)
-#: data sets whose apply-diff and diff are also measured through the command server
-SERVED = ("minbase", "small10k")
+#: data sets whose apply-diff is also measured through the command server (diff: minbase,
+#: small10k and the rewritten files)
+SERVED = ("minbase", "minbase.gz", "minbase.zst", "apt", "small10k")
+#: the CLI's figures are of the command as a user runs it: through the command server the
+#: first command starts (GRAPHDRIVER_SOCKET unset); a process that runs its command itself
+#: (GRAPHDRIVER_SOCKET=, or where no server can serve it) is measured too, for reference
+OWN = " (a process of its own)"
 START_UP = Target(3.0)
 MOUNT_VS_PODMAN = Target(1.5)
 CHANGES_MS = Target(20.0, absolute=True)
@@ -233,8 +239,9 @@ class Bench:
         return self.pods[key]
 
     def cli_and_lib(self, name: str, ref_name: str, target: Target | None) -> list[Figure]:
-        """The CLI figure, the library figure (same reference) and their peak RSS figures."""
-        cli = self.fig(name, ref_name=ref_name, target=target)
+        """The CLI figure of a process of its own (no target: the command through the server
+        has it), the library figure (same reference) and their peak RSS figures."""
+        cli = self.fig(name + OWN, ref_name=ref_name)
         lib = self.fig(name, "lib", ref_name=ref_name.replace("(to a file)", "").strip() +
                        " (process)", target=target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
         return [cli, lib, self.mem(f"{name} (CLI)"), self.mem(f"{name} (library call)")]
@@ -320,9 +327,10 @@ class Bench:
                 run([*self.gd, "rm", layer, again])
                 data.rmtree(into)
             if key in SERVED:
-                self.served(f"apply-diff {key}", figs[0],
+                make = [*self.gd, "create", *parent, "served"]
+                self.served(f"apply-diff {key}", figs[0], target,
                             [*self.gd, "apply-diff", "served", str(tar)],
-                            before=lambda: run([*self.gd, "create", "served"]),
+                            before=lambda make=make: run(make),
                             after=lambda: run([*self.gd, "rm", "served"]))  # fmt: skip
             for f in figs[:2]:
                 med = f.value() or 1.0
@@ -334,6 +342,7 @@ class Bench:
         self,
         name: str,
         cli: Figure,
+        target: Target | None,
         command: list[str],
         before: Callable[[], object] | None = None,
         after: Callable[[], object] | None = None,
@@ -341,7 +350,7 @@ class Bench:
         """*name* through the command server: *command*, after *before* and a sync, followed
         by *after*, beside the reference runs of the *cli* figure (taken before)."""
         fig = self.fig(f"{name} through the command server", ref_name=cli.ref_name,
-                       target=cli.target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
+                       target=target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
         with self.command_server():
             for _ in range(self.runs):
                 if before is not None:
@@ -373,8 +382,8 @@ class Bench:
                     after=out.unlink,
                 )
             data.rmtree(tree)
-            self.served(f"diff {key}", figs[0], [*self.gd, "diff", layer, "-o", str(out)],
-                        after=out.unlink)  # fmt: skip
+            self.served(f"diff {key}", figs[0], AS_FAST_AS_TAR,
+                        [*self.gd, "diff", layer, "-o", str(out)], after=out.unlink)  # fmt: skip
         if "small10k" in self.keys:
             self.rewritten(out)
         if "big1g" in self.keys:
@@ -417,6 +426,8 @@ class Bench:
                 after=out.unlink,
             )
         data.rmtree(tree)
+        self.served(name, figs[0], AS_FAST_AS_TAR, [*self.gd, "diff", layer, "-o", str(out)],
+                    after=out.unlink)  # fmt: skip
         run([*self.gd, "rm", layer])
 
     # ----------------------------------------------------------------------- exact diffs
@@ -508,10 +519,10 @@ class Bench:
     def create(self) -> None:
         base = self.base()
         pyname = f"python -c pass ({sys.executable})"
-        version = self.fig("CLI start-up (graphdriver --version)", ref_name=pyname,
-                           target=START_UP, unit="ms")  # fmt: skip
-        ls = self.fig("CLI start-up (graphdriver ls)", ref_name=pyname, target=START_UP,
-                      unit="ms", ref=version.ref, ref_cpu=version.ref_cpu)  # fmt: skip
+        version = self.fig(f"CLI start-up (graphdriver --version){OWN}", ref_name=pyname,
+                           unit="ms")  # fmt: skip
+        ls = self.fig(f"CLI start-up (graphdriver ls){OWN}", ref_name=pyname, unit="ms",
+                      ref=version.ref, ref_cpu=version.ref_cpu)  # fmt: skip
         for _ in range(self.runs):
             version.add(timed([*GD, "--version"]), timed([sys.executable, "-c", "pass"]))
             ls.add(timed([*self.gd, "ls"]))
@@ -543,7 +554,7 @@ class Bench:
         ours = [*self.gd, "mount", layer], [*self.gd, "umount", layer]
         for cmd in ours:  # warm: the first mount after a create pays more, on both sides
             run(cmd)
-        cli = self.fig("mount + umount", unit="ms", ref_name="-")
+        cli = self.fig(f"mount + umount{OWN}", unit="ms", ref_name="-")
         pod = None
         if self.podman:
             podman = self.podman_for("minbase")
@@ -554,7 +565,7 @@ class Bench:
             )
             for cmd in theirs:
                 run(cmd)
-            pod = self.fig("mount + umount vs podman", unit="ms", target=MOUNT_VS_PODMAN,
+            pod = self.fig(f"mount + umount vs podman{OWN}", unit="ms",
                            ref_name="podman image mount + umount (warm store)")  # fmt: skip
         for i in range(self.runs):
             got: dict[str, Run] = {}
@@ -580,24 +591,33 @@ class Bench:
 
     @contextlib.contextmanager
     def command_server(self) -> Iterator[None]:
-        """``graphdriver serve commands`` beside this store, named by GRAPHDRIVER_SOCKET
-        meanwhile: the commands run in its workers (their CPU time is the server's, not in
-        the figures' CPU column)."""
-        sock = self.fs / "commands.sock"
-        proc = subprocess.Popen([*GD, "serve", "commands", "--socket", str(sock)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        """The command server a graphdriver command starts where GRAPHDRIVER_SOCKET is unset
+        (in a runtime directory of this run's; one untimed command starts it), stopped after:
+        the commands meanwhile run in its workers (whose CPU time is the server's, not in the
+        figures' CPU column)."""
+        home = Path(tempfile.mkdtemp(prefix="gd-bench-", dir="/tmp"))  # short: a socket path
+        saved = {k: os.environ.get(k) for k in ("GRAPHDRIVER_SOCKET", "XDG_RUNTIME_DIR")}
+        os.environ.pop("GRAPHDRIVER_SOCKET")
+        os.environ["XDG_RUNTIME_DIR"] = str(home)
+        pid = 0
         try:
+            run([*GD, "--version"])
             deadline = time.monotonic() + 60
-            while not sock.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("graphdriver serve commands did not start")
+            while not list(home.glob("graphdriver/*.sock")):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no graphdriver command started a command server")
                 time.sleep(0.05)
-            os.environ["GRAPHDRIVER_SOCKET"] = str(sock)
+            pid = int(next(home.glob("graphdriver/*.lock")).read_text())
             yield
         finally:
-            os.environ.pop("GRAPHDRIVER_SOCKET", None)
-            proc.terminate()
-            proc.wait(timeout=30)
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if pid:
+                os.kill(pid, signal.SIGTERM)
+                while Path(f"/proc/{pid}").exists() and b") Z" not in Path(
+                    f"/proc/{pid}/stat").read_bytes():  # fmt: skip
+                    time.sleep(0.05)
+            shutil.rmtree(home, ignore_errors=True)
 
     def raw_mounts(self, layer: str, cli: Figure) -> None:
         """overlay: the same mount by mount(8) and by mount(2) in one process."""
@@ -744,9 +764,9 @@ def report(results: list[tuple[str, Bench | str]], sets: dict, args: argparse.Na
 
 
 def main() -> None:
-    # the CLI figures are of processes that run their command themselves, unless a figure
-    # starts a command server of its own
-    os.environ.pop("GRAPHDRIVER_SOCKET", None)
+    # the CLI figures are of processes that run their command themselves (no server started),
+    # but for those through the command server (Bench.command_server)
+    os.environ["GRAPHDRIVER_SOCKET"] = ""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
     ap.add_argument("--only", default=None,

@@ -20,6 +20,9 @@ from graphdriver.testing import Backing, backing_or_skip
 # job (SIGINT ignored) or with signals blocked would hand that on to them
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+# no command a test runs starts a command server that outlives it (tox sets this too; the
+# tests of the servers start their own)
+os.environ.setdefault("GRAPHDRIVER_SOCKET", "")
 
 
 @pytest.fixture(scope="session")

@@ -51,10 +51,15 @@ _CORE = {
 def main() -> int | None:
     """Run the command through the server, or here."""
     path = os.environ.get(SOCKET_ENV)
+    auto = path is None and "serve" not in sys.argv[1:]
+    if auto:
+        path = default_socket()
     if path:
-        status = _through_server(path)
+        status = _through_server(path, quiet=auto)
         if status is not None:
             return status
+        if auto:
+            start_server(path)
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
         # a Ctrl-C while the CLI imports (before its handlers) ends it as it would any
         # program that had not started: by the signal, without Python's traceback
@@ -97,6 +102,101 @@ def package_dir() -> bytes:
     """Which installation of graphdriver this is: a server runs its own code, so one of another
     installation refuses."""
     return os.fsencode(os.path.dirname(os.path.abspath(__file__)))
+
+
+#: seconds a server started on first use waits for a command before it stops
+IDLE_TIMEOUT = 600
+#: seconds between two starts of a server on first use (one that failed: its log says why)
+RETRY = 10
+#: the largest unix socket path (sun_path less its NUL)
+_MAX_PATH = 107
+
+
+def default_socket() -> str | None:
+    """The socket of this installation's command server for this user when
+    ``GRAPHDRIVER_SOCKET`` is unset: in ``$XDG_RUNTIME_DIR/graphdriver`` (a directory of this
+    user's) or, for root, ``/run/graphdriver``, named by a key of the mount namespace (a
+    server serves its own), the interpreter, this installation and its import path (a server
+    imports what this process would). None where there is none: an unprivileged user without
+    ``XDG_RUNTIME_DIR``."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not (base.startswith("/") and _owned(base)):
+        base = "/run" if os.geteuid() == 0 else ""
+    try:
+        namespace = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return None
+    if not base:
+        return None
+    # sys.path less the script's directory (a server runs with -P: it has none)
+    paths = sys.path if sys.flags.safe_path else sys.path[1:]
+    key = os.fsencode("\0".join([namespace, sys.executable, *paths])) + b"\0" + package_dir()
+    digest = int.from_bytes(key, "little") % ((1 << 61) - 1)  # cheaper than importing hashlib
+    path = f"{base}/graphdriver/commands-{digest:016x}.sock"
+    return path if len(os.fsencode(path)) <= _MAX_PATH else None
+
+
+def _owned(path: str) -> bool:
+    try:
+        return os.stat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def start_server(path: str) -> None:
+    """Start ``graphdriver serve commands`` on *path* in the background (the next command
+    finds it; this one runs here): in its own session, in ``/``, without this process's
+    descriptors (a caller waiting for this command's output never waits for it), its output
+    in ``<path>.log``; it stops after :data:`IDLE_TIMEOUT` seconds without a command, or when
+    the code it runs changes. Not when one holds the lock ``<path>.lock`` (it is starting, or
+    refused this command), nor within :data:`RETRY` seconds of the last start."""
+    import fcntl  # a C module; only here, where no server answered
+    import time
+
+    try:
+        if time.time() - os.stat(path + ".lock").st_mtime < RETRY:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.utime(lock)  # when the last start was tried
+        log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError:  # (BlockingIOError: a server holds it)
+        return
+    finally:
+        os.close(lock)  # the server takes it
+    argv = [sys.executable, "-P", "-m", "graphdriver", "serve", "commands", "--socket", path]
+    argv += ["--idle-timeout", str(IDLE_TIMEOUT)]
+    try:
+        child = os.fork()
+    except OSError:
+        os.close(log)
+        return
+    if child == 0:  # pragma: no cover - the intermediate child, then the server
+        try:
+            _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+            os.setsid()  # no terminal: its signals are not the server's
+            if os.fork() == 0:
+                os.chdir("/")
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, 0)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                os.closerange(3, 1 << 20)
+                _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+                os.execv(sys.executable, argv)  # noqa: S606 - this interpreter, no shell
+        finally:
+            os._exit(0)
+    os.close(log)
+    os.waitpid(child, 0)
 
 
 class _Stop(BaseException):
@@ -165,9 +265,10 @@ class _Forward:
 _ANSWER = 1 + _STATUS.size
 
 
-def _through_server(path: str) -> int | None:
+def _through_server(path: str, quiet: bool = False) -> int | None:
     """The command's exit status (negative: killed by that signal), or None if no server at
-    *path* took it (nothing ran)."""
+    *path* took it (nothing ran); *quiet*: a server that refuses or is another user's says
+    nothing (one the user did not name)."""
     try:
         for fd in (0, 1, 2):  # a closed one: the socket would take its number
             os.fstat(fd)
@@ -178,14 +279,14 @@ def _through_server(path: str) -> int | None:
     try:
         try:
             forward.waiting = True
-            asked = _ask(sock, path)
+            asked = _ask(sock, path, quiet)
             forward.waiting = False
         except _Stop as stop:  # nothing of the answer was taken yet
             forward.waiting = False
             forward.held.append(stop.signum)
             asked = _stop_asking(sock)
         # the answer is taken now, signals held until it says whether a worker runs
-        status = _answered(sock, _available(sock) if asked else b"", forward)
+        status = _answered(sock, _available(sock) if asked else b"", forward, quiet)
     finally:
         forward.restore()
         sock.close()
@@ -194,7 +295,7 @@ def _through_server(path: str) -> int | None:
     return status
 
 
-def _ask(sock: _socket.socket, path: str) -> bool:
+def _ask(sock: _socket.socket, path: str, quiet: bool) -> bool:
     """Send the request and wait for the answer's first bytes without taking them (a
     signal meanwhile leaves them in the socket); False if no server took the request."""
     try:
@@ -205,7 +306,8 @@ def _ask(sock: _socket.socket, path: str) -> bool:
         sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
     )
     if uid not in (0, os.geteuid()):  # not a server of ours: it gets nothing of this process
-        _say(f"{SOCKET_ENV} {path} is served by uid {uid}, not this user or root; running here")
+        if not quiet:
+            _say(f"{SOCKET_ENV} {path} is served by uid {uid}, not this user or root; running here")
         return False
     try:
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -255,7 +357,7 @@ def _available(sock: _socket.socket, flags: int = 0) -> bytes:
         sock.setblocking(True)
 
 
-def _answered(sock: _socket.socket, head: bytes, forward: _Forward) -> int | None:
+def _answered(sock: _socket.socket, head: bytes, forward: _Forward, quiet: bool) -> int | None:
     """What to do on the answer that starts with *head*: wait for the worker that runs the
     command, or None to run it here (refused, or no server)."""
     try:
@@ -273,7 +375,7 @@ def _answered(sock: _socket.socket, head: bytes, forward: _Forward) -> int | Non
         return _status(sock, None)
     if head[:1] == b"S":  # a worker killed before it could say it runs: it ran nothing
         return _status(sock, head[:1], head[1:])
-    if head[:1] == b"R" and not forward.held:
+    if head[:1] == b"R" and not forward.held and not quiet:
         _say(f"the command server refused ({head[1:].decode(errors='replace')}); running here")
     return None
 

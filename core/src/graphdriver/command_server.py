@@ -29,6 +29,7 @@ import select
 import signal
 import socket
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -37,11 +38,18 @@ import click
 
 from . import serving
 from .cli_common import announce
-from .command_client import _STATUS, SOCKET_ENV
+from .command_client import _STATUS, SOCKET_ENV, default_socket
 from .command_worker import SIGNALS, close_all, run_worker
-from .errors import from_oserror
+from .errors import InvalidOption, from_oserror
 
 log = logging.getLogger(__name__)
+
+#: the exit status of a server that stopped because its code changed and could not start
+#: again (EX_TEMPFAIL: restart it)
+CODE_CHANGED = 75
+#: idle seconds after which, and between looks, a server with an idle timeout looks whether
+#: it is alone in its mount namespace
+ALONE_AFTER = 5.0
 
 
 class CommandServer:
@@ -50,8 +58,12 @@ class CommandServer:
 
     def __init__(self, path: Path, inherited: tuple[int, ...] = ()) -> None:
         self.path = path
-        #: fds the server was started with: no worker keeps them
+        #: fds the server was started with (and its lock): no worker keeps them
         self.inherited = list(inherited)
+        #: what :meth:`run` stops on by itself: seconds without a command (0: never), and
+        #: the code that was imported changing
+        self.idle_timeout = 0.0
+        self.code: CodeWatch | None = None
         self.workers: dict[int, socket.socket] = {}
         self.by_fd: dict[int, int] = {}
         old = os.umask(0o177)  # the socket is made 0600: no moment when others may connect
@@ -68,12 +80,19 @@ class CommandServer:
         self.poll.register(self.listener.fileno(), select.POLLIN)
         self.poll.register(self.wake_r, select.POLLIN)
 
-    def run(self, stopped: threading.Event) -> None:
+    def run(self, stopped: threading.Event) -> tuple[str, int] | None:
+        """Take commands until *stopped* is set (then None), or until it should stop by
+        itself: no command taken or running for :attr:`idle_timeout` seconds, or a client
+        waiting while the code this process imported has changed; then why, and the exit
+        status that says it."""
+        last = next_look = time.monotonic()
         while not stopped.is_set():
             try:
                 events = self.poll.poll(1000)
             except InterruptedError:
                 continue
+            if self.workers:
+                last = time.monotonic()
             for fd, _mask in events:
                 if fd == self.wake_r:
                     with contextlib.suppress(BlockingIOError):
@@ -86,7 +105,20 @@ class CommandServer:
                         os.kill(worker, signal.SIGCONT)  # if it was stopped, it must see it
             self.reap()
             if any(fd == self.listener.fileno() for fd, _ in events):
+                changed = self.code.changed() if self.code else None
+                if changed:  # the waiting client is let go (its command runs there)
+                    return f"{changed} changed since it was imported", CODE_CHANGED
                 self.accept()
+                last = time.monotonic()
+            elif self.idle_timeout and not self.workers:
+                idle = time.monotonic() - last
+                if idle >= self.idle_timeout:
+                    return f"no command for {self.idle_timeout:g} s", 0
+                if idle >= ALONE_AFTER and time.monotonic() >= next_look:
+                    next_look = time.monotonic() + ALONE_AFTER
+                    if not shares_namespace():
+                        return "no other process is left in its mount namespace", 0
+        return None
 
     def accept(self) -> None:
         try:
@@ -149,6 +181,59 @@ class CommandServer:
             conn.close()
 
 
+class CodeWatch:
+    """The code a server imported, as it was: the modification time of every module file
+    that is not the standard library's (graphdriver, its drivers, plugins and dependencies)
+    and of each directory of the import path (a package installed or removed there). A
+    worker runs what the server imported, so once any of it changed the server must stop."""
+
+    def __init__(self) -> None:
+        stdlib = tuple(sysconfig.get_path(p) + os.sep for p in ("stdlib", "platstdlib"))
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        for module in list(sys.modules.values()):
+            name = getattr(module, "__file__", None)
+            if isinstance(name, str) and (
+                not name.startswith(stdlib) or f"{os.sep}site-packages{os.sep}" in name
+            ):
+                paths.append(name)
+        self.seen: dict[str, int] = {}
+        for name in paths:
+            with contextlib.suppress(OSError):
+                self.seen[name] = os.stat(name).st_mtime_ns
+
+    def changed(self) -> str | None:
+        """The first file or directory that changed (or went) since, if any."""
+        for name, mtime in self.seen.items():
+            try:
+                if os.stat(name).st_mtime_ns != mtime:
+                    return name
+            except OSError:
+                return name
+        return None
+
+
+def shares_namespace() -> bool:
+    """Whether a process other than this one and its children (that this process may look
+    at) is in its mount namespace: one that could be a client. A server started in a
+    namespace made for one job (``unshare -m``) keeps it, and every mount in it, alive: once
+    the job is gone, it must go too."""
+    mine = os.readlink("/proc/self/ns/mnt")
+    me = str(os.getpid())
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or entry.name == me:
+            continue
+        try:
+            if os.readlink(f"/proc/{entry.name}/ns/mnt") != mine:
+                continue
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                ppid = f.read().rsplit(b")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        if ppid != me.encode():
+            return True
+    return False
+
+
 def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -177,32 +262,79 @@ def warm_up() -> None:
 @click.option(
     "--socket",
     "socket_path",
-    required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help=f"Where to listen; clients name it in {SOCKET_ENV}.",
+    help=f"Where to listen; clients name it in {SOCKET_ENV}. Default: the socket a client "
+    f"finds when {SOCKET_ENV} is unset.",
 )
-def serve_commands(socket_path: Path) -> None:
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    help="Stop after this many seconds without a command (0: never).",
+)
+def serve_commands(socket_path: Path | None, idle_timeout: float) -> None:
     """Run graphdriver commands for clients that set GRAPHDRIVER_SOCKET to --socket, each in a
     worker forked from this process, which has imported the CLI once: a command starts in a
     few milliseconds instead of 60-100. Clients less privileged than the server, or in
-    another namespace, run theirs themselves. Runs until SIGTERM or SIGINT."""
+    another namespace, run theirs themselves. Without --socket, serves the socket that a
+    graphdriver command finds when GRAPHDRIVER_SOCKET is unset (one that finds no server
+    there starts one, with --idle-timeout 600). Runs until SIGTERM or SIGINT or the idle
+    timeout; when the code it imported changes (an upgrade, a new plugin), it starts again
+    (the same process) with the new code."""
+    if socket_path is None:
+        default = default_socket()
+        if default is None:
+            raise InvalidOption(
+                "no default socket for this user (no XDG_RUNTIME_DIR): give --socket"
+            )
+        socket_path = Path(default)
+    socket_path = socket_path.absolute()
     stopped = serving.stop_event()
     # what the server was started with beyond its stdio is none of a command's business
     inherited = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
     inherited = [fd for fd in inherited if _is_open(fd)]  # (listdir's own fd is gone)
-    warm_up()
-    serving.free_socket(socket_path, "--socket")
+    started_in = os.getcwd()
+    os.chdir("/")  # a server keeps no directory (a mount) busy; workers take the client's
+    with serving.serve_lock(Path(f"{socket_path}.lock"), "command server", socket_path) as lock:
+        warm_up()
+        code = CodeWatch()
+        serving.free_socket(socket_path, "--socket")
+        try:
+            server = CommandServer(socket_path, (*inherited, lock))
+        except OSError as exc:
+            raise from_oserror(exc, f"listen on {socket_path}") from None
+        server.idle_timeout, server.code = idle_timeout, code
+        try:
+            announce(
+                f"serving commands on {socket_path} (export {SOCKET_ENV}={socket_path})",
+                socket=str(socket_path),
+            )
+            with contextlib.suppress(BrokenPipeError):
+                sys.stdout.flush()
+            ended = server.run(stopped)
+        finally:
+            server.close()
+    if ended is None:
+        return
+    if ended[1] == CODE_CHANGED:
+        log.warning("%s: starting again", ended[0])
+        _start_again(started_in)
+    log.warning("stopping: %s", ended[0])
+    sys.exit(ended[1])
+
+
+def _start_again(cwd: str) -> None:
+    """Run this server's command line again in this process, with the code as it is now (a
+    new socket, lock and imports; the workers that run go on, and this process reaps them),
+    from the directory it was started in; return if it cannot."""
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
+    with contextlib.suppress(BrokenPipeError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
     try:
-        server = CommandServer(socket_path, tuple(inherited))
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
     except OSError as exc:
-        raise from_oserror(exc, f"listen on {socket_path}") from None
-    try:
-        announce(
-            f"serving commands on {socket_path} (export {SOCKET_ENV}={socket_path})",
-            socket=str(socket_path),
-        )
-        with contextlib.suppress(BrokenPipeError):
-            sys.stdout.flush()
-        server.run(stopped)
-    finally:
-        server.close()
+        log.warning("cannot start again: %s", exc.strerror)
+    os.chdir("/")

@@ -65,9 +65,10 @@ def free_socket(path: Path, option: str) -> None:
 
 
 @contextlib.contextmanager
-def serve_lock(path: Path, what: str, served: Path) -> Iterator[None]:
+def serve_lock(path: Path, what: str, served: Path) -> Iterator[int]:
     """One *what* per store: an flock on *path* that holds the server's pid, so that a second
-    one is refused in one line naming the first (*served* is what it serves)."""
+    one is refused in one line naming the first (*served* is what it serves). Yields the
+    lock's fd: a process forked from the server that must not hold it closes it."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -80,7 +81,7 @@ def serve_lock(path: Path, what: str, served: Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield fd
     finally:
         os.close(fd)
 

@@ -1,0 +1,284 @@
+"""The command server a ``graphdriver`` command starts when ``GRAPHDRIVER_SOCKET`` is unset: the
+next commands run through it, it holds nothing of the command that started it, one starts
+however many commands find none at once, it starts again when its code changes, and it goes
+when it is idle or alone in its mount namespace."""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from graphdriver.testing import Backing
+
+GRAPHDRIVER = shutil.which("graphdriver", path=str(Path(sys.executable).parent))
+
+
+@dataclass
+class Runtime:
+    """An ``XDG_RUNTIME_DIR`` of the test's own: where the servers it starts live."""
+
+    dir: Path
+    env: dict[str, str]
+
+    def sockets(self) -> list[Path]:
+        return sorted((self.dir / "graphdriver").glob("*.sock"))
+
+    def pids(self) -> list[int]:
+        """The servers that run (each holds its lock, which has its pid)."""
+        out = []
+        for lock in (self.dir / "graphdriver").glob("*.lock"):
+            text = lock.read_text().strip()
+            if text and _alive(int(text)):
+                out.append(int(text))
+        return sorted(out)
+
+    def log(self) -> str:
+        return "".join(p.read_text() for p in (self.dir / "graphdriver").glob("*.log"))
+
+    def run(self, *args: str, **env: str) -> tuple[int, str, str]:
+        assert GRAPHDRIVER is not None
+        proc = subprocess.run(
+            [GRAPHDRIVER, *args], capture_output=True, timeout=60,
+            env={**self.env, **env},
+        )  # fmt: skip
+        return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+    def served(self, count: int = 1) -> int:
+        """Wait until *count* servers answer on their sockets; the first one's pid."""
+        deadline = time.monotonic() + 60
+        while self.log().count("serving commands") < count or len(self.sockets()) < 1:
+            assert time.monotonic() < deadline, f"no command server started: {self.log()}"
+            time.sleep(0.05)
+        return self.pids()[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != b"Z":
+                out.append(int(entry.name))
+    return out
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.fixture
+def runtime() -> Iterator[Runtime]:
+    if GRAPHDRIVER is None:
+        pytest.fail("the graphdriver script is not installed beside this python: run the set-up")
+    # short: a unix socket's path holds 107 bytes
+    base = Path(tempfile.mkdtemp(prefix="gd-run-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "GRAPHDRIVER_SOCKET"}
+    rt = Runtime(base, {**env, "XDG_RUNTIME_DIR": str(base)})
+    try:
+        yield rt
+    finally:
+        left = rt.pids() if (base / "graphdriver").exists() else []
+        for pid in left:
+            os.kill(pid, signal.SIGTERM)
+        for pid in left:
+            if not _gone(pid, 30):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _tar(files: int, size: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(files):
+            info = tarfile.TarInfo(f"f{i:04d}")
+            info.size = size
+            tf.addfile(info, io.BytesIO(bytes([i % 251]) * size))
+    return buf.getvalue()
+
+
+def test_the_first_command_starts_a_server_the_next_ones_run_through(
+    runtime: Runtime, loop_ext4: Backing
+) -> None:
+    root = loop_ext4.root / "autostart"
+    gd = ["--root", str(root), "--driver", "vfs"]
+    # a descriptor the first command has (a pipe its caller waits on) is not the server's
+    held_r, held_w = os.pipe()
+    assert GRAPHDRIVER is not None
+    first = subprocess.run(
+        [GRAPHDRIVER, *gd, "create", "base"], capture_output=True, timeout=60,
+        env=runtime.env, pass_fds=(held_w,), cwd=loop_ext4.root,
+    )  # fmt: skip
+    os.close(held_w)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == b""  # starting a server says nothing
+    pid = runtime.served()
+    # the write end is closed everywhere (else the caller would wait for the server)
+    assert select.select([held_r], [], [], 10)[0] == [held_r], "the server kept the pipe"
+    assert os.read(held_r, 1) == b""
+    os.close(held_r)
+    assert len(runtime.sockets()) == 1 and runtime.pids() == [pid]
+    assert (runtime.sockets()[0].stat().st_mode & 0o777) == 0o600
+    # in a session of its own, in / (no directory of a test's mount kept busy)
+    assert os.getsid(pid) != os.getsid(0)
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert sorted(os.listdir(f"/proc/{pid}/fd"), key=int)[:3] == ["0", "1", "2"]
+
+    # the next command runs in a worker of the server: seen while it reads its layer
+    assert GRAPHDRIVER is not None
+    layer = _tar(200, 4096)
+    client = subprocess.Popen(
+        [GRAPHDRIVER, *gd, "apply-diff", "base", "-"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=runtime.env,
+    )  # fmt: skip
+    try:
+        assert client.stdin is not None
+        client.stdin.write(layer[:10240])
+        client.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not _children(pid):
+            assert time.monotonic() < deadline, "no worker of the server ran the command"
+            time.sleep(0.02)
+        _out, err = client.communicate(layer[10240:], timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, err
+    code, out_ls, err_ls = runtime.run(*gd, "ls")
+    assert (code, out_ls.split(), err_ls) == (0, ["base"], "")
+    code, diff, _ = runtime.run(*gd, "changes", "base")
+    assert code == 0 and len(diff.splitlines()) == 200
+    assert runtime.pids() == [pid]  # the same server all along
+
+
+def test_commands_that_find_no_server_at_once_start_one(runtime: Runtime) -> None:
+    assert GRAPHDRIVER is not None
+    clients = [
+        subprocess.Popen([GRAPHDRIVER, "--version"], stdout=subprocess.PIPE, env=runtime.env)
+        for _ in range(6)
+    ]
+    for client in clients:
+        out, _ = client.communicate(timeout=60)
+        assert client.returncode == 0 and out.startswith(b"graphdriver, version ")
+    pid = runtime.served()
+    time.sleep(1)  # a second one, had it started, would be serving by now
+    servers = [
+        p for p in _all_pids() if str(runtime.dir).encode() in _cmdline(p) and p != os.getpid()
+    ]
+    assert servers == [pid], runtime.log()
+
+
+def _all_pids() -> list[int]:
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and _alive(int(e.name))]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def test_a_server_whose_code_changed_starts_again(runtime: Runtime) -> None:
+    """Code installed or changed after the server imported it is what the next command runs:
+    a directory of the import path that changes (a package installed there) makes the
+    server start again, in the same process, with the new code."""
+    path = runtime.dir / "site"
+    path.mkdir()
+    env = {"PYTHONPATH": str(path)}
+    assert runtime.run("--version", **env)[0] == 0
+    pid = runtime.served()
+    (path / "new_plugin.py").write_text("VALUE = 1\n")
+    code, out, err = runtime.run("--version", **env)  # finds it changed: runs here
+    assert (code, err) == (0, "") and out.startswith("graphdriver, version ")
+    runtime.served(2)
+    assert "changed since it was imported: starting again" in runtime.log()
+    assert runtime.pids() == [pid]
+    code, out, err = runtime.run("--version", **env)
+    assert (code, err) == (0, "") and out.startswith("graphdriver, version ")
+
+
+def test_a_client_the_server_does_not_serve_runs_quietly_here(runtime: Runtime) -> None:
+    """A server the user did not name refuses without a word (the command runs here)."""
+    assert runtime.run("--version")[0] == 0
+    runtime.served()
+    assert GRAPHDRIVER is not None
+    proc = subprocess.run(
+        ["setpriv", "--no-new-privs", GRAPHDRIVER, "--version"], capture_output=True,
+        env=runtime.env, timeout=60,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    assert proc.stdout.startswith(b"graphdriver, version ")
+
+
+def test_no_server_starts_when_told_not_to(runtime: Runtime) -> None:
+    assert runtime.run("--version", GRAPHDRIVER_SOCKET="")[0] == 0
+    assert runtime.run("serve", "--help")[0] == 0  # servers run in their own process
+    time.sleep(0.5)
+    assert not (runtime.dir / "graphdriver").exists()
+
+
+def test_a_server_in_a_mount_namespace_of_its_own_goes_with_it(runtime: Runtime) -> None:
+    """A server started in a namespace made for one job would keep it (and every mount in
+    it) alive: it goes once nothing else is left there."""
+    assert GRAPHDRIVER is not None
+    job = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'"{GRAPHDRIVER}" --version >/dev/null && read line'],
+        stdin=subprocess.PIPE, env=runtime.env,
+    )  # fmt: skip
+    try:
+        pid = runtime.served()
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        time.sleep(7)  # idle, but the job is still there
+        assert _alive(pid)
+    finally:
+        job.communicate(b"\n", timeout=30)
+    assert _gone(pid, 20), "the server outlived its namespace's job"
+    assert "no other process is left in its mount namespace" in runtime.log()
+
+
+def test_a_server_stops_when_idle(tmp_path: Path) -> None:
+    assert GRAPHDRIVER is not None
+    sock = Path(tempfile.mkdtemp(prefix="gd-idle-", dir="/tmp")) / "cmd.sock"
+    try:
+        proc = subprocess.run(
+            [GRAPHDRIVER, "serve", "commands", "--socket", str(sock), "--idle-timeout", "1"],
+            capture_output=True, timeout=60, env={**os.environ, "GRAPHDRIVER_SOCKET": ""},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert b"stopping: no command for 1 s" in proc.stderr
+        assert not sock.exists()
+    finally:
+        shutil.rmtree(sock.parent, ignore_errors=True)
