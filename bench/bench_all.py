@@ -22,7 +22,8 @@ filesystem in the same loop, who goes first alternating:
 - a small change (3 files) on minbase: ``changes`` and ``diff``, CLI and library time, beside
   ``tar -c`` of the changed files into a file;
 - CLI start-up (``graphdriver --version``, ``graphdriver ls``) beside the venv's
-  ``python -c pass``, run by the process and through ``graphdriver serve commands``;
+  ``python -c pass``, through the command server the first command starts (the CLI's
+  targets are on these rows; ``Bench.command_server``) and by a process of its own;
   ``create`` of a child of minbase beside a child of an empty layer;
 - ``mount`` + ``umount`` (CLI, and through the command server) beside ``podman image mount``
   + ``umount`` on a warm store and ``mount -t overlay`` + ``umount``; get + put beside
@@ -45,6 +46,7 @@ import datetime
 import json
 import os
 import platform
+import select
 import shutil
 import signal
 import subprocess
@@ -200,6 +202,10 @@ class Bench:
         #: seconds each step took
         self.took: dict[str, float] = {}
         self.n = 0
+        #: the command server's (``command_server``)
+        self.server_home = Path("/nonexistent")
+        self.server_pid = 0
+        self.served_env: dict[str, str] = {}
 
     def fig(self, name: str, table: str = "cli", **kw: object) -> Figure:
         f = Figure(name, table, **kw)  # type: ignore[arg-type]
@@ -254,20 +260,23 @@ class Bench:
         ours: list[str],
         call: tuple[str, str, Path],
         after: Callable[[], object] | None = None,
+        served: tuple[Figure, list[str]] | None = None,
     ) -> Run:
-        """One run of the reference, the CLI command and the same operation as a library call
-        (*call*: op, layer, path for ``lib_op``), each after a sync and followed by *after*,
-        in an order turned by one each run (reference, CLI, library; CLI, library, reference;
-        ...): a big writer after another is often throttled by the loop device's writeback,
-        whoever it is. In five runs each of the three goes first, second and third at least
-        once."""
+        """One run of the reference, the CLI command by a process of its own, the same
+        operation as a library call (*call*: op, layer, path for ``lib_op``) and, with
+        *served* (its figure and command), the CLI command through the command server, each
+        after a sync and followed by *after*, in an order turned by one each run (reference,
+        CLI, library, served; CLI, library, served, reference; ...): a big writer after
+        another is often throttled by the loop device's writeback, whoever it is."""
         cli, lib, mem_cli, mem_lib = figs
         got: dict[str, Run] = {}
-        order = ("ref", "cli", "lib")
-        for who in order[i % 3 :] + order[: i % 3]:
+        order = ("ref", "cli", "lib", "srv") if served is not None else ("ref", "cli", "lib")
+        for who in order[i % len(order) :] + order[: i % len(order)]:
             sync()
             if who == "lib":
                 got[who] = lib_op(self.store, call[0], call[1], call[2], self.driver)
+            elif who == "srv" and served is not None:
+                got[who] = self.through_server(served[1])
             else:
                 got[who] = timed(ref if who == "ref" else ours, rss=True)
             if after is not None:
@@ -276,7 +285,31 @@ class Bench:
         mem_cli.ours.append(got["cli"].rss / 1024)
         lib.add(got["lib"])
         mem_lib.ours.append(got["lib"].rss / 1024)
+        if served is not None:
+            served[0].add(got["srv"], got["ref"])
         return got["cli"]
+
+    def served_fig(self, name: str, cli: Figure, target: Target | None) -> Figure:
+        """The figure of *name* through the command server, beside *cli*'s reference."""
+        return self.fig(f"{name} through the command server", ref_name=cli.ref_name,
+                        target=target, unit=cli.unit)  # fmt: skip
+
+    def through_server(self, cmd: list[str]) -> Run:
+        """*cmd* run through the command server (named, so that a refusal would say so:
+        ``timed`` then fails); its CPU time is the client's and its worker's (the server's
+        children's once it reaped it: in clock ticks, 10 ms)."""
+        before = self.server_children_cpu()
+        got = timed(cmd, env=self.served_env)
+        deadline = time.monotonic() + 2
+        children = Path(f"/proc/{self.server_pid}/task/{self.server_pid}/children")
+        while children.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return Run(got.wall, got.cpu + self.server_children_cpu() - before, got.rss)
+
+    def server_children_cpu(self) -> float:
+        """The user+sys CPU seconds of the command server's reaped children (its workers)."""
+        fields = Path(f"/proc/{self.server_pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
     # ---------------------------------------------------------------------------- unpack
 
@@ -295,6 +328,7 @@ class Bench:
             ref_name = "rm -rf of what it whites out + GNU tar -x, on minbase" if on_base else (
                 f"GNU tar {unzip[0]} -x" if unzip else "GNU tar -x")  # fmt: skip
             figs = self.cli_and_lib(f"apply-diff {key}", ref_name, target)
+            srv = self.served_fig(f"apply-diff {key}", figs[0], target) if key in SERVED else None
             pod = None
             if self.podman and key in ("minbase", "small10k"):
                 pod = self.fig(f"apply-diff {key} vs podman import",
@@ -308,59 +342,32 @@ class Bench:
                     ref = ["sh", "-c", 'cd "$1" && shift && xargs -0 -r rm -rf -- < "$1" && '
                            'shift && exec "$@"', "sh", str(into), str(whited_out(tar, self.fs)),
                            *ref]  # fmt: skip
-                layer, again = self.fresh("L"), self.fresh("L")
+                layer, again, third = self.fresh("L"), self.fresh("L"), self.fresh("L")
                 parent = ["--parent", self.base()] if key == "apt" else []
-                run([*self.gd, "create", *parent, layer])
-                run([*self.gd, "create", *parent, again])
+                for name in (layer, again, third):
+                    run([*self.gd, "create", *parent, name])
                 ours = self.run_three(
                     i,
                     figs,
                     ref,
                     [*self.gd, "apply-diff", layer, str(tar)],
                     ("apply", again, tar),
+                    served=None
+                    if srv is None
+                    else (srv, [*self.gd, "apply-diff", third, str(tar)]),
                 )
                 if pod is not None:
                     podman = self.podman_for(key)
                     sync()
                     pod.add(ours, timed(podman("import", str(tar), "bench:layer")))
                     run(podman("rmi", "-f", "bench:layer"))
-                run([*self.gd, "rm", layer, again])
+                run([*self.gd, "rm", layer, again, third])
                 data.rmtree(into)
-            if key in SERVED:
-                make = [*self.gd, "create", *parent, "served"]
-                self.served(f"apply-diff {key}", figs[0], target,
-                            [*self.gd, "apply-diff", "served", str(tar)],
-                            before=lambda make=make: run(make),
-                            after=lambda: run([*self.gd, "rm", "served"]))  # fmt: skip
-            for f in figs[:2]:
+            for f in [*figs[:2], *([srv] if srv else [])]:
                 med = f.value() or 1.0
                 f.extra = f"{data.plain_of(tar).stat().st_size / 1e6 / med:.0f} MB/s"
                 if files > 1:
                     f.extra += f", {files / med:,.0f} files/s ({entries:,} entries)"
-
-    def served(
-        self,
-        name: str,
-        cli: Figure,
-        target: Target | None,
-        command: list[str],
-        before: Callable[[], object] | None = None,
-        after: Callable[[], object] | None = None,
-    ) -> None:
-        """*name* through the command server: *command*, after *before* and a sync, followed
-        by *after*, beside the reference runs of the *cli* figure (taken before)."""
-        fig = self.fig(f"{name} through the command server", ref_name=cli.ref_name,
-                       target=target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
-        with self.command_server():
-            for _ in range(self.runs):
-                if before is not None:
-                    before()
-                try:
-                    sync()
-                    fig.add(timed(command))
-                finally:
-                    if after is not None:
-                        after()
 
     # ------------------------------------------------------------------------------ pack
 
@@ -372,18 +379,19 @@ class Bench:
             tree.mkdir()
             run([*GNU_TAR, "-C", str(tree), "-xf", str(self.tar(key))])
             figs = self.cli_and_lib(f"diff {key}", "GNU tar -c (to a file)", AS_FAST_AS_TAR)
+            srv = self.served_fig(f"diff {key}", figs[0], AS_FAST_AS_TAR)
+            diff = [*self.gd, "diff", layer, "-o", str(out)]
             for i in range(self.runs):
                 self.run_three(
                     i,
                     figs,
                     [*GNU_TAR, "-C", str(tree), "-cf", str(out), "."],
-                    [*self.gd, "diff", layer, "-o", str(out)],
+                    diff,
                     ("diff", layer, out),
                     after=out.unlink,
+                    served=(srv, diff),
                 )
             data.rmtree(tree)
-            self.served(f"diff {key}", figs[0], AS_FAST_AS_TAR,
-                        [*self.gd, "diff", layer, "-o", str(out)], after=out.unlink)  # fmt: skip
         if "small10k" in self.keys:
             self.rewritten(out)
         if "big1g" in self.keys:
@@ -415,19 +423,20 @@ class Bench:
             run([*self.gd, "umount", layer])
         name = "diff of a container layer, every small10k file rewritten"
         figs = self.cli_and_lib(name, "GNU tar -c --format=posix (to a file)", AS_FAST_AS_TAR)
+        srv = self.served_fig(name, figs[0], AS_FAST_AS_TAR)
         posix = ["--format=posix", "--pax-option=delete=atime,delete=ctime"]
+        diff = [*self.gd, "diff", layer, "-o", str(out)]
         for i in range(self.runs):
             self.run_three(
                 i,
                 figs,
                 [*GNU_TAR, *posix, "-C", str(tree), "-cf", str(out), "."],
-                [*self.gd, "diff", layer, "-o", str(out)],
+                diff,
                 ("diff", layer, out),
                 after=out.unlink,
+                served=(srv, diff),
             )
         data.rmtree(tree)
-        self.served(name, figs[0], AS_FAST_AS_TAR, [*self.gd, "diff", layer, "-o", str(out)],
-                    after=out.unlink)  # fmt: skip
         run([*self.gd, "rm", layer])
 
     # ----------------------------------------------------------------------- exact diffs
@@ -523,18 +532,19 @@ class Bench:
                            unit="ms")  # fmt: skip
         ls = self.fig(f"CLI start-up (graphdriver ls){OWN}", ref_name=pyname, unit="ms",
                       ref=version.ref, ref_cpu=version.ref_cpu)  # fmt: skip
+        served = [self.fig(f"CLI start-up through the command server (graphdriver {verb})",
+                           ref_name=pyname, target=START_UP, unit="ms", ref=version.ref,
+                           ref_cpu=version.ref_cpu) for verb in ("--version", "ls")]  # fmt: skip
         for _ in range(self.runs):
             version.add(timed([*GD, "--version"]), timed([sys.executable, "-c", "pass"]))
+            served[0].add(self.through_server([*GD, "--version"]))
             ls.add(timed([*self.gd, "ls"]))
-        served = []
-        for verb in ("--version", "ls"):
-            served.append(self.fig(f"CLI start-up through the command server (graphdriver {verb})",
-                                   ref_name=pyname, target=START_UP, unit="ms", ref=version.ref,
-                                   ref_cpu=version.ref_cpu))  # fmt: skip
-        with self.command_server():
-            for _ in range(self.runs):
-                served[0].add(timed([*GD, "--version"]))
-                served[1].add(timed([*self.gd, "ls"]))
+            served[1].add(self.through_server([*self.gd, "ls"]))
+        first = self.fig("CLI start-up, a first command that starts the command server "
+                         "(graphdriver --version)", ref_name=pyname, unit="ms", ref=version.ref,
+                         ref_cpu=version.ref_cpu)  # fmt: skip
+        for _ in range(self.runs):
+            first.add(self.first_command())
         run([*self.gd, "create", "empty"])
         empty = self.fig("create empty layer", unit="ms")
         child = self.fig("create child of minbase", ref_name="child of an empty layer", unit="ms",
@@ -567,57 +577,80 @@ class Bench:
                 run(cmd)
             pod = self.fig(f"mount + umount vs podman{OWN}", unit="ms",
                            ref_name="podman image mount + umount (warm store)")  # fmt: skip
+            served = self.fig("mount + umount through the command server vs podman", unit="ms",
+                              target=MOUNT_VS_PODMAN, ref_name=pod.ref_name)  # fmt: skip
         for i in range(self.runs):
             got: dict[str, Run] = {}
-            for who in ("ours", "theirs") if i % 2 == 0 or pod is None else ("theirs", "ours"):
+            order = ("ours", "srv", "theirs") if pod is not None else ("ours",)
+            for who in order[i % len(order) :] + order[: i % len(order)]:
                 if who == "ours":
                     got[who] = plus(timed(ours[0]), timed(ours[1]))
+                elif who == "srv":
+                    got[who] = plus(self.through_server(ours[0]), self.through_server(ours[1]))
                 elif pod is not None:
                     got[who] = plus(timed(theirs[0]), timed(theirs[1]))
             cli.add(got["ours"])
             if pod is not None:
                 pod.add(got["ours"], got["theirs"])
-        if pod is not None:
-            served = self.fig("mount + umount through the command server vs podman", unit="ms",
-                              target=MOUNT_VS_PODMAN, ref_name=pod.ref_name, ref=pod.ref,
-                              ref_cpu=pod.ref_cpu)  # fmt: skip
-            with self.command_server():
-                for cmd in ours:
-                    run(cmd)
-                for _ in range(self.runs):
-                    served.add(plus(timed(ours[0]), timed(ours[1])))
+                served.add(got["srv"], got["theirs"])
         if self.driver == "overlay":
             self.raw_mounts(layer, cli)
 
     @contextlib.contextmanager
     def command_server(self) -> Iterator[None]:
-        """The command server a graphdriver command starts where GRAPHDRIVER_SOCKET is unset
-        (in a runtime directory of this run's; one untimed command starts it), stopped after:
-        the commands meanwhile run in its workers (whose CPU time is the server's, not in the
-        figures' CPU column)."""
-        home = Path(tempfile.mkdtemp(prefix="gd-bench-", dir="/tmp"))  # short: a socket path
-        saved = {k: os.environ.get(k) for k in ("GRAPHDRIVER_SOCKET", "XDG_RUNTIME_DIR")}
-        os.environ.pop("GRAPHDRIVER_SOCKET")
-        os.environ["XDG_RUNTIME_DIR"] = str(home)
-        pid = 0
+        """The command server a graphdriver command starts where GRAPHDRIVER_SOCKET is unset,
+        in a runtime directory of this run's, for the figures through it; stopped after."""
+        self.server_home = Path(tempfile.mkdtemp(prefix="gd-bench-", dir="/tmp"))  # a short path
         try:
-            run([*GD, "--version"])
-            deadline = time.monotonic() + 60
-            while not list(home.glob("graphdriver/*.sock")):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("no graphdriver command started a command server")
-                time.sleep(0.05)
-            pid = int(next(home.glob("graphdriver/*.lock")).read_text())
+            self.start_server()
             yield
         finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-            if pid:
-                os.kill(pid, signal.SIGTERM)
-                while Path(f"/proc/{pid}").exists() and b") Z" not in Path(
-                    f"/proc/{pid}/stat").read_bytes():  # fmt: skip
-                    time.sleep(0.05)
-            shutil.rmtree(home, ignore_errors=True)
+            self.stop_server()
+            shutil.rmtree(self.server_home, ignore_errors=True)
+
+    def auto_env(self) -> dict[str, str]:
+        """The environment of a command as a user runs it: GRAPHDRIVER_SOCKET unset."""
+        env = {k: v for k, v in os.environ.items() if k != "GRAPHDRIVER_SOCKET"}
+        return {**env, "XDG_RUNTIME_DIR": str(self.server_home)}
+
+    def start_server(self) -> Run:
+        """Run a first command, which starts the command server (no lock left: not within
+        the pause between starts), and wait for it to serve; that command's run. The timed
+        commands name its socket (``through_server``)."""
+        home = self.server_home / "graphdriver" / "commands"
+        for lock in home.glob("*.lock"):
+            lock.unlink()
+        first = timed([*GD, "--version"], env=self.auto_env())
+        deadline = time.monotonic() + 60
+        while not list(home.glob("*.sock")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no graphdriver command started a command server")
+            time.sleep(0.05)
+        sock = next(home.glob("*.sock"))
+        self.server_pid = int(Path(f"{sock}.lock").read_text())
+        self.served_env = {**os.environ, "GRAPHDRIVER_SOCKET": str(sock)}
+        return first
+
+    def stop_server(self) -> None:
+        pid, self.server_pid = self.server_pid, 0
+        if not pid:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            pidfd = os.pidfd_open(pid)
+            try:
+                if b"serve\0commands" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                    if not select.select([pidfd], [], [], 30)[0]:
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                        select.select([pidfd], [], [], 30)
+            finally:
+                os.close(pidfd)
+
+    def first_command(self) -> Run:
+        """``graphdriver --version`` as the first command: none serves, it starts the server
+        (which then serves the figures after it)."""
+        self.stop_server()
+        return self.start_server()
 
     def raw_mounts(self, layer: str, cli: Figure) -> None:
         """overlay: the same mount by mount(8) and by mount(2) in one process."""
@@ -808,11 +841,12 @@ def main() -> None:
             bench = Bench(driver, fstype, fs, args.runs, sets, keys)
             bench.podman = bench.podman and not args.no_podman
             try:
-                for step in [s for s in STEPS if s in steps]:
-                    print(f"bench: {title}: {step}", file=sys.stderr)
-                    began = time.perf_counter()
-                    getattr(bench, step)()
-                    bench.took[step] = time.perf_counter() - began
+                with bench.command_server():
+                    for step in [s for s in STEPS if s in steps]:
+                        print(f"bench: {title}: {step}", file=sys.stderr)
+                        began = time.perf_counter()
+                        getattr(bench, step)()
+                        bench.took[step] = time.perf_counter() - began
             finally:
                 bench.cleanup()
                 unmount_all_under(fs / "store")

@@ -125,22 +125,29 @@ def spread(xs: list[float], unit: str = "s") -> str:
 TIME = "/usr/bin/time"
 
 
-def timed(cmd: list[str], rss: bool = False) -> Run:
-    """Run *cmd* (its output to a temporary file, kept for the error message); wall time and
-    user+sys CPU from wait4(2), at microsecond resolution. With *rss*, the command runs under
-    GNU time for its peak RSS (KiB, the largest of it and its children; time's own fork and
-    exec, about a millisecond, are then in the wall and CPU time); else the RSS is 0."""
+def timed(cmd: list[str], rss: bool = False, env: dict[str, str] | None = None) -> Run:
+    """Run *cmd* (its output to a temporary file, kept for the error message; *env*, else
+    this process's environment); wall time and user+sys CPU from wait4(2), at microsecond
+    resolution. With *rss*, the command runs under GNU time for its peak RSS (KiB, the largest
+    of it and its children; time's own fork and exec, about a millisecond, are then in the
+    wall and CPU time); else the RSS is 0. A command that names a command server that did
+    not run it (it says so) fails: its figure would not be what it says."""
     with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as peak:
         argv = [TIME, "-f", "%M", "-o", peak.name, *cmd] if rss else cmd
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=out)
+        proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        said = out.read()
         if proc.returncode != 0:
-            out.seek(0)
-            tail = out.read().decode(errors="replace")[-800:]
+            tail = said.decode(errors="replace")[-800:]
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {tail}")
+        if (env or os.environ).get("GRAPHDRIVER_SOCKET") and b"; running here" in said:
+            raise RuntimeError(
+                f"{' '.join(cmd)} was not run by the command server: {said[-400:]!r}"
+            )
         kib = int(peak.read().split()[-1]) if rss else 0
     return Run(wall, usage.ru_utime + usage.ru_stime, kib)
 

@@ -33,20 +33,24 @@ class Runtime:
     dir: Path
     env: dict[str, str]
 
+    @property
+    def home(self) -> Path:
+        return self.dir / "graphdriver" / "commands"
+
     def sockets(self) -> list[Path]:
-        return sorted((self.dir / "graphdriver").glob("*.sock"))
+        return sorted(self.home.glob("*.sock"))
 
     def pids(self) -> list[int]:
         """The servers that run (each holds its lock, which has its pid)."""
         out = []
-        for lock in (self.dir / "graphdriver").glob("*.lock"):
+        for lock in self.home.glob("*.lock"):
             text = lock.read_text().strip()
-            if text and _alive(int(text)):
+            if text and _alive(int(text)) and b"serve\0commands" in _cmdline(int(text)):
                 out.append(int(text))
         return sorted(out)
 
     def log(self) -> str:
-        return "".join(p.read_text() for p in (self.dir / "graphdriver").glob("*.log"))
+        return "".join(p.read_text() for p in self.home.glob("*.log"))
 
     def run(self, *args: str, **env: str) -> tuple[int, str, str]:
         assert GRAPHDRIVER is not None
@@ -107,7 +111,7 @@ def runtime() -> Iterator[Runtime]:
     try:
         yield rt
     finally:
-        left = rt.pids() if (base / "graphdriver").exists() else []
+        left = rt.pids() if rt.home.exists() else []
         for pid in left:
             os.kill(pid, signal.SIGTERM)
         for pid in left:
@@ -196,6 +200,9 @@ def test_commands_that_find_no_server_at_once_start_one(runtime: Runtime) -> Non
         p for p in _all_pids() if str(runtime.dir).encode() in _cmdline(p) and p != os.getpid()
     ]
     assert servers == [pid], runtime.log()
+    # one started: none was refused its lock
+    assert runtime.log().count("serving commands") == 1, runtime.log()
+    assert "already serves" not in runtime.log()
 
 
 def _all_pids() -> list[int]:
@@ -219,6 +226,9 @@ def test_a_server_whose_code_changed_starts_again(runtime: Runtime) -> None:
     env = {"PYTHONPATH": str(path)}
     assert runtime.run("--version", **env)[0] == 0
     pid = runtime.served()
+    (path / "notes.txt").write_text("nothing Python imports\n")
+    assert runtime.run("--version", **env)[0] == 0
+    assert "starting again" not in runtime.log()  # other files come and go freely
     (path / "new_plugin.py").write_text("VALUE = 1\n")
     code, out, err = runtime.run("--version", **env)  # finds it changed: runs here
     assert (code, err) == (0, "") and out.startswith("graphdriver, version ")
@@ -282,3 +292,92 @@ def test_a_server_stops_when_idle(tmp_path: Path) -> None:
         assert not sock.exists()
     finally:
         shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+def _socket_of(runtime: Runtime, **env: str) -> Path:
+    """The socket a command with *env* looks for (what the script computes)."""
+    code = "from graphdriver.command_client import default_socket; print(default_socket())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**runtime.env, **env}, check=True)  # fmt: skip
+    return Path(out.stdout.strip())
+
+
+def test_a_planted_link_or_an_open_directory_starts_nothing(runtime: Runtime) -> None:
+    """The lock and log are never opened through a link, nor in a directory others may
+    write in; the command runs, and nothing is started."""
+    sock = _socket_of(runtime)
+    assert sock.parent == runtime.home
+    victim = runtime.dir / "victim"
+    victim.write_text("precious\n")
+    runtime.home.mkdir(parents=True, mode=0o700)
+    Path(f"{sock}.lock").symlink_to(victim)
+    Path(f"{sock}.log").symlink_to(victim)
+    code, out, _ = runtime.run("--version")
+    assert code == 0 and out.startswith("graphdriver, version ")
+    Path(f"{sock}.lock").unlink()
+    Path(f"{sock}.log").unlink()
+    runtime.home.chmod(0o755)
+    code, out, _ = runtime.run("--version")
+    assert code == 0 and out.startswith("graphdriver, version ")
+    time.sleep(1)
+    assert victim.read_text() == "precious\n"
+    assert not sock.exists() and not Path(f"{sock}.lock").exists()
+
+
+def test_a_runtime_directory_others_may_write_is_not_used(runtime: Runtime) -> None:
+    runtime.dir.chmod(0o1777)
+    sock = _socket_of(runtime)
+    assert not sock.is_relative_to(runtime.dir)  # root's falls back to /run/graphdriver
+    assert sock.parent == Path("/run/graphdriver/commands")
+
+
+def test_the_servers_interpreter_is_its_clients(runtime: Runtime) -> None:
+    """A server runs the interpreter its client would (flags, the environment that shapes
+    it): a client whose differs has its own, and the others see none of it."""
+    assert runtime.run("--version", PYTHONOPTIMIZE="2")[0] == 0
+    runtime.served()
+    code, out, _ = runtime.run("--help")  # -OO strips docstrings: the help would be gone
+    assert code == 0 and "Directory that holds the layers" in out
+    runtime.served(2)
+    assert len(runtime.sockets()) == 2
+    code, out, _ = runtime.run("--help")
+    assert code == 0 and "Directory that holds the layers" in out
+
+
+def test_a_first_command_with_sigchld_ignored_runs(runtime: Runtime) -> None:
+    assert GRAPHDRIVER is not None
+    code = "import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); "
+    code += "os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", code, GRAPHDRIVER, "--version"],
+                          capture_output=True, env=runtime.env, timeout=60)  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    assert proc.stdout.startswith(b"graphdriver, version ")
+    runtime.served()
+
+
+def test_a_niced_command_starts_no_server(runtime: Runtime) -> None:
+    """Its server would run every later command niced."""
+    assert GRAPHDRIVER is not None
+    proc = subprocess.run(["nice", "-n", "5", GRAPHDRIVER, "--version"], capture_output=True,
+                          env=runtime.env, timeout=60)  # fmt: skip
+    assert proc.returncode == 0
+    time.sleep(1)
+    assert runtime.sockets() == []
+
+
+def test_a_stopped_server_does_not_hold_commands(runtime: Runtime) -> None:
+    """A server the user did not name is waited for a few seconds, then told not to run the
+    command, which runs here; once it goes on, it runs nothing of it."""
+    assert runtime.run("--version")[0] == 0
+    pid = runtime.served()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        code, out, err = runtime.run("--version")
+        took = time.monotonic() - start
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert (code, err) == (0, "") and out.startswith("graphdriver, version ")
+    assert 3 <= took < 15
+    code, out, err = runtime.run("--version")
+    assert (code, err) == (0, "") and out.startswith("graphdriver, version ")

@@ -31,7 +31,9 @@ else:  # the C half of signal, without its enums (an import of enum)
     import _signal
 
 #: the protocol, sent first; a server that speaks another refuses
-MAGIC = b"graphdriver-command/5"
+MAGIC = b"graphdriver-command/6"
+#: what a worker sends first, before the client sends it anything
+HELLO = b"H"
 #: the environment variable that names the server's socket
 SOCKET_ENV = "GRAPHDRIVER_SOCKET"
 #: the fds sent with a request: stdin, stdout, stderr and the working directory
@@ -49,21 +51,24 @@ _CORE = {
 
 
 def main() -> int | None:
-    """Run the command through the server, or here."""
+    """Run the command through the server, or here. Where ``GRAPHDRIVER_SOCKET`` is unset,
+    the server is this user's default one (:func:`default_socket`), and one is started if
+    none took the command (:mod:`.command_start`); ``graphdriver serve`` runs here."""
     path = os.environ.get(SOCKET_ENV)
-    auto = path is None and "serve" not in sys.argv[1:]
+    auto = path is None and _verb(sys.argv) != "serve"
     if auto:
         path = default_socket()
-    if path:
-        status = _through_server(path, quiet=auto)
-        if status is not None:
-            return status
-        if auto:
-            start_server(path)
+    status = _through_server(path, quiet=auto) if path else None
+    if status is not None:
+        return status
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
         # a Ctrl-C while the CLI imports (before its handlers) ends it as it would any
         # program that had not started: by the signal, without Python's traceback
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    if auto and path:
+        from .command_start import start_server
+
+        start_server(path)
     from .cli import main as run_here
 
     run_here()
@@ -104,23 +109,25 @@ def package_dir() -> bytes:
     return os.fsencode(os.path.dirname(os.path.abspath(__file__)))
 
 
-#: seconds a server started on first use waits for a command before it stops
-IDLE_TIMEOUT = 600
-#: seconds between two starts of a server on first use (one that failed: its log says why)
-RETRY = 10
 #: the largest unix socket path (sun_path less its NUL)
 _MAX_PATH = 107
+#: the CLI's options before the verb that take a value
+_VALUED = ("--root", "--driver", "-d", "--opt", "--wait", "--log-level")
+#: the environment that shapes the interpreter a server runs (its flags, its imports, what
+#: the dynamic loader adds): a client whose own differs has a server of its own
+INTERPRETER_ENV = ("PYTHON", "LD_")
 
 
 def default_socket() -> str | None:
-    """The socket of this installation's command server for this user when
-    ``GRAPHDRIVER_SOCKET`` is unset: in ``$XDG_RUNTIME_DIR/graphdriver`` (a directory of this
-    user's) or, for root, ``/run/graphdriver``, named by a key of the mount namespace (a
-    server serves its own), the interpreter, this installation and its import path (a server
-    imports what this process would). None where there is none: an unprivileged user without
-    ``XDG_RUNTIME_DIR``."""
+    """The socket of the command server of this user, mount namespace and interpreter when
+    ``GRAPHDRIVER_SOCKET`` is unset: ``KEY.sock`` in ``$XDG_RUNTIME_DIR/graphdriver/commands``
+    (a directory of this user's that no one else may write) or, for root,
+    ``/run/graphdriver/commands``. KEY names the mount namespace (a server serves its own),
+    the interpreter and its flags, the environment that shapes it (:data:`INTERPRETER_ENV`),
+    this installation and its import path: a server runs what this process would have. None
+    where there is none: an unprivileged user without ``XDG_RUNTIME_DIR``."""
     base = os.environ.get("XDG_RUNTIME_DIR", "")
-    if not (base.startswith("/") and _owned(base)):
+    if not (base.startswith("/") and _private(base)):
         base = "/run" if os.geteuid() == 0 else ""
     try:
         namespace = os.readlink("/proc/self/ns/mnt")
@@ -128,75 +135,35 @@ def default_socket() -> str | None:
         return None
     if not base:
         return None
-    # sys.path less the script's directory (a server runs with -P: it has none)
+    # sys.path less the script's directory, and the flags less -P (a server runs with -P)
     paths = sys.path if sys.flags.safe_path else sys.path[1:]
-    key = os.fsencode("\0".join([namespace, sys.executable, *paths])) + b"\0" + package_dir()
+    flags = str(sys.flags).replace(f"safe_path={sys.flags.safe_path}", "")
+    env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(INTERPRETER_ENV))
+    key = os.fsencode("\0".join([namespace, sys.executable, flags, *env, *paths]))
+    key += b"\0" + package_dir()
     digest = int.from_bytes(key, "little") % ((1 << 61) - 1)  # cheaper than importing hashlib
-    path = f"{base}/graphdriver/commands-{digest:016x}.sock"
+    path = f"{base}/graphdriver/commands/{digest:016x}.sock"
     return path if len(os.fsencode(path)) <= _MAX_PATH else None
 
 
-def _owned(path: str) -> bool:
+def _private(path: str) -> bool:
+    """Whether *path* is this user's and no one else may write in it."""
     try:
-        return os.stat(path).st_uid == os.geteuid()
+        st = os.stat(path)
     except OSError:
         return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
-def start_server(path: str) -> None:
-    """Start ``graphdriver serve commands`` on *path* in the background (the next command
-    finds it; this one runs here): in its own session, in ``/``, without this process's
-    descriptors (a caller waiting for this command's output never waits for it), its output
-    in ``<path>.log``; it stops after :data:`IDLE_TIMEOUT` seconds without a command, or when
-    the code it runs changes. Not when one holds the lock ``<path>.lock`` (it is starting, or
-    refused this command), nor within :data:`RETRY` seconds of the last start."""
-    import fcntl  # a C module; only here, where no server answered
-    import time
-
-    try:
-        if time.time() - os.stat(path + ".lock").st_mtime < RETRY:
-            return
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return
-    try:
-        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.utime(lock)  # when the last start was tried
-        log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    except OSError:  # (BlockingIOError: a server holds it)
-        return
-    finally:
-        os.close(lock)  # the server takes it
-    argv = [sys.executable, "-P", "-m", "graphdriver", "serve", "commands", "--socket", path]
-    argv += ["--idle-timeout", str(IDLE_TIMEOUT)]
-    try:
-        child = os.fork()
-    except OSError:
-        os.close(log)
-        return
-    if child == 0:  # pragma: no cover - the intermediate child, then the server
-        try:
-            _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
-            os.setsid()  # no terminal: its signals are not the server's
-            if os.fork() == 0:
-                os.chdir("/")
-                null = os.open(os.devnull, os.O_RDWR)
-                os.dup2(null, 0)
-                os.dup2(log, 1)
-                os.dup2(log, 2)
-                os.closerange(3, 1 << 20)
-                _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
-                os.execv(sys.executable, argv)  # noqa: S606 - this interpreter, no shell
-        finally:
-            os._exit(0)
-    os.close(log)
-    os.waitpid(child, 0)
+def _verb(argv: list[str]) -> str | None:
+    """The verb of the command line *argv* (the first word that is no option or value)."""
+    words = iter(argv[1:])
+    for word in words:
+        if word in _VALUED:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 class _Stop(BaseException):
@@ -218,6 +185,8 @@ class _Forward:
     def __init__(self) -> None:
         self.pidfd = -1
         self.waiting = False
+        #: whether (some of) the request was sent
+        self.sent = False
         self.held: list[int] = []
         self.before = {signum: _signal.getsignal(signum) for signum in FORWARDED}
         for signum, was in self.before.items():
@@ -279,11 +248,14 @@ def _through_server(path: str, quiet: bool = False) -> int | None:
     try:
         try:
             forward.waiting = True
-            asked = _ask(sock, path, quiet)
+            asked = _ask(sock, path, quiet, forward)
             forward.waiting = False
         except _Stop as stop:  # nothing of the answer was taken yet
             forward.waiting = False
             forward.held.append(stop.signum)
+            asked = _stop_asking(sock) if forward.sent else False
+        except TimeoutError:  # (stopped, frozen, overloaded) the command runs here
+            forward.waiting = False
             asked = _stop_asking(sock)
         # the answer is taken now, signals held until it says whether a worker runs
         status = _answered(sock, _available(sock) if asked else b"", forward, quiet)
@@ -295,9 +267,13 @@ def _through_server(path: str, quiet: bool = False) -> int | None:
     return status
 
 
-def _ask(sock: _socket.socket, path: str, quiet: bool) -> bool:
-    """Send the request and wait for the answer's first bytes without taking them (a
-    signal meanwhile leaves them in the socket); False if no server took the request."""
+def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> bool:
+    """Wait for a worker's hello, send the request and wait for the answer's first bytes
+    without taking them (a signal meanwhile leaves them in the socket); False if no server
+    took the request. With *quiet*, each wait is :data:`ANSWER_WAIT` at most: one for the
+    hello returns False (nothing was sent: a server stopped or frozen with this connection
+    in its queue holds nothing of this process, such as the pipe its caller reads), one for
+    the answer raises TimeoutError (the worker must be told not to run the command)."""
     try:
         sock.connect(path)
     except OSError:
@@ -309,17 +285,27 @@ def _ask(sock: _socket.socket, path: str, quiet: bool) -> bool:
         if not quiet:
             _say(f"{SOCKET_ENV} {path} is served by uid {uid}, not this user or root; running here")
         return False
+    if quiet:  # a server the user did not name is not waited for long
+        sock.settimeout(ANSWER_WAIT)
     try:
+        cwd = -1
+        if sock.recv(len(HELLO)) != HELLO:
+            return False
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    except OSError:  # (a timeout too)
+        if cwd >= 0:
+            os.close(cwd)
         return False
     try:
         body = request(sys.argv)
         data = _LENGTH.pack(len(body)) + body
         fds = struct.pack(f"{FDS}i", 0, 1, 2, cwd)
+        forward.sent = True
         sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         sock.sendall(data[sent:])
         sock.recv(_ANSWER, _socket.MSG_PEEK | _socket.MSG_WAITALL)
+    except TimeoutError:
+        raise  # it may yet read the request: it must be told not to run it
     except OSError:
         return False
     finally:
@@ -329,6 +315,8 @@ def _ask(sock: _socket.socket, path: str, quiet: bool) -> bool:
 
 #: seconds a signalled client waits for a worker that may have said it runs
 _STOP_WAIT = 1.0
+#: seconds a client waits for the first answer of a server it did not name
+ANSWER_WAIT = 3.0
 
 
 def _stop_asking(sock: _socket.socket) -> bool:

@@ -28,6 +28,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import sysconfig
 import threading
@@ -39,7 +40,8 @@ import click
 from . import serving
 from .cli_common import announce
 from .command_client import _STATUS, SOCKET_ENV, default_socket
-from .command_worker import SIGNALS, close_all, run_worker
+from .command_start import LOCK_FD_ENV
+from .command_worker import REFUSED, SIGNALS, close_all, run_worker
 from .errors import InvalidOption, from_oserror
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class CommandServer:
         #: the code that was imported changing
         self.idle_timeout = 0.0
         self.code: CodeWatch | None = None
+        #: when the last command ended (a refused one is none), or the server started
+        self.last_command = time.monotonic()
         self.workers: dict[int, socket.socket] = {}
         self.by_fd: dict[int, int] = {}
         old = os.umask(0o177)  # the socket is made 0600: no moment when others may connect
@@ -82,17 +86,15 @@ class CommandServer:
 
     def run(self, stopped: threading.Event) -> tuple[str, int] | None:
         """Take commands until *stopped* is set (then None), or until it should stop by
-        itself: no command taken or running for :attr:`idle_timeout` seconds, or a client
+        itself: no command run or running for :attr:`idle_timeout` seconds, or a client
         waiting while the code this process imported has changed; then why, and the exit
         status that says it."""
-        last = next_look = time.monotonic()
+        next_look = time.monotonic()
         while not stopped.is_set():
             try:
                 events = self.poll.poll(1000)
             except InterruptedError:
                 continue
-            if self.workers:
-                last = time.monotonic()
             for fd, _mask in events:
                 if fd == self.wake_r:
                     with contextlib.suppress(BlockingIOError):
@@ -109,9 +111,8 @@ class CommandServer:
                 if changed:  # the waiting client is let go (its command runs there)
                     return f"{changed} changed since it was imported", CODE_CHANGED
                 self.accept()
-                last = time.monotonic()
             elif self.idle_timeout and not self.workers:
-                idle = time.monotonic() - last
+                idle = time.monotonic() - self.last_command
                 if idle >= self.idle_timeout:
                     return f"no command for {self.idle_timeout:g} s", 0
                 if idle >= ALONE_AFTER and time.monotonic() >= next_look:
@@ -149,8 +150,9 @@ class CommandServer:
 
     def reap(self) -> None:
         """Collect ended workers; to the client of one that a signal killed (it sent nothing),
-        send minus that signal."""
-        while self.workers:
+        send minus that signal. (Also those of the process this one was before it started
+        again, which it does not know.)"""
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -163,6 +165,8 @@ class CommandServer:
             if self.by_fd.pop(conn.fileno(), None) is not None:
                 self.poll.unregister(conn.fileno())
             code = os.waitstatus_to_exitcode(status)
+            if code != REFUSED:
+                self.last_command = time.monotonic()
             if code < 0:
                 with contextlib.suppress(OSError):
                     conn.sendall(b"S" + _STATUS.pack(code))
@@ -181,34 +185,72 @@ class CommandServer:
             conn.close()
 
 
+#: names in a directory of the import path that can change what is imported: modules,
+#: extensions, packages (no dot), .pth files and distributions' metadata
+_IMPORTABLE = (".py", ".pyc", ".so", ".pth", ".dist-info", ".egg-info", ".egg-link")
+
+
+def _importable(directory: str) -> frozenset[str]:
+    names = os.listdir(directory)
+    return frozenset(n for n in names if "." not in n or n.endswith(_IMPORTABLE))
+
+
+def _identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
+
 class CodeWatch:
-    """The code a server imported, as it was: the modification time of every module file
-    that is not the standard library's (graphdriver, its drivers, plugins and dependencies)
-    and of each directory of the import path (a package installed or removed there). A
-    worker runs what the server imported, so once any of it changed the server must stop."""
+    """The code a server imported, as it was: the inode, mtime and ctime of the interpreter
+    and of every module file it imported that is not the standard library's (graphdriver, its
+    drivers, plugins and dependencies), and what each directory of the import path holds that
+    can be imported (a package installed or removed there; other files come and go freely).
+    A worker runs what the server imported, so once any of it changed the server must start
+    again."""
 
     def __init__(self) -> None:
         stdlib = tuple(sysconfig.get_path(p) + os.sep for p in ("stdlib", "platstdlib"))
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
+
+        def ours(name: str) -> bool:
+            return not name.startswith(stdlib) or f"{os.sep}site-packages{os.sep}" in name
+
+        files = [sys.executable]
         for module in list(sys.modules.values()):
             name = getattr(module, "__file__", None)
-            if isinstance(name, str) and (
-                not name.startswith(stdlib) or f"{os.sep}site-packages{os.sep}" in name
-            ):
-                paths.append(name)
-        self.seen: dict[str, int] = {}
-        for name in paths:
-            with contextlib.suppress(OSError):
-                self.seen[name] = os.stat(name).st_mtime_ns
+            if isinstance(name, str) and ours(name):
+                files.append(name)
+        self.files = {name: _identity(name) for name in files}
+        #: each directory of the import path: its identity (None: missing) and, if it is
+        #: one, its importable names
+        self.dirs: dict[str, tuple[tuple[int, int, int] | None, frozenset[str]]] = {}
+        for name in sys.path:
+            if name and ours(os.path.join(os.path.abspath(name), "")):
+                self.dirs[name] = self._look(name)
+
+    @staticmethod
+    def _look(name: str) -> tuple[tuple[int, int, int] | None, frozenset[str]]:
+        seen = _identity(name)
+        try:
+            return seen, _importable(name) if seen and os.path.isdir(name) else frozenset()
+        except OSError:
+            return seen, frozenset()
 
     def changed(self) -> str | None:
-        """The first file or directory that changed (or went) since, if any."""
-        for name, mtime in self.seen.items():
-            try:
-                if os.stat(name).st_mtime_ns != mtime:
-                    return name
-            except OSError:
+        """The first file or directory that changed (or came, or went) since, if any."""
+        for name, seen in self.files.items():
+            if _identity(name) != seen:
                 return name
+        for name, (seen, names) in self.dirs.items():
+            now = _identity(name)
+            if now == seen:
+                continue
+            again = self._look(name)
+            if (again[0] is None) != (seen is None) or again[1] != names:
+                return name
+            self.dirs[name] = again  # only other files came or went
         return None
 
 
@@ -296,12 +338,16 @@ def serve_commands(socket_path: Path | None, idle_timeout: float) -> None:
     inherited = [fd for fd in inherited if _is_open(fd)]  # (listdir's own fd is gone)
     started_in = os.getcwd()
     os.chdir("/")  # a server keeps no directory (a mount) busy; workers take the client's
-    with serving.serve_lock(Path(f"{socket_path}.lock"), "command server", socket_path) as lock:
+    held = os.environ.pop(LOCK_FD_ENV, None)
+    lock_path = Path(f"{socket_path}.lock")
+    with serving.serve_lock(lock_path, "command server", socket_path, _fd(held)) as lock:
+        if held is not None:  # started by a command: its log is this one's stdout and stderr
+            _trim_log()
         warm_up()
         code = CodeWatch()
         serving.free_socket(socket_path, "--socket")
         try:
-            server = CommandServer(socket_path, (*inherited, lock))
+            server = CommandServer(socket_path, (*[fd for fd in inherited if fd != lock], lock))
         except OSError as exc:
             raise from_oserror(exc, f"listen on {socket_path}") from None
         server.idle_timeout, server.code = idle_timeout, code
@@ -315,26 +361,47 @@ def serve_commands(socket_path: Path | None, idle_timeout: float) -> None:
             ended = server.run(stopped)
         finally:
             server.close()
-    if ended is None:
-        return
-    if ended[1] == CODE_CHANGED:
-        log.warning("%s: starting again", ended[0])
-        _start_again(started_in)
-    log.warning("stopping: %s", ended[0])
-    sys.exit(ended[1])
+        if ended is not None and ended[1] == CODE_CHANGED:
+            log.warning("%s: starting again", ended[0])
+            _start_again(started_in, lock)
+    if ended is not None:
+        log.warning("stopping: %s", ended[0])
+        sys.exit(ended[1])
 
 
-def _start_again(cwd: str) -> None:
-    """Run this server's command line again in this process, with the code as it is now (a
-    new socket, lock and imports; the workers that run go on, and this process reaps them),
-    from the directory it was started in; return if it cannot."""
+def _fd(text: str | None) -> int | None:
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
+
+
+#: the size beyond which a started server empties its log
+_LOG_MAX = 1 << 20
+
+
+def _trim_log() -> None:
+    with contextlib.suppress(OSError):
+        st = os.fstat(2)
+        if stat.S_ISREG(st.st_mode) and st.st_size > _LOG_MAX:
+            os.ftruncate(2, 0)  # (opened O_APPEND: the next line goes at its start)
+
+
+def _start_again(cwd: str, lock: int) -> None:
+    """Run this server's command line again in this process, with the code as it is now,
+    from the directory it was started in, its lock held across (no second server starts
+    meanwhile; the workers that run go on, and this process reaps them); return if it
+    cannot."""
     with contextlib.suppress(OSError):
         os.chdir(cwd)
     with contextlib.suppress(BrokenPipeError, ValueError):
         sys.stdout.flush()
         sys.stderr.flush()
     try:
+        os.set_inheritable(lock, True)
+        os.environ[LOCK_FD_ENV] = str(lock)
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
     except OSError as exc:
         log.warning("cannot start again: %s", exc.strerror)
+    os.environ.pop(LOCK_FD_ENV, None)
     os.chdir("/")

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from .command_client import _LENGTH, _STATUS, FDS, MAGIC, package_dir
+from .command_client import _LENGTH, _STATUS, FDS, HELLO, MAGIC, package_dir
 
 log = logging.getLogger("graphdriver.command_server")
 
@@ -40,6 +40,10 @@ PRIVILEGE_FIELDS = (
 )  # fmt: skip
 #: what the server blocks around fork, so that a worker never runs the server's handlers
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD}
+
+
+#: the exit status of a worker that refused its client (the server's idle time goes on)
+REFUSED = 249
 
 
 class Refused(Exception):
@@ -282,6 +286,7 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
             handler.setStream(server_log)
     pid = 0
     try:  # whatever goes wrong before the command starts is a refusal: the client runs it
+        conn.sendall(HELLO)  # a worker runs: the client may send its request and fds
         pid, problem = peer_problem(conn)  # at once: the pid is the client's while it waits
         req = _receive(conn)
         if problem is not None:
@@ -366,7 +371,7 @@ def run_worker(conn: socket.socket, closing: list[int]) -> None:  # pragma: no c
         if code is not None:  # None: refused, and told so
             with contextlib.suppress(Exception):
                 conn.sendall(b"S" + _STATUS.pack(code))
-        os._exit(code or 0)
+        os._exit(REFUSED if code is None else code)
 
 
 def _exit_code(code: object) -> int:

@@ -65,13 +65,25 @@ def free_socket(path: Path, option: str) -> None:
 
 
 @contextlib.contextmanager
-def serve_lock(path: Path, what: str, served: Path) -> Iterator[int]:
+def serve_lock(path: Path, what: str, served: Path, held: int | None = None) -> Iterator[int]:
     """One *what* per store: an flock on *path* that holds the server's pid, so that a second
-    one is refused in one line naming the first (*served* is what it serves). Yields the
-    lock's fd: a process forked from the server that must not hold it closes it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    one is refused in one line naming the first (*served* is what it serves). *held*: an fd
+    of *path* this process was handed with the lock taken (by what started it), used if it
+    is one. Yields the lock's fd: a process forked from the server that must not hold it
+    closes it."""
+    fd = held if held is not None and _is_lock_of(held, path) else None
+    if held is not None and fd is None:
+        with contextlib.suppress(OSError):
+            os.close(held)
+    if fd is None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise from_oserror(exc, f"open the lock {path}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidOption(f"{path} is not a regular file: it cannot be a lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -79,11 +91,20 @@ def serve_lock(path: Path, what: str, served: Path) -> Iterator[int]:
             raise InUse(
                 f"another {what} (pid {holder}) already serves {served}; stop it first"
             ) from None
+        os.set_inheritable(fd, False)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
     finally:
         os.close(fd)
+
+
+def _is_lock_of(fd: int, path: Path) -> bool:
+    try:
+        st, here = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 def stop_event() -> threading.Event:
