@@ -22,8 +22,9 @@ filesystem in the same loop, who goes first alternating:
 - a small change (3 files) on minbase: ``changes`` and ``diff``, CLI and library time, beside
   ``tar -c`` of the changed files into a file;
 - CLI start-up (``graphdriver --version``, ``graphdriver ls``) beside the venv's
-  ``python -c pass``, through the command server the first command starts (the CLI's
-  targets are on these rows; ``Bench.command_server``) and by a process of its own;
+  ``python -c pass``, through the command server the first command starts
+  (``Bench.command_server``; so are the CLI's transfers and mounts) and by a process of its
+  own; the first command, which starts the server;
   ``create`` of a child of minbase beside a child of an empty layer;
 - ``mount`` + ``umount`` (CLI, and through the command server) beside ``podman image mount``
   + ``umount`` on a warm store and ``mount -t overlay`` + ``umount``; get + put beside
@@ -80,9 +81,9 @@ AS_FAST_AS_TAR = Target(1.1)
 #: data sets whose apply-diff is also measured through the command server (diff: minbase,
 #: small10k and the rewritten files)
 SERVED = ("minbase", "minbase.gz", "minbase.zst", "apt", "small10k")
-#: the CLI's figures are of the command as a user runs it: through the command server the
-#: first command starts (GRAPHDRIVER_SOCKET unset); a process that runs its command itself
-#: (GRAPHDRIVER_SOCKET=, or where no server can serve it) is measured too, for reference
+#: the CLI's figures are of the command as a user runs it, through the command server the
+#: first command starts (GRAPHDRIVER_SOCKET unset), and of a process that runs its command
+#: itself (GRAPHDRIVER_SOCKET=, python -m graphdriver, a first command), same targets
 OWN = " (a process of its own)"
 START_UP = Target(3.0)
 MOUNT_VS_PODMAN = Target(1.5)
@@ -204,7 +205,7 @@ class Bench:
         self.n = 0
         #: the command server's (``command_server``)
         self.server_home = Path("/nonexistent")
-        self.server_pid = 0
+        self.server_pid = self.server_pidfd = 0
         self.served_env: dict[str, str] = {}
 
     def fig(self, name: str, table: str = "cli", **kw: object) -> Figure:
@@ -245,9 +246,9 @@ class Bench:
         return self.pods[key]
 
     def cli_and_lib(self, name: str, ref_name: str, target: Target | None) -> list[Figure]:
-        """The CLI figure of a process of its own (no target: the command through the server
-        has it), the library figure (same reference) and their peak RSS figures."""
-        cli = self.fig(name + OWN, ref_name=ref_name)
+        """The CLI figure of a process of its own, the library figure (same reference) and
+        their peak RSS figures."""
+        cli = self.fig(name + OWN, ref_name=ref_name, target=target)
         lib = self.fig(name, "lib", ref_name=ref_name.replace("(to a file)", "").strip() +
                        " (process)", target=target, ref=cli.ref, ref_cpu=cli.ref_cpu)  # fmt: skip
         return [cli, lib, self.mem(f"{name} (CLI)"), self.mem(f"{name} (library call)")]
@@ -276,7 +277,7 @@ class Bench:
             if who == "lib":
                 got[who] = lib_op(self.store, call[0], call[1], call[2], self.driver)
             elif who == "srv" and served is not None:
-                got[who] = self.through_server(served[1])
+                got[who] = self.through_server(served[1], rss=True)  # (as the others)
             else:
                 got[who] = timed(ref if who == "ref" else ours, rss=True)
             if after is not None:
@@ -294,22 +295,27 @@ class Bench:
         return self.fig(f"{name} through the command server", ref_name=cli.ref_name,
                         target=target, unit=cli.unit)  # fmt: skip
 
-    def through_server(self, cmd: list[str]) -> Run:
+    def through_server(self, cmd: list[str], rss: bool = False) -> Run:
         """*cmd* run through the command server (named, so that a refusal would say so:
-        ``timed`` then fails); its CPU time is the client's and its worker's (the server's
-        children's once it reaped it: in clock ticks, 10 ms)."""
-        before = self.server_children_cpu()
-        got = timed(cmd, env=self.served_env)
+        ``timed`` then fails; a server gone fails too); its CPU time is the client's, its
+        worker's and the server's own for it (the server's and its reaped children's: clock
+        ticks, 10 ms)."""
+        before = self.server_cpu()
+        got = timed(cmd, rss=rss, env=self.served_env)
         deadline = time.monotonic() + 2
         children = Path(f"/proc/{self.server_pid}/task/{self.server_pid}/children")
         while children.read_text().strip() and time.monotonic() < deadline:
             time.sleep(0.001)
-        return Run(got.wall, got.cpu + self.server_children_cpu() - before, got.rss)
+        return Run(got.wall, got.cpu + self.server_cpu() - before, got.rss)
 
-    def server_children_cpu(self) -> float:
-        """The user+sys CPU seconds of the command server's reaped children (its workers)."""
+    def server_cpu(self) -> float:
+        """The user+sys CPU seconds of the command server and its reaped children (its
+        workers); RuntimeError if it is gone (its log says why)."""
+        if not self.server_pid or select.select([self.server_pidfd], [], [], 0)[0]:
+            log = "".join(p.read_text() for p in self.server_home.glob("graphdriver/*/*.log"))
+            raise RuntimeError(f"the command server is gone: {log[-800:]}")
         fields = Path(f"/proc/{self.server_pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
-        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
     # ---------------------------------------------------------------------------- unpack
 
@@ -529,9 +535,9 @@ class Bench:
         base = self.base()
         pyname = f"python -c pass ({sys.executable})"
         version = self.fig(f"CLI start-up (graphdriver --version){OWN}", ref_name=pyname,
-                           unit="ms")  # fmt: skip
+                           target=START_UP, unit="ms")  # fmt: skip
         ls = self.fig(f"CLI start-up (graphdriver ls){OWN}", ref_name=pyname, unit="ms",
-                      ref=version.ref, ref_cpu=version.ref_cpu)  # fmt: skip
+                      target=START_UP, ref=version.ref, ref_cpu=version.ref_cpu)  # fmt: skip
         served = [self.fig(f"CLI start-up through the command server (graphdriver {verb})",
                            ref_name=pyname, target=START_UP, unit="ms", ref=version.ref,
                            ref_cpu=version.ref_cpu) for verb in ("--version", "ls")]  # fmt: skip
@@ -575,7 +581,7 @@ class Bench:
             )
             for cmd in theirs:
                 run(cmd)
-            pod = self.fig(f"mount + umount vs podman{OWN}", unit="ms",
+            pod = self.fig(f"mount + umount vs podman{OWN}", unit="ms", target=MOUNT_VS_PODMAN,
                            ref_name="podman image mount + umount (warm store)")  # fmt: skip
             served = self.fig("mount + umount through the command server vs podman", unit="ms",
                               target=MOUNT_VS_PODMAN, ref_name=pod.ref_name)  # fmt: skip
@@ -618,33 +624,35 @@ class Bench:
         the pause between starts), and wait for it to serve; that command's run. The timed
         commands name its socket (``through_server``)."""
         home = self.server_home / "graphdriver" / "commands"
-        for lock in home.glob("*.lock"):
-            lock.unlink()
+        for old in [*home.glob("*.lock"), *home.glob("*.sock")]:  # (a server killed)
+            old.unlink()
         first = timed([*GD, "--version"], env=self.auto_env())
         deadline = time.monotonic() + 60
-        while not list(home.glob("*.sock")):
+        while not (socks := list(home.glob("*.sock"))) or not (
+            pid := Path(f"{socks[0]}.lock").read_text().strip()
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("no graphdriver command started a command server")
             time.sleep(0.05)
-        sock = next(home.glob("*.sock"))
-        self.server_pid = int(Path(f"{sock}.lock").read_text())
-        self.served_env = {**os.environ, "GRAPHDRIVER_SOCKET": str(sock)}
+        self.server_pid, self.server_pidfd = int(pid), os.pidfd_open(int(pid))
+        self.served_env = {**os.environ, "GRAPHDRIVER_SOCKET": str(socks[0])}
         return first
 
     def stop_server(self) -> None:
-        pid, self.server_pid = self.server_pid, 0
-        if not pid:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            pidfd = os.pidfd_open(pid)
-            try:
-                if b"serve\0commands" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-                    if not select.select([pidfd], [], [], 30)[0]:
-                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                        select.select([pidfd], [], [], 30)
-            finally:
-                os.close(pidfd)
+        """Stop the command server (and any other that a command started in this run's
+        runtime directory: one still starting when a start timed out)."""
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                line = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"serve\0commands" in line and str(self.server_home).encode() in line:
+                    os.kill(pid, signal.SIGTERM)
+        if self.server_pid:
+            if not select.select([self.server_pidfd], [], [], 30)[0]:
+                signal.pidfd_send_signal(self.server_pidfd, signal.SIGKILL)
+                select.select([self.server_pidfd], [], [], 30)
+            os.close(self.server_pidfd)
+        self.server_pid = 0
 
     def first_command(self) -> Run:
         """``graphdriver --version`` as the first command: none serves, it starts the server

@@ -10,10 +10,12 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,8 +46,8 @@ class Runtime:
         """The servers that run (each holds its lock, which has its pid)."""
         out = []
         for lock in self.home.glob("*.lock"):
-            text = lock.read_text().strip()
-            if text and _alive(int(text)) and b"serve\0commands" in _cmdline(int(text)):
+            text = "" if lock.is_symlink() else lock.read_text().strip()
+            if text.isdigit() and _alive(int(text)) and b"serve\0commands" in _cmdline(int(text)):
                 out.append(int(text))
         return sorted(out)
 
@@ -111,13 +113,20 @@ def runtime() -> Iterator[Runtime]:
     try:
         yield rt
     finally:
-        left = rt.pids() if rt.home.exists() else []
-        for pid in left:
-            os.kill(pid, signal.SIGTERM)
-        for pid in left:
-            if not _gone(pid, 30):
-                os.kill(pid, signal.SIGKILL)
+        _stop_servers_of(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _stop_servers_of(base: Path) -> None:
+    """Stop every server whose command line names *base*, one still starting included (it
+    shows up within a moment of the command that started it)."""
+    time.sleep(0.3)
+    mine = [p for p in _all_pids() if str(base).encode() in _cmdline(p) and p != os.getpid()]
+    for pid in mine:
+        os.kill(pid, signal.SIGTERM)
+    for pid in mine:
+        if not _gone(pid, 30):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _tar(files: int, size: int) -> bytes:
@@ -302,28 +311,31 @@ def _socket_of(runtime: Runtime, **env: str) -> Path:
     return Path(out.stdout.strip())
 
 
-def test_a_planted_link_or_an_open_directory_starts_nothing(runtime: Runtime) -> None:
+@pytest.mark.parametrize("planted", ["lock", "log", "open directory", "open parent"])
+def test_a_planted_link_or_an_open_directory_starts_nothing(runtime: Runtime, planted: str) -> None:
     """The lock and log are never opened through a link, nor in a directory others may
     write in; the command runs, and nothing is started."""
     sock = _socket_of(runtime)
     assert sock.parent == runtime.home
     victim = runtime.dir / "victim"
     victim.write_text("precious\n")
-    runtime.home.mkdir(parents=True, mode=0o700)
-    Path(f"{sock}.lock").symlink_to(victim)
-    Path(f"{sock}.log").symlink_to(victim)
-    code, out, _ = runtime.run("--version")
-    assert code == 0 and out.startswith("graphdriver, version ")
-    Path(f"{sock}.lock").unlink()
-    Path(f"{sock}.log").unlink()
-    runtime.home.chmod(0o755)
+    runtime.home.mkdir(parents=True)
+    runtime.home.parent.chmod(0o700)
+    runtime.home.chmod(0o700)
+    if planted in ("lock", "log"):
+        Path(f"{sock}.{planted}").symlink_to(victim)
+    elif planted == "open directory":
+        runtime.home.chmod(0o750)
+    else:
+        runtime.home.parent.chmod(0o777)
     code, out, _ = runtime.run("--version")
     assert code == 0 and out.startswith("graphdriver, version ")
     time.sleep(1)
     assert victim.read_text() == "precious\n"
-    assert not sock.exists() and not Path(f"{sock}.lock").exists()
+    assert not sock.exists() and runtime.pids() == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's fallback, /run/graphdriver (not root)")
 def test_a_runtime_directory_others_may_write_is_not_used(runtime: Runtime) -> None:
     runtime.dir.chmod(0o1777)
     sock = _socket_of(runtime)
@@ -381,3 +393,74 @@ def test_a_stopped_server_does_not_hold_commands(runtime: Runtime) -> None:
     assert 3 <= took < 15
     code, out, err = runtime.run("--version")
     assert (code, err) == (0, "") and out.startswith("graphdriver, version ")
+
+
+def test_a_client_with_other_privileges_has_a_server_of_its_own(runtime: Runtime) -> None:
+    """A server started by a client with no_new_privs would refuse every other client: the
+    socket's key names privileges, so each kind gets its own, and neither refuses."""
+    assert GRAPHDRIVER is not None
+    nnp = ["setpriv", "--no-new-privs", GRAPHDRIVER, "--version"]
+    proc = subprocess.run(nnp, capture_output=True, env=runtime.env, timeout=60)
+    assert proc.returncode == 0
+    runtime.served()
+    assert runtime.run("--version")[0] == 0  # not the no_new_privs one's: a second server
+    runtime.served(2)
+    assert len(runtime.sockets()) == 2
+
+
+def test_a_distribution_reinstalled_under_its_name_starts_it_again(runtime: Runtime) -> None:
+    """``uv sync`` after an entry point was added reinstalls a distribution under the same
+    name: its entry points may be new, so the server starts again."""
+    site = runtime.dir / "site"
+    meta = site / "gdfake-1.0.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: gdfake\nVersion: 1.0\n")
+    env = {"PYTHONPATH": str(site)}
+    assert runtime.run("--version", **env)[0] == 0
+    runtime.served()
+    shutil.rmtree(meta)
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: gdfake\nVersion: 1.0\n")
+    assert runtime.run("--version", **env)[0] == 0
+    runtime.served(2)
+    assert "gdfake-1.0.dist-info changed since it was imported" in runtime.log()
+
+
+def test_the_server_runs_with_its_starters_interpreter_flags(runtime: Runtime) -> None:
+    assert GRAPHDRIVER is not None
+    proc = subprocess.run([sys.executable, "-s", GRAPHDRIVER, "--version"], capture_output=True,
+                          env=runtime.env, timeout=60)  # fmt: skip
+    assert proc.returncode == 0
+    pid = runtime.served()
+    assert b"\0-s\0" in _cmdline(pid)
+
+
+def test_a_server_of_another_protocol_refuses_at_once(tmp_path: Path) -> None:
+    """A client of a newer graphdriver and a server of an older one (or the reverse): the
+    older one refuses what it does not understand at once, and the command runs here."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="gd-old-", dir="/tmp"))
+    path = sock_dir / "old.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def old_server() -> None:  # protocol 5: a length first (the preamble: too large)
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4)
+            conn.sendall(b"Ra request too large")
+
+    thread = threading.Thread(target=old_server, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        code, out, err = Runtime(sock_dir, dict(os.environ)).run(
+            "--version", GRAPHDRIVER_SOCKET=str(path)
+        )
+        assert time.monotonic() - start < 2.5
+        assert code == 0 and out.startswith("graphdriver, version ")
+        assert "the command server refused (a request too large); running here" in err
+    finally:
+        thread.join(10)
+        listener.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -32,6 +32,9 @@ else:  # the C half of signal, without its enums (an import of enum)
 
 #: the protocol, sent first; a server that speaks another refuses
 MAGIC = b"graphdriver-command/6"
+#: the client's first bytes, before the worker's hello: 4, which a server of protocol 5
+#: reads as a request's length, too large, and refuses at once (nothing left unread)
+PREAMBLE = b"\xffGD6"
 #: what a worker sends first, before the client sends it anything
 HELLO = b"H"
 #: the environment variable that names the server's socket
@@ -55,7 +58,9 @@ def main() -> int | None:
     the server is this user's default one (:func:`default_socket`), and one is started if
     none took the command (:mod:`.command_start`); ``graphdriver serve`` runs here."""
     path = os.environ.get(SOCKET_ENV)
-    auto = path is None and _verb(sys.argv) != "serve"
+    if _verb(sys.argv) == "serve":  # a server runs in its own process, never in a worker
+        path = ""
+    auto = path is None
     if auto:
         path = default_socket()
     status = _through_server(path, quiet=auto) if path else None
@@ -119,31 +124,66 @@ INTERPRETER_ENV = ("PYTHON", "LD_")
 
 
 def default_socket() -> str | None:
-    """The socket of the command server of this user, mount namespace and interpreter when
-    ``GRAPHDRIVER_SOCKET`` is unset: ``KEY.sock`` in ``$XDG_RUNTIME_DIR/graphdriver/commands``
-    (a directory of this user's that no one else may write) or, for root,
-    ``/run/graphdriver/commands``. KEY names the mount namespace (a server serves its own),
-    the interpreter and its flags, the environment that shapes it (:data:`INTERPRETER_ENV`),
-    this installation and its import path: a server runs what this process would have. None
-    where there is none: an unprivileged user without ``XDG_RUNTIME_DIR``."""
+    """The socket of the command server for this process when ``GRAPHDRIVER_SOCKET`` is
+    unset: ``KEY.sock`` in ``$XDG_RUNTIME_DIR/graphdriver/commands`` if that directory is this
+    user's and no one else may write in it, else, for root, in ``/run/graphdriver/commands``.
+    KEY (a BLAKE2 hash) names what a server must share with its clients to serve them
+    (:func:`_who`: namespaces, privileges, cgroup v1 hierarchies, security label, OOM score
+    adjustment, hard limits) and to run what this process would (the interpreter, its flags,
+    the environment that shapes it, :data:`INTERPRETER_ENV`, this installation and its import
+    path): a client unlike the others has a server of its own, never one that refuses it.
+    None where there is none: an unprivileged user without ``XDG_RUNTIME_DIR``."""
     base = os.environ.get("XDG_RUNTIME_DIR", "")
     if not (base.startswith("/") and _private(base)):
         base = "/run" if os.geteuid() == 0 else ""
-    try:
-        namespace = os.readlink("/proc/self/ns/mnt")
-    except OSError:
-        return None
     if not base:
+        return None
+    try:
+        who = _who()
+    except OSError:
         return None
     # sys.path less the script's directory, and the flags less -P (a server runs with -P)
     paths = sys.path if sys.flags.safe_path else sys.path[1:]
     flags = str(sys.flags).replace(f"safe_path={sys.flags.safe_path}", "")
     env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(INTERPRETER_ENV))
-    key = os.fsencode("\0".join([namespace, sys.executable, flags, *env, *paths]))
-    key += b"\0" + package_dir()
-    digest = int.from_bytes(key, "little") % ((1 << 61) - 1)  # cheaper than importing hashlib
-    path = f"{base}/graphdriver/commands/{digest:016x}.sock"
+    key = os.fsencode("\0".join([sys.executable, flags, *env, *paths]))
+    key += b"\0" + package_dir() + b"\0" + who
+    from _blake2 import blake2b  # a C module, as hashlib's is
+
+    path = f"{base}/graphdriver/commands/{blake2b(key, digest_size=8).hexdigest()}.sock"
     return path if len(os.fsencode(path)) <= _MAX_PATH else None
+
+
+#: what of /proc/self/status a worker compares with its server's (:mod:`.command_worker`)
+_PRIVILEGES = (b"Uid:", b"Gid:", b"Groups:", b"Cap", b"NoNewPrivs:", b"Seccomp:")
+
+
+def _who() -> bytes:
+    """What a server must share with its clients: its namespaces (mount, PID, user), the
+    privilege lines of /proc/self/status (root's groups aside, as the worker does), its
+    cgroup v1 hierarchies (a worker joins its client's cgroup v2 only), security label, OOM
+    score adjustment (none can lower its own) and hard limits (none can raise its own)."""
+    import resource  # a C module, as cheap as its calls (the request imports it anyway)
+
+    parts = [os.fsencode(os.readlink(f"/proc/self/ns/{ns}")) for ns in ("mnt", "pid", "user")]
+    for name in ("status", "cgroup", "attr/current", "oom_score_adj"):
+        try:
+            with open(f"/proc/self/{name}", "rb") as f:
+                text = f.read()
+        except OSError:  # (attr: no LSM that labels processes)
+            text = b""
+        lines = text.splitlines(True)
+        if name == "status":
+            root = os.geteuid() == 0
+            lines = [x for x in lines if x.startswith(_PRIVILEGES)]
+            lines = [x for x in lines if not (root and x.startswith(b"Groups:"))]
+        elif name == "cgroup":
+            lines = [x for x in lines if not x.startswith(b"0::")]
+        parts.append(b"".join(lines))
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            parts.append(b"%d" % resource.getrlimit(getattr(resource, name))[1])
+    return b"\0".join(parts)
 
 
 def _private(path: str) -> bool:
@@ -254,9 +294,6 @@ def _through_server(path: str, quiet: bool = False) -> int | None:
             forward.waiting = False
             forward.held.append(stop.signum)
             asked = _stop_asking(sock) if forward.sent else False
-        except TimeoutError:  # (stopped, frozen, overloaded) the command runs here
-            forward.waiting = False
-            asked = _stop_asking(sock)
         # the answer is taken now, signals held until it says whether a worker runs
         status = _answered(sock, _available(sock) if asked else b"", forward, quiet)
     finally:
@@ -268,12 +305,12 @@ def _through_server(path: str, quiet: bool = False) -> int | None:
 
 
 def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> bool:
-    """Wait for a worker's hello, send the request and wait for the answer's first bytes
-    without taking them (a signal meanwhile leaves them in the socket); False if no server
-    took the request. With *quiet*, each wait is :data:`ANSWER_WAIT` at most: one for the
-    hello returns False (nothing was sent: a server stopped or frozen with this connection
-    in its queue holds nothing of this process, such as the pipe its caller reads), one for
-    the answer raises TimeoutError (the worker must be told not to run the command)."""
+    """Say which protocol this is, wait (:data:`HELLO_WAIT` at most) for a worker's hello,
+    send the request and wait for the answer's first bytes without taking them (a signal
+    meanwhile leaves them in the socket); False if no server took the request. Nothing of
+    this process goes before the hello: a stopped or frozen server with this connection in
+    its queue holds none of its descriptors (such as the pipe its caller reads). A worker
+    that said hello answers (it may refuse: R); one of another protocol refuses at once."""
     try:
         sock.connect(path)
     except OSError:
@@ -285,16 +322,16 @@ def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> boo
         if not quiet:
             _say(f"{SOCKET_ENV} {path} is served by uid {uid}, not this user or root; running here")
         return False
-    if quiet:  # a server the user did not name is not waited for long
-        sock.settimeout(ANSWER_WAIT)
     try:
-        cwd = -1
-        if sock.recv(len(HELLO)) != HELLO:
-            return False
+        sock.sendall(PREAMBLE)
+        sock.settimeout(HELLO_WAIT)
+        first = sock.recv(len(HELLO), _socket.MSG_PEEK)
+        sock.settimeout(None)
+        if first != HELLO:  # a refusal (R, read by _answered), or nothing
+            return bool(first)
+        sock.recv(len(HELLO))
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:  # (a timeout too)
-        if cwd >= 0:
-            os.close(cwd)
         return False
     try:
         body = request(sys.argv)
@@ -304,8 +341,6 @@ def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> boo
         sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         sock.sendall(data[sent:])
         sock.recv(_ANSWER, _socket.MSG_PEEK | _socket.MSG_WAITALL)
-    except TimeoutError:
-        raise  # it may yet read the request: it must be told not to run it
     except OSError:
         return False
     finally:
@@ -315,8 +350,8 @@ def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> boo
 
 #: seconds a signalled client waits for a worker that may have said it runs
 _STOP_WAIT = 1.0
-#: seconds a client waits for the first answer of a server it did not name
-ANSWER_WAIT = 3.0
+#: seconds a client waits for a worker's hello (a server stopped, frozen or overloaded)
+HELLO_WAIT = 3.0
 
 
 def _stop_asking(sock: _socket.socket) -> bool:

@@ -34,6 +34,7 @@ import sysconfig
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -186,13 +187,25 @@ class CommandServer:
 
 
 #: names in a directory of the import path that can change what is imported: modules,
-#: extensions, packages (no dot), .pth files and distributions' metadata
+#: extensions, .pth files and distributions' metadata (and packages: directories)
 _IMPORTABLE = (".py", ".pyc", ".so", ".pth", ".dist-info", ".egg-info", ".egg-link")
 
 
-def _importable(directory: str) -> frozenset[str]:
-    names = os.listdir(directory)
-    return frozenset(n for n in names if "." not in n or n.endswith(_IMPORTABLE))
+def _importable(directory: str) -> dict[str, tuple[int, int, int] | None]:
+    """What in *directory* can change what is imported: its modules, packages and .pth files
+    by name, its distributions' metadata also by identity (a distribution reinstalled under
+    the same name: its entry points may have changed)."""
+    out: dict[str, tuple[int, int, int] | None] = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.endswith((".dist-info", ".egg-info", ".egg-link")):
+                out[name] = _identity(entry.path)
+            elif name.endswith(_IMPORTABLE) or (
+                "." not in name and name != "__pycache__" and entry.is_dir()
+            ):
+                out[name] = None
+    return out
 
 
 def _identity(path: str) -> tuple[int, int, int] | None:
@@ -224,19 +237,19 @@ class CodeWatch:
                 files.append(name)
         self.files = {name: _identity(name) for name in files}
         #: each directory of the import path: its identity (None: missing) and, if it is
-        #: one, its importable names
-        self.dirs: dict[str, tuple[tuple[int, int, int] | None, frozenset[str]]] = {}
+        #: one, what it holds that can be imported (:func:`_importable`)
+        self.dirs: dict[str, tuple[tuple[int, int, int] | None, dict[str, Any]]] = {}
         for name in sys.path:
             if name and ours(os.path.join(os.path.abspath(name), "")):
                 self.dirs[name] = self._look(name)
 
     @staticmethod
-    def _look(name: str) -> tuple[tuple[int, int, int] | None, frozenset[str]]:
+    def _look(name: str) -> tuple[tuple[int, int, int] | None, dict[str, Any]]:
         seen = _identity(name)
         try:
-            return seen, _importable(name) if seen and os.path.isdir(name) else frozenset()
+            return seen, _importable(name) if seen and os.path.isdir(name) else {}
         except OSError:
-            return seen, frozenset()
+            return seen, {}
 
     def changed(self) -> str | None:
         """The first file or directory that changed (or came, or went) since, if any."""
@@ -248,8 +261,12 @@ class CodeWatch:
             if now == seen:
                 continue
             again = self._look(name)
-            if (again[0] is None) != (seen is None) or again[1] != names:
+            if (again[0] is None) != (seen is None):
                 return name
+            for entry in sorted(again[1].keys() ^ names.keys()) or [
+                k for k, v in again[1].items() if names[k] != v
+            ]:
+                return os.path.join(name, entry)
             self.dirs[name] = again  # only other files came or went
         return None
 

@@ -25,9 +25,9 @@ RETRY = 10
 #: the environment variable that hands a server the fd of its lock, already held
 LOCK_FD_ENV = "GRAPHDRIVER_COMMANDS_LOCK_FD"
 #: what of the caller's environment the server gets: what shapes its interpreter (the
-#: socket's key names it: see :data:`.command_client.INTERPRETER_ENV`), its PATH and locale;
-#: a command gets its own client's environment
-_SERVER_ENV = ("PYTHON", "LD_", "PATH", "LANG", "LC_")
+#: socket's key names it: see :data:`.command_client.INTERPRETER_ENV`; HOME for the user's
+#: site directory), its PATH and locale; a command gets its own client's environment
+_SERVER_ENV = ("PYTHON", "LD_", "PATH", "LANG", "LC_", "HOME")
 #: util-linux's ionice, to start the server in the default I/O class whatever the caller's
 _IONICE = "/usr/bin/ionice"
 
@@ -60,7 +60,12 @@ def start_server(path: str) -> None:
     except OSError:  # (BlockingIOError: a server holds it, or one was started just now)
         os.close(lock)
         return
-    argv = [sys.executable, "-P", "-m", "graphdriver", "serve", "commands", "--socket", path]
+    from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
+
+    # this interpreter as it runs (-E, -s, -I, -O, -X, -W: what the socket's key names)
+    flags = [f for f in _args_from_interpreter_flags() if f != "-P"]
+    argv = [sys.executable, *flags, "-P", "-m", "graphdriver", "serve", "commands"]
+    argv += ["--socket", path]
     argv += ["--idle-timeout", str(IDLE_TIMEOUT)]
     if os.access(_IONICE, os.X_OK):
         argv = [_IONICE, "-t", "-c", "0", *argv]  # -t: where it may not, as it is
@@ -85,6 +90,7 @@ def _spawn(argv: list[str], env: dict[str, str], lock: int, log: int) -> None:
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd, to in ((null, 0), (log, 1), (log, 2), (lock, 3)):
                     os.dup2(fd, to)
+                    os.set_inheritable(to, True)  # (dup2 onto itself keeps O_CLOEXEC)
                 os.closerange(4, 0x7FFFFFFF)
                 for signum in _signal.valid_signals():
                     if signum not in (_signal.SIGKILL, _signal.SIGSTOP):

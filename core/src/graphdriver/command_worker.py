@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from .command_client import _LENGTH, _STATUS, FDS, HELLO, MAGIC, package_dir
+from .command_client import _LENGTH, _STATUS, FDS, HELLO, MAGIC, PREAMBLE, package_dir
 
 log = logging.getLogger("graphdriver.command_server")
 
@@ -204,6 +204,25 @@ def _receive(conn: socket.socket) -> _Request:
         raise
 
 
+def _protocol(conn: socket.socket) -> None:
+    """Read the client's first bytes, its protocol (:data:`PREAMBLE`, sent before the hello
+    it waits for); Refused if it is another, or not sent in time."""
+    got = b""
+    conn.settimeout(REQUEST_TIMEOUT)
+    try:
+        while len(got) < len(PREAMBLE):
+            piece = conn.recv(len(PREAMBLE) - len(got))
+            if not piece:
+                break
+            got += piece
+    except TimeoutError:
+        raise Refused("a request not sent in time") from None
+    finally:
+        conn.settimeout(None)
+    if got != PREAMBLE:
+        raise Refused("another protocol")
+
+
 def close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
@@ -286,12 +305,12 @@ def _serve_one(conn: socket.socket, closing: list[int]) -> int | None:  # pragma
             handler.setStream(server_log)
     pid = 0
     try:  # whatever goes wrong before the command starts is a refusal: the client runs it
-        conn.sendall(HELLO)  # a worker runs: the client may send its request and fds
         pid, problem = peer_problem(conn)  # at once: the pid is the client's while it waits
-        req = _receive(conn)
+        _protocol(conn)
         if problem is not None:
-            close_all(req.fds)
             raise Refused(problem)
+        conn.sendall(HELLO)  # the client may send its request and its fds
+        req = _receive(conn)
         _join_cgroup(pid)
         _become(req)
         if _stop_asked(conn):

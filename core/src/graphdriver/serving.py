@@ -72,9 +72,10 @@ def serve_lock(path: Path, what: str, served: Path, held: int | None = None) -> 
     is one. Yields the lock's fd: a process forked from the server that must not hold it
     closes it."""
     fd = held if held is not None and _is_lock_of(held, path) else None
-    if held is not None and fd is None:
+    if held is not None and fd is None:  # its starter's lock is gone (removed meanwhile)
         with contextlib.suppress(OSError):
             os.close(held)
+        raise InUse(f"the lock {path} its starter took is gone: not serving {served}")
     if fd is None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
