@@ -1,5 +1,8 @@
 """The ``graphdriver`` script's entry point: a command run by a resident command server
-(:mod:`.command_server`) when ``GRAPHDRIVER_SOCKET`` names one that answers, else here.
+(:mod:`.command_server`), else here. The server is the one ``GRAPHDRIVER_SOCKET`` names, or,
+where it is unset, this user's default one (:func:`default_socket`), which a command that
+finds none starts in the background (:mod:`.command_start`); ``GRAPHDRIVER_SOCKET=`` (empty):
+none.
 
 A Python process that imports the CLI (click and the store's modules) takes 60-100 ms before it
 does anything; one that forwards its command to a server that imported all that once takes
@@ -57,6 +60,10 @@ def main() -> int | None:
     """Run the command through the server, or here. Where ``GRAPHDRIVER_SOCKET`` is unset,
     the server is this user's default one (:func:`default_socket`), and one is started if
     none took the command (:mod:`.command_start`); ``graphdriver serve`` runs here."""
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        # a Ctrl-C before the CLI's handlers (or the forwarding's) ends this process as it
+        # would any program that had not started: by the signal, without Python's traceback
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     path = os.environ.get(SOCKET_ENV)
     if _verb(sys.argv) == "serve":  # a server runs in its own process, never in a worker
         path = ""
@@ -66,10 +73,6 @@ def main() -> int | None:
     status = _through_server(path, quiet=auto) if path else None
     if status is not None:
         return status
-    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
-        # a Ctrl-C while the CLI imports (before its handlers) ends it as it would any
-        # program that had not started: by the signal, without Python's traceback
-        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     if auto and path:
         from .command_start import start_server
 
@@ -145,6 +148,7 @@ def default_socket() -> str | None:
     # sys.path less the script's directory, and the flags less -P (a server runs with -P)
     paths = sys.path if sys.flags.safe_path else sys.path[1:]
     flags = str(sys.flags).replace(f"safe_path={sys.flags.safe_path}", "")
+    flags += repr((sys.warnoptions, sys._xoptions))  # -W, -X: not in sys.flags
     env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(INTERPRETER_ENV))
     key = os.fsencode("\0".join([sys.executable, flags, *env, *paths]))
     key += b"\0" + package_dir() + b"\0" + who
@@ -162,7 +166,9 @@ def _who() -> bytes:
     """What a server must share with its clients: its namespaces (mount, PID, user), the
     privilege lines of /proc/self/status (root's groups aside, as the worker does), its
     cgroup v1 hierarchies (a worker joins its client's cgroup v2 only), security label, OOM
-    score adjustment (none can lower its own) and hard limits (none can raise its own)."""
+    score adjustment (none can lower its own) and hard limits (none can raise its own).
+    A worker joins its client's cgroup v2: root may always, a user not into another
+    session's scope, so for a user that too is named."""
     import resource  # a C module, as cheap as its calls (the request imports it anyway)
 
     parts = [os.fsencode(os.readlink(f"/proc/self/ns/{ns}")) for ns in ("mnt", "pid", "user")]
@@ -177,7 +183,7 @@ def _who() -> bytes:
             root = os.geteuid() == 0
             lines = [x for x in lines if x.startswith(_PRIVILEGES)]
             lines = [x for x in lines if not (root and x.startswith(b"Groups:"))]
-        elif name == "cgroup":
+        elif name == "cgroup" and os.geteuid() == 0:  # (root joins any cgroup v2)
             lines = [x for x in lines if not x.startswith(b"0::")]
         parts.append(b"".join(lines))
     for name in dir(resource):
@@ -311,7 +317,8 @@ def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> boo
     this process goes before the hello: a stopped or frozen server with this connection in
     its queue holds none of its descriptors (such as the pipe its caller reads). A worker
     that said hello answers (it may refuse: R); one of another protocol refuses at once."""
-    try:
+    try:  # (a stopped server whose queue is full would block a connect)
+        sock.settimeout(HELLO_WAIT)
         sock.connect(path)
     except OSError:
         return False  # no server there: run here
@@ -324,14 +331,17 @@ def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> boo
         return False
     try:
         sock.sendall(PREAMBLE)
-        sock.settimeout(HELLO_WAIT)
         first = sock.recv(len(HELLO), _socket.MSG_PEEK)
         sock.settimeout(None)
         if first != HELLO:  # a refusal (R, read by _answered), or nothing
             return bool(first)
         sock.recv(len(HELLO))
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:  # (a timeout too)
+    except TimeoutError:
+        if not quiet:
+            _say(f"the command server on {path} did not answer in {HELLO_WAIT:g} s; running here")
+        return False
+    except OSError:
         return False
     try:
         body = request(sys.argv)

@@ -1,5 +1,6 @@
 """``graphdriver serve commands``: a resident process that runs ``graphdriver`` commands for the
-clients that name its socket in ``GRAPHDRIVER_SOCKET`` (:mod:`.command_client`).
+clients that name its socket in ``GRAPHDRIVER_SOCKET``, or find it at their default socket
+(:mod:`.command_client`; a command that finds none there starts one, :mod:`.command_start`).
 
 It imports the CLI, the store and the installed drivers once; each connection gets a worker
 forked from it, which reads the client's request and, if it may, takes the client's standard
@@ -16,8 +17,9 @@ of another installation of graphdriver is refused, and then runs the command its
 cannot see (Landlock, seccomp rules) does not refuse, so the socket is the privilege. A worker
 joins its client's cgroup and takes its rlimits, nice value, CPUs and OOM score adjustment, so
 that the client's limits hold (:mod:`.command_worker`). The socket is its user's alone (0600).
-The drivers and plugins are the ones installed when it started: restart it after installing
-more.
+When the code it imported changes (an upgrade, a driver or plugin installed), it starts again
+in the same process (:class:`CodeWatch`); with ``--idle-timeout``, it stops when idle that
+long, or once alone in its mount namespace.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 import sysconfig
 import threading
@@ -358,8 +359,6 @@ def serve_commands(socket_path: Path | None, idle_timeout: float) -> None:
     held = os.environ.pop(LOCK_FD_ENV, None)
     lock_path = Path(f"{socket_path}.lock")
     with serving.serve_lock(lock_path, "command server", socket_path, _fd(held)) as lock:
-        if held is not None:  # started by a command: its log is this one's stdout and stderr
-            _trim_log()
         warm_up()
         code = CodeWatch()
         serving.free_socket(socket_path, "--socket")
@@ -369,10 +368,10 @@ def serve_commands(socket_path: Path | None, idle_timeout: float) -> None:
             raise from_oserror(exc, f"listen on {socket_path}") from None
         server.idle_timeout, server.code = idle_timeout, code
         try:
-            announce(
-                f"serving commands on {socket_path} (export {SOCKET_ENV}={socket_path})",
-                socket=str(socket_path),
-            )
+            # (started by a command, it is found without GRAPHDRIVER_SOCKET, which would
+            # keep clients from starting it again once it stopped)
+            hint = f" (export {SOCKET_ENV}={socket_path})" if held is None else ""
+            announce(f"serving commands on {socket_path}{hint}", socket=str(socket_path))
             with contextlib.suppress(BrokenPipeError):
                 sys.stdout.flush()
             ended = server.run(stopped)
@@ -391,17 +390,6 @@ def _fd(text: str | None) -> int | None:
         return None if text is None else int(text)
     except ValueError:
         return None
-
-
-#: the size beyond which a started server empties its log
-_LOG_MAX = 1 << 20
-
-
-def _trim_log() -> None:
-    with contextlib.suppress(OSError):
-        st = os.fstat(2)
-        if stat.S_ISREG(st.st_mode) and st.st_size > _LOG_MAX:
-            os.ftruncate(2, 0)  # (opened O_APPEND: the next line goes at its start)
 
 
 def _start_again(cwd: str, lock: int) -> None:

@@ -28,6 +28,8 @@ LOCK_FD_ENV = "GRAPHDRIVER_COMMANDS_LOCK_FD"
 #: socket's key names it: see :data:`.command_client.INTERPRETER_ENV`; HOME for the user's
 #: site directory), its PATH and locale; a command gets its own client's environment
 _SERVER_ENV = ("PYTHON", "LD_", "PATH", "LANG", "LC_", "HOME")
+#: the size beyond which a start empties the server's log
+LOG_MAX = 1 << 20
 #: util-linux's ionice, to start the server in the default I/O class whatever the caller's
 _IONICE = "/usr/bin/ionice"
 
@@ -41,22 +43,26 @@ def start_server(path: str) -> None:
     a session of its own, in ``/``, with none of this process's descriptors (a caller that
     waits for this command's output never waits for it), the default signal dispositions,
     mask and I/O class, and its output in ``PATH.log``; it stops after :data:`IDLE_TIMEOUT`
-    seconds without a command."""
+    seconds without a command. Its log is emptied beyond :data:`LOG_MAX`."""
     if os.getpriority(os.PRIO_PROCESS, 0) != 0 or os.sched_getscheduler(0) != os.SCHED_OTHER:
         return
     home = os.path.dirname(path)
     try:
         _private_dir(os.path.dirname(home), 0o022)
         _private_dir(home, 0o077)
-        lock, new = _own_file(path + ".lock", os.O_RDWR)
+        lock = _own_file(path + ".lock", os.O_RDWR)
     except OSError:
         return
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if not new and time.time() - os.fstat(lock).st_mtime < RETRY:
+        st = os.fstat(lock)  # empty: no start was tried (made just now, by this or another)
+        if st.st_size and time.time() - st.st_mtime < RETRY:
             raise BlockingIOError
-        os.utime(lock)  # when the last start was tried
-        log = _own_file(path + ".log", os.O_WRONLY | os.O_APPEND)[0]
+        os.ftruncate(lock, 0)
+        os.write(lock, b"starting\n")  # a start tried now (its mtime): the server's pid next
+        log = _own_file(path + ".log", os.O_WRONLY | os.O_APPEND)
+        if os.fstat(log).st_size > LOG_MAX:  # (each start adds a line or two)
+            os.ftruncate(log, 0)
     except OSError:  # (BlockingIOError: a server holds it, or one was started just now)
         os.close(lock)
         return
@@ -119,16 +125,12 @@ def _private_dir(path: str, forbidden: int) -> None:
         raise PermissionError(path)
 
 
-def _own_file(path: str, flags: int) -> tuple[int, bool]:
-    """Open the regular file *path* of this user's, never through a link, or make it (0600);
-    its fd, and whether it was made."""
-    flags |= os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd, new = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
-    except FileExistsError:
-        fd, new = os.open(path, flags), False
+def _own_file(path: str, flags: int) -> int:
+    """Open the regular file *path* of this user's, never through a link, or make it
+    (0600)."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)
         raise PermissionError(path)
-    return fd, new
+    return fd
