@@ -158,8 +158,14 @@ def default_socket() -> str | None:
     return path if len(os.fsencode(path)) <= _MAX_PATH else None
 
 
-#: what of /proc/self/status a worker compares with its server's (:mod:`.command_worker`)
-_PRIVILEGES = (b"Uid:", b"Gid:", b"Groups:", b"Cap", b"NoNewPrivs:", b"Seccomp:")
+#: the namespaces a client must share with its server (:mod:`.command_worker` checks them)
+NAMESPACES = ("mnt", "pid", "user")
+#: the lines of /proc/PID/status that say what a process may do: a client's must be the
+#: server's (:mod:`.command_worker` compares them, root's Groups aside)
+PRIVILEGE_FIELDS = (
+    "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs",
+    "Seccomp",
+)  # fmt: skip
 
 
 def _who() -> bytes:
@@ -171,7 +177,9 @@ def _who() -> bytes:
     session's scope, so for a user that too is named."""
     import resource  # a C module, as cheap as its calls (the request imports it anyway)
 
-    parts = [os.fsencode(os.readlink(f"/proc/self/ns/{ns}")) for ns in ("mnt", "pid", "user")]
+    root = os.geteuid() == 0
+    fields = {f.encode() for f in PRIVILEGE_FIELDS if not (root and f == "Groups")}
+    parts = [os.fsencode(os.readlink(f"/proc/self/ns/{ns}")) for ns in NAMESPACES]
     for name in ("status", "cgroup", "attr/current", "oom_score_adj"):
         try:
             with open(f"/proc/self/{name}", "rb") as f:
@@ -180,10 +188,8 @@ def _who() -> bytes:
             text = b""
         lines = text.splitlines(True)
         if name == "status":
-            root = os.geteuid() == 0
-            lines = [x for x in lines if x.startswith(_PRIVILEGES)]
-            lines = [x for x in lines if not (root and x.startswith(b"Groups:"))]
-        elif name == "cgroup" and os.geteuid() == 0:  # (root joins any cgroup v2)
+            lines = [x for x in lines if x.partition(b":")[0] in fields]
+        elif name == "cgroup" and root:  # (root joins any cgroup v2)
             lines = [x for x in lines if not x.startswith(b"0::")]
         parts.append(b"".join(lines))
     for name in dir(resource):

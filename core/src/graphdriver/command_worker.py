@@ -23,6 +23,8 @@ import time
 from typing import Any
 
 from .command_client import _LENGTH, _STATUS, FDS, HELLO, MAGIC, PREAMBLE, package_dir
+from .command_client import NAMESPACES as NAMESPACES
+from .command_client import PRIVILEGE_FIELDS as PRIVILEGE_FIELDS
 
 log = logging.getLogger("graphdriver.command_server")
 
@@ -31,13 +33,6 @@ MAX_REQUEST = 1 << 20
 #: seconds a client has to send its whole request once connected
 REQUEST_TIMEOUT = 5.0
 _PEERCRED = struct.Struct("3i")
-#: the namespaces a client must share with the server
-NAMESPACES = ("mnt", "pid", "user")
-#: the lines of /proc/PID/status that say what a process may do: a client's must be the server's
-PRIVILEGE_FIELDS = (
-    "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs",
-    "Seccomp",
-)  # fmt: skip
 #: what the server blocks around fork, so that a worker never runs the server's handlers
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD}
 
