@@ -2,7 +2,9 @@
  * for one, without the interpreter's work per item (on small files that work was a third of
  * the time, where GNU tar spends none): the apply sandbox's plain files (write_plain_files,
  * for Extractor.plain_file), and an exact diff's look at its noted paths (first_changed, for
- * exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay). Optional: where this module was not built the Python loops
+ * exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay), and a
+ * generated diff's plain files (plain_entry, for TarWriter.add_plain). Optional: where this
+ * module was not built the Python loops
  * do it all (graphdriver.archive.fastpath), and core/tests/test_fastpath.py holds the two to
  * the same result. Each stops, having done nothing for it, at the first item it would not
  * handle exactly as the Python loop does, which then takes that item.
@@ -32,6 +34,7 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #define N_FIELDS 13
@@ -638,6 +641,192 @@ static PyObject *first_changed(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(i < PyList_GET_SIZE(items) ? i : PyList_GET_SIZE(items));
 }
 
+/* ------------------------------------------------------------ a generated diff's plain files
+ *
+ * plain_entry(path, arcname, wbuf, wpos, skip, large)
+ *   path     the file (str), its final component not followed
+ *   arcname  its name in the tar (str)
+ *   wbuf     the writer's buffer: the entry goes at wbuf[wpos:]
+ *   skip     the prefix (bytes) of the xattrs no tar carries (overlayfs's own)
+ *   large    the size from which a body is left (TarWriter sends those by sendfile)
+ * returns the position after the entry (the PAX header of a sub-second mtime, the ustar
+ * header, the data and its padding: the bytes tar.plain_header and TarWriter._small_file
+ * give), PLAIN_LEFT when TarWriter.add_path must take the file (anything but a regular
+ * file of one link, a name or number plain_header does not take, an xattr, a body of
+ * `large` bytes or more, a file that changed while it was read), PLAIN_NO_ROOM when the
+ * entry does not fit in wbuf[wpos:] (the caller flushes and asks again). OSError as
+ * os.lstat and os.open raise it. Nothing is added but on success.
+ */
+#define PLAIN_LEFT (-1)
+#define PLAIN_NO_ROOM (-2)
+#define MAX_ID 07777777LL
+#define MAX_NUMBER 077777777777LL
+
+static void octal(unsigned char *dst, int digits, unsigned long long v) {
+    for (int k = digits - 1; k >= 0; k--, v >>= 3)
+        dst[k] = (unsigned char)('0' + (v & 7));
+    dst[digits] = 0;
+}
+
+/* The ustar header (tar._USTAR) of a plain entry, its checksum summed over the 512 bytes. */
+static void ustar_header(unsigned char *h, const char *name, size_t name_len, char type,
+                         long long mode, long long uid, long long gid, long long size,
+                         long long mtime) {
+    memset(h, 0, 512);
+    memcpy(h, name, name_len);
+    octal(h + 100, 7, (unsigned long long)mode);
+    octal(h + 108, 7, (unsigned long long)uid);
+    octal(h + 116, 7, (unsigned long long)gid);
+    octal(h + 124, 11, (unsigned long long)size);
+    octal(h + 136, 11, (unsigned long long)mtime);
+    memset(h + 148, ' ', 8);
+    h[156] = (unsigned char)type;
+    memcpy(h + 257, "ustar\0" "00", 8);
+    memcpy(h + 329, "0000000\0" "0000000\0", 16);
+    unsigned long sum = 0;
+    for (int k = 0; k < 512; k++)
+        sum += h[k];
+    octal(h + 148, 6, sum); /* "%06o\0 " */
+    h[155] = ' ';
+}
+
+/* The PAX header and its record block of a sub-second mtime (2 blocks at h). */
+static void pax_mtime(unsigned char *h, const char *name, size_t name_len, long long sec,
+                      long nsec) {
+    char text[64], record[96], pname[112];
+    int n = snprintf(text, sizeof(text), "%lld.%09ld", sec, nsec);
+    while (n > 0 && text[n - 1] == '0')
+        text[--n] = 0;
+    int len = snprintf(record, sizeof(record), "%d mtime=%s\n", n + 10, text);
+    size_t plen = (size_t)snprintf(pname, sizeof(pname), "PaxHeaders/%.*s", (int)name_len, name);
+    ustar_header(h, pname, plen > 100 ? 100 : plen, 'x', 0644, 0, 0, len, sec);
+    memset(h + 512, 0, 512);
+    memcpy(h + 512, record, (size_t)len);
+}
+
+/* Whether the NUL-separated names list[0:n] all start with skip. */
+static int only_skipped(const char *list, ssize_t n, const char *skip, size_t skip_len) {
+    for (ssize_t at = 0; at < n; at += (ssize_t)strlen(list + at) + 1)
+        if (strncmp(list + at, skip, skip_len) != 0)
+            return 0;
+    return 1;
+}
+
+/* The file's data into dst (DONE), LEFT if it is not the regular file st was of, is not
+ * size bytes now, or has an xattr not skipped; FAILED with errno set. */
+static int plain_data(const char *path, const struct stat *st, char *dst, const char *skip,
+                      size_t skip_len) {
+    char names[1024];
+    if (st->st_size == 0) {
+        ssize_t n = llistxattr(path, names, sizeof(names));
+        return n > 0 && !only_skipped(names, n, skip, skip_len) ? LEFT : DONE;
+    }
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0)
+        return FAILED;
+    struct stat now;
+    int rc = LEFT;
+    if (fstat(fd, &now) < 0) {
+        rc = FAILED;
+        goto done;
+    }
+    if (!S_ISREG(now.st_mode) || now.st_ino != st->st_ino || now.st_dev != st->st_dev)
+        goto done; /* swapped since the lstat */
+    ssize_t n = flistxattr(fd, names, sizeof(names));
+    if (n > 0 || (n < 0 && errno == ERANGE))
+        if (n < 0 || !only_skipped(names, n, skip, skip_len))
+            goto done;
+    off_t done_bytes = 0;
+    while (done_bytes < st->st_size) {
+        ssize_t got = pread(fd, dst + done_bytes, (size_t)(st->st_size - done_bytes), done_bytes);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0) {
+            rc = FAILED;
+            goto done;
+        }
+        if (got == 0)
+            goto done; /* shrank: add_path says so */
+        done_bytes += got;
+    }
+    rc = DONE;
+done:;
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+static PyObject *plain_entry(PyObject *self, PyObject *args) {
+    PyObject *path_obj, *arcname, *path = NULL;
+    Py_buffer wb;
+    Py_ssize_t wpos, skip_len;
+    const char *skip;
+    long long large;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "UUw*ny#L", &path_obj, &arcname, &wb, &wpos, &skip, &skip_len,
+                          &large))
+        return NULL;
+    Py_ssize_t result = PLAIN_LEFT;
+    Py_ssize_t name_len;
+    const char *name = PyUnicode_IS_ASCII(arcname) ? PyUnicode_AsUTF8AndSize(arcname, &name_len)
+                                                   : NULL;
+    if (name == NULL || name_len > 100 || name_len == 0)
+        goto done;
+    if (wpos < 0 || wpos > wb.len) {
+        PyErr_SetString(PyExc_ValueError, "plain_entry: a bad position");
+        goto failed;
+    }
+    if (!PyUnicode_FSConverter(path_obj, &path))
+        goto failed;
+    const char *cpath = PyBytes_AS_STRING(path);
+    if (strlen(cpath) != (size_t)PyBytes_GET_SIZE(path))
+        goto done; /* a NUL in it: os.lstat says so */
+    struct stat st;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lstat(cpath, &st);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
+        goto failed;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_nlink != 1 || st.st_size >= large ||
+        (long long)st.st_uid > MAX_ID || (long long)st.st_gid > MAX_ID ||
+        st.st_mtim.tv_sec < 0 || st.st_mtim.tv_sec > MAX_NUMBER)
+        goto done;
+    Py_ssize_t head = st.st_mtim.tv_nsec ? 3 * 512 : 512;
+    Py_ssize_t end = wpos + head + st.st_size, padded = end + (-st.st_size & 511);
+    if (padded > wb.len) {
+        result = PLAIN_NO_ROOM;
+        goto done;
+    }
+    unsigned char *h = (unsigned char *)wb.buf + wpos;
+    Py_BEGIN_ALLOW_THREADS
+    rc = plain_data(cpath, &st, (char *)h + head, skip, (size_t)skip_len);
+    Py_END_ALLOW_THREADS
+    if (rc == FAILED) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
+        goto failed;
+    }
+    if (rc == LEFT)
+        goto done;
+    if (st.st_mtim.tv_nsec)
+        pax_mtime(h, name, (size_t)name_len, (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+    ustar_header(h + head - 512, name, (size_t)name_len, '0', st.st_mode & 07777, st.st_uid,
+                 st.st_gid, st.st_size, st.st_mtim.tv_sec);
+    memset((char *)wb.buf + end, 0, (size_t)(padded - end));
+    result = padded;
+done:
+    Py_XDECREF(path);
+    PyBuffer_Release(&wb);
+    return PyLong_FromSsize_t(result);
+failed:
+    Py_XDECREF(path);
+    PyBuffer_Release(&wb);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"write_plain_files", write_plain_files, METH_VARARGS,
      "Write a run of a frame's plain files; see graphdriver.archive.extract."},
@@ -645,6 +834,8 @@ static PyMethodDef methods[] = {
      "The first noted path that is not as noted; see graphdriver.archive.exact."},
     {"replay_run", replay_run, METH_VARARGS,
      "Copy a run of an exact diff's raw parts and bodies; see graphdriver.archive.exact."},
+    {"plain_entry", plain_entry, METH_VARARGS,
+     "A generated diff's plain file into the writer's buffer; see graphdriver.archive.tar_writer."},
     {NULL, NULL, 0, NULL},
 };
 

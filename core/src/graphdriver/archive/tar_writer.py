@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 #: overlayfs's own xattrs (origin, impure, opaque) never go into a tar
 _SKIP = (whiteout.OVERLAY_XATTR_PREFIX,)
+_SKIP_BYTES = whiteout.OVERLAY_XATTR_PREFIX.encode()
+#: what ``_fastpath.plain_entry`` returns for an entry that does not fit in the buffer's rest
+_NO_ROOM = -2
 #: bodies at least this large go from the layer to an output fd by sendfile(2), in the kernel;
 #: smaller ones are read into the buffer, so that many entries leave in one write
 KERNEL_COPY = 128 * 1024
@@ -175,6 +178,26 @@ class TarWriter:
             done += n
         return done
 
+    def add_plain(self, path: str, arcname: str) -> bool:
+        """:meth:`add_path` of the file at *path* in C (``_fastpath.plain_entry``: its lstat,
+        open, xattr listing, read and header, and no Python per call but this), if it is the
+        entry nearly every generated diff is made of: a regular file of one link and less
+        than :data:`KERNEL_COPY` bytes, with a name and numbers :func:`.tar.plain_header`
+        takes and no xattr but overlayfs's own; the same bytes as :meth:`add_path`. False,
+        having added nothing, for any other (:meth:`add_path` then takes it), or where the C
+        loops were not built."""
+        if not fastpath.ENABLED:
+            return False
+        assert fastpath.plain_entry is not None
+        pos = fastpath.plain_entry(path, arcname, self._buf, self._pos, _SKIP_BYTES, KERNEL_COPY)
+        if pos == _NO_ROOM:
+            self.flush()
+            pos = fastpath.plain_entry(path, arcname, self._buf, 0, _SKIP_BYTES, KERNEL_COPY)
+        if pos < 0:
+            return False
+        self._pos = pos
+        return True
+
     def _small_file(self, header: bytes, fd: int, size: int) -> bool:
         """Put the entry of the open file *fd* of at most :data:`KERNEL_COPY` bytes (its
         *header*, its *size* bytes, their padding) into the buffer at once, if the file still
@@ -294,6 +317,6 @@ def write_changes_tar(
             writer.add_whiteout(prefix + whiteout.whiteout_name(base))
             continue
         full = root + change.path
-        st = os.lstat(full)
-        writer.add_path(full, arc, st)
+        if not writer.add_plain(full, arc):
+            writer.add_path(full, arc, os.lstat(full))
     writer.close()

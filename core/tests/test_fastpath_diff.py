@@ -1,0 +1,128 @@
+"""A generated diff's plain files in C (``_fastpath.plain_entry``, through
+``TarWriter.add_plain``): the same tar bytes as the Python path (``fastpath.ENABLED`` False)
+for every kind of entry a layer holds, the C call taking exactly the plain files and leaving
+the rest to ``TarWriter.add_path``, and the same errors."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from test_fastpath import _needs_the_c_loops
+
+from graphdriver.archive import fastpath, tree_changes, write_changes_tar
+from graphdriver.archive.tar_writer import KERNEL_COPY, TarWriter
+
+#: a second after the epoch of the files' whole-second mtimes, and a sub-second one
+WHOLE, FRACTION = 1_700_000_000 * 10**9, 1_700_000_000 * 10**9 + 120_000_000
+
+
+def _file(
+    root: Path, name: str, data: bytes, mtime_ns: int | None = WHOLE, mode: int = 0o644
+) -> str:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(mode)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    return name
+
+
+def _layer(root: Path) -> set[str]:
+    """A tree of every kind of entry; the names of those the C call must take."""
+    plain = {
+        _file(root, "whole", b"a" * 10),
+        _file(root, "fraction", b"b" * 700, FRACTION),
+        _file(root, "fraction-trailing-zeros", b"c", WHOLE + 500_000_000),
+        _file(root, "empty", b""),
+        _file(root, "empty-fraction", b"", FRACTION),
+        _file(root, "n" * 100, b"100-byte name"),
+        _file(root, "setuid", b"\x7fELF", mode=0o4755),
+        _file(root, "block", b"d" * 512),
+        _file(root, "just-under", b"e" * (KERNEL_COPY - 1), FRACTION),
+        _file(root, "now", b"f" * 3000, None),  # (its mtime the clock's)
+        _file(root, "dir/inner", b"g"),
+        _file(root, "overlay-own-xattr", b"h"),
+    }
+    os.setxattr(root / "overlay-own-xattr", "trusted.overlay.origin", b"x")
+    _file(root, "n" * 101, b"a name longer than ustar's")
+    _file(root, "dir/üñí", b"not ASCII")
+    _file(root, "user-xattr", b"i")
+    os.setxattr(root / "user-xattr", "user.note", b"kept")
+    _file(root, "kernel-copy", b"j" * KERNEL_COPY)
+    _file(root, "linked", b"k")
+    os.link(root / "linked", root / "link")
+    _file(root, "big-uid", b"l")
+    os.chown(root / "big-uid", 0o10000000, 0)  # past ustar's 7 octal digits: PAX
+    _file(root, "before-1970", b"m", -(10**9))
+    os.symlink("whole", root / "symlink")
+    os.mkfifo(root / "fifo")
+    (root / "emptydir").mkdir()
+    return plain
+
+
+def _diff(root: Path, c_loops: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, set[str]]:
+    """The tar of *root*'s changes against nothing, and the names the C call took."""
+    monkeypatch.setattr(fastpath, "ENABLED", c_loops)
+    taken: set[str] = set()
+    real = fastpath.plain_entry
+    assert real is not None
+
+    def counting(path: str, arcname: str, *rest: object) -> int:
+        got = real(path, arcname, *rest)  # type: ignore[arg-type]
+        if got >= 0:
+            taken.add(arcname)
+        return got
+
+    monkeypatch.setattr(fastpath, "plain_entry", counting)
+    out = io.BytesIO()
+    write_changes_tar(TarWriter(write=out.write), str(root), tree_changes(str(root), None))
+    return out.getvalue(), taken
+
+
+def test_the_c_call_takes_the_plain_files_and_gives_the_same_tar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _needs_the_c_loops()
+    root = tmp_path / "layer"
+    root.mkdir()
+    plain = _layer(root)
+    in_c, taken = _diff(root, True, monkeypatch)
+    in_python, none = _diff(root, False, monkeypatch)
+    assert in_c == in_python
+    assert taken == plain and not none
+    with tarfile.open(fileobj=io.BytesIO(in_c)) as tf:  # and the tar says what the tree has
+        got = {m.name: m for m in tf.getmembers()}
+        assert tf.extractfile(got["fraction"]).read() == b"b" * 700  # type: ignore[union-attr]
+    assert got["fraction"].pax_headers["mtime"] == "1700000000.12"
+    assert got["setuid"].mode == 0o4755 and got["linked"].linkname == "link"  # (sorted first)
+    assert got["user-xattr"].pax_headers["SCHILY.xattr.user.note"] == "kept"
+    assert "SCHILY.xattr.trusted.overlay.origin" not in got["overlay-own-xattr"].pax_headers
+
+
+def test_many_files_fill_and_flush_the_buffer_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several buffers' worth: an entry that does not fit is put after a flush, in order."""
+    _needs_the_c_loops()
+    root = tmp_path / "layer"
+    for i in range(400):
+        _file(root, f"d{i % 7}/f{i:03d}", bytes([i % 251]) * (1000 + 37 * i), WHOLE + i)
+    in_c, taken = _diff(root, True, monkeypatch)
+    in_python, _ = _diff(root, False, monkeypatch)
+    assert len(in_c) > 3 * (1 << 20) and len(taken) == 400
+    assert in_c == in_python
+
+
+def test_a_file_gone_is_the_same_error(tmp_path: Path) -> None:
+    _needs_the_c_loops()
+    gone = str(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError) as in_c:
+        TarWriter(write=io.BytesIO().write).add_plain(gone, "gone")
+    with pytest.raises(FileNotFoundError) as in_python:
+        os.lstat(gone)
+    assert in_c.value.filename == in_python.value.filename == gone
