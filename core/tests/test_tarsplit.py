@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
+from graphdriver.archive import fastpath
 from graphdriver.archive.tarsplit import PathRecorder, Record, SegmentRecorder, join
+from graphdriver.testing import host_lacks
 
 
 def test_removing_the_parents_directories_keeps_the_record() -> None:
@@ -39,3 +43,33 @@ def test_a_long_extension_header_replays() -> None:
     parts = list(Record(blob).segments())
     assert b"".join(p for p in parts if isinstance(p, bytes)) == head + b"tail"
     assert [p.path for p in parts if not isinstance(p, bytes)] == ["f"]
+
+
+def test_the_check_table_is_the_same_with_and_without_the_c_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``PathRecorder.finish`` builds the table's rows in C (``_fastpath.check_rows``) where
+    it was built: the bytes the Python loop gives, for names that are not ASCII or not UTF-8,
+    a file touched again after its body (its row read again), and a path gone since."""
+    if not fastpath.ENABLED:
+        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    st = os.stat("/")
+
+    def lstat(path: str) -> os.stat_result:
+        if path == "d/gone":
+            raise FileNotFoundError(path)
+        return st
+
+    tables = []
+    for fast in (True, False):
+        monkeypatch.setattr(fastpath, "ENABLED", fast)
+        rec = PathRecorder()
+        for name in ("d/a", "d/üñí", "d/b\udcff", "e/f/g", "d/gone"):
+            rec.made_file(name, st)
+        for name in ("d/a", "d/gone"):  # rows no longer the fstat of their bodies: read again
+            rec.touch(name)
+        tables.append(rec.finish(lstat))
+        assert rec.gone == {"d/gone"}
+    assert tables[0] is not None and tables[0] == tables[1]
+    checks = Record(join(b"", tables[0])).checks()
+    assert set(checks.present) == {"", "d", "d/a", "d/üñí", "d/b\udcff", "e", "e/f", "e/f/g"}

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import zstandard
 
 from ..errors import ArchiveError
+from . import fastpath
 
 MAGIC = b"graphdriver-tar-split 3\n"
 #: records before 3 carry each body's CRC-32, which nothing reads any more; otherwise the same
@@ -232,17 +233,18 @@ class PathRecorder:
         *lstat* reads what the layer holds at a path relative to its root."""
         if self.failed is not None:
             return None
-        table = bytearray()
-        written = self.written
-        for path in sorted(self.touched):
-            row = written.get(path)
-            if row is None:
-                try:
-                    row = _row(lstat(path))
-                except FileNotFoundError:
-                    self.gone.add(path)
-                    continue
-            table += _PRESENT + _path_bytes(path) + row
+        rows = self.written  # (this recorder's last use: the other paths' rows join them)
+        for path in self.touched - rows.keys():  # directories, and files touched again
+            try:
+                rows[path] = _row(lstat(path))
+            except FileNotFoundError:
+                self.gone.add(path)
+        present = sorted(self.touched - self.gone)
+        if fastpath.ENABLED:
+            assert fastpath.check_rows is not None
+            table = bytearray(fastpath.check_rows(present, rows, _PRESENT))
+        else:
+            table = bytearray().join(_PRESENT + _path_bytes(p) + rows[p] for p in present)
         for tag, paths in ((_GONE, self.gone), (_OPAQUE, self.opaque)):
             for path in sorted(paths):
                 table += tag + _path_bytes(path)
