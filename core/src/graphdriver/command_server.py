@@ -25,6 +25,7 @@ long, or once alone in its mount namespace.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -361,6 +362,9 @@ def serve_commands(socket_path: Path | None, idle_timeout: float) -> None:
     with serving.serve_lock(lock_path, "command server", socket_path, _fd(held)) as lock:
         warm_up()
         code = CodeWatch()
+        # what warm_up made is every worker's too: out of the collector's way, no worker's
+        # collection walks it (and so copies its pages)
+        gc.freeze()
         serving.free_socket(socket_path, "--socket")
         try:
             server = CommandServer(socket_path, (*[fd for fd in inherited if fd != lock], lock))
