@@ -514,3 +514,24 @@ def test_an_entry_crosses_the_pipe_to_the_sandbox_whole() -> None:
     )
     sent = pickle.dumps(feed._FIELDS(entry), protocol=pickle.HIGHEST_PROTOCOL)
     assert TarEntry(*pickle.loads(sent)) == entry
+
+
+def test_a_directory_made_a_file_leaves_what_it_held_gone_in_the_record(tmp_path: Path) -> None:
+    """``d/``, a symlink ``d/s``, then ``d`` as a file: the layer holds the file, and the
+    record says ``d/s`` is gone (its lstat says ENOTDIR, which once failed the apply; found
+    in review)."""
+    link = _info("d/s", tarfile.SYMTYPE, 0o777)
+    link.linkname = "x"
+    data = _tar(
+        (_info("d", tarfile.DIRTYPE, 0o755), b""),
+        (link, b""),
+        (_with_size(_info("d", tarfile.REGTYPE, 0o644), 4), b"file"),
+    )
+    target = tmp_path / "layer"
+    target.mkdir()
+    result = apply_layer(target, io.BytesIO(data), record=True)
+    assert (target / "d").read_bytes() == b"file"
+    assert result.no_record is None and result.record is not None
+    checks = tarsplit.Record(result.record).checks()
+    assert "d" in checks.present and "d/s" in checks.gone and "d/s" not in checks.present
+    assert exact._noted_changed(checks, str(target)) is None

@@ -126,3 +126,22 @@ def test_a_file_gone_is_the_same_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as in_python:
         os.lstat(gone)
     assert in_c.value.filename == in_python.value.filename == gone
+
+
+def test_an_empty_file_with_many_xattrs_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty file whose xattr names are more than the C call's list holds is left to the
+    Python path, which writes them all (found in review: once they were dropped)."""
+    _needs_the_c_loops()
+    root = tmp_path / "layer"
+    _file(root, "empty", b"")
+    _file(root, "full", b"data")
+    for name in ("empty", "full"):
+        for i in range(6):
+            os.setxattr(root / name, f"user.{i:03d}" + "x" * 200, b"v")
+    in_c, taken = _diff(root, True, monkeypatch)
+    in_python, _ = _diff(root, False, monkeypatch)
+    assert in_c == in_python and not taken
+    with tarfile.open(fileobj=io.BytesIO(in_c)) as tf:
+        assert sum(k.startswith("SCHILY.xattr.") for k in tf.getmember("empty").pax_headers) == 6

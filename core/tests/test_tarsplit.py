@@ -73,3 +73,26 @@ def test_the_check_table_is_the_same_with_and_without_the_c_loop(
     assert tables[0] is not None and tables[0] == tables[1]
     checks = Record(join(b"", tables[0])).checks()
     assert set(checks.present) == {"", "d", "d/a", "d/üñí", "d/b\udcff", "e", "e/f", "e/f/g"}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_path_removed_and_made_again_is_present_and_gone(
+    fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of the parent that the tar writes again (dpkg's status, /etc/passwd: the
+    everyday child layer) is removed, then made: the table holds it as both, which is what
+    the checks of a child layer's diff expect (found in review: once it was gone alone, and
+    every such layer's diff was generated)."""
+    monkeypatch.setattr(fastpath, "ENABLED", fast and fastpath.ENABLED)
+    st = os.stat("/")
+    rec = PathRecorder()
+    rec.touch("etc")
+    rec.removed("etc/passwd", was_dir=False)
+    rec.touch("etc/passwd")
+    rec.wrote("etc/passwd", st)
+    rec.made_file("etc/new", st)
+    table = rec.finish(lambda p: st)
+    assert table is not None
+    checks = Record(join(b"", table)).checks()
+    assert set(checks.present) == {"", "etc", "etc/passwd", "etc/new"}
+    assert checks.gone == {"etc/passwd"}

@@ -654,9 +654,11 @@ static PyObject *first_changed(PyObject *self, PyObject *args) {
  * header, the data and its padding: the bytes tar.plain_header and TarWriter._small_file
  * give), PLAIN_LEFT when TarWriter.add_path must take the file (anything but a regular
  * file of one link, a name or number plain_header does not take, an xattr, a body of
- * `large` bytes or more, a file that changed while it was read), PLAIN_NO_ROOM when the
- * entry does not fit in wbuf[wpos:] (the caller flushes and asks again). OSError as
- * os.lstat and os.open raise it. Nothing is added but on success.
+ * `large` bytes or more, a file that is no longer the one lstat saw or that ended before
+ * its size, an interrupted call: add_path looks at it again, from its own lstat),
+ * PLAIN_NO_ROOM when the entry does not fit in wbuf[wpos:] (the caller flushes and asks
+ * again). OSError as os.lstat, os.open and os.pread raise it. Nothing is added but on
+ * success.
  */
 #define PLAIN_LEFT (-1)
 #define PLAIN_NO_ROOM (-2)
@@ -713,41 +715,46 @@ static int only_skipped(const char *list, ssize_t n, const char *skip, size_t sk
     return 1;
 }
 
-/* The file's data into dst (DONE), LEFT if it is not the regular file st was of, is not
- * size bytes now, or has an xattr not skipped; FAILED with errno set. */
+/* Whether the xattr list call that returned n (errno set if negative) found one that no
+ * tar leaves out (a list too long for the buffer has some; a filesystem that cannot list
+ * any has none, as xattr.read says). */
+static int has_xattrs(const char *names, ssize_t n, const char *skip, size_t skip_len) {
+    if (n < 0)
+        return errno == ERANGE;
+    return n > 0 && !only_skipped(names, n, skip, skip_len);
+}
+
+/* The file's data into dst (DONE); LEFT if it is not the regular file st was of, ended
+ * before its size, has an xattr not skipped, or a call was interrupted (add_path, which
+ * takes it, retries as Python does, running the signal handlers); FAILED with errno set.
+ * The open is os.open's (no O_NONBLOCK: a lease holder is waited for, as there). */
 static int plain_data(const char *path, const struct stat *st, char *dst, const char *skip,
                       size_t skip_len) {
     char names[1024];
     if (st->st_size == 0) {
         ssize_t n = llistxattr(path, names, sizeof(names));
-        return n > 0 && !only_skipped(names, n, skip, skip_len) ? LEFT : DONE;
+        return has_xattrs(names, n, skip, skip_len) ? LEFT : DONE;
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
-        return FAILED;
+        return errno == EINTR ? LEFT : FAILED;
     struct stat now;
     int rc = LEFT;
-    if (fstat(fd, &now) < 0) {
-        rc = FAILED;
+    if (fstat(fd, &now) < 0)
         goto done;
-    }
     if (!S_ISREG(now.st_mode) || now.st_ino != st->st_ino || now.st_dev != st->st_dev)
         goto done; /* swapped since the lstat */
-    ssize_t n = flistxattr(fd, names, sizeof(names));
-    if (n > 0 || (n < 0 && errno == ERANGE))
-        if (n < 0 || !only_skipped(names, n, skip, skip_len))
-            goto done;
+    if (has_xattrs(names, flistxattr(fd, names, sizeof(names)), skip, skip_len))
+        goto done;
     off_t done_bytes = 0;
     while (done_bytes < st->st_size) {
         ssize_t got = pread(fd, dst + done_bytes, (size_t)(st->st_size - done_bytes), done_bytes);
-        if (got < 0 && errno == EINTR)
-            continue;
         if (got < 0) {
-            rc = FAILED;
+            rc = errno == EINTR ? LEFT : FAILED;
             goto done;
         }
         if (got == 0)
-            goto done; /* shrank: add_path says so */
+            goto done; /* it ended sooner: add_path takes it as it is now */
         done_bytes += got;
     }
     rc = DONE;
@@ -769,25 +776,25 @@ static PyObject *plain_entry(PyObject *self, PyObject *args) {
                           &large))
         return NULL;
     Py_ssize_t result = PLAIN_LEFT;
+    if (wpos < 0 || wpos > wb.len) {
+        PyErr_SetString(PyExc_ValueError, "plain_entry: a bad position");
+        goto failed;
+    }
     Py_ssize_t name_len;
     const char *name = PyUnicode_IS_ASCII(arcname) ? PyUnicode_AsUTF8AndSize(arcname, &name_len)
                                                    : NULL;
     if (name == NULL || name_len > 100 || name_len == 0)
         goto done;
-    if (wpos < 0 || wpos > wb.len) {
-        PyErr_SetString(PyExc_ValueError, "plain_entry: a bad position");
-        goto failed;
-    }
-    if (!PyUnicode_FSConverter(path_obj, &path))
+    if (!PyUnicode_FSConverter(path_obj, &path)) /* a NUL in it: os.lstat's ValueError */
         goto failed;
     const char *cpath = PyBytes_AS_STRING(path);
-    if (strlen(cpath) != (size_t)PyBytes_GET_SIZE(path))
-        goto done; /* a NUL in it: os.lstat says so */
     struct stat st;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = lstat(cpath, &st);
     Py_END_ALLOW_THREADS
+    if (rc < 0 && errno == EINTR)
+        goto done;
     if (rc < 0) {
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
         goto failed;

@@ -237,9 +237,11 @@ class PathRecorder:
         for path in self.touched - rows.keys():  # directories, and files touched again
             try:
                 rows[path] = _row(lstat(path))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # (a directory above replaced)
                 self.gone.add(path)
-        present = sorted(self.touched - self.gone)
+        # every touched path the layer holds: one also gone (removed, then made again by
+        # the tar) is both, as the checks expect
+        present = sorted(self.touched & rows.keys())
         if fastpath.ENABLED:
             assert fastpath.check_rows is not None
             table = bytearray(fastpath.check_rows(present, rows, _PRESENT))
