@@ -44,7 +44,7 @@ from . import serving
 from .cli_common import announce
 from .command_client import _STATUS, SOCKET_ENV, default_socket
 from .command_start import LOCK_FD_ENV
-from .command_worker import REFUSED, SIGNALS, close_all, run_worker
+from .command_worker import REFUSED, SIGNALS, OwnSide, close_all, run_worker
 from .errors import InvalidOption, from_oserror
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,7 @@ def serve_commands(socket_path: Path | None, idle_timeout: float) -> None:
     with serving.serve_lock(lock_path, "command server", socket_path, _fd(held)) as lock:
         warm_up()
         code = CodeWatch()
+        OwnSide.remember()
         # what warm_up made is every worker's too: out of the collector's way, no worker's
         # collection walks it (and so copies its pages)
         gc.freeze()
