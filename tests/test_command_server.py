@@ -293,6 +293,22 @@ def test_clients_it_does_not_serve_run_their_command_themselves(server: Server) 
     )
     assert len(server.workers()) == before
     assert ": another mnt namespace" in server.log.read_text()
+    # and each other difference the worker checks against the server's side, which the
+    # server reads once before it forks (OwnSide): a PID or user namespace, no_new_privs
+    for prefix, why in (
+        ([unshare, "--pid", "--fork"], "another pid namespace"),
+        ([unshare, "--user", "--map-root-user"], "another user namespace"),
+        (["setpriv", "--no-new-privs"], "other privileges (NoNewPrivs)"),
+    ):
+        proc = subprocess.run(
+            [*prefix, str(GRAPHDRIVER), "--version"],
+            capture_output=True, env=server.env(), timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0 and proc.stdout.startswith(b"graphdriver, version"), why
+        assert (
+            proc.stderr
+            == f"graphdriver: the command server refused ({why}); running here\n".encode()
+        )
 
 
 def test_a_client_that_leaves_or_is_stopped_stops_its_command(

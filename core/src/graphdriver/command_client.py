@@ -30,6 +30,7 @@ import sys
 TYPE_CHECKING = False  # typing's costs an import
 if TYPE_CHECKING:
     import signal as _signal
+    from typing import NoReturn
 else:  # the C half of signal, without its enums (an import of enum)
     import _signal
 
@@ -82,12 +83,13 @@ def main() -> None:
     run_here()
 
 
-def _exit(status: int) -> None:
+def _exit(status: int) -> NoReturn:
     """End this process with the served command's *status* at once. It ran nothing of the
     command and holds nothing that needs cleaning up, and an interpreter's finalisation
     (modules torn down, a last collection) took ~4 ms here, a tenth of a served command; its
-    own streams are flushed first. (An atexit handler that a sitecustomize registered, such
-    as coverage's, does not run for a served command.)"""
+    own streams are flushed first. (So an atexit handler that a sitecustomize registered,
+    such as coverage's, or a profiler's report, is not written for a served command: profile
+    or trace the command itself with ``GRAPHDRIVER_SOCKET=``, which runs it here.)"""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:

@@ -364,7 +364,8 @@ def serve_commands(socket_path: Path | None, idle_timeout: float) -> None:
         code = CodeWatch()
         OwnSide.remember()
         # what warm_up made is every worker's too: out of the collector's way, no worker's
-        # collection walks it (and so copies its pages)
+        # collection walks it (and so copies its pages); its garbage collected first
+        gc.collect()
         gc.freeze()
         serving.free_socket(socket_path, "--socket")
         try:

@@ -81,25 +81,26 @@ def _label(pid: int | str) -> str:
 
 
 class OwnSide:
-    """The server's side of the peer check: its namespaces, privilege lines, root directory
-    and security label, read once before it forks workers (:meth:`remember`): a worker's
-    are the server's, and read again in a fresh fork they cost a millisecond of copied
-    pages at every command."""
+    """The server's side of the peer check that only the server itself can change (and does
+    not): its namespaces, the privilege lines of its status and its root directory, read
+    once before it forks workers (:meth:`remember`): a worker's are the server's, and read
+    again in a fresh fork they cost a millisecond of copied pages at every command. (Its
+    security label, which an administrator can change under it, is read by each worker.)"""
 
-    facts: tuple[dict[str, str], dict[str, str], tuple[int, int], str] | None = None
+    facts: tuple[dict[str, str], dict[str, str], tuple[int, int]] | None = None
 
     @classmethod
     def remember(cls) -> None:
         cls.facts = cls.read()
 
     @staticmethod
-    def read() -> tuple[dict[str, str], dict[str, str], tuple[int, int], str]:
+    def read() -> tuple[dict[str, str], dict[str, str], tuple[int, int]]:
         root = os.stat("/")
+        status = _status_fields("self")
         return (
             {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in NAMESPACES},
-            _status_fields("self"),
+            {field: status[field] for field in PRIVILEGE_FIELDS if field in status},
             (root.st_dev, root.st_ino),
-            _label("self"),
         )
 
 
@@ -112,7 +113,7 @@ def peer_problem(conn: socket.socket) -> tuple[int, str | None]:
     if uid != os.geteuid():
         return pid, f"uid {uid} is not the server's ({os.geteuid()})"
     try:
-        spaces, ours, own_root, label = OwnSide.facts or OwnSide.read()
+        spaces, ours, own_root = OwnSide.facts or OwnSide.read()
         for ns in NAMESPACES:
             if os.readlink(f"/proc/{pid}/ns/{ns}") != spaces[ns]:
                 return pid, f"another {ns} namespace"
@@ -125,7 +126,7 @@ def peer_problem(conn: socket.socket) -> tuple[int, str | None]:
         root = os.stat(f"/proc/{pid}/root")
         if (root.st_dev, root.st_ino) != own_root:
             return pid, "another root directory (chroot)"
-        if _label(pid) != label:
+        if _label(pid) != _label("self"):
             return pid, "another security label"
     except OSError as exc:
         return pid, f"its process cannot be read ({exc.strerror})"
