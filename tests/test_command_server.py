@@ -504,3 +504,31 @@ def test_the_worker_takes_its_clients_limits(server: Server, loop_ext4: Backing)
     finally:
         _run(server.env(), "--driver", "vfs", "--root", str(root), "cleanup")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_module_linked_elsewhere_is_no_code_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uv hard-links a venv's files from its cache, and every venv made from it links them
+    again, which moves their ctime: the server must not take that for new code (found in
+    review: a test waited out its 60 s while this machine's CI built its venvs). A file
+    rewritten in place, its size and mtime kept (``cp -p``, ``rsync -t``), still is new code."""
+    from graphdriver.command_server import CodeWatch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    module = src / "gd_codewatch_probe.py"
+    module.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(src))
+    monkeypatch.delitem(sys.modules, "gd_codewatch_probe", raising=False)
+    __import__("gd_codewatch_probe")
+    watch = CodeWatch()
+    assert watch.changed() is None
+    os.link(module, tmp_path / "another-venv.py")
+    assert watch.changed() is None
+    (tmp_path / "another-venv.py").unlink()
+    assert watch.changed() is None
+    before = module.stat()
+    module.write_text("X = 2\n")
+    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert watch.changed() == str(module)

@@ -193,11 +193,11 @@ class CommandServer:
 _IMPORTABLE = (".py", ".pyc", ".so", ".pth", ".dist-info", ".egg-info", ".egg-link")
 
 
-def _importable(directory: str) -> dict[str, tuple[int, int, int] | None]:
+def _importable(directory: str) -> dict[str, _Identity | None]:
     """What in *directory* can change what is imported: its modules, packages and .pth files
     by name, its distributions' metadata also by identity (a distribution reinstalled under
     the same name: its entry points may have changed)."""
-    out: dict[str, tuple[int, int, int] | None] = {}
+    out: dict[str, _Identity | None] = {}
     with os.scandir(directory) as entries:
         for entry in entries:
             name = entry.name
@@ -210,21 +210,39 @@ def _importable(directory: str) -> dict[str, tuple[int, int, int] | None]:
     return out
 
 
-def _identity(path: str) -> tuple[int, int, int] | None:
+#: a file's identity: inode, mtime, ctime, size, link count
+_Identity = tuple[int, int, int, int, int]
+
+
+def _identity(path: str) -> _Identity | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_nlink
+
+
+def _linked_elsewhere(seen: _Identity | None, now: _Identity | None) -> bool:
+    """Whether the file is as *seen* but for a link made or removed somewhere else: its
+    ctime and link count moved, its inode, mtime and size did not. (uv hard-links a venv's
+    files from its cache, and each venv made from that cache links them again: no code
+    changed.)"""
+    return (
+        seen is not None
+        and now is not None
+        and (seen[0], seen[1], seen[3]) == (now[0], now[1], now[3])
+        and seen[4] != now[4]
+    )
 
 
 class CodeWatch:
     """The code a server imported, as it was: the inode, mtime and ctime of the interpreter
     and of every module file it imported that is not the standard library's (graphdriver, its
-    drivers, plugins and dependencies), and what each directory of the import path holds that
-    can be imported (a package installed or removed there; other files come and go freely).
-    A worker runs what the server imported, so once any of it changed the server must start
-    again."""
+    drivers, plugins and dependencies; a ctime that moved with the link count alone is a link
+    made elsewhere, :func:`_linked_elsewhere`), and what each directory of the import path
+    holds that can be imported (a package installed or removed there; other files come and
+    go freely). A worker runs what the server imported, so once any of it changed the server
+    must start again."""
 
     def __init__(self) -> None:
         stdlib = tuple(sysconfig.get_path(p) + os.sep for p in ("stdlib", "platstdlib"))
@@ -240,13 +258,13 @@ class CodeWatch:
         self.files = {name: _identity(name) for name in files}
         #: each directory of the import path: its identity (None: missing) and, if it is
         #: one, what it holds that can be imported (:func:`_importable`)
-        self.dirs: dict[str, tuple[tuple[int, int, int] | None, dict[str, Any]]] = {}
+        self.dirs: dict[str, tuple[_Identity | None, dict[str, Any]]] = {}
         for name in sys.path:
             if name and ours(os.path.join(os.path.abspath(name), "")):
                 self.dirs[name] = self._look(name)
 
     @staticmethod
-    def _look(name: str) -> tuple[tuple[int, int, int] | None, dict[str, Any]]:
+    def _look(name: str) -> tuple[_Identity | None, dict[str, Any]]:
         seen = _identity(name)
         try:
             return seen, _importable(name) if seen and os.path.isdir(name) else {}
@@ -256,8 +274,11 @@ class CodeWatch:
     def changed(self) -> str | None:
         """The first file or directory that changed (or came, or went) since, if any."""
         for name, seen in self.files.items():
-            if _identity(name) != seen:
-                return name
+            now = _identity(name)
+            if now != seen:
+                if not _linked_elsewhere(seen, now):
+                    return name
+                self.files[name] = now
         for name, (seen, names) in self.dirs.items():
             now = _identity(name)
             if now == seen:
