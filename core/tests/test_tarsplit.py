@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from test_fastpath import _needs_the_c_loops
 
 from graphdriver.archive import fastpath
 from graphdriver.archive.tarsplit import PathRecorder, Record, SegmentRecorder, join
-from graphdriver.testing import host_lacks
 
 
 def test_removing_the_parents_directories_keeps_the_record() -> None:
@@ -51,8 +51,7 @@ def test_the_check_table_is_the_same_with_and_without_the_c_loop(
     """``PathRecorder.finish`` builds the table's rows in C (``_fastpath.check_rows``) where
     it was built: the bytes the Python loop gives, for names that are not ASCII or not UTF-8,
     a file touched again after its body (its row read again), and a path gone since."""
-    if not fastpath.ENABLED:
-        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    _needs_the_c_loops()
     st = os.stat("/")
 
     def lstat(path: str) -> os.stat_result:
