@@ -4,7 +4,8 @@
  * for Extractor.plain_file) and its record's check table (check_rows, for
  * tarsplit.PathRecorder.finish), an exact diff's look at its noted paths (first_changed, for
  * exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay), and a
- * generated diff's plain files (plain_entry, for TarWriter.add_plain). Optional: where this
+ * generated diff's plain files (plain_entry, for TarWriter.add_plain); and glibc malloc's
+ * thresholds for the engine's pieces (keep_heap, for fastpath.keep_heap). Optional: where this
  * module was not built the Python loops
  * do it all (graphdriver.archive.fastpath), and core/tests/test_fastpath.py holds the two to
  * the same result. Each stops, having done nothing for it, at the first item it would not
@@ -33,6 +34,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
@@ -897,6 +901,26 @@ static PyObject *check_rows(PyObject *self, PyObject *args) {
     return NULL; /* not reached */
 }
 
+/*
+ * keep_heap(mmap_threshold, trim_threshold) -> bool
+ *
+ * glibc's malloc: blocks of mmap_threshold bytes or more get a mapping of their own, and free
+ * memory over trim_threshold at the top of a heap goes back to the kernel. Both are fixed by
+ * this call (glibc then stops adjusting them itself). False where the C library is not glibc
+ * or it refused a value; see graphdriver.archive.fastpath.keep_heap.
+ */
+static PyObject *keep_heap(PyObject *self, PyObject *args) {
+    int mmap_threshold, trim_threshold;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "ii", &mmap_threshold, &trim_threshold))
+        return NULL;
+#ifdef __GLIBC__
+    if (mallopt(M_MMAP_THRESHOLD, mmap_threshold) && mallopt(M_TRIM_THRESHOLD, trim_threshold))
+        Py_RETURN_TRUE;
+#endif
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef methods[] = {
     {"write_plain_files", write_plain_files, METH_VARARGS,
      "Write a run of a frame's plain files; see graphdriver.archive.extract."},
@@ -908,6 +932,8 @@ static PyMethodDef methods[] = {
      "A record's check table rows; see graphdriver.archive.tarsplit."},
     {"plain_entry", plain_entry, METH_VARARGS,
      "A generated diff's plain file into the writer's buffer; see graphdriver.archive.tar_writer."},
+    {"keep_heap", keep_heap, METH_VARARGS,
+     "Fix glibc malloc's mmap and trim thresholds; see graphdriver.archive.fastpath."},
     {NULL, NULL, 0, NULL},
 };
 
