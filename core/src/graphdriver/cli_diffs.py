@@ -82,6 +82,7 @@ def diff(
     byte for byte (its sha256 is the layer's diffID); otherwise it is generated from the layer.
     --json prints which, and why, on stdout (on stderr when the tar goes to stdout).
     """
+    _one_command_heap()
     store = ctx.store()
     if output == "-":
         output = None
@@ -117,6 +118,14 @@ def diff(
         click.echo(json.dumps(report, indent=2), err=output is None)
 
 
+def _one_command_heap() -> None:
+    """This process runs one command and ends (the CLI's, or a served command's worker): the
+    archive engine's large blocks stay in its heap (graphdriver.archive.fastpath.keep_heap)."""
+    from .archive import fastpath
+
+    fastpath.keep_heap()
+
+
 def _pipe_like(stream: BinaryIO) -> int | None:
     """The fd of *stream* if it is open on something other than a regular file (a pipe,
     socket, terminal), else None (a file, or a stream of no fd: one a caller put in place of
@@ -144,6 +153,7 @@ def _regular_or_missing(path: str) -> bool:
 def apply_diff(ctx: Context, layer_id: str, source: str) -> None:
     """Unpack an OCI layer tar (plain, gzip or zstd) into a fresh layer; print its size and
     diffID."""
+    _one_command_heap()
     store = ctx.store()
     with contextlib.ExitStack() as stack:
         if source == "-":

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
 from ..linux.signals import fork_holding_signals, release_signals, start_thread
-from . import fastpath, tarsplit
+from . import tarsplit
 from .extract import Sandbox, run_child
 from .feed import Feeder
 from .names import body_path
@@ -78,7 +78,6 @@ def apply_layer(
     """
     if whiteouts not in ("delete", "overlay"):
         raise ValueError(whiteouts)
-    fastpath.keep_heap()  # before the sandbox's fork: it inherits them
     lower_fds: list[int] = []
     try:  # opened before the sandbox's chroot: its only way to the lower dirs
         for lower in lowers:

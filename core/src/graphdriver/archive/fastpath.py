@@ -3,9 +3,9 @@
 record's check table (:mod:`.tarsplit`), an exact diff's look at its noted paths and its runs
 of raw parts and bodies (:mod:`.exact`), and a generated diff's plain files
 (:mod:`.tar_writer`); and :func:`keep_heap`, glibc malloc's thresholds fixed for the archive
-engine's pieces. Where it was not built, the same work is done in Python, and
-:data:`ENABLED` is False (a test may set it False too: it is read at each apply and diff, by
-the forked sandbox as well)."""
+engine's pieces in a process of one command. Where it was not built, the same work is done in
+Python, and :data:`ENABLED` is False (a test may set it False too: it is read at each apply
+and diff, by the forked sandbox as well)."""
 
 from __future__ import annotations
 
@@ -36,31 +36,56 @@ ENABLED = write_plain_files is not None
 HEAP_MMAP_THRESHOLD = 4 << 20
 #: free memory a heap keeps at its top before it gives it back to the kernel
 HEAP_TRIM_THRESHOLD = 16 << 20
+#: malloc settings of the environment that keep_heap's would override (GLIBC_TUNABLES names,
+#: and the older variables): each fixes the thresholds glibc otherwise adjusts itself
+THRESHOLD_TUNABLES = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
+THRESHOLD_VARIABLES = tuple(f"MALLOC_{name.upper()}_" for name in THRESHOLD_TUNABLES)
 #: None until keep_heap ran in this process (or the one it was forked from), then its answer
 _heap_kept: bool | None = None
 
 
 def keep_heap() -> bool:
     """Fix glibc malloc's thresholds (:data:`HEAP_MMAP_THRESHOLD`, :data:`HEAP_TRIM_THRESHOLD`)
-    for this process, once; whether they are ours.
+    for the rest of this process, once; whether they are ours. For a process that runs one
+    command and ends (the CLI's, a served command's worker: ``apply-diff`` and ``diff``
+    call it); the library never does.
 
     A compressed layer's apply decodes it in pieces of up to 2 MiB, made and freed by the
-    hundred. glibc's defaults (a mapping of its own for a block of 128 KiB or more, raised
-    only after such a block is freed, and a heap's free top over twice that given back) hand
-    those pages back to the kernel and fault them in again: in a fresh process, which every
-    CLI command and every served one is, a 200 MB zstd or gzip layer took 60,000 page faults
-    and 0.25-0.5 s more than the same apply a second time in one process. The price is up to
-    16 MiB of freed memory a heap may keep. A process whose environment sets malloc's
-    parameters itself (``GLIBC_TUNABLES=glibc.malloc.*``, ``MALLOC_*_``) keeps them; without
-    glibc or the C module nothing changes."""
+    hundred, and a compressed diff makes a block per write. glibc's defaults (a mapping of its
+    own for a block of 128 KiB or more until a larger one is freed, and a heap's free top over
+    twice that given back) hand those pages back to the kernel and fault them in again: a
+    fresh process applying a 200 MB zstd or gzip layer took 60,000 page faults and 0.25-0.5 s
+    more than the same apply a second time in one process. The price, up to 16 MiB of freed
+    memory kept per malloc arena, is why a long-running process should not: its heap is warm
+    after its first apply anyway. Malloc thresholds set where the process started
+    (``GLIBC_TUNABLES=glibc.malloc.trim_threshold=...`` and the like, ``MALLOC_TOP_PAD_``, ...;
+    read from /proc/self/environ, what glibc read: a served command's worker takes its
+    client's ``os.environ`` but runs in the server's process) are kept; without glibc or the
+    C module nothing changes."""
     global _heap_kept
     if _heap_kept is None:
-        tuned = "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
-            k.startswith("MALLOC_") and k.endswith("_") for k in os.environ
-        )
         _heap_kept = (
-            not tuned
-            and _keep_heap is not None
+            _keep_heap is not None
+            and not _thresholds_set(_starting_environment())
             and _keep_heap(HEAP_MMAP_THRESHOLD, HEAP_TRIM_THRESHOLD)
         )
     return _heap_kept
+
+
+def _starting_environment() -> bytes:
+    """The environment this process was started with (execve's), its entries NUL-separated,
+    as glibc read it; ld.so may have cut GLIBC_TUNABLES into NUL-separated pieces in place."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            return f.read()
+    except OSError:
+        return b"\0".join(f"{k}={v}".encode() for k, v in os.environ.items())
+
+
+def _thresholds_set(env: bytes) -> bool:
+    entries = env.split(b"\0")
+    if any(
+        entry.startswith(f"{name}=".encode()) for entry in entries for name in THRESHOLD_VARIABLES
+    ):
+        return True
+    return any(f"glibc.malloc.{name}=".encode() in env for name in THRESHOLD_TUNABLES)

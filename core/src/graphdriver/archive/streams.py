@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from ..errors import ArchiveError
-from . import fastpath
 from .tar_writer import TarWriter
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -354,7 +353,6 @@ def tar_writer(out: IO[bytes] | int, compress: str | None) -> tuple[TarWriter, C
             return TarWriter(write=out.write), lambda: None
         out.flush()
         return TarWriter(fd=fd), lambda: None
-    fastpath.keep_heap()  # the compressor's output: a block made and freed per write
     write: Callable[[bytes], object]
     if isinstance(out, int):
         fd = out
