@@ -385,6 +385,23 @@ def test_the_servers_interpreter_is_its_clients(runtime: Runtime) -> None:
     assert code == 0 and "Directory that holds the layers" in out
 
 
+def test_a_client_with_malloc_settings_has_a_server_started_with_them(runtime: Runtime) -> None:
+    """glibc reads GLIBC_TUNABLES and MALLOC_*_ when a process starts: a server started by a
+    client with them gets them (its workers' apply-diff then keeps them), and a client
+    without them has another server."""
+    tuned = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072", "MALLOC_TOP_PAD_": "4096"}
+    assert _socket_of(runtime, **tuned) != _socket_of(runtime)
+    assert runtime.run("--version", **tuned)[0] == 0
+    pid = runtime.served()
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    assert b"GLIBC_TUNABLES=glibc.malloc.trim_threshold=131072" in environ
+    assert b"MALLOC_TOP_PAD_=4096" in environ
+    assert runtime.run("--version")[0] == 0
+    runtime.served(2)
+    assert len(runtime.sockets()) == 2
+
+
 def test_a_first_command_with_sigchld_ignored_runs(runtime: Runtime) -> None:
     assert GRAPHDRIVER is not None
     code = "import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); "

@@ -65,7 +65,7 @@ print(mapped, kept, fastpath.keep_heap() if sys.argv[1] != "library" else fastpa
 def _needs_mallinfo2() -> None:
     _needs_the_c_loops()
     if not hasattr(ctypes.CDLL(None), "mallinfo2"):
-        host_lacks("no glibc 2.33 or later (mallinfo2): the probe cannot see malloc", "glibc")
+        host_lacks("no glibc 2.33 or later (mallinfo2): the probe cannot see malloc")
 
 
 @pytest.fixture
@@ -80,14 +80,12 @@ def layer(tmp_path: Path) -> Path:
     return path
 
 
-def _probe(tmp_path: Path, args: list[str], **env: str) -> str:
+def _probe(tmp_path: Path, args: list[str], prelude: str = "", **env: str) -> str:
     clean = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")
+        k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")
     }
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, *args],
+        [sys.executable, "-c", prelude + PROBE, *args],
         env={**clean, "GRAPHDRIVER_SOCKET": "", **env},
         capture_output=True,
         text=True,
@@ -133,14 +131,27 @@ def test_thresholds_the_process_started_with_are_kept(
     tmp_path: Path, layer: Path, setting: dict[str, str]
 ) -> None:
     """glibc's own behaviour stays, as without graphdriver, even where the command's
-    os.environ no longer says so (a served command's worker takes its client's)."""
+    os.environ no longer says so (the probe drops GLIBC_TUNABLES before it runs them)."""
     _needs_mallinfo2()
     args = _cli(tmp_path, "create|l", f"apply-diff|l|{layer}")
     assert _probe(tmp_path, args, **setting) == "1 False False"
 
 
+def test_thresholds_of_the_commands_environment_are_kept(tmp_path: Path, layer: Path) -> None:
+    """A served command's worker is a fork of its server: its os.environ, its client's, may
+    set thresholds the server did not start with; glibc's own then stay."""
+    _needs_mallinfo2()
+    args = _cli(tmp_path, "create|l", f"apply-diff|l|{layer}")
+    prelude = "import os; os.environ['MALLOC_TRIM_THRESHOLD_'] = '131072'\n"
+    assert _probe(tmp_path, args, prelude) == "1 False False"
+
+
 def test_other_malloc_settings_do_not_stop_it(tmp_path: Path, layer: Path) -> None:
     _needs_mallinfo2()
     args = _cli(tmp_path, "create|l", f"apply-diff|l|{layer}")
-    tunables = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7", "MALLOC_ARENA_MAX": "4"}
+    tunables = {
+        "GLIBC_TUNABLES": "glibc.malloc.tcache_count=7",
+        "MALLOC_ARENA_MAX": "4",
+        "NOTE": "not glibc.malloc.trim_threshold=1",
+    }
     assert _probe(tmp_path, args, **tunables) == "0 True True"

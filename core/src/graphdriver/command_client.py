@@ -138,8 +138,9 @@ _MAX_PATH = 107
 #: the CLI's options before the verb that take a value
 _VALUED = ("--root", "--driver", "-d", "--opt", "--wait", "--log-level")
 #: the environment that shapes the interpreter a server runs (its flags, its imports, what
-#: the dynamic loader adds): a client whose own differs has a server of its own
-INTERPRETER_ENV = ("PYTHON", "LD_")
+#: the dynamic loader adds, glibc's tunables and malloc settings): a client whose own differs
+#: has a server of its own
+INTERPRETER_ENV = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_")
 
 
 def default_socket() -> str | None:

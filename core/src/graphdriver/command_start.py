@@ -12,6 +12,8 @@ import stat
 import sys
 import time
 
+from .command_client import INTERPRETER_ENV
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal
@@ -27,7 +29,7 @@ LOCK_FD_ENV = "GRAPHDRIVER_COMMANDS_LOCK_FD"
 #: what of the caller's environment the server gets: what shapes its interpreter (the
 #: socket's key names it: see :data:`.command_client.INTERPRETER_ENV`; HOME for the user's
 #: site directory), its PATH and locale; a command gets its own client's environment
-_SERVER_ENV = ("PYTHON", "LD_", "PATH", "LANG", "LC_", "HOME")
+_SERVER_ENV = (*INTERPRETER_ENV, "PATH", "LANG", "LC_", "HOME")
 #: the size beyond which a start empties the server's log
 LOG_MAX = 1 << 20
 #: util-linux's ionice, to start the server in the default I/O class whatever the caller's

@@ -907,7 +907,8 @@ static PyObject *check_rows(PyObject *self, PyObject *args) {
  * glibc's malloc: blocks of mmap_threshold bytes or more get a mapping of their own, and free
  * memory over trim_threshold at the top of a heap goes back to the kernel. Both are fixed by
  * this call (glibc then stops adjusting them itself). False where the C library is not glibc
- * or it refused a value; see graphdriver.archive.fastpath.keep_heap.
+ * or it refused the mmap threshold (over its maximum; then nothing changed: that one is set
+ * first, and glibc takes any trim threshold); see graphdriver.archive.fastpath.keep_heap.
  */
 static PyObject *keep_heap(PyObject *self, PyObject *args) {
     int mmap_threshold, trim_threshold;

@@ -10,6 +10,7 @@ and diff, by the forked sandbox as well)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 __all__ = [
     "ENABLED",
@@ -39,7 +40,8 @@ HEAP_TRIM_THRESHOLD = 16 << 20
 #: malloc settings of the environment that keep_heap's would override (GLIBC_TUNABLES names,
 #: and the older variables): each fixes the thresholds glibc otherwise adjusts itself
 THRESHOLD_TUNABLES = ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max")
-THRESHOLD_VARIABLES = tuple(f"MALLOC_{name.upper()}_" for name in THRESHOLD_TUNABLES)
+THRESHOLD_VARIABLES = tuple(f"MALLOC_{name.upper()}_".encode() for name in THRESHOLD_TUNABLES)
+_TUNABLE_NAMES = tuple(f"glibc.malloc.{name}".encode() for name in THRESHOLD_TUNABLES)
 #: None until keep_heap ran in this process (or the one it was forked from), then its answer
 _heap_kept: bool | None = None
 
@@ -57,35 +59,47 @@ def keep_heap() -> bool:
     fresh process applying a 200 MB zstd or gzip layer took 60,000 page faults and 0.25-0.5 s
     more than the same apply a second time in one process. The price, up to 16 MiB of freed
     memory kept per malloc arena, is why a long-running process should not: its heap is warm
-    after its first apply anyway. Malloc thresholds set where the process started
-    (``GLIBC_TUNABLES=glibc.malloc.trim_threshold=...`` and the like, ``MALLOC_TOP_PAD_``, ...;
-    read from /proc/self/environ, what glibc read: a served command's worker takes its
-    client's ``os.environ`` but runs in the server's process) are kept; without glibc or the
-    C module nothing changes."""
+    after its first apply anyway. Thresholds set in the environment are kept
+    (``GLIBC_TUNABLES=glibc.malloc.trim_threshold=...`` and the like, ``MALLOC_TOP_PAD_``,
+    ...): those the process started with, what glibc read (/proc/self/environ; a command
+    server is started with its first client's, and a client whose differ has a server of its
+    own), and those of the command's environment (a served worker, a fork of the server,
+    takes its client's). Without glibc or the C module nothing changes."""
     global _heap_kept
     if _heap_kept is None:
+        now = (os.fsencode(f"{k}={v}") for k, v in os.environ.items())
         _heap_kept = (
             _keep_heap is not None
             and not _thresholds_set(_starting_environment())
+            and not _thresholds_set(now)
             and _keep_heap(HEAP_MMAP_THRESHOLD, HEAP_TRIM_THRESHOLD)
         )
     return _heap_kept
 
 
-def _starting_environment() -> bytes:
-    """The environment this process was started with (execve's), its entries NUL-separated,
-    as glibc read it; ld.so may have cut GLIBC_TUNABLES into NUL-separated pieces in place."""
+def _starting_environment() -> list[bytes]:
+    """The entries (``NAME=value``) of the environment this process was started with
+    (execve's), as glibc read it; ld.so may have cut GLIBC_TUNABLES into pieces in place, one
+    entry each (``GLIBC_TUNABLES=a=1:b=2`` reads ``GLIBC_TUNABLES=a=1``, ``b=2``)."""
     try:
         with open("/proc/self/environ", "rb") as f:
-            return f.read()
+            return f.read().split(b"\0")
     except OSError:
-        return b"\0".join(f"{k}={v}".encode() for k, v in os.environ.items())
+        return []
 
 
-def _thresholds_set(env: bytes) -> bool:
-    entries = env.split(b"\0")
-    if any(
-        entry.startswith(f"{name}=".encode()) for entry in entries for name in THRESHOLD_VARIABLES
-    ):
-        return True
-    return any(f"glibc.malloc.{name}=".encode() in env for name in THRESHOLD_TUNABLES)
+def _thresholds_set(entries: Iterable[bytes]) -> bool:
+    """Whether environment *entries* set one of malloc's thresholds."""
+    for entry in entries:
+        name, _, value = entry.partition(b"=")
+        if name in THRESHOLD_VARIABLES:
+            return True
+        if name == b"GLIBC_TUNABLES":
+            tunables = value.split(b":")
+        elif name.startswith(b"glibc."):  # a piece ld.so cut off GLIBC_TUNABLES
+            tunables = [entry]
+        else:
+            continue
+        if any(t.partition(b"=")[0] in _TUNABLE_NAMES for t in tunables):
+            return True
+    return False
