@@ -21,8 +21,8 @@ from test_fastpath import _needs_the_c_loops
 
 from graphdriver.testing import host_lacks
 
-#: a fresh interpreter runs argv[2:] as CLI commands (or, for "library", applies the tar
-#: through the library), then says whether a 3 MiB block (under HEAP_MMAP_THRESHOLD, over
+#: a fresh interpreter runs argv[1:] as CLI commands, arguments `|`-separated (or, for
+#: "library", applies the tar through the library), then says whether a 3 MiB block (under HEAP_MMAP_THRESHOLD, over
 #: glibc's default) got a mapping of its own, and whether 12 MiB of 1 MiB blocks freed at the
 #: top of the heap (under HEAP_TRIM_THRESHOLD) stayed in it, as glibc's mallinfo2 counts them
 PROBE = r"""
@@ -80,7 +80,7 @@ def layer(tmp_path: Path) -> Path:
     return path
 
 
-def _probe(tmp_path: Path, args: list[str], prelude: str = "", **env: str) -> str:
+def _probe(args: list[str], prelude: str = "", **env: str) -> str:
     clean = {
         k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")
     }
@@ -107,7 +107,7 @@ def test_apply_diff_and_diff_keep_the_heap(tmp_path: Path, layer: Path, how: str
         commands.append(f"apply-diff|l|{layer}")
     else:
         commands.append(f"diff|l|--compress|gzip|-o|{tmp_path / 'out.tar.gz'}")
-    assert _probe(tmp_path, _cli(tmp_path, *commands)) == "0 True True"
+    assert _probe(_cli(tmp_path, *commands)) == "0 True True"
 
 
 def test_the_library_leaves_malloc_alone(tmp_path: Path, layer: Path) -> None:
@@ -115,7 +115,7 @@ def test_the_library_leaves_malloc_alone(tmp_path: Path, layer: Path) -> None:
     16 MiB per malloc arena for good; its heap is warm after its first apply anyway."""
     _needs_mallinfo2()
     store = tmp_path / "store"
-    assert _probe(tmp_path, ["library", str(store), str(layer)]) == "1 False None"
+    assert _probe(["library", str(store), str(layer)]) == "1 False None"
 
 
 @pytest.mark.parametrize(
@@ -134,7 +134,7 @@ def test_thresholds_the_process_started_with_are_kept(
     os.environ no longer says so (the probe drops GLIBC_TUNABLES before it runs them)."""
     _needs_mallinfo2()
     args = _cli(tmp_path, "create|l", f"apply-diff|l|{layer}")
-    assert _probe(tmp_path, args, **setting) == "1 False False"
+    assert _probe(args, **setting) == "1 False False"
 
 
 def test_thresholds_of_the_commands_environment_are_kept(tmp_path: Path, layer: Path) -> None:
@@ -143,7 +143,7 @@ def test_thresholds_of_the_commands_environment_are_kept(tmp_path: Path, layer: 
     _needs_mallinfo2()
     args = _cli(tmp_path, "create|l", f"apply-diff|l|{layer}")
     prelude = "import os; os.environ['MALLOC_TRIM_THRESHOLD_'] = '131072'\n"
-    assert _probe(tmp_path, args, prelude) == "1 False False"
+    assert _probe(args, prelude) == "1 False False"
 
 
 def test_other_malloc_settings_do_not_stop_it(tmp_path: Path, layer: Path) -> None:
@@ -154,4 +154,4 @@ def test_other_malloc_settings_do_not_stop_it(tmp_path: Path, layer: Path) -> No
         "MALLOC_ARENA_MAX": "4",
         "NOTE": "not glibc.malloc.trim_threshold=1",
     }
-    assert _probe(tmp_path, args, **tunables) == "0 True True"
+    assert _probe(args, **tunables) == "0 True True"
