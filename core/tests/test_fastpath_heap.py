@@ -22,9 +22,10 @@ from test_fastpath import _needs_the_c_loops
 from graphdriver.testing import host_lacks
 
 #: a fresh interpreter runs argv[1:] as CLI commands, arguments `|`-separated (or, for
-#: "library", applies the tar through the library), then says whether a 3 MiB block (under HEAP_MMAP_THRESHOLD, over
-#: glibc's default) got a mapping of its own, and whether 12 MiB of 1 MiB blocks freed at the
-#: top of the heap (under HEAP_TRIM_THRESHOLD) stayed in it, as glibc's mallinfo2 counts them
+#: "library", applies the tar through the library), then says whether a 3 MiB block (under
+#: HEAP_MMAP_THRESHOLD, over glibc's default) got a mapping of its own, and whether 12 MiB of
+#: 1 MiB blocks freed at the top of the heap (under HEAP_TRIM_THRESHOLD) stayed in it, as
+#: glibc's mallinfo2 counts them
 PROBE = r"""
 import ctypes, os, sys
 from graphdriver.archive import fastpath
