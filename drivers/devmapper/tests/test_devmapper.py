@@ -302,3 +302,55 @@ def test_failed_mount_deactivates_the_device(
         with s.mounted("c") as p:
             (p / "f").write_text("works")
         s.cleanup()
+
+
+def test_a_device_left_without_a_table_is_made_again_at_mount(root: Path, pool: str) -> None:
+    # a dmsetup create killed between making the device and loading its table (a timeout)
+    # leaves /dev/mapper/NAME with no table: the next mount must not take it for active
+    with open_store(root, "devmapper", _opts(pool)) as s:
+        s.create_rw("c")
+        with s.mounted("c") as p:
+            (p / "f").write_text("kept")
+        assert isinstance(s.driver, DevmapperDriver)
+        device = s.driver._device("c")
+        assert device is not None
+        name = s.driver._name(device[0])
+        assert dmsetup.info(name) is None
+        subprocess.run(["dmsetup", "create", name, "--notable", "--noudevsync"], check=True)
+        info = dmsetup.info(name)
+        assert info is not None and info.segments == 0
+        with s.mounted("c") as p:
+            assert (p / "f").read_text() == "kept"
+        s.cleanup()
+
+
+def test_a_stuck_dmsetup_call_fails_in_one_line_saying_where_it_waits() -> None:
+    # `dmsetup wait NAME N` blocks in the kernel until the device's event number moves off N,
+    # as a create did once in CI (120 s, then a bare TimeoutExpired): the caller gets a
+    # DmsetupError naming the kernel function it sleeps in, and no dmsetup is left behind
+    name = f"graphdriver-test-wait-{os.getpid()}"
+    dmsetup.create(name, "0 8 error")
+    try:
+        events = int(dmsetup._run("info", "--columns", "--noheadings", "-o", "events", name))
+        with pytest.raises(dmsetup.DmsetupError) as info:
+            dmsetup._run("wait", name, str(events), timeout=2)
+        assert info.value.errno == errno.ETIMEDOUT
+        message = info.value.strerror
+        assert "\n" not in message
+        assert message.startswith(f"dmsetup wait {name}: no answer in 2 s; waiting in ")
+        assert "dm_wait_event" in message
+        left = [
+            pid
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and name.encode() in _cmdline(int(pid))
+        ]
+        assert left == []
+    finally:
+        dmsetup.remove(name)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""

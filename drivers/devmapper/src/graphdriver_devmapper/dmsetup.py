@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 _ERRORS = (
     ("Device or resource busy", errno.EBUSY),
@@ -36,15 +37,58 @@ def _errno_of(text: str) -> int:
     return errno.EIO
 
 
-def _run(*args: str) -> str:
+TIMEOUT = 120.0  # seconds a dmsetup call may take before it counts as stuck
+
+
+def _kernel_wait(pid: int) -> str:
+    """Where process *pid* sleeps in the kernel: the functions of /proc/PID/stack (root only),
+    innermost first, else its wchan; empty when neither can be read."""
+    try:
+        lines = Path(f"/proc/{pid}/stack").read_text().splitlines()
+        # "[<0>] dm_wait_event+0x8e/0xc0 [dm_mod]"
+        names = [line.split()[1].split("+")[0] for line in lines if len(line.split()) > 1]
+        names = [name for name in names if not name.startswith(("entry_", "do_syscall"))]
+        if names:
+            return " < ".join(names[:10])
+    except (OSError, IndexError):
+        pass
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        return ""
+    return "" if wchan == "0" else wchan
+
+
+def _run(*args: str, timeout: float = TIMEOUT) -> str:
     env = {**os.environ, "DM_DISABLE_UDEV": "1"}
-    proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, env=env, timeout=120)
-    if proc.returncode != 0:
-        text = (proc.stderr or proc.stdout).strip().replace("\n", "; ")
+    what = f"dmsetup {args[0]} {args[1] if len(args) > 1 else ''}"
+    proc = subprocess.Popen(
+        ["dmsetup", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # say where the kernel holds it, then stop it; one stuck in an uninterruptible sleep
+        # dies only when the kernel lets go, so it is not waited for long
+        where = _kernel_wait(proc.pid)
+        proc.kill()
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            where += " (still there after SIGKILL)"
         raise DmsetupError(
-            _errno_of(text), f"dmsetup {args[0]} {args[1] if len(args) > 1 else ''}: {text}"
-        )
-    return proc.stdout
+            errno.ETIMEDOUT,
+            f"{what}: no answer in {timeout:g} s" + (f"; waiting in {where}" if where else ""),
+        ) from None
+    if proc.returncode != 0:
+        text = (stderr or stdout).strip().replace("\n", "; ")
+        raise DmsetupError(_errno_of(text), f"{what}: {text}")
+    return stdout
 
 
 def create(name: str, table: str, *, read_only: bool = False) -> None:

@@ -97,7 +97,13 @@ class ThinPool:
 
     def activate(self, name: str, dev_id: int, size: int) -> str:
         """Activate thin device *dev_id* of *size* bytes as /dev/mapper/*name*."""
-        if dmsetup.info(name) is None:
+        active = dmsetup.info(name)
+        if active is not None and active.segments == 0:
+            # a device without a table: a create cut short (dmsetup killed between making the
+            # device and loading its table) left it; it holds nothing, so make it again
+            dmsetup.remove(name)
+            active = None
+        if active is None:
             dmsetup.create(name, f"0 {size // SECTOR} thin {self.device} {dev_id}")
         return f"/dev/mapper/{name}"
 
