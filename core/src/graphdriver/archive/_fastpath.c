@@ -3,8 +3,9 @@
  * the time, where GNU tar spends none): the apply sandbox's plain files (write_plain_files,
  * for Extractor.plain_file) and its record's check table (check_rows, for
  * tarsplit.PathRecorder.finish), an exact diff's look at its noted paths (first_changed, for
- * exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay), and a
- * generated diff's plain files (plain_entry, for TarWriter.add_plain); and glibc malloc's
+ * exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay), a
+ * generated diff's plain files (plain_entry, for TarWriter.add_plain) and the apply parent's
+ * plain tar headers (ustar_entry, for TarReader.__iter__); and glibc malloc's
  * thresholds for the engine's pieces (keep_heap, for fastpath.keep_heap). Optional: where this
  * module was not built the Python loops
  * do it all (graphdriver.archive.fastpath), and core/tests/test_fastpath.py holds the two to
@@ -922,6 +923,89 @@ static PyObject *keep_heap(PyObject *self, PyObject *args) {
     Py_RETURN_FALSE;
 }
 
+/* ------------------------------------------------------------------ a reader's plain headers
+ *
+ * ustar_entry(block)
+ *   block    a 512-byte tar header whose checksum the reader checked
+ * returns the arguments of archive.tar.TarEntry (name, type, mode, uid, gid, size, mtime_ns,
+ * None, linkname, devmajor, devminor) for an entry that needs nothing but its header: a file,
+ * hard or symbolic link, character or block device, directory or FIFO whose numbers are all
+ * plain octal (spaces and NULs around them). None for anything else (an extension header, a
+ * GNU sparse file, an unknown type, a base-256 or odd number, a time past the year 2255), which
+ * archive.tar_headers.header_entry then reads. The names are decoded as it decodes them
+ * (UTF-8, surrogateescape), a ustar prefix joined to the name only under the POSIX magic.
+ */
+
+/* An octal field as header_entry's number() reads it when int(field.strip(b" \0"), 8)
+ * succeeds on digits alone; -1 for anything it would read otherwise. */
+static long long octal_field(const unsigned char *f, Py_ssize_t n) {
+    Py_ssize_t a = 0, b = n;
+    while (a < b && (f[a] == ' ' || f[a] == 0))
+        a++;
+    while (b > a && (f[b - 1] == ' ' || f[b - 1] == 0))
+        b--;
+    if (a == b)
+        return -1;
+    long long v = 0;
+    for (Py_ssize_t k = a; k < b; k++) {
+        if (f[k] < '0' || f[k] > '7')
+            return -1;
+        v = v * 8 + (f[k] - '0');
+    }
+    return v;
+}
+
+static Py_ssize_t cstr_len(const unsigned char *f, Py_ssize_t n) {
+    const unsigned char *z = memchr(f, 0, n);
+    return z == NULL ? n : z - f;
+}
+
+static PyObject *ustar_entry(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "y*", &buf))
+        return NULL;
+    PyObject *result = NULL;
+    const unsigned char *b = buf.buf;
+    if (buf.len != 512)
+        goto left;
+    unsigned char type = b[156];
+    if (!(type == 0 || (type >= '0' && type <= '7')))
+        goto left;
+    long long mode = octal_field(b + 100, 8), uid = octal_field(b + 108, 8);
+    long long gid = octal_field(b + 116, 8), size = octal_field(b + 124, 12);
+    long long mtime = octal_field(b + 136, 12), major = 0, minor = 0;
+    if (mode < 0 || uid < 0 || gid < 0 || size < 0 || mtime < 0 || mtime > 9000000000LL)
+        goto left;
+    if (type == '3' || type == '4') {
+        major = octal_field(b + 329, 8);
+        minor = octal_field(b + 337, 8);
+        if (major < 0 || minor < 0)
+            goto left;
+    }
+    char name[256];
+    Py_ssize_t n = cstr_len(b, 100), at = 0;
+    if (b[345] != 0 && memcmp(b + 257, "ustar\0", 6) == 0) {
+        at = cstr_len(b + 345, 155);
+        memcpy(name, b + 345, at);
+        name[at++] = '/';
+    }
+    memcpy(name + at, b, n);
+    PyObject *path = PyUnicode_DecodeUTF8(name, at + n, "surrogateescape");
+    PyObject *link = PyUnicode_DecodeUTF8((const char *)b + 157, cstr_len(b + 157, 100),
+                                          "surrogateescape");
+    if (path != NULL && link != NULL)
+        result = Py_BuildValue("(Oy#LLLLLOOLL)", path, (const char *)b + 156, (Py_ssize_t)1,
+                               mode & 07777, uid, gid, size, mtime * 1000000000LL, Py_None,
+                               link, major, minor);
+    Py_XDECREF(path);
+    Py_XDECREF(link);
+    PyBuffer_Release(&buf);
+    return result;
+left:
+    PyBuffer_Release(&buf);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"write_plain_files", write_plain_files, METH_VARARGS,
      "Write a run of a frame's plain files; see graphdriver.archive.extract."},
@@ -933,6 +1017,8 @@ static PyMethodDef methods[] = {
      "A record's check table rows; see graphdriver.archive.tarsplit."},
     {"plain_entry", plain_entry, METH_VARARGS,
      "A generated diff's plain file into the writer's buffer; see graphdriver.archive.tar_writer."},
+    {"ustar_entry", ustar_entry, METH_VARARGS,
+     "A plain tar header's entry; see graphdriver.archive.tar_reader."},
     {"keep_heap", keep_heap, METH_VARARGS,
      "Fix glibc malloc's mmap and trim thresholds; see graphdriver.archive.fastpath."},
     {NULL, NULL, 0, NULL},

@@ -1,8 +1,9 @@
 """The archive engine's loops in C (``_fastpath.c``), where the package was built with them
 (core/hatch_build.py): the apply sandbox's runs of plain files (:mod:`.extract`) and its
 record's check table (:mod:`.tarsplit`), an exact diff's look at its noted paths and its runs
-of raw parts and bodies (:mod:`.exact`), and a generated diff's plain files
-(:mod:`.tar_writer`); and :func:`keep_heap`, glibc malloc's thresholds fixed for the archive
+of raw parts and bodies (:mod:`.exact`), a generated diff's plain files
+(:mod:`.tar_writer`) and the apply parent's plain headers (:mod:`.tar_reader`); and
+:func:`keep_heap`, glibc malloc's thresholds fixed for the archive
 engine's pieces in a process of one command. Where it was not built, the same work is done in
 Python, and :data:`ENABLED` is False (a test may set it False too: it is read at each apply
 and diff, by the forked sandbox as well)."""
@@ -19,14 +20,23 @@ __all__ = [
     "keep_heap",
     "plain_entry",
     "replay_run",
+    "ustar_entry",
     "write_plain_files",
 ]
 
 try:
-    from ._fastpath import check_rows, first_changed, plain_entry, replay_run, write_plain_files
+    from ._fastpath import (
+        check_rows,
+        first_changed,
+        plain_entry,
+        replay_run,
+        ustar_entry,
+        write_plain_files,
+    )
     from ._fastpath import keep_heap as _keep_heap
 except ImportError:  # no C compiler or Python headers where it was installed
     check_rows = first_changed = plain_entry = replay_run = write_plain_files = None  # type: ignore[assignment]
+    ustar_entry = None  # type: ignore[assignment]
     _keep_heap = None  # type: ignore[assignment]
 
 #: whether the C loops run

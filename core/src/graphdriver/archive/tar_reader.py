@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from zlib import adler32
 
 from ..errors import ArchiveError
-from . import sparse
+from . import fastpath, sparse
 from . import tar_headers as headers
 from .tar import (
     BLOCK,
@@ -162,7 +162,9 @@ class TarReader:
 
     def __iter__(self) -> Iterator[TarEntry]:
         ext = headers.Extensions()
+        extended = False  # ext holds something
         first = True
+        plain = fastpath.ustar_entry if fastpath.ENABLED else None
         while True:
             if self._data_left or self._pad:
                 self.skip()
@@ -171,13 +173,23 @@ class TarReader:
                 self._flush_tap()
                 return
             first = False
+            if plain is not None and not extended and not self._globals:
+                fields = plain(block)  # an entry of its header alone, read in C
+                if fields is not None:
+                    entry = TarEntry(*fields)
+                    self._data_left = entry.size
+                    self._pad = -entry.size % BLOCK
+                    yield entry
+                    continue
             typeflag = block[156:157]
             size = headers.number(block[124:136], "size")
             if typeflag in _EXTENSIONS:
                 self._extension(typeflag, size, ext)
+                extended = True
                 continue
             yield self._entry(block, typeflag, size, ext)
             ext = headers.Extensions()
+            extended = False
 
     def _header(self, first: bool) -> bytes | None:
         """The next header block, or None at the end-of-archive marker."""

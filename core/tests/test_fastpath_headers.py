@@ -1,0 +1,147 @@
+"""The tar reader's plain headers in C (``_fastpath.ustar_entry``): every header it reads
+gives the entry the Python reader gives, and every header it would read otherwise (extensions,
+GNU sparse, base-256 and odd numbers, unknown types) is left to the Python reader."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+from test_fastpath import _needs_the_c_loops
+
+from graphdriver.archive import fastpath
+from graphdriver.archive.tar import TarEntry
+from graphdriver.archive.tar_reader import TarReader
+from graphdriver.errors import ArchiveError
+
+MTIME = 1_700_000_000
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = kind, 0o644, MTIME
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info
+
+
+def _blocks(info: tarfile.TarInfo, fmt: int) -> bytes:
+    return info.tobuf(fmt, "utf-8", "surrogateescape")
+
+
+def _with_checksum(block: bytearray) -> bytes:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _edit(info: tarfile.TarInfo, at: int, field: bytes) -> bytes:
+    block = bytearray(_blocks(info, tarfile.USTAR_FORMAT))
+    block[at : at + len(field)] = field
+    return _with_checksum(block)
+
+
+def _read(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[TarEntry]:
+    monkeypatch.setattr(fastpath, "ENABLED", fast)
+    r, w = os.pipe()
+    os.close(w)
+    entries = []
+    with io.BytesIO(data) as src:
+        reader = TarReader(r, readinto=src.readinto)
+        for entry in reader:
+            reader.skip()
+            entries.append(entry)
+    os.close(r)
+    return entries
+
+
+# (header blocks, whether the C reads it)
+CASES: dict[str, tuple[bytes, bool]] = {
+    "file": (_blocks(_info("etc/passwd", size=0), tarfile.USTAR_FORMAT), True),
+    "old-style regular (typeflag NUL)": (_blocks(_info("a", tarfile.AREGTYPE), 1), True),
+    "contiguous": (_blocks(_info("c", tarfile.CONTTYPE), tarfile.USTAR_FORMAT), True),
+    "directory": (_blocks(_info("usr/lib/", tarfile.DIRTYPE), tarfile.USTAR_FORMAT), True),
+    "symlink": (
+        _blocks(_info("bin", tarfile.SYMTYPE, linkname="usr/bin"), tarfile.USTAR_FORMAT),
+        True,
+    ),
+    "hard link": (_blocks(_info("b", tarfile.LNKTYPE, linkname="a"), tarfile.USTAR_FORMAT), True),
+    "char device": (
+        _blocks(_info("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3), 1),
+        True,
+    ),
+    "block device": (_blocks(_info("sda", tarfile.BLKTYPE, devmajor=8, devminor=0), 1), True),
+    "fifo": (_blocks(_info("p", tarfile.FIFOTYPE, uid=1000, gid=1000), 1), True),
+    "file type bits in the mode field": (_edit(_info("s"), 100, b"0106755\0"), True),
+    "ustar prefix": (_blocks(_info("d" * 120 + "/" + "f" * 90), tarfile.USTAR_FORMAT), True),
+    "GNU magic keeps the prefix out": (
+        _edit(_info("gnu-file"), 257, b"ustar  \0" + b"\0" * 80 + b"pre\0"),
+        True,
+    ),
+    "invalid UTF-8 name": (_blocks(_info("caf\udce9"), tarfile.USTAR_FORMAT), True),
+    "non-ASCII name": (_blocks(_info("café"), tarfile.USTAR_FORMAT), True),
+    "spaces around the digits": (_edit(_info("sp"), 100, b" 644   \0"), True),
+    "an empty size field": (_edit(_info("e"), 124, b"\0" * 12), False),
+    "a digit 8": (_edit(_info("eight"), 100, b"0000648\0"), False),
+    "base-256 uid": (_blocks(_info("big", uid=1 << 30), tarfile.GNU_FORMAT), False),
+    "a time past 2255": (_edit(_info("late"), 136, b"777777777777"), False),
+    "a negative time": (_blocks(_info("early", mtime=-1), tarfile.GNU_FORMAT), False),
+    "PAX header": (_blocks(_info("p" * 120), tarfile.PAX_FORMAT), False),
+    "GNU long name": (_blocks(_info("l" * 120), tarfile.GNU_FORMAT), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_header_gives_the_entry_the_python_reader_gives(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _needs_the_c_loops()
+    blocks, in_c = CASES[case]
+    assert fastpath.ustar_entry is not None
+    assert (fastpath.ustar_entry(blocks[:512]) is not None) is in_c
+    data = blocks + b"\0" * 1024
+    slow = _outcome(data, False, monkeypatch)
+    assert _outcome(data, True, monkeypatch) == slow
+
+
+def _outcome(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> object:
+    """The entries read, or the error the reader gave."""
+    try:
+        return _read(data, fast, monkeypatch)
+    except ArchiveError as exc:
+        return str(exc)
+
+
+def test_a_run_of_entries_reads_alike_with_extensions_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # plain entries around PAX and GNU extensions and a global PAX header: each extension
+    # applies to its next entry only, and the globals to every entry after them
+    _needs_the_c_loops()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(3):
+            tf.addfile(_info(f"plain{i}", size=3), io.BytesIO(b"abc"))
+            tf.addfile(_info("x" * (110 + i), size=1), io.BytesIO(b"x"))
+            tf.addfile(_info(f"after{i}", pax_headers={"mtime": "1.5"}))
+    plain = buf.getvalue()
+    record = b"8 uid=7\n"
+    globals_ = _blocks(_info("pax_global_header", tarfile.XGLTYPE, size=len(record)), 1)
+    globals_ += record.ljust(512, b"\0")
+    data = plain[:1024] + globals_ + plain[1024:]
+    slow = _read(data, False, monkeypatch)
+    fast = _read(data, True, monkeypatch)
+    assert fast == slow
+    assert [e.uid for e in fast][:1] == [0] and {e.uid for e in fast[1:]} == {7}
+    assert fast[2].mtime_ns == 1_500_000_000 and fast[3].name == "plain1"
+
+
+def test_a_bad_checksum_is_still_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_the_c_loops()
+    block = bytearray(_blocks(_info("f"), tarfile.USTAR_FORMAT))
+    block[0:1] = b"g"
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+    with pytest.raises(ArchiveError, match="bad header checksum"):
+        _read(bytes(block) + b"\0" * 1024, True, monkeypatch)
