@@ -1,6 +1,8 @@
-"""The tar reader's plain headers in C (``_fastpath.ustar_entry``): every header it reads
-gives the entry the Python reader gives, and every header it would read otherwise (extensions,
-GNU sparse, base-256 and odd numbers, unknown types) is left to the Python reader."""
+"""The tar reader's plain headers in C (``_fastpath.ustar_entry``): every header, with the
+one PAX header before it, that it reads gives the entry the Python reader gives, and every one
+it would read otherwise (GNU extensions, GNU sparse, base-256 and odd numbers, unknown types,
+PAX records it does not know to be well formed) is left to the Python reader, which gives the
+same entry or the same error as without the C."""
 
 from __future__ import annotations
 
@@ -41,6 +43,27 @@ def _edit(info: tarfile.TarInfo, at: int, field: bytes) -> bytes:
     block = bytearray(_blocks(info, tarfile.USTAR_FORMAT))
     block[at : at + len(field)] = field
     return _with_checksum(block)
+
+
+def _record(key: bytes, value: bytes) -> bytes:
+    body = b" %s=%s\n" % (key, value)
+    n = len(body) + len(str(len(body)))
+    return b"%d%s" % (n + (len(str(n)) > len(str(len(body)))), body)
+
+
+def _pax(records: bytes, info: tarfile.TarInfo) -> bytes:
+    """A PAX header holding *records* (as they are), then *info*'s header."""
+    head = _blocks(_info("PaxHeaders/x", tarfile.XHDTYPE, size=len(records)), 1)
+    return head + records.ljust(-(-len(records) // 512) * 512, b"\0") + _blocks(info, 1)
+
+
+def _c_reads(blocks: bytes) -> bool:
+    assert fastpath.ustar_entry is not None
+    if blocks[156:157] != tarfile.XHDTYPE:
+        return fastpath.ustar_entry(blocks[:512], None) is not None
+    size = int(blocks[124:136].strip(b" \0"), 8)
+    entry = 512 + -(-size // 512) * 512
+    return fastpath.ustar_entry(blocks[entry : entry + 512], blocks[512 : 512 + size]) is not None
 
 
 def _read(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[TarEntry]:
@@ -88,8 +111,75 @@ CASES: dict[str, tuple[bytes, bool]] = {
     "base-256 uid": (_blocks(_info("big", uid=1 << 30), tarfile.GNU_FORMAT), False),
     "a time past 2255": (_edit(_info("late"), 136, b"777777777777"), False),
     "a negative time": (_blocks(_info("early", mtime=-1), tarfile.GNU_FORMAT), False),
-    "PAX header": (_blocks(_info("p" * 120), tarfile.PAX_FORMAT), False),
     "GNU long name": (_blocks(_info("l" * 120), tarfile.GNU_FORMAT), False),
+    "PAX path and times, as tarfile writes them": (
+        _blocks(_info("p" * 120, pax_headers={"atime": "1.25"}), tarfile.PAX_FORMAT),
+        True,
+    ),
+    "PAX records as GNU tar --format=posix writes them": (
+        _pax(
+            _record(b"mtime", b"1700000000.123456789")
+            + _record(b"atime", b"1700000001.5")
+            + _record(b"ctime", b"1700000002")
+            + _record(b"uid", b"4294967294")
+            + _record(b"gid", b"65534"),
+            _info("usr/bin/x", uid=0o7777777),
+        ),
+        True,
+    ),
+    "PAX linkpath, size and a time before 1970": (
+        _pax(
+            _record(b"linkpath", b"t" * 200) + _record(b"size", b"0") + _record(b"mtime", b"-1.5"),
+            _info("l", tarfile.SYMTYPE, linkname="short"),
+        ),
+        True,
+    ),
+    "PAX xattrs with any bytes": (
+        _pax(
+            _record(b"SCHILY.xattr.user.a", b"x=\n\0\xff")
+            + _record(b"SCHILY.xattr.security.capability", b"\x01\x00\x00\x02")
+            + _record(b"SCHILY.xattr.", b"empty name"),
+            _info("f"),
+        ),
+        True,
+    ),
+    "PAX records given twice, the last one counts": (
+        _pax(_record(b"uid", b"5") + _record(b"path", b"a") + _record(b"uid", b"6"), _info("f")),
+        True,
+    ),
+    "PAX records read by nobody": (
+        _pax(_record(b"hdrcharset", b"BINARY") + _record(b"comment", b"hi"), _info("f")),
+        True,
+    ),
+    "PAX non-UTF-8 path": (_pax(_record(b"path", b"caf\xe9"), _info("f")), True),
+    "PAX time with a fraction longer than nanoseconds": (
+        _pax(_record(b"mtime", b"1.1234567891234"), _info("f")),
+        True,
+    ),
+    "PAX time of a fraction alone": (_pax(_record(b"mtime", b".5"), _info("f")), True),
+    "a corrupt PAX header and then the end": (
+        _pax(b"30 path=short\n", _info("f"))[:-512] + b"\0" * 1024,
+        False,
+    ),
+    "PAX bad uid": (_pax(_record(b"uid", b"12a"), _info("f")), False),
+    "PAX empty gid": (_pax(_record(b"gid", b""), _info("f")), False),
+    "PAX bad time": (_pax(_record(b"mtime", b"1.2.3"), _info("f")), False),
+    "PAX time past 2255": (_pax(_record(b"mtime", b"99999999999"), _info("f")), False),
+    "PAX record of a wrong length": (_pax(b"30 path=short\n", _info("f")), False),
+    "PAX record without =": (_pax(b"9 pathx\n\n", _info("f")), False),
+    "PAX length with a plus sign": (_pax(b"+11 path=a\n", _info("f")), False),
+    "PAX GNU sparse 1.0": (
+        _pax(
+            _record(b"GNU.sparse.major", b"1")
+            + _record(b"GNU.sparse.minor", b"0")
+            + _record(b"GNU.sparse.name", b"sparse")
+            + _record(b"GNU.sparse.realsize", b"1024"),
+            _info("GNUSparseFile.0/sparse", size=512),
+        )
+        + b"1\n0\n1024\n".ljust(512, b"\0")
+        + b"\0" * 512,
+        False,
+    ),
 }
 
 
@@ -99,8 +189,7 @@ def test_a_header_gives_the_entry_the_python_reader_gives(
 ) -> None:
     _needs_the_c_loops()
     blocks, in_c = CASES[case]
-    assert fastpath.ustar_entry is not None
-    assert (fastpath.ustar_entry(blocks[:512]) is not None) is in_c
+    assert _c_reads(blocks) is in_c
     data = blocks + b"\0" * 1024
     slow = _outcome(data, False, monkeypatch)
     assert _outcome(data, True, monkeypatch) == slow

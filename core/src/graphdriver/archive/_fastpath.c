@@ -925,15 +925,20 @@ static PyObject *keep_heap(PyObject *self, PyObject *args) {
 
 /* ------------------------------------------------------------------ a reader's plain headers
  *
- * ustar_entry(block)
+ * ustar_entry(block, pax)
  *   block    a 512-byte tar header whose checksum the reader checked
+ *   pax      the data of the one PAX header (type x) before it, or None
  * returns the arguments of archive.tar.TarEntry (name, type, mode, uid, gid, size, mtime_ns,
- * None, linkname, devmajor, devminor) for an entry that needs nothing but its header: a file,
- * hard or symbolic link, character or block device, directory or FIFO whose numbers are all
- * plain octal (spaces and NULs around them). None for anything else (an extension header, a
- * GNU sparse file, an unknown type, a base-256 or odd number, a time past the year 2255), which
- * archive.tar_headers.header_entry then reads. The names are decoded as it decodes them
- * (UTF-8, surrogateescape), a ustar prefix joined to the name only under the POSIX magic.
+ * atime_ns, linkname, devmajor, devminor[, xattrs]) for an entry of a file, hard or symbolic
+ * link, character or block device, directory or FIFO whose header numbers are all plain octal
+ * (spaces and NULs around the digits) and whose PAX records, if any, are well formed with
+ * plain values (path, linkpath, uid, gid, size, mtime, atime, SCHILY.xattr.*; others are not
+ * read, as tar_headers.header_entry reads none). None for anything else (an extension header,
+ * a GNU sparse file or GNU.sparse record, an unknown type, a base-256 or odd number, a time
+ * past the year 2255, a PAX record tar_headers.parse_pax would refuse or read otherwise), which
+ * tar_headers then reads. Names are decoded as it decodes them (UTF-8, surrogateescape); the
+ * ustar prefix is joined to the name only under the POSIX magic; a record given twice counts
+ * once, the last.
  */
 
 /* An octal field as header_entry's number() reads it when int(field.strip(b" \0"), 8)
@@ -960,12 +965,115 @@ static Py_ssize_t cstr_len(const unsigned char *f, Py_ssize_t n) {
     return z == NULL ? n : z - f;
 }
 
+/* a PAX integer as pax_int reads it (ASCII digits, at least one); -1 past 18 digits or else */
+static long long pax_digits(const unsigned char *p, Py_ssize_t n) {
+    if (n < 1 || n > 18)
+        return -1;
+    long long v = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (p[k] < '0' || p[k] > '9')
+            return -1;
+        v = v * 10 + (p[k] - '0');
+    }
+    return v;
+}
+
+/* nanoseconds of a PAX time as pax_time reads it; 0 where it would not, or past 2255 */
+static int pax_ns(const unsigned char *p, Py_ssize_t n, long long *out) {
+    int negative = n > 0 && p[0] == '-';
+    const unsigned char *dot = memchr(p, '.', n);
+    Py_ssize_t whole = dot == NULL ? n : dot - p, frac = dot == NULL ? 0 : n - whole - 1;
+    Py_ssize_t digits = whole - negative;
+    if (digits + frac == 0 || digits > 10)
+        return 0;
+    long long s = 0, ns = 0;
+    for (Py_ssize_t k = negative; k < whole; k++) {
+        if (p[k] < '0' || p[k] > '9')
+            return 0;
+        s = s * 10 + (p[k] - '0');
+    }
+    for (Py_ssize_t k = 0; k < frac; k++) {
+        unsigned char c = p[whole + 1 + k];
+        if (c < '0' || c > '9')
+            return 0;
+        if (k < 9)
+            ns = ns * 10 + (c - '0');
+    }
+    for (Py_ssize_t k = frac; k < 9; k++)
+        ns *= 10;
+    if (s > 9000000000LL)
+        return 0;
+    *out = (s * 1000000000LL + ns) * (negative ? -1 : 1);
+    return 1;
+}
+
+struct span {
+    const unsigned char *p;
+    Py_ssize_t n;
+};
+
+enum { P_PATH, P_LINKPATH, P_UID, P_GID, P_SIZE, P_MTIME, P_ATIME, N_PAX };
+static const char *const pax_keys[N_PAX] = {"path", "linkpath", "uid", "gid",
+                                            "size", "mtime", "atime"};
+
+/* The records of PAX data as parse_pax reads them: the known values into *got (the last
+ * of each), SCHILY.xattr.* into *xattrs (made on the first); DONE, LEFT or FAILED. */
+static int pax_records(const unsigned char *d, Py_ssize_t size, struct span *got,
+                       PyObject **xattrs) {
+    Py_ssize_t pos = 0;
+    while (pos < size && d[pos]) {
+        Py_ssize_t k = pos;
+        long long len = 0;
+        while (k < size && k - pos < 9 && d[k] >= '0' && d[k] <= '9')
+            len = len * 10 + (d[k++] - '0');
+        if (k == pos || k >= size || d[k] != ' ')
+            return LEFT;
+        Py_ssize_t key = k + 1, end = pos + (Py_ssize_t)len;
+        if (end <= key || end > size || d[end - 1] != '\n')
+            return LEFT;
+        const unsigned char *equals = memchr(d + key, '=', end - key);
+        if (equals == NULL)
+            return LEFT;
+        Py_ssize_t klen = equals - (d + key);
+        const unsigned char *value = equals + 1;
+        Py_ssize_t vlen = (d + end - 1) - value;
+        if (klen >= 11 && memcmp(d + key, "GNU.sparse.", 11) == 0)
+            return LEFT;
+        if (klen >= 13 && memcmp(d + key, "SCHILY.xattr.", 13) == 0) {
+            if (*xattrs == NULL && (*xattrs = PyDict_New()) == NULL)
+                return FAILED;
+            PyObject *name = PyUnicode_DecodeUTF8((const char *)d + key + 13, klen - 13,
+                                                  "surrogateescape");
+            PyObject *data = PyBytes_FromStringAndSize((const char *)value, vlen);
+            int bad = name == NULL || data == NULL || PyDict_SetItem(*xattrs, name, data) < 0;
+            Py_XDECREF(name);
+            Py_XDECREF(data);
+            if (bad)
+                return FAILED;
+        } else {
+            for (int i = 0; i < N_PAX; i++)
+                if ((size_t)klen == strlen(pax_keys[i]) && memcmp(d + key, pax_keys[i], klen) == 0) {
+                    got[i].p = value;
+                    got[i].n = vlen;
+                }
+        }
+        pos = end;
+    }
+    return DONE;
+}
+
 static PyObject *ustar_entry(PyObject *self, PyObject *args) {
-    Py_buffer buf;
-    if (!PyArg_ParseTuple(args, "y*", &buf))
+    Py_buffer buf, pax = {0};
+    PyObject *pax_obj, *result = NULL, *path = NULL, *link = NULL, *atime = NULL;
+    PyObject *xattrs = NULL;
+    if (!PyArg_ParseTuple(args, "y*O", &buf, &pax_obj))
         return NULL;
-    PyObject *result = NULL;
+    if (pax_obj != Py_None && PyObject_GetBuffer(pax_obj, &pax, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
     const unsigned char *b = buf.buf;
+    struct span got[N_PAX] = {{0}};
     if (buf.len != 512)
         goto left;
     unsigned char type = b[156];
@@ -973,37 +1081,68 @@ static PyObject *ustar_entry(PyObject *self, PyObject *args) {
         goto left;
     long long mode = octal_field(b + 100, 8), uid = octal_field(b + 108, 8);
     long long gid = octal_field(b + 116, 8), size = octal_field(b + 124, 12);
-    long long mtime = octal_field(b + 136, 12), major = 0, minor = 0;
+    long long mtime = octal_field(b + 136, 12), major = 0, minor = 0, mtime_ns, atime_ns;
     if (mode < 0 || uid < 0 || gid < 0 || size < 0 || mtime < 0 || mtime > 9000000000LL)
         goto left;
+    mtime_ns = mtime * 1000000000LL;
     if (type == '3' || type == '4') {
         major = octal_field(b + 329, 8);
         minor = octal_field(b + 337, 8);
         if (major < 0 || minor < 0)
             goto left;
     }
-    char name[256];
-    Py_ssize_t n = cstr_len(b, 100), at = 0;
-    if (b[345] != 0 && memcmp(b + 257, "ustar\0", 6) == 0) {
-        at = cstr_len(b + 345, 155);
-        memcpy(name, b + 345, at);
-        name[at++] = '/';
+    if (pax.buf != NULL) {
+        int done = pax_records(pax.buf, pax.len, got, &xattrs);
+        if (done == FAILED)
+            goto out;
+        if (done == LEFT)
+            goto left;
+        if ((got[P_UID].p && (uid = pax_digits(got[P_UID].p, got[P_UID].n)) < 0) ||
+            (got[P_GID].p && (gid = pax_digits(got[P_GID].p, got[P_GID].n)) < 0) ||
+            (got[P_SIZE].p && (size = pax_digits(got[P_SIZE].p, got[P_SIZE].n)) < 0) ||
+            (got[P_MTIME].p && !pax_ns(got[P_MTIME].p, got[P_MTIME].n, &mtime_ns)) ||
+            (got[P_ATIME].p && !pax_ns(got[P_ATIME].p, got[P_ATIME].n, &atime_ns)))
+            goto left;
+        if (got[P_ATIME].p && (atime = PyLong_FromLongLong(atime_ns)) == NULL)
+            goto out;
     }
-    memcpy(name + at, b, n);
-    PyObject *path = PyUnicode_DecodeUTF8(name, at + n, "surrogateescape");
-    PyObject *link = PyUnicode_DecodeUTF8((const char *)b + 157, cstr_len(b + 157, 100),
-                                          "surrogateescape");
-    if (path != NULL && link != NULL)
-        result = Py_BuildValue("(Oy#LLLLLOOLL)", path, (const char *)b + 156, (Py_ssize_t)1,
-                               mode & 07777, uid, gid, size, mtime * 1000000000LL, Py_None,
-                               link, major, minor);
+    if (got[P_PATH].p) {
+        path = PyUnicode_DecodeUTF8((const char *)got[P_PATH].p, got[P_PATH].n, "surrogateescape");
+    } else {
+        char name[256];
+        Py_ssize_t n = cstr_len(b, 100), at = 0;
+        if (b[345] != 0 && memcmp(b + 257, "ustar\0", 6) == 0) {
+            at = cstr_len(b + 345, 155);
+            memcpy(name, b + 345, at);
+            name[at++] = '/';
+        }
+        memcpy(name + at, b, n);
+        path = PyUnicode_DecodeUTF8(name, at + n, "surrogateescape");
+    }
+    if (got[P_LINKPATH].p)
+        link = PyUnicode_DecodeUTF8((const char *)got[P_LINKPATH].p, got[P_LINKPATH].n,
+                                    "surrogateescape");
+    else
+        link = PyUnicode_DecodeUTF8((const char *)b + 157, cstr_len(b + 157, 100),
+                                    "surrogateescape");
+    if (path == NULL || link == NULL)
+        goto out;
+    result = Py_BuildValue(xattrs == NULL ? "(Oy#LLLLLOOLL)" : "(Oy#LLLLLOOLLO)", path,
+                           (const char *)b + 156, (Py_ssize_t)1, mode & 07777, uid, gid, size,
+                           mtime_ns, atime == NULL ? Py_None : atime, link, major, minor,
+                           xattrs);
+    goto out;
+left:
+    result = Py_NewRef(Py_None);
+out:
     Py_XDECREF(path);
     Py_XDECREF(link);
+    Py_XDECREF(atime);
+    Py_XDECREF(xattrs);
+    if (pax.buf != NULL)
+        PyBuffer_Release(&pax);
     PyBuffer_Release(&buf);
     return result;
-left:
-    PyBuffer_Release(&buf);
-    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {

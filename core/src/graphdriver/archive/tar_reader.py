@@ -164,27 +164,39 @@ class TarReader:
         ext = headers.Extensions()
         extended = False  # ext holds something
         first = True
+        # an entry of its header and at most one PAX header before it, read in C
         plain = fastpath.ustar_entry if fastpath.ENABLED else None
+        pax: bytes | None = None  # that PAX header's data, not parsed yet
         while True:
             if self._data_left or self._pad:
                 self.skip()
             block = self._header(first)
             if block is None:
+                if pax is not None:
+                    headers.parse_pax(pax)  # a corrupt one says so, as it always did
                 self._flush_tap()
                 return
             first = False
             if plain is not None and not extended and not self._globals:
-                fields = plain(block)  # an entry of its header alone, read in C
+                fields = plain(block, pax)
                 if fields is not None:
                     entry = TarEntry(*fields)
                     self._data_left = entry.size
                     self._pad = -entry.size % BLOCK
+                    pax = None
                     yield entry
                     continue
+            if pax is not None:  # not for the C: read as it always was
+                ext.pax.update(headers.parse_pax(pax))
+                extended, pax = True, None
             typeflag = block[156:157]
             size = headers.number(block[124:136], "size")
             if typeflag in _EXTENSIONS:
-                self._extension(typeflag, size, ext)
+                data = self._extension_data(size)
+                if plain is not None and typeflag == XHDTYPE and not extended:
+                    pax = data
+                    continue
+                self._extension(typeflag, data, ext)
                 extended = True
                 continue
             yield self._entry(block, typeflag, size, ext)
@@ -226,11 +238,14 @@ class TarReader:
                 f"is followed by more data"
             )
 
-    def _extension(self, typeflag: bytes, size: int, ext: headers.Extensions) -> None:
-        """Fold a PAX or GNU long-name header into what applies to the next entry."""
+    def _extension_data(self, size: int) -> bytes:
+        """The data of an extension header of *size* bytes, and its padding consumed."""
         if size > 16 << 20:
             raise ArchiveError(f"tar extension header of {size} bytes is too large")
-        data = self._need(size + (-size % BLOCK), "an extended header")[:size]
+        return self._need(size + (-size % BLOCK), "an extended header")[:size]
+
+    def _extension(self, typeflag: bytes, data: bytes, ext: headers.Extensions) -> None:
+        """Fold a PAX or GNU long-name header into what applies to the next entry."""
         if typeflag == XHDTYPE:
             ext.pax.update(headers.parse_pax(data))
         elif typeflag == XGLTYPE:
