@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from graphdriver import CreateOpts, DriverUnavailable, GraphDriverError, InvalidOption, open_store
+from graphdriver.linux import loop
 from graphdriver.testing import host_lacks
 from graphdriver.testing.backings import pool_on_loop_files
 from graphdriver.toolkit import unmount_all_under
@@ -304,24 +306,100 @@ def test_failed_mount_deactivates_the_device(
         s.cleanup()
 
 
-def test_a_device_left_without_a_table_is_made_again_at_mount(root: Path, pool: str) -> None:
+def test_a_device_left_without_a_table_is_made_again(root: Path, pool: str) -> None:
     # a dmsetup create killed between making the device and loading its table (a timeout)
-    # leaves /dev/mapper/NAME with no table: the next mount must not take it for active
+    # leaves /dev/mapper/NAME with no table: neither a mount nor a snapshot of it may take it
+    # for active (a snapshot would suspend it, and its resume fail)
     with open_store(root, "devmapper", _opts(pool)) as s:
-        s.create_rw("c")
-        with s.mounted("c") as p:
+        s.create("img")
+        with s.mounted("img") as p:
             (p / "f").write_text("kept")
         assert isinstance(s.driver, DevmapperDriver)
-        device = s.driver._device("c")
-        assert device is not None
-        name = s.driver._name(device[0])
-        assert dmsetup.info(name) is None
-        subprocess.run(["dmsetup", "create", name, "--notable", "--noudevsync"], check=True)
-        info = dmsetup.info(name)
-        assert info is not None and info.segments == 0
-        with s.mounted("c") as p:
-            assert (p / "f").read_text() == "kept"
+        for layer in ("img", "child"):
+            device = s.driver._device(layer)
+            assert device is not None
+            name = s.driver._name(device[0])
+            assert dmsetup.info(name) is None
+            _without_table(name)
+            if layer == "img":
+                s.create("child", "img")
+            with s.mounted(layer) as p:
+                assert (p / "f").read_text() == "kept"
         s.cleanup()
+
+
+def test_a_loop_pool_left_without_a_table_is_made_again(root: Path) -> None:
+    opts = _opts(None, **{"dm.loopdatasize": "1G", "dm.loopmetadatasize": "64M"})
+    with open_store(root, "devmapper", opts) as s:
+        s.create("base")
+        with s.mounted("base") as p:
+            (p / "f").write_text("survives")
+        assert isinstance(s.driver, DevmapperDriver)
+        name = s.driver.pool.name
+        s.cleanup()
+    _without_table(name)
+    with open_store(root, "devmapper", opts) as s:
+        with s.mounted("base") as p:
+            assert (p / "f").read_text() == "survives"
+        s.cleanup()
+    assert dmsetup.info(name) is None
+
+
+def _without_table(name: str) -> None:
+    subprocess.run(["dmsetup", "create", name, "--notable", "--noudevsync"], check=True)
+    info = dmsetup.info(name)
+    assert info is not None and not info.live and info.segments == 0
+
+
+@pytest.mark.parametrize("release", [3.5, 9.0], ids=["within-the-kill-wait", "after-it"])
+def test_a_suspend_that_timed_out_is_resumed_once_the_kernel_carried_it_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: float
+) -> None:
+    # ext4 on "up", a device over "low": with low suspended, suspending up (which flushes the
+    # filesystem) waits in the kernel; its dmsetup times out (2 s) and is killed, but the
+    # kernel finishes that suspend once low comes back (*release* s), even after the 5 s that
+    # _run waits for the killed dmsetup. suspended() resumes up after it, as create_snap and
+    # resize use it: the layer is not left frozen.
+    monkeypatch.setattr(dmsetup, "TIMEOUT", 2)
+    backing = tmp_path / "disk"
+    with open(backing, "wb") as f:
+        f.truncate(64 * MiB)
+    low, up = f"gd-test-low-{os.getpid()}", f"gd-test-up-{os.getpid()}"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop.attach(backing) as dev:
+        sectors = 64 * MiB // 512
+        dmsetup.create(low, f"0 {sectors} linear {dev.path} 0")
+        try:
+            dmsetup.create(up, f"0 {sectors} linear /dev/mapper/{low} 0")
+            # no lazy init: its writes would block the file's write below on suspended low
+            mkfs = ["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
+            subprocess.run([*mkfs, f"/dev/mapper/{up}"], check=True)
+            subprocess.run(["mount", f"/dev/mapper/{up}", str(mnt)], check=True)
+            try:
+                (mnt / "dirty").write_bytes(b"x" * MiB)  # for the suspend's flush to write
+                dmsetup.suspend(low)
+                timer = threading.Timer(release, dmsetup.resume, (low,))
+                timer.start()
+                try:
+                    with pytest.raises(dmsetup.DmsetupError) as info, dmsetup.suspended(up):
+                        pytest.fail("the suspend went through")
+                finally:
+                    timer.join()
+                assert info.value.errno == errno.ETIMEDOUT
+                assert info.value.strerror.startswith(f"dmsetup suspend {up}: no answer in 2 s")
+                assert "freeze" in info.value.strerror  # where the kernel held it
+                state = dmsetup.info(up)
+                assert state is not None and not state.suspended
+                (mnt / "after").write_text("written")
+                os.sync()
+            finally:  # nothing left frozen, even when the test failed
+                for name in (low, up):
+                    dmsetup.resume(name)
+                subprocess.run(["umount", str(mnt)], check=True)
+        finally:
+            for name in (up, low):
+                dmsetup.remove(name)
 
 
 def test_a_stuck_dmsetup_call_fails_in_one_line_saying_where_it_waits() -> None:

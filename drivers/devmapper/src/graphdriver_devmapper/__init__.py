@@ -50,7 +50,7 @@ from graphdriver.toolkit import (
 
 from . import dmsetup
 from .filesystem import grow_filesystem, make_filesystem
-from .pool import ThinPool, create_loop_pool
+from .pool import ThinPool, create_loop_pool, is_active
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class DevmapperDriver(Driver):
 
     def _pool_up(self) -> None:
         """Bring a loop-backed pool (back) up from its files; cleanup() takes it down."""
-        if not self.external and not self.pool.exists():
+        if not self.external and not is_active(self.pool.name):
             create_loop_pool(
                 self.pool.name, self.dir / "data", self.dir / "metadata", *self.loop_sizes
             )
@@ -338,7 +338,7 @@ class DevmapperDriver(Driver):
                 )
             size = max(opts.size, origin_size)
         dev_id = self._new_id()
-        active = self._name(origin_id) if dmsetup.info(self._name(origin_id)) else None
+        active = self._name(origin_id) if is_active(self._name(origin_id)) else None
 
         def record(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO devices VALUES (?, ?, ?)", (layer.id, dev_id, size))

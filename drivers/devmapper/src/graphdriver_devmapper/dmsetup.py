@@ -7,10 +7,12 @@ can tell a busy device (EBUSY) from a missing one (ENXIO/ENODATA) or a duplicate
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,10 @@ _ERRORS = (
 
 class DmsetupError(OSError):
     """dmsetup failed; ``errno`` is recovered from its message where it names one."""
+
+    #: a dmsetup that gave no answer in time and outlived SIGKILL (stuck in the kernel, which
+    #: may still carry out what it asked): the caller may wait for it
+    pending: subprocess.Popen[str] | None = None
 
 
 def _errno_of(text: str) -> int:
@@ -59,9 +65,11 @@ def _kernel_wait(pid: int) -> str:
     return "" if wchan == "0" else wchan
 
 
-def _run(*args: str, timeout: float = TIMEOUT) -> str:
+def _run(*args: str, timeout: float | None = None) -> str:
+    timeout = TIMEOUT if timeout is None else timeout
     env = {**os.environ, "DM_DISABLE_UDEV": "1"}
-    what = f"dmsetup {args[0]} {args[1] if len(args) > 1 else ''}"
+    name = next((a for a in args[1:] if not a.startswith("-")), "")
+    what = f"dmsetup {args[0]} {name}".rstrip()
     proc = subprocess.Popen(
         ["dmsetup", *args],
         stdin=subprocess.DEVNULL,
@@ -74,17 +82,26 @@ def _run(*args: str, timeout: float = TIMEOUT) -> str:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         # say where the kernel holds it, then stop it; one stuck in an uninterruptible sleep
-        # dies only when the kernel lets go, so it is not waited for long
+        # dies only when the kernel lets go, so it is not waited for long (and what it asked
+        # of the kernel may still happen then)
         where = _kernel_wait(proc.pid)
         proc.kill()
         try:
             proc.communicate(timeout=5)
+            pending = None
         except subprocess.TimeoutExpired:
-            where += " (still there after SIGKILL)"
-        raise DmsetupError(
+            pending = proc
+        error = DmsetupError(
             errno.ETIMEDOUT,
-            f"{what}: no answer in {timeout:g} s" + (f"; waiting in {where}" if where else ""),
-        ) from None
+            f"{what}: no answer in {timeout:g} s"
+            + (f"; waiting in {where}" if where else "")
+            + (" (it outlived SIGKILL: the kernel may still carry it out)" if pending else ""),
+        )
+        error.pending = pending
+        raise error from None
+    except BaseException:  # Ctrl-C: no dmsetup left running behind the caller
+        proc.kill()
+        raise
     if proc.returncode != 0:
         text = (stderr or stdout).strip().replace("\n", "; ")
         raise DmsetupError(_errno_of(text), f"{what}: {text}")
@@ -111,6 +128,36 @@ def resume(name: str) -> None:
     _run("resume", "--noudevsync", name)
 
 
+@contextlib.contextmanager
+def suspended(name: str) -> Iterator[None]:
+    """The device suspended (its writes flushed) for the with-block, then resumed.
+
+    A suspend that failed is followed by a resume too, and its error raised: one that timed
+    out may have been carried out after its dmsetup was killed. A dmsetup still stuck in the
+    kernel is waited for (up to twice the timeout) first, since a resume before the suspend is
+    done changes nothing and the device would then stay suspended; if it is still stuck, the
+    error says so and how to resume the device.
+    """
+    try:
+        suspend(name)
+    except DmsetupError as exc:
+        if exc.pending is not None:
+            try:
+                exc.pending.communicate(timeout=2 * TIMEOUT)
+            except subprocess.TimeoutExpired:
+                exc.strerror = (
+                    f"{exc.strerror}; {name} may be left suspended: dmsetup resume {name}"
+                )
+                raise
+        with contextlib.suppress(DmsetupError):
+            resume(name)
+        raise
+    try:
+        yield
+    finally:
+        resume(name)
+
+
 def remove(name: str, *, retries: int = 200, delay: float = 0.1, deferred: bool = False) -> None:
     """Remove a device; a busy one is retried (*retries* x *delay*), or its removal deferred
     until its last user closes it. A device that is already gone is not an error."""
@@ -135,6 +182,8 @@ class DeviceInfo:
     minor: int
     open_count: int
     segments: int
+    #: it has a live table (a device whose create was cut short has none)
+    live: bool
     suspended: bool
 
 
@@ -162,7 +211,9 @@ def info(name: str) -> DeviceInfo | None:
         minor=int(fields[2]),
         open_count=int(fields[3]),
         segments=int(fields[4]),
-        suspended=fields[5][1:2] == "s",
+        # attr: L (live table), I (inactive table), s (suspended), r or w, ...
+        live=fields[5][0:1] == "L",
+        suspended=fields[5][2:3] == "s",
     )
 
 

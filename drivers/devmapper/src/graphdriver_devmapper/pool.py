@@ -77,13 +77,11 @@ class ThinPool:
 
     def create_snap(self, dev_id: int, origin_id: int, origin_active: str | None) -> None:
         """Snapshot *origin_id*; an active origin is suspended meanwhile (its writes flushed)."""
-        if origin_active is not None:
-            dmsetup.suspend(origin_active)
-        try:
+        if origin_active is None:
             self.message(f"create_snap {dev_id} {origin_id}")
-        finally:
-            if origin_active is not None:
-                dmsetup.resume(origin_active)
+            return
+        with dmsetup.suspended(origin_active):
+            self.message(f"create_snap {dev_id} {origin_id}")
 
     def delete(self, dev_id: int) -> None:
         try:
@@ -97,22 +95,24 @@ class ThinPool:
 
     def activate(self, name: str, dev_id: int, size: int) -> str:
         """Activate thin device *dev_id* of *size* bytes as /dev/mapper/*name*."""
-        active = dmsetup.info(name)
-        if active is not None and active.segments == 0:
-            # a device without a table: a create cut short (dmsetup killed between making the
-            # device and loading its table) left it; it holds nothing, so make it again
-            dmsetup.remove(name)
-            active = None
-        if active is None:
+        if not is_active(name):
             dmsetup.create(name, f"0 {size // SECTOR} thin {self.device} {dev_id}")
         return f"/dev/mapper/{name}"
 
     def resize(self, name: str, dev_id: int, size: int) -> None:
-        dmsetup.suspend(name)
-        try:
+        with dmsetup.suspended(name):
             dmsetup.reload(name, f"0 {size // SECTOR} thin {self.device} {dev_id}")
-        finally:
-            dmsetup.resume(name)
+
+
+def is_active(name: str) -> bool:
+    """Whether device *name* is there with a live table. One without a table is what a create
+    cut short (dmsetup killed between making the device and loading its table) leaves: it
+    holds nothing, and is removed so that it can be made again."""
+    info = dmsetup.info(name)
+    if info is not None and not info.live:
+        dmsetup.remove(name)
+        return False
+    return info is not None
 
 
 def create_loop_pool(
