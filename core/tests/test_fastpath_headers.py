@@ -161,6 +161,22 @@ CASES: dict[str, tuple[bytes, bool]] = {
         _pax(b"30 path=short\n", _info("f"))[:-512] + b"\0" * 1024,
         False,
     ),
+    "a corrupt PAX header and then the end of input": (
+        _pax(b"30 path=short\n", _info("f"))[:-512],
+        False,
+    ),
+    "a corrupt PAX header and then a cut header": (
+        _pax(b"30 path=short\n", _info("f"))[:-412],
+        False,
+    ),
+    "a corrupt PAX header and then a bad checksum": (
+        _pax(b"30 path=short\n", _info("f"))[:-512] + b"g" + _blocks(_info("f"), 1)[1:],
+        False,
+    ),
+    "a corrupt PAX header and then a lone zero block": (
+        _pax(b"30 path=short\n", _info("f"))[:-512] + b"\0" * 512 + _blocks(_info("f"), 1),
+        False,
+    ),
     "PAX bad uid": (_pax(_record(b"uid", b"12a"), _info("f")), False),
     "PAX empty gid": (_pax(_record(b"gid", b""), _info("f")), False),
     "PAX bad time": (_pax(_record(b"mtime", b"1.2.3"), _info("f")), False),

@@ -1068,7 +1068,8 @@ static PyObject *ustar_entry(PyObject *self, PyObject *args) {
     PyObject *xattrs = NULL;
     if (!PyArg_ParseTuple(args, "y*O", &buf, &pax_obj))
         return NULL;
-    if (pax_obj != Py_None && PyObject_GetBuffer(pax_obj, &pax, PyBUF_SIMPLE) < 0) {
+    int has_pax = pax_obj != Py_None;
+    if (has_pax && PyObject_GetBuffer(pax_obj, &pax, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&buf);
         return NULL;
     }
@@ -1091,7 +1092,7 @@ static PyObject *ustar_entry(PyObject *self, PyObject *args) {
         if (major < 0 || minor < 0)
             goto left;
     }
-    if (pax.buf != NULL) {
+    if (has_pax) {
         int done = pax_records(pax.buf, pax.len, got, &xattrs);
         if (done == FAILED)
             goto out;
@@ -1139,7 +1140,7 @@ out:
     Py_XDECREF(link);
     Py_XDECREF(atime);
     Py_XDECREF(xattrs);
-    if (pax.buf != NULL)
+    if (has_pax)
         PyBuffer_Release(&pax);
     PyBuffer_Release(&buf);
     return result;

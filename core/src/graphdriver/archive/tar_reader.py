@@ -162,15 +162,20 @@ class TarReader:
 
     def __iter__(self) -> Iterator[TarEntry]:
         ext = headers.Extensions()
-        extended = False  # ext holds something
+        extended = False  # an extension header came since the last entry (ext holds it)
         first = True
         # an entry of its header and at most one PAX header before it, read in C
         plain = fastpath.ustar_entry if fastpath.ENABLED else None
-        pax: bytes | None = None  # that PAX header's data, not parsed yet
+        pax: bytes | None = None  # that PAX header's data, not parsed yet (nor in ext)
         while True:
             if self._data_left or self._pad:
                 self.skip()
-            block = self._header(first)
+            try:
+                block = self._header(first)
+            except ArchiveError:
+                if pax is not None:  # its own error first, as when it was parsed at once
+                    headers.parse_pax(pax)
+                raise
             if block is None:
                 if pax is not None:
                     headers.parse_pax(pax)  # a corrupt one says so, as it always did
@@ -193,7 +198,7 @@ class TarReader:
             size = headers.number(block[124:136], "size")
             if typeflag in _EXTENSIONS:
                 data = self._extension_data(size)
-                if plain is not None and typeflag == XHDTYPE and not extended:
+                if plain is not None and typeflag == XHDTYPE and not extended and not self._globals:
                     pax = data
                     continue
                 self._extension(typeflag, data, ext)
