@@ -56,7 +56,7 @@ def _kernel_wait(pid: int) -> str:
         names = [name for name in names if not name.startswith(("entry_", "do_syscall"))]
         if names:
             return " < ".join(names[:10])
-    except (OSError, IndexError):
+    except OSError:
         pass
     try:
         wchan = Path(f"/proc/{pid}/wchan").read_text().strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,10 +78,10 @@ class ThinPool:
 
     def create_snap(self, dev_id: int, origin_id: int, origin_active: str | None) -> None:
         """Snapshot *origin_id*; an active origin is suspended meanwhile (its writes flushed)."""
-        if origin_active is None:
-            self.message(f"create_snap {dev_id} {origin_id}")
-            return
-        with dmsetup.suspended(origin_active):
+        held = (
+            contextlib.nullcontext() if origin_active is None else dmsetup.suspended(origin_active)
+        )
+        with held:
             self.message(f"create_snap {dev_id} {origin_id}")
 
     def delete(self, dev_id: int) -> None:
