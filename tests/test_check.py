@@ -347,6 +347,24 @@ def test_a_damaged_database_is_refused_then_rebuilt(gd: GD, damage: str) -> None
     gd("create", "new", "--parent", "top")  # the store works again
 
 
+def test_a_lost_database_whose_wal_is_left_is_rebuilt_without_it(vfs: GD) -> None:
+    """The commands' WAL stays beside the database; the rebuilt one must not read it."""
+    _image(vfs)
+    db = vfs.root / "vfs" / "metadata.db"
+    assert Path(f"{db}-wal").stat().st_size > 0
+    db.unlink()
+    line = _one_line_error(vfs("ls", check=False))
+    assert "is missing although this store had one" in line
+    code, lines = _check(vfs, "--repair")
+    assert code == 0, lines
+    assert lines[0].startswith(f"repaired: moved the lost database's WAL aside to {db}.corrupt-")
+    assert lines[1].startswith("repaired: rebuilt the records of 3 layer(s)")
+    assert sorted(p.name[-4:] for p in db.parent.glob("metadata.db.corrupt-*")) == ["-shm", "-wal"]
+    _assert_clean(vfs)
+    assert sorted(vfs("ls").out.split()) == ["base", "child", "top"]
+    vfs("create", "new", "--parent", "top")
+
+
 def test_a_lost_database_is_refused(vfs: GD) -> None:
     _image(vfs)
     db = vfs.root / "vfs" / "metadata.db"

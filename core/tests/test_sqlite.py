@@ -10,7 +10,7 @@ import pytest
 
 from graphdriver import StoreError, open_store
 from graphdriver.containers import ContainerStore
-from graphdriver.sqlite import Schema, open_db, transaction
+from graphdriver.sqlite import Schema, close_checkpointed, open_db, transaction
 from graphdriver.volumes import VolumeStore
 
 # metadata.db as graphdriver wrote it before sqlite.py (schema 3, version in table meta),
@@ -214,4 +214,45 @@ def test_tables_without_a_version_are_refused_or_adopted(tmp_path: Path) -> None
     db, created = open_db(path, Schema(V2.version, V2.create, V2.migrations, unversioned=1))
     assert not created
     assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+
+
+def test_a_close_leaves_the_wal_and_the_next_open_reads_it(tmp_path: Path) -> None:
+    """A close does not checkpoint (no sync of the WAL and the database at every command's
+    end): the commits stay in the WAL, which the next connection, and another process, read."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "x.db"
+    db, _ = open_db(path, V1)
+    for n in range(50):
+        with transaction(db):
+            db.execute("INSERT INTO snapshots VALUES (?)", (f"key-{n:03d}-" + "x" * 200,))
+    db.close()
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size > 50 * 200  # the rows are there, not in the database file
+    assert path.stat().st_size < 50 * 200
+    script = "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute(" \
+        "'SELECT count(*) FROM snapshots').fetchone()[0])"  # fmt: skip
+    seen = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert seen.stdout.strip() == "50"
+    db, created = open_db(path, V1)
+    assert not created
+    assert db.execute("SELECT count(*) FROM snapshots").fetchone()[0] == 50
+    db.close()
+
+
+def test_a_checkpointed_close_leaves_one_self_contained_file(tmp_path: Path) -> None:
+    """What check --repair renames into place holds every row in the database file."""
+    path = tmp_path / "x.db"
+    db, _ = open_db(path, V1)
+    with transaction(db):
+        db.executemany("INSERT INTO snapshots VALUES (?)", [(f"k{n}",) for n in range(20)])
+    close_checkpointed(db)
+    moved = tmp_path / "moved.db"
+    path.rename(moved)  # the database file alone
+    db, created = open_db(moved, V1)
+    assert not created
+    assert db.execute("SELECT count(*) FROM snapshots").fetchone()[0] == 20
     db.close()

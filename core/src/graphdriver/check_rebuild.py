@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .metadata import LayerRecord, Metadata, refuse_reason
-from .sqlite import connect_readonly
+from .sqlite import close_checkpointed, connect_readonly
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,22 @@ def rebuild(db_path: Path, stored: Mapping[str, str | None], name: str) -> list[
     try:
         counts = _fill(meta, stored, salvaged, f"{stamp} by graphdriver check --repair")
         meta.set_meta("driver", name)
+        close_checkpointed(meta.db)  # it is renamed below as one file: its WAL emptied
     finally:
         meta.close()
     done: list[str] = []
-    if db_path.exists():
+    # the old database's WAL goes with it, or alone when the database is lost: a WAL beside
+    # the rebuilt file would be read into it
+    old = [src for src in (db_path, *_sidecars(db_path)) if src.exists()]
+    if old:
         aside = db_path.parent / f"metadata.db.corrupt-{stamp}"
-        for src in (db_path, *_sidecars(db_path)):
-            if src.exists():
-                src.rename(db_path.parent / (aside.name + src.name[len("metadata.db") :]))
-        done.append(f"moved the damaged database aside to {aside}")
+        for src in old:
+            src.rename(db_path.parent / (aside.name + src.name[len("metadata.db") :]))
+        what = "damaged database" if db_path in old else "lost database's WAL"
+        done.append(f"moved the {what} aside to {aside}")
     fresh.rename(db_path)
-    Path(f"{fresh}.present").unlink(missing_ok=True)
+    for leftover in (*_sidecars(fresh), Path(f"{fresh}.present")):
+        leftover.unlink(missing_ok=True)
     what = (
         f"rebuilt the records of {counts[0]} layer(s) ({counts[1]} from the old database, "
         f"the rest from the driver's storage, labelled {REBUILT_LABEL}) and "
