@@ -24,7 +24,8 @@ filesystem in the same loop, who goes first alternating:
 - CLI start-up (``graphdriver --version``, ``graphdriver ls``) beside the venv's
   ``python -c pass``, through the command server the first command starts
   (``Bench.command_server``; so are the CLI's transfers and mounts) and by a process of its
-  own; the first command, which starts the server;
+  own; the first command, which starts the server; a served ``inspect`` with 500 more layers
+  in the store beside the same in the bench's store (what every open costs per layer);
   ``create`` of a child of minbase beside a child of an empty layer;
 - ``mount`` + ``umount`` (CLI, and through the command server) beside ``podman image mount``
   + ``umount`` on a warm store and ``mount -t overlay`` + ``umount``; get + put beside
@@ -61,7 +62,7 @@ from pathlib import Path
 import data
 from bench_core import GD, GNU_TAR, in_process, lib_op
 from figures import Figure, Run, Target, chart, misses, recorded, table, timed
-from library_calls import DEEP_READ, MOUNT, RECORD_SIZE, SMALL_CHANGE
+from library_calls import DEEP_READ, MANY_LAYERS, MOUNT, RECORD_SIZE, SMALL_CHANGE
 
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing.backings import loop_filesystem
@@ -76,6 +77,8 @@ STEPS = ("unpack", "pack", "exact", "small_change", "create", "mounts", "deep_re
          "containerd", "docker")  # fmt: skip
 PODMAN_DRIVER = {"vfs": "vfs", "overlay": "overlay", "btrfs": "btrfs"}
 DEPTH = 128
+#: layers added to the store to see what its size costs every command
+MANY = 500
 #: issue #15's targets
 AS_FAST_AS_TAR = Target(1.1)
 #: data sets whose apply-diff is also measured through the command server (diff: minbase,
@@ -551,6 +554,7 @@ class Bench:
                          ref_cpu=version.ref_cpu)  # fmt: skip
         for _ in range(self.runs):
             first.add(self.first_command())
+        self.many_layers(base)
         run([*self.gd, "create", "empty"])
         empty = self.fig("create empty layer", unit="ms")
         child = self.fig("create child of minbase", ref_name="child of an empty layer", unit="ms",
@@ -562,6 +566,21 @@ class Bench:
                       timed([*self.gd, "create", "--parent", "empty", b]))  # fmt: skip
             run([*self.gd, "rm", a, b, c])
         run([*self.gd, "rm", "empty"])
+
+    def many_layers(self, layer: str) -> None:
+        """What a store's size adds to every command: ``inspect`` of one layer, served, in
+        the bench's store and with MANY more layers in it (every open reads every record and
+        checks the layers' mounts)."""
+        fig = self.fig(f"inspect through the command server, {MANY:,} more layers in the store",
+                       unit="ms", ref_name="the same in the bench's store")  # fmt: skip
+        inspect = [*self.gd, "inspect", layer]
+        refs = [self.through_server(inspect) for _ in range(self.runs)]
+        in_process(MANY_LAYERS, str(self.store), self.driver, "create", str(MANY))
+        try:
+            for ref in refs:
+                fig.add(self.through_server(inspect), ref)
+        finally:
+            in_process(MANY_LAYERS, str(self.store), self.driver, "remove", str(MANY))
 
     # ----------------------------------------------------------------------------- mount
 

@@ -82,3 +82,19 @@ s = open_store(sys.argv[1], sys.argv[2])
 print(s.metadata(sys.argv[3])["exact_diff_record"])
 s.close()
 """
+
+#: make ("create") or remove ("remove") N empty layers named many-0..many-N-1, in chains of 50
+MANY_LAYERS = """
+import sys
+from graphdriver import open_store
+s = open_store(sys.argv[1], sys.argv[2])
+op, n = sys.argv[3], int(sys.argv[4])
+names = [f"many-{i}" for i in range(n)]
+if op == "create":
+    for i, name in enumerate(names):
+        s.create(name, names[i - 1] if i % 50 else None)
+else:
+    for name in reversed(names):
+        s.remove(name)
+s.close()
+"""

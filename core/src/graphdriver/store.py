@@ -89,13 +89,14 @@ class LayerStore(LayerMounts, LayerDiffs):
                 self.driver = driver_cls(self.home, options)
                 if recorded is None:
                     self._first_open()
+                records = self.meta.all()
                 call_os(
                     self.driver.recover,
-                    [_info(r) for r in self.meta.all()],
+                    [_info(r) for r in records],
                     doing=f"recover driver {self.name}",
                 )
             # the apply engine is imported only when a half-applied layer needs it
-            recovery.recover(self, _reset_applied)
+            recovery.recover(self, _reset_applied, records)
         except BaseException:
             if self.meta.created:
                 # a refused first open (the driver cannot run here...) leaves no database, or

@@ -95,6 +95,28 @@ def test_missing_links_are_recreated_at_open(root: Path) -> None:
         s.cleanup()
 
 
+def test_link_repair_reads_only_what_it_needs_and_minds_odd_entries(root: Path) -> None:
+    """The links are read to find the layers that lack one; a layer directory without its
+    ``link`` file yet, a stray file in ``l/`` and a link that names no layer are left alone."""
+    with _open(root) as s:
+        s.create("base")
+        s.create("child", "base")
+    home = root / "overlay"
+    short = (home / "child" / "link").read_text()
+    (home / "l" / short).unlink()
+    (home / "half").mkdir()  # a create cut before it wrote its link file
+    (home / "l" / "STRAY").write_text("not a link")
+    (home / "l" / "DANGLING").symlink_to("../gone/diff")
+    with _open(root) as s:
+        assert os.readlink(home / "l" / short) == "../child/diff"
+        assert (home / "l" / "STRAY").read_text() == "not a link"
+        assert os.readlink(home / "l" / "DANGLING") == "../gone/diff"
+        assert len(list((home / "l").iterdir())) == 4  # base's, child's and the two
+        with s.mounted("child"):
+            pass
+        s.cleanup()
+
+
 def _chain(s: LayerStore, depth: int) -> None:
     s.create("l0")
     with s.mounted("l0") as p:
