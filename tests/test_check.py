@@ -12,6 +12,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -348,21 +349,30 @@ def test_a_damaged_database_is_refused_then_rebuilt(gd: GD, damage: str) -> None
 
 
 def test_a_lost_database_whose_wal_is_left_is_rebuilt_without_it(vfs: GD) -> None:
-    """The commands' WAL stays beside the database; the rebuilt one must not read it."""
+    """A process killed before its close leaves a WAL; if the database is then lost, the
+    rebuilt one must not read that WAL as its own."""
     _image(vfs)
     db = vfs.root / "vfs" / "metadata.db"
+    killed = (
+        "import os, sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "db.execute(\"INSERT OR REPLACE INTO meta VALUES ('stale', 'from the lost WAL')\"); "
+        "os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", killed, str(db)], check=True)
     assert Path(f"{db}-wal").stat().st_size > 0
     db.unlink()
     line = _one_line_error(vfs("ls", check=False))
     assert "is missing although this store had one" in line
     code, lines = _check(vfs, "--repair")
     assert code == 0, lines
-    assert lines[0].startswith(f"repaired: moved the lost database's WAL aside to {db}.corrupt-")
+    aside = str(next(db.parent.glob("metadata.db.corrupt-*-wal")))[: -len("-wal")]
+    assert lines[0] == f"repaired: moved the lost database's -wal/-shm files aside to {aside}"
     assert lines[1].startswith("repaired: rebuilt the records of 3 layer(s)")
     assert sorted(p.name[-4:] for p in db.parent.glob("metadata.db.corrupt-*")) == ["-shm", "-wal"]
     _assert_clean(vfs)
     assert sorted(vfs("ls").out.split()) == ["base", "child", "top"]
-    vfs("create", "new", "--parent", "top")
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='stale'").fetchone() is None
 
 
 def test_a_lost_database_is_refused(vfs: GD) -> None:

@@ -79,19 +79,7 @@ def test_a_lost_database_is_refused(db: Path) -> None:
     assert not db.exists()
 
 
-def test_a_lost_database_whose_wal_is_left_is_refused(db: Path) -> None:
-    """Without its marker too: a new database would take the lost one's WAL for its own."""
-    assert Path(f"{db}-wal").exists()
-    for path in (db, Path(f"{db}.present")):
-        path.unlink()
-    with pytest.raises(StoreError, match=r"is missing although its WAL \(-wal\) is there"):
-        Metadata(db)
-    assert not db.exists()
-
-
 def test_garbage_is_refused_with_a_pointer_to_check(db: Path) -> None:
-    for side in ("-wal", "-shm"):  # (the pages a WAL holds would be read over the garbage)
-        Path(f"{db}{side}").unlink(missing_ok=True)
     db.write_bytes(b"garbage" * 2000)
     with pytest.raises(StoreError, match=r"it is unreadable \(file is not a database\).*check"):
         Metadata(db)

@@ -45,14 +45,14 @@ def rebuild(db_path: Path, stored: Mapping[str, str | None], name: str) -> list[
     finally:
         meta.close()
     done: list[str] = []
-    # the old database's WAL goes with it, or alone when the database is lost: a WAL beside
-    # the rebuilt file would be read into it
+    # the old database's WAL goes with it, or alone when the database is lost (a killed
+    # process leaves one): a WAL beside the rebuilt file would be read into it
     old = [src for src in (db_path, *_sidecars(db_path)) if src.exists()]
     if old:
         aside = db_path.parent / f"metadata.db.corrupt-{stamp}"
         for src in old:
             src.rename(db_path.parent / (aside.name + src.name[len("metadata.db") :]))
-        what = "damaged database" if db_path in old else "lost database's WAL"
+        what = "damaged database" if db_path in old else "lost database's -wal/-shm files"
         done.append(f"moved the {what} aside to {aside}")
     fresh.rename(db_path)
     for leftover in (*_sidecars(fresh), Path(f"{fresh}.present")):

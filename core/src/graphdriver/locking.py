@@ -99,15 +99,9 @@ class FileLock:
             pause = min(pause * 2, 0.05)
 
     def _write_holder(self, doing: str) -> None:
-        """Tell waiters who holds the lock and what for; on a full filesystem they are told
-        of an unknown process, and the command runs on to fail, if it does, where it needs
-        the space (the catalogue says so in one line)."""
+        """Tell waiters who holds the lock and what for."""
         os.ftruncate(self._fd, 0)
-        try:
-            os.pwrite(self._fd, f"{os.getpid()} {doing}\n".encode(), 0)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
+        os.pwrite(self._fd, f"{os.getpid()} {doing}\n".encode(), 0)
 
     @contextlib.contextmanager
     def held(self, doing: str = "changes the store") -> Iterator[None]:

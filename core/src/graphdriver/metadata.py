@@ -148,10 +148,6 @@ def _present_marker(path: Path) -> Path:
     return path.with_name(path.name + ".present")
 
 
-def _wal(path: Path) -> Path:
-    return path.with_name(path.name + "-wal")
-
-
 _MARKER_TEXT = (
     "This store has a metadata database next to this file. If that file is missing or empty, "
     "the layers' records were lost: run `graphdriver check` (see --help) before anything else.\n"
@@ -168,10 +164,7 @@ def refuse_reason(path: Path) -> str | None:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        if had_one:
-            return "is missing although this store had one"
-        # SQLite would read a lost database's WAL into the new one
-        return "is missing although its WAL (-wal) is there" if _wal(path).exists() else None
+        return "is missing although this store had one" if had_one else None
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
     if size == 0 and had_one:
@@ -236,8 +229,7 @@ class Metadata:
         return None if row is None else _record(row)
 
     def all(self) -> list[LayerRecord]:
-        rows = self.db.execute("SELECT * FROM layers ORDER BY created, id").fetchall()
-        return [_record(r) for r in rows]
+        return [_record(r) for r in self.db.execute("SELECT * FROM layers ORDER BY created, id")]
 
     def children(self, layer_id: str) -> list[str]:
         return [

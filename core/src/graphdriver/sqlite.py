@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,10 +29,6 @@ from .errors import StoreError
 FULL_BELOW = 1 << 20
 #: seconds a statement waits for another process's write transaction before giving up
 BUSY_TIMEOUT = 60
-#: bytes a WAL is cut back to when a checkpoint has emptied it
-WAL_SIZE_LIMIT = 8 << 20
-#: sqlite3_db_config's verb for "no checkpoint when the last connection closes"
-_NO_CKPT_ON_CLOSE = 1006
 
 
 def check_hint(path: Path) -> str:
@@ -165,52 +160,16 @@ def connect(
     return db
 
 
-def keep_wal_on_close(db: sqlite3.Connection, path: Path) -> bool:
-    """Ask SQLite to leave the WAL as it is when *db*, the last connection to *path*, closes
-    (``SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE``); whether that was done.
-
-    A close that checkpoints syncs the WAL and the database: after a command that wrote a
-    layer, that sync waits for the filesystem's journal to take the layer's new inodes, 20-50 ms
-    on XFS and btrfs for 10,000 files, in every command that changed the store. Left as it is,
-    the WAL is read by the next connection (SQLite's WAL recovery), and a commit that grows it
-    past ``wal_autocheckpoint`` (1,000 pages) checkpoints it; what a power cut may lose stays
-    what it was between a commit and its close (WAL + ``synchronous=NORMAL``: the last commits,
-    never the database). Python 3.12 has ``Connection.setconfig`` for this; 3.11 reaches the
-    same sqlite3_db_config through the libsqlite3 its ``_sqlite3`` module loaded, and only
-    when that is a shared library already in this process and the handle read from the
-    connection names *path* (else the close checkpoints, as before)."""
-    setconfig = getattr(db, "setconfig", None)
-    verb = getattr(sqlite3, "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
-    if setconfig is not None and verb is not None:
-        setconfig(verb, True)
-        return True
-    if sys.implementation.name != "cpython" or sys.version_info[:2] != (3, 11):
-        return False
-    import ctypes
-
-    try:  # RTLD_NOLOAD: the library _sqlite3 is linked with, or none (a static build)
-        lib = ctypes.CDLL("libsqlite3.so.0", mode=os.RTLD_NOLOAD)
-    except OSError:
-        return False
-    # CPython 3.11's pysqlite_Connection: PyObject_HEAD, then its sqlite3 *db
-    handle = ctypes.c_void_p.from_address(id(db) + object.__basicsize__).value
-    lib.sqlite3_db_filename.restype = ctypes.c_char_p
-    lib.sqlite3_db_filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    named = lib.sqlite3_db_filename(handle, b"main") if handle else None
-    if not named or os.path.realpath(named) != os.fsencode(os.path.realpath(path)):
-        return False
-    lib.sqlite3_db_config.restype = ctypes.c_int
-    done = ctypes.c_int(-1)
-    code = lib.sqlite3_db_config(
-        ctypes.c_void_p(handle), _NO_CKPT_ON_CLOSE, ctypes.c_int(1), ctypes.byref(done)
-    )
-    return code == 0 and done.value == 1
-
-
 def close_checkpointed(db: sqlite3.Connection) -> None:
-    """Close *db* with its WAL written into the database file and emptied: for a database
-    that is then renamed or copied as one file."""
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    """Close *db* with its WAL written into the database file and emptied, even if another
+    connection is open (which a plain close would leave it to): for a database that is then
+    renamed as one file. A checkpoint another connection keeps from finishing is an error."""
+    busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    if busy:
+        raise StoreError(
+            f"{getattr(db, 'where', 'database')}: its WAL could not be emptied "
+            f"(another process has it open); try again"
+        )
     db.close()
 
 
@@ -334,9 +293,6 @@ def open_db(
         # WAL + NORMAL survives a killed process; a power cut may lose the last commits
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
-        keep_wal_on_close(db, path)
-        # the WAL a close leaves is cut back to this when a checkpoint empties it
-        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         created = migrate(db, path, schema)
     except BaseException:
         db.close()
