@@ -570,7 +570,8 @@ class Bench:
     def many_layers(self, layer: str) -> None:
         """What a store's size adds to every command: ``inspect`` of one layer, served, in
         the bench's store and with MANY more layers in it (every open reads every record and
-        checks the layers' mounts)."""
+        checks the layers' mounts). Not interleaved: the reference runs come first, then the
+        runs with the layers, which take seconds to make and remove."""
         fig = self.fig(f"inspect through the command server, {MANY:,} more layers in the store",
                        unit="ms", ref_name="the same in the bench's store")  # fmt: skip
         inspect = [*self.gd, "inspect", layer]

@@ -366,7 +366,10 @@ def test_a_lost_database_whose_wal_is_left_is_rebuilt_without_it(vfs: GD) -> Non
     code, lines = _check(vfs, "--repair")
     assert code == 0, lines
     aside = str(next(db.parent.glob("metadata.db.corrupt-*-wal")))[: -len("-wal")]
-    assert lines[0] == f"repaired: moved the lost database's -wal/-shm files aside to {aside}"
+    assert (
+        lines[0]
+        == f"repaired: moved what the lost database left aside, as {aside}-wal, {aside}-shm"
+    )
     assert lines[1].startswith("repaired: rebuilt the records of 3 layer(s)")
     assert sorted(p.name[-4:] for p in db.parent.glob("metadata.db.corrupt-*")) == ["-shm", "-wal"]
     _assert_clean(vfs)

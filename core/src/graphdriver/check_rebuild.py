@@ -50,10 +50,13 @@ def rebuild(db_path: Path, stored: Mapping[str, str | None], name: str) -> list[
     old = [src for src in (db_path, *_sidecars(db_path)) if src.exists()]
     if old:
         aside = db_path.parent / f"metadata.db.corrupt-{stamp}"
-        for src in old:
-            src.rename(db_path.parent / (aside.name + src.name[len("metadata.db") :]))
-        what = "damaged database" if db_path in old else "lost database's -wal/-shm files"
-        done.append(f"moved the {what} aside to {aside}")
+        moved = [db_path.parent / (aside.name + src.name[len("metadata.db") :]) for src in old]
+        for src, dst in zip(old, moved, strict=True):
+            src.rename(dst)
+        if db_path in old:
+            done.append(f"moved the damaged database aside to {aside}")
+        else:
+            done.append(f"moved what the lost database left aside, as {', '.join(map(str, moved))}")
     fresh.rename(db_path)
     for leftover in (*_sidecars(fresh), Path(f"{fresh}.present")):
         leftover.unlink(missing_ok=True)

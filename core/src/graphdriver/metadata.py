@@ -229,7 +229,8 @@ class Metadata:
         return None if row is None else _record(row)
 
     def all(self) -> list[LayerRecord]:
-        return [_record(r) for r in self.db.execute("SELECT * FROM layers ORDER BY created, id")]
+        rows = self.db.execute("SELECT * FROM layers ORDER BY created, id").fetchall()
+        return [_record(r) for r in rows]
 
     def children(self, layer_id: str) -> list[str]:
         return [

@@ -52,12 +52,10 @@ _info = layer_info
 Reset = Callable[["LayerStore", LayerRecord], None]
 
 
-def recover(store: LayerStore, reset: Reset, records: Sequence[LayerRecord] | None = None) -> None:
-    """Look for what a dead process left (in *records*, the store's as just read, or read now
-    without the store lock); recover it under the lock. A half-applied layer is emptied with
-    *reset* (apply-diff's own rollback)."""
-    if records is None:
-        records = store.meta.all()
+def recover(store: LayerStore, reset: Reset, records: Sequence[LayerRecord]) -> None:
+    """Look for what a dead process left in *records* (the store's, as the open read them
+    under its lock); recover it under the lock, reading them again there. A half-applied
+    layer is emptied with *reset* (apply-diff's own rollback)."""
     if not any(r.state in IN_FLIGHT for r in records) and not _mounts_disagree(store, records):
         return
     with store.locked("recover the store"):

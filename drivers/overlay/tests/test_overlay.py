@@ -18,6 +18,7 @@ import pytest
 from graphdriver import (
     DriverUnavailable,
     GraphDriverError,
+    InvalidLayerId,
     InvalidOption,
     LayerStore,
     MaxDepthExceeded,
@@ -95,25 +96,51 @@ def test_missing_links_are_recreated_at_open(root: Path) -> None:
         s.cleanup()
 
 
-def test_link_repair_reads_only_what_it_needs_and_minds_odd_entries(root: Path) -> None:
-    """The links are read to find the layers that lack one; a layer directory without its
-    ``link`` file yet, a stray file in ``l/`` and a link that names no layer are left alone."""
+def test_link_repair_goes_by_each_layers_link_file(root: Path) -> None:
+    """A link that names a layer is not that layer's link (a create cut between its symlink
+    and its link file leaves one, and the layer made again gets another); a layer directory
+    without its link file yet, a stray file and a dangling link in ``l/`` are left alone."""
     with _open(root) as s:
         s.create("base")
+        with s.mounted("base") as p:
+            (p / "f").write_text("from base")
         s.create("child", "base")
+        s.create("grandchild", "child")
     home = root / "overlay"
     short = (home / "child" / "link").read_text()
     (home / "l" / short).unlink()
-    (home / "half").mkdir()  # a create cut before it wrote its link file
+    (home / "l" / "ORPHAN").symlink_to("../child/diff")  # the cut create's
+    (home / "half").mkdir()  # a create cut before it wrote anything else
     (home / "l" / "STRAY").write_text("not a link")
     (home / "l" / "DANGLING").symlink_to("../gone/diff")
-    with _open(root) as s:
+    with _open(root, mount_api="classic") as s:  # lowerdir=l/<short>:...
         assert os.readlink(home / "l" / short) == "../child/diff"
         assert (home / "l" / "STRAY").read_text() == "not a link"
         assert os.readlink(home / "l" / "DANGLING") == "../gone/diff"
-        assert len(list((home / "l").iterdir())) == 4  # base's, child's and the two
+        with s.mounted("grandchild") as p:
+            assert (p / "f").read_text() == "from base"
+        s.cleanup()
+
+
+@pytest.mark.parametrize("name", ["l", "inflight", "lock", "metadata.db", "metadata.db-wal"])
+def test_a_layer_id_that_names_the_homes_own_files_is_refused(root: Path, name: str) -> None:
+    """The layers' directories sit beside ``l/``, ``inflight/``, the lock and the database:
+    a layer of one of those names was refused only by its mkdir, and the rollback of that
+    failed create then deleted what the name named."""
+    with _open(root) as s:
+        s.create("base")
+        s.create("child", "base")
+        home = root / "overlay"
+        before = sorted(p.name for p in home.iterdir())
+        links = sorted(p.name for p in (home / "l").iterdir())
+        with pytest.raises(InvalidLayerId, match="keeps that name for its own files"):
+            s.create(name, "base")
+        assert sorted(p.name for p in home.iterdir()) == before
+        assert sorted(p.name for p in (home / "l").iterdir()) == links
+        assert sorted(s.layers()) == ["base", "child"]
         with s.mounted("child"):
             pass
+        s.create("after", "child")
         s.cleanup()
 
 

@@ -30,6 +30,7 @@ from graphdriver import (
     CreateOpts,
     Driver,
     DriverUnavailable,
+    InvalidLayerId,
     InvalidOption,
     LayerInfo,
     MountEntry,
@@ -85,6 +86,17 @@ def _short_id() -> str:
     # 32 letters: a random byte's low five bits pick one without bias (secrets would import
     # hashlib and OpenSSL, 6 ms of every command)
     return "".join(_LINK_ALPHABET[b & 31] for b in os.urandom(26))
+
+
+#: what the store and this driver keep in the home beside the layers' directories
+_KEPT = frozenset({"l", "inflight", "lock"})
+
+
+def _kept_name(layer_id: str) -> bool:
+    """Whether *layer_id* names one of the home's own entries (``l/``, ``inflight/``, the
+    store lock, ``metadata.db`` and the files beside it), which a layer of that id would
+    collide with: its failed create's rollback removed them."""
+    return layer_id in _KEPT or layer_id.startswith("metadata.db")
 
 
 class OverlayDriver(Driver):
@@ -188,28 +200,26 @@ class OverlayDriver(Driver):
         return have and wanted != "classic"
 
     def _repair_links(self) -> None:
-        """Recreate ``l/`` links that went missing (containers/storage #326). Every open does
-        this, so the links are read (one readlink each) to find the layers none names, and
-        only those layers' ``link`` files are read: 1.5 ms for 500 layers, not 23."""
-        named = set()
-        with os.scandir(self.home / "l") as links:
-            for entry in links:
-                with contextlib.suppress(OSError):  # not a link: never one of ours
-                    named.add(os.readlink(entry.path))
+        """Recreate ``l/`` links that went missing (containers/storage #326): each layer's
+        ``link`` file names its link. Every open does this, so ``l/`` is listed once and each
+        small file is read with bare os calls (500 layers: 3 ms; 23 through pathlib)."""
+        with os.scandir(self.home / "l") as entries:
+            links = {entry.name for entry in entries if entry.is_symlink()}
         with os.scandir(self.home) as layers:
             for entry in layers:
-                if is_layer_id(entry.name) and f"../{entry.name}/diff" not in named:
-                    self._repair_link(entry.name)
-
-    def _repair_link(self, layer_id: str) -> None:
-        try:
-            short = (self.home / layer_id / "link").read_text().strip()
-        except (FileNotFoundError, NotADirectoryError):
-            return  # not a layer's directory, or one whose create has not written it yet
-        target = self.home / "l" / short
-        if not target.is_symlink():
-            log.warning("recreating missing link l/%s for layer %s", short, layer_id)
-            target.symlink_to(Path("..") / layer_id / "diff")
+                if not is_layer_id(entry.name):
+                    continue
+                try:
+                    fd = os.open(f"{entry.path}/link", os.O_RDONLY | os.O_CLOEXEC)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # not a layer's directory, or a create cut before its link file
+                try:
+                    short = os.read(fd, 256).decode(errors="surrogateescape").strip()
+                finally:
+                    os.close(fd)
+                if short and short not in links:
+                    log.warning("recreating missing link l/%s for layer %s", short, entry.name)
+                    (self.home / "l" / short).symlink_to(Path("..") / entry.name / "diff")
 
     # ---------------------------------------------------------------------------- paths
 
@@ -225,6 +235,11 @@ class OverlayDriver(Driver):
     # ---------------------------------------------------------------------------- lifecycle
 
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
+        if _kept_name(layer.id):
+            raise InvalidLayerId(
+                f"invalid layer id {layer.id!r}: the overlay driver keeps that name for its own "
+                f"files beside the layers' directories"
+            )
         d = self._dir(layer)
         d.mkdir(0o700)
         diff = d / "diff"
@@ -263,6 +278,8 @@ class OverlayDriver(Driver):
         (self._dir(layer) / "projid").write_text(str(project))
 
     def remove(self, layer: LayerInfo) -> None:
+        if _kept_name(layer.id):
+            return  # never a layer's directory (create refused the name): nothing to undo
         d = self._dir(layer)
         merged = d / "merged"
         if os.path.ismount(merged):
