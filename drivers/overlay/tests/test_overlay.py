@@ -141,6 +141,9 @@ def test_a_layer_id_that_names_the_homes_own_files_is_refused(root: Path, name: 
         with s.mounted("child"):
             pass
         s.create("after", "child")
+        s.create("metadata.dbx", "child")  # only the names in use are kept
+        s.remove("metadata.dbx")
+        assert not (home / "metadata.dbx").exists()
         s.cleanup()
 
 

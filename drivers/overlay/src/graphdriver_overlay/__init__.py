@@ -89,14 +89,14 @@ def _short_id() -> str:
 
 
 #: what the store and this driver keep in the home beside the layers' directories
-_KEPT = frozenset({"l", "inflight", "lock"})
+_KEPT = frozenset({"l", "inflight", "lock", "metadata.db"})
 
 
 def _kept_name(layer_id: str) -> bool:
     """Whether *layer_id* names one of the home's own entries (``l/``, ``inflight/``, the
     store lock, ``metadata.db`` and the files beside it), which a layer of that id would
     collide with: its failed create's rollback removed them."""
-    return layer_id in _KEPT or layer_id.startswith("metadata.db")
+    return layer_id in _KEPT or layer_id.startswith(("metadata.db.", "metadata.db-"))
 
 
 class OverlayDriver(Driver):
@@ -278,9 +278,9 @@ class OverlayDriver(Driver):
         (self._dir(layer) / "projid").write_text(str(project))
 
     def remove(self, layer: LayerInfo) -> None:
-        if _kept_name(layer.id):
-            return  # never a layer's directory (create refused the name): nothing to undo
         d = self._dir(layer)
+        if _kept_name(layer.id) and not (d / "diff").is_dir():
+            return  # the home's own entry, not a layer's (create refused the name)
         merged = d / "merged"
         if os.path.ismount(merged):
             self.unmount(layer)
