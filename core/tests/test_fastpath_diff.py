@@ -53,6 +53,8 @@ def _layer(root: Path) -> set[str]:
     _file(root, "dir/üñí", b"not ASCII")
     _file(root, "user-xattr", b"i")
     os.setxattr(root / "user-xattr", "user.note", b"kept")
+    _file(root, "dir/empty-user-xattr", b"")  # (listed through the fd it opens in dir/)
+    os.setxattr(root / "dir/empty-user-xattr", "user.note", b"kept")
     _file(root, "kernel-copy", b"j" * KERNEL_COPY)
     _file(root, "linked", b"k")
     os.link(root / "linked", root / "link")
@@ -101,6 +103,7 @@ def test_the_c_call_takes_the_plain_files_and_gives_the_same_tar(
     assert got["fraction"].pax_headers["mtime"] == "1700000000.12"
     assert got["setuid"].mode == 0o4755 and got["linked"].linkname == "link"  # (sorted first)
     assert got["user-xattr"].pax_headers["SCHILY.xattr.user.note"] == "kept"
+    assert got["dir/empty-user-xattr"].pax_headers["SCHILY.xattr.user.note"] == "kept"
     assert "SCHILY.xattr.trusted.overlay.origin" not in got["overlay-own-xattr"].pax_headers
 
 
@@ -126,6 +129,20 @@ def test_a_file_gone_is_the_same_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as in_python:
         os.lstat(gone)
     assert in_c.value.filename == in_python.value.filename == gone
+
+
+def test_a_file_gone_from_its_directory_is_named_whole(tmp_path: Path) -> None:
+    """Looked up by its name in its directory's descriptor, a file is named in an error by
+    its whole path, as os.lstat names it."""
+    _needs_the_c_loops()
+    gone = str(tmp_path / "gone")
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileNotFoundError) as in_c:
+            TarWriter(write=io.BytesIO().write).add_plain(gone, "gone", fd, "gone")
+    finally:
+        os.close(fd)
+    assert in_c.value.filename == gone
 
 
 def test_an_empty_file_with_many_xattrs_keeps_them(

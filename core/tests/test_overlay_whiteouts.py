@@ -171,3 +171,35 @@ def test_upper_over_two_lowers_gives_the_tree_compare(tmp_path: Path) -> None:
         assert tars[0] == tars[1]
     finally:
         unmount_all_under(tmp_path)
+
+
+def test_a_deep_tree_over_many_lowers_needs_few_descriptors(tmp_path: Path) -> None:
+    """The compare looks names up in directories it opens (one path component each), and
+    closes a level's before going down: 40 lowers that each hold a 30-deep directory chain
+    (1,200 directories on the way down, past the usual limit of 1,024 descriptors) compare
+    with 64 descriptors free, in an overlay upper and in a plain tree alike."""
+    import resource
+
+    chain = "/".join(f"d{i}" for i in range(30))
+    lowers = [tmp_path / f"lower{i:02d}" for i in range(40)]
+    for i, lower in enumerate(lowers):
+        (lower / chain).mkdir(parents=True)
+        (lower / chain / f"only-in-{i:02d}").write_text("below")
+    upper, new = tmp_path / "upper", tmp_path / "new"
+    for tree in (upper, new):
+        (tree / chain).mkdir(parents=True)
+        (tree / chain / "only-in-00").write_text("changed")
+        (tree / chain / "added").write_text("new")
+    shutil.copytree(lowers[0], tmp_path / "old", symlinks=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 64, hard))
+    try:
+        got = overlay_changes(str(upper), [str(p) for p in lowers])
+        plain = tree_changes(str(new), str(tmp_path / "old"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    want = [(f"/{chain}/added", ChangeKind.ADD), (f"/{chain}/only-in-00", ChangeKind.MODIFY)]
+    assert [(c.path, c.kind) for c in got if "/d29/" in c.path] == want
+    assert [(c.path, c.kind) for c in plain if "/d29/" in c.path] == want
+    assert len(got) == len(plain) == 32  # and each directory above, as modified

@@ -29,7 +29,15 @@ def replay_run(
 ) -> tuple[int, int, int, int]: ...
 def first_changed(items: list[tuple[str, tuple[int, int, int]]], i: int, top_fd: int, /) -> int: ...
 def plain_entry(
-    path: str, arcname: str, wbuf: memoryview, wpos: int, skip: bytes, large: int, /
+    path: str,
+    arcname: str,
+    wbuf: memoryview,
+    wpos: int,
+    skip: bytes,
+    large: int,
+    dir_fd: int,
+    name: str,
+    /,
 ) -> int: ...
 def check_rows(paths: list[str], rows: dict[str, bytes], tag: bytes, /) -> bytes: ...
 def keep_heap(mmap_threshold: int, trim_threshold: int, /) -> bool: ...

@@ -83,12 +83,45 @@ def _unchanged(
     return True
 
 
+#: a directory read by os.scandir(fd); one only looked in (fstatat) needs no read permission
+_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_LOOK_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_S_IFMT = 0o170000
+
+
 def _scan(path: str) -> dict[str, os.stat_result]:
-    out = {}
-    with os.scandir(path) as it:
-        for entry in it:
-            out[entry.name] = entry.stat(follow_symlinks=False)
-    return out
+    # the entries are stat'ed relative to the directory's fd: one path component each, where
+    # the whole path (deep in the store) cost as much again to resolve
+    fd = os.open(path, _READ_DIR)
+    try:
+        with os.scandir(fd) as it:
+            return {entry.name: entry.stat(follow_symlinks=False) for entry in it}
+    finally:
+        os.close(fd)
+
+
+class _Stack:
+    """The directories of the old side at one directory of the new (nearest first), each
+    opened on its first lookup and all closed by :meth:`close`, before the compare goes down:
+    a deep tree over many layers holds no more descriptors than one level needs."""
+
+    __slots__ = ("fds", "paths")
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.fds: list[int] = [-1] * len(paths)
+
+    def fd(self, i: int) -> int:
+        fd = self.fds[i]
+        if fd < 0:
+            fd = self.fds[i] = os.open(self.paths[i], _LOOK_DIR)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds:
+            if fd >= 0:
+                os.close(fd)
+        self.fds = [-1] * len(self.paths)
 
 
 _Links = dict[tuple[int, int], list[str]]
@@ -125,39 +158,48 @@ class _Compare:
     def add_all(self, path: str, rel: str) -> None:
         """Everything below the new directory *path* is added; the directory's entry types
         (d_type) say which to stat: files for their links, others for overlay whiteouts."""
-        with os.scandir(path) as it:
-            for entry in it:
-                child = rel + "/" + entry.name
-                if entry.is_dir(follow_symlinks=False):
+        down: list[tuple[str, str]] = []
+        fd = os.open(path, _READ_DIR)
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    child = rel + "/" + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        self.out.append(Change(child, ChangeKind.ADD))
+                        down.append((path + "/" + entry.name, child))
+                        continue
+                    if entry.is_file(follow_symlinks=False):
+                        if self.linking:
+                            self.note_link(entry.stat(follow_symlinks=False), child)
+                    elif (
+                        self.overlay
+                        and not entry.is_symlink()
+                        and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
+                    ):
+                        continue  # nothing below a new directory for it to hide
                     self.out.append(Change(child, ChangeKind.ADD))
-                    self.add_all(entry.path, child)
-                    continue
-                if entry.is_file(follow_symlinks=False):
-                    if self.linking:
-                        self.note_link(entry.stat(follow_symlinks=False), child)
-                elif (
-                    self.overlay
-                    and not entry.is_symlink()
-                    and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
-                ):
-                    continue  # nothing below a new directory for it to hide
-                self.out.append(Change(child, ChangeKind.ADD))
+        finally:
+            os.close(fd)
+        for sub, child in down:  # one directory open at a time, however deep the tree
+            self.add_all(sub, child)
 
-    def lookup(self, stack: list[str], name: str) -> tuple[_Old | None, list[str]]:
+    def lookup(self, stack: _Stack, name: str) -> tuple[_Old | None, list[str]]:
         """The entry *name* of the merged *stack*, and the stack of directories at it."""
         found: _Old | None = None
         below: list[str] = []
-        for d in stack:
-            p = d + "/" + name
+        fds = stack.fds
+        for i, d in enumerate(stack.paths):
             try:
-                st = os.lstat(p)
+                st = os.lstat(name, dir_fd=fds[i] if fds[i] >= 0 else stack.fd(i))
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if self.overlay and whiteout.is_overlay_whiteout(st):
+            kind = st.st_mode & _S_IFMT
+            if self.overlay and kind == stat.S_IFCHR and st.st_rdev == 0:  # a whiteout
                 break
+            p = d + "/" + name
             if found is None:
                 found = (st, p)
-            if not stat.S_ISDIR(st.st_mode):
+            if kind != stat.S_IFDIR:
                 break  # a file hides what is below it; a directory above hides the file
             below.append(p)
             if self.overlay and whiteout.is_overlay_opaque(p):
@@ -169,15 +211,20 @@ class _Compare:
         seen: dict[str, _Old] = {}
         hidden: set[str] = set()
         for d in stack:
-            with os.scandir(d) as it:
-                for entry in it:
-                    if entry.name in seen or entry.name in hidden:
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                    if self.overlay and whiteout.is_overlay_whiteout(st):
-                        hidden.add(entry.name)
-                    else:
-                        seen[entry.name] = (st, entry.path)
+            fd = os.open(d, _READ_DIR)
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        name = entry.name
+                        if name in seen or name in hidden:
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                        if self.overlay and whiteout.is_overlay_whiteout(st):
+                            hidden.add(name)
+                        else:
+                            seen[name] = (st, d + "/" + name)
+            finally:
+                os.close(fd)
         return seen
 
     def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
@@ -190,52 +237,64 @@ class _Compare:
         """
         new = _scan(new_dir)
         old = self.scan_old(stack) if full else {}
-        present: set[str] = set()
+        olds = _Stack(stack)
+        out = self.out
+        overlay = self.overlay
+        #: the directories on both sides, compared once this one's descriptors are closed
+        down: list[tuple[str, str, list[str], bool, os.stat_result, os.stat_result, str]] = []
         changed = False
-        for name, nst in new.items():
-            child = rel + "/" + name
-            npath = new_dir + "/" + name
-            if self.overlay and whiteout.is_overlay_whiteout(nst):
-                if not full and self.lookup(stack, name)[0] is not None:
-                    self.out.append(Change(child, ChangeKind.DELETE))
+        lookup, links = self.lookup, self.links
+        try:
+            for name, nst in new.items():
+                child = rel + "/" + name
+                npath = new_dir + "/" + name
+                kind = nst.st_mode & _S_IFMT
+                if overlay and kind == stat.S_IFCHR and nst.st_rdev == 0:  # a whiteout
+                    if not full and lookup(olds, name)[0] is not None:
+                        out.append(Change(child, ChangeKind.DELETE))
+                        changed = True
+                    continue
+                if nst.st_nlink > 1 and kind == stat.S_IFREG:  # (note_link)
+                    links.setdefault((nst.st_dev, nst.st_ino), []).append(child)
+                below: list[str] | None = None
+                if full:
+                    found = old.pop(name, None)
+                else:
+                    found, below = lookup(olds, name)
+                if found is None:
+                    out.append(Change(child, ChangeKind.ADD))
+                    if stat.S_ISDIR(nst.st_mode):
+                        self.add_all(npath, child)
                     changed = True
-                continue
-            present.add(name)
-            self.note_link(nst, child)
-            below: list[str] | None = None
-            if full:
-                found = old.get(name)
-            else:
-                found, below = self.lookup(stack, name)
-            if found is None:
-                self.out.append(Change(child, ChangeKind.ADD))
-                if stat.S_ISDIR(nst.st_mode):
-                    self.add_all(npath, child)
-                changed = True
-                continue
-            ost, opath = found
-            if stat.S_ISDIR(nst.st_mode) and stat.S_ISDIR(ost.st_mode):
-                if below is None:  # a plain tree's stack is the one old directory
-                    below = self.lookup(stack, name)[1] if self.overlay else [opath]
-                opaque = full or (self.overlay and whiteout.is_overlay_opaque(npath))
-                inner = self.compare(npath, child, below, opaque)
-                if inner or not _unchanged(nst, ost, npath, opath, self.boundary_ns):
-                    self.out.append(Change(child, ChangeKind.MODIFY))
+                    continue
+                ost, opath = found
+                new_is_dir, old_is_dir = stat.S_ISDIR(nst.st_mode), stat.S_ISDIR(ost.st_mode)
+                if new_is_dir and old_is_dir:
+                    if below is None:  # a plain tree's stack is the one old directory
+                        below = self.lookup(olds, name)[1] if overlay else [opath]
+                    opaque = full or (overlay and whiteout.is_overlay_opaque(npath))
+                    down.append((npath, child, below, opaque, nst, ost, opath))
+                    continue
+                if old_is_dir != new_is_dir:
+                    # a directory replaced by a file or the reverse: the tar must drop the old
+                    out.append(Change(child, ChangeKind.MODIFY))
+                    if new_is_dir:
+                        self.add_all(npath, child)
                     changed = True
-                continue
-            if stat.S_ISDIR(ost.st_mode) != stat.S_ISDIR(nst.st_mode):
-                # a directory replaced by a file or the reverse: the tar must drop the old one
-                self.out.append(Change(child, ChangeKind.MODIFY))
-                if stat.S_ISDIR(nst.st_mode):
-                    self.add_all(npath, child)
-                changed = True
-                continue
-            if not _unchanged(nst, ost, npath, opath, self.boundary_ns):
-                self.out.append(Change(child, ChangeKind.MODIFY))
-                changed = True
-        for name in old.keys() - present:
-            self.out.append(Change(rel + "/" + name, ChangeKind.DELETE))
+                    continue
+                if not _unchanged(nst, ost, npath, opath, self.boundary_ns):
+                    out.append(Change(child, ChangeKind.MODIFY))
+                    changed = True
+        finally:
+            olds.close()
+        for name in old:  # what the new side lacks
+            out.append(Change(rel + "/" + name, ChangeKind.DELETE))
             changed = True
+        for npath, child, below, opaque, nst, ost, opath in down:
+            inner = self.compare(npath, child, below, opaque)
+            if inner or not _unchanged(nst, ost, npath, opath, self.boundary_ns):
+                out.append(Change(child, ChangeKind.MODIFY))
+                changed = True
         return changed
 
     def complete_links(self) -> None:

@@ -178,21 +178,25 @@ class TarWriter:
             done += n
         return done
 
-    def add_plain(self, path: str, arcname: str) -> bool:
+    def add_plain(self, path: str, arcname: str, dir_fd: int = -1, name: str = "") -> bool:
         """:meth:`add_path` of the file at *path* in C (``_fastpath.plain_entry``: its lstat,
         open, xattr listing, read and header, and no Python per call but this), if it is the
         entry nearly every generated diff is made of: a regular file of one link and less
         than :data:`KERNEL_COPY` bytes, with a name and numbers :func:`.tar.plain_header`
         takes and no xattr but overlayfs's own; the same bytes as :meth:`add_path`. False,
         having added nothing, for any other (:meth:`add_path` then takes it), or where the C
-        loops were not built."""
+        loops were not built. With *dir_fd*, an open directory that holds the file as
+        *name*, the calls look it up there (*path* names it in errors)."""
         if not fastpath.ENABLED:
             return False
         assert fastpath.plain_entry is not None
-        pos = fastpath.plain_entry(path, arcname, self._buf, self._pos, _SKIP_BYTES, KERNEL_COPY)
+        buf, skip = self._buf, _SKIP_BYTES
+        pos = fastpath.plain_entry(
+            path, arcname, buf, self._pos, skip, KERNEL_COPY, dir_fd, name
+        )  # fmt: skip
         if pos == _NO_ROOM:
             self.flush()
-            pos = fastpath.plain_entry(path, arcname, self._buf, 0, _SKIP_BYTES, KERNEL_COPY)
+            pos = fastpath.plain_entry(path, arcname, buf, 0, skip, KERNEL_COPY, dir_fd, name)
         if pos < 0:
             return False
         self._pos = pos
@@ -309,14 +313,50 @@ def write_changes_tar(
     so the same changes give the same bytes on every driver.
     """
     del source  # kept for callers; the entries do not depend on it
-    for change in changes:
-        arc = _arc(change.path)
-        head, _, base = arc.rpartition("/")
-        prefix = head + "/" if head else ""
-        if change.kind == ChangeKind.DELETE:
-            writer.add_whiteout(prefix + whiteout.whiteout_name(base))
-            continue
-        full = root + change.path
-        if not writer.add_plain(full, arc):
-            writer.add_path(full, arc, os.lstat(full))
+    parent = _Parent(root if fastpath.ENABLED else None)
+    try:
+        for change in changes:
+            arc = _arc(change.path)
+            head, _, base = arc.rpartition("/")
+            if change.kind == ChangeKind.DELETE:
+                prefix = head + "/" if head else ""
+                writer.add_whiteout(prefix + whiteout.whiteout_name(base))
+                continue
+            full = root + change.path
+            if not writer.add_plain(full, arc, parent.fd(head), base):
+                writer.add_path(full, arc, os.lstat(full))
+    finally:
+        parent.close()
     writer.close()
+
+
+class _Parent:
+    """The directory of the entries being written, open while they are (a changes list in
+    its order keeps a directory's files together), so that the C call looks each file up by
+    its name in it; -1 where it cannot be opened (the path is then looked up whole), and
+    always without the C call (*root* None)."""
+
+    __slots__ = ("dir_fd", "head", "root")
+
+    def __init__(self, root: str | None) -> None:
+        self.root = root
+        self.head: str | None = None
+        self.dir_fd = -1
+
+    def fd(self, head: str) -> int:
+        if head != self.head and self.root is not None:
+            self.close()
+            self.head = head
+            try:
+                self.dir_fd = os.open(
+                    self.root + "/" + head if head else self.root,
+                    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                )  # fmt: skip
+            except OSError:
+                self.dir_fd = -1  # (the whole path then gives the error, as it did)
+        return self.dir_fd
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
