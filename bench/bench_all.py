@@ -62,7 +62,14 @@ from pathlib import Path
 import data
 from bench_core import GD, GNU_TAR, in_process, lib_op
 from figures import Figure, Run, Target, chart, misses, recorded, table, timed
-from library_calls import DEEP_READ, MANY_LAYERS, MOUNT, RECORD_SIZE, SMALL_CHANGE
+from library_calls import (
+    CHANGES_VS_WALK,
+    DEEP_READ,
+    MANY_LAYERS,
+    MOUNT,
+    RECORD_SIZE,
+    SMALL_CHANGE,
+)
 
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing.backings import loop_filesystem
@@ -531,6 +538,27 @@ class Bench:
         for path in (out, ref_out):
             path.unlink()
         data.rmtree(changed)
+        self.installed()
+
+    def installed(self) -> None:
+        """changes() of a container layer on minbase into which the apt layer was unpacked
+        by GNU tar (~1,500 changes, in dirs minbase fills: /usr/bin, /var/lib/dpkg/info...),
+        beside the tree compare of the two mounted trees, in one process (library calls)."""
+        layer = self.fresh("installed")
+        run([*self.gd, "create", "--rw", "--parent", self.base(), layer])
+        root = run([*self.gd, "mount", layer]).strip()
+        try:
+            run([*GNU_TAR, "-C", root, "-xf", str(self.tar("apt"))])
+        finally:
+            run([*self.gd, "umount", layer])
+        got = json.loads(in_process(CHANGES_VS_WALK, str(self.store), self.driver, layer,
+                                    self.base(), str(self.runs)))  # fmt: skip
+        name = "changes, apt's files unpacked in a container layer on minbase"
+        walk = "the tree compare of the layer and its parent"
+        fig = self.fig(name, "lib", unit="ms", ref_name=walk)
+        fig.ours, fig.ours_cpu = got["changes"], got["changes_cpu"]
+        fig.ref, fig.ref_cpu = got["walk"], got["walk_cpu"]
+        run([*self.gd, "rm", layer])
 
     # ---------------------------------------------------------------------------- create
 

@@ -20,6 +20,24 @@ s.close()
 print(json.dumps(got))
 """
 
+#: changes() of a layer beside the tree compare of its mounted tree against its parent's (what
+#: the store does where a driver lists no changes of its own), the two held to the same list
+CHANGES_VS_WALK = """
+import json, sys
+from figures import timed_calls
+from graphdriver import open_store
+from graphdriver.archive import tree_changes
+store, driver, layer, parent, runs = sys.argv[1:6]
+s = open_store(store, driver)
+with s.mounted(layer) as top, s.mounted(parent) as below:
+    def walk():
+        return tree_changes(str(top), str(below))
+    assert s.changes(layer) == walk(), "changes() and the walk disagree"
+    got = timed_calls({"changes": lambda: s.changes(layer), "walk": walk}, int(runs))
+s.close()
+print(json.dumps(got))
+"""
+
 #: get + put of an overlay container layer beside mount(2) + umount2(2) of its directories
 MOUNT = """
 import json, sys

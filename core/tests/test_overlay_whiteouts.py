@@ -6,6 +6,8 @@ import io
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,33 +175,74 @@ def test_upper_over_two_lowers_gives_the_tree_compare(tmp_path: Path) -> None:
         unmount_all_under(tmp_path)
 
 
-def test_a_deep_tree_over_many_lowers_needs_few_descriptors(tmp_path: Path) -> None:
-    """The compare looks names up in directories it opens (one path component each), and
-    closes a level's before going down: 40 lowers that each hold a 30-deep directory chain
-    (1,200 directories on the way down, past the usual limit of 1,024 descriptors) compare
-    with 64 descriptors free, in an overlay upper and in a plain tree alike."""
+def test_many_lowers_and_a_deep_new_tree_need_few_descriptors(tmp_path: Path) -> None:
+    """The compare looks names up in directories it opens, a few at a time: 300 lowers in
+    which a name new at one level is looked for (one descriptor each would be 300), under a
+    130-deep new directory chain (the old walk held a listing open per level), compare with
+    32 descriptors free, in an overlay upper and in a plain tree alike."""
     import resource
 
-    chain = "/".join(f"d{i}" for i in range(30))
-    lowers = [tmp_path / f"lower{i:02d}" for i in range(40)]
+    lowers = [tmp_path / f"lower{i:03d}" for i in range(300)]
     for i, lower in enumerate(lowers):
-        (lower / chain).mkdir(parents=True)
-        (lower / chain / f"only-in-{i:02d}").write_text("below")
+        (lower / "etc").mkdir(parents=True)
+        (lower / "etc" / f"f{i:03d}").write_text("below")
+    chain = "/".join(f"d{i}" for i in range(130))
     upper, new = tmp_path / "upper", tmp_path / "new"
     for tree in (upper, new):
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc" / "new").write_text("new")  # looked for in every lower
+        (tree / "etc" / "f000").write_text("changed")
         (tree / chain).mkdir(parents=True)
-        (tree / chain / "only-in-00").write_text("changed")
-        (tree / chain / "added").write_text("new")
-    shutil.copytree(lowers[0], tmp_path / "old", symlinks=True)
+        (tree / chain / "deepest").write_text("new")
+    shutil.copytree(lowers[0], tmp_path / "old")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 64, hard))
+    # descriptors go to the lowest free numbers: 32 free below the limit, whatever is open
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, hard))
     try:
         got = overlay_changes(str(upper), [str(p) for p in lowers])
         plain = tree_changes(str(new), str(tmp_path / "old"))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    want = [(f"/{chain}/added", ChangeKind.ADD), (f"/{chain}/only-in-00", ChangeKind.MODIFY)]
-    assert [(c.path, c.kind) for c in got if "/d29/" in c.path] == want
-    assert [(c.path, c.kind) for c in plain if "/d29/" in c.path] == want
-    assert len(got) == len(plain) == 32  # and each directory above, as modified
+    for changes in (got, plain):
+        listed = {(c.path, c.kind) for c in changes}
+        assert ("/etc/new", ChangeKind.ADD) in listed
+        assert ("/etc/f000", ChangeKind.MODIFY) in listed
+        assert (f"/{chain}/deepest", ChangeKind.ADD) in listed
+        assert len(changes) == 3 + 1 + 130  # /etc, and each directory of the chain, added
+
+
+def test_errors_name_the_whole_path(tmp_path: Path) -> None:
+    """A name looked up in a directory's descriptor that cannot be reached is named by its
+    whole path, and an empty file that cannot be opened is still written (its xattrs are
+    listed by path, as before): root without its permission-bypassing capabilities, in a
+    child process."""
+    (tmp_path / "upper" / "d").mkdir(parents=True)
+    (tmp_path / "upper" / "d" / "new").write_text("new")
+    (tmp_path / "lower" / "d").mkdir(parents=True)
+    (tmp_path / "lower" / "d").chmod(0o600)  # no search permission
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "empty").touch(mode=0o000)
+    script = """
+import io, sys, tarfile
+from graphdriver.archive import overlay_changes, tree_changes
+from graphdriver.archive.tar_writer import TarWriter, write_changes_tar
+root = sys.argv[1]
+try:
+    overlay_changes(root + "/upper", [root + "/lower"])
+except PermissionError as exc:
+    print(exc.filename)
+out = io.BytesIO()
+write_changes_tar(TarWriter(write=out.write), root + "/tree", tree_changes(root + "/tree", None))
+out.seek(0)
+print(*tarfile.open(fileobj=out).getnames())
+"""
+    try:
+        done = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--",
+             sys.executable, "-c", script, str(tmp_path)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        (tmp_path / "lower" / "d").chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / "lower" / "d" / "new"), "sub", "sub/empty"]

@@ -99,3 +99,48 @@ def test_too_many_changed_inodes_are_walked(
     monkeypatch.setattr(changes, "MAX_CHANGED", 2)
     assert _native(store, "c") is None
     assert [(c.path, int(c.kind)) for c in store.changes("c")] == _walked(store, "c", "base")
+
+
+def test_every_kind_of_change_beside_unchanged_files_gives_the_walk(store: LayerStore) -> None:
+    """In a directory that changed, the entries whose inode was not written since the snapshot
+    are taken as the parent's without a stat (their inode numbers match); whatever changed
+    beside them is found as the walk finds it."""
+    _layers(store)
+    store.create_rw("k", "base")
+    with store.mounted("k") as root:
+        d = root / "d7"
+        (d / "f1").rename(d / "renamed")  # same inode, another name
+        os.link(d / "f2", d / "linked")  # a new name of an old inode
+        (d / "f3").chmod(0o600)
+        os.setxattr(d / "f4", "user.note", b"x")
+        st = (d / "f5").stat()
+        (d / "f5").write_text("7/f5")  # rewritten with the same bytes and times
+        os.utime(d / "f5", ns=(st.st_atime_ns, st.st_mtime_ns))
+        (d / "f6").unlink()
+        (d / "f6").mkdir()  # a file replaced by a directory
+        (d / "f7").unlink()
+        (d / "f7").symlink_to("f8")
+        os.mkfifo(d / "fifo")
+        (d / "f9").unlink()
+        (d / "f9").write_text("7/f9")  # made again: another inode, the same bytes
+    native = _native(store, "k")
+    assert native is not None
+    assert native == _walked(store, "k", "base")
+    assert ("/d7/f10", 0) not in native and ("/d7/f1", 2) in native and ("/d7/f4", 0) in native
+
+
+def test_a_hardlinked_file_changed_in_place_is_found_under_each_name(store: LayerStore) -> None:
+    """A file of one link is looked for in the directory its inode ref names; a file of more
+    links, in every directory that holds one of its names (the kernel lists them)."""
+    store.create("base")
+    with store.mounted("base") as root:
+        _parent(root)
+        os.link(root / "d1" / "f1", root / "d2" / "also-f1")
+    store.create_rw("c", "base")
+    with store.mounted("c") as root:
+        with open(root / "d2" / "also-f1", "a") as f:
+            f.write(" and more")
+        (root / "d5" / "f5").write_text("in place")
+    native = _native(store, "c")
+    assert native == _walked(store, "c", "base")
+    assert native is not None and {p for p, _ in native} >= {"/d1/f1", "/d2/also-f1", "/d5/f5"}

@@ -655,10 +655,11 @@ static PyObject *first_changed(PyObject *self, PyObject *args) {
  *   wbuf     the writer's buffer: the entry goes at wbuf[wpos:]
  *   skip     the prefix (bytes) of the xattrs no tar carries (overlayfs's own)
  *   large    the size from which a body is left (TarWriter sends those by sendfile)
- *   dir_fd   an open directory (O_PATH will do) that holds the file as name (str), or -1:
- *            the calls then look up one name where path, deep in a store, is a dozen
- *            components to resolve each time (10-15% of the call on 10,000 small files
- *            in an overlay upper on XFS); path names the file in errors
+ *   dir_fd   an open directory (O_PATH will do) that holds the file as name (str), or -1
+ *            (or an empty name): the calls then look up one name where path, deep in a
+ *            store, is a dozen components to resolve each time (10-15% of the call on
+ *            10,000 small files in an overlay upper on XFS); path names the file in errors,
+ *            and lists an empty file's xattrs (which no call lists at a name in a fd)
  * returns the position after the entry (the PAX header of a sub-second mtime, the ustar
  * header, the data and its padding: the bytes tar.plain_header and TarWriter._small_file
  * give), PLAIN_LEFT when TarWriter.add_path must take the file (anything but a regular
@@ -737,14 +738,14 @@ static int has_xattrs(const char *names, ssize_t n, const char *skip, size_t ski
  * before its size, has an xattr not skipped, or a call was interrupted (add_path, which
  * takes it, retries as Python does, running the signal handlers); FAILED with errno set.
  * The open is os.open's (no O_NONBLOCK: a lease holder is waited for, as there). */
-static int plain_data(int dir_fd, const char *path, const struct stat *st, char *dst,
-                      const char *skip, size_t skip_len) {
+static int plain_data(int dir_fd, const char *at, const char *path, const struct stat *st,
+                      char *dst, const char *skip, size_t skip_len) {
     char names[1024];
-    if (st->st_size == 0 && dir_fd == AT_FDCWD) { /* no call lists a name's xattrs at a fd */
+    if (st->st_size == 0) { /* by path: no call lists xattrs at a name in a directory's fd */
         ssize_t n = llistxattr(path, names, sizeof(names));
         return has_xattrs(names, n, skip, skip_len) ? LEFT : DONE;
     }
-    int fd = openat(dir_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    int fd = openat(dir_fd, at, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return errno == EINTR ? LEFT : FAILED;
     struct stat now;
@@ -775,7 +776,7 @@ done:;
 }
 
 static PyObject *plain_entry(PyObject *self, PyObject *args) {
-    PyObject *path_obj, *arcname, *name_obj, *path = NULL;
+    PyObject *path_obj, *arcname, *name_obj, *path = NULL, *at = NULL;
     Py_buffer wb;
     Py_ssize_t wpos, skip_len;
     const char *skip;
@@ -785,7 +786,7 @@ static PyObject *plain_entry(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "UUw*ny#LiU", &path_obj, &arcname, &wb, &wpos, &skip, &skip_len,
                           &large, &dir_fd, &name_obj))
         return NULL;
-    if (dir_fd < 0)
+    if (dir_fd < 0 || PyUnicode_GET_LENGTH(name_obj) == 0)
         dir_fd = AT_FDCWD;
     Py_ssize_t result = PLAIN_LEFT;
     if (wpos < 0 || wpos > wb.len) {
@@ -797,14 +798,19 @@ static PyObject *plain_entry(PyObject *self, PyObject *args) {
                                                    : NULL;
     if (name == NULL || name_len > 100 || name_len == 0)
         goto done;
-    /* a NUL in it: os.lstat's ValueError */
-    if (!PyUnicode_FSConverter(dir_fd == AT_FDCWD ? path_obj : name_obj, &path))
+    /* a NUL in either: os.lstat's ValueError */
+    if (!PyUnicode_FSConverter(path_obj, &path))
         goto failed;
-    const char *cpath = PyBytes_AS_STRING(path);
+    if (dir_fd == AT_FDCWD) {
+        at = path;
+        Py_INCREF(at);
+    } else if (!PyUnicode_FSConverter(name_obj, &at))
+        goto failed;
+    const char *cpath = PyBytes_AS_STRING(path), *cat = PyBytes_AS_STRING(at);
     struct stat st;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = fstatat(dir_fd, cpath, &st, AT_SYMLINK_NOFOLLOW);
+    rc = fstatat(dir_fd, cat, &st, AT_SYMLINK_NOFOLLOW);
     Py_END_ALLOW_THREADS
     if (rc < 0 && errno == EINTR)
         goto done;
@@ -824,7 +830,7 @@ static PyObject *plain_entry(PyObject *self, PyObject *args) {
     }
     unsigned char *h = (unsigned char *)wb.buf + wpos;
     Py_BEGIN_ALLOW_THREADS
-    rc = plain_data(dir_fd, cpath, &st, (char *)h + head, skip, (size_t)skip_len);
+    rc = plain_data(dir_fd, cat, cpath, &st, (char *)h + head, skip, (size_t)skip_len);
     Py_END_ALLOW_THREADS
     if (rc == FAILED) {
         PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
@@ -840,10 +846,12 @@ static PyObject *plain_entry(PyObject *self, PyObject *args) {
     result = padded;
 done:
     Py_XDECREF(path);
+    Py_XDECREF(at);
     PyBuffer_Release(&wb);
     return PyLong_FromSsize_t(result);
 failed:
     Py_XDECREF(path);
+    Py_XDECREF(at);
     PyBuffer_Release(&wb);
     return NULL;
 }

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from ..linux import xattr
-from . import whiteout
+from . import dirs, whiteout
 
 
 class ChangeKind(enum.IntEnum):
@@ -83,46 +83,7 @@ def _unchanged(
     return True
 
 
-#: a directory read by os.scandir(fd); one only looked in (fstatat) needs no read permission
-_READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_LOOK_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _S_IFMT = 0o170000
-
-
-def _scan(path: str) -> dict[str, os.stat_result]:
-    # the entries are stat'ed relative to the directory's fd: one path component each, where
-    # the whole path (deep in the store) cost as much again to resolve
-    fd = os.open(path, _READ_DIR)
-    try:
-        with os.scandir(fd) as it:
-            return {entry.name: entry.stat(follow_symlinks=False) for entry in it}
-    finally:
-        os.close(fd)
-
-
-class _Stack:
-    """The directories of the old side at one directory of the new (nearest first), each
-    opened on its first lookup and all closed by :meth:`close`, before the compare goes down:
-    a deep tree over many layers holds no more descriptors than one level needs."""
-
-    __slots__ = ("fds", "paths")
-
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
-        self.fds: list[int] = [-1] * len(paths)
-
-    def fd(self, i: int) -> int:
-        fd = self.fds[i]
-        if fd < 0:
-            fd = self.fds[i] = os.open(self.paths[i], _LOOK_DIR)
-        return fd
-
-    def close(self) -> None:
-        for fd in self.fds:
-            if fd >= 0:
-                os.close(fd)
-        self.fds = [-1] * len(self.paths)
-
 
 _Links = dict[tuple[int, int], list[str]]
 #: an entry of the old tree: its stat and where it is
@@ -159,40 +120,40 @@ class _Compare:
         """Everything below the new directory *path* is added; the directory's entry types
         (d_type) say which to stat: files for their links, others for overlay whiteouts."""
         down: list[tuple[str, str]] = []
-        fd = os.open(path, _READ_DIR)
-        try:
-            with os.scandir(fd) as it:
-                for entry in it:
-                    child = rel + "/" + entry.name
-                    if entry.is_dir(follow_symlinks=False):
-                        self.out.append(Change(child, ChangeKind.ADD))
-                        down.append((path + "/" + entry.name, child))
-                        continue
-                    if entry.is_file(follow_symlinks=False):
-                        if self.linking:
-                            self.note_link(entry.stat(follow_symlinks=False), child)
-                    elif (
-                        self.overlay
-                        and not entry.is_symlink()
-                        and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
-                    ):
-                        continue  # nothing below a new directory for it to hide
+        with dirs.listing(path, not rel) as it:
+            for entry in it:
+                child = rel + "/" + entry.name
+                if entry.is_dir(follow_symlinks=False):
                     self.out.append(Change(child, ChangeKind.ADD))
-        finally:
-            os.close(fd)
+                    down.append((path + "/" + entry.name, child))
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    if self.linking:
+                        self.note_link(entry.stat(follow_symlinks=False), child)
+                elif (
+                    self.overlay
+                    and not entry.is_symlink()
+                    and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
+                ):
+                    continue  # nothing below a new directory for it to hide
+                self.out.append(Change(child, ChangeKind.ADD))
         for sub, child in down:  # one directory open at a time, however deep the tree
             self.add_all(sub, child)
 
-    def lookup(self, stack: _Stack, name: str) -> tuple[_Old | None, list[str]]:
+    def lookup(self, stack: dirs.Stack, name: str) -> tuple[_Old | None, list[str]]:
         """The entry *name* of the merged *stack*, and the stack of directories at it."""
         found: _Old | None = None
         below: list[str] = []
         fds = stack.fds
         for i, d in enumerate(stack.paths):
             try:
-                st = os.lstat(name, dir_fd=fds[i] if fds[i] >= 0 else stack.fd(i))
+                fd = fds[i] if fds[i] >= 0 else stack.fd(i)
+                st = os.lstat(name, dir_fd=fd) if fd >= 0 else os.lstat(d + "/" + name)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            except OSError as exc:
+                dirs.named(exc, d)
+                raise
             kind = st.st_mode & _S_IFMT
             if self.overlay and kind == stat.S_IFCHR and st.st_rdev == 0:  # a whiteout
                 break
@@ -206,25 +167,27 @@ class _Compare:
                 break
         return found, below
 
-    def scan_old(self, stack: list[str]) -> dict[str, _Old]:
+    def scan_both(
+        self, new_dir: str, stack: list[str], full: bool, top: bool
+    ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
+        """The entries of *new_dir* and, when *full*, of the merged *stack*, to compare."""
+        return dirs.scan(new_dir, top), self.scan_old(stack, top) if full else {}
+
+    def scan_old(self, stack: list[str], top: bool) -> dict[str, _Old]:
         """Every visible entry of the merged *stack*: the nearest one of each name."""
         seen: dict[str, _Old] = {}
         hidden: set[str] = set()
         for d in stack:
-            fd = os.open(d, _READ_DIR)
-            try:
-                with os.scandir(fd) as it:
-                    for entry in it:
-                        name = entry.name
-                        if name in seen or name in hidden:
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                        if self.overlay and whiteout.is_overlay_whiteout(st):
-                            hidden.add(name)
-                        else:
-                            seen[name] = (st, d + "/" + name)
-            finally:
-                os.close(fd)
+            with dirs.listing(d, top) as it:
+                for entry in it:
+                    name = entry.name
+                    if name in seen or name in hidden:
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if self.overlay and whiteout.is_overlay_whiteout(st):
+                        hidden.add(name)
+                    else:
+                        seen[name] = (st, d + "/" + name)
         return seen
 
     def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
@@ -235,67 +198,71 @@ class _Compare:
         lacks is deleted. Otherwise *new_dir* is an overlay upper directory over *stack*,
         holding only what changed.
         """
-        new = _scan(new_dir)
-        old = self.scan_old(stack) if full else {}
-        olds = _Stack(stack)
-        out = self.out
-        overlay = self.overlay
-        #: the directories on both sides, compared once this one's descriptors are closed
-        down: list[tuple[str, str, list[str], bool, os.stat_result, os.stat_result, str]] = []
-        changed = False
-        lookup, links = self.lookup, self.links
+        start, top = len(self.out), not rel
+        new, old = self.scan_both(new_dir, stack, full, top)
+        olds = dirs.Stack(stack, top)
         try:
-            for name, nst in new.items():
-                child = rel + "/" + name
-                npath = new_dir + "/" + name
-                kind = nst.st_mode & _S_IFMT
-                if overlay and kind == stat.S_IFCHR and nst.st_rdev == 0:  # a whiteout
-                    if not full and lookup(olds, name)[0] is not None:
-                        out.append(Change(child, ChangeKind.DELETE))
-                        changed = True
-                    continue
-                if nst.st_nlink > 1 and kind == stat.S_IFREG:  # (note_link)
-                    links.setdefault((nst.st_dev, nst.st_ino), []).append(child)
-                below: list[str] | None = None
-                if full:
-                    found = old.pop(name, None)
-                else:
-                    found, below = lookup(olds, name)
-                if found is None:
-                    out.append(Change(child, ChangeKind.ADD))
-                    if stat.S_ISDIR(nst.st_mode):
-                        self.add_all(npath, child)
-                    changed = True
-                    continue
-                ost, opath = found
-                new_is_dir, old_is_dir = stat.S_ISDIR(nst.st_mode), stat.S_ISDIR(ost.st_mode)
-                if new_is_dir and old_is_dir:
-                    if below is None:  # a plain tree's stack is the one old directory
-                        below = self.lookup(olds, name)[1] if overlay else [opath]
-                    opaque = full or (overlay and whiteout.is_overlay_opaque(npath))
-                    down.append((npath, child, below, opaque, nst, ost, opath))
-                    continue
-                if old_is_dir != new_is_dir:
-                    # a directory replaced by a file or the reverse: the tar must drop the old
-                    out.append(Change(child, ChangeKind.MODIFY))
-                    if new_is_dir:
-                        self.add_all(npath, child)
-                    changed = True
-                    continue
-                if not _unchanged(nst, ost, npath, opath, self.boundary_ns):
-                    out.append(Change(child, ChangeKind.MODIFY))
-                    changed = True
+            down = self._entries(new_dir, rel, new, old, olds, full)
         finally:
             olds.close()
-        for name in old:  # what the new side lacks
-            out.append(Change(rel + "/" + name, ChangeKind.DELETE))
-            changed = True
+        for name in old:  # what the new side lacks (the entries took theirs out)
+            self.out.append(Change(rel + "/" + name, ChangeKind.DELETE))
         for npath, child, below, opaque, nst, ost, opath in down:
             inner = self.compare(npath, child, below, opaque)
             if inner or not _unchanged(nst, ost, npath, opath, self.boundary_ns):
+                self.out.append(Change(child, ChangeKind.MODIFY))
+        return len(self.out) > start
+
+    def _entries(
+        self,
+        new_dir: str,
+        rel: str,
+        new: dict[str, os.stat_result],
+        old: dict[str, _Old],
+        olds: dirs.Stack,
+        full: bool,
+    ) -> list[tuple[str, str, list[str], bool, os.stat_result, os.stat_result, str]]:
+        """:meth:`compare`'s look at each entry of *new*: its changes appended (an entry of
+        *old* it matches taken out of it), but for the directories on both sides, returned,
+        to be compared once this directory's descriptors are closed."""
+        out, overlay = self.out, self.overlay
+        lookup, links = self.lookup, self.links
+        down = []
+        for name, nst in new.items():
+            child = rel + "/" + name
+            npath = new_dir + "/" + name
+            kind = nst.st_mode & _S_IFMT
+            if overlay and kind == stat.S_IFCHR and nst.st_rdev == 0:  # a whiteout
+                if not full and lookup(olds, name)[0] is not None:
+                    out.append(Change(child, ChangeKind.DELETE))
+                continue
+            if nst.st_nlink > 1 and kind == stat.S_IFREG:  # (note_link)
+                links.setdefault((nst.st_dev, nst.st_ino), []).append(child)
+            below: list[str] | None = None
+            if full:
+                found = old.pop(name, None)
+            else:
+                found, below = lookup(olds, name)
+            if found is None:
+                out.append(Change(child, ChangeKind.ADD))
+                if kind == stat.S_IFDIR:
+                    self.add_all(npath, child)
+                continue
+            ost, opath = found
+            new_is_dir, old_is_dir = kind == stat.S_IFDIR, stat.S_ISDIR(ost.st_mode)
+            if new_is_dir and old_is_dir:
+                if below is None:  # a plain tree's stack is the one old directory
+                    below = lookup(olds, name)[1] if overlay else [opath]
+                opaque = full or (overlay and whiteout.is_overlay_opaque(npath))
+                down.append((npath, child, below, opaque, nst, ost, opath))
+            elif old_is_dir != new_is_dir:
+                # a directory replaced by a file or the reverse: the tar must drop the old one
                 out.append(Change(child, ChangeKind.MODIFY))
-                changed = True
-        return changed
+                if new_is_dir:
+                    self.add_all(npath, child)
+            elif not _unchanged(nst, ost, npath, opath, self.boundary_ns):
+                out.append(Change(child, ChangeKind.MODIFY))
+        return down
 
     def complete_links(self) -> None:
         """A changed file's other names go into the diff too, so that applying it links them.
@@ -344,15 +311,54 @@ def tree_changes(
 
 class _Within(_Compare):
     """The compare entering only the directories in *within*; every other directory of the
-    new tree is taken to be the old tree's, unchanged, and so is everything below it."""
+    new tree is taken to be the old tree's, unchanged, and so is everything below it. With
+    *written*, an entry other than a directory whose inode number is the old tree's at the same
+    name and not in *written* is the old tree's too, and neither side of it is stat'ed."""
 
-    def __init__(self, within: Collection[str], names_of: Callable[[int], Iterable[str]]) -> None:
+    def __init__(
+        self,
+        within: Collection[str],
+        names_of: Callable[[int], Iterable[str]],
+        written: Collection[int] | None,
+    ) -> None:
         super().__init__(None, overlay=False)
         self.within = within
         self.names_of = names_of
+        self.written = written
 
     def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
         return rel in self.within and super().compare(new_dir, rel, stack, full)
+
+    def scan_both(
+        self, new_dir: str, stack: list[str], full: bool, top: bool
+    ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
+        written = self.written
+        if written is None or not full or len(stack) != 1:
+            return super().scan_both(new_dir, stack, full, top)
+        # the names and inode numbers of both sides come with the directory reads (getdents):
+        # only the entries that differ there, or were written, are stat'ed
+        old_dir = stack[0]
+        with dirs.listing(old_dir, top) as it:
+            olds = {entry.name: entry for entry in it}
+            with dirs.listing(new_dir, top) as new_it:
+                new: dict[str, os.stat_result] = {}
+                for entry in new_it:
+                    name, ino = entry.name, entry.inode()
+                    was = olds.get(name)
+                    if (
+                        was is not None
+                        and was.inode() == ino
+                        and ino not in written
+                        and not entry.is_dir(follow_symlinks=False)
+                    ):
+                        del olds[name]  # the old tree's own entry
+                        continue
+                    new[name] = entry.stat(follow_symlinks=False)
+            old = {
+                name: (e.stat(follow_symlinks=False), old_dir + "/" + name)
+                for name, e in olds.items()
+            }
+        return new, old
 
     def complete_links(self) -> None:
         # the full walk sees every name of a hardlinked file; here the caller lists the names
@@ -369,6 +375,7 @@ def changes_within(
     old_root: str,
     within: Collection[str],
     names_of: Callable[[int], Iterable[str]],
+    written: Collection[int] | None = None,
 ) -> list[Change]:
     """:func:`tree_changes` of a snapshot against the tree it was taken of, entering only the
     directories in *within* (``""`` the root, ``"/a/b"``, each with every directory above it).
@@ -377,8 +384,12 @@ def changes_within(
     generation numbers): what it leaves out must be the old tree's own, unchanged.
     *names_of(inode)* gives every name (relative to *new_root*, no leading ``/``) of a
     hardlinked file, so that a changed file's names in directories not entered are linked too.
+    *written*, when given, holds the inode numbers of every inode of the new tree that may
+    differ from the old tree's inode of that number (a snapshot shares its inode numbers with
+    the tree it was taken of): in the directories entered, any other inode that is not a
+    directory and sits at the same name on both sides is taken as unchanged without a stat.
     """
-    walk = _Within(within, names_of)
+    walk = _Within(within, names_of, written)
     walk.compare(new_root, "", [old_root], full=True)
     return walk.result()
 

@@ -5,6 +5,7 @@ fd, large bodies by sendfile(2) straight from the layer to the output) and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -313,17 +314,18 @@ def write_changes_tar(
     so the same changes give the same bytes on every driver.
     """
     del source  # kept for callers; the entries do not depend on it
-    parent = _Parent(root if fastpath.ENABLED else None)
+    parent = _Parent(fastpath.ENABLED)
     try:
         for change in changes:
             arc = _arc(change.path)
-            head, _, base = arc.rpartition("/")
             if change.kind == ChangeKind.DELETE:
+                head, _, base = arc.rpartition("/")
                 prefix = head + "/" if head else ""
                 writer.add_whiteout(prefix + whiteout.whiteout_name(base))
                 continue
             full = root + change.path
-            if not writer.add_plain(full, arc, parent.fd(head), base):
+            where, _, name = full.rpartition("/")
+            if not writer.add_plain(full, arc, parent.fd(where), name):
                 writer.add_path(full, arc, os.lstat(full))
     finally:
         parent.close()
@@ -333,27 +335,22 @@ def write_changes_tar(
 class _Parent:
     """The directory of the entries being written, open while they are (a changes list in
     its order keeps a directory's files together), so that the C call looks each file up by
-    its name in it; -1 where it cannot be opened (the path is then looked up whole), and
-    always without the C call (*root* None)."""
+    its name in it; -1 where it cannot be opened (the whole path then gives the error, as
+    it did), and always where there is no C call."""
 
-    __slots__ = ("dir_fd", "head", "root")
+    __slots__ = ("dir_fd", "path", "wanted")
 
-    def __init__(self, root: str | None) -> None:
-        self.root = root
-        self.head: str | None = None
+    def __init__(self, wanted: bool) -> None:
+        self.wanted = wanted
+        self.path: str | None = None
         self.dir_fd = -1
 
-    def fd(self, head: str) -> int:
-        if head != self.head and self.root is not None:
+    def fd(self, path: str) -> int:
+        if path != self.path and self.wanted:
             self.close()
-            self.head = head
-            try:
-                self.dir_fd = os.open(
-                    self.root + "/" + head if head else self.root,
-                    os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
-                )  # fmt: skip
-            except OSError:
-                self.dir_fd = -1  # (the whole path then gives the error, as it did)
+            self.path = path
+            with contextlib.suppress(OSError):
+                self.dir_fd = os.open(path or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         return self.dir_fd
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,21 +35,59 @@ from . import ioctl
 
 log = logging.getLogger(__name__)
 
-#: past this many inodes written since the snapshot, resolving their names (one ioctl each) and
-#: comparing their directories costs about what the walk of a small image does: walk instead
+#: past this many inodes written since the snapshot, resolving their directories' names (one
+#: ioctl each) and comparing those directories costs about what the walk of a small image does:
+#: walk instead
 MAX_CHANGED = 4096
 
 #: the subvolume's root directory, and the last inode number (above: orphans, free-space items)
 _ROOT_INO = 256
 _LAST_INO = (1 << 64) - 256
 
-_INODE_ITEM, _XATTR_ITEM, _DIR_ITEM, _DIR_INDEX, _EXTENT_DATA = 1, 24, 84, 96, 108
+_INODE_ITEM, _INODE_REF, _XATTR_ITEM, _DIR_ITEM, _DIR_INDEX, _EXTENT_DATA = 1, 12, 24, 84, 96, 108
 #: where each item type keeps the transaction that wrote it
 _TRANSID_AT = {_INODE_ITEM: 8, _XATTR_ITEM: 17, _DIR_ITEM: 17, _DIR_INDEX: 17, _EXTENT_DATA: 0}
+#: what the search reads: those, and the inode refs (an inode's names: the key's offset is the
+#: directory holding them) that lie in the same tree blocks
+_READ = frozenset((*_TRANSID_AT, _INODE_REF))
 _U64 = struct.Struct("=Q")
-#: struct btrfs_inode_item: its ctime (seconds, nanoseconds)
+#: struct btrfs_inode_item: its link count and mode; its ctime (seconds, nanoseconds)
+_NLINK_MODE = struct.Struct("=I8xI")  # (uid and gid between)
+_NLINK_AT = 40
 _CTIME = struct.Struct("=QI")
 _CTIME_AT = 124
+
+
+class _Written:
+    """What the search found: the inodes written since the snapshot, and of each inode it
+    read, its link count and mode and the directories its refs name."""
+
+    def __init__(self) -> None:
+        self.inodes: set[int] = set()
+        self.kinds: dict[int, tuple[int, int]] = {}
+        self.parents: dict[int, list[int]] = {}
+
+
+def _written(fd: int, transid: int, otime_ns: int, limit: int) -> _Written | None:
+    got = _Written()
+    for ino, kind, offset, data in ioctl.search(fd, transid + 1, (0, _LAST_INO), only=_READ):
+        if ino < _ROOT_INO:
+            continue
+        if kind == _INODE_REF:
+            got.parents.setdefault(ino, []).append(offset)
+            continue
+        if kind == _INODE_ITEM:
+            got.kinds[ino] = _NLINK_MODE.unpack_from(data, _NLINK_AT)
+        if _U64.unpack_from(data, _TRANSID_AT[kind])[0] <= transid:
+            continue
+        if kind == _INODE_ITEM:
+            seconds, nanoseconds = _CTIME.unpack_from(data, _CTIME_AT)
+            if seconds * 10**9 + nanoseconds < otime_ns:
+                continue
+        got.inodes.add(ino)
+        if len(got.inodes) > limit:
+            return None
+    return got
 
 
 def written_since(fd: int, transid: int, otime_ns: int, limit: int) -> set[int] | None:
@@ -60,26 +99,28 @@ def written_since(fd: int, transid: int, otime_ns: int, limit: int) -> set[int] 
     time of the change (the walk's boundary makes the same assumption of a clock that does not
     step back).
     """
-    found: set[int] = set()
-    for ino, kind, _offset, data in ioctl.search(fd, transid + 1, (0, _LAST_INO)):
-        at = _TRANSID_AT.get(kind)
-        if at is None or ino < _ROOT_INO or _U64.unpack_from(data, at)[0] <= transid:
-            continue
-        if kind == _INODE_ITEM:
-            seconds, nanoseconds = _CTIME.unpack_from(data, _CTIME_AT)
-            if seconds * 10**9 + nanoseconds < otime_ns:
-                continue
-        found.add(ino)
-        if len(found) > limit:
-            return None
-    return found
+    got = _written(fd, transid, otime_ns, limit)
+    return None if got is None else got.inodes
 
 
-def _names(fd: int, inodes: set[int]) -> set[str]:
-    """Every path (``/a/b``) of *inodes*, and every directory above one (``""`` the root)."""
+def _names(fd: int, written: _Written) -> set[str]:
+    """The directories (``/a/b``, ``""`` the root) that hold a name of a written inode or are
+    one, and every directory above them. A file of one link whose ref the search read is in
+    the directory the ref names: only directories' names are asked of the kernel, once each;
+    any other inode's names are asked (all the names of a hardlinked file)."""
     wanted = {""}
-    for ino in inodes:
-        for rel in [""] if ino == _ROOT_INO else ioctl.ino_paths(fd, ino):
+    asked: dict[int, list[str]] = {_ROOT_INO: [""]}
+
+    def names_of(ino: int) -> list[str]:
+        if ino not in asked:
+            asked[ino] = ioctl.ino_paths(fd, ino)
+        return asked[ino]
+
+    for ino in written.inodes:
+        nlink, mode = written.kinds.get(ino, (0, 0))
+        parents = written.parents.get(ino, [])
+        one_place = nlink == 1 and not stat.S_ISDIR(mode) and len(parents) == 1
+        for rel in names_of(parents[0]) if one_place else names_of(ino):
             path = ""
             for part in rel.split("/") if rel else []:
                 path += "/" + part
@@ -127,14 +168,15 @@ def snapshot_changes(bu: Any, child: Path, parent: Path) -> list[Change] | None:
                 since, otime_ns = ioctl.created(fd, bu.subvolume_id(str(child)))
                 if written_since(parent_fd, since, otime_ns, limit=0) != set():
                     why = "the parent changed after the snapshot"
-                elif (inodes := written_since(fd, since, otime_ns, MAX_CHANGED)) is None:
+                elif (written := _written(fd, since, otime_ns, MAX_CHANGED)) is None:
                     why = f"more than {MAX_CHANGED} inodes changed"
                 else:
                     return changes_within(
                         str(child),
                         str(parent),
-                        _names(fd, inodes),
+                        _names(fd, written),
                         lambda i: ioctl.ino_paths(fd, i),
+                        written.inodes,
                     )
     except OSError as exc:  # btrfsutil's errors too; a kernel refusing an ioctl, say
         why = f"the btrfs tree search failed: {exc}"

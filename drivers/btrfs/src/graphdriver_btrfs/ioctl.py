@@ -7,7 +7,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 _BTRFS = 0x94
@@ -104,6 +104,9 @@ _SEARCH_HEADER = struct.Struct("=3Q2I")
 _SEARCH_BUFFER = 1 << 18
 BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_W | _R, 17, _SEARCH_KEY.size)
 BTRFS_IOC_INO_PATHS = _ioc(_W | _R, 35, 56)
+#: struct btrfs_data_container's head (bytes left, bytes missing, count, count missed)
+_INO_PATHS_HEAD = struct.Struct("=4I")
+_U64 = struct.Struct("=Q")
 _MAX_U64 = (1 << 64) - 1
 
 #: (objectid, type, offset, data) of one item of a btrfs tree
@@ -116,11 +119,13 @@ def search(
     objectids: tuple[int, int] = (0, _MAX_U64),
     types: tuple[int, int] = (0, 255),
     tree: int = 0,
+    only: Container[int] | None = None,
 ) -> Iterator[Item]:
     """The items of the key range from (*objectids*[0], *types*[0], 0) to (*objectids*[1],
     *types*[1], max) of *tree* (0: the subvolume *fd* is in) that lie in a tree block written
     in transaction *min_transid* or later, as ``btrfs subvolume find-new`` reads them: the
-    kernel skips older blocks whole, so the cost follows what changed, not the tree."""
+    kernel skips older blocks whole, so the cost follows what changed, not the tree. With
+    *only*, the items of those types alone (the others are not copied out)."""
     (objectid, max_objectid), (type_, max_type), offset = objectids, types, 0
     raw = bytearray(_SEARCH_KEY.size + _SEARCH_BUFFER)
     while True:
@@ -137,7 +142,8 @@ def search(
         for _ in range(count):
             _transid, objectid, offset, type_, length = _SEARCH_HEADER.unpack_from(raw, pos)
             pos += _SEARCH_HEADER.size
-            yield objectid, type_, offset, bytes(raw[pos : pos + length])
+            if only is None or type_ in only:
+                yield objectid, type_, offset, bytes(raw[pos : pos + length])
             pos += length
         # go on right after the last key returned
         if offset < _MAX_U64:
@@ -169,24 +175,26 @@ def created(fd: int, subvolume: int) -> tuple[int, int]:
 def ino_paths(fd: int, ino: int) -> list[str]:
     """Every name of inode *ino* in the subvolume *fd* is in, relative to its root (all the
     names of a hardlinked file); empty for an inode no directory names."""
-    size = 1 << 16
+    size = 4096  # a path's worth; more when the kernel says it needs it
     while True:
-        container = ctypes.create_string_buffer(size)
-        args = struct.pack("=QQ4QQ", ino, size, 0, 0, 0, 0, ctypes.addressof(container))
+        # read in place: a ctypes buffer's .raw is a copy of all of it at each use
+        container = bytearray(size)
+        address = ctypes.addressof((ctypes.c_char * size).from_buffer(container))
+        args = struct.pack("=QQ4QQ", ino, size, 0, 0, 0, 0, address)
         try:
             fcntl.ioctl(fd, BTRFS_IOC_INO_PATHS, bytearray(args))
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return []
             raise
-        _left, missing, count, _missed = struct.unpack_from("=4I", container.raw)
+        _left, missing, count, _missed = _INO_PATHS_HEAD.unpack_from(container)
         if missing == 0:
             break
         size += missing
-    base = 16
+    base = _INO_PATHS_HEAD.size
     out = []
     for i in range(count):
-        (at,) = struct.unpack_from("=Q", container.raw, base + 8 * i)
+        (at,) = _U64.unpack_from(container, base + 8 * i)
         start = base + at
-        out.append(os.fsdecode(container.raw[start : container.raw.index(b"\0", start)]))
+        out.append(os.fsdecode(bytes(container[start : container.index(b"\0", start)])))
     return out
