@@ -21,7 +21,9 @@ print(json.dumps(got))
 """
 
 #: changes() of a layer beside the tree compare of its mounted tree against its parent's (what
-#: the store does where a driver lists no changes of its own), the two held to the same list
+#: the store does where a driver lists no changes of its own, there with the layer's ctime
+#: boundary, which spares it the content compare of a copied file: only for drivers whose
+#: snapshots share inodes), the two held to the same list
 CHANGES_VS_WALK = """
 import json, sys
 from figures import timed_calls

@@ -246,3 +246,31 @@ print(*tarfile.open(fileobj=out).getnames())
         (tmp_path / "lower" / "d").chmod(0o755)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(tmp_path / "lower" / "d" / "new"), "sub", "sub/empty"]
+
+
+def test_a_directory_replaced_while_it_is_compared_is_not_gone_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container may write its upper while it is diffed: a directory the compare listed,
+    replaced by a symlink to elsewhere before the compare goes down into one below it, fails
+    the compare instead of listing what the symlink leads to."""
+    from graphdriver.archive import dirs
+
+    new, old, outside = tmp_path / "new", tmp_path / "old", tmp_path / "outside"
+    (new / "a" / "b").mkdir(parents=True)
+    (new / "a" / "b" / "f").write_text("f")
+    (old / "a" / "b").mkdir(parents=True)
+    (outside / "b").mkdir(parents=True)
+    (outside / "b" / "host-secret").write_text("secret")
+    real = dirs.listing
+
+    def swapping(path: str, *rest: object) -> object:
+        if path == f"{new}/a/b" and not (new / "a").is_symlink():
+            (new / "a").rename(tmp_path / "moved")
+            (new / "a").symlink_to(outside)
+        return real(path, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dirs, "listing", swapping)
+    with pytest.raises(OSError) as got:
+        tree_changes(str(new), str(old))
+    assert "replaced while the layer was compared" in str(got.value)

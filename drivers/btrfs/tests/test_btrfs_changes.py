@@ -144,3 +144,31 @@ def test_a_hardlinked_file_changed_in_place_is_found_under_each_name(store: Laye
     native = _native(store, "c")
     assert native == _walked(store, "c", "base")
     assert native is not None and {p for p, _ in native} >= {"/d1/f1", "/d2/also-f1", "/d5/f5"}
+
+
+def test_names_the_kernel_cannot_give_at_once_fall_back_to_the_walk(store: LayerStore) -> None:
+    """The kernel gives an inode's names in at most 4 KiB (asking for more gets no more: an
+    endless loop once): a file of 200 long names changed falls back to the walk, the same."""
+    import signal
+
+    store.create("base")
+    with store.mounted("base") as root:
+        (root / "d").mkdir()
+        (root / "d" / "f").write_text("f")
+        for i in range(200):
+            os.link(root / "d" / "f", root / "d" / f"link-with-a-fairly-long-name-{i:04d}")
+    store.create_rw("c", "base")
+    with store.mounted("c") as root, open(root / "d" / "f", "a") as f:
+        f.write(" and more")
+
+    def endless(_signum: int, _frame: object) -> None:
+        raise TimeoutError("the changes did not end in 60 s")
+
+    before = signal.signal(signal.SIGALRM, endless)  # a Python loop fails, not hangs
+    signal.alarm(60)
+    try:
+        assert _native(store, "c") is None
+        assert [(c.path, int(c.kind)) for c in store.changes("c")] == _walked(store, "c", "base")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)

@@ -116,16 +116,17 @@ class _Compare:
         if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
             self.links.setdefault((st.st_dev, st.st_ino), []).append(path)
 
-    def add_all(self, path: str, rel: str) -> None:
-        """Everything below the new directory *path* is added; the directory's entry types
-        (d_type) say which to stat: files for their links, others for overlay whiteouts."""
-        down: list[tuple[str, str]] = []
-        with dirs.listing(path, not rel) as it:
+    def add_all(self, path: str, rel: str, was: os.stat_result | None = None) -> None:
+        """Everything below the new directory *path* (*was*: its lstat) is added; the
+        directory's entry types (d_type) say which to stat: files for their links, others for
+        overlay whiteouts (and directories, to be sure to go down the one listed)."""
+        down: list[tuple[str, str, os.stat_result]] = []
+        with dirs.listing(path, was is None and not rel, was) as it:
             for entry in it:
                 child = rel + "/" + entry.name
                 if entry.is_dir(follow_symlinks=False):
                     self.out.append(Change(child, ChangeKind.ADD))
-                    down.append((path + "/" + entry.name, child))
+                    down.append((path + "/" + entry.name, child, entry.stat(follow_symlinks=False)))
                     continue
                 if entry.is_file(follow_symlinks=False):
                     if self.linking:
@@ -137,8 +138,8 @@ class _Compare:
                 ):
                     continue  # nothing below a new directory for it to hide
                 self.out.append(Change(child, ChangeKind.ADD))
-        for sub, child in down:  # one directory open at a time, however deep the tree
-            self.add_all(sub, child)
+        for sub, child, st in down:  # one directory open at a time, however deep the tree
+            self.add_all(sub, child, st)
 
     def lookup(self, stack: dirs.Stack, name: str) -> tuple[_Old | None, list[str]]:
         """The entry *name* of the merged *stack*, and the stack of directories at it."""
@@ -168,10 +169,12 @@ class _Compare:
         return found, below
 
     def scan_both(
-        self, new_dir: str, stack: list[str], full: bool, top: bool
+        self, new_dir: str, stack: list[str], full: bool, was: os.stat_result | None
     ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
-        """The entries of *new_dir* and, when *full*, of the merged *stack*, to compare."""
-        return dirs.scan(new_dir, top), self.scan_old(stack, top) if full else {}
+        """The entries of *new_dir* (*was*: its lstat, None at the top) and, when *full*, of
+        the merged *stack*, to compare."""
+        top = was is None
+        return dirs.scan(new_dir, top, was), self.scan_old(stack, top) if full else {}
 
     def scan_old(self, stack: list[str], top: bool) -> dict[str, _Old]:
         """Every visible entry of the merged *stack*: the nearest one of each name."""
@@ -190,17 +193,25 @@ class _Compare:
                         seen[name] = (st, d + "/" + name)
         return seen
 
-    def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
-        """Append the changes below *rel*; return whether there were any.
+    def compare(
+        self,
+        new_dir: str,
+        rel: str,
+        stack: list[str],
+        full: bool,
+        was: os.stat_result | None = None,
+    ) -> bool:
+        """Append the changes below *rel*; return whether there were any. *was*: the lstat of
+        *new_dir* where the compare listed it (None at the top).
 
         *full*: *new_dir* is the whole new content at *rel* (a plain tree, or an opaque
         directory of an overlay upper and what it holds), so a name of the old side that it
         lacks is deleted. Otherwise *new_dir* is an overlay upper directory over *stack*,
         holding only what changed.
         """
-        start, top = len(self.out), not rel
-        new, old = self.scan_both(new_dir, stack, full, top)
-        olds = dirs.Stack(stack, top)
+        start = len(self.out)
+        new, old = self.scan_both(new_dir, stack, full, was)
+        olds = dirs.Stack(stack, was is None)
         try:
             down = self._entries(new_dir, rel, new, old, olds, full)
         finally:
@@ -208,7 +219,7 @@ class _Compare:
         for name in old:  # what the new side lacks (the entries took theirs out)
             self.out.append(Change(rel + "/" + name, ChangeKind.DELETE))
         for npath, child, below, opaque, nst, ost, opath in down:
-            inner = self.compare(npath, child, below, opaque)
+            inner = self.compare(npath, child, below, opaque, nst)
             if inner or not _unchanged(nst, ost, npath, opath, self.boundary_ns):
                 self.out.append(Change(child, ChangeKind.MODIFY))
         return len(self.out) > start
@@ -246,7 +257,7 @@ class _Compare:
             if found is None:
                 out.append(Change(child, ChangeKind.ADD))
                 if kind == stat.S_IFDIR:
-                    self.add_all(npath, child)
+                    self.add_all(npath, child, nst)
                 continue
             ost, opath = found
             new_is_dir, old_is_dir = kind == stat.S_IFDIR, stat.S_ISDIR(ost.st_mode)
@@ -259,7 +270,7 @@ class _Compare:
                 # a directory replaced by a file or the reverse: the tar must drop the old one
                 out.append(Change(child, ChangeKind.MODIFY))
                 if new_is_dir:
-                    self.add_all(npath, child)
+                    self.add_all(npath, child, nst)
             elif not _unchanged(nst, ost, npath, opath, self.boundary_ns):
                 out.append(Change(child, ChangeKind.MODIFY))
         return down
@@ -326,28 +337,36 @@ class _Within(_Compare):
         self.names_of = names_of
         self.written = written
 
-    def compare(self, new_dir: str, rel: str, stack: list[str], full: bool) -> bool:
-        return rel in self.within and super().compare(new_dir, rel, stack, full)
+    def compare(
+        self,
+        new_dir: str,
+        rel: str,
+        stack: list[str],
+        full: bool,
+        was: os.stat_result | None = None,
+    ) -> bool:
+        return rel in self.within and super().compare(new_dir, rel, stack, full, was)
 
     def scan_both(
-        self, new_dir: str, stack: list[str], full: bool, top: bool
+        self, new_dir: str, stack: list[str], full: bool, was: os.stat_result | None
     ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
         written = self.written
         if written is None or not full or len(stack) != 1:
-            return super().scan_both(new_dir, stack, full, top)
+            return super().scan_both(new_dir, stack, full, was)
+        top = was is None
         # the names and inode numbers of both sides come with the directory reads (getdents):
         # only the entries that differ there, or were written, are stat'ed
         old_dir = stack[0]
         with dirs.listing(old_dir, top) as it:
             olds = {entry.name: entry for entry in it}
-            with dirs.listing(new_dir, top) as new_it:
+            with dirs.listing(new_dir, top, was) as new_it:
                 new: dict[str, os.stat_result] = {}
                 for entry in new_it:
                     name, ino = entry.name, entry.inode()
-                    was = olds.get(name)
+                    before = olds.get(name)
                     if (
-                        was is not None
-                        and was.inode() == ino
+                        before is not None
+                        and before.inode() == ino
                         and ino not in written
                         and not entry.is_dir(follow_symlinks=False)
                     ):

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 #: a directory read by os.scandir(fd), and one only looked in (fstatat: no read permission
 #: needed); below the compare's top, where it lstat'ed each as a directory, none is followed
-#: if it became a symlink since (a container writing its upper while it is diffed)
+#: if it became a symlink since, and one of the new side must still be the inode it listed
+#: (a container writing its upper while it is diffed)
 _READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _LOOK_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _BELOW_TOP = os.O_NOFOLLOW
@@ -21,19 +22,43 @@ _BELOW_TOP = os.O_NOFOLLOW
 _MAX_OPEN = 8
 
 
+#: set on an error once it names its whole path (an enclosing listing leaves it)
+_WHOLE = "graphdriver_whole_path"
+
+
 def named(exc: OSError, directory: str) -> None:
     """*exc* of a call at a name in *directory*'s descriptor, naming the whole path as the
     call by path would have."""
+    if getattr(exc, _WHOLE, False):
+        return
     if isinstance(exc.filename, str) and "/" not in exc.filename:
         exc.filename = directory + "/" + exc.filename
+    setattr(exc, _WHOLE, True)
+
+
+def _open(path: str, flags: int, was: os.stat_result | None) -> int:
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        setattr(exc, _WHOLE, True)
+        raise
+    if was is not None:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (was.st_dev, was.st_ino):
+            os.close(fd)
+            raise OSError(errno.ESTALE, "replaced while the layer was compared", path)
+    return fd
 
 
 @contextlib.contextmanager
-def listing(path: str, top: bool) -> Iterator[Iterator[os.DirEntry[str]]]:
+def listing(
+    path: str, top: bool, was: os.stat_result | None = None
+) -> Iterator[Iterator[os.DirEntry[str]]]:
     """os.scandir of the directory *path* through its descriptor: its entries are stat'ed
     there, one path component each, where the whole path (deep in a store) cost as much
-    again to resolve; an error of a call at one of them names its whole path."""
-    fd = os.open(path, _READ_DIR if top else _READ_DIR | _BELOW_TOP)
+    again to resolve; an error of a call at one of them names its whole path. *was*: the
+    directory's lstat when the compare listed it, which it must still be."""
+    fd = _open(path, _READ_DIR if top else _READ_DIR | _BELOW_TOP, was)
     try:
         with os.scandir(fd) as it:
             yield it
@@ -44,8 +69,8 @@ def listing(path: str, top: bool) -> Iterator[Iterator[os.DirEntry[str]]]:
         os.close(fd)
 
 
-def scan(path: str, top: bool) -> dict[str, os.stat_result]:
-    with listing(path, top) as it:
+def scan(path: str, top: bool, was: os.stat_result | None = None) -> dict[str, os.stat_result]:
+    with listing(path, top, was) as it:
         return {entry.name: entry.stat(follow_symlinks=False) for entry in it}
 
 

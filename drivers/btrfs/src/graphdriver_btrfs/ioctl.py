@@ -104,8 +104,10 @@ _SEARCH_HEADER = struct.Struct("=3Q2I")
 _SEARCH_BUFFER = 1 << 18
 BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_W | _R, 17, _SEARCH_KEY.size)
 BTRFS_IOC_INO_PATHS = _ioc(_W | _R, 35, 56)
-#: struct btrfs_data_container's head (bytes left, bytes missing, count, count missed)
+#: struct btrfs_data_container's head (bytes left, bytes missing, count, count missed), and
+#: the most the kernel fills (it takes no larger size)
 _INO_PATHS_HEAD = struct.Struct("=4I")
+_INO_PATHS_MAX = 4096
 _U64 = struct.Struct("=Q")
 _MAX_U64 = (1 << 64) - 1
 
@@ -174,23 +176,22 @@ def created(fd: int, subvolume: int) -> tuple[int, int]:
 
 def ino_paths(fd: int, ino: int) -> list[str]:
     """Every name of inode *ino* in the subvolume *fd* is in, relative to its root (all the
-    names of a hardlinked file); empty for an inode no directory names."""
-    size = 4096  # a path's worth; more when the kernel says it needs it
-    while True:
-        # read in place: a ctypes buffer's .raw is a copy of all of it at each use
-        container = bytearray(size)
-        address = ctypes.addressof((ctypes.c_char * size).from_buffer(container))
-        args = struct.pack("=QQ4QQ", ino, size, 0, 0, 0, 0, address)
-        try:
-            fcntl.ioctl(fd, BTRFS_IOC_INO_PATHS, bytearray(args))
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return []
-            raise
-        _left, missing, count, _missed = _INO_PATHS_HEAD.unpack_from(container)
-        if missing == 0:
-            break
-        size += missing
+    names of a hardlinked file); empty for an inode no directory names. OSError
+    (ENAMETOOLONG) when they take more than the kernel gives back at once (4 KiB: many links
+    of long names, or a path that long), where asking again would get no more."""
+    # read in place: a ctypes buffer's .raw is a copy of all of it at each use
+    container = bytearray(_INO_PATHS_MAX)
+    address = ctypes.addressof((ctypes.c_char * _INO_PATHS_MAX).from_buffer(container))
+    args = struct.pack("=QQ4QQ", ino, _INO_PATHS_MAX, 0, 0, 0, 0, address)
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_INO_PATHS, bytearray(args))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return []
+        raise
+    _left, missing, count, _missed = _INO_PATHS_HEAD.unpack_from(container)
+    if missing:
+        raise OSError(errno.ENAMETOOLONG, f"the names of inode {ino} take over 4 KiB")
     base = _INO_PATHS_HEAD.size
     out = []
     for i in range(count):
