@@ -168,6 +168,10 @@ class _Compare:
                 break
         return found, below
 
+    def enters(self, rel: str) -> bool:
+        """Whether the compare goes into the directory *rel* (else it is taken as unchanged)."""
+        return True
+
     def scan_both(
         self, new_dir: str, stack: list[str], full: bool, was: os.stat_result | None
     ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
@@ -209,6 +213,8 @@ class _Compare:
         lacks is deleted. Otherwise *new_dir* is an overlay upper directory over *stack*,
         holding only what changed.
         """
+        if not self.enters(rel):
+            return False
         start = len(self.out)
         new, old = self.scan_both(new_dir, stack, full, was)
         olds = dirs.Stack(stack, was is None)
@@ -337,15 +343,8 @@ class _Within(_Compare):
         self.names_of = names_of
         self.written = written
 
-    def compare(
-        self,
-        new_dir: str,
-        rel: str,
-        stack: list[str],
-        full: bool,
-        was: os.stat_result | None = None,
-    ) -> bool:
-        return rel in self.within and super().compare(new_dir, rel, stack, full, was)
+    def enters(self, rel: str) -> bool:
+        return rel in self.within
 
     def scan_both(
         self, new_dir: str, stack: list[str], full: bool, was: os.stat_result | None
