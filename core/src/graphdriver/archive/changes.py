@@ -121,7 +121,7 @@ class _Compare:
         directory's entry types (d_type) say which to stat: files for their links, others for
         overlay whiteouts (and directories, to be sure to go down the one listed)."""
         down: list[tuple[str, str, os.stat_result]] = []
-        with dirs.listing(path, was is None and not rel, was) as it:
+        with dirs.listing(path, was is None, was) as it:
             for entry in it:
                 child = rel + "/" + entry.name
                 if entry.is_dir(follow_symlinks=False):
@@ -145,10 +145,9 @@ class _Compare:
         """The entry *name* of the merged *stack*, and the stack of directories at it."""
         found: _Old | None = None
         below: list[str] = []
-        fds = stack.fds
         for i, d in enumerate(stack.paths):
             try:
-                fd = fds[i] if fds[i] >= 0 else stack.fd(i)
+                fd = stack.fd(i)
                 st = os.lstat(name, dir_fd=fd) if fd >= 0 else os.lstat(d + "/" + name)
             except (FileNotFoundError, NotADirectoryError):
                 continue
