@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
+import zstandard
 from test_fastpath import _needs_the_c_loops
 
 from graphdriver.archive import fastpath
-from graphdriver.archive.tarsplit import PathRecorder, Record, SegmentRecorder, join
+from graphdriver.archive.tarsplit import PathRecorder, Record, RecordError, SegmentRecorder, join
 
 
 def test_removing_the_parents_directories_keeps_the_record() -> None:
@@ -95,3 +97,63 @@ def test_a_path_removed_and_made_again_is_present_and_gone(
     checks = Record(join(b"", table)).checks()
     assert set(checks.present) == {"", "etc", "etc/passwd", "etc/new"}
     assert checks.gone == {"etc/passwd"}
+
+
+def _entry(tag: bytes, path: bytes, row: bytes = b"") -> bytes:
+    return tag + struct.pack("<I", len(path)) + path + row
+
+
+def _row(mode: int, mtime_s: int, ctime_s: int) -> bytes:
+    return struct.pack("<IqIqI", mode, mtime_s, 7, ctime_s, 999_999_999)
+
+
+def _read_both(table: bytes, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What the table reads as with the C loop and without: the checks, or the error."""
+    got: list[object] = []
+    for fast in (True, False):
+        monkeypatch.setattr(fastpath, "ENABLED", fast)
+        record = Record(join(b"", zstandard.ZstdCompressor().compress(table)))
+        try:
+            checks = record.checks()
+            got.append((checks.present, checks.gone, checks.opaque))
+        except RecordError as exc:
+            got.append(str(exc))
+    assert got[0] == got[1]
+    return got
+
+
+def test_the_check_table_reads_the_same_with_and_without_the_c_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exact diff reads its record's check table in C (``_fastpath.check_entries``) where
+    it was built, each entry the Python loop would read alike: 60,000 of them, past the
+    reader's 1 MiB pieces (entries cut at a piece's end), names not ASCII or not UTF-8, the
+    three kinds, a time no long long of nanoseconds holds (the Python loop's), and tables
+    that are corrupt (another tag, a path too long, cut short) fail with the same line."""
+    _needs_the_c_loops()
+    entries = []
+    for i in range(60_000):
+        name = f"usr/share/d{i % 97}/f{i}".encode() + (b"\xff\xfe" if i % 7 else "ü".encode())
+        entries.append(_entry(b"P", name, _row(0o100644 if i % 5 else 0o40755, i, i + 1)))
+    entries.append(_entry(b"P", b"far", _row(0o100600, 1 << 62, -(1 << 62))))
+    entries += [_entry(b"G", b"etc/passwd"), _entry(b"O", b"var/cache")]
+    entries.append(_entry(b"P", b"", _row(0o40755, 1, 1)))
+    table = b"".join(entries)
+    read = _read_both(table + b"Z", monkeypatch)[0]
+    assert isinstance(read, tuple), read
+    present, gone, opaque = read
+    assert len(present) == 60_002 and gone == {"etc/passwd"} and opaque == {"var/cache"}
+    assert present["far"] == (0o100600, (1 << 62) * 10**9 + 7, -(1 << 62) * 10**9 + 999_999_999)
+    row = (0o100644, 3 * 10**9 + 7, 4 * 10**9 + 999_999_999)
+    assert present["usr/share/d3/f3\udcff\udcfe"] == row
+    at = len(b"".join(entries[:40_000]))  # an entry's start, past the first piece
+    bad = [
+        table[:at] + b"X" + table[at:] + b"Z",
+        table + _entry(b"P", b"x" * ((1 << 20) + 1), _row(0, 0, 0)) + b"Z",
+        table,
+        table + b"P\x05",
+    ]
+    assert _read_both(bad[0], monkeypatch)[0] == "the record is corrupt (check tag b'X')"
+    assert _read_both(bad[1], monkeypatch)[0] == "the record is corrupt (a path of 1048577 bytes)"
+    assert _read_both(bad[2], monkeypatch)[0] == "the record is cut short"
+    assert str(_read_both(bad[3], monkeypatch)[0]).startswith("the record is corrupt")

@@ -2,8 +2,9 @@
  * for one, without the interpreter's work per item (on small files that work was a third of
  * the time, where GNU tar spends none): the apply sandbox's plain files (write_plain_files,
  * for Extractor.plain_file) and its record's check table (check_rows, for
- * tarsplit.PathRecorder.finish), an exact diff's look at its noted paths (first_changed, for
- * exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay), a
+ * tarsplit.PathRecorder.finish), an exact diff's reading of that table (check_entries, for
+ * tarsplit.Record._read_checks), its look at its noted paths (noted_split and first_changed,
+ * for exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay), a
  * generated diff's plain files (plain_entry, for TarWriter.add_plain) and the apply parent's
  * plain tar headers (ustar_entry, for TarReader.__iter__); and glibc malloc's
  * thresholds for the engine's pieces (keep_heap, for fastpath.keep_heap). Optional: where this
@@ -590,32 +591,137 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------ a record's check table, read
+ *
+ * check_entries(buf, pos, present, gone, opaque) -> pos
+ *   buf      decompressed bytes of a record's check table (bytes); entries from pos on are read
+ *   present  dict: path -> (st_mode, mtime ns, ctime ns), set for each present (P) entry
+ *   gone, opaque  sets: the paths of the gone (G) and opaque (O) entries
+ * returns the position of the first entry it left: one not whole in buf, the end tag, or one
+ * it would not read as tarsplit.Record._read_checks does (another tag, a path over 1 MiB, a
+ * time past a long long of nanoseconds), which that loop then reads, or raises on; 10,000
+ * entries cost that loop ~35 ms, the bulk of a small layer's exact diff before its first byte.
+ */
+static PyObject *check_entries(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos;
+    PyObject *present, *gone, *opaque, *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nO!O!O!", &buf, &pos, &PyDict_Type, &present, &PySet_Type,
+                          &gone, &PySet_Type, &opaque))
+        return NULL;
+    const unsigned char *p = buf.buf;
+    if (pos < 0 || pos > buf.len) {
+        PyErr_SetString(PyExc_ValueError, "check_entries: a position outside the buffer");
+        goto done;
+    }
+    while (buf.len - pos >= 5) {
+        unsigned char tag = p[pos];
+        Py_ssize_t extra = tag == 'P' ? ROW_SIZE : (tag == 'G' || tag == 'O') ? 0 : -1;
+        Py_ssize_t n = (Py_ssize_t)get_le(p + pos + 1, 4);
+        if (extra < 0 || n > (1 << 20) || n > buf.len - pos - 5 - extra)
+            break;
+        const unsigned char *at = p + pos + 5;
+        PyObject *value = NULL, *path;
+        int rc;
+        if (extra) {
+            long long mtime, ctime;
+            if (__builtin_mul_overflow((long long)get_le(at + n + 4, 8), 1000000000LL, &mtime) ||
+                __builtin_add_overflow(mtime, (long long)get_le(at + n + 12, 4), &mtime) ||
+                __builtin_mul_overflow((long long)get_le(at + n + 16, 8), 1000000000LL, &ctime) ||
+                __builtin_add_overflow(ctime, (long long)get_le(at + n + 24, 4), &ctime))
+                break;
+            value = Py_BuildValue("(kLL)", (unsigned long)get_le(at + n, 4), mtime, ctime);
+            if (value == NULL)
+                goto done;
+        }
+        path = PyUnicode_DecodeUTF8((const char *)at, n, "surrogateescape");
+        if (path == NULL) {
+            Py_XDECREF(value);
+            goto done;
+        }
+        rc = value ? PyDict_SetItem(present, path, value)
+                   : PySet_Add(tag == 'G' ? gone : opaque, path);
+        Py_DECREF(path);
+        Py_XDECREF(value);
+        if (rc < 0)
+            goto done;
+        pos += 5 + n + extra;
+    }
+    result = PyLong_FromSsize_t(pos);
+done:
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 /* ------------------------------------------------------ the noted paths, before a replay
  *
- * first_changed(items, i, top_fd)
- *   items   the check table's present paths as exact._noted_changed orders them: a list of
- *           (path, (st_mode, mtime ns, ctime ns)), path relative to the layer's root
- *   top_fd  the layer's root, open (O_PATH)
+ * noted_split(present) -> (files, dirs)
+ *   present  a check table's present paths: dict path -> (st_mode, mtime ns, ctime ns)
+ * returns the paths that are not directories and those that are, each in the dict's order:
+ * exact._noted_changed looks at the files first, exact.unchanged_alone lists the directories.
+ * TypeError for a row that is not a tuple whose first item is an int (the Python one's too).
+ *
+ * first_changed(paths, i, top_fd, present)
+ *   paths    the present paths in the order exact._noted_changed looks at them (str)
+ *   top_fd   the layer's root, open (O_PATH)
+ *   present  each path's row, as above
  * returns the index, from i on, of the first path whose lstat (relative to top_fd) fails or
- * differs from its row, or len(items): exact._noted_changed then looks at that one again and
+ * differs from its row, or len(paths), or that of one it would not look at (a path not in
+ * present, a row not three ints): exact._noted_changed then looks at that one again and
  * says why (or goes on from the next, if it is as noted after all).
  */
+static PyObject *noted_split(PyObject *self, PyObject *args) {
+    PyObject *present, *key, *row, *files, *dirs;
+    Py_ssize_t at = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!", &PyDict_Type, &present))
+        return NULL;
+    files = PyList_New(0);
+    dirs = PyList_New(0);
+    if (files == NULL || dirs == NULL)
+        goto fail;
+    while (PyDict_Next(present, &at, &key, &row)) {
+        long long mode;
+        int ok = PyTuple_Check(row) && PyTuple_GET_SIZE(row) > 0
+                     ? as_ll(PyTuple_GET_ITEM(row, 0), &mode)
+                     : 0;
+        if (ok < 0)
+            goto fail;
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "noted_split: the row of %R has no mode", key);
+            goto fail;
+        }
+        if (PyList_Append(S_ISDIR((mode_t)mode) ? dirs : files, key) < 0)
+            goto fail;
+    }
+    return Py_BuildValue("(NN)", files, dirs);
+fail:
+    Py_XDECREF(files);
+    Py_XDECREF(dirs);
+    return NULL;
+}
+
 static PyObject *first_changed(PyObject *self, PyObject *args) {
-    PyObject *items;
+    PyObject *paths, *present;
     Py_ssize_t i;
     int top_fd;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!ni", &PyList_Type, &items, &i, &top_fd))
+    if (!PyArg_ParseTuple(args, "O!niO!", &PyList_Type, &paths, &i, &top_fd, &PyDict_Type,
+                          &present))
         return NULL;
     if (i < 0) {
         PyErr_SetString(PyExc_ValueError, "first_changed: a negative index");
         return NULL;
     }
-    for (; i < PyList_GET_SIZE(items); i++) {
-        PyObject *item = PyList_GET_ITEM(items, i), *row;
-        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 ||
-            !PyUnicode_CheckExact(PyTuple_GET_ITEM(item, 0)) ||
-            !PyTuple_CheckExact(row = PyTuple_GET_ITEM(item, 1)) || PyTuple_GET_SIZE(row) != 3)
+    for (; i < PyList_GET_SIZE(paths); i++) {
+        PyObject *key = PyList_GET_ITEM(paths, i), *row;
+        if (!PyUnicode_CheckExact(key))
+            break;
+        row = PyDict_GetItemWithError(present, key);
+        if (row == NULL && PyErr_Occurred())
+            return NULL;
+        if (row == NULL || !PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 3)
             break;
         long long want[3];
         int ok = 1;
@@ -623,11 +729,11 @@ static PyObject *first_changed(PyObject *self, PyObject *args) {
             ok = as_ll(PyTuple_GET_ITEM(row, k), &want[k]);
         if (ok < 0)
             return NULL;
-        PyObject *path = ok ? PyUnicode_EncodeFSDefault(PyTuple_GET_ITEM(item, 0)) : NULL;
-        if (ok && path == NULL)
-            return NULL;
         if (!ok)
             break;
+        PyObject *path = PyUnicode_EncodeFSDefault(key);
+        if (path == NULL)
+            return NULL;
         const char *name = PyBytes_GET_SIZE(path) ? PyBytes_AS_STRING(path) : ".";
         int same = strlen(name) == (size_t)(PyBytes_GET_SIZE(path) ? PyBytes_GET_SIZE(path) : 1);
         struct stat st;
@@ -644,7 +750,7 @@ static PyObject *first_changed(PyObject *self, PyObject *args) {
             break;
     }
     /* never past the end (a list shrunk meanwhile, or a start past it) */
-    return PyLong_FromSsize_t(i < PyList_GET_SIZE(items) ? i : PyList_GET_SIZE(items));
+    return PyLong_FromSsize_t(i < PyList_GET_SIZE(paths) ? i : PyList_GET_SIZE(paths));
 }
 
 /* ------------------------------------------------------------ a generated diff's plain files
@@ -1165,6 +1271,10 @@ out:
 static PyMethodDef methods[] = {
     {"write_plain_files", write_plain_files, METH_VARARGS,
      "Write a run of a frame's plain files; see graphdriver.archive.extract."},
+    {"check_entries", check_entries, METH_VARARGS,
+     "A run of a record's check table entries; see graphdriver.archive.tarsplit."},
+    {"noted_split", noted_split, METH_VARARGS,
+     "A check table's noted files and directories; see graphdriver.archive.exact."},
     {"first_changed", first_changed, METH_VARARGS,
      "The first noted path that is not as noted; see graphdriver.archive.exact."},
     {"replay_run", replay_run, METH_VARARGS,

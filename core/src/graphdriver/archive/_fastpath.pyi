@@ -27,7 +27,18 @@ def replay_run(
     large: int,
     /,
 ) -> tuple[int, int, int, int]: ...
-def first_changed(items: list[tuple[str, tuple[int, int, int]]], i: int, top_fd: int, /) -> int: ...
+def check_entries(
+    buf: bytes,
+    pos: int,
+    present: dict[str, tuple[int, int, int]],
+    gone: set[str],
+    opaque: set[str],
+    /,
+) -> int: ...
+def noted_split(present: dict[str, tuple[int, int, int]], /) -> tuple[list[str], list[str]]: ...
+def first_changed(
+    paths: list[str], i: int, top_fd: int, present: dict[str, tuple[int, int, int]], /
+) -> int: ...
 def plain_entry(
     path: str,
     arcname: str,

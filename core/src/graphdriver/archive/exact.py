@@ -55,36 +55,49 @@ def unchanged_alone(checks: Checks, root: str) -> bool:
     agree. False sends the caller to the walk and :func:`stale`, which says why.
     """
     present = checks.present
-    if "" not in present or _noted_changed(checks, root) is not None:
+    if "" not in present:
+        return False
+    split = _split(present)
+    if _noted_changed(checks, root, split) is not None:
         return False
     top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for path, (mode, _mtime, _ctime) in present.items():
-            if stat.S_ISDIR(mode):
-                prefix = f"{path}/" if path else ""
-                try:  # below the root, through no symlink (one swapped in since its check)
-                    fd = open_beneath(top, path, os.O_RDONLY | os.O_DIRECTORY) if path else top
-                except OSError:  # changed since its check: the walk says how
-                    return False
-                try:
-                    names = os.listdir(fd)
-                finally:
-                    if fd != top:
-                        os.close(fd)
-                if any(prefix + name not in present for name in names):
-                    return False
+        for path in split[1]:  # the directories
+            prefix = f"{path}/" if path else ""
+            try:  # below the root, through no symlink (one swapped in since its check)
+                fd = open_beneath(top, path, os.O_RDONLY | os.O_DIRECTORY) if path else top
+            except OSError:  # changed since its check: the walk says how
+                return False
+            try:
+                names = os.listdir(fd)
+            finally:
+                if fd != top:
+                    os.close(fd)
+            if any(prefix + name not in present for name in names):
+                return False
     finally:
         os.close(top)
     return True
 
 
-def _noted_changed(checks: Checks, root: str) -> str | None:
+def _split(present: dict[str, tuple[int, int, int]]) -> tuple[list[str], list[str]]:
+    """The noted paths that are not directories, and those that are."""
+    if fastpath.ENABLED:
+        assert fastpath.noted_split is not None
+        return fastpath.noted_split(present)
+    files = [path for path, row in present.items() if not stat.S_ISDIR(row[0])]
+    return files, [path for path, row in present.items() if stat.S_ISDIR(row[0])]
+
+
+def _noted_changed(
+    checks: Checks, root: str, split: tuple[list[str], list[str]] | None = None
+) -> str | None:
     """Why a noted path is not as apply left it (gone, another type or mode, another mtime
     or ctime), or None; files first, so that a deleted or rewritten file is named, not the
-    directory that holds it."""
-    items = checks.present.items()
-    ordered = [item for item in items if not stat.S_ISDIR(item[1][0])]
-    ordered += [item for item in items if stat.S_ISDIR(item[1][0])]
+    directory that holds it. *split*: :func:`_split` of the noted paths, if the caller has it."""
+    present = checks.present
+    files, dirs = split or _split(present)
+    ordered = files + dirs
     lstat = os.lstat
     first_changed = fastpath.first_changed if fastpath.ENABLED else None
     top = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -92,10 +105,11 @@ def _noted_changed(checks: Checks, root: str) -> str | None:
         i = 0
         while i < len(ordered):
             if first_changed is not None:  # the same lstat and compare in C, up to the first
-                i = first_changed(ordered, i, top)  # that differs, which is looked at here
+                i = first_changed(ordered, i, top, present)  # that differs, looked at here
                 if i == len(ordered):
                     break
-            path, noted = ordered[i]
+            path = ordered[i]
+            noted = present[path]
             try:
                 st = lstat(path or ".", dir_fd=top)  # relative to the root: its path once
             except (FileNotFoundError, NotADirectoryError):  # or a directory above is a file

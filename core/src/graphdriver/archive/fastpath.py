@@ -1,9 +1,9 @@
 """The archive engine's loops in C (``_fastpath.c``), where the package was built with them
 (core/hatch_build.py): the apply sandbox's runs of plain files (:mod:`.extract`) and its
-record's check table (:mod:`.tarsplit`), an exact diff's look at its noted paths and its runs
-of raw parts and bodies (:mod:`.exact`), a generated diff's plain files
-(:mod:`.tar_writer`) and the apply parent's plain headers (:mod:`.tar_reader`); and
-:func:`keep_heap`, glibc malloc's thresholds fixed for the archive
+record's check table (:mod:`.tarsplit`, which an exact diff reads back so too), an exact
+diff's look at its noted paths and its runs of raw parts and bodies (:mod:`.exact`), a
+generated diff's plain files (:mod:`.tar_writer`) and the apply parent's plain headers
+(:mod:`.tar_reader`); and :func:`keep_heap`, glibc malloc's thresholds fixed for the archive
 engine's pieces in a process of one command. Where it was not built, the same work is done in
 Python, and :data:`ENABLED` is False (a test may set it False too: it is read at each apply
 and diff, by the forked sandbox as well)."""
@@ -15,9 +15,11 @@ from collections.abc import Iterable
 
 __all__ = [
     "ENABLED",
+    "check_entries",
     "check_rows",
     "first_changed",
     "keep_heap",
+    "noted_split",
     "plain_entry",
     "replay_run",
     "ustar_entry",
@@ -26,8 +28,10 @@ __all__ = [
 
 try:
     from ._fastpath import (
+        check_entries,
         check_rows,
         first_changed,
+        noted_split,
         plain_entry,
         replay_run,
         ustar_entry,
@@ -36,6 +40,7 @@ try:
     from ._fastpath import keep_heap as _keep_heap
 except ImportError:  # no C compiler or Python headers where it was installed
     check_rows = first_changed = plain_entry = replay_run = write_plain_files = None  # type: ignore[assignment]
+    check_entries = noted_split = None  # type: ignore[assignment]
     ustar_entry = None  # type: ignore[assignment]
     _keep_heap = None  # type: ignore[assignment]
 

@@ -348,9 +348,12 @@ class Record:
         z = _Inflater(self._checks)
         tags = {_PRESENT[0]: _PRESENT_FIELDS.size, _GONE[0]: 0, _OPAQUE[0]: 0}
         u32, fields, billion = _U32.unpack_from, _PRESENT_FIELDS.unpack_from, 1_000_000_000
+        whole = fastpath.check_entries if fastpath.ENABLED else None
         buf, pos, have = b"", 0, 0
         try:
             while True:
+                if whole is not None:  # the entries whole in buf, in C; the one it left, here
+                    pos = whole(buf, pos, present, gone, opaque)
                 if have - pos < 5:
                     buf, pos = z.next_entry(buf, pos, 5), 0
                     have = len(buf)
