@@ -157,3 +157,31 @@ def test_the_check_table_reads_the_same_with_and_without_the_c_loop(
     assert _read_both(bad[1], monkeypatch)[0] == "the record is corrupt (a path of 1048577 bytes)"
     assert _read_both(bad[2], monkeypatch)[0] == "the record is cut short"
     assert str(_read_both(bad[3], monkeypatch)[0]).startswith("the record is corrupt")
+
+
+def test_a_file_noted_in_one_call_makes_the_same_segments() -> None:
+    """The apply parent notes a regular file's header and body in one call
+    (``SegmentRecorder.file``) where it used three (``raw``, ``start_body``, ``body``): the
+    same record, whether raw parts came before it or not, its header short or over the
+    1 MiB of a raw part, or empty."""
+    long_head = bytes(range(256)) * (5 << 10)  # 1.25 MiB: a PAX header with a long comment
+    calls: list[tuple[bytes, bytes, str]] = [
+        (b"", b"h1" * 256, "a"),
+        (b"dir header" * 60, b"h2" * 256, "b/\udcff"),
+        (b"", long_head, "c"),
+        (b"padding", b"", "d"),
+        (b"", b"", "e"),
+    ]
+    three, one = SegmentRecorder(), SegmentRecorder()
+    for before, head, path in calls:
+        for rec in (three, one):
+            if before:
+                rec.raw(memoryview(before))
+        three.raw(memoryview(head))
+        three.start_body()
+        three.body(path, 3, [(0, 3)] if path == "c" else None)
+        one.file(memoryview(head), path, 3, [(0, 3)] if path == "c" else None)
+    for rec in (three, one):
+        rec.raw(memoryview(b"end"))
+    assert three.tar_size == one.tar_size
+    assert three.finish() == one.finish()

@@ -19,7 +19,6 @@ memory. Whatever they name, the child writes inside its chroot.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import operator
@@ -107,15 +106,16 @@ class Feeder:
     def _body(self, path: str, entry: TarEntry) -> None:
         """Read the data of the entry at *path*, sent to the child if inline, and note it in
         the record as a body the layer's file holds."""
-        segments = self._segments
-        size = self.reader.data_left
+        segments, reader = self._segments, self.reader
+        size = reader.data_left
         if self._inline:
-            for piece in self.reader.data():
+            for piece in reader.data():
                 self._send(piece)
-        else:
-            collections.deque(self.reader.data(), 0)  # past it, not into the record's raw part
-        if segments is not None:
-            segments.body(path, size, entry.sparse)
+            if segments is not None:
+                segments.body(path, size, entry.sparse)
+        elif segments is not None:  # the header and the body noted in one call, then past it
+            segments.file(reader.untapped(), path, size, entry.sparse)
+            reader.pass_data(noted=True)
         if self._framed:  # what is gathered belongs to a frame already sent
             self._write_data()
             self._framed = False

@@ -326,6 +326,31 @@ class TarReader:
         self._pass(self._pad, "padding")
         self._pad = 0
 
+    def untapped(self) -> memoryview:
+        """The bytes read that the tap has not had (the current entry's header, after a
+        body), now taken as had: for a caller that records them itself, along with the start
+        of the data (the view is valid until the next read)."""
+        view = self._view[self._tapped : self._pos]
+        self._tapped = self._pos
+        return view
+
+    def pass_data(self, noted: bool = False) -> None:
+        """Consume the current entry's data and its padding as :meth:`data` does (the data
+        does not go to the tap), without handing it out: an apply that reads its bodies from
+        the tar file itself still records where each one is. *noted*: the caller recorded
+        what came before the data (:meth:`untapped`) and its start itself; neither the tap
+        nor tap_body is called for them."""
+        if not noted:
+            self._start_body()
+        end = self._pos + self._data_left
+        if end <= self._end:  # the common case: all of it buffered
+            self._pos = self._tapped = end
+            self._data_left = 0
+        while self._data_left:
+            self._piece()
+        self._pass(self._pad, "padding")
+        self._pad = 0
+
     def _piece(self) -> bytes | memoryview:
         """The next slice of the current entry's data."""
         if self._pos == self._end:

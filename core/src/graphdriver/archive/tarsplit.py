@@ -156,6 +156,25 @@ class SegmentRecorder:
         if len(pending) >= _BATCH:
             self._compress()
 
+    def file(
+        self, head: memoryview, path: str, size: int, regions: list[tuple[int, int]] | None
+    ) -> None:
+        """:meth:`raw` of *head*, :meth:`start_body` and :meth:`body` in one call: a regular
+        file's entry whose header (and whatever else came since the last body) is *head*
+        (once for each file of a layer: three calls cost more than their work)."""
+        if self.failed is not None:
+            return
+        if self._raw or len(head) >= _FLUSH_RAW:  # raw parts before it, or a long header
+            self.raw(head)
+            self.start_body()
+        elif head:  # the usual: the header alone, straight into its raw part
+            self.tar_size += len(head)
+            pending = self._pending
+            pending += _RAW
+            pending += _U64.pack(len(head))
+            pending += head
+        self.body(path, size, regions)
+
     def finish(self) -> bytes | None:
         """The segments part of the record (None if none can be kept), once the tar is read."""
         if self.failed is not None:
