@@ -157,6 +157,18 @@ def test_the_check_table_reads_the_same_with_and_without_the_c_loop(
     assert _read_both(bad[1], monkeypatch)[0] == "the record is corrupt (a path of 1048577 bytes)"
     assert _read_both(bad[2], monkeypatch)[0] == "the record is cut short"
     assert str(_read_both(bad[3], monkeypatch)[0]).startswith("the record is corrupt")
+    # and the C loop does read them (not leaves them all to the Python one): it stops at the
+    # end tag of a whole table, at the bad tag, at the time it cannot hold, at the long path
+    assert fastpath.check_entries is not None
+    whole = table[:at] + b"Z"
+    present, gone, opaque = {}, set(), set()  # type: ignore[var-annotated]
+    assert fastpath.check_entries(whole, 0, present, gone, opaque) == len(whole) - 1
+    assert len(present) == 40_000
+    assert fastpath.check_entries(bad[0], 0, {}, set(), set()) == at
+    far = len(b"".join(entries[:60_000]))
+    assert fastpath.check_entries(bad[1], 0, {}, set(), set()) == far
+    after = far + len(entries[60_000])  # from there: the three others, then the long path
+    assert fastpath.check_entries(bad[1], after, {}, set(), set()) == len(table)
 
 
 def test_a_file_noted_in_one_call_makes_the_same_segments() -> None:
@@ -181,6 +193,11 @@ def test_a_file_noted_in_one_call_makes_the_same_segments() -> None:
         three.start_body()
         three.body(path, 3, [(0, 3)] if path == "c" else None)
         one.file(memoryview(head), path, 3, [(0, 3)] if path == "c" else None)
+        for i in range(3000):  # past the 256 KiB batch that goes to the compressor
+            three.raw(memoryview(head[:512]))
+            three.start_body()
+            three.body(f"{path}{i}", 100, None)
+            one.file(memoryview(head[:512]), f"{path}{i}", 100, None)
     for rec in (three, one):
         rec.raw(memoryview(b"end"))
     assert three.tar_size == one.tar_size

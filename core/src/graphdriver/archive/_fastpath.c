@@ -555,9 +555,12 @@ static PyObject *replay_run(PyObject *self, PyObject *args) {
         }
         if (p[0] != 'F')
             break;
-        Py_ssize_t n = (Py_ssize_t)get_le(p + 1, 4);
-        if (n > (1 << 20) || n > left - 21 || get_le(p + 5 + n + 12, 4) != 0)
-            break; /* a corrupt path length (tarsplit says so), cut here, or sparse */
+        unsigned long long length = get_le(p + 1, 4);
+        if (length > (1 << 20))
+            break; /* a corrupt path length: tarsplit says so */
+        Py_ssize_t n = (Py_ssize_t)length;
+        if (n > left - 21 || get_le(p + 5 + n + 12, 4) != 0)
+            break; /* cut here, or sparse */
         long long size = (long long)get_le(p + 5 + n, 8);
         const unsigned char *path = p + 5;
         Py_ssize_t name_at = 0;
@@ -618,8 +621,11 @@ static PyObject *check_entries(PyObject *self, PyObject *args) {
     while (buf.len - pos >= 5) {
         unsigned char tag = p[pos];
         Py_ssize_t extra = tag == 'P' ? ROW_SIZE : (tag == 'G' || tag == 'O') ? 0 : -1;
-        Py_ssize_t n = (Py_ssize_t)get_le(p + pos + 1, 4);
-        if (extra < 0 || n > (1 << 20) || n > buf.len - pos - 5 - extra)
+        unsigned long long length = get_le(p + pos + 1, 4);
+        if (extra < 0 || length > (1 << 20))
+            break;
+        Py_ssize_t n = (Py_ssize_t)length;
+        if (n > buf.len - pos - 5 - extra)
             break;
         const unsigned char *at = p + pos + 5;
         PyObject *value = NULL, *path;
@@ -660,7 +666,8 @@ done:
  *   present  a check table's present paths: dict path -> (st_mode, mtime ns, ctime ns)
  * returns the paths that are not directories and those that are, each in the dict's order:
  * exact._noted_changed looks at the files first, exact.unchanged_alone lists the directories.
- * TypeError for a row that is not a tuple whose first item is an int (the Python one's too).
+ * TypeError for a row that is not a tuple whose first item is an int: stricter than the Python
+ * split, which takes any row whose first item stat.S_ISDIR takes.
  *
  * first_changed(paths, i, top_fd, present)
  *   paths    the present paths in the order exact._noted_changed looks at them (str)

@@ -85,10 +85,11 @@ class TarReader:
         #: called with every byte read that is not a regular file's data (headers, extension
         #: data, padding, sparse maps, the end marker and what follows it, skipped data), in
         #: runs as long as the buffer allows, as a view the callee must copy: an exact diff's
-        #: record (tarsplit.SegmentRecorder.raw)
+        #: record (tarsplit.SegmentRecorder.raw); except what a caller takes itself through
+        #: untapped (and then passes on with pass_data(noted=True))
         self.tap: Callable[[memoryview], None] | None = None
         #: called where a regular file's data starts, after the tap got what came before it
-        #: (tarsplit.SegmentRecorder.start_body)
+        #: (tarsplit.SegmentRecorder.start_body); not for a body passed with pass_data(noted=True)
         self.tap_body: Callable[[], None] | None = None
 
     @property

@@ -140,8 +140,9 @@ class SegmentRecorder:
     def body(self, path: str, size: int, regions: list[tuple[int, int]] | None) -> None:
         """The body of the regular file at *path* (*size* bytes of the tar, all of the file's
         data or, for a sparse file, its *regions*) is read back from the layer. Called after
-        :meth:`start_body` and the body, whose padding :meth:`raw` may already hold (it goes
-        after the body)."""
+        :meth:`start_body`, before or after the body passes (:meth:`file` calls it before), and
+        before its padding goes to :meth:`raw` (raw parts are kept apart until the next body
+        or the end, so padding already in :meth:`raw` still goes after the body)."""
         if self.failed is not None:
             return
         self.tar_size += size
