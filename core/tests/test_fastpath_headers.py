@@ -58,12 +58,21 @@ def _pax(records: bytes, info: tarfile.TarInfo) -> bytes:
 
 
 def _c_reads(blocks: bytes) -> bool:
-    assert fastpath.ustar_entry is not None
+    """Whether the C reads the entry at the start of *blocks*, by ``ustar_entry`` and by
+    ``next_entry`` alike (the reader's buffer: the same fields, its header bytes consumed, and
+    nothing of an entry whose headers are not all in the buffer)."""
+    assert fastpath.ustar_entry is not None and fastpath.next_entry is not None
     if blocks[156:157] != tarfile.XHDTYPE:
-        return fastpath.ustar_entry(blocks[:512], None) is not None
-    size = int(blocks[124:136].strip(b" \0"), 8)
-    entry = 512 + -(-size // 512) * 512
-    return fastpath.ustar_entry(blocks[entry : entry + 512], blocks[512 : 512 + size]) is not None
+        entry, fields = 0, fastpath.ustar_entry(blocks[:512], None)
+    else:
+        size = int(blocks[124:136].strip(b" \0"), 8)
+        entry = 512 + -(-size // 512) * 512
+        fields = fastpath.ustar_entry(blocks[entry : entry + 512], blocks[512 : 512 + size])
+    buf = memoryview(bytearray(b"junk" * 128 + blocks + b"\0" * 1024))
+    found = fastpath.next_entry(buf, 512, len(buf))
+    assert found == (None if fields is None else (fields, entry + 512))
+    assert fastpath.next_entry(buf, 512, 512 + entry + 511) is None  # a header cut short
+    return fields is not None
 
 
 def _read(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[TarEntry]:
@@ -250,3 +259,36 @@ def test_a_bad_checksum_is_still_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(fastpath, "ENABLED", True)
     with pytest.raises(ArchiveError, match="bad header checksum"):
         _read(bytes(block) + b"\0" * 1024, True, monkeypatch)
+
+
+def _checksummed(block: bytearray, field: bytes) -> bytes:
+    block[148:156] = field.ljust(8, b"\0")
+    return bytes(block)
+
+
+def test_checksums_the_c_leaves_to_the_reader_read_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``next_entry`` checks a header's checksum as the reader does first (the field's digits,
+    the unsigned sum); any other form it leaves to the reader, which takes a signed sum (old
+    tars) or a field with junk after its NUL, and refuses a wrong one: the same entries or the
+    same error either way."""
+    _needs_the_c_loops()
+    assert fastpath.next_entry is not None
+    block = bytearray(_blocks(_info("caf\udce9\udcff/\udc80x"), tarfile.USTAR_FORMAT))
+    block[148:156] = b" " * 8
+    unsigned = sum(block)
+    signed = sum(b - 256 if b > 127 else b for b in block)
+    cases = {
+        b"%08o" % unsigned: True,  # eight digits, no NUL
+        b"%07o\0" % unsigned: True,
+        b" %06o " % unsigned: True,
+        b"%06o\0x" % unsigned: False,  # junk after the NUL: the reader takes it
+        b"%06o\0 " % signed: False,  # a signed sum: the reader takes it
+        b"%06o\0 " % (unsigned + 1): False,  # wrong: the reader refuses it
+    }
+    for field, in_c in cases.items():
+        data = _checksummed(bytearray(block), field) + b"\0" * 1024
+        found = fastpath.next_entry(memoryview(bytearray(data)), 0, len(data))
+        assert (found is not None) is in_c, field
+        slow = _outcome(data, False, monkeypatch)
+        assert _outcome(data, True, monkeypatch) == slow, field
+        assert isinstance(slow, list) or field.startswith(b"%06o" % (unsigned + 1)), slow

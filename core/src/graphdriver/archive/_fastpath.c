@@ -6,11 +6,10 @@
  * tarsplit.Record._read_checks), its look at its noted paths (noted_split and first_changed,
  * for exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay), a
  * generated diff's plain files (plain_entry, for TarWriter.add_plain) and the apply parent's
- * plain tar headers (ustar_entry, for TarReader.__iter__); and glibc malloc's
+ * plain tar headers (ustar_entry and next_entry, for TarReader.__iter__); and glibc malloc's
  * thresholds for the engine's pieces (keep_heap, for fastpath.keep_heap). Optional: where this
- * module was not built the Python loops
- * do it all (graphdriver.archive.fastpath), and core/tests/test_fastpath.py holds the two to
- * the same result. Each stops, having done nothing for it, at the first item it would not
+ * module was not built the Python loops do it all (graphdriver.archive.fastpath), and
+ * core/tests/test_fastpath.py holds the two to the same result. Each stops, having done nothing for it, at the first item it would not
  * handle exactly as the Python loop does, which then takes that item.
  *
  * ------------------------------------------------------------------ the sandbox's plain files
@@ -1191,21 +1190,12 @@ static int pax_records(const unsigned char *d, Py_ssize_t size, struct span *got
     return DONE;
 }
 
-static PyObject *ustar_entry(PyObject *self, PyObject *args) {
-    Py_buffer buf, pax = {0};
-    PyObject *pax_obj, *result = NULL, *path = NULL, *link = NULL, *atime = NULL;
-    PyObject *xattrs = NULL;
-    if (!PyArg_ParseTuple(args, "y*O", &buf, &pax_obj))
-        return NULL;
-    int has_pax = pax_obj != Py_None;
-    if (has_pax && PyObject_GetBuffer(pax_obj, &pax, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    const unsigned char *b = buf.buf;
+/* ustar_entry's work on the header at b (512 bytes) and the PAX data at pax (NULL: none) */
+static PyObject *entry_fields(const unsigned char *b, const unsigned char *pax,
+                              Py_ssize_t pax_len) {
+    PyObject *result = NULL, *path = NULL, *link = NULL, *atime = NULL, *xattrs = NULL;
+    int has_pax = pax != NULL;
     struct span got[N_PAX] = {{0}};
-    if (buf.len != 512)
-        goto left;
     unsigned char type = b[156];
     if (!(type == 0 || (type >= '0' && type <= '7')))
         goto left;
@@ -1222,7 +1212,7 @@ static PyObject *ustar_entry(PyObject *self, PyObject *args) {
             goto left;
     }
     if (has_pax) {
-        int done = pax_records(pax.buf, pax.len, got, &xattrs);
+        int done = pax_records(pax, pax_len, got, &xattrs);
         if (done == FAILED)
             goto out;
         if (done == LEFT)
@@ -1269,8 +1259,85 @@ out:
     Py_XDECREF(link);
     Py_XDECREF(atime);
     Py_XDECREF(xattrs);
+    return result;
+}
+
+static PyObject *ustar_entry(PyObject *self, PyObject *args) {
+    Py_buffer buf, pax = {0};
+    PyObject *pax_obj, *result;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*O", &buf, &pax_obj))
+        return NULL;
+    int has_pax = pax_obj != Py_None;
+    if (has_pax && PyObject_GetBuffer(pax_obj, &pax, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    if (buf.len != 512)
+        result = Py_NewRef(Py_None);
+    else
+        result = entry_fields(buf.buf, has_pax ? pax.buf : NULL, pax.len);
     if (has_pax)
         PyBuffer_Release(&pax);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+/* a header block's checksum as TarReader._header checks it first: the field's digits (spaces
+ * and NULs around them) are the sum of the block's bytes with the field taken as spaces;
+ * 0 for anything else (an empty or odd field, a signed sum), which the reader then checks */
+static int checksum_ok(const unsigned char *b) {
+    long long field = octal_field(b + 148, 8);
+    long long sum = 8 * ' ';
+    for (int k = 0; k < 512; k++)
+        sum += k >= 148 && k < 156 ? 0 : b[k];
+    return field >= 0 && field == sum;
+}
+
+/* next_entry(buf, pos, end)
+ *   buf, pos, end  the reader's buffer, and the part of it read and not consumed
+ * returns (fields, n): the entry whose header, and the one PAX header before it if any, are
+ * the n bytes at pos, its fields as ustar_entry gives them, each header's checksum checked
+ * as checksum_ok says; None for anything else, and where those headers are not all in
+ * buf[pos:end], which TarReader.__iter__ then reads as before (one call an entry, where the
+ * Python path made three or five: 105 to 49 ms of minbase's 6,768 entries).
+ */
+static PyObject *next_entry(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t pos, end;
+    PyObject *fields = NULL, *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nn", &buf, &pos, &end))
+        return NULL;
+    const unsigned char *b = (const unsigned char *)buf.buf + pos;
+    const unsigned char *pax = NULL;
+    long long pax_len = 0;
+    Py_ssize_t used = 512;
+    if (pos < 0 || end > buf.len || end - pos < 512 || !checksum_ok(b))
+        goto left;
+    if (b[156] == 'x') {
+        pax_len = octal_field(b + 124, 12);
+        if (pax_len < 0 || pax_len > (16 << 20))
+            goto left;  /* the reader reads it, or says why not */
+        used += (Py_ssize_t)(pax_len + (-pax_len & 511));
+        if (end - pos < used + 512 || !checksum_ok(b + used))
+            goto left;
+        pax = b + 512;
+        b += used;
+        used += 512;
+    }
+    fields = entry_fields(b, pax, (Py_ssize_t)pax_len);
+    if (fields == NULL)
+        goto done;
+    if (fields == Py_None) {
+        Py_DECREF(fields);
+        goto left;
+    }
+    result = Py_BuildValue("(Nn)", fields, used);
+    goto done;
+left:
+    result = Py_NewRef(Py_None);
+done:
     PyBuffer_Release(&buf);
     return result;
 }
@@ -1292,6 +1359,8 @@ static PyMethodDef methods[] = {
      "A generated diff's plain file into the writer's buffer; see graphdriver.archive.tar_writer."},
     {"ustar_entry", ustar_entry, METH_VARARGS,
      "A plain tar header's entry; see graphdriver.archive.tar_reader."},
+    {"next_entry", next_entry, METH_VARARGS,
+     "The plain entry whose headers are next in a reader's buffer; see ustar_entry."},
     {"keep_heap", keep_heap, METH_VARARGS,
      "Fix glibc malloc's mmap and trim thresholds; see graphdriver.archive.fastpath."},
     {NULL, NULL, 0, NULL},

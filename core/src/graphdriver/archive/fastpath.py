@@ -19,6 +19,7 @@ __all__ = [
     "check_rows",
     "first_changed",
     "keep_heap",
+    "next_entry",
     "noted_split",
     "plain_entry",
     "replay_run",
@@ -31,6 +32,7 @@ try:
         check_entries,
         check_rows,
         first_changed,
+        next_entry,
         noted_split,
         plain_entry,
         replay_run,
@@ -41,7 +43,7 @@ try:
 except ImportError:  # no C compiler or Python headers where it was installed
     check_rows = first_changed = plain_entry = replay_run = write_plain_files = None  # type: ignore[assignment]
     check_entries = noted_split = None  # type: ignore[assignment]
-    ustar_entry = None  # type: ignore[assignment]
+    ustar_entry = next_entry = None  # type: ignore[assignment]
     _keep_heap = None  # type: ignore[assignment]
 
 #: whether the C loops run

@@ -167,10 +167,22 @@ class TarReader:
         first = True
         # an entry of its header and at most one PAX header before it, read in C
         plain = fastpath.ustar_entry if fastpath.ENABLED else None
+        # the same, with the checksums, straight from the buffer (None where it is not all there)
+        nxt = fastpath.next_entry if fastpath.ENABLED else None
         pax: bytes | None = None  # that PAX header's data, not parsed yet (nor in ext)
         while True:
             if self._data_left or self._pad:
                 self.skip()
+            if nxt is not None and pax is None and not extended and not self._globals:
+                found = nxt(self._view, self._pos, self._end)
+                if found is not None:
+                    self._pos += found[1]
+                    first = False
+                    entry = TarEntry(*found[0])
+                    self._data_left = entry.size
+                    self._pad = -entry.size % BLOCK
+                    yield entry
+                    continue
             try:
                 block = self._header(first)
             except ArchiveError:
