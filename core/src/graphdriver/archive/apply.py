@@ -1,7 +1,7 @@
 """Unpack an OCI layer tar into a layer, in a sandbox.
 
-The parent process (this module) reads the caller's stream, undoes gzip or zstd and hashes the
-plain tar (the layer's diffID) in a thread of its own, parses it, keeps the exact-diff record's
+The parent process (this module) reads the caller's stream, undoes gzip or zstd in a thread of
+its own, hashes the plain tar (the layer's diffID), parses it, keeps the exact-diff record's
 segments, and sends a forked child that has chrooted into the layer (like Docker's
 chrootarchive) the entries to write, with their data inline or, for a plain tar in a regular
 file, where in the file the child reads it (:mod:`.feed`). The child (:mod:`.extract`) refuses
@@ -184,14 +184,17 @@ class _FileSource:
 
 
 class _StreamSource:
-    """Any other stream: gzip or zstd undone and the plain tar hashed in a thread of its own
-    (:class:`_Decoding`), the plain tar handed out as it comes."""
+    """Any other stream: gzip or zstd undone in a thread of its own (:class:`_Decoding`), the
+    plain tar handed out as it comes and hashed as each piece is taken, in the calling thread:
+    the decoder (zstandard's holds the GIL) and the hash (hashlib lets go of it) so run at once,
+    where the thread did both (minbase.zst: 0.26 s of decoding and 0.15 s of hashing in a row)."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self._decoding = _Decoding(stream, stream.read(8))
         self._pieces = iter(self._decoding)
         self.kind = self._decoding.kind
         self._plain = memoryview(b"")
+        self._digest = hashlib.sha256()
         self.size = 0
         self.progress: Callable[[int], None] | None = None
 
@@ -205,6 +208,7 @@ class _StreamSource:
             if item is None:
                 return 0
             self._plain = memoryview(item[0])
+            self._digest.update(item[0])
             self.size += len(self._plain)
             if self.progress is not None and item[1]:
                 self.progress(item[1])
@@ -217,17 +221,17 @@ class _StreamSource:
         self._decoding.stop()
 
     def diff_id(self) -> str:
-        return "sha256:" + self._decoding.digest.hexdigest()
+        return "sha256:" + self._digest.hexdigest()
 
 
 class _Decoding:
-    """gzip or zstd undone and the plain tar hashed in a thread of its own, one read ahead:
-    while it decodes a piece of the stream, the calling thread reads the next one and parses
-    the one before (zlib, zstandard and hashlib let go of the GIL). Only the calling thread
-    reads the stream: a signal never leaves a thread inside a read of it. Iterating gives
-    (plain bytes, stream bytes they end), the plain bytes in pieces of a bounded size, a few
-    at most waiting to be taken: a compression bomb is never held whole. A decoding error is
-    raised there."""
+    """gzip or zstd undone in a thread of its own, one read ahead: while it decodes a piece of
+    the stream, the calling thread reads the next one, and hashes and parses the one before
+    (zlib and hashlib let go of the GIL; zstandard does not, for its whole decoding step).
+    Only the calling thread reads the stream: a signal never leaves a thread inside a read of
+    it. Iterating gives (plain bytes, stream bytes they end), the plain bytes in pieces of a
+    bounded size, a few at most waiting to be taken: a compression bomb is never held whole.
+    A decoding error is raised there."""
 
     _STOP = object()
     _DONE = object()
@@ -237,8 +241,6 @@ class _Decoding:
         self._head = head
         self._decoder = LayerDecoder(head)
         self.kind = self._decoder.kind
-        #: the plain tar's sha256, complete once the iteration is
-        self.digest = hashlib.sha256()
         self._in: queue.SimpleQueue[object] = queue.SimpleQueue()
         #: (plain bytes, whether room was taken for them), the size of each stream piece once
         #: it is decoded, the end or an error
@@ -259,7 +261,6 @@ class _Decoding:
                         self._room.acquire()
                         if self._stopping:
                             return
-                    self.digest.update(plain)
                     self._out.put((plain, more))
                 self._out.put(len(piece))
             if piece is self._DONE:
