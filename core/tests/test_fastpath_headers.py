@@ -215,9 +215,14 @@ def test_a_header_gives_the_entry_the_python_reader_gives(
     _needs_the_c_loops()
     blocks, in_c = CASES[case]
     assert _c_reads(blocks) is in_c
-    data = blocks + b"\0" * 1024
-    slow = _outcome(data, False, monkeypatch)
-    assert _outcome(data, True, monkeypatch) == slow
+    # alone (its headers read by the Python path: the reader's buffer is empty at the first),
+    # and after a plain entry (then in the buffer: next_entry's)
+    for data in (blocks + b"\0" * 1024, _PLAIN + blocks + b"\0" * 1024):
+        slow = _outcome(data, False, monkeypatch)
+        assert _outcome(data, True, monkeypatch) == slow
+
+
+_PLAIN = _blocks(_info("before", size=0), tarfile.USTAR_FORMAT)
 
 
 def _outcome(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> object:
@@ -292,3 +297,38 @@ def test_checksums_the_c_leaves_to_the_reader_read_alike(monkeypatch: pytest.Mon
         slow = _outcome(data, False, monkeypatch)
         assert _outcome(data, True, monkeypatch) == slow, field
         assert isinstance(slow, list) or field.startswith(b"%06o" % (unsigned + 1)), slow
+
+
+def test_the_header_after_a_pax_header_has_its_checksum_checked_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PAX header whose entry's header has a bad checksum: refused alike, at that header,
+    whether the C reads the two from the buffer or the Python reader does (found in review: a
+    C that checked the first header alone read it as a good entry)."""
+    _needs_the_c_loops()
+    assert fastpath.next_entry is not None
+    entry = bytearray(_pax(_record(b"mtime", b"1.5"), _info("f")))
+    entry[-512] ^= 1  # the name's first byte: the checksum no longer matches
+    data = _PLAIN + bytes(entry) + b"\0" * 1024
+    assert fastpath.next_entry(data, 512, len(data)) is None
+    slow = _outcome(data, False, monkeypatch)
+    assert slow == f"corrupt tar: bad header checksum at byte {len(_PLAIN) + len(entry) - 512}"
+    assert _outcome(data, True, monkeypatch) == slow
+
+
+def test_a_pax_header_over_16_mib_is_refused_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader refuses an extension header over 16 MiB; the C leaves one to it, even where
+    it is all in the buffer (one long PAX header before it grew the buffer)."""
+    _needs_the_c_loops()
+    assert fastpath.next_entry is not None
+    for size, refused in ((16 << 20, False), ((16 << 20) + 1, True)):
+        records = _record(b"comment", b"c" * (size - 18))
+        assert len(records) == size
+        blocks = _pax(records, _info("f"))
+        buf = _PLAIN + blocks + b"\0" * 1024
+        found = fastpath.next_entry(buf, 512, len(buf))
+        assert (found is None) is refused
+        data = _PLAIN + _pax(records, _info("g")) + blocks + b"\0" * 1024
+        slow = _outcome(data, False, monkeypatch)
+        assert _outcome(data, True, monkeypatch) == slow
+        assert (slow == "tar extension header of 16777217 bytes is too large") is refused

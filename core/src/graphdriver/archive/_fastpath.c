@@ -1309,11 +1309,13 @@ static PyObject *next_entry(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nn", &buf, &pos, &end))
         return NULL;
-    const unsigned char *b = (const unsigned char *)buf.buf + pos;
-    const unsigned char *pax = NULL;
+    const unsigned char *b = buf.buf, *pax = NULL;
     long long pax_len = 0;
     Py_ssize_t used = 512;
-    if (pos < 0 || end > buf.len || end - pos < 512 || !checksum_ok(b))
+    if (pos < 0 || end < pos || end > buf.len || end - pos < 512)
+        goto left;
+    b += pos;
+    if (!checksum_ok(b))
         goto left;
     if (b[156] == 'x') {
         pax_len = octal_field(b + 124, 12);
