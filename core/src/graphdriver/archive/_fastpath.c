@@ -9,8 +9,9 @@
  * plain tar headers (ustar_entry and next_entry, for TarReader.__iter__); and glibc malloc's
  * thresholds for the engine's pieces (keep_heap, for fastpath.keep_heap). Optional: where this
  * module was not built the Python loops do it all (graphdriver.archive.fastpath), and
- * core/tests/test_fastpath.py holds the two to the same result. Each stops, having done nothing for it, at the first item it would not
- * handle exactly as the Python loop does, which then takes that item.
+ * core/tests/test_fastpath.py holds the two to the same result. Each stops, having done
+ * nothing for it, at the first item it would not handle exactly as the Python loop does,
+ * which then takes that item.
  *
  * ------------------------------------------------------------------ the sandbox's plain files
  *
@@ -1305,7 +1306,7 @@ static int checksum_ok(const unsigned char *b) {
 static PyObject *next_entry(PyObject *self, PyObject *args) {
     Py_buffer buf;
     Py_ssize_t pos, end;
-    PyObject *fields = NULL, *result = NULL;
+    PyObject *fields, *result = NULL;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nn", &buf, &pos, &end))
         return NULL;
