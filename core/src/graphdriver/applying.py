@@ -69,15 +69,26 @@ def apply(
                 _mark_ready(store, rec, result, mounted)
                 done()
         except BaseException:
-            with store.locked(f"roll back {doing}"):
-                now = store.meta.get(layer_id)
-                if now is not None and now.state == "applying":  # not committed
-                    reset(store, rec)
-                    done()
+            _roll_back(store, rec, doing, done)
             raise
     rec.state = "ready"
     store.hooks.layer_applied(store, rec, result.size, result.diff_id)
     return result
+
+
+def _roll_back(store: LayerStore, rec: LayerRecord, doing: str, done: Callable[[], None]) -> None:
+    """After a failed extraction: empty the layer again, unless its commit went through. If
+    the rollback fails too (on a full disk its own record may not fit), the layer stays
+    ``applying`` for the next open's recovery, and the extraction's error is the one told."""
+    try:
+        with store.locked(f"roll back {doing}"):
+            now = store.meta.get(rec.id)
+            if now is not None and now.state == "applying":  # not committed
+                reset(store, rec)
+                done()
+    except Exception as exc:
+        log.warning("layer %s: the rollback failed (%s); the next command finishes it", rec.id, exc)
+        log.debug("rollback failure", exc_info=True)
 
 
 def _mark_ready(

@@ -99,9 +99,15 @@ class FileLock:
             pause = min(pause * 2, 0.05)
 
     def _write_holder(self, doing: str) -> None:
-        """Tell waiters who holds the lock and what for."""
+        """Tell waiters who holds the lock and what for; on a full disk they are not told
+        (the file stays empty): the lock is the flock, and the rollback of what filled the
+        disk needs it."""
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()} {doing}\n".encode(), 0)
+        try:
+            os.pwrite(self._fd, f"{os.getpid()} {doing}\n".encode(), 0)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
 
     @contextlib.contextmanager
     def held(self, doing: str = "changes the store") -> Iterator[None]:

@@ -173,6 +173,28 @@ def close_checkpointed(db: sqlite3.Connection) -> None:
     db.close()
 
 
+def nocow_on_btrfs(path: Path) -> None:
+    """On btrfs, create the database *path* (if new) and its ``-wal`` and ``-shm`` (if absent;
+    SQLite removes both at the last close) no-copy-on-write, before SQLite opens them.
+
+    SQLite maps ``-shm`` into memory and writes its pages in place. On a copy-on-write
+    filesystem every such write needs a free block, and on a full btrfs the kernel kills the
+    process with SIGBUS (no message, exit 135), in whatever command touches the database
+    next, even ``ls``, until space is freed by hand. A no-copy-on-write file rewrites its
+    blocks in place: a full disk is then SQLite's one-line "full" error. A file that exists
+    is left as it is (a database made before keeps copy-on-write); a refusal leaves SQLite
+    to make the file as it would."""
+    from .linux.fs import BTRFS_MAGIC, create_nocow, fs_magic  # ctypes: only on open
+
+    try:
+        if fs_magic(path.parent) != BTRFS_MAGIC:
+            return
+        for each in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            create_nocow(each)
+    except OSError:
+        return
+
+
 def connect_readonly(path: Path) -> sqlite3.Connection:
     """A plain read-only connection (``mode=ro``) whose errors stay ``sqlite3.Error``: for
     diagnosing and salvaging a database that may be damaged."""
@@ -286,9 +308,28 @@ def open_db(
 ) -> tuple[sqlite3.Connection, bool]:
     """Open *path* (WAL, ``synchronous=NORMAL``, foreign keys, *timeout* seconds of waiting
     for a writer), make or migrate its schema, and return (connection, whether it was made
-    now). Errors are :class:`StoreError`; on one the connection is closed."""
+    now). Errors are :class:`StoreError`; on one the connection is closed.
+
+    On a full disk, where SQLite cannot make its shared-memory file (``-shm``), the database
+    is opened again by a connection that holds it alone (``locking_mode=EXCLUSIVE``: that
+    index then lives in memory), so that its records can still be read (``ls``, ``inspect``,
+    ``check``); a write needs room for the WAL and is the same one-line "full" error."""
+    nocow_on_btrfs(path)
+    try:
+        return _open_db(path, schema, timeout, hint, alone=False)
+    except StoreError as exc:
+        if exc.errno != errno.ENOSPC or not os.path.getsize(path):
+            raise
+    return _open_db(path, schema, timeout, hint, alone=True)
+
+
+def _open_db(
+    path: Path, schema: Schema, timeout: float, hint: str | None, alone: bool
+) -> tuple[sqlite3.Connection, bool]:
     db = connect(path, timeout=timeout, hint=hint)
     try:
+        if alone:  # before the first read: no shared memory is ever made
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
         db.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL survives a killed process; a power cut may lose the last commits
         db.execute("PRAGMA synchronous=NORMAL")

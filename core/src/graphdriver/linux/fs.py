@@ -5,13 +5,16 @@ may enter."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import struct
 from pathlib import Path
 
 from .libc import LIBC, errno_error
 
+BTRFS_MAGIC = 0x9123683E
 MAGIC_NAMES = {
-    0x9123683E: "btrfs",
+    BTRFS_MAGIC: "btrfs",
     0xEF53: "extfs",
     0x58465342: "xfs",
     0x01021994: "tmpfs",
@@ -27,6 +30,12 @@ MAGIC_NAMES = {
     0x01021997: "v9fs",
     0x9FA0: "proc",
 }
+
+
+#: chattr's flags (FS_IOC_GETFLAGS / FS_IOC_SETFLAGS, an int) and its C flag: no copy-on-write
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_NOCOW_FL = 0x00800000
 
 
 class _Statfs(ctypes.Structure):
@@ -61,6 +70,27 @@ def fs_name(path: Path) -> str:
     """A human name for the filesystem *path* is on ("xfs", "extfs", "unknown(0x...)")."""
     magic = fs_magic(path)
     return MAGIC_NAMES.get(magic, f"unknown(0x{magic:x})")
+
+
+def create_nocow(path: Path, mode: int = 0o644) -> bool:
+    """Create *path* as an empty file with the no-copy-on-write flag (``chattr +C``; btrfs
+    takes it only while a file is empty): its blocks, once written, are rewritten in place, so
+    a rewrite needs no free space. False if *path* exists (left as it is); OSError if the
+    filesystem refuses the flag (the file is removed again)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        return False
+    try:
+        got = fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("i", 0))
+        flags = struct.unpack("i", got)[0] | FS_NOCOW_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags))
+    except OSError:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return True
 
 
 def nearest_existing(path: Path) -> Path:

@@ -209,12 +209,12 @@ def thin_pool(workdir: Path | None = None) -> Iterator[Backing]:
 
 
 @contextlib.contextmanager
-def make_backing(kind: str, workdir: Path | None = None) -> Iterator[Backing]:
-    """The backing named *kind* (see :data:`BACKINGS`)."""
+def make_backing(kind: str, workdir: Path | None = None, size: int = 1 << 30) -> Iterator[Backing]:
+    """The backing named *kind* (see :data:`BACKINGS`); a loop filesystem of *size* bytes."""
     if kind == "tmpdir":
         cm = tmpdir(workdir)
     elif kind.startswith("loop-") and kind[5:] in _MKFS:
-        cm = loop_filesystem(kind[5:], workdir=workdir)
+        cm = loop_filesystem(kind[5:], size, workdir=workdir)
     elif kind == "thin-pool":
         cm = thin_pool(workdir=workdir)
     else:

@@ -57,12 +57,12 @@ def _writer(name: str, text: str) -> Callable[[Path], object]:
     return lambda root: (root / name).write_text(text)
 
 
-def backing_or_skip(kind: str) -> Iterator[Backing]:
+def backing_or_skip(kind: str, size: int = 1 << 30) -> Iterator[Backing]:
     """:func:`make_backing` for a pytest fixture (``yield from``): a host that lacks the
     backing skips the tests that need it, saying what is missing (fails them when
     GRAPHDRIVER_REQUIRE names the backing or what it lacks)."""
     try:
-        with make_backing(kind) as backing:
+        with make_backing(kind, size=size) as backing:
             yield backing
             return
     except BackingUnavailable as exc:

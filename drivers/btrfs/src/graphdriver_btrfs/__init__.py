@@ -36,6 +36,9 @@ from .changes import snapshot_changes
 
 log = logging.getLogger(__name__)
 
+#: free bytes under which a removal waits for the cleaner to give the blocks back
+SHORT_OF_SPACE = 64 << 20
+
 
 def _btrfsutil() -> Any:
     """Import btrfsutil only when the driver is used, so listing drivers never needs it."""
@@ -126,6 +129,11 @@ class BtrfsDriver(Driver):
             self._release_parent(layer.parent)
         if ioctl.quota_enabled(self.home):
             self._drop_qgroups(ids)
+        elif _short_of_space(self.home):
+            # the store records the removal next, in a database on this filesystem: on a
+            # full disk it needs the subvolumes' blocks back, which btrfs returns only once
+            # its cleaner has dropped them (a failed apply's rollback is such a removal)
+            self._wait_dropped(ids)
 
     def _release_parent(self, parent_id: str) -> None:
         """An image layer whose last child went away may be written again."""
@@ -149,16 +157,23 @@ class BtrfsDriver(Driver):
                     return other
         return None
 
-    def _drop_qgroups(self, ids: list[int]) -> None:
-        """Destroy the deleted subvolumes' qgroups once the cleaner has dropped them."""
+    def _wait_dropped(self, ids: list[int]) -> bool:
+        """Commit, and wait (30 s at most) until btrfs's cleaner has dropped the deleted
+        subvolumes *ids*, so that their blocks are free; False if it is still busy."""
         deadline = time.monotonic() + 30
         self.bu.sync(str(self.home))
         while set(ids) & set(self.bu.deleted_subvolumes(str(self.home))):
             if time.monotonic() > deadline:
-                log.warning("btrfs cleaner still busy with %s; their qgroups stay for now", ids)
-                return
+                return False
             time.sleep(0.05)
             self.bu.sync(str(self.home))
+        return True
+
+    def _drop_qgroups(self, ids: list[int]) -> None:
+        """Destroy the deleted subvolumes' qgroups once the cleaner has dropped them."""
+        if not self._wait_dropped(ids):
+            log.warning("btrfs cleaner still busy with %s; their qgroups stay for now", ids)
+            return
         present = set(ioctl.qgroups(self.home))
         for qid in ids:
             if qid in present:
@@ -209,6 +224,12 @@ class BtrfsDriver(Driver):
             ("Metadata Space Used", str(meta_used)),
             ("Metadata Space Total", str(meta_total)),
         ]
+
+
+def _short_of_space(home: Path) -> bool:
+    """Whether the filesystem of *home* has less than :data:`SHORT_OF_SPACE` bytes free."""
+    st = os.statvfs(home)
+    return st.f_bavail * st.f_frsize < SHORT_OF_SPACE
 
 
 def _library_version() -> str:
