@@ -155,9 +155,36 @@ def test_a_store_open_while_btrfs_fills_up_survives(small_btrfs: Backing, driver
         if "error:" in proc.stdout:
             assert "is full" in proc.stdout, proc.stdout
         assert "before" in gd("ls").out.split()  # readable while the disk is still full
+        for args in (["check"], ["check", "--repair"]):  # a full disk is not damage
+            check = gd(*args, check=False)
+            assert (check.code, check.out) == (0, ""), (args, check)
+        home = sorted(p.name for p in (gd.root / driver).iterdir())
+        assert not [n for n in home if n.startswith(("metadata.db.corrupt", "metadata.db.re"))]
     finally:
         filler.unlink(missing_ok=True)
         subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
     gd("create", "later")
     check = gd("check", check=False)
     assert (check.code, check.out, check.err) == (0, "", ""), check
+
+
+def test_a_rollback_that_fails_too_is_left_to_the_next_command(
+    gd: GD, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The extraction's error is the one told, the rollback's failure a warning; the layer
+    stays ``applying`` until the next command's recovery empties it."""
+    base = _base_tar()
+    gd("create", "x")
+    monkeypatch.setenv("GRAPHDRIVER_FAULT", "store.apply.extracted=EIO,store.apply.rollback=ENOSPC")
+    res = gd("apply-diff", "x", "-", input=base, check=False)
+    assert res.code == 1, res
+    warning, error = res.err.strip().splitlines()
+    assert warning.startswith("graphdriver: WARNING: layer x: the rollback failed"), warning
+    assert "the next command finishes it" in warning, warning
+    assert error.startswith("graphdriver: error: ") and "injected at store.apply.extracted" in error
+    monkeypatch.delenv("GRAPHDRIVER_FAULT")
+    listed = gd("ls")
+    assert "layer x was left applying" in listed.err and listed.out.split() == ["x"], listed
+    assert json.loads(gd("inspect", "x").out)["diff_id"] is None
+    gd("apply-diff", "x", "-", input=base)  # empty again: it takes the layer
+    assert gd("diff", "x").raw == base

@@ -81,6 +81,7 @@ def _roll_back(store: LayerStore, rec: LayerRecord, doing: str, done: Callable[[
     the rollback fails too (on a full disk its own record may not fit), the layer stays
     ``applying`` for the next open's recovery, and the extraction's error is the one told."""
     try:
+        faults.point("store.apply.rollback")
         with store.locked(f"roll back {doing}"):
             now = store.meta.get(rec.id)
             if now is not None and now.state == "applying":  # not committed

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .metadata import LayerRecord, Metadata, refuse_reason
-from .sqlite import close_checkpointed, connect_readonly
+from .sqlite import close_checkpointed, connect_readonly, full_disk, sqlite_error
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,21 @@ def rebuild(db_path: Path, stored: Mapping[str, str | None], name: str) -> list[
     salvaged = _salvage(db_path)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     fresh = db_path.parent / "metadata.db.rebuild"
-    for leftover in (fresh, *_sidecars(fresh), Path(f"{fresh}.present")):
+    made = (fresh, *_sidecars(fresh), Path(f"{fresh}.present"))
+    for leftover in made:
         leftover.unlink(missing_ok=True)
-    meta = Metadata(fresh)
     try:
-        counts = _fill(meta, stored, salvaged, f"{stamp} by graphdriver check --repair")
-        meta.set_meta("driver", name)
-        close_checkpointed(meta.db)  # it is renamed below as one file: its WAL emptied
-    finally:
-        meta.close()
+        meta = Metadata(fresh)
+        try:
+            counts = _fill(meta, stored, salvaged, f"{stamp} by graphdriver check --repair")
+            meta.set_meta("driver", name)
+            close_checkpointed(meta.db)  # it is renamed below as one file: its WAL emptied
+        finally:
+            meta.close()
+    except BaseException:  # a full disk, say: nothing of the rebuild is left behind
+        for leftover in made:
+            leftover.unlink(missing_ok=True)
+        raise
     done: list[str] = []
     # the old database's WAL goes with it, or alone when the database is lost (a killed
     # process leaves one): a WAL beside the rebuilt file would be read into it
@@ -188,7 +194,8 @@ def has_records(path: Path) -> bool:
     db = connect_readonly(path)
     try:
         return db.execute("SELECT 1 FROM layers LIMIT 1").fetchone() is not None
-    except sqlite3.Error:
+    except sqlite3.Error as exc:
+        _not_full(exc, path)
         return False
     finally:
         db.close()
@@ -204,6 +211,7 @@ def diagnose_db(path: Path) -> str | None:
     try:
         db = connect_readonly(path)
     except sqlite3.Error as exc:
+        _not_full(exc, path)
         return f"the database cannot be opened: {exc}"
     try:
         lines = [r[0] for r in db.execute("PRAGMA integrity_check(20)")]
@@ -211,7 +219,15 @@ def diagnose_db(path: Path) -> str | None:
             return "integrity_check: " + "; ".join(lines)
         db.execute("SELECT count(*) FROM layers").fetchone()
     except sqlite3.Error as exc:
+        _not_full(exc, path)
         return f"the database is unreadable: {exc}"
     finally:
         db.close()
     return None
+
+
+def _not_full(exc: sqlite3.Error, path: Path) -> None:
+    """Raise the one-line "full" error if *exc* is a full disk, not a damaged database (which
+    ``--repair`` would move aside and rebuild)."""
+    if full_disk(exc, path):
+        raise sqlite_error(exc, str(path)) from exc

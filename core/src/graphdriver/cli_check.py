@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import Context, emit, json_option, pass_ctx
+from .cli_common import Context, emit, json_option, one_command, pass_ctx
 
 
 @click.command("check")
@@ -42,6 +42,7 @@ def check(ctx: Context, repair: bool, digests: bool) -> None:
     """
     from .check import Problem, Repair, check_store
 
+    one_command()
     report = check_store(
         Path(ctx.root).absolute(), ctx.driver, ctx.opts, repair=repair, digests=digests
     )

@@ -52,6 +52,7 @@ class Context:
         if self._store is None:
             from .store import open_store
 
+            one_command()
             self._store = open_store(self.root, self.driver, self.opts, wait=self.wait)
         return self._store
 
@@ -71,6 +72,7 @@ class Context:
 
             from .volumes import VolumeStore
 
+            one_command()
             self._volumes = VolumeStore(Path(self.root).absolute(), wait=self.wait)
         return self._volumes
 
@@ -139,6 +141,14 @@ def pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
             raise click.BadParameter(f"{item!r} is not key=value", param_hint=option)
         out[key.strip()] = value.strip()
     return out
+
+
+def one_command() -> None:
+    """Before a verb opens a database: this process runs one command (``sqlite.one_command``;
+    not for the integrations' ``serve`` verbs, which hold theirs)."""
+    from . import sqlite
+
+    sqlite.one_command()
 
 
 class Fail(click.ClickException):

@@ -102,8 +102,8 @@ class FileLock:
         """Tell waiters who holds the lock and what for; on a full disk they are not told
         (the file stays empty): the lock is the flock, and the rollback of what filled the
         disk needs it."""
-        os.ftruncate(self._fd, 0)
         try:
+            os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()} {doing}\n".encode(), 0)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):

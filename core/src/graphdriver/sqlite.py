@@ -14,6 +14,7 @@ error or a lock held too long is one line that says what to do, whoever ran the 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -25,10 +26,23 @@ from typing import Any, Literal
 from . import faults
 from .errors import StoreError
 
+log = logging.getLogger(__name__)
+
 #: free bytes under which an I/O error on the database is taken for a full filesystem
 FULL_BELOW = 1 << 20
 #: seconds a statement waits for another process's write transaction before giving up
 BUSY_TIMEOUT = 60
+#: whether a database the disk has no room to share (no ``-shm``) may be opened held alone:
+#: only in a process that runs one command and exits (:func:`one_command`); a server that
+#: kept such a connection would lock every other process out for its whole life
+_alone_when_full = False
+
+
+def one_command() -> None:
+    """Say that this process runs one command and exits (the CLI, and each command server
+    worker): on a full disk its databases are then still opened, held alone, to be read."""
+    global _alone_when_full
+    _alone_when_full = True
 
 
 def check_hint(path: Path) -> str:
@@ -181,9 +195,17 @@ def nocow_on_btrfs(path: Path) -> None:
     filesystem every such write needs a free block, and on a full btrfs the kernel kills the
     process with SIGBUS (no message, exit 135), in whatever command touches the database
     next, even ``ls``, until space is freed by hand. A no-copy-on-write file rewrites its
-    blocks in place: a full disk is then SQLite's one-line "full" error. A file that exists
-    is left as it is (a database made before keeps copy-on-write); a refusal leaves SQLite
-    to make the file as it would."""
+    blocks in place: a full disk is then SQLite's one-line "full" error. That needs a kernel
+    with btrfs's 2025 fix for memory-mapped writes into no-copy-on-write files on a full
+    disk (6.17; the CI machine runs 6.18); on older ones the rollback freeing a failed
+    layer's blocks before the database is written is what keeps an apply that fills the
+    disk from SIGBUS. Such files have no btrfs checksums (``check`` runs SQLite's own
+    ``PRAGMA integrity_check``).
+
+    Best effort: a file that exists is left as it is (a database made before keeps
+    copy-on-write; so does a ``-shm`` another process's last close removes between this
+    and SQLite's open, which then makes it anew), and a refusal leaves SQLite to make the
+    file as it would."""
     from .linux.fs import BTRFS_MAGIC, create_nocow, fs_magic  # ctypes: only on open
 
     try:
@@ -191,16 +213,39 @@ def nocow_on_btrfs(path: Path) -> None:
             return
         for each in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             create_nocow(each)
-    except OSError:
-        return
+    except OSError as exc:
+        log.debug("%s stays copy-on-write: %s", path, exc)
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
     """A plain read-only connection (``mode=ro``) whose errors stay ``sqlite3.Error``: for
-    diagnosing and salvaging a database that may be damaged."""
+    diagnosing and salvaging a database that may be damaged. On a full disk with no room for
+    ``-shm``, in a :func:`one_command` process, a connection that holds the database alone
+    (``locking_mode=EXCLUSIVE``, which a ``mode=ro`` one cannot lock), made ``query_only``;
+    elsewhere SQLite's error comes at the first read, and :func:`full_disk` tells it apart
+    from damage."""
     db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
+    if not _alone_when_full:
+        return db
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()  # the first read maps -shm
+        return db
+    except sqlite3.Error as exc:
+        if not full_disk(exc, path):
+            return db  # damage: the caller's own read meets it
+    db.close()
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA locking_mode=EXCLUSIVE")
+    db.execute("PRAGMA query_only=ON")
     return db
+
+
+def full_disk(exc: sqlite3.Error, path: Path) -> bool:
+    """Whether SQLite's *exc* on the database *path* is its filesystem being full."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name == "SQLITE_FULL" or _is_full(path, name)
 
 
 @contextmanager
@@ -313,12 +358,13 @@ def open_db(
     On a full disk, where SQLite cannot make its shared-memory file (``-shm``), the database
     is opened again by a connection that holds it alone (``locking_mode=EXCLUSIVE``: that
     index then lives in memory), so that its records can still be read (``ls``, ``inspect``,
-    ``check``); a write needs room for the WAL and is the same one-line "full" error."""
+    ``check``); a write needs room for the WAL and is the same one-line "full" error. Only in
+    a :func:`one_command` process: it holds the database until it exits."""
     nocow_on_btrfs(path)
     try:
         return _open_db(path, schema, timeout, hint, alone=False)
     except StoreError as exc:
-        if exc.errno != errno.ENOSPC or not os.path.getsize(path):
+        if not _alone_when_full or exc.errno != errno.ENOSPC or not os.path.getsize(path):
             raise
     return _open_db(path, schema, timeout, hint, alone=True)
 

@@ -5,6 +5,7 @@ may enter."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
@@ -32,10 +33,13 @@ MAGIC_NAMES = {
 }
 
 
-#: chattr's flags (FS_IOC_GETFLAGS / FS_IOC_SETFLAGS, an int) and its C flag: no copy-on-write
+#: chattr's flags (FS_IOC_GETFLAGS / FS_IOC_SETFLAGS: _IOR/_IOW('f', 1/2, long) in the
+#: asm-generic encoding of x86_64 and arm64; the kernel copies an int), its C flag (no
+#: copy-on-write) and c flag (compress), which btrfs refuses alongside C
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
 FS_NOCOW_FL = 0x00800000
+FS_COMPR_FL = 0x00000004
 
 
 class _Statfs(ctypes.Structure):
@@ -75,15 +79,22 @@ def fs_name(path: Path) -> str:
 def create_nocow(path: Path, mode: int = 0o644) -> bool:
     """Create *path* as an empty file with the no-copy-on-write flag (``chattr +C``; btrfs
     takes it only while a file is empty): its blocks, once written, are rewritten in place, so
-    a rewrite needs no free space. False if *path* exists (left as it is); OSError if the
-    filesystem refuses the flag (the file is removed again)."""
+    a rewrite needs no free space. Compression it inherited from its directory (``chattr
+    +c``, or btrfs's ``compression`` property) is dropped, as btrfs takes one or the other.
+    False if *path* exists (left as it is); OSError if the filesystem refuses the flag (the
+    file is removed again)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except FileExistsError:
         return False
     try:
+        try:
+            os.removexattr(fd, "btrfs.compression")
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
         got = fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("i", 0))
-        flags = struct.unpack("i", got)[0] | FS_NOCOW_FL
+        flags = struct.unpack("i", got)[0] & ~FS_COMPR_FL | FS_NOCOW_FL
         fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags))
     except OSError:
         os.unlink(path)
