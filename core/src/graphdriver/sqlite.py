@@ -364,9 +364,16 @@ def open_db(
     try:
         return _open_db(path, schema, timeout, hint, alone=False)
     except StoreError as exc:
-        if not _alone_when_full or exc.errno != errno.ENOSPC or not os.path.getsize(path):
+        if not _alone_when_full or exc.errno != errno.ENOSPC or not _has_content(path):
             raise
     return _open_db(path, schema, timeout, hint, alone=True)
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _open_db(
