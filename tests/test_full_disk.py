@@ -13,11 +13,13 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import GD, Result
@@ -188,3 +190,55 @@ def test_a_rollback_that_fails_too_is_left_to_the_next_command(
     assert json.loads(gd("inspect", "x").out)["diff_id"] is None
     gd("apply-diff", "x", "-", input=base)  # empty again: it takes the layer
     assert gd("diff", "x").raw == base
+
+
+def _fill(where: Path) -> None:
+    """Fill the filesystem of *where*: its blocks, then its inodes."""
+    where.mkdir()
+    with contextlib.suppress(OSError), open(where / "blocks", "wb") as f:
+        while True:
+            f.write(bytes(MiB))
+            f.flush()
+    with contextlib.suppress(OSError):
+        for i in range(1_000_000):
+            (where / f"{i}").touch()
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "ext4"])
+def test_a_full_disk_is_never_taken_for_a_damaged_database(fstype: str) -> None:
+    """A store whose filesystem filled up: commands say it is full (on ext4, whose inodes
+    are made in advance, ``ls`` still reads: the database opened held alone), ``check``
+    never calls the database damaged, ``--repair`` never moves it aside; once space is
+    freed, all is as it was."""
+    for backing in backing_or_skip(f"loop-{fstype}", size=FS_SIZE):
+        gd = GD(backing.root / "root", "overlay")
+        filler = backing.root / "filler"
+        try:
+            gd("create", "base")
+            gd("apply-diff", "base", "-", input=_base_tar())
+            _fill(filler)
+            listed = gd("ls", check=False)
+            if fstype == "ext4":
+                assert (listed.code, listed.out.split()) == (0, ["base"]), listed
+            else:  # no inode for -wal: nothing opens
+                assert "is full" in _one_line_error(listed), listed
+            for args in (["check"], ["check", "--repair"]):
+                check = gd(*args, check=False)
+                assert "damaged" not in check.out and "repair" not in check.out, check
+                assert check.code == 0 or "is full" in _one_line_error(check), (args, check)
+            home = sorted(p.name for p in (gd.root / "overlay").iterdir())
+            assert "metadata.db" in home, home
+            assert not [n for n in home if n.startswith("metadata.db.")][1:], home  # .present
+        finally:
+            shutil.rmtree(filler, ignore_errors=True)
+            subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
+        assert gd("ls").out.split() == ["base"]
+        check = gd("check", check=False)
+        assert (check.code, check.out, check.err) == (0, "", ""), check
+
+
+def _one_line_error(res: Result) -> str:
+    lines = res.err.strip().splitlines()
+    assert res.code == 1 and len(lines) == 1, (res.code, res.err)
+    assert lines[0].startswith("graphdriver: error: "), lines
+    return lines[0]

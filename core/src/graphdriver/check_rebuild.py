@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .metadata import LayerRecord, Metadata, refuse_reason
-from .sqlite import close_checkpointed, connect_readonly, full_disk, sqlite_error
+from .sqlite import close_checkpointed, connect_readonly, full_disk, full_error
 
 log = logging.getLogger(__name__)
 
@@ -230,4 +230,4 @@ def _not_full(exc: sqlite3.Error, path: Path) -> None:
     """Raise the one-line "full" error if *exc* is a full disk, not a damaged database (which
     ``--repair`` would move aside and rebuild)."""
     if full_disk(exc, path):
-        raise sqlite_error(exc, str(path)) from exc
+        raise full_error(exc, str(path)) from exc

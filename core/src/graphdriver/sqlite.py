@@ -58,11 +58,7 @@ def sqlite_error(exc: sqlite3.Error | OSError, where: str, hint: str | None = No
     path = Path(where)
     hint = hint or check_hint(path)
     if name == "SQLITE_FULL" or code in (errno.ENOSPC, errno.EDQUOT) or _is_full(path, name):
-        return StoreError(
-            f"the filesystem holding {where} is full ({exc}); nothing was recorded: free "
-            f"space there and run the command again",
-            errno_=errno.ENOSPC,
-        )
+        return full_error(exc, where)
     if name.startswith("SQLITE_IOERR") or code == errno.EIO:
         return StoreError(
             f"I/O error on {where} ({exc}): the disk or filesystem is failing; look at "
@@ -86,6 +82,15 @@ def sqlite_error(exc: sqlite3.Error | OSError, where: str, hint: str | None = No
     return StoreError(f"metadata database {where}: {exc}")
 
 
+def full_error(exc: sqlite3.Error | OSError, where: str) -> StoreError:
+    """The one line for a database whose filesystem is full."""
+    return StoreError(
+        f"the filesystem holding {where} is full ({exc}); nothing was recorded: free "
+        f"space there and run the command again",
+        errno_=errno.ENOSPC,
+    )
+
+
 def unreadable(exc: BaseException) -> bool:
     """Whether a StoreError from :func:`open_db` is a file that is not (or no longer) SQLite."""
     cause = exc.__cause__
@@ -95,9 +100,13 @@ def unreadable(exc: BaseException) -> bool:
 
 def _is_full(path: Path, name: str) -> bool:
     """Whether an I/O error is a full filesystem: SQLite reports one that stops its shared
-    memory file from growing (WAL) as SQLITE_IOERR_SHMSIZE or another IOERR, not as FULL."""
-    if not name.startswith("SQLITE_IOERR"):
-        return False
+    memory file from growing (WAL) as SQLITE_IOERR_SHMSIZE or another IOERR, not as FULL,
+    and one with no room for a new file (a full XFS has no free inode for ``-wal``) as
+    SQLITE_CANTOPEN."""
+    return name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")) and _no_room(path)
+
+
+def _no_room(path: Path) -> bool:
     try:
         st = os.statvfs(path.parent)
     except OSError:
@@ -243,9 +252,13 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
 
 
 def full_disk(exc: sqlite3.Error, path: Path) -> bool:
-    """Whether SQLite's *exc* on the database *path* is its filesystem being full."""
+    """Whether SQLite's *exc* on the database *path* may be its filesystem being full: for
+    telling a full disk from damage, so any error but a damaged file's while the filesystem
+    is full (a ``mode=ro`` connection that cannot make ``-shm`` reports SQLITE_BUSY)."""
     name = getattr(exc, "sqlite_errorname", "") or ""
-    return name == "SQLITE_FULL" or _is_full(path, name)
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return False
+    return name == "SQLITE_FULL" or _no_room(path)
 
 
 @contextmanager
