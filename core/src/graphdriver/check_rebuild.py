@@ -206,7 +206,7 @@ def diagnose_db(path: Path) -> str | None:
     why = refuse_reason(path)
     if why is not None:
         return f"the database {why}"
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:  # not made yet (refuse_reason: no marker)
         return None
     try:
         db = connect_readonly(path)

@@ -28,8 +28,10 @@ from .errors import StoreError
 
 log = logging.getLogger(__name__)
 
-#: free bytes under which an I/O error on the database is taken for a full filesystem
+#: the room a new file must find for an I/O error on the database not to be a full filesystem
 FULL_BELOW = 1 << 20
+#: seconds a database opened held alone on a full disk waits for another command holding it so
+ALONE_WAIT = 5.0
 #: seconds a statement waits for another process's write transaction before giving up
 BUSY_TIMEOUT = 60
 #: whether a database the disk has no room to share (no ``-shm``) may be opened held alone:
@@ -66,9 +68,16 @@ def sqlite_error(exc: sqlite3.Error | OSError, where: str, hint: str | None = No
             errno_=errno.EIO,
         )
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        if _no_room(path):  # a one-command process holds it alone (open_db)
+            what = (
+                f"the filesystem holding it is full, and a command reading it meanwhile holds "
+                f"it alone: free space there, or wait for that command (`fuser -v {where}`), "
+                f"and run the command again"
+            )
+        else:
+            what = f"find it with `fuser -v {where}` and run the command again once it is done"
         return StoreError(
-            f"{where} stayed locked by another process for {BUSY_TIMEOUT} s ({exc}); find it "
-            f"with `fuser -v {where}` and run the command again once it is done",
+            f"{where} stayed locked by another process for {BUSY_TIMEOUT} s ({exc}); {what}",
             errno_=errno.EBUSY,
         )
     if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
@@ -107,11 +116,27 @@ def _is_full(path: Path, name: str) -> bool:
 
 
 def _no_room(path: Path) -> bool:
+    """Whether the filesystem of *path* has no room for a new file of :data:`FULL_BELOW`
+    bytes, tried as this process (root may write ext4's reserved blocks; a disk may be out
+    of inodes, or btrfs of metadata space, with blocks free): an unnamed file (O_TMPFILE),
+    gone at its close; where that is not supported, the free blocks statvfs counts."""
     try:
-        st = os.statvfs(path.parent)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < FULL_BELOW
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        try:
+            st = os.statvfs(path.parent)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < FULL_BELOW
+    try:
+        os.write(fd, bytes(FULL_BELOW))
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        os.close(fd)
+    return False
 
 
 class _Cursor(sqlite3.Cursor):
@@ -252,13 +277,13 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
 
 
 def full_disk(exc: sqlite3.Error, path: Path) -> bool:
-    """Whether SQLite's *exc* on the database *path* may be its filesystem being full: for
-    telling a full disk from damage, so any error but a damaged file's while the filesystem
-    is full (a ``mode=ro`` connection that cannot make ``-shm`` reports SQLITE_BUSY)."""
+    """Whether SQLite's *exc* on the database *path* is its filesystem being full, for telling
+    a full disk from damage: FULL, or an error opening or writing its files (IOERR, CANTOPEN;
+    BUSY from a ``mode=ro`` connection that cannot make ``-shm``) while there is no room."""
     name = getattr(exc, "sqlite_errorname", "") or ""
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-        return False
-    return name == "SQLITE_FULL" or _no_room(path)
+    if name == "SQLITE_FULL":
+        return True
+    return name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_BUSY")) and _no_room(path)
 
 
 @contextmanager
@@ -379,7 +404,16 @@ def open_db(
     except StoreError as exc:
         if not _alone_when_full or exc.errno != errno.ENOSPC or not _has_content(path):
             raise
-    return _open_db(path, schema, timeout, hint, alone=True)
+    try:
+        return _open_db(path, schema, min(timeout, ALONE_WAIT), hint, alone=True)
+    except StoreError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        raise StoreError(
+            f"the filesystem holding {path} is full, and another command is reading the "
+            f"database meanwhile, holding it alone; free space there and run the command again",
+            errno_=errno.ENOSPC,
+        ) from exc
 
 
 def _has_content(path: Path) -> bool:

@@ -46,14 +46,18 @@ def graphdriver_status(store: LayerStore) -> Sequence[tuple[str, str]] | None:
     if not db_path.exists():
         return None
     counts = {"committed": 0, "active": 0, "view": 0}
-    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
-        for kind, count in db.execute(
-            "SELECT kind, count(*) FROM snapshots WHERE state='ready' GROUP BY kind"
-        ):
-            counts[kind] = count
-    total = sum(counts.values())
-    detail = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+            for kind, count in db.execute(
+                "SELECT kind, count(*) FROM snapshots WHERE state='ready' GROUP BY kind"
+            ):
+                counts[kind] = count
+    except sqlite3.Error as exc:  # a full disk, say: no room for its -shm
+        snapshots = f"unreadable ({exc})"
+    else:
+        detail = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        snapshots = f"{sum(counts.values())} ({detail})"
     return [
-        ("containerd Snapshots", f"{total} ({detail})"),
+        ("containerd Snapshots", snapshots),
         ("containerd Proxy", _proxy(home / "serve.lock")),
     ]
