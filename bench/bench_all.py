@@ -12,7 +12,10 @@ filesystem in the same loop, who goes first alternating:
   driver whose child layer starts as a copy of its parent, beside ``rm -rf`` of what its
   whiteouts remove and ``tar -x``, in an unpacked minbase); ``podman import`` of
   minbase and the small files into a WARM podman root (one per data set, set up and warmed by
-  an untimed import first; the image is removed between runs, the store kept);
+  an untimed import first; the image is removed between runs, the store kept); minbase and the
+  small files read from a pipe (``cat TAR |``, as a client or an engine hands a layer over:
+  the data then crosses to the sandbox inline), library call and through the command server,
+  beside ``cat TAR | tar -x``;
 - pack: ``diff`` of the minbase and small-files layers beside GNU ``tar -c`` of the unpacked
   tree into a file on the same filesystem (never /dev/null, which GNU tar short-circuits); the
   diff generated from a container layer on the small files, each rewritten, beside GNU
@@ -91,6 +94,8 @@ AS_FAST_AS_TAR = Target(1.1)
 #: data sets whose apply-diff is also measured through the command server (diff: minbase,
 #: small10k and the rewritten files)
 SERVED = ("minbase", "minbase.gz", "minbase.zst", "apt", "small10k")
+#: data sets whose apply-diff is also measured from a pipe
+PIPED = ("minbase", "small10k")
 #: the CLI's figures are of the command as a user runs it, through the command server the
 #: first command starts (GRAPHDRIVER_SOCKET unset), and of a process that runs its command
 #: itself (GRAPHDRIVER_SOCKET=, python -m graphdriver, a first command), same targets
@@ -381,11 +386,45 @@ class Bench:
                     run(podman("rmi", "-f", "bench:layer"))
                 run([*self.gd, "rm", layer, again, third])
                 data.rmtree(into)
-            for f in [*figs[:2], *([srv] if srv else [])]:
+            piped = self.piped(key, tar) if key in PIPED else []
+            for f in [*figs[:2], *([srv] if srv else []), *piped]:
                 med = f.value() or 1.0
                 f.extra = f"{data.plain_of(tar).stat().st_size / 1e6 / med:.0f} MB/s"
                 if files > 1:
                     f.extra += f", {files / med:,.0f} files/s ({entries:,} entries)"
+
+    def piped(self, key: str, tar: Path) -> list[Figure]:
+        """apply-diff of *tar* read from a pipe (``cat TAR |``), as a client or an engine hands
+        a layer over, beside GNU tar -x reading the same pipe: the library call, and the CLI
+        through the command server. From a pipe the entries' data crosses to the sandbox
+        inline (``archive.feed``), where from a file the sandbox reads it itself."""
+        ref_name = "cat | GNU tar -x"
+        lib = self.fig(f"apply-diff {key} from a pipe", "lib", ref_name=f"{ref_name} (process)",
+                       target=AS_FAST_AS_TAR)  # fmt: skip
+        srv = self.fig(f"apply-diff {key} from a pipe through the command server",
+                       ref_name=ref_name, target=AS_FAST_AS_TAR)  # fmt: skip
+        cat = ["sh", "-c", 'cat "$0" | exec "$@"', str(tar)]
+        order = ("ref", "lib", "srv")
+        for i in range(self.runs):
+            into = self.fs / self.fresh("tar-x-")
+            into.mkdir()
+            layer, again = self.fresh("L"), self.fresh("L")
+            for name in (layer, again):
+                run([*self.gd, "create", name])
+            got: dict[str, Run] = {}
+            for who in order[i % len(order) :] + order[: i % len(order)]:
+                sync()
+                if who == "ref":
+                    got[who] = timed([*cat, *GNU_TAR, "-C", str(into), "-xf", "-"])
+                elif who == "lib":
+                    got[who] = lib_op(self.store, "apply-piped", layer, tar, self.driver)
+                else:
+                    got[who] = self.through_server([*cat, *self.gd, "apply-diff", again])
+            lib.add(got["lib"], got["ref"])
+            srv.add(got["srv"], got["ref"])
+            run([*self.gd, "rm", layer, again])
+            data.rmtree(into)
+        return [lib, srv]
 
     # ------------------------------------------------------------------------------ pack
 

@@ -106,7 +106,7 @@ def timed(cmd: list[str]) -> tuple[float, int]:
 
 
 LIB_OP = """
-import io, json, os, sys, tarfile, time
+import io, json, os, subprocess, sys, tarfile, time
 from figures import cpu_now, peak_rss
 from graphdriver import open_store
 store = open_store(sys.argv[1], sys.argv[5])
@@ -135,6 +135,10 @@ c, t = cpu_now(), time.perf_counter()
 if sys.argv[2] == "apply":
     with open(sys.argv[4], "rb") as f:
         store.apply(sys.argv[3], f)
+elif sys.argv[2] == "apply-piped":  # the tar through a pipe from cat, as from a client or engine
+    cat = subprocess.Popen(["cat", sys.argv[4]], stdout=subprocess.PIPE)
+    with cat:
+        store.apply(sys.argv[3], cat.stdout)
 else:
     with open(sys.argv[4], "wb") as f:
         store.write_diff(sys.argv[3], f)
