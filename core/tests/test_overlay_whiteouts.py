@@ -248,13 +248,19 @@ print(*tarfile.open(fileobj=out).getnames())
     assert done.stdout.split() == [str(tmp_path / "lower" / "d" / "new"), "sub", "sub/empty"]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["C loop", "Python loop"])
 def test_a_directory_replaced_while_it_is_compared_is_not_gone_down(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast: bool
 ) -> None:
     """A container may write its upper while it is diffed: a directory the compare listed,
     replaced by a symlink to elsewhere before the compare goes down into one below it, fails
-    the compare instead of listing what the symlink leads to."""
-    from graphdriver.archive import dirs
+    the compare instead of listing what the symlink leads to (the directories read by the
+    C loop or by os.scandir alike)."""
+    from graphdriver.archive import dirs, fastpath
+
+    if fast and not fastpath.ENABLED:
+        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+    monkeypatch.setattr(fastpath, "ENABLED", fast)
 
     new, old, outside = tmp_path / "new", tmp_path / "old", tmp_path / "outside"
     (new / "a" / "b").mkdir(parents=True)
@@ -262,7 +268,7 @@ def test_a_directory_replaced_while_it_is_compared_is_not_gone_down(
     (old / "a" / "b").mkdir(parents=True)
     (outside / "b").mkdir(parents=True)
     (outside / "b" / "host-secret").write_text("secret")
-    real = dirs.listing
+    real = dirs._open
 
     def swapping(path: str, *rest: object) -> object:
         if path == f"{new}/a/b" and not (new / "a").is_symlink():
@@ -270,7 +276,7 @@ def test_a_directory_replaced_while_it_is_compared_is_not_gone_down(
             (new / "a").symlink_to(outside)
         return real(path, *rest)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(dirs, "listing", swapping)
+    monkeypatch.setattr(dirs, "_open", swapping)
     with pytest.raises(OSError) as got:
         tree_changes(str(new), str(old))
     assert "replaced while the layer was compared" in str(got.value)

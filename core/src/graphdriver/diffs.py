@@ -16,7 +16,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
@@ -119,13 +119,17 @@ class _Found:
         return archive.tree_changes(self.root, self.below, self.boundary_ns)
 
 
-def _native_changes(found: list[tuple[str, int]]) -> list[Change]:
+def _native_changes(found: Sequence[tuple[str, int]]) -> list[Change]:
     """A driver's changes, (path, kind number), as Change: the kinds looked up by number
     (the enum's call, ~1 us each, was a tenth of the 10k-file container layer's changes); a
-    number that is no kind fails as the enum's call does."""
+    number that is no kind fails as the enum's call does. A Change of a kind is kept as it is
+    (overlay's, from the core's compare)."""
     kinds = {int(k): k for k in archive.ChangeKind}
     try:
-        return [Change(p, kinds[k]) for p, k in found]
+        return [
+            c if type(c) is Change and type(c[1]) is ChangeKind else Change(c[0], kinds[c[1]])
+            for c in found
+        ]
     except KeyError as exc:
         raise ValueError(f"{exc.args[0]!r} is not a valid ChangeKind") from None
 

@@ -165,8 +165,11 @@ class NativeDiff(Protocol):
     """A driver that knows what a layer changed without walking its parent (the name
     ``native_diff`` in ``Capabilities.why_not`` says why its methods return None here)."""
 
-    def changes(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> list[tuple[str, int]] | None:
-        """(path, kind) pairs against the direct parent, or None for the naive walk."""
+    def changes(
+        self, layer: LayerInfo, chain: Sequence[LayerInfo]
+    ) -> Sequence[tuple[str, int]] | None:
+        """(path, kind) pairs against the direct parent (``Change`` is one), or None for the
+        naive walk."""
 
     def diff_source(self, layer: LayerInfo) -> Path | None:
         """The directory that holds exactly this layer's changes (overlay's upper), or None."""

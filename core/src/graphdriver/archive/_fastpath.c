@@ -35,7 +35,9 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -1031,6 +1033,184 @@ static PyObject *check_rows(PyObject *self, PyObject *args) {
     return NULL; /* not reached */
 }
 
+/* ------------------------------------------------------------------- a tree compare's entries
+ *
+ * compare_dir(new_fd, old_fds, overlay, full) -> (done, left)
+ *   new_fd   a directory of the new tree, open for reading
+ *   old_fds  the directories of the old side at the same place, nearest first: a descriptor
+ *            to look names up in, -1 for one that is not there (skipped), below -1 for one
+ *            that only a lookup by path reaches (an entry not found before it is left);
+ *            when full, the one old directory, open for reading
+ *   overlay  a 0/0 character device of the old side hides the name (an overlay whiteout)
+ *   full     the new directory is all of the new content there: a name of the old one that
+ *            it lacks is deleted (a plain tree; not an overlay's opaque directory)
+ * returns done, the (name, kind) of each entry that the compare's Python loop
+ * (graphdriver.archive.changes._Compare._entries) would find added (1) or modified (0) by
+ * looking at the two lstats alone, and, when full, each deleted name (2); and left, the names
+ * of every other entry (a directory, a hardlinked file, a whiteout, one whose metadata equal
+ * the old one's, one an lstat failed on), for that loop. OSError, its filename the
+ * descriptor, when a directory cannot be read.
+ */
+static int read_names(int fd, DIR **dir) {
+    int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (copy < 0)
+        return -1;
+    *dir = fdopendir(copy);
+    if (*dir == NULL) {
+        int saved = errno;
+        close(copy);
+        errno = saved;
+        return -1;
+    }
+    rewinddir(*dir);
+    return 0;
+}
+
+static int metadata_differ(const struct stat *a, const struct stat *b) {
+    return a->st_mode != b->st_mode || a->st_uid != b->st_uid || a->st_gid != b->st_gid ||
+           a->st_rdev != b->st_rdev || a->st_size != b->st_size ||
+           a->st_mtim.tv_sec != b->st_mtim.tv_sec || a->st_mtim.tv_nsec != b->st_mtim.tv_nsec;
+}
+
+/* DONE and *kind set, or LEFT: the entry name (lstat'ed as *st) of the new side, looked up in
+ * the old side */
+static int entry_kind(const char *name, const struct stat *st, const int *fds, Py_ssize_t n,
+                      int overlay, int *kind) {
+    struct stat old;
+    if (S_ISDIR(st->st_mode) || (S_ISREG(st->st_mode) && st->st_nlink > 1) ||
+        (overlay && S_ISCHR(st->st_mode) && st->st_rdev == 0))
+        return LEFT;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (fds[i] == -1)
+            continue;
+        if (fds[i] < -1)
+            return LEFT;
+        if (fstatat(fds[i], name, &old, AT_SYMLINK_NOFOLLOW) != 0) {
+            if (errno == ENOENT || errno == ENOTDIR)
+                continue;
+            return LEFT;
+        }
+        if (overlay && S_ISCHR(old.st_mode) && old.st_rdev == 0)
+            break; /* hidden: not there */
+        if (S_ISDIR(old.st_mode) || !metadata_differ(st, &old))
+            return LEFT;
+        *kind = 0;
+        return DONE;
+    }
+    *kind = 1;
+    return DONE;
+}
+
+static int append_change(PyObject *done, PyObject *name, int kind) {
+    PyObject *item = Py_BuildValue("(Oi)", name, kind);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(done, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+static PyObject *compare_dir(PyObject *self, PyObject *args) {
+    int new_fd, overlay, full, fds[64], reading;
+    PyObject *old_fds, *done = NULL, *left = NULL, *gone = NULL, *result = NULL;
+    DIR *dir = NULL;
+    struct dirent *ent;
+    struct stat st;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iO!pp", &new_fd, &PyTuple_Type, &old_fds, &overlay, &full))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(old_fds);
+    if (n > 64 || (full && n != 1)) {
+        PyErr_SetString(PyExc_ValueError, "compare_dir: 1 old directory when full, 64 at most");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PyTuple_GET_ITEM(old_fds, i));
+        if (fd == -1 && PyErr_Occurred())
+            return NULL;
+        fds[i] = fd < INT_MIN ? INT_MIN : fd > INT_MAX ? -2 : (int)fd;
+    }
+    done = PyList_New(0);
+    left = PyList_New(0);
+    gone = full ? PySet_New(NULL) : NULL;
+    if (done == NULL || left == NULL || (full && gone == NULL))
+        goto out;
+    reading = full ? fds[0] : new_fd;
+    if (full) { /* the old names, to tell an added entry without a lookup and a deleted one */
+        if (read_names(fds[0], &dir) != 0)
+            goto os_error;
+        while ((errno = 0, ent = readdir(dir)) != NULL) {
+            if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0)
+                continue;
+            PyObject *name = PyUnicode_DecodeFSDefault(ent->d_name);
+            if (name == NULL || PySet_Add(gone, name) != 0) {
+                Py_XDECREF(name);
+                goto out;
+            }
+            Py_DECREF(name);
+        }
+        if (errno != 0)
+            goto os_error;
+        closedir(dir);
+        dir = NULL;
+    }
+    reading = new_fd;
+    if (read_names(new_fd, &dir) != 0)
+        goto os_error;
+    while ((errno = 0, ent = readdir(dir)) != NULL) {
+        if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0)
+            continue;
+        PyObject *name = PyUnicode_DecodeFSDefault(ent->d_name);
+        if (name == NULL)
+            goto out;
+        int was_old = 1, kind = 0, got = LEFT;
+        if (full && (was_old = PySet_Discard(gone, name)) < 0) {
+            Py_DECREF(name);
+            goto out;
+        }
+        if (fstatat(new_fd, ent->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0)
+            got = entry_kind(ent->d_name, &st, fds, was_old ? n : 0, overlay, &kind);
+        int rc = got == DONE ? append_change(done, name, kind) : PyList_Append(left, name);
+        Py_DECREF(name);
+        if (rc != 0)
+            goto out;
+    }
+    if (errno != 0)
+        goto os_error;
+    if (full) {
+        PyObject *it = PyObject_GetIter(gone), *name;
+        if (it == NULL)
+            goto out;
+        while ((name = PyIter_Next(it)) != NULL) {
+            int rc = append_change(done, name, 2);
+            Py_DECREF(name);
+            if (rc != 0)
+                break;
+        }
+        Py_DECREF(it);
+        if (PyErr_Occurred())
+            goto out;
+    }
+    result = PyTuple_Pack(2, done, left);
+    goto out;
+os_error: {
+    int saved = errno;
+    PyObject *which = PyLong_FromLong(reading);
+    errno = saved;
+    if (which != NULL) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, which);
+        Py_DECREF(which);
+    }
+}
+out:
+    if (dir != NULL)
+        closedir(dir);
+    Py_XDECREF(done);
+    Py_XDECREF(left);
+    Py_XDECREF(gone);
+    return result;
+}
+
 /*
  * keep_heap(mmap_threshold, trim_threshold) -> bool
  *
@@ -1364,6 +1544,8 @@ static PyMethodDef methods[] = {
      "A plain tar header's entry; see graphdriver.archive.tar_reader."},
     {"next_entry", next_entry, METH_VARARGS,
      "The plain entry whose headers are next in a reader's buffer; see ustar_entry."},
+    {"compare_dir", compare_dir, METH_VARARGS,
+     "A tree compare's entries of one directory; see graphdriver.archive.changes."},
     {"keep_heap", keep_heap, METH_VARARGS,
      "Fix glibc malloc's mmap and trim thresholds; see graphdriver.archive.fastpath."},
     {NULL, NULL, 0, NULL},

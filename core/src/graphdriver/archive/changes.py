@@ -8,14 +8,16 @@ same changes (ARCHITECTURE.md, "Generated diffs are canonical").
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import stat
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from operator import itemgetter
+from typing import NamedTuple
 
 from ..linux import xattr
-from . import dirs, whiteout
+from . import dirs, fastpath, whiteout
 
 
 class ChangeKind(enum.IntEnum):
@@ -31,8 +33,10 @@ class ChangeKind(enum.IntEnum):
         return "CAD"[self.value]
 
 
-@dataclass(frozen=True, order=True)
-class Change:
+class Change(NamedTuple):
+    """A path of a layer and how it changed: a (path, kind number) pair, as a driver's native
+    changes are (a tuple, so that making one costs less: a 10k-file diff makes as many)."""
+
     path: str
     kind: ChangeKind
 
@@ -88,12 +92,22 @@ _S_IFMT = 0o170000
 _Links = dict[tuple[int, int], list[str]]
 #: an entry of the old tree: its stat and where it is
 _Old = tuple[os.stat_result, str]
+#: a directory's lstat where the compare listed it, None at the top
+_Stat = os.stat_result | None
+#: the kinds by number, as the C loop gives them
+_KINDS = tuple(ChangeKind)
 
 
 def canonical_order(changes: list[Change]) -> None:
     """Sort *changes* in place in the one order every diff uses: the bytes of the path (so a
     directory comes before what it holds), a delete at the place of the name it deletes."""
-    changes.sort(key=lambda c: c.path.encode("utf-8", "surrogateescape"))  # os.fsencode
+    if all(c.path.isascii() for c in changes):  # the bytes' order is the characters'
+        changes.sort(key=_PATH)
+    else:  # a name's undecodable bytes are surrogates, which sort after other characters
+        changes.sort(key=lambda c: c.path.encode("utf-8", "surrogateescape"))  # os.fsencode
+
+
+_PATH = itemgetter(0)
 
 
 class _Compare:
@@ -172,12 +186,44 @@ class _Compare:
         return True
 
     def scan_both(
-        self, new_dir: str, stack: list[str], full: bool, was: os.stat_result | None
+        self, new_dir: str, rel: str, stack: list[str], full: bool, was: _Stat, olds: dirs.Stack
     ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
         """The entries of *new_dir* (*was*: its lstat, None at the top) and, when *full*, of
-        the merged *stack*, to compare."""
+        the merged *stack* (*olds*), to compare: where the C loop runs, the changes it finds
+        are appended, and these are the entries it leaves."""
         top = was is None
+        if fastpath.ENABLED and not (full and (self.overlay or len(stack) != 1)):
+            return self._scan_quick(new_dir, rel, stack[0] if full else None, was, olds)
         return dirs.scan(new_dir, top, was), self.scan_old(stack, top) if full else {}
+
+    def _scan_quick(
+        self, new_dir: str, rel: str, old_dir: str | None, was: _Stat, olds: dirs.Stack
+    ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
+        """:meth:`scan_both` by ``_fastpath.compare_dir``: the changes that the two lstats of
+        an entry settle, appended; the others (directories, hardlinks, whiteouts, equal
+        metadata) stat'ed for :meth:`_entries`. *old_dir*: the one old directory of a full
+        compare, else None (an overlay upper over *olds*)."""
+        top = was is None
+        with contextlib.ExitStack() as held:
+            new_fd = held.enter_context(dirs.opened(new_dir, top, was))
+            if old_dir is None:
+                fds = olds.known_fds()
+            else:
+                fds = (held.enter_context(dirs.opened(old_dir, top)),)
+            try:
+                done, left = fastpath.compare_dir(new_fd, fds, self.overlay, old_dir is not None)
+            except OSError as exc:  # a directory's read failed: its descriptor is the filename
+                exc.filename = new_dir if exc.filename == new_fd else old_dir
+                raise
+            rel += "/"
+            self.out += [Change(rel + name, _KINDS[kind]) for name, kind in done]
+            new = {name: os.lstat(name, dir_fd=new_fd) for name in left}
+            old: dict[str, _Old] = {}
+            if old_dir is not None:
+                for name in left:
+                    with contextlib.suppress(FileNotFoundError):
+                        old[name] = (os.lstat(name, dir_fd=fds[0]), old_dir + "/" + name)
+        return new, old
 
     def scan_old(self, stack: list[str], top: bool) -> dict[str, _Old]:
         """Every visible entry of the merged *stack*: the nearest one of each name."""
@@ -215,9 +261,9 @@ class _Compare:
         if not self.enters(rel):
             return False
         start = len(self.out)
-        new, old = self.scan_both(new_dir, stack, full, was)
         olds = dirs.Stack(stack, was is None)
         try:
+            new, old = self.scan_both(new_dir, rel, stack, full, was, olds)
             down = self._entries(new_dir, rel, new, old, olds, full)
         finally:
             olds.close()
@@ -346,34 +392,34 @@ class _Within(_Compare):
         return rel in self.within
 
     def scan_both(
-        self, new_dir: str, stack: list[str], full: bool, was: os.stat_result | None
+        self, new_dir: str, rel: str, stack: list[str], full: bool, was: _Stat, olds: dirs.Stack
     ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
         written = self.written
         if written is None or not full or len(stack) != 1:
-            return super().scan_both(new_dir, stack, full, was)
+            return super().scan_both(new_dir, rel, stack, full, was, olds)
         top = was is None
         # the names and inode numbers of both sides come with the directory reads (getdents):
         # only the entries that differ there, or were written, are stat'ed
         old_dir = stack[0]
         with dirs.listing(old_dir, top) as it:
-            olds = {entry.name: entry for entry in it}
+            before_here = {entry.name: entry for entry in it}
             with dirs.listing(new_dir, top, was) as new_it:
                 new: dict[str, os.stat_result] = {}
                 for entry in new_it:
                     name, ino = entry.name, entry.inode()
-                    before = olds.get(name)
+                    before = before_here.get(name)
                     if (
                         before is not None
                         and before.inode() == ino
                         and ino not in written
                         and not entry.is_dir(follow_symlinks=False)
                     ):
-                        del olds[name]  # the old tree's own entry
+                        del before_here[name]  # the old tree's own entry
                         continue
                     new[name] = entry.stat(follow_symlinks=False)
             old = {
                 name: (e.stat(follow_symlinks=False), old_dir + "/" + name)
-                for name, e in olds.items()
+                for name, e in before_here.items()
             }
         return new, old
 

@@ -51,22 +51,29 @@ def _open(path: str, flags: int, was: os.stat_result | None) -> int:
 
 
 @contextlib.contextmanager
-def listing(
-    path: str, top: bool, was: os.stat_result | None = None
-) -> Iterator[Iterator[os.DirEntry[str]]]:
-    """os.scandir of the directory *path* through its descriptor: its entries are stat'ed
-    there, one path component each, where the whole path (deep in a store) cost as much
-    again to resolve; an error of a call at one of them names its whole path. *was*: the
-    directory's lstat when the compare listed it, which it must still be."""
+def opened(path: str, top: bool, was: os.stat_result | None = None) -> Iterator[int]:
+    """A descriptor of the directory *path* to read, closed at the end; an error of a call at
+    a name in it names the whole path. *was*: the directory's lstat when the compare listed
+    it, which it must still be."""
     fd = _open(path, _READ_DIR if top else _READ_DIR | _BELOW_TOP, was)
     try:
-        with os.scandir(fd) as it:
-            yield it
+        yield fd
     except OSError as exc:
         named(exc, path)
         raise
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def listing(
+    path: str, top: bool, was: os.stat_result | None = None
+) -> Iterator[Iterator[os.DirEntry[str]]]:
+    """os.scandir of the directory *path* through its descriptor (:func:`opened`): its
+    entries are stat'ed there, one path component each, where the whole path (deep in a
+    store) cost as much again to resolve."""
+    with opened(path, top, was) as fd, os.scandir(fd) as it:
+        yield it
 
 
 def scan(path: str, top: bool, was: os.stat_result | None = None) -> dict[str, os.stat_result]:
@@ -104,6 +111,23 @@ class Stack:
                         raise
             self.fds[i] = fd
         return fd
+
+    def known_fds(self) -> tuple[int, ...]:
+        """For the compare's C loop (``_fastpath.compare_dir``): the descriptors of the
+        directories, nearest first, -1 for one no longer there, and ending at the first that
+        only a lookup by path reaches (:attr:`BY_PATH`, or an error to raise in its place)."""
+        fds: list[int] = []
+        for i in range(len(self.paths)):
+            try:
+                fd = self.fd(i)
+            except (FileNotFoundError, NotADirectoryError):
+                fd = self.UNOPENED  # as lookup skips it
+            except OSError:
+                fd = self.BY_PATH  # the lookup by path raises it, naming it
+            fds.append(fd)
+            if fd == self.BY_PATH:
+                break
+        return tuple(fds)
 
     def close(self) -> None:
         for fd in self.fds:

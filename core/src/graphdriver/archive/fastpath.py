@@ -2,11 +2,12 @@
 (core/hatch_build.py): the apply sandbox's runs of plain files (:mod:`.extract`) and its
 record's check table (:mod:`.tarsplit`, which an exact diff reads back so too), an exact
 diff's look at its noted paths and its runs of raw parts and bodies (:mod:`.exact`), a
-generated diff's plain files (:mod:`.tar_writer`) and the apply parent's plain headers
-(:mod:`.tar_reader`); and :func:`keep_heap`, glibc malloc's thresholds fixed for the archive
-engine's pieces in a process of one command. Where it was not built, the same work is done in
-Python, and :data:`ENABLED` is False (a test may set it False too: it is read at each apply
-and diff, by the forked sandbox as well)."""
+generated diff's plain files (:mod:`.tar_writer`), the apply parent's plain headers
+(:mod:`.tar_reader`) and a tree compare's entries of each directory (:mod:`.changes`); and
+:func:`keep_heap`, glibc malloc's thresholds fixed for the archive engine's pieces in a
+process of one command. Where it was not built, the same work is done in Python, and
+:data:`ENABLED` is False (a test may set it False too: it is read at each apply and diff, by
+the forked sandbox as well)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ __all__ = [
     "ENABLED",
     "check_entries",
     "check_rows",
+    "compare_dir",
     "first_changed",
     "keep_heap",
     "next_entry",
@@ -31,6 +33,7 @@ try:
     from ._fastpath import (
         check_entries,
         check_rows,
+        compare_dir,
         first_changed,
         next_entry,
         noted_split,
@@ -42,7 +45,7 @@ try:
     from ._fastpath import keep_heap as _keep_heap
 except ImportError:  # no C compiler or Python headers where it was installed
     check_rows = first_changed = plain_entry = replay_run = write_plain_files = None  # type: ignore[assignment]
-    check_entries = noted_split = None  # type: ignore[assignment]
+    check_entries = noted_split = compare_dir = None  # type: ignore[assignment]
     ustar_entry = next_entry = None  # type: ignore[assignment]
     _keep_heap = None  # type: ignore[assignment]
 

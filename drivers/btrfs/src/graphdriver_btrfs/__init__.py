@@ -195,13 +195,15 @@ class BtrfsDriver(Driver):
     def unmount(self, layer: LayerInfo) -> None:
         return None
 
-    def changes(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> list[tuple[str, int]] | None:
+    def changes(
+        self, layer: LayerInfo, chain: Sequence[LayerInfo]
+    ) -> Sequence[tuple[str, int]] | None:
         """NativeDiff: what a snapshot changed, from the btrfs generation numbers (see
         :mod:`.changes`); None (walk both trees) for a layer without a parent."""
         if layer.parent is None:
             return None
-        found = snapshot_changes(self.bu, self._path(layer), self._path(layer.parent))
-        return None if found is None else [(c.path, int(c.kind)) for c in found]
+        # Change: a (path, kind) pair
+        return snapshot_changes(self.bu, self._path(layer), self._path(layer.parent))
 
     def diff_source(self, layer: LayerInfo) -> Path | None:
         """NativeDiff: the files of a diff are read from the layer's own subvolume."""

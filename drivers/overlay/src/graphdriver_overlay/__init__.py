@@ -424,12 +424,13 @@ class OverlayDriver(Driver):
 
     # ---------------------------------------------------------------------------- diffs
 
-    def changes(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> list[tuple[str, int]] | None:
+    def changes(
+        self, layer: LayerInfo, chain: Sequence[LayerInfo]
+    ) -> Sequence[tuple[str, int]] | None:
         if not self.native_diff or not chain:
             return None
         lowers = [str(self._diff(p)) for p in chain]
-        found = overlay_changes(str(self._diff(layer)), lowers)
-        return [(c.path, int(c.kind)) for c in found]
+        return overlay_changes(str(self._diff(layer)), lowers)  # Change: a (path, kind) pair
 
     def diff_source(self, layer: LayerInfo) -> Path | None:
         if not self.native_diff or not (self._dir(layer) / "lower").exists():

@@ -1,0 +1,195 @@
+"""The tree compare's C loop (``_fastpath.compare_dir``), which settles the entries of a
+directory that two lstats settle and leaves the rest to the Python loop: held to the same
+changes as the Python loop alone (``fastpath.ENABLED`` False), for a plain tree and for an
+overlay upper over more lowers than the compare keeps open."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from graphdriver.archive import ChangeKind, fastpath, overlay_changes, tree_changes
+from graphdriver.archive.changes import Change, canonical_order
+from graphdriver.testing import host_lacks
+
+M, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
+ODD = os.fsdecode(b"odd-\xff")  # a name that is no UTF-8: a surrogate in Python
+
+
+def _needs_the_c_loop() -> None:
+    if not fastpath.ENABLED:
+        host_lacks("the C fast path was not built (gcc, python3-dev at install)", "fastpath")
+
+
+def _both(monkeypatch: pytest.MonkeyPatch, compare: object) -> list[Change]:
+    """The compare's changes with the C loop and without, which must be the same."""
+    assert callable(compare)
+    got = compare()
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    assert compare() == got
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+    return list(got)
+
+
+def _old_tree(old: Path) -> None:
+    (old / "dir" / "sub").mkdir(parents=True)
+    for name in ("same", "rewritten", "chmodded", "twin", "gone", "dir/a", "dir/sub/b", "was-file"):
+        (old / name).write_text(f"{name} before")
+    (old / "gone-dir" / "deep").mkdir(parents=True)
+    (old / "gone-dir" / "deep" / "x").write_text("x")
+    (old / "was-dir").mkdir()
+    (old / "link").symlink_to("target-a")
+    (old / "é").write_text("accent")
+    (old / ODD).write_text("odd")
+    (old / "linked").write_text("one inode")
+
+
+def _new_tree(old: Path, new: Path) -> None:
+    shutil.copytree(old, new, symlinks=True)  # copy2: the same mtimes, other inodes
+    for tree in (old, new):  # a fifo copytree cannot copy: the same metadata, made twice
+        os.mkfifo(tree / "fifo", 0o640)
+        os.utime(tree / "fifo", ns=(1, 1_700_000_000_123_456_789))
+    (new / "rewritten").write_text("rewritten, longer")
+    (new / "chmodded").chmod(0o600)
+    st = (new / "twin").stat()
+    (new / "twin").write_text("TWIN BEFORE")  # same size, then the same mtime: the content
+    os.utime(new / "twin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    st = os.lstat(new / "link")
+    (new / "link").unlink()
+    (new / "link").symlink_to("target-b")  # same length and mtime: readlink tells
+    os.utime(new / "link", ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    (new / "gone").unlink()
+    shutil.rmtree(new / "gone-dir")
+    (new / "was-file").unlink()
+    (new / "was-file").mkdir()
+    (new / "was-dir").rmdir()
+    (new / "was-dir").write_text("now a file")
+    (new / "added").write_text("new")
+    (new / "added-dir" / "in").mkdir(parents=True)
+    (new / "added-dir" / "in" / "f").write_text("new")
+    (new / "dir" / "sub" / "b").write_text("changed below")
+    os.link(new / "linked", new / "dir" / "second-name")  # the unchanged name comes along
+    (new / ODD).write_text("odd, changed")
+
+
+def test_a_plain_tree_compares_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kind of entry a plain tree compare meets: what the lstats settle (added, deleted,
+    rewritten, chmodded), what they leave (same metadata and other content, a retargeted
+    symlink of the same length and mtime, hardlinks, directories replaced by files and the
+    reverse, a name that is no UTF-8), the same with the C loop and without."""
+    _needs_the_c_loop()
+    old, new = tmp_path / "old", tmp_path / "new"
+    _old_tree(old)
+    _new_tree(old, new)
+    got = _both(monkeypatch, lambda: tree_changes(str(new), str(old)))
+    assert got == [
+        ("/added", A),
+        ("/added-dir", A),
+        ("/added-dir/in", A),
+        ("/added-dir/in/f", A),
+        ("/chmodded", M),
+        ("/dir", M),
+        ("/dir/second-name", A),
+        ("/dir/sub", M),
+        ("/dir/sub/b", M),
+        ("/gone", D),
+        ("/gone-dir", D),
+        ("/link", M),
+        ("/linked", M),  # the other name of a changed (new) link
+        (f"/{ODD}", M),
+        ("/rewritten", M),
+        ("/twin", M),
+        ("/was-dir", M),
+        ("/was-file", M),
+    ]  # "/same", "/é", "/fifo": unchanged
+
+
+def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
+    """compare_dir itself: added, rewritten and deleted names are settled in C; a directory,
+    a hardlinked file and a file whose metadata equal the old one's are left."""
+    _needs_the_c_loop()
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    for name in ("same", "rewritten", "gone", "linked"):
+        (old / name).write_text(name)
+    shutil.copytree(old, new)
+    (new / "gone").unlink()
+    (new / "rewritten").write_text("rewritten, longer")
+    (new / "added").write_text("added")
+    (new / "dir").mkdir()
+    os.link(new / "linked", new / "second")
+    fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in (new, old)]
+    try:
+        done, left = fastpath.compare_dir(fds[0], (fds[1],), False, True)
+        lookup_only, left_too = fastpath.compare_dir(fds[0], (fds[1],), False, False)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert sorted(done) == [("added", 1), ("gone", 2), ("rewritten", 0)]
+    assert sorted(left) == ["dir", "linked", "same", "second"]
+    assert sorted(lookup_only) == [("added", 1), ("rewritten", 0)]  # no deletes: not full
+    assert sorted(left_too) == sorted(left)
+
+
+def _whiteout(path: Path) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o000, 0)
+
+
+def test_an_overlay_upper_over_many_lowers_compares_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upper over 10 lowers (the compare opens 8 at a time, and the C loop leaves a name
+    it would have to look up by path): whiteouts above and below, a name found only in the
+    9th lower, an opaque directory, copies up equal to what is below; the same changes with
+    the C loop and without."""
+    _needs_the_c_loop()
+    if os.geteuid() != 0:
+        host_lacks("needs root to make whiteouts (0/0 character devices)", "root")
+    lowers = [tmp_path / f"l{i}" for i in range(10)]
+    for i, lower in enumerate(lowers):
+        (lower / "etc").mkdir(parents=True)
+        (lower / "etc" / f"only-in-{i}").write_text(f"lower {i}")
+    (lowers[9] / "etc" / "deep-only").write_text("found in the 10th")
+    (lowers[0] / "etc" / "hidden").write_text("hidden below")
+    _whiteout(lowers[0] / "etc" / "only-in-3")  # hides the 4th lower's
+    (lowers[1] / "opq").mkdir()
+    (lowers[1] / "opq" / "below").write_text("below")
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    shutil.copy2(lowers[0] / "etc" / "only-in-0", upper / "etc" / "only-in-0")  # equal: no change
+    (upper / "etc" / "only-in-1").write_text("rewritten")
+    (upper / "etc" / "only-in-3").write_text("made again")  # deleted below: added
+    (upper / "etc" / "deep-only").write_text("rewritten deep")
+    (upper / "etc" / "brand-new").write_text("new")
+    _whiteout(upper / "etc" / "only-in-5")
+    _whiteout(upper / "etc" / "never-was")  # a whiteout of nothing: dropped
+    (upper / "opq").mkdir()
+    os.setxattr(upper / "opq", "trusted.overlay.opaque", b"y")
+    (upper / "opq" / "fresh").write_text("fresh")
+    got = _both(monkeypatch, lambda: overlay_changes(str(upper), [str(p) for p in lowers]))
+    assert got == [
+        ("/etc", M),
+        ("/etc/brand-new", A),
+        ("/etc/deep-only", M),
+        ("/etc/only-in-1", M),
+        ("/etc/only-in-3", A),
+        ("/etc/only-in-5", D),
+        ("/opq", M),
+        ("/opq/below", D),
+        ("/opq/fresh", A),
+    ]
+
+
+def test_the_canonical_order_is_the_bytes_order() -> None:
+    """ASCII paths sort as strings; with a name that is no UTF-8 among them, by their bytes
+    (a surrogate sorts after every other character, its byte before a multibyte one)."""
+    plain = [Change(p, A) for p in ("/b", "/a/z", "/a", "/a b", "/a/b")]
+    canonical_order(plain)
+    assert [c.path for c in plain] == ["/a", "/a b", "/a/b", "/a/z", "/b"]
+    odd = [Change(p, A) for p in ("/é", f"/{ODD}", "/z", "/odd-a")]
+    canonical_order(odd)
+    assert [os.fsencode(c.path) for c in odd] == [b"/odd-a", b"/odd-\xff", b"/z", "/é".encode()]
