@@ -1,7 +1,8 @@
 """A generated diff's plain files in C (``_fastpath.plain_entry``, through
-``TarWriter.add_plain``): the same tar bytes as the Python path (``fastpath.ENABLED`` False)
-for every kind of entry a layer holds, the C call taking exactly the plain files and leaving
-the rest to ``TarWriter.add_path``, and the same errors."""
+``TarWriter.add_plain``, and the next ones of the same directory, ``plain_run``): the same tar
+bytes as the Python path (``fastpath.ENABLED`` False) for every kind of entry a layer holds,
+the C calls taking exactly the plain files and leaving the rest to ``TarWriter.add_path``,
+and the same errors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_fastpath import _needs_the_c_loops
 
-from graphdriver.archive import fastpath, tree_changes, write_changes_tar
+from graphdriver.archive import Change, ChangeKind, fastpath, tree_changes, write_changes_tar
 from graphdriver.archive.tar_writer import KERNEL_COPY, TarWriter
 
 #: a second after the epoch of the files' whole-second mtimes, and a sub-second one
@@ -81,6 +82,15 @@ def _diff(root: Path, c_loops: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[b
         return got
 
     monkeypatch.setattr(fastpath, "plain_entry", counting)
+    real_run = fastpath.plain_run
+    assert real_run is not None
+
+    def counting_run(changes: list[Change], i: int, *rest: object) -> tuple[int, int, bool]:
+        got = real_run(changes, i, *rest)  # type: ignore[arg-type]
+        taken.update(c.path.lstrip("/") for c in changes[i : got[0]])  # each one it took
+        return got
+
+    monkeypatch.setattr(fastpath, "plain_run", counting_run)
     out = io.BytesIO()
     write_changes_tar(TarWriter(write=out.write), str(root), tree_changes(str(root), None))
     return out.getvalue(), taken
@@ -119,6 +129,66 @@ def test_many_files_fill_and_flush_the_buffer_alike(
     in_python, _ = _diff(root, False, monkeypatch)
     assert len(in_c) > 3 * (1 << 20) and len(taken) == 400
     assert in_c == in_python
+
+
+def test_a_directory_run_stops_at_what_it_leaves_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against an old tree: in one directory, deletes, a hardlink, a big file, a name that
+    is not ASCII and a long one between plain files; the same tar as the Python path, and
+    every plain file taken in C."""
+    _needs_the_c_loops()
+    old, new = tmp_path / "old", tmp_path / "new"
+    for name in ("d/a-gone", "d/m-gone", "d/z-gone", "e/gone"):
+        _file(old, name, b"before")
+    plain = {_file(new, f"d/{c}-file", c.encode() * 99, WHOLE) for c in "bcklnoy"}
+    plain |= {_file(new, f"e/{c}", b"e", FRACTION) for c in "ab"}
+    _file(new, "d/h-big", b"x" * KERNEL_COPY)
+    _file(new, "d/j-linked", b"j")
+    os.link(new / "d/j-linked", new / "d/j-second")
+    _file(new, "d/p-ünï", b"not ASCII")
+    _file(new, "d/q-" + "n" * 100, b"long")
+    (new / "e").mkdir(exist_ok=True)
+
+    def diff(c_loops: bool) -> tuple[bytes, set[str]]:
+        monkeypatch.setattr(fastpath, "ENABLED", c_loops)
+        taken: set[str] = set()
+        out = io.BytesIO()
+        changes = tree_changes(str(new), str(old))
+        real = fastpath.plain_run
+        assert real is not None
+
+        def run(changes: list[Change], i: int, *rest: object) -> tuple[int, int, bool]:
+            got = real(changes, i, *rest)  # type: ignore[arg-type]
+            taken.update(c.path.lstrip("/") for c in changes[i : got[0]])
+            return got
+
+        monkeypatch.setattr(fastpath, "plain_run", run)
+        write_changes_tar(TarWriter(write=out.write), str(new), changes)
+        monkeypatch.setattr(fastpath, "plain_run", real)
+        return out.getvalue(), taken
+
+    in_c, taken = diff(True)
+    in_python, none = diff(False)
+    assert in_c == in_python and not none
+    # a directory's first file, and the first after a delete, go through plain_entry; the
+    # files after one the Python path wrote (big, linked, not ASCII, long), through plain_run
+    assert taken == plain - {"d/b-file", "d/n-file", "e/a"}
+    with tarfile.open(fileobj=io.BytesIO(in_c)) as tf:
+        names = tf.getnames()
+    assert "d/.wh.m-gone" in names and "e/.wh.gone" in names and "d/p-ünï" in names
+
+
+def test_a_file_gone_from_a_run_is_named_whole(tmp_path: Path) -> None:
+    """A file gone when a directory's run reaches it is the error os.lstat gives, naming
+    its whole path; the diff stops there."""
+    _needs_the_c_loops()
+    _file(tmp_path, "d/a", b"a")
+    _file(tmp_path, "d/b", b"b")
+    changes = [Change(p, ChangeKind.ADD) for p in ("/d", "/d/a", "/d/b", "/d/c")]
+    with pytest.raises(FileNotFoundError) as got:
+        write_changes_tar(TarWriter(write=io.BytesIO().write), str(tmp_path), changes)
+    assert got.value.filename == str(tmp_path / "d" / "c")
 
 
 def test_a_file_gone_is_the_same_error(tmp_path: Path) -> None:

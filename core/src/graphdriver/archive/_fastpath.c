@@ -5,8 +5,10 @@
  * tarsplit.PathRecorder.finish), an exact diff's reading of that table (check_entries, for
  * tarsplit.Record._read_checks), its look at its noted paths (noted_split and first_changed,
  * for exact._noted_changed) and its raw parts and bodies (replay_run, for exact.replay), a
- * generated diff's plain files (plain_entry, for TarWriter.add_plain) and the apply parent's
- * plain tar headers (ustar_entry and next_entry, for TarReader.__iter__); and glibc malloc's
+ * generated diff's plain files (plain_entry, for TarWriter.add_plain, and plain_run, for
+ * TarWriter.add_plain_run) and what it holds (compare_dir, for the tree compare,
+ * changes._Compare), the apply parent's plain tar headers (ustar_entry and next_entry, for
+ * TarReader.__iter__); and glibc malloc's
  * thresholds for the engine's pieces (keep_heap, for fastpath.keep_heap). Optional: where this
  * module was not built the Python loops do it all (graphdriver.archive.fastpath), and
  * core/tests/test_fastpath.py holds the two to the same result. Each stops, having done
@@ -890,6 +892,57 @@ done:;
     return rc;
 }
 
+/* plain_entry's work for the file at `at` in dir_fd (AT_FDCWD: at is cpath), named cpath:
+ * its entry put at wb[wpos:], arcname name[0:name_len] (ASCII, 1-100 bytes). The position
+ * after it, PLAIN_LEFT, PLAIN_NO_ROOM, or PLAIN_FAILED with an OSError set naming path_obj
+ * (NULL: cpath). */
+#define PLAIN_FAILED (-3)
+static Py_ssize_t plain_one(int dir_fd, const char *cat, const char *cpath, PyObject *path_obj,
+                            const char *name, Py_ssize_t name_len, Py_buffer *wb, Py_ssize_t wpos,
+                            const char *skip, Py_ssize_t skip_len, long long large) {
+    struct stat st;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fstatat(dir_fd, cat, &st, AT_SYMLINK_NOFOLLOW);
+    Py_END_ALLOW_THREADS
+    if (rc < 0 && errno == EINTR)
+        return PLAIN_LEFT;
+    if (rc < 0)
+        goto failed;
+    if (!S_ISREG(st.st_mode) || st.st_nlink != 1 || st.st_size >= large ||
+        (long long)st.st_uid > MAX_ID || (long long)st.st_gid > MAX_ID ||
+        st.st_mtim.tv_sec < 0 || st.st_mtim.tv_sec > MAX_NUMBER)
+        return PLAIN_LEFT;
+    Py_ssize_t head = st.st_mtim.tv_nsec ? 3 * 512 : 512;
+    Py_ssize_t end = wpos + head + st.st_size, padded = end + (-st.st_size & 511);
+    if (padded > wb->len)
+        return PLAIN_NO_ROOM;
+    unsigned char *h = (unsigned char *)wb->buf + wpos;
+    Py_BEGIN_ALLOW_THREADS
+    rc = plain_data(dir_fd, cat, cpath, &st, (char *)h + head, skip, (size_t)skip_len);
+    Py_END_ALLOW_THREADS
+    if (rc == FAILED)
+        goto failed;
+    if (rc == LEFT)
+        return PLAIN_LEFT;
+    if (st.st_mtim.tv_nsec)
+        pax_mtime(h, name, (size_t)name_len, (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+    ustar_header(h + head - 512, name, (size_t)name_len, '0', st.st_mode & 07777, st.st_uid,
+                 st.st_gid, st.st_size, st.st_mtim.tv_sec);
+    memset((char *)wb->buf + end, 0, (size_t)(padded - end));
+    return padded;
+failed: {
+    int saved = errno;
+    PyObject *named = path_obj != NULL ? Py_NewRef(path_obj) : PyUnicode_DecodeFSDefault(cpath);
+    errno = saved;
+    if (named != NULL) {
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, named);
+        Py_DECREF(named);
+    }
+    return PLAIN_FAILED;
+}
+}
+
 static PyObject *plain_entry(PyObject *self, PyObject *args) {
     PyObject *path_obj, *arcname, *name_obj, *path = NULL, *at = NULL;
     Py_buffer wb;
@@ -921,44 +974,10 @@ static PyObject *plain_entry(PyObject *self, PyObject *args) {
         Py_INCREF(at);
     } else if (!PyUnicode_FSConverter(name_obj, &at))
         goto failed;
-    const char *cpath = PyBytes_AS_STRING(path), *cat = PyBytes_AS_STRING(at);
-    struct stat st;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fstatat(dir_fd, cat, &st, AT_SYMLINK_NOFOLLOW);
-    Py_END_ALLOW_THREADS
-    if (rc < 0 && errno == EINTR)
-        goto done;
-    if (rc < 0) {
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
+    result = plain_one(dir_fd, PyBytes_AS_STRING(at), PyBytes_AS_STRING(path), path_obj, name,
+                       name_len, &wb, wpos, skip, skip_len, large);
+    if (result == PLAIN_FAILED)
         goto failed;
-    }
-    if (!S_ISREG(st.st_mode) || st.st_nlink != 1 || st.st_size >= large ||
-        (long long)st.st_uid > MAX_ID || (long long)st.st_gid > MAX_ID ||
-        st.st_mtim.tv_sec < 0 || st.st_mtim.tv_sec > MAX_NUMBER)
-        goto done;
-    Py_ssize_t head = st.st_mtim.tv_nsec ? 3 * 512 : 512;
-    Py_ssize_t end = wpos + head + st.st_size, padded = end + (-st.st_size & 511);
-    if (padded > wb.len) {
-        result = PLAIN_NO_ROOM;
-        goto done;
-    }
-    unsigned char *h = (unsigned char *)wb.buf + wpos;
-    Py_BEGIN_ALLOW_THREADS
-    rc = plain_data(dir_fd, cat, cpath, &st, (char *)h + head, skip, (size_t)skip_len);
-    Py_END_ALLOW_THREADS
-    if (rc == FAILED) {
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path_obj);
-        goto failed;
-    }
-    if (rc == LEFT)
-        goto done;
-    if (st.st_mtim.tv_nsec)
-        pax_mtime(h, name, (size_t)name_len, (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
-    ustar_header(h + head - 512, name, (size_t)name_len, '0', st.st_mode & 07777, st.st_uid,
-                 st.st_gid, st.st_size, st.st_mtim.tv_sec);
-    memset((char *)wb.buf + end, 0, (size_t)(padded - end));
-    result = padded;
 done:
     Py_XDECREF(path);
     Py_XDECREF(at);
@@ -969,6 +988,84 @@ failed:
     Py_XDECREF(at);
     PyBuffer_Release(&wb);
     return NULL;
+}
+
+/*
+ * plain_run(changes, i, root, where, dir_fd, wbuf, wpos, skip, large) -> (i, wpos, no_room)
+ *   changes  a generated diff's list of (path, kind) (archive.changes.Change)
+ *   i        the first to look at
+ *   root     the directory (str) the paths are in (write_changes_tar's root)
+ *   where    root and the directory of changes[i] (str), open as dir_fd (O_PATH will do)
+ *   the rest as plain_entry's
+ * plain_entry for each change from i on, while it is no delete, its path is ASCII, in
+ * `where`, and plain_entry takes it: write_changes_tar's loop, for the files of a directory
+ * after its first. Returns the first change it left, the position after the entries it put
+ * in wbuf, and whether it stopped because the next did not fit (the caller flushes and
+ * calls again). OSError as plain_entry raises it (the entries before in wbuf, not counted).
+ */
+static PyObject *plain_run(PyObject *self, PyObject *args) {
+    PyObject *changes, *root_obj, *where_obj, *root = NULL, *where = NULL, *result = NULL;
+    Py_buffer wb;
+    Py_ssize_t i, wpos, skip_len;
+    const char *skip;
+    long long large;
+    int dir_fd, no_room = 0;
+    char cpath[PATH_MAX];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nUUiw*ny#L", &PyList_Type, &changes, &i, &root_obj,
+                          &where_obj, &dir_fd, &wb, &wpos, &skip, &skip_len, &large))
+        return NULL;
+    if (wpos < 0 || wpos > wb.len || i < 0 || dir_fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "plain_run: a bad position or descriptor");
+        goto out;
+    }
+    if (!PyUnicode_FSConverter(root_obj, &root) || !PyUnicode_FSConverter(where_obj, &where))
+        goto out;
+    Py_ssize_t root_len = PyBytes_GET_SIZE(root), where_len = PyBytes_GET_SIZE(where);
+    const char *rootb = PyBytes_AS_STRING(root), *whereb = PyBytes_AS_STRING(where);
+    if (where_len < root_len || memcmp(whereb, rootb, (size_t)root_len) != 0)
+        goto done; /* where is not in root: leave it all */
+    for (; i < PyList_GET_SIZE(changes); i++) {
+        PyObject *item = PyList_GET_ITEM(changes, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+            break;
+        PyObject *path = PyTuple_GET_ITEM(item, 0), *kind = PyTuple_GET_ITEM(item, 1);
+        if (!PyUnicode_Check(path) || !PyUnicode_IS_ASCII(path) || !PyLong_Check(kind))
+            break;
+        long k = PyLong_AsLong(kind);
+        if (k == -1 && PyErr_Occurred())
+            goto out;
+        if (k != 0 && k != 1) /* a delete (or no kind: the Python loop says so) */
+            break;
+        Py_ssize_t len;
+        const char *p = PyUnicode_AsUTF8AndSize(path, &len);
+        if (p == NULL)
+            goto out;
+        const char *slash = len > 1 && p[0] == '/' ? strrchr(p, '/') : NULL;
+        if (slash == NULL || (Py_ssize_t)strlen(p) != len || len - 1 > 100 ||
+            root_len + (slash - p) != where_len ||
+            memcmp(whereb + root_len, p, (size_t)(slash - p)) != 0 || slash[1] == 0 ||
+            root_len + len >= (Py_ssize_t)sizeof(cpath))
+            break; /* elsewhere, or a name the Python loop must look at */
+        memcpy(cpath, rootb, (size_t)root_len);
+        memcpy(cpath + root_len, p, (size_t)len + 1);
+        Py_ssize_t got = plain_one(dir_fd, slash + 1, cpath, NULL, p + 1, len - 1, &wb, wpos,
+                                   skip, skip_len, large);
+        if (got == PLAIN_FAILED)
+            goto out;
+        if (got == PLAIN_NO_ROOM)
+            no_room = 1;
+        if (got < 0)
+            break;
+        wpos = got;
+    }
+done:
+    result = Py_BuildValue("(nnO)", i, wpos, no_room ? Py_True : Py_False);
+out:
+    Py_XDECREF(root);
+    Py_XDECREF(where);
+    PyBuffer_Release(&wb);
+    return result;
 }
 
 /* ------------------------------------------------------------ a record's check table rows
@@ -1540,6 +1637,8 @@ static PyMethodDef methods[] = {
      "A record's check table rows; see graphdriver.archive.tarsplit."},
     {"plain_entry", plain_entry, METH_VARARGS,
      "A generated diff's plain file into the writer's buffer; see graphdriver.archive.tar_writer."},
+    {"plain_run", plain_run, METH_VARARGS,
+     "A generated diff's plain files of one directory; see plain_entry."},
     {"ustar_entry", ustar_entry, METH_VARARGS,
      "A plain tar header's entry; see graphdriver.archive.tar_reader."},
     {"next_entry", next_entry, METH_VARARGS,

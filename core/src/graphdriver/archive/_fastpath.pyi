@@ -50,6 +50,18 @@ def plain_entry(
     name: str,
     /,
 ) -> int: ...
+def plain_run(
+    changes: list[Any],
+    i: int,
+    root: str,
+    where: str,
+    dir_fd: int,
+    wbuf: memoryview,
+    wpos: int,
+    skip: bytes,
+    large: int,
+    /,
+) -> tuple[int, int, bool]: ...
 def check_rows(paths: list[str], rows: dict[str, bytes], tag: bytes, /) -> bytes: ...
 def compare_dir(
     new_fd: int, old_fds: tuple[int, ...], overlay: bool, full: bool, /

@@ -24,6 +24,7 @@ __all__ = [
     "next_entry",
     "noted_split",
     "plain_entry",
+    "plain_run",
     "replay_run",
     "ustar_entry",
     "write_plain_files",
@@ -38,6 +39,7 @@ try:
         next_entry,
         noted_split,
         plain_entry,
+        plain_run,
         replay_run,
         ustar_entry,
         write_plain_files,
@@ -45,7 +47,7 @@ try:
     from ._fastpath import keep_heap as _keep_heap
 except ImportError:  # no C compiler or Python headers where it was installed
     check_rows = first_changed = plain_entry = replay_run = write_plain_files = None  # type: ignore[assignment]
-    check_entries = noted_split = compare_dir = None  # type: ignore[assignment]
+    check_entries = noted_split = compare_dir = plain_run = None  # type: ignore[assignment]
     ustar_entry = next_entry = None  # type: ignore[assignment]
     _keep_heap = None  # type: ignore[assignment]
 
