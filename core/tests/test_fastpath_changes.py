@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -110,13 +111,15 @@ def test_a_plain_tree_compares_alike(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
     """compare_dir itself: added, rewritten and deleted names are settled in C; a directory,
-    a hardlinked file and a file whose metadata equal the old one's are left."""
+    a hardlinked file and a file whose metadata equal the old one's are left, but for one
+    not changed since the boundary (a ctime before it), which is unchanged."""
     _needs_the_c_loop()
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     for name in ("same", "rewritten", "gone", "linked"):
         (old / name).write_text(name)
     shutil.copytree(old, new)
+    boundary = time.time_ns() + 10**9  # after every ctime here
     (new / "gone").unlink()
     (new / "rewritten").write_text("rewritten, longer")
     (new / "added").write_text("added")
@@ -124,8 +127,9 @@ def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
     os.link(new / "linked", new / "second")
     fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in (new, old)]
     try:
-        done, left = fastpath.compare_dir(fds[0], (fds[1],), False, True)
-        lookup_only, left_too = fastpath.compare_dir(fds[0], (fds[1],), False, False)
+        done, left = fastpath.compare_dir(fds[0], (fds[1],), False, True, -1)
+        lookup_only, left_too = fastpath.compare_dir(fds[0], (fds[1],), False, False, -1)
+        bounded, left_bounded = fastpath.compare_dir(fds[0], (fds[1],), False, True, boundary)
     finally:
         for fd in fds:
             os.close(fd)
@@ -133,6 +137,8 @@ def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
     assert sorted(left) == ["dir", "linked", "same", "second"]
     assert sorted(lookup_only) == [("added", 1), ("rewritten", 0)]  # no deletes: not full
     assert sorted(left_too) == sorted(left)
+    assert sorted(bounded) == sorted(done)
+    assert sorted(left_bounded) == ["dir", "linked", "second"]  # "same": unchanged
 
 
 def _whiteout(path: Path) -> None:

@@ -1132,7 +1132,7 @@ static PyObject *check_rows(PyObject *self, PyObject *args) {
 
 /* ------------------------------------------------------------------- a tree compare's entries
  *
- * compare_dir(new_fd, old_fds, overlay, full) -> (done, left)
+ * compare_dir(new_fd, old_fds, overlay, full, boundary) -> (done, left)
  *   new_fd   a directory of the new tree, open for reading
  *   old_fds  the directories of the old side at the same place, nearest first: a descriptor
  *            to look names up in, -1 for one that is not there (skipped), below -1 for one
@@ -1141,11 +1141,13 @@ static PyObject *check_rows(PyObject *self, PyObject *args) {
  *   overlay  a 0/0 character device of the old side hides the name (an overlay whiteout)
  *   full     the new directory is all of the new content there: a name of the old one that
  *            it lacks is deleted (a plain tree; not an overlay's opaque directory)
+ *   boundary the compare's boundary_ns (changes._unchanged), or -1 for None
  * returns done, the (name, kind) of each entry that the compare's Python loop
  * (graphdriver.archive.changes._Compare._entries) would find added (1) or modified (0) by
  * looking at the two lstats alone, and, when full, each deleted name (2); and left, the names
- * of every other entry (a directory, a hardlinked file, a whiteout, one whose metadata equal
- * the old one's, one an lstat failed on), for that loop. OSError, its filename the
+ * of every entry that loop must look at (a directory, a hardlinked file, a whiteout, one whose
+ * metadata equal the old one's but whose inode or ctime leave its content in doubt, one an
+ * lstat failed on). An entry the lstats show unchanged is in neither. OSError, its filename the
  * descriptor, when a directory cannot be read.
  */
 static int read_names(int fd, DIR **dir) {
@@ -1169,10 +1171,14 @@ static int metadata_differ(const struct stat *a, const struct stat *b) {
            a->st_mtim.tv_sec != b->st_mtim.tv_sec || a->st_mtim.tv_nsec != b->st_mtim.tv_nsec;
 }
 
-/* DONE and *kind set, or LEFT: the entry name (lstat'ed as *st) of the new side, looked up in
- * the old side */
+static long long ns_of(const struct timespec *t) {
+    return (long long)t->tv_sec * 1000000000LL + t->tv_nsec;
+}
+
+/* DONE and *kind set (-1: unchanged), or LEFT: the entry name (lstat'ed as *st) of the new
+ * side, looked up in the old side; boundary: changes._unchanged's boundary_ns, or -1 */
 static int entry_kind(const char *name, const struct stat *st, const int *fds, Py_ssize_t n,
-                      int overlay, int *kind) {
+                      int overlay, long long boundary, int *kind) {
     struct stat old;
     if (S_ISDIR(st->st_mode) || (S_ISREG(st->st_mode) && st->st_nlink > 1) ||
         (overlay && S_ISCHR(st->st_mode) && st->st_rdev == 0))
@@ -1189,9 +1195,15 @@ static int entry_kind(const char *name, const struct stat *st, const int *fds, P
         }
         if (overlay && S_ISCHR(old.st_mode) && old.st_rdev == 0)
             break; /* hidden: not there */
-        if (S_ISDIR(old.st_mode) || !metadata_differ(st, &old))
+        if (S_ISDIR(old.st_mode))
             return LEFT;
-        *kind = 0;
+        if (metadata_differ(st, &old))
+            *kind = 0;
+        else if ((st->st_ino == old.st_ino && ns_of(&st->st_ctim) == ns_of(&old.st_ctim)) ||
+                 (boundary >= 0 && ns_of(&st->st_ctim) < boundary))
+            *kind = -1; /* the same inode untouched (a snapshot's), or untouched since the copy */
+        else
+            return LEFT; /* the same metadata: the content tells */
         return DONE;
     }
     *kind = 1;
@@ -1209,12 +1221,14 @@ static int append_change(PyObject *done, PyObject *name, int kind) {
 
 static PyObject *compare_dir(PyObject *self, PyObject *args) {
     int new_fd, overlay, full, fds[64], reading;
+    long long boundary;
     PyObject *old_fds, *done = NULL, *left = NULL, *gone = NULL, *result = NULL;
     DIR *dir = NULL;
     struct dirent *ent;
     struct stat st;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iO!pp", &new_fd, &PyTuple_Type, &old_fds, &overlay, &full))
+    if (!PyArg_ParseTuple(args, "iO!ppL", &new_fd, &PyTuple_Type, &old_fds, &overlay, &full,
+                          &boundary))
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(old_fds);
     if (n > 64 || (full && n != 1)) {
@@ -1266,8 +1280,10 @@ static PyObject *compare_dir(PyObject *self, PyObject *args) {
             goto out;
         }
         if (fstatat(new_fd, ent->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0)
-            got = entry_kind(ent->d_name, &st, fds, was_old ? n : 0, overlay, &kind);
-        int rc = got == DONE ? append_change(done, name, kind) : PyList_Append(left, name);
+            got = entry_kind(ent->d_name, &st, fds, was_old ? n : 0, overlay, boundary, &kind);
+        int rc = got == LEFT   ? PyList_Append(left, name)
+                 : kind >= 0 ? append_change(done, name, kind)
+                             : 0;
         Py_DECREF(name);
         if (rc != 0)
             goto out;

@@ -200,29 +200,45 @@ class _Compare:
         self, new_dir: str, rel: str, old_dir: str | None, was: _Stat, olds: dirs.Stack
     ) -> tuple[dict[str, os.stat_result], dict[str, _Old]]:
         """:meth:`scan_both` by ``_fastpath.compare_dir``: the changes that the two lstats of
-        an entry settle, appended; the others (directories, hardlinks, whiteouts, equal
-        metadata) stat'ed for :meth:`_entries`. *old_dir*: the one old directory of a full
+        an entry settle, appended, and the entries they show unchanged, dropped; the others
+        (directories, hardlinks, whiteouts, equal metadata of a file that may have been
+        written) stat'ed for :meth:`_entries`. *old_dir*: the one old directory of a full
         compare, else None (an overlay upper over *olds*)."""
         top = was is None
-        with contextlib.ExitStack() as held:
-            new_fd = held.enter_context(dirs.opened(new_dir, top, was))
+        new_fd, old_fd = dirs.open_dir(new_dir, top, was), -1
+        where = new_dir  # what an error names
+        try:
             if old_dir is None:
                 fds = olds.known_fds()
             else:
-                fds = (held.enter_context(dirs.opened(old_dir, top)),)
+                where = old_dir
+                old_fd = dirs.open_dir(old_dir, top)
+                fds = (old_fd,)
             try:
-                done, left = fastpath.compare_dir(new_fd, fds, self.overlay, old_dir is not None)
+                full, boundary = old_dir is not None, self.boundary_ns
+                done, left = fastpath.compare_dir(
+                    new_fd, fds, self.overlay, full, -1 if boundary is None else boundary
+                )  # fmt: skip
             except OSError as exc:  # a directory's read failed: its descriptor is the filename
                 exc.filename = new_dir if exc.filename == new_fd else old_dir
                 raise
             rel += "/"
             self.out += [Change(rel + name, _KINDS[kind]) for name, kind in done]
+            where = new_dir
             new = {name: os.lstat(name, dir_fd=new_fd) for name in left}
             old: dict[str, _Old] = {}
             if old_dir is not None:
+                where = old_dir
                 for name in left:
                     with contextlib.suppress(FileNotFoundError):
-                        old[name] = (os.lstat(name, dir_fd=fds[0]), old_dir + "/" + name)
+                        old[name] = (os.lstat(name, dir_fd=old_fd), old_dir + "/" + name)
+        except OSError as exc:
+            dirs.named(exc, where)
+            raise
+        finally:
+            os.close(new_fd)
+            if old_fd >= 0:
+                os.close(old_fd)
         return new, old
 
     def scan_old(self, stack: list[str], top: bool) -> dict[str, _Old]:

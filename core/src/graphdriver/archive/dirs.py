@@ -50,30 +50,30 @@ def _open(path: str, flags: int, was: os.stat_result | None) -> int:
     return fd
 
 
-@contextlib.contextmanager
-def opened(path: str, top: bool, was: os.stat_result | None = None) -> Iterator[int]:
-    """A descriptor of the directory *path* to read, closed at the end; an error of a call at
-    a name in it names the whole path. *was*: the directory's lstat when the compare listed
-    it, which it must still be."""
-    fd = _open(path, _READ_DIR if top else _READ_DIR | _BELOW_TOP, was)
-    try:
-        yield fd
-    except OSError as exc:
-        named(exc, path)
-        raise
-    finally:
-        os.close(fd)
+def open_dir(path: str, top: bool, was: os.stat_result | None = None) -> int:
+    """A descriptor of the directory *path* to read (the caller closes it): below the top
+    not through a symlink; *was*: the directory's lstat when the compare listed it, which it
+    must still be."""
+    return _open(path, _READ_DIR if top else _READ_DIR | _BELOW_TOP, was)
 
 
 @contextlib.contextmanager
 def listing(
     path: str, top: bool, was: os.stat_result | None = None
 ) -> Iterator[Iterator[os.DirEntry[str]]]:
-    """os.scandir of the directory *path* through its descriptor (:func:`opened`): its
+    """os.scandir of the directory *path* through its descriptor (:func:`open_dir`): its
     entries are stat'ed there, one path component each, where the whole path (deep in a
-    store) cost as much again to resolve."""
-    with opened(path, top, was) as fd, os.scandir(fd) as it:
-        yield it
+    store) cost as much again to resolve; an error of a call at one of them names its whole
+    path."""
+    fd = open_dir(path, top, was)
+    try:
+        with os.scandir(fd) as it:
+            yield it
+    except OSError as exc:
+        named(exc, path)
+        raise
+    finally:
+        os.close(fd)
 
 
 def scan(path: str, top: bool, was: os.stat_result | None = None) -> dict[str, os.stat_result]:
