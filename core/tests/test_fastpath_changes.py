@@ -15,6 +15,7 @@ import pytest
 
 from graphdriver.archive import ChangeKind, fastpath, overlay_changes, tree_changes
 from graphdriver.archive.changes import Change, canonical_order
+from graphdriver.archive.changes_within import changes_within
 from graphdriver.testing import host_lacks
 
 M, A, D = ChangeKind.MODIFY, ChangeKind.ADD, ChangeKind.DELETE
@@ -127,9 +128,11 @@ def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
     os.link(new / "linked", new / "second")
     fds = [os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in (new, old)]
     try:
-        done, left = fastpath.compare_dir(fds[0], (fds[1],), False, True, -1)
-        lookup_only, left_too = fastpath.compare_dir(fds[0], (fds[1],), False, False, -1)
-        bounded, left_bounded = fastpath.compare_dir(fds[0], (fds[1],), False, True, boundary)
+        done, left = fastpath.compare_dir(fds[0], (fds[1],), False, True, -1, None)
+        lookup_only, left_too = fastpath.compare_dir(fds[0], (fds[1],), False, False, -1, None)
+        bounded, left_bounded = fastpath.compare_dir(
+            fds[0], (fds[1],), False, True, boundary, None
+        )  # fmt: skip
     finally:
         for fd in fds:
             os.close(fd)
@@ -139,6 +142,33 @@ def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
     assert sorted(left_too) == sorted(left)
     assert sorted(bounded) == sorted(done)
     assert sorted(left_bounded) == ["dir", "linked", "second"]  # "same": unchanged
+
+
+def test_a_snapshot_compare_within_written_dirs_compares_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """changes_within with the inode numbers written (btrfs's): an entry at the old one's
+    inode number and not written is the old one's, unstat'ed; a written one is compared; a
+    directory not entered is unchanged. A snapshot's shared inode numbers are hardlinks here."""
+    _needs_the_c_loop()
+    old, new = tmp_path / "old", tmp_path / "new"
+    for name in ("kept", "written-same", "rewritten", "gone", "sub/x", "skipped/y"):
+        path = old / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(name)
+    for d in ("", "sub", "skipped"):
+        (new / d).mkdir(exist_ok=True)
+    for name in ("kept", "written-same", "sub/x", "skipped/y"):
+        os.link(old / name, new / name)  # the same inode number at the same name
+    (new / "rewritten").write_text("rewritten, longer")
+    (new / "added").write_text("added")
+    written = {os.lstat(new / n).st_ino for n in ("written-same", "rewritten", "added")}
+    os.chmod(new / "skipped" / "y", 0o600)  # (not entered: never seen)
+    got = _both(
+        monkeypatch,
+        lambda: changes_within(str(new), str(old), {"", "/sub"}, lambda _ino: [], written),
+    )
+    assert got == [("/added", A), ("/gone", D), ("/rewritten", M)]
 
 
 def _whiteout(path: Path) -> None:

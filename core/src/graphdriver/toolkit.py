@@ -58,8 +58,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .archive.changes import changes_within as changes_within
     from .archive.changes import overlay_changes as overlay_changes
+    from .archive.changes_within import changes_within as changes_within
     from .archive.whiteout import OPAQUE as WHITEOUT_OPAQUE
     from .archive.whiteout import PREFIX as WHITEOUT_PREFIX
     from .archive.whiteout import is_overlay_opaque as is_overlay_opaque
@@ -110,7 +110,7 @@ if TYPE_CHECKING:
 #: where each name of ``__all__`` comes from: (the core module that implements it, its name
 #: there); the imports above say the same to type checkers
 SOURCES: dict[str, tuple[str, str]] = {
-    "changes_within": ("archive.changes", "changes_within"),
+    "changes_within": ("archive.changes_within", "changes_within"),
     "overlay_changes": ("archive.changes", "overlay_changes"),
     "WHITEOUT_OPAQUE": ("archive.whiteout", "OPAQUE"),
     "WHITEOUT_PREFIX": ("archive.whiteout", "PREFIX"),

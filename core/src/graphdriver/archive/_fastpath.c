@@ -1132,7 +1132,7 @@ static PyObject *check_rows(PyObject *self, PyObject *args) {
 
 /* ------------------------------------------------------------------- a tree compare's entries
  *
- * compare_dir(new_fd, old_fds, overlay, full, boundary) -> (done, left)
+ * compare_dir(new_fd, old_fds, overlay, full, boundary, written) -> (done, left)
  *   new_fd   a directory of the new tree, open for reading
  *   old_fds  the directories of the old side at the same place, nearest first: a descriptor
  *            to look names up in, -1 for one that is not there (skipped), below -1 for one
@@ -1142,6 +1142,9 @@ static PyObject *check_rows(PyObject *self, PyObject *args) {
  *   full     the new directory is all of the new content there: a name of the old one that
  *            it lacks is deleted (a plain tree; not an overlay's opaque directory)
  *   boundary the compare's boundary_ns (changes._unchanged), or -1 for None
+ *   written  None, or when full, the inode numbers written since a snapshot (changes._Within):
+ *            an entry at the old one's inode number, no directory, not written, is the old
+ *            one, not even stat'ed
  * returns done, the (name, kind) of each entry that the compare's Python loop
  * (graphdriver.archive.changes._Compare._entries) would find added (1) or modified (0) by
  * looking at the two lstats alone, and, when full, each deleted name (2); and left, the names
@@ -1210,6 +1213,28 @@ static int entry_kind(const char *name, const struct stat *st, const int *fds, P
     return DONE;
 }
 
+/* 1: the new entry ent (name) is the old tree's own, unstat'ed: with written (a container of
+ * inode numbers, else Py_None), an entry no directory, at the old one's inode number, not
+ * written (changes._Within.scan_both); 0: not known; -1: an error */
+static int kept(PyObject *gone, PyObject *name, const struct dirent *ent, PyObject *written) {
+    if (written == Py_None || ent->d_type == DT_DIR || ent->d_type == DT_UNKNOWN)
+        return 0;
+    PyObject *old_ino = PyDict_GetItemWithError(gone, name); /* borrowed */
+    if (old_ino == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    unsigned long long was = PyLong_AsUnsignedLongLong(old_ino);
+    if (was == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (was != (unsigned long long)ent->d_ino)
+        return 0;
+    PyObject *ino = PyLong_FromUnsignedLongLong(ent->d_ino);
+    if (ino == NULL)
+        return -1;
+    int in = PySequence_Contains(written, ino);
+    Py_DECREF(ino);
+    return in < 0 ? -1 : !in;
+}
+
 static int append_change(PyObject *done, PyObject *name, int kind) {
     PyObject *item = Py_BuildValue("(Oi)", name, kind);
     if (item == NULL)
@@ -1222,13 +1247,13 @@ static int append_change(PyObject *done, PyObject *name, int kind) {
 static PyObject *compare_dir(PyObject *self, PyObject *args) {
     int new_fd, overlay, full, fds[64], reading;
     long long boundary;
-    PyObject *old_fds, *done = NULL, *left = NULL, *gone = NULL, *result = NULL;
+    PyObject *old_fds, *written, *done = NULL, *left = NULL, *gone = NULL, *result = NULL;
     DIR *dir = NULL;
     struct dirent *ent;
     struct stat st;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iO!ppL", &new_fd, &PyTuple_Type, &old_fds, &overlay, &full,
-                          &boundary))
+    if (!PyArg_ParseTuple(args, "iO!ppLO", &new_fd, &PyTuple_Type, &old_fds, &overlay, &full,
+                          &boundary, &written))
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(old_fds);
     if (n > 64 || (full && n != 1)) {
@@ -1243,22 +1268,23 @@ static PyObject *compare_dir(PyObject *self, PyObject *args) {
     }
     done = PyList_New(0);
     left = PyList_New(0);
-    gone = full ? PySet_New(NULL) : NULL;
+    gone = full ? PyDict_New() : NULL;
     if (done == NULL || left == NULL || (full && gone == NULL))
         goto out;
     reading = full ? fds[0] : new_fd;
-    if (full) { /* the old names, to tell an added entry without a lookup and a deleted one */
+    if (full) { /* the old names and inode numbers: an entry added, kept or deleted */
         if (read_names(fds[0], &dir) != 0)
             goto os_error;
         while ((errno = 0, ent = readdir(dir)) != NULL) {
             if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0)
                 continue;
             PyObject *name = PyUnicode_DecodeFSDefault(ent->d_name);
-            if (name == NULL || PySet_Add(gone, name) != 0) {
-                Py_XDECREF(name);
+            PyObject *ino = PyLong_FromUnsignedLongLong(ent->d_ino);
+            int rc = name == NULL || ino == NULL ? -1 : PyDict_SetItem(gone, name, ino);
+            Py_XDECREF(name);
+            Py_XDECREF(ino);
+            if (rc != 0)
                 goto out;
-            }
-            Py_DECREF(name);
         }
         if (errno != 0)
             goto os_error;
@@ -1275,9 +1301,17 @@ static PyObject *compare_dir(PyObject *self, PyObject *args) {
         if (name == NULL)
             goto out;
         int was_old = 1, kind = 0, got = LEFT;
-        if (full && (was_old = PySet_Discard(gone, name)) < 0) {
-            Py_DECREF(name);
-            goto out;
+        if (full) { /* the old name taken out of gone */
+            int same = kept(gone, name, ent, written);
+            was_old = same < 0 ? -1 : PyDict_Contains(gone, name);
+            if (was_old < 0 || (was_old && PyDict_DelItem(gone, name) != 0)) {
+                Py_DECREF(name);
+                goto out;
+            }
+            if (same) {
+                Py_DECREF(name);
+                continue;
+            }
         }
         if (fstatat(new_fd, ent->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0)
             got = entry_kind(ent->d_name, &st, fds, was_old ? n : 0, overlay, boundary, &kind);
@@ -1291,18 +1325,11 @@ static PyObject *compare_dir(PyObject *self, PyObject *args) {
     if (errno != 0)
         goto os_error;
     if (full) {
-        PyObject *it = PyObject_GetIter(gone), *name;
-        if (it == NULL)
-            goto out;
-        while ((name = PyIter_Next(it)) != NULL) {
-            int rc = append_change(done, name, 2);
-            Py_DECREF(name);
-            if (rc != 0)
-                break;
-        }
-        Py_DECREF(it);
-        if (PyErr_Occurred())
-            goto out;
+        PyObject *name, *ino;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(gone, &pos, &name, &ino))
+            if (append_change(done, name, 2) != 0)
+                goto out;
     }
     result = PyTuple_Pack(2, done, left);
     goto out;

@@ -1,4 +1,5 @@
 # The C module _fastpath.c (compiled by core/hatch_build.py); the arguments are described there.
+from collections.abc import Collection
 from typing import Any
 
 def write_plain_files(
@@ -64,7 +65,13 @@ def plain_run(
 ) -> tuple[int, int, bool]: ...
 def check_rows(paths: list[str], rows: dict[str, bytes], tag: bytes, /) -> bytes: ...
 def compare_dir(
-    new_fd: int, old_fds: tuple[int, ...], overlay: bool, full: bool, boundary: int, /
+    new_fd: int,
+    old_fds: tuple[int, ...],
+    overlay: bool,
+    full: bool,
+    boundary: int,
+    written: Collection[int] | None,
+    /,
 ) -> tuple[list[tuple[str, int]], list[str]]: ...
 def keep_heap(mmap_threshold: int, trim_threshold: int, /) -> bool: ...
 def ustar_entry(block: bytes, pax: bytes | None, /) -> tuple[Any, ...] | None: ...
