@@ -5,6 +5,7 @@ overlay upper over more lowers than the compare keeps open."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -28,13 +29,34 @@ def _needs_the_c_loop() -> None:
 
 
 def _both(monkeypatch: pytest.MonkeyPatch, compare: object) -> list[Change]:
-    """The compare's changes with the C loop and without, which must be the same."""
+    """The compare's changes with the C loop and without, which must be the same; the C loop
+    must have settled some entries itself."""
     assert callable(compare)
+    real = fastpath.compare_dir
+    assert real is not None
+    settled: list[str] = []
+
+    def counting(*args: object) -> tuple[list[tuple[str, int]], list[str]]:
+        done, left = real(*args)  # type: ignore[arg-type]
+        settled.extend(name for name, _ in done)
+        return done, left
+
+    monkeypatch.setattr(fastpath, "compare_dir", counting)
     got = compare()
+    assert settled
     monkeypatch.setattr(fastpath, "ENABLED", False)
     assert compare() == got
     monkeypatch.setattr(fastpath, "ENABLED", True)
+    monkeypatch.setattr(fastpath, "compare_dir", real)
     return list(got)
+
+
+def _boundary(tree: Path) -> int:
+    """A ctime of the filesystem's clock, as LayerStore.create takes a layer's boundary."""
+    (tree / ".boundary").touch()
+    ns = (tree / ".boundary").stat().st_ctime_ns
+    (tree / ".boundary").unlink()
+    return ns
 
 
 def _old_tree(old: Path) -> None:
@@ -50,11 +72,13 @@ def _old_tree(old: Path) -> None:
     (old / "linked").write_text("one inode")
 
 
-def _new_tree(old: Path, new: Path) -> None:
+def _new_tree(old: Path, new: Path) -> int:
+    """The new tree, made from *old*, and its boundary: the ctime after the copy."""
     shutil.copytree(old, new, symlinks=True)  # copy2: the same mtimes, other inodes
     for tree in (old, new):  # a fifo copytree cannot copy: the same metadata, made twice
         os.mkfifo(tree / "fifo", 0o640)
         os.utime(tree / "fifo", ns=(1, 1_700_000_000_123_456_789))
+    boundary = _boundary(new)
     (new / "rewritten").write_text("rewritten, longer")
     (new / "chmodded").chmod(0o600)
     st = (new / "twin").stat()
@@ -76,18 +100,21 @@ def _new_tree(old: Path, new: Path) -> None:
     (new / "dir" / "sub" / "b").write_text("changed below")
     os.link(new / "linked", new / "dir" / "second-name")  # the unchanged name comes along
     (new / ODD).write_text("odd, changed")
+    return boundary
 
 
 def test_a_plain_tree_compares_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every kind of entry a plain tree compare meets: what the lstats settle (added, deleted,
     rewritten, chmodded), what they leave (same metadata and other content, a retargeted
     symlink of the same length and mtime, hardlinks, directories replaced by files and the
-    reverse, a name that is no UTF-8), the same with the C loop and without."""
+    reverse, a name that is no UTF-8), the same with the C loop and without, with the
+    layer's boundary (the C loop runs) and without (the Python loop alone)."""
     _needs_the_c_loop()
     old, new = tmp_path / "old", tmp_path / "new"
     _old_tree(old)
-    _new_tree(old, new)
-    got = _both(monkeypatch, lambda: tree_changes(str(new), str(old)))
+    boundary = _new_tree(old, new)
+    got = _both(monkeypatch, lambda: tree_changes(str(new), str(old), boundary))
+    assert tree_changes(str(new), str(old)) == got
     assert got == [
         ("/added", A),
         ("/added-dir", A),
@@ -111,9 +138,10 @@ def test_a_plain_tree_compares_alike(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
-    """compare_dir itself: added, rewritten and deleted names are settled in C; a directory,
-    a hardlinked file and a file whose metadata equal the old one's are left, but for one
-    not changed since the boundary (a ctime before it), which is unchanged."""
+    """compare_dir itself: added, rewritten and deleted names are settled in C, and so is an
+    entry that is the old one's very inode, unchanged; a directory, a hardlinked file and a
+    file whose metadata equal the old one's are left, but for one not changed since the
+    boundary (its ctime before it, not at it), which is unchanged."""
     _needs_the_c_loop()
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
@@ -121,6 +149,8 @@ def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
         (old / name).write_text(name)
     shutil.copytree(old, new)
     boundary = time.time_ns() + 10**9  # after every ctime here
+    os.mkfifo(old / "pipe")
+    os.link(old / "pipe", new / "pipe")  # the very same inode and ctime
     (new / "gone").unlink()
     (new / "rewritten").write_text("rewritten, longer")
     (new / "added").write_text("added")
@@ -133,6 +163,8 @@ def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
         bounded, left_bounded = fastpath.compare_dir(
             fds[0], (fds[1],), False, True, boundary, None
         )  # fmt: skip
+        at = (new / "same").stat().st_ctime_ns
+        _, left_at = fastpath.compare_dir(fds[0], (fds[1],), False, True, at, None)
     finally:
         for fd in fds:
             os.close(fd)
@@ -142,6 +174,7 @@ def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
     assert sorted(left_too) == sorted(left)
     assert sorted(bounded) == sorted(done)
     assert sorted(left_bounded) == ["dir", "linked", "second"]  # "same": unchanged
+    assert "same" in left_at  # a ctime at the boundary may be a write after it
 
 
 def test_a_snapshot_compare_within_written_dirs_compares_alike(
@@ -229,3 +262,23 @@ def test_the_canonical_order_is_the_bytes_order() -> None:
     odd = [Change(p, A) for p in ("/é", f"/{ODD}", "/z", "/odd-a")]
     canonical_order(odd)
     assert [os.fsencode(c.path) for c in odd] == [b"/odd-a", b"/odd-\xff", b"/z", "/é".encode()]
+
+
+def test_a_directory_the_c_loop_cannot_read_is_named_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compare_dir names a directory whose read failed by its descriptor; the compare names
+    it by its path, once, relative roots too (not joined to the other side's)."""
+    _needs_the_c_loop()
+    for side in ("new", "old"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "f").write_text(side)
+
+    def failing(new_fd: int, *_rest: object) -> object:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), new_fd)
+
+    monkeypatch.setattr(fastpath, "compare_dir", failing)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError) as got:
+        tree_changes("new", "old", _boundary(tmp_path / "new"))
+    assert got.value.errno == errno.EIO and got.value.filename == "new"

@@ -125,11 +125,15 @@ def _native_changes(found: Sequence[tuple[str, int]]) -> list[Change]:
     number that is no kind fails as the enum's call does. A Change of a kind is kept as it is
     (overlay's, from the core's compare)."""
     kinds = {int(k): k for k in archive.ChangeKind}
+
+    def pair(found: tuple[str, int]) -> Change:
+        path, kind = found  # a longer tuple fails here
+        return Change(path, kinds[kind])
+
     try:
         return [
-            c if type(c) is Change and type(c[1]) is ChangeKind else Change(c[0], kinds[c[1]])
-            for c in found
-        ]
+            c if type(c) is Change and type(c[1]) is ChangeKind else pair(c) for c in found
+        ]  # fmt: skip
     except KeyError as exc:
         raise ValueError(f"{exc.args[0]!r} is not a valid ChangeKind") from None
 

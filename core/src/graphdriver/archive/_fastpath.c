@@ -1003,6 +1003,37 @@ failed:
  * in wbuf, and whether it stopped because the next did not fit (the caller flushes and
  * calls again). OSError as plain_entry raises it (the entries before in wbuf, not counted).
  */
+/* plain_one for the change item of plain_run, or PLAIN_LEFT for one the Python loop takes */
+static Py_ssize_t run_item(PyObject *item, const char *rootb, Py_ssize_t root_len,
+                           const char *whereb, Py_ssize_t where_len, int dir_fd, Py_buffer *wb,
+                           Py_ssize_t wpos, const char *skip, Py_ssize_t skip_len, long long large,
+                           char *cpath) {
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+        return PLAIN_LEFT;
+    PyObject *path = PyTuple_GET_ITEM(item, 0), *kind = PyTuple_GET_ITEM(item, 1);
+    if (!PyUnicode_Check(path) || !PyUnicode_IS_ASCII(path) || !PyLong_Check(kind))
+        return PLAIN_LEFT;
+    long k = PyLong_AsLong(kind);
+    if (k == -1 && PyErr_Occurred())
+        return PLAIN_FAILED;
+    if (k != 0 && k != 1) /* a delete (or no kind: the Python loop says so) */
+        return PLAIN_LEFT;
+    Py_ssize_t len;
+    const char *p = PyUnicode_AsUTF8AndSize(path, &len);
+    if (p == NULL)
+        return PLAIN_FAILED;
+    const char *slash = len > 1 && p[0] == '/' ? strrchr(p, '/') : NULL;
+    if (slash == NULL || (Py_ssize_t)strlen(p) != len || len - 1 > 100 ||
+        root_len + (slash - p) != where_len ||
+        memcmp(whereb + root_len, p, (size_t)(slash - p)) != 0 || slash[1] == 0 ||
+        root_len + len >= PATH_MAX)
+        return PLAIN_LEFT; /* elsewhere, or a name the Python loop must look at */
+    memcpy(cpath, rootb, (size_t)root_len);
+    memcpy(cpath + root_len, p, (size_t)len + 1);
+    return plain_one(dir_fd, slash + 1, cpath, NULL, p + 1, len - 1, wb, wpos, skip, skip_len,
+                     large);
+}
+
 static PyObject *plain_run(PyObject *self, PyObject *args) {
     PyObject *changes, *root_obj, *where_obj, *root = NULL, *where = NULL, *result = NULL;
     Py_buffer wb;
@@ -1026,31 +1057,11 @@ static PyObject *plain_run(PyObject *self, PyObject *args) {
     if (where_len < root_len || memcmp(whereb, rootb, (size_t)root_len) != 0)
         goto done; /* where is not in root: leave it all */
     for (; i < PyList_GET_SIZE(changes); i++) {
-        PyObject *item = PyList_GET_ITEM(changes, i);
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
-            break;
-        PyObject *path = PyTuple_GET_ITEM(item, 0), *kind = PyTuple_GET_ITEM(item, 1);
-        if (!PyUnicode_Check(path) || !PyUnicode_IS_ASCII(path) || !PyLong_Check(kind))
-            break;
-        long k = PyLong_AsLong(kind);
-        if (k == -1 && PyErr_Occurred())
-            goto out;
-        if (k != 0 && k != 1) /* a delete (or no kind: the Python loop says so) */
-            break;
-        Py_ssize_t len;
-        const char *p = PyUnicode_AsUTF8AndSize(path, &len);
-        if (p == NULL)
-            goto out;
-        const char *slash = len > 1 && p[0] == '/' ? strrchr(p, '/') : NULL;
-        if (slash == NULL || (Py_ssize_t)strlen(p) != len || len - 1 > 100 ||
-            root_len + (slash - p) != where_len ||
-            memcmp(whereb + root_len, p, (size_t)(slash - p)) != 0 || slash[1] == 0 ||
-            root_len + len >= (Py_ssize_t)sizeof(cpath))
-            break; /* elsewhere, or a name the Python loop must look at */
-        memcpy(cpath, rootb, (size_t)root_len);
-        memcpy(cpath + root_len, p, (size_t)len + 1);
-        Py_ssize_t got = plain_one(dir_fd, slash + 1, cpath, NULL, p + 1, len - 1, &wb, wpos,
-                                   skip, skip_len, large);
+        /* held: plain_one lets go of the GIL, and another thread could drop it meanwhile */
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(changes, i));
+        Py_ssize_t got = run_item(item, rootb, root_len, whereb, where_len, dir_fd, &wb, wpos,
+                                  skip, skip_len, large, cpath);
+        Py_DECREF(item);
         if (got == PLAIN_FAILED)
             goto out;
         if (got == PLAIN_NO_ROOM)
@@ -1168,6 +1179,16 @@ static int read_names(int fd, DIR **dir) {
     return 0;
 }
 
+/* readdir without the GIL; errno 0 at the end of the directory */
+static struct dirent *read_entry(DIR *dir) {
+    struct dirent *ent;
+    Py_BEGIN_ALLOW_THREADS
+    errno = 0;
+    ent = readdir(dir);
+    Py_END_ALLOW_THREADS
+    return ent;
+}
+
 static int metadata_differ(const struct stat *a, const struct stat *b) {
     return a->st_mode != b->st_mode || a->st_uid != b->st_uid || a->st_gid != b->st_gid ||
            a->st_rdev != b->st_rdev || a->st_size != b->st_size ||
@@ -1247,7 +1268,8 @@ static int append_change(PyObject *done, PyObject *name, int kind) {
 static PyObject *compare_dir(PyObject *self, PyObject *args) {
     int new_fd, overlay, full, fds[64], reading;
     long long boundary;
-    PyObject *old_fds, *written, *done = NULL, *left = NULL, *gone = NULL, *result = NULL;
+    PyObject *old_fds, *written, *done = NULL, *left = NULL, *gone = NULL, *seen = NULL;
+    PyObject *result = NULL;
     DIR *dir = NULL;
     struct dirent *ent;
     struct stat st;
@@ -1269,13 +1291,14 @@ static PyObject *compare_dir(PyObject *self, PyObject *args) {
     done = PyList_New(0);
     left = PyList_New(0);
     gone = full ? PyDict_New() : NULL;
-    if (done == NULL || left == NULL || (full && gone == NULL))
+    seen = PySet_New(NULL);
+    if (done == NULL || left == NULL || (full && gone == NULL) || seen == NULL)
         goto out;
     reading = full ? fds[0] : new_fd;
     if (full) { /* the old names and inode numbers: an entry added, kept or deleted */
         if (read_names(fds[0], &dir) != 0)
             goto os_error;
-        while ((errno = 0, ent = readdir(dir)) != NULL) {
+        while ((ent = read_entry(dir)) != NULL) {
             if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0)
                 continue;
             PyObject *name = PyUnicode_DecodeFSDefault(ent->d_name);
@@ -1294,12 +1317,23 @@ static PyObject *compare_dir(PyObject *self, PyObject *args) {
     reading = new_fd;
     if (read_names(new_fd, &dir) != 0)
         goto os_error;
-    while ((errno = 0, ent = readdir(dir)) != NULL) {
+    for (unsigned long count = 1; (ent = read_entry(dir)) != NULL; count++) {
         if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0)
             continue;
+        if (count % 1024 == 0 && PyErr_CheckSignals() != 0)
+            goto out; /* a signal handler's exception (Ctrl-C in a huge directory) */
         PyObject *name = PyUnicode_DecodeFSDefault(ent->d_name);
         if (name == NULL)
             goto out;
+        /* a name listed twice (a directory renamed into while it is read) counts once, as
+         * in the Python loop's dict */
+        int again = PySet_Contains(seen, name);
+        if (again != 0 || PySet_Add(seen, name) != 0) {
+            Py_DECREF(name);
+            if (again > 0)
+                continue;
+            goto out;
+        }
         int was_old = 1, kind = 0, got = LEFT;
         if (full) { /* the old name taken out of gone */
             int same = kept(gone, name, ent, written);
@@ -1313,8 +1347,10 @@ static PyObject *compare_dir(PyObject *self, PyObject *args) {
                 continue;
             }
         }
+        Py_BEGIN_ALLOW_THREADS
         if (fstatat(new_fd, ent->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0)
             got = entry_kind(ent->d_name, &st, fds, was_old ? n : 0, overlay, boundary, &kind);
+        Py_END_ALLOW_THREADS
         int rc = got == LEFT   ? PyList_Append(left, name)
                  : kind >= 0 ? append_change(done, name, kind)
                              : 0;
@@ -1348,6 +1384,7 @@ out:
     Py_XDECREF(done);
     Py_XDECREF(left);
     Py_XDECREF(gone);
+    Py_XDECREF(seen);
     return result;
 }
 

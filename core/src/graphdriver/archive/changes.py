@@ -192,7 +192,11 @@ class _Compare:
         the merged *stack* (*olds*), to compare: where the C loop runs, the changes it finds
         are appended, and these are the entries it leaves."""
         top = was is None
-        if fastpath.ENABLED and not (full and (self.overlay or len(stack) != 1)):
+        # not for two plain trees without a boundary (a diff against a layer not the parent):
+        # there most entries have equal metadata and the Python loop would stat them again
+        if fastpath.ENABLED and (
+            not full or (not self.overlay and len(stack) == 1 and self.boundary_ns is not None)
+        ):
             return self._scan_quick(new_dir, rel, stack[0] if full else None, was, olds)
         return dirs.scan(new_dir, top, was), self.scan_old(stack, top) if full else {}
 
@@ -227,7 +231,7 @@ class _Compare:
                     new_fd, fds, self.overlay, full, -1 if boundary is None else boundary, written
                 )  # fmt: skip
             except OSError as exc:  # a directory's read failed: its descriptor is the filename
-                exc.filename = new_dir if exc.filename == new_fd else old_dir
+                dirs.name_whole(exc, new_dir if exc.filename == new_fd else old_dir or "")
                 raise
             rel += "/"
             self.out += [Change(rel + name, _KINDS[kind]) for name, kind in done]

@@ -36,6 +36,12 @@ def named(exc: OSError, directory: str) -> None:
     setattr(exc, _WHOLE, True)
 
 
+def name_whole(exc: OSError, path: str) -> None:
+    """*exc* names the whole *path* (of a directory whose read failed, say)."""
+    exc.filename = path
+    setattr(exc, _WHOLE, True)
+
+
 def _open(path: str, flags: int, was: os.stat_result | None) -> int:
     try:
         fd = os.open(path, flags)

@@ -130,6 +130,7 @@ def search(
     *only*, the items of those types alone (the others are not copied out)."""
     (objectid, max_objectid), (type_, max_type), offset = objectids, types, 0
     raw = bytearray(_SEARCH_KEY.size + _SEARCH_BUFFER)
+    view, header, step = memoryview(raw), _SEARCH_HEADER.unpack_from, _SEARCH_HEADER.size
     while True:
         # the kernel returns the items of the key range from (objectid, type, offset) on
         _SEARCH_KEY.pack_into(
@@ -141,11 +142,11 @@ def search(
         if count == 0:
             return
         pos = _SEARCH_KEY.size
-        for _ in range(count):
-            _transid, objectid, offset, type_, length = _SEARCH_HEADER.unpack_from(raw, pos)
-            pos += _SEARCH_HEADER.size
+        for _ in range(count):  # (names bound locally: 20k items for 10k files)
+            _transid, objectid, offset, type_, length = header(raw, pos)
+            pos += step
             if only is None or type_ in only:
-                yield objectid, type_, offset, bytes(raw[pos : pos + length])
+                yield objectid, type_, offset, bytes(view[pos : pos + length])
             pos += length
         # go on right after the last key returned
         if offset < _MAX_U64:
