@@ -3,6 +3,7 @@ the kernel would give a new entry something else (a setgid directory's group and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gzip
 import hashlib
@@ -10,17 +11,23 @@ import io
 import os
 import pickle
 import random
+import signal
 import stat
 import struct
 import subprocess
 import tarfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from subprocess import PIPE
+from typing import BinaryIO
 
 import pytest
 
 from graphdriver.archive import ApplyResult, apply_layer, exact, feed, tarsplit
 from graphdriver.archive.tar import TarEntry
+from graphdriver.archive.tar_reader import write_all
 from graphdriver.archive.tar_writer import TarWriter
 from graphdriver.errors import ArchiveError, UnsafeArchive
 from graphdriver.testing import host_lacks
@@ -257,11 +264,13 @@ def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
     }
 
 
-@pytest.mark.parametrize("how", ["file", "pipe", "gzip"])
+@pytest.mark.parametrize("how", ["file", "pipe", "chunks", "gzip", "gzip-over-pipe"])
 def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) -> None:
-    """From a tar file (the sandbox reads the data itself), a pipe and a gzip stream (the
-    data follows each frame on the pipe): the same files, the tar's sha256 as diff_id, and a
-    record whose replay is the tar, byte for byte."""
+    """From a tar file (the sandbox reads the data itself), a pipe (read straight from its fd),
+    a pipe written in odd pieces (each read ends anywhere: in a header, in a body), a gzip
+    stream and a GzipFile reading a pipe (whose ``fileno()`` is the pipe's, not its data's;
+    the data follows each frame on the pipe): the same files, the tar's sha256 as diff_id,
+    and a record whose replay is the tar, byte for byte."""
     data = _mixed_tar()
     (tmp_path / "layer.tar").write_bytes(data)
     target = tmp_path / "layer"
@@ -273,8 +282,18 @@ def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) 
         with subprocess.Popen(["cat", str(tmp_path / "layer.tar")], stdout=PIPE) as cat:
             assert cat.stdout is not None
             result = apply_layer(target, cat.stdout, record=True)
-    else:
+    elif how == "chunks":
+        with _written_in_pieces(data) as stream:
+            result = apply_layer(target, stream, record=True)
+    elif how == "gzip":
         result = apply_layer(target, io.BytesIO(gzip.compress(data, 1)), record=True)
+    else:
+        with (
+            _written_in_pieces(gzip.compress(data, 1)) as stream,
+            gzip.GzipFile(fileobj=stream) as plain,
+        ):
+            assert os.fstat(plain.fileno()).st_mode & stat.S_IFIFO
+            result = apply_layer(target, plain, record=True)  # type: ignore[arg-type]
     assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
     assert result.tar_size == len(data)
     assert result.no_record is None and result.record is not None
@@ -285,6 +304,44 @@ def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) 
     os.unlink(expected / "d/.wh.gone")
     assert _tree(target) == _tree(expected)
     assert replayed(result, target, tmp_path / "replayed.tar") == data
+
+
+@contextlib.contextmanager
+def _written_in_pieces(data: bytes) -> Iterator[BinaryIO]:
+    """The read end of a pipe (a buffered stream) that a thread of this process writes *data*
+    to in pieces of random sizes, 1 byte to 200 KiB, pausing now and then: reads end anywhere.
+    The write end is this process's own, so a sandbox that kept it would keep the apply from
+    ever seeing the end: after a minute the thread kills this process's children (the
+    sandbox among them) and the test fails, rather than hang."""
+    r, w = os.pipe()
+    rng = random.Random(len(data))
+    applied = threading.Event()
+    stuck: list[int] = []
+
+    def write() -> None:
+        with open(w, "wb", buffering=0) as out:
+            view, at = memoryview(data), 0
+            while at < len(data):
+                n = rng.choice((1, 7, 511, 513, 4096, 65537, 200 << 10))
+                write_all(out.fileno(), view[at : at + n])
+                at += n
+                if rng.random() < 0.05:
+                    time.sleep(0.001)
+        if not applied.wait(60):
+            for task in Path("/proc/self/task").iterdir():
+                for pid in (task / "children").read_text().split():
+                    stuck.append(int(pid))
+                    os.kill(int(pid), signal.SIGKILL)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        with open(r, "rb") as stream:
+            yield stream
+    finally:
+        applied.set()
+        writer.join()
+    assert not stuck, "the apply never saw the end of its input: the sandbox kept the pipe"
 
 
 def replayed(result: ApplyResult, target: Path, out: Path, check: bool = True) -> bytes:

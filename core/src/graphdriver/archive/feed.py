@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import ArchiveError, GraphDriverError
 from . import fastpath
 from .tar import TarEntry
-from .tar_reader import TarReader, write_all
+from .tar_reader import TarReader, write_all, write_all_of
 from .tarsplit import SegmentRecorder
 
 _FRAME = struct.Struct("<cQ")
@@ -71,9 +71,13 @@ class Feeder:
         self._inline = inline
         self._body_path = body_path
         self._entries: list[Sent] = []
-        self._data = bytearray()
+        #: inline data gathered for the next write: views of the reader's buffer, written
+        #: before the reader reads into it again (:meth:`_flush` is its ``before_fill``)
+        self._data: list[bytes | memoryview] = []
         self._framed = False  # the current entry's frame was written: its data goes straight on
         self._frame_start = 0  # where in the tar the entries gathered start
+        if inline:
+            self.reader.before_fill = self._flush
 
     def run(self) -> None:
         """Send the whole tar, then the end frame. On a tar that turns out corrupt or cut, the
@@ -108,41 +112,31 @@ class Feeder:
         the record as a body the layer's file holds."""
         segments, reader = self._segments, self.reader
         size = reader.data_left
+        self._framed = False
         if self._inline:
-            for piece in reader.data():
-                self._send(piece)
+            self._data.extend(reader.data())
             if segments is not None:
                 segments.body(path, size, entry.sparse)
         elif segments is not None:  # the header and the body noted in one call, then past it
             segments.file(reader.untapped(), path, size, entry.sparse)
             reader.pass_data(noted=True)
-        if self._framed:  # what is gathered belongs to a frame already sent
+        if self._framed:  # its frame went before the buffer was read into again: its data now
             self._write_data()
-            self._framed = False
-
-    def _send(self, piece: bytes | memoryview) -> None:
-        if len(self._data) + len(piece) <= _BATCH:
-            self._data += piece
-            return
-        self._flush()
-        self._framed = True
-        if len(piece) >= _BATCH // 2:
-            write_all(self._fd, piece)
-        else:
-            self._data += piece
 
     def _flush(self) -> None:
-        """Write the frame of the entries gathered, then their data."""
+        """Write the frame of the entries gathered, then their data. Called before the reader
+        reads into its buffer again, the data's views are written while they are valid."""
         if self._entries:
             frame = pickle.dumps(self._entries, protocol=pickle.HIGHEST_PROTOCOL)
-            write_all(self._fd, _FRAME.pack(_ENTRIES, len(frame)) + frame)
+            self._data.insert(0, _FRAME.pack(_ENTRIES, len(frame)) + frame)
             self._entries.clear()
+            self._framed = True
         self._frame_start = self.reader.offset
         self._write_data()
 
     def _write_data(self) -> None:
         if self._data:
-            write_all(self._fd, self._data)
+            write_all_of(self._fd, self._data)
             self._data.clear()
 
 

@@ -28,7 +28,6 @@ PLAIN_PIECE = 2 << 20
 #: decoded pieces smaller than this are joined, up to about this size, before they are handed
 #: on; a larger one (a zstd block is 128 KiB) goes as it is: joining them was a copy of the tar
 GATHER = 64 * 1024
-F_SETPIPE_SZ = 1031
 
 
 def compression_of(head: bytes) -> str:
@@ -380,9 +379,16 @@ def big_pipe() -> tuple[int, int]:
     """A pipe (both ends close-on-exec) of 1 MiB where the kernel allows it: a tar crosses it
     in fewer, larger reads and writes than through the default 64 KiB."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    with contextlib.suppress(OSError):  # a bigger pipe is faster, not needed
-        fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
+    grow_pipe(w)
     return r, w
+
+
+def grow_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Make the pipe *fd* (either end) hold *size* bytes where the kernel allows it (never
+    smaller than it is): a bigger pipe is faster, not needed."""
+    with contextlib.suppress(OSError):
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
 
 
 class DiffStream(io.RawIOBase):

@@ -37,6 +37,8 @@ _BUFFER = 2 * CHUNK
 #: what copy_file_range and splice say when they cannot move these bytes
 _NO_MOVE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
 _EXTENSIONS = (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK)
+#: the most buffers one writev takes
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 def _buffer(size: int) -> memoryview:
@@ -48,6 +50,17 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_all_of(fd: int, pieces: list[bytes | memoryview]) -> None:
+    """os.writev until all of *pieces* are written, in order."""
+    while pieces:
+        done = os.writev(fd, pieces[:_IOV_MAX])
+        while pieces and done >= len(pieces[0]):
+            done -= len(pieces[0])
+            pieces = pieces[1:]
+        if done:
+            pieces = [memoryview(pieces[0])[done:], *pieces[1:]]
 
 
 class TarReader:
@@ -88,6 +101,9 @@ class TarReader:
         #: record (tarsplit.SegmentRecorder.raw); except what a caller takes itself through
         #: untapped (and then passes on with pass_data(noted=True))
         self.tap: Callable[[memoryview], None] | None = None
+        #: called before the buffer is read into again (what it handed out is then
+        #: overwritten): a caller that holds views of it writes them out (archive.feed)
+        self.before_fill: Callable[[], None] | None = None
         #: called where a regular file's data starts, after the tap got what came before it
         #: (tarsplit.SegmentRecorder.start_body); not for a body passed with pass_data(noted=True)
         self.tap_body: Callable[[], None] | None = None
@@ -116,6 +132,8 @@ class TarReader:
     def _fill(self, n: int) -> None:
         """Make *n* bytes available at the read position (fewer at the end of input); what
         the buffer handed out before is overwritten."""
+        if self.before_fill is not None:
+            self.before_fill()
         self._flush_tap()
         rest = bytes(self._view[self._pos : self._end])
         if n > len(self._view):  # a long extension header: a larger buffer
