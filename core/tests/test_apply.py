@@ -8,6 +8,7 @@ import ctypes
 import gzip
 import hashlib
 import io
+import logging
 import os
 import pickle
 import random
@@ -592,3 +593,53 @@ def test_a_directory_made_a_file_leaves_what_it_held_gone_in_the_record(tmp_path
     checks = tarsplit.Record(result.record).checks()
     assert "d" in checks.present and "d/s" in checks.gone and "d/s" not in checks.present
     assert exact._noted_changed(checks, str(target)) is None
+
+
+@pytest.mark.parametrize("how", ["file", "stream"])
+def test_the_sandbox_logs_to_the_log_file_never_into_a_layer_file(tmp_path: Path, how: str) -> None:
+    """The sandbox gives up every fd of its parent's but its own pipes, and a log file's: a
+    message it logs while it writes a file (an xattr the filesystem refuses) goes to the log
+    file, not into the file that took the number of an fd it gave up."""
+    members = []
+    for i in range(3):
+        info = _with_size(_info(f"f{i}", tarfile.REGTYPE, 0o644), 6)
+        info.pax_headers = {"SCHILY.xattr.foo.bar": "x"}  # no such namespace: ENOTSUP
+        members.append((info, b"hello\n"))
+    data = _tar(*members)
+    log_file = tmp_path / "debug.log"
+    handler = logging.FileHandler(log_file)
+    logger = logging.getLogger("graphdriver.archive.extract")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        (tmp_path / "layer").mkdir()
+        _apply(tmp_path / "layer", data, how, tmp_path / "layer.tar")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+    for i in range(3):
+        assert (tmp_path / "layer" / f"f{i}").read_bytes() == b"hello\n"
+    assert log_file.read_text().count("xattr foo.bar not kept on f") == 3
+
+
+class _ReadOnly(io.BufferedIOBase):
+    """A stream that has ``read`` and nothing else (io's default ``read1`` raises)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._data.read(size)
+
+
+def test_a_stream_that_only_reads_applies(tmp_path: Path) -> None:
+    body = b"data\n" * 1000
+    data = _tar((_with_size(_info("f", tarfile.REGTYPE, 0o644), len(body)), body))
+    result = apply_layer(tmp_path, _ReadOnly(data))  # type: ignore[arg-type]
+    assert (tmp_path / "f").read_bytes() == body
+    assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -350,14 +351,24 @@ def _source(stream: BinaryIO) -> _Source:
     if direct is not None:
         return _FileSource(*direct)
     head = stream.read(8)
-    readinto1 = getattr(stream, "readinto1", None)
-    if compression_of(head) != "none" or readinto1 is None:
+    if compression_of(head) != "none" or not _reads_into(stream):
         return _StreamSource(stream, head)
     with contextlib.suppress(AttributeError, OSError, ValueError):  # no fd: nothing to grow
         fd = stream.fileno()
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
             grow_pipe(fd)
-    return _PlainStream(readinto1, head)
+    return _PlainStream(stream.readinto1, head)  # type: ignore[attr-defined]
+
+
+def _reads_into(stream: BinaryIO) -> bool:
+    """Whether *stream* has a ``readinto1`` of its own, or a ``read1`` that io's default one
+    calls: a BufferedIOBase that only has ``read`` has one that raises."""
+    kind = type(stream)
+    base = io.BufferedIOBase
+    return callable(getattr(stream, "readinto1", None)) and (
+        getattr(kind, "readinto1", None) is not base.readinto1
+        or getattr(kind, "read1", None) is not base.read1
+    )
 
 
 def _plain_file(stream: BinaryIO) -> tuple[int, int] | None:

@@ -5,7 +5,6 @@ every entry that would leave the layer.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ArchiveError, UnsafeArchive
+from ..linux.fds import keep_only_fds
 from ..linux.libc import LIBC
 from ..linux.signals import Held, release_signals
 from . import fastpath, sparse, tarsplit, whiteout
@@ -74,7 +74,7 @@ def run_child(  # pragma: no cover
     try:
         LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        _close_fds_but(0, 1, 2, frames_fd, res_fd, *sandbox.lower_fds, data_fd)
+        keep_only_fds(0, 1, 2, frames_fd, res_fd, *sandbox.lower_fds, data_fd)
         release_signals(held)
         os.chroot(target)
         os.chdir("/")
@@ -107,21 +107,6 @@ def run_child(  # pragma: no cover
         write_all(res_fd, json.dumps(report).encode() + b"\n" + blob)
     finally:
         os._exit(code)
-
-
-def _close_fds_but(*keep: int | None) -> None:  # pragma: no cover - in the child
-    """Close every fd of the forked child but *keep*. It inherits all of its parent's (a fork
-    closes none), and holding the write end of the pipe the parent reads the layer from
-    (a caller's thread that writes it) would keep the parent from ever seeing its end: both
-    would wait for good. Nor has a sandbox any use for the parent's other files and sockets."""
-    with contextlib.suppress(ValueError):  # the parent's wakeup fd is closed too
-        signal.set_wakeup_fd(-1)
-    low = 0
-    for fd in sorted({k for k in keep if k is not None}):
-        if low < fd:  # closerange(0, 0) would close them all (close_range(0, ~0))
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 0x7FFFFFFF)
 
 
 ACL_DEFAULT = "system.posix_acl_default"

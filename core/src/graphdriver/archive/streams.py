@@ -385,7 +385,7 @@ def big_pipe() -> tuple[int, int]:
 
 def grow_pipe(fd: int, size: int = 1 << 20) -> None:
     """Make the pipe *fd* (either end) hold *size* bytes where the kernel allows it (never
-    smaller than it is): a bigger pipe is faster, not needed."""
+    smaller than it is): a bigger pipe is faster, not needed. A caller's pipe stays so."""
     with contextlib.suppress(OSError):
         if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)

@@ -38,7 +38,7 @@ _BUFFER = 2 * CHUNK
 _NO_MOVE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
 _EXTENSIONS = (XHDTYPE, XGLTYPE, GNU_LONGNAME, GNU_LONGLINK)
 #: the most buffers one writev takes
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
+_IOV_MAX = max(os.sysconf("SC_IOV_MAX"), 16)
 
 
 def _buffer(size: int) -> memoryview:
@@ -54,13 +54,14 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 def write_all_of(fd: int, pieces: list[bytes | memoryview]) -> None:
     """os.writev until all of *pieces* are written, in order."""
-    while pieces:
-        done = os.writev(fd, pieces[:_IOV_MAX])
-        while pieces and done >= len(pieces[0]):
-            done -= len(pieces[0])
-            pieces = pieces[1:]
-        if done:
-            pieces = [memoryview(pieces[0])[done:], *pieces[1:]]
+    first = 0
+    while first < len(pieces):
+        done = os.writev(fd, pieces[first : first + _IOV_MAX])
+        while first < len(pieces) and done >= len(pieces[first]):
+            done -= len(pieces[first])
+            first += 1
+        if done:  # a short write ended inside this one
+            pieces[first] = memoryview(pieces[first])[done:]
 
 
 class TarReader:
