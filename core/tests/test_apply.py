@@ -265,13 +265,20 @@ def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
     }
 
 
-@pytest.mark.parametrize("how", ["file", "pipe", "chunks", "gzip", "gzip-over-pipe"])
+WAYS = ["file", "pipe", "chunks", "gzip", "gzip-over-pipe", "raw-gzip", "nonblocking",
+        "nonblocking-raw-gzip"]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", WAYS)
 def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) -> None:
     """From a tar file (the sandbox reads the data itself), a pipe (read straight from its fd),
     a pipe written in odd pieces (each read ends anywhere: in a header, in a body), a gzip
     stream and a GzipFile reading a pipe (whose ``fileno()`` is the pipe's, not its data's;
-    the data follows each frame on the pipe): the same files, the tar's sha256 as diff_id,
-    and a record whose replay is the tar, byte for byte."""
+    the data follows each frame on the pipe), gzip from a raw pipe whose writer wrote one
+    byte first (a read gives that byte alone: the compression is told from 8 bytes all the
+    same), and a non-blocking pipe, buffered and raw (a read with nothing yet is not the end):
+    the same files, the tar's sha256 as diff_id, and a record whose replay is the tar, byte
+    for byte."""
     data = _mixed_tar()
     (tmp_path / "layer.tar").write_bytes(data)
     target = tmp_path / "layer"
@@ -288,6 +295,10 @@ def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) 
             result = apply_layer(target, stream, record=True)
     elif how == "gzip":
         result = apply_layer(target, io.BytesIO(gzip.compress(data, 1)), record=True)
+    elif how in ("raw-gzip", "nonblocking", "nonblocking-raw-gzip"):
+        sent = data if how == "nonblocking" else gzip.compress(data, 1)
+        with _written_in_pieces(sent, raw="raw" in how, blocking="nonblocking" not in how) as raw:
+            result = apply_layer(target, raw, record=True)
     else:
         with (
             _written_in_pieces(gzip.compress(data, 1)) as stream,
@@ -308,9 +319,11 @@ def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) 
 
 
 @contextlib.contextmanager
-def _written_in_pieces(data: bytes) -> Iterator[BinaryIO]:
-    """The read end of a pipe (a buffered stream) that a thread of this process writes *data*
-    to in pieces of random sizes, 1 byte to 200 KiB, pausing now and then: reads end anywhere.
+def _written_in_pieces(data: bytes, raw: bool = False, blocking: bool = True) -> Iterator[BinaryIO]:
+    """The read end of a pipe (a buffered stream; *raw*: a FileIO, whose reads give what has
+    been written so far; not *blocking*: O_NONBLOCK) that a thread of this process writes
+    *data* to, its first byte alone, then in pieces of random sizes, 1 byte to 200 KiB,
+    pausing now and then: reads end anywhere.
     The write end is this process's own, so a sandbox that kept it would keep the apply from
     ever seeing the end: after a minute the thread kills this process's children (the
     sandbox among them) and the test fails, rather than hang."""
@@ -321,7 +334,9 @@ def _written_in_pieces(data: bytes) -> Iterator[BinaryIO]:
 
     def write() -> None:
         with open(w, "wb", buffering=0) as out:
-            view, at = memoryview(data), 0
+            view, at = memoryview(data), 1
+            write_all(out.fileno(), view[:1])
+            time.sleep(0.02)
             while at < len(data):
                 n = rng.choice((1, 7, 511, 513, 4096, 65537, 200 << 10))
                 write_all(out.fileno(), view[at : at + n])
@@ -336,8 +351,9 @@ def _written_in_pieces(data: bytes) -> Iterator[BinaryIO]:
 
     writer = threading.Thread(target=write)
     writer.start()
+    os.set_blocking(r, blocking)
     try:
-        with open(r, "rb") as stream:
+        with open(r, "rb", buffering=0 if raw else -1) as stream:
             yield stream
     finally:
         applied.set()

@@ -34,7 +34,7 @@ from . import tarsplit
 from .extract import Sandbox, run_child
 from .feed import Feeder
 from .names import body_path
-from .streams import LayerDecoder, big_pipe, compression_of, grow_pipe
+from .streams import LayerDecoder, big_pipe, compression_of, grow_pipe, read_head, read_ready
 from .tar import CHUNK
 
 log = logging.getLogger(__name__)
@@ -213,14 +213,15 @@ class _PlainStream(_Source):
     where the kernel allows it, so that its writer can run that far ahead and each read take
     that much at once."""
 
-    def __init__(self, readinto1: Callable[[memoryview], int | None], head: bytes) -> None:
+    def __init__(self, stream: BinaryIO, head: bytes) -> None:
         super().__init__()
-        self._readinto1 = readinto1
+        self._stream = stream
+        self._readinto1: Callable[[memoryview], int | None] = stream.readinto1  # type: ignore[attr-defined]
         self._head = memoryview(head)
 
     def readinto(self, view: memoryview) -> int:
-        if not self._head:  # None (a non-blocking stream with nothing to read) ends it, as ever
-            return self._took(view, self._readinto1(view) or 0)
+        if not self._head:
+            return self._took(view, read_ready(self._stream, lambda: self._readinto1(view)))
         n = min(len(view), len(self._head))
         view[:n] = self._head[:n]
         self._head = self._head[n:]
@@ -309,7 +310,8 @@ class _Decoding:
         start_thread(self._thread)  # signals go to the main thread
         self._in.put(self._head)
         while True:
-            chunk = self._stream.read(_READ)  # while the thread decodes the one before
+            # while the thread decodes the one before
+            chunk = read_ready(self._stream, lambda: self._stream.read(_READ))
             self._in.put(chunk or self._DONE)
             while isinstance(item := self._take(), tuple):  # what the one before gives
                 yield item[0], 0
@@ -350,14 +352,14 @@ def _source(stream: BinaryIO) -> _Source:
     direct = _plain_file(stream)
     if direct is not None:
         return _FileSource(*direct)
-    head = stream.read(8)
+    head = read_head(stream)
     if compression_of(head) != "none" or not _reads_into(stream):
         return _StreamSource(stream, head)
     with contextlib.suppress(AttributeError, OSError, ValueError):  # no fd: nothing to grow
         fd = stream.fileno()
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
             grow_pipe(fd)
-    return _PlainStream(stream.readinto1, head)  # type: ignore[attr-defined]
+    return _PlainStream(stream, head)
 
 
 def _reads_into(stream: BinaryIO) -> bool:

@@ -8,13 +8,17 @@ import contextlib
 import fcntl
 import io
 import os
+import select
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from functools import partial
+from typing import IO, Any, TypeVar
 
 from ..errors import ArchiveError
 from .tar_writer import TarWriter
+
+T = TypeVar("T")
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -381,6 +385,37 @@ def big_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_CLOEXEC)
     grow_pipe(w)
     return r, w
+
+
+def read_head(stream: IO[bytes], size: int = 8) -> bytes:
+    """The first *size* bytes of *stream*, fewer only at its end: they tell its compression.
+    A raw stream (``Popen(bufsize=0).stdout``, a socket) gives in a read what its writer has
+    written so far, one byte of gzip's two-byte magic may be all, and a plain tar taken from
+    that failed as a cut one."""
+    head = b""
+    while len(head) < size and (got := read_ready(stream, partial(stream.read, size - len(head)))):
+        head += got
+    return head
+
+
+def read_ready(stream: IO[bytes], read: Callable[[], T | None]) -> T:
+    """*read*'s result, a read of *stream*; while it is None or raises BlockingIOError (a
+    non-blocking stream with nothing to read yet, not its end), *read* again once the stream's
+    fd is readable. ArchiveError for such a stream without an fd to wait on."""
+    while True:
+        try:
+            got = read()
+        except BlockingIOError:
+            got = None
+        if got is not None:
+            return got
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            raise ArchiveError(
+                "the layer stream has nothing to read yet (non-blocking) and no fd to wait on"
+            ) from None
+        select.select([fd], [], [])
 
 
 def grow_pipe(fd: int, size: int = 1 << 20) -> None:
