@@ -129,21 +129,25 @@ def test_commands_run_beside_an_apply_diff_of_a_slow_stdin(gd: GD) -> None:
 
 def test_a_held_lock_is_named_and_wait_gives_up(gd: GD) -> None:
     gd("create", "base")
-    with open_store(gd.root, "vfs") as store, store.locked("a test holding the lock"):
-        start = time.monotonic()
-        res = gd("--wait", "1", "create", "x", check=False)
-        assert time.monotonic() - start < 30
-        assert res.code == 1
-        lines = res.err.strip().splitlines()
-        assert len(lines) == 1, res.err
-        assert f"pid {os.getpid()} (a test holding the lock)" in lines[0]
-        assert "--wait" in lines[0]
-        # without --wait: after 2 s one line says whom it waits for, then it goes on
-        proc = subprocess.Popen(gd.argv("create", "y"), stderr=subprocess.PIPE)
-        assert proc.stderr is not None
-        ready, _, _ = select.select([proc.stderr], [], [], 60)
-        assert ready, "no message while waiting for the lock"
-        line = proc.stderr.readline().decode()
-        assert "waiting for the lock" in line and f"pid {os.getpid()}" in line, line
+    with open_store(gd.root, "vfs") as store:
+        with store.locked("an earlier holder " + "x" * 2000):  # its words are not left over
+            pass
+        with store.locked("a test holding the lock"):
+            start = time.monotonic()
+            res = gd("--wait", "1", "create", "x", check=False)
+            assert time.monotonic() - start < 30
+            assert res.code == 1
+            lines = res.err.strip().splitlines()
+            assert len(lines) == 1, res.err
+            assert f"pid {os.getpid()} (a test holding the lock)" in lines[0]
+            assert "xxx" not in lines[0] and "--wait" in lines[0]
+            # without --wait: after 2 s one line says whom it waits for, then it goes on
+            proc = subprocess.Popen(gd.argv("create", "y"), stderr=subprocess.PIPE)
+            assert proc.stderr is not None
+            ready, _, _ = select.select([proc.stderr], [], [], 60)
+            assert ready, "no message while waiting for the lock"
+            line = proc.stderr.readline().decode()
+            assert "waiting for the lock" in line and f"pid {os.getpid()}" in line, line
+            assert "xxx" not in line
     assert proc.wait(timeout=60) == 0
     assert gd("ls").out.split() == ["base", "y"]

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: seconds of waiting for the store lock after which the wait is reported, once
 REPORT_AFTER = 2.0
+#: the bytes of the lock file that tell who holds it (``PID what it does``, then spaces)
+HOLDER_SIZE = 512
 
 
 class FileLock:
@@ -50,7 +52,7 @@ class FileLock:
     def holder(self) -> str:
         """``pid N (what it does)`` as the holder wrote it, or ``an unknown process``."""
         try:
-            text = os.pread(self._fd, 512, 0).decode(errors="replace").strip()
+            text = os.pread(self._fd, HOLDER_SIZE, 0).decode(errors="replace").strip()
         except OSError:
             text = ""
         pid, _, doing = text.partition(" ")
@@ -99,12 +101,15 @@ class FileLock:
             pause = min(pause * 2, 0.05)
 
     def _write_holder(self, doing: str) -> None:
-        """Tell waiters who holds the lock and what for; on a full disk they are not told
-        (the file stays empty): the lock is the flock, and the rollback of what filled the
-        disk needs it."""
+        """Tell waiters who holds the lock and what for, in one write of :data:`HOLDER_SIZE`
+        bytes over the last holder's (padded with spaces: the file is never truncated, and a
+        release writes nothing; it was two truncations and a write besides: an overlay get +
+        put on XFS 2.3-2.6x of a raw mount + umount, now 2.0-2.2x); on a full disk they may
+        not be told: the lock is the flock, and the rollback of what filled the disk needs
+        it."""
+        text = f"{os.getpid()} {doing}"[: HOLDER_SIZE - 1] + "\n"
         try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()} {doing}\n".encode(), 0)
+            os.pwrite(self._fd, text.encode().ljust(HOLDER_SIZE)[:HOLDER_SIZE], 0)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -121,8 +126,6 @@ class FileLock:
         finally:
             self._depth -= 1
             if self._depth == 0:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, 0)
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._thread_lock.release()
 
