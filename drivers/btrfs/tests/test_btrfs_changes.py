@@ -101,49 +101,6 @@ def test_too_many_changed_inodes_are_walked(
     assert [(c.path, int(c.kind)) for c in store.changes("c")] == _walked(store, "c", "base")
 
 
-def test_too_many_tree_items_are_walked(store: LayerStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    _layers(store)
-    monkeypatch.setattr(changes, "MAX_ITEMS", 3)
-    assert _native(store, "c") is None
-    assert [(c.path, int(c.kind)) for c in store.changes("c")] == _walked(store, "c", "base")
-
-
-@pytest.mark.parametrize("buffer", [ioctl._BOUNDED_BUFFER, 4096], ids=["one-call", "many-calls"])
-def test_a_bounded_search_gives_every_item_or_none(
-    store: LayerStore, monkeypatch: pytest.MonkeyPatch, buffer: int
-) -> None:
-    """Up to *max_items*, a bounded search gives what the unbounded one gives; past it, it
-    raises before the first item, where the kernel's first call holds them all, or when the
-    count passes the bound over several calls (a buffer of 4 KiB holds a few dozen)."""
-    _layers(store)
-    child = store.home / "subvolumes" / "c"
-    with store.mounted("c") as root:
-        for d in range(20):
-            (root / f"d{d}" / "f0").write_text("every directory changed")
-    btrfsutil.sync(str(child))
-    monkeypatch.setattr(ioctl, "_BOUNDED_BUFFER", buffer)
-    fd = os.open(child, os.O_RDONLY)
-    try:
-        since, _otime = ioctl.created(fd, btrfsutil.subvolume_id(str(child)))
-        every = list(ioctl.search(fd, since + 1))
-        assert len(every) > 100
-        assert list(ioctl.search(fd, since + 1, max_items=len(every))) == every
-        only = {1, 12}  # inode items and refs
-        assert list(ioctl.search(fd, since + 1, only=only, max_items=len(every))) == [
-            item for item in every if item[1] in only
-        ]
-        given = []
-        with pytest.raises(ioctl.TooManyItems):
-            for item in ioctl.search(fd, since + 1, max_items=len(every) - 1):
-                given.append(item)
-        if buffer > 4096:
-            assert given == []  # the kernel's first call held them all: none was parsed
-        else:
-            assert 0 < len(given) < len(every)
-    finally:
-        os.close(fd)
-
-
 def test_every_kind_of_change_beside_unchanged_files_gives_the_walk(store: LayerStore) -> None:
     """In a directory that changed, the entries whose inode was not written since the snapshot
     are taken as the parent's without a stat (their inode numbers match); whatever changed

@@ -7,7 +7,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Container, Generator, Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 _BTRFS = 0x94
@@ -102,8 +102,6 @@ def space_info(path: Path) -> dict[str, tuple[int, int]]:
 _SEARCH_KEY = struct.Struct("=7Q4I4QQ")
 _SEARCH_HEADER = struct.Struct("=3Q2I")
 _SEARCH_BUFFER = 1 << 18
-_BOUNDED_BUFFER = 1 << 22
-_MAX_U32 = 0xFFFFFFFF
 BTRFS_IOC_TREE_SEARCH_V2 = _ioc(_W | _R, 17, _SEARCH_KEY.size)
 BTRFS_IOC_INO_PATHS = _ioc(_W | _R, 35, 56)
 #: struct btrfs_data_container's head (bytes left, bytes missing, count, count missed), and
@@ -115,12 +113,6 @@ _MAX_U64 = (1 << 64) - 1
 
 #: (objectid, type, offset, data) of one item of a btrfs tree
 Item = tuple[int, int, int, bytes]
-#: a key of a btrfs tree: (objectid, type, offset)
-_Key = tuple[int, int, int]
-
-
-class TooManyItems(Exception):
-    """A tree search's key range holds more items than its caller would take."""
 
 
 def search(
@@ -130,77 +122,41 @@ def search(
     types: tuple[int, int] = (0, 255),
     tree: int = 0,
     only: Container[int] | None = None,
-    max_items: int | None = None,
 ) -> Iterator[Item]:
     """The items of the key range from (*objectids*[0], *types*[0], 0) to (*objectids*[1],
     *types*[1], max) of *tree* (0: the subvolume *fd* is in) that lie in a tree block written
     in transaction *min_transid* or later, as ``btrfs subvolume find-new`` reads them: the
     kernel skips older blocks whole, so the cost follows what changed, not the tree. With
-    *only*, the items of those types alone (the others are not copied out).
-
-    With *max_items*, :class:`TooManyItems` is raised as soon as the kernel has given more
-    than that many items (of any type), before it parses them: the kernel is asked for one
-    more than that in a buffer of 4 MiB, which holds 30,000 or so, so a caller that gives
-    up past so many pays the kernel's copies, not the parse (21 to 8 ms where every file of
-    10,000 was rewritten)."""
-    key: _Key | None = (objectids[0], types[0], 0)
-    raw = bytearray(_SEARCH_KEY.size + (_SEARCH_BUFFER if max_items is None else _BOUNDED_BUFFER))
-    last, left = objectids[1], _MAX_U32 if max_items is None else max_items + 1
-    while key is not None and (
-        count := _fill(fd, raw, key, min_transid, last, types[1], tree, left)
-    ):
-        if max_items is not None:
-            left -= count
-            if left <= 0:
-                raise TooManyItems(f"more than {max_items} items")
-        key = yield from _parse(raw, count, only, last)
-
-
-def _fill(
-    fd: int,
-    raw: bytearray,
-    key: _Key,
-    min_transid: int,
-    max_objectid: int,
-    max_type: int,
-    tree: int,
-    nr_items: int,
-) -> int:
-    """Fill *raw* with at most *nr_items* items from *key* on; how many (0: none left)."""
-    objectid, type_, offset = key
-    _SEARCH_KEY.pack_into(
-        raw, 0, tree, objectid, max_objectid, offset, _MAX_U64, min_transid, _MAX_U64,
-        type_, max_type, nr_items, 0, 0, 0, 0, 0, len(raw) - _SEARCH_KEY.size,
-    )  # fmt: skip
-    fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, raw)
-    return int(_SEARCH_KEY.unpack_from(raw)[9])
-
-
-def _parse(
-    raw: bytearray, count: int, only: Container[int] | None, last: int
-) -> Generator[Item, None, _Key | None]:
-    """The *count* items filled in *raw* (of the types *only*); returns the key right after
-    the last one (None: past objectid *last*)."""
+    *only*, the items of those types alone (the others are not copied out)."""
+    (objectid, max_objectid), (type_, max_type), offset = objectids, types, 0
+    raw = bytearray(_SEARCH_KEY.size + _SEARCH_BUFFER)
     view, header, step = memoryview(raw), _SEARCH_HEADER.unpack_from, _SEARCH_HEADER.size
-    pos = _SEARCH_KEY.size
-    for _ in range(count):  # (names bound locally: 20k items for 10k files)
-        _transid, objectid, offset, type_, length = header(raw, pos)
-        pos += step
-        if only is None or type_ in only:
-            yield objectid, type_, offset, bytes(view[pos : pos + length])
-        pos += length
-    return _after(objectid, type_, offset, last)
-
-
-def _after(objectid: int, type_: int, offset: int, last: int) -> _Key | None:
-    """The key right after (*objectid*, *type_*, *offset*); None past objectid *last*."""
-    if offset < _MAX_U64:
-        return objectid, type_, offset + 1
-    if type_ < 255:
-        return objectid, type_ + 1, 0
-    if objectid < last:
-        return objectid + 1, 0, 0
-    return None
+    while True:
+        # the kernel returns the items of the key range from (objectid, type, offset) on
+        _SEARCH_KEY.pack_into(
+            raw, 0, tree, objectid, max_objectid, offset, _MAX_U64, min_transid, _MAX_U64,
+            type_, max_type, 0xFFFFFFFF, 0, 0, 0, 0, 0, _SEARCH_BUFFER,
+        )  # fmt: skip
+        fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, raw)
+        count = _SEARCH_KEY.unpack_from(raw)[9]
+        if count == 0:
+            return
+        pos = _SEARCH_KEY.size
+        for _ in range(count):  # (names bound locally: 20k items for 10k files)
+            _transid, objectid, offset, type_, length = header(raw, pos)
+            pos += step
+            if only is None or type_ in only:
+                yield objectid, type_, offset, bytes(view[pos : pos + length])
+            pos += length
+        # go on right after the last key returned
+        if offset < _MAX_U64:
+            offset += 1
+        elif type_ < 255:
+            type_, offset = type_ + 1, 0
+        elif objectid < max_objectid:
+            objectid, type_, offset = objectid + 1, 0, 0
+        else:
+            return
 
 
 #: struct btrfs_root_item: its otransid, and its otime (seconds, nanoseconds)
