@@ -70,24 +70,41 @@ class _Written:
 
 def _written(fd: int, transid: int, otime_ns: int, limit: int) -> _Written | None:
     got = _Written()
-    for ino, kind, offset, data in ioctl.search(fd, transid + 1, (0, _LAST_INO), only=_READ):
-        if ino < _ROOT_INO:
-            continue
-        if kind == _INODE_REF:
-            got.parents.setdefault(ino, []).append(offset)
-            continue
-        if kind == _INODE_ITEM:
-            got.kinds[ino] = _NLINK_MODE.unpack_from(data, _NLINK_AT)
-        if _U64.unpack_from(data, _TRANSID_AT[kind])[0] <= transid:
-            continue
-        if kind == _INODE_ITEM:
-            seconds, nanoseconds = _CTIME.unpack_from(data, _CTIME_AT)
-            if seconds * 10**9 + nanoseconds < otime_ns:
-                continue
-        got.inodes.add(ino)
-        if len(got.inodes) > limit:
-            return None
-    return got
+    inodes, kinds, parents = got.inodes, got.kinds, got.parents
+    header, step = ioctl.SEARCH_HEADER.unpack_from, ioctl.SEARCH_HEADER.size
+    u64, nlink_mode, ctime = _U64.unpack_from, _NLINK_MODE.unpack_from, _CTIME.unpack_from
+    over = False
+
+    def read(raw: bytearray, count: int) -> ioctl.Key | None:
+        """The items of one ioctl, read in place (a tuple and a copy of each, 16,000 where
+        a container's reads moved the atimes of a hundred directories, cost twice as much)."""
+        nonlocal over
+        pos = ioctl.SEARCH_START
+        for _ in range(count):
+            _transid, ino, offset, kind, length = header(raw, pos)
+            pos += step
+            if ino >= _ROOT_INO and kind in _READ:
+                if kind == _INODE_REF:
+                    parents.setdefault(ino, []).append(offset)
+                else:
+                    if kind == _INODE_ITEM:
+                        kinds[ino] = nlink_mode(raw, pos + _NLINK_AT)
+                    if u64(raw, pos + _TRANSID_AT[kind])[0] > transid and (
+                        kind != _INODE_ITEM or _ns(ctime(raw, pos + _CTIME_AT)) >= otime_ns
+                    ):
+                        inodes.add(ino)
+                        if len(inodes) > limit:
+                            over = True
+                            return None
+            pos += length
+        return ino, kind, offset
+
+    ioctl.scan(fd, read, transid + 1, (0, _LAST_INO))
+    return None if over else got
+
+
+def _ns(ctime: tuple[int, int]) -> int:
+    return ctime[0] * 10**9 + ctime[1]
 
 
 def written_since(fd: int, transid: int, otime_ns: int, limit: int) -> set[int] | None:

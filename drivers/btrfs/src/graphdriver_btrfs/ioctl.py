@@ -7,7 +7,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Container, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 _BTRFS = 0x94
@@ -113,24 +113,33 @@ _MAX_U64 = (1 << 64) - 1
 
 #: (objectid, type, offset, data) of one item of a btrfs tree
 Item = tuple[int, int, int, bytes]
+#: a key of a btrfs tree: (objectid, type, offset)
+Key = tuple[int, int, int]
+#: where the items start in the buffer :func:`scan` hands out, and each item's header there
+#: (transid, objectid, offset, type, length of the data that follows it)
+SEARCH_START = _SEARCH_KEY.size
+SEARCH_HEADER = _SEARCH_HEADER
 
 
-def search(
+def scan(
     fd: int,
+    read: Callable[[bytearray, int], Key | None],
     min_transid: int = 0,
     objectids: tuple[int, int] = (0, _MAX_U64),
     types: tuple[int, int] = (0, 255),
     tree: int = 0,
-    only: Container[int] | None = None,
-) -> Iterator[Item]:
-    """The items of the key range from (*objectids*[0], *types*[0], 0) to (*objectids*[1],
-    *types*[1], max) of *tree* (0: the subvolume *fd* is in) that lie in a tree block written
-    in transaction *min_transid* or later, as ``btrfs subvolume find-new`` reads them: the
-    kernel skips older blocks whole, so the cost follows what changed, not the tree. With
-    *only*, the items of those types alone (the others are not copied out)."""
+) -> None:
+    """Hand *read* the items of the key range from (*objectids*[0], *types*[0], 0) to
+    (*objectids*[1], *types*[1], max) of *tree* (0: the subvolume *fd* is in) that lie in a
+    tree block written in transaction *min_transid* or later, as ``btrfs subvolume find-new``
+    reads them: the kernel skips older blocks whole, so the cost follows what changed, not the
+    tree. Each call of *read* gets the buffer one ioctl filled and how many items it holds,
+    from :data:`SEARCH_START` on (each a :data:`SEARCH_HEADER` and its data), reads them in
+    place and returns the key of the last one, the next ioctl starting right after it (None:
+    enough). In place, not an item at a time: a tuple and a copy of each item cost more than
+    the kernel's part."""
     (objectid, max_objectid), (type_, max_type), offset = objectids, types, 0
     raw = bytearray(_SEARCH_KEY.size + _SEARCH_BUFFER)
-    view, header, step = memoryview(raw), _SEARCH_HEADER.unpack_from, _SEARCH_HEADER.size
     while True:
         # the kernel returns the items of the key range from (objectid, type, offset) on
         _SEARCH_KEY.pack_into(
@@ -139,16 +148,10 @@ def search(
         )  # fmt: skip
         fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, raw)
         count = _SEARCH_KEY.unpack_from(raw)[9]
-        if count == 0:
+        if count == 0 or (last := read(raw, count)) is None:
             return
-        pos = _SEARCH_KEY.size
-        for _ in range(count):  # (names bound locally: 20k items for 10k files)
-            _transid, objectid, offset, type_, length = header(raw, pos)
-            pos += step
-            if only is None or type_ in only:
-                yield objectid, type_, offset, bytes(view[pos : pos + length])
-            pos += length
         # go on right after the last key returned
+        objectid, type_, offset = last
         if offset < _MAX_U64:
             offset += 1
         elif type_ < 255:
@@ -157,6 +160,29 @@ def search(
             objectid, type_, offset = objectid + 1, 0, 0
         else:
             return
+
+
+def search(
+    fd: int,
+    min_transid: int = 0,
+    objectids: tuple[int, int] = (0, _MAX_U64),
+    types: tuple[int, int] = (0, 255),
+    tree: int = 0,
+) -> list[Item]:
+    """The items :func:`scan` reads, each a tuple (for a few: a root item, a test)."""
+    items: list[Item] = []
+
+    def read(raw: bytearray, count: int) -> Key:
+        pos = SEARCH_START
+        for _ in range(count):
+            _transid, objectid, offset, type_, length = _SEARCH_HEADER.unpack_from(raw, pos)
+            pos += _SEARCH_HEADER.size
+            items.append((objectid, type_, offset, bytes(raw[pos : pos + length])))
+            pos += length
+        return objectid, type_, offset
+
+    scan(fd, read, min_transid, objectids, types, tree)
+    return items
 
 
 #: struct btrfs_root_item: its otransid, and its otime (seconds, nanoseconds)
