@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import random
+import resource
 import signal
 import stat
 import struct
@@ -266,7 +267,7 @@ def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
 
 
 WAYS = ["file", "pipe", "chunks", "gzip", "gzip-over-pipe", "raw-gzip", "nonblocking",
-        "nonblocking-raw-gzip"]  # fmt: skip
+        "nonblocking-raw-gzip", "nonblocking-fd-1500"]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", WAYS)
@@ -276,7 +277,8 @@ def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) 
     stream and a GzipFile reading a pipe (whose ``fileno()`` is the pipe's, not its data's;
     the data follows each frame on the pipe), gzip from a raw pipe whose writer wrote one
     byte first (a read gives that byte alone: the compression is told from 8 bytes all the
-    same), and a non-blocking pipe, buffered and raw (a read with nothing yet is not the end):
+    same), and a non-blocking pipe, buffered, raw, and at fd 1500 (a read with nothing yet is
+    not the end; it is waited out with poll, which takes any fd, where select takes 1023):
     the same files, the tar's sha256 as diff_id, and a record whose replay is the tar, byte
     for byte."""
     data = _mixed_tar()
@@ -295,9 +297,11 @@ def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) 
             result = apply_layer(target, stream, record=True)
     elif how == "gzip":
         result = apply_layer(target, io.BytesIO(gzip.compress(data, 1)), record=True)
-    elif how in ("raw-gzip", "nonblocking", "nonblocking-raw-gzip"):
-        sent = data if how == "nonblocking" else gzip.compress(data, 1)
-        with _written_in_pieces(sent, raw="raw" in how, blocking="nonblocking" not in how) as raw:
+    elif how.startswith(("raw", "nonblocking")):
+        sent = gzip.compress(data, 1) if how.endswith("gzip") else data
+        fd_at = 1500 if how.endswith("1500") else None
+        blocking = not how.startswith("nonblocking")
+        with _written_in_pieces(sent, "raw" in how, blocking, fd_at) as raw:
             result = apply_layer(target, raw, record=True)
     else:
         with (
@@ -319,9 +323,12 @@ def test_every_way_in_gives_the_same_layer_and_record(tmp_path: Path, how: str) 
 
 
 @contextlib.contextmanager
-def _written_in_pieces(data: bytes, raw: bool = False, blocking: bool = True) -> Iterator[BinaryIO]:
+def _written_in_pieces(
+    data: bytes, raw: bool = False, blocking: bool = True, fd_at: int | None = None
+) -> Iterator[BinaryIO]:
     """The read end of a pipe (a buffered stream; *raw*: a FileIO, whose reads give what has
-    been written so far; not *blocking*: O_NONBLOCK) that a thread of this process writes
+    been written so far; not *blocking*: O_NONBLOCK; *fd_at*: moved to that fd, the limit of
+    open files raised for it) that a thread of this process writes
     *data* to, its first byte alone, then in pieces of random sizes, 1 byte to 200 KiB,
     pausing now and then: reads end anywhere.
     The write end is this process's own, so a sandbox that kept it would keep the apply from
@@ -351,6 +358,13 @@ def _written_in_pieces(data: bytes, raw: bool = False, blocking: bool = True) ->
 
     writer = threading.Thread(target=write)
     writer.start()
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if fd_at is not None:
+        room = fd_at + 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(limits[0], room), max(limits[1], room)))
+        os.dup2(r, fd_at, inheritable=False)
+        os.close(r)
+        r = fd_at
     os.set_blocking(r, blocking)
     try:
         with open(r, "rb", buffering=0 if raw else -1) as stream:
@@ -358,6 +372,7 @@ def _written_in_pieces(data: bytes, raw: bool = False, blocking: bool = True) ->
     finally:
         applied.set()
         writer.join()
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
     assert not stuck, "the apply never saw the end of its input: the sandbox kept the pipe"
 
 

@@ -107,12 +107,17 @@ class FileLock:
         put on XFS 2.3-2.6x of a raw mount + umount, now 2.0-2.2x); on a full disk they may
         not be told: the lock is the flock, and the rollback of what filled the disk needs
         it."""
-        text = f"{os.getpid()} {doing}"[: HOLDER_SIZE - 1] + "\n"
+        text = f"{os.getpid()} {doing}".encode()[: HOLDER_SIZE - 1]
+        text = text.decode(errors="ignore").encode() + b"\n"  # (no character cut in two)
         try:
-            os.pwrite(self._fd, text.encode().ljust(HOLDER_SIZE)[:HOLDER_SIZE], 0)
+            os.pwrite(self._fd, text.ljust(HOLDER_SIZE), 0)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
+            # the last holder's note must not name it (btrfs copies even an overwrite, and
+            # a full one refuses it): emptied, waiters are told of "an unknown process"
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
 
     @contextlib.contextmanager
     def held(self, doing: str = "changes the store") -> Iterator[None]:

@@ -415,7 +415,9 @@ def read_ready(stream: IO[bytes], read: Callable[[], T | None]) -> T:
             raise ArchiveError(
                 "the layer stream has nothing to read yet (non-blocking) and no fd to wait on"
             ) from None
-        select.select([fd], [], [])
+        waiting = select.poll()  # (select() refuses an fd past 1023: a busy server's)
+        waiting.register(fd, select.POLLIN)
+        waiting.poll()  # a hang-up wakes it too: the read then gives the end
 
 
 def grow_pipe(fd: int, size: int = 1 << 20) -> None:
