@@ -49,8 +49,8 @@ def compile_extension(source: Path, target: Path) -> str | None:
         return f"no Python.h in {include} (for Debian's python3: apt-get install python3-dev)"
     fd, temp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    command = [*cc, "-shared", "-fPIC", "-O2", "-Wall", *flags, "-I", include, str(source)]
-    command += ["-o", temp]
+    command = [*cc, "-shared", "-fPIC", "-O2", "-Wall", "-pthread", *flags, "-I", include]
+    command += [str(source), "-o", temp]
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as exc:

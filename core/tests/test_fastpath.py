@@ -17,11 +17,12 @@ import sys
 import tarfile
 from pathlib import Path
 from subprocess import PIPE
+from typing import Any
 
 import pytest
 from test_apply import _acl, replayed
 
-from graphdriver.archive import ApplyResult, apply_layer, exact, fastpath, tarsplit
+from graphdriver.archive import ApplyResult, apply_layer, exact, fastpath, feed, tarsplit
 from graphdriver.archive.tar_writer import TarWriter
 from graphdriver.errors import ArchiveError
 from graphdriver.testing import host_lacks
@@ -140,14 +141,17 @@ def _apply(target: Path, data: bytes, how: str, scratch: Path, acl: bool = True)
     return apply_layer(target, io.BytesIO(gzip.compress(data, 1)), record=True)
 
 
+@pytest.mark.parametrize("writers", [1, 2, 3])
 @pytest.mark.parametrize("how", ["file", "pipe", "gzip"])
 def test_c_and_python_make_the_same_layer_and_record(
-    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, how: str, writers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """From a tar file (the sandbox reads the data at each offset) and from a pipe or a
-    gzip stream (the data follows each frame): the same files, owners, modes, times, bodies
-    and xattrs either way, and a record whose replay is the tar byte for byte."""
+    gzip stream (the data follows each frame), the C loop's runs written by one thread or
+    several: the same files, owners, modes, times, bodies and xattrs either way, and a
+    record whose replay is the tar byte for byte."""
     _needs_the_c_loops()
+    monkeypatch.setattr(feed, "writers", lambda: writers)
     data = _layer()
     trees, sizes = [], []
     for fast in (True, False):
@@ -244,6 +248,115 @@ def test_the_c_loop_writes_the_files_and_leaves_the_rest(
     os.unlink("d/d")
     far = [(fields("d/d", 2), 2, 2**63 - 1)]  # an offset no buffer holds: left
     assert write_plain_files(far, 0, view, 0, 16, -5, False, dirs, None, None, True)[0] == 0
+
+
+def _run_of(n: int, names: dict[int, str] | None = None) -> tuple[list[Any], memoryview]:
+    """A batch of *n* plain files d/fNN as the sandbox gets it (the data at offsets of a
+    tar file, in the view), with modes umask 022 keeps; *names* renames some."""
+    bodies = [bytes([65 + k % 26]) * (k * 37 % 300) for k in range(n)]
+    offsets = [sum(map(len, bodies[:k])) for k in range(n)]
+    batch = []
+    for k in range(n):
+        name = (names or {}).get(k, f"d/f{k:02}")
+        mode = (0o600, 0o640, 0o644, 0o400, 0o755)[k % 5]
+        fields = (name, b"0", mode, 0, 0, len(bodies[k]), _MTIME + k, None, "", "", 0, None, None)
+        batch.append((fields, len(bodies[k]), offsets[k]))
+    return batch, memoryview(bytearray(b"".join(bodies)))
+
+
+_MTIME = 1_600_000_000_000_000_007
+
+
+def test_writers_leave_the_run_as_one_writer_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of 80 files written by two threads, 40 each: where a name is taken, the call
+    returns that entry's index, having taken (record, created set, bytes) only the files
+    before it, and no file after it is left (one the other thread made is removed again), so
+    that the general path takes that entry first and the next call the rest, in the tar's
+    order; taken in the first half, then in the second; the run then completes with every
+    file's own body, mode, times and row."""
+    _needs_the_c_loops()
+    from graphdriver.archive._fastpath import write_plain_files
+
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("d")
+    batch, view = _run_of(80)
+    offsets = [sent[2] for sent in batch]
+    for taken in ("d/f05", "d/f50"):
+        Path(taken).write_bytes(b"in the way")
+    rows: dict[str, bytes] = {}
+    made: set[str] = set()
+    record = ({""}, set[str](), rows)
+    dirs = ({"", "d"}, set[str](), set[str]())
+
+    def call(i: int) -> tuple[int, int, int]:
+        return write_plain_files(
+            batch, i, view, 0, len(view), 0, False, dirs, made, record, True, 2
+        )
+
+    assert call(0) == (5, offsets[5], offsets[5])
+    assert sorted(os.listdir("d")) == [f"f{k:02}" for k in [*range(6), 50]]
+    assert made == {f"d/f{k:02}" for k in range(5)} == set(rows) == record[1]
+    os.unlink("d/f05")  # what the general path does first
+    assert call(5) == (50, offsets[50], offsets[50] - offsets[5])
+    assert sorted(os.listdir("d")) == [f"f{k:02}" for k in range(51)]
+    os.unlink("d/f50")
+    assert call(50) == (80, len(view), len(view) - offsets[50])
+    for sent in batch:
+        name, mode, mtime = sent[0][0], sent[0][2], sent[0][6]
+        st = os.lstat(name)
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (mode, mtime)
+        assert Path(name).read_bytes() == view[sent[2] : sent[2] + sent[1]]
+        assert rows[name] == tarsplit._row(st)
+    assert made == {sent[0][0] for sent in batch}
+    # past the batch's end: nothing to do
+    assert call(81) == (81, 0, 0)
+
+
+def test_a_file_that_fails_beside_another_writer_fails_as_with_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of the first half that cannot be made while the second thread made files is
+    written again by one writer (where that thread took the space or inodes it needed, that
+    one then succeeds; a timing this test cannot force), after the second's files are
+    removed: an error of the file's own (a name too long) is then raised as one writer
+    raises it, the files before it written and none after it."""
+    _needs_the_c_loops()
+    from graphdriver.archive._fastpath import write_plain_files
+
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("d")
+    batch, view = _run_of(80, {5: "d/" + "n" * 300})
+    dirs = ({"", "d"}, set[str](), set[str]())
+    with pytest.raises(OSError, match="File name too long") as raised:
+        write_plain_files(batch, 0, view, 0, len(view), 0, False, dirs, None, None, True, 2)
+    assert raised.value.filename == "d/" + "n" * 300
+    assert sorted(os.listdir("d")) == [f"f{k:02}" for k in range(5)]
+
+
+def test_a_name_twice_in_a_run_of_several_writers_keeps_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same name in both halves of one run of plain files (123 of them): whichever thread
+    makes it first, the layer holds the later entry's body and mode, as with one writer."""
+    _needs_the_c_loops()
+    members = [_dir("d")]
+    members += [_file(f"d/f{k:02}", b"%d" % k) for k in range(40)]
+    members += [_file("d/twice", b"first")]
+    members += [_file(f"d/g{k:02}", b"%d" % k) for k in range(40)]
+    members += [_file("d/twice", b"second", 0o640)]
+    members += [_file(f"d/h{k:02}", b"%d" % k) for k in range(40)]
+    data = _tar(members)
+    trees = []
+    for writers in (1, 2, 3):
+        monkeypatch.setattr(feed, "writers", lambda n=writers: n)
+        target = tmp_path / f"layer-{writers}"
+        _apply(target, data, "file", tmp_path / "layer.tar", acl=False)
+        trees.append(_tree(target))  # first: reading a body moves its atime
+        assert (target / "d/twice").read_bytes() == b"second"
+        assert stat.S_IMODE(os.lstat(target / "d/twice").st_mode) == 0o640
+    assert trees[0] == trees[1] == trees[2]
 
 
 def test_a_full_filesystem_in_the_c_loop_is_one_line(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@
  *
  * ------------------------------------------------------------------ the sandbox's plain files
  *
- * write_plain_files(batch, i, view, pos, end, base, inline, dirs, created, record, root)
+ * write_plain_files(batch, i, view, pos, end, base, inline, dirs, created, record, root,
+ *                   writers=1)
  *   batch    the frame's list of (fields, size, offset) (graphdriver.archive.feed.Sent)
  *   i        the first entry to look at
  *   view     the reader's buffer; view[pos:end] is what it read and did not consume,
@@ -28,10 +29,16 @@
  *   created  the extractor's set of the paths it made, or None (overlay keeps none)
  *   record   (touched, bodies, written) of the tarsplit.PathRecorder, or None
  *   root     whether the extraction runs as root (an entry owned by another is left)
+ *   writers  threads that write a run at once, each a contiguous part of it, the GIL
+ *            released (1: this thread alone)
  * returns (i, pos, size): the first entry it left for the general path (or len(batch)), the
  * read position after the data it consumed, and the bytes of data it wrote. It leaves an
  * entry, having done nothing for it, whenever plain_file would, and when the entry's data is
- * not all in view[pos:end]. OSError as os.open and os.write raise it.
+ * not all in view[pos:end]. OSError as os.open and os.write raise it. A run is planned with
+ * the GIL held (up to MAX_JOBS entries, each checked as plain_file checks it), written by the
+ * writers, then taken in the tar's order up to the first file not written (its name taken, or
+ * an error): a file a later writer made after that one is removed again, so that the general
+ * path takes that entry first and the rest come after it, as one writer would have left them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,6 +47,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -177,57 +185,128 @@ static int record_file(PyObject *record, PyObject *name, const struct stat *st) 
     return rc;
 }
 
-/* Write the file: DONE, LEFT (something is at its name: the general path removes it) or
- * FAILED. The GIL stays held: the sandbox is one thread, and a call per file costs more. */
-static int make_file(PyObject *name, PyObject *path, int mode, const char *data, Py_ssize_t size,
-                     long long atime, long long mtime, PyObject *record) {
+/* One plain file of a run: planned with the GIL held (checked as Extractor.plain_file checks
+ * it, its name and data found), written by a writer thread without it, then taken in order. */
+typedef struct {
+    PyObject *name;     /* the clean name (a reference held) */
+    PyObject *path;     /* the name encoded (a reference held); cpath is its bytes */
+    const char *cpath;
+    const char *data;
+    Py_ssize_t size;
+    Py_ssize_t end_pos; /* the read position after its data */
+    int mode;
+    struct timespec times[2];
+    int result;         /* DONE, LEFT, FAILED or NOT_TRIED */
+    int err;            /* errno of a FAILED one */
+    int opened;         /* whether it failed at open (OSError with the name) */
+    int made;           /* whether this call created a file at cpath */
+    struct stat st;     /* its fstat, where a record is kept */
+} Job;
+
+#define NOT_TRIED 2
+
+/* Write the job's file without the GIL: result DONE, LEFT (something is at its name: the
+ * general path removes it) or FAILED (err set). */
+static void write_job(Job *j, int want_stat) {
     int fd;
     do {
-        fd = open(PyBytes_AS_STRING(path),
-                  O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, (mode_t)(mode & 0777));
-    } while (fd < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+        fd = open(j->cpath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW,
+                  (mode_t)(j->mode & 0777));
+    } while (fd < 0 && errno == EINTR);
     if (fd < 0) {
-        if (PyErr_Occurred())
-            return FAILED;
-        if (errno == EEXIST)
-            return LEFT;
-        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
-        return FAILED;
+        j->err = errno;
+        j->result = errno == EEXIST ? LEFT : FAILED;
+        j->opened = 1;
+        return;
     }
+    j->made = 1;
     Py_ssize_t done = 0;
-    while (done < size) {
-        ssize_t n = write(fd, data + done, (size_t)(size - done));
+    while (done < j->size) {
+        ssize_t n = write(fd, j->data + done, (size_t)(j->size - done));
         if (n < 0) {
-            if (errno == EINTR && PyErr_CheckSignals() == 0)
+            if (errno == EINTR)
                 continue;
             goto failed;
         }
         done += n;
     }
-    struct timespec times[2] = {ns_time(atime), ns_time(mtime)};
-    if (futimens(fd, times) < 0)
+    if (futimens(fd, j->times) < 0)
         goto failed;
-    if (record != Py_None) {
-        struct stat st;
-        if (fstat(fd, &st) < 0)
-            goto failed;
-        if (record_file(record, name, &st) < 0) {
-            close(fd);
-            return FAILED;
-        }
-    }
+    if (want_stat && fstat(fd, &j->st) < 0)
+        goto failed;
     /* EINTR from close: Linux closed the fd all the same (os.close would raise; the data
      * was written, nothing is lost) */
     if (close(fd) < 0 && errno != EINTR) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return FAILED;
+        j->err = errno;
+        j->result = FAILED;
+        return;
     }
-    return DONE;
+    j->result = DONE;
+    return;
 failed:
-    if (!PyErr_Occurred())
-        PyErr_SetFromErrno(PyExc_OSError);
+    j->err = errno;
+    j->result = FAILED;
     close(fd);
-    return FAILED;
+}
+
+/* A writer's part of a run, jobs[from:to]: in order, up to the first that is not DONE, or to
+ * one after the lowest index at which a part stopped (*stop, shared by the run's parts): a file
+ * made after that one would be removed again, so it is not made. */
+typedef struct {
+    Job *jobs;
+    Py_ssize_t from, to;
+    Py_ssize_t *stop;
+    int want_stat;
+} Part;
+
+static void *write_part(void *arg) {
+    Part *part = arg;
+    for (Py_ssize_t k = part->from; k < part->to; k++) {
+        if (__atomic_load_n(part->stop, __ATOMIC_RELAXED) < k)
+            break;
+        write_job(&part->jobs[k], part->want_stat);
+        if (part->jobs[k].result != DONE) {
+            Py_ssize_t seen = __atomic_load_n(part->stop, __ATOMIC_RELAXED);
+            while (k < seen && !__atomic_compare_exchange_n(part->stop, &seen, k, 0,
+                                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                ;
+            break;
+        }
+    }
+    return NULL;
+}
+
+/* Write the n jobs, the GIL released: with up to `writers` threads, each a contiguous part
+ * of the run (this thread the first), where each gets MIN_SHARE files or more; a thread that
+ * cannot be started leaves its part to this one. */
+#define MAX_WRITERS 8
+#define MIN_SHARE 32
+
+static void write_jobs(Job *jobs, Py_ssize_t n, int writers, int want_stat) {
+    if (writers > MAX_WRITERS)
+        writers = MAX_WRITERS;
+    if (writers > n / MIN_SHARE)
+        writers = (int)(n / MIN_SHARE);
+    if (writers < 1)
+        writers = 1;
+    Part parts[MAX_WRITERS];
+    pthread_t threads[MAX_WRITERS];
+    int started[MAX_WRITERS] = {0};
+    Py_ssize_t stop = n;
+    Py_BEGIN_ALLOW_THREADS
+    for (int w = 0; w < writers; w++) {
+        parts[w] = (Part){jobs, n * w / writers, n * (w + 1) / writers, &stop, want_stat};
+        if (w > 0)
+            started[w] = pthread_create(&threads[w], NULL, write_part, &parts[w]) == 0;
+    }
+    write_part(&parts[0]);
+    for (int w = 1; w < writers; w++) {
+        if (started[w])
+            pthread_join(threads[w], NULL);
+        else
+            write_part(&parts[w]);
+    }
+    Py_END_ALLOW_THREADS
 }
 
 static int file_type(PyObject *type) {
@@ -277,11 +356,10 @@ static int usable_dir(PyObject *dirs, PyObject *head) {
     return in;
 }
 
-/* Extractor.plain_file for the entry sent (a feed.Sent), its data at *pos (inline) or at its
- * offset: DONE (*pos after the data, *wrote its size), LEFT or FAILED. */
-static int write_entry(PyObject *sent, const char *data, Py_ssize_t *pos, Py_ssize_t end,
-                       long long base, int inline_, PyObject *dirs, PyObject *created,
-                       PyObject *record, int root, long long *wrote) {
+/* Plan Extractor.plain_file for the entry sent (a feed.Sent), its data at *pos (inline) or at
+ * its offset: DONE (the job filled in, *pos after its data), LEFT or FAILED. */
+static int plan_entry(PyObject *sent, const char *data, Py_ssize_t *pos, Py_ssize_t end,
+                      long long base, int inline_, PyObject *dirs, int root, Job *job) {
     if (!PyTuple_CheckExact(sent) || PyTuple_GET_SIZE(sent) != 3)
         return LEFT;
     PyObject *fields = PyTuple_GET_ITEM(sent, 0);
@@ -321,27 +399,81 @@ static int write_entry(PyObject *sent, const char *data, Py_ssize_t *pos, Py_ssi
     else if (path != NULL && strlen(PyBytes_AS_STRING(path)) != (size_t)PyBytes_GET_SIZE(path))
         result = LEFT; /* a NUL in the name: os.open refuses it, in the general path */
     else if (path != NULL)
-        result = make_file(name, path, (int)num[0], data + start, (Py_ssize_t)size, num[5],
-                           num[4], record);
-    Py_XDECREF(path);
-    if (result == DONE && created != Py_None && PySet_Add(created, name) < 0)
-        result = FAILED;
-    Py_DECREF(name);
-    if (result == DONE) {
-        *pos = start + (Py_ssize_t)size;
-        *wrote = size;
+        result = DONE;
+    if (result != DONE) {
+        Py_DECREF(name);
+        Py_XDECREF(path);
+        return result;
     }
-    return result;
+    *job = (Job){.name = name, .path = path, .cpath = PyBytes_AS_STRING(path),
+                 .data = data + start, .size = (Py_ssize_t)size,
+                 .end_pos = start + (Py_ssize_t)size, .mode = (int)num[0],
+                 .times = {ns_time(num[5]), ns_time(num[4])}, .result = NOT_TRIED};
+    *pos = job->end_pos;
+    return DONE;
 }
+
+/* Take the written jobs in order, as Extractor.plain_file takes each: the record's row and the
+ * created set of each DONE one, up to the first that is not, whose index it returns (n if none;
+ * -1 on an error, set). A file a later writer made after that one is removed: the general path
+ * takes that one first, and this loop the rest again after it, in the tar's order. One that
+ * failed while a later writer made files (which may have taken the space or inodes it needed)
+ * is removed too, and *again set: it is written again by one writer, its error then raised. */
+static Py_ssize_t take_jobs(Job *jobs, Py_ssize_t n, PyObject *created, PyObject *record,
+                            long long *written, int *again) {
+    Py_ssize_t k = 0;
+    for (; k < n && jobs[k].result == DONE; k++) {
+        if (record != Py_None && record_file(record, jobs[k].name, &jobs[k].st) < 0)
+            return -1;
+        if (created != Py_None && PySet_Add(created, jobs[k].name) < 0)
+            return -1;
+        *written += jobs[k].size;
+    }
+    int later_made = 0;
+    for (Py_ssize_t later = k + 1; later < n; later++) {
+        if (!jobs[later].made)
+            continue;
+        later_made = 1;
+        if (unlink(jobs[later].cpath) < 0 && errno != ENOENT) {
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, jobs[later].name);
+            return -1;
+        }
+    }
+    if (k < n && jobs[k].result == FAILED && later_made) {
+        if (jobs[k].made && unlink(jobs[k].cpath) < 0 && errno != ENOENT) {
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, jobs[k].name);
+            return -1;
+        }
+        *again = 1;
+    } else if (k < n && jobs[k].result == FAILED) {
+        errno = jobs[k].err;
+        if (jobs[k].opened)
+            PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, jobs[k].name);
+        else
+            PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return k;
+}
+
+static void drop_jobs(Job *jobs, Py_ssize_t n) {
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_DECREF(jobs[k].name);
+        Py_DECREF(jobs[k].path);
+    }
+}
+
+#define MAX_JOBS 256
 
 static PyObject *write_plain_files(PyObject *self, PyObject *args) {
     PyObject *batch, *view, *dirs, *created, *record;
     Py_ssize_t i, pos, end;
     long long base;
-    int inline_, root;
+    int inline_, root, writers = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!nOnnLpO!OOp", &PyList_Type, &batch, &i, &view, &pos, &end,
-                          &base, &inline_, &PyTuple_Type, &dirs, &created, &record, &root))
+    if (!PyArg_ParseTuple(args, "O!nOnnLpO!OOp|i", &PyList_Type, &batch, &i, &view, &pos, &end,
+                          &base, &inline_, &PyTuple_Type, &dirs, &created, &record, &root,
+                          &writers))
         return NULL;
     /* read: any set; added to: a set (PySet_Add would change a frozenset in place) */
     int sets_ok = PyTuple_GET_SIZE(dirs) == 3 && (created == Py_None || PySet_Check(created));
@@ -365,22 +497,63 @@ static PyObject *write_plain_files(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "write_plain_files: bad index or buffer positions");
         return NULL;
     }
-    long long written = 0, wrote = 0;
-    /* the list's size read at each entry: a signal handler run at EINTR could change it */
-    for (; i < PyList_GET_SIZE(batch); i++) {
-        PyObject *sent = PyList_GET_ITEM(batch, i);
-        Py_INCREF(sent);
-        int result = write_entry(sent, buf.buf, &pos, end, base, inline_, dirs, created, record,
-                                 root, &wrote);
-        Py_DECREF(sent);
-        if (result == FAILED) {
+    Job *jobs = PyMem_Malloc(sizeof(Job) * MAX_JOBS);
+    if (jobs == NULL) {
+        PyBuffer_Release(&buf);
+        return PyErr_NoMemory();
+    }
+    long long written = 0;
+    int planned = DONE;
+    /* a run planned (the entries plain_file would take, up to MAX_JOBS), written, taken; again
+     * while the whole run was taken and the batch goes on, or by one writer from a file that
+     * failed beside another writer's (take_jobs) */
+    while (planned == DONE && i < PyList_GET_SIZE(batch)) {
+        Py_ssize_t n = 0, at = pos;
+        while (n < MAX_JOBS && i + n < PyList_GET_SIZE(batch)) {
+            PyObject *sent = PyList_GET_ITEM(batch, i + n);
+            Py_INCREF(sent);
+            planned = plan_entry(sent, buf.buf, &at, end, base, inline_, dirs, root, &jobs[n]);
+            Py_DECREF(sent);
+            if (planned != DONE)
+                break;
+            n++;
+        }
+        /* an entry that could not be planned (an exception set) comes after the run: the run's
+         * own end, or its error, first */
+        PyObject *type = NULL, *value = NULL, *tb = NULL;
+        if (planned == FAILED)
+            PyErr_Fetch(&type, &value, &tb);
+        Py_ssize_t took = 0;
+        int again = 0;
+        if (n > 0) {
+            write_jobs(jobs, n, writers, record != Py_None);
+            took = take_jobs(jobs, n, created, record, &written, &again);
+        }
+        if (took > 0)
+            pos = jobs[took - 1].end_pos;
+        drop_jobs(jobs, n);
+        if (planned == FAILED && took == n) {
+            PyErr_Restore(type, value, tb);
+            took = -1;
+        } else if (planned == FAILED) {
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+        }
+        if (took < 0) {
+            PyMem_Free(jobs);
             PyBuffer_Release(&buf);
             return NULL;
         }
-        if (result == LEFT)
-            break;
-        written += wrote;
+        i += took;
+        if (again) {
+            writers = 1;
+            planned = DONE;
+        } else if (took < n) {
+            break; /* one the general path takes */
+        }
     }
+    PyMem_Free(jobs);
     PyBuffer_Release(&buf);
     return Py_BuildValue("nnL", i, pos, written);
 }

@@ -14,6 +14,7 @@ def write_plain_files(
     created: set[str] | None,
     record: tuple[set[str], set[str], dict[str, bytes]] | None,
     root: bool,
+    writers: int = 1,
     /,
 ) -> tuple[int, int, int]: ...
 def replay_run(
