@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
 from ..linux.signals import fork_holding_signals, release_signals, start_thread
-from . import tarsplit
+from . import feed, tarsplit
 from .extract import Sandbox, run_child
 from .feed import Feeder
 from .names import body_path
@@ -86,7 +86,7 @@ def apply_layer(
             lower_fds.append(os.open(lower, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         source = _source(stream)
         source.progress = progress
-        return _apply(target, source, Sandbox(whiteouts, lower_fds, record))
+        return _apply(target, source, Sandbox(whiteouts, lower_fds, record, feed.writers()))
     finally:
         for fd in lower_fds:
             os.close(fd)

@@ -53,6 +53,9 @@ class Sandbox:
     whiteouts: str
     lower_fds: list[int]
     record: bool
+    #: threads that write a run of plain files at once (:func:`.feed.writers`, read by the
+    #: parent: the chrooted child sees no /proc or cgroup files)
+    writers: int = 1
 
 
 def run_child(  # pragma: no cover
@@ -80,7 +83,7 @@ def run_child(  # pragma: no cover
         os.chdir("/")
         os.umask(0)
         lowers = LowerDirs(sandbox.lower_fds) if sandbox.lower_fds else None
-        reader = FedReader(frames_fd, data_fd)
+        reader = FedReader(frames_fd, data_fd, sandbox.writers)
         recorder = tarsplit.PathRecorder() if sandbox.record else None
         size = Extractor(reader, sandbox.whiteouts, lowers, recorder).run()
         report = {"size": size}

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import ArchiveError, GraphDriverError
+from ..linux.cpus import usable_cpus
 from . import fastpath
 from .tar import TarEntry
 from .tar_reader import TarReader, write_all, write_all_of
@@ -145,12 +146,14 @@ class StreamCut(ArchiveError):
 
 
 def writers() -> int:
-    """Threads that write a run of plain files at once: two where the sandbox may use two
-    CPUs or more, else one. Measured on 2 CPUs, library applies, medians: the bench's 10k
-    small files on an XFS loop in RAM from 0.35 to 0.32 s, the apt layer on a vfs child of
-    minbase from 0.15 to 0.13 s; four threads were slower there (0.41 s), the parent's parse
-    taking its share of the CPUs."""
-    return 2 if len(os.sched_getaffinity(0)) > 1 else 1
+    """Threads that write a run of plain files at once: two where this process may keep two
+    CPUs busy or more (its affinity, and its cgroups' CPU quota: :mod:`..linux.cpus`), else
+    one. Measured on 2 CPUs, library applies, medians: the bench's 10k small files on an XFS
+    loop in RAM from 0.35 to 0.32 s, the apt layer on a vfs child of minbase from 0.15 to 0.13
+    s; four threads were slower there (0.41 s), the parent's parse taking its share of the
+    CPUs; in a cgroup of one CPU's quota on the same machine, two threads were slower than one
+    (vfs on an XFS loop in RAM, 9 runs: 417 against 394 ms)."""
+    return 2 if usable_cpus() >= 2 else 1
 
 
 class FedReader(TarReader):
@@ -158,7 +161,7 @@ class FedReader(TarReader):
     :class:`.TarReader` reads a tar (the extractor cannot tell them apart). Frames come from
     *frames_fd*; the data from *data_fd* (the tar file) or, without one, inline."""
 
-    def __init__(self, frames_fd: int, data_fd: int | None) -> None:
+    def __init__(self, frames_fd: int, data_fd: int | None, writers: int = 1) -> None:
         super().__init__(frames_fd if data_fd is None else data_fd)
         self._frames = self if data_fd is None else TarReader(frames_fd)
         self._inline = data_fd is None
@@ -168,8 +171,8 @@ class FedReader(TarReader):
         #: the input ended before what was asked for (the parent stopped: a cut stream)
         self.ended = False
         self._sent = True
-        #: threads that write a run of plain files at once
-        self.writers = writers()
+        #: threads that write a run of plain files at once (:func:`writers`)
+        self.writers = writers
 
     def _fill(self, n: int) -> None:
         super()._fill(n)

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from .libc import (
@@ -107,14 +108,16 @@ def _unescape(field: str) -> str:
     return out.decode(errors="surrogateescape")
 
 
-def mountinfo(pid: str = "self") -> list[MountEntry]:
-    """Parse /proc/<pid>/mountinfo."""
+def mountinfo(pid: str = "self", fstypes: Collection[str] = ()) -> list[MountEntry]:
+    """Parse /proc/<pid>/mountinfo; with *fstypes*, only the mounts of those types."""
     entries = []
     with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.rstrip("\n").partition(" - ")
-            a = left.split(" ")
             b = right.split(" ")
+            if fstypes and b[0] not in fstypes:
+                continue
+            a = left.split(" ")
             entries.append(
                 MountEntry(
                     mount_id=int(a[0]),

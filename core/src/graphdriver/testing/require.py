@@ -31,6 +31,10 @@ REQUIREMENTS = {
     "fastpath": "the archive engine's loops in C (graphdriver.archive._fastpath: the apply "
     "sandbox's plain files, an exact diff's replay), compiled when the package is installed: "
     "gcc and Python's headers (python3-dev)",
+    "cpu-cgroup": "cgroup v1's cpu controller mounted, in which root makes cgroups with CFS "
+    "quotas: the CPU limit the apply reads (core/tests/test_cpus.py)",
+    "cpu-cgroup2": "cgroup v2 with the cpu controller enabled for the root cgroup's children "
+    "(+cpu in its cgroup.subtree_control): the same for cpu.max",
     "podman": "podman, buildah and crun run rootful on the vfs storage driver, with setfattr "
     "(attr) and setcap (libcap2-bin) to copy into the test image: tests/test_interop.py",
     "umoci": "umoci unpacks an OCI image layout: tests/test_interop.py",
