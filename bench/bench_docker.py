@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import signal
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ from pathlib import Path
 
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing.backings import loop_filesystem
+from graphdriver.testing.cgroups import remove_cgroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations/docker/tests"))
 import dockerd as engine
@@ -73,6 +75,7 @@ def overlay2_dockerd(base: Path) -> Iterator[engine.Docker]:
     config.write_text(json.dumps({"deprecated-key-path": str(base / "key.json")}))
     flags = [f for f in engine.DOCKERD_FLAGS if not f.startswith("--storage-driver")]
     api = base / "docker.sock"
+    cgroup = f"gd-bench-{secrets.token_hex(4)}"
     made_plugin_dir = not engine.PLUGIN_DIR.parent.exists()  # dockerd makes it at start
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -84,7 +87,9 @@ def overlay2_dockerd(base: Path) -> Iterator[engine.Docker]:
             )
         )
         flags = [*flags, "--storage-driver=overlay2"]
-        procs.append(engine.start_dockerd(base, config, ctd / "containerd.sock", api, flags))
+        procs.append(
+            engine.start_dockerd(base, config, ctd / "containerd.sock", api, flags, cgroup)
+        )
         # engine.Docker carries a plugin for the volume tests; this one is never started
         unused = VolumePlugin(base, "none", base / "none.sock", base / "none.log")
         docker = engine.Docker(base, api, unused)
@@ -99,6 +104,7 @@ def overlay2_dockerd(base: Path) -> Iterator[engine.Docker]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         unmount_all_under(base)
+        remove_cgroup(cgroup)
         if made_plugin_dir:  # /run/docker was this dockerd's: leave no trace of it
             with contextlib.suppress(OSError):
                 engine.PLUGIN_DIR.rmdir()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdriver.linux.mount import mounts_under, unmount_all_under
+from graphdriver.testing.cgroups import remove_cgroup
 
 REPO = Path(__file__).resolve().parents[3]
 README = REPO / "README.md"
@@ -262,7 +263,8 @@ class Engine:
 @contextlib.contextmanager
 def engine(base: Path, driver: str) -> Iterator[Engine]:
     """containerd with the README's configuration and our proxy on a store under *base*
-    (``base/store``, driver *driver*); everything stopped and unmounted at the end."""
+    (``base/store``, driver *driver*); everything stopped and unmounted at the end, and the
+    namespace's cgroup removed."""
     base.mkdir(parents=True, exist_ok=True)
     proxy = Proxy(base / "store", driver, base / "graphdriver.sock", base / "graphdriver.log")
     containerd = Containerd(base, engine_config(readme_config(), proxy.socket, base))
@@ -282,6 +284,7 @@ def engine(base: Path, driver: str) -> Iterator[Engine]:
             proxy.stop()
         finally:
             unmount_all_under(base)
+            remove_cgroup(ctr.namespace)  # runc's parent of the containers' cgroups
 
 
 # ----------------------------------------------------------------------------- the test image

@@ -27,6 +27,7 @@ from pathlib import Path
 from plugin_proc import VolumePlugin, running
 
 from graphdriver.linux.mount import unmount_all_under
+from graphdriver.testing.cgroups import remove_cgroup
 
 DOCKERD = "/usr/sbin/dockerd"
 #: Debian's client, as old as the daemon (the one first on PATH may speak a newer API)
@@ -181,13 +182,17 @@ def _remove_containers(docker: Docker) -> None:
 
 
 def start_dockerd(
-    base: Path, config: Path, containerd: Path, api: Path, flags: list[str]
+    base: Path, config: Path, containerd: Path, api: Path, flags: list[str], cgroup: str
 ) -> subprocess.Popen[bytes]:
     """dockerd with its data, exec root, pidfile and log under *base*, *config* as its
-    daemon.json, the containerd on *containerd*, serving on *api*; up when this returns."""
+    daemon.json, the containerd on *containerd*, serving on *api*, its containers' cgroups
+    under the top-level *cgroup* (the caller removes it: :func:`remove_cgroup`); up when this
+    returns."""
     return _start(
         [
             DOCKERD,
+            "--cgroup-parent",
+            f"/{cgroup}",
             "--config-file",
             str(config),
             "--data-root",
@@ -210,7 +215,7 @@ def start_dockerd(
 @contextlib.contextmanager
 def dockerd(base: Path) -> Iterator[Docker]:
     """containerd, dockerd and the volume plugin under *base*, with the test image imported;
-    everything stopped and unmounted at the end."""
+    everything stopped and unmounted at the end, and the containers' parent cgroup removed."""
     base.mkdir(parents=True, exist_ok=True)
     ctd = base / "containerd"
     ctd.mkdir()
@@ -231,7 +236,9 @@ def dockerd(base: Path) -> Iterator[Docker]:
             )
         )
         with running(base / "store", name, PLUGIN_DIR / f"{name}.sock") as plugin:
-            procs.append(start_dockerd(base, config, ctd / "containerd.sock", api, DOCKERD_FLAGS))
+            procs.append(
+                start_dockerd(base, config, ctd / "containerd.sock", api, DOCKERD_FLAGS, name)
+            )
             docker = Docker(base, api, plugin)
             docker.run("import", str(_rootfs_tar(base)), IMAGE)
             try:
@@ -246,6 +253,7 @@ def dockerd(base: Path) -> Iterator[Docker]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         unmount_all_under(base)
+        remove_cgroup(name)
         if made_plugin_dir:  # /run/docker was ours: leave no trace of it
             with contextlib.suppress(OSError):
                 PLUGIN_DIR.rmdir()

@@ -41,6 +41,7 @@ from plugin_proc import GraphPlugin, running_graph
 
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing import backing_or_skip
+from graphdriver.testing.cgroups import remove_cgroup
 from graphdriver.testing.require import host_lacks
 
 pytestmark = pytest.mark.privileged
@@ -66,7 +67,8 @@ def graph_dockerd(
     base: Path, store: Path, driver: str, options: dict[str, str]
 ) -> Iterator[Docker]:
     """containerd, our graphdriver plugin on *store* and dockerd configured from the README,
-    with the test image imported; everything stopped and unmounted at the end."""
+    with the test image imported; everything stopped and unmounted at the end, and the
+    containers' parent cgroup removed."""
     ctd = base / "containerd"
     ctd.mkdir(parents=True)
     (ctd / "config.toml").write_text(containerd_config(ctd))
@@ -91,7 +93,7 @@ def graph_dockerd(
         socket = PLUGIN_DIR / f"{name}.sock"
         with running_graph(store, driver, name, socket, options) as plugin:
             try:
-                procs.append(start_dockerd(base, config, ctd / "containerd.sock", api, flags))
+                procs.append(start_dockerd(base, config, ctd / "containerd.sock", api, flags, name))
                 docker = Docker(base, api, plugin)
                 try:
                     yield docker
@@ -108,6 +110,7 @@ def graph_dockerd(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         unmount_all_under(base)
+        remove_cgroup(name)
         if made_plugin_dir:
             with contextlib.suppress(OSError):
                 PLUGIN_DIR.rmdir()

@@ -1,0 +1,36 @@
+"""The cgroups a private engine under test leaves behind. runc makes each container's cgroup
+under a parent in every hierarchy (containerd's namespace, ``/<namespace>/<id>``; dockerd's
+``--cgroup-parent``, ``/docker`` by default) and removes only the container's own when it is
+deleted: the parent stays, empty, one more after every run, unless the test removes it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ..linux.mount import mountinfo
+
+
+def remove_cgroup(name: str, timeout: float = 5.0) -> None:
+    """Remove the top-level cgroup *name* and those below it, deepest first, in every cgroup
+    hierarchy mounted here (v1's and v2). A cgroup whose last process is still exiting is
+    tried again until *timeout*; RuntimeError names what is left after it."""
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"not a top-level cgroup name: {name!r}")
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for m in mountinfo(fstypes=("cgroup", "cgroup2")):
+            for here, _, _ in os.walk(Path(m.mountpoint) / name, topdown=False):
+                try:
+                    os.rmdir(here)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # EBUSY: a process in it
+                    left.append(f"{here} ({exc.strerror})")
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cgroups left behind: {', '.join(left)}")
+        time.sleep(0.05)
