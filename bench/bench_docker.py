@@ -40,7 +40,6 @@ from pathlib import Path
 
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing.backings import loop_filesystem
-from graphdriver.testing.cgroups import remove_cgroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations/docker/tests"))
 import dockerd as engine
@@ -103,12 +102,7 @@ def overlay2_dockerd(base: Path) -> Iterator[engine.Docker]:
         for pid in engine._leftover_shims(ctd / "containerd.sock"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        unmount_all_under(base)
-        remove_cgroup(cgroup)
-        if made_plugin_dir:  # /run/docker was this dockerd's: leave no trace of it
-            with contextlib.suppress(OSError):
-                engine.PLUGIN_DIR.rmdir()
-                engine.PLUGIN_DIR.parent.rmdir()
+        engine.release(base, cgroup, made_plugin_dir)
 
 
 def _wall(docker: engine.Docker, *args: str) -> float:

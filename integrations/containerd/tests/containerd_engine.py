@@ -283,8 +283,10 @@ def engine(base: Path, driver: str) -> Iterator[Engine]:
                     os.kill(pid, signal.SIGKILL)
             proxy.stop()
         finally:
-            unmount_all_under(base)
-            remove_cgroup(ctr.namespace)  # runc's parent of the containers' cgroups
+            try:
+                unmount_all_under(base)
+            finally:
+                remove_cgroup(ctr.namespace)  # runc's parent of the containers' cgroups
 
 
 # ----------------------------------------------------------------------------- the test image

@@ -191,6 +191,10 @@ def start_dockerd(
     return _start(
         [
             DOCKERD,
+            # cgroupfs: with systemd's driver (a systemd host on cgroup v2) a parent must be
+            # a slice, and its cgroups are systemd's to remove
+            "--exec-opt",
+            "native.cgroupdriver=cgroupfs",
             "--cgroup-parent",
             f"/{cgroup}",
             "--config-file",
@@ -210,6 +214,23 @@ def start_dockerd(
         base / "dockerd.log",
         api,
     )
+
+
+def release(base: Path, cgroup: str, made_plugin_dir: bool) -> None:
+    """After a private dockerd and its containerd stopped: unmount what is under *base*,
+    remove the containers' parent *cgroup*, and (*made_plugin_dir*: /run/docker was made by
+    this dockerd) remove /run/docker/plugins and /run/docker; each step also when the one
+    before it failed."""
+    try:
+        unmount_all_under(base)
+    finally:
+        try:
+            remove_cgroup(cgroup)
+        finally:
+            if made_plugin_dir:  # leave no trace of it
+                with contextlib.suppress(OSError):
+                    PLUGIN_DIR.rmdir()
+                    PLUGIN_DIR.parent.rmdir()
 
 
 @contextlib.contextmanager
@@ -252,9 +273,4 @@ def dockerd(base: Path) -> Iterator[Docker]:
         for pid in _leftover_shims(ctd / "containerd.sock"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        unmount_all_under(base)
-        remove_cgroup(name)
-        if made_plugin_dir:  # /run/docker was ours: leave no trace of it
-            with contextlib.suppress(OSError):
-                PLUGIN_DIR.rmdir()
-                PLUGIN_DIR.parent.rmdir()
+        release(base, name, made_plugin_dir)

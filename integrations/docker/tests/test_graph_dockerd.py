@@ -34,6 +34,7 @@ from dockerd import (
     _start,
     containerd_config,
     missing_tools,
+    release,
     start_dockerd,
     stop,
 )
@@ -41,7 +42,6 @@ from plugin_proc import GraphPlugin, running_graph
 
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing import backing_or_skip
-from graphdriver.testing.cgroups import remove_cgroup
 from graphdriver.testing.require import host_lacks
 
 pytestmark = pytest.mark.privileged
@@ -109,12 +109,7 @@ def graph_dockerd(
         for pid in _leftover_shims(ctd / "containerd.sock"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        unmount_all_under(base)
-        remove_cgroup(name)
-        if made_plugin_dir:
-            with contextlib.suppress(OSError):
-                PLUGIN_DIR.rmdir()
-                PLUGIN_DIR.parent.rmdir()
+        release(base, name, made_plugin_dir)
 
 
 @pytest.fixture(scope="module", params=sorted(DRIVERS))

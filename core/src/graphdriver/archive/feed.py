@@ -146,14 +146,15 @@ class StreamCut(ArchiveError):
 
 
 def writers() -> int:
-    """Threads that write a run of plain files at once: two where this process may keep two
-    CPUs busy or more (its affinity, and its cgroups' CPU quota: :mod:`..linux.cpus`), else
-    one. Measured on 2 CPUs, library applies, medians: the bench's 10k small files on an XFS
-    loop in RAM from 0.35 to 0.32 s, the apt layer on a vfs child of minbase from 0.15 to 0.13
-    s; four threads were slower there (0.41 s), the parent's parse taking its share of the
-    CPUs; in a cgroup of one CPU's quota on the same machine, two threads were slower than one
-    (vfs on an XFS loop in RAM, 9 runs: 417 against 394 ms)."""
-    return 2 if usable_cpus() >= 2 else 1
+    """Threads that write a run of plain files at once: two where this process may keep one
+    CPU and a half busy or more (its affinity, and its cgroups' CPU quota: :mod:`..linux.cpus`),
+    else one. Measured on 2 CPUs, library applies, medians: the bench's 10k small files on an
+    XFS loop in RAM from 0.35 to 0.32 s, the apt layer on a vfs child of minbase from 0.15 to
+    0.13 s; four threads were slower there (0.41 s), the parent's parse taking its share of
+    the CPUs. In a cgroup with a CPU quota, 10k small files on vfs on an XFS loop in RAM, 11
+    runs, one thread against two: 499 against 519 ms at one CPU (394 against 417 in another
+    run), 381 against 380 at 1.25, 357 against 307 at 1.5."""
+    return 2 if usable_cpus() >= 1.5 else 1
 
 
 class FedReader(TarReader):

@@ -1,16 +1,19 @@
 """How many CPUs this process may keep busy: its affinity, and the CPU bandwidth limits of its
 cgroups (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``), the smallest
-along the cgroup's path up to the hierarchy's root, as Go's runtime and the JVM read a
-container's CPU limit. A container on a large machine sees all its CPUs in its affinity and
-its limit only here."""
+from its cgroup up to the root its mount shows, as the JVM reads a container's limit (Go's
+runtime reads the process's own cgroup only). A container on a large machine sees all its
+CPUs in its affinity and its limit only here."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .mount import MountEntry, mountinfo
+
+#: reads a cgroup directory's CPU limit (CPUs; None: none)
+Reader = Callable[[Path], float | None]
 
 
 def usable_cpus() -> float:
@@ -24,52 +27,60 @@ def usable_cpus() -> float:
 def cgroup_cpu_limit() -> float | None:
     """The smallest CPU quota over period of this process's cgroup and those above it, in
     whichever hierarchy holds the cpu controller (v2, or v1's ``cpu``); None where none is set
-    or none can be read (no /proc, a cgroup outside what this mount namespace sees)."""
+    or none can be read (no /proc, a cgroup outside what this mount namespace shows, a line it
+    cannot parse): a limit is a hint, never a reason for an apply to fail."""
     try:
         with open("/proc/self/cgroup", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-        mounts = mountinfo(fstypes=("cgroup", "cgroup2"))
-    except OSError:
+            text = f.read()
+        places = cgroup_dirs(text, mountinfo(fstypes=("cgroup", "cgroup2")))
+        limits = [_walk(top, here, read) for top, here, read in places]
+    except (OSError, ValueError):
         return None
-    limits = []
-    for line in lines:
-        _, controllers, path = [*line.split(":", 2), "", ""][:3]
-        if not path.startswith("/"):
-            continue
-        if controllers == "":  # v2: whether it has the cpu controller is its files' business
-            where = _cgroup_dir(mounts, path, lambda m: m.fstype == "cgroup2")
-            if where is not None:
-                limits.append(_walk(where, _v2_limit))
-        elif "cpu" in controllers.split(","):
-            where = _cgroup_dir(
-                mounts,
-                path,
-                lambda m: m.fstype == "cgroup" and "cpu" in m.super_options.split(","),
-            )
-            if where is not None:
-                limits.append(_walk(where, _v1_limit))
     found = [x for x in limits if x is not None]
     return min(found) if found else None
 
 
-def _cgroup_dir(
-    mounts: list[MountEntry], path: str, wanted: Callable[[MountEntry], bool]
-) -> tuple[Path, Path] | None:
-    """(the mount point, the cgroup's directory under it) of *path* in the first mount of the
-    hierarchy *wanted* picks whose root holds it."""
-    for m in mounts:
-        if not wanted(m):
+def cgroup_dirs(text: str, mounts: Iterable[MountEntry]) -> list[tuple[Path, Path, Reader]]:
+    """Where the CPU limits of the process whose /proc/PID/cgroup is *text* are, given the
+    cgroup mounts *mounts*: (a hierarchy's mount point, the process's cgroup directory under
+    it, the reader of its limit files), for v2 and for v1's hierarchy with the cpu controller
+    (alone or joint, ``cpu,cpuacct``). Of several mounts of a hierarchy, the one whose root is
+    nearest the top (a bind of a cgroup deeper down would hide the limits above it). A path
+    outside every mount's root, or outside its cgroup namespace's root (``/..``), is left
+    out: the limits on its way up cannot be read from here."""
+    mounts = list(mounts)
+    found: list[tuple[Path, Path, Reader]] = []
+    for line in text.splitlines():
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if not path.startswith("/") or ".." in path.split("/"):
             continue
-        root = m.root.rstrip("/")
-        if path == root or path.startswith(root + "/"):
+        if controllers == "":  # v2: whether it has the cpu controller is its files' business
+            kind, read = "cgroup2", _v2_limit
+        elif "cpu" in controllers.split(","):
+            kind, read = "cgroup", _v1_limit
+        else:
+            continue
+        held = [
+            m
+            for m in mounts
+            if m.fstype == kind
+            and (kind == "cgroup2" or "cpu" in m.super_options.split(","))
+            and _within(path, m.root.rstrip("/"))
+        ]
+        if held:
+            m = min(held, key=lambda m: len(m.root))
             top = Path(m.mountpoint)
-            return top, top / path[len(root) :].lstrip("/")
-    return None
+            found.append((top, top / path[len(m.root.rstrip("/")) :].lstrip("/"), read))
+    return found
 
 
-def _walk(where: tuple[Path, Path], read: Callable[[Path], float | None]) -> float | None:
-    """The smallest limit *read* finds from the cgroup's directory up to the mount point."""
-    top, here = where
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + "/")
+
+
+def _walk(top: Path, here: Path, read: Reader) -> float | None:
+    """The smallest limit *read* finds from the cgroup directory *here* up to the mount point
+    *top*."""
     best: float | None = None
     while True:
         got = read(here)

@@ -96,7 +96,7 @@ def _unescape(field: str) -> str:
     if "\\" not in field:
         return field
     out = bytearray()
-    raw = field.encode()
+    raw = field.encode(errors="surrogateescape")  # (read with it: a name not UTF-8)
     i = 0
     while i < len(raw):
         if raw[i] == 0x5C and i + 3 < len(raw) + 1 and raw[i + 1 : i + 4].isdigit():

@@ -5,7 +5,9 @@ deleted: the parent stays, empty, one more after every run, unless the test remo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,8 +16,9 @@ from ..linux.mount import mountinfo
 
 def remove_cgroup(name: str, timeout: float = 5.0) -> None:
     """Remove the top-level cgroup *name* and those below it, deepest first, in every cgroup
-    hierarchy mounted here (v1's and v2). A cgroup whose last process is still exiting is
-    tried again until *timeout*; RuntimeError names what is left after it."""
+    hierarchy mounted here (v1's and v2), killing (SIGKILL) what is still in them: give it a
+    name the test made unique, never a shared one (``docker``). A cgroup whose last process
+    is still exiting is tried again until *timeout*; RuntimeError names what is left then."""
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"not a top-level cgroup name: {name!r}")
     deadline = time.monotonic() + timeout
@@ -23,14 +26,25 @@ def remove_cgroup(name: str, timeout: float = 5.0) -> None:
         left = []
         for m in mountinfo(fstypes=("cgroup", "cgroup2")):
             for here, _, _ in os.walk(Path(m.mountpoint) / name, topdown=False):
+                _kill_all(Path(here))
                 try:
                     os.rmdir(here)
                 except FileNotFoundError:
                     pass
-                except OSError as exc:  # EBUSY: a process in it
+                except OSError as exc:  # EBUSY: a process in it, still exiting
                     left.append(f"{here} ({exc.strerror})")
         if not left:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"cgroups left behind: {', '.join(left)}")
         time.sleep(0.05)
+
+
+def _kill_all(cgroup: Path) -> None:
+    try:
+        pids = (cgroup / "cgroup.procs").read_text().split()
+    except OSError:  # (gone already)
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
