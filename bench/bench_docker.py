@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -97,12 +96,7 @@ def overlay2_dockerd(base: Path) -> Iterator[engine.Docker]:
         finally:
             engine._remove_containers(docker)
     finally:
-        for proc in reversed(procs):
-            engine.stop(proc)
-        for pid in engine._leftover_shims(ctd / "containerd.sock"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        engine.release(base, cgroup, made_plugin_dir)
+        engine.release(base, procs, ctd / "containerd.sock", cgroup, made_plugin_dir)
 
 
 def _wall(docker: engine.Docker, *args: str) -> float:

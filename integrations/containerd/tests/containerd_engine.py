@@ -245,6 +245,12 @@ def _leftover_shims(address: Path) -> list[int]:
     return pids
 
 
+def _kill_shims(address: Path) -> None:
+    for pid in _leftover_shims(address):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @dataclass
 class Engine:
     """containerd, the proxy beside it, and a private namespace; see :func:`engine`."""
@@ -274,19 +280,18 @@ def engine(base: Path, driver: str) -> Iterator[Engine]:
         containerd.start()
         yield Engine(base, containerd, proxy, ctr)
     finally:
-        try:
+        # each step also when one before it failed (its error raised after the last); an
+        # ExitStack runs them last in, first out
+        with contextlib.ExitStack() as steps:
+            steps.callback(unmount_all_under, base)
+            # runc's parent of the containers' cgroups, before the unmount: a process left in
+            # it keeps mounts busy
+            steps.callback(remove_cgroup, ctr.namespace)
+            steps.callback(proxy.stop)
+            steps.callback(_kill_shims, containerd.socket)
+            steps.callback(containerd.stop)
             if containerd.proc is not None and containerd.proc.poll() is None:
-                _kill_tasks(ctr)
-            containerd.stop()
-            for pid in _leftover_shims(containerd.socket):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proxy.stop()
-        finally:
-            try:
-                unmount_all_under(base)
-            finally:
-                remove_cgroup(ctr.namespace)  # runc's parent of the containers' cgroups
+                steps.callback(_kill_tasks, ctr)
 
 
 # ----------------------------------------------------------------------------- the test image

@@ -216,21 +216,37 @@ def start_dockerd(
     )
 
 
-def release(base: Path, cgroup: str, made_plugin_dir: bool) -> None:
-    """After a private dockerd and its containerd stopped: unmount what is under *base*,
-    remove the containers' parent *cgroup*, and (*made_plugin_dir*: /run/docker was made by
-    this dockerd) remove /run/docker/plugins and /run/docker; each step also when the one
-    before it failed."""
-    try:
-        unmount_all_under(base)
-    finally:
-        try:
-            remove_cgroup(cgroup)
-        finally:
-            if made_plugin_dir:  # leave no trace of it
-                with contextlib.suppress(OSError):
-                    PLUGIN_DIR.rmdir()
-                    PLUGIN_DIR.parent.rmdir()
+def release(
+    base: Path,
+    procs: list[subprocess.Popen[bytes]],
+    containerd: Path,
+    cgroup: str,
+    made_plugin_dir: bool,
+) -> None:
+    """Stop *procs* (dockerd and its containerd, last first) and the runc shims of the
+    containerd at *containerd*, kill and remove what is in the containers' parent *cgroup*,
+    unmount what is under *base*, and (*made_plugin_dir*: /run/docker was made by this
+    dockerd) remove /run/docker/plugins and /run/docker; each step also when one before it
+    failed (its error raised after the last)."""
+
+    def kill_shims() -> None:
+        for pid in _leftover_shims(containerd):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def remove_plugin_dir() -> None:
+        with contextlib.suppress(OSError):
+            PLUGIN_DIR.rmdir()
+            PLUGIN_DIR.parent.rmdir()
+
+    with contextlib.ExitStack() as steps:  # (its callbacks run last in, first out)
+        if made_plugin_dir:
+            steps.callback(remove_plugin_dir)
+        steps.callback(unmount_all_under, base)
+        steps.callback(remove_cgroup, cgroup)  # (first: a process left in it keeps mounts busy)
+        steps.callback(kill_shims)
+        for proc in procs:
+            steps.callback(stop, proc)
 
 
 @contextlib.contextmanager
@@ -268,9 +284,4 @@ def dockerd(base: Path) -> Iterator[Docker]:
                 _remove_containers(docker)
                 stop(procs.pop())
     finally:
-        for proc in reversed(procs):
-            stop(proc)
-        for pid in _leftover_shims(ctd / "containerd.sock"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        release(base, name, made_plugin_dir)
+        release(base, procs, ctd / "containerd.sock", name, made_plugin_dir)

@@ -28,7 +28,6 @@ from dockerd import (
     IMAGE,
     PLUGIN_DIR,
     Docker,
-    _leftover_shims,
     _remove_containers,
     _rootfs_tar,
     _start,
@@ -104,12 +103,7 @@ def graph_dockerd(
                     stop(proc)
                 del procs[1:]
     finally:
-        for proc in reversed(procs):
-            stop(proc)
-        for pid in _leftover_shims(ctd / "containerd.sock"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        release(base, name, made_plugin_dir)
+        release(base, procs, ctd / "containerd.sock", name, made_plugin_dir)
 
 
 @pytest.fixture(scope="module", params=sorted(DRIVERS))

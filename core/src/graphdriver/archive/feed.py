@@ -153,7 +153,7 @@ def writers() -> int:
     0.13 s; four threads were slower there (0.41 s), the parent's parse taking its share of
     the CPUs. In a cgroup with a CPU quota, 10k small files on vfs on an XFS loop in RAM, 11
     runs, one thread against two: 499 against 519 ms at one CPU (394 against 417 in another
-    run), 381 against 380 at 1.25, 357 against 307 at 1.5."""
+    session's 9), 381 against 380 at 1.25, 357 against 307 at 1.5."""
     return 2 if usable_cpus() >= 1.5 else 1
 
 

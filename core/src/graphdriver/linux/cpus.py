@@ -27,14 +27,15 @@ def usable_cpus() -> float:
 def cgroup_cpu_limit() -> float | None:
     """The smallest CPU quota over period of this process's cgroup and those above it, in
     whichever hierarchy holds the cpu controller (v2, or v1's ``cpu``); None where none is set
-    or none can be read (no /proc, a cgroup outside what this mount namespace shows, a line it
-    cannot parse): a limit is a hint, never a reason for an apply to fail."""
+    or none can be read (no /proc, a cgroup outside what this mount namespace shows, a
+    mountinfo line it cannot parse; a /proc/self/cgroup line it cannot parse is passed over):
+    a limit is a hint, never a reason for an apply to fail."""
     try:
         with open("/proc/self/cgroup", encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
         places = cgroup_dirs(text, mountinfo(fstypes=("cgroup", "cgroup2")))
         limits = [_walk(top, here, read) for top, here, read in places]
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return None
     found = [x for x in limits if x is not None]
     return min(found) if found else None
