@@ -20,13 +20,13 @@ from graphdriver.archive import fastpath
 from graphdriver.linux import cpus
 from graphdriver.linux.mount import MountEntry, mountinfo
 from graphdriver.testing import host_lacks, needs_root
-from graphdriver.testing.cgroups import remove_cgroup
+from graphdriver.testing.leftovers import remove_cgroup
 
 #: what the process in the cgroup runs: it reads its limit, then applies a layer of 100 plain
 #: files (a run the C loop writes) with a spy on the C call, which runs in the sandbox child
 #: and says on fd 2 (which the child keeps) how many threads it was given
 _REPORT = """
-import io, json, os, sys, tarfile, tempfile
+import io, json, os, pathlib, sys, tarfile, tempfile
 from graphdriver.archive import apply, fastpath, feed
 from graphdriver.linux.cpus import cgroup_cpu_limit, usable_cpus
 real = fastpath.write_plain_files
@@ -43,7 +43,7 @@ with tarfile.open(fileobj=layer, mode="w") as tar:
         tar.addfile(info, io.BytesIO(b"abc"))
 layer.seek(0)
 with tempfile.TemporaryDirectory(dir=sys.argv[1]) as target:
-    apply.apply_layer(__import__("pathlib").Path(target), layer)
+    apply.apply_layer(pathlib.Path(target), layer)
     made = len(os.listdir(target))
 print(json.dumps({"limit": cgroup_cpu_limit(), "usable": usable_cpus(), "made": made,
                   "writers": feed.writers(), "affinity": len(os.sched_getaffinity(0))}))

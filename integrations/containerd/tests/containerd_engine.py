@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import secrets
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdriver.linux.mount import mounts_under, unmount_all_under
-from graphdriver.testing.cgroups import remove_cgroup
+from graphdriver.testing.leftovers import kill_shims, remove_cgroup
 
 REPO = Path(__file__).resolve().parents[3]
 README = REPO / "README.md"
@@ -230,27 +229,6 @@ def _kill_tasks(ctr: Ctr) -> None:
                 ctr("containers", "delete", container, timeout=30)
 
 
-def _leftover_shims(address: Path) -> list[int]:
-    """The pids of runc shims that serve the containerd at *address* (they outlive it)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"containerd-shim-runc-v2") and os.fsencode(address) in argv:
-            pids.append(int(proc.name))
-    return pids
-
-
-def _kill_shims(address: Path) -> None:
-    for pid in _leftover_shims(address):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 @dataclass
 class Engine:
     """containerd, the proxy beside it, and a private namespace; see :func:`engine`."""
@@ -288,7 +266,7 @@ def engine(base: Path, driver: str) -> Iterator[Engine]:
             # it keeps mounts busy
             steps.callback(remove_cgroup, ctr.namespace)
             steps.callback(proxy.stop)
-            steps.callback(_kill_shims, containerd.socket)
+            steps.callback(kill_shims, containerd.socket)
             steps.callback(containerd.stop)
             if containerd.proc is not None and containerd.proc.poll() is None:
                 steps.callback(_kill_tasks, ctr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -27,7 +26,7 @@ from pathlib import Path
 from plugin_proc import VolumePlugin, running
 
 from graphdriver.linux.mount import unmount_all_under
-from graphdriver.testing.cgroups import remove_cgroup
+from graphdriver.testing.leftovers import kill_shims, remove_cgroup
 
 DOCKERD = "/usr/sbin/dockerd"
 #: Debian's client, as old as the daemon (the one first on PATH may speak a newer API)
@@ -108,21 +107,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins."io.containerd.internal.v1.opt"]
   path = "{base / "opt"}"
 """
-
-
-def _leftover_shims(address: Path) -> list[int]:
-    """The pids of runc shims that serve the containerd at *address* (they outlive it)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"containerd-shim-runc-v2") and os.fsencode(address) in argv:
-            pids.append(int(proc.name))
-    return pids
 
 
 @dataclass
@@ -229,11 +213,6 @@ def release(
     dockerd) remove /run/docker/plugins and /run/docker; each step also when one before it
     failed (its error raised after the last)."""
 
-    def kill_shims() -> None:
-        for pid in _leftover_shims(containerd):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
     def remove_plugin_dir() -> None:
         with contextlib.suppress(OSError):
             PLUGIN_DIR.rmdir()
@@ -244,7 +223,7 @@ def release(
             steps.callback(remove_plugin_dir)
         steps.callback(unmount_all_under, base)
         steps.callback(remove_cgroup, cgroup)  # (first: a process left in it keeps mounts busy)
-        steps.callback(kill_shims)
+        steps.callback(kill_shims, containerd)
         for proc in procs:
             steps.callback(stop, proc)
 

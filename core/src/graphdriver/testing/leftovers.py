@@ -1,7 +1,11 @@
-"""The cgroups a private engine under test leaves behind. runc makes each container's cgroup
-under a parent in every hierarchy (containerd's namespace, ``/<namespace>/<id>``; dockerd's
-``--cgroup-parent``, ``/docker`` by default) and removes only the container's own when it is
-deleted: the parent stays, empty, one more after every run, unless the test removes it."""
+"""What a private engine under test (containerd, dockerd) leaves behind when it stops.
+
+- runc's shims, which outlive the containerd they serve: :func:`kill_shims`.
+- Cgroups: runc makes each container's cgroup under a parent in every hierarchy
+  (containerd's namespace, ``/<namespace>/<id>``; dockerd's ``--cgroup-parent``, ``/docker``
+  by default) and removes only the container's own when it is deleted: the parent stays,
+  empty, one more after every run, unless the test removes it: :func:`remove_cgroup`.
+"""
 
 from __future__ import annotations
 
@@ -55,3 +59,17 @@ def _kill_all(cgroup: Path) -> None:
         if pid > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def kill_shims(address: Path) -> None:
+    """SIGKILL the runc shims that serve the containerd at *address*."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"containerd-shim-runc-v2") and os.fsencode(address) in argv:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
