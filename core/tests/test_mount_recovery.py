@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from graphdriver import CreateOpts, Driver, LayerInfo, LayerStore, NotMounted
+from graphdriver.diffs import change_source
 from graphdriver.linux.mount import MS_BIND, is_mountpoint, mount, unmount, unmount_all_under
 from graphdriver.plugins import hooks
+from graphdriver.recovery import MARKED
 from graphdriver.testing import host_lacks
 
 
@@ -87,16 +90,103 @@ def test_count_reset_when_the_mount_vanished(root: Path) -> None:
         assert not is_mountpoint(path)
 
 
-def test_mount_left_by_a_dead_process_is_removed(root: Path) -> None:
+def _killed(root: Path, step: Callable[[LayerStore], object], fault: str | None = None) -> None:
+    """Run *step* on the store in a child process that is SIGKILLed at *fault* (a
+    ``faults.point``), or right after *step* (a reader killed mid-diff)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            if fault is not None:
+                os.environ["GRAPHDRIVER_FAULT"] = fault
+            store = _open(root)
+            step(store)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(70)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+@pytest.mark.parametrize("fault", ["store.get.after-driver", "store.mount.marked"])
+def test_mount_left_by_a_dead_process_is_removed(root: Path, fault: str) -> None:
+    """Killed with the mount made and its count not committed, or before the mount: the next
+    open leaves neither a mount nor a count, and the layer mounts and goes as usual."""
     with _open(root) as a:
         a.create("c")
-        info = LayerInfo("c", None, False)
-        path = a.driver.mount(info, [])  # mounted, but the count was never committed
-    assert is_mountpoint(path)
+        a.create("other")
+        a.get("other")
+    _killed(root, lambda s: s.get("c"), fault)
+    path = root / "bindtest" / "mnt" / "c"
+    assert is_mountpoint(path) == (fault == "store.get.after-driver")
     with _open(root) as b:
         assert not is_mountpoint(path)
         assert b.metadata("c")["mount_count"] == 0
+        assert b.metadata("other")["mount_count"] == 1  # another layer's count is kept
+        assert is_mountpoint(b.get("c"))
+        b.put("c")
+        assert not is_mountpoint(path)
         b.remove("c")
+        b.cleanup()
+
+
+def test_mount_of_a_reader_killed_mid_diff_is_removed(root: Path) -> None:
+    """A diff mounts an unmounted layer without counting it; its process killed, the next
+    open unmounts what it left."""
+    with _open(root) as a:
+        a.create("base")
+        with a.mounted("base") as p:
+            (p / "f").write_text("x")
+        a.create("c", "base")
+
+    def read(store: LayerStore) -> None:
+        with change_source(store, "c", None):
+            assert is_mountpoint(root / "bindtest" / "mnt" / "c")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _killed(root, read)
+    assert is_mountpoint(root / "bindtest" / "mnt" / "c")
+    with _open(root) as b:
+        assert not is_mountpoint(root / "bindtest" / "mnt" / "c")
+        assert b.metadata("c")["mount_count"] == 0
+        b.remove("c")
+
+
+def test_mount_a_reader_kept_after_the_last_put_is_removed_once_it_is_killed(root: Path) -> None:
+    """The last ``put`` while a diff reads the layer leaves the mount to the reader; the
+    reader killed, the next open unmounts it."""
+    with _open(root) as a:
+        a.create("c")  # no parent: the diff mounts nothing else, whose mark would be found
+
+    def read(store: LayerStore) -> None:
+        store.get("c")
+        with change_source(store, "c", None):
+            store.put("c")
+            assert is_mountpoint(root / "bindtest" / "mnt" / "c")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _killed(root, read)
+    with _open(root) as b:
+        assert not is_mountpoint(root / "bindtest" / "mnt" / "c")
+        assert b.metadata("c")["mount_count"] == 0
+
+
+def test_a_store_from_before_the_marks_is_checked_once_layer_by_layer(root: Path) -> None:
+    """An uncounted mount in a store that older code wrote (no marks) is found at its
+    first open by the store's code of now; a mount made behind the store's back after that
+    is not looked for (open costs what is mounted, not what is stored)."""
+    with _open(root) as a:
+        a.create("c")
+        with a.meta.transaction():
+            a.meta.delete_meta(MARKED)
+        path = a.driver.mount(LayerInfo("c", None, False), [])
+    with _open(root):
+        assert not is_mountpoint(path)
+    with _open(root) as a:
+        path = a.driver.mount(LayerInfo("c", None, False), [])
+    with _open(root) as b:
+        assert is_mountpoint(path)
+        b.cleanup()  # which does look at every layer
+        assert not is_mountpoint(path)
 
 
 def test_get_remounts_a_counted_mount_that_vanished(root: Path) -> None:

@@ -29,6 +29,7 @@ from .lazy import LazyModule
 from .linux.mount import MS_BIND, mount, mounts_under, unmount
 from .linux.signals import start_thread
 from .metadata import LayerRecord
+from .recovery import MOUNTING
 from .recovery import layer_info as _info
 
 if TYPE_CHECKING:
@@ -88,6 +89,9 @@ def _end_read(store: LayerStore, layer_id: str, fd: int) -> None:
         rec = store.meta.get(layer_id)
         if rec is not None and not rec.mount_count and not store.layer_locks.busy(layer_id):
             store._call(store.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
+            if store.meta.get_meta(MOUNTING + layer_id) is not None:  # the reader's mount
+                with store.meta.transaction():
+                    store.meta.delete_meta(MOUNTING + layer_id)
 
 
 @contextlib.contextmanager

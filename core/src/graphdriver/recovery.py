@@ -8,6 +8,14 @@ half-removed one is removed. Opening looks without the store lock and takes it o
 is something to recover. What fails to recover is logged, kept in the ``meta`` table under
 ``recovery-failed:<id>``, listed by ``status`` and retried at the next open; it never stops
 commands on other layers.
+
+Mount counts are matched to the kernel's mounts at open, but only for the layers that can
+disagree: those counted as mounted (the mount may have vanished: a reboot, an admin's umount)
+and those marked as being mounted (``get`` commits a ``mounting:<id>`` row before the driver
+mounts and drops it with the count, so a process killed in between leaves the mark). An open
+then costs what is mounted, not what is stored (an overlay store of 500 layers stat'ed each
+layer's ``merged`` on every command). A store from before the marks is checked layer by layer
+once, and the ``mounts-marked`` row says it was.
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ T = TypeVar("T")
 
 #: prefix of the ``meta`` keys that hold why a layer could not be recovered
 FAILED = "recovery-failed:"
+#: prefix of the ``meta`` keys that mark a layer whose kernel mount is being made
+MOUNTING = "mounting:"
+#: the ``meta`` key that says every mount since was marked (its absence: check every layer)
+MARKED = "mounts-marked"
 
 
 def layer_info(rec: LayerRecord, *, sealed: bool = False) -> LayerInfo:
@@ -59,22 +71,42 @@ def recover(store: LayerStore, reset: Reset, records: Sequence[LayerRecord]) -> 
     if not any(r.state in IN_FLIGHT for r in records) and not _mounts_disagree(store, records):
         return
     with store.locked("recover the store"):
+        unsettled = set()
         for rec in reversed(store.meta.all()):
             if rec.state in IN_FLIGHT:
                 _roll(store, rec, reset)
-            else:
-                _reconcile_mount(store, rec)
+            elif not _reconcile_mount(store, rec):
+                unsettled.add(rec.id)
+        if isinstance(store.driver, KernelMounts):
+            _settle_marks(store, unsettled)
 
 
 def _mounts_disagree(store: LayerStore, records: Sequence[LayerRecord]) -> bool:
+    """Whether a mount count may be wrong: a counted layer's mount is gone, a mark is left,
+    or the store is older than the marks. Read without the lock (a live ``get``'s mark sends
+    the caller to the lock, where it is gone)."""
     driver = store.driver
     if not isinstance(driver, KernelMounts):
         return False
-    for rec in records:
-        mounted = driver.is_mounted(_info(rec))
-        if mounted is not None and mounted != bool(rec.mount_count):
-            return True
-    return False
+    if store.meta.get_meta(MARKED) is None or store.meta.meta_items(MOUNTING):
+        return True
+    return any(rec.mount_count and driver.is_mounted(_info(rec)) is False for rec in records)
+
+
+def _settle_marks(store: LayerStore, unsettled: set[str]) -> None:
+    """Drop the marks of the layers now matched to the kernel; mark *unsettled* (an uncounted
+    mount a live diff reads, or one that would not unmount), which the next open looks at
+    again; note that every layer was checked. A store that cannot be written (a full disk)
+    is looked at again next time."""
+    try:
+        with store.meta.transaction():
+            for layer_id in store.meta.meta_items(MOUNTING).keys() - unsettled:
+                store.meta.delete_meta(MOUNTING + layer_id)
+            for layer_id in unsettled:
+                store.meta.set_meta(MOUNTING + layer_id, "")
+            store.meta.set_meta(MARKED, "1")
+    except GraphDriverError as exc:
+        log.debug("mount marks not settled: %s", exc)
 
 
 def _roll(store: LayerStore, rec: LayerRecord, reset: Reset) -> None:
@@ -104,27 +136,32 @@ def _roll(store: LayerStore, rec: LayerRecord, reset: Reset) -> None:
         store.layer_locks.release(fd, rec.id)
 
 
-def _reconcile_mount(store: LayerStore, rec: LayerRecord) -> None:
-    """Match a layer's mount count to its kernel mount."""
+def _reconcile_mount(store: LayerStore, rec: LayerRecord) -> bool:
+    """Match a layer's mount count to its kernel mount; False when an uncounted mount stays
+    (a live reader's, or one that would not unmount)."""
     driver = store.driver
     if not isinstance(driver, KernelMounts):
-        return
+        return True
     info = _info(rec)
     mounted = driver.is_mounted(info)
     if mounted is None:
-        return
+        return True
     if rec.mount_count and not mounted:
         log.warning(
             "layer %s was counted as mounted %d times but is not mounted", rec.id, rec.mount_count
         )
         with store.meta.transaction():
             store.meta.update(rec.id, mount_count=0, mount_path=None)
-    elif not rec.mount_count and mounted and not store.layer_locks.busy(rec.id):
+    elif not rec.mount_count and mounted:
+        if store.layer_locks.busy(rec.id):
+            return False  # a live diff's: it unmounts when it is done
         log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
         try:
             call_os(store.driver.unmount, info, doing=f"unmount layer {rec.id}")
         except GraphDriverError as exc:
             log.warning("%s; retried at the next open", exc)
+            return False
+    return True
 
 
 def discard(store: LayerStore, rec: LayerRecord) -> None:

@@ -3,7 +3,10 @@
 ``get`` mounts a layer (first reference) and counts it in the metadata, ``put`` releases one
 reference and unmounts at zero; the counts live in the database, so one process can mount and
 another unmount, and :mod:`.recovery` matches them to the kernel's mounts at open. A layer that
-a diff is reading keeps its mount (the reader unmounts it when it is done).
+a diff is reading keeps its mount (the reader unmounts it when it is done). A kernel mount
+that no count holds (being made, or a reader's) is marked in the metadata first
+(:data:`.recovery.MOUNTING`), so that the open after a crash finds it without looking at every
+layer.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .driver import Driver, KernelMounts, MountEntry, MountSpec
 from .errors import NotMounted, call_os
 from .locking import LayerLocks
 from .metadata import LayerRecord, Metadata
+from .recovery import MOUNTING
 from .recovery import layer_info as _info
 
 if TYPE_CHECKING:
@@ -59,10 +63,13 @@ class LayerMounts:
     def _mount_path(self, rec: LayerRecord) -> Path:
         """The layer's mounted root: the counted mount if it is still there, else a new one."""
         path: Path | None = Path(rec.mount_path) if rec.mount_path else None
-        if path is None or (
-            isinstance(self.driver, KernelMounts) and self.driver.is_mounted(_info(rec)) is False
-        ):
+        kernel = isinstance(self.driver, KernelMounts)
+        if path is None or (kernel and self.driver.is_mounted(_info(rec)) is False):
             chain = self.meta.chain(rec.id)
+            if kernel:  # dropped with the count (get) or the unmount (a reader's end)
+                with self.meta.transaction():
+                    self.meta.set_meta(MOUNTING + rec.id, "")
+                faults.point("store.mount.marked")
             path = self.hooks.mount(cast("LayerStore", self), rec, chain, self._driver_mount)
         return path
 
@@ -96,6 +103,7 @@ class LayerMounts:
                 self.meta.update(
                     layer_id, mount_count=rec.mount_count + 1, mount_path=str(path), dirty=1
                 )
+                self.meta.delete_meta(MOUNTING + layer_id)
             return path
 
     def put(self, layer_id: str) -> None:
@@ -105,7 +113,8 @@ class LayerMounts:
             if rec.mount_count <= 0:
                 raise NotMounted(f"layer {layer_id!r} is not mounted")
             # a diff streaming the layer keeps the mount; it unmounts when it is done
-            if rec.mount_count == 1 and not self.layer_locks.busy(layer_id):
+            kept = rec.mount_count == 1 and self.layer_locks.busy(layer_id)
+            if rec.mount_count == 1 and not kept:
                 call_os(self.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
             faults.point("store.put.after-driver")
             with self.meta.transaction():
@@ -114,6 +123,8 @@ class LayerMounts:
                     mount_count=rec.mount_count - 1,
                     mount_path=rec.mount_path if rec.mount_count > 1 else None,
                 )
+                if kept and isinstance(self.driver, KernelMounts):  # uncounted from now on
+                    self.meta.set_meta(MOUNTING + layer_id, "")
 
     @contextlib.contextmanager
     def mounted(self, layer_id: str) -> Iterator[Path]:
@@ -139,4 +150,5 @@ class LayerMounts:
                     call_os(self.driver.unmount, _info(rec), doing=f"unmount {rec.id}")
                     with self.meta.transaction():
                         self.meta.update(rec.id, mount_count=0, mount_path=None)
+                        self.meta.delete_meta(MOUNTING + rec.id)
             call_os(self.driver.cleanup, doing="clean up the driver")

@@ -81,18 +81,37 @@ def test_layout_like_overlay2(root: Path) -> None:
         assert list((home / "l").iterdir()) == []
 
 
-def test_missing_links_are_recreated_at_open(root: Path) -> None:
+@pytest.mark.parametrize("needs", ["classic-mount", "apply-diff"])
+def test_missing_links_are_recreated_where_they_are_needed(root: Path, needs: str) -> None:
+    """A link gone from ``l/`` is made again by what reads through it (a classic mount's
+    lowerdir, apply-diff's copy-up from the lower layers), not by every open; a mount with
+    the new API names the diff dirs and works without it."""
     with _open(root) as s:
         s.create("base")
         with s.mounted("base") as p:
             (p / "f").write_text("from base")
         s.create("child", "base")
-        link = (root / "overlay" / "base" / "link").read_text()
-        (root / "overlay" / "l" / link).unlink()
+        s.create("grandchild", "child")
+        link = root / "overlay" / "l" / (root / "overlay" / "base" / "link").read_text()
+        link.unlink()
     with _open(root) as s:
-        assert (root / "overlay" / "l" / link).is_symlink()
+        assert not link.is_symlink()  # the open read no layer's link file
         with s.mounted("child") as p:
             assert (p / "f").read_text() == "from base"
+    api = "classic" if needs == "classic-mount" else "auto"
+    with _open(root, mount_api=api) as s:
+        if needs == "classic-mount":
+            with s.mounted("child") as p:
+                assert (p / "f").read_text() == "from base"
+        else:  # apply-diff into a layer with parents takes their diff dirs through l/
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tf:
+                info = tarfile.TarInfo("g")
+                tf.addfile(info, io.BytesIO())
+            s.apply_diff("grandchild", io.BytesIO(buf.getvalue()))
+            with s.mounted("grandchild") as p:
+                assert sorted(os.listdir(p)) == ["f", "g"]
+        assert os.readlink(link) == "../base/diff"
         s.cleanup()
 
 
@@ -114,11 +133,11 @@ def test_link_repair_goes_by_each_layers_link_file(root: Path) -> None:
     (home / "l" / "STRAY").write_text("not a link")
     (home / "l" / "DANGLING").symlink_to("../gone/diff")
     with _open(root, mount_api="classic") as s:  # lowerdir=l/<short>:...
+        with s.mounted("grandchild") as p:
+            assert (p / "f").read_text() == "from base"
         assert os.readlink(home / "l" / short) == "../child/diff"
         assert (home / "l" / "STRAY").read_text() == "not a link"
         assert os.readlink(home / "l" / "DANGLING") == "../gone/diff"
-        with s.mounted("grandchild") as p:
-            assert (p / "f").read_text() == "from base"
         s.cleanup()
 
 

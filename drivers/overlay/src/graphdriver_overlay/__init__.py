@@ -190,7 +190,6 @@ class OverlayDriver(Driver):
         # the mounter is root (CAP_DAC_OVERRIDE), so no lower path needs traversal by others:
         # 0700 keeps a hostile layer's setuid file or device node out of other users' reach
         private_dir(self.home, self.home / "l")
-        self._repair_links()
 
     def _choose_api(self, wanted: str, have: bool) -> bool:
         if wanted == "new" and not have:
@@ -199,10 +198,24 @@ class OverlayDriver(Driver):
             )
         return have and wanted != "classic"
 
+    def _lower(self, layer: LayerInfo) -> str:
+        """The layer's ``lower`` file (its parents' ``l/`` links, nearest first, ``:``
+        between), once each link it names (and a sealed layer's own) is there: links that
+        went missing are made again (:meth:`_repair_links`) where they are needed, as
+        containers/storage does, not at every open (500 layers: 5 ms each time)."""
+        lower = (self._dir(layer) / "lower").read_text().strip()
+        names = [part for part in lower.split(":") if part]
+        if layer.sealed:
+            names.append(f"l/{self._short(layer)}")
+        home = str(self.home)
+        if not all(os.path.lexists(f"{home}/{name}") for name in names):
+            self._repair_links()
+        return lower
+
     def _repair_links(self) -> None:
         """Recreate ``l/`` links that went missing (containers/storage #326): each layer's
-        ``link`` file names its link. Every open does this, so ``l/`` is listed once and each
-        small file is read with bare os calls (500 layers: 3 ms; 23 through pathlib)."""
+        ``link`` file names its link. ``l/`` is listed once and each small file is read with
+        bare os calls (500 layers: 3 ms; 23 through pathlib)."""
         with os.scandir(self.home / "l") as entries:
             links = {entry.name for entry in entries if entry.is_symlink()}
         with os.scandir(self.home) as layers:
@@ -219,7 +232,8 @@ class OverlayDriver(Driver):
                     os.close(fd)
                 if short and short not in links:
                     log.warning("recreating missing link l/%s for layer %s", short, entry.name)
-                    (self.home / "l" / short).symlink_to(Path("..") / entry.name / "diff")
+                    with contextlib.suppress(FileExistsError):  # made meanwhile (an apply)
+                        (self.home / "l" / short).symlink_to(Path("..") / entry.name / "diff")
 
     # ---------------------------------------------------------------------------- paths
 
@@ -385,7 +399,7 @@ class OverlayDriver(Driver):
         self, layer: LayerInfo, merged: Path, opts: list[tuple[str, str | None]]
     ) -> None:
         """mount(2) with relative l/ paths, from a child that chdirs into home."""
-        lower = (self._dir(layer) / "lower").read_text().strip()
+        lower = self._lower(layer)
         if layer.sealed:
             parts = [f"lowerdir=l/{self._short(layer)}:{lower}"]
         else:
@@ -444,7 +458,7 @@ class OverlayDriver(Driver):
     def apply_lowers(self, layer: LayerInfo) -> list[Path]:
         """The parents' diff dirs, nearest first, as the ``lower`` file names them (``l/``)."""
         try:
-            lower = (self._dir(layer) / "lower").read_text().strip()
+            lower = self._lower(layer)
         except FileNotFoundError:
             return []
         return [self.home / part for part in lower.split(":") if part]
