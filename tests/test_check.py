@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import GD, Result
 
-from graphdriver.linux.mount import mount, mounts_under, unmount, unmount_all_under
+from graphdriver.linux.mount import is_mountpoint, mount, mounts_under, unmount, unmount_all_under
 from graphdriver.testing import Backing
 
 
@@ -227,6 +227,27 @@ def test_a_wrong_mount_count_is_fixed_by_repair(overlay: GD) -> None:
     overlay("mount", "child")
     _assert_clean(overlay)  # a real mount, counted: nothing to say
     overlay("umount", "child")
+
+
+def test_an_uncounted_mount_is_unmounted_by_repair(overlay: GD) -> None:
+    """A kernel mount whose count was lost behind the store's back (no mark says it is being
+    made) is not looked for by every open, but ``check`` finds it and ``--repair`` unmounts
+    it."""
+    _image(overlay)
+    path = overlay("mount", "child").out.strip()
+    _sql(overlay, "UPDATE layers SET mount_count=0, mount_path=NULL WHERE id='child'")
+    overlay("ls")
+    assert is_mountpoint(path)
+    code, lines = _check(overlay)
+    assert (code, lines) == (
+        1,
+        ["mount-count child: mounted but not counted (left by a process that died) "
+         "(--repair fixes this)"],
+    )  # fmt: skip
+    code, lines = _check(overlay, "--repair")
+    assert code == 0, lines
+    assert not is_mountpoint(path)
+    _assert_clean(overlay)
 
 
 def test_an_in_flight_record_left_behind_is_rolled_back(vfs: GD) -> None:

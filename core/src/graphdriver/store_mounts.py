@@ -64,7 +64,9 @@ class LayerMounts:
         """The layer's mounted root: the counted mount if it is still there, else a new one."""
         path: Path | None = Path(rec.mount_path) if rec.mount_path else None
         kernel = isinstance(self.driver, KernelMounts)
-        if path is None or (kernel and self.driver.is_mounted(_info(rec)) is False):
+        if path is None or (
+            kernel and cast(KernelMounts, self.driver).is_mounted(_info(rec)) is False
+        ):
             chain = self.meta.chain(rec.id)
             if kernel:  # dropped with the count (get) or the unmount (a reader's end)
                 with self.meta.transaction():
