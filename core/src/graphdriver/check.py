@@ -321,15 +321,12 @@ class _Checker:
 
     def _recover(self) -> None:
         """Open the store and its containers: their recovery rolls back what dead processes
-        left in flight and matches mount counts to the kernel's mounts, every layer's (as in
-        a store from before the mount marks: an uncounted mount with no mark is unmounted)."""
+        left in flight and matches mount counts to the kernel's mounts (of the layers
+        counted or marked: :func:`_fix` unmounts the others' uncounted mounts)."""
         from .containers import ContainerStore
-        from .recovery import MARKED
         from .store import open_store
 
         try:
-            with self._session() as (meta, _driver), meta.transaction():
-                meta.delete_meta(MARKED)
             store = open_store(self.root, self.driver_cls.name, self.options)
         except GraphDriverError as exc:
             log.warning("the store's own recovery failed: %s", exc)
@@ -349,9 +346,11 @@ class _Checker:
                 # the user the layer's files; recorded again, the user decides with `rm`
                 adopt(meta, p.subject, stored.get(p.subject))
             elif p.kind == "mount-count" and (rec := meta.get(p.subject)) is not None:
-                if rec.mount_count:  # the other way round, store recovery unmounted it
+                if rec.mount_count:
                     with meta.transaction():
                         meta.update(p.subject, mount_count=0, mount_path=None)
+                elif not LayerLocks(self.home).busy(rec.id):  # uncounted, unmarked, not read
+                    driver.unmount(LayerInfo(id=rec.id, parent=rec.parent, rw=rec.rw))
             elif p.kind == "container":
                 meta.containers.delete(p.subject)
                 self._drop_refs(None, f"{driver.name}:{p.subject}")

@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 from . import archive
 from .archive.changes import Change, ChangeKind
 from .driver import NativeDiff
-from .errors import LayerInUse, from_oserror
+from .errors import LayerInUse, StoreError, from_oserror
 from .lazy import LazyModule
 from .linux.mount import MS_BIND, mount, mounts_under, unmount
 from .linux.signals import start_thread
@@ -90,8 +90,11 @@ def _end_read(store: LayerStore, layer_id: str, fd: int) -> None:
         if rec is not None and not rec.mount_count and not store.layer_locks.busy(layer_id):
             store._call(store.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
             if store.meta.get_meta(MOUNTING + layer_id) is not None:  # the reader's mount
-                with store.meta.transaction():
-                    store.meta.delete_meta(MOUNTING + layer_id)
+                try:
+                    with store.meta.transaction():
+                        store.meta.delete_meta(MOUNTING + layer_id)
+                except StoreError as exc:  # a full disk: the next open drops it
+                    log.debug("the mark of layer %s stays: %s", layer_id, exc)
 
 
 @contextlib.contextmanager

@@ -121,6 +121,7 @@ class LayerStore(LayerMounts, LayerDiffs):
             )
         with self.meta.transaction():
             self.meta.set_meta("driver", self.name)
+            self.meta.set_meta(recovery.MARKED, "1")  # no mount yet: every one will be marked
 
     # ------------------------------------------------------------------------ locking, recovery
 

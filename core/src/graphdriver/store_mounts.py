@@ -12,6 +12,7 @@ layer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 from . import faults
 from .driver import Driver, KernelMounts, MountEntry, MountSpec
-from .errors import NotMounted, call_os
+from .errors import NotMounted, StoreError, call_os
 from .locking import LayerLocks
 from .metadata import LayerRecord, Metadata
 from .recovery import MOUNTING
@@ -68,12 +69,24 @@ class LayerMounts:
             kernel and cast(KernelMounts, self.driver).is_mounted(_info(rec)) is False
         ):
             chain = self.meta.chain(rec.id)
-            if kernel:  # dropped with the count (get) or the unmount (a reader's end)
-                with self.meta.transaction():
-                    self.meta.set_meta(MOUNTING + rec.id, "")
-                faults.point("store.mount.marked")
+            if kernel:
+                self._mark_mounting(rec.id)
             path = self.hooks.mount(cast("LayerStore", self), rec, chain, self._driver_mount)
         return path
+
+    def _mark_mounting(self, layer_id: str) -> None:
+        """Mark the layer's kernel mount as held by no count before it is made (dropped with
+        the count, by ``get``, or with the reader's unmount). On a full disk the mount is made
+        unmarked: reading a layer must not need room; a crash before its count then leaves
+        the mount to ``check --repair``."""
+        try:
+            with self.meta.transaction():
+                self.meta.set_meta(MOUNTING + layer_id, "")
+        except StoreError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            log.debug("layer %s mounted without its mark: %s", layer_id, exc)
+        faults.point("store.mount.marked")
 
     def mount_spec(self, layer_id: str, readonly: bool = False) -> list[MountEntry] | None:
         """The mounts another program can make itself to see the layer (writable unless

@@ -199,10 +199,9 @@ class OverlayDriver(Driver):
         return have and wanted != "classic"
 
     def _lower(self, layer: LayerInfo) -> str:
-        """The layer's ``lower`` file (its parents' ``l/`` links, nearest first, ``:``
-        between), once each link it names (and a sealed layer's own) is there: links that
-        went missing are made again (:meth:`_repair_links`) where they are needed, as
-        containers/storage does, not at every open (500 layers: 5 ms each time)."""
+        """The layer's ``lower`` file (its parents' ``l/`` links, nearest first), once each
+        link it names (and a sealed layer's own) is there: missing links are made again where
+        they are needed, as containers/storage does, not at every open (500 layers: 5 ms)."""
         lower = (self._dir(layer) / "lower").read_text().strip()
         names = [part for part in lower.split(":") if part]
         if layer.sealed:
