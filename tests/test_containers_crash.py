@@ -253,3 +253,21 @@ def test_status_says_when_the_volumes_cannot_be_read(gd: GD) -> None:  # noqa: F
         (volumes / name).unlink(missing_ok=True)
     res = gd("status", "--json")
     assert json.loads(res.out)["Volumes"].startswith("cannot be read: ")
+
+
+def test_a_container_mount_killed_before_its_commit_is_undone_by_a_layer_command(
+    gd: GD,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Killed after its layer was mounted and before the container's record and the layer's
+    count committed (one transaction): the layer's mount was marked before, so the next
+    command of the layer store alone (``ls``) unmounts it, not only a container command."""
+    w = World(gd, tmp_path)
+    w.create_c()
+    w.killed("container", "mount", "c", point="containers.mount.after-get")
+    left = w.mounts()
+    gd("ls")
+    assert len(w.mounts()) == w.base + 2, (left, w.mounts())  # o's root and binds alone
+    w.check(c="unmounted")
+    w.mount_c_once()
+    w.finish()

@@ -20,7 +20,7 @@ from graphdriver import CreateOpts, Driver, LayerInfo, LayerStore, NotMounted
 from graphdriver.diffs import change_source
 from graphdriver.linux.mount import MS_BIND, is_mountpoint, mount, unmount, unmount_all_under
 from graphdriver.plugins import hooks
-from graphdriver.recovery import MARKED
+from graphdriver.recovery import MARKED, MOUNTING
 from graphdriver.testing import host_lacks
 
 
@@ -122,6 +122,7 @@ def test_mount_left_by_a_dead_process_is_removed(root: Path, fault: str) -> None
         assert not is_mountpoint(path)
         assert b.metadata("c")["mount_count"] == 0
         assert b.metadata("other")["mount_count"] == 1  # another layer's count is kept
+        assert b.meta.meta_items(MOUNTING) == {}  # settled: the next open is a quick one
         assert is_mountpoint(b.get("c"))
         b.put("c")
         assert not is_mountpoint(path)
@@ -168,6 +169,33 @@ def test_mount_a_reader_kept_after_the_last_put_is_removed_once_it_is_killed(roo
     with _open(root) as b:
         assert not is_mountpoint(root / "bindtest" / "mnt" / "c")
         assert b.metadata("c")["mount_count"] == 0
+
+
+def test_no_mark_outlives_the_mounts_of_get_put_diff_and_cleanup(root: Path) -> None:
+    """A mark left behind would send every later open to the lock and every layer: marks
+    are gone once each mount is counted or undone, and a live reader's stays while it reads,
+    through another process's open."""
+    with _open(root) as s:
+        s.create("base")
+        with s.mounted("base") as p:
+            (p / "f").write_text("x")
+        s.create("c", "base")
+        s.get("c")
+        s.get("c")
+        assert s.meta.meta_items(MOUNTING) == {}
+        s.put("c")
+        s.put("c")
+        with change_source(s, "c", None):
+            assert set(s.meta.meta_items(MOUNTING)) == {"base", "c"}  # the reader's mounts
+            with _open(root) as other:
+                assert set(other.meta.meta_items(MOUNTING)) == {"base", "c"}
+            assert is_mountpoint(root / "bindtest" / "mnt" / "c")
+        assert s.meta.meta_items(MOUNTING) == {}
+        assert not is_mountpoint(root / "bindtest" / "mnt" / "c")
+        s.get("c")
+        s.cleanup()
+        assert s.meta.meta_items(MOUNTING) == {}
+        assert s.meta.get_meta(MARKED) == "1"
 
 
 def test_a_store_from_before_the_marks_is_checked_once_layer_by_layer(root: Path) -> None:

@@ -38,7 +38,7 @@ from typing import IO, Any, cast
 
 from .check_rebuild import adopt, diagnose_db, has_records, rebuild
 from .driver import Driver, KernelMounts, LayerInfo
-from .errors import ArchiveError, GraphDriverError, StoreError
+from .errors import ArchiveError, GraphDriverError, StoreError, call_os
 from .linux.mount import mountinfo
 from .locking import FileLock, LayerLocks
 from .metadata import IN_FLIGHT, LayerRecord, Metadata
@@ -350,7 +350,8 @@ class _Checker:
                     with meta.transaction():
                         meta.update(p.subject, mount_count=0, mount_path=None)
                 elif not LayerLocks(self.home).busy(rec.id):  # uncounted, unmarked, not read
-                    driver.unmount(LayerInfo(id=rec.id, parent=rec.parent, rw=rec.rw))
+                    info = LayerInfo(id=rec.id, parent=rec.parent, rw=rec.rw)
+                    call_os(driver.unmount, info, doing=f"unmount layer {rec.id}")
             elif p.kind == "container":
                 meta.containers.delete(p.subject)
                 self._drop_refs(None, f"{driver.name}:{p.subject}")

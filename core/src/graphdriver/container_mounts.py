@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import faults
+from .driver import KernelMounts
 from .errors import InvalidMountSpec, NotMounted, from_oserror
 from .linux import bind
 from .linux.copy import copy_tree
@@ -84,6 +85,9 @@ class ContainerMounts:
             for mp in mounts:
                 mp.bound, mp.target = False, None
             # the layer reference and its record commit together: never one without the other
+            # (the layer's mount is marked before, for the open after a crash to find it)
+            if isinstance(self.store.driver, KernelMounts):
+                self.store.mark_mounting(row["layer"])
             with self.meta.transaction():
                 root = self.store.get(row["layer"])
                 faults.point("containers.mount.after-get")

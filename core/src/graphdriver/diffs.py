@@ -79,7 +79,7 @@ def _read_ref(
     if fd is None:
         raise LayerInUse(f"layer {rec.id!r} is being changed; try again when it is done")
     stack.callback(_end_read, store, rec.id, fd)
-    return store._mount_path(rec) if mount else None
+    return store._mount_path(rec, reader=True) if mount else None
 
 
 def _end_read(store: LayerStore, layer_id: str, fd: int) -> None:

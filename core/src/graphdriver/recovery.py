@@ -98,11 +98,14 @@ def _settle_marks(store: LayerStore, unsettled: set[str]) -> None:
     mount a live diff reads, or one that would not unmount), which the next open looks at
     again; note that every layer was checked. A store that cannot be written (a full disk)
     is looked at again next time."""
+    marks = store.meta.meta_items(MOUNTING).keys()
+    if marks == unsettled and store.meta.get_meta(MARKED) is not None:
+        return  # (a live diff's mark: no write on each open while it reads)
     try:
         with store.meta.transaction():
-            for layer_id in store.meta.meta_items(MOUNTING).keys() - unsettled:
+            for layer_id in marks - unsettled:
                 store.meta.delete_meta(MOUNTING + layer_id)
-            for layer_id in unsettled:
+            for layer_id in unsettled - marks:
                 store.meta.set_meta(MOUNTING + layer_id, "")
             store.meta.set_meta(MARKED, "1")
     except GraphDriverError as exc:

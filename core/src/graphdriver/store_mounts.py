@@ -61,8 +61,9 @@ class LayerMounts:
         assert isinstance(result, Path)
         return result
 
-    def _mount_path(self, rec: LayerRecord) -> Path:
-        """The layer's mounted root: the counted mount if it is still there, else a new one."""
+    def _mount_path(self, rec: LayerRecord, *, reader: bool = False) -> Path:
+        """The layer's mounted root: the counted mount if it is still there, else a new one
+        (marked first; a *reader*'s is made on a full disk too)."""
         path: Path | None = Path(rec.mount_path) if rec.mount_path else None
         kernel = isinstance(self.driver, KernelMounts)
         if path is None or (
@@ -70,20 +71,26 @@ class LayerMounts:
         ):
             chain = self.meta.chain(rec.id)
             if kernel:
-                self._mark_mounting(rec.id)
+                self.mark_mounting(rec.id, reader=reader)
             path = self.hooks.mount(cast("LayerStore", self), rec, chain, self._driver_mount)
         return path
 
-    def _mark_mounting(self, layer_id: str) -> None:
+    def mark_mounting(self, layer_id: str, *, reader: bool = False) -> None:
         """Mark the layer's kernel mount as held by no count before it is made (dropped with
-        the count, by ``get``, or with the reader's unmount). On a full disk the mount is made
-        unmarked: reading a layer must not need room; a crash before its count then leaves
-        the mount to ``check --repair``."""
+        the count, by ``get``, or with the reader's unmount). A caller that runs ``get`` in a
+        transaction of its own (a container's mount) marks the layer before it begins: a
+        mark must be committed before the mount. On a full disk a *reader*'s mount is made
+        unmarked (reading a layer must not need room; a crash then leaves it to ``check
+        --repair``); ``get`` fails before it mounts, as its count could not be kept."""
+        key = MOUNTING + layer_id
+        if self.meta.db.in_transaction:
+            assert self.meta.get_meta(key) is not None, f"{key} must be committed first"
+            return
         try:
             with self.meta.transaction():
-                self.meta.set_meta(MOUNTING + layer_id, "")
+                self.meta.set_meta(key, "")
         except StoreError as exc:
-            if exc.errno != errno.ENOSPC:
+            if not reader or exc.errno != errno.ENOSPC:
                 raise
             log.debug("layer %s mounted without its mark: %s", layer_id, exc)
         faults.point("store.mount.marked")

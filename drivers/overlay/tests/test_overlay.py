@@ -98,6 +98,9 @@ def test_missing_links_are_recreated_where_they_are_needed(root: Path, needs: st
         assert not link.is_symlink()  # the open read no layer's link file
         with s.mounted("child") as p:
             assert (p / "f").read_text() == "from base"
+        stored = s.driver.stored_layers()  # (check's, and a rebuild's) by the link files
+        assert stored == {"base": None, "child": "base", "grandchild": "child"}
+    link.unlink(missing_ok=True)  # (a kernel without the new API: the mount made it again)
     api = "classic" if needs == "classic-mount" else "auto"
     with _open(root, mount_api=api) as s:
         if needs == "classic-mount":

@@ -58,6 +58,7 @@ from graphdriver.toolkit import (
 )
 
 from .features import cached_features, in_user_namespace, mount_from, probe_stamp, try_mount
+from .links import checked_lower, link_files
 
 log = logging.getLogger(__name__)
 
@@ -197,42 +198,6 @@ class OverlayDriver(Driver):
                 "overlay.mount_api=new needs Linux 6.8 or later (fsconfig lowerdir+)"
             )
         return have and wanted != "classic"
-
-    def _lower(self, layer: LayerInfo) -> str:
-        """The layer's ``lower`` file (its parents' ``l/`` links, nearest first), once each
-        link it names (and a sealed layer's own) is there: missing links are made again where
-        they are needed, as containers/storage does, not at every open (500 layers: 5 ms)."""
-        lower = (self._dir(layer) / "lower").read_text().strip()
-        names = [part for part in lower.split(":") if part]
-        if layer.sealed:
-            names.append(f"l/{self._short(layer)}")
-        home = str(self.home)
-        if not all(os.path.lexists(f"{home}/{name}") for name in names):
-            self._repair_links()
-        return lower
-
-    def _repair_links(self) -> None:
-        """Recreate ``l/`` links that went missing (containers/storage #326): each layer's
-        ``link`` file names its link. ``l/`` is listed once and each small file is read with
-        bare os calls (500 layers: 3 ms; 23 through pathlib)."""
-        with os.scandir(self.home / "l") as entries:
-            links = {entry.name for entry in entries if entry.is_symlink()}
-        with os.scandir(self.home) as layers:
-            for entry in layers:
-                if not is_layer_id(entry.name):
-                    continue
-                try:
-                    fd = os.open(f"{entry.path}/link", os.O_RDONLY | os.O_CLOEXEC)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue  # not a layer's directory, or a create cut before its link file
-                try:
-                    short = os.read(fd, 256).decode(errors="surrogateescape").strip()
-                finally:
-                    os.close(fd)
-                if short and short not in links:
-                    log.warning("recreating missing link l/%s for layer %s", short, entry.name)
-                    with contextlib.suppress(FileExistsError):  # made meanwhile (an apply)
-                        (self.home / "l" / short).symlink_to(Path("..") / entry.name / "diff")
 
     # ---------------------------------------------------------------------------- paths
 
@@ -398,7 +363,7 @@ class OverlayDriver(Driver):
         self, layer: LayerInfo, merged: Path, opts: list[tuple[str, str | None]]
     ) -> None:
         """mount(2) with relative l/ paths, from a child that chdirs into home."""
-        lower = self._lower(layer)
+        lower = checked_lower(self.home, layer.id, self._short(layer) if layer.sealed else None)
         if layer.sealed:
             parts = [f"lowerdir=l/{self._short(layer)}:{lower}"]
         else:
@@ -456,16 +421,15 @@ class OverlayDriver(Driver):
 
     def apply_lowers(self, layer: LayerInfo) -> list[Path]:
         """The parents' diff dirs, nearest first, as the ``lower`` file names them (``l/``)."""
-        try:
-            lower = self._lower(layer)
-        except FileNotFoundError:
+        if not (self._dir(layer) / "lower").exists():
             return []
-        return [self.home / part for part in lower.split(":") if part]
+        return [self.home / part for part in checked_lower(self.home, layer.id).split(":") if part]
 
     def stored_layers(self) -> Mapping[str, str | None]:
         """Every ``<id>/`` with a ``diff`` dir, with the parent its ``lower`` file names first
         (resolved through ``l/``; the unresolved ``l/<short>`` when that link is gone)."""
         found: dict[str, str | None] = {}
+        shorts: dict[str, str] | None = None
         for entry in os.scandir(self.home):
             if not is_layer_id(entry.name) or not os.path.isdir(f"{entry.path}/diff"):
                 continue
@@ -476,8 +440,10 @@ class OverlayDriver(Driver):
                 continue
             try:
                 found[entry.name] = Path(os.readlink(self.home / nearest)).parent.name
-            except OSError:
-                found[entry.name] = nearest
+            except OSError:  # a link gone (made again where it is read): by the link files
+                if shorts is None:
+                    shorts = {short: layer for layer, short in link_files(self.home)}
+                found[entry.name] = shorts.get(nearest.removeprefix("l/"), nearest)
         return found
 
     def status(self) -> list[tuple[str, str]]:
