@@ -380,3 +380,21 @@ def test_failed_readonly_remount_leaves_no_writable_bind(
                 (p / "new").write_text("must not land in an image layer")
             assert info.value.errno == errno.EROFS
         assert not (root / "overlay" / "base" / "diff" / "new").exists()
+
+
+def test_a_sealed_bottom_layer_whose_bind_vanished_is_mounted_again(root: Path) -> None:
+    """An image layer with children and no parent is a read-only bind of its diff dir; if
+    that bind goes (a reboot, an admin's umount), the count is reset at the next open and the
+    next mount binds it again, never handing out the empty ``merged`` dir."""
+    with _open(root) as s:
+        s.create("base")
+        with s.mounted("base") as p:
+            (p / "f").write_text("from base")
+        s.create("child", "base")
+        merged = s.get("base")
+        assert merged == root / "overlay" / "base" / "merged" and is_mountpoint(merged)
+        subprocess.run(["umount", str(merged)], check=True)
+    with _open(root) as s:
+        assert s.metadata("base")["mount_count"] == 0
+        with s.mounted("base") as p:
+            assert (p / "f").read_text() == "from base"

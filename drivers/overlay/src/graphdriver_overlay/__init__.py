@@ -397,7 +397,9 @@ class OverlayDriver(Driver):
         where = f"{self.home}/{layer.id}"
         mounted = os.path.ismount(f"{where}/merged")
         if not mounted and not os.path.exists(f"{where}/lower"):
-            return None  # a bottom layer is usually its own diff dir: nothing to check
+            # a bottom layer is its own diff dir, but sealed (with children) a bind on merged,
+            # which unmount removes: merged there unmounted is a bind gone (a reboot)
+            return False if os.path.isdir(f"{where}/merged") else None
         return mounted
 
     # ---------------------------------------------------------------------------- diffs
