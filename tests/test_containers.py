@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
@@ -206,6 +207,31 @@ def test_diff_of_a_mounted_container_leaves_its_volumes_out(gd: GD, tmp_path: Pa
     with tarfile.open(fileobj=io.BytesIO(gd("diff", layer, stdout=None).raw)) as tf:
         assert sorted(tf.getnames()) == ["h", "in-layer", "named"]
     assert (root / "named" / "in-volume").exists()  # the container is still mounted
+    gd("container", "umount", "c1")
+
+
+def test_a_diff_killed_while_it_reads_a_container_with_volumes_leaves_no_mount(
+    gd: GD, tmp_path: Path
+) -> None:
+    """The diff reads a copy of the container's mount without its volumes; killed while it
+    reads, it leaves no mount behind (the copy is attached nowhere), and the next diff works."""
+    _image(gd)
+    gd("container", "create", "c1", "--image", "img", "-v", "named:/named")
+    layer = _inspect(gd, "container", "c1")["Layer"]
+    root = Path(gd("container", "mount", "c1").out.strip())
+    (root / "in-layer").write_text("l")
+    before = mounts_under(os.path.realpath(gd.root))
+    killed = subprocess.run(
+        gd.argv("diff", layer, "-o", str(tmp_path / "out.tar")),
+        env={**os.environ, "GRAPHDRIVER_FAULT": "store.diff.view"},
+        capture_output=True,
+    )
+    if gd.driver == "vfs":  # (overlay's diff reads its upper dir: no copy)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert mounts_under(os.path.realpath(gd.root)) == before
+    assert not list((gd.root / gd.driver).glob(".diff-view-*"))
+    with tarfile.open(fileobj=io.BytesIO(gd("diff", layer, stdout=None).raw)) as tf:
+        assert sorted(tf.getnames()) == ["in-layer", "named"]
     gd("container", "umount", "c1")
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from . import archive
+from . import archive, faults
 from .archive.changes import Change, ChangeKind
 from .driver import NativeDiff
 from .errors import LayerInUse, StoreError, from_oserror
@@ -175,16 +175,26 @@ def _layer_source(store: LayerStore, layer_id: str, parent: str | None) -> Itera
 
 def _without_submounts(store: LayerStore, stack: contextlib.ExitStack, root: Path) -> Path:
     """*root*, or, when something is mounted inside it (a mounted container's volumes), a
-    private non-recursive bind of it: a diff must not walk into volumes."""
+    private non-recursive copy of its mount: a diff must not walk into volumes. The copy is
+    attached nowhere where the kernel can (:func:`.linux.bind.detached_copy`): a diff killed
+    while it reads leaves no mount; else a bind on a directory of the store's home."""
     real = os.path.realpath(root)
     if not any(m != real for m in mounts_under(real)):
         return root
-    import tempfile  # here only: it imports shutil and random, which a diff needs nowhere else
+    from .linux.bind import detached_copy  # (ctypes) here only: rare, and a diff needs none
 
-    view = Path(tempfile.mkdtemp(prefix=".diff-view-", dir=store.home))
-    stack.callback(view.rmdir)
-    mount(real, view, None, MS_BIND)
-    stack.callback(unmount, view)
+    fd = detached_copy(real)
+    if fd is not None:
+        stack.callback(os.close, fd)
+        view = Path(f"/proc/self/fd/{fd}")
+    else:
+        import tempfile  # here only: it imports shutil and random, needed nowhere else
+
+        view = Path(tempfile.mkdtemp(prefix=".diff-view-", dir=store.home))
+        stack.callback(view.rmdir)
+        mount(real, view, None, MS_BIND)
+        stack.callback(unmount, view)
+    faults.point("store.diff.view")
     return view
 
 

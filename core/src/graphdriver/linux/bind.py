@@ -171,6 +171,27 @@ def _bind_new(source: str | int, target_fd: int, readonly: bool) -> None:
         os.close(tree)
 
 
+def detached_copy(path: str) -> int | None:
+    """An fd on a private copy of the mount at *path* (or of the tree below *path*) without
+    what is mounted under it, attached nowhere (open_tree's clone, not recursive): read
+    through ``/proc/self/fd/<fd>``, it goes with its last fd, so a process killed while it
+    reads leaves no mount behind. None where the kernel has no open_tree (before 5.2) or
+    ``GRAPHDRIVER_BIND_API=classic``."""
+    if os.environ.get(BIND_API_ENV, "new") == "classic":
+        return None
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+    try:
+        fd: int = syscall(
+            SYS_OPEN_TREE, ctypes.c_int(AT_FDCWD), os.fsencode(path), ctypes.c_uint(flags),
+            path=path,
+        )  # fmt: skip
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        return None
+    return fd
+
+
 def _bind_classic(source: str | int, target_fd: int, readonly: bool) -> None:
     where = f"/proc/self/fd/{target_fd}"
     real = fd_path(target_fd)
