@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from .check_rebuild import adopt, diagnose_db, has_records, rebuild
-from .driver import Driver, KernelMounts, LayerInfo
+from .driver import Driver, KernelMounts
 from .errors import ArchiveError, GraphDriverError, StoreError, call_os
 from .linux.mount import mountinfo
 from .locking import FileLock, LayerLocks
 from .metadata import IN_FLIGHT, LayerRecord, Metadata
 from .plugins import choose_driver, load_driver
+from .recovery import layer_info
 from .volume_records import VolumeCatalog, held_catalog
 
 log = logging.getLogger(__name__)
@@ -350,8 +351,7 @@ class _Checker:
                     with meta.transaction():
                         meta.update(p.subject, mount_count=0, mount_path=None)
                 elif not LayerLocks(self.home).busy(rec.id):  # uncounted, unmarked, not read
-                    info = LayerInfo(id=rec.id, parent=rec.parent, rw=rec.rw)
-                    call_os(driver.unmount, info, doing=f"unmount layer {rec.id}")
+                    call_os(driver.unmount, layer_info(rec), doing=f"unmount layer {rec.id}")
             elif p.kind == "container":
                 meta.containers.delete(p.subject)
                 self._drop_refs(None, f"{driver.name}:{p.subject}")
@@ -479,8 +479,7 @@ def _mount_problems(driver: Driver, records: Mapping[str, LayerRecord]) -> list[
     for rec in records.values():
         if rec.state != "ready":
             continue
-        info = LayerInfo(id=rec.id, parent=rec.parent, rw=rec.rw)
-        mounted = driver.is_mounted(info)
+        mounted = driver.is_mounted(layer_info(rec))
         if mounted is None:
             continue
         if rec.mount_count and not mounted:
