@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from graphdriver import CreateOpts, Driver, LayerInfo, LayerStore, NotMounted
+from graphdriver import CreateOpts, Driver, LayerInfo, LayerStore, NotMounted, faults
 from graphdriver.diffs import change_source
 from graphdriver.linux.mount import MS_BIND, is_mountpoint, mount, unmount, unmount_all_under
 from graphdriver.plugins import hooks
@@ -49,15 +49,24 @@ class BindDriver(Driver):
     def remove(self, layer: LayerInfo) -> None:
         shutil.rmtree(self._dir(layer), ignore_errors=True)
 
+    def _active(self, layer: LayerInfo) -> Path:
+        """What a mount begins before the kernel mount and ``unmount`` ends (devmapper's
+        activated thin device)."""
+        return self.home / "active" / layer.id
+
     def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
         target = self._mnt(layer)
         target.mkdir(parents=True, exist_ok=True)
+        self._active(layer).parent.mkdir(exist_ok=True)
+        self._active(layer).touch()
+        faults.point("bindtest.mount.after-activate")
         if not is_mountpoint(target):
             mount(str(self._dir(layer)), target, None, MS_BIND)
         return target
 
     def unmount(self, layer: LayerInfo) -> None:
         unmount(self._mnt(layer))
+        self._active(layer).unlink(missing_ok=True)
 
     def is_mounted(self, layer: LayerInfo) -> bool:
         return is_mountpoint(self._mnt(layer))
@@ -128,6 +137,24 @@ def test_mount_left_by_a_dead_process_is_removed(root: Path, fault: str) -> None
         assert not is_mountpoint(path)
         b.remove("c")
         b.cleanup()
+
+
+def test_what_a_mount_killed_inside_the_driver_began_is_undone(root: Path) -> None:
+    """Killed inside the driver's mount, after it began something (devmapper: the thin
+    device activated) and before the kernel mount: the next open has the driver undo it, as
+    the last ``put`` would, and drops the mark."""
+    with _open(root) as a:
+        a.create("c")
+    _killed(root, lambda s: s.get("c"), "bindtest.mount.after-activate")
+    active = root / "bindtest" / "active" / "c"
+    assert active.exists() and not is_mountpoint(root / "bindtest" / "mnt" / "c")
+    with _open(root) as b:
+        assert not active.exists()
+        assert b.metadata("c")["mount_count"] == 0
+        assert b.meta.meta_items(MOUNTING) == {}
+        assert is_mountpoint(b.get("c")) and active.exists()
+        b.put("c")
+        assert not active.exists()
 
 
 def test_mount_of_a_reader_killed_mid_diff_is_removed(root: Path) -> None:

@@ -72,10 +72,11 @@ def recover(store: LayerStore, reset: Reset, records: Sequence[LayerRecord]) -> 
         return
     with store.locked("recover the store"):
         unsettled = set()
+        marks = store.meta.meta_items(MOUNTING).keys()
         for rec in reversed(store.meta.all()):
             if rec.state in IN_FLIGHT:
                 _roll(store, rec, reset)
-            elif not _reconcile_mount(store, rec):
+            elif not _reconcile_mount(store, rec, marked=rec.id in marks):
                 unsettled.add(rec.id)
         if isinstance(store.driver, KernelMounts):
             _settle_marks(store, unsettled)
@@ -139,9 +140,12 @@ def _roll(store: LayerStore, rec: LayerRecord, reset: Reset) -> None:
         store.layer_locks.release(fd, rec.id)
 
 
-def _reconcile_mount(store: LayerStore, rec: LayerRecord) -> bool:
+def _reconcile_mount(store: LayerStore, rec: LayerRecord, *, marked: bool = False) -> bool:
     """Match a layer's mount count to its kernel mount; False when an uncounted mount stays
-    (a live reader's, or one that would not unmount)."""
+    (a live reader's, or one that would not unmount). A *marked* layer that nobody counts or
+    mounts is unmounted all the same: its process died inside the driver's mount, which may
+    have begun it (devmapper's thin device activated, the mount not made), and the driver's
+    ``unmount`` undoes that as it would a mount (not mounted is not an error)."""
     driver = store.driver
     if not isinstance(driver, KernelMounts):
         return True
@@ -155,10 +159,13 @@ def _reconcile_mount(store: LayerStore, rec: LayerRecord) -> bool:
         )
         with store.meta.transaction():
             store.meta.update(rec.id, mount_count=0, mount_path=None)
-    elif not rec.mount_count and mounted:
+    elif not rec.mount_count and (mounted or marked):
         if store.layer_locks.busy(rec.id):
             return False  # a live diff's: it unmounts when it is done
-        log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
+        if mounted:
+            log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
+        else:
+            log.info("undoing the mount of layer %s that a process that died began", rec.id)
         try:
             call_os(store.driver.unmount, info, doing=f"unmount layer {rec.id}")
         except GraphDriverError as exc:

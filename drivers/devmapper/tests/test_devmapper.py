@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from graphdriver import CreateOpts, DriverUnavailable, GraphDriverError, InvalidOption, open_store
+from graphdriver import (
+    CreateOpts,
+    DriverUnavailable,
+    GraphDriverError,
+    InvalidOption,
+    LayerStore,
+    open_store,
+)
 from graphdriver.linux import loop
 from graphdriver.testing import host_lacks
 from graphdriver.testing.backings import pool_on_loop_files
@@ -287,20 +294,42 @@ def test_crash_between_base_device_and_mkfs_is_finished_at_next_open(root: Path,
         s.cleanup()
 
 
+def _rw_device(s: LayerStore, layer: str) -> str:
+    """Create the rw layer *layer*; the dm name of its thin device."""
+    s.create_rw(layer)
+    assert isinstance(s.driver, DevmapperDriver)
+    device = s.driver._device(layer)
+    assert device is not None
+    return s.driver._name(device[0])
+
+
 def test_failed_mount_deactivates_the_device(
     root: Path, pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_store(root, "devmapper", _opts(pool)) as s:
-        s.create_rw("c")
-        assert isinstance(s.driver, DevmapperDriver)
-        device = s.driver._device("c")
-        assert device is not None
-        name = s.driver._name(device[0])
+        name = _rw_device(s, "c")
         monkeypatch.setenv("GRAPHDRIVER_FAULT", "devmapper.mount.after-activate=EIO")
         with pytest.raises(GraphDriverError):
             s.get("c")
         assert dmsetup.info(name) is None
         monkeypatch.delenv("GRAPHDRIVER_FAULT")
+        with s.mounted("c") as p:
+            (p / "f").write_text("works")
+        s.cleanup()
+
+
+def test_a_mount_killed_after_the_activation_leaves_no_device(root: Path, pool: str) -> None:
+    # killed between activating the thin device and mounting it, before get counts it: the
+    # next open has the driver deactivate it (its mark says a mount was begun), as a failed
+    # mount does itself
+    with open_store(root, "devmapper", _opts(pool)) as s:
+        name = _rw_device(s, "c")
+    killed = _cli(root, _opts(pool), "mount", "c", fault="devmapper.mount.after-activate")
+    assert killed.returncode == -9, killed.stderr
+    assert dmsetup.info(name) is not None
+    with open_store(root, "devmapper", _opts(pool)) as s:
+        assert dmsetup.info(name) is None
+        assert s.metadata("c")["mount_count"] == 0
         with s.mounted("c") as p:
             (p / "f").write_text("works")
         s.cleanup()
