@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,38 @@ from graphdriver import (
     ArchiveError,
     InvalidOption,
     LayerExists,
+    LayerInfo,
     LayerInUse,
+    LayerStore,
     StoreError,
     open_store,
 )
 from graphdriver.driver import parse_size
 from graphdriver.linux.mount import mount, unmount
 from graphdriver.metadata import LayerRecord, Metadata
+from graphdriver.plugins import hooks
+from graphdriver_vfs import VfsDriver
+
+
+def test_driver_recover_is_given_every_layer(tmp_path: Path) -> None:
+    """``Driver.recover`` sees every layer the store knows, in every state, oldest first,
+    although the open itself reads only the records in flight or counted as mounted."""
+    seen: list[list[tuple[str, str | None, bool]]] = []
+
+    class Seeing(VfsDriver):
+        def recover(self, layers: Sequence[LayerInfo]) -> None:
+            seen.append([(info.id, info.parent, info.rw) for info in layers])
+            assert len(layers) == len(seen[-1]) and list(layers[1:]) == list(layers)[1:]
+
+    with LayerStore(tmp_path, Seeing, {}, hooks()) as store:
+        assert seen == [[]]
+        store.create("base")
+        store.create("img", "base")
+        store.create_rw("c", "img")
+        store.get("c")
+    with LayerStore(tmp_path, Seeing, {}, hooks()) as store:
+        assert seen[-1] == [("base", None, False), ("img", "base", False), ("c", "img", True)]
+        store.put("c")
 
 
 def test_in_flight_layers_are_recovered_at_open(tmp_path: Path) -> None:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, overload
 
 from . import faults
 from .driver import KernelMounts, LayerInfo
 from .errors import GraphDriverError, call_os
-from .metadata import IN_FLIGHT, LayerRecord
+from .metadata import IN_FLIGHT, LayerRecord, Metadata
 
 if TYPE_CHECKING:
     from .store import LayerStore
@@ -60,14 +60,40 @@ def layer_info(rec: LayerRecord, *, sealed: bool = False) -> LayerInfo:
 _info = layer_info
 
 
+class KnownLayers(Sequence[LayerInfo]):
+    """Every layer the store knows, as ``Driver.recover`` is given them: read from the
+    records when the driver first looks (no built-in driver does), so that an open does not
+    read every record."""
+
+    def __init__(self, meta: Metadata) -> None:
+        self._meta = meta
+        self._infos: list[LayerInfo] | None = None
+
+    def _read(self) -> list[LayerInfo]:
+        if self._infos is None:
+            self._infos = [layer_info(rec) for rec in self._meta.all()]
+        return self._infos
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    @overload
+    def __getitem__(self, index: int) -> LayerInfo: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[LayerInfo]: ...
+    def __getitem__(self, index: int | slice) -> LayerInfo | Sequence[LayerInfo]:
+        return self._read()[index]
+
+
 #: what empties a half-applied layer again (:func:`graphdriver.applying.reset`)
 Reset = Callable[["LayerStore", LayerRecord], None]
 
 
 def recover(store: LayerStore, reset: Reset, records: Sequence[LayerRecord]) -> None:
-    """Look for what a dead process left in *records* (the store's, as the open read them
-    under its lock); recover it under the lock, reading them again there. A half-applied
-    layer is emptied with *reset* (apply-diff's own rollback)."""
+    """Look for what a dead process left in *records* (the store's unsettled ones,
+    ``Metadata.unsettled``, as the open read them under its lock); recover it under the
+    lock, reading every record there. A half-applied layer is emptied with *reset*
+    (apply-diff's own rollback)."""
     if not any(r.state in IN_FLIGHT for r in records) and not _mounts_disagree(store, records):
         return
     with store.locked("recover the store"):

@@ -89,10 +89,10 @@ class LayerStore(LayerMounts, LayerDiffs):
                 self.driver = driver_cls(self.home, options)
                 if recorded is None:
                     self._first_open()
-                records = self.meta.all()
+                records = self.meta.unsettled()
                 call_os(
                     self.driver.recover,
-                    [_info(r) for r in records],
+                    recovery.KnownLayers(self.meta),
                     doing=f"recover driver {self.name}",
                 )
             # the apply engine is imported only when a half-applied layer needs it
