@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import GD
+from conftest import GD, Result
 
+from graphdriver.cli import DEFAULT_ROOT
 from graphdriver.testing.suite import hostile_tars
 
 
@@ -100,3 +105,23 @@ def test_apply_diff_of_missing_file(gd: GD) -> None:
     gd("create", "x")
     err = one_line_error(gd("apply-diff", "x", "/nonexistent/layer.tar", check=False))
     assert "No such file" in err
+
+
+def test_an_empty_root_is_refused(gd: GD, tmp_path: Path) -> None:
+    """``--root ''`` would be the working directory, which a store's root is made private
+    in, and an empty GRAPHDRIVER_ROOT (an unset variable expanded) the default store: both
+    are refused, and nothing is made or changed."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    cwd.chmod(0o755)
+    default_there = os.path.exists(DEFAULT_ROOT)
+    runs = {
+        1: ([*gd.base, "--root", "", "--driver", "vfs", "ls"], {}),
+        2: ([*gd.base, "--driver", "vfs", "rm", "x"], {"GRAPHDRIVER_ROOT": ""}),
+    }
+    for code, (argv, env) in runs.items():
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, env={**os.environ, **env})
+        err = one_line_error(Result(proc.returncode, "", proc.stderr.decode(), b""), code)
+        assert "empty" in err, err
+    assert os.listdir(cwd) == [] and stat.S_IMODE(cwd.stat().st_mode) == 0o755
+    assert os.path.exists(DEFAULT_ROOT) == default_there

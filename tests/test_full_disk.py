@@ -26,6 +26,7 @@ import pytest
 from conftest import GD, Result
 
 from graphdriver.testing import Backing, backing_or_skip
+from graphdriver.toolkit import is_mountpoint
 
 MiB = 1 << 20
 #: the filesystem: big enough for every mkfs here (xfs wants 300 MiB), small enough to fill
@@ -290,3 +291,37 @@ def _one_line_error(res: Result) -> str:
     assert res.code == 1 and len(lines) == 1, (res.code, res.err)
     assert lines[0].startswith("graphdriver: error: "), lines
     return lines[0]
+
+
+def test_an_unmount_on_a_full_disk_leaves_the_store_readable() -> None:
+    """The last umount of a container layer on a full disk unmounts it but cannot record the
+    count, and says so in one line; reads go on while the disk is full (the next opens find
+    the count without its mount and cannot reset it yet), and once there is room the count
+    is reset and the layer mounts and unmounts as before."""
+    for backing in backing_or_skip("loop-ext4", size=FS_SIZE):
+        gd = GD(backing.root / "root", "overlay")
+        filler = backing.root / "filler"
+        try:
+            gd("create", "base")
+            gd("apply-diff", "base", "-", input=_base_tar())
+            gd("create", "--rw", "--parent", "base", "ctr")
+            merged = gd("mount", "ctr").out.strip()
+            _fill(filler)
+            line = _one_line_error(gd("umount", "ctr", check=False))
+            assert "'ctr' is unmounted, but its count is not" in line and "is full" in line
+            assert not is_mountpoint(merged)
+            listed = gd("ls")
+            assert listed.out.split() == ["base", "ctr"], listed
+            assert "counted as mounted 1 times but is not mounted" in listed.err, listed
+            assert json.loads(gd("inspect", "ctr").out)["mount_count"] == 1
+        finally:
+            shutil.rmtree(filler, ignore_errors=True)
+        try:
+            assert json.loads(gd("inspect", "ctr").out)["mount_count"] == 0
+            assert is_mountpoint(gd("mount", "ctr").out.strip())
+            gd("umount", "ctr")
+            assert not is_mountpoint(merged)
+            check = gd("check", check=False)
+            assert (check.code, check.out, check.err) == (0, "", ""), check
+        finally:
+            subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)

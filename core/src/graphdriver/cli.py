@@ -65,12 +65,25 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         ctx.exit()
 
 
+def _root(ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """An empty GRAPHDRIVER_ROOT is refused, not taken for unset (click's way): a command
+    meant for another store (``GRAPHDRIVER_ROOT=$UNSET graphdriver rm X``) must not run on the
+    default one. An empty --root is refused by open_store."""
+    if os.environ.get("GRAPHDRIVER_ROOT") == "" and ctx.get_parameter_source("root") in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.ENVIRONMENT,
+    ):
+        raise click.BadParameter("GRAPHDRIVER_ROOT is set but empty: name a directory")
+    return value
+
+
 @click.group(cls=ErrorGroup, lazy=VERBS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--root",
     envvar="GRAPHDRIVER_ROOT",
     default=DEFAULT_ROOT,
     show_default=True,
+    callback=_root,
     help="Directory that holds the layers (GRAPHDRIVER_ROOT).",
 )
 @click.option(

@@ -183,8 +183,12 @@ def _reconcile_mount(store: LayerStore, rec: LayerRecord, *, marked: bool = Fals
         log.warning(
             "layer %s was counted as mounted %d times but is not mounted", rec.id, rec.mount_count
         )
-        with store.meta.transaction():
-            store.meta.update(rec.id, mount_count=0, mount_path=None)
+        try:
+            with store.meta.transaction():
+                store.meta.update(rec.id, mount_count=0, mount_path=None)
+        except GraphDriverError as exc:  # a full disk: reads go on, the next open retries
+            log.warning("%s; retried at the next open", exc)
+            return False
     elif not rec.mount_count and (mounted or marked):
         if store.layer_locks.busy(rec.id):
             return False  # a live diff's: it unmounts when it is done

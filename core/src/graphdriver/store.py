@@ -443,6 +443,8 @@ def open_store(
 
     *wait* bounds, in seconds, how long any call waits for the store lock (None: for ever).
     """
+    if not os.fspath(root):  # Path("") is the working directory, which private_dir chmods
+        raise InvalidOption("the store's root must name a directory, not be empty")
     root_path = Path(root).absolute()
     try:
         private_dir(root_path)

@@ -139,14 +139,24 @@ class LayerMounts:
             if rec.mount_count == 1 and not kept:
                 call_os(self.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
             faults.point("store.put.after-driver")
-            with self.meta.transaction():
-                self.meta.update(
-                    layer_id,
-                    mount_count=rec.mount_count - 1,
-                    mount_path=rec.mount_path if rec.mount_count > 1 else None,
-                )
-                if kept and isinstance(self.driver, KernelMounts):  # uncounted from now on
-                    self.meta.set_meta(MOUNTING + layer_id, "")
+            try:
+                with self.meta.transaction():
+                    self.meta.update(
+                        layer_id,
+                        mount_count=rec.mount_count - 1,
+                        mount_path=rec.mount_path if rec.mount_count > 1 else None,
+                    )
+                    if kept and isinstance(self.driver, KernelMounts):  # uncounted from now on
+                        self.meta.set_meta(MOUNTING + layer_id, "")
+            except StoreError as exc:
+                if rec.mount_count > 1 or kept:
+                    raise
+                # (a full disk) the layer is unmounted all the same: a later open with room
+                # finds the count without its mount and resets it
+                raise StoreError(
+                    f"layer {layer_id!r} is unmounted, but its count is not: {exc}",
+                    errno_=exc.errno,
+                ) from exc
 
     @contextlib.contextmanager
     def mounted(self, layer_id: str) -> Iterator[Path]:

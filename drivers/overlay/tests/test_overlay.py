@@ -398,3 +398,25 @@ def test_a_sealed_bottom_layer_whose_bind_vanished_is_mounted_again(root: Path) 
         assert s.metadata("base")["mount_count"] == 0
         with s.mounted("base") as p:
             assert (p / "f").read_text() == "from base"
+
+
+def test_a_sealed_bottom_layer_stays_mounted_across_opens(root: Path) -> None:
+    """The read-only bind of a sealed bottom layer is on the same filesystem as its
+    ``merged`` dir (``os.path.ismount`` does not see it): another open keeps its count, a
+    second get binds nothing more, the last put leaves no bind and the layer goes."""
+    with _open(root) as s:
+        s.create("base")
+        s.create("child", "base")
+        merged = s.get("base")
+    binds = lambda: sum(e.mountpoint == str(merged) for e in mountinfo())  # noqa: E731
+    assert binds() == 1
+    with _open(root) as s:
+        assert s.metadata("base")["mount_count"] == 1
+        assert s.get("base") == merged and binds() == 1
+    with _open(root) as s:
+        s.put("base")
+        s.put("base")
+        assert binds() == 0
+        s.remove("child")
+        s.remove("base")
+        assert not (root / "overlay" / "base").exists()

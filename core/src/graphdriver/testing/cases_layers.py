@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from .. import CreateOpts, InvalidOption, LayerInUse, LayerStore, NotMounted
+from ..linux.mount import mounts_under
 from .base import ConformanceBase, MiB, _writer, quota_or_skip
 from .groups import group
 from .require import needs_root
@@ -234,6 +235,36 @@ class LayerCases(ConformanceBase):
         assert store.metadata("c")["mount_count"] == 0
         with pytest.raises(NotMounted):
             other.put("c")
+
+    @group("mount")
+    def test_mounts_of_every_kind_of_layer_outlive_the_open(
+        self, store: LayerStore, open_again: Callable[[], LayerStore], store_root: Path
+    ) -> None:
+        """A mount made through one open is the same mount to the next: a bottom image layer
+        with children, one in the middle, a leaf and a container layer each keep their count
+        and their content there, a second get gives the same path, and the puts through the
+        other open unmount them all (overlay's read-only bind of a sealed bottom layer is on
+        its own filesystem, which ``os.path.ismount`` does not see)."""
+        self.base_with(store, make_base)
+        store.create("mid", "base")
+        store.create("top", "mid")
+        store.create_rw("c", "top")
+        kinds = ("base", "mid", "top", "c")
+        paths = {layer: store.get(layer) for layer in kinds}
+        other = open_again()
+        for layer in kinds:
+            assert other.metadata(layer)["mount_count"] == 1, layer
+            assert (paths[layer] / "a file").read_bytes() == b"Some data", layer
+            assert other.get(layer) == paths[layer], layer
+        for layer in kinds:
+            other.put(layer)
+            other.put(layer)
+        again = open_again()
+        assert all(again.metadata(layer)["mount_count"] == 0 for layer in kinds)
+        for layer in reversed(kinds):
+            again.remove(layer)
+        assert again.layers() == []
+        assert mounts_under(store_root) == [], "a layer's mount outlived its last put"
 
     @group("mount")
     def test_layer_content_out_of_other_users_reach(self, store: LayerStore) -> None:
