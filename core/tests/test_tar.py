@@ -113,18 +113,26 @@ def test_pax_for_big_ids_and_base256_read() -> None:
     data = hdr + b"\0" * 1024
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         assert tf.getmembers()[0].uid == 3_000_000
-    # GNU base-256 numbers (as GNU tar writes for huge uids)
-    info = tarfile.TarInfo("g")
-    info.uid = 1 << 33
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        tf.addfile(info, io.BytesIO(b""))
-    r, w = os.pipe()
-    os.write(w, buf.getvalue())
-    os.close(w)
-    entries = list(TarReader(r))
-    os.close(r)
-    assert entries[0].uid == 1 << 33
+    # GNU base-256 numbers (as GNU tar writes for uids past 8^7); one no uid_t holds (32
+    # bits, and (uid_t)-1 is chown's "unchanged") is refused in one line
+    for uid in (4_000_000_000, (1 << 32) - 1, 1 << 33):
+        info = tarfile.TarInfo("g")
+        info.uid = uid
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+            tf.addfile(info, io.BytesIO(b""))
+        assert buf.getvalue()[108] == 0x80  # base-256
+        r, w = os.pipe()
+        os.write(w, buf.getvalue())
+        os.close(w)
+        try:
+            if uid < (1 << 32) - 1:
+                assert next(iter(TarReader(r))).uid == uid
+            else:
+                with pytest.raises(ArchiveError, match=f"uid {uid} is out of range"):
+                    list(TarReader(r))
+        finally:
+            os.close(r)
 
 
 def _good() -> bytes:

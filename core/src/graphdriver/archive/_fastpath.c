@@ -1754,6 +1754,11 @@ static PyObject *entry_fields(const unsigned char *b, const unsigned char *pax,
             (got[P_MTIME].p && !pax_ns(got[P_MTIME].p, got[P_MTIME].n, &mtime_ns)) ||
             (got[P_ATIME].p && !pax_ns(got[P_ATIME].p, got[P_ATIME].n, &atime_ns)))
             goto left;
+        /* an owner chown cannot take, a NUL in a name: the Python reader's one-line error */
+        if (uid > 4294967294LL || gid > 4294967294LL ||
+            (got[P_PATH].p && memchr(got[P_PATH].p, 0, got[P_PATH].n) != NULL) ||
+            (got[P_LINKPATH].p && memchr(got[P_LINKPATH].p, 0, got[P_LINKPATH].n) != NULL))
+            goto left;
         if (got[P_ATIME].p && (atime = PyLong_FromLongLong(atime_ns)) == NULL)
             goto out;
     }

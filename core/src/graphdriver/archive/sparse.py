@@ -76,6 +76,8 @@ def check_map(regions: list[Region], real_size: int, data_size: int, name: str) 
     """Refuse a map that is out of order, overlaps itself, points past the file's end, or
     does not account for exactly the data the entry carries."""
     check_count(len(regions), name)
+    if not 0 <= real_size <= (1 << 63) - 1:  # what a file can hold (off_t)
+        raise ArchiveError(f"sparse file {name!r} has a size out of range ({real_size})")
     end = 0
     total = 0
     for offset, length in regions:

@@ -116,7 +116,8 @@ def encode_header(
     """The header block(s) of one entry: a PAX extended header first when ustar cannot hold it.
 
     *mtime_ns*, when it has a fraction of a second, goes in a PAX ``mtime`` record as well;
-    whole seconds stay in the ustar field alone (as Docker writes them)."""
+    whole seconds stay in the ustar field alone (as Docker writes them), unless it cannot
+    hold them (before 1970, after 2242): then they go in a PAX record too."""
     bname = name.encode("utf-8", "surrogateescape")  # os.fsencode, without its call
     if not linkname and not xattrs and not devmajor and not devminor:
         head = plain_header(bname, typeflag, mode, uid, gid, size, mtime, mtime_ns)
@@ -166,7 +167,10 @@ def _general_header(
         size = 0
     if mtime_ns is not None:
         mtime = _sub_second_mtime(pax, mtime_ns)
-    mtime = 0 if mtime < 0 else min(mtime, _MAX_NUMBER)
+    if not 0 <= mtime <= _MAX_NUMBER:  # before 1970 or after 2242: whole seconds in PAX
+        if mtime_ns is None or not mtime_ns % 1_000_000_000:  # (else its fraction's record)
+            pax.append(_pax_record("mtime", b"%d" % mtime))
+        mtime = 0 if mtime < 0 else _MAX_NUMBER
     if xattrs:
         for key, value in sorted(xattrs):
             pax.append(_pax_record("SCHILY.xattr." + key, value))

@@ -16,7 +16,9 @@ def number(field: bytes, what: str) -> int:
         return int(field.strip(b" \0"), 8)
     except ValueError:
         pass
-    if field and field[0] & 0x80:  # GNU base-256
+    if field and field[0] & 0x80:  # GNU base-256, two's complement: 0xff... is negative
+        if field[0] & 0x40:  # (the sign bit below the marker, as Go's archive/tar reads it)
+            return int.from_bytes(bytes([field[0] | 0x80]) + field[1:], "big", signed=True)
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
@@ -133,7 +135,45 @@ def header_entry(
     if typeflag in (CHRTYPE, BLKTYPE):
         entry.devmajor = number(block[329:337], "devmajor")
         entry.devminor = number(block[337:345], "devminor")
+    _in_range(entry, name, link)
     return entry
+
+
+#: the largest file (off_t), owner id (uid_t, but for -1: "unchanged" to chown) and device
+#: number part (dev_t's major and minor) a Linux filesystem takes; a time's seconds fit
+#: time_t (64 bits), and the kernel clamps them to the filesystem's own range
+MAX_SIZE = (1 << 63) - 1
+_MAX_ID = (1 << 32) - 2
+_MAX_DEV = (1 << 32) - 1
+_TIME_T = 1 << 63
+
+
+def size_field(block: bytes) -> int:
+    """The header's size field, refused when negative or past what a file can hold."""
+    size = number(block[124:136], "size")
+    if not 0 <= size <= MAX_SIZE:
+        raise ArchiveError(f"corrupt tar header: size {size} is out of range")
+    return size
+
+
+def _in_range(entry: TarEntry, name: bytes, link: bytes) -> None:
+    """Refuse numbers no file can have and names with a NUL in them (a PAX record's), in one
+    line, before anything is made of them."""
+    checks = (
+        ("size", entry.size, 0, MAX_SIZE),
+        ("uid", entry.uid, 0, _MAX_ID),
+        ("gid", entry.gid, 0, _MAX_ID),
+        ("mtime", entry.mtime_ns // 10**9, -_TIME_T, _TIME_T - 1),
+        ("atime", (entry.atime_ns or 0) // 10**9, -_TIME_T, _TIME_T - 1),
+        ("devmajor", entry.devmajor, 0, _MAX_DEV),
+        ("devminor", entry.devminor, 0, _MAX_DEV),
+    )
+    for what, value, low, high in checks:
+        if not low <= value <= high:
+            unit = " s" if what.endswith("time") else ""
+            raise ArchiveError(f"tar entry {entry.name!r}: {what} {value}{unit} is out of range")
+    if b"\0" in name or b"\0" in link:
+        raise ArchiveError(f"tar entry {entry.name!r}: its name or link target holds a NUL byte")
 
 
 def pax_fields(entry: TarEntry, block: bytes, pax: dict[str, bytes]) -> None:

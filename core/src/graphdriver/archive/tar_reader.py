@@ -227,7 +227,7 @@ class TarReader:
                 ext.pax.update(headers.parse_pax(pax))
                 extended, pax = True, None
             typeflag = block[156:157]
-            size = headers.number(block[124:136], "size")
+            size = headers.size_field(block)
             if typeflag in _EXTENSIONS:
                 data = self._extension_data(size)
                 if plain is not None and typeflag == XHDTYPE and not extended and not self._globals:

@@ -53,6 +53,23 @@ def _member(
     return info, data if kind == tarfile.REGTYPE else None
 
 
+def _patched(name: str, offset: int, raw: bytes) -> bytes:
+    """A one-file ustar tar whose header has *raw* at *offset* (a base-256 number, say),
+    its checksum made again."""
+    info, _ = _member(name)
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[offset : offset + len(raw)] = raw
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + bytes(1024)
+
+
+def _pax_record(name: str, key: str, value: str) -> bytes:
+    info, _ = _member(name)
+    info.pax_headers = {key: value}
+    return bytes(info.tobuf(tarfile.PAX_FORMAT)) + bytes(1024)
+
+
 def _writer(name: str, text: str) -> Callable[[Path], object]:
     return lambda root: (root / name).write_text(text)
 
@@ -144,6 +161,14 @@ def hostile_tars() -> dict[str, tuple[bytes, type[Exception]]]:
         ),
         "whiteout-dot": (_tar(_member(".wh..")), UnsafeArchive),
         "corrupt-gzip": (gzip.compress(good)[:-40], ArchiveError),
+        # numbers no file can have, and a NUL in a name: one line, not an OverflowError
+        "size-base256-huge": (_patched("big", 124, b"\x80" + b"\xff" * 11), ArchiveError),
+        "size-base256-negative": (_patched("neg", 124, b"\xff" * 12), ArchiveError),
+        "uid-base256-negative": (_patched("uid", 108, b"\xff" * 8), ArchiveError),
+        "pax-size-huge": (_pax_record("big", "size", str(1 << 64)), ArchiveError),
+        "pax-uid-huge": (_pax_record("uid", "uid", "99999999999"), ArchiveError),
+        "pax-mtime-huge": (_pax_record("time", "mtime", str(10**20)), ArchiveError),
+        "pax-path-nul": (_pax_record("nul", "path", "a\0b"), ArchiveError),
     }
 
 

@@ -281,3 +281,28 @@ class DiffCases(ConformanceBase):
         assert [c.path for c in store.changes("top")] == ["/from-top"]
         assert [c.path for c in store.changes("top", "base")] == ["/from-mid", "/from-top"]
         assert store.diff_size("top", "base") == 2
+
+    @group("diff")
+    def test_times_a_ustar_field_cannot_hold_survive_a_generated_diff(
+        self, store: LayerStore
+    ) -> None:
+        """Whole seconds before 1970 or after 2242 go in a PAX ``mtime`` record; the ustar
+        field alone was clamped to 0 and 8^11-1, so the layer applied from the diff got
+        1970 and 2242 instead."""
+        self.base_with(store, make_base)
+        store.create_rw("dated", "base")
+        times = {"old": -473_385_600, "far": 10_413_792_000, "old-fraction": -473_385_599}
+
+        def date(root: Path) -> None:
+            for name, seconds in times.items():
+                (root / name).write_text(name)
+                ns = seconds * 10**9 + (250_000_000 if name.endswith("fraction") else 0)
+                os.utime(root / name, ns=(ns, ns))
+
+        self.fill(store, "dated", date)
+        with store.mounted("dated") as root:
+            kept = {name: os.lstat(root / name).st_mtime_ns for name in times}
+        assert kept["old"] == -473_385_600 * 10**9, "the filesystem keeps no time before 1970"
+        self.roundtrip(store, "dated", "copy")
+        with store.mounted("copy") as root:
+            assert {name: os.lstat(root / name).st_mtime_ns for name in times} == kept

@@ -285,3 +285,34 @@ class ExactDiffCases(ConformanceBase):
         store.create("future")
         store.apply("future", io.BytesIO(applied))
         self._assert_exact(store, "future", applied)
+
+    @group("streams")
+    def test_a_file_dated_before_1970_in_base_256_is_applied(
+        self, store: LayerStore, tmp_path: Path
+    ) -> None:
+        """GNU tar's gnu and oldgnu formats write a time before 1970 as a negative base-256
+        number (0xff first); it was read as a huge positive one and the apply failed with an
+        OverflowError. The layer gets the date, and its diff is the applied tar."""
+        needs_root(APPLIES)
+        src = tmp_path / "old"
+        src.mkdir()
+        (src / "file").write_bytes(b"from 1960")
+        os.utime(src / "file", (-315619200, -315619200))
+        tars = {
+            "gnu-tar": _gnu_tar(src, "--format=gnu"),
+            "gnu-tar-oldgnu": _gnu_tar(src, "--format=oldgnu"),
+        }
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+            info = tarfile.TarInfo("file")
+            info.size, info.mtime = 9, -315619200
+            tf.addfile(info, io.BytesIO(b"from 1960"))
+        tars["tarfile-gnu"] = buf.getvalue()
+        for name, applied in tars.items():
+            assert b"\xff\xff\xff\xff" in applied, f"{name}: no base-256 time"
+            store.create(name)
+            store.apply(name, io.BytesIO(applied))
+            with store.mounted(name) as root:
+                assert (root / "file").read_bytes() == b"from 1960", name
+                assert os.lstat(root / "file").st_mtime == -315619200, name
+            self._assert_exact(store, name, applied)
