@@ -1728,7 +1728,8 @@ static PyObject *entry_fields(const unsigned char *b, const unsigned char *pax,
     int has_pax = pax != NULL;
     struct span got[N_PAX] = {{0}};
     unsigned char type = b[156];
-    if (!(type == 0 || (type >= '0' && type <= '7')))
+    /* type 0 (v7's "regular") is a directory where its name ends in '/': the Python reader's */
+    if (!(type >= '0' && type <= '7'))
         goto left;
     long long mode = octal_field(b + 100, 8), uid = octal_field(b + 108, 8);
     long long gid = octal_field(b + 116, 8), size = octal_field(b + 124, 12);

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ArchiveError
 from . import sparse
-from .tar import BLKTYPE, CHRTYPE, TarEntry, byte_sum
+from .tar import AREGTYPE, BLKTYPE, CHRTYPE, DIRTYPE, TarEntry, byte_sum
 
 
 def number(field: bytes, what: str) -> int:
@@ -129,6 +129,8 @@ def header_entry(
         entry.uid = number(block[108:116], "uid")
         entry.gid = number(block[116:124], "gid")
         entry.mtime_ns = number(block[136:148], "mtime") * 10**9
+    if typeflag == AREGTYPE and name.endswith(b"/"):  # v7 wrote directories so (Go, tarfile)
+        entry.type = DIRTYPE
     entry.name = name.decode("utf-8", "surrogateescape")
     if link:
         entry.linkname = link.decode("utf-8", "surrogateescape")

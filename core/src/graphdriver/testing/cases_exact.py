@@ -316,3 +316,31 @@ class ExactDiffCases(ConformanceBase):
                 assert (root / "file").read_bytes() == b"from 1960", name
                 assert os.lstat(root / "file").st_mtime == -315619200, name
             self._assert_exact(store, name, applied)
+
+    @group("streams")
+    def test_v7_directories_are_directories(self, store: LayerStore) -> None:
+        """A v7 tar (bsdtar --format=v7) has no directory type: a directory is a "regular"
+        entry of type NUL whose name ends in '/', as Go's archive/tar and Python's tarfile
+        read it. It was refused ("'dd' is not a directory")."""
+        needs_root(APPLIES)
+        members = [("dd/", None), ("dd/sub/", None), ("dd/sub/f", b"in a v7 tree\n")]
+        applied = b""
+        for name, data in members:
+            block = bytearray(512)
+            block[: len(name)] = name.encode()
+            block[100:148] = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (
+                0o755 if data is None else 0o644,
+                0,
+                0,
+                len(data or b""),
+                1_600_000_000,
+            )
+            block[148:156] = b"%06o\0 " % (sum(block) + 8 * 32)  # type NUL, no magic
+            applied += bytes(block) + (data or b"") + bytes(-len(data or b"") % 512)
+        applied += bytes(1024)
+        store.create("v7")
+        store.apply("v7", io.BytesIO(applied))
+        with store.mounted("v7") as root:
+            assert (root / "dd" / "sub").is_dir() and not (root / "dd" / "sub").is_symlink()
+            assert (root / "dd" / "sub" / "f").read_bytes() == b"in a v7 tree\n"
+        self._assert_exact(store, "v7", applied)
