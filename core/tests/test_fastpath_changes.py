@@ -138,10 +138,10 @@ def test_a_plain_tree_compares_alike(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
-    """compare_dir itself: added, rewritten and deleted names are settled in C, and so is an
-    entry that is the old one's very inode, unchanged; a directory, a hardlinked file and a
-    file whose metadata equal the old one's are left, but for one not changed since the
-    boundary (its ctime before it, not at it), which is unchanged."""
+    """compare_dir itself: added, rewritten and deleted names are settled in C; a directory,
+    a hardlinked entry of any kind (its names are gathered: "pipe", linked into both trees,
+    too) and a file whose metadata equal the old one's are left, but for one not changed
+    since the boundary (its ctime before it, not at it), which is unchanged."""
     _needs_the_c_loop()
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
@@ -169,11 +169,11 @@ def test_the_c_loop_settles_what_two_lstats_settle(tmp_path: Path) -> None:
         for fd in fds:
             os.close(fd)
     assert sorted(done) == [("added", 1), ("gone", 2), ("rewritten", 0)]
-    assert sorted(left) == ["dir", "linked", "same", "second"]
+    assert sorted(left) == ["dir", "linked", "pipe", "same", "second"]
     assert sorted(lookup_only) == [("added", 1), ("rewritten", 0)]  # no deletes: not full
     assert sorted(left_too) == sorted(left)
     assert sorted(bounded) == sorted(done)
-    assert sorted(left_bounded) == ["dir", "linked", "second"]  # "same": unchanged
+    assert sorted(left_bounded) == ["dir", "linked", "pipe", "second"]  # "same": unchanged
     assert "same" in left_at  # a ctime at the boundary may be a write after it
 
 

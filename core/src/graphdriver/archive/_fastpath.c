@@ -1377,7 +1377,7 @@ static long long ns_of(const struct timespec *t) {
 static int entry_kind(const char *name, const struct stat *st, const int *fds, Py_ssize_t n,
                       int overlay, long long boundary, int *kind) {
     struct stat old;
-    if (S_ISDIR(st->st_mode) || (S_ISREG(st->st_mode) && st->st_nlink > 1) ||
+    if (S_ISDIR(st->st_mode) || st->st_nlink > 1 ||
         (overlay && S_ISCHR(st->st_mode) && st->st_rdev == 0))
         return LEFT;
     for (Py_ssize_t i = 0; i < n; i++) {

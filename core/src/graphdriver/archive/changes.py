@@ -127,7 +127,9 @@ class _Compare:
         self.linking = True
 
     def note_link(self, st: os.stat_result, path: str) -> None:
-        if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+        """Gather the names of a hardlinked inode: any but a directory's (symlinks, fifos and
+        device nodes are linked too, and a diff links them as Docker's does)."""
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             self.links.setdefault((st.st_dev, st.st_ino), []).append(path)
 
     def add_all(self, path: str, rel: str, was: os.stat_result | None = None) -> None:
@@ -142,15 +144,15 @@ class _Compare:
                     self.out.append(Change(child, ChangeKind.ADD))
                     down.append((path + "/" + entry.name, child, entry.stat(follow_symlinks=False)))
                     continue
-                if entry.is_file(follow_symlinks=False):
-                    if self.linking:
-                        self.note_link(entry.stat(follow_symlinks=False), child)
-                elif (
+                if (
                     self.overlay
+                    and not entry.is_file(follow_symlinks=False)
                     and not entry.is_symlink()
                     and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
                 ):
                     continue  # nothing below a new directory for it to hide
+                if self.linking:
+                    self.note_link(entry.stat(follow_symlinks=False), child)
                 self.out.append(Change(child, ChangeKind.ADD))
         for sub, child, st in down:  # one directory open at a time, however deep the tree
             self.add_all(sub, child, st)
@@ -325,7 +327,7 @@ class _Compare:
                 if not full and lookup(olds, name)[0] is not None:
                     out.append(Change(child, ChangeKind.DELETE))
                 continue
-            if nst.st_nlink > 1 and kind == stat.S_IFREG:  # (note_link)
+            if nst.st_nlink > 1 and kind != stat.S_IFDIR:  # (note_link)
                 links.setdefault((nst.st_dev, nst.st_ino), []).append(child)
             below: list[str] | None = None
             if full:

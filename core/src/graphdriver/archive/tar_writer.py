@@ -253,7 +253,7 @@ class TarWriter:
             return
         size = 0
         linkname = ""
-        if fmt == stat.S_IFREG and st.st_nlink > 1:
+        if st.st_nlink > 1 and fmt != stat.S_IFDIR:  # any inode but a directory's (Docker's)
             key = (st.st_dev, st.st_ino)
             first = self._links.get(key)
             if first is not None:
