@@ -344,3 +344,20 @@ class ExactDiffCases(ConformanceBase):
             assert (root / "dd" / "sub").is_dir() and not (root / "dd" / "sub").is_symlink()
             assert (root / "dd" / "sub" / "f").read_bytes() == b"in a v7 tree\n"
         self._assert_exact(store, "v7", applied)
+
+    @group("streams")
+    def test_a_child_mounted_and_unmounted_keeps_its_exact_diff(self, store: LayerStore) -> None:
+        """Mounting a layer with a parent and unmounting it, nothing written, keeps its diff
+        the applied tar. Overlay on Linux 6.6+ (uuid=auto) wrote ``trusted.overlay.uuid`` on
+        a new upper dir's root at its first mount, whose ctime then said the layer changed."""
+        needs_root(APPLIES)
+        parent = _tarfile(("f", tarfile.REGTYPE, b"lower"), format=tarfile.PAX_FORMAT)
+        child = _tarfile(("g", tarfile.REGTYPE, b"upper"), format=tarfile.PAX_FORMAT)
+        store.create("parent")
+        store.apply("parent", io.BytesIO(parent))
+        store.create("child", "parent")
+        store.apply("child", io.BytesIO(child))
+        for _ in range(2):
+            with store.mounted("child") as root:
+                assert sorted(os.listdir(root)) == ["f", "g"]
+            self._assert_exact(store, "child", child)

@@ -61,11 +61,22 @@ def cached_features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
     kernel = os.uname().release
     with contextlib.suppress(OSError, ValueError, KeyError):
         known = json.loads(cache.read_text())
-        if known["kernel"] == kernel:
+        if known["kernel"] == kernel and known.get("probe") == PROBE:
             return bool(known["new_api"]), [(k, v) for k, v in known["fixed"]]
     new_api, fixed = features(home)
-    cache.write_text(json.dumps({"kernel": kernel, "new_api": new_api, "fixed": fixed}))
+    cache.write_text(
+        json.dumps({"kernel": kernel, "probe": PROBE, "new_api": new_api, "fixed": fixed})
+    )
     return new_api, fixed
+
+
+#: what :func:`features` asks, by version: a cache of an older probe is probed again
+PROBE = 2
+#: options passed where the kernel takes them: redirect_dir and metacopy off keep the upper
+#: dir a complete record of the layer; uuid=null (Linux 6.6+, whose default uuid=auto writes
+#: ``trusted.overlay.uuid`` on a new upper dir's root at its first mount, changing its ctime
+#: and so losing the layer's exact diff) keeps the upper dir as the layer left it
+FIXED = (("redirect_dir", "off"), ("metacopy", "off"), ("uuid", "null"))
 
 
 #: the option string of a scratch overlay, relative to its folder
@@ -95,9 +106,10 @@ def features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
     kernel whose overlay predates the new mount API accepts any key there, then fails).
 
     Returns whether ``lowerdir+`` works through the new mount API (Linux 6.8+), and which of
-    redirect_dir=off and metacopy=off to pass: mounting with both off keeps the upper dir a
-    complete record of the layer (a renamed directory is copied up, not redirected), so the
-    native diff is always right. Kernels that do not know an option do not have the feature.
+    :data:`FIXED` to pass: redirect_dir and metacopy off keep the upper dir a complete record
+    of the layer (a renamed directory is copied up, not redirected), so the native diff is
+    always right; uuid=null leaves the upper dir's root as it was. Kernels that do not know
+    an option do not have the feature.
     """
     with scratch_overlay(home, ".overlay-features-") as tmp:
         try:
@@ -117,11 +129,11 @@ def features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
         except OSError:
             new_api = False
         fixed: list[tuple[str, str | None]] = []
-        for key in ("redirect_dir", "metacopy"):
+        for key, value in FIXED:
             try:
-                mount_from(tmp, f"{SCRATCH},{key}=off", tmp / "merged")
+                mount_from(tmp, f"{SCRATCH},{key}={value}", tmp / "merged")
                 unmount(tmp / "merged")
-                fixed.append((key, "off"))
+                fixed.append((key, value))
             except OSError:
                 continue
         return new_api, fixed
