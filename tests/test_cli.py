@@ -205,3 +205,21 @@ def test_diff_output_is_written_to_not_replaced(gd: GD, tmp_path: Path) -> None:
     assert gd("diff", "L", "-o", "-").raw == want  # stdout, as apply-diff reads '-' as stdin
     assert not Path("-").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+
+
+def test_a_reader_that_stops_early_gets_no_error(gd: GD) -> None:
+    """`graphdriver ls | head -1`: the reader closes the pipe before the command writes. Like
+    a Unix tool killed by SIGPIPE the command says nothing and exits 141; it printed
+    "error: ls: Broken pipe". An error on a stdout that is not gone is still one line."""
+    gd("create", "a")
+    gd("create", "b")
+    for args in (["ls"], ["inspect", "a"], ["--json", "ls"]):
+        proc = subprocess.Popen(gd.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before the store is even open
+        err = proc.stderr.read()
+        assert (proc.wait(timeout=60), err) == (141, b""), args
+    with open("/dev/full", "wb") as full:
+        res = subprocess.run(gd.argv("ls"), stdout=full, stderr=subprocess.PIPE, text=True)
+    assert res.returncode == 1 and "No space left on device" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from typing import IO, TYPE_CHECKING, Any
 
 import click
@@ -199,4 +201,22 @@ class ErrorGroup(LazyGroup):
             raise Fail(str(exc)) from None
         except OSError as exc:
             log.debug("error", exc_info=True)
+            if isinstance(exc, BrokenPipeError) and _stdout_gone():
+                # its reader went away (`graphdriver ls | head -1`): no message, and the status
+                # of a command killed by SIGPIPE, as a Unix tool's; what is left to print, and
+                # the flush at exit, go nowhere
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                ctx.exit(128 + 13)  # SIGPIPE
             raise Fail(str(from_oserror(exc, ctx.invoked_subcommand or "graphdriver"))) from None
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reader closed it (poll's POLLERR)."""
+    import select  # (a C module)
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout, or closed
+        return False
