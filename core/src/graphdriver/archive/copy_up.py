@@ -17,7 +17,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 
-from ..errors import UnsafeArchive
+from ..errors import ArchiveError, UnsafeArchive
 from . import whiteout
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,9 @@ class LowerDirs:
                 ):
                     return 0  # below a whiteout, a file or an opaque dir: nothing shows through
                 found = self._lookup(
-                    layers,
-                    part,
-                    upper,
-                    raw,
-                    last=last,
-                    upper_dir=in_upper is not None or directory,
-                )
+                    layers, part, upper, raw, last=last, in_upper=in_upper is not None,
+                    directory=directory,
+                )  # fmt: skip
                 if not found:
                     return 0
                 if last:
@@ -89,11 +85,21 @@ class LowerDirs:
 
     @staticmethod
     def _lookup(
-        layers: list[int], part: str, upper: str, raw: str, *, last: bool, upper_dir: bool
+        layers: list[int],
+        part: str,
+        upper: str,
+        raw: str,
+        *,
+        last: bool,
+        in_upper: bool,
+        directory: bool,
     ) -> list[int]:
         """The lower dirs (as fds) that show *part* below the current directory, nearest first:
         the directory fds for a directory, or the one parent fd that holds the last part.
-        A lower non-directory under a directory of the upper (*upper_dir*) is not merged."""
+        A lower non-directory under a directory of the upper (*in_upper*) is not merged; one
+        the merged view shows where a directory is needed is refused as a tree's would be:
+        a symlink is gone through, a file is not a directory (*directory*: for the tar entry
+        *raw*, else the hardlink target *raw*, which a missing target refuses anyway)."""
         shown: list[int] = []
         for fd in layers:
             try:
@@ -104,9 +110,13 @@ class LowerDirs:
                 break
             if last:
                 return [fd]
-            if stat.S_ISLNK(st.st_mode) and not shown and not upper_dir:
-                raise UnsafeArchive(f"hardlink target {raw!r} goes through the symlink {upper!r}")
             if not stat.S_ISDIR(st.st_mode):
+                if not shown and not in_upper:  # what the merged view shows at *upper*
+                    what = "tar entry" if directory else "hardlink target"
+                    if stat.S_ISLNK(st.st_mode):
+                        raise UnsafeArchive(f"{what} {raw!r} goes through the symlink {upper!r}")
+                    if directory:
+                        raise ArchiveError(f"tar entry {raw!r}: {upper!r} is not a directory")
                 break
             sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
             shown.append(sub)

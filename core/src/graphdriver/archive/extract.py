@@ -226,14 +226,18 @@ class Extractor:
             path = path + "/" + part if path else part
             if path in self.safe_dirs:
                 continue
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                if self.lowers is not None:  # a directory of a lower layer: copied up
+            st = lstat_or_none(path)
+            whited_out = st is not None and self.overlay and whiteout.is_overlay_whiteout(st)
+            if whited_out:  # this tar deleted it: made again, empty, below
+                self.remove(path)
+            if st is None or whited_out:
+                if self.lowers is not None and not whited_out:  # a lower's: copied up
                     self.lowers.copy_up(path, raw, directory=True)
                 copied = lstat_or_none(path)
                 if copied is None:
                     os.mkdir(path, 0o755)
+                    if whited_out:
+                        self.over_whiteout(path)
                     parent = path.rpartition("/")[0]
                     if parent in self.sgid_dirs:  # a new directory inherits the setgid bit
                         self.sgid_dirs.add(path)
@@ -363,11 +367,14 @@ class Extractor:
         try:
             os.mkdir(name, e.mode & 0o777)
         except FileExistsError:
-            if stat.S_ISDIR(os.lstat(name).st_mode):
+            existing = os.lstat(name)
+            if stat.S_ISDIR(existing.st_mode):
                 fresh = False  # an existing directory: owner and mode as the tar says
             else:
                 self.remove(name)
                 os.mkdir(name, e.mode & 0o777)
+                if self.overlay and whiteout.is_overlay_whiteout(existing):
+                    self.over_whiteout(name)
         self.safe_dirs.add(name)
         if e.mode & stat.S_ISGID:
             self.sgid_dirs.add(name)
@@ -381,6 +388,13 @@ class Extractor:
             self.acl_dirs.add(name)
         else:
             self.acl_dirs.discard(name)
+
+    def over_whiteout(self, path: str) -> None:
+        """A directory made in an overlay upper where this tar whited one out (``.wh.d``, then
+        ``d/`` or ``d/x``): opaque, or the deleted one's lower content showed through again."""
+        if self.recorder is not None:
+            self.recorder.made_opaque(path)
+        whiteout.make_overlay_opaque(path)
 
     def regular(self, name: str, head: str, e: TarEntry) -> None:
         try:  # created with its final permissions: no chmod needed for most files
@@ -478,7 +492,8 @@ class Extractor:
             raise UnsafeArchive(f"whiteout {raw!r} names {hidden!r}")
         path = f"{head}/{hidden}" if head else hidden
         self.remove(path)
-        if self.overlay:
+        # (an opaque directory hides all below it, and overlayfs lists one's whiteouts)
+        if self.overlay and not whiteout.is_overlay_opaque(head or "."):
             whiteout.make_overlay_whiteout(path)
             if self.recorder is not None:
                 self.recorder.touch(path)

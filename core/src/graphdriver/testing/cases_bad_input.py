@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -240,3 +241,44 @@ class BadInputCases(ConformanceBase):
         assert says in message and "\n" not in message, message
         assert store.changes("target") == []
         assert self.snap(store, "target") == want
+
+    @group("bad-input")
+    def test_entries_through_a_parents_non_directories_are_alike_on_every_driver(
+        self, store: LayerStore
+    ) -> None:
+        """A tar entry below a parent layer's symlink goes through it and one below its file
+        finds no directory: refused on every driver (overlay made a directory there, hiding
+        the link or file). A directory the tar whites out and makes again is new and empty
+        on every driver (overlay showed the deleted one's files through it again)."""
+        needs_root(APPLIES)
+        parent = _tar(
+            _member("etc", tarfile.DIRTYPE),
+            _member("etc/passwd", data=b"root"),
+            _member("lnk", tarfile.SYMTYPE, linkname="etc"),
+        )
+        store.create("parent")
+        store.apply("parent", io.BytesIO(parent))
+        for i, name in enumerate(("lnk/x", "etc/passwd/.wh.x", "etc/passwd/x")):
+            store.create(f"refused-{i}", "parent")
+            with pytest.raises(ArchiveError):  # UnsafeArchive for the symlink
+                store.apply(f"refused-{i}", io.BytesIO(_tar(_member(name))))
+            assert store.changes(f"refused-{i}") == [], name
+        accepted = {
+            ("etc/", "etc/new"): ["new"],  # whited out, made again with a file
+            ("etc/new",): ["new"],  # whited out, made again by the file below it
+            ("etc/.wh.passwd",): [],  # whited out, then a name in it too
+        }
+        for i, (after, listing) in enumerate(accepted.items()):
+            applied = _tar(
+                _member(".wh.etc"),
+                *(
+                    _member(n, tarfile.DIRTYPE if n.endswith("/") else tarfile.REGTYPE)
+                    for n in after
+                ),
+            )
+            store.create(f"again-{i}", "parent")
+            store.apply(f"again-{i}", io.BytesIO(applied))
+            with store.mounted(f"again-{i}") as root:
+                assert sorted(os.listdir(root / "etc")) == listing, after
+            with store.diff(f"again-{i}") as stream:
+                assert stream.read() == applied, after
