@@ -28,11 +28,18 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
     why = _noted_changed(checks, root)
     if why is not None:
         return why
+    linked: set[tuple[int, int]] | None = None
     for path, deleted in changes:
         rel = path.lstrip("/")
         if not deleted:
             if rel not in checks.present:
-                return f"{path} changed after apply-diff"
+                # another name of a noted file that the tar linked (``ln lower-file new``
+                # of a parent's file with two names: the walk lists them all): the noted
+                # name's check covers the inode; a later link would have changed its ctime
+                if linked is None:
+                    linked = _linked_inodes(checks, root)
+                if _inode(root, rel) not in linked:
+                    return f"{path} changed after apply-diff"
             continue
         if rel in checks.present and rel not in checks.gone:
             return f"{path} was deleted after apply-diff"
@@ -42,6 +49,21 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
                 return f"{path} was deleted after apply-diff"
             up = up.rpartition("/")[0]
     return None
+
+
+def _inode(root: str, rel: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the non-directory *rel* under *root* that has other names."""
+    try:
+        st = os.lstat(f"{root}/{rel}")
+    except OSError:
+        return None
+    return None if stat.S_ISDIR(st.st_mode) or st.st_nlink < 2 else (st.st_dev, st.st_ino)
+
+
+def _linked_inodes(checks: Checks, root: str) -> set[tuple[int, int]]:
+    """The inodes of the noted non-directories that have other names."""
+    found = (_inode(root, p) for p, row in checks.present.items() if not stat.S_ISDIR(row[0]))
+    return {inode for inode in found if inode is not None}
 
 
 def unchanged_alone(checks: Checks, root: str) -> bool:

@@ -361,3 +361,30 @@ class ExactDiffCases(ConformanceBase):
             with store.mounted("child") as root:
                 assert sorted(os.listdir(root)) == ["f", "g"]
             self._assert_exact(store, "child", child)
+
+    @group("streams")
+    def test_a_link_to_a_parents_file_with_two_names_keeps_its_exact_diff(
+        self, store: LayerStore
+    ) -> None:
+        """A tar that links a new name to a parent's file which has two names (``ln`` of a
+        hardlinked file in a build step): where the layer holds the parent's files (vfs,
+        btrfs) the walk lists every name of that inode, and the one the tar never named
+        cost the layer its exact diff. A link made after apply is still noticed."""
+        needs_root(APPLIES)
+        parent = _tarfile(
+            ("a", tarfile.REGTYPE, b"shared"),
+            ("b", tarfile.LNKTYPE, b"a"),
+            ("solo", tarfile.REGTYPE, b"alone"),
+            format=tarfile.PAX_FORMAT,
+        )
+        child = _tarfile(("new", tarfile.LNKTYPE, b"a"), format=tarfile.PAX_FORMAT)
+        store.create("parent")
+        store.apply("parent", io.BytesIO(parent))
+        store.create("child", "parent")
+        store.apply("child", io.BytesIO(child))
+        self._assert_exact(store, "child", child)
+        with store.mounted("child") as root:
+            assert os.lstat(root / "new").st_ino == os.lstat(root / "a").st_ino
+            os.link(root / "solo", root / "later")
+        _data, exact, reason = self._export(store, "child")
+        assert not exact and reason is not None, "a link made after apply went unseen"
