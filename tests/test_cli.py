@@ -210,10 +210,24 @@ def test_diff_output_is_written_to_not_replaced(gd: GD, tmp_path: Path) -> None:
 def test_a_reader_that_stops_early_gets_no_error(gd: GD) -> None:
     """`graphdriver ls | head -1`: the reader closes the pipe before the command writes. Like
     a Unix tool killed by SIGPIPE the command says nothing and exits 141; it printed
-    "error: ls: Broken pipe". An error on a stdout that is not gone is still one line."""
+    "error: ls: Broken pipe" ("diff of layer a: Broken pipe"). An error on a stdout that is
+    not gone is still one line."""
     gd("create", "a")
     gd("create", "b")
-    for args in (["ls"], ["inspect", "a"], ["--json", "ls"]):
+    files = io.BytesIO()
+    with tarfile.open(fileobj=files, mode="w") as tf:
+        for i in range(64):  # more than a pipe holds
+            info = tarfile.TarInfo(f"f{i}")
+            info.size = 8192
+            tf.addfile(info, io.BytesIO(os.urandom(8192)))
+    gd("apply-diff", "a", input=files.getvalue())
+    for args in (
+        ["ls"],
+        ["inspect", "a"],
+        ["--json", "ls"],
+        ["diff", "a"],
+        ["diff", "a", "-o", "-"],
+    ):
         proc = subprocess.Popen(gd.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()  # before the store is even open

@@ -92,8 +92,8 @@ def _read(data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch) -> list[TarE
 # (header blocks, whether the C reads it)
 CASES: dict[str, tuple[bytes, bool]] = {
     "file": (_blocks(_info("etc/passwd", size=0), tarfile.USTAR_FORMAT), True),
-    # v7's type: a directory where the name ends in '/', which the Python reader decides
-    "old-style regular (typeflag NUL)": (_blocks(_info("a", tarfile.AREGTYPE), 1), False),
+    # v7's type: a directory where the name ends in '/', which the Python reader makes
+    "old-style regular (typeflag NUL)": (_blocks(_info("a", tarfile.AREGTYPE), 1), True),
     "old-style directory (typeflag NUL, a '/' last)": (
         _blocks(_info("d/", tarfile.AREGTYPE), 1),
         False,

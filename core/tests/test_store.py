@@ -51,6 +51,14 @@ def test_driver_recover_is_given_every_layer(tmp_path: Path) -> None:
     with LayerStore(tmp_path, Seeing, {}, hooks()) as store:
         assert seen[-1] == [("base", None, False), ("img", "base", False), ("c", "img", True)]
         store.put("c")
+    kept: list[Sequence[LayerInfo]] = []
+
+    class Keeping(VfsDriver):
+        def recover(self, layers: Sequence[LayerInfo]) -> None:
+            kept.append(layers)  # read later, outside the lock: refused, never stale
+
+    with LayerStore(tmp_path, Keeping, {}, hooks()), pytest.raises(RuntimeError, match="call"):
+        len(kept[0])
 
 
 def test_in_flight_layers_are_recovered_at_open(tmp_path: Path) -> None:

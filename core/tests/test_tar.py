@@ -22,6 +22,7 @@ from graphdriver.archive.tar import (
 from graphdriver.archive.tar_reader import TarReader
 from graphdriver.archive.tar_writer import TarWriter
 from graphdriver.errors import ArchiveError
+from graphdriver.testing.base import hostile_tars
 from graphdriver.testing.trees import make_rich
 
 
@@ -274,3 +275,22 @@ def test_sub_second_mtimes_as_go_writes_them(mtime_ns: int, pax_mtime: str | Non
     assert member.pax_headers.get("mtime") == pax_mtime
     if pax_mtime is None:
         assert member.mtime == mtime_ns // 10**9
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["size-base256-huge", "size-base256-negative", "uid-base256-negative", "pax-size-huge",
+     "pax-uid-huge", "pax-mtime-huge", "pax-path-nul"],
+)  # fmt: skip
+def test_numbers_no_file_can_have_are_refused_for_what_they_are(case: str) -> None:
+    """The hostile tars of numbers out of range are refused as such (a huge size was also
+    refused before, as a truncated tar, which said nothing of why)."""
+    data, _error = hostile_tars()[case]
+    r, w = os.pipe()
+    os.write(w, data)
+    os.close(w)
+    try:
+        with pytest.raises(ArchiveError, match=r"out of range|holds a NUL byte"):
+            list(TarReader(r))
+    finally:
+        os.close(r)

@@ -66,14 +66,15 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 
 
 def _root(ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    """An empty GRAPHDRIVER_ROOT is refused, not taken for unset (click's way): a command
-    meant for another store (``GRAPHDRIVER_ROOT=$UNSET graphdriver rm X``) must not run on the
-    default one. An empty --root is refused by open_store."""
-    if os.environ.get("GRAPHDRIVER_ROOT") == "" and ctx.get_parameter_source("root") in (
-        click.core.ParameterSource.DEFAULT,
-        click.core.ParameterSource.ENVIRONMENT,
-    ):
-        raise click.BadParameter("GRAPHDRIVER_ROOT is set but empty: name a directory")
+    """An empty root is refused, from --root or GRAPHDRIVER_ROOT (which click would take for
+    unset): the working directory would be the store (its root made private), or a command
+    meant for another store (``GRAPHDRIVER_ROOT=$UNSET graphdriver rm X``) would run on the
+    default one. Here, before any verb: some (volumes, check) do not open a layer store."""
+    unset = os.environ.get("GRAPHDRIVER_ROOT") == "" and (
+        ctx.get_parameter_source("root") == click.core.ParameterSource.DEFAULT
+    )
+    if not value or unset:
+        raise click.BadParameter("the store's root must name a directory, not be empty")
     return value
 
 

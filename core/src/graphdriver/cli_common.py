@@ -11,6 +11,7 @@ record of each thing the text names (``ls --json``: each layer's ``inspect``), o
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -196,27 +197,28 @@ class ErrorGroup(LazyGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except GraphDriverError as exc:
+        except (GraphDriverError, OSError) as exc:
             log.debug("error", exc_info=True)
-            raise Fail(str(exc)) from None
-        except OSError as exc:
-            log.debug("error", exc_info=True)
-            if isinstance(exc, BrokenPipeError) and _stdout_gone():
-                # its reader went away (`graphdriver ls | head -1`): no message, and the status
-                # of a command killed by SIGPIPE, as a Unix tool's; what is left to print, and
-                # the flush at exit, go nowhere
+            if exc.errno == errno.EPIPE and _stdout_gone():
+                # its reader went away (`graphdriver ls | head -1`, `diff L | head -c 10`): no
+                # message, and the status of a command killed by SIGPIPE, as a Unix tool's;
+                # what is left to print, and the flush at exit, go nowhere
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 ctx.exit(128 + 13)  # SIGPIPE
+            if isinstance(exc, GraphDriverError):
+                raise Fail(str(exc)) from None
             raise Fail(str(from_oserror(exc, ctx.invoked_subcommand or "graphdriver"))) from None
 
 
 def _stdout_gone() -> bool:
-    """Whether standard output is a pipe or socket whose reader closed it (poll's POLLERR)."""
+    """Whether standard output is a pipe whose reader closed it (poll's POLLERR) or a socket
+    whose peer did (POLLHUP)."""
     import select  # (a C module)
 
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+        gone = select.POLLERR | select.POLLHUP
+        return any(events & gone for _fd, events in poller.poll(0))
     except (OSError, ValueError):  # no stdout, or closed
         return False

@@ -121,8 +121,10 @@ class Driver(abc.ABC):
         """Finish or roll back what a process killed inside this driver left half-done.
 
         Called once per open, after ``__init__``, with the store's exclusive lock held and
-        *layers* the layers the store knows (in every state); ``__init__`` must not change
-        shared state, since it runs before the lock is taken. The default does nothing.
+        *layers* the layers the store knows (in every state), read from the records when first
+        looked at and only during the call (keep a copy, ``list(layers)``, to use them later);
+        ``__init__`` must not change shared state, since it runs before the lock is taken. The
+        default does nothing.
         """
 
     def stored_layers(self) -> Mapping[str, str | None] | None:

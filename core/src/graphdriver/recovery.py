@@ -66,13 +66,19 @@ class KnownLayers(Sequence[LayerInfo]):
     read every record."""
 
     def __init__(self, meta: Metadata) -> None:
-        self._meta = meta
+        self._meta: Metadata | None = meta
         self._infos: list[LayerInfo] | None = None
 
     def _read(self) -> list[LayerInfo]:
         if self._infos is None:
+            if self._meta is None:
+                raise RuntimeError("the layers Driver.recover was given are read during the call")
             self._infos = [layer_info(rec) for rec in self._meta.all()]
         return self._infos
+
+    def done(self) -> None:
+        """The call is over: what was read stays, nothing more is read (outside the lock)."""
+        self._meta = None
 
     def __len__(self) -> int:
         return len(self._read())
@@ -168,10 +174,12 @@ def _roll(store: LayerStore, rec: LayerRecord, reset: Reset) -> None:
 
 def _reconcile_mount(store: LayerStore, rec: LayerRecord, *, marked: bool = False) -> bool:
     """Match a layer's mount count to its kernel mount; False when an uncounted mount stays
-    (a live reader's, or one that would not unmount). A *marked* layer that nobody counts or
-    mounts is unmounted all the same: its process died inside the driver's mount, which may
-    have begun it (devmapper's thin device activated, the mount not made), and the driver's
-    ``unmount`` undoes that as it would a mount (not mounted is not an error)."""
+    (a live reader's, or one that would not unmount, retried at the next open).
+
+    A layer counted but not mounted, or *marked* but neither counted nor mounted, gets the
+    driver's ``unmount`` all the same (not mounted is not an error): its process died inside
+    the driver's mount or unmount, which may have left part of it (devmapper's thin device
+    active, pinning its snapshot). That is tried once: a failure is logged, not retried."""
     driver = store.driver
     if not isinstance(driver, KernelMounts):
         return True
@@ -189,19 +197,30 @@ def _reconcile_mount(store: LayerStore, rec: LayerRecord, *, marked: bool = Fals
         except GraphDriverError as exc:  # a full disk: reads go on, the next open retries
             log.warning("%s; retried at the next open", exc)
             return False
+        _undo_mount(store, info)
     elif not rec.mount_count and (mounted or marked):
         if store.layer_locks.busy(rec.id):
             return False  # a live diff's: it unmounts when it is done
-        if mounted:
-            log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
-        else:
-            log.info("undoing the mount of layer %s that a process that died began", rec.id)
+        if not mounted:
+            _undo_mount(store, info)
+            return True
+        log.warning("unmounting layer %s, left mounted by a process that died", rec.id)
         try:
             call_os(store.driver.unmount, info, doing=f"unmount layer {rec.id}")
         except GraphDriverError as exc:
             log.warning("%s; retried at the next open", exc)
             return False
     return True
+
+
+def _undo_mount(store: LayerStore, info: LayerInfo) -> None:
+    """The driver's ``unmount`` of a layer not mounted: what a dead process's mount began or
+    its unmount left undone; once, a failure logged."""
+    log.info("undoing what a dead process left of the mount of layer %s", info.id)
+    try:
+        call_os(store.driver.unmount, info, doing=f"unmount layer {info.id}")
+    except GraphDriverError as exc:
+        log.warning("%s; left as it is", exc)
 
 
 def discard(store: LayerStore, rec: LayerRecord) -> None:

@@ -90,11 +90,11 @@ class LayerStore(LayerMounts, LayerDiffs):
                 if recorded is None:
                     self._first_open()
                 records = self.meta.unsettled()
-                call_os(
-                    self.driver.recover,
-                    recovery.KnownLayers(self.meta),
-                    doing=f"recover driver {self.name}",
-                )
+                known = recovery.KnownLayers(self.meta)
+                try:
+                    call_os(self.driver.recover, known, doing=f"recover driver {self.name}")
+                finally:
+                    known.done()
             # the apply engine is imported only when a half-applied layer needs it
             recovery.recover(self, _reset_applied, records)
         except BaseException:
@@ -443,7 +443,7 @@ def open_store(
 
     *wait* bounds, in seconds, how long any call waits for the store lock (None: for ever).
     """
-    if not os.fspath(root):  # Path("") is the working directory, which private_dir chmods
+    if not os.fspath(root):  # "" would be the working directory, which private_dir chmods
         raise InvalidOption("the store's root must name a directory, not be empty")
     root_path = Path(root).absolute()
     try:

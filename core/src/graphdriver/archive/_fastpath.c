@@ -1728,8 +1728,7 @@ static PyObject *entry_fields(const unsigned char *b, const unsigned char *pax,
     int has_pax = pax != NULL;
     struct span got[N_PAX] = {{0}};
     unsigned char type = b[156];
-    /* type 0 (v7's "regular") is a directory where its name ends in '/': the Python reader's */
-    if (!(type >= '0' && type <= '7'))
+    if (!(type == 0 || (type >= '0' && type <= '7')))
         goto left;
     long long mode = octal_field(b + 100, 8), uid = octal_field(b + 108, 8);
     long long gid = octal_field(b + 116, 8), size = octal_field(b + 124, 12);
@@ -1784,6 +1783,10 @@ static PyObject *entry_fields(const unsigned char *b, const unsigned char *pax,
                                     "surrogateescape");
     if (path == NULL || link == NULL)
         goto out;
+    /* type 0 (v7's "regular") whose name ends in '/' is a directory: the Python reader's */
+    if (type == 0 && PyUnicode_GET_LENGTH(path) > 0 &&
+        PyUnicode_READ_CHAR(path, PyUnicode_GET_LENGTH(path) - 1) == '/')
+        goto left;
     result = Py_BuildValue(xattrs == NULL ? "(Oy#LLLLLOOLL)" : "(Oy#LLLLLOOLLO)", path,
                            (const char *)b + 156, (Py_ssize_t)1, mode & 07777, uid, gid, size,
                            mtime_ns, atime == NULL ? Py_None : atime, link, major, minor,

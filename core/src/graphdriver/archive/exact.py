@@ -36,9 +36,10 @@ def stale(checks: Checks, root: str, changes: list[tuple[str, bool]]) -> str | N
                 # another name of a noted file that the tar linked (``ln lower-file new``
                 # of a parent's file with two names: the walk lists them all): the noted
                 # name's check covers the inode; a later link would have changed its ctime
-                if linked is None:
+                inode = _inode(root, rel)
+                if inode is not None and linked is None:
                     linked = _linked_inodes(checks, root)
-                if _inode(root, rel) not in linked:
+                if inode is None or linked is None or inode not in linked:
                     return f"{path} changed after apply-diff"
             continue
         if rel in checks.present and rel not in checks.gone:

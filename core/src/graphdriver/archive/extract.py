@@ -144,6 +144,7 @@ class Extractor:
         self.sgid_dirs: set[str] = {""} if os.lstat("/").st_mode & stat.S_ISGID else set()
         self.acl_dirs: set[str] = {""} if has_default_acl("") else set()
         self.created: set[str] = set()
+        self.whited: set[str] = set()  #: the whiteouts this tar made in an overlay upper
         #: directory -> (atime, mtime) the tar gives it, set last, deepest first
         self.dir_times: dict[str, tuple[int, int]] = {}
         self.size = 0
@@ -227,8 +228,7 @@ class Extractor:
             if path in self.safe_dirs:
                 continue
             st = lstat_or_none(path)
-            whited_out = st is not None and self.overlay and whiteout.is_overlay_whiteout(st)
-            if whited_out:  # this tar deleted it: made again, empty, below
+            if whited_out := path in self.whited:  # this tar deleted it: made again, empty
                 self.remove(path)
             if st is None or whited_out:
                 if self.lowers is not None and not whited_out:  # a lower's: copied up
@@ -237,7 +237,7 @@ class Extractor:
                 if copied is None:
                     os.mkdir(path, 0o755)
                     if whited_out:
-                        self.over_whiteout(path)
+                        self.over_non_directory(path)
                     parent = path.rpartition("/")[0]
                     if parent in self.sgid_dirs:  # a new directory inherits the setgid bit
                         self.sgid_dirs.add(path)
@@ -274,10 +274,8 @@ class Extractor:
 
     def remove(self, path: str) -> None:
         """Remove whatever is at *path* (missing is fine)."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
+        self.whited.discard(path)
+        st = lstat_or_none(path)
         if self.recorder is not None:
             self.recorder.removed(path, st is not None and stat.S_ISDIR(st.st_mode))
         if st is None:
@@ -367,14 +365,13 @@ class Extractor:
         try:
             os.mkdir(name, e.mode & 0o777)
         except FileExistsError:
-            existing = os.lstat(name)
-            if stat.S_ISDIR(existing.st_mode):
+            if stat.S_ISDIR(os.lstat(name).st_mode):
                 fresh = False  # an existing directory: owner and mode as the tar says
             else:
                 self.remove(name)
                 os.mkdir(name, e.mode & 0o777)
-                if self.overlay and whiteout.is_overlay_whiteout(existing):
-                    self.over_whiteout(name)
+                if self.overlay:
+                    self.over_non_directory(name)
         self.safe_dirs.add(name)
         if e.mode & stat.S_ISGID:
             self.sgid_dirs.add(name)
@@ -389,9 +386,9 @@ class Extractor:
         else:
             self.acl_dirs.discard(name)
 
-    def over_whiteout(self, path: str) -> None:
-        """A directory made in an overlay upper where this tar whited one out (``.wh.d``, then
-        ``d/`` or ``d/x``): opaque, or the deleted one's lower content showed through again."""
+    def over_non_directory(self, path: str) -> None:
+        """Opaque: a directory made in an overlay upper over this tar's whiteout or file
+        (``.wh.d`` or ``d``, then ``d/`` or ``d/x``), lest the lower's show through."""
         if self.recorder is not None:
             self.recorder.made_opaque(path)
         whiteout.make_overlay_opaque(path)
@@ -475,7 +472,9 @@ class Extractor:
             directory = head or "."
             if self.recorder is not None:
                 self.recorder.made_opaque(head)
-            if self.overlay:
+            if self.overlay:  # this tar's whiteouts in it hide nothing now, and would show
+                for gone in [p for p in self.whited if p.rpartition("/")[0] == head]:
+                    self.remove(gone)
                 whiteout.make_overlay_opaque(directory)
                 return
             with os.scandir(directory) as it:
@@ -492,8 +491,9 @@ class Extractor:
             raise UnsafeArchive(f"whiteout {raw!r} names {hidden!r}")
         path = f"{head}/{hidden}" if head else hidden
         self.remove(path)
-        # (an opaque directory hides all below it, and overlayfs lists one's whiteouts)
-        if self.overlay and not whiteout.is_overlay_opaque(head or "."):
+        # none in an opaque directory, which hides all below it (overlayfs would list it)
+        if self.overlay and not (head and whiteout.is_overlay_opaque(head)):
             whiteout.make_overlay_whiteout(path)
+            self.whited.add(path)
             if self.recorder is not None:
                 self.recorder.touch(path)

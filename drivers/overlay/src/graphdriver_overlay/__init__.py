@@ -46,6 +46,7 @@ from graphdriver.toolkit import (
     fsmount,
     get_quota_project,
     is_layer_id,
+    is_mountpoint,
     mount,
     nearest_existing,
     overlay_changes,
@@ -102,9 +103,13 @@ def _mounted(where: str) -> bool:
     if os.path.ismount(merged):
         return True
     try:
-        seen, diff = os.stat(merged), os.stat(f"{where}/diff")
+        seen = os.stat(merged)
     except OSError:
         return False
+    try:
+        diff = os.stat(f"{where}/diff")
+    except FileNotFoundError:  # (a removal cut short) a bind of it is in the mount table
+        return is_mountpoint(merged)
     return (seen.st_ino, seen.st_dev) == (diff.st_ino, diff.st_dev)
 
 
