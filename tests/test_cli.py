@@ -221,19 +221,21 @@ def test_a_reader_that_stops_early_gets_no_error(gd: GD) -> None:
             info.size = 8192
             tf.addfile(info, io.BytesIO(os.urandom(8192)))
     gd("apply-diff", "a", input=files.getvalue())
-    for args in (
-        ["ls"],
-        ["inspect", "a"],
-        ["--json", "ls"],
-        ["diff", "a"],
-        ["diff", "a", "-o", "-"],
-    ):
-        proc = subprocess.Popen(gd.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()  # before the store is even open
-        err = proc.stderr.read()
-        assert (proc.wait(timeout=60), err) == (141, b""), args
-    with open("/dev/full", "wb") as full:
-        res = subprocess.run(gd.argv("ls"), stdout=full, stderr=subprocess.PIPE, text=True)
-    assert res.returncode == 1 and "No space left on device" in res.stderr, res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    verbs = (["ls"], ["inspect", "a"], ["--json", "ls"], ["diff", "a"], ["diff", "a", "-o", "-"])
+    for buffered in (True, False):  # the interpreter's own flush at exit too (CI buffers)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED" or not buffered}
+        for args in verbs:
+            proc = subprocess.Popen(
+                gd.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+            )
+            assert proc.stdout is not None and proc.stderr is not None
+            proc.stdout.close()  # before the store is even open
+            err = proc.stderr.read()
+            assert (proc.wait(timeout=60), err) == (141, b""), (args, buffered)
+        for args in verbs[:3]:
+            with open("/dev/full", "wb") as full:
+                res = subprocess.run(
+                    gd.argv(*args), stdout=full, stderr=subprocess.PIPE, text=True, env=env
+                )
+            assert res.returncode == 1 and "No space left on device" in res.stderr, res.stderr
+            assert len(res.stderr.strip().splitlines()) == 1, (args, buffered, res.stderr)

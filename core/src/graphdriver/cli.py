@@ -10,6 +10,7 @@ it prints); ``graphdriver --json VERB`` is the same.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -282,6 +283,26 @@ def extend_by_plugins() -> None:
         log.warning("a plugin failed to extend the CLI: %s", exc)
 
 
+def _flushed(code: int | str | None) -> int | str | None:
+    """*code* once what is left of standard output is written; if it cannot be (a full
+    disk, /dev/full), one line and status 1 where the command had succeeded, and no more
+    tries: the interpreter's own flush at exit said it again ("Exception ignored") and
+    exited 120. A reader that went away is SIGPIPE's silent 141."""
+    try:
+        sys.stdout.flush()
+        return code
+    except (OSError, ValueError) as exc:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+            return 128 + signal.SIGPIPE
+        if code in (0, None):
+            why = exc.strerror if isinstance(exc, OSError) else None
+            click.echo(f"graphdriver: error: writing the output: {why or exc}", err=True)
+            return 1
+        return code
+
+
 def main(blocked: Collection[int] = ()) -> None:
     """Entry point of the ``graphdriver`` script. *blocked*: signals the caller blocked until
     the handlers are in place (a command server's worker), let in then."""
@@ -294,7 +315,10 @@ def main(blocked: Collection[int] = ()) -> None:
         if blocked:  # one that came meanwhile is raised here, and said as any other
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
         extend_by_plugins()
-        cli.main(prog_name="graphdriver", standalone_mode=True)
+        try:
+            cli.main(prog_name="graphdriver", standalone_mode=True)
+        except SystemExit as done:  # (click's way out, every time)
+            raise SystemExit(_flushed(done.code)) from None
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
         name = signal.Signals(signum).name
