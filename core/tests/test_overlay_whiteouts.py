@@ -56,7 +56,9 @@ def _lower(lower: Path) -> None:
     (lower / "dir" / "old2").write_text("2")
 
 
-def test_apply_writes_overlay_whiteouts_that_overlayfs_honours(dirs: dict[str, Path]) -> None:
+def test_apply_writes_overlay_whiteouts_that_overlayfs_honours(
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
     _lower(dirs["lower"])
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
@@ -65,19 +67,28 @@ def test_apply_writes_overlay_whiteouts_that_overlayfs_honours(dirs: dict[str, P
             ("dir/.wh..wh..opq", tarfile.REGTYPE),
             ("dir/new", tarfile.REGTYPE),
             (".wh.gone", tarfile.REGTYPE),
+            (".wh.never-there", tarfile.REGTYPE),
         ):
             info = tarfile.TarInfo(name)
             info.type = kind
             info.mode = 0o755
             tf.addfile(info, io.BytesIO(b""))
-    result = apply_layer(dirs["upper"], io.BytesIO(buf.getvalue()), whiteouts="overlay")
+    lowers = [dirs["lower"]]
+    result = apply_layer(
+        dirs["upper"], io.BytesIO(buf.getvalue()), whiteouts="overlay", lowers=lowers
+    )
     assert result.size == 0
     st = os.lstat(dirs["upper"] / "gone")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert not os.path.lexists(dirs["upper"] / "never-there")  # nothing below to hide
     assert os.getxattr(dirs["upper"] / "dir", "trusted.overlay.opaque") == b"y"
     merged = _mount(dirs)
     assert sorted(os.listdir(merged)) == ["dir", "keep"]
     assert os.listdir(merged / "dir") == ["new"]
+    alone = tmp_path / "alone"  # an upper with no lower: no whiteout at all
+    alone.mkdir()
+    apply_layer(alone, io.BytesIO(buf.getvalue()), whiteouts="overlay")
+    assert sorted(os.listdir(alone)) == ["dir"] and os.listdir(alone / "dir") == ["new"]
 
 
 def test_upper_written_by_overlayfs_becomes_oci_whiteouts(dirs: dict[str, Path]) -> None:

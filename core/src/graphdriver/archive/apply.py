@@ -31,9 +31,9 @@ from typing import BinaryIO
 from ..errors import ArchiveError, GraphDriverError, UnsafeArchive
 from ..linux.signals import fork_holding_signals, release_signals, start_thread
 from . import feed, tarsplit
-from .extract import Sandbox, run_child
 from .feed import Feeder
 from .names import body_path
+from .sandbox import Sandbox, run_child
 from .streams import LayerDecoder, big_pipe, compression_of, grow_pipe, read_head, read_ready
 from .tar import CHUNK
 
@@ -75,8 +75,9 @@ def apply_layer(
     *whiteouts* is ``"delete"`` (target is the layer's full view: remove what a whiteout names)
     or ``"overlay"`` (target is an overlay upper: write overlayfs whiteouts). *lowers* are an
     overlay upper's lower dirs, nearest first: a hardlink to a file in them copies it up, as
-    the kernel does. With *record*, the result carries what an exact diff of the layer
-    needs (``tarsplit``). On error the target is left half-written; the caller rolls it back.
+    the kernel does, and a whiteout is made only where they show the name. With *record*, the
+    result carries what an exact diff of the layer needs (``tarsplit``). On error the target
+    is left half-written; the caller rolls it back.
     """
     if whiteouts not in ("delete", "overlay"):
         raise ValueError(whiteouts)

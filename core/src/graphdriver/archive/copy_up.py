@@ -5,7 +5,9 @@ the kernel had copied ``lower-file`` up (data, mode, owner, xattrs, times, and i
 directories) and linked the new name to the copy. The apply sandbox does the same from the lower
 dirs, opened as descriptors before its chroot: every name is looked up one component at a time
 with ``O_NOFOLLOW``, as overlayfs merges them (a whiteout or an opaque directory hides what lies
-below it), so no symlink in a lower dir can send the copy anywhere else.
+below it), so no symlink in a lower dir can send the copy anywhere else. The same lookups say
+what the lowers show at a name (:meth:`LowerDirs.shown`, :meth:`LowerDirs.root_names`): whether a
+whiteout there hides anything, and which directories of the upper merge with a lower's.
 """
 
 from __future__ import annotations
@@ -83,6 +85,50 @@ class LowerDirs:
             for fd in opened:
                 os.close(fd)
 
+    def shown(self, path: str) -> os.stat_result | None:
+        """The lstat of what the lowers show at *path* (clean, relative) through the upper's
+        directories above it, which the caller made or copied up; None where nothing shows:
+        no lower has it, or it lies below a new or opaque directory of the upper."""
+        parts = path.split("/")
+        layers = self.fds
+        upper = ""
+        opened: list[int] = []
+        try:
+            for part in parts[:-1]:
+                upper = f"{upper}/{part}" if upper else part
+                if whiteout.is_overlay_opaque(upper):
+                    return None
+                found = self._lookup(
+                    layers, part, upper, path, last=False, in_upper=True, directory=False
+                )
+                if not found:
+                    return None
+                opened.extend(found)
+                layers = found
+            last = self._lookup(
+                layers, parts[-1], path, path, last=True, in_upper=True, directory=False
+            )
+            return os.stat(parts[-1], dir_fd=last[0], follow_symlinks=False) if last else None
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def root_names(self) -> dict[str, bool]:
+        """The names the lowers show at the root, each with whether it is a directory there
+        (the nearest lower's entry; a whiteout hides the name in the lowers below it)."""
+        shown: dict[str, bool] = {}
+        hidden: set[str] = set()
+        for fd in self.fds:
+            for name in os.listdir(fd):
+                if name in shown or name in hidden:
+                    continue
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if whiteout.is_overlay_whiteout(st):
+                    hidden.add(name)
+                else:
+                    shown[name] = stat.S_ISDIR(st.st_mode)
+        return shown
+
     @staticmethod
     def _lookup(
         layers: list[int],
@@ -159,6 +205,7 @@ def _copy_dir(src: int, upper: str, root: bool) -> None:
     dst = os.open(upper, _DIR_FLAGS)
     try:
         _copy_attrs(src, dst, os.fstat(src), root)
+        whiteout.mark_overlay_merged(dst)
     finally:
         os.close(dst)
 

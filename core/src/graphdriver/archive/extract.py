@@ -1,28 +1,22 @@
-"""The sandboxed extractor: the forked child of :func:`.apply.apply_layer` that has chrooted
-into the layer and unpacks the entries the parent parsed and sends (:mod:`.feed`), refusing
+"""The extractor of the apply sandbox (:mod:`.sandbox`): in the forked child that has chrooted
+into the layer, it unpacks the entries the parent parsed and sends (:mod:`.feed`), refusing
 every entry that would leave the layer.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
-import signal
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ArchiveError, UnsafeArchive
-from ..linux.fds import keep_only_fds
-from ..linux.libc import LIBC
-from ..linux.signals import Held, release_signals
 from . import fastpath, sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
-from .feed import FedReader, StreamCut
+from .feed import FedReader
 from .names import clean_name
 from .tar import (
     AREGTYPE,
@@ -36,80 +30,12 @@ from .tar import (
     SYMTYPE,
     TarEntry,
 )
-from .tar_reader import write_all
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 _FILE_TYPES = (REGTYPE, AREGTYPE, CONTTYPE)
 #: a regular file is made with O_EXCL (never through what is at its name) and O_NOFOLLOW
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-
-
-@dataclass(frozen=True)
-class Sandbox:
-    """What the extraction child is asked to do besides reading the tar."""
-
-    whiteouts: str
-    lower_fds: list[int]
-    record: bool
-    #: threads that write a run of plain files at once (:func:`.feed.writers`, read by the
-    #: parent: the chrooted child sees no /proc or cgroup files)
-    writers: int = 1
-
-
-def run_child(  # pragma: no cover
-    target: str,
-    frames_fd: int,
-    data_fd: int | None,
-    res_fd: int,
-    sandbox: Sandbox,
-    held: Held,
-) -> None:
-    """The forked child (the handled signals blocked until SIGINT's default is back, then
-    *held* is its mask): chroot into *target*, extract the entries read from *frames_fd* (a
-    :class:`.feed.Feeder`'s frames) with their data from *data_fd* (the tar file) or inline,
-    report one JSON line (and the record's check table) on *res_fd*, and exit."""
-    code = 0
-    report: dict[str, object]
-    blob = b""
-    reader: FedReader | None = None
-    try:
-        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        keep_only_fds(0, 1, 2, frames_fd, res_fd, *sandbox.lower_fds, data_fd)
-        release_signals(held)
-        os.chroot(target)
-        os.chdir("/")
-        os.umask(0)
-        lowers = LowerDirs(sandbox.lower_fds) if sandbox.lower_fds else None
-        reader = FedReader(frames_fd, data_fd, sandbox.writers)
-        recorder = tarsplit.PathRecorder() if sandbox.record else None
-        size = Extractor(reader, sandbox.whiteouts, lowers, recorder).run()
-        report = {"size": size}
-        if recorder is not None:
-            if reader.unwritten is not None:
-                recorder.fail(f"the data of {reader.unwritten!r} was not written")
-            blob = recorder.finish(lambda p: os.lstat(p or "/")) or b""
-            report.update(no_record=recorder.failed)
-    except UnsafeArchive as exc:
-        report, code = {"error": str(exc), "unsafe": True}, 1
-    except ArchiveError as exc:  # "cut": a consequence of the parent's error, which it reports
-        cut = isinstance(exc, StreamCut) or (reader is not None and reader.ended)
-        report, code = {"error": str(exc), "errno": exc.errno, "cut": cut}, 1
-    except OSError as exc:
-        what = f"cannot unpack the layer: {exc.strerror}"
-        if exc.filename:
-            what += f" ({exc.filename})"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            what += ": the filesystem or the layer's size limit is full"
-        report, code = {"error": what, "errno": exc.errno}, 1
-    except BaseException as exc:
-        report, code = {"error": f"cannot unpack the layer: {exc!r}"}, 2
-    try:
-        write_all(res_fd, json.dumps(report).encode() + b"\n" + blob)
-    finally:
-        os._exit(code)
 
 
 ACL_DEFAULT = "system.posix_acl_default"
@@ -123,6 +49,10 @@ def has_default_acl(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _is_dir(st: os.stat_result | None) -> bool:
+    return st is not None and stat.S_ISDIR(st.st_mode)
 
 
 class Extractor:
@@ -364,6 +294,8 @@ class Extractor:
         fresh = head not in self.sgid_dirs
         try:
             os.mkdir(name, e.mode & 0o777)
+            if self.lowers is not None and _is_dir(self.lowers.shown(name)):
+                whiteout.mark_overlay_merged(name)  # made over a lower's, not copied up
         except FileExistsError:
             if stat.S_ISDIR(os.lstat(name).st_mode):
                 fresh = False  # an existing directory: owner and mode as the tar says
@@ -388,7 +320,8 @@ class Extractor:
 
     def over_non_directory(self, path: str) -> None:
         """Opaque: a directory made in an overlay upper over this tar's whiteout or file
-        (``.wh.d`` or ``d``, then ``d/`` or ``d/x``), lest the lower's show through."""
+        (``.wh.d`` or ``d``, then ``d/`` or ``d/x``), or over a lower's in an opaque root,
+        lest the lower's show through."""
         if self.recorder is not None:
             self.recorder.made_opaque(path)
         whiteout.make_overlay_opaque(path)
@@ -475,7 +408,10 @@ class Extractor:
             if self.overlay:  # this tar's whiteouts in it hide nothing now, and would show
                 for gone in [p for p in self.whited if p.rpartition("/")[0] == head]:
                     self.remove(gone)
-                whiteout.make_overlay_opaque(directory)
+                if head:
+                    whiteout.make_overlay_opaque(directory)
+                elif self.lowers is not None:  # overlayfs ignores an opaque upper root
+                    self.hide_lower_root(self.lowers)
                 return
             with os.scandir(directory) as it:
                 victims = [entry.name for entry in it]
@@ -491,9 +427,25 @@ class Extractor:
             raise UnsafeArchive(f"whiteout {raw!r} names {hidden!r}")
         path = f"{head}/{hidden}" if head else hidden
         self.remove(path)
-        # none in an opaque directory, which hides all below it (overlayfs would list it)
-        if self.overlay and not (head and whiteout.is_overlay_opaque(head)):
-            whiteout.make_overlay_whiteout(path)
-            self.whited.add(path)
-            if self.recorder is not None:
-                self.recorder.touch(path)
+        # none where no lower shows the name (overlayfs would list it): below nothing, in a
+        # new or opaque directory, or in a layer without parent
+        if self.overlay and self.lowers is not None and self.lowers.shown(path) is not None:
+            self.hide(path)
+
+    def hide(self, path: str) -> None:
+        """An overlay whiteout at *path*, where nothing is, hiding the lowers' entry."""
+        whiteout.make_overlay_whiteout(path)
+        self.whited.add(path)
+        if self.recorder is not None:
+            self.recorder.touch(path)
+
+    def hide_lower_root(self, lowers: LowerDirs) -> None:
+        """An opaque root, as overlayfs shows it: a whiteout at each name the lowers show
+        there, or an opaque mark where this tar made a directory over a lower's."""
+        for name, lower_dir in lowers.root_names().items():
+            st = lstat_or_none(name)
+            if st is None:
+                self.remove(name)  # recorded as a name the tar deletes
+                self.hide(name)
+            elif lower_dir and stat.S_ISDIR(st.st_mode):
+                self.over_non_directory(name)

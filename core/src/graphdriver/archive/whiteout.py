@@ -7,6 +7,7 @@ same things as a character device 0/0 named ``<name>`` and the xattr ``trusted.o
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -15,6 +16,7 @@ OPAQUE = ".wh..wh..opq"
 #: aufs bookkeeping names (``.wh..wh.plnk``, ``.wh..wh.aufs``) that OCI tars may carry
 META_PREFIX = ".wh..wh."
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+OVERLAY_ORIGIN_XATTR = "trusted.overlay.origin"
 #: xattrs that only make sense to overlayfs itself; never taken from a tar
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
 
@@ -45,3 +47,19 @@ def make_overlay_whiteout(path: str) -> None:
 def make_overlay_opaque(path: str) -> None:
     """Mark the directory at *path* opaque for overlayfs."""
     os.setxattr(path, OVERLAY_OPAQUE_XATTR, b"y", follow_symlinks=False)
+
+
+def mark_overlay_merged(target: str | int) -> None:
+    """Mark the upper directory *target* (a path relative to the working directory, or an
+    fd) that merges with a lower's as overlayfs marks a copy-up whose origin it cannot name:
+    an empty origin xattr. Without one, the first lookup of it through a mount of this upper
+    writes the lower's file handle there and ``impure`` on its parent: the ctimes of both
+    change, and with them the layer that an exact diff's record describes."""
+    try:
+        if isinstance(target, int):
+            os.setxattr(target, OVERLAY_ORIGIN_XATTR, b"")
+        else:
+            os.setxattr(target, OVERLAY_ORIGIN_XATTR, b"", follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EPERM):  # no trusted xattrs: nor the kernel's
+            raise

@@ -163,6 +163,81 @@ class ExactDiffCases(ConformanceBase):
             assert os.stat(root / "link-to-f").st_ino == os.stat(root / "f").st_ino
 
     @group("streams")
+    def test_whiteouts_of_nothing_and_an_opaque_root_are_alike_on_every_driver(
+        self, store: LayerStore
+    ) -> None:
+        """A whiteout of a name no layer below holds deletes nothing, and an opaque root hides
+        every name below it, in the mount of the layer and of its children too, on every
+        driver. overlay made a whiteout anyway, which overlayfs lists in a new directory as
+        an entry that cannot be opened ('c?????????'), and marked the root of its upper
+        opaque, which overlayfs ignores: the parent's names showed through."""
+        needs_root(APPLIES)
+        dir_, reg = tarfile.DIRTYPE, tarfile.REGTYPE
+        bottom = _tarfile(
+            (".wh.none", reg, b""), ("d", dir_, None), ("d/.wh.none", reg, b""),
+            format=tarfile.PAX_FORMAT,
+        )  # fmt: skip
+        parent = _tarfile(
+            ("a", dir_, None), ("a/keep", reg, b"k"), ("b", dir_, None), ("b/x", reg, b"x"),
+            ("f", reg, b"f"), format=tarfile.PAX_FORMAT,
+        )  # fmt: skip
+        child = _tarfile(
+            ("new", dir_, None), ("new/.wh.none", reg, b""), ("new/f", reg, b"f"),
+            ("a/sub", dir_, None), ("a/sub/.wh.none", reg, b""), ("a/.wh.none", reg, b""),
+            (".wh.none", reg, b""), format=tarfile.PAX_FORMAT,
+        )  # fmt: skip
+        opaque_root = _tarfile(
+            (".wh..wh..opq", reg, b""), ("a", dir_, None), ("a/n", reg, b"n"), ("c", reg, b"c"),
+            format=tarfile.PAX_FORMAT,
+        )  # fmt: skip
+        on_top = _tarfile(("top", reg, b"t"), format=tarfile.PAX_FORMAT)
+        layers = [
+            ("bottom", None, bottom, ["d"]),
+            ("parent", None, parent, ["a", "a/keep", "b", "b/x", "f"]),
+            ("child", "parent", child, ["a", "a/keep", "a/sub", "b", "b/x", "f", "new", "new/f"]),
+            ("opaque", "parent", opaque_root, ["a", "a/n", "c"]),
+            ("on-top", "opaque", on_top, ["a", "a/n", "c", "top"]),
+        ]
+        for layer_id, parent_id, applied, _ in layers:
+            store.create(layer_id, parent_id)
+            store.apply(layer_id, io.BytesIO(applied))
+        for layer_id, _, applied, names in layers:
+            with store.mounted(layer_id) as root:
+                shown = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+                for path in shown:
+                    os.lstat(root / path)  # each name listed can be opened
+            assert shown == names, layer_id
+            self._assert_exact(store, layer_id, applied)
+
+    @group("streams")
+    def test_exact_diff_outlives_a_look_through_the_layers_mount(self, store: LayerStore) -> None:
+        """Every name of an applied child layer read through its mount, the layer keeps its
+        exact diff. On overlay the kernel's first lookup of a directory that merges with the
+        parent's wrote the parent's file handle on it and a mark on its parent, changing
+        their ctimes: the diff was generated, and its digest was another."""
+        needs_root(APPLIES)
+        dir_, reg = tarfile.DIRTYPE, tarfile.REGTYPE
+        parent = _tarfile(
+            ("usr", dir_, None), ("usr/bin", dir_, None), ("usr/bin/a", reg, b"a"),
+            ("etc", dir_, None), ("etc/deep", dir_, None), ("etc/deep/conf", reg, b"c"),
+            format=tarfile.PAX_FORMAT,
+        )  # fmt: skip
+        child = _tarfile(
+            ("usr", dir_, None), ("usr/bin", dir_, None), ("usr/bin/b", reg, b"b"),
+            ("etc/deep/new", reg, b"n"), ("etc/link", tarfile.LNKTYPE, b"usr/bin/a"),
+            format=tarfile.PAX_FORMAT,
+        )  # fmt: skip
+        store.create("parent")
+        store.apply("parent", io.BytesIO(parent))
+        store.create("child", "parent")
+        store.apply("child", io.BytesIO(child))
+        for _ in range(2):  # the second mount is the one that found the first's marks
+            with store.mounted("child") as root:
+                for path in root.rglob("*"):
+                    os.lstat(path)
+        self._assert_exact(store, "child", child)
+
+    @group("streams")
     def test_a_changed_layer_gets_a_generated_diff(self, store: LayerStore) -> None:
         needs_root(APPLIES)
         applied = _tarfile(
