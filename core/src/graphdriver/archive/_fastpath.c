@@ -26,7 +26,7 @@
  *   inline   the data of the entries follows on the input in their order (else each one's
  *            data is at its offset of the input, the tar file)
  *   dirs     (safe_dirs, sgid_dirs, acl_dirs) of the extractor
- *   created  the extractor's set of the paths it made, or None (overlay keeps none)
+ *   created  the extractor's set of the paths it made, or None (none kept)
  *   record   (touched, bodies, written) of the tarsplit.PathRecorder, or None
  *   root     whether the extraction runs as root (an entry owned by another is left)
  *   writers  threads that write a run at once, each a contiguous part of it, the GIL

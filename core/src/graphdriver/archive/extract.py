@@ -73,7 +73,7 @@ class Extractor:
         #: than the ones asked for; the layer's root may be either, made under such a directory
         self.sgid_dirs: set[str] = {""} if os.lstat("/").st_mode & stat.S_ISGID else set()
         self.acl_dirs: set[str] = {""} if has_default_acl("") else set()
-        self.created: set[str] = set()
+        self.created: set[str] = set()  #: the entries this tar made: an opaque marker keeps them
         self.whited: set[str] = set()  #: the whiteouts this tar made in an overlay upper
         #: directory -> (atime, mtime) the tar gives it, set last, deepest first
         self.dir_times: dict[str, tuple[int, int]] = {}
@@ -91,8 +91,9 @@ class Extractor:
             while i < n:
                 if fast:
                     dirs = (self.safe_dirs, self.sgid_dirs, self.acl_dirs)
-                    created = None if self.overlay else self.created
-                    i, size = reader.write_plain_files(batch, i, dirs, created, record, self.root)
+                    i, size = reader.write_plain_files(
+                        batch, i, dirs, self.created, record, self.root
+                    )
                     self.size += size
                     if i == n:
                         break
@@ -143,8 +144,7 @@ class Extractor:
         finally:
             os.close(fd)
         self.size += size
-        if not self.overlay:
-            self.created.add(name)
+        self.created.add(name)
         return True
 
     def parent_dir(self, name: str, raw: str) -> None:
@@ -241,8 +241,7 @@ class Extractor:
         self.parent_dir(name, e.name)
         if self.recorder is not None:
             self.recorder.touch(name)
-        if not self.overlay:
-            self.created.add(name)
+        self.created.add(name)
         if e.type == DIRTYPE:
             self.directory(name, head, e)
         elif e.is_file:
@@ -402,23 +401,13 @@ class Extractor:
         if self.recorder is not None:
             self.recorder.touch(head)
         if base == whiteout.OPAQUE:
-            directory = head or "."
             if self.recorder is not None:
                 self.recorder.made_opaque(head)
-            if self.overlay:  # this tar's whiteouts in it hide nothing now, and would show
-                for gone in [p for p in self.whited if p.rpartition("/")[0] == head]:
-                    self.remove(gone)
-                if head:
-                    whiteout.make_overlay_opaque(directory)
-                elif self.lowers is not None:  # overlayfs ignores an opaque upper root
-                    self.hide_lower_root(self.lowers)
-                return
-            with os.scandir(directory) as it:
-                victims = [entry.name for entry in it]
-            for victim in victims:
-                path = f"{head}/{victim}" if head else victim
-                if path not in self.created:
-                    self.remove(path)
+            self.clear(head)
+            if self.overlay and head:
+                whiteout.make_overlay_opaque(head)
+            elif self.overlay and self.lowers is not None:  # overlayfs ignores it on a root
+                self.hide_lower_root(self.lowers)
             return
         if base.startswith(whiteout.META_PREFIX):
             return  # aufs bookkeeping, meaningless here
@@ -431,6 +420,23 @@ class Extractor:
         # new or opaque directory, or in a layer without parent
         if self.overlay and self.lowers is not None and self.lowers.shown(path) is not None:
             self.hide(path)
+
+    def clear(self, head: str) -> None:
+        """Below the directory *head* that an opaque marker names, what the tar did not make
+        goes, as if the marker had come first (OCI: it hides the lower layers' entries, not
+        the layer's own): the parent's entries (in a tree), what was copied up (a hardlink's
+        target, in an overlay upper) and this tar's whiteouts (which hide nothing now, and
+        which overlayfs would list). A directory the tar made or made something in is kept
+        and cleared the same way, whatever the order of its entries and the marker."""
+        prefix = f"{head}/" if head else ""
+        with os.scandir(head or ".") as it:
+            entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
+        for name, is_dir in entries:
+            path = prefix + name
+            if is_dir and path in self.safe_dirs:  # named by the tar, or above what it made
+                self.clear(path)
+            elif path not in self.created or is_dir:
+                self.remove(path)
 
     def hide(self, path: str) -> None:
         """An overlay whiteout at *path*, where nothing is, hiding the lowers' entry."""
