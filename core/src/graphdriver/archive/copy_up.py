@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 
 from ..errors import ArchiveError, UnsafeArchive
 from . import whiteout
@@ -34,6 +34,10 @@ class LowerDirs:
     def __init__(self, fds: Sequence[int]) -> None:
         self.fds = list(fds)
         self.root = os.geteuid() == 0
+        #: directory -> the lowers (indices, nearest first) that show a directory there, as
+        #: overlayfs merges them below an upper without opaque directories; the lowers never
+        #: change during an apply, so each directory is looked up once
+        self._dirs: dict[str, tuple[int, ...]] = {"": tuple(range(len(self.fds)))}
 
     def copy_up(self, path: str, raw: str, *, directory: bool = False) -> int:
         """Copy *path* (clean, relative) into the upper dir from the nearest lower that shows
@@ -85,33 +89,66 @@ class LowerDirs:
             for fd in opened:
                 os.close(fd)
 
-    def shown(self, path: str) -> os.stat_result | None:
-        """The lstat of what the lowers show at *path* (clean, relative) through the upper's
-        directories above it, which the caller made or copied up; None where nothing shows:
-        no lower has it, or it lies below a new or opaque directory of the upper."""
+    def shown(self, path: str, opaque: Container[str]) -> os.stat_result | None:
+        """The lstat of what the lowers show at *path* (clean, relative) below the upper's
+        directories above it, which the caller made or copied up, *opaque* those of them
+        marked opaque; None where nothing shows: no lower has it, a nearer one deleted it, or
+        it lies below an opaque directory of the upper."""
+        head = path.rpartition("/")[0]
+        if not self.below_merged(path, opaque):
+            return None
+        for i in self._stack(head):
+            try:
+                st = os.stat(path, dir_fd=self.fds[i], follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            return None if whiteout.is_overlay_whiteout(st) else st
+        return None
+
+    def below_merged(self, path: str, opaque: Container[str]) -> bool:
+        """Whether the directory above *path* merges with a lower's (*opaque*: the upper's
+        opaque directories): whether a lower may show anything at *path*, known without a
+        lookup of the name itself."""
+        head = up = path.rpartition("/")[0]
+        while up:
+            if up in opaque:
+                return False
+            up = up.rpartition("/")[0]
+        return bool(self._stack(head))
+
+    def _stack(self, path: str) -> tuple[int, ...]:
+        """The lowers that show the directory *path*, looked up below its nearest known
+        ancestor. A lower is in a directory's stack only if each directory above is a
+        directory in it too (no symlink, checked as the stack was made), so a whole path
+        is looked up in it at once, never through a link."""
+        known = self._dirs.get(path)
+        if known is not None:
+            return known
         parts = path.split("/")
-        layers = self.fds
-        upper = ""
-        opened: list[int] = []
-        try:
-            for part in parts[:-1]:
-                upper = f"{upper}/{part}" if upper else part
-                if whiteout.is_overlay_opaque(upper):
-                    return None
-                found = self._lookup(
-                    layers, part, upper, path, last=False, in_upper=True, directory=False
-                )
-                if not found:
-                    return None
-                opened.extend(found)
-                layers = found
-            last = self._lookup(
-                layers, parts[-1], path, path, last=True, in_upper=True, directory=False
-            )
-            return os.stat(parts[-1], dir_fd=last[0], follow_symlinks=False) if last else None
-        finally:
-            for fd in opened:
-                os.close(fd)
+        depth = len(parts) - 1
+        while depth and "/".join(parts[:depth]) not in self._dirs:
+            depth -= 1
+        at = "/".join(parts[:depth])
+        stack = self._dirs[at]
+        for part in parts[depth:]:
+            at = f"{at}/{part}" if at else part
+            below: list[int] = []
+            for i in stack:
+                try:
+                    st = os.stat(at, dir_fd=self.fds[i], follow_symlinks=False)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    break  # a whiteout or a file hides the lowers below it
+                below.append(i)
+                fd = os.open(at, _DIR_FLAGS, dir_fd=self.fds[i])
+                try:
+                    if _opaque(fd):
+                        break
+                finally:
+                    os.close(fd)
+            stack = self._dirs[at] = tuple(below)
+        return stack
 
     def root_names(self) -> dict[str, bool]:
         """The names the lowers show at the root, each with whether it is a directory there

@@ -51,10 +51,6 @@ def has_default_acl(path: str) -> bool:
     return True
 
 
-def _is_dir(st: os.stat_result | None) -> bool:
-    return st is not None and stat.S_ISDIR(st.st_mode)
-
-
 class Extractor:
     def __init__(
         self,
@@ -75,6 +71,8 @@ class Extractor:
         self.acl_dirs: set[str] = {""} if has_default_acl("") else set()
         self.created: set[str] = set()  #: the entries this tar made: an opaque marker keeps them
         self.whited: set[str] = set()  #: the whiteouts this tar made in an overlay upper
+        #: the directories this extraction marked opaque: all of the upper's (it starts empty)
+        self.opaque: set[str] = set()
         #: directory -> (atime, mtime) the tar gives it, set last, deepest first
         self.dir_times: dict[str, tuple[int, int]] = {}
         self.size = 0
@@ -201,6 +199,8 @@ class Extractor:
         self.sgid_dirs = {d for d in self.sgid_dirs if kept(d)}
         self.acl_dirs = {d for d in self.acl_dirs if kept(d)}
         self.dir_times = {d: t for d, t in self.dir_times.items() if kept(d)}
+        self.opaque = {d for d in self.opaque if kept(d)}
+        self.whited = {w for w in self.whited if kept(w)}
 
     def remove(self, path: str) -> None:
         """Remove whatever is at *path* (missing is fine)."""
@@ -293,8 +293,10 @@ class Extractor:
         fresh = head not in self.sgid_dirs
         try:
             os.mkdir(name, e.mode & 0o777)
-            if self.lowers is not None and _is_dir(self.lowers.shown(name)):
-                whiteout.mark_overlay_merged(name)  # made over a lower's, not copied up
+            # made where a lower may have a directory: marked as merged (one where none has
+            # is not merged, and overlayfs reads no mark there; looking would cost more)
+            if self.lowers is not None and self.lowers.below_merged(name, self.opaque):
+                whiteout.mark_overlay_merged(name)
         except FileExistsError:
             if stat.S_ISDIR(os.lstat(name).st_mode):
                 fresh = False  # an existing directory: owner and mode as the tar says
@@ -324,6 +326,7 @@ class Extractor:
         if self.recorder is not None:
             self.recorder.made_opaque(path)
         whiteout.make_overlay_opaque(path)
+        self.opaque.add(path)
 
     def regular(self, name: str, head: str, e: TarEntry) -> None:
         try:  # created with its final permissions: no chmod needed for most files
@@ -406,6 +409,7 @@ class Extractor:
             self.clear(head)
             if self.overlay and head:
                 whiteout.make_overlay_opaque(head)
+                self.opaque.add(head)
             elif self.overlay and self.lowers is not None:  # overlayfs ignores it on a root
                 self.hide_lower_root(self.lowers)
             return
@@ -418,7 +422,8 @@ class Extractor:
         self.remove(path)
         # none where no lower shows the name (overlayfs would list it): below nothing, in a
         # new or opaque directory, or in a layer without parent
-        if self.overlay and self.lowers is not None and self.lowers.shown(path) is not None:
+        lowers = self.lowers
+        if self.overlay and lowers is not None and lowers.shown(path, self.opaque) is not None:
             self.hide(path)
 
     def clear(self, head: str) -> None:
@@ -428,15 +433,18 @@ class Extractor:
         target, in an overlay upper) and this tar's whiteouts (which hide nothing now, and
         which overlayfs would list). A directory the tar made or made something in is kept
         and cleared the same way, whatever the order of its entries and the marker."""
-        prefix = f"{head}/" if head else ""
-        with os.scandir(head or ".") as it:
-            entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
-        for name, is_dir in entries:
-            path = prefix + name
-            if is_dir and path in self.safe_dirs:  # named by the tar, or above what it made
-                self.clear(path)
-            elif path not in self.created or is_dir:
-                self.remove(path)
+        todo = [head]  # (a list, not recursion: a tar's tree may be deeper than Python's)
+        while todo:
+            directory = todo.pop()
+            prefix = f"{directory}/" if directory else ""
+            with os.scandir(directory or ".") as it:
+                entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
+            for name, is_dir in entries:
+                path = prefix + name
+                if is_dir and path in self.safe_dirs:  # named by the tar, or above what it made
+                    todo.append(path)
+                elif path not in self.created or is_dir:
+                    self.remove(path)
 
     def hide(self, path: str) -> None:
         """An overlay whiteout at *path*, where nothing is, hiding the lowers' entry."""
