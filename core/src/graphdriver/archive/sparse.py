@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 
 from ..errors import ArchiveError
+from .tar import MAX_SIZE, number
 
 #: data regions one file may have: a map this long takes ~10 MB here, and no real file needs more
 MAX_REGIONS = 1 << 17
@@ -63,12 +64,9 @@ def gnu_header_map(block: bytes, start: int, count: int, name: str) -> list[Regi
 
 
 def _octal(field: bytes, name: str) -> int:
-    if field and field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.strip(b" \0")
     try:
-        return int(text, 8) if text else 0
-    except ValueError:
+        return number(field, "sparse map")
+    except ArchiveError:
         raise ArchiveError(f"sparse file {name!r} has a corrupt sparse map ({field!r})") from None
 
 
@@ -76,7 +74,7 @@ def check_map(regions: list[Region], real_size: int, data_size: int, name: str) 
     """Refuse a map that is out of order, overlaps itself, points past the file's end, or
     does not account for exactly the data the entry carries."""
     check_count(len(regions), name)
-    if not 0 <= real_size <= (1 << 63) - 1:  # what a file can hold (off_t)
+    if not 0 <= real_size <= MAX_SIZE:
         raise ArchiveError(f"sparse file {name!r} has a size out of range ({real_size})")
     end = 0
     total = 0

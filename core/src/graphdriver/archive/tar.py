@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from zlib import adler32
 
+from ..errors import ArchiveError
+
 BLOCK = 512
 CHUNK = 1 << 20
 
@@ -211,6 +213,28 @@ _USTAR = struct.Struct(_USTAR_FORMAT)
 _PAX_BLOCK_USTAR = struct.Struct(_USTAR_FORMAT + "512s" + _USTAR_FORMAT)
 _NUMBERS = b"%07o\0%07o\0%07o\0%011o\0%011o\0"
 _NO_DEVICE = b"0000000\0" * 2
+
+
+#: the largest size a file can have (off_t)
+MAX_SIZE = (1 << 63) - 1
+
+
+def number(field: bytes, what: str) -> int:
+    try:  # the common case: octal digits padded with spaces or NULs
+        return int(field.strip(b" \0"), 8)
+    except ValueError:
+        pass
+    if field and field[0] & 0x80:  # GNU base-256, two's complement: 0xff... is negative
+        if field[0] & 0x40:  # (the sign bit below the marker, as Go's archive/tar reads it)
+            return int.from_bytes(bytes([field[0] | 0x80]) + field[1:], "big", signed=True)
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ArchiveError(f"corrupt tar header: {what} field {field!r}") from None
 
 
 def byte_sum(data: bytes) -> int:

@@ -8,25 +8,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ArchiveError
 from . import sparse
-from .tar import AREGTYPE, BLKTYPE, CHRTYPE, DIRTYPE, TarEntry, byte_sum
-
-
-def number(field: bytes, what: str) -> int:
-    try:  # the common case: octal digits padded with spaces or NULs
-        return int(field.strip(b" \0"), 8)
-    except ValueError:
-        pass
-    if field and field[0] & 0x80:  # GNU base-256, two's complement: 0xff... is negative
-        if field[0] & 0x40:  # (the sign bit below the marker, as Go's archive/tar reads it)
-            return int.from_bytes(bytes([field[0] | 0x80]) + field[1:], "big", signed=True)
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise ArchiveError(f"corrupt tar header: {what} field {field!r}") from None
+from .tar import AREGTYPE, BLKTYPE, CHRTYPE, DIRTYPE, MAX_SIZE, TarEntry, byte_sum, number
 
 
 def checksum_ok(block: bytes) -> bool:
@@ -141,10 +123,9 @@ def header_entry(
     return entry
 
 
-#: the largest file (off_t), owner id (uid_t, but for -1: "unchanged" to chown) and device
+#: the largest file (MAX_SIZE: off_t), owner id (uid_t, but for -1: "unchanged" to chown) and device
 #: number part (dev_t's major and minor) a Linux filesystem takes; a time's seconds fit
 #: time_t (64 bits), and the kernel clamps them to the filesystem's own range
-MAX_SIZE = (1 << 63) - 1
 _MAX_ID = (1 << 32) - 2
 _MAX_DEV = (1 << 32) - 1
 _TIME_T = 1 << 63

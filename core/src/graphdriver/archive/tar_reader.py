@@ -29,6 +29,7 @@ from .tar import (
     XGLTYPE,
     XHDTYPE,
     TarEntry,
+    number,
 )
 
 _ZERO_BLOCK = b"\0" * BLOCK
@@ -319,7 +320,7 @@ class TarReader:
             regions += sparse.gnu_header_map(more, 0, 21, entry.name)
             sparse.check_count(len(regions), entry.name)
             extended = more[504]
-        real_size = headers.number(block[483:495], "realsize")
+        real_size = number(block[483:495], "realsize")
         sparse.check_map(regions, real_size, entry.size, entry.name)
         entry.type, entry.sparse, entry.size = REGTYPE, regions, real_size
 
