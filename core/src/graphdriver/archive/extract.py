@@ -73,6 +73,8 @@ class Extractor:
         self.whited: set[str] = set()  #: the whiteouts this tar made in an overlay upper
         #: the directories this extraction marked opaque: all of the upper's (it starts empty)
         self.opaque: set[str] = set()
+        #: the directories an opaque marker cleared (:meth:`clear`)
+        self.cleared: set[str] = set()
         #: directory -> (atime, mtime) the tar gives it, set last, deepest first
         self.dir_times: dict[str, tuple[int, int]] = {}
         self.size = 0
@@ -201,6 +203,7 @@ class Extractor:
         self.dir_times = {d: t for d, t in self.dir_times.items() if kept(d)}
         self.opaque = {d for d in self.opaque if kept(d)}
         self.whited = {w for w in self.whited if kept(w)}
+        self.cleared = {d for d in self.cleared if kept(d)}
 
     def remove(self, path: str) -> None:
         """Remove whatever is at *path* (missing is fine)."""
@@ -430,26 +433,39 @@ class Extractor:
         """Below the directory *head* that an opaque marker names, what the tar did not make
         goes, as if the marker had come first (OCI: it hides the lower layers' entries, not
         the layer's own): the parent's entries (in a tree), what was copied up (a hardlink's
-        target, in an overlay upper) and this tar's whiteouts (which hide nothing now, and
-        which overlayfs would list). A directory the tar made or made something in is kept
-        and cleared the same way, whatever the order of its entries and the marker."""
+        target, in an overlay upper), this tar's whiteouts (which hide nothing now, and which
+        overlayfs would list), and a directory the tar neither named nor made anything in
+        (one it only went through, to a hardlink's target or a whiteout). A directory it
+        named or made something in is kept and cleared the same way, whatever the order of
+        its entries and the marker. A directory cleared once is not walked again: nothing
+        the tar did not make comes below it later (no lower shows there any more)."""
+        if head in self.cleared:
+            return
+        walked: list[str] = []
         todo = [head]  # (a list, not recursion: a tar's tree may be deeper than Python's)
         while todo:
             directory = todo.pop()
+            walked.append(directory)
             prefix = f"{directory}/" if directory else ""
             with os.scandir(directory or ".") as it:
                 entries = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in it]
             for name, is_dir in entries:
                 path = prefix + name
-                if is_dir and path in self.safe_dirs:  # named by the tar, or above what it made
-                    todo.append(path)
+                if is_dir and path in self.safe_dirs:  # named by the tar, or on its way
+                    if path not in self.cleared:
+                        todo.append(path)
                 elif path not in self.created or is_dir:
                     self.remove(path)
+        for directory in reversed(walked[1:]):  # (below its own directories: deepest first)
+            if directory not in self.created and not os.listdir(directory):
+                self.remove(directory)
+        self.cleared.update(walked)
 
     def hide(self, path: str) -> None:
         """An overlay whiteout at *path*, where nothing is, hiding the lowers' entry."""
         whiteout.make_overlay_whiteout(path)
         self.whited.add(path)
+        self.created.discard(path)  # (the tar's entry there, removed: a marker removes this)
         if self.recorder is not None:
             self.recorder.touch(path)
 

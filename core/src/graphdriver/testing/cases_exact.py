@@ -210,6 +210,36 @@ class ExactDiffCases(ConformanceBase):
             self._assert_exact(store, layer_id, applied)
 
     @group("streams")
+    def test_an_opaque_marker_after_the_tars_own_entries(self, store: LayerStore) -> None:
+        """An opaque marker hides the parent's entries of its directory, not the tar's own,
+        wherever it stands: what the tar made before it stays (a file, a hardlink to a
+        parent's file, a file in a parent's directory, which stays with it alone); a
+        directory the tar only went through (to a hardlink's target, to a whiteout) goes,
+        as in Docker's unpacker. overlay kept the parent's file the hardlink had copied up,
+        vfs the parent's files in a directory the tar wrote into."""
+        needs_root(APPLIES)
+        dir_, reg = tarfile.DIRTYPE, tarfile.REGTYPE
+        parent = _tarfile(
+            ("d", dir_, None), ("d/sub", dir_, None), ("d/sub/t", reg, b"t"),
+            ("d/sub/o", reg, b"o"), ("d/x", reg, b"x"), ("d/keep", dir_, None),
+            ("d/keep/k", reg, b"k"), format=tarfile.PAX_FORMAT,
+        )  # fmt: skip
+        child = _tarfile(
+            ("d", dir_, None), ("d/new", reg, b"n"), ("d/link", tarfile.LNKTYPE, b"d/sub/t"),
+            ("d/e/.wh.none", reg, b""), ("d/keep/mine", reg, b"m"), ("d/.wh.x", reg, b""),
+            ("d/.wh..wh..opq", reg, b""), format=tarfile.PAX_FORMAT,
+        )  # fmt: skip
+        store.create("parent")
+        store.apply("parent", io.BytesIO(parent))
+        store.create("child", "parent")
+        store.apply("child", io.BytesIO(child))
+        with store.mounted("child") as root:
+            shown = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+            assert (root / "d" / "link").read_bytes() == b"t"
+        assert shown == ["d", "d/keep", "d/keep/mine", "d/link", "d/new"]
+        self._assert_exact(store, "child", child)
+
+    @group("streams")
     def test_exact_diff_outlives_a_look_through_the_layers_mount(self, store: LayerStore) -> None:
         """Every name of an applied child layer read through its mount, the layer keeps its
         exact diff. On overlay the kernel's first lookup of a directory that merges with the
