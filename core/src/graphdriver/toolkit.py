@@ -8,9 +8,10 @@ own implementation, re-exported; its docstring says what it does.
 
 Layer ids and options
     :func:`is_layer_id` (a directory name that may be a layer's), :func:`parse_size` (``50M``).
-Copying trees
+Copying and removing trees
     :func:`copy_tree`: owners, modes, times, xattrs, hardlinks, devices; data by reflink
     (FICLONE) where the filesystem shares extents, else in the kernel (copy_file_range).
+    :func:`remove_tree`: a tree of any depth, never through a symlink.
 Filesystems and folders
     :func:`fs_name`, :func:`fs_magic` (statfs), :func:`supports_d_type`,
     :func:`nearest_existing` (where a home not made yet will live, to probe it),
@@ -103,6 +104,7 @@ if TYPE_CHECKING:
     from .linux.quota import set_project as set_quota_project
     from .linux.signals import fork_holding_signals as fork_holding_signals
     from .linux.signals import release_signals as release_signals
+    from .linux.tree import remove_tree as remove_tree
     from .sqlite import Schema as SqliteSchema
     from .sqlite import open_db as sqlite_open
     from .sqlite import transaction as sqlite_transaction
@@ -125,6 +127,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "fault_point": ("faults", "point"),
     "bind": ("linux.bind", "bind"),
     "copy_tree": ("linux.copy", "copy_tree"),
+    "remove_tree": ("linux.tree", "remove_tree"),
     "fork_holding_signals": ("linux.signals", "fork_holding_signals"),
     "release_signals": ("linux.signals", "release_signals"),
     "fs_magic": ("linux.fs", "fs_magic"),
@@ -201,6 +204,7 @@ __all__ = [
     "private_dir",
     "project_quota_enforced",
     "release_signals",
+    "remove_tree",
     "set_quota_limit",
     "set_quota_project",
     "sqlite_open",

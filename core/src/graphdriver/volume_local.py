@@ -9,13 +9,13 @@ device=/dev/loop3``, ``--opt type=none --opt device=/srv/data --opt o=bind``.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import InvalidOption
 from .linux import mount as m
 from .linux.bind import reaches_root
+from .linux.tree import remove_tree
 from .volume_driver import VolumeDriver
 
 #: mount(8) option words that are flags, not filesystem data: word -> (set, clear)
@@ -108,7 +108,7 @@ class LocalVolumeDriver(VolumeDriver):
         base = self._base(name)
         m.unmount_all_under(base)
         if base.exists():
-            shutil.rmtree(base)
+            remove_tree(base)
 
     def mount(self, name: str, options: Mapping[str, str]) -> Path:
         data = self.path(name, options)

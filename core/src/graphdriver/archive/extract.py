@@ -8,12 +8,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import ArchiveError, UnsafeArchive
+from ..linux.tree import remove_tree
 from . import fastpath, sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
 from .feed import FedReader
@@ -214,7 +214,7 @@ class Extractor:
         if st is None:
             return
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
+            remove_tree(path)
             self.forget_dirs_under(path)
         else:
             os.unlink(path)

@@ -282,3 +282,23 @@ class BadInputCases(ConformanceBase):
             if len({n.rstrip("/") for n in names}) == len(names):  # (else: no record kept)
                 with store.diff(f"again-{i}") as stream:
                     assert stream.read() == applied, names
+
+    @group("bad-input")
+    def test_a_layer_deeper_than_python_is_rolled_back_and_removed(self, store: LayerStore) -> None:
+        """A tar 1,200 directories deep refused at its last entry: the layer is empty again;
+        one applied is removed. The removal called itself once a level and stopped at
+        Python's recursion limit: the refused layer stayed half-made, and every later
+        command warned of it; an applied one could not be removed."""
+        needs_root(APPLIES)
+        deep = _member("a/" * 1199 + "f", data=b"x")
+        store.create("parent")
+        store.apply("parent", io.BytesIO(_tar(_member("q"))))
+        store.create("refused", "parent")
+        with pytest.raises(ArchiveError):
+            store.apply("refused", io.BytesIO(_tar(deep, _member("bad", b"1", linkname="x"))))
+        assert store.changes("refused") == []
+        store.create("deep", "parent")
+        store.apply("deep", io.BytesIO(_tar(deep)))
+        for layer in ("refused", "deep"):
+            store.remove(layer)
+        assert store.layers() == ["parent"]

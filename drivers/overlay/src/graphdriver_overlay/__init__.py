@@ -52,6 +52,7 @@ from graphdriver.toolkit import (
     overlay_changes,
     private_dir,
     project_quota_enforced,
+    remove_tree,
     set_quota_limit,
     set_quota_project,
     supports_d_type,
@@ -289,9 +290,7 @@ class OverlayDriver(Driver):
             with contextlib.suppress(OSError):
                 set_quota_limit(self.home, int(projid.read_text()), 0)
         if d.exists():
-            import shutil
-
-            shutil.rmtree(d)
+            remove_tree(d)
 
     # ---------------------------------------------------------------------------- mounts
 

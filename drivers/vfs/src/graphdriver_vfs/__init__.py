@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from graphdriver import Capabilities, CreateOpts, Driver, LayerInfo
-from graphdriver.toolkit import copy_tree, is_layer_id, private_dir
+from graphdriver.toolkit import copy_tree, is_layer_id, private_dir, remove_tree
 
 
 class VfsDriver(Driver):
@@ -52,9 +52,7 @@ class VfsDriver(Driver):
     def remove(self, layer: LayerInfo) -> None:
         target = self._dir(layer)
         if target.exists() or target.is_symlink():
-            import shutil  # only here: every command imports the driver
-
-            shutil.rmtree(target)
+            remove_tree(target)
 
     def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
         """The layer's directory is its root: nothing to mount (the core counts references)."""
