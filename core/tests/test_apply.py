@@ -674,3 +674,23 @@ def test_a_stream_that_only_reads_applies(tmp_path: Path) -> None:
     result = apply_layer(tmp_path, _ReadOnly(data))  # type: ignore[arg-type]
     assert (tmp_path / "f").read_bytes() == body
     assert result.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_a_directory_the_tar_only_goes_through_after_a_marker_goes_at_the_next(
+    tmp_path: Path,
+) -> None:
+    """A directory made to hold a whiteout, below one an opaque marker had cleared, is
+    cleared by the next marker above it too (it was kept, empty: the first marker's clear
+    was taken as still holding), as Docker's unpacker removes it."""
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "k").write_text("k")
+    (tmp_path / "d" / "a" / "x").write_text("x")
+    (tmp_path / "e").mkdir()
+    data = _tar(
+        (_info("d", tarfile.DIRTYPE, 0o755), b""),
+        (_info(".wh..wh..opq", tarfile.REGTYPE, 0o644), b""),
+        (_info("d/a/.wh.x", tarfile.REGTYPE, 0o644), b""),
+        (_info("d/.wh..wh..opq", tarfile.REGTYPE, 0o644), b""),
+    )
+    apply_layer(tmp_path, io.BytesIO(data))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["d"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from graphdriver.archive import sparse
 from graphdriver.archive.tar import (
     DIRTYPE,
     REGTYPE,
@@ -18,6 +19,7 @@ from graphdriver.archive.tar import (
     _pax_record,
     byte_sum,
     encode_header,
+    number,
 )
 from graphdriver.archive.tar_reader import TarReader
 from graphdriver.archive.tar_writer import TarWriter
@@ -294,3 +296,20 @@ def test_numbers_no_file_can_have_are_refused_for_what_they_are(case: str) -> No
             list(TarReader(r))
     finally:
         os.close(r)
+
+
+@pytest.mark.parametrize("field", [b"-5", b"+7", b"1_0", b"89", b"12 3", b"0x1f"])
+def test_a_number_field_is_octal_digits_alone(field: bytes) -> None:
+    """int() takes a sign and "_": a header field with them (or anything but octal digits,
+    padding and a NUL) is refused, as the C header path refuses it too."""
+    with pytest.raises(ArchiveError, match="corrupt tar header: size field"):
+        number(field.ljust(12, b"\0"), "size")
+    assert number(b"0000644 \0", "mode") == 0o644 and number(b"17\0junk", "x") == 0o17
+
+
+@pytest.mark.parametrize("regions", [[(0, -5), (10, 13)], [(-4, 4), (0, 4)]])
+def test_a_sparse_map_with_a_negative_number_is_refused(regions: list[tuple[int, int]]) -> None:
+    """A signed base-256 offset or length made a map that passed the checks: with records
+    kept, "internal error"; without, write_regions looped for ever on the negative length."""
+    with pytest.raises(ArchiveError, match="negative"):
+        sparse.check_map(regions, 100, 8, "f")

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ArchiveError, UnsafeArchive
 from ..linux.tree import remove_tree
+from ..linux.xattr import ACL_DEFAULT, has_default_acl
 from . import fastpath, sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
 from .feed import FedReader
@@ -36,19 +37,6 @@ log = logging.getLogger(__name__)
 _FILE_TYPES = (REGTYPE, AREGTYPE, CONTTYPE)
 #: a regular file is made with O_EXCL (never through what is at its name) and O_NOFOLLOW
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-
-
-ACL_DEFAULT = "system.posix_acl_default"
-
-
-def has_default_acl(path: str) -> bool:
-    """Whether the directory *path* (relative to the layer's root) has a default ACL, which
-    gives what is made in it the ACL's permissions instead of those asked for."""
-    try:
-        os.getxattr(path or "/", ACL_DEFAULT, follow_symlinks=False)
-    except OSError:
-        return False
-    return True
 
 
 class Extractor:
@@ -166,6 +154,7 @@ class Extractor:
                 copied = lstat_or_none(path)
                 if copied is None:
                     os.mkdir(path, 0o755)
+                    self.uncleared(path)
                     if whited_out:
                         self.over_non_directory(path)
                     parent = path.rpartition("/")[0]
@@ -187,15 +176,27 @@ class Extractor:
             if has_default_acl(path):
                 self.acl_dirs.add(path)
 
-    def forget_dirs_under(self, path: str) -> None:
-        """Forget what is known of the directory *path* and those under it, removed: whatever
-        is made at their names later is checked, and gets its own times, again."""
-        if path not in self.safe_dirs:  # it holds none: every safe directory's parents are
-            return  # (a parent layer's directory that the tar whites out, untouched)
-        prefix = path + "/"
+    def forget_dirs_under(self, *paths: str) -> None:
+        """Forget what is known of the directories *paths* and those under them, removed:
+        whatever is made at their names later is checked, and gets its own times, again."""
+        gone = {p for p in paths if p in self.safe_dirs}  # (one that is not holds none:
+        if not gone:  # a parent layer's directory that the tar whites out, untouched)
+            return
+        if len(gone) == 1:
+            path = next(iter(gone))
+            prefix = path + "/"
 
-        def kept(d: str) -> bool:
-            return d != path and not d.startswith(prefix)
+            def kept(d: str) -> bool:
+                return d != path and not d.startswith(prefix)
+
+        else:  # (the directories a marker clears at once: each set filtered once for all)
+
+            def kept(d: str) -> bool:
+                while d:
+                    if d in gone:
+                        return False
+                    d = d.rpartition("/")[0]
+                return True
 
         self.safe_dirs = {d for d in self.safe_dirs if kept(d)}
         self.sgid_dirs = {d for d in self.sgid_dirs if kept(d)}
@@ -456,10 +457,23 @@ class Extractor:
                         todo.append(path)
                 elif path not in self.created or is_dir:
                     self.remove(path)
+        gone: list[str] = []
         for directory in reversed(walked[1:]):  # (below its own directories: deepest first)
             if directory not in self.created and not os.listdir(directory):
-                self.remove(directory)
-        self.cleared.update(walked)
+                if self.recorder is not None:
+                    self.recorder.removed(directory, True)
+                os.rmdir(directory)
+                gone.append(directory)
+        self.forget_dirs_under(*gone)
+        self.cleared.update(d for d in walked if d not in gone)
+
+    def uncleared(self, path: str) -> None:
+        """A directory made at *path* that the tar does not name: those above it are no
+        longer as a marker left them (a later one clears them again)."""
+        if self.cleared:
+            while path:
+                path = path.rpartition("/")[0]
+                self.cleared.discard(path)
 
     def hide(self, path: str) -> None:
         """An overlay whiteout at *path*, where nothing is, hiding the lowers' entry."""

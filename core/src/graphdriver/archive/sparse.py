@@ -79,6 +79,11 @@ def check_map(regions: list[Region], real_size: int, data_size: int, name: str) 
     end = 0
     total = 0
     for offset, length in regions:
+        if offset < 0 or length < 0:  # (a signed base-256 field)
+            raise ArchiveError(
+                f"sparse file {name!r} has a sparse map with a negative number "
+                f"(offset {offset}, length {length})"
+            )
         if offset < end:
             raise ArchiveError(
                 f"sparse file {name!r} has a sparse map that overlaps itself or is out of "

@@ -220,21 +220,22 @@ MAX_SIZE = (1 << 63) - 1
 
 
 def number(field: bytes, what: str) -> int:
-    try:  # the common case: octal digits padded with spaces or NULs
-        return int(field.strip(b" \0"), 8)
-    except ValueError:
-        pass
+    """A header's number field: octal digits padded with spaces or NULs (nothing but the
+    digits: no sign, no "_" that int() would take), or GNU base-256."""
+    text = field.strip(b" \0")
+    if not text.translate(None, _OCTAL):  # the common case
+        return int(text, 8) if text else 0
     if field and field[0] & 0x80:  # GNU base-256, two's complement: 0xff... is negative
         if field[0] & 0x40:  # (the sign bit below the marker, as Go's archive/tar reads it)
             return int.from_bytes(bytes([field[0] | 0x80]) + field[1:], "big", signed=True)
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise ArchiveError(f"corrupt tar header: {what} field {field!r}") from None
+    text = field.split(b"\0", 1)[0].strip(b" ")  # digits, then a NUL and anything
+    if not text.translate(None, _OCTAL):
+        return int(text, 8) if text else 0
+    raise ArchiveError(f"corrupt tar header: {what} field {field!r}")
+
+
+_OCTAL = b"01234567"
 
 
 def byte_sum(data: bytes) -> int:

@@ -1,5 +1,6 @@
 """Extended attributes of one path, its own (a final symlink is not followed): the one reader
-behind the tree compare, the tar writer, the tree copy and the suite's tree snapshots."""
+behind the tree compare, the tar writer, the tree copy and the suite's tree snapshots; and
+whether a directory has a default ACL (the apply sandbox)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,17 @@ def read(path: str | int, skip: tuple[str, ...] = ()) -> list[tuple[str, bytes]]
         except OSError:
             continue
     return out
+
+
+ACL_DEFAULT = "system.posix_acl_default"
+
+
+def has_default_acl(path: str) -> bool:
+    """Whether the directory *path* (relative; "" is "/", the layer's root in the apply
+    sandbox) has a default ACL, which gives what is made in it the ACL's permissions
+    instead of those asked for."""
+    try:
+        os.getxattr(path or "/", ACL_DEFAULT, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
