@@ -457,13 +457,13 @@ class Extractor:
                         todo.append(path)
                 elif path not in self.created or is_dir:
                     self.remove(path)
-        gone: list[str] = []
+        gone: set[str] = set()
         for directory in reversed(walked[1:]):  # (below its own directories: deepest first)
             if directory not in self.created and not os.listdir(directory):
                 if self.recorder is not None:
-                    self.recorder.removed(directory, True)
+                    self.recorder.removed(directory, True, empty=True)
                 os.rmdir(directory)
-                gone.append(directory)
+                gone.add(directory)
         self.forget_dirs_under(*gone)
         self.cleared.update(d for d in walked if d not in gone)
 

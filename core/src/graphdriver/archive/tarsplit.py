@@ -234,10 +234,11 @@ class PathRecorder:
         self.bodies.add(path)
         self.written[path] = _row(st)
 
-    def removed(self, path: str, was_dir: bool) -> None:
-        """The extraction removed *path* (a whiteout, or an entry replacing it)."""
+    def removed(self, path: str, was_dir: bool, *, empty: bool = False) -> None:
+        """The extraction removed *path* (a whiteout, or an entry replacing it); *empty*: a
+        directory that held nothing (no body of the tar below it to look for)."""
         self.gone.add(path)
-        if self.failed is not None:
+        if self.failed is not None or empty:
             return
         prefix = path + "/"  # a body under *path* touched it: one the tar never named has none
         if path in self.bodies or (
