@@ -37,6 +37,7 @@ import subprocess
 from pathlib import Path
 
 from graphdriver import Capabilities, Driver, DriverUnavailable
+from graphdriver.toolkit import remove_tree
 
 
 class TinyCopy(Driver):
@@ -64,7 +65,7 @@ class TinyCopy(Driver):
                         str(target)], check=True)
 
     def remove(self, layer):
-        shutil.rmtree(self._dir(layer), ignore_errors=True)
+        remove_tree(self._dir(layer))  # any depth (shutil.rmtree recurses once a level)
 
     def mount(self, layer, chain):
         return self._dir(layer)
