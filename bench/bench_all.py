@@ -74,6 +74,7 @@ from library_calls import (
     SMALL_CHANGE,
 )
 
+from graphdriver.linux.dm import device_mapper_missing
 from graphdriver.linux.mount import unmount_all_under
 from graphdriver.testing.backings import loop_filesystem
 
@@ -1000,7 +1001,7 @@ def chart_ratios(figs: list[Figure]) -> dict[str, float | None]:
 
 
 def devmapper_here() -> str:
-    if os.path.exists("/dev/mapper/control"):
+    if device_mapper_missing() is None:
         return (
             "this host has device-mapper, but the thin-pool set-up is not part of this run yet; "
             "see bench_snapshot.py"

@@ -16,6 +16,7 @@ from conftest import run_suite
 
 from graphdriver.testing import host_lacks
 from graphdriver.testing.require import required
+from graphdriver.toolkit import device_mapper_missing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ def test_wheels_build_install_and_pass_the_suite(uv: str, tmp_path: Path) -> Non
     ).stdout
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()}
     # the root is on the temp dir's filesystem, not btrfs: listed, with the reason
-    has_dm = Path("/dev/mapper/control").exists()
+    has_dm = device_mapper_missing() is None
     assert rows == {
         "overlay": "ok",
         "btrfs": "unavailable:",

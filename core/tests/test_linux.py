@@ -70,3 +70,44 @@ def test_mountinfo_unescapes_and_unmount_all_under(tmp_path: Path) -> None:
 
 def test_fs_name_of_proc() -> None:
     assert fs_name(Path("/proc")) == "proc"
+
+
+def _misc_names() -> set[str]:
+    with open("/proc/misc") as misc:
+        return {line.split()[1] for line in misc if len(line.split()) == 2}
+
+
+def test_device_mapper_is_what_the_kernel_registered() -> None:
+    """The answer is the kernel's (its misc devices, read after the probe, which loads dm-mod
+    where it is a module), not whether the node exists: the CI host has the node and no
+    device-mapper behind it, the guest has both."""
+    from graphdriver.linux.dm import device_mapper_missing
+
+    missing = device_mapper_missing()
+    has = "device-mapper" in _misc_names()
+    assert (missing is None) == has, missing
+    if missing is not None:
+        assert missing.startswith("this kernel has no device-mapper (")
+        assert "\n" not in missing
+
+
+@root_only
+def test_device_mapper_probe_as_another_user() -> None:
+    """Without the right to open the node, the probe reads the kernel's list instead."""
+    from graphdriver.linux.dm import device_mapper_missing
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nobody, one line back, no return into pytest
+        try:
+            os.close(read)
+            os.setresuid(65534, 65534, 65534)
+            os.write(write, str(device_mapper_missing()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    assert (out == "None") == ("device-mapper" in _misc_names()), out
+    assert out == "None" or "none in /proc/misc" in out, out

@@ -26,6 +26,9 @@ Processes
     blocked until each process calls :func:`release_signals`: no interrupt is lost in an
     at-fork hook; a child that execs releases them first, or its program starts with them
     blocked).
+Device-mapper
+    :func:`device_mapper_missing`: None when the kernel's device-mapper answers on
+    ``/dev/mapper/control``, else why not (the node alone proves nothing: libdevmapper makes it).
 Loop devices
     :func:`attach_loop` (LOOP_CONFIGURE with autoclear: the device goes with its last user),
     :class:`LoopDevice`, :func:`loop_backing_file`.
@@ -74,6 +77,7 @@ if TYPE_CHECKING:
     from .faults import point as fault_point
     from .linux.bind import bind as bind
     from .linux.copy import copy_tree as copy_tree
+    from .linux.dm import device_mapper_missing as device_mapper_missing
     from .linux.fs import fs_magic as fs_magic
     from .linux.fs import fs_name as fs_name
     from .linux.fs import nearest_existing as nearest_existing
@@ -130,6 +134,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "remove_tree": ("linux.tree", "remove_tree"),
     "fork_holding_signals": ("linux.signals", "fork_holding_signals"),
     "release_signals": ("linux.signals", "release_signals"),
+    "device_mapper_missing": ("linux.dm", "device_mapper_missing"),
     "fs_magic": ("linux.fs", "fs_magic"),
     "fs_name": ("linux.fs", "fs_name"),
     "nearest_existing": ("linux.fs", "nearest_existing"),
@@ -182,6 +187,7 @@ __all__ = [
     "bind",
     "changes_within",
     "copy_tree",
+    "device_mapper_missing",
     "fault_point",
     "fork_holding_signals",
     "fs_magic",

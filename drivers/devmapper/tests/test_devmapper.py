@@ -27,16 +27,17 @@ from graphdriver import (
 from graphdriver.linux import loop
 from graphdriver.testing import host_lacks
 from graphdriver.testing.backings import pool_on_loop_files
-from graphdriver.toolkit import unmount_all_under
+from graphdriver.toolkit import device_mapper_missing, unmount_all_under
 from graphdriver_devmapper import DevmapperDriver, dmsetup
 from graphdriver_devmapper.pool import ThinPool
 
 
 @pytest.fixture(autouse=True)
 def _device_mapper() -> None:
-    if not Path("/dev/mapper/control").exists() or os.geteuid() != 0:
+    missing = "not root" if os.geteuid() != 0 else device_mapper_missing()
+    if missing is not None:
         host_lacks(
-            "device-mapper (/dev/mapper/control) and root; run under vm/run, "
+            f"device-mapper and root ({missing}); run under vm/run, "
             "as tox -e conformance-devmapper does",
             "thin-pool",
         )

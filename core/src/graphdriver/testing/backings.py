@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..linux import loop
+from ..linux.dm import device_mapper_missing
 from ..linux.mount import mount, unmount_all_under
 
 BACKINGS = ("tmpdir", "loop-ext4", "loop-xfs", "loop-btrfs", "thin-pool")
@@ -191,10 +192,10 @@ def thin_pool(workdir: Path | None = None) -> Iterator[Backing]:
     """Device-mapper thin pools: each store gets a fresh pool on two loop devices, given to
     the driver as ``dm.thinpooldev`` (an external pool must be empty at first use)."""
     _need_root("thin-pool")
-    if not Path("/dev/mapper/control").exists():
+    missing = device_mapper_missing()
+    if missing is not None:
         raise BackingUnavailable(
-            "backing thin-pool needs device-mapper (/dev/mapper/control is "
-            "missing: this kernel has none; run the tests under vm/run)",
+            f"backing thin-pool needs device-mapper: {missing} (run the tests under vm/run)",
             "thin-pool",
         )
     if shutil.which("dmsetup") is None:

@@ -25,7 +25,7 @@ REQUIREMENTS = {
     "loop-xfs": "the loop-xfs backing: mkfs.xfs (xfsprogs) and xfs in the kernel",
     "loop-btrfs": "the loop-btrfs backing: mkfs.btrfs (btrfs-progs) and btrfs in the kernel",
     "thin-pool": "the thin-pool backing and the devmapper tests: device-mapper "
-    "(/dev/mapper/control) and dmsetup",
+    "(/dev/mapper/control opens) and dmsetup",
     "xfs-quota": "XFS project quota (mount -o prjquota; a kernel built with CONFIG_XFS_QUOTA): "
     "overlay's size-limited rw layers",
     "fastpath": "the archive engine's loops in C (graphdriver.archive._fastpath: the apply "

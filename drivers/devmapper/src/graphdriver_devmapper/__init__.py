@@ -39,6 +39,7 @@ from graphdriver import (
 from graphdriver.toolkit import (
     MS_RDONLY,
     SqliteSchema,
+    device_mapper_missing,
     fault_point,
     mount,
     parse_size,
@@ -94,10 +95,11 @@ class DevmapperDriver(Driver):
     def probe(cls, home: Path, options: Mapping[str, str]) -> None:
         if os.geteuid() != 0:
             raise DriverUnavailable("devmapper needs root")
-        if not Path("/dev/mapper/control").exists():
+        missing = device_mapper_missing()
+        if missing is not None:
             raise DriverUnavailable(
-                "devmapper needs device-mapper in the kernel (/dev/mapper/control is missing; "
-                "modprobe dm-thin-pool, or run the tests under vm/run)"
+                f"devmapper needs device-mapper: {missing} "
+                "(modprobe dm-thin-pool, or run the tests under vm/run)"
             )
         if shutil.which("dmsetup") is None:
             raise DriverUnavailable("devmapper needs dmsetup (apt-get install dmsetup)")
