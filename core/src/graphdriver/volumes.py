@@ -169,13 +169,18 @@ class VolumeStore:
         top = self.driver(rec.driver).path(rec.name, rec.options)
         seen: set[tuple[int, int]] = set()
         total = 0
-        for dirpath, _dirs, files in os.walk(top):
-            for f in files:
-                with contextlib.suppress(OSError):
-                    st = os.lstat(os.path.join(dirpath, f))
-                    if (st.st_dev, st.st_ino) not in seen:
-                        seen.add((st.st_dev, st.st_ino))
-                        total += st.st_blocks * 512
+        todo = [str(top)]  # a list, not os.walk (in 3.11 a call a level): a tree of any depth
+        while todo:
+            with contextlib.suppress(OSError), os.scandir(todo.pop()) as it:
+                for entry in it:
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir(follow_symlinks=False):
+                            todo.append(entry.path)
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                        if (st.st_dev, st.st_ino) not in seen:
+                            seen.add((st.st_dev, st.st_ino))
+                            total += st.st_blocks * 512
         return total
 
     # ---------------------------------------------------------------------------- lifecycle

@@ -12,7 +12,7 @@ import contextlib
 import enum
 import os
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Generator
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -96,6 +96,8 @@ _Old = tuple[os.stat_result, str]
 _Stat = os.stat_result | None
 #: the kinds by number, as the C loop gives them
 _KINDS = tuple(ChangeKind)
+#: a subdirectory to compare: new path, path in the layer, old stack, full, new lstat
+_Sub = tuple[str, str, list[str], bool, os.stat_result]
 
 
 def canonical_order(changes: list[Change]) -> None:
@@ -135,27 +137,33 @@ class _Compare:
     def add_all(self, path: str, rel: str, was: os.stat_result | None = None) -> None:
         """Everything below the new directory *path* (*was*: its lstat) is added; the
         directory's entry types (d_type) say which to stat: files for their links, others for
-        overlay whiteouts (and directories, to be sure to go down the one listed)."""
-        down: list[tuple[str, str, os.stat_result]] = []
-        with dirs.listing(path, was is None, was) as it:
-            for entry in it:
-                child = rel + "/" + entry.name
-                if entry.is_dir(follow_symlinks=False):
+        overlay whiteouts (and directories, to be sure to go down the one listed).
+
+        The directories still to list are kept on a list, not Python's stack, and one is open
+        at a time: a tree of any depth."""
+        todo: list[tuple[str, str, os.stat_result | None]] = [(path, rel, was)]
+        while todo:
+            path, rel, was = todo.pop()
+            down: list[tuple[str, str, os.stat_result | None]] = []
+            with dirs.listing(path, was is None, was) as it:
+                for entry in it:
+                    child = rel + "/" + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        self.out.append(Change(child, ChangeKind.ADD))
+                        st = entry.stat(follow_symlinks=False)
+                        down.append((path + "/" + entry.name, child, st))
+                        continue
+                    if (
+                        self.overlay
+                        and not entry.is_file(follow_symlinks=False)
+                        and not entry.is_symlink()
+                        and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
+                    ):
+                        continue  # nothing below a new directory for it to hide
+                    if self.linking:
+                        self.note_link(entry.stat(follow_symlinks=False), child)
                     self.out.append(Change(child, ChangeKind.ADD))
-                    down.append((path + "/" + entry.name, child, entry.stat(follow_symlinks=False)))
-                    continue
-                if (
-                    self.overlay
-                    and not entry.is_file(follow_symlinks=False)
-                    and not entry.is_symlink()
-                    and whiteout.is_overlay_whiteout(entry.stat(follow_symlinks=False))
-                ):
-                    continue  # nothing below a new directory for it to hide
-                if self.linking:
-                    self.note_link(entry.stat(follow_symlinks=False), child)
-                self.out.append(Change(child, ChangeKind.ADD))
-        for sub, child, st in down:  # one directory open at a time, however deep the tree
-            self.add_all(sub, child, st)
+            todo += reversed(down)  # the first one listed goes down first
 
     def lookup(self, stack: dirs.Stack, name: str) -> tuple[_Old | None, list[str]]:
         """The entry *name* of the merged *stack*, and the stack of directories at it."""
@@ -286,7 +294,29 @@ class _Compare:
         directory of an overlay upper and what it holds), so a name of the old side that it
         lacks is deleted. Otherwise *new_dir* is an overlay upper directory over *stack*,
         holding only what changed.
+
+        Each directory is a frame of :meth:`_compare` on a list, not a call on Python's stack,
+        so a tree of any depth compares (and no descriptor is held across a level).
         """
+        frames = [self._compare(new_dir, rel, stack, full, was)]
+        answer: bool | None = None  # what the last finished frame found (None: a new frame)
+        while True:
+            try:
+                sub = frames[-1].send(answer)
+            except StopIteration as done:
+                frames.pop()
+                if not frames:
+                    return bool(done.value)
+                answer = done.value
+                continue
+            frames.append(self._compare(*sub))
+            answer = None
+
+    def _compare(
+        self, new_dir: str, rel: str, stack: list[str], full: bool, was: _Stat
+    ) -> Generator[_Sub, bool | None, bool]:
+        """:meth:`compare` of one directory: it yields each subdirectory to compare, and is
+        sent whether that one had changes."""
         if not self.enters(rel):
             return False
         start = len(self.out)
@@ -299,7 +329,7 @@ class _Compare:
         for name in old:  # what the new side lacks (the entries took theirs out)
             self.out.append(Change(rel + "/" + name, ChangeKind.DELETE))
         for npath, child, below, opaque, nst, ost, opath in down:
-            inner = self.compare(npath, child, below, opaque, nst)
+            inner = yield npath, child, below, opaque, nst
             if inner or not _unchanged(nst, ost, npath, opath, self.boundary_ns):
                 self.out.append(Change(child, ChangeKind.MODIFY))
         return len(self.out) > start

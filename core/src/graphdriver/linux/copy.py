@@ -78,22 +78,30 @@ def _copy_meta(src: str, dst: str, st: os.stat_result, *, link: bool = False) ->
 
 def copy_tree(src: str, dst: str, *, into: bool = False) -> None:
     """Copy the tree at *src* to the new path *dst*, keeping everything a layer can hold;
-    with *into*, *dst* is an existing directory that gets *src*'s entries and metadata."""
-    links: dict[tuple[int, int], str] = {}
+    with *into*, *dst* is an existing directory that gets *src*'s entries and metadata.
 
-    def copy_dir(s: str, d: str, st: os.stat_result, *, exists: bool = False) -> None:
+    The directories still to copy are kept on a list, not Python's stack (a tree of any
+    depth), and each one's metadata is set once everything is copied, deepest first: its
+    mtime after its entries are made, a read-only one after it was written."""
+    links: dict[tuple[int, int], str] = {}
+    todo = [(src, dst, os.stat(src) if into else os.lstat(src), into)]
+    made: list[tuple[str, str, os.stat_result]] = []
+    while todo:
+        s, d, st, exists = todo.pop()
         if not exists:
             os.mkdir(d, 0o700)
+        made.append((s, d, st))
         with os.scandir(s) as it:
             entries = list(it)
+        down = []
         for entry in entries:
             sp, dp = entry.path, d + "/" + entry.name
             est = entry.stat(follow_symlinks=False)
             mode = est.st_mode
             if stat.S_ISDIR(mode):
-                copy_dir(sp, dp, est)
+                down.append((sp, dp, est, False))
                 continue
-            if est.st_nlink > 1 and not stat.S_ISDIR(mode):
+            if est.st_nlink > 1:
                 key = (est.st_dev, est.st_ino)
                 first = links.get(key)
                 if first is not None:
@@ -109,6 +117,6 @@ def copy_tree(src: str, dst: str, *, into: bool = False) -> None:
             else:  # char/block devices, fifos, sockets
                 os.mknod(dp, stat.S_IFMT(mode) | 0o600, est.st_rdev)
                 _copy_meta(sp, dp, est)
+        todo += reversed(down)
+    for s, d, st in reversed(made):  # a directory comes after everything below it
         _copy_meta(s, d, st)
-
-    copy_dir(src, dst, os.stat(src) if into else os.lstat(src), exists=into)

@@ -339,3 +339,48 @@ class DiffCases(ConformanceBase):
             for name, other in pairs:
                 first, second = os.lstat(root / name), os.lstat(root / other)
                 assert (first.st_ino, first.st_nlink) == (second.st_ino, 2), name
+
+    @group("diff")
+    def test_a_tree_deeper_than_python_s_stack_compares_copies_and_diffs(
+        self, store: LayerStore
+    ) -> None:
+        """A tree 1,100 directories deep (Python stops at 1,000 nested calls): its changes,
+        its generated diff, a child of it, and a container's writes at the bottom and their
+        diff, applied. The tree compare and vfs's copy for a child called themselves once a
+        level: "internal error: RecursionError"."""
+        needs_root(APPLIES)
+        levels = ["a"] * 1100
+        bottom = "/".join(levels)
+
+        def deep(root: Path) -> None:
+            at = str(root)
+            for name in levels:  # (os.makedirs and Path.mkdir call themselves a level too)
+                at += "/" + name
+                os.mkdir(at)
+            Path(at, "f").write_text("f")
+
+        self.base_with(store, deep)
+        dirs = ["/" + "/".join(levels[:n]) for n in range(1, 1101)]
+        assert store.changes("base") == [(d, A) for d in dirs] + [("/" + bottom + "/f", A)]
+        with store.diff("base") as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+            names = [m.name for m in tf]
+        assert names == [d[1:] for d in dirs] + [bottom + "/f"]
+        store.create("child", "base")
+        store.create_rw("rw", "child")
+
+        def write(root: Path) -> None:
+            Path(root, bottom, "g").write_text("g")
+            Path(root, bottom, "f").unlink()
+
+        self.fill(store, "rw", write)
+        want = [(d, C) for d in dirs] + [("/" + bottom + "/f", D), ("/" + bottom + "/g", A)]
+        assert store.changes("rw") == want
+        with store.diff("rw") as stream:
+            data = stream.read()
+        store.create("copy", "child")
+        store.apply("copy", io.BytesIO(data))
+        assert store.changes("copy") == want
+        with store.mounted("copy") as root:
+            assert os.listdir(Path(root, bottom)) == ["g"]
+        for layer in ("copy", "rw", "child", "base"):
+            store.remove(layer)
