@@ -79,6 +79,16 @@ class Context:
             self._volumes = VolumeStore(Path(self.root).absolute(), wait=self.wait)
         return self._volumes
 
+    def free_room(self) -> None:
+        """Before a verb that frees space (``rm``, ``umount``, ``cleanup``, ``prune``) opens
+        anything: on a disk too full to record it, the root's reserve is given back
+        (:mod:`graphdriver.reserve`)."""
+        from pathlib import Path
+
+        from .reserve import release_if_full
+
+        release_if_full(Path(self.root).absolute())
+
     def close(self) -> None:
         for part in (self._containers, self._volumes, self._store):
             if part is not None:

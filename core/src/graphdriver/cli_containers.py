@@ -140,6 +140,7 @@ def volume_inspect(ctx: Context, names: tuple[str, ...]) -> None:
 def volume_rm(ctx: Context, names: tuple[str, ...], force: bool) -> None:
     """Remove volumes and their data (refused while a container uses them); print each name
     (--json: the list of names)."""
+    ctx.free_room()
     for name in names:
         try:
             ctx.volumes().remove(name, force=force)
@@ -158,6 +159,7 @@ def volume_rm(ctx: Context, names: tuple[str, ...], force: bool) -> None:
 @pass_ctx
 def volume_prune(ctx: Context, all_volumes: bool, label: tuple[str, ...], force: bool) -> None:
     """Remove anonymous volumes no container uses (all unused ones with --all)."""
+    ctx.free_room()
     removed = ctx.volumes().prune(all_volumes=all_volumes, labels=pairs(label, "--label"))
     total = sum(size for _name, size in removed)
     text = "\n".join([*(n for n, _ in removed), f"Total reclaimed space: {_human(total)}"])
@@ -224,6 +226,7 @@ def container_mount(ctx: Context, name: str) -> None:
 def container_umount(ctx: Context, name: str) -> None:
     """Release one mount; the last one unbinds the volumes and unmounts the root. Prints
     nothing (--json: whether it is still mounted)."""
+    ctx.free_room()
     store = ctx.containers()
     store.unmount(name)
     if ctx.json:
@@ -265,6 +268,7 @@ def container_inspect(ctx: Context, names: tuple[str, ...]) -> None:
 def container_rm(ctx: Context, names: tuple[str, ...], volumes: bool, force: bool) -> None:
     """Remove containers: the read-write layer's data goes, named volumes stay; print each
     name (--json: the list of names)."""
+    ctx.free_room()
     for name in names:
         ctx.containers().remove(name, volumes=volumes, force=force)
         emit_done(ctx, name)

@@ -60,6 +60,7 @@ def create(
 def rm(ctx: Context, layer_ids: tuple[str, ...]) -> None:
     """Remove layers (refused while mounted or with children); print each id (--json: the
     list of ids)."""
+    ctx.free_room()
     for layer_id in layer_ids:
         ctx.store().remove(layer_id)
         emit_done(ctx, layer_id)
@@ -83,6 +84,7 @@ def mount(ctx: Context, layer_id: str) -> None:
 def umount(ctx: Context, layer_id: str) -> None:
     """Release one mount reference; the last one unmounts. Prints nothing (--json: the
     references left)."""
+    ctx.free_room()
     store = ctx.store()
     store.put(layer_id)
     if ctx.json:
@@ -175,6 +177,7 @@ def diff_size(ctx: Context, layer_id: str, parent: str | None) -> None:
 def cleanup(ctx: Context) -> None:
     """Unmount every container and layer of the store. Prints nothing (--json: the layers
     still mounted, none when it worked)."""
+    ctx.free_room()
     ctx.containers().cleanup()
     if ctx.json:
         store = ctx.store()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from . import faults, recovery
+from . import faults, recovery, reserve
 from .driver import CreateOpts, Driver
 from .errors import (
     GraphDriverError,
@@ -450,6 +450,7 @@ def open_store(
         private_dir(root_path)
     except OSError as exc:
         raise from_oserror(exc, f"create root {root_path}") from exc
+    reserve.keep(root_path)
     plugin_hooks = hooks()
     name = driver or choose_driver(root_path)
     driver_cls = load_driver(name)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import faults, recovery
+from . import faults, recovery, reserve
 from .errors import (
     AlreadyExists,
     GraphDriverError,
@@ -71,6 +71,7 @@ class VolumeStore:
             self._lock = FileLock(self.dir / ".lock", wait)
         except OSError as exc:
             raise from_oserror(exc, f"open volume store {self.dir}") from exc
+        reserve.keep(root)
         self._drivers: dict[str, VolumeDriver] = {}
         #: what recovery at this open could not fix, for ``status``
         self.recovery_failures: list[tuple[str, str]] = []
