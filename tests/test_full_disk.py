@@ -374,3 +374,51 @@ def test_a_disk_a_container_filled_is_freed_by_removing_it(fstype: str, driver: 
         assert gd("diff", "base").raw == base
         check = gd("check", check=False)
         assert (check.code, check.out, check.err) == (0, "", ""), check
+
+
+#: an engine's server: one store held open while its container fills the disk, then removed
+HELD_THEN_REMOVED = """
+import contextlib, os, sys
+from pathlib import Path
+from graphdriver import open_store
+store = open_store(sys.argv[1], sys.argv[2])
+store.create("base")
+store.create("ctr", "base", rw=True)
+where = Path(store.get("ctr"), "filler")
+where.mkdir()
+with contextlib.suppress(OSError), open(where / "blocks", "wb") as f:
+    while True:
+        f.write(bytes(1 << 20))
+        f.flush()
+with contextlib.suppress(OSError):
+    for i in range(1_000_000):
+        (where / str(i)).touch()
+store.put("ctr")
+store.remove("ctr")
+print(store.layers())
+store.close()
+"""
+
+
+@pytest.mark.parametrize(("fstype", "driver"), FILLED, ids=[f"{d}-on-{f}" for f, d in FILLED])
+def test_an_engine_holding_the_store_frees_a_full_disk_too(fstype: str, driver: str) -> None:
+    """The library gives the reserve back too (``put``, ``remove``, a container's unmount, a
+    volume's removal): an engine's server holds its database open for its life, and its
+    removal of the container that filled the disk (kubelet's garbage collection under disk
+    pressure, through containerd) was the "full" error."""
+    for backing in backing_or_skip(f"loop-{fstype}", size=FS_SIZE):
+        gd = GD(backing.root / "root", driver)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", HELD_THEN_REMOVED, str(gd.root), driver],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert (proc.returncode, proc.stdout) == (0, "['base']\n"), proc
+            assert "its reserve" in proc.stderr and "was given back" in proc.stderr, proc
+        finally:
+            subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
+        check = gd("check", check=False)
+        assert (check.code, check.out, check.err) == (0, "", ""), check
+        assert (gd.root / "reserve").is_file()

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import faults
+from . import faults, reserve
 from .driver import KernelMounts
 from .errors import InvalidMountSpec, NotMounted, from_oserror
 from .linux import bind
@@ -206,7 +206,9 @@ class ContainerMounts:
 
     def unmount(self, name: str) -> None:
         """Release one mount of the container; the last one unbinds the volumes (deepest
-        first) and unmounts the root filesystem."""
+        first) and unmounts the root filesystem. On a full disk the root's reserve is given
+        back first, to record it."""
+        reserve.release_if_full(self.store.root)
         with self.store.locked(), self.volumes.locked():
             row = self._row(name)
             if not row["mount_count"]:

@@ -10,8 +10,10 @@ So every store open that finds room keeps ``<root>/reserve``: an unnamed file gi
 by ``fallocate`` (never written: no I/O), on btrfs as much metadata too (xattrs), then linked
 there whole; 1% of the filesystem, at most :data:`SIZE`. A command that frees space (``rm``,
 ``umount``, ``cleanup``, a container's ``rm`` and ``umount``, a volume's ``rm``, ``volume
-prune``) first calls :func:`release_if_full`: on a disk with no room for a new file (the test
-``sqlite`` uses for "full": :data:`~graphdriver.sqlite.FULL_BELOW` bytes written into an
+prune``) first calls :func:`release_if_full`, before it opens the store, and so do the
+library's ``put``, ``remove``, a container's unmount and a volume's ``remove`` and ``prune``
+(an engine's server holds its databases open): on a disk with no room for a new file (the
+test ``sqlite`` uses for "full": :data:`~graphdriver.sqlite.FULL_BELOW` bytes written into an
 unnamed file), it unlinks the reserve, says so in one warning, and runs. An open makes the
 reserve again only where :data:`AGAIN_TIMES` its size is free, so the command that gave the
 room back does not take it straight back.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -111,11 +114,14 @@ def release_if_full(root: Path) -> bool:
     path = root / NAME
     try:
         st = os.statvfs(root)
-        if st.f_bavail * st.f_frsize >= SURELY_ROOM or not os.path.isfile(path):
+        free = st.f_bavail * st.f_frsize
+        if free >= SURELY_ROOM:
             return False
-        if not _no_room(path):
+        kept = os.lstat(path)
+        size = kept.st_size
+        # room for it many times over is room (no 1 MiB write to try it at each removal)
+        if not stat.S_ISREG(kept.st_mode) or free >= AGAIN_TIMES * size or not _no_room(path):
             return False
-        size = os.lstat(path).st_size
         os.unlink(path)
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.EROFS, errno.EACCES, errno.EPERM):

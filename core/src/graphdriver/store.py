@@ -374,7 +374,9 @@ class LayerStore(LayerMounts, LayerDiffs):
 
         The layer disappears from the store first (state ``removing``); if the driver then
         fails (EBUSY), the removal is finished at the next open or on reuse of the id.
+        On a full disk the root's reserve is given back first (:mod:`.reserve`).
         """
+        reserve.release_if_full(self.root)
         with self.locked(f"remove layer {layer_id}"):
             rec = self.ready(layer_id)
             if rec.mount_count:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from . import faults
+from . import faults, reserve
 from .driver import Driver, KernelMounts, MountEntry, MountSpec
 from .errors import NotMounted, StoreError, call_os
 from .locking import LayerLocks
@@ -37,6 +37,7 @@ class LayerMounts:
     """Mounting and unmounting layers; mixed into :class:`~graphdriver.store.LayerStore`."""
 
     name: str
+    root: Path
     driver: Driver
     meta: Metadata
     hooks: Hooks
@@ -129,7 +130,9 @@ class LayerMounts:
             return path
 
     def put(self, layer_id: str) -> None:
-        """Release one reference; the last one unmounts. ``put`` without ``get`` is an error."""
+        """Release one reference; the last one unmounts. ``put`` without ``get`` is an error.
+        On a full disk the root's reserve is given back first, to record it."""
+        reserve.release_if_full(self.root)
         with self.locked(f"unmount layer {layer_id}"):
             rec = self.ready(layer_id)
             if rec.mount_count <= 0:

@@ -270,7 +270,9 @@ class VolumeStore:
 
     def remove(self, name: str, *, force: bool = False) -> None:
         """Delete a volume and its data. Refused while a container uses it, unless *force*;
-        refused even then while a mounted container has it bound in."""
+        refused even then while a mounted container has it bound in. On a full disk the
+        root's reserve is given back first, to record it."""
+        reserve.release_if_full(self.root)
         with self.locked():
             rec = self.get(name)
             users = [u.split(":", 1)[1] for u in self.users(name)]
@@ -290,7 +292,9 @@ class VolumeStore:
         self, *, all_volumes: bool = False, labels: Mapping[str, str] | None = None
     ) -> list[tuple[str, int]]:
         """Remove volumes no container uses: anonymous ones, or all with *all_volumes*; only
-        those carrying every label in *labels*. Returns (name, bytes reclaimed)."""
+        those carrying every label in *labels*. Returns (name, bytes reclaimed). On a full
+        disk the root's reserve is given back first, to record it."""
+        reserve.release_if_full(self.root)
         removed = []
         with self.locked():
             for rec in self.catalog.all():
