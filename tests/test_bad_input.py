@@ -101,6 +101,27 @@ def test_hostile_tar_refused_and_rolled_back(gd: GD, case: str) -> None:
     assert not (gd.root / "escape").exists()
 
 
+def test_a_path_past_path_max_is_refused_in_a_short_line(gd: GD) -> None:
+    """A tar 2,100 directories deep: its last path is past PATH_MAX, which no driver can
+    make, so it is refused and the layer is empty again. The line named the whole path,
+    thousands of bytes; now its ends and its length."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for depth in range(1, 2101):
+            info = tarfile.TarInfo("a/" * depth)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(info)
+    gd("create", "deep")
+    err = one_line_error(gd("apply-diff", "deep", input=buf.getvalue(), check=False))
+    assert "File name too long" in err and "..." in err and " bytes)" in err, err
+    assert len(err) < 400, err
+    assert gd("changes", "deep").out == ""
+    gd("rm", "deep")
+
+
 def test_apply_diff_of_missing_file(gd: GD) -> None:
     gd("create", "x")
     err = one_line_error(gd("apply-diff", "x", "/nonexistent/layer.tar", check=False))
