@@ -307,7 +307,7 @@ def test_an_unmount_on_a_full_disk_leaves_the_store_readable() -> None:
             gd("apply-diff", "base", "-", input=_base_tar())
             gd("create", "--rw", "--parent", "base", "ctr")
             merged = gd("mount", "ctr").out.strip()
-            (gd.root / "reserve").unlink()
+            shutil.rmtree(gd.root / ".reserve")
             _fill(filler)
             line = _one_line_error(gd("umount", "ctr", check=False))
             assert "'ctr' is unmounted, but its count is not" in line and "is full" in line
@@ -329,30 +329,39 @@ def test_an_unmount_on_a_full_disk_leaves_the_store_readable() -> None:
             subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
 
 
-#: (filesystem, driver) of a container that fills the disk
-FILLED = [("xfs", "overlay"), ("ext4", "vfs"), ("btrfs", "btrfs")]
+#: (filesystem, driver, blocks filled too) of a container that fills the disk: blocks then
+#: inodes, or (ext4, whose inodes are made in advance) inodes alone, with blocks free
+FILLED = [("xfs", "overlay", True), ("ext4", "vfs", True), ("btrfs", "btrfs", True)]
+FILLED += [("ext4", "overlay", False)]
 
 
-@pytest.mark.parametrize(("fstype", "driver"), FILLED, ids=[f"{d}-on-{f}" for f, d in FILLED])
-def test_a_disk_a_container_filled_is_freed_by_removing_it(fstype: str, driver: str) -> None:
-    """A container writes until its filesystem, the store's too, is full (blocks, then
-    inodes). Its ``umount`` and ``rm`` give back the root's reserve and work, with one warning
-    saying so; nothing else was lost, and the next command with room makes the reserve again.
-    Without the reserve both were the one-line "full" error (XFS: no inode for SQLite's
-    ``-wal``; ext4 and btrfs: no block for the write), and the user had to delete the
+@pytest.mark.parametrize(
+    ("fstype", "driver", "blocks"),
+    FILLED,
+    ids=[f"{d}-on-{f}" + ("" if b else "-inodes") for f, d, b in FILLED],
+)
+def test_a_disk_a_container_filled_is_freed_by_removing_it(
+    fstype: str, driver: str, blocks: bool
+) -> None:
+    """A container writes until its filesystem, the store's too, is full. Its ``umount``
+    and ``rm`` give back the reserve and work, with one warning saying so; nothing else was
+    lost, and the next command with room makes the reserve again. Without the reserve both
+    were the one-line "full" error (XFS: no inode for SQLite's ``-wal``; ext4 and btrfs: no
+    block for the write; ext4 out of inodes: no file at all), and the user had to delete the
     container's files by hand."""
     for backing in backing_or_skip(f"loop-{fstype}", size=FS_SIZE):
         gd = GD(backing.root / "root", driver)
-        reserve = gd.root / "reserve"
+        reserve = gd.root / ".reserve"
         try:
             base = _base_tar()
             gd("create", "base")
             gd("apply-diff", "base", "-", input=base)
             gd("create", "--rw", "--parent", "base", "ctr")
-            size = reserve.stat().st_size
+            size = (reserve / "space").stat().st_blocks * 512
             assert 0 < size <= FS_SIZE // 100, size
+            assert len(os.listdir(reserve)) == 17
             merged = Path(gd("mount", "ctr").out.strip())
-            _fill(merged / "filler")
+            _fill(merged / "filler", blocks=blocks)
             assert "is full" in _one_line_error(
                 gd("create", "--parent", "base", "more", check=False)
             )
@@ -360,8 +369,8 @@ def test_a_disk_a_container_filled_is_freed_by_removing_it(fstype: str, driver: 
             assert (umount.code, umount.out) == (0, ""), umount
             assert umount.err.splitlines() == [
                 f"graphdriver: WARNING: the filesystem of {gd.root} is full: its reserve "
-                f"({size >> 10} KiB) was given back so that this command can record what it "
-                f"frees; it is made again once there is room"
+                f"({size >> 10} KiB, 16 inodes) was given back so that this command can record "
+                f"what it frees; it is made again once there is room"
             ], umount
             assert not reserve.exists() and not is_mountpoint(merged)
             removed = gd("rm", "ctr", check=False)
@@ -370,7 +379,7 @@ def test_a_disk_a_container_filled_is_freed_by_removing_it(fstype: str, driver: 
             subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
         listed = gd("ls")
         assert (listed.out.split(), listed.err) == (["base"], ""), listed
-        assert reserve.stat().st_size == size
+        assert (reserve / "space").stat().st_blocks * 512 == size
         assert gd("diff", "base").raw == base
         check = gd("check", check=False)
         assert (check.code, check.out, check.err) == (0, "", ""), check
@@ -400,7 +409,10 @@ store.close()
 """
 
 
-@pytest.mark.parametrize(("fstype", "driver"), FILLED, ids=[f"{d}-on-{f}" for f, d in FILLED])
+HELD = [(fstype, driver) for fstype, driver, blocks in FILLED if blocks]
+
+
+@pytest.mark.parametrize(("fstype", "driver"), HELD, ids=[f"{d}-on-{f}" for f, d in HELD])
 def test_an_engine_holding_the_store_frees_a_full_disk_too(fstype: str, driver: str) -> None:
     """The library gives the reserve back too (``put``, ``remove``, a container's unmount, a
     volume's removal): an engine's server holds its database open for its life, and its
@@ -421,4 +433,35 @@ def test_an_engine_holding_the_store_frees_a_full_disk_too(fstype: str, driver: 
             subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
         check = gd("check", check=False)
         assert (check.code, check.out, check.err) == (0, "", ""), check
-        assert (gd.root / "reserve").is_file()
+        assert (gd.root / ".reserve" / "space").is_file()
+
+
+def test_a_home_on_its_own_filesystem_has_its_own_reserve() -> None:
+    """A driver's home mounted apart from the root (an XFS with project quota for overlay's
+    ``--size``, say): the container fills the home's filesystem while the root's has room,
+    so the root's reserve would free nothing there. The home keeps one of its own, and the
+    container's ``umount`` and ``rm`` give that one back."""
+    for roots in backing_or_skip("loop-ext4", size=FS_SIZE):
+        for homes in backing_or_skip("loop-xfs", size=FS_SIZE):
+            gd = GD(roots.root / "root", "vfs")
+            home = gd.root / "vfs"
+            home.mkdir(parents=True)
+            subprocess.run(["mount", "--bind", str(homes.root), str(home)], check=True)
+            try:
+                gd("create", "base")
+                gd("create", "--rw", "--parent", "base", "ctr")
+                assert (gd.root / ".reserve" / "space").is_file()
+                assert (home / ".reserve" / "space").is_file()
+                assert gd("ls").out.split() == ["base", "ctr"]  # (not a layer: a dot first)
+                merged = Path(gd("mount", "ctr").out.strip())
+                _fill(merged / "filler")
+                umount = gd("umount", "ctr", check=False)
+                assert umount.code == 0, umount
+                assert f"the filesystem of {home} is full" in umount.err, umount
+                assert (gd.root / ".reserve").is_dir() and not (home / ".reserve").exists()
+                gd("rm", "ctr")
+                assert gd("ls").out.split() == ["base"]
+                assert (home / ".reserve" / "space").is_file()  # made again: there is room
+            finally:
+                subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
+                subprocess.run(["umount", str(home)], check=True)

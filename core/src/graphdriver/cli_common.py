@@ -81,13 +81,13 @@ class Context:
 
     def free_room(self) -> None:
         """Before a verb that frees space (``rm``, ``umount``, ``cleanup``, ``prune``) opens
-        anything: on a disk too full to record it, the root's reserve is given back
+        anything: on a disk too full to record it, the store's reserve is given back
         (:mod:`graphdriver.reserve`)."""
         from pathlib import Path
 
-        from .reserve import release_if_full
+        from .reserve import release_all_if_full
 
-        release_if_full(Path(self.root).absolute())
+        release_all_if_full(Path(self.root).absolute())
 
     def close(self) -> None:
         for part in (self._containers, self._volumes, self._store):

@@ -206,13 +206,13 @@ class ContainerMounts:
 
     def unmount(self, name: str) -> None:
         """Release one mount of the container; the last one unbinds the volumes (deepest
-        first) and unmounts the root filesystem. On a full disk the root's reserve is given
-        back first, to record it."""
-        reserve.release_if_full(self.store.root)
+        first) and unmounts the root filesystem. On a full disk the store's reserve is
+        given back first, to record it."""
         with self.store.locked(), self.volumes.locked():
             row = self._row(name)
             if not row["mount_count"]:
                 raise NotMounted(f"container {name!r} is not mounted")
+            reserve.release_if_full(self.store.root, self.store.home)
             if row["mount_count"] > 1 and all(mp.bound for mp in row["mounts"]):
                 self.records.update(name, mount_count=row["mount_count"] - 1)
                 return

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from . import faults, recovery
+from . import faults, recovery, reserve
 from .container_mounts import ContainerMounts
 from .errors import (
     AlreadyExists,
@@ -353,6 +353,7 @@ class ContainerStore(ContainerMounts):
         with self.store.locked(), self.volumes.locked():
             row = self._row(name)
             self._check_removable(name, row, force)
+            reserve.release_if_full(self.store.root, self.store.home)  # on a full disk
             if row["mount_count"]:
                 self._teardown(name, row)
             self._update(name, state="removing", remove_volumes=int(volumes))

@@ -144,11 +144,19 @@ def call_os(fn: Callable[..., T], *args: object, doing: str) -> T:
         raise from_oserror(exc, doing) from exc
 
 
+def shortened(name: str) -> str:
+    """A path for a one-line error: one past PATH_MAX ("File name too long") is thousands of
+    bytes, so its middle goes."""
+    if len(name) <= 300:
+        return name
+    return f"{name[:120]}...{name[-120:]}, {len(name.encode(errors='surrogateescape')):,} bytes"
+
+
 def from_oserror(exc: OSError, doing: str) -> GraphDriverError:
     """Turn an ``OSError`` met while *doing* something into a one-line graphdriver error."""
     code = exc.errno
     what = exc.strerror or str(exc)
-    where = f" ({exc.filename})" if exc.filename else ""
+    where = f" ({shortened(str(exc.filename))})" if exc.filename else ""
     hint = ""
     if code in (errno.ENOSPC, errno.EDQUOT):
         hint = ": the filesystem or the layer's size limit is full"

@@ -1,39 +1,52 @@
-"""The root's reserve: a little space kept allocated, given back to let a full disk be freed.
+"""The store's reserve: a little space and a few inodes kept, given back to free a full disk.
 
 A container that writes without end fills the filesystem that also holds the store's
 databases. Then nothing could record the command that would free it: on a full XFS SQLite
-cannot even make its ``-wal`` (no free inode), on ext4 and btrfs the first write fails, so
-``umount`` and ``rm`` of that container's layer said "the filesystem ... is full" and the
-user had to delete its files by hand.
+cannot even make its ``-wal`` (no free inode), on ext4 and btrfs the first write fails, and an
+ext4 out of inodes with blocks free ("No space left on device" while ``df`` shows room) makes
+no file at all; ``umount`` and ``rm`` of that container's layer said "the filesystem ... is
+full" and the user had to delete its files by hand.
 
-So every store open that finds room keeps ``<root>/reserve``: an unnamed file given its blocks
-by ``fallocate`` (never written: no I/O), on btrfs as much metadata too (xattrs), then linked
-there whole; 1% of the filesystem, at most :data:`SIZE`. A command that frees space (``rm``,
-``umount``, ``cleanup``, a container's ``rm`` and ``umount``, a volume's ``rm``, ``volume
-prune``) first calls :func:`release_if_full`, before it opens the store, and so do the
-library's ``put``, ``remove``, a container's unmount and a volume's ``remove`` and ``prune``
-(an engine's server holds its databases open): on a disk with no room for a new file (the
-test ``sqlite`` uses for "full": :data:`~graphdriver.sqlite.FULL_BELOW` bytes written into an
-unnamed file), it unlinks the reserve, says so in one warning, and runs. An open makes the
-reserve again only where :data:`AGAIN_TIMES` its size is free, so the command that gave the
-room back does not take it straight back.
+So every store open that finds room keeps a ``.reserve`` directory: a ``space`` file given its
+blocks by ``fallocate`` (never written; on btrfs as much metadata too, as xattrs), 1% of the
+filesystem and at most :data:`SIZE`, and :data:`INODES` empty files. It is built aside and
+renamed into place, so it is whole or not there. There is one per filesystem: ``<root>/.reserve``,
+and one in the driver's home or ``<root>/volumes`` where that is another mount (an XFS with
+project quota for overlay's ``--size``, say). A command that frees space calls
+:func:`release_if_full` (the CLI's ``rm``, ``umount``, ``cleanup``, a container's ``rm`` and
+``umount``, a volume's ``rm``, ``volume prune``, before it opens the store; the library's
+``put``, ``remove``, a container's unmount and a volume's ``remove`` and ``prune``, once they
+know they will act, for an engine's server, which holds its databases open): where the disk has
+no room for a new file (the test ``sqlite`` uses for "full": :data:`~graphdriver.sqlite.FULL_BELOW`
+bytes written into an unnamed file) or fewer than :data:`INODES` free inodes, it removes the
+reserve, says so in one warning, and the command runs. An open makes the reserve again only
+where :data:`AGAIN_TIMES` its size and inodes are free, so the command that gave the room back
+does not take it straight back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 from pathlib import Path
 
+from .linux.tree import remove_tree
+
 log = logging.getLogger(__name__)
 
-#: the file under the root
-NAME = "reserve"
+#: the directory, in the root (and in a home or ``volumes`` on another filesystem): a name
+#: no layer id, volume or container name can have (they start with a letter or digit)
+NAME = ".reserve"
+#: the file in it that holds the blocks
+SPACE = "space"
+#: empty files in it: the inodes it holds
+INODES = 16
 #: its size at most; less on a filesystem under 100 times this (1% of it)
 SIZE = 8 << 20
-#: made (again) only where this many times its size is free
+#: made (again) only where this many times its size and its inodes are free
 AGAIN_TIMES = 8
 #: bytes of one of the reserve's xattrs on btrfs (metadata: a value fits one 16 KiB node),
 #: and on a btrfs made with 4 KiB nodes
@@ -42,17 +55,23 @@ XATTR_CHUNK, SMALL_XATTR_CHUNK = 15_000, 3_500
 SURELY_ROOM = 256 << 20
 
 
-def size_for(root: Path) -> int:
-    """The reserve's size on the filesystem of *root*."""
-    st = os.statvfs(root)
-    return min(SIZE, st.f_blocks * st.f_frsize // 100) & ~0xFFFF  # whole 64 KiB
+def keep(root: Path, *dirs: Path) -> None:
+    """Make the reserve of *root*'s filesystem, and of each of *dirs* on another one, where it
+    is missing and there is room (at each open: an lstat each when they are there). Any
+    failure leaves it to a later open: it is a help, never a condition."""
+    seen: set[int] = set()
+    for where in (root, *dirs):
+        try:
+            dev = os.stat(where).st_dev
+        except OSError:
+            continue
+        if dev not in seen:
+            seen.add(dev)
+            _keep(where)
 
 
-def keep(root: Path) -> None:
-    """Make ``<root>/reserve`` if it is missing and there is room (at each store open: one
-    lstat when it is there). Any failure leaves it for a later open: it is a help, never a
-    condition."""
-    path = root / NAME
+def _keep(where: Path) -> None:
+    path = where / NAME
     try:
         os.lstat(path)
         return
@@ -61,26 +80,51 @@ def keep(root: Path) -> None:
     except OSError:
         return
     try:
-        size = size_for(root)
-        st = os.statvfs(root)
+        st = os.statvfs(where)
+        size = min(SIZE, st.f_blocks * st.f_frsize // 100) & ~0xFFFF  # whole 64 KiB
         if size <= 0 or st.f_bavail * st.f_frsize < AGAIN_TIMES * size:
             return
-        fd = os.open(root, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        if st.f_files and st.f_favail < AGAIN_TIMES * INODES:
+            return
+        _remove_leftovers(where)
     except OSError as exc:
-        log.debug("no reserve made under %s: %s", root, exc)
+        log.debug("no reserve made in %s: %s", where, exc)
         return
+    new = where / f"{NAME}.new.{os.getpid()}"
     try:
-        os.posix_fallocate(fd, 0, size)
-        if _on_btrfs(root):
-            _metadata(fd, size)
-        # linkat(AT_SYMLINK_FOLLOW) of the unnamed file: whole or not there. A dir fd is what
-        # makes os.link call linkat (plain link() links the /proc symlink itself: EXDEV); an
-        # absolute source ignores it
-        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd, follow_symlinks=True)
+        os.mkdir(new, 0o700)
+        fd = os.open(new / SPACE, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            if _on_btrfs(where):
+                _metadata(fd, size)
+            if os.fstat(fd).st_blocks * 512 < size:  # glibc's emulation on a compressing fs
+                raise OSError(errno.EOPNOTSUPP, "fallocate kept no blocks")
+        finally:
+            os.close(fd)
+        for i in range(INODES):
+            os.close(os.open(new / f"inode-{i:02d}", os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        os.rename(new, path)  # whole or not there; another open's made first: ENOTEMPTY
     except OSError as exc:  # full, no fallocate here, another open made it first
-        log.debug("no reserve made under %s: %s", root, exc)
-    finally:
-        os.close(fd)
+        log.debug("no reserve made in %s: %s", where, exc)
+        with contextlib.suppress(OSError):
+            remove_tree(str(new))
+
+
+def _remove_leftovers(where: Path) -> None:
+    """Reserves being built by processes that died meanwhile."""
+    for entry in os.scandir(where):
+        base, dot, pid = entry.name.rpartition(".")
+        if base != f"{NAME}.new" or not dot or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # (alive, or another user's)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        remove_tree(entry.path)
 
 
 def _on_btrfs(root: Path) -> bool:
@@ -106,31 +150,62 @@ def _metadata(fd: int, size: int) -> None:
         done += chunk
 
 
-def release_if_full(root: Path) -> bool:
-    """Before a command that frees space: unlink ``<root>/reserve`` if the disk has no room
-    left for the command to record what it frees; whether it did."""
+def _serving(root: Path, where: Path) -> Path:
+    """The directory whose reserve serves the databases in *where*: *root* on its
+    filesystem, else *where* itself."""
+    try:
+        return root if os.stat(where).st_dev == os.stat(root).st_dev else where
+    except OSError:
+        return root
+
+
+def release_all_if_full(root: Path) -> bool:
+    """:func:`release_if_full` for every database of the store under *root* (the CLI, which
+    does not know yet which driver a command will open)."""
+    dirs = [root, root / "volumes", *(p.parent for p in root.glob("*/metadata.db"))]
+    done: set[Path] = set()
+    released = False
+    for where in dirs:
+        serving = _serving(root, where)
+        if serving not in done:
+            done.add(serving)
+            released |= release_if_full(serving)
+    return released
+
+
+def release_if_full(root: Path, where: Path | None = None) -> bool:
+    """Before a command that frees space records it in a database in *where* (default: the
+    root): remove the reserve that serves it if the disk has no room left for the record;
+    whether it did."""
     from .sqlite import _no_room
 
-    path = root / NAME
+    at = root if where is None else _serving(root, where)
+    path = at / NAME
     try:
-        st = os.statvfs(root)
+        st = os.statvfs(at)
         free = st.f_bavail * st.f_frsize
-        if free >= SURELY_ROOM:
+        no_inodes = bool(st.f_files) and st.f_favail < INODES
+        if free >= SURELY_ROOM and not no_inodes:
             return False
-        kept = os.lstat(path)
-        size = kept.st_size
+        space = os.lstat(path / SPACE)  # (through a symlink: refused below)
+        if not stat.S_ISDIR(os.lstat(path).st_mode) or not stat.S_ISREG(space.st_mode):
+            return False
+        held = space.st_blocks * 512
         # room for it many times over is room (no 1 MiB write to try it at each removal)
-        if not stat.S_ISREG(kept.st_mode) or free >= AGAIN_TIMES * size or not _no_room(path):
+        if not no_inodes and (free >= AGAIN_TIMES * held or not _no_room(path)):
             return False
-        os.unlink(path)
+        # removed where it is: a rename needs metadata room, which a full btrfs lacks (an
+        # unlink takes its global reserve); another open sees it whole or going, never made
+        remove_tree(str(path))
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.EROFS, errno.EACCES, errno.EPERM):
-            log.debug("reserve under %s not released: %s", root, exc)
+            log.debug("reserve in %s not released: %s", at, exc)
         return False
     log.warning(
-        "the filesystem of %s is full: its reserve (%d KiB) was given back so that this "
-        "command can record what it frees; it is made again once there is room",
-        root,
-        size >> 10,
+        "the filesystem of %s is full: its reserve (%d KiB, %d inodes) was given back so "
+        "that this command can record what it frees; it is made again once there is room",
+        at,
+        held >> 10,
+        INODES,
     )
     return True

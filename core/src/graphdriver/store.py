@@ -374,9 +374,9 @@ class LayerStore(LayerMounts, LayerDiffs):
 
         The layer disappears from the store first (state ``removing``); if the driver then
         fails (EBUSY), the removal is finished at the next open or on reuse of the id.
-        On a full disk the root's reserve is given back first (:mod:`.reserve`).
+        On a full disk the store's reserve is given back before it records anything
+        (:mod:`.reserve`).
         """
-        reserve.release_if_full(self.root)
         with self.locked(f"remove layer {layer_id}"):
             rec = self.ready(layer_id)
             if rec.mount_count:
@@ -394,6 +394,7 @@ class LayerStore(LayerMounts, LayerDiffs):
                     f"layer {layer_id!r} is the read-write layer of container {owner!r}; "
                     f"use `graphdriver container rm {owner}`"
                 )
+            reserve.release_if_full(self.root, self.home)
             with self._operation(layer_id) as done:
                 with self.meta.transaction():
                     self.meta.update(layer_id, state="removing")
@@ -452,7 +453,6 @@ def open_store(
         private_dir(root_path)
     except OSError as exc:
         raise from_oserror(exc, f"create root {root_path}") from exc
-    reserve.keep(root_path)
     plugin_hooks = hooks()
     name = driver or choose_driver(root_path)
     driver_cls = load_driver(name)
@@ -465,6 +465,8 @@ def open_store(
             f"driver {name!r} has no option {unknown[0]!r} (its options: {listing})"
         )
     try:
-        return LayerStore(root_path, driver_cls, options, plugin_hooks, wait=wait)
+        store = LayerStore(root_path, driver_cls, options, plugin_hooks, wait=wait)
     except OSError as exc:
         raise from_oserror(exc, f"open store at {root_path}") from exc
+    reserve.keep(root_path, store.home)
+    return store

@@ -38,6 +38,7 @@ class LayerMounts:
 
     name: str
     root: Path
+    home: Path
     driver: Driver
     meta: Metadata
     hooks: Hooks
@@ -131,12 +132,12 @@ class LayerMounts:
 
     def put(self, layer_id: str) -> None:
         """Release one reference; the last one unmounts. ``put`` without ``get`` is an error.
-        On a full disk the root's reserve is given back first, to record it."""
-        reserve.release_if_full(self.root)
+        On a full disk the store's reserve is given back first, to record it."""
         with self.locked(f"unmount layer {layer_id}"):
             rec = self.ready(layer_id)
             if rec.mount_count <= 0:
                 raise NotMounted(f"layer {layer_id!r} is not mounted")
+            reserve.release_if_full(self.root, self.home)
             # a diff streaming the layer keeps the mount; it unmounts when it is done
             kept = rec.mount_count == 1 and self.layer_locks.busy(layer_id)
             if rec.mount_count == 1 and not kept:

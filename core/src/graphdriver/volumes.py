@@ -71,7 +71,7 @@ class VolumeStore:
             self._lock = FileLock(self.dir / ".lock", wait)
         except OSError as exc:
             raise from_oserror(exc, f"open volume store {self.dir}") from exc
-        reserve.keep(root)
+        reserve.keep(root, self.dir)
         self._drivers: dict[str, VolumeDriver] = {}
         #: what recovery at this open could not fix, for ``status``
         self.recovery_failures: list[tuple[str, str]] = []
@@ -271,8 +271,7 @@ class VolumeStore:
     def remove(self, name: str, *, force: bool = False) -> None:
         """Delete a volume and its data. Refused while a container uses it, unless *force*;
         refused even then while a mounted container has it bound in. On a full disk the
-        root's reserve is given back first, to record it."""
-        reserve.release_if_full(self.root)
+        store's reserve is given back first, to record it."""
         with self.locked():
             rec = self.get(name)
             users = [u.split(":", 1)[1] for u in self.users(name)]
@@ -286,6 +285,7 @@ class VolumeStore:
                     f"volume {name!r} is in use by container(s) {', '.join(users)}; remove "
                     f"them first, or use -f"
                 )
+            reserve.release_if_full(self.root, self.dir)
             self._destroy(rec)
 
     def prune(
@@ -293,8 +293,8 @@ class VolumeStore:
     ) -> list[tuple[str, int]]:
         """Remove volumes no container uses: anonymous ones, or all with *all_volumes*; only
         those carrying every label in *labels*. Returns (name, bytes reclaimed). On a full
-        disk the root's reserve is given back first, to record it."""
-        reserve.release_if_full(self.root)
+        disk the store's reserve is given back first, to record it."""
+        reserve.release_if_full(self.root, self.dir)
         removed = []
         with self.locked():
             for rec in self.catalog.all():

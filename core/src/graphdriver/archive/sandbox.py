@@ -11,7 +11,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from ..errors import ArchiveError, UnsafeArchive
+from ..errors import ArchiveError, UnsafeArchive, shortened
 from ..linux.fds import keep_only_fds
 from ..linux.libc import LIBC
 from ..linux.signals import Held, release_signals
@@ -78,7 +78,7 @@ def run_child(  # pragma: no cover
     except OSError as exc:
         what = f"cannot unpack the layer: {exc.strerror}"
         if exc.filename:
-            what += f" ({_shortened(str(exc.filename))})"
+            what += f" ({shortened(str(exc.filename))})"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             what += ": the filesystem or the layer's size limit is full"
         report, code = {"error": what, "errno": exc.errno}, 1
@@ -88,11 +88,3 @@ def run_child(  # pragma: no cover
         write_all(res_fd, json.dumps(report).encode() + b"\n" + blob)
     finally:
         os._exit(code)
-
-
-def _shortened(name: str) -> str:
-    """A name for a one-line error: one past PATH_MAX ("File name too long") is thousands of
-    bytes, so its middle goes."""
-    if len(name) <= 300:
-        return name
-    return f"{name[:120]}...{name[-120:]}, {len(name.encode(errors='surrogateescape')):,} bytes"

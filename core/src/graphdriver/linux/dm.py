@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 CONTROL = "/dev/mapper/control"
 
@@ -22,13 +23,20 @@ def device_mapper_missing() -> str | None:
         return f"this kernel has no device-mapper ({CONTROL} is missing)"
     except PermissionError:
         # not root: what the kernel has registered is still listed
-        with open("/proc/misc", "rb") as misc:
-            if any(line.split()[1:] == [b"device-mapper"] for line in misc):
-                return None
+        try:
+            with open("/proc/misc", "rb") as misc:
+                if any(line.split()[1:] == [b"device-mapper"] for line in misc):
+                    return None
+        except OSError as e:
+            return f"{CONTROL} is not ours to open, and /proc/misc does not read ({e.strerror})"
         return "this kernel has no device-mapper (none in /proc/misc)"
     except OSError as e:
         if e.errno in (errno.ENODEV, errno.ENXIO):
             return f"this kernel has no device-mapper ({CONTROL} exists, but no driver answers)"
-        raise
-    os.close(fd)
+        return f"{CONTROL} does not open ({e.strerror})"
+    try:
+        if not stat.S_ISCHR(os.fstat(fd).st_mode):
+            return f"{CONTROL} is not a device node"
+    finally:
+        os.close(fd)
     return None
