@@ -333,15 +333,20 @@ def test_an_unmount_on_a_full_disk_leaves_the_store_readable() -> None:
 #: inodes, or (ext4, whose inodes are made in advance) inodes alone, with blocks free
 FILLED = [("xfs", "overlay", True), ("ext4", "vfs", True), ("btrfs", "btrfs", True)]
 FILLED += [("ext4", "overlay", False)]
+#: and (ext4, vfs) with ``--root`` a symlink to the filesystem's directory
+CASES_FILLED = [(*case, False) for case in FILLED] + [("ext4", "vfs", True, True)]
 
 
 @pytest.mark.parametrize(
-    ("fstype", "driver", "blocks"),
-    FILLED,
-    ids=[f"{d}-on-{f}" + ("" if b else "-inodes") for f, d, b in FILLED],
+    ("fstype", "driver", "blocks", "linked"),
+    CASES_FILLED,
+    ids=[
+        f"{d}-on-{f}" + ("" if b else "-inodes") + ("-linked-root" if ln else "")
+        for f, d, b, ln in CASES_FILLED
+    ],
 )
 def test_a_disk_a_container_filled_is_freed_by_removing_it(
-    fstype: str, driver: str, blocks: bool
+    fstype: str, driver: str, blocks: bool, linked: bool
 ) -> None:
     """A container writes until its filesystem, the store's too, is full. Its ``umount``
     and ``rm`` give back the reserve and work, with one warning saying so; nothing else was
@@ -351,6 +356,9 @@ def test_a_disk_a_container_filled_is_freed_by_removing_it(
     container's files by hand."""
     for backing in backing_or_skip(f"loop-{fstype}", size=FS_SIZE):
         gd = GD(backing.root / "root", driver)
+        if linked:  # (the reserve was not given back through a symlink: ENOTDIR)
+            (backing.root / "real").mkdir()
+            (backing.root / "root").symlink_to("real")
         reserve = gd.root / ".reserve"
         try:
             base = _base_tar()
@@ -369,8 +377,8 @@ def test_a_disk_a_container_filled_is_freed_by_removing_it(
             assert (umount.code, umount.out) == (0, ""), umount
             assert umount.err.splitlines() == [
                 f"graphdriver: WARNING: the filesystem of {gd.root} is full: its reserve "
-                f"({size >> 10} KiB, 16 inodes) was given back so that this command can record "
-                f"what it frees; it is made again once there is room"
+                f"({size >> 10} KiB, 16 inodes) was given back so that this command's records "
+                f"can be written; it is made again once there is room"
             ], umount
             assert not reserve.exists() and not is_mountpoint(merged)
             removed = gd("rm", "ctr", check=False)
@@ -465,3 +473,34 @@ def test_a_home_on_its_own_filesystem_has_its_own_reserve() -> None:
             finally:
                 subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
                 subprocess.run(["umount", str(home)], check=True)
+
+
+def test_btrfs_out_of_metadata_with_data_free_gives_its_reserve_back() -> None:
+    """btrfs's free space is data: with its data block groups half empty and its metadata
+    full, statvfs shows room and an unnamed file fits, but no named one (SQLite's
+    ``-shm``). The removal tries a named file and gives the reserve (its metadata, as xattrs)
+    back; the line was "cannot write ...: mounted read-only, or are you not root?"."""
+    for backing in backing_or_skip("loop-btrfs", size=FS_SIZE):
+        gd = GD(backing.root / "root", "btrfs")
+        try:
+            gd("create", "base")
+            gd("create", "--rw", "--parent", "base", "ctr")
+            merged = Path(gd("mount", "ctr").out.strip())
+            data = merged / "data"
+            data.mkdir()
+            with contextlib.suppress(OSError):
+                for i in range(10_000):
+                    (data / str(i)).write_bytes(bytes(MiB))
+            for i in range(0, 10_000, 2):
+                (data / str(i)).unlink(missing_ok=True)
+            subprocess.run(["sync"], check=True)
+            _fill(merged / "filler", blocks=False)
+            st = os.statvfs(gd.root)
+            assert st.f_bavail * st.f_frsize > 32 * MiB  # data room, metadata none
+            umount = gd("umount", "ctr", check=False)
+            assert umount.code == 0 and "its reserve" in umount.err, umount
+            removed = gd("rm", "ctr", check=False)
+            assert (removed.code, removed.out) == (0, "ctr\n"), removed
+        finally:
+            subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
+        assert gd("ls").out.split() == ["base"]

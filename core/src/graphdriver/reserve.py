@@ -18,10 +18,11 @@ project quota for overlay's ``--size``, say). A command that frees space calls
 ``put``, ``remove``, a container's unmount and a volume's ``remove`` and ``prune``, once they
 know they will act, for an engine's server, which holds its databases open): where the disk has
 no room for a new file (the test ``sqlite`` uses for "full": :data:`~graphdriver.sqlite.FULL_BELOW`
-bytes written into an unnamed file) or fewer than :data:`INODES` free inodes, it removes the
-reserve, says so in one warning, and the command runs. An open makes the reserve again only
-where :data:`AGAIN_TIMES` its size and inodes are free, so the command that gave the room back
-does not take it straight back.
+bytes written into a named file) or fewer than :data:`INODES` free inodes, it removes the
+reserve, says so in one warning, and the command runs. An open, and a ``create`` (a server
+opens once), make the reserve again only where :data:`AGAIN_TIMES` its size and inodes are
+free, so the command that gave the room back does not take it straight back; one that is not
+whole is made again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 
 from .linux.tree import remove_tree
@@ -73,11 +75,12 @@ def keep(root: Path, *dirs: Path) -> None:
 def _keep(where: Path) -> None:
     path = where / NAME
     try:
-        os.lstat(path)
-        return
+        if os.lstat(path / SPACE).st_blocks:
+            return
+        broken = True  # not whole: a removal cut short, a copy that dropped its blocks
     except FileNotFoundError:
-        pass
-    except OSError:
+        broken = os.path.lexists(path)
+    except OSError:  # (a file of that name: not ours to touch)
         return
     try:
         st = os.statvfs(where)
@@ -86,11 +89,13 @@ def _keep(where: Path) -> None:
             return
         if st.f_files and st.f_favail < AGAIN_TIMES * INODES:
             return
+        if broken:
+            _remove(where)
         _remove_leftovers(where)
     except OSError as exc:
         log.debug("no reserve made in %s: %s", where, exc)
         return
-    new = where / f"{NAME}.new.{os.getpid()}"
+    new = where / f"{NAME}.new.{os.getpid()}.{os.urandom(4).hex()}"
     try:
         os.mkdir(new, 0o700)
         fd = os.open(new / SPACE, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
@@ -112,19 +117,26 @@ def _keep(where: Path) -> None:
 
 
 def _remove_leftovers(where: Path) -> None:
-    """Reserves being built by processes that died meanwhile."""
+    """Reserves a process began to build and never finished (killed meanwhile): older than
+    a minute (a build takes milliseconds; a pid says nothing across PID namespaces)."""
+    now = time.time()
     for entry in os.scandir(where):
-        base, dot, pid = entry.name.rpartition(".")
-        if base != f"{NAME}.new" or not dot or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # (alive, or another user's)
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        remove_tree(entry.path)
+        if (
+            entry.name.startswith(f"{NAME}.new.")
+            and entry.is_dir(follow_symlinks=False)
+            and now - entry.stat(follow_symlinks=False).st_mtime > 60
+        ):
+            remove_tree(entry.path)
+
+
+def _remove(at: Path) -> None:
+    """Remove ``<at>/.reserve``, *at* reached as the caller named it (symlinks too:
+    ``--root`` may be one; remove_tree refuses them on the way to what it removes)."""
+    fd = os.open(at, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_tree(NAME, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def _on_btrfs(root: Path) -> bool:
@@ -185,25 +197,28 @@ def release_if_full(root: Path, where: Path | None = None) -> bool:
         st = os.statvfs(at)
         free = st.f_bavail * st.f_frsize
         no_inodes = bool(st.f_files) and st.f_favail < INODES
-        if free >= SURELY_ROOM and not no_inodes:
+        # btrfs counts free data only: its metadata may be full with data free
+        data_only = _on_btrfs(at)
+        if free >= SURELY_ROOM and not no_inodes and not data_only:
             return False
         space = os.lstat(path / SPACE)  # (through a symlink: refused below)
         if not stat.S_ISDIR(os.lstat(path).st_mode) or not stat.S_ISREG(space.st_mode):
             return False
         held = space.st_blocks * 512
-        # room for it many times over is room (no 1 MiB write to try it at each removal)
-        if not no_inodes and (free >= AGAIN_TIMES * held or not _no_room(path)):
+        # room for it many times over is room (no file made to try it at each removal)
+        roomy = free >= AGAIN_TIMES * held and not data_only
+        if not no_inodes and (roomy or not _no_room(path)):
             return False
         # removed where it is: a rename needs metadata room, which a full btrfs lacks (an
         # unlink takes its global reserve); another open sees it whole or going, never made
-        remove_tree(str(path))
+        _remove(at)
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.EROFS, errno.EACCES, errno.EPERM):
             log.debug("reserve in %s not released: %s", at, exc)
         return False
     log.warning(
         "the filesystem of %s is full: its reserve (%d KiB, %d inodes) was given back so "
-        "that this command can record what it frees; it is made again once there is room",
+        "that this command's records can be written; it is made again once there is room",
         at,
         held >> 10,
         INODES,

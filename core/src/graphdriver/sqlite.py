@@ -117,11 +117,19 @@ def _is_full(path: Path, name: str) -> bool:
 
 def _no_room(path: Path) -> bool:
     """Whether the filesystem of *path* has no room for a new file of :data:`FULL_BELOW`
-    bytes, tried as this process (root may write ext4's reserved blocks; a disk may be out
-    of inodes, or btrfs of metadata space, with blocks free): an unnamed file (O_TMPFILE),
-    gone at its close; where that is not supported, the free blocks statvfs counts."""
+    bytes beside it, tried as this process (root may write ext4's reserved blocks; a disk may
+    be out of inodes, or btrfs of metadata space, with blocks free): a named file (what
+    SQLite makes; btrfs found room for an unnamed O_TMPFILE one with its metadata full),
+    unlinked at once, written, gone at its close; where none can be made for another reason,
+    the free blocks statvfs counts."""
+    probe = path.parent / f".room-probe.{os.getpid()}.{os.urandom(4).hex()}"
     try:
-        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o600)
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            os.unlink(probe)
+        except OSError:
+            os.close(fd)
+            raise
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True

@@ -238,6 +238,7 @@ class LayerStore(LayerMounts, LayerDiffs):
         """
         opts = opts or CreateOpts()
         declared = self._check_create(layer_id, parent, opts, volumes)
+        reserve.keep(self.root, self.home)  # (a server opens once: made again here)
         with self.locked(f"create layer {layer_id}"):
             self._free_id(layer_id)
             parent_rec = self._check_parent(layer_id, parent)

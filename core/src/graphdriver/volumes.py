@@ -199,6 +199,7 @@ class VolumeStore:
         an existing name with the same driver and options returns it, as Docker does."""
         anonymous = name is None if anonymous is None else anonymous
         name = anonymous_name() if name is None else validate_id(name, "volume name")
+        reserve.keep(self.root, self.dir)  # (a server opens once: made again here)
         options = dict(options or {})
         drv = self.driver(driver)
         self._check_options(drv, options)
