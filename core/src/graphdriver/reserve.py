@@ -171,6 +171,18 @@ def _serving(root: Path, where: Path) -> Path:
         return root
 
 
+def _no_name_fits(at: Path) -> bool:
+    """Whether no new name fits in *at* (btrfs with its metadata full): an empty file made
+    and unlinked, no data written."""
+    probe = at / f"{NAME}.probe.{os.getpid()}.{os.urandom(4).hex()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    os.unlink(probe)
+    return False
+
+
 def release_all_if_full(root: Path) -> bool:
     """:func:`release_if_full` for every database of the store under *root* (the CLI, which
     does not know yet which driver a command will open)."""
@@ -205,9 +217,13 @@ def release_if_full(root: Path, where: Path | None = None) -> bool:
         if not stat.S_ISDIR(os.lstat(path).st_mode) or not stat.S_ISREG(space.st_mode):
             return False
         held = space.st_blocks * 512
-        # room for it many times over is room (no file made to try it at each removal)
-        roomy = free >= AGAIN_TIMES * held and not data_only
-        if not no_inodes and (roomy or not _no_room(path)):
+        if no_inodes:
+            full = True
+        elif free >= SURELY_ROOM:  # (btrfs) data room: is there metadata room?
+            full = _no_name_fits(at)
+        else:  # room for it many times over is room (no 1 MiB write at each removal)
+            full = (free < AGAIN_TIMES * held or data_only) and _no_room(path)
+        if not full:
             return False
         # removed where it is: a rename needs metadata room, which a full btrfs lacks (an
         # unlink takes its global reserve); another open sees it whole or going, never made
