@@ -46,8 +46,12 @@ NAME = ".reserve"
 SPACE = "space"
 #: empty files in it: the inodes it holds
 INODES = 16
-#: its size at most; less on a filesystem under 100 times this (1% of it)
-SIZE = 8 << 20
+#: its size at most (a removal's records need tens of KiB on ext4 and XFS, btrfs's
+#: reservations some MiB of metadata: the xattrs); less on a filesystem under 100 times this
+#: (1% of it)
+SIZE = 4 << 20
+#: filesystems that get none: memory (tmpfs, ramfs), where a reserve is pinned RAM
+IN_MEMORY = {0x01021994, 0x858458F6}
 #: made (again) only where this many times its size and its inodes are free
 AGAIN_TIMES = 8
 #: bytes of one of the reserve's xattrs on btrfs (metadata: a value fits one 16 KiB node),
@@ -83,6 +87,8 @@ def _keep(where: Path) -> None:
     except OSError:  # (a file of that name: not ours to touch)
         return
     try:
+        if _magic(where) in IN_MEMORY:
+            return
         st = os.statvfs(where)
         size = min(SIZE, st.f_blocks * st.f_frsize // 100) & ~0xFFFF  # whole 64 KiB
         if size <= 0 or st.f_bavail * st.f_frsize < AGAIN_TIMES * size:
@@ -139,10 +145,16 @@ def _remove(at: Path) -> None:
         os.close(fd)
 
 
-def _on_btrfs(root: Path) -> bool:
-    from .linux.fs import BTRFS_MAGIC, fs_magic
+def _magic(root: Path) -> int:
+    from .linux.fs import fs_magic
 
-    return fs_magic(root) == BTRFS_MAGIC
+    return fs_magic(root)
+
+
+def _on_btrfs(root: Path) -> bool:
+    from .linux.fs import BTRFS_MAGIC
+
+    return _magic(root) == BTRFS_MAGIC
 
 
 def _metadata(fd: int, size: int) -> None:

@@ -21,7 +21,9 @@ from .. import (
     LayerStore,
     UnsafeArchive,
     open_store,
+    reserve,
 )
+from ..linux.tree import remove_tree
 from .backings import Backing, BackingUnavailable, make_backing
 from .require import REQUIREMENTS, host_lacks, needs_root
 from .trees import random_content, snapshot
@@ -244,6 +246,9 @@ class ConformanceBase:
             for layer_id in reversed(s.layers()):  # children were created after parents
                 s.remove(layer_id)
             assert s.layers() == []
+            # the store's reserve goes too: a class's stores share one filesystem, and a
+            # hundred reserves would fill a small one (graphdriver.reserve)
+            remove_tree(store_root / reserve.NAME)
 
     # ------------------------------------------------------------------ helpers
 
