@@ -5,9 +5,27 @@ full disk is tests/test_full_disk.py's."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from graphdriver import reserve
+from graphdriver.linux.fs import fs_magic
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A directory on a disk filesystem (/var/tmp): pytest's may be in a tmpfs /tmp, where
+    the store keeps no reserve (pinned RAM)."""
+    path = Path(tempfile.mkdtemp(prefix="reserve-test-", dir="/var/tmp"))
+    assert fs_magic(path) not in reserve.IN_MEMORY, "/var/tmp is in memory here"
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 def _whole(root: Path) -> bool:
@@ -72,3 +90,14 @@ def test_through_a_symlinked_root(tmp_path: Path) -> None:
     reserve._remove(tmp_path / "link")
     assert not (tmp_path / "real" / reserve.NAME).exists()
     assert (tmp_path / "link").is_symlink()
+
+
+def test_none_in_memory() -> None:
+    """tmpfs and ramfs get none: a reserve there is RAM held for nothing."""
+    path = Path(tempfile.mkdtemp(prefix="reserve-test-", dir="/dev/shm"))
+    try:
+        assert fs_magic(path) in reserve.IN_MEMORY
+        reserve.keep(path)
+        assert os.listdir(path) == []
+    finally:
+        shutil.rmtree(path)
