@@ -216,19 +216,23 @@ def _fill(where: Path, blocks: bool = True, inodes: bool = True) -> None:
             (where / f"{i}").touch()
 
 
-#: (filesystem, what is used up, whether ``ls`` still reads): ext4 makes its inodes in
-#: advance, so with its blocks gone the database is still opened (held alone); with no inode
-#: (XFS with no block has none either) there is none for ``-wal`` and nothing opens
+#: (filesystem, what is used up, whether a new file can be made): ext4 makes its inodes in
+#: advance, so with its blocks gone SQLite makes ``-wal`` and the database is opened held
+#: alone; with no inode (XFS with no block has none either) there is no ``-wal``, and it is
+#: read as a file no one changes (``immutable``)
 FULL = [("xfs", "blocks", False), ("ext4", "blocks", True), ("ext4", "inodes", False)]
 
 
-@pytest.mark.parametrize(("fstype", "used_up", "reads"), FULL, ids=[f"{f}-{u}" for f, u, _ in FULL])
+@pytest.mark.parametrize(
+    ("fstype", "used_up", "new_file"), FULL, ids=[f"{f}-{u}" for f, u, _ in FULL]
+)
 def test_a_full_disk_is_never_taken_for_a_damaged_database(
-    fstype: str, used_up: str, reads: bool
+    fstype: str, used_up: str, new_file: bool
 ) -> None:
-    """A store whose filesystem filled up: commands read it or say in one line that it is
-    full, ``check`` never calls the database damaged and ``--repair`` never moves it aside;
-    once space is freed, all is as it was."""
+    """A store whose filesystem filled up: commands that read go on (``ls``, ``inspect``,
+    ``check``, which never calls the database damaged, and ``--repair``, which never moves it
+    aside), one that writes says in one line that it is full; once space is freed, all is as
+    it was."""
     for backing in backing_or_skip(f"loop-{fstype}", size=FS_SIZE):
         gd = GD(backing.root / "root", "overlay")
         filler = backing.root / "filler"
@@ -237,13 +241,13 @@ def test_a_full_disk_is_never_taken_for_a_damaged_database(
             gd("apply-diff", "base", "-", input=_base_tar())
             _fill(filler, blocks=used_up == "blocks")
             for args in (["ls"], ["check"], ["check", "--repair"]):
-                res = gd(*args, check=False)
-                if reads:  # ls lists the layer; check finds nothing wrong
-                    listed = ["base"] if args == ["ls"] else []
-                    assert (res.code, res.out.split(), res.err) == (0, listed, ""), (args, res)
-                else:
-                    assert "is full" in _one_line_error(res), (args, res)
-            if reads:  # a command that holds the database alone keeps others out, briefly
+                res = gd(*args, check=False)  # ls lists the layer; check finds nothing wrong
+                listed = ["base"] if args == ["ls"] else []
+                assert (res.code, res.out.split(), res.err) == (0, listed, ""), (args, res)
+            assert json.loads(gd("inspect", "base").out)["id"] == "base"
+            for args in (["create", "other"], ["create", "--rw", "--parent", "base", "rw"]):
+                assert "is full" in _one_line_error(gd(*args, check=False)), args
+            if new_file:  # a command that holds the database alone keeps others out, briefly
                 holder = subprocess.Popen(gd.argv("diff", "base"), stdout=subprocess.PIPE)
                 assert holder.stdout is not None
                 try:

@@ -153,6 +153,9 @@ class _Cursor(sqlite3.Cursor):
     connection: _Connection
 
     def _fail(self, exc: sqlite3.Error) -> StoreError:
+        if self.connection.frozen and exc.sqlite_errorname.startswith("SQLITE_READONLY"):
+            no_wal = sqlite3.OperationalError("no room for its -wal")  # (_open_frozen)
+            return full_error(no_wal, self.connection.where)
         return sqlite_error(exc, self.connection.where, self.connection.hint)
 
     def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
@@ -187,6 +190,8 @@ class _Connection(sqlite3.Connection):
         super().__init__(database, *args, **kwargs)
         self.where = str(database)
         self.hint: str | None = None
+        #: read as a file no one changes, on a full disk (:func:`_open_frozen`)
+        self.frozen = False
 
     def cursor(self, factory: Any = _Cursor) -> Any:
         return super().cursor(factory)
@@ -197,21 +202,23 @@ class _Connection(sqlite3.Connection):
 
 
 def connect(
-    path: Path, *, timeout: float = BUSY_TIMEOUT, hint: str | None = None
+    path: Path, *, timeout: float = BUSY_TIMEOUT, hint: str | None = None, frozen: bool = False
 ) -> sqlite3.Connection:
     """An autocommit connection (``isolation_level=None``) to *path*, rows as ``sqlite3.Row``,
-    whose errors are :class:`StoreError` (naming *hint*, the command that diagnoses it)."""
+    whose errors are :class:`StoreError` (naming *hint*, the command that diagnoses it);
+    *frozen*: read as a file no one changes (:func:`_open_frozen`)."""
     try:
         db = sqlite3.connect(
-            path,
+            f"{path.as_uri()}?immutable=1" if frozen else path,
             isolation_level=None,
             timeout=timeout,
             check_same_thread=False,
             factory=_Connection,
+            uri=frozen,
         )
     except sqlite3.Error as exc:
         raise sqlite_error(exc, str(path), hint) from exc
-    db.hint = hint
+    db.where, db.hint, db.frozen = str(path), hint, frozen
     db.row_factory = sqlite3.Row
     return db
 
@@ -264,24 +271,35 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     diagnosing and salvaging a database that may be damaged. On a full disk with no room for
     ``-shm``, in a :func:`one_command` process, a connection that holds the database alone
     (``locking_mode=EXCLUSIVE``, which a ``mode=ro`` one cannot lock), made ``query_only``;
-    elsewhere SQLite's error comes at the first read, and :func:`full_disk` tells it apart
-    from damage."""
+    where not even ``-wal`` can be made and there is none, one that reads the file as no one
+    changes it (``immutable=1``, :func:`_open_frozen`); elsewhere SQLite's error comes at the
+    first read, and :func:`full_disk` tells it apart from damage."""
     db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
-    if not _alone_when_full:
-        return db
-    try:
-        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()  # the first read maps -shm
-        return db
-    except sqlite3.Error as exc:
-        if not full_disk(exc, path):
-            return db  # damage: the caller's own read meets it
+    if not _alone_when_full or _readable(db, path):
+        return db  # (damage: the caller's own read meets it)
     db.close()
     db = sqlite3.connect(path)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA locking_mode=EXCLUSIVE")
     db.execute("PRAGMA query_only=ON")
+    if _readable(db, path) or os.path.lexists(f"{path}-wal"):
+        return db
+    db.close()
+    db = sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA query_only=ON")
     return db
+
+
+def _readable(db: sqlite3.Connection, path: Path) -> bool:
+    """Whether *db*'s first read (which maps ``-shm``, or makes ``-wal``) is no full disk's
+    failure."""
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
+    except sqlite3.Error as exc:
+        return not full_disk(exc, path)
+    return True
 
 
 def full_disk(exc: sqlite3.Error, path: Path) -> bool:
@@ -379,15 +397,19 @@ def migrate(db: sqlite3.Connection, path: Path, schema: Schema) -> bool:
             _write_version(db, schema, schema.version)
             return True
         if version > schema.version:
-            raise StoreError(
-                f"{schema.label} {path} has schema version {version}, newer than this "
-                f"graphdriver ({schema.version}); upgrade graphdriver"
-            )
+            raise _newer(path, schema, version)
         for step in range(version + 1, schema.version + 1):
             for stmt in _statements(schema.migrations[step]):
                 db.execute(stmt)
             _write_version(db, schema, step)
         return False
+
+
+def _newer(path: Path, schema: Schema, version: int) -> StoreError:
+    return StoreError(
+        f"{schema.label} {path} has schema version {version}, newer than this graphdriver "
+        f"({schema.version}); upgrade graphdriver"
+    )
 
 
 def open_db(
@@ -415,6 +437,8 @@ def open_db(
     try:
         return _open_db(path, schema, min(timeout, ALONE_WAIT), hint, alone=True)
     except StoreError as exc:
+        if exc.errno == errno.ENOSPC and not os.path.lexists(f"{path}-wal"):
+            return _open_frozen(path, schema, hint), False
         if exc.errno != errno.EBUSY:
             raise
         raise StoreError(
@@ -422,6 +446,26 @@ def open_db(
             f"database meanwhile, holding it alone; free space there and run the command again",
             errno_=errno.ENOSPC,
         ) from exc
+
+
+def _open_frozen(path: Path, schema: Schema, hint: str | None) -> sqlite3.Connection:
+    """*path* read as a file no one changes (``immutable=1``: no ``-wal``, no ``-shm``, no
+    lock), for a disk with no room for a new file (a full XFS has no inode for ``-wal``).
+    Only where there is no ``-wal``: then every commit is in the database file (the last
+    close checkpointed it), and no other connection is open (each keeps the ``-wal`` while it
+    is), nor can one open while the disk stays full. A write is the one-line "full" error."""
+    db = connect(path, hint=hint, frozen=True)
+    try:
+        db.execute("PRAGMA query_only=ON")
+        version = _read_version(db, path, schema)
+        if version is None or version < schema.version:  # a migration is a write
+            raise full_error(sqlite3.OperationalError("no room to migrate it"), str(path))
+        if version > schema.version:
+            raise _newer(path, schema, version)
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 def _has_content(path: Path) -> bool:
