@@ -183,18 +183,6 @@ def _serving(root: Path, where: Path) -> Path:
         return root
 
 
-def _no_name_fits(at: Path) -> bool:
-    """Whether no new name fits in *at* (btrfs with its metadata full): an empty file made
-    and unlinked, no data written."""
-    probe = at / f"{NAME}.probe.{os.getpid()}.{os.urandom(4).hex()}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-    except OSError as exc:
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    os.unlink(probe)
-    return False
-
-
 def release_all_if_full(root: Path) -> bool:
     """:func:`release_if_full` for every database of the store under *root* (the CLI, which
     does not know yet which driver a command will open)."""
@@ -232,7 +220,7 @@ def release_if_full(root: Path, where: Path | None = None) -> bool:
         if no_inodes:
             full = True
         elif free >= SURELY_ROOM:  # (btrfs) data room: is there metadata room?
-            full = _no_name_fits(at)
+            full = _no_room(path, 0)  # a name alone: an empty file made and unlinked
         else:  # room for it many times over is room (no 1 MiB write at each removal)
             full = (free < AGAIN_TIMES * held or data_only) and _no_room(path)
         if not full:

@@ -115,10 +115,10 @@ def _is_full(path: Path, name: str) -> bool:
     return name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")) and _no_room(path)
 
 
-def _no_room(path: Path) -> bool:
-    """Whether the filesystem of *path* has no room for a new file of :data:`FULL_BELOW`
-    bytes beside it, tried as this process (root may write ext4's reserved blocks; a disk may
-    be out of inodes, or btrfs of metadata space, with blocks free): a named file (what
+def _no_room(path: Path, size: int = FULL_BELOW) -> bool:
+    """Whether the filesystem of *path* has no room for a new file of *size* bytes beside
+    it (0: for a name), tried as this process (root may write ext4's reserved blocks; a disk
+    may be out of inodes, or btrfs of metadata space, with blocks free): a named file (what
     SQLite makes; btrfs found room for an unnamed O_TMPFILE one with its metadata full),
     unlinked at once, written, gone at its close; where none can be made for another reason,
     the free blocks statvfs counts."""
@@ -139,7 +139,8 @@ def _no_room(path: Path) -> bool:
             return False
         return st.f_bavail * st.f_frsize < FULL_BELOW
     try:
-        os.write(fd, bytes(FULL_BELOW))
+        if size:
+            os.write(fd, bytes(size))
     except OSError as exc:
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     finally:
