@@ -247,6 +247,19 @@ def test_a_full_disk_is_never_taken_for_a_damaged_database(
             assert json.loads(gd("inspect", "base").out)["id"] == "base"
             for args in (["create", "other"], ["create", "--rw", "--parent", "base", "rw"]):
                 assert "is full" in _one_line_error(gd(*args, check=False)), args
+            line = _one_line_error(gd("mount", "base", check=False))  # a count: a write
+            assert "is full" in line and ("-wal" in line) != new_file, line
+            if not new_file:  # read without its locks: what it finds wrong proves no damage
+                db_file = gd.root / "overlay" / "metadata.db"
+                with open(db_file, "r+b") as f:  # (in place: no block needed)
+                    page = os.pread(f.fileno(), 4096, 4096)
+                    os.pwrite(f.fileno(), b"\xff" * 4096, 4096)
+                    try:
+                        for args in (["check"], ["check", "--repair"], ["ls"]):
+                            line = _one_line_error(gd(*args, check=False))
+                            assert "is full (no room for its -wal: read without" in line, line
+                    finally:
+                        os.pwrite(f.fileno(), page, 4096)
             if new_file:  # a command that holds the database alone keeps others out, briefly
                 holder = subprocess.Popen(gd.argv("diff", "base"), stdout=subprocess.PIPE)
                 assert holder.stdout is not None

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .metadata import LayerRecord, Metadata, refuse_reason
-from .sqlite import close_checkpointed, connect_readonly, full_disk, full_error
+from .sqlite import close_checkpointed, frozen_error, full_disk, full_error
+from .sqlite_readonly import connect_readonly, is_frozen
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def has_records(path: Path) -> bool:
     try:
         return db.execute("SELECT 1 FROM layers LIMIT 1").fetchone() is not None
     except sqlite3.Error as exc:
-        _not_full(exc, path)
+        _not_full(exc, path, db)
         return False
     finally:
         db.close()
@@ -215,19 +216,25 @@ def diagnose_db(path: Path) -> str | None:
         return f"the database cannot be opened: {exc}"
     try:
         lines = [r[0] for r in db.execute("PRAGMA integrity_check(20)")]
-        if lines != ["ok"]:
-            return "integrity_check: " + "; ".join(lines)
-        db.execute("SELECT count(*) FROM layers").fetchone()
+        if lines == ["ok"]:
+            db.execute("SELECT count(*) FROM layers").fetchone()
+            return None
+        why = "integrity_check: " + "; ".join(lines)
     except sqlite3.Error as exc:
-        _not_full(exc, path)
+        _not_full(exc, path, db)
         return f"the database is unreadable: {exc}"
     finally:
         db.close()
-    return None
+    if is_frozen(db):  # read without its locks: maybe another command's checkpoint half done
+        raise frozen_error(str(path), write=False)
+    return why
 
 
-def _not_full(exc: sqlite3.Error, path: Path) -> None:
+def _not_full(exc: sqlite3.Error, path: Path, db: sqlite3.Connection | None = None) -> None:
     """Raise the one-line "full" error if *exc* is a full disk, not a damaged database (which
-    ``--repair`` would move aside and rebuild)."""
+    ``--repair`` would move aside and rebuild); so is any error of a connection *db* that
+    reads the database as no one changes it, on a disk with no room for its ``-wal``."""
+    if db is not None and is_frozen(db):
+        raise frozen_error(str(path), write=False) from exc
     if full_disk(exc, path):
         raise full_error(exc, str(path)) from exc

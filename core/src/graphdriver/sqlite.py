@@ -100,11 +100,25 @@ def full_error(exc: sqlite3.Error | OSError, where: str) -> StoreError:
     )
 
 
+#: what a read of a database as no one changes it (:mod:`.sqlite_readonly`) meets where it was
+#: changed meanwhile (space freed, another command's checkpoint): never proof of damage
+_TORN = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
+def frozen_error(where: str, write: bool) -> StoreError:
+    """The "full" line of a database read as no one changes it, on a disk with no room for
+    its ``-wal`` (:mod:`.sqlite_readonly`): for a write, or for what such a read cannot judge
+    (damage, or a change made meanwhile)."""
+    why = "no room for its -wal" if write else "no room for its -wal: read without its locks"
+    return full_error(sqlite3.OperationalError(why), where)
+
+
 def unreadable(exc: BaseException) -> bool:
     """Whether a StoreError from :func:`open_db` is a file that is not (or no longer) SQLite."""
-    cause = exc.__cause__
-    name = getattr(cause, "sqlite_errorname", "") or ""
-    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    if getattr(exc, "errno", None) == errno.ENOSPC:  # (a full disk's read: frozen_error)
+        return False
+    name = getattr(exc.__cause__, "sqlite_errorname", "") or ""
+    return name.startswith(_TORN)
 
 
 def _is_full(path: Path, name: str) -> bool:
@@ -154,9 +168,9 @@ class _Cursor(sqlite3.Cursor):
     connection: _Connection
 
     def _fail(self, exc: sqlite3.Error) -> StoreError:
-        if self.connection.frozen and exc.sqlite_errorname.startswith("SQLITE_READONLY"):
-            no_wal = sqlite3.OperationalError("no room for its -wal")  # (_open_frozen)
-            return full_error(no_wal, self.connection.where)
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        if self.connection.frozen and name.startswith(("SQLITE_READONLY", *_TORN)):
+            return frozen_error(self.connection.where, write=name.startswith("SQLITE_READONLY"))
         return sqlite_error(exc, self.connection.where, self.connection.hint)
 
     def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
@@ -191,7 +205,7 @@ class _Connection(sqlite3.Connection):
         super().__init__(database, *args, **kwargs)
         self.where = str(database)
         self.hint: str | None = None
-        #: read as a file no one changes, on a full disk (:func:`_open_frozen`)
+        #: read as a file no one changes, on a full disk (:func:`.sqlite_readonly.open_frozen`)
         self.frozen = False
 
     def cursor(self, factory: Any = _Cursor) -> Any:
@@ -207,7 +221,7 @@ def connect(
 ) -> sqlite3.Connection:
     """An autocommit connection (``isolation_level=None``) to *path*, rows as ``sqlite3.Row``,
     whose errors are :class:`StoreError` (naming *hint*, the command that diagnoses it);
-    *frozen*: read as a file no one changes (:func:`_open_frozen`)."""
+    *frozen*: read as a file no one changes (:func:`.sqlite_readonly.open_frozen`)."""
     try:
         db = sqlite3.connect(
             f"{path.as_uri()}?immutable=1" if frozen else path,
@@ -267,42 +281,6 @@ def nocow_on_btrfs(path: Path) -> None:
         log.debug("%s stays copy-on-write: %s", path, exc)
 
 
-def connect_readonly(path: Path) -> sqlite3.Connection:
-    """A plain read-only connection (``mode=ro``) whose errors stay ``sqlite3.Error``: for
-    diagnosing and salvaging a database that may be damaged. On a full disk with no room for
-    ``-shm``, in a :func:`one_command` process, a connection that holds the database alone
-    (``locking_mode=EXCLUSIVE``, which a ``mode=ro`` one cannot lock), made ``query_only``;
-    where not even ``-wal`` can be made and there is none, one that reads the file as no one
-    changes it (``immutable=1``, :func:`_open_frozen`); elsewhere SQLite's error comes at the
-    first read, and :func:`full_disk` tells it apart from damage."""
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    if not _alone_when_full or _readable(db, path):
-        return db  # (damage: the caller's own read meets it)
-    db.close()
-    db = sqlite3.connect(path)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA locking_mode=EXCLUSIVE")
-    db.execute("PRAGMA query_only=ON")
-    if _readable(db, path) or os.path.lexists(f"{path}-wal"):
-        return db
-    db.close()
-    db = sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA query_only=ON")
-    return db
-
-
-def _readable(db: sqlite3.Connection, path: Path) -> bool:
-    """Whether *db*'s first read (which maps ``-shm``, or makes ``-wal``) is no full disk's
-    failure."""
-    try:
-        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
-    except sqlite3.Error as exc:
-        return not full_disk(exc, path)
-    return True
-
-
 def full_disk(exc: sqlite3.Error, path: Path) -> bool:
     """Whether SQLite's *exc* on the database *path* is its filesystem being full, for telling
     a full disk from damage: FULL, or an error opening or writing its files (IOERR, CANTOPEN;
@@ -359,7 +337,7 @@ def _statements(script: str) -> list[str]:
     return [s for s in script.split(";") if s.strip()]
 
 
-def _read_version(db: sqlite3.Connection, path: Path, schema: Schema) -> int | None:
+def read_version(db: sqlite3.Connection, path: Path, schema: Schema) -> int | None:
     """The database's schema version, or None when it is new (holds no table)."""
     if schema.version_in == "meta":
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
@@ -391,14 +369,14 @@ def migrate(db: sqlite3.Connection, path: Path, schema: Schema) -> bool:
     """Make the schema (a new database: True) or bring it to ``schema.version``, in one
     transaction; a database newer than *schema* is refused."""
     with transaction(db):
-        version = _read_version(db, path, schema)
+        version = read_version(db, path, schema)
         if version is None:
             for stmt in _statements(schema.create):
                 db.execute(stmt)
             _write_version(db, schema, schema.version)
             return True
         if version > schema.version:
-            raise _newer(path, schema, version)
+            raise newer_error(path, schema, version)
         for step in range(version + 1, schema.version + 1):
             for stmt in _statements(schema.migrations[step]):
                 db.execute(stmt)
@@ -406,7 +384,7 @@ def migrate(db: sqlite3.Connection, path: Path, schema: Schema) -> bool:
         return False
 
 
-def _newer(path: Path, schema: Schema, version: int) -> StoreError:
+def newer_error(path: Path, schema: Schema, version: int) -> StoreError:
     return StoreError(
         f"{schema.label} {path} has schema version {version}, newer than this graphdriver "
         f"({schema.version}); upgrade graphdriver"
@@ -439,7 +417,9 @@ def open_db(
         return _open_db(path, schema, min(timeout, ALONE_WAIT), hint, alone=True)
     except StoreError as exc:
         if exc.errno == errno.ENOSPC and not os.path.lexists(f"{path}-wal"):
-            return _open_frozen(path, schema, hint), False
+            from .sqlite_readonly import open_frozen  # (a full disk's, seldom)
+
+            return open_frozen(path, schema, hint), False
         if exc.errno != errno.EBUSY:
             raise
         raise StoreError(
@@ -447,26 +427,6 @@ def open_db(
             f"database meanwhile, holding it alone; free space there and run the command again",
             errno_=errno.ENOSPC,
         ) from exc
-
-
-def _open_frozen(path: Path, schema: Schema, hint: str | None) -> sqlite3.Connection:
-    """*path* read as a file no one changes (``immutable=1``: no ``-wal``, no ``-shm``, no
-    lock), for a disk with no room for a new file (a full XFS has no inode for ``-wal``).
-    Only where there is no ``-wal``: then every commit is in the database file (the last
-    close checkpointed it), and no other connection is open (each keeps the ``-wal`` while it
-    is), nor can one open while the disk stays full. A write is the one-line "full" error."""
-    db = connect(path, hint=hint, frozen=True)
-    try:
-        db.execute("PRAGMA query_only=ON")
-        version = _read_version(db, path, schema)
-        if version is None or version < schema.version:  # a migration is a write
-            raise full_error(sqlite3.OperationalError("no room to migrate it"), str(path))
-        if version > schema.version:
-            raise _newer(path, schema, version)
-    except BaseException:
-        db.close()
-        raise
-    return db
 
 
 def _has_content(path: Path) -> bool:
