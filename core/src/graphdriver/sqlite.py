@@ -205,7 +205,7 @@ class _Connection(sqlite3.Connection):
         super().__init__(database, *args, **kwargs)
         self.where = str(database)
         self.hint: str | None = None
-        #: read as a file no one changes, on a full disk (:func:`.sqlite_readonly.open_frozen`)
+        #: read as a file no one changes, on a full disk (:func:`open_frozen`)
         self.frozen = False
 
     def cursor(self, factory: Any = _Cursor) -> Any:
@@ -221,7 +221,7 @@ def connect(
 ) -> sqlite3.Connection:
     """An autocommit connection (``isolation_level=None``) to *path*, rows as ``sqlite3.Row``,
     whose errors are :class:`StoreError` (naming *hint*, the command that diagnoses it);
-    *frozen*: read as a file no one changes (:func:`.sqlite_readonly.open_frozen`)."""
+    *frozen*: read as a file no one changes (:func:`open_frozen`)."""
     try:
         db = sqlite3.connect(
             f"{path.as_uri()}?immutable=1" if frozen else path,
@@ -417,8 +417,6 @@ def open_db(
         return _open_db(path, schema, min(timeout, ALONE_WAIT), hint, alone=True)
     except StoreError as exc:
         if exc.errno == errno.ENOSPC and not os.path.lexists(f"{path}-wal"):
-            from .sqlite_readonly import open_frozen  # (a full disk's, seldom)
-
             return open_frozen(path, schema, hint), False
         if exc.errno != errno.EBUSY:
             raise
@@ -427,6 +425,25 @@ def open_db(
             f"database meanwhile, holding it alone; free space there and run the command again",
             errno_=errno.ENOSPC,
         ) from exc
+
+
+def open_frozen(path: Path, schema: Schema, hint: str | None) -> sqlite3.Connection:
+    """*path* read as a file no one changes, where :func:`open_db` found no room for ``-wal``
+    and none there (:mod:`.sqlite_readonly` says why that holds); its errors are
+    :class:`StoreError`, a write and a read that meets a change made meanwhile the one-line
+    "full" error (:func:`frozen_error`)."""
+    db = connect(path, hint=hint, frozen=True)
+    try:
+        db.execute("PRAGMA query_only=ON")
+        version = read_version(db, path, schema)
+        if version is None or version < schema.version:  # a migration is a write
+            raise full_error(sqlite3.OperationalError("no room to migrate it"), str(path))
+        if version > schema.version:
+            raise newer_error(path, schema, version)
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 def _has_content(path: Path) -> bool:

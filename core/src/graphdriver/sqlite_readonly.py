@@ -2,14 +2,14 @@
 
 Where SQLite cannot make ``-shm`` (a disk full from before), :func:`.sqlite.open_db` opens the
 database held alone; where it cannot make ``-wal`` either (a full XFS has no inode for it, nor
-an ext4 out of inodes) and none is left, a one-command process reads it here as a file no one
-changes (``immutable=1``: no ``-wal``, no ``-shm``, no lock). Every commit is then in the
-database file (the last close checkpointed it), and no other command can write it while the
-disk stays full; were space freed and the database written meanwhile, such a read could meet a
-checkpoint half done, so what it finds wrong is no proof of damage: a write, and whatever it
-cannot read, is the one-line "full" error (:func:`.sqlite.frozen_error`), never "damaged" nor
-"read-only or not root". :func:`connect_readonly` is ``check``'s way in (errors stay
-``sqlite3.Error``).
+an ext4 out of inodes) and none is left, a one-command process reads it as a file no one
+changes (``immutable=1``: no ``-wal``, no ``-shm``, no lock; :func:`.sqlite.open_frozen`, and
+:func:`connect_readonly` here for ``check``, whose errors stay ``sqlite3.Error``). Every commit
+is then in the database file (the last close checkpointed it), and no other command can write
+it while the disk stays full; were space freed and the database written meanwhile, such a read
+could meet a checkpoint half done, so what it finds wrong is no proof of damage: a write, and
+whatever it cannot read, is the one-line "full" error (:func:`.sqlite.frozen_error`), never
+"damaged" nor "read-only or not root".
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import sqlite3
 from pathlib import Path
 
 from . import sqlite
-from .sqlite import Schema, connect, full_disk, full_error, newer_error, read_version
+from .sqlite import full_disk
 
 
 def is_frozen(db: sqlite3.Connection) -> bool:
-    """Whether *db* reads its database as no one changes it (:func:`open_frozen`,
+    """Whether *db* reads its database as no one changes it (:func:`.sqlite.open_frozen`,
     :func:`connect_readonly` on a disk with no room for ``-wal``)."""
     return isinstance(db, _FrozenReadonly) or getattr(db, "frozen", False)
 
@@ -34,7 +34,7 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     ``-shm``, in a :func:`.sqlite.one_command` process, a connection that holds the database alone
     (``locking_mode=EXCLUSIVE``, which a ``mode=ro`` one cannot lock), made ``query_only``;
     where not even ``-wal`` can be made and there is none, one that reads the file as no one
-    changes it (``immutable=1``, :func:`open_frozen`); elsewhere SQLite's error comes at the
+    changes it (``immutable=1``, :func:`.sqlite.open_frozen`); elsewhere SQLite's error comes at the
     first read, and :func:`full_disk` tells it apart from damage."""
     db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
@@ -67,21 +67,3 @@ def _readable(db: sqlite3.Connection, path: Path) -> bool:
     except sqlite3.Error as exc:
         return not full_disk(exc, path)
     return True
-
-
-def open_frozen(path: Path, schema: Schema, hint: str | None) -> sqlite3.Connection:
-    """*path* read as a file no one changes, where :func:`.sqlite.open_db` found no room for
-    ``-wal`` and none there (the module's words); its errors are :class:`StoreError`, a write
-    and a read that meets a change made meanwhile the one-line "full" error."""
-    db = connect(path, hint=hint, frozen=True)
-    try:
-        db.execute("PRAGMA query_only=ON")
-        version = read_version(db, path, schema)
-        if version is None or version < schema.version:  # a migration is a write
-            raise full_error(sqlite3.OperationalError("no room to migrate it"), str(path))
-        if version > schema.version:
-            raise newer_error(path, schema, version)
-    except BaseException:
-        db.close()
-        raise
-    return db
