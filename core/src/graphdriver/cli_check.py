@@ -42,7 +42,7 @@ def check(ctx: Context, repair: bool, digests: bool) -> None:
     """
     from .check import Problem, Repair, check_store
 
-    one_command()
+    one_command(reads_only=not repair)
     report = check_store(
         Path(ctx.root).absolute(), ctx.driver, ctx.opts, repair=repair, digests=digests
     )

@@ -156,12 +156,31 @@ def pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
     return out
 
 
-def one_command() -> None:
+#: the verbs that only read the records: on a disk with no room for SQLite's ``-wal`` they
+#: read the databases as no one changes them, and recover nothing (``sqlite.reads_only``)
+READ_VERBS = {
+    ("ls",), ("inspect",), ("exists",), ("status",), ("check",),
+    ("container", "ls"), ("container", "inspect"), ("volume", "ls"), ("volume", "inspect"),
+}  # fmt: skip
+
+
+def one_command(reads_only: bool | None = None) -> None:
     """Before a verb opens a database: this process runs one command (``sqlite.one_command``;
-    not for the integrations' ``serve`` verbs, which hold theirs)."""
+    not for the integrations' ``serve`` verbs, which hold theirs); *reads_only*: whether the
+    command only reads (None: whether its verb is one of :data:`READ_VERBS`)."""
     from . import sqlite
 
-    sqlite.one_command()
+    if reads_only is None:
+        verb: list[str] = []
+        ctx = click.get_current_context(silent=True)
+        while ctx is not None and ctx.parent is not None:  # (the root's name: the program's)
+            verb.insert(0, ctx.info_name or "")
+            ctx = ctx.parent
+        reads_only = tuple(verb) in READ_VERBS
+    if reads_only:
+        sqlite.reads_only()
+    else:
+        sqlite.one_command()
 
 
 class Fail(click.ClickException):

@@ -34,6 +34,7 @@ from .errors import (
 )
 from .linux.mount import mountinfo, unmount
 from .mount_points import MountPoint, depth_order, parse_spec
+from .sqlite_readonly import is_frozen
 from .store import LayerStore, validate_id
 from .volumes import DEFAULT_VOLUME_DRIVER, VolumeStore, anonymous_name
 
@@ -57,7 +58,9 @@ class ContainerStore(ContainerMounts):
         self._volumes: VolumeStore | None = None
         #: what recovery at this open could not fix, for ``status``
         self.recovery_failures: list[tuple[str, str]] = []
-        if self._needs_recovery():  # looked at without the lock, then done under it
+        # (looked at without the lock, then done under it; never from a database read as it
+        # was on a full disk, which may be stale: sqlite_readonly)
+        if not is_frozen(self.meta.db) and self._needs_recovery():
             with self.store.locked():
                 self._recover()
 

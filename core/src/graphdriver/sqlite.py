@@ -38,6 +38,9 @@ BUSY_TIMEOUT = 60
 #: only in a process that runs one command and exits (:func:`one_command`); a server that
 #: kept such a connection would lock every other process out for its whole life
 _alone_when_full = False
+#: whether a database with no room for ``-wal`` may be read as no one changes it: only in a
+#: one-command process whose command only reads (:func:`reads_only`)
+_frozen_when_full = False
 
 
 def one_command() -> None:
@@ -45,6 +48,20 @@ def one_command() -> None:
     worker): on a full disk its databases are then still opened, held alone, to be read."""
     global _alone_when_full
     _alone_when_full = True
+
+
+def reads_only() -> None:
+    """Say that this process's one command only reads (``ls``, ``inspect``, ``check``
+    without ``--repair``...): on a disk with no room for ``-wal`` its databases are then read
+    as no one changes them (:func:`open_frozen`), and its store opens recover nothing."""
+    global _frozen_when_full
+    one_command()
+    _frozen_when_full = True
+
+
+def when_full() -> tuple[bool, bool]:
+    """(:func:`one_command`, :func:`reads_only`) said of this process."""
+    return _alone_when_full, _frozen_when_full
 
 
 def check_hint(path: Path) -> str:
@@ -224,7 +241,7 @@ def connect(
     *frozen*: read as a file no one changes (:func:`open_frozen`)."""
     try:
         db = sqlite3.connect(
-            f"{path.as_uri()}?immutable=1" if frozen else path,
+            f"{path.absolute().as_uri()}?immutable=1" if frozen else path,
             isolation_level=None,
             timeout=timeout,
             check_same_thread=False,
@@ -416,7 +433,7 @@ def open_db(
     try:
         return _open_db(path, schema, min(timeout, ALONE_WAIT), hint, alone=True)
     except StoreError as exc:
-        if exc.errno == errno.ENOSPC and not os.path.lexists(f"{path}-wal"):
+        if _frozen_when_full and exc.errno == errno.ENOSPC and not os.path.lexists(f"{path}-wal"):
             return open_frozen(path, schema, hint), False
         if exc.errno != errno.EBUSY:
             raise
@@ -429,9 +446,9 @@ def open_db(
 
 def open_frozen(path: Path, schema: Schema, hint: str | None) -> sqlite3.Connection:
     """*path* read as a file no one changes, where :func:`open_db` found no room for ``-wal``
-    and none there (:mod:`.sqlite_readonly` says why that holds); its errors are
-    :class:`StoreError`, a write and a read that meets a change made meanwhile the one-line
-    "full" error (:func:`frozen_error`)."""
+    and none there, for a command that only reads (:mod:`.sqlite_readonly` says why that
+    holds, and what such a read may miss); its errors are :class:`StoreError`, a write and a
+    page found torn the one-line "full" error (:func:`frozen_error`)."""
     db = connect(path, hint=hint, frozen=True)
     try:
         db.execute("PRAGMA query_only=ON")

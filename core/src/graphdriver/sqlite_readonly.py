@@ -4,10 +4,13 @@ Where SQLite cannot make ``-shm`` (a disk full from before), :func:`.sqlite.open
 database held alone; where it cannot make ``-wal`` either (a full XFS has no inode for it, nor
 an ext4 out of inodes) and none is left, a one-command process reads it as a file no one
 changes (``immutable=1``: no ``-wal``, no ``-shm``, no lock; :func:`.sqlite.open_frozen`, and
-:func:`connect_readonly` here for ``check``, whose errors stay ``sqlite3.Error``). Every commit
-is then in the database file (the last close checkpointed it), and no other command can write
-it while the disk stays full; were space freed and the database written meanwhile, such a read
-could meet a checkpoint half done, so what it finds wrong is no proof of damage: a write, and
+:func:`connect_readonly` here for ``check``, whose errors stay ``sqlite3.Error``), if its
+command only reads (:func:`.sqlite.reads_only`). Every commit is then in the database file
+(the last close checkpointed it), and no other command can write it while the disk stays
+full; were space freed and the database written meanwhile, such a read would go on seeing the
+state at its start (SQLite never reads an immutable file again), or meet a page half written.
+So an open that reads this way recovers nothing (:func:`is_frozen`: the store, containers and
+volumes skip their recovery), and what it finds wrong is no proof of damage: a write, and
 whatever it cannot read, is the one-line "full" error (:func:`.sqlite.frozen_error`), never
 "damaged" nor "read-only or not root".
 """
@@ -38,17 +41,19 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     first read, and :func:`full_disk` tells it apart from damage."""
     db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
-    if not sqlite._alone_when_full or _readable(db, path):
+    alone, frozen = sqlite.when_full()
+    if not alone or _readable(db, path):
         return db  # (damage: the caller's own read meets it)
     db.close()
     db = sqlite3.connect(path)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA locking_mode=EXCLUSIVE")
     db.execute("PRAGMA query_only=ON")
-    if _readable(db, path) or os.path.lexists(f"{path}-wal"):
+    if not frozen or _readable(db, path) or os.path.lexists(f"{path}-wal"):
         return db
     db.close()
-    db = sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True, factory=_FrozenReadonly)
+    uri = f"{path.absolute().as_uri()}?immutable=1"
+    db = sqlite3.connect(uri, uri=True, factory=_FrozenReadonly)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA query_only=ON")
     return db

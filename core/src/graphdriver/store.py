@@ -38,6 +38,7 @@ from .metadata import LayerRecord, Metadata
 from .plugins import Hooks, choose_driver, hooks, load_driver
 from .recovery import layer_info as _info
 from .sqlite import check_hint
+from .sqlite_readonly import is_frozen
 from .store_diff import LayerDiffs
 from .store_mounts import LayerMounts
 
@@ -89,14 +90,11 @@ class LayerStore(LayerMounts, LayerDiffs):
                 self.driver = driver_cls(self.home, options)
                 if recorded is None:
                     self._first_open()
-                records = self.meta.unsettled()
-                known = recovery.KnownLayers(self.meta)
-                try:
-                    call_os(self.driver.recover, known, doing=f"recover driver {self.name}")
-                finally:
-                    known.done()
-            # the apply engine is imported only when a half-applied layer needs it
-            recovery.recover(self, _reset_applied, records)
+                if not is_frozen(self.meta.db):
+                    records = self._recover_driver()
+            if not is_frozen(self.meta.db):  # (read as it was on a full disk: sqlite_readonly)
+                # the apply engine is imported only when a half-applied layer needs it
+                recovery.recover(self, _reset_applied, records)
         except BaseException:
             if self.meta.created:
                 # a refused first open (the driver cannot run here...) leaves no database, or
@@ -106,6 +104,18 @@ class LayerStore(LayerMounts, LayerDiffs):
                 self.meta.close()
             self._lock.close()
             raise
+
+    def _recover_driver(self) -> list[LayerRecord]:
+        """The records an open looks at, read under the lock, once the driver has recovered
+        (the database read as it was on a full disk is never recovered from: it may be stale,
+        and the command that opened it only reads)."""
+        records = self.meta.unsettled()
+        known = recovery.KnownLayers(self.meta)
+        try:
+            call_os(self.driver.recover, known, doing=f"recover driver {self.name}")
+        finally:
+            known.done()
+        return records
 
     def _first_open(self) -> None:
         """Claim a new database for this driver, unless the driver already holds layers: then

@@ -32,6 +32,7 @@ from .errors import (
 from .ids import validate_id
 from .linux.mount import is_mountpoint
 from .locking import FileLock
+from .sqlite_readonly import is_frozen
 from .volume_driver import (
     DEFAULT_VOLUME_DRIVER,
     VOLUME_DRIVER_GROUP,
@@ -82,8 +83,9 @@ class VolumeStore:
         except BaseException:
             self._lock.close()
             raise
-        with self.locked():
-            self._recover()
+        if not is_frozen(self.catalog.db):  # (read as it was on a full disk: sqlite_readonly)
+            with self.locked():
+                self._recover()
 
     def close(self) -> None:
         self.catalog.close()
