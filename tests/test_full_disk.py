@@ -306,6 +306,8 @@ def test_a_read_on_a_disk_with_no_room_for_wal_recovers_nothing() -> None:
                 assert res.code in (0, 1) and "Traceback" not in res.err, (args, res)
                 assert "is full" not in res.err, (args, res)
             assert (gd.root / "overlay" / "half").is_dir()  # left for a command with room
+            # (--digests mounts layers, and unmounts what no record counts: no read verb)
+            assert "is full" in _one_line_error(gd("check", "--digests", check=False))
         finally:
             shutil.rmtree(filler, ignore_errors=True)
         assert gd("ls").out.split() == ["base"]  # room: recovered

@@ -42,7 +42,8 @@ def check(ctx: Context, repair: bool, digests: bool) -> None:
     """
     from .check import Problem, Repair, check_store
 
-    one_command(reads_only=not repair)
+    # (--digests mounts layers to hash them, and unmounts those no record counts)
+    one_command(reads_only=not (repair or digests))
     report = check_store(
         Path(ctx.root).absolute(), ctx.driver, ctx.opts, repair=repair, digests=digests
     )

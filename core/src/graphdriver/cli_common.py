@@ -157,9 +157,10 @@ def pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 #: the verbs that only read the records: on a disk with no room for SQLite's ``-wal`` they
-#: read the databases as no one changes them, and recover nothing (``sqlite.reads_only``)
+#: read the databases as no one changes them, and recover nothing (``sqlite.reads_only``;
+#: ``check`` says so itself, without ``--repair`` and ``--digests``)
 READ_VERBS = {
-    ("ls",), ("inspect",), ("exists",), ("status",), ("check",),
+    ("ls",), ("inspect",), ("exists",), ("status",),
     ("container", "ls"), ("container", "inspect"), ("volume", "ls"), ("volume", "inspect"),
 }  # fmt: skip
 
