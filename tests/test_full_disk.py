@@ -305,6 +305,8 @@ def test_a_read_on_a_disk_with_no_room_for_wal_recovers_nothing() -> None:
                 res = gd(*args, check=False)
                 assert res.code in (0, 1) and "Traceback" not in res.err, (args, res)
                 assert "is full" not in res.err, (args, res)
+            status = gd("status").out  # (no recovery was tried: it says so)
+            assert "half: left creating; not tried yet: no room on the disk" in status, status
             assert (gd.root / "overlay" / "half").is_dir()  # left for a command with room
             # (--digests mounts layers, and unmounts what no record counts: no read verb)
             assert "is full" in _one_line_error(gd("check", "--digests", check=False))

@@ -29,6 +29,7 @@ from . import faults
 from .driver import KernelMounts, LayerInfo
 from .errors import GraphDriverError, call_os
 from .metadata import IN_FLIGHT, LayerRecord, Metadata
+from .sqlite_readonly import is_frozen
 
 if TYPE_CHECKING:
     from .store import LayerStore
@@ -280,15 +281,18 @@ def record_failure(store: LayerStore, layer_id: str, exc: BaseException) -> None
 
 
 def failures(store: LayerStore) -> list[tuple[str, str]]:
-    """("Recovery Failed", "<id>: <why>") for each record left by a dead process."""
+    """("Recovery Failed", "<id>: <why>") for each record left by a dead process (where the
+    open read the database as it was, on a full disk, recovery was not tried: it says so)."""
     if not any(r.state in IN_FLIGHT for r in store.meta.all()):
         return []
     out = []
+    untried = "; not tried yet: no room on the disk (the first command with room recovers it)"
     with store.locked("read the store's status"):
         reasons = store.meta.meta_items(FAILED)
         for rec in store.meta.all():
             if rec.state in IN_FLIGHT and not store.layer_locks.busy(rec.id):
                 why = reasons.get(rec.id, f"left {rec.state}")
+                why += untried if is_frozen(store.meta.db) else ""
                 out.append(("Recovery Failed", f"{rec.id}: {why}"))
     return out
 

@@ -423,7 +423,9 @@ def open_db(
     is opened again by a connection that holds it alone (``locking_mode=EXCLUSIVE``: that
     index then lives in memory), so that its records can still be read (``ls``, ``inspect``,
     ``check``); a write needs room for the WAL and is the same one-line "full" error. Only in
-    a :func:`one_command` process: it holds the database until it exits."""
+    a :func:`one_command` process: it holds the database until it exits. Where not even
+    ``-wal`` can be made and none is left, a command that only reads reads the file as no one
+    changes it (:func:`open_frozen`)."""
     nocow_on_btrfs(path)
     try:
         return _open_db(path, schema, timeout, hint, alone=False)
