@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import GD, Result
 
-from graphdriver.testing import Backing, backing_or_skip
+from graphdriver.testing import Backing, backing_or_skip, fill_filesystem
 from graphdriver.toolkit import is_mountpoint
 
 MiB = 1 << 20
@@ -204,18 +204,6 @@ def test_a_rollback_that_fails_too_is_left_to_the_next_command(
     assert gd("diff", "x").raw == base
 
 
-def _fill(where: Path, blocks: bool = True, inodes: bool = True) -> None:
-    """Fill the filesystem of *where*: its blocks, then its inodes."""
-    where.mkdir()
-    with contextlib.suppress(OSError), open(where / "blocks", "wb") as f:
-        while blocks:
-            f.write(bytes(MiB))
-            f.flush()
-    with contextlib.suppress(OSError):
-        for i in range(1_000_000 if inodes else 0):
-            (where / f"{i}").touch()
-
-
 #: (filesystem, what is used up, whether a new file can be made): ext4 makes its inodes in
 #: advance, so with its blocks gone SQLite makes ``-wal`` and the database is opened held
 #: alone; with no inode (XFS with no block has none either) there is no ``-wal``, and it is
@@ -239,7 +227,7 @@ def test_a_full_disk_is_never_taken_for_a_damaged_database(
         try:
             gd("create", "base")
             gd("apply-diff", "base", "-", input=_base_tar())
-            _fill(filler, blocks=used_up == "blocks")
+            fill_filesystem(filler, blocks=used_up == "blocks")
             for args in (["ls"], ["check"], ["check", "--repair"]):
                 res = gd(*args, check=False)  # ls lists the layer; check finds nothing wrong
                 if args[-1] == "--repair" and not new_file:  # a repair, which may write
@@ -300,7 +288,7 @@ def test_a_read_on_a_disk_with_no_room_for_wal_recovers_nothing() -> None:
             with contextlib.closing(sqlite3.connect(db_file)) as db:  # its -wal, not a killed
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # process's (held alone, safe)
             assert not Path(f"{db_file}-wal").exists()
-            _fill(filler)
+            fill_filesystem(filler)
             for args in (["ls"], ["status"], ["container", "ls"], ["check"]):
                 res = gd(*args, check=False)
                 assert res.code in (0, 1) and "Traceback" not in res.err, (args, res)
@@ -371,7 +359,7 @@ def test_an_unmount_on_a_full_disk_leaves_the_store_readable() -> None:
             gd("create", "--rw", "--parent", "base", "ctr")
             merged = gd("mount", "ctr").out.strip()
             shutil.rmtree(gd.root / ".reserve")
-            _fill(filler)
+            fill_filesystem(filler)
             line = _one_line_error(gd("umount", "ctr", check=False))
             assert "'ctr' is unmounted, but its count is not" in line and "is full" in line
             assert not is_mountpoint(merged)
@@ -432,7 +420,7 @@ def test_a_disk_a_container_filled_is_freed_by_removing_it(
             assert 0 < size <= FS_SIZE // 100, size
             assert len(os.listdir(reserve)) == 17
             merged = Path(gd("mount", "ctr").out.strip())
-            _fill(merged / "filler", blocks=blocks)
+            fill_filesystem(merged / "filler", blocks=blocks)
             assert "is full" in _one_line_error(
                 gd("create", "--parent", "base", "more", check=False)
             )
@@ -525,7 +513,7 @@ def test_a_home_on_its_own_filesystem_has_its_own_reserve() -> None:
                 assert (home / ".reserve" / "space").is_file()
                 assert gd("ls").out.split() == ["base", "ctr"]  # (not a layer: a dot first)
                 merged = Path(gd("mount", "ctr").out.strip())
-                _fill(merged / "filler")
+                fill_filesystem(merged / "filler")
                 umount = gd("umount", "ctr", check=False)
                 assert umount.code == 0, umount
                 assert f"the filesystem of {home} is full" in umount.err, umount
@@ -557,13 +545,50 @@ def test_btrfs_out_of_metadata_with_data_free_gives_its_reserve_back() -> None:
             for i in range(0, 10_000, 2):
                 (data / str(i)).unlink(missing_ok=True)
             subprocess.run(["sync"], check=True)
-            _fill(merged / "filler", blocks=False)
+            fill_filesystem(merged / "filler", blocks=False)
             st = os.statvfs(gd.root)
             assert st.f_bavail * st.f_frsize > 32 * MiB  # data room, metadata none
             umount = gd("umount", "ctr", check=False)
             assert umount.code == 0 and "its reserve" in umount.err, umount
             removed = gd("rm", "ctr", check=False)
             assert (removed.code, removed.out) == (0, "ctr\n"), removed
+        finally:
+            subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
+        assert gd("ls").out.split() == ["base"]
+
+
+def test_reads_after_a_reboot_on_a_full_disk_trust_the_earlier_probe() -> None:
+    """overlay probes its filesystem once per boot, by making files and mounting a test
+    overlay. After a reboot on a full disk it could not, and every command failed, ``ls``
+    included. Now the probe of an earlier boot of the same kernel on the same filesystem
+    holds, with one warning; another kernel's is no proof and the line is the "full" one. A
+    command that frees space gives the reserve back first, and with that room the probe runs
+    again."""
+    for backing in backing_or_skip("loop-xfs", size=FS_SIZE):
+        gd = GD(backing.root / "root", "overlay")
+        marker = gd.root / "overlay" / "probed"
+        try:
+            gd("create", "base")
+            gd("apply-diff", "base", "-", input=_base_tar())
+            gd("create", "--rw", "--parent", "base", "ctr")
+            fill_filesystem(Path(gd("mount", "ctr").out.strip()) / "filler")
+            stamp = marker.read_text()
+            boot, kernel, dev = stamp.split(" ")
+            marker.write_text(f"{boot[::-1]} {kernel} {dev}")  # in place: the same length
+            listed = gd("ls", check=False)
+            assert (listed.code, listed.out.split()) == (0, ["base", "ctr"]), listed
+            assert listed.err.splitlines() == [
+                f"graphdriver: WARNING: no room under {gd.root / 'overlay'} to probe overlay "
+                "again after a reboot: the probe of an earlier boot holds (the same kernel and "
+                "filesystem)"
+            ], listed
+            assert json.loads(gd("inspect", "base").out)["diff_id"] is not None
+            marker.write_text(f"{boot[::-1]} {kernel[::-1]} {dev}")
+            assert "is full" in _one_line_error(gd("ls", check=False))
+            marker.write_text(f"{boot[::-1]} {kernel} {dev}")
+            gd("umount", "ctr")
+            assert marker.read_text() == stamp  # probed again, in the reserve's room
+            gd("rm", "ctr")
         finally:
             subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
         assert gd("ls").out.split() == ["base"]

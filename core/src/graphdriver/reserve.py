@@ -16,7 +16,8 @@ project quota for overlay's ``--size``, say). A command that frees space calls
 :func:`release_if_full` (the CLI's ``rm``, ``umount``, ``cleanup``, a container's ``rm`` and
 ``umount``, a volume's ``rm``, ``volume prune``, before it opens the store; the library's
 ``put``, ``remove``, a container's unmount and a volume's ``remove`` and ``prune``, once they
-know they will act, for an engine's server, which holds its databases open): where the disk has
+know they will act, for an engine's server, which holds its databases open; and such a server
+before it starts, which could not open them otherwise): where the disk has
 no room for a new file (the test ``sqlite`` uses for "full": :data:`~graphdriver.sqlite.FULL_BELOW`
 bytes written into a named file) or fewer than :data:`INODES` free inodes, it removes the
 reserve, says so in one warning, and the command runs. An open, and a ``create`` (a server

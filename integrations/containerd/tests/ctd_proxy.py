@@ -164,9 +164,18 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def running(root: Path, driver: str, options: Mapping[str, str] | None = None) -> Iterator[Proxy]:
-    """A started proxy on *root*; stopped, and the store's mounts released, whatever happens."""
-    proxy = Proxy(root, driver, root.parent / f"{root.name}.sock", options)
+def running(
+    root: Path,
+    driver: str,
+    options: Mapping[str, str] | None = None,
+    *,
+    beside: Path | None = None,
+) -> Iterator[Proxy]:
+    """A started proxy on *root*; stopped, and the store's mounts released, whatever happens.
+    Its socket and log are beside *root*, or in the directory *beside*."""
+    where = root.parent if beside is None else beside
+    proxy = Proxy(root, driver, where / f"{root.name}.sock", options)
+    proxy.log = where / f"{root.name}.sock.log"
     try:
         yield proxy.start()
     finally:

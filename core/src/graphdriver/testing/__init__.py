@@ -45,7 +45,13 @@ pytest.register_assert_rewrite(
     "graphdriver.testing.groups",
 )
 
-from .backings import BACKINGS, Backing, BackingUnavailable, make_backing  # noqa: E402
+from .backings import (  # noqa: E402
+    BACKINGS,
+    Backing,
+    BackingUnavailable,
+    fill_filesystem,
+    make_backing,
+)
 from .base import backing_or_skip, quota_or_skip  # noqa: E402
 from .groups import GROUPS, group  # noqa: E402
 from .require import REQUIREMENTS, host_lacks, needs_root, required  # noqa: E402
@@ -59,6 +65,7 @@ __all__ = [
     "BackingUnavailable",
     "DriverConformance",
     "backing_or_skip",
+    "fill_filesystem",
     "group",
     "host_lacks",
     "make_backing",

@@ -222,3 +222,19 @@ def make_backing(kind: str, workdir: Path | None = None, size: int = 1 << 30) ->
         raise ValueError(f"unknown backing {kind!r}; choose from {', '.join(BACKINGS)}")
     with cm as backing:
         yield backing
+
+
+def fill_filesystem(where: Path, blocks: bool = True, inodes: bool = True) -> None:
+    """Fill the filesystem of the directory *where* (made if missing) as a container that
+    writes without end does: its blocks (one file, a MiB at a time), then its inodes (empty
+    files), until the filesystem refuses. Call it again to take what was freed meanwhile
+    (its files' names differ from call to call)."""
+    where.mkdir(parents=True, exist_ok=True)
+    tag = secrets.token_hex(4)
+    with contextlib.suppress(OSError), open(where / f"blocks-{tag}", "wb") as f:
+        while blocks:
+            f.write(bytes(1 << 20))
+            f.flush()
+    with contextlib.suppress(OSError):
+        for i in range(1_000_000 if inodes else 0):
+            (where / f"{tag}-{i}").touch()

@@ -59,7 +59,7 @@ from graphdriver.toolkit import (
     unmount,
 )
 
-from .features import cached_features, in_user_namespace, mount_from, probe_stamp, try_mount
+from .features import cached_features, in_user_namespace, mount_from, probe_once, try_mount
 from .links import checked_lower, link_files
 
 log = logging.getLogger(__name__)
@@ -162,21 +162,8 @@ class OverlayDriver(Driver):
 
     def __init__(self, home: Path, options: Mapping[str, str]) -> None:
         super().__init__(home, options)
-        # the full probe mounts a test overlay, and an overlay's unmount syncs its upper
-        # filesystem (30-150 ms with dirty data): once per boot and filesystem is enough
-        stamp = probe_stamp(home)
-        marker = home / "probed"
-        try:
-            known = marker.read_text() == stamp
-        except OSError:
-            known = False
-        if known:
-            self._basic_checks(options)
-        else:
-            self.probe(home, options)
+        probe_once(home, lambda: self.probe(home, options), lambda: self._basic_checks(options))
         home.mkdir(parents=True, exist_ok=True)
-        if not known:
-            marker.write_text(probe_stamp(home))
         self.backing = fs_name(home)
         has_new_api, self.fixed_opts = cached_features(home)
         self.new_api = self._choose_api(options.get("overlay.mount_api", "auto"), has_new_api)

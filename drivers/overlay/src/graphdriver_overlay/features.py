@@ -5,9 +5,11 @@ with an option string of paths relative to a folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from graphdriver import DriverUnavailable
@@ -20,6 +22,8 @@ from graphdriver.toolkit import (
     unmount,
     unmount_all_under,
 )
+
+log = logging.getLogger(__name__)
 
 
 def in_user_namespace() -> bool:
@@ -137,6 +141,42 @@ def features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
             except OSError:
                 continue
         return new_api, fixed
+
+
+def probe_once(home: Path, probe: Callable[[], None], checks: Callable[[], None]) -> None:
+    """The full *probe* (it mounts a test overlay, and an overlay's unmount syncs its upper
+    filesystem: 30-150 ms with dirty data) once per boot, kernel and filesystem, whose stamp
+    ``<home>/probed`` keeps; else the cheap *checks*.
+
+    After a reboot on a disk with no room for the probe's files, the probe of an earlier boot
+    of the same kernel on the same filesystem holds (what it found does not change with a
+    reboot): otherwise even ``ls`` failed there, and an engine's server could not start to
+    free the disk."""
+    stamp = probe_stamp(home)
+    marker = home / "probed"
+    try:
+        earlier = marker.read_text()
+    except OSError:
+        earlier = ""
+    if earlier == stamp:
+        checks()
+        return
+    try:
+        probe()
+    except (OSError, DriverUnavailable) as exc:
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        no_room = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        same = bool(earlier) and earlier.partition(" ")[2] == stamp.partition(" ")[2]
+        if not (no_room and same):
+            raise
+        log.warning(
+            "no room under %s to probe overlay again after a reboot: the probe of an earlier "
+            "boot holds (the same kernel and filesystem)",
+            nearest_existing(home),
+        )
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    marker.write_text(probe_stamp(home))
 
 
 def probe_stamp(home: Path) -> str:

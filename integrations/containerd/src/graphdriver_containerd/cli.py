@@ -49,6 +49,7 @@ def serve_containerd(ctx: click.Context, address: Path) -> None:
     driver = core.driver or choose_driver(root)
     stop = serving.stop_event()
     home = root / "containerd" / driver
+    core.free_room()  # a proxy that cannot start cannot free a full disk: kubelet's GC runs here
     with serving.serve_lock(home / "serve.lock", "proxy", home):
         serving.free_socket(address, "--address")
         snapshotter = Snapshotter(root, driver, core.opts, core.wait)

@@ -85,6 +85,7 @@ def serve_docker_volume(ctx: click.Context, name: str, socket_path: Path | None)
     core: Any = ctx.find_root().obj
     root = Path(core.root).absolute()
     path = _plugin_socket(name, socket_path)
+    core.free_room()  # a plugin that cannot start cannot free a full disk (docker volume prune)
     with serving.serve_lock(root / "docker" / "volume-serve.lock", "volume plugin", root):
         serving.free_socket(
             path, "--socket"
@@ -132,6 +133,7 @@ def serve_docker_graphdriver(ctx: click.Context, name: str, socket_path: Path | 
     driver = core.driver or choose_driver(root)
     path = _plugin_socket(name, socket_path)
     lock = root / "docker" / f"graph-{driver}-serve.lock"
+    core.free_room()  # a plugin that cannot start cannot free a full disk (docker system prune)
     with serving.serve_lock(lock, "graphdriver plugin", root / driver):
         serving.free_socket(path, "--socket")  # before the store opens
         graph = GraphPlugin(root, driver, core.opts, core.wait)

@@ -1,0 +1,66 @@
+"""The proxy started on a full disk (after a reboot, or a crash, while a container had filled
+it): it gives the store's reserve back and serves, so that the removals of kubelet's garbage
+collection, which free the disk, go through it. It used to exit at once, "the filesystem
+holding .../metadata.db is full", and with it containerd's only way to free the disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from ctd_proxy import running
+
+from graphdriver.testing import backing_or_skip, fill_filesystem
+
+pytestmark = pytest.mark.privileged
+
+MiB = 1 << 20
+
+
+def _after_a_reboot(home: Path) -> None:
+    """What a reboot changes for the store: the boot in the overlay probe's stamp (rewritten
+    in place: the disk has no room for a new file)."""
+    marker = home / "probed"
+    stamp = marker.read_text()
+    boot = stamp.partition(" ")[0]
+    with open(marker, "r+") as f:
+        f.write(("0" if boot[0] != "0" else "1") + boot[1:])
+
+
+def test_a_proxy_restarted_on_a_full_disk_serves_and_frees_it(tmp_path: Path) -> None:
+    for backing in backing_or_skip("loop-xfs", size=320 * MiB):
+        root = backing.root / "store"
+        # its socket and log in a directory of their own, as /run is for a real one
+        with running(root, "overlay", backing.options, beside=tmp_path) as proxy:
+            size = (root / ".reserve" / "space").stat().st_blocks * 512
+            [m] = proxy.prepare("image-key")
+            Path(m.source, "hostname").write_text("image\n")  # type: ignore[attr-defined]
+            proxy.commit("image", "image-key")
+            [m] = proxy.prepare("ctr", "image")
+            options = dict(o.partition("=")[::2] for o in m.options)  # type: ignore[attr-defined]
+            filler = Path(options["upperdir"]) / "filler"  # where the container's writes land
+            fill_filesystem(filler)
+            assert proxy.stop() == 0
+            fill_filesystem(filler)  # what the stop freed (its databases' -wal and -shm)
+            _after_a_reboot(root / "overlay")
+            with pytest.raises(OSError):
+                (backing.root / "one-more").mkdir()
+            proxy.log.write_text("")
+            proxy.start()
+            assert proxy.output().splitlines()[0] == (
+                f"graphdriver: WARNING: the filesystem of {root} is full: its reserve "
+                f"({size >> 10} KiB, 16 inodes) was given back so that this "
+                "command's records can be written; it is made again once there is room"
+            ), proxy.output()
+            proxy.remove("ctr")  # kubelet's garbage collection, through containerd
+            assert proxy.list() == ["image"]
+            assert os.statvfs(root).f_bavail * os.statvfs(root).f_frsize > 200 * MiB
+            assert proxy.stop() == 0
+        # the probe ran again with the room the reserve gave: its stamp is this boot's
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        assert (root / "overlay" / "probed").read_text().startswith(boot + " ")
+        check = subprocess.run(proxy.command("check"), capture_output=True, text=True)
+        assert (check.returncode, check.stdout, check.stderr) == (0, "", ""), check
+        assert (root / ".reserve" / "space").stat().st_blocks * 512 == size  # made again
