@@ -159,7 +159,7 @@ def from_oserror(exc: OSError, doing: str) -> GraphDriverError:
     where = f" ({shortened(str(exc.filename))})" if exc.filename else ""
     hint = ""
     if code in (errno.ENOSPC, errno.EDQUOT):
-        hint = ": the filesystem or the layer's size limit is full"
+        hint = ": the filesystem or a size limit (a layer's, a volume's) is full"
     elif code == errno.EBUSY:
         hint = ": something still uses it (a mount, an open file, a process cwd)"
     elif code in (errno.EPERM, errno.EACCES) and os.geteuid() != 0:
