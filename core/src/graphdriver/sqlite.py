@@ -233,6 +233,11 @@ class _Connection(sqlite3.Connection):
         return cur.execute(sql, parameters)
 
 
+def uri(path: Path, query: str) -> str:
+    """*path* as an SQLite URI with *query* (``immutable=1``, ``mode=ro``)."""
+    return f"{path.absolute().as_uri()}?{query}"
+
+
 def connect(
     path: Path, *, timeout: float = BUSY_TIMEOUT, hint: str | None = None, frozen: bool = False
 ) -> sqlite3.Connection:
@@ -241,7 +246,7 @@ def connect(
     *frozen*: read as a file no one changes (:func:`open_frozen`)."""
     try:
         db = sqlite3.connect(
-            f"{path.absolute().as_uri()}?immutable=1" if frozen else path,
+            uri(path, "immutable=1") if frozen else path,
             isolation_level=None,
             timeout=timeout,
             check_same_thread=False,

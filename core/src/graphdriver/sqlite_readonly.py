@@ -39,7 +39,7 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     where not even ``-wal`` can be made and there is none, one that reads the file as no one
     changes it (``immutable=1``, :func:`.sqlite.open_frozen`); elsewhere SQLite's error comes at the
     first read, and :func:`full_disk` tells it apart from damage."""
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    db = sqlite3.connect(sqlite.uri(path, "mode=ro"), uri=True)
     db.row_factory = sqlite3.Row
     alone, frozen = sqlite.when_full()
     if not alone or _readable(db, path):
@@ -52,8 +52,7 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     if not frozen or _readable(db, path) or os.path.lexists(f"{path}-wal"):
         return db
     db.close()
-    uri = f"{path.absolute().as_uri()}?immutable=1"
-    db = sqlite3.connect(uri, uri=True, factory=_FrozenReadonly)
+    db = sqlite3.connect(sqlite.uri(path, "immutable=1"), uri=True, factory=_FrozenReadonly)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA query_only=ON")
     return db

@@ -90,9 +90,10 @@ class LayerStore(LayerMounts, LayerDiffs):
                 self.driver = driver_cls(self.home, options)
                 if recorded is None:
                     self._first_open()
-                if not is_frozen(self.meta.db):
+                frozen = is_frozen(self.meta.db)  # (read as it was on a full disk: stale)
+                if not frozen:
                     records = self._recover_driver()
-            if not is_frozen(self.meta.db):  # (read as it was on a full disk: sqlite_readonly)
+            if not frozen:
                 # the apply engine is imported only when a half-applied layer needs it
                 recovery.recover(self, _reset_applied, records)
         except BaseException:
