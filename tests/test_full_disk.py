@@ -578,9 +578,9 @@ def test_reads_after_a_reboot_on_a_full_disk_trust_the_earlier_probe() -> None:
             listed = gd("ls", check=False)
             assert (listed.code, listed.out.split()) == (0, ["base", "ctr"]), listed
             assert listed.err.splitlines() == [
-                f"graphdriver: WARNING: no room under {gd.root / 'overlay'} to probe overlay "
-                "again after a reboot: the probe of an earlier boot holds (the same kernel and "
-                "filesystem)"
+                f"graphdriver: WARNING: no room under {gd.root / 'overlay'} for overlay's test "
+                "mount after a reboot: the one of an earlier boot of this kernel on this "
+                "filesystem holds until there is room"
             ], listed
             assert json.loads(gd("inspect", "base").out)["diff_id"] is not None
             marker.write_text(f"{boot[::-1]} {kernel[::-1]} {dev}")

@@ -10,7 +10,15 @@ import pytest
 
 from graphdriver.linux import loop
 from graphdriver.linux.fs import fs_name, supports_d_type
-from graphdriver.linux.mount import is_mountpoint, mount, mountinfo, unmount, unmount_all_under
+from graphdriver.linux.mount import (
+    MS_RDONLY,
+    MS_REMOUNT,
+    is_mountpoint,
+    mount,
+    mountinfo,
+    unmount,
+    unmount_all_under,
+)
 from graphdriver.testing import host_lacks
 
 
@@ -49,6 +57,37 @@ def test_loop_autoclear_detaches_after_unmount(tmp_path: Path) -> None:
             break
         time.sleep(0.05)
     assert loop.backing_file(path) != str(image)
+
+
+@root_only
+@pytest.mark.parametrize("filetype", [True, False], ids=["filetype", "no-filetype"])
+def test_d_type_is_read_from_an_entry_where_there_is_one(tmp_path: Path, filetype: bool) -> None:
+    """An ext4 made without ``filetype`` returns no d_type, as an XFS V4 does. Where the
+    directory has an entry its d_type says, with nothing written (a full disk has no room for
+    a file: overlay's probe after a reboot); an empty one gets a file in a temporary
+    directory, which goes again."""
+    import subprocess
+
+    image = tmp_path / "img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    target = tmp_path / "mnt"
+    target.mkdir()
+    features = [] if filetype else ["-O", "^filetype"]
+    subprocess.run(["mkfs.ext4", "-q", "-F", *features, str(image)], check=True)
+    with loop.attach(image) as dev:
+        mount(dev.path, target, "ext4")
+    try:
+        (target / "empty").mkdir()
+        (target / "full").mkdir()
+        (target / "full" / "entry").write_text("x")
+        mount("none", target, "", MS_REMOUNT | MS_RDONLY)  # a write would be EROFS
+        assert supports_d_type(target / "full") is filetype
+        mount("none", target, "", MS_REMOUNT)
+        assert supports_d_type(target / "empty") is filetype
+        assert os.listdir(target / "empty") == [] and os.listdir(target / "full") == ["entry"]
+    finally:
+        unmount(target)
 
 
 @root_only

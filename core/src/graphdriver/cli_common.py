@@ -23,6 +23,8 @@ import click
 from .errors import GraphDriverError, from_oserror
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .containers import ContainerStore
     from .store import LayerStore
     from .volumes import VolumeStore
@@ -79,15 +81,16 @@ class Context:
             self._volumes = VolumeStore(Path(self.root).absolute(), wait=self.wait)
         return self._volumes
 
-    def free_room(self) -> None:
+    def free_room(self, *dirs: Path) -> None:
         """Before a verb that frees space (``rm``, ``umount``, ``cleanup``, ``prune``) opens
-        anything: on a disk too full to record it, the store's reserve is given back
-        (:mod:`graphdriver.reserve`)."""
+        anything, and before a server that may free it (an engine's, whose databases are
+        those in *dirs*) opens its store: on a disk too full to record it, the store's reserve
+        is given back (:mod:`graphdriver.reserve`)."""
         from pathlib import Path
 
         from .reserve import release_all_if_full
 
-        release_all_if_full(Path(self.root).absolute())
+        release_all_if_full(Path(self.root).absolute(), dirs)
 
     def close(self) -> None:
         for part in (self._containers, self._volumes, self._store):

@@ -17,7 +17,7 @@ project quota for overlay's ``--size``, say). A command that frees space calls
 ``umount``, a volume's ``rm``, ``volume prune``, before it opens the store; the library's
 ``put``, ``remove``, a container's unmount and a volume's ``remove`` and ``prune``, once they
 know they will act, for an engine's server, which holds its databases open; and such a server
-before it starts, which could not open them otherwise): where the disk has
+as it starts, which could not open them otherwise): where the disk has
 no room for a new file (the test ``sqlite`` uses for "full": :data:`~graphdriver.sqlite.FULL_BELOW`
 bytes written into a named file) or fewer than :data:`INODES` free inodes, it removes the
 reserve, says so in one warning, and the command runs. An open, and a ``create`` (a server
@@ -34,6 +34,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .linux.tree import remove_tree
@@ -184,10 +185,12 @@ def _serving(root: Path, where: Path) -> Path:
         return root
 
 
-def release_all_if_full(root: Path) -> bool:
-    """:func:`release_if_full` for every database of the store under *root* (the CLI, which
-    does not know yet which driver a command will open)."""
-    dirs = [root, root / "volumes", *(p.parent for p in root.glob("*/metadata.db"))]
+def release_all_if_full(root: Path, dirs: Sequence[Path] = ()) -> bool:
+    """:func:`release_if_full` for the databases in *dirs* of the store under *root* (a
+    server's), or for every database there (the CLI, which does not know yet which driver a
+    command will open)."""
+    if not dirs:
+        dirs = [root, root / "volumes", *(p.parent for p in root.glob("*/metadata.db"))]
     done: set[Path] = set()
     released = False
     for where in dirs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import faulthandler
 import fcntl
 import logging
@@ -65,21 +66,34 @@ def free_socket(path: Path, option: str) -> None:
 
 
 @contextlib.contextmanager
-def serve_lock(path: Path, what: str, served: Path, held: int | None = None) -> Iterator[int]:
+def serve_lock(
+    path: Path,
+    what: str,
+    served: Path,
+    held: int | None = None,
+    make_room: Callable[[], object] | None = None,
+) -> Iterator[int]:
     """One *what* per store: an flock on *path* that holds the server's pid, so that a second
     one is refused in one line naming the first (*served* is what it serves). *held*: an fd
     of *path* this process was handed with the lock taken (by what started it), used if it
     is one. Yields the lock's fd: a process forked from the server that must not hold it
-    closes it."""
+    closes it. Where the disk has no room for a new lock file (a first start on a full disk),
+    *make_room* is called and the lock made once more; where it has none for the pid, the
+    lock holds none (a second server says "pid ?")."""
     fd = held if held is not None and _is_lock_of(held, path) else None
     if held is not None and fd is None:  # its starter's lock is gone (removed meanwhile)
         with contextlib.suppress(OSError):
             os.close(held)
         raise InUse(f"the lock {path} its starter took is gone: not serving {served}")
     if fd is None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fd = _open_lock(path)
+            except OSError as exc:
+                if make_room is None or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                make_room()
+                fd = _open_lock(path)
         except OSError as exc:
             raise from_oserror(exc, f"open the lock {path}") from None
     try:
@@ -94,10 +108,19 @@ def serve_lock(path: Path, what: str, served: Path, held: int | None = None) -> 
             ) from None
         os.set_inheritable(fd, False)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # (only a full disk: the lock is taken either way)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
         yield fd
     finally:
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
 
 def _is_lock_of(fd: int, path: Path) -> bool:

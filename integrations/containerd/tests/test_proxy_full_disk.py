@@ -5,14 +5,13 @@ holding .../metadata.db is full", and with it containerd's only way to free the 
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from ctd_proxy import running
+from ctd_proxy import Proxy, running
 
-from graphdriver.testing import backing_or_skip, fill_filesystem
+from graphdriver.testing import backing_or_skip, fill_filesystem, freed
 
 pytestmark = pytest.mark.privileged
 
@@ -42,6 +41,12 @@ def test_a_proxy_restarted_on_a_full_disk_serves_and_frees_it(tmp_path: Path) ->
             options = dict(o.partition("=")[::2] for o in m.options)  # type: ignore[attr-defined]
             filler = Path(options["upperdir"]) / "filler"  # where the container's writes land
             fill_filesystem(filler)
+            second = Proxy(root, "overlay", tmp_path / "second.sock", backing.options)
+            second.log = tmp_path / "second.log"
+            with pytest.raises(AssertionError, match="another proxy"):
+                second.start()  # refused, and gives back nothing: the reserve stays
+            assert "WARNING" not in second.output()
+            assert (root / ".reserve" / "space").stat().st_blocks * 512 == size
             assert proxy.stop() == 0
             fill_filesystem(filler)  # what the stop freed (its databases' -wal and -shm)
             _after_a_reboot(root / "overlay")
@@ -56,7 +61,7 @@ def test_a_proxy_restarted_on_a_full_disk_serves_and_frees_it(tmp_path: Path) ->
             ), proxy.output()
             proxy.remove("ctr")  # kubelet's garbage collection, through containerd
             assert proxy.list() == ["image"]
-            assert os.statvfs(root).f_bavail * os.statvfs(root).f_frsize > 200 * MiB
+            assert freed(root, 200 * MiB)
             assert proxy.stop() == 0
         # the probe ran again with the room the reserve gave: its stamp is this boot's
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()

@@ -5,7 +5,6 @@ exit at once, "the filesystem holding ... is full"."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from plugin_proc import GraphPlugin, VolumePlugin
 
 from graphdriver.linux.mount import unmount_all_under
-from graphdriver.testing import Backing, backing_or_skip, fill_filesystem
+from graphdriver.testing import Backing, backing_or_skip, fill_filesystem, freed
 
 pytestmark = pytest.mark.privileged
 
@@ -38,41 +37,44 @@ def _restarted_full(plugin: VolumePlugin, root: Path, filler: Path, size: int) -
     fill_filesystem(filler)  # what the stop freed (its databases' -wal and -shm)
     plugin.log.write_text("")
     plugin.start()
-    assert plugin.output().splitlines()[0] == (
+    assert plugin.output().splitlines()[0] == _warning(root, size), plugin.output()
+
+
+def _warning(root: Path, size: int) -> str:
+    """What a server says when it gives the reserve (*size* bytes) back."""
+    return (
         f"graphdriver: WARNING: the filesystem of {root} is full: its reserve ({size >> 10} "
         "KiB, 16 inodes) was given back so that this command's records can be written; it is "
         "made again once there is room"
-    ), plugin.output()
+    )
 
 
 def _reserve(root: Path) -> int:
     return (root / ".reserve" / "space").stat().st_blocks * 512
 
 
-def _free(root: Path) -> int:
-    st = os.statvfs(root)
-    return st.f_bavail * st.f_frsize
-
-
-def test_the_graphdriver_plugin_restarted_on_a_full_disk_serves(
+def test_the_graphdriver_plugin_started_first_on_a_full_disk_serves(
     small_xfs: Backing, tmp_path: Path
 ) -> None:
+    """Its first start there: its lock file, not made yet, needs the reserve's room too."""
     root = small_xfs.root / "store"
     plugin = GraphPlugin(root, "overlay", "gd-full", tmp_path / "g.sock", small_xfs.options)
     plugin.log = tmp_path / "g.log"  # not on the disk that fills
+    for argv in (["create", IMAGE], ["create", "--rw", "--parent", IMAGE, CONTAINER]):
+        subprocess.run(plugin.command(*argv), capture_output=True, check=True)
+    size = _reserve(root)
+    merged = subprocess.run(
+        plugin.command("mount", CONTAINER), capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
-        with plugin.start().connect() as conn:
-            assert conn.call("GraphDriver.Create", {"ID": IMAGE})[1] == {"Err": ""}
-            body = {"ID": CONTAINER, "Parent": IMAGE}
-            assert conn.call("GraphDriver.CreateReadWrite", body)[1] == {"Err": ""}
-            merged = Path(conn.call("GraphDriver.Get", {"ID": CONTAINER})[1]["Dir"])
-        size = _reserve(root)
-        fill_filesystem(merged / "filler")
-        _restarted_full(plugin, root, merged / "filler", size)
+        fill_filesystem(Path(merged) / "filler")
+        assert not (root / "docker").exists()  # its first start: no lock file yet
+        plugin.start()
+        assert plugin.output().splitlines()[0] == _warning(root, size), plugin.output()
+        subprocess.run(plugin.command("umount", CONTAINER), capture_output=True, check=True)
         with plugin.connect() as conn:  # dockerd's docker rm of the container
-            assert conn.call("GraphDriver.Put", {"ID": CONTAINER})[1] == {"Err": ""}
             assert conn.call("GraphDriver.Remove", {"ID": CONTAINER})[1] == {"Err": ""}
-        assert _free(root) > 200 * MiB
+        assert freed(root, 200 * MiB)
         assert plugin.layers() == [IMAGE]
         assert plugin.stop() == 0
     finally:
@@ -99,7 +101,7 @@ def test_the_volume_plugin_restarted_on_a_full_disk_serves(
             body = {"Name": "v1", "ID": "a" * 64}
             assert conn.call("VolumeDriver.Unmount", body)[1] == {"Err": ""}
             assert conn.call("VolumeDriver.Remove", {"Name": "v1"})[1] == {"Err": ""}
-        assert _free(root) > 200 * MiB
+        assert freed(root, 200 * MiB)
         assert plugin.volumes() == []
         assert plugin.stop() == 0
     finally:

@@ -123,15 +123,23 @@ def private_dir(*paths: Path) -> None:
 
 
 def supports_d_type(path: Path) -> bool:
-    """Whether readdir on *path*'s filesystem fills in d_type (xfs with ftype=0 does not)."""
+    """Whether readdir on *path*'s filesystem fills in d_type (xfs with ftype=0 does not): read
+    from an entry of the directory *path* where it has one (no write: a full disk has no room
+    for a file), else from a file made in a temporary directory there."""
+    known = _dtype_known(str(path))
+    if known is not None:
+        return known
     import tempfile  # only here: it imports shutil and random
 
     with tempfile.TemporaryDirectory(dir=path, prefix=".d_type-") as tmp:
         Path(tmp, "f").touch()
-        return _dtype_known(tmp, "f")
+        return bool(_dtype_known(tmp, "f"))
 
 
-def _dtype_known(directory: str, name: str) -> bool:
+def _dtype_known(directory: str, name: str | None = None) -> bool | None:
+    """Whether readdir fills in the d_type of *name* in *directory* (None: of its first entry
+    but ``.`` and ``..``); None where there is no such entry."""
+
     class _Dirent(ctypes.Structure):
         _fields_ = [
             ("d_ino", ctypes.c_ulong),
@@ -149,12 +157,14 @@ def _dtype_known(directory: str, name: str) -> bool:
     d = LIBC.opendir(os.fsencode(directory))
     if not d:
         raise errno_error(directory)
+    wanted = None if name is None else os.fsencode(name)
     try:
         while True:
             ent = LIBC.readdir(d)
             if not ent:
-                return False
-            if ent.contents.d_name == os.fsencode(name):
+                return None
+            found = ent.contents.d_name
+            if found == wanted or (wanted is None and found not in (b".", b"..")):
                 return bool(ent.contents.d_type != 0)  # 0 is DT_UNKNOWN
     finally:
         LIBC.closedir(d)

@@ -50,6 +50,7 @@ from .backings import (  # noqa: E402
     Backing,
     BackingUnavailable,
     fill_filesystem,
+    freed,
     make_backing,
 )
 from .base import backing_or_skip, quota_or_skip  # noqa: E402
@@ -66,6 +67,7 @@ __all__ = [
     "DriverConformance",
     "backing_or_skip",
     "fill_filesystem",
+    "freed",
     "group",
     "host_lacks",
     "make_backing",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import secrets
 import shutil
@@ -225,16 +226,34 @@ def make_backing(kind: str, workdir: Path | None = None, size: int = 1 << 30) ->
 
 
 def fill_filesystem(where: Path, blocks: bool = True, inodes: bool = True) -> None:
-    """Fill the filesystem of the directory *where* (made if missing) as a container that
-    writes without end does: its blocks (one file, a MiB at a time), then its inodes (empty
-    files), until the filesystem refuses. Call it again to take what was freed meanwhile
-    (its files' names differ from call to call)."""
-    where.mkdir(parents=True, exist_ok=True)
+    """Fill the filesystem of the directory *where* (made if missing and there is room) as a
+    container that writes without end does: its blocks (one file, a MiB at a time), then its
+    inodes (empty files), until the filesystem refuses. Call it again to take what was freed
+    meanwhile (its files' names differ from call to call)."""
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return  # full already
     tag = secrets.token_hex(4)
     with contextlib.suppress(OSError), open(where / f"blocks-{tag}", "wb") as f:
         while blocks:
             f.write(bytes(1 << 20))
             f.flush()
     with contextlib.suppress(OSError):
-        for i in range(1_000_000 if inodes else 0):
+        for i in itertools.count() if inodes else ():
             (where / f"{tag}-{i}").touch()
+
+
+def freed(where: Path, size: int, timeout: float = 10) -> bool:
+    """Whether the filesystem of *where* has *size* bytes free within *timeout* seconds (XFS
+    and btrfs give a removed file's blocks back in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = os.statvfs(where)
+        if st.f_bavail * st.f_frsize >= size:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)

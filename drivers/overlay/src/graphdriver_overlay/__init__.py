@@ -466,7 +466,8 @@ class OverlayDriver(Driver):
 
 
 def _d_type(home: Path) -> str:
-    """``status``'s d_type line: the probe makes a file, which a full disk refuses."""
+    """``status``'s d_type line: in an empty home the probe makes a file, which a full disk
+    refuses."""
     try:
         return str(supports_d_type(home)).lower()
     except OSError as exc:

@@ -148,10 +148,12 @@ def probe_once(home: Path, probe: Callable[[], None], checks: Callable[[], None]
     filesystem: 30-150 ms with dirty data) once per boot, kernel and filesystem, whose stamp
     ``<home>/probed`` keeps; else the cheap *checks*.
 
-    After a reboot on a disk with no room for the probe's files, the probe of an earlier boot
-    of the same kernel on the same filesystem holds (what it found does not change with a
-    reboot): otherwise even ``ls`` failed there, and an engine's server could not start to
-    free the disk."""
+    After a reboot on a disk with no room for the test mount's directories (the probe's other
+    checks write nothing where the home has entries), the test mount of an earlier boot of
+    the same kernel on the same filesystem holds, until there is room: otherwise even ``ls``
+    failed there. Only a full disk's errors count (ENOSPC or EDQUOT from making the
+    directories: :func:`try_mount` lets them through); mount(2)'s ENOSPC (the mount table
+    full) is the probe's refusal."""
     stamp = probe_stamp(home)
     marker = home / "probed"
     try:
@@ -163,15 +165,13 @@ def probe_once(home: Path, probe: Callable[[], None], checks: Callable[[], None]
         return
     try:
         probe()
-    except (OSError, DriverUnavailable) as exc:
-        cause = exc if isinstance(exc, OSError) else exc.__cause__
-        no_room = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    except OSError as exc:
         same = bool(earlier) and earlier.partition(" ")[2] == stamp.partition(" ")[2]
-        if not (no_room and same):
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not same:
             raise
         log.warning(
-            "no room under %s to probe overlay again after a reboot: the probe of an earlier "
-            "boot holds (the same kernel and filesystem)",
+            "no room under %s for overlay's test mount after a reboot: the one of an earlier "
+            "boot of this kernel on this filesystem holds until there is room",
             nearest_existing(home),
         )
         return
@@ -192,6 +192,8 @@ def try_mount(where: Path) -> None:
         try:
             tmp = stack.enter_context(scratch_overlay(where, ".overlay-probe-"))
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk, not a driver that cannot run here (:func:`probe_once`)
             raise DriverUnavailable(f"cannot write under {where}: {exc.strerror}") from exc
         try:
             mount_from(tmp, SCRATCH, tmp / "merged")

@@ -49,9 +49,15 @@ def serve_containerd(ctx: click.Context, address: Path) -> None:
     driver = core.driver or choose_driver(root)
     stop = serving.stop_event()
     home = root / "containerd" / driver
-    core.free_room()  # a proxy that cannot start cannot free a full disk: kubelet's GC runs here
-    with serving.serve_lock(home / "serve.lock", "proxy", home):
+
+    def free_room() -> None:  # for its databases: the store's and its catalogue
+        core.free_room(root / driver, home)
+
+    with serving.serve_lock(home / "serve.lock", "proxy", home, make_room=free_room):
         serving.free_socket(address, "--address")
+        # on a full disk the reserve goes back only now, for a start that goes on: a proxy
+        # that cannot open its databases cannot free the disk (kubelet's GC runs through it)
+        free_room()
         snapshotter = Snapshotter(root, driver, core.opts, core.wait)
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="grpc")

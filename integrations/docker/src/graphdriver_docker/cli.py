@@ -85,11 +85,14 @@ def serve_docker_volume(ctx: click.Context, name: str, socket_path: Path | None)
     core: Any = ctx.find_root().obj
     root = Path(core.root).absolute()
     path = _plugin_socket(name, socket_path)
-    core.free_room()  # a plugin that cannot start cannot free a full disk (docker volume prune)
-    with serving.serve_lock(root / "docker" / "volume-serve.lock", "volume plugin", root):
-        serving.free_socket(
-            path, "--socket"
-        )  # before the store opens: a wrong --socket is refused at once
+
+    def free_room() -> None:
+        core.free_room(root / "volumes")
+
+    lock = root / "docker" / "volume-serve.lock"
+    with serving.serve_lock(lock, "volume plugin", root, make_room=free_room):
+        serving.free_socket(path, "--socket")  # before the store opens: refused at once
+        free_room()  # on a full disk, for a start that goes on (docker volume prune frees it)
         volumes = VolumePlugin(root)
         try:
             serve(
@@ -133,9 +136,13 @@ def serve_docker_graphdriver(ctx: click.Context, name: str, socket_path: Path | 
     driver = core.driver or choose_driver(root)
     path = _plugin_socket(name, socket_path)
     lock = root / "docker" / f"graph-{driver}-serve.lock"
-    core.free_room()  # a plugin that cannot start cannot free a full disk (docker system prune)
-    with serving.serve_lock(lock, "graphdriver plugin", root / driver):
+
+    def free_room() -> None:
+        core.free_room(root / driver)
+
+    with serving.serve_lock(lock, "graphdriver plugin", root / driver, make_room=free_room):
         serving.free_socket(path, "--socket")  # before the store opens
+        free_room()  # on a full disk, for a start that goes on (docker rm frees it)
         graph = GraphPlugin(root, driver, core.opts, core.wait)
         try:
             serve(
