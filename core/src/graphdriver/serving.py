@@ -35,10 +35,11 @@ S = TypeVar("S", bound=_Closable)
 MAX_SOCKET_PATH = 107
 
 
-def free_socket(path: Path, option: str) -> None:
-    """Make *path* ready to listen on: refuse a path too long for a unix socket, one that is
-    not a socket, or a socket something answers on (*option* is the flag that names it);
-    remove a stale socket (a server that was killed); make the parent directory."""
+def check_socket(path: Path, option: str) -> str:
+    """Refuse a *path* that cannot be listened on: too long for a unix socket, or not a
+    socket (*option* is the flag that names it); else say what is there: ``"none"``,
+    ``"stale"`` (a socket nobody answers on, left by a server that was killed) or
+    ``"answered"`` (a server answers on it: :func:`free_socket` refuses it). It only reads."""
     size = len(os.fsencode(path))
     if size > MAX_SOCKET_PATH:
         raise InvalidOption(
@@ -48,8 +49,7 @@ def free_socket(path: Path, option: str) -> None:
     try:
         st = path.lstat()
     except FileNotFoundError:
-        call_os(path.parent.mkdir, 0o755, True, True, doing=f"make {path.parent}")
-        return
+        return "none"
     except OSError as exc:
         raise from_oserror(exc, f"serve on {path}") from exc
     if not stat.S_ISSOCK(st.st_mode):
@@ -58,11 +58,34 @@ def free_socket(path: Path, option: str) -> None:
     try:
         probe.connect(str(path))
     except OSError:
-        path.unlink()  # nobody listens: left by a server that was killed
-        return
+        return "stale"
     finally:
         probe.close()
-    raise InUse(f"{path} is in use: another server answers on it")
+    return "answered"
+
+
+def free_socket(path: Path, option: str) -> None:
+    """Make *path* ready to listen on (under the server's lock): refuse what
+    :func:`check_socket` refuses and a socket a server answers on, remove a stale one, or
+    make the parent directory."""
+    there = check_socket(path, option)
+    if there == "answered":
+        raise InUse(f"{path} is in use: another server answers on it")
+    if there == "stale":
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # nobody listens: left by a server that was killed
+    else:
+        call_os(path.parent.mkdir, 0o755, True, True, doing=f"make {path.parent}")
+
+
+def room_for_lock(
+    path: Path, option: str, make_room: Callable[[Path], object]
+) -> Callable[[Path], object] | None:
+    """What a server gives :func:`serve_lock` to make room for a first start's lock file on
+    a full disk (*make_room*), asked before the lock of its socket *path*: nothing where the
+    start is refused anyway (*path* no socket, or one a server answers on: the lock's or
+    :func:`free_socket`'s refusal then says which), so that a refused start takes nothing."""
+    return None if check_socket(path, option) == "answered" else make_room
 
 
 @contextlib.contextmanager
@@ -71,15 +94,15 @@ def serve_lock(
     what: str,
     served: Path,
     held: int | None = None,
-    make_room: Callable[[], object] | None = None,
+    make_room: Callable[[Path], object] | None = None,
 ) -> Iterator[int]:
     """One *what* per store: an flock on *path* that holds the server's pid, so that a second
     one is refused in one line naming the first (*served* is what it serves). *held*: an fd
     of *path* this process was handed with the lock taken (by what started it), used if it
     is one. Yields the lock's fd: a process forked from the server that must not hold it
     closes it. Where the disk has no room for a new lock file (a first start on a full disk),
-    *make_room* is called and the lock made once more; where it has none for the pid, the
-    lock holds none (a second server says "pid ?")."""
+    *make_room* is called with the lock's directory and the lock made once more; where it has
+    none for the pid, the lock holds none (a second server says "pid ?")."""
     fd = held if held is not None and _is_lock_of(held, path) else None
     if held is not None and fd is None:  # its starter's lock is gone (removed meanwhile)
         with contextlib.suppress(OSError):
@@ -92,7 +115,7 @@ def serve_lock(
             except OSError as exc:
                 if make_room is None or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                make_room()
+                make_room(path.parent)
                 fd = _open_lock(path)
         except OSError as exc:
             raise from_oserror(exc, f"open the lock {path}") from None

@@ -69,3 +69,38 @@ def test_a_proxy_restarted_on_a_full_disk_serves_and_frees_it(tmp_path: Path) ->
         check = subprocess.run(proxy.command("check"), capture_output=True, text=True)
         assert (check.returncode, check.stdout, check.stderr) == (0, "", ""), check
         assert (root / ".reserve" / "space").stat().st_blocks * 512 == size  # made again
+
+
+def test_a_first_start_on_a_full_disk_serves_and_a_refused_one_takes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A store only the CLI used, on a disk that filled up: a proxy refused at once (its
+    --address is a file) gives nothing back; the first one that starts makes room for its
+    lock file and its catalogue, and serves."""
+    for backing in backing_or_skip("loop-xfs", size=320 * MiB):
+        root = backing.root / "store"
+        proxy = Proxy(root, "overlay", tmp_path / "proxy.sock", backing.options)
+        proxy.log = tmp_path / "proxy.log"
+        try:
+            subprocess.run(proxy.command("create", "image"), capture_output=True, check=True)
+            size = (root / ".reserve" / "space").stat().st_blocks * 512
+            fill_filesystem(backing.root / "filler")
+            (tmp_path / "not-a-socket").touch()
+            refused = subprocess.run(
+                proxy.command("serve", "containerd", "--address", str(tmp_path / "not-a-socket")),
+                capture_output=True,
+                text=True,
+            )
+            assert refused.returncode != 0 and refused.stderr.splitlines() == [
+                f"graphdriver: error: {tmp_path / 'not-a-socket'} exists and is not a socket; "
+                "choose another --address"
+            ], refused
+            assert (root / ".reserve" / "space").stat().st_blocks * 512 == size
+            assert not (root / "containerd").exists()
+            proxy.start()
+            assert "its reserve" in proxy.output().splitlines()[0], proxy.output()
+            assert len(proxy.prepare("ctr")) == 1  # it serves, in the reserve's room
+            assert proxy.stop() == 0
+        finally:
+            proxy.stop()
+            subprocess.run(proxy.command("cleanup"), capture_output=True, check=False)

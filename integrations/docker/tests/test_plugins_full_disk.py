@@ -108,3 +108,31 @@ def test_the_volume_plugin_restarted_on_a_full_disk_serves(
         plugin.stop()
     subprocess.run(plugin.command("volume", "ls"), capture_output=True, check=True)
     assert _reserve(root) == size
+
+
+def test_a_plugin_whose_lock_is_on_another_filesystem_makes_room_there(
+    small_xfs: Backing, tmp_path: Path
+) -> None:
+    """The driver's home on a filesystem of its own (an XFS with project quota, say) and the
+    root's full: the plugin's lock, in the root, needs the root's reserve, and the home's
+    stays."""
+    for homes in backing_or_skip("loop-xfs", size=320 * MiB):
+        root = small_xfs.root / "store"
+        plugin = GraphPlugin(root, "vfs", "gd-apart", tmp_path / "g.sock")
+        plugin.log = tmp_path / "g.log"
+        home = root / "vfs"
+        home.mkdir(parents=True)
+        subprocess.run(["mount", "--bind", str(homes.root), str(home)], check=True)
+        try:
+            subprocess.run(plugin.command("create", IMAGE), capture_output=True, check=True)
+            size, kept = _reserve(root), _reserve(home)
+            fill_filesystem(small_xfs.root / "filler")
+            plugin.start()
+            assert plugin.output().splitlines()[0] == _warning(root, size), plugin.output()
+            assert _reserve(home) == kept
+            assert plugin.layers() == [IMAGE]
+            assert plugin.stop() == 0
+        finally:
+            plugin.stop()
+            subprocess.run(plugin.command("cleanup"), capture_output=True, check=False)
+            subprocess.run(["umount", str(home)], check=True)

@@ -122,10 +122,14 @@ def private_dir(*paths: Path) -> None:
         os.chmod(path, 0o700)
 
 
+#: entries of a directory :func:`supports_d_type` reads at most
+_DTYPE_ENTRIES = 32
+
+
 def supports_d_type(path: Path) -> bool:
     """Whether readdir on *path*'s filesystem fills in d_type (xfs with ftype=0 does not): read
-    from an entry of the directory *path* where it has one (no write: a full disk has no room
-    for a file), else from a file made in a temporary directory there."""
+    from the entries of the directory *path* where it has some (no write: a full disk has no
+    room for a file), else from a file made in a temporary directory there."""
     known = _dtype_known(str(path))
     if known is not None:
         return known
@@ -137,8 +141,9 @@ def supports_d_type(path: Path) -> bool:
 
 
 def _dtype_known(directory: str, name: str | None = None) -> bool | None:
-    """Whether readdir fills in the d_type of *name* in *directory* (None: of its first entry
-    but ``.`` and ``..``); None where there is no such entry."""
+    """Whether readdir fills in the d_type of *name* in *directory*, or (*name* None) of any
+    of its first entries but ``.`` and ``..`` (an ext4 given ``filetype`` by tune2fs types
+    only its new entries); None where there is no such entry."""
 
     class _Dirent(ctypes.Structure):
         _fields_ = [
@@ -158,13 +163,19 @@ def _dtype_known(directory: str, name: str | None = None) -> bool | None:
     if not d:
         raise errno_error(directory)
     wanted = None if name is None else os.fsencode(name)
+    seen = 0
     try:
-        while True:
+        while seen < _DTYPE_ENTRIES:
             ent = LIBC.readdir(d)
             if not ent:
-                return None
+                break
             found = ent.contents.d_name
             if found == wanted or (wanted is None and found not in (b".", b"..")):
-                return bool(ent.contents.d_type != 0)  # 0 is DT_UNKNOWN
+                if ent.contents.d_type != 0:  # 0 is DT_UNKNOWN
+                    return True
+                if wanted is not None:
+                    return False
+                seen += 1
+        return False if seen else None
     finally:
         LIBC.closedir(d)

@@ -68,9 +68,10 @@ def cached_features(home: Path) -> tuple[bool, list[tuple[str, str | None]]]:
         if known["kernel"] == kernel and known.get("probe") == PROBE:
             return bool(known["new_api"]), [(k, v) for k, v in known["fixed"]]
     new_api, fixed = features(home)
-    cache.write_text(
-        json.dumps({"kernel": kernel, "probe": PROBE, "new_api": new_api, "fixed": fixed})
-    )
+    with contextlib.suppress(OSError):  # a cache: without it the next open probes again
+        cache.write_text(
+            json.dumps({"kernel": kernel, "probe": PROBE, "new_api": new_api, "fixed": fixed})
+        )
     return new_api, fixed
 
 
@@ -176,7 +177,8 @@ def probe_once(home: Path, probe: Callable[[], None], checks: Callable[[], None]
         )
         return
     home.mkdir(parents=True, exist_ok=True)
-    marker.write_text(probe_stamp(home))
+    with contextlib.suppress(OSError):  # (a full disk: the next open probes again)
+        marker.write_text(probe_stamp(home))
 
 
 def probe_stamp(home: Path) -> str:

@@ -50,14 +50,13 @@ def serve_containerd(ctx: click.Context, address: Path) -> None:
     stop = serving.stop_event()
     home = root / "containerd" / driver
 
-    def free_room() -> None:  # for its databases: the store's and its catalogue
-        core.free_room(root / driver, home)
-
-    with serving.serve_lock(home / "serve.lock", "proxy", home, make_room=free_room):
+    # on a full disk: its lock's room (a first start), then, for a start that goes on, its
+    # databases' (the store's, its catalogue): a proxy that cannot open them cannot free the
+    # disk, and kubelet's garbage collection runs through it
+    make_room = serving.room_for_lock(address, "--address", core.free_room)
+    with serving.serve_lock(home / "serve.lock", "proxy", home, make_room=make_room):
         serving.free_socket(address, "--address")
-        # on a full disk the reserve goes back only now, for a start that goes on: a proxy
-        # that cannot open its databases cannot free the disk (kubelet's GC runs through it)
-        free_room()
+        core.free_room(root / driver, home)
         snapshotter = Snapshotter(root, driver, core.opts, core.wait)
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="grpc")

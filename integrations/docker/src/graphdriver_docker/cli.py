@@ -85,14 +85,11 @@ def serve_docker_volume(ctx: click.Context, name: str, socket_path: Path | None)
     core: Any = ctx.find_root().obj
     root = Path(core.root).absolute()
     path = _plugin_socket(name, socket_path)
-
-    def free_room() -> None:
-        core.free_room(root / "volumes")
-
     lock = root / "docker" / "volume-serve.lock"
-    with serving.serve_lock(lock, "volume plugin", root, make_room=free_room):
+    make_room = serving.room_for_lock(path, "--socket", core.free_room)  # a first start's
+    with serving.serve_lock(lock, "volume plugin", root, make_room=make_room):
         serving.free_socket(path, "--socket")  # before the store opens: refused at once
-        free_room()  # on a full disk, for a start that goes on (docker volume prune frees it)
+        core.free_room(root / "volumes")  # a full disk's, for a start that goes on
         volumes = VolumePlugin(root)
         try:
             serve(
@@ -136,13 +133,10 @@ def serve_docker_graphdriver(ctx: click.Context, name: str, socket_path: Path | 
     driver = core.driver or choose_driver(root)
     path = _plugin_socket(name, socket_path)
     lock = root / "docker" / f"graph-{driver}-serve.lock"
-
-    def free_room() -> None:
-        core.free_room(root / driver)
-
-    with serving.serve_lock(lock, "graphdriver plugin", root / driver, make_room=free_room):
+    make_room = serving.room_for_lock(path, "--socket", core.free_room)  # a first start's
+    with serving.serve_lock(lock, "graphdriver plugin", root / driver, make_room=make_room):
         serving.free_socket(path, "--socket")  # before the store opens
-        free_room()  # on a full disk, for a start that goes on (docker rm frees it)
+        core.free_room(root / driver)  # a full disk's, for a start that goes on (docker rm)
         graph = GraphPlugin(root, driver, core.opts, core.wait)
         try:
             serve(
