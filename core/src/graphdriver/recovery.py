@@ -287,12 +287,13 @@ def failures(store: LayerStore) -> list[tuple[str, str]]:
         return []
     out = []
     untried = "; not tried yet: no room on the disk (the first command with room recovers it)"
+    untried = untried if is_frozen(store.meta.db) else ""
     with store.locked("read the store's status"):
         reasons = store.meta.meta_items(FAILED)
         for rec in store.meta.all():
             if rec.state in IN_FLIGHT and not store.layer_locks.busy(rec.id):
                 why = reasons.get(rec.id, f"left {rec.state}")
-                why += untried if is_frozen(store.meta.db) else ""
+                why += untried
                 out.append(("Recovery Failed", f"{rec.id}: {why}"))
     return out
 

@@ -14,7 +14,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -78,14 +78,28 @@ def free_socket(path: Path, option: str) -> None:
         call_os(path.parent.mkdir, 0o755, True, True, doing=f"make {path.parent}")
 
 
-def room_for_lock(
-    path: Path, option: str, make_room: Callable[[Path], object]
-) -> Callable[[Path], object] | None:
-    """What a server gives :func:`serve_lock` to make room for a first start's lock file on
-    a full disk (*make_room*), asked before the lock of its socket *path*: nothing where the
-    start is refused anyway (*path* no socket, or one a server answers on: the lock's or
-    :func:`free_socket`'s refusal then says which), so that a refused start takes nothing."""
-    return None if check_socket(path, option) == "answered" else make_room
+@contextlib.contextmanager
+def engine_lock(
+    lock: Path,
+    what: str,
+    served: Path,
+    socket_path: Path,
+    option: str,
+    free_room: Callable[..., object],
+    databases: Sequence[Path],
+) -> Iterator[int]:
+    """:func:`serve_lock` and :func:`free_socket` for an engine's server (the integrations'
+    ``serve`` commands), in the order a full disk needs: a start refused at its socket
+    (*socket_path*, the flag *option*) or at the lock takes nothing; a first start makes room
+    for its lock file on the lock's filesystem; a start that goes on then gives back the
+    reserve of its *databases*' filesystems (*free_room*: ``Context.free_room``), since a
+    server that cannot open them cannot free the disk (the engine's removals run through
+    it). Yields the lock's fd."""
+    answered = check_socket(socket_path, option) == "answered"  # (refused below, named)
+    with serve_lock(lock, what, served, make_room=None if answered else free_room) as fd:
+        free_socket(socket_path, option)
+        free_room(*databases)
+        yield fd
 
 
 @contextlib.contextmanager

@@ -50,13 +50,10 @@ def serve_containerd(ctx: click.Context, address: Path) -> None:
     stop = serving.stop_event()
     home = root / "containerd" / driver
 
-    # on a full disk: its lock's room (a first start), then, for a start that goes on, its
-    # databases' (the store's, its catalogue): a proxy that cannot open them cannot free the
-    # disk, and kubelet's garbage collection runs through it
-    make_room = serving.room_for_lock(address, "--address", core.free_room)
-    with serving.serve_lock(home / "serve.lock", "proxy", home, make_room=make_room):
-        serving.free_socket(address, "--address")
-        core.free_room(root / driver, home)
+    databases = (root / driver, home)  # the store's, its catalogue
+    with serving.engine_lock(
+        home / "serve.lock", "proxy", home, address, "--address", core.free_room, databases
+    ):
         snapshotter = Snapshotter(root, driver, core.opts, core.wait)
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="grpc")

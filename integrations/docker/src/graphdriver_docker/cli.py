@@ -86,10 +86,10 @@ def serve_docker_volume(ctx: click.Context, name: str, socket_path: Path | None)
     root = Path(core.root).absolute()
     path = _plugin_socket(name, socket_path)
     lock = root / "docker" / "volume-serve.lock"
-    make_room = serving.room_for_lock(path, "--socket", core.free_room)  # a first start's
-    with serving.serve_lock(lock, "volume plugin", root, make_room=make_room):
-        serving.free_socket(path, "--socket")  # before the store opens: refused at once
-        core.free_room(root / "volumes")  # a full disk's, for a start that goes on
+    databases = (root / "volumes",)
+    with serving.engine_lock(
+        lock, "volume plugin", root, path, "--socket", core.free_room, databases
+    ):
         volumes = VolumePlugin(root)
         try:
             serve(
@@ -133,10 +133,10 @@ def serve_docker_graphdriver(ctx: click.Context, name: str, socket_path: Path | 
     driver = core.driver or choose_driver(root)
     path = _plugin_socket(name, socket_path)
     lock = root / "docker" / f"graph-{driver}-serve.lock"
-    make_room = serving.room_for_lock(path, "--socket", core.free_room)  # a first start's
-    with serving.serve_lock(lock, "graphdriver plugin", root / driver, make_room=make_room):
-        serving.free_socket(path, "--socket")  # before the store opens
-        core.free_room(root / driver)  # a full disk's, for a start that goes on (docker rm)
+    databases = (root / driver,)
+    with serving.engine_lock(
+        lock, "graphdriver plugin", root / driver, path, "--socket", core.free_room, databases
+    ):
         graph = GraphPlugin(root, driver, core.opts, core.wait)
         try:
             serve(
