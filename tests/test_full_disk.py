@@ -397,14 +397,17 @@ CASES_FILLED = [(*case, False) for case in FILLED] + [("ext4", "vfs", True, True
     ],
 )
 def test_a_disk_a_container_filled_is_freed_by_removing_it(
-    fstype: str, driver: str, blocks: bool, linked: bool
+    fstype: str, driver: str, blocks: bool, linked: bool, tmp_path: Path
 ) -> None:
-    """A container writes until its filesystem, the store's too, is full. Its ``umount``
-    and ``rm`` give back the reserve and work, with one warning saying so; nothing else was
-    lost, and the next command with room makes the reserve again. Without the reserve both
-    were the one-line "full" error (XFS: no inode for SQLite's ``-wal``; ext4 and btrfs: no
-    block for the write; ext4 out of inodes: no file at all), and the user had to delete the
-    container's files by hand."""
+    """A container writes until its filesystem, the store's too, is full. Its work can be
+    saved first (``changes``, ``diff-size``, ``diff`` to another disk) without taking the
+    reserve: a read needs no room (on XFS they were the "full" line, no inode for SQLite's
+    ``-wal`` or the layer's lock file). Its
+    ``umount`` and ``rm`` give back the reserve and work, with one warning saying so; nothing
+    else was lost, and the next command with room makes the reserve again. Without the
+    reserve both were the one-line "full" error (XFS: no inode for SQLite's ``-wal``; ext4
+    and btrfs: no block for the write; ext4 out of inodes: no file at all), and the user had
+    to delete the container's files by hand."""
     for backing in backing_or_skip(f"loop-{fstype}", size=FS_SIZE):
         gd = GD(backing.root / "root", driver)
         if linked:  # (the reserve was not given back through a symlink: ENOTDIR)
@@ -424,6 +427,8 @@ def test_a_disk_a_container_filled_is_freed_by_removing_it(
             assert "is full" in _one_line_error(
                 gd("create", "--parent", "base", "more", check=False)
             )
+            _save_the_work(gd, tmp_path / "ctr.tar", merged)
+            assert len(os.listdir(reserve)) == 17  # (nothing given back)
             umount = gd("umount", "ctr", check=False)
             assert (umount.code, umount.out) == (0, ""), umount
             assert umount.err.splitlines() == [
@@ -442,6 +447,21 @@ def test_a_disk_a_container_filled_is_freed_by_removing_it(
         assert gd("diff", "base").raw == base
         check = gd("check", check=False)
         assert (check.code, check.out, check.err) == (0, "", ""), check
+
+
+def _save_the_work(gd: GD, out: Path, merged: Path) -> None:
+    """What a user does before removing the container that filled the disk: look at what it
+    changed, and save that to another disk; all of it is there."""
+    files = sorted(p.relative_to(merged).as_posix() for p in (merged / "filler").iterdir())
+    changed = gd("changes", "ctr")
+    assert changed.err == ""
+    assert changed.out.splitlines() == ["A /filler", *(f"A /{f}" for f in files)]
+    size = gd("diff-size", "ctr")
+    assert (size.err, int(size.out)) == ("", sum((merged / f).stat().st_size for f in files))
+    saved = gd("diff", "ctr", "-o", str(out))
+    assert (saved.out, saved.err) == ("", ""), saved
+    with tarfile.open(out) as tar:
+        assert sorted(m.name for m in tar if m.isfile()) == files
 
 
 #: an engine's server: one store held open while its container fills the disk, then removed

@@ -326,3 +326,25 @@ def test_refused_remove_commits_nothing(tmp_path: Path) -> None:
         store.put("child")
         store.remove("child")
         store.remove("base")
+
+
+def test_a_layer_lock_file_lives_as_long_as_its_layer(tmp_path: Path) -> None:
+    """The create makes the layer's lock file and it stays through an apply, a failed one and
+    a reopen (a reader on a disk with no room for a new file takes its share there); the
+    removal takes it away, and a create refused for an id in use leaves it."""
+    store = open_store(tmp_path, "vfs")
+    locks = store.home / "inflight"
+    store.create("base")
+    with pytest.raises(ArchiveError):
+        store.apply_diff("base", io.BytesIO(_tar({"a": b"1"})[:700]))
+    store.apply_diff("base", io.BytesIO(_tar({"a": b"1"})))
+    store.create("ctr", "base", rw=True)
+    store.close()
+    store = open_store(tmp_path, "vfs")
+    assert sorted(os.listdir(locks)) == ["base.lock", "ctr.lock"]
+    assert [c.path for c in store.changes("ctr")] == []
+    store.remove("ctr")
+    with pytest.raises(LayerExists):
+        store.create("base")
+    assert sorted(os.listdir(locks)) == ["base.lock"]
+    store.close()

@@ -159,11 +159,12 @@ def pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
     return out
 
 
-#: the verbs that only read the records: on a disk with no room for SQLite's ``-wal`` they
-#: read the databases as no one changes them, and recover nothing (``sqlite.reads_only``;
-#: ``check`` says so itself, without ``--repair`` and ``--digests``)
+#: the verbs that only read the records (and the layers: a diff saves a container's work
+#: from a full disk): on a disk with no room for SQLite's ``-wal`` they read the databases as
+#: no one changes them, and recover nothing (``sqlite.reads_only``; ``check`` says so itself,
+#: without ``--repair`` and ``--digests``)
 READ_VERBS = {
-    ("ls",), ("inspect",), ("exists",), ("status",),
+    ("ls",), ("inspect",), ("exists",), ("status",), ("diff",), ("changes",), ("diff-size",),
     ("container", "ls"), ("container", "inspect"), ("volume", "ls"), ("volume", "inspect"),
 }  # fmt: skip
 

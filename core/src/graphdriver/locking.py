@@ -10,7 +10,8 @@ in-flight operation on the layer (creating, applying, removing) for the whole op
 shared by a process streaming the layer (a diff) for the whole stream. Both die with their
 process, so whoever can take it exclusively knows that nobody is working on the layer. Layer
 locks are taken, tested and deleted only under the store lock (a reader drops its share without
-it), so a test of one never races a transition.
+it), so a test of one never races a transition. The file is made by the layer's create and
+deleted with the layer: a reader on a disk with no room for a new file finds it there.
 """
 
 from __future__ import annotations

@@ -170,7 +170,11 @@ def _roll(store: LayerStore, rec: LayerRecord, reset: Reset) -> None:
         else:
             finish_removal(store, rec)
     finally:
-        store.layer_locks.release(fd, rec.id)
+        try:
+            gone = store.meta.get(rec.id) is None
+        except GraphDriverError:  # (what failed above is what is said)
+            gone = False
+        store.layer_locks.release(fd, rec.id if gone else None)
 
 
 def _reconcile_mount(store: LayerStore, rec: LayerRecord, *, marked: bool = False) -> bool:

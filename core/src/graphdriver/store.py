@@ -355,7 +355,8 @@ class LayerStore(LayerMounts, LayerDiffs):
     @contextlib.contextmanager
     def _operation(self, layer_id: str) -> Iterator[Callable[[], None]]:
         """Hold the layer's lock for an in-flight operation (the store lock is held); the
-        yielded function marks the operation over, so the lock file can go."""
+        yielded function marks the operation over: the lock file goes with a layer that is
+        gone, and stays with one that is there (:class:`~.locking.LayerLocks`)."""
         fd = self.layer_locks.exclusive(layer_id)
         if fd is None:
             raise LayerInUse(
@@ -366,7 +367,8 @@ class LayerStore(LayerMounts, LayerDiffs):
         try:
             yield lambda: over.append(True)
         finally:
-            self.layer_locks.release(fd, layer_id if over else None)
+            gone = bool(over) and self.meta.get(layer_id) is None
+            self.layer_locks.release(fd, layer_id if gone else None)
 
     def create_rw(
         self, layer_id: str, parent: str | None = None, opts: CreateOpts | None = None
