@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sqlite3
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -150,3 +154,38 @@ def test_an_empty_root_is_refused(gd: GD, tmp_path: Path) -> None:
         assert "must name a directory" in err, (argv, err)
     assert os.listdir(cwd) == [] and stat.S_IMODE(cwd.stat().st_mode) == 0o755
     assert os.path.exists(DEFAULT_ROOT) == default_there
+
+
+def test_a_create_keeps_storage_that_has_no_record(gd: GD) -> None:
+    """A layer's storage, or a volume's data, that no record names (a lost database rebuilt:
+    ``check`` lists such storage and keeps it) refuses a create of its name in one line and
+    stays as it was. The create's rollback deleted it: "File exists", then the files gone."""
+    gd("create", "base")
+    gd("create", "kept")
+    gd("apply-diff", "kept", "-", input=_one_file_tar("precious-file", b"precious"))
+    db = next(gd.root.glob("*/metadata.db"))
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DELETE FROM layers WHERE id='kept'")
+    err = one_line_error(gd("create", "kept", check=False))
+    assert "layer 'kept' has storage without a record, left as it is" in err, err
+    assert [ln.split()[:2] for ln in gd("check", check=False).out.splitlines()] == [
+        ["orphan-storage", "kept:"]
+    ]
+    assert [p.read_bytes() for p in db.parent.rglob("precious-file")] == [b"precious"]
+    gd("volume", "create", "other")
+    data = gd.root / "volumes" / "v1" / "_data"
+    data.mkdir(parents=True)
+    (data / "d").write_bytes(b"precious")
+    err = one_line_error(gd("volume", "create", "v1", check=False))
+    assert "volume 'v1' has data without a record, left as it is" in err, err
+    assert (data / "d").read_bytes() == b"precious"
+    assert gd("volume", "ls", "-q").out.split() == ["other"]
+
+
+def _one_file_tar(name: str, data: bytes) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()

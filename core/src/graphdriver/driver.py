@@ -100,7 +100,11 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
-        """Make *layer* as an empty layer, or as a copy-on-write child of *parent*."""
+        """Make *layer* as an empty layer, or as a copy-on-write child of *parent*.
+
+        Where the layer's storage exists already (left without a record: ``check`` lists it
+        as orphan storage, and keeps it), raise ``FileExistsError`` (EEXIST) before making
+        anything: the store then drops only its record, never that storage."""
 
     @abc.abstractmethod
     def remove(self, layer: LayerInfo) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 import time
@@ -332,9 +333,16 @@ class LayerStore(LayerMounts, LayerDiffs):
                 rec.boundary_ns = self._boundary()
                 with self.meta.transaction():
                     self.meta.update(rec.id, state="ready", boundary_ns=rec.boundary_ns)
-            except BaseException:
-                recovery.discard(self, rec)
-                raise
+            except BaseException as exc:
+                if getattr(exc, "errno", None) != errno.EEXIST:
+                    recovery.discard(self, rec)
+                    raise
+                with self.meta.transaction():  # the storage was there: not this create's
+                    self.meta.delete(rec.id)
+                raise LayerExists(
+                    f"layer {rec.id!r} has storage without a record, left as it is ({exc}); "
+                    f"`graphdriver check` lists it"
+                ) from exc
             done()
 
     def _free_id(self, layer_id: str) -> None:

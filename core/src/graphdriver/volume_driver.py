@@ -38,7 +38,9 @@ class VolumeDriver(ABC):
 
     @abstractmethod
     def create(self, name: str, options: Mapping[str, str]) -> None:
-        """Make the volume's storage (empty)."""
+        """Make the volume's storage (empty). Where it exists already (left without a
+        record), raise ``FileExistsError`` (EEXIST) before making anything: the store then
+        drops only its record, never that data."""
 
     @abstractmethod
     def remove(self, name: str, options: Mapping[str, str]) -> None:

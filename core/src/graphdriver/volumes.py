@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 import time
@@ -223,7 +224,12 @@ class VolumeStore:
             try:
                 call_os(drv.create, name, options, doing=f"create volume {name}")
                 faults.point("volumes.create.after-driver")
-            except BaseException:
+            except BaseException as exc:
+                if getattr(exc, "errno", None) == errno.EEXIST:
+                    self.catalog.delete(name)  # the data was there: not this create's
+                    raise AlreadyExists(
+                        f"volume {name!r} has data without a record, left as it is ({exc})"
+                    ) from exc
                 try:
                     self._destroy(rec)
                 except Exception:  # the error that got us here is the one to report

@@ -302,3 +302,26 @@ class BadInputCases(ConformanceBase):
         for layer in ("refused", "deep"):
             store.remove(layer)
         assert store.layers() == ["parent"]
+
+    @group("bad-input")
+    def test_a_create_never_deletes_storage_it_did_not_make(self, store: LayerStore) -> None:
+        """Storage whose record is gone (a lost database that ``check --repair`` rebuilt: it
+        keeps what it cannot place) refuses a create of its id, with or without a parent, in
+        one line, and is kept. The create's rollback deleted it: "File exists", then the
+        files gone."""
+        needs_root(APPLIES)
+        store.create("parent")
+        store.create("kept")
+        store.apply("kept", io.BytesIO(_tar(_member("f", data=b"precious"))))
+        rec = store.meta.get("kept")
+        assert rec is not None
+        with store.meta.transaction():
+            store.meta.delete("kept")
+        for parent in (None, "parent"):
+            with pytest.raises(LayerExists, match="has storage without a record, left as it is"):
+                store.create("kept", parent)
+            assert store.layers() == ["parent"]
+        with store.meta.transaction():
+            store.meta.insert(rec)
+        with store.mounted("kept") as root:
+            assert (root / "f").read_bytes() == b"precious"

@@ -17,6 +17,7 @@ store's lock, never ``__init__``) rolls back a transaction left open by a crash 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -319,6 +320,8 @@ class DevmapperDriver(Driver):
     # ------------------------------------------------------------------ layers
 
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
+        if self._device(layer.id) is not None:  # left without the store's record: kept
+            raise FileExistsError(errno.EEXIST, "the layer's thin device exists", layer.id)
         self._pool_up()
         status = self.pool.status()
         if status.data_free_fraction < self.min_free:
