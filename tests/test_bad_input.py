@@ -16,6 +16,8 @@ import pytest
 from conftest import GD, Result
 
 from graphdriver.cli import DEFAULT_ROOT
+from graphdriver.linux.mount import MS_BIND, is_mountpoint, mount, unmount
+from graphdriver.testing import Backing
 from graphdriver.testing.suite import hostile_tars
 
 
@@ -189,3 +191,34 @@ def _one_file_tar(name: str, data: bytes) -> bytes:
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
+
+
+@pytest.mark.parametrize(("driver", "inside"), [("vfs", "dir/x"), ("overlay", "x/diff")])
+def test_rm_never_deletes_what_is_mounted_inside_a_layer(
+    loop_ext4: Backing, tmp_path: Path, driver: str, inside: str
+) -> None:
+    """A mount inside a layer's storage (a runtime's bind into a container's root, seen from
+    the host) is unmounted, with a warning, before the layer's files are removed: ``rm``
+    deleted the mounted directory's files, failed on its mountpoint, and every later open
+    deleted them again."""
+    gd = GD(loop_ext4.root / f"rm-{driver}", driver)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_bytes(b"precious")
+    gd("create", "x")
+    where = gd.root / driver / inside / "mnt"
+    where.mkdir()
+    mount(str(victim), str(where), None, MS_BIND)
+    try:
+        removed = gd("rm", "x")
+        assert removed.out == "x\n"
+        assert removed.err == (
+            f"graphdriver: WARNING: unmounted {os.path.realpath(where)}, mounted inside "
+            f"layer x, to remove it\n"
+        )
+        assert (victim / "keep").read_bytes() == b"precious"
+        assert gd("ls").out == "" and not is_mountpoint(where)
+    finally:
+        if is_mountpoint(where):
+            unmount(where)
+        subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)

@@ -150,13 +150,17 @@ def mounts_under(path: str | os.PathLike[str]) -> list[str]:
     return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
 
 
-def unmount_all_under(path: str | os.PathLike[str]) -> None:
-    """Unmount everything mounted at or below *path*, deepest first."""
-    for mp in mounts_under(path):
+def unmount_all_under(path: str | os.PathLike[str]) -> list[str]:
+    """Unmount everything mounted at or below *path*, deepest first (lazily where busy);
+    what it unmounted. Before a tree is removed: :func:`~.tree.remove_tree` goes into a
+    mount as into any directory, and would delete another filesystem's files."""
+    found = mounts_under(path)
+    for mp in found:
         try:
             unmount(mp, retries=20)
         except OSError:
             unmount(mp, MNT_DETACH)
+    return found
 
 
 # ------------------------------------------------------------------------- the new mount API

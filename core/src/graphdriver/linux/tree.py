@@ -15,7 +15,8 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def remove_tree(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> None:
     """Remove whatever is at *path* (relative to *dir_fd* if given): a directory with all it
-    holds, or anything else; nothing there is fine. A symlink is removed, never followed.
+    holds, or anything else; nothing there is fine. A symlink is removed, never followed; a
+    mount inside is entered like any directory (:func:`~.mount.unmount_all_under` first).
     Each directory is listed once (its subdirectories kept, not read again: on ext4 a
     listing walks the emptied blocks of what was removed from it)."""
     path = os.fspath(path)

@@ -57,6 +57,7 @@ from graphdriver.toolkit import (
     set_quota_project,
     supports_d_type,
     unmount,
+    unmount_all_under,
 )
 
 from .features import cached_features, in_user_namespace, mount_from, probe_once, try_mount
@@ -276,6 +277,9 @@ class OverlayDriver(Driver):
         if projid.exists() and self.quota:
             with contextlib.suppress(OSError):
                 set_quota_limit(self.home, int(projid.read_text()), 0)
+        if d.is_dir() and not d.is_symlink():
+            for where in unmount_all_under(d):  # never delete another filesystem's files
+                log.warning("unmounted %s, mounted inside layer %s, to remove it", where, layer.id)
         if d.exists():
             remove_tree(d)
 

@@ -14,12 +14,21 @@ ids, parents, states, reference counts, locks, crash recovery, diffs and tar ext
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from graphdriver import Capabilities, CreateOpts, Driver, LayerInfo
-from graphdriver.toolkit import copy_tree, is_layer_id, private_dir, remove_tree
+from graphdriver.toolkit import (
+    copy_tree,
+    is_layer_id,
+    private_dir,
+    remove_tree,
+    unmount_all_under,
+)
+
+log = logging.getLogger(__name__)
 
 
 class VfsDriver(Driver):
@@ -51,6 +60,9 @@ class VfsDriver(Driver):
 
     def remove(self, layer: LayerInfo) -> None:
         target = self._dir(layer)
+        if not target.is_symlink() and target.is_dir():  # (a symlink is removed, not followed)
+            for where in unmount_all_under(target):  # never delete another filesystem's files
+                log.warning("unmounted %s, mounted inside layer %s, to remove it", where, layer.id)
         if target.exists() or target.is_symlink():
             remove_tree(target)
 
