@@ -189,6 +189,28 @@ def test_remount_keeps_data_and_mounts_are_counted(gd: GD) -> None:
     gd("container", "umount", "c1")
 
 
+def test_a_layer_umount_never_takes_a_mounted_containers_root(gd: GD) -> None:
+    """The read-write layer of a mounted container: its ``mount`` and ``umount`` as a layer
+    pair up, and one ``umount`` more is refused in one line. It unmounted the container's
+    root from under it, its volumes' binds gone with it (or left behind, on vfs)."""
+    _image(gd)
+    gd("container", "create", "c1", "--image", "img", "-v", "keep:/keep")
+    root = Path(gd("container", "mount", "c1").out.strip())
+    layer = _inspect(gd, "container", "c1")["Layer"]
+    gd("mount", layer)
+    gd("umount", layer)
+    assert _fail(gd, "umount", layer) == (
+        f"graphdriver: error: layer {layer!r} is mounted by container 'c1', its read-write "
+        f"layer; use `graphdriver container umount c1`"
+    )
+    (root / "keep" / "k").write_text("k")
+    assert _inspect(gd, "container", "c1")["Mounted"] is True
+    assert gd("ls").err == ""  # (no container found partly mounted)
+    gd("container", "umount", "c1")
+    assert _fail(gd, "umount", layer).endswith(f"layer {layer!r} is not mounted")
+    assert (Path(_inspect(gd, "volume", "keep")["Mountpoint"]) / "k").read_text() == "k"
+
+
 # ------------------------------------------------------------------ image-declared volumes
 
 

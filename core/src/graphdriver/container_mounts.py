@@ -200,7 +200,7 @@ class ContainerMounts:
         layer = self.meta.get(row["layer"])
         with self.meta.transaction():  # the reference goes with its record, as it came
             if layer is not None and layer.state == "ready" and layer.mount_count:
-                self.store.put(row["layer"])
+                self.store.put(row["layer"], container=True)
             faults.point("containers.umount.after-put")
             self.records.update(name, mount_count=0, root=None, mounts=mounts)
 

@@ -80,6 +80,14 @@ class ContainerRecords:
         ).fetchone()
         return None if row is None else str(row[0])
 
+    def mounted_by(self, layer_id: str) -> str | None:
+        """The container whose read-write layer this is if that container is mounted."""
+        row = self.db.execute(
+            "SELECT name FROM containers WHERE layer=? AND state='ready' AND mount_count>0",
+            (layer_id,),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def insert(self, name: str, layer: str, image: str, mounts: Sequence[MountPoint]) -> None:
         """Record a container being created (state ``creating``)."""
         with transaction(self.db):

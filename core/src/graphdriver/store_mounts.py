@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 from . import faults, reserve
 from .driver import Driver, KernelMounts, MountEntry, MountSpec
-from .errors import NotMounted, StoreError, call_os
+from .errors import LayerInUse, NotMounted, StoreError, call_os
 from .locking import LayerLocks
 from .metadata import LayerRecord, Metadata
 from .recovery import MOUNTING
@@ -130,13 +130,25 @@ class LayerMounts:
                 self.meta.delete_meta(MOUNTING + layer_id)
             return path
 
-    def put(self, layer_id: str) -> None:
-        """Release one reference; the last one unmounts. ``put`` without ``get`` is an error.
-        On a full disk the store's reserve is given back first, to record it."""
+    def put(self, layer_id: str, *, container: bool = False) -> None:
+        """Release one reference; the last one unmounts. ``put`` without ``get`` is an error,
+        and so is the last ``put`` of a mounted container's layer but by that container
+        (*container*: its unmount). On a full disk the store's reserve is given back first,
+        to record it."""
         with self.locked(f"unmount layer {layer_id}"):
             rec = self.ready(layer_id)
             if rec.mount_count <= 0:
                 raise NotMounted(f"layer {layer_id!r} is not mounted")
+            owner = (
+                None
+                if container or rec.mount_count > 1
+                else self.meta.containers.mounted_by(layer_id)
+            )
+            if owner is not None:
+                raise LayerInUse(
+                    f"layer {layer_id!r} is mounted by container {owner!r}, its read-write "
+                    f"layer; use `graphdriver container umount {owner}`"
+                )
             reserve.release_if_full(self.root, self.home)
             # a diff streaming the layer keeps the mount; it unmounts when it is done
             kept = rec.mount_count == 1 and self.layer_locks.busy(layer_id)
