@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -221,4 +222,24 @@ def test_rm_never_deletes_what_is_mounted_inside_a_layer(
     finally:
         if is_mountpoint(where):
             unmount(where)
+        subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize(("driver", "storage"), [("vfs", "dir/gone"), ("overlay", "gone")])
+def test_a_layer_whose_files_are_gone_does_not_mount(
+    loop_ext4: Backing, driver: str, storage: str
+) -> None:
+    """A layer whose storage someone deleted by hand: ``mount`` is one line of error and
+    counts nothing, and ``rm`` removes it. vfs, and overlay for a layer with nothing below
+    it, printed the missing path and counted a mount, which then refused ``rm``."""
+    gd = GD(loop_ext4.root / f"gone-{driver}", driver)
+    try:
+        gd("create", "gone")
+        shutil.rmtree(gd.root / driver / storage)
+        err = one_line_error(gd("mount", "gone", check=False))
+        assert "the layer's directory is missing" in err, err
+        assert json.loads(gd("inspect", "gone").out)["mount_count"] == 0
+        assert gd("rm", "gone").out == "gone\n"
+        assert gd("ls").out == ""
+    finally:
         subprocess.run(gd.argv("cleanup"), capture_output=True, timeout=120)

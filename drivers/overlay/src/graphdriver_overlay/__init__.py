@@ -287,8 +287,10 @@ class OverlayDriver(Driver):
 
     def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
         d = self._dir(layer)
-        if not chain and not layer.sealed:
-            return d / "diff"  # nothing below and nothing above: the diff dir is the root
+        if not chain and not layer.sealed:  # nothing below and nothing above: the diff dir
+            if not (d / "diff").is_dir():  # is the root, if it is there
+                raise FileNotFoundError(errno.ENOENT, "the layer's directory is missing", str(d))
+            return d / "diff"
         merged = d / "merged"
         merged.mkdir(exist_ok=True)
         if _mounted(str(d)):

@@ -14,6 +14,7 @@ ids, parents, states, reference counts, locks, crash recovery, diffs and tar ext
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,13 @@ from graphdriver.toolkit import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _present(root: Path) -> Path:
+    """*root* if it is a directory: a layer whose files are gone is no root to hand out."""
+    if not root.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "the layer's directory is missing", str(root))
+    return root
 
 
 class VfsDriver(Driver):
@@ -68,7 +76,7 @@ class VfsDriver(Driver):
 
     def mount(self, layer: LayerInfo, chain: Sequence[LayerInfo]) -> Path:
         """The layer's directory is its root: nothing to mount (the core counts references)."""
-        return self._dir(layer)
+        return _present(self._dir(layer))
 
     def unmount(self, layer: LayerInfo) -> None:
         return None
