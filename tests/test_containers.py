@@ -437,6 +437,32 @@ def test_a_bind_source_swapped_for_the_store_is_refused_at_mount(gd: GD, tmp_pat
     assert _inspect(gd, "volume", "v")["MountCount"] == 0
 
 
+def test_a_volume_of_the_stores_own_device_is_refused(gd: GD, tmp_path: Path) -> None:
+    """A local volume that mounts the block device holding the store's filesystem (``--opt
+    type=xfs --opt device=/dev/loop3``) is refused in one line at create, and at mount when
+    its device path names that device only by then. Mounted in a container, it showed every
+    layer and volume of the store, the databases included."""
+    _image(gd)
+    found = subprocess.run(
+        ["findmnt", "-no", "SOURCE,FSTYPE", "--target", str(gd.root)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    device, fstype = found[0], found[1]
+    err = _fail(gd, "volume", "create", "--opt", f"type={fstype}", "--opt", f"device={device}", "x")
+    assert err == (
+        f"graphdriver: error: device {device} holds the filesystem of the graphdriver root "
+        f"{gd.root}; a volume must not reach the store's own files"
+    )
+    later = tmp_path / "disk"  # no such device yet: taken at create
+    gd("volume", "create", "--opt", f"type={fstype}", "--opt", f"device={later}", "late")
+    gd("container", "create", "c1", "--image", "img", "-v", "late:/late")
+    later.symlink_to(device)
+    before = _mount_table(gd)
+    assert "holds the filesystem of the graphdriver root" in _fail(gd, "container", "mount", "c1")
+    assert _mount_table(gd) == before
+    assert _volumes(gd) == ["late"]
+
+
 def _bind_volume(name: str, device: Path) -> list[str]:
     opts = ("--opt", "type=none", "--opt", f"device={device}", "--opt", "o=bind")
     return ["volume", "create", name, *opts]

@@ -9,12 +9,13 @@ device=/dev/loop3``, ``--opt type=none --opt device=/srv/data --opt o=bind``.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import InvalidOption
 from .linux import mount as m
-from .linux.bind import reaches_root
+from .linux.bind import reaches_root, root_devices
 from .linux.tree import remove_tree
 from .volume_driver import VolumeDriver
 
@@ -76,7 +77,9 @@ class LocalVolumeDriver(VolumeDriver):
                 "mount something (e.g. type=tmpfs device=tmpfs)"
             )
         flags, _data = parse_mount_options(options.get("o", ""))
-        if flags & m.MS_BIND:
+        if not flags & m.MS_BIND:
+            self._check_device(options.get("device", ""))
+        else:
             device = options.get("device", "")
             if not device.startswith("/"):
                 raise InvalidOption("a bind volume needs an absolute host path as --opt device=")
@@ -110,6 +113,20 @@ class LocalVolumeDriver(VolumeDriver):
         if base.exists():
             remove_tree(base)
 
+    def _check_device(self, device: str) -> None:
+        """Refuse a block device that holds the root's filesystem (checked at create, and
+        again at every mount: the path may name another device by then)."""
+        try:
+            st = os.stat(device)
+        except OSError:  # no path: tmpfs, a server's export; or one that is not there yet
+            return
+        root = self.volumes_dir.parent
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev in root_devices(str(root)):
+            raise InvalidOption(
+                f"device {device} holds the filesystem of the graphdriver root {root}; a volume "
+                f"must not reach the store's own files"
+            )
+
     def mount(self, name: str, options: Mapping[str, str]) -> Path:
         data = self.path(name, options)
         if not data.is_dir():
@@ -120,6 +137,7 @@ class LocalVolumeDriver(VolumeDriver):
             if flags & m.MS_BIND:
                 self._bind(device, data, flags, extra)
             else:
+                self._check_device(device)
                 m.mount(device, data, options["type"], flags, extra or None)
             if flags & m.MS_BIND and flags & m.MS_RDONLY:  # a bind ignores ro until a remount
                 m.mount("none", data, None, m.MS_REMOUNT | m.MS_BIND | m.MS_RDONLY)

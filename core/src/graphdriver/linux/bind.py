@@ -11,6 +11,7 @@ that could be swapped in between.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -27,6 +28,7 @@ from .mount import (
     MS_REC,
     MS_REMOUNT,
     mount,
+    mountinfo,
     move_mount,
     unmount,
 )
@@ -278,3 +280,46 @@ def reaches_root(source_fd: int, root: str) -> str | None:
     if chain[0] in above_root:
         return "contains"
     return None
+
+
+def root_devices(root: str) -> set[int]:
+    """The block devices (``st_rdev``) that hold the filesystem of the directory *root*: its
+    ``st_dev``, the device its mount was made from, and, on btrfs, every device of that
+    filesystem (its ``st_dev`` is an anonymous one). A volume that mounts one of them exposes
+    the store's own files."""
+    found = {os.stat(root).st_dev}
+    real = os.path.realpath(root)
+    holding = None
+    for entry in mountinfo():
+        inside = real == entry.mountpoint or real.startswith(entry.mountpoint.rstrip("/") + "/")
+        if inside and (holding is None or len(entry.mountpoint) >= len(holding.mountpoint)):
+            holding = entry  # the innermost; of those stacked, the last one
+    if holding is None or not holding.source.startswith("/"):
+        return found
+    try:
+        source = os.stat(holding.source)
+    except OSError:
+        return found
+    if stat.S_ISBLK(source.st_mode):
+        found.add(source.st_rdev)
+    if holding.fstype == "btrfs":
+        found |= _btrfs_devices(source.st_rdev)
+    return found
+
+
+def _btrfs_devices(one: int) -> set[int]:
+    """Every device of the btrfs filesystem that *one* belongs to (sysfs), or none."""
+    try:
+        fsids = os.listdir("/sys/fs/btrfs")
+    except OSError:
+        return set()
+    for fsid in fsids:
+        devs = set()
+        with contextlib.suppress(OSError):
+            for name in os.listdir(f"/sys/fs/btrfs/{fsid}/devices"):
+                with open(f"/sys/fs/btrfs/{fsid}/devices/{name}/dev") as f:
+                    major, minor = f.read().strip().split(":")
+                devs.add(os.makedev(int(major), int(minor)))
+        if one in devs:
+            return devs
+    return set()
