@@ -26,7 +26,6 @@ from graphdriver import (
     open_store,
 )
 from graphdriver.driver import parse_size
-from graphdriver.linux.mount import mount, unmount
 from graphdriver.metadata import LayerRecord, Metadata
 from graphdriver.plugins import hooks
 from graphdriver_vfs import VfsDriver
@@ -260,24 +259,24 @@ with open_store(sys.argv[1], "vfs") as store:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs inside a layer")
-def test_remove_that_hits_ebusy_does_not_wedge_the_store(tmp_path: Path) -> None:
-    """rm of a layer whose files are busy (something mounted inside it): the layer is gone from
-    the store at once, its files are deleted at a later open, and the failure is listed by
-    status without blocking commands on other layers."""
+def test_remove_that_fails_does_not_wedge_the_store(tmp_path: Path) -> None:
+    """rm of a layer whose files cannot be deleted (an immutable file inside it; something
+    mounted inside is unmounted first): the layer is gone from the store at once, its files
+    are deleted at a later open, and the failure is listed by status without blocking
+    commands on other layers."""
     with open_store(tmp_path, "vfs") as store:
         store.create("keep")
         store.create("busy")
         busy_dir = tmp_path / "vfs" / "dir" / "busy"
-        (busy_dir / "sub").mkdir()
         (busy_dir / "file").write_text("x")
-        mount("tmpfs", busy_dir / "sub", "tmpfs", 0)
+        _immutable(busy_dir / "file", True)
         try:
             with pytest.raises(StoreError, match="retried at the next open"):
                 store.remove("busy")
             assert store.layers() == ["keep"]
             assert not store.exists("busy")
         except BaseException:
-            unmount(busy_dir / "sub")
+            _immutable(busy_dir / "file", False)
             raise
     try:
         with open_store(tmp_path, "vfs") as store:  # recovery fails again: logged, not fatal
@@ -288,12 +287,16 @@ def test_remove_that_hits_ebusy_does_not_wedge_the_store(tmp_path: Path) -> None
             with pytest.raises(LayerExists, match="still being removed"):
                 store.create("busy")
     finally:
-        unmount(busy_dir / "sub")
+        _immutable(busy_dir / "file", False)
     with open_store(tmp_path, "vfs") as store:
         assert not busy_dir.exists()
         assert not [kv for kv in store.status() if kv[0] == "Recovery Failed"]
         store.create("busy")  # the id is free again
         assert store.layers() == ["keep", "busy"]
+
+
+def _immutable(path: Path, on: bool) -> None:
+    subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
 
 
 def test_remove_fault_ebusy_then_finished_at_next_open(
