@@ -20,12 +20,12 @@ import stat
 from collections.abc import Container, Iterator, Sequence
 
 from ..errors import ArchiveError, UnsafeArchive
+from ..linux.copy import copy_data
 from . import whiteout
 
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_COPY_CHUNK = 1 << 20
 
 
 class LowerDirs:
@@ -258,7 +258,7 @@ def _copy_entry(parent: int, part: str, upper: str, root: bool) -> int:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             dst = os.open(upper, flags, 0o600)
             try:
-                _copy_data(src, dst, st.st_size)
+                copy_data(src, dst, st.st_size)
                 _copy_attrs(src, dst, st, root)
             finally:
                 os.close(dst)
@@ -275,34 +275,6 @@ def _copy_entry(parent: int, part: str, upper: str, root: bool) -> int:
         os.chmod(upper, stat.S_IMODE(st.st_mode))
     os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
     return 0
-
-
-def _copy_data(src: int, dst: int, size: int) -> None:
-    """Copy the data regions of *src*, leaving its holes as holes (as overlayfs's copy-up)."""
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(src, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            break  # only a hole is left
-        end = os.lseek(src, start, os.SEEK_HOLE)
-        _copy_range(src, dst, start, end)
-        pos = end
-    os.ftruncate(dst, size)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    try:
-        while start < end and (n := os.copy_file_range(src, dst, end - start, start, start)):
-            start += n
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    while start < end and (chunk := os.pread(src, min(_COPY_CHUNK, end - start), start)):
-        start += os.pwrite(dst, chunk, start)  # where the kernel cannot copy by itself
 
 
 def _copy_attrs(src: int, dst: int, st: os.stat_result, root: bool) -> None:

@@ -8,11 +8,12 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Callable
 
 from . import xattr
 
 FICLONE = 0x40049409
+#: bytes per read and write where the kernel cannot copy by itself
+_COPY_CHUNK = 1 << 20
 
 
 def _copy_data(src: str, dst: str, size: int) -> None:
@@ -34,32 +35,41 @@ def _copy_data(src: str, dst: str, size: int) -> None:
                     errno.ETXTBSY,
                 ):
                     raise
-            left = size
-            copy: Callable[[int, int, int], int] = _copy_range
-            while left > 0:
-                try:
-                    n = copy(sfd, dfd, min(left, 1 << 30))
-                except OSError as exc:
-                    # copy_file_range only works within one filesystem type (Linux 5.19+)
-                    if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
-                        raise
-                    copy = _sendfile
-                    continue
-                if n == 0:
-                    break
-                left -= n
+            copy_data(sfd, dfd, size)
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
 
 
-def _copy_range(src: int, dst: int, count: int) -> int:
-    return os.copy_file_range(src, dst, count)
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy the *size* bytes of *src* into the empty *dst*: its data regions, its holes left
+    as holes (as overlayfs's copy-up does: a sparse ``lastlog`` stays sparse)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break  # only a hole is left
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        _copy_range(src, dst, start, end)
+        pos = end
+    os.ftruncate(dst, size)
 
 
-def _sendfile(src: int, dst: int, count: int) -> int:
-    return os.sendfile(dst, src, None, count)
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    try:
+        while start < end and (n := os.copy_file_range(src, dst, end - start, start, start)):
+            start += n
+        return
+    except OSError as exc:
+        # copy_file_range only works within one filesystem type (Linux 5.19+)
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while start < end and (chunk := os.pread(src, min(_COPY_CHUNK, end - start), start)):
+        start += os.pwrite(dst, chunk, start)  # where the kernel cannot copy by itself
 
 
 def _copy_meta(src: str, dst: str, st: os.stat_result, *, link: bool = False) -> None:
