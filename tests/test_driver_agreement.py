@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import stat
+import struct
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -465,3 +466,66 @@ def test_random_container_writes_diff_alike_on_every_driver(
         assert got[1] == seen[0][1], f"changes only here, only on vfs: {only}, {label}"
         assert got[0] == seen[0][0], f"tree {differences(seen[0][0], got[0])}, {label}"
         assert got_entries == entries[0], f"diff, {label}"
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL as its ``system.posix_acl_*`` xattr holds it: (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+#: owner rwx, user 1234 rwx, group r-x, mask rwx, other r-x
+ACL = _acl((1, 7, 0xFFFFFFFF), (2, 7, 1234), (4, 5, 0xFFFFFFFF), (0x10, 7, 0xFFFFFFFF),
+           (0x20, 5, 0xFFFFFFFF))  # fmt: skip
+
+
+def test_an_acl_diffs_alike_on_xfs_and_ext4() -> None:
+    """A file and a directory given POSIX ACLs in a container diff to the same bytes on XFS
+    and on ext4: XFS lists its on-disk ACLs to root as ``trusted.SGI_ACL_FILE`` and
+    ``trusted.SGI_ACL_DEFAULT`` too, and they went into the tar. A tar that carries those
+    names (GNU tar's ``--xattrs-include='*'`` on XFS) applies without them."""
+    tars = []
+    for fstype in ("xfs", "ext4"):
+        for backing in backing_or_skip(f"loop-{fstype}"):
+            with open_store(backing.root / "store", "vfs") as store:
+                store.create("c", rw=True)
+                with store.mounted("c") as root:
+                    (root / "f").write_bytes(b"f")
+                    (root / "d").mkdir()
+                    os.setxattr(root / "f", "system.posix_acl_access", ACL)
+                    os.setxattr(root / "d", "system.posix_acl_default", ACL)
+                    for path in (root / "f", root / "d", root):
+                        os.utime(path, ns=(1_700_000_000_000_000_000,) * 2)
+                out = io.BytesIO()
+                store.write_diff("c", out)
+                tars.append(out.getvalue())
+                carried = _with_xattr(out.getvalue(), "f", "trusted.SGI_ACL_FILE", b"\0" * 16)
+                store.create("applied")
+                store.apply_diff("applied", io.BytesIO(carried))
+                with store.mounted("applied") as root:  # (XFS's own is there on XFS)
+                    assert os.getxattr(root / "f", "system.posix_acl_access") == ACL
+                    if fstype != "xfs":
+                        assert "trusted.SGI_ACL_FILE" not in os.listxattr(root / "f")
+    with tarfile.open(fileobj=io.BytesIO(tars[0])) as tar:
+        keys = {m.name: sorted(k for k in m.pax_headers if k.startswith("SCHILY")) for m in tar}
+    assert keys == {
+        "d": ["SCHILY.xattr.system.posix_acl_default"],
+        "f": ["SCHILY.xattr.system.posix_acl_access"],
+    }
+    assert tars[0] == tars[1]
+
+
+def _with_xattr(tar: bytes, name: str, key: str, value: bytes) -> bytes:
+    """*tar* with *name*'s entry carrying one more xattr."""
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(tar)) as src,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst,
+    ):
+        for member in src:
+            if member.name == name:
+                member.pax_headers = {
+                    **member.pax_headers,
+                    f"SCHILY.xattr.{key}": value.decode("latin-1"),
+                }
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    return out.getvalue()

@@ -42,8 +42,7 @@ class Change(NamedTuple):
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
-    # overlayfs's own bookkeeping (origin, impure, opaque) is never in a tar
-    return dict(xattr.read(path, skip=(whiteout.OVERLAY_XATTR_PREFIX,)))
+    return dict(xattr.read(path, skip=xattr.NOT_IN_TARS))  # what a tar would carry
 
 
 def _same_content(a: str, b: str) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Container, Iterator, Sequence
 
 from ..errors import ArchiveError, UnsafeArchive
 from ..linux.copy import copy_data
+from ..linux.xattr import NOT_IN_TARS
 from . import whiteout
 
 log = logging.getLogger(__name__)
@@ -283,8 +284,8 @@ def _copy_attrs(src: int, dst: int, st: os.stat_result, root: bool) -> None:
         os.fchown(dst, st.st_uid, st.st_gid)
     os.fchmod(dst, stat.S_IMODE(st.st_mode))
     for key in os.listxattr(src):
-        if key.startswith(whiteout.OVERLAY_XATTR_PREFIX):
-            continue  # overlayfs's own bookkeeping of the lower layer
+        if key.startswith(NOT_IN_TARS):
+            continue  # overlayfs's own bookkeeping of the lower layer; XFS's raw ACLs
         try:
             os.setxattr(dst, key, os.getxattr(src, key))
         except OSError as exc:

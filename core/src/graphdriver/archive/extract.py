@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ArchiveError, UnsafeArchive
 from ..linux.tree import remove_tree
-from ..linux.xattr import ACL_DEFAULT, has_default_acl
+from ..linux.xattr import ACL_DEFAULT, NOT_IN_TARS, has_default_acl
 from . import fastpath, sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
 from .feed import FedReader
@@ -382,8 +382,8 @@ class Extractor:
             else:
                 os.chmod(target, e.mode)  # never a symlink: those have link=True
         for key, value in e.xattrs.items():
-            if key.startswith(whiteout.OVERLAY_XATTR_PREFIX):
-                continue  # only overlayfs may write these; a tar that carries them is ignored
+            if key.startswith(NOT_IN_TARS):
+                continue  # overlayfs's, XFS's: a tar that carries them is ignored
             try:
                 if fd_given:
                     os.setxattr(target, key, value)

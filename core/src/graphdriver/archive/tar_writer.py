@@ -31,8 +31,9 @@ from .tar import (
 if TYPE_CHECKING:
     from .tarsplit import Segments
 
-#: overlayfs's own xattrs (origin, impure, opaque) never go into a tar
-_SKIP = (whiteout.OVERLAY_XATTR_PREFIX,)
+#: the xattrs no tar carries; the C fast path is told overlayfs's alone, and leaves to Python
+#: any file with another (an XFS ACL's ``trusted.SGI_ACL_*`` comes with ``system.posix_acl_*``)
+_SKIP = xattr.NOT_IN_TARS
 _SKIP_BYTES = whiteout.OVERLAY_XATTR_PREFIX.encode()
 #: what ``_fastpath.plain_entry`` returns for an entry that does not fit in the buffer's rest
 _NO_ROOM = -2

@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import os
 
+#: the xattrs no layer tar carries, left out of every diff and ignored in every tar applied:
+#: overlayfs's own bookkeeping (origin, impure, opaque, whiteouts), and XFS's on-disk POSIX
+#: ACLs, which XFS lists to root beside ``system.posix_acl_*`` (the names tars carry them by):
+#: a diff on XFS differed from one on ext4 or btrfs, and put them on another filesystem as
+#: stray trusted xattrs
+NOT_IN_TARS = ("trusted.overlay.", "trusted.SGI_ACL_")
+
 
 def read(path: str | int, skip: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
     """(name, value) of every extended attribute of *path* (or of the open file *path*) whose
