@@ -93,6 +93,26 @@ def test_writer_output_reads_back_in_gnu_tar_and_tarfile(tmp_path: Path) -> None
     assert os.getxattr(out / "xattr-file", "trusted.graphdriver") == b"\x00\x01binary"
 
 
+def test_an_xattr_no_tar_can_name_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PAX record's key ends at its first ``=``: an xattr ``user.a=b`` with value ``c``
+    came back from the tar as ``user.a`` with value ``b=c``. It is left out, and said."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    os.setxattr(src / "f", "user.a=b", b"c")
+    os.setxattr(src / "f", "user.kept", b"k")
+    with caplog.at_level("WARNING"):
+        data = _write_tree(src)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        headers = {m.name: m.pax_headers for m in tf}
+    assert {k: v for k, v in headers["f"].items() if k.startswith("SCHILY")} == {
+        "SCHILY.xattr.user.kept": "k"
+    }
+    assert caplog.messages == ["xattr 'user.a=b' of f is left out of the tar: no tar can name it"]
+
+
 @pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar", "oldgnu"])
 def test_reader_takes_gnu_tar_formats(tmp_path: Path, fmt: str) -> None:
     src = tmp_path / "src"

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ArchiveError, UnsafeArchive
 from ..linux.tree import remove_tree
-from ..linux.xattr import ACL_DEFAULT, NOT_IN_TARS, has_default_acl
+from ..linux.xattr import ACL_DEFAULT, NOT_IN_TARS, drop_xattrs_but, has_default_acl
 from . import fastpath, sparse, tarsplit, whiteout
 from .copy_up import LowerDirs, lstat_or_none
 from .feed import FedReader
@@ -227,6 +227,7 @@ class Extractor:
                 raise ArchiveError(
                     f"tar entry {e.name!r} names the layer's root but is not a directory"
                 )
+            drop_xattrs_but("/", e.xattrs)
             self.attrs("/", e, "", is_dir=True)
             # what is made in the root from now on follows its new setgid bit and default ACL
             if e.mode & stat.S_ISGID:
@@ -303,7 +304,8 @@ class Extractor:
                 whiteout.mark_overlay_merged(name)
         except FileExistsError:
             if stat.S_ISDIR(os.lstat(name).st_mode):
-                fresh = False  # an existing directory: owner and mode as the tar says
+                fresh = False  # an existing directory: owner, mode, xattrs as the tar says
+                drop_xattrs_but(name, e.xattrs)
             else:
                 self.remove(name)
                 os.mkdir(name, e.mode & 0o777)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -30,6 +31,8 @@ from .tar import (
 
 if TYPE_CHECKING:
     from .tarsplit import Segments
+
+log = logging.getLogger(__name__)
 
 #: the xattrs no tar carries; the C fast path is told overlayfs's alone, and leaves to Python
 #: any file with another (an XFS ACL's ``trusted.SGI_ACL_*`` comes with ``system.posix_acl_*``)
@@ -275,6 +278,8 @@ class TarWriter:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW) if size else -1
         try:
             xattrs = () if typeflag == LNKTYPE else xattr.read(path if fd < 0 else fd, _SKIP)
+            if any("=" in key for key, _ in xattrs):
+                xattrs = _nameable(xattrs, arcname)
             if not xattrs and not linkname and not major and not minor and size < KERNEL_COPY:
                 header = plain_header(
                     arcname.encode("utf-8", "surrogateescape"), typeflag, st.st_mode,
@@ -380,3 +385,13 @@ class _Parent:
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
+
+
+def _nameable(xattrs: list[tuple[str, bytes]], arcname: str) -> list[tuple[str, bytes]]:
+    """The xattrs a tar can carry: a PAX record's key ends at its first ``=``, so one whose
+    name holds one would come back under another name and value (Go's archive/tar refuses
+    to write it); it is left out, with a warning."""
+    for key, _ in xattrs:
+        if "=" in key:
+            log.warning("xattr %r of %s is left out of the tar: no tar can name it", key, arcname)
+    return [(key, value) for key, value in xattrs if "=" not in key]

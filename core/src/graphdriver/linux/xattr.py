@@ -4,7 +4,9 @@ whether a directory has a default ACL (the apply sandbox)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Mapping
 
 #: the xattrs no layer tar carries, left out of every diff and ignored in every tar applied:
 #: overlayfs's own bookkeeping (origin, impure, opaque, whiteouts), and XFS's on-disk POSIX
@@ -12,6 +14,26 @@ import os
 #: a diff on XFS differed from one on ext4 or btrfs, and put them on another filesystem as
 #: stray trusted xattrs
 NOT_IN_TARS = ("trusted.overlay.", "trusted.SGI_ACL_")
+
+
+#: xattrs a directory keeps when a tar names it without them: the host's security label
+KEPT_ON_APPLY = ("security.selinux",)
+
+
+def drop_xattrs_but(path: str, kept: Mapping[str, bytes]) -> None:
+    """Remove the xattrs of the directory *path* (it existed before the tar entry that
+    names it) that are not in *kept*, the entry's: as a directory made anew (overlay's upper)
+    lacks them, so that the drivers agree and a container's ``setfacl -k`` survives its
+    diff's apply. What no tar carries stays (overlayfs's marks), and so does a label."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return  # a filesystem without xattrs
+    for key in names:
+        if key in kept or key.startswith(NOT_IN_TARS) or key.startswith(KEPT_ON_APPLY):
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or one the kernel keeps
+            os.removexattr(path, key, follow_symlinks=False)
 
 
 def read(path: str | int, skip: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:

@@ -284,3 +284,34 @@ class StreamCases(ConformanceBase):
             assert (oct(mail.st_mode), mail.st_uid, mail.st_gid) == (oct(0o42775), 0, 8)
             assert os.getxattr(root / "var" / "mail", "user.kept") == b"yes"
             assert (root / "tmp" / "x").read_bytes() == b"1"
+
+    @group("streams")
+    def test_a_directory_a_tar_names_has_the_xattrs_its_entry_carries(
+        self, store: LayerStore
+    ) -> None:
+        """A directory of the parent that the tar names, and the root: their xattrs are the
+        entry's, as overlay's new upper directory has them (a container's ``setfacl -k`` or
+        ``setfattr -x`` on a directory survives its diff's apply). vfs and btrfs kept the
+        parent's others."""
+        needs_root(APPLIES)
+
+        def tar(xattrs: dict[str, dict[str, str]]) -> bytes:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                for name, pairs in xattrs.items():
+                    info = tarfile.TarInfo(name)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in pairs.items()}
+                    tf.addfile(info)
+            return buf.getvalue()
+
+        store.create("base")
+        store.apply(
+            "base", io.BytesIO(tar({"./": {"user.r": "1"}, "d": {"user.x": "1", "user.y": "2"}}))
+        )
+        store.create("child", "base")
+        store.apply("child", io.BytesIO(tar({"./": {}, "d": {"user.y": "3"}})))
+        with store.mounted("child") as root:
+            assert [k for k in os.listxattr(root) if k.startswith("user.")] == []
+            assert [k for k in os.listxattr(root / "d") if k.startswith("user.")] == ["user.y"]
+            assert os.getxattr(root / "d", "user.y") == b"3"
