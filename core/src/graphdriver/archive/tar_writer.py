@@ -10,7 +10,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchiveError
@@ -387,7 +387,7 @@ class _Parent:
             self.dir_fd = -1
 
 
-def _nameable(xattrs: list[tuple[str, bytes]], arcname: str) -> list[tuple[str, bytes]]:
+def _nameable(xattrs: Sequence[tuple[str, bytes]], arcname: str) -> list[tuple[str, bytes]]:
     """The xattrs a tar can carry: a PAX record's key ends at its first ``=``, so one whose
     name holds one would come back under another name and value (Go's archive/tar refuses
     to write it); it is left out, with a warning."""
