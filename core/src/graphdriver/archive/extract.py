@@ -58,6 +58,7 @@ class Extractor:
         self.sgid_dirs: set[str] = {""} if os.lstat("/").st_mode & stat.S_ISGID else set()
         self.acl_dirs: set[str] = {""} if has_default_acl("") else set()
         self.created: set[str] = set()  #: the entries this tar made: an opaque marker keeps them
+        self.made_dirs: set[str] = set()  #: the directories this extraction made
         self.whited: set[str] = set()  #: the whiteouts this tar made in an overlay upper
         #: the directories this extraction marked opaque: all of the upper's (it starts empty)
         self.opaque: set[str] = set()
@@ -154,6 +155,7 @@ class Extractor:
                 copied = lstat_or_none(path)
                 if copied is None:
                     os.mkdir(path, 0o755)
+                    self.made_dirs.add(path)
                     self.uncleared(path)
                     if whited_out:
                         self.over_non_directory(path)
@@ -298,6 +300,7 @@ class Extractor:
         fresh = head not in self.sgid_dirs
         try:
             os.mkdir(name, e.mode & 0o777)
+            self.made_dirs.add(name)
             # made where a lower may have a directory: marked as merged (one where none has
             # is not merged, and overlayfs reads no mark there; looking would cost more)
             if self.lowers is not None and self.lowers.below_merged(name, self.opaque):
@@ -305,10 +308,12 @@ class Extractor:
         except FileExistsError:
             if stat.S_ISDIR(os.lstat(name).st_mode):
                 fresh = False  # an existing directory: owner, mode, xattrs as the tar says
-                drop_xattrs_but(name, e.xattrs)
+                if name not in self.made_dirs:  # (not what this tar's order made first)
+                    drop_xattrs_but(name, e.xattrs)
             else:
                 self.remove(name)
                 os.mkdir(name, e.mode & 0o777)
+                self.made_dirs.add(name)
                 if self.overlay:
                     self.over_non_directory(name)
         self.safe_dirs.add(name)
@@ -364,11 +369,9 @@ class Extractor:
         fresh: bool = False,
     ) -> None:
         """Owner, mode, xattrs and mtime of an entry; *fresh*: just made by this process
-        with its permission bits, in a directory that is not setgid.
-
-        A file made by root is owned 0:0 unless its directory is setgid, so most files need
-        no chown; a chown clears setuid/setgid bits, so those are set after it.
-        """
+        with its permission bits, in a directory that is not setgid. A file made by root is
+        owned 0:0 unless its directory is setgid, so most files need no chown; a chown clears
+        setuid/setgid bits, so those are set after it."""
         fd_given = isinstance(target, int)
         if head in self.acl_dirs:  # made with the default ACL's permissions, not the tar's
             fresh = False

@@ -16,21 +16,22 @@ from collections.abc import Mapping
 NOT_IN_TARS = ("trusted.overlay.", "trusted.SGI_ACL_")
 
 
-#: xattrs a directory keeps when a tar names it without them: the host's security label
-KEPT_ON_APPLY = ("security.selinux",)
+#: the xattrs a directory loses when a tar names it without them: what the user and the
+#: image set (a label, ``security.*``, and a filesystem's properties, ``btrfs.*``, stay)
+DROPPED_ON_APPLY = ("user.", "trusted.", "system.posix_acl_")
 
 
 def drop_xattrs_but(path: str, kept: Mapping[str, bytes]) -> None:
-    """Remove the xattrs of the directory *path* (it existed before the tar entry that
-    names it) that are not in *kept*, the entry's: as a directory made anew (overlay's upper)
-    lacks them, so that the drivers agree and a container's ``setfacl -k`` survives its
-    diff's apply. What no tar carries stays (overlayfs's marks), and so does a label."""
+    """Remove the xattrs of the directory *path*, there before the extraction, that the tar
+    entry naming it does not carry (*kept*): a directory made anew (overlay's upper) lacks
+    them, so the drivers agree and a container's ``setfacl -k`` survives its diff's apply.
+    Only :data:`DROPPED_ON_APPLY` go, never what no tar carries (overlayfs's marks)."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return  # a filesystem without xattrs
     for key in names:
-        if key in kept or key.startswith(NOT_IN_TARS) or key.startswith(KEPT_ON_APPLY):
+        if key in kept or not key.startswith(DROPPED_ON_APPLY) or key.startswith(NOT_IN_TARS):
             continue
         with contextlib.suppress(OSError):  # gone meanwhile, or one the kernel keeps
             os.removexattr(path, key, follow_symlinks=False)

@@ -9,6 +9,7 @@ import io
 import itertools
 import os
 import shutil
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
@@ -315,3 +316,36 @@ class StreamCases(ConformanceBase):
             assert [k for k in os.listxattr(root) if k.startswith("user.")] == []
             assert [k for k in os.listxattr(root / "d") if k.startswith("user.")] == ["user.y"]
             assert os.getxattr(root / "d", "user.y") == b"3"
+
+    @group("streams")
+    def test_a_directory_the_tar_made_keeps_its_inherited_acl_in_either_order(
+        self, store: LayerStore
+    ) -> None:
+        """A directory under one with a default ACL inherits it, whether the tar names it
+        before what it holds or after (made then as their parent): the entry's xattrs
+        replace only those of a directory that was there before the apply."""
+        needs_root(APPLIES)
+        u = 0xFFFFFFFF  # (no id: the owner's, the group's, the mask's and others' entries)
+        entries = ((1, 7, u), (2, 5, 1234), (4, 5, u), (0x10, 7, u), (0x20, 5, u))
+        acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+        def base(r: Path) -> None:
+            (r / "e").mkdir()
+            os.setxattr(r / "e", "system.posix_acl_default", acl)
+
+        self.base_with(store, base)
+        found = []
+        for n, names in enumerate((["e/d/", "e/d/f"], ["e/d/f", "e/d/"])):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                for name in names:
+                    info = tarfile.TarInfo(name)
+                    info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+                    info.mode = 0o755
+                    tf.addfile(info, io.BytesIO(b"") if info.isfile() else None)
+            store.create(f"c{n}", "base")
+            store.apply(f"c{n}", io.BytesIO(buf.getvalue()))
+            with store.mounted(f"c{n}") as root:
+                names = os.listxattr(root / "e" / "d")  # (XFS lists its raw ACLs too)
+                found.append(sorted(k for k in names if k.startswith("system.")))
+        assert found[0] == found[1] == ["system.posix_acl_access", "system.posix_acl_default"]
