@@ -169,7 +169,11 @@ def test_a_create_keeps_storage_that_has_no_record(gd: GD) -> None:
     db = next(gd.root.glob("*/metadata.db"))
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("DELETE FROM layers WHERE id='kept'")
-    err = one_line_error(gd("create", "kept", check=False))
+    os.environ["GRAPHDRIVER_FAULT"] = "store.create.recorded"  # a kill once it is recorded
+    try:  # (is never met: the storage is found before a record could leave it to recovery)
+        err = one_line_error(gd("create", "kept", check=False))
+    finally:
+        del os.environ["GRAPHDRIVER_FAULT"]
     assert "layer 'kept' has storage without a record, left as it is" in err, err
     assert [ln.split()[:2] for ln in gd("check", check=False).out.splitlines()] == [
         ["orphan-storage", "kept:"]
@@ -179,7 +183,11 @@ def test_a_create_keeps_storage_that_has_no_record(gd: GD) -> None:
     data = gd.root / "volumes" / "v1" / "_data"
     data.mkdir(parents=True)
     (data / "d").write_bytes(b"precious")
-    err = one_line_error(gd("volume", "create", "v1", check=False))
+    os.environ["GRAPHDRIVER_FAULT"] = "volumes.create.after-record"
+    try:
+        err = one_line_error(gd("volume", "create", "v1", check=False))
+    finally:
+        del os.environ["GRAPHDRIVER_FAULT"]
     assert "volume 'v1' has data without a record, left as it is" in err, err
     assert (data / "d").read_bytes() == b"precious"
     assert gd("volume", "ls", "-q").out.split() == ["other"]

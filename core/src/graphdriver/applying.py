@@ -44,7 +44,7 @@ def apply(
     with contextlib.ExitStack() as stack:
         with store.locked(doing):
             rec = _refuse(store, layer_id)
-            done = stack.enter_context(store._operation(layer_id))
+            stack.enter_context(store._operation(layer_id))
             with store.meta.transaction():
                 store.meta.update(layer_id, state="applying")
             try:
@@ -52,7 +52,6 @@ def apply(
                 target, whiteouts, lowers, mounted = _target(store, rec)
             except BaseException:
                 reset(store, rec)
-                done()
                 raise
         try:
             faults.point("store.apply.prepared")
@@ -67,16 +66,15 @@ def apply(
             faults.point("store.apply.extracted")
             with store.locked(doing):
                 _mark_ready(store, rec, result, mounted)
-                done()
         except BaseException:
-            _roll_back(store, rec, doing, done)
+            _roll_back(store, rec, doing)
             raise
     rec.state = "ready"
     store.hooks.layer_applied(store, rec, result.size, result.diff_id)
     return result
 
 
-def _roll_back(store: LayerStore, rec: LayerRecord, doing: str, done: Callable[[], None]) -> None:
+def _roll_back(store: LayerStore, rec: LayerRecord, doing: str) -> None:
     """After a failed extraction: empty the layer again, unless its commit went through. If
     the rollback fails too (on a full disk its own record may not fit), the layer stays
     ``applying`` for the next open's recovery, and the extraction's error is the one told."""
@@ -86,7 +84,6 @@ def _roll_back(store: LayerStore, rec: LayerRecord, doing: str, done: Callable[[
             now = store.meta.get(rec.id)
             if now is not None and now.state == "applying":  # not committed
                 reset(store, rec)
-                done()
     except Exception as exc:
         log.warning("layer %s: the rollback failed (%s); the next command finishes it", rec.id, exc)
         log.debug("rollback failure", exc_info=True)

@@ -106,6 +106,13 @@ class Driver(abc.ABC):
         as orphan storage, and keeps it), raise ``FileExistsError`` (EEXIST) before making
         anything: the store then drops only its record, never that storage."""
 
+    def has_storage(self, layer: LayerInfo) -> bool | None:
+        """Whether *layer* has storage here, asked before a create records it: a create over
+        storage left without a record is refused and never deletes it (a crash between the
+        record and ``create``'s EEXIST would have left recovery to remove it). None: this
+        driver cannot tell cheaply (the default; its ``create`` raises EEXIST instead)."""
+        return None
+
     @abc.abstractmethod
     def remove(self, layer: LayerInfo) -> None:
         """Delete everything of *layer*; a missing or half-made layer is not an error."""

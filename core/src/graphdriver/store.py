@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from . import faults, recovery, reserve
@@ -316,7 +316,12 @@ class LayerStore(LayerMounts, LayerDiffs):
     def _make(self, rec: LayerRecord, parent_rec: LayerRecord | None, opts: CreateOpts) -> None:
         """Record *rec* as ``creating``, have the driver make it, mark it ready; a failure
         removes what was made (store lock held)."""
-        with self._operation(rec.id) as done:
+        if self.driver.has_storage(_info(rec)):  # (checked before a record could discard it)
+            raise LayerExists(
+                f"layer {rec.id!r} has storage without a record, left as it is; "
+                f"`graphdriver check` lists it"
+            )
+        with self._operation(rec.id):
             with self.meta.transaction():
                 self.meta.insert(rec)
             try:
@@ -343,7 +348,6 @@ class LayerStore(LayerMounts, LayerDiffs):
                     f"layer {rec.id!r} has storage without a record, left as it is ({exc}); "
                     f"`graphdriver check` lists it"
                 ) from exc
-            done()
 
     def _free_id(self, layer_id: str) -> None:
         """Refuse an id in use; finish first the removal of a layer a failed ``rm`` left."""
@@ -361,21 +365,24 @@ class LayerStore(LayerMounts, LayerDiffs):
         raise LayerExists(f"layer {layer_id!r} already exists")
 
     @contextlib.contextmanager
-    def _operation(self, layer_id: str) -> Iterator[Callable[[], None]]:
-        """Hold the layer's lock for an in-flight operation (the store lock is held); the
-        yielded function marks the operation over: the lock file goes with a layer that is
-        gone, and stays with one that is there (:class:`~.locking.LayerLocks`)."""
+    def _operation(self, layer_id: str) -> Iterator[None]:
+        """Hold the layer's lock for an in-flight operation (the store lock is held); then
+        release it, its file deleted with a layer whose record is gone and kept with one that
+        is there (:class:`~.locking.LayerLocks`; an apply ends without the store lock, but
+        its layer stays)."""
         fd = self.layer_locks.exclusive(layer_id)
         if fd is None:
             raise LayerInUse(
                 f"layer {layer_id!r} is being read or changed by another command (a diff "
                 f"streaming it?); try again when it is done"
             )
-        over: list[bool] = []
         try:
-            yield lambda: over.append(True)
+            yield
         finally:
-            gone = bool(over) and self.meta.get(layer_id) is None
+            try:
+                gone = self.meta.get(layer_id) is None
+            except Exception:  # (the error being raised is the one told; the file may stay)
+                gone = False
             self.layer_locks.release(fd, layer_id if gone else None)
 
     def create_rw(
@@ -417,7 +424,7 @@ class LayerStore(LayerMounts, LayerDiffs):
                     f"use `graphdriver container rm {owner}`"
                 )
             reserve.release_if_full(self.root, self.home)
-            with self._operation(layer_id) as done:
+            with self._operation(layer_id):
                 with self.meta.transaction():
                     self.meta.update(layer_id, state="removing")
                 if not recovery.finish_removal(self, rec):
@@ -426,7 +433,6 @@ class LayerStore(LayerMounts, LayerDiffs):
                         f"layer {layer_id!r} is removed from the store, but deleting its files "
                         f"failed ({reason}); that is retried at the next open"
                     )
-                done()
         self.hooks.layer_removed(self, layer_id)
 
     def commit(self, layer_id: str) -> None:

@@ -42,6 +42,11 @@ class VolumeDriver(ABC):
         record), raise ``FileExistsError`` (EEXIST) before making anything: the store then
         drops only its record, never that data."""
 
+    def has_storage(self, name: str, options: Mapping[str, str]) -> bool | None:
+        """Whether the volume *name* has storage here, asked before a create records it (see
+        ``Driver.has_storage``); None: this driver cannot tell cheaply (the default)."""
+        return None
+
     @abstractmethod
     def remove(self, name: str, options: Mapping[str, str]) -> None:
         """Delete the volume's storage and data; a missing volume is not an error."""

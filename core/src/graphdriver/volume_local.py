@@ -127,6 +127,9 @@ class LocalVolumeDriver(VolumeDriver):
                 f"must not reach the store's own files"
             )
 
+    def has_storage(self, name: str, options: Mapping[str, str]) -> bool:
+        return os.path.lexists(self._base(name))
+
     def mount(self, name: str, options: Mapping[str, str]) -> Path:
         data = self.path(name, options)
         if not data.is_dir():

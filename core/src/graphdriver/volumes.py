@@ -210,6 +210,8 @@ class VolumeStore:
             have = self.existing(name, driver, options)
             if have is not None:
                 return have
+            if drv.has_storage(name, options):  # (before a record could discard it)
+                raise AlreadyExists(f"volume {name!r} has data without a record, left as it is")
             rec = VolumeRecord(
                 name=name,
                 driver=driver,

@@ -114,6 +114,9 @@ class BtrfsDriver(Driver):
             ioctl.enable_quota(self.home)
         ioctl.limit_qgroup(self.home, self.bu.subvolume_id(str(target)), size)
 
+    def has_storage(self, layer: LayerInfo) -> bool:
+        return os.path.lexists(self._path(layer))
+
     def remove(self, layer: LayerInfo) -> None:
         target = self._path(layer)
         if not target.exists():

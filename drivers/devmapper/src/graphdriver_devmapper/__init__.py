@@ -319,6 +319,9 @@ class DevmapperDriver(Driver):
 
     # ------------------------------------------------------------------ layers
 
+    def has_storage(self, layer: LayerInfo) -> bool:
+        return self._device(layer.id) is not None
+
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
         if self._device(layer.id) is not None:  # left without the store's record: kept
             raise FileExistsError(errno.EEXIST, "the layer's thin device exists", layer.id)

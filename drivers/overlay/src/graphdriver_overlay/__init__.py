@@ -264,6 +264,10 @@ class OverlayDriver(Driver):
         set_quota_limit(self.home, project, size)
         (self._dir(layer) / "projid").write_text(str(project))
 
+    def has_storage(self, layer: LayerInfo) -> bool:
+        d = self._dir(layer)  # (a name the home keeps for itself is refused by create)
+        return os.path.lexists(d) and not (_kept_name(layer.id) and not (d / "diff").is_dir())
+
     def remove(self, layer: LayerInfo) -> None:
         d = self._dir(layer)
         if _kept_name(layer.id) and not (d / "diff").is_dir():

@@ -66,6 +66,9 @@ class VfsDriver(Driver):
         if os.geteuid() == 0:
             os.chown(target, 0, 0)
 
+    def has_storage(self, layer: LayerInfo) -> bool:
+        return os.path.lexists(self._dir(layer))
+
     def remove(self, layer: LayerInfo) -> None:
         target = self._dir(layer)
         if not target.is_symlink() and target.is_dir():  # (a symlink is removed, not followed)
