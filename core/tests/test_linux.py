@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from graphdriver.linux import loop
+from graphdriver.linux.bind import root_devices
 from graphdriver.linux.fs import fs_name, supports_d_type
 from graphdriver.linux.mount import (
+    MS_BIND,
     MS_RDONLY,
     MS_REMOUNT,
     is_mountpoint,
@@ -19,7 +22,8 @@ from graphdriver.linux.mount import (
     unmount,
     unmount_all_under,
 )
-from graphdriver.testing import host_lacks
+from graphdriver.testing import Backing, host_lacks
+from graphdriver.testing.backings import loop_filesystem
 
 
 @pytest.fixture
@@ -150,3 +154,31 @@ def test_device_mapper_probe_as_another_user() -> None:
     os.waitpid(pid, 0)
     assert (out == "None") == ("device-mapper" in _misc_names()), out
     assert out == "None" or "none in /proc/misc" in out, out
+
+
+@root_only
+def test_root_devices_are_those_of_the_store_s_own_filesystems(tmp_path: Path) -> None:
+    """The block devices a ``local`` volume may not mount: the one holding the root, and
+    those of a driver's home or ``volumes`` mounted directly in it (overlay's ``--size`` on
+    an XFS of its own), every one of a btrfs; not another filesystem's."""
+    with contextlib.ExitStack() as stack:
+        outer, home, fs2, other = (
+            stack.enter_context(loop_filesystem(kind, 300 << 20, tmp_path))
+            for kind in ("ext4", "xfs", "btrfs", "ext4")
+        )
+        root = outer.root / "root"
+        (root / "overlay").mkdir(parents=True)
+        (root / "volumes").mkdir()
+        (root / "volumes" / "deep").mkdir()
+        mount(str(home.root), root / "overlay", None, MS_BIND)
+        stack.callback(unmount, root / "overlay")
+        mount(str(fs2.root), root / "volumes" / "deep", None, MS_BIND)  # (a volume's own)
+        stack.callback(unmount, root / "volumes" / "deep")
+
+        def rdev(backing: Backing) -> int:
+            return os.stat(str(backing.device)).st_rdev
+
+        found = root_devices(str(root))
+        assert rdev(outer) in found and rdev(home) in found
+        assert rdev(other) not in found and rdev(fs2) not in found
+        assert rdev(fs2) in root_devices(str(fs2.root))  # (btrfs: by its source)

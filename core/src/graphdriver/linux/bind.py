@@ -27,6 +27,7 @@ from .mount import (
     MS_RDONLY,
     MS_REC,
     MS_REMOUNT,
+    MountEntry,
     mount,
     mountinfo,
     move_mount,
@@ -283,28 +284,38 @@ def reaches_root(source_fd: int, root: str) -> str | None:
 
 
 def root_devices(root: str) -> set[int]:
-    """The block devices (``st_rdev``) that hold the filesystem of the directory *root*: its
-    ``st_dev``, the device its mount was made from, and, on btrfs, every device of that
-    filesystem (its ``st_dev`` is an anonymous one). A volume that mounts one of them exposes
-    the store's own files."""
-    found = {os.stat(root).st_dev}
+    """The block devices (``st_rdev``) that hold the store under the directory *root*: those
+    of the filesystem holding *root* and of every mount directly in it (a driver's home or
+    ``volumes`` on a filesystem of its own): each one's ``st_dev``, the device its mount was
+    made from and, on btrfs (whose ``st_dev`` is an anonymous one), every device of that
+    filesystem. A volume that mounts one of them exposes the store's own files."""
     real = os.path.realpath(root)
     holding = None
+    found = {os.stat(root).st_dev}
+    mounts = []
     for entry in mountinfo():
-        inside = real == entry.mountpoint or real.startswith(entry.mountpoint.rstrip("/") + "/")
-        if inside and (holding is None or len(entry.mountpoint) >= len(holding.mountpoint)):
-            holding = entry  # the innermost; of those stacked, the last one
-    if holding is None or not holding.source.startswith("/"):
-        return found
-    try:
-        source = os.stat(holding.source)
-    except OSError:
-        return found
-    if stat.S_ISBLK(source.st_mode):
-        found.add(source.st_rdev)
-    if holding.fstype == "btrfs":
-        found |= _btrfs_devices(source.st_rdev)
+        where = entry.mountpoint
+        if real == where or real.startswith(where.rstrip("/") + "/"):
+            if holding is None or len(where) >= len(holding.mountpoint):
+                holding = entry  # the innermost; of those stacked, the last one
+        elif where.rpartition("/")[0] == real:
+            mounts.append(entry)
+            with contextlib.suppress(OSError):
+                found.add(os.stat(where).st_dev)
+    for entry in [holding, *mounts] if holding is not None else mounts:
+        found |= _source_devices(entry)
     return found
+
+
+def _source_devices(entry: MountEntry) -> set[int]:
+    """The device a mount was made from, and the others of its btrfs."""
+    try:
+        source = os.stat(entry.source) if entry.source.startswith("/") else None
+    except OSError:
+        source = None
+    if source is None or not stat.S_ISBLK(source.st_mode):
+        return set()
+    return {source.st_rdev} | (_btrfs_devices(source.st_rdev) if entry.fstype == "btrfs" else set())
 
 
 def _btrfs_devices(one: int) -> set[int]:
