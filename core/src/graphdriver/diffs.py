@@ -31,6 +31,7 @@ from .linux.signals import start_thread
 from .metadata import LayerRecord
 from .recovery import MOUNTING
 from .recovery import layer_info as _info
+from .sqlite_readonly import is_frozen
 
 if TYPE_CHECKING:
     from .archive import exact as exact_diff
@@ -78,14 +79,19 @@ def _read_ref(
     fd = store.layer_locks.shared(rec.id)
     if fd is None:
         raise LayerInUse(f"layer {rec.id!r} is being changed; try again when it is done")
-    stack.callback(_end_read, store, rec.id, fd)
+    stack.callback(_end_read, store, rec.id, fd, mount)
     return store._mount_path(rec, reader=True) if mount else None
 
 
-def _end_read(store: LayerStore, layer_id: str, fd: int) -> None:
-    """Drop a reader's reference; unmount the layer if it was mounted only for readers."""
+def _end_read(store: LayerStore, layer_id: str, fd: int, mounted: bool) -> None:
+    """Drop a reader's reference; unmount the layer if it was *mounted* only for readers.
+    Not from records read as they were on a full disk (``is_frozen``): a count another
+    command took meanwhile is not in them, and a reader's own mount is left to the next open,
+    which unmounts what nothing counts."""
     with store.locked(f"end the diff of layer {layer_id}"):
         store.layer_locks.release(fd)
+        if not mounted or is_frozen(store.meta.db):
+            return
         rec = store.meta.get(layer_id)
         if rec is not None and not rec.mount_count and not store.layer_locks.busy(layer_id):
             store._call(store.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")
