@@ -390,8 +390,9 @@ class _Parent:
 def _nameable(xattrs: Sequence[tuple[str, bytes]], arcname: str) -> list[tuple[str, bytes]]:
     """The xattrs a tar can carry: a PAX record's key ends at its first ``=``, so one whose
     name holds one would come back under another name and value (Go's archive/tar refuses
-    to write it); it is left out, with a warning."""
+    to write it; GNU tar writes ``%3D``, which Docker and containerd would take literally);
+    it is left out, with a warning."""
     for key, _ in xattrs:
         if "=" in key:
-            log.warning("xattr %r of %s is left out of the tar: no tar can name it", key, arcname)
+            log.warning("xattr %r of %s is left out: a PAX key ends at '='", key, arcname)
     return [(key, value) for key, value in xattrs if "=" not in key]

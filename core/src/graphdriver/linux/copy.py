@@ -77,7 +77,7 @@ def _copy_meta(src: str, dst: str, st: os.stat_result, *, link: bool = False) ->
         os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     if not link:
         os.chmod(dst, stat.S_IMODE(st.st_mode))
-    for key, value in xattr.read(src):
+    for key, value in xattr.read(src, xattr.NOT_IN_TARS):  # (as a diff and its apply would)
         try:
             os.setxattr(dst, key, value, follow_symlinks=False)
         except OSError as exc:

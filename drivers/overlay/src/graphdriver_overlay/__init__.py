@@ -274,6 +274,9 @@ class OverlayDriver(Driver):
             return  # the home's own entry, not a layer's (create refused the name)
         if _mounted(str(d)):
             self.unmount(layer)
+        if d.is_dir() and not d.is_symlink():  # (first: a failure here leaves the layer whole)
+            for where in unmount_all_under(d):  # never delete another filesystem's files
+                log.warning("unmounted %s, mounted inside layer %s, to remove it", where, layer.id)
         link = d / "link"
         if link.exists():
             (self.home / "l" / link.read_text().strip()).unlink(missing_ok=True)
@@ -281,9 +284,6 @@ class OverlayDriver(Driver):
         if projid.exists() and self.quota:
             with contextlib.suppress(OSError):
                 set_quota_limit(self.home, int(projid.read_text()), 0)
-        if d.is_dir() and not d.is_symlink():
-            for where in unmount_all_under(d):  # never delete another filesystem's files
-                log.warning("unmounted %s, mounted inside layer %s, to remove it", where, layer.id)
         if d.exists():
             remove_tree(d)
 
