@@ -160,14 +160,15 @@ def test_device_mapper_probe_as_another_user() -> None:
 def test_root_devices_are_those_of_the_store_s_own_filesystems(tmp_path: Path) -> None:
     """The block devices a ``local`` volume may not mount: the one holding the root, and
     those of a driver's home or ``volumes`` mounted directly in it (overlay's ``--size`` on
-    an XFS of its own), every one of a btrfs; not another filesystem's."""
+    an XFS of its own) or linked from it, every one of a btrfs; not another filesystem's."""
     with contextlib.ExitStack() as stack:
-        outer, home, fs2, other = (
+        outer, home, fs2, other, linked = (
             stack.enter_context(loop_filesystem(kind, 300 << 20, tmp_path))
-            for kind in ("ext4", "xfs", "btrfs", "ext4")
+            for kind in ("ext4", "xfs", "btrfs", "ext4", "ext4")
         )
         root = outer.root / "root"
         (root / "overlay").mkdir(parents=True)
+        (root / "vfs").symlink_to(linked.root)
         (root / "volumes").mkdir()
         (root / "volumes" / "deep").mkdir()
         mount(str(home.root), root / "overlay", None, MS_BIND)
@@ -179,6 +180,6 @@ def test_root_devices_are_those_of_the_store_s_own_filesystems(tmp_path: Path) -
             return os.stat(str(backing.device)).st_rdev
 
         found = root_devices(str(root))
-        assert rdev(outer) in found and rdev(home) in found
+        assert rdev(outer) in found and rdev(home) in found and rdev(linked) in found
         assert rdev(other) not in found and rdev(fs2) not in found
         assert rdev(fs2) in root_devices(str(fs2.root))  # (btrfs: by its source)

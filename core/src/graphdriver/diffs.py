@@ -84,14 +84,17 @@ def _read_ref(
 
 
 def _end_read(store: LayerStore, layer_id: str, fd: int, mounted: bool) -> None:
-    """Drop a reader's reference; unmount the layer if it was *mounted* only for readers.
+    """Drop a reader's reference; unmount the layer if it is mounted only for readers: one
+    this reader *mounted*, or one whose last ``put`` came while readers held it (marked).
     Not from records read as they were on a full disk (``is_frozen``): a count another
-    command took meanwhile is not in them, and a reader's own mount is left to the next open,
-    which unmounts what nothing counts."""
+    command took meanwhile is not in them (a reader's own mount, unmarked there, stays for
+    ``cleanup`` or ``check --repair``)."""
     with store.locked(f"end the diff of layer {layer_id}"):
         store.layer_locks.release(fd)
-        if not mounted or is_frozen(store.meta.db):
+        if is_frozen(store.meta.db):
             return
+        if not mounted and store.meta.get_meta(MOUNTING + layer_id) is None:
+            return  # nothing mounted for readers
         rec = store.meta.get(layer_id)
         if rec is not None and not rec.mount_count and not store.layer_locks.busy(layer_id):
             store._call(store.driver.unmount, _info(rec), doing=f"unmount layer {layer_id}")

@@ -316,7 +316,7 @@ class LayerStore(LayerMounts, LayerDiffs):
     def _make(self, rec: LayerRecord, parent_rec: LayerRecord | None, opts: CreateOpts) -> None:
         """Record *rec* as ``creating``, have the driver make it, mark it ready; a failure
         removes what was made (store lock held)."""
-        if self.driver.has_storage(_info(rec)):  # (checked before a record could discard it)
+        if call_os(self.driver.has_storage, _info(rec), doing=f"create layer {rec.id}"):
             raise LayerExists(
                 f"layer {rec.id!r} has storage without a record, left as it is; "
                 f"`graphdriver check` lists it"

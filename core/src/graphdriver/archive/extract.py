@@ -58,7 +58,7 @@ class Extractor:
         self.sgid_dirs: set[str] = {""} if os.lstat("/").st_mode & stat.S_ISGID else set()
         self.acl_dirs: set[str] = {""} if has_default_acl("") else set()
         self.created: set[str] = set()  #: the entries this tar made: an opaque marker keeps them
-        self.made_dirs: set[str] = set()  #: the directories this extraction made
+        self.made_dirs: set[str] = set()  #: made on the way to an entry, and not named yet
         self.whited: set[str] = set()  #: the whiteouts this tar made in an overlay upper
         #: the directories this extraction marked opaque: all of the upper's (it starts empty)
         self.opaque: set[str] = set()
@@ -207,6 +207,7 @@ class Extractor:
         self.opaque = {d for d in self.opaque if kept(d)}
         self.whited = {w for w in self.whited if kept(w)}
         self.cleared = {d for d in self.cleared if kept(d)}
+        self.made_dirs = {d for d in self.made_dirs if kept(d)}
 
     def remove(self, path: str) -> None:
         """Remove whatever is at *path* (missing is fine)."""
@@ -300,7 +301,6 @@ class Extractor:
         fresh = head not in self.sgid_dirs
         try:
             os.mkdir(name, e.mode & 0o777)
-            self.made_dirs.add(name)
             # made where a lower may have a directory: marked as merged (one where none has
             # is not merged, and overlayfs reads no mark there; looking would cost more)
             if self.lowers is not None and self.lowers.below_merged(name, self.opaque):
@@ -308,15 +308,15 @@ class Extractor:
         except FileExistsError:
             if stat.S_ISDIR(os.lstat(name).st_mode):
                 fresh = False  # an existing directory: owner, mode, xattrs as the tar says
-                if name not in self.made_dirs:  # (not what this tar's order made first)
+                if name not in self.made_dirs:  # (not one made on the way: its order's)
                     drop_xattrs_but(name, e.xattrs)
             else:
                 self.remove(name)
                 os.mkdir(name, e.mode & 0o777)
-                self.made_dirs.add(name)
                 if self.overlay:
                     self.over_non_directory(name)
         self.safe_dirs.add(name)
+        self.made_dirs.discard(name)  # named now: a later entry for it is one as any other's
         if e.mode & stat.S_ISGID:
             self.sgid_dirs.add(name)
         else:

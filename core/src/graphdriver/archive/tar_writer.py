@@ -10,7 +10,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ArchiveError
@@ -277,9 +277,7 @@ class TarWriter:
         # data (one path lookup where there were three)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW) if size else -1
         try:
-            xattrs = () if typeflag == LNKTYPE else xattr.read(path if fd < 0 else fd, _SKIP)
-            if any("=" in key for key, _ in xattrs):
-                xattrs = _nameable(xattrs, arcname)
+            xattrs = () if typeflag == LNKTYPE else _xattrs(path if fd < 0 else fd, arcname)
             if not xattrs and not linkname and not major and not minor and size < KERNEL_COPY:
                 header = plain_header(
                     arcname.encode("utf-8", "surrogateescape"), typeflag, st.st_mode,
@@ -387,12 +385,14 @@ class _Parent:
             self.dir_fd = -1
 
 
-def _nameable(xattrs: Sequence[tuple[str, bytes]], arcname: str) -> list[tuple[str, bytes]]:
-    """The xattrs a tar can carry: a PAX record's key ends at its first ``=``, so one whose
-    name holds one would come back under another name and value (Go's archive/tar refuses
-    to write it; GNU tar writes ``%3D``, which Docker and containerd would take literally);
-    it is left out, with a warning."""
-    for key, _ in xattrs:
+def _xattrs(where: str | int, arcname: str) -> list[tuple[str, bytes]]:
+    """The xattrs a tar carries of the file at *where* (a path or an fd): not :data:`_SKIP`,
+    and not one whose name holds ``=``. A PAX record's key ends at its first ``=``, so that
+    one would come back under another name and value (Go's archive/tar refuses to write it;
+    GNU tar writes ``%3D``, which Docker and containerd would take literally); it is left
+    out, with a warning."""
+    found = xattr.read(where, _SKIP)
+    for key, _ in found:
         if "=" in key:
             log.warning("xattr %r of %s is left out: a PAX key ends at '='", key, arcname)
-    return [(key, value) for key, value in xattrs if "=" not in key]
+    return [(key, value) for key, value in found if "=" not in key]

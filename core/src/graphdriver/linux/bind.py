@@ -285,26 +285,28 @@ def reaches_root(source_fd: int, root: str) -> str | None:
 
 def root_devices(root: str) -> set[int]:
     """The block devices (``st_rdev``) that hold the store under the directory *root*: those
-    of the filesystem holding *root* and of every mount directly in it (a driver's home or
-    ``volumes`` on a filesystem of its own): each one's ``st_dev``, the device its mount was
-    made from and, on btrfs (whose ``st_dev`` is an anonymous one), every device of that
-    filesystem. A volume that mounts one of them exposes the store's own files."""
+    of the filesystem holding *root* and of each directory in it (a driver's home or
+    ``volumes`` on a filesystem of its own, or a symlink to one): each one's ``st_dev``, the
+    device its mount was made from and, on btrfs (whose ``st_dev`` is an anonymous one),
+    every device of that filesystem. A volume that mounts one of them exposes the store."""
     real = os.path.realpath(root)
+    devices = {os.stat(root).st_dev}
+    with contextlib.suppress(OSError), os.scandir(root) as children:
+        for child in children:
+            with contextlib.suppress(OSError):
+                if child.is_dir():  # (through a symlink too)
+                    devices.add(child.stat().st_dev)
     holding = None
-    found = {os.stat(root).st_dev}
-    mounts = []
+    found = set(devices)
     for entry in mountinfo():
         where = entry.mountpoint
-        if real == where or real.startswith(where.rstrip("/") + "/"):
-            if holding is None or len(where) >= len(holding.mountpoint):
-                holding = entry  # the innermost; of those stacked, the last one
-        elif where.rpartition("/")[0] == real:
-            mounts.append(entry)
-            with contextlib.suppress(OSError):
-                found.add(os.stat(where).st_dev)
-    for entry in [holding, *mounts] if holding is not None else mounts:
-        found |= _source_devices(entry)
-    return found
+        inside = real == where or real.startswith(where.rstrip("/") + "/")
+        if inside and (holding is None or len(where) >= len(holding.mountpoint)):
+            holding = entry  # the innermost; of those stacked, the last one
+        major, _, minor = entry.major_minor.partition(":")
+        if major.isdigit() and minor.isdigit() and os.makedev(int(major), int(minor)) in devices:
+            found |= _source_devices(entry)
+    return found | (_source_devices(holding) if holding is not None else set())
 
 
 def _source_devices(entry: MountEntry) -> set[int]:

@@ -87,8 +87,10 @@ def _copy_meta(src: str, dst: str, st: os.stat_result, *, link: bool = False) ->
 
 
 def copy_tree(src: str, dst: str, *, into: bool = False) -> None:
-    """Copy the tree at *src* to the new path *dst*, keeping everything a layer can hold;
-    with *into*, *dst* is an existing directory that gets *src*'s entries and metadata.
+    """Copy the tree at *src* to the new path *dst*, keeping everything a layer can hold (no
+    xattr that no layer tar carries: ``xattr.NOT_IN_TARS``, overlayfs's and XFS's raw ACLs,
+    which ``system.posix_acl_*`` carry; holes stay holes); with *into*, *dst* is an existing
+    directory that gets *src*'s entries and metadata.
 
     The directories still to copy are kept on a list, not Python's stack (a tree of any
     depth), and each one's metadata is set once everything is copied, deepest first: its

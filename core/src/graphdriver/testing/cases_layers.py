@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,6 +141,27 @@ class LayerCases(ConformanceBase):
         assert store.metadata("base")["mount_count"] == 0
         with pytest.raises(NotMounted):
             store.put("base")
+
+    @group("mount")
+    def test_the_last_put_during_a_diff_leaves_the_unmount_to_its_end(
+        self, store: LayerStore
+    ) -> None:
+        """A container's layer that a diff reads (dockerd's Diff of a running container) and
+        that is put meanwhile (the container stops): its mount stays while the diff reads,
+        and goes when the diff ends."""
+        self.base_with(store, make_base)
+        store.create("c", "base", rw=True)
+        (store.get("c") / "new").write_bytes(b"x")
+        stream = store.diff("c")
+        try:
+            store.put("c")
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                names = [m.name for m in tar]
+        finally:
+            stream.close()
+        assert "new" in names
+        assert store.metadata("c")["mount_count"] == 0
+        assert mounts_under(store.home) == [], "the layer stayed mounted after the diff"
 
     @group("lifecycle")
     def test_remove_refused_while_mounted_or_with_children(self, store: LayerStore) -> None:

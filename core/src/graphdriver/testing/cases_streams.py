@@ -290,28 +290,33 @@ class StreamCases(ConformanceBase):
     def test_a_directory_a_tar_names_has_the_xattrs_its_entry_carries(
         self, store: LayerStore
     ) -> None:
-        """A directory of the parent that the tar names, and the root: their xattrs are the
-        entry's, as overlay's new upper directory has them (a container's ``setfacl -k`` or
-        ``setfattr -x`` on a directory survives its diff's apply). vfs and btrfs kept the
-        parent's others."""
+        """A directory of the parent that the tar names, the root, and one the tar names twice
+        (in this layer or below): their xattrs are the last entry's, as overlay's new upper
+        directory has them (a container's ``setfacl -k`` or ``setfattr -x`` on a directory
+        survives its diff's apply). vfs and btrfs kept the parent's others."""
         needs_root(APPLIES)
 
-        def tar(xattrs: dict[str, dict[str, str]]) -> bytes:
+        def tar(*entries: tuple[str, dict[str, str]]) -> bytes:
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                for name, pairs in xattrs.items():
+                for name, pairs in entries:
                     info = tarfile.TarInfo(name)
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in pairs.items()}
                     tf.addfile(info)
             return buf.getvalue()
 
+        twice: tuple[tuple[str, dict[str, str]], ...] = (("t", {"user.a": "1"}), ("t/", {}))
         store.create("base")
         store.apply(
-            "base", io.BytesIO(tar({"./": {"user.r": "1"}, "d": {"user.x": "1", "user.y": "2"}}))
+            "base",
+            io.BytesIO(tar(("./", {"user.r": "1"}), ("d", {"user.x": "1", "user.y": "2"}), *twice)),
         )
         store.create("child", "base")
-        store.apply("child", io.BytesIO(tar({"./": {}, "d": {"user.y": "3"}})))
+        store.apply("child", io.BytesIO(tar(("./", {}), ("d", {"user.y": "3"}), *twice)))
+        for layer in ("base", "child"):
+            with store.mounted(layer) as root:
+                assert [k for k in os.listxattr(root / "t") if k.startswith("user.")] == []
         with store.mounted("child") as root:
             assert [k for k in os.listxattr(root) if k.startswith("user.")] == []
             assert [k for k in os.listxattr(root / "d") if k.startswith("user.")] == ["user.y"]
