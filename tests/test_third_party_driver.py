@@ -53,6 +53,9 @@ class TinyCopy(Driver):
     def _dir(self, layer):
         return self.home / "layers" / layer.id
 
+    def has_storage(self, layer):  # (cp -a into an existing directory would copy into it)
+        return self._dir(layer).exists()
+
     def create(self, layer, parent, opts):
         target = self._dir(layer)
         target.parent.mkdir(parents=True, exist_ok=True)
