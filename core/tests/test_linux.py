@@ -19,6 +19,7 @@ from graphdriver.linux.mount import (
     is_mountpoint,
     mount,
     mountinfo,
+    mounts_under,
     unmount,
     unmount_all_under,
 )
@@ -97,7 +98,7 @@ def test_d_type_is_read_from_an_entry_where_there_is_one(tmp_path: Path, filetyp
 @root_only
 def test_mountinfo_unescapes_and_unmount_all_under(tmp_path: Path) -> None:
     odd = tmp_path / "with space"
-    inner = odd / "inner"
+    inner = odd / "in\rner\x0bvt\\bs"  # CR and VT: line ends to Python, not to mountinfo
     odd.mkdir()
     mount("tmpfs", odd, "tmpfs", 0, "size=1m")
     try:
@@ -105,6 +106,7 @@ def test_mountinfo_unescapes_and_unmount_all_under(tmp_path: Path) -> None:
         mount("tmpfs", inner, "tmpfs", 0, "size=1m")
         points = {e.mountpoint for e in mountinfo()}
         assert str(odd) in points and str(inner) in points
+        assert mounts_under(tmp_path) == [str(inner), str(odd)]
     finally:
         unmount_all_under(tmp_path)
     assert not is_mountpoint(odd)

@@ -73,20 +73,13 @@ class ContainerRecords:
         )
         return [str(r[0]) for r in rows]
 
-    def owner_of(self, layer_id: str) -> str | None:
-        """The container whose read-write layer this is (once made, until it is removed)."""
-        row = self.db.execute(
-            "SELECT name FROM containers WHERE layer=? AND state='ready'", (layer_id,)
-        ).fetchone()
-        return None if row is None else str(row[0])
-
-    def mounted_by(self, layer_id: str) -> str | None:
-        """The container whose read-write layer this is if that container is mounted."""
-        row = self.db.execute(
-            "SELECT name FROM containers WHERE layer=? AND state='ready' AND mount_count>0",
-            (layer_id,),
-        ).fetchone()
-        return None if row is None else str(row[0])
+    def owner_of(self, layer_id: str, mounted: bool = False) -> str | None:
+        """The container whose read-write layer this is (once made, until it is removed);
+        with *mounted*, only while that container is mounted."""
+        sql = "SELECT name FROM containers WHERE layer=? AND state='ready'"
+        row = self.db.execute(sql + " AND mount_count>0" if mounted else sql, (layer_id,))
+        found = row.fetchone()
+        return None if found is None else str(found[0])
 
     def insert(self, name: str, layer: str, image: str, mounts: Sequence[MountPoint]) -> None:
         """Record a container being created (state ``creating``)."""

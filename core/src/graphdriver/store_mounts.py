@@ -142,7 +142,7 @@ class LayerMounts:
             owner = (
                 None
                 if container or rec.mount_count > 1
-                else self.meta.containers.mounted_by(layer_id)
+                else self.meta.containers.owner_of(layer_id, mounted=True)
             )
             if owner is not None:
                 raise LayerInUse(

@@ -6,7 +6,7 @@ import ctypes
 import errno
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from .libc import (
@@ -118,27 +118,34 @@ def _unescape(field: str) -> str:
 
 def mountinfo(pid: str = "self", fstypes: Collection[str] = ()) -> list[MountEntry]:
     """Parse /proc/<pid>/mountinfo; with *fstypes*, only the mounts of those types."""
+    path = f"/proc/{pid}/mountinfo"
+    # lines end at "\n" alone: the kernel escapes that in paths, not "\r" (which Python's
+    # universal newlines and splitlines() take for a line end too)
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        return _parse(f, fstypes)
+
+
+def _parse(lines: Iterable[str], fstypes: Collection[str] = ()) -> list[MountEntry]:
     entries = []
-    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            b = right.split(" ")
-            if fstypes and b[0] not in fstypes:
-                continue
-            a = left.split(" ")
-            entries.append(
-                MountEntry(
-                    mount_id=int(a[0]),
-                    parent_id=int(a[1]),
-                    major_minor=a[2],
-                    root=_unescape(a[3]),
-                    mountpoint=_unescape(a[4]),
-                    options=a[5],
-                    fstype=b[0],
-                    source=_unescape(b[1]) if len(b) > 1 else "",
-                    super_options=b[2] if len(b) > 2 else "",
-                )
+    for line in lines:
+        left, _, right = line.rstrip("\n").partition(" - ")
+        b = right.split(" ")
+        if fstypes and b[0] not in fstypes:
+            continue
+        a = left.split(" ")
+        entries.append(
+            MountEntry(
+                mount_id=int(a[0]),
+                parent_id=int(a[1]),
+                major_minor=a[2],
+                root=_unescape(a[3]),
+                mountpoint=_unescape(a[4]),
+                options=a[5],
+                fstype=b[0],
+                source=_unescape(b[1]) if len(b) > 1 else "",
+                super_options=b[2] if len(b) > 2 else "",
             )
+        )
     return entries
 
 
@@ -154,12 +161,13 @@ def mounts_under(path: str | os.PathLike[str]) -> list[str]:
     mounts: each layer removal looks)."""
     base = os.path.realpath(path)
     with open("/proc/self/mountinfo", "rb") as f:
-        if _escaped(base) not in f.read():
-            return []
+        table = f.read()
+    if _escaped(base) not in table:
+        return []
     prefix = base.rstrip("/") + "/"
-    found = {
-        e.mountpoint for e in mountinfo() if e.mountpoint == base or e.mountpoint.startswith(prefix)
-    }
+    lines = table.decode(errors="surrogateescape").split("\n")[:-1]  # as in mountinfo()
+    points = {e.mountpoint for e in _parse(lines)}
+    found = {p for p in points if p == base or p.startswith(prefix)}
     return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
 
 

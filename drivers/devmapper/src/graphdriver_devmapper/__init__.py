@@ -323,7 +323,7 @@ class DevmapperDriver(Driver):
         return self._device(layer.id) is not None
 
     def create(self, layer: LayerInfo, parent: LayerInfo | None, opts: CreateOpts) -> None:
-        if self._device(layer.id) is not None:  # left without the store's record: kept
+        if self.has_storage(layer):  # left without the store's record: kept
             raise FileExistsError(errno.EEXIST, "the layer's thin device exists", layer.id)
         self._pool_up()
         status = self.pool.status()
