@@ -47,7 +47,10 @@ SQLite
     ``synchronous=NORMAL``, a busy timeout, errors as one-line :class:`StoreError`) and makes or
     migrates the schema a :class:`SqliteSchema` describes, version by version;
     :func:`sqlite_transaction`: ``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit
-    connection, rolled back on any exception, a no-op when nested.
+    connection, rolled back on any exception, a no-op when nested;
+    :func:`release_reserve_if_full`: before a server that frees space (an engine's removal)
+    writes its own database, give back the store's reserve where the disk has no room left
+    for the record (the store's own removals do it for theirs).
 Crash points for tests
     :func:`fault_point` marks an instant a test may interrupt; the environment variable
     :data:`FAULT_ENV` (``GRAPHDRIVER_FAULT=point[=kill|term|int|EIO|...]``) picks the point and
@@ -109,6 +112,7 @@ if TYPE_CHECKING:
     from .linux.signals import fork_holding_signals as fork_holding_signals
     from .linux.signals import release_signals as release_signals
     from .linux.tree import remove_tree as remove_tree
+    from .reserve import release_if_full as release_reserve_if_full
     from .sqlite import Schema as SqliteSchema
     from .sqlite import open_db as sqlite_open
     from .sqlite import transaction as sqlite_transaction
@@ -163,6 +167,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "project_quota_enforced": ("linux.quota", "project_quota_enforced"),
     "set_quota_limit": ("linux.quota", "set_limit"),
     "set_quota_project": ("linux.quota", "set_project"),
+    "release_reserve_if_full": ("reserve", "release_if_full"),
     "SqliteSchema": ("sqlite", "Schema"),
     "sqlite_open": ("sqlite", "open_db"),
     "sqlite_transaction": ("sqlite", "transaction"),
@@ -209,6 +214,7 @@ __all__ = [
     "parse_size",
     "private_dir",
     "project_quota_enforced",
+    "release_reserve_if_full",
     "release_signals",
     "remove_tree",
     "set_quota_limit",

@@ -3,6 +3,7 @@ status codes, bad input, restarts and crashes, the mounts per driver, concurrenc
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -122,6 +123,20 @@ def test_bad_input_gets_the_codes_containerd_expects_and_leaves_nothing(vfs: Pro
     assert _fails(vfs.prepare, "") == grpc.StatusCode.INVALID_ARGUMENT
     assert vfs.list() == ["b", "c", "v"]
     assert len(vfs.layers()) == 3  # nothing half-made
+
+
+def test_store_errors_get_the_codes_containerd_expects() -> None:
+    """What the proxy sends for errors of the store and of its catalogue (a full database's
+    StoreError carries ENOSPC; a chain too deep for the driver is a precondition, as
+    containerd's own snapshotters report what the parent's chain cannot take)."""
+    from graphdriver import MaxDepthExceeded, StoreError
+    from graphdriver_containerd.snapshotter import translate
+
+    full = StoreError("the filesystem holding snapshots.db is full", errno_=errno.ENOSPC)
+    assert translate(full).code == "RESOURCE_EXHAUSTED"
+    assert translate(OSError(errno.EDQUOT, "quota")).code == "RESOURCE_EXHAUSTED"
+    assert translate(MaxDepthExceeded("501 layers deep")).code == "FAILED_PRECONDITION"
+    assert translate(StoreError("damaged")).code == "UNKNOWN"
 
 
 def test_filters_as_containerd_parses_them(vfs: Proxy) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import grpc
 import pytest
-from ctd_proxy import Proxy, running
+from ctd_proxy import Proxy, code, running
 
 from graphdriver.testing import backing_or_skip, fill_filesystem, freed
 
@@ -68,6 +69,38 @@ def test_a_proxy_restarted_on_a_full_disk_serves_and_frees_it(tmp_path: Path) ->
         assert (root / "overlay" / "probed").read_text().startswith(boot + " ")
         check = subprocess.run(proxy.command("check"), capture_output=True, text=True)
         assert (check.returncode, check.stdout, check.stderr) == (0, "", ""), check
+        assert (root / ".reserve" / "space").stat().st_blocks * 512 == size  # made again
+
+
+def test_a_running_proxy_frees_a_disk_a_container_filled(tmp_path: Path) -> None:
+    """A container fills the disk while the proxy serves: what would need room is refused as
+    RESOURCE_EXHAUSTED, and the Remove that frees the disk goes through (it used to be
+    refused, INTERNAL, until the proxy was restarted: its catalogue was written before the
+    store gave the reserve back, and containerd's garbage collection stops at such an error)."""
+    for backing in backing_or_skip("loop-xfs", size=320 * MiB):
+        root = backing.root / "store"
+        with running(root, "overlay", backing.options, beside=tmp_path) as proxy:
+            size = (root / ".reserve" / "space").stat().st_blocks * 512
+            proxy.prepare("image-key")
+            proxy.commit("image", "image-key")
+            [m] = proxy.prepare("ctr", "image")
+            options = dict(o.partition("=")[::2] for o in m.options)  # type: ignore[attr-defined]
+            fill_filesystem(Path(options["upperdir"]) / "filler")
+            with pytest.raises(grpc.RpcError) as refused:
+                proxy.prepare("another", "image")
+            assert code(refused.value) == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+            proxy.log.write_text("")
+            proxy.remove("ctr")  # kubelet's garbage collection, through containerd
+            assert proxy.list() == ["image"]
+            assert "its reserve" in proxy.output(), proxy.output()
+            assert freed(root, 200 * MiB)
+            proxy.prepare("another", "image")  # room again
+            proxy.remove("another")
+            proxy.cleanup()
+            assert proxy.stop() == 0
+        check = subprocess.run(proxy.command("check"), capture_output=True, text=True)
+        assert (check.returncode, check.stdout, check.stderr) == (0, "", ""), check
+        subprocess.run(proxy.command("create", "again"), capture_output=True, check=True)
         assert (root / ".reserve" / "space").stat().st_blocks * 512 == size  # made again
 
 

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from graphdriver import MountEntry
+from graphdriver import GraphDriverError, MountEntry
 
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .api.containerd.types import mount_pb2
-from .snapshotter import Info, SnapshotError, Snapshotter
+from .snapshotter import Info, Snapshotter, translate
 
 log = logging.getLogger("graphdriver.containerd")
 
@@ -53,18 +53,20 @@ def _info(info: Info) -> pb.Info:
 
 
 def _rpc(method: F) -> F:
-    """Turn a SnapshotError into its status code and message; log every call at debug."""
+    """Turn a SnapshotError, or a store's or the catalogue's error, into its status code and
+    message; log every call at debug."""
 
     @functools.wraps(method)
     def wrapper(self: Service, request: Any, context: grpc.ServicerContext) -> Any:
         log.debug("%s %s", method.__name__, str(request).replace("\n", " ")[:300])
         try:
             return method(self, request, context)
-        except SnapshotError as exc:
-            code = getattr(grpc.StatusCode, exc.code)
+        except (GraphDriverError, OSError) as exc:  # the store's, or the catalogue's
+            error = translate(exc)
+            code = getattr(grpc.StatusCode, error.code)
             if code == grpc.StatusCode.UNKNOWN:
-                log.error("%s: %s", method.__name__, exc)
-            context.abort(code, str(exc))
+                log.error("%s: %s", method.__name__, error)
+            context.abort(code, str(error))
         except Exception as exc:
             log.exception("%s failed", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -113,8 +115,9 @@ class Service(pb_grpc.SnapshotsServicer):
     def List(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             found = [_info(i) for i in self.sn.walk(list(request.filters))]
-        except SnapshotError as exc:
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except (GraphDriverError, OSError) as exc:
+            error = translate(exc)
+            context.abort(getattr(grpc.StatusCode, error.code), str(error))
         for start in range(0, len(found), LIST_BATCH):
             yield pb.ListSnapshotsResponse(info=found[start : start + LIST_BATCH])
 

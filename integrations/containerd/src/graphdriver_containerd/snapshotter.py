@@ -42,12 +42,14 @@ from graphdriver import (
     LayerInUse,
     LayerNotFound,
     LayerStore,
+    MaxDepthExceeded,
     MountEntry,
     NotMounted,
     faults,
     open_store,
     serving,
 )
+from graphdriver.toolkit import release_reserve_if_full
 
 from .catalog import Catalog, Snapshot, mounts_json
 from .filters import Filter, FilterError, snapshot_fields
@@ -90,7 +92,7 @@ class ResourceExhaustedError(SnapshotError):
     code = "RESOURCE_EXHAUSTED"
 
 
-def _translate(exc: BaseException) -> SnapshotError:
+def translate(exc: BaseException) -> SnapshotError:
     """A graphdriver or OS error as the SnapshotError containerd's logic understands."""
     if isinstance(exc, SnapshotError):
         return exc
@@ -102,12 +104,15 @@ def _translate(exc: BaseException) -> SnapshotError:
         return FailedPreconditionError(str(exc))
     if isinstance(exc, InvalidOption | InvalidLayerId):
         return InvalidArgumentError(str(exc))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhaustedError(str(exc))
-    cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, MaxDepthExceeded):  # containerd's own: a chain its mounts cannot take
+        return FailedPreconditionError(str(exc))
+    # an OSError's, or a full database's StoreError (its errno), or the cause's
+    if any(getattr(e, "errno", None) in _FULL for e in (exc, exc.__cause__)):
         return ResourceExhaustedError(str(exc))
     return SnapshotError(str(exc) or type(exc).__name__)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,7 @@ class Snapshotter:
             raise
         except (GraphDriverError, OSError) as exc:
             log.debug("store error", exc_info=True)
-            raise _translate(exc) from exc
+            raise translate(exc) from exc
 
     # ------------------------------------------------------------------------ lookups
 
@@ -428,7 +433,14 @@ class Snapshotter:
             name, state="ready", held=0, mounts="[]", size=size, inodes=inodes, active_key=None
         )
 
+    def _make_room(self) -> None:
+        """Before a removal writes the catalogue: where the disk is full (a container filled
+        it), give back the reserve, or the removal that would free the disk cannot be
+        recorded (the store's own removal gives it back for its records)."""
+        release_reserve_if_full(self.store.root, self.catalog.path.parent)
+
     def remove(self, key: str) -> None:
+        self._make_room()
         with self.catalog.transaction():
             snap = self._get(key)
             if snap.state != "ready":
@@ -482,6 +494,7 @@ class Snapshotter:
 
     def cleanup(self) -> None:
         """Finish failed removals; remove layers of ours that no snapshot names."""
+        self._make_room()
         for layer, held in self.catalog.removals():
             self._finish_removal(layer, held)
 
