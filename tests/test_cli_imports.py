@@ -44,7 +44,12 @@ ENGINE = {
     "hashlib",
 }
 #: the hooks that open_store, mount and umount may call
-CALLED = {"graphdriver_driver_options", "graphdriver_default_driver", "graphdriver_mount"}
+CALLED = {
+    "graphdriver_driver_options",
+    "graphdriver_default_driver",
+    "graphdriver_mount",
+    "graphdriver_releasing",
+}
 
 
 #: the real command, which writes the names in sys.modules to a file as the process ends

@@ -332,7 +332,9 @@ def warm_up() -> None:
     cli.cli.load_all()
     for module in ("store", "applying", "diffs", "archive.apply", "archive.tar_writer"):
         __import__(f"graphdriver.{module}")
-    plugins.hooks()  # the hook plugins, loaded once
+    hooks = plugins.hooks()  # the hook plugins, loaded once
+    if hooks.implemented:
+        hooks.pm  # noqa: B018 (pluggy, imported and set up once, not in every worker)
     for name, value in plugins.installed_drivers().items():
         try:
             plugins.load_entry_point(value)

@@ -59,6 +59,17 @@ def graphdriver_layer_removed(store: LayerStore, layer_id: str) -> None:
     """Called after a layer was deleted from the driver and the metadata."""
 
 
+@hookspec
+def graphdriver_releasing(store: LayerStore, what: str, layer_id: str | None) -> None:
+    """Called before the store lets go of what another program may be using; raise
+    :class:`~graphdriver.LayerInUse` (one line: whose it is, how to release it there) to
+    refuse. *what* is ``"remove"`` (layer *layer_id* and its files, after the core's own
+    checks), ``"unmount"`` (the last reference of *layer_id*, but a container's own unmount)
+    or ``"cleanup"`` (every mount of the store; *layer_id* None). A server that keeps layers
+    for an engine refuses what it did not ask for itself (the containerd proxy: the layer of a
+    snapshot, its held mount, a cleanup while it serves)."""
+
+
 @hookspec(firstresult=True)
 def graphdriver_mount(
     store: LayerStore, layer: LayerRecord, chain: Sequence[LayerRecord]

@@ -198,6 +198,7 @@ HOOK_NAMES = frozenset(
         "graphdriver_layer_created",
         "graphdriver_layer_applied",
         "graphdriver_layer_removed",
+        "graphdriver_releasing",
         "graphdriver_mount",
         "graphdriver_diff_filter",
         "graphdriver_cli",
@@ -279,6 +280,11 @@ class Hooks:
             self._manager()  # pluggy names the plugin with a hook no spec has, and drops it
 
     @property
+    def implemented(self) -> frozenset[str]:
+        """The hooks some plugin implements."""
+        return frozenset(self._implemented)
+
+    @property
     def pm(self) -> pluggy.PluginManager:
         """The pluggy manager (made on first use: registering a plugin at run time needs it)."""
         return self._manager()
@@ -316,6 +322,11 @@ class Hooks:
         hook = self._hook("graphdriver_layer_removed")
         if hook is not None:
             hook(store=store, layer_id=layer_id)
+
+    def releasing(self, store: LayerStore, what: str, layer_id: str | None = None) -> None:
+        hook = self._hook("graphdriver_releasing")
+        if hook is not None:
+            hook(store=store, what=what, layer_id=layer_id)
 
     def mount(
         self,

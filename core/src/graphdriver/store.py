@@ -409,10 +409,8 @@ class LayerStore(LayerMounts, LayerDiffs):
         with self.locked(f"remove layer {layer_id}"):
             rec = self.ready(layer_id)
             if rec.mount_count:
-                raise LayerInUse(
-                    f"layer {layer_id!r} is mounted ({rec.mount_count} "
-                    f"reference(s)); unmount it first"
-                )
+                n = f"{rec.mount_count} reference(s)"
+                raise LayerInUse(f"layer {layer_id!r} is mounted ({n}); unmount it first")
             children = self.meta.children(layer_id)
             if children:
                 shown = ", ".join(children[:5]) + (" ..." if len(children) > 5 else "")
@@ -423,6 +421,7 @@ class LayerStore(LayerMounts, LayerDiffs):
                     f"layer {layer_id!r} is the read-write layer of container {owner!r}; "
                     f"use `graphdriver container rm {owner}`"
                 )
+            self.hooks.releasing(self, "remove", layer_id)
             reserve.release_if_full(self.root, self.home)
             with self._operation(layer_id):
                 with self.meta.transaction():

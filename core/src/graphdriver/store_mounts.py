@@ -149,6 +149,8 @@ class LayerMounts:
                     f"layer {layer_id!r} is mounted by container {owner!r}, its read-write "
                     f"layer; use `graphdriver container umount {owner}`"
                 )
+            if rec.mount_count == 1 and not container:
+                self.hooks.releasing(cast("LayerStore", self), "unmount", layer_id)
             reserve.release_if_full(self.root, self.home)
             # a diff streaming the layer keeps the mount; it unmounts when it is done
             kept = rec.mount_count == 1 and self.layer_locks.busy(layer_id)
@@ -187,6 +189,7 @@ class LayerMounts:
         """Unmount every layer of this store, whoever mounted it, and zero the counts; a
         layer that a running diff streams keeps its mount."""
         with self.locked("clean up the store"):
+            self.hooks.releasing(cast("LayerStore", self), "cleanup")
             for rec in self.meta.all():
                 if self.layer_locks.busy(rec.id):
                     log.warning("layer %s is in use by a running command; left mounted", rec.id)

@@ -221,8 +221,48 @@ def test_a_chain_past_one_page_binds_a_mount_the_proxy_holds(
     assert m.type == "bind"  # type: ignore[attr-defined]
     held = Path(m.source)  # type: ignore[attr-defined]
     assert os.path.ismount(held)
+    # the operator's CLI leaves the mount a container binds alone: made again by Mounts, it
+    # would be a second overlay on the same upper directory
+    top = _layer_of(overlay, "top")
+    for verb in (["cleanup"], ["umount", top]):
+        assert _refused(overlay, *verb) == (
+            "the containerd proxy holds the mount of snapshot 'top' (a container binds it); "
+            "containerd releases it when it removes the snapshot"
+        )
+        assert os.path.ismount(held) and overlay.mounts("top") == [m]
     overlay.remove("top")
     assert not os.path.ismount(held), "Remove left the proxy's mount behind"
+
+
+def _refused(proxy: Proxy, *args: str) -> str:
+    """The one error line of a CLI command refused on the proxy's store."""
+    out = subprocess.run(proxy.command(*args), capture_output=True, text=True)
+    assert out.returncode != 0 and out.stderr.count("\n") == 1, out
+    return out.stderr.removeprefix("graphdriver: error: ").strip()
+
+
+@pytest.mark.parametrize("kind", ["active", "view", "committed"])
+def test_the_cli_never_removes_a_snapshots_layer(overlay: Proxy, kind: str) -> None:
+    """`graphdriver rm` of the layer of a snapshot containerd has: refused in one line (it
+    used to delete it: Mounts then named missing directories, and containerd, which still
+    listed the snapshot, never unpacked it again)."""
+    overlay.prepare("base-tmp")
+    overlay.commit("base", "base-tmp")
+    {"active": overlay.prepare, "view": overlay.view}.get(kind, overlay.prepare)("k", "base")
+    if kind == "committed":
+        overlay.commit("image", "k")
+    key = "image" if kind == "committed" else "k"
+    layer = _layer_of(overlay, key)
+    assert _refused(overlay, "rm", layer) == (
+        f"layer {layer!r} holds containerd snapshot {key!r}: remove it through containerd "
+        "(`ctr snapshots rm`, or the image or container that uses it)"
+    )
+    assert layer in overlay.layers() and overlay.stat(key).name == key
+    overlay.remove(key)  # through containerd: it goes
+    assert layer not in overlay.layers()
+    mine = subprocess.run(overlay.command("create", "mine"), capture_output=True, check=True)
+    subprocess.run(overlay.command("rm", "mine"), check=True)  # the store's own: not refused
+    assert mine.returncode == 0 and "mine" not in overlay.layers()
 
 
 # ---------------------------------------------------------------------------- the process

@@ -53,11 +53,10 @@ from graphdriver.toolkit import release_reserve_if_full
 
 from .catalog import Catalog, Snapshot, mounts_json
 from .filters import Filter, FilterError, snapshot_fields
+from .status import OWNER_LABEL, proxy_of
 
 log = logging.getLogger("graphdriver.containerd")
 
-#: the label on every layer this proxy made (``graphdriver ls``/``inspect`` show it)
-OWNER_LABEL = "graphdriver.containerd"
 #: containerd's limit on one label's key and value together
 MAX_LABEL = 4096
 KINDS = ("active", "view", "committed")
@@ -179,6 +178,7 @@ class Snapshotter:
             raise
         self.kernel_mounts = isinstance(self.store.driver, KernelMounts)
         self.home_dev = os.stat(self.store.home).st_dev
+        proxy_of(self.store.root)  # its removals and unmounts are containerd's: not refused
         try:
             self.recover()
         except BaseException:
@@ -190,6 +190,7 @@ class Snapshotter:
         self._writer.close()
 
     def close(self) -> None:
+        proxy_of(self.store.root, on=False)
         self.catalog.close()
         self._close_stores()
 
