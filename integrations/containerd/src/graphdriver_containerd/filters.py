@@ -4,7 +4,8 @@ A filter is ``selector ("," selector)*``, all of which must match; several filte
 any does. A selector is ``fieldpath [op value]`` with ``op`` one of ``==``, ``!=``, ``~=``
 (a regular expression); without ``op`` it tests that the field is present. Fields are
 ``[A-Za-z0-9_]+`` or double-quoted, joined by ``.``; values run to the next ``,`` or space, or
-are double-quoted (``~=`` also takes ``/re/`` and ``|re|``). For snapshots the fields are
+are double-quoted (``~=`` also takes ``/re/`` and ``|re|``; a Go regular expression, matched as Go
+would: :mod:`.re2`). For snapshots the fields are
 ``kind``, ``name``, ``parent`` and ``labels.<key>``, as containerd's metadata adaptor has them.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from .re2 import Unsupported, compile_re2
 
 Fields = Callable[[Sequence[str]], "tuple[str, bool]"]
 
@@ -134,8 +137,8 @@ class _Parser:
         if op != "~=":
             return Selector(tuple(path), op, value)
         try:
-            return Selector(tuple(path), op, value, re.compile(value))
-        except re.error as exc:
+            return Selector(tuple(path), op, value, compile_re2(value))
+        except Unsupported as exc:
             raise self.fail(f"bad regular expression {value!r} ({exc})") from None
 
     def parse(self) -> list[Selector]:
