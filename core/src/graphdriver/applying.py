@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from . import archive, faults
 from .archive import tarsplit
 from .driver import ApplyLowers, CreateOpts, NativeApply
-from .errors import GraphDriverError, LayerInUse
+from .errors import ArchiveError, GraphDriverError, LayerInUse
 from .metadata import LayerRecord
 from .recovery import FAILED, record_failure
 from .recovery import layer_info as _info
@@ -34,11 +34,14 @@ def apply(
     layer_id: str,
     stream: BinaryIO,
     progress: Callable[[int], None] | None = None,
+    *,
+    exact: bool = False,
 ) -> archive.ApplyResult:
     """``apply_diff`` that also returns the diffID and compression of the tar.
 
     The layer is marked ``applying`` under the store lock, the tar is extracted without
-    it, and the lock is taken again to mark the layer ready (or empty it again).
+    it, and the lock is taken again to mark the layer ready (or empty it again). *exact*:
+    refuse a tar whose record could not be kept (see ``LayerStore.apply``).
     """
     doing = f"apply-diff into layer {layer_id}"
     with contextlib.ExitStack() as stack:
@@ -64,6 +67,11 @@ def apply(
                 record=keeps_records(),
             )
             faults.point("store.apply.extracted")
+            if exact and result.no_record and keeps_records():
+                raise ArchiveError(
+                    f"layer {layer_id!r}: its diff could not be this tar again, byte for "
+                    f"byte ({result.no_record}); refused, as dockerd refuses such a tar"
+                )
             with store.locked(doing):
                 _mark_ready(store, rec, result, mounted)
         except BaseException:

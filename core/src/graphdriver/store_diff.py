@@ -91,14 +91,21 @@ class LayerDiffs:
         return self.apply(layer_id, stream, progress).size
 
     def apply(
-        self, layer_id: str, stream: BinaryIO, progress: Callable[[int], None] | None = None
+        self,
+        layer_id: str,
+        stream: BinaryIO,
+        progress: Callable[[int], None] | None = None,
+        *,
+        exact: bool = False,
     ) -> archive.ApplyResult:
         """``apply_diff`` that also returns the diffID and compression of the tar.
 
         The layer is marked ``applying`` under the store lock, the tar is extracted without
-        it, and the lock is taken again to mark the layer ready (or empty it again).
+        it, and the lock is taken again to mark the layer ready (or empty it again). With
+        *exact* (and records kept), a tar whose diff could not be given back byte for byte (it
+        names a path twice) is refused and rolled back, as dockerd refuses it.
         """
-        return applying.apply(_store(self), layer_id, stream, progress)
+        return applying.apply(_store(self), layer_id, stream, progress, exact=exact)
 
     @property
     def reproduces_exact_diffs(self) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import signal
@@ -264,6 +265,37 @@ def tar_of(files: dict[str, bytes]) -> bytes:
             info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def test_apply_diff_refuses_what_its_diff_could_not_give_back(
+    plugin: GraphPlugin, conn: UnixConnection
+) -> None:
+    """dockerd hashes the bytes it sends and, as the plugin reproduces exact diffs, expects
+    Diff to give them back (`docker save` checks): a compressed tar (dockerd 20.10 passes a
+    zstd import as it is), or one that names a path twice, is refused and rolled back, as
+    dockerd's own drivers refuse them. They used to be unpacked, and `docker save` then
+    failed: "could not verify layer data"."""
+    plain = tar_of({"a": b"1"})
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for data in (b"first", b"second"):  # f, then f again
+            info = tarfile.TarInfo("f")
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+            tf.addfile(info, io.BytesIO(data))
+    twice = buf.getvalue()
+    for tar, why in (
+        (gzip.compress(plain), "uncompressed tar; this one is gzip-compressed"),
+        (b"\x28\xb5\x2f\xfd" + plain, "uncompressed tar; this one is zstd-compressed"),
+        (twice, "its diff could not be this tar again, byte for byte (a file of the tar"),
+    ):
+        ok(conn, "Create", {"ID": IMAGE})
+        status, answer = apply_diff(conn, IMAGE, "", tar)
+        assert status == 200 and why in answer["Err"], answer
+        assert ok(conn, "Changes", {"ID": IMAGE})["Changes"] == []  # rolled back
+        ok(conn, "Remove", {"ID": IMAGE})
+    ok(conn, "Create", {"ID": IMAGE})
+    assert apply_diff(conn, IMAGE, "", plain) == (200, {"Size": 1, "Err": ""})
+    assert diff(conn, IMAGE) == plain
 
 
 def test_client_gone_mid_apply_diff(plugin: GraphPlugin, conn: UnixConnection) -> None:

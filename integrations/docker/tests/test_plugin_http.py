@@ -143,3 +143,22 @@ def test_client_gone_mid_body(server: Path) -> None:
     sock.close()
     with UnixConnection(server) as conn:
         assert conn.call("VolumeDriver.Echo", {})[0] == 200
+
+
+def test_a_burst_of_connections_is_queued_not_refused(tmp_path: Path) -> None:
+    """dockerd (and any Go client: its dialer reports EAGAIN as an error) may open many
+    connections at once: they wait in the backlog. socketserver's default backlog of 5
+    refused all but the first few while the server was busy."""
+    path = tmp_path / "plugin.sock"
+    srv = PluginServer(str(path), [Plugin("VolumeDriver", {})])  # not serving yet: all queue
+    clients = []
+    try:
+        for _ in range(64):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            clients.append(client)
+            client.connect(str(path))  # BlockingIOError (EAGAIN) once the backlog is full
+    finally:
+        for client in clients:
+            client.close()
+        srv.server_close()

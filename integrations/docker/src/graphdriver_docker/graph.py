@@ -21,9 +21,10 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from graphdriver import (
+    ArchiveError,
     CreateOpts,
     InvalidOption,
     LayerNotFound,
@@ -59,6 +60,24 @@ class _BodyReader(io.RawIOBase):
         data = self._body.read(len(view))
         view[: len(data)] = data
         return len(data)
+
+
+#: the magic numbers of what ``LayerStore.apply`` would decompress (anything else that is
+#: no tar fails as one)
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _refuse_compressed(stream: io.BufferedReader[_BodyReader]) -> None:
+    """ApplyDiff's body is an uncompressed tar (dockerd decompresses what it pulls or loads,
+    and hashes what it sends): a compressed one is refused, as dockerd's own drivers refuse
+    it, rather than unpacked under a diffID that its Diff would never match."""
+    head = stream.peek(4)[:4]
+    for magic, name in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise ArchiveError(
+                f"ApplyDiff takes an uncompressed tar; this one is {name}-compressed (dockerd "
+                f"hashed the compressed bytes, which a diff of the layer would never give back)"
+            )
 
 
 def _metadata_value(value: object) -> str:
@@ -238,8 +257,12 @@ class GraphPlugin:
             if parent is not None and recorded != parent:
                 has = f"parent {recorded!r}" if recorded else "no parent"
                 raise InvalidOption(f"ApplyDiff: layer {layer_id!r} has {has}, not {parent!r}")
-            stream: BinaryIO = io.BufferedReader(_BodyReader(request.body), CHUNK)
-            return self.store.apply_diff(layer_id, stream)
+            stream = io.BufferedReader(_BodyReader(request.body), CHUNK)
+            _refuse_compressed(stream)
+            # dockerd hashed what it sends; the promise of ReproducesExactDiffs is that Diff
+            # gives those bytes back: a tar it could not give back is refused, as dockerd's
+            # own drivers (their tar-split) refuse it
+            return self.store.apply(layer_id, stream, exact=True).size
 
         return {"Size": self._call(f"apply a diff to layer {layer_id}", apply)}
 

@@ -291,6 +291,9 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """The plugins' endpoints on one unix socket, a thread per connection."""
 
     daemon_threads = True  # a connection dockerd keeps open never holds up the exit
+    #: listen(2)'s backlog: socketserver's 5 refused a burst of connections (EAGAIN, which
+    #: Go's dialer reports as an error); the kernel caps it at net.core.somaxconn
+    request_queue_size = 4096
 
     def __init__(self, address: str, plugins: Iterable[Plugin]) -> None:
         plugins = list(plugins)
