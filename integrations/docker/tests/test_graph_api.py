@@ -299,8 +299,9 @@ def test_apply_diff_refuses_what_its_diff_could_not_give_back(
 
 
 def test_client_gone_mid_apply_diff(plugin: GraphPlugin, conn: UnixConnection) -> None:
-    """dockerd disconnects in the middle of an ApplyDiff's body: the layer is emptied again,
-    the plugin keeps serving, and the layer then takes the whole tar."""
+    """dockerd disconnects in the middle of an ApplyDiff's body: other calls are answered
+    while it waits for the body, the layer is emptied again, the plugin keeps serving, and
+    the layer then takes the whole tar."""
     tar = tar_of({"a": b"a" * 300_000, "b": b"b" * 10})
     ok(conn, "Create", {"ID": IMAGE})
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -317,8 +318,19 @@ def test_client_gone_mid_apply_diff(plugin: GraphPlugin, conn: UnixConnection) -
         while subprocess.run(plugin.command("exists", IMAGE), check=False).returncode == 0:
             assert time.monotonic() < deadline, "the apply did not start"
             time.sleep(0.05)
+        # another call is answered meanwhile: the apply runs on a store of its own (on the
+        # store thread, a stalled upload held up every call until it ended)
+        with plugin.connect() as other:
+            assert ok(other, "Exists", {"ID": TOP})["Exists"] is False
+            ok(other, "Create", {"ID": TOP})
+            assert ok(other, "Get", {"ID": TOP})["Dir"]
+            ok(other, "Put", {"ID": TOP})
     finally:
         client.close()
+    deadline = time.monotonic() + 30
+    while subprocess.run(plugin.command("exists", IMAGE), check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the apply was not rolled back"
+        time.sleep(0.05)
     with plugin.connect() as fresh:
         assert ok(fresh, "Changes", {"ID": IMAGE})["Changes"] == []
         assert ok(fresh, "Exists", {"ID": IMAGE})["Exists"] is True

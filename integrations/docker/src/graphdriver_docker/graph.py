@@ -10,7 +10,8 @@ layer that does not exist succeeds, as with dockerd's own drivers (dockerd retri
 thinks failed). ``Init``'s ``Home`` is ignored: the layers live under the store's root.
 
 The store and its SQLite connection belong to the thread that opened them: every call runs on
-one store thread, in order; a Diff's tar is read on the connection's thread while others run.
+one store thread, in order; a Diff's tar is read on the connection's thread while others run,
+and an ApplyDiff runs on a store of its own in the connection's thread (its body may be slow).
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ class GraphPlugin:
             "layers", lambda: open_store(root, driver, options, wait=wait)
         )
         self.store: LayerStore = self._owner.store
+        #: how an ApplyDiff opens a store of its own (the same root, driver and options)
+        self._open: Callable[[], LayerStore] = lambda: open_store(
+            root, self.store.name, options, wait=wait
+        )
 
     def close(self) -> None:
         """Let the call under way finish, then close the store (mounts stay)."""
@@ -249,22 +254,25 @@ class GraphPlugin:
         return {"Size": size}
 
     def apply_diff(self, request: Request) -> Response:
+        """On a store of its own, opened in this connection's thread: the body comes as fast
+        as dockerd sends it, and a slow or stalled upload holds up no other call (on the
+        store thread, one held up every call, Get and Exists included, until it ended)."""
         layer_id = self._id(request.query, "id")
         parent = self._parent(request.query, "parent")
-
-        def apply() -> int:
-            recorded = self.store.metadata(layer_id)["parent"]
-            if parent is not None and recorded != parent:
-                has = f"parent {recorded!r}" if recorded else "no parent"
-                raise InvalidOption(f"ApplyDiff: layer {layer_id!r} has {has}, not {parent!r}")
-            stream = io.BufferedReader(_BodyReader(request.body), CHUNK)
-            _refuse_compressed(stream)
-            # dockerd hashed what it sends; the promise of ReproducesExactDiffs is that Diff
-            # gives those bytes back: a tar it could not give back is refused, as dockerd's
-            # own drivers (their tar-split) refuse it
-            return self.store.apply(layer_id, stream, exact=True).size
-
-        return {"Size": self._call(f"apply a diff to layer {layer_id}", apply)}
+        try:
+            with contextlib.closing(self._open()) as store:
+                recorded = store.metadata(layer_id)["parent"]
+                if parent is not None and recorded != parent:
+                    has = f"parent {recorded!r}" if recorded else "no parent"
+                    raise InvalidOption(f"ApplyDiff: layer {layer_id!r} has {has}, not {parent!r}")
+                stream = io.BufferedReader(_BodyReader(request.body), CHUNK)
+                _refuse_compressed(stream)
+                # dockerd hashed what it sends; the promise of ReproducesExactDiffs is that
+                # Diff gives those bytes back: a tar it could not give back is refused, as
+                # dockerd's own drivers (their tar-split) refuse it
+                return {"Size": store.apply(layer_id, stream, exact=True).size}
+        except OSError as exc:
+            raise from_oserror(exc, f"apply a diff to layer {layer_id}") from exc
 
     def capabilities(self, args: dict[str, Any]) -> Response:
         return {"Capabilities": {"ReproducesExactDiffs": self.store.reproduces_exact_diffs}}

@@ -18,12 +18,13 @@ such as GraphDriver's Diff).
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import logging
 import socketserver
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from graphdriver import GraphDriverError
@@ -50,7 +51,7 @@ class FramingError(Exception):
 class Body:
     """A request body, chunked or with a Content-Length, read at most once to its end."""
 
-    def __init__(self, rfile: BinaryIO, length: int | None, chunked: bool) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, length: int | None, chunked: bool) -> None:
         self._rfile = rfile
         self._chunked = chunked
         #: bytes left in the current chunk, or in the whole body when not chunked
@@ -84,7 +85,9 @@ class Body:
             self._next_chunk()
             if self._done:
                 return b""
-        data = self._rfile.read(min(size, self._left))
+        # what has come (read1): a reader gets the body as it arrives, not once *size* bytes
+        # have (a stream's first bytes, peeked, would wait for a whole buffer)
+        data = self._rfile.read1(min(size, self._left))
         if not data:
             raise FramingError("the client closed the connection in the middle of the body")
         self._left -= len(data)
@@ -228,7 +231,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if encoding and encoding != "identity":
             if encoding.split(",")[-1].strip() != "chunked":
                 raise FramingError(f"Transfer-Encoding {encoding!r} is not chunked")
-            return Body(self.rfile, None, chunked=True)  # type: ignore[arg-type]
+            return Body(self.rfile, None, chunked=True)
         length = self.headers.get("Content-Length") or "0"
         try:
             size = int(length)
@@ -236,7 +239,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise FramingError(f"bad Content-Length {length[:40]!r}") from None
         if size < 0:
             raise FramingError(f"bad Content-Length {length!r}")
-        return Body(self.rfile, size, chunked=False)  # type: ignore[arg-type]
+        return Body(self.rfile, size, chunked=False)
 
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
