@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +116,8 @@ class Docker:
     base: Path
     socket: Path
     plugin: VolumePlugin
+    #: SIGKILL dockerd and start it again (where the fixture gives one)
+    kill_and_restart: Callable[[], None] | None = None
 
     @property
     def plugin_name(self) -> str:
@@ -255,7 +257,16 @@ def dockerd(base: Path) -> Iterator[Docker]:
             procs.append(
                 start_dockerd(base, config, ctd / "containerd.sock", api, DOCKERD_FLAGS, name)
             )
-            docker = Docker(base, api, plugin)
+
+            def kill_and_restart() -> None:
+                procs[-1].kill()
+                procs[-1].wait()
+                api.unlink(missing_ok=True)  # (left by the killed one: not a sign of life)
+                procs[-1] = start_dockerd(
+                    base, config, ctd / "containerd.sock", api, DOCKERD_FLAGS, name
+                )
+
+            docker = Docker(base, api, plugin, kill_and_restart)
             docker.run("import", str(_rootfs_tar(base)), IMAGE)
             try:
                 yield docker

@@ -126,3 +126,23 @@ def test_plugin_killed_and_restarted_while_a_container_runs(docker: Docker) -> N
         docker.run("rm", "-f", "held")
     docker.run("volume", "rm", "v4")
     assert "v4" not in store_volumes(docker)
+
+
+def test_a_volume_mounted_when_dockerd_was_killed_can_be_removed(docker: Docker) -> None:
+    """dockerd SIGKILLed while a container holds a volume: as it starts again it stops that
+    container and never sends its Unmount. The container and then the volume are removed all
+    the same (the plugin's count, kept in SQLite, refused the removal for ever: dockerd's own
+    local driver keeps its counts in memory)."""
+    assert docker.kill_and_restart is not None
+    docker.run("volume", "create", "-d", docker.plugin_name, "v5")
+    docker.run("run", "-d", "--name", "orphan", "--network", "none", "-v", "v5:/data", IMAGE,
+               "sh", "-c", SERVE)  # fmt: skip
+    try:
+        docker.run("exec", "orphan", "test", "-f", "/data/log")
+        docker.kill_and_restart()
+        assert mount_count(docker, "v5") == 1  # its Unmount never comes
+    finally:
+        docker.run("rm", "-f", "orphan")
+    docker.run("volume", "rm", "v5")
+    assert "v5" not in store_volumes(docker)
+    assert "releasing dockerd mount ID" in docker.plugin.output()

@@ -3,8 +3,9 @@
 Docker keeps its own list of volumes and their users; the plugin keeps the data, the options
 and a mount count per mount ID (dockerd sends a fresh ID for each container's mount point and
 the same one to unmount it). The counts live in the store's SQLite catalogue, so a plugin
-restarted (or killed) while containers run keeps them, and ``Remove`` of a volume some mount
-ID still holds is refused. The store's volume driver is chosen by the option
+restarted (or killed) while containers run keeps them. dockerd asks to ``Remove`` a volume
+only once none of its containers uses it: mount IDs still counted then are a dead dockerd's,
+released first. The store's volume driver is chosen by the option
 ``volume-driver`` (``local`` by default); the other options are that driver's own
 (``type``, ``device``, ``o`` for ``local``).
 
@@ -14,15 +15,18 @@ store thread, in order, whatever connection it came on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from graphdriver import GraphDriverError, InUse, InvalidOption, serving
+from graphdriver import GraphDriverError, InvalidOption, serving
 from graphdriver.errors import from_oserror
 from graphdriver.volumes import DEFAULT_VOLUME_DRIVER, VolumeStore
 
 from .http import Plugin, Request, Response, field_map, field_str
+
+log = logging.getLogger("graphdriver.docker")
 
 T = TypeVar("T")
 #: an endpoint that takes the request's JSON object
@@ -93,15 +97,23 @@ class VolumePlugin:
         name = field_str(args, "Name")
 
         def remove() -> None:
-            rec = self.store.get(name)
-            held = [u for u in self.store.users(name) if u.startswith(MOUNT_PREFIX)]
-            if rec.mount_count and held:  # else the store says who holds it
-                ids = ", ".join(u.removeprefix(MOUNT_PREFIX)[:12] for u in held)
-                raise InUse(
-                    f"volume {name!r} is mounted ({rec.mount_count} mount(s), dockerd mount "
-                    f"ID(s) {ids}); it can be removed once they are unmounted"
-                )
-            self.store.remove(name)
+            self.store.get(name)
+            # dockerd asks only once no container of its own uses the volume (its volume
+            # service refuses "volume is in use" first): a mount ID still counted is one a
+            # dockerd that died left, which never sends its Unmount (it does not for the
+            # containers it finds dead as it starts again), so the volume could never go.
+            # Docker's own local driver keeps its counts in memory: they die with dockerd
+            for user in self.store.users(name):
+                if user.startswith(MOUNT_PREFIX):
+                    log.warning(
+                        "volume %s: releasing dockerd mount ID %s, which was never unmounted "
+                        "(dockerd stopped before it sent Unmount)",
+                        name,
+                        user.removeprefix(MOUNT_PREFIX)[:12],
+                    )
+                    self.store.unmount(name, user)
+                    self.store.drop_refs(user)
+            self.store.remove(name)  # graphdriver's own containers' uses still refuse it
 
         self._call(f"remove volume {name}", remove)
         return {}
