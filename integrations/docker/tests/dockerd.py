@@ -202,6 +202,20 @@ def start_dockerd(
     )
 
 
+def restarter(
+    procs: list[subprocess.Popen[bytes]], api: Path, start: Callable[[], subprocess.Popen[bytes]]
+) -> Callable[[], None]:
+    """What SIGKILLs dockerd (the last of *procs*) and starts it again with *start*."""
+
+    def kill_and_restart() -> None:
+        procs[-1].kill()
+        procs[-1].wait()
+        api.unlink(missing_ok=True)  # (left by the killed one: no sign of life)
+        procs[-1] = start()
+
+    return kill_and_restart
+
+
 def release(
     base: Path,
     procs: list[subprocess.Popen[bytes]],
@@ -254,19 +268,13 @@ def dockerd(base: Path) -> Iterator[Docker]:
             )
         )
         with running(base / "store", name, PLUGIN_DIR / f"{name}.sock") as plugin:
-            procs.append(
-                start_dockerd(base, config, ctd / "containerd.sock", api, DOCKERD_FLAGS, name)
-            )
 
-            def kill_and_restart() -> None:
-                procs[-1].kill()
-                procs[-1].wait()
-                api.unlink(missing_ok=True)  # (left by the killed one: not a sign of life)
-                procs[-1] = start_dockerd(
-                    base, config, ctd / "containerd.sock", api, DOCKERD_FLAGS, name
-                )
+            def start() -> subprocess.Popen[bytes]:
+                sock = ctd / "containerd.sock"
+                return start_dockerd(base, config, sock, api, list(DOCKERD_FLAGS), name)
 
-            docker = Docker(base, api, plugin, kill_and_restart)
+            procs.append(start())
+            docker = Docker(base, api, plugin, restarter(procs, api, start))
             docker.run("import", str(_rootfs_tar(base)), IMAGE)
             try:
                 yield docker

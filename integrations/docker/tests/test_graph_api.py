@@ -169,6 +169,34 @@ def test_layer_lifecycle(plugin: GraphPlugin, conn: UnixConnection) -> None:
     ok(conn, "Cleanup")
 
 
+def test_remove_releases_only_dockerds_mounts_and_cleanup_unmounts_nothing(
+    plugin: GraphPlugin, conn: UnixConnection
+) -> None:
+    """Remove releases the Gets dockerd never put back (a dockerd that died), not a mount
+    of someone else's (`graphdriver mount`), which still refuses it; Cleanup (dockerd's
+    shutdown) unmounts nothing: it used to unmount every layer, whoever mounted it, and a
+    layer mounted by the CLI could then be removed under its user."""
+    ok(conn, "Create", {"ID": IMAGE})
+    ok(conn, "Get", {"ID": IMAGE})
+    ok(conn, "Get", {"ID": IMAGE})
+    subprocess.run(plugin.command("mount", IMAGE), check=True, capture_output=True)
+    ok(conn, "Cleanup")
+    assert ok(conn, "GetMetadata", {"ID": IMAGE})["Metadata"]["mount_count"] == "3"
+    assert "is mounted (1 reference(s))" in err(conn, "Remove", {"ID": IMAGE})
+    assert ok(conn, "GetMetadata", {"ID": IMAGE})["Metadata"]["mount_count"] == "1"
+    assert "never put back" in plugin.output()
+    assert "is mounted (1 reference(s))" in err(conn, "Remove", {"ID": IMAGE})  # again
+    assert ok(conn, "GetMetadata", {"ID": IMAGE})["Metadata"]["mount_count"] == "1"  # the CLI's
+    subprocess.run(plugin.command("umount", IMAGE), check=True)
+    ok(conn, "Remove", {"ID": IMAGE})
+    assert plugin.layers() == []
+    ok(conn, "Create", {"ID": IMAGE})  # the same id again: no Get of the old one counts
+    ok(conn, "Get", {"ID": IMAGE})
+    ok(conn, "Put", {"ID": IMAGE})
+    assert "not mounted" in err(conn, "Put", {"ID": IMAGE})
+    ok(conn, "Remove", {"ID": IMAGE})
+
+
 def test_diff_then_apply_diff_round_trip(plugin: GraphPlugin, conn: UnixConnection) -> None:
     """Diff of a layer, ApplyDiff of that tar (chunked, ?id=&parent=) into a fresh layer:
     Size is DiffSize, and the applied layer's Diff is the uploaded tar byte for byte."""

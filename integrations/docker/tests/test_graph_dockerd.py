@@ -16,6 +16,7 @@ import re
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from dockerd import (
     CONTAINERD,
+    DOCKER,
     DOCKERD_FLAGS,
     IMAGE,
     PLUGIN_DIR,
@@ -34,6 +36,7 @@ from dockerd import (
     containerd_config,
     missing_tools,
     release,
+    restarter,
     start_dockerd,
     stop,
 )
@@ -92,8 +95,12 @@ def graph_dockerd(
         socket = PLUGIN_DIR / f"{name}.sock"
         with running_graph(store, driver, name, socket, options) as plugin:
             try:
-                procs.append(start_dockerd(base, config, ctd / "containerd.sock", api, flags, name))
-                docker = Docker(base, api, plugin)
+
+                def start() -> subprocess.Popen[bytes]:
+                    return start_dockerd(base, config, ctd / "containerd.sock", api, flags, name)
+
+                procs.append(start())
+                docker = Docker(base, api, plugin, restarter(procs, api, start))
                 try:
                     yield docker
                 finally:
@@ -247,6 +254,44 @@ def test_plugin_killed_and_restarted_between_runs(docker: Docker) -> None:
     assert plugin(docker).stop(signal.SIGKILL) == -signal.SIGKILL
     plugin(docker).start()
     assert docker.container("--rm", IMAGE, "cat", "/data/from-image") == "in the image\n"
+
+
+def test_a_layer_mounted_when_dockerd_was_killed_is_removed(docker: Docker) -> None:
+    """dockerd SIGKILLed while a `docker export` streams a container's layer: the export's
+    Get is never put back. `docker rm` removes the container all the same (the plugin's
+    Remove refused "is mounted" until a clean dockerd stop, and the container stayed
+    "Removal In Progress"; moby's drivers remove a mounted layer)."""
+    assert docker.kill_and_restart is not None
+    before = plugin(docker).layers()
+    try:
+        docker.container("--name", "exported", IMAGE, "busybox", "dd", "if=/dev/zero",
+                         "of=/big", "bs=1M", "count=16")  # fmt: skip
+        export = subprocess.Popen(  # its tar fills the pipe no one reads: the layer stays got
+            [DOCKER, "-H", f"unix://{docker.socket}", "export", "exported"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            layer = next(layer for layer in plugin(docker).layers() if layer not in before and
+                         not layer.endswith("-init"))  # fmt: skip
+            deadline = time.monotonic() + 60
+            while '"mount_count": 1' not in _inspect(docker, layer):
+                assert time.monotonic() < deadline, "the export did not mount the layer"
+                time.sleep(0.1)
+            docker.kill_and_restart()
+        finally:
+            export.kill()
+            export.wait()
+    finally:
+        docker.run("rm", "-f", "exported")
+    assert plugin(docker).layers() == before
+    assert mounts_under(plugin(docker).root) == []
+    assert "never put back" in plugin(docker).output()
+
+
+def _inspect(docker: Docker, layer: str) -> str:
+    got = subprocess.run(plugin(docker).command("inspect", layer), capture_output=True, text=True)
+    return got.stdout
 
 
 def test_ls_then_everything_removed(docker: Docker) -> None:

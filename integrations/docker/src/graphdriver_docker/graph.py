@@ -36,6 +36,7 @@ from graphdriver import (
 )
 from graphdriver.driver import parse_size
 from graphdriver.errors import from_oserror
+from graphdriver.toolkit import SqliteSchema, sqlite_open, sqlite_transaction
 
 from .http import BadRequest, Body, Plugin, RawResponse, Request, Response, field_map, field_str
 
@@ -81,6 +82,39 @@ def _refuse_compressed(stream: io.BufferedReader[_BodyReader]) -> None:
             )
 
 
+_GETS_SCHEMA = SqliteSchema(
+    1,
+    "CREATE TABLE IF NOT EXISTS gets (layer TEXT PRIMARY KEY, count INTEGER NOT NULL);",
+    label="the Docker graph plugin's gets",
+)
+
+
+class _Gets:
+    """How many of a layer's mounts are dockerd's (its Gets not yet put back), kept in SQLite
+    across restarts of dockerd and of the plugin; used on the store thread only."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.db, _ = sqlite_open(path, _GETS_SCHEMA)
+
+    def count(self, layer: str) -> int:
+        row = self.db.execute("SELECT count FROM gets WHERE layer=?", (layer,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def add(self, layer: str, n: int) -> None:
+        with sqlite_transaction(self.db):
+            self.db.execute(
+                "INSERT INTO gets (layer, count) VALUES (?, ?) "
+                "ON CONFLICT(layer) DO UPDATE SET count = count + excluded.count",
+                (layer, n),
+            )
+            self.db.execute("DELETE FROM gets WHERE layer=? AND count<=0", (layer,))
+
+    def forget(self, layer: str) -> None:
+        with sqlite_transaction(self.db):
+            self.db.execute("DELETE FROM gets WHERE layer=?", (layer,))
+
+
 def _metadata_value(value: object) -> str:
     if isinstance(value, str):
         return value
@@ -105,6 +139,12 @@ class GraphPlugin:
             "layers", lambda: open_store(root, driver, options, wait=wait)
         )
         self.store: LayerStore = self._owner.store
+        try:
+            where = root / "docker" / f"graph-{self.store.name}.db"
+            self._gets: _Gets = self._owner.call(_Gets, where)
+        except BaseException:
+            self._owner.close()
+            raise
         #: how an ApplyDiff opens a store of its own (the same root, driver and options)
         self._open: Callable[[], LayerStore] = lambda: open_store(
             root, self.store.name, options, wait=wait
@@ -112,7 +152,10 @@ class GraphPlugin:
 
     def close(self) -> None:
         """Let the call under way finish, then close the store (mounts stay)."""
-        self._owner.close()
+        try:
+            self._owner.call(self._gets.db.close)
+        finally:
+            self._owner.close()
 
     def _call(self, doing: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread; an OSError becomes a one-line store error."""
@@ -197,20 +240,57 @@ class GraphPlugin:
         return {}
 
     def remove(self, args: dict[str, Any]) -> Response:
+        """dockerd removes a layer once it is done with it: mounts of its own still counted
+        are those of a dockerd that died before it put them back (it never does, for the
+        containers it finds dead as it starts again), released first, as moby's drivers
+        remove a mounted layer. A mount someone else holds (``graphdriver mount``) still
+        refuses the removal."""
         layer_id = self._id(args)
-        # as with dockerd's own drivers, a layer already gone is removed
-        with contextlib.suppress(LayerNotFound):
-            self._call(f"remove layer {layer_id}", self.store.remove, layer_id)
+
+        def remove() -> None:
+            left = self._gets.count(layer_id)
+            if left and self.store.exists(layer_id):
+                mounted = int(str(self.store.metadata(layer_id)["mount_count"]))
+                if min(left, mounted):
+                    log.warning(
+                        "layer %s: releasing %d mount(s) dockerd never put back (it stopped "
+                        "before it did)",
+                        layer_id[:12],
+                        min(left, mounted),
+                    )
+                for _ in range(min(left, mounted)):
+                    self.store.put(layer_id)
+                    self._gets.add(layer_id, -1)  # (a removal refused after: none released twice)
+            # as with dockerd's own drivers, a layer already gone is removed
+            with contextlib.suppress(LayerNotFound):
+                self.store.remove(layer_id)
+            self._gets.forget(layer_id)
+
+        self._call(f"remove layer {layer_id}", remove)
         return {}
 
     def get(self, args: dict[str, Any]) -> Response:
         layer_id = self._id(args)
-        path = self._call(f"mount layer {layer_id}", self.store.get, layer_id)
-        return {"Dir": str(path)}
+
+        def get() -> Path:
+            path = self.store.get(layer_id)
+            try:
+                self._gets.add(layer_id, 1)
+            except BaseException:
+                self.store.put(layer_id)
+                raise
+            return path
+
+        return {"Dir": str(self._call(f"mount layer {layer_id}", get))}
 
     def put(self, args: dict[str, Any]) -> Response:
         layer_id = self._id(args)
-        self._call(f"unmount layer {layer_id}", self.store.put, layer_id)
+
+        def put() -> None:
+            self.store.put(layer_id)
+            self._gets.add(layer_id, -1)
+
+        self._call(f"unmount layer {layer_id}", put)
         return {}
 
     def exists(self, args: dict[str, Any]) -> Response:
@@ -227,7 +307,12 @@ class GraphPlugin:
         return {"Metadata": {k: _metadata_value(v) for k, v in meta.items() if v is not None}}
 
     def cleanup(self, args: dict[str, Any]) -> Response:
-        self._call("clean up the store", self.store.cleanup)
+        """dockerd's shutdown: nothing to unmount. It has put back what its stopped containers
+        got; what it keeps (live-restore) must stay mounted, and what others mounted is not
+        dockerd's (the store's ``cleanup`` unmounted both: a restored container's next Get
+        then made a second overlay on the same upper directory, and a ``graphdriver mount``
+        lost its mount under its user). moby's overlay2 and vfs unmount no layer either."""
+        log.info("Cleanup from dockerd: the layers' mounts stay")
         return {}
 
     def diff(self, args: dict[str, Any]) -> Response:
