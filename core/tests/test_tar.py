@@ -333,3 +333,27 @@ def test_a_sparse_map_with_a_negative_number_is_refused(regions: list[tuple[int,
     kept, "internal error"; without, write_regions looped for ever on the negative length."""
     with pytest.raises(ArchiveError, match="negative"):
         sparse.check_map(regions, 100, 8, "f")
+
+
+def test_the_end_of_input_at_a_header_ends_the_archive_but_not_after_an_extension() -> None:
+    """A tar without its end-of-archive marker is read to its last entry, as Go's archive/tar
+    (dockerd) reads it; the input ending inside an entry, or after an extended header that
+    has no entry yet, is still truncated."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("a", "b" * 120):  # b's long name: a PAX header before its entry
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+    data = buf.getvalue()
+    end = len(data.rstrip(b"\0"))
+    end += -end % 512
+    assert [(n, body) for n, _t, body in _read_all(data[:end])] == [
+        ("a", b"abc"),
+        ("b" * 120, b"abc"),
+    ]
+    with pytest.raises(ArchiveError, match="truncated tar: input ended inside"):
+        _read_all(data[: end - 100])
+    after_pax = 1024 + 1024  # a's header and data, then b's PAX header and its data
+    with pytest.raises(ArchiveError, match="ended after an extended header"):
+        _read_all(data[:after_pax])

@@ -97,6 +97,8 @@ class TarReader:
         self._data_left = 0  # data of the current entry not consumed yet
         self._pad = 0  # its padding
         self._globals: dict[str, bytes] = {}
+        #: the input ended where a header would start, with no end-of-archive marker
+        self.unmarked = False
         #: called with every byte read that is not a regular file's data (headers, extension
         #: data, padding, sparse maps, the end marker and what follows it, skipped data), in
         #: runs as long as the buffer allows, as a view the callee must copy: an exact diff's
@@ -212,6 +214,10 @@ class TarReader:
             if block is None:
                 if pax is not None:
                     headers.parse_pax(pax)  # a corrupt one says so, as it always did
+                if self.unmarked and (pax is not None or extended):
+                    raise ArchiveError(
+                        "truncated tar: input ended after an extended header, before its entry"
+                    )
                 self._flush_tap()
                 return
             first = False
@@ -245,9 +251,11 @@ class TarReader:
         """The next header block, or None at the end-of-archive marker."""
         block = self._read(BLOCK)
         if not block:
-            if first:  # a 0-byte layer.tar: old `docker save` wrote them (moby#18170)
-                return None
-            raise ArchiveError("truncated tar: input ended without the end-of-archive marker")
+            # the end of input where a header would start ends the archive, as Go's
+            # archive/tar reads it (dockerd applies such a tar, and old `docker save` wrote
+            # 0-byte layer.tars, moby#18170); a cut inside an entry is still refused
+            self.unmarked = not first
+            return None
         if len(block) != BLOCK:
             raise ArchiveError(f"truncated tar: input ended inside a header at byte {self.offset}")
         if block == _ZERO_BLOCK:

@@ -97,6 +97,10 @@ class ExactDiffCases(ConformanceBase):
             pax_headers={"comment": "a global header"},
         )
         tars["trailing-bytes"] = tars["tarfile-pax-global"] + b"\0" * 9216 + b"junk after the end"
+        pax_global = tars["tarfile-pax-global"]  # (its last entry a header that ends in zeros)
+        end = len(pax_global.rstrip(b"\0"))
+        # no end-of-archive marker: Go's archive/tar (dockerd) reads it, so does apply-diff
+        tars["no-end-marker"] = pax_global[: end + -end % 512]
         tars["empty"] = b"\0" * 1024
         tars["zero-bytes"] = b""
         with store.diff("source") as stream:
