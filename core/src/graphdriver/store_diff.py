@@ -32,10 +32,11 @@ class LayerDiffs:
         with diffs.change_source(_store(self), layer_id, parent) as (changes, _root, _kind):
             return changes
 
-    def diff_size(self, layer_id: str, parent: str | None = None) -> int:
-        """Bytes of file data that ``diff`` would carry; what ``apply_diff`` returns for it."""
+    def diff_size(self, layer_id: str, parent: str | None = None, *, links: bool = False) -> int:
+        """Bytes of file data that ``diff`` would carry; what ``apply_diff`` returns for it.
+        With *links*, symlinks' targets too (Docker's DiffSize: ``docker ps -s``)."""
         with diffs.change_source(_store(self), layer_id, parent) as (changes, root, _kind):
-            return archive.changes_size(root, changes)
+            return archive.changes_size(root, changes, links)
 
     def usage(self, layer_id: str) -> tuple[int, int]:
         """(bytes, inodes) of what the layer itself holds against its parent: the file data

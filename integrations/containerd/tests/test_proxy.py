@@ -93,6 +93,14 @@ def test_update_honours_the_field_mask(vfs: Proxy) -> None:
     got = vfs.stub.Update(pb.UpdateSnapshotRequest(info=info, update_mask=mask)).info
     assert dict(got.labels) == {"l1": "new"}
     assert got.updated_at != got.created_at
+    # a label of empty value is no label, as containerd's own store keeps them: set to ""
+    # by an Update it goes, and a presence filter does not see it
+    emptied = pb.Info(name="a", labels={"l1": "", "l4": ""})
+    mask = field_mask_pb2.FieldMask(paths=["labels.l1", "labels.l4"])
+    got = vfs.stub.Update(pb.UpdateSnapshotRequest(info=emptied, update_mask=mask)).info
+    assert dict(got.labels) == {}
+    vfs.prepare("b", l5="")
+    assert dict(vfs.stat("b").labels) == {} and vfs.list("labels.l5") == []
     bad = field_mask_pb2.FieldMask(paths=["parent"])
     with pytest.raises(grpc.RpcError) as exc:
         vfs.stub.Update(pb.UpdateSnapshotRequest(info=info, update_mask=bad))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -216,6 +217,24 @@ def test_broken_framing_closes_the_connection(plugin: VolumePlugin) -> None:
         sock.close()
     with plugin.connect() as conn:  # the server still serves
         assert conn.call("VolumeDriver.List")[0] == 200
+
+
+def test_a_malformed_request_line_gets_err_in_json(plugin: VolumePlugin) -> None:
+    """http.server's own refusals are JSON with Err like every other answer, not its HTML
+    error page."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(plugin.socket))
+    try:
+        sock.sendall(b"NOT A REQUEST LINE AT ALL\r\n\r\n")
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    finally:
+        sock.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"json" in head, got
+    assert json.loads(body)["Err"].startswith("bad request: "), got
 
 
 def test_restart_keeps_mount_counts(plugin: VolumePlugin) -> None:

@@ -443,8 +443,10 @@ def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
     return walk.result()
 
 
-def changes_size(root: str, changes: list[Change]) -> int:
-    """Bytes of file data that a diff of *changes* carries (each inode counted once)."""
+def changes_size(root: str, changes: list[Change], links: bool = False) -> int:
+    """Bytes of file data that a diff of *changes* carries (each inode counted once); with
+    *links*, a symlink's target too, as Docker's ``ChangesSize`` counts every non-directory's
+    size (``docker ps -s``)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for change in changes:
@@ -454,7 +456,7 @@ def changes_size(root: str, changes: list[Change]) -> int:
             st = os.lstat(root + change.path)
         except FileNotFoundError:
             continue
-        if not stat.S_ISREG(st.st_mode):
+        if not (stat.S_ISREG(st.st_mode) or (links and stat.S_ISLNK(st.st_mode))):
             continue
         if st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)

@@ -138,6 +138,9 @@ def _info(snap: Snapshot) -> Info:
 
 
 def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """*labels* checked as containerd checks them, without those of empty value: containerd's
+    own store (``boltutil.writeMap``) drops them, so that ``labels.x`` of a filter does not
+    match a label set to ""; an Update that sets one to "" removes it."""
     for key, value in labels.items():
         if not key:
             raise InvalidArgumentError("label key must not be empty")
@@ -146,7 +149,7 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
                 f"label key and value greater than maximum size ({MAX_LABEL} bytes), key: "
                 f"{key[:64]!r}"
             )
-    return dict(labels)
+    return {key: value for key, value in labels.items() if value}
 
 
 def _now_ns() -> int:

@@ -335,7 +335,11 @@ class GraphPlugin:
 
     def diff_size(self, args: dict[str, Any]) -> Response:
         layer_id, parent = self._id(args), self._parent(args)
-        size = self._call(f"diff size of layer {layer_id}", self.store.diff_size, layer_id, parent)
+        # a symlink counts its target, as in moby's ChangesSize and overlay2's DiffSize
+        size = self._call(
+            f"diff size of layer {layer_id}",
+            lambda: self.store.diff_size(layer_id, parent, links=True),
+        )
         return {"Size": size}
 
     def apply_diff(self, request: Request) -> Response:

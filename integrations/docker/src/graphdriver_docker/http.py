@@ -17,6 +17,7 @@ such as GraphDriver's Diff).
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -189,10 +190,19 @@ def field_map(args: Mapping[str, Any], key: str) -> dict[str, str]:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as dockerd's client expects
+    #: what a request line that cannot be parsed is answered in (http.server's 0.9: a bare body)
+    default_request_version = "HTTP/1.1"
     server: PluginServer
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s", format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, a header too long) answered
+        as every other one is, with ``Err`` in JSON, not an HTML page; the connection closes."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):  # the client is gone
+            self._send_json(code, {"Err": f"bad request: {message or explain or code}"})
 
     def _send(self, status: int, content_type: str, data: bytes) -> None:
         self.send_response(status)
@@ -213,9 +223,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for chunk in response.chunks:
                 if chunk:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("%s: the client left before the end of the answer", self.path)
+            self.close_connection = True
+            return
         except Exception:
             # the status is sent: cutting the stream short (no last chunk) is how the client
-            # learns of the failure (or the client went away)
+            # learns of the failure
             log.exception("%s failed while streaming its answer", self.path)
             self.close_connection = True
             return
