@@ -212,13 +212,7 @@ class TarReader:
                     headers.parse_pax(pax)
                 raise
             if block is None:
-                if pax is not None:
-                    headers.parse_pax(pax)  # a corrupt one says so, as it always did
-                if self.unmarked and (pax is not None or extended):
-                    raise ArchiveError(
-                        "truncated tar: input ended after an extended header, before its entry"
-                    )
-                self._flush_tap()
+                self._ended(pax, extended)
                 return
             first = False
             if plain is not None and not extended and not self._globals:
@@ -246,6 +240,17 @@ class TarReader:
             yield self._entry(block, typeflag, size, ext)
             ext = headers.Extensions()
             extended = False
+
+    def _ended(self, pax: bytes | None, extended: bool) -> None:
+        """The archive ended: a PAX header read but not parsed (*pax*), or an extended
+        header's entry never come (*extended*), with no end marker, is a truncated tar."""
+        if pax is not None:
+            headers.parse_pax(pax)  # a corrupt one says so, as it always did
+        if self.unmarked and (pax is not None or extended):
+            raise ArchiveError(
+                "truncated tar: input ended after an extended header, before its entry"
+            )
+        self._flush_tap()
 
     def _header(self, first: bool) -> bytes | None:
         """The next header block, or None at the end-of-archive marker."""

@@ -16,29 +16,12 @@ from .. import LayerStore
 from .base import APPLIES, ConformanceBase
 from .groups import group
 from .require import needs_root
+from .tars import edge_tars, tarfile_tar
 from .trees import make_rich, random_content
 
 
 def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _tarfile(*members: tuple[str, bytes, bytes | None], **kw: object) -> bytes:
-    """A tar written by Python's tarfile: (name, type, data or link name) in the order given."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", **kw) as tf:  # type: ignore[call-overload]
-        for name, kind, data in members:
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            info.mtime = 1_600_000_000
-            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-            if kind in (tarfile.LNKTYPE, tarfile.SYMTYPE):
-                info.linkname = (data or b"").decode()
-                data = None
-            if data is not None:
-                info.size = len(data)
-            tf.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
 
 
 def _gnu_tar(src: Path, *args: str) -> bytes:
@@ -80,29 +63,7 @@ class ExactDiffCases(ConformanceBase):
             }
         tars["gnu-tar-sparse"] = _gnu_tar(sparse, "--format=pax", "-S")
         tars["gnu-tar-sparse-gnu"] = _gnu_tar(sparse, "--format=gnu", "-S")
-        tars["tarfile-odd"] = _tarfile(  # no directory entries, odd names, not sorted
-            ("/etc/hostname", tarfile.REGTYPE, b"box\n"),
-            ("./usr/bin/tool", tarfile.REGTYPE, random_content(70_000, 5)),
-            ("usr/bin/alias", tarfile.LNKTYPE, b"usr/bin/tool"),
-            ("./", tarfile.DIRTYPE, None),
-            ("a/" + "long-name-" * 20, tarfile.REGTYPE, b"long"),
-            ("a/sym", tarfile.SYMTYPE, b"../etc/hostname"),
-            format=tarfile.GNU_FORMAT,
-        )
-        tars["tarfile-pax-global"] = _tarfile(
-            ("dir", tarfile.DIRTYPE, None),
-            ("dir/f", tarfile.REGTYPE, b"x" * 513),
-            ("dir/empty", tarfile.REGTYPE, b""),
-            format=tarfile.PAX_FORMAT,
-            pax_headers={"comment": "a global header"},
-        )
-        tars["trailing-bytes"] = tars["tarfile-pax-global"] + b"\0" * 9216 + b"junk after the end"
-        pax_global = tars["tarfile-pax-global"]  # (its last entry a header that ends in zeros)
-        end = len(pax_global.rstrip(b"\0"))
-        # no end-of-archive marker: Go's archive/tar (dockerd) reads it, so does apply-diff
-        tars["no-end-marker"] = pax_global[: end + -end % 512]
-        tars["empty"] = b"\0" * 1024
-        tars["zero-bytes"] = b""
+        tars.update(edge_tars())
         with store.diff("source") as stream:
             tars["our-own"] = stream.read()
         for i, (name, applied) in enumerate(tars.items()):
@@ -131,7 +92,7 @@ class ExactDiffCases(ConformanceBase):
     @group("streams")
     def test_exact_diff_of_a_child_with_whiteouts(self, store: LayerStore) -> None:
         needs_root(APPLIES)
-        parent = _tarfile(
+        parent = tarfile_tar(
             ("a", tarfile.DIRTYPE, None),
             ("a/x", tarfile.REGTYPE, b"x"),
             ("a/y", tarfile.REGTYPE, b"y"),
@@ -143,7 +104,7 @@ class ExactDiffCases(ConformanceBase):
             ("keep", tarfile.REGTYPE, b"keep"),
             format=tarfile.PAX_FORMAT,
         )
-        child = _tarfile(
+        child = tarfile_tar(
             ("a/.wh.x", tarfile.REGTYPE, b""),
             (".wh.d", tarfile.REGTYPE, b""),
             ("e", tarfile.DIRTYPE, None),
@@ -177,24 +138,24 @@ class ExactDiffCases(ConformanceBase):
         opaque, which overlayfs ignores: the parent's names showed through."""
         needs_root(APPLIES)
         dir_, reg = tarfile.DIRTYPE, tarfile.REGTYPE
-        bottom = _tarfile(
+        bottom = tarfile_tar(
             (".wh.none", reg, b""), ("d", dir_, None), ("d/.wh.none", reg, b""),
             format=tarfile.PAX_FORMAT,
         )  # fmt: skip
-        parent = _tarfile(
+        parent = tarfile_tar(
             ("a", dir_, None), ("a/keep", reg, b"k"), ("b", dir_, None), ("b/x", reg, b"x"),
             ("f", reg, b"f"), format=tarfile.PAX_FORMAT,
         )  # fmt: skip
-        child = _tarfile(
+        child = tarfile_tar(
             ("new", dir_, None), ("new/.wh.none", reg, b""), ("new/f", reg, b"f"),
             ("a/sub", dir_, None), ("a/sub/.wh.none", reg, b""), ("a/.wh.none", reg, b""),
             (".wh.none", reg, b""), format=tarfile.PAX_FORMAT,
         )  # fmt: skip
-        opaque_root = _tarfile(
+        opaque_root = tarfile_tar(
             (".wh..wh..opq", reg, b""), ("a", dir_, None), ("a/n", reg, b"n"), ("c", reg, b"c"),
             format=tarfile.PAX_FORMAT,
         )  # fmt: skip
-        on_top = _tarfile(("top", reg, b"t"), format=tarfile.PAX_FORMAT)
+        on_top = tarfile_tar(("top", reg, b"t"), format=tarfile.PAX_FORMAT)
         layers = [
             ("bottom", None, bottom, ["d"]),
             ("parent", None, parent, ["a", "a/keep", "b", "b/x", "f"]),
@@ -223,12 +184,12 @@ class ExactDiffCases(ConformanceBase):
         vfs the parent's files in a directory the tar wrote into."""
         needs_root(APPLIES)
         dir_, reg = tarfile.DIRTYPE, tarfile.REGTYPE
-        parent = _tarfile(
+        parent = tarfile_tar(
             ("d", dir_, None), ("d/sub", dir_, None), ("d/sub/t", reg, b"t"),
             ("d/sub/o", reg, b"o"), ("d/x", reg, b"x"), ("d/keep", dir_, None),
             ("d/keep/k", reg, b"k"), format=tarfile.PAX_FORMAT,
         )  # fmt: skip
-        child = _tarfile(
+        child = tarfile_tar(
             ("d", dir_, None), ("d/new", reg, b"n"), ("d/link", tarfile.LNKTYPE, b"d/sub/t"),
             ("d/e/.wh.none", reg, b""), ("d/keep/mine", reg, b"m"), ("d/.wh.x", reg, b""),
             ("d/.wh..wh..opq", reg, b""), format=tarfile.PAX_FORMAT,
@@ -251,12 +212,12 @@ class ExactDiffCases(ConformanceBase):
         their ctimes: the diff was generated, and its digest was another."""
         needs_root(APPLIES)
         dir_, reg = tarfile.DIRTYPE, tarfile.REGTYPE
-        parent = _tarfile(
+        parent = tarfile_tar(
             ("usr", dir_, None), ("usr/bin", dir_, None), ("usr/bin/a", reg, b"a"),
             ("etc", dir_, None), ("etc/deep", dir_, None), ("etc/deep/conf", reg, b"c"),
             format=tarfile.PAX_FORMAT,
         )  # fmt: skip
-        child = _tarfile(
+        child = tarfile_tar(
             ("usr", dir_, None), ("usr/bin", dir_, None), ("usr/bin/b", reg, b"b"),
             ("etc/deep/new", reg, b"n"), ("etc/link", tarfile.LNKTYPE, b"usr/bin/a"),
             format=tarfile.PAX_FORMAT,
@@ -274,7 +235,7 @@ class ExactDiffCases(ConformanceBase):
     @group("streams")
     def test_a_changed_layer_gets_a_generated_diff(self, store: LayerStore) -> None:
         needs_root(APPLIES)
-        applied = _tarfile(
+        applied = tarfile_tar(
             ("dir", tarfile.DIRTYPE, None),
             ("dir/file", tarfile.REGTYPE, b"0123456789"),
             ("other", tarfile.REGTYPE, b"other"),
@@ -319,7 +280,7 @@ class ExactDiffCases(ConformanceBase):
     @group("streams")
     def test_a_tar_that_overwrites_itself_has_no_record(self, store: LayerStore) -> None:
         needs_root(APPLIES)
-        applied = _tarfile(
+        applied = tarfile_tar(
             ("f", tarfile.REGTYPE, b"first"),
             ("f", tarfile.REGTYPE, b"second"),
             format=tarfile.PAX_FORMAT,
@@ -335,8 +296,8 @@ class ExactDiffCases(ConformanceBase):
     @group("streams")
     def test_a_record_goes_with_its_layer(self, store: LayerStore) -> None:
         needs_root(APPLIES)
-        first = _tarfile(("f", tarfile.REGTYPE, b"first"), format=tarfile.GNU_FORMAT)
-        second = _tarfile(("g", tarfile.REGTYPE, b"second"), format=tarfile.PAX_FORMAT)
+        first = tarfile_tar(("f", tarfile.REGTYPE, b"first"), format=tarfile.GNU_FORMAT)
+        second = tarfile_tar(("g", tarfile.REGTYPE, b"second"), format=tarfile.PAX_FORMAT)
         store.create("L")
         store.apply("L", io.BytesIO(first))
         store.remove("L")
@@ -354,7 +315,7 @@ class ExactDiffCases(ConformanceBase):
         """A chown or an xattr changes only a directory's ctime, which the record does not
         check: the applied tar's header (old owner, no xattr) must not be replayed as exact."""
         needs_root(APPLIES)
-        applied = _tarfile(
+        applied = tarfile_tar(
             ("dir", tarfile.DIRTYPE, None),
             ("dir/file", tarfile.REGTYPE, b"0123456789"),
             format=tarfile.PAX_FORMAT,
@@ -460,8 +421,8 @@ class ExactDiffCases(ConformanceBase):
         the applied tar. Overlay on Linux 6.6+ (uuid=auto) wrote ``trusted.overlay.uuid`` on
         a new upper dir's root at its first mount, whose ctime then said the layer changed."""
         needs_root(APPLIES)
-        parent = _tarfile(("f", tarfile.REGTYPE, b"lower"), format=tarfile.PAX_FORMAT)
-        child = _tarfile(("g", tarfile.REGTYPE, b"upper"), format=tarfile.PAX_FORMAT)
+        parent = tarfile_tar(("f", tarfile.REGTYPE, b"lower"), format=tarfile.PAX_FORMAT)
+        child = tarfile_tar(("g", tarfile.REGTYPE, b"upper"), format=tarfile.PAX_FORMAT)
         store.create("parent")
         store.apply("parent", io.BytesIO(parent))
         store.create("child", "parent")
@@ -480,13 +441,13 @@ class ExactDiffCases(ConformanceBase):
         btrfs) the walk lists every name of that inode, and the one the tar never named
         cost the layer its exact diff. A link made after apply is still noticed."""
         needs_root(APPLIES)
-        parent = _tarfile(
+        parent = tarfile_tar(
             ("a", tarfile.REGTYPE, b"shared"),
             ("b", tarfile.LNKTYPE, b"a"),
             ("solo", tarfile.REGTYPE, b"alone"),
             format=tarfile.PAX_FORMAT,
         )
-        child = _tarfile(("new", tarfile.LNKTYPE, b"a"), format=tarfile.PAX_FORMAT)
+        child = tarfile_tar(("new", tarfile.LNKTYPE, b"a"), format=tarfile.PAX_FORMAT)
         store.create("parent")
         store.apply("parent", io.BytesIO(parent))
         store.create("child", "parent")
