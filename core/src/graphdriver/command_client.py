@@ -14,7 +14,8 @@ would, with this process's limits, and this process exits with its status; a sig
 (``nohup``). Without a server, when the socket is not served by this user or root, when a
 standard stream is closed, or when the server refuses (another user, less privileges,
 another namespace, another installation of graphdriver), the command runs here, as it
-always did.
+always did; but never once the request has all gone and no answer came (the server stopped, a
+worker killed): a worker may have run it, so the client says so and exits 1.
 
 Only the standard library's C modules are imported before the command is sent: the point is
 to start fast.
@@ -324,7 +325,7 @@ def _through_server(path: str, quiet: bool = False) -> int | None:
             forward.held.append(stop.signum)
             asked = _stop_asking(sock) if forward.sent else False
         # the answer is taken now, signals held until it says whether a worker runs
-        status = _answered(sock, _available(sock) if asked else b"", forward, quiet)
+        status = _answered(sock, _available(sock) if asked else b"", forward, quiet, asked)
     finally:
         forward.restore()
         sock.close()
@@ -373,11 +374,15 @@ def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> boo
         forward.sent = True
         sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         sock.sendall(data[sent:])
-        sock.recv(_ANSWER, _socket.MSG_PEEK | _socket.MSG_WAITALL)
     except OSError:
-        return False
+        return False  # the request did not all go: no worker can run it
     finally:
         os.close(cwd)
+    # from now on a worker may run the command: what comes (or nothing) is the answer
+    try:  # noqa: SIM105 - contextlib is an import this module does without
+        sock.recv(_ANSWER, _socket.MSG_PEEK | _socket.MSG_WAITALL)
+    except OSError:
+        pass
     return True
 
 
@@ -413,9 +418,14 @@ def _available(sock: _socket.socket, flags: int = 0) -> bytes:
         sock.setblocking(True)
 
 
-def _answered(sock: _socket.socket, head: bytes, forward: _Forward, quiet: bool) -> int | None:
+def _answered(
+    sock: _socket.socket, head: bytes, forward: _Forward, quiet: bool, asked: bool = True
+) -> int | None:
     """What to do on the answer that starts with *head*: wait for the worker that runs the
-    command, or None to run it here (refused, or no server)."""
+    command, or None to run it here (refused, or no server). Once a request has all gone
+    (*asked*), no answer at all is never a reason to run the command here: a worker may
+    have run it (it says so before it runs, but an answer lost on the way would make the
+    command run twice)."""
     try:
         if len(head) < _ANSWER and head[:1] in (b"P", b"S"):
             head += _read(sock, _ANSWER - len(head))  # sent at once: the rest is there
@@ -431,6 +441,9 @@ def _answered(sock: _socket.socket, head: bytes, forward: _Forward, quiet: bool)
         return _status(sock, None)
     if head[:1] == b"S":  # a worker killed before it could say it runs: it ran nothing
         return _status(sock, head[:1], head[1:])
+    if not head and asked:  # the request went, and no answer came: it may have run there
+        _say("the command server stopped before it answered; the command may have run")
+        return 1
     if head[:1] == b"R" and not forward.held and not quiet:
         _say(f"the command server refused ({head[1:].decode(errors='replace')}); running here")
     return None
