@@ -249,6 +249,23 @@ def _refused(proxy: Proxy, *args: str) -> str:
     return out.stderr.removeprefix("graphdriver: error: ").strip()
 
 
+def test_a_stopped_proxys_held_layer_is_the_users_to_mount_and_unmount(vfs: Proxy) -> None:
+    """With the proxy stopped and its counts reset (a cleanup, a reboot), a mount of the
+    layer of a held snapshot is the user's, and so is its unmount (it was refused as the
+    proxy's); the proxy serves and removes the snapshot as before."""
+    vfs.prepare("a")
+    layer = _layer_of(vfs, "a")
+    assert vfs.stop() == 0
+    for verb in (["cleanup"], ["mount", layer], ["umount", layer]):
+        done = subprocess.run(vfs.command(*verb), capture_output=True, text=True)
+        assert done.returncode == 0, (verb, done.stderr)
+    vfs.start()
+    [m] = vfs.mounts("a")
+    assert Path(m.source).is_dir()  # type: ignore[attr-defined]
+    vfs.remove("a")
+    assert layer not in vfs.layers()
+
+
 @pytest.mark.parametrize("kind", ["active", "view", "committed"])
 def test_the_cli_never_removes_a_snapshots_layer(overlay: Proxy, kind: str) -> None:
     """`graphdriver rm` of the layer of a snapshot containerd has: refused in one line (it

@@ -17,7 +17,8 @@ from graphdriver_containerd.re2 import Unsupported, compile_re2
 SAMPLES = [
     "rx816c123", "abc", "ABC", "a{,3}", "x", "xyz", "", "a.b", "ab\n", "ab", "a-b", "a]b",
     "[x", "é", "A1_", "1", "  ", "\t", "a*", "aaa", "Abc\nx", "ctd-1", "k8s.io/x",
-    "sha256:ab", "a|b", "q.e", "\x01", "café", "a&b", "~", "٣",
+    "sha256:ab", "a|b", "q.e", "\x01", "café", "a&b", "~", "٣", "éb", "b\n", "xm\n",
+    "\u212a", "\u017f", "a$", "a$$",
 ]  # fmt: skip
 #: what Go and Python both take but read differently, and what both read alike
 PATTERNS = [
@@ -28,6 +29,8 @@ PATTERNS = [
     r"^$", r"[[:alpha:][:digit:]]+", r"[[:punct:]]", r"[[:space:]]", r"(?i:ABC)", r"[\s]",
     r"\bab\b", r"(a)(?:b)", r"é", r"caf\x{e9}", r"[a-c-e]", r"[a\-z]", r"a|", r"|a", r"()",
     r"(?i)", r"\.", r"\-", r"[|]", r"[~]", r"(?i)k8s|SHA", r"(?-s:a.b)", r"x{0}", r"\A\w",
+    r"(?m:a)b$", r"(?m:^a$)|b$", r"x\(?m$", r"(?m)a$|(?-m:b$)", r"\bb", r"\b", r"a\Bb",
+    r"\Qa$\E?", r"\Qa$\E+$", r"(?i)\w+", r"(?i)k", r"(?i)\W",
 ]  # fmt: skip
 #: what Go refuses, and so does the proxy
 REFUSED_BY_GO = [

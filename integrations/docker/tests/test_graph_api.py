@@ -197,6 +197,25 @@ def test_remove_releases_only_dockerds_mounts_and_cleanup_unmounts_nothing(
     ok(conn, "Remove", {"ID": IMAGE})
 
 
+def test_gets_of_a_boot_before_are_not_dockerds_any_more(plugin: GraphPlugin) -> None:
+    """A reboot took dockerd's mounts: a mount taken since (`graphdriver mount`) is not one
+    of them, and still refuses the removal (dockerd's Gets of the boot before released it)."""
+    import sqlite3
+
+    with plugin.connect() as conn:
+        ok(conn, "Create", {"ID": IMAGE})
+        ok(conn, "Get", {"ID": IMAGE})
+    assert plugin.stop() == 0
+    with sqlite3.connect(plugin.root / "docker" / "graph-vfs.db") as db:
+        db.execute("UPDATE gets SET boot='a boot before'")  # what a reboot makes of them
+    subprocess.run(plugin.command("cleanup"), check=True)  # (what the reboot took)
+    subprocess.run(plugin.command("mount", IMAGE), check=True, capture_output=True)
+    plugin.start()
+    with plugin.connect() as conn:
+        assert "is mounted (1 reference(s))" in err(conn, "Remove", {"ID": IMAGE})
+    subprocess.run(plugin.command("umount", IMAGE), check=True)
+
+
 def test_diff_then_apply_diff_round_trip(plugin: GraphPlugin, conn: UnixConnection) -> None:
     """Diff of a layer, ApplyDiff of that tar (chunked, ?id=&parent=) into a fresh layer:
     Size is the bodies' bytes, DiffSize those and the symlinks' targets, and the applied

@@ -9,6 +9,9 @@ What differs, and how it is handled:
   to Python), ASCII-only ``\\d``, ``\\w`` and ``\\s`` (Unicode to Python): translated.
 - **Python has, Go refuses:** lookarounds, backreferences, atomic groups, conditionals,
   comments, possessive repetitions (``a*+``): refused, as containerd refuses them.
+- **Read alike but for a fold:** with ``(?i)``, Python's case folding takes the dotless i and
+  the dotted I (U+0131, U+0130) for i and I, which Go's simple folding does not (Kelvin's K
+  and the long s fold alike in both).
 - **Go has, Python cannot say:** Unicode classes (``\\pL``), negated POSIX classes, the
   ungreedy flag ``U``, flags set within a sequence (``a(?i)b``): refused, saying so
   (containerd would take them).
@@ -37,6 +40,9 @@ _POSIX = {
 }
 #: Go's Perl classes (ASCII), in brackets and alone
 _PERL = {"d": "0-9", "w": "0-9A-Za-z_", "s": "\\t\\n\\f\\r "}
+_W = "[0-9A-Za-z_]"
+_BOUNDARY = f"(?-i:(?<={_W})(?!{_W})|(?<!{_W})(?={_W}))"
+_NOT_BOUNDARY = f"(?-i:(?<={_W})(?={_W})|(?<!{_W})(?!{_W}))"
 _REPEAT = re.compile(r"\{(\d+)(,(\d*))?\}")
 _OCTAL = re.compile(r"[0-7]{1,3}")
 _GROUP_REFUSED = {
@@ -74,9 +80,9 @@ class _Translation:
         #: the depths at which a Go ``(?flags)`` opened a Python ``(?flags:``, closed at the
         #: end of that group (Go's flags last to the end of the group they are set in)
         self.flag_groups: list[int] = []
-        # Go's $ is the text's end (\z) but in multi-line mode; Python's also matches before a
-        # final newline
-        self.multiline = bool(re.search(r"\(\?[a-zA-Z]*m", pattern))
+        #: whether Go's multi-line mode is on, per group open: Go's $ is the text's end (\z)
+        #: but in multi-line mode; Python's also matches before a final newline
+        self.multiline = [False]
 
     def run(self) -> str:
         while self.pos < len(self.src):
@@ -94,12 +100,14 @@ class _Translation:
                 self.pos += 1
                 self.out.append(self.close(self.depth) + ")")
                 self.depth -= 1
+                if len(self.multiline) > 1:
+                    self.multiline.pop()
                 self.repeatable = True
             elif ch in "*+?{":
                 self.out.append(self.repetition(ch))
             else:
                 self.pos += 1
-                self.out.append(r"\Z" if ch == "$" and not self.multiline else ch)
+                self.out.append(r"\Z" if ch == "$" and not self.multiline[-1] else ch)
                 self.repeatable = ch != "|"
         return "".join(self.out) + self.close(0)
 
@@ -141,6 +149,7 @@ class _Translation:
         self.fresh = True
         if not self.src.startswith("?", self.pos):
             self.depth += 1
+            self.multiline.append(self.multiline[-1])
             return "("
         rest = self.src[self.pos + 1 :]
         for opener, what in _GROUP_REFUSED.items():
@@ -150,6 +159,7 @@ class _Translation:
         if named is not None:  # Go's (?<name>...) too; Python 3.11 has (?P<name>...) only
             self.pos += 1 + named.end()
             self.depth += 1
+            self.multiline.append(self.multiline[-1])
             return f"(?P<{named.group(1)}>"
         m = re.match(r"([a-zA-Z]*)(?:-([a-zA-Z]*))?([:)])", rest)
         if m is None:
@@ -157,8 +167,10 @@ class _Translation:
         if set(m.group(1) + (m.group(2) or "")) - set("ims"):
             raise Unsupported(f"flags {m.group()[:-1]!r}: Go's U (ungreedy) has no equivalent")
         self.pos += 1 + m.end()
+        multiline = ("m" in m.group(1) or self.multiline[-1]) and "m" not in (m.group(2) or "")
         if m.group(3) == ":":
             self.depth += 1
+            self.multiline.append(multiline)
             return "(?" + m.group()
         # (?flags): to the end of the enclosing group, so only where that is what Python's
         # (?flags: ... ) would hold: at the start of a group or of an alternative
@@ -166,6 +178,7 @@ class _Translation:
             raise Unsupported(f"flags {m.group()!r} within a sequence: not supported here")
         self.fresh = True
         self.flag_groups.append(self.depth)
+        self.multiline[-1] = multiline  # to the end of the enclosing group
         return "(?" + m.group()[:-1] + ":"
 
     def escape(self, in_class: bool) -> str:
@@ -178,13 +191,15 @@ class _Translation:
             end = src.find("\\E", self.pos)
             literal = src[self.pos :] if end < 0 else src[self.pos : end]
             self.pos = len(src) if end < 0 else end + 2
-            return "(?:" + re.escape(literal) + ")" if literal else ""
-        if ch in _PERL:
+            return re.escape(literal)  # atoms: a repetition after it takes the last, as in Go
+        if ch in _PERL:  # ASCII (with (?i), what folds into it: Kelvin's K, the long s)
             return _PERL[ch] if in_class else f"[{_PERL[ch]}]"
         if ch in "DWS":
             if in_class:
                 raise Unsupported(f"\\{ch} in brackets: not translated here")
             return f"[^{_PERL[ch.lower()]}]"
+        if ch in "bB" and not in_class:  # Go's word boundaries are ASCII ones
+            return _BOUNDARY if ch == "b" else _NOT_BOUNDARY
         if ch == "z" and not in_class:
             return r"\Z"
         if ch == "x" and not src.startswith("{", self.pos):
@@ -211,7 +226,7 @@ class _Translation:
             raise Unsupported(f"backreferences are not in Go's regular expressions: \\{ch}")
         if ch in "pP":
             raise Unsupported(f"\\{ch} (a Unicode class) is not supported here")
-        if ch in "aftnrv" or (ch in "AbB" and not in_class) or (ch.isascii() and not ch.isalnum()):
+        if ch in "aftnrv" or (ch == "A" and not in_class) or (ch.isascii() and not ch.isalnum()):
             return "\\" + ch
         raise Unsupported(f"invalid escape sequence \\{ch}")
 

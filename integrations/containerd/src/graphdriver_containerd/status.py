@@ -54,13 +54,18 @@ def _proxy(lock: Path) -> str:
 @contextlib.contextmanager
 def _catalog(path: Path) -> Iterator[sqlite3.Connection]:
     """The catalogue, read-only; where SQLite cannot map its ``-shm`` (a full disk and no
-    proxy), read as a file no one changes (no proxy writes it then)."""
+    proxy) and no ``-wal`` holds changes the file lacks, read as a file no one changes (no
+    proxy writes it then); else the error (the caller refuses: it cannot tell)."""
     import sqlite3
 
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         db.execute("SELECT count(*) FROM snapshots")
     except sqlite3.Error:
+        db.close()
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise
         db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
     with contextlib.closing(db):
         yield db
@@ -94,10 +99,10 @@ def graphdriver_status(store: LayerStore) -> Sequence[tuple[str, str]] | None:
 
 @hookimpl
 def graphdriver_releasing(store: LayerStore, what: str, layer_id: str | None) -> None:
-    """Refuse, but in the proxy itself: the removal of a snapshot's layer, the last unmount
-    of the mount the proxy holds for one (a container binds it: the proxy's Mounts would make
-    it again, a second overlay on the same upper directory), and a cleanup while a running
-    proxy holds such mounts."""
+    """Refuse, but in the proxy itself: the removal of a snapshot's layer, and while a proxy
+    runs (its references are counted then: it takes them again as it starts) the last
+    unmount of the mount it holds for one (a container binds it: the proxy's Mounts would make
+    it again, a second overlay on the same upper directory) and a cleanup of such mounts."""
     import sqlite3
 
     from graphdriver import LayerInUse
@@ -109,8 +114,10 @@ def graphdriver_releasing(store: LayerStore, what: str, layer_id: str | None) ->
         labels = store.metadata(layer_id).get("labels")
         if not isinstance(labels, dict) or OWNER_LABEL not in labels:
             return  # not the proxy's
-    elif _proxy(db_path.parent / "serve.lock") == "not running":
-        return  # a stopped proxy mounts again what it holds when it starts (after a reboot)
+    if what != "remove" and _proxy(db_path.parent / "serve.lock") == "not running":
+        # a stopped proxy mounts again, as it starts, what it holds and finds unmounted (as
+        # after a reboot or a cleanup, which reset the counts: the one left may be a user's)
+        return
     try:
         found = _in_the_way(db_path, what, layer_id)
     except sqlite3.Error as exc:  # unreadable: it may be in use

@@ -84,29 +84,51 @@ def _refuse_compressed(stream: io.BufferedReader[_BodyReader]) -> None:
 
 _GETS_SCHEMA = SqliteSchema(
     1,
-    "CREATE TABLE IF NOT EXISTS gets (layer TEXT PRIMARY KEY, count INTEGER NOT NULL);",
+    "CREATE TABLE IF NOT EXISTS gets "
+    "(layer TEXT PRIMARY KEY, count INTEGER NOT NULL, boot TEXT NOT NULL);",
     label="the Docker graph plugin's gets",
 )
 
 
+def _boot() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
 class _Gets:
     """How many of a layer's mounts are dockerd's (its Gets not yet put back), kept in SQLite
-    across restarts of dockerd and of the plugin; used on the store thread only."""
+    across restarts of dockerd and of the plugin (not of the machine: a reboot took every
+    mount); used on the store thread only. Never more than the store counts (brought down to
+    its counts as the plugin starts and at each Get and Put). A ``graphdriver cleanup`` while
+    dockerd has layers mounted takes them from under its containers, and its counts with
+    them: a Get dockerd still counts then may release a mount someone takes after it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, store: LayerStore) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.db, _ = sqlite_open(path, _GETS_SCHEMA)
+        self.store, self.boot = store, _boot()
+        with sqlite_transaction(self.db):  # a reboot took every mount: no Get is left
+            self.db.execute("DELETE FROM gets WHERE boot!=?", (self.boot,))
+        for (layer,) in self.db.execute("SELECT layer FROM gets").fetchall():
+            self.add(layer, 0)
+
+    def _mounted(self, layer: str) -> int:
+        if not self.store.exists(layer):
+            return 0
+        return int(str(self.store.metadata(layer)["mount_count"]))
 
     def count(self, layer: str) -> int:
         row = self.db.execute("SELECT count FROM gets WHERE layer=?", (layer,)).fetchone()
         return 0 if row is None else int(row[0])
 
     def add(self, layer: str, n: int) -> None:
+        """*n* more of *layer*'s mounts are dockerd's, at most as many as the store counts."""
+        cap = self._mounted(layer)
         with sqlite_transaction(self.db):
             self.db.execute(
-                "INSERT INTO gets (layer, count) VALUES (?, ?) "
-                "ON CONFLICT(layer) DO UPDATE SET count = count + excluded.count",
-                (layer, n),
+                "INSERT INTO gets (layer, count, boot) VALUES (?, min(?, ?), ?) ON "
+                "CONFLICT(layer) DO UPDATE SET count = min(count + excluded.count, ?)",
+                (layer, n, cap, self.boot, cap),
             )
             self.db.execute("DELETE FROM gets WHERE layer=? AND count<=0", (layer,))
 
@@ -141,7 +163,7 @@ class GraphPlugin:
         self.store: LayerStore = self._owner.store
         try:
             where = root / "docker" / f"graph-{self.store.name}.db"
-            self._gets: _Gets = self._owner.call(_Gets, where)
+            self._gets: _Gets = self._owner.call(_Gets, where, self.store)
         except BaseException:
             self._owner.close()
             raise
