@@ -112,7 +112,8 @@ class _Gets:
         for (layer,) in self.db.execute("SELECT layer FROM gets").fetchall():
             self.add(layer, 0)
 
-    def _mounted(self, layer: str) -> int:
+    def mounted(self, layer: str) -> int:
+        """The store's count of *layer*'s mounts (0 for a layer it does not have)."""
         if not self.store.exists(layer):
             return 0
         return int(str(self.store.metadata(layer)["mount_count"]))
@@ -123,7 +124,7 @@ class _Gets:
 
     def add(self, layer: str, n: int) -> None:
         """*n* more of *layer*'s mounts are dockerd's, at most as many as the store counts."""
-        cap = self._mounted(layer)
+        cap = self.mounted(layer)
         with sqlite_transaction(self.db):
             self.db.execute(
                 "INSERT INTO gets (layer, count, boot) VALUES (?, min(?, ?), ?) ON "
@@ -270,19 +271,17 @@ class GraphPlugin:
         layer_id = self._id(args)
 
         def remove() -> None:
-            left = self._gets.count(layer_id)
-            if left and self.store.exists(layer_id):
-                mounted = int(str(self.store.metadata(layer_id)["mount_count"]))
-                if min(left, mounted):
-                    log.warning(
-                        "layer %s: releasing %d mount(s) dockerd never put back (it stopped "
-                        "before it did)",
-                        layer_id[:12],
-                        min(left, mounted),
-                    )
-                for _ in range(min(left, mounted)):
-                    self.store.put(layer_id)
-                    self._gets.add(layer_id, -1)  # (a removal refused after: none released twice)
+            left = min(self._gets.count(layer_id), self._gets.mounted(layer_id))
+            if left:
+                log.warning(
+                    "layer %s: releasing %d mount(s) dockerd never put back (it stopped "
+                    "before it did)",
+                    layer_id[:12],
+                    left,
+                )
+            for _ in range(left):
+                self.store.put(layer_id)
+                self._gets.add(layer_id, -1)  # (a removal refused after: none released twice)
             # as with dockerd's own drivers, a layer already gone is removed
             with contextlib.suppress(LayerNotFound):
                 self.store.remove(layer_id)
