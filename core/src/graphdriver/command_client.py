@@ -373,7 +373,8 @@ def _ask(sock: _socket.socket, path: str, quiet: bool, forward: _Forward) -> boo
         fds = struct.pack(f"{FDS}i", 0, 1, 2, cwd)
         forward.sent = True
         sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        sock.sendall(data[sent:])
+        if sent < len(data):  # (never a send of nothing: once a worker that had it all
+            sock.sendall(data[sent:])  # closed, that fails, and the command would run twice)
     except OSError:
         return False  # the request did not all go: no worker can run it
     finally:
