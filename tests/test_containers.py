@@ -20,6 +20,7 @@ from conftest import GD
 
 from graphdriver.linux.mount import MS_BIND, mount, mountinfo, mounts_under, unmount
 from graphdriver.testing import Backing
+from graphdriver.volumes import VolumeStore
 
 
 @pytest.fixture(params=["overlay", "vfs"])
@@ -424,6 +425,68 @@ def test_symlinks_in_the_image_cannot_send_a_volume_to_the_host(gd: GD) -> None:
     assert not Path("/nowhere").exists()
 
 
+def test_a_volume_path_that_resolves_to_the_root_is_refused(gd: GD) -> None:
+    """An image's symlink that sends a volume's path to the root itself (``-> /``, ``-> .``,
+    ``-> ../../..``) is refused at mount, as Docker refuses ``/``: bound there, the volume
+    would hide the root filesystem and take a copy of it. Nothing stays mounted or copied."""
+    before = _mount_table(gd)
+    links: dict[str, str | bytes | None] = {"top": "->/", "dot": "->.", "up": "->../../.."}
+    _image(gd, "declaring", "/dot", extra=links)
+    _image(gd, "img", extra=links)
+    gd("container", "create", "declared", "--image", "declaring")
+    for link in ("top", "up"):
+        gd("container", "create", link, "--image", "img", "-v", f"named:/{link}")
+    for name, where in (("declared", "/dot"), ("top", "/top"), ("up", "/up")):
+        err = _fail(gd, "container", "mount", name)
+        assert err.endswith(
+            f"volume {where} of container {name!r} resolves to the container's root "
+            "(through a symlink); a volume cannot be mounted at '/'"
+        ), err
+        assert _mount_table(gd) == before
+        assert _inspect(gd, "container", name)["Mounted"] is False
+    assert os.listdir(gd.root / "volumes" / "named" / "_data") == []
+    assert _inspect(gd, "volume", "named")["MountCount"] == 0
+
+
+def test_volumes_stacked_on_one_directory_all_go_at_umount(gd: GD) -> None:
+    """Two volumes whose paths resolve to one directory (``/x/y -> /data``) are bound there
+    one over the other, as Docker binds them; the umount takes both away."""
+    before = _mount_table(gd)
+    _image(gd, "img", extra={"x": None, "x/y": "->/data"})
+    gd("container", "create", "c", "--image", "img", "-v", "a:/data", "-v", "b:/x/y")
+    root = Path(gd("container", "mount", "c").out.strip())
+    (root / "data" / "f").write_text("top")  # the last bound, b, is the one seen
+    assert (gd.root / "volumes" / "b" / "_data" / "f").read_text() == "top"
+    res = gd("container", "umount", "c")
+    assert res.err == ""
+    assert _mount_table(gd) == before
+
+
+def test_a_busy_volume_is_detached_lazily_at_umount(gd: GD) -> None:
+    """A container umount while a process works in one of its volumes (a shell's working
+    directory) detaches that bind lazily, as Docker does, and takes the whole container down:
+    not half of it, with the umount failing and the container left "Recovery Failed"."""
+    before = _mount_table(gd)
+    _image(gd)
+    gd("container", "create", "c", "--image", "img", "-v", "named:/named", "-v", "/data")
+    root = Path(gd("container", "mount", "c").out.strip())
+    (root / "named" / "f").write_text("kept")
+    busy = subprocess.Popen(["sleep", "60"], cwd=root / "named")
+    try:
+        res = gd("container", "umount", "c")
+        assert "/named in container c is busy; detaching it lazily" in res.err, res.err
+        assert _inspect(gd, "container", "c")["Mounted"] is False
+        assert _inspect(gd, "volume", "named")["MountCount"] == 0
+        assert _mount_table(gd) == before
+        assert "Recovery Failed" not in gd("status").out
+    finally:
+        busy.kill()
+        busy.wait()
+    root = Path(gd("container", "mount", "c").out.strip())
+    assert (root / "named" / "f").read_text() == "kept"
+    gd("container", "umount", "c")
+
+
 def test_a_bind_source_swapped_for_the_store_is_refused_at_mount(gd: GD, tmp_path: Path) -> None:
     _image(gd)
     host = tmp_path / "host"
@@ -518,6 +581,25 @@ def test_the_volumes_folder_is_for_root_only(gd: GD) -> None:
     folder.chmod(0o755)  # made by an older graphdriver
     gd("volume", "ls")
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_containers_layer_is_no_image(gd: GD) -> None:
+    """A container's read-write layer (or any read-write layer) is refused as another
+    container's image: it changes under the new container whenever its own is mounted."""
+    _image(gd)
+    gd("container", "create", "c", "--image", "img")
+    layer = _inspect(gd, "container", "c")["Layer"]
+    err = _fail(gd, "container", "create", "d", "--image", layer)
+    assert err.endswith(
+        f"image {layer!r} is the read-write layer of container 'c'; a container's image must "
+        "be an image layer"
+    ), err
+    gd("create", "--rw", "--parent", "img", "plain")
+    assert _fail(gd, "container", "create", "e", "--image", "plain").endswith(
+        "image 'plain' is read-write; a container's image must be an image layer"
+    )
+    assert [c["Name"] for c in json.loads(gd("container", "ls", "--json").out)] == ["c"]
+    assert sorted(gd("ls").out.split()) == sorted(["img", layer, "plain"])
 
 
 def test_a_refused_container_rm_commits_nothing(gd: GD) -> None:
@@ -648,6 +730,49 @@ def test_volume_verbs(gd: GD) -> None:
     assert pruned["VolumesDeleted"] == ["web"] and pruned["SpaceReclaimed"] >= 10000
     assert not (gd.root / "volumes" / "web").exists()
     assert _volumes(gd) == [used]
+
+
+def test_a_cleanup_releases_only_its_own_drivers_volume_mounts(gd: GD) -> None:
+    """``cleanup`` unmounts its driver's containers and releases their volumes, and no other
+    holder's: another driver's containers under the same root, and dockerd's (the volume
+    plugin's ``docker:<ID>``), keep their volumes mounted, counted, and safe from ``rm -f``."""
+    other = GD(gd.root, "vfs" if gd.driver == "overlay" else "overlay")
+    tmpfs = ["--opt", "type=tmpfs", "--opt", "device=tmpfs", "--opt", "o=size=4m"]
+    try:
+        _image(gd)
+        _image(other)
+        gd("volume", "create", "scratch", *tmpfs)
+        gd("container", "create", "mine", "--image", "img", "-v", "scratch:/t")
+        specs = ["-v", "keep:/db", "-v", "scratch:/t"]
+        other("container", "create", "theirs", "--image", "img", *specs)
+        theirs = Path(other("container", "mount", "theirs").out.strip())
+        gd("container", "mount", "mine")
+        (theirs / "db" / "data").write_text("important")
+        (theirs / "t" / "data").write_text("scratch")
+        volumes = VolumeStore(gd.root)
+        try:
+            volumes.create("dv")
+            volumes.mount("dv", "docker:abc123")
+        finally:
+            volumes.close()
+        gd("cleanup")
+        assert _inspect(gd, "container", "mine")["Mounted"] is False
+        assert _inspect(gd, "volume", "keep")["MountCount"] == 1
+        assert _inspect(gd, "volume", "scratch")["MountCount"] == 1  # was 2: mine's released
+        assert _inspect(gd, "volume", "dv")["MountCount"] == 1
+        for name in ("keep", "dv"):
+            assert "is mounted in container(s)" in _fail(gd, "volume", "rm", "-f", name)
+        assert (theirs / "db" / "data").read_text() == "important"
+        assert (theirs / "t" / "data").read_text() == "scratch"  # the same tmpfs, still there
+        other("container", "umount", "theirs")
+        assert _inspect(gd, "volume", "scratch")["MountCount"] == 0
+    finally:
+        other("cleanup", check=False)
+        volumes = VolumeStore(gd.root)
+        try:
+            volumes.unmount("dv", "docker:abc123")
+        finally:
+            volumes.close()
 
 
 def test_local_volume_with_a_tmpfs_mount(gd: GD) -> None:

@@ -1,6 +1,7 @@
 """A container or volume command killed (SIGKILL) at any of its state transitions, on overlay and
 vfs: the next command opens the store, the half-done thing is gone or complete, nothing else is
-lost, no mount is stacked or leaked, and every count is right."""
+lost, no mount is stacked or leaked, and every count is right. Sent SIGTERM there instead, the
+command rolls back itself, to the same state, and leaves the next command nothing to do."""
 
 from __future__ import annotations
 
@@ -76,19 +77,31 @@ class World:
         (self.o_root / "in-o").write_text("o's layer")
         (self.o_root / "data" / "in-anon").write_text("o's anonymous volume")
         self.c_specs = ["-v", "tmp2:/a-tmp", "-v", f"{self.host}:/h", "-v", "keep:/k"]
+        self.action = "kill"
         self.base = 1 if g.driver == "overlay" else 0  # the overlay mount of a root
 
     def create_c(self) -> None:
         self.gd("container", "create", "c", "--image", "img", *self.c_specs)
 
     def killed(self, *args: str, point: str) -> None:
+        """The command, killed at *point* (SIGKILL), or, where the test's action is ``term``,
+        sent SIGTERM there: it then rolls back what it had half done itself, and the next
+        command finds nothing to recover (no warning)."""
         proc = subprocess.run(
             self.gd.argv(*args),
-            env={**os.environ, "GRAPHDRIVER_FAULT": point},
+            env={**os.environ, "GRAPHDRIVER_FAULT": f"{point}={self.action}"},
             capture_output=True,
             timeout=300,
         )
-        assert proc.returncode == -9, (point, proc.returncode, proc.stderr.decode())
+        err = proc.stderr.decode()
+        if self.action == "kill":
+            assert proc.returncode == -9, (point, proc.returncode, err)
+            return
+        assert proc.returncode == 128 + 15, (point, proc.returncode, err)
+        said = "graphdriver: interrupted by SIGTERM; what it had half done was rolled back\n"
+        assert err.endswith(said), err
+        assert self.gd("container", "ls").err == ""
+        assert self.gd("volume", "ls").err == ""
 
     def mounts(self) -> list[str]:
         return mounts_under(os.path.realpath(self.gd.root))
@@ -138,14 +151,17 @@ class World:
         assert self.mounts() == []
 
 
+@pytest.mark.parametrize("action", ["kill", "term"])
 @pytest.mark.parametrize(("verb", "point"), CASES, ids=[f"{v}-{p}" for v, p in CASES])
 def test_a_kill_at_any_transition_loses_nothing(
     gd: GD,  # noqa: F811
     tmp_path: Path,
     verb: str,
     point: str,
+    action: str,
 ) -> None:
     w = World(gd, tmp_path)
+    w.action = action
     if verb == "create":
         w.killed("container", "create", "c", "--image", "img", *w.c_specs, point=point)
         w.check(c=None)

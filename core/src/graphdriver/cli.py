@@ -303,6 +303,21 @@ def _flushed(code: int | str | None) -> int | str | None:
         return code
 
 
+def _rolled_back() -> bool:
+    """After an interrupt: the recovery of what the command had opened, run now
+    (:meth:`.Context.recover`); False where it could not be (another command holds the store's
+    lock, a second interrupt), and the next command's open does it."""
+    ctx, Context.last = Context.last, None
+    if ctx is None:
+        return True
+    try:
+        ctx.recover()
+    except (Exception, KeyboardInterrupt, Interrupted) as exc:
+        log.debug("rolling back after the interrupt: %r", exc)
+        return False
+    return True
+
+
 def main(blocked: Collection[int] = ()) -> None:
     """Entry point of the ``graphdriver`` script. *blocked*: signals the caller blocked until
     the handlers are in place (a command server's worker), let in then."""
@@ -310,6 +325,7 @@ def main(blocked: Collection[int] = ()) -> None:
     # whatever error handler the environment asked for (PYTHONIOENCODING=utf-8 says strict)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")
+    Context.last = None
     try:
         catch_interrupts()
         if blocked:  # one that came meanwhile is raised here, and said as any other
@@ -322,9 +338,8 @@ def main(blocked: Collection[int] = ()) -> None:
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
         name = signal.Signals(signum).name
-        click.echo(
-            f"graphdriver: interrupted by {name}; what it had half done was rolled back", err=True
-        )
+        undo = "was rolled back" if _rolled_back() else "is rolled back by the next command"
+        click.echo(f"graphdriver: interrupted by {name}; what it had half done {undo}", err=True)
         sys.exit(128 + signum)
     except Exception as exc:  # a bug: still one line, the traceback at debug level
         log.debug("unexpected error", exc_info=True)

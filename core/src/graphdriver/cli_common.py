@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import click
 
@@ -35,6 +35,10 @@ log = logging.getLogger("graphdriver")
 class Context:
     """The root group's options; the integrations' ``serve`` commands read them too."""
 
+    #: the Context of the command this process runs (the CLI's own, or a served command's
+    #: worker's): what an interrupt rolls back (:meth:`recover`)
+    last: ClassVar[Context | None] = None
+
     def __init__(
         self,
         root: str,
@@ -52,6 +56,7 @@ class Context:
         self._store: LayerStore | None = None
         self._containers: ContainerStore | None = None
         self._volumes: VolumeStore | None = None
+        Context.last = self
 
     def store(self) -> LayerStore:
         if self._store is None:
@@ -96,6 +101,26 @@ class Context:
         for part in (self._containers, self._volumes, self._store):
             if part is not None:
                 part.close()
+
+    def recover(self) -> None:
+        """Open again what the command had opened (closed by then), without waiting for the
+        store's lock, and close it: that runs the recovery the next command's open would. After
+        an interrupt (SIGTERM, Ctrl-C), so that a container or volume command stopped between
+        two of its steps (a layer mounted and not yet counted, a container left creating or
+        removing) is rolled back now, as an interrupted ``apply-diff`` rolls itself back."""
+        containers, store, volumes = self._containers, self._store, self._volumes
+        self.close()
+        self._store = self._containers = self._volumes = None
+        self.wait = 0.0
+        try:
+            if containers is not None:
+                _ = self.containers().volumes  # their open recovers the volumes too
+            elif store is not None:
+                self.store()
+            if volumes is not None:
+                self.volumes()
+        finally:
+            self.close()
 
 
 pass_ctx = click.make_pass_decorator(Context)

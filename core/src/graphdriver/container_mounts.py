@@ -11,6 +11,7 @@ way is finished by :mod:`.containers`' recovery at the next open.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ from .driver import KernelMounts
 from .errors import InvalidMountSpec, NotMounted, from_oserror
 from .linux import bind
 from .linux.copy import copy_tree
-from .linux.mount import mounts_under, unmount
+from .linux.mount import MNT_DETACH, mounts_under, unmount
 from .mount_points import MountPoint
 
 if TYPE_CHECKING:
@@ -126,6 +127,7 @@ class ContainerMounts:
         return str(path)
 
     def _bind_one(self, name: str, root: str, mp: MountPoint) -> None:
+        self._not_the_root(name, root, mp.destination)
         source = self._volume_source(name, mp)
         try:
             if mp.type == "volume" and mp.copy and not mp.copied:
@@ -148,6 +150,25 @@ class ContainerMounts:
                 os.close(src)
         except OSError as exc:
             raise from_oserror(exc, f"mount {mp.source} at {mp.destination} in {name}") from exc
+
+    @staticmethod
+    def _not_the_root(name: str, root: str, destination: str) -> None:
+        """Refuse a destination that resolves to the container's root itself (a symlink in the
+        image, ``-> /``, ``-> .`` or ``-> ../..``, or one a container wrote into a volume that a
+        nested volume's path goes through), as Docker refuses ``/``: bound there, the volume
+        would hide the whole root filesystem, and take a copy of it at its first mount."""
+        fd = bind.open_in_root(root, destination)
+        if fd is None:
+            return
+        try:
+            here, top = os.fstat(fd), os.stat(root)
+        finally:
+            os.close(fd)
+        if (here.st_dev, here.st_ino) == (top.st_dev, top.st_ino):
+            raise InvalidMountSpec(
+                f"volume {destination} of container {name!r} resolves to the container's root "
+                "(through a symlink); a volume cannot be mounted at '/'"
+            )
 
     @staticmethod
     def _copy_image_content(root: str, destination: str, volume_dir: str) -> None:
@@ -189,7 +210,7 @@ class ContainerMounts:
                 base = os.path.realpath(row["root"])
                 for path in mounts_under(base):
                     if path != base:
-                        unmount(path, retries=20)
+                        _unbind(path, name)
             faults.point("containers.umount.after-unbind")
         except OSError as exc:
             raise from_oserror(exc, f"unmount container {name}") from exc
@@ -217,3 +238,17 @@ class ContainerMounts:
                 self.records.update(name, mount_count=row["mount_count"] - 1)
                 return
             self._teardown(name, row)
+
+
+def _unbind(path: str, name: str) -> None:
+    """Unmount a bind of container *name*; one still busy after a few tries (a shell whose
+    working directory is in it) is detached lazily, as Docker detaches a container's mounts,
+    and the umount goes on: the process keeps what it had open, and the container comes
+    apart whole rather than half."""
+    try:
+        unmount(path, retries=20)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        log.warning("%s in container %s is busy; detaching it lazily", path, name)
+        unmount(path, MNT_DETACH)

@@ -30,6 +30,7 @@ from .errors import (
     GraphDriverError,
     InUse,
     InvalidMountSpec,
+    InvalidOption,
     LayerInUse,
 )
 from .linux.mount import mountinfo, unmount
@@ -178,7 +179,14 @@ class ContainerStore(ContainerMounts):
 
     def _check_creatable(self, image: str, mounts: Sequence[MountPoint], driver: str) -> None:
         """What would refuse the create half-way, refused before anything is recorded."""
-        if self.store.ready(image, "image").mount_count:
+        rec = self.store.ready(image, "image")
+        if rec.rw:  # a container's own layer: it changes under this one whenever it is mounted
+            owner = self.records.owner_of(image)
+            whose = f"the read-write layer of container {owner!r}" if owner else "read-write"
+            raise InvalidOption(
+                f"image {image!r} is {whose}; a container's image must be an image layer"
+            )
+        if rec.mount_count:
             raise LayerInUse(
                 f"image {image!r} is mounted, so its files can still change; unmount it before "
                 f"creating a container on it"
@@ -371,6 +379,7 @@ class ContainerStore(ContainerMounts):
     def cleanup(self) -> None:
         """Unmount every container (whoever mounted it), then the store's layers."""
         failed: BaseException | None = None
+        kept: set[str] = set()  # containers still mounted: their volumes stay theirs
         with self.store.locked():
             for row in self._rows():
                 if row["state"] == "ready" and row["mount_count"]:
@@ -379,8 +388,9 @@ class ContainerStore(ContainerMounts):
                     except (GraphDriverError, OSError) as exc:
                         log.warning("container %s: %s", row["name"], exc)
                         failed = failed or exc
+                        kept.add(self._key(row["name"]))
             if (self.store.root / "volumes" / ".metadata.db").exists():
-                self.volumes.cleanup()
+                self.volumes.cleanup(self._key(""), kept)
             self.store.cleanup()
         if failed is not None:
             raise failed

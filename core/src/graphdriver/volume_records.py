@@ -212,12 +212,13 @@ class VolumeCatalog:
                 (count, path, name),
             )
 
-    def clear_mounts(self, name: str) -> None:
-        with transaction(self.db):
-            self.db.execute(
-                "UPDATE volumes SET mount_count=0, mountpoint=NULL WHERE name=?", (name,)
-            )
-            self.db.execute("UPDATE refs SET mounted=0 WHERE volume=?", (name,))
+    def mounted_refs(self, prefix: str) -> list[tuple[str, str]]:
+        """Every (volume, holder) mount of a holder whose name starts with *prefix*."""
+        rows = self.db.execute(
+            "SELECT volume, container FROM refs WHERE mounted AND substr(container, 1, ?) = ?",
+            (len(prefix), prefix),
+        )
+        return [(r[0], r[1]) for r in rows]
 
 
 def labels_match(rec: VolumeRecord, labels: Mapping[str, str] | None) -> bool:

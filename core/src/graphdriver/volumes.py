@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -362,11 +362,13 @@ class VolumeStore:
                 rec.mountpoint if rec.mount_count > 1 else None,
             )
 
-    def cleanup(self) -> None:
-        """Unmount every volume the drivers mounted and zero the counts."""
+    def cleanup(self, holders: str, kept: Collection[str] = ()) -> None:
+        """Release every mount that a holder whose name starts with *holders* still counts
+        (one driver's containers: ``<driver>:``), but those of the holders *kept* (containers
+        still mounted), the driver unmounting a volume at its last. The other holders' mounts
+        stay, and their volumes mounted: another driver's containers under this root,
+        dockerd's through the volume plugin (``docker:<ID>``)."""
         with self.locked():
-            for rec in self.catalog.all():
-                if rec.mount_count:
-                    drv = self.driver(rec.driver)
-                    call_os(drv.unmount, rec.name, rec.options, doing=f"unmount {rec.name}")
-                    self.catalog.clear_mounts(rec.name)
+            for name, holder in self.catalog.mounted_refs(holders):
+                if holder not in kept:
+                    self.unmount(name, holder)

@@ -156,9 +156,10 @@ def is_mountpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def mounts_under(path: str | os.PathLike[str]) -> list[str]:
-    """Mountpoints at or below *path*, deepest first (the order to unmount them in). The
-    table is parsed only if *path* is in it at all (a node with thousands of containers'
-    mounts: each layer removal looks)."""
+    """Mountpoints at or below *path*, deepest first (the order to unmount them in), each as
+    often as something is mounted there (mounts stacked on one path: each unmount takes the
+    top one). The table is parsed only if *path* is in it at all (a node with thousands of
+    containers' mounts: each layer removal looks)."""
     base = os.path.realpath(path)
     with open("/proc/self/mountinfo", "rb") as f:
         table = f.read()
@@ -166,8 +167,7 @@ def mounts_under(path: str | os.PathLike[str]) -> list[str]:
         return []
     prefix = base.rstrip("/") + "/"
     lines = table.decode(errors="surrogateescape").split("\n")[:-1]  # as in mountinfo()
-    points = {e.mountpoint for e in _parse(lines)}
-    found = {p for p in points if p == base or p.startswith(prefix)}
+    found = [p for p in (e.mountpoint for e in _parse(lines)) if p == base or p.startswith(prefix)]
     return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
 
 
