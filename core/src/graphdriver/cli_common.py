@@ -155,7 +155,8 @@ def emit(ctx: Context, data: Any, text: str | None = None) -> None:
 
 def announce(text: str, **fields: object) -> None:
     """A server's line once it serves: ``graphdriver: TEXT`` on stderr, or with ``--json`` one
-    JSON object on stdout, ``{"serving": true, FIELDS...}``, for a script that waits for it."""
+    JSON object on stdout, ``{"serving": true, FIELDS...}``, for a script that waits for it;
+    and systemd's ``READY=1`` where it waits for it (:func:`notify_ready`)."""
     ctx = click.get_current_context(silent=True)
     obj = ctx.find_object(Context) if ctx is not None else None
     if obj is not None and obj.json:
@@ -164,6 +165,26 @@ def announce(text: str, **fields: object) -> None:
         click.echo(json.dumps({"serving": True, **fields}, default=str))
     else:
         click.echo(f"graphdriver: {text}", err=True)
+    notify_ready(text)
+
+
+def notify_ready(status: str) -> None:
+    """Tell the service manager that started this server (a ``Type=notify`` unit: the socket
+    in ``NOTIFY_SOCKET``) that it serves, so that what it is ordered before (containerd, whose
+    CRI forgets every image it cannot check with its snapshotter as it starts) waits for it;
+    the variable goes, for no child to say it again. A failure is one warning: serving goes on."""
+    path = os.environ.pop("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    import socket
+
+    address = "\0" + path[1:] if path.startswith("@") else path  # (an abstract socket)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(f"READY=1\nSTATUS={status}".encode(errors="replace"))
+    except OSError as exc:
+        log.warning("cannot tell the service manager that this server is ready: %s", exc)
 
 
 def emit_done(ctx: Context, name: str) -> None:

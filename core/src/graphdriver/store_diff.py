@@ -39,11 +39,12 @@ class LayerDiffs:
             return archive.changes_size(root, changes, links)
 
     def usage(self, layer_id: str) -> tuple[int, int]:
-        """(bytes, inodes) of what the layer itself holds against its parent: the file data
-        ``diff`` would carry, and the entries it adds or changes (containerd's Usage)."""
+        """(bytes, inodes) on disk of what the layer itself holds against its parent: the
+        blocks and inodes of the entries it adds or changes, a sparse file's holes not
+        counted (containerd's Usage, the ``du`` of a snapshot's own directory, which
+        Kubernetes counts against a pod's ephemeral storage)."""
         with diffs.change_source(_store(self), layer_id, None) as (changes, root, _kind):
-            kept = [c for c in changes if c.kind != archive.ChangeKind.DELETE]
-            return archive.changes_size(root, changes), len(kept)
+            return archive.changes_usage(root, changes)
 
     def write_diff(
         self,

@@ -87,7 +87,8 @@ def engine_config(snippet: str, proxy_socket: Path, base: Path) -> str:
     text = "\n".join(lines) + "\n"
     parsed = tomllib.loads(text)
     proxy = parsed.get("proxy_plugins", {}).get("graphdriver", {})
-    if parsed.get("version") != 2 or proxy != {"type": "snapshot", "address": str(proxy_socket)}:
+    declared = {k: proxy.get(k) for k in ("type", "address")}
+    if parsed.get("version") != 2 or declared != {"type": "snapshot", "address": str(proxy_socket)}:
         raise ReadmeConfigMissing(
             "the README's version-2 configuration does not declare "
             f'[proxy_plugins.graphdriver] type = "snapshot" address = "{DOCUMENTED_ADDRESS}"'

@@ -136,9 +136,15 @@ def test_readme_has_the_tested_containerd_config(tmp_path: Path) -> None:
     # containerd 2.x's form is not run here (Debian has 1.6); it must at least say the same
     v3 = tomllib.loads(readme_config(marker="<!-- containerd-config-v3 -->"))
     assert v3["version"] == 3
-    assert v3["proxy_plugins"]["graphdriver"] == {"type": "snapshot", "address": DOCUMENTED_ADDRESS}
+    proxy = {
+        "type": "snapshot",
+        "address": DOCUMENTED_ADDRESS,
+        "exports": {"root": "/var/lib/graphdriver"},  # CRI's image filesystem, for kubelet
+    }
+    assert v3["proxy_plugins"]["graphdriver"] == proxy
     assert v3["plugins"]["io.containerd.cri.v1.images"]["snapshotter"] == "graphdriver"
     v2 = tomllib.loads(snippet)
+    assert v2["proxy_plugins"]["graphdriver"] == proxy
     assert v2["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "graphdriver"
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
 import pytest
-from ctd_proxy import Proxy, code
+from ctd_proxy import Proxy, code, listening
 
 pytestmark = pytest.mark.privileged
 
@@ -41,6 +42,30 @@ def _umount(target: Path) -> None:
 # ---------------------------------------------------------------------------- the model
 
 
+def test_under_systemd_the_proxy_says_ready_once_it_serves(tmp_path: Path) -> None:
+    """Started by a ``Type=notify`` unit (graphdriver-containerd.service), the proxy sends
+    READY=1 to NOTIFY_SOCKET once it serves, not before: systemd starts containerd then, whose
+    CRI forgets, for good, every image it cannot check with its snapshotter as it starts."""
+    notify = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(60)
+    proxy = Proxy(tmp_path / "store", "vfs", tmp_path / "gd.sock")
+    argv = proxy.command("serve", "containerd", "--address", str(proxy.address))
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+    with open(proxy.log, "ab") as log:
+        proxy.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+    try:
+        said = listener.recv(4096)
+        assert listening(proxy.address)  # it serves as it says so
+        assert said.startswith(b"READY=1\nSTATUS=serving containerd snapshots of vfs"), said
+        proxy.prepare("k")
+    finally:
+        listener.close()
+        assert proxy.stop() == 0
+    assert proxy.proc is None
+
+
 def test_prepare_commit_view_stat_list_and_usage(vfs: Proxy, tmp_path: Path) -> None:
     key = "default/1/extract-12 sha256:abc"  # what containerd sends: '/', ':' and a space
     mounts = vfs.prepare(key, label="x")
@@ -51,6 +76,9 @@ def test_prepare_commit_view_stat_list_and_usage(vfs: Proxy, tmp_path: Path) -> 
     try:
         (target / "hello").write_text("hello\n")
         (target / "dir").mkdir()
+        (target / "sparse").write_bytes(b"")
+        os.truncate(target / "sparse", 1 << 30)  # a 1 GiB hole: no block on disk
+        on_disk = sum(os.lstat(target / n).st_blocks * 512 for n in ("hello", "dir", "sparse"))
     finally:
         _umount(target)
     info = vfs.stat(key)
@@ -60,8 +88,11 @@ def test_prepare_commit_view_stat_list_and_usage(vfs: Proxy, tmp_path: Path) -> 
     committed = vfs.stat("default/2/sha256:chain")
     assert (committed.kind, dict(committed.labels)) == (3, {"gc": "root"})
     assert _fails(vfs.stat, key) == grpc.StatusCode.NOT_FOUND
+    # what the snapshot takes on disk, as containerd's snapshotters say (du), not the bytes a
+    # diff would carry: Kubernetes counts it against a pod's ephemeral storage
     size, inodes = vfs.usage("default/2/sha256:chain")
-    assert (size, inodes) == (6, 2)
+    assert (size, inodes) == (on_disk, 3)
+    assert size < 1 << 20
     # the committed snapshot is the same layer, now an image layer: nothing was copied
     layers = vfs.layers()
     assert len(layers) == 1

@@ -12,7 +12,14 @@ from ..lazy import lazy_attribute
 
 if TYPE_CHECKING:
     from .apply import ApplyResult, apply_layer
-    from .changes import Change, ChangeKind, changes_size, overlay_changes, tree_changes
+    from .changes import (
+        Change,
+        ChangeKind,
+        changes_size,
+        changes_usage,
+        overlay_changes,
+        tree_changes,
+    )
     from .tar_writer import write_changes_tar
 
 _WHERE = {
@@ -21,6 +28,7 @@ _WHERE = {
     "Change": ".changes",
     "ChangeKind": ".changes",
     "changes_size": ".changes",
+    "changes_usage": ".changes",
     "overlay_changes": ".changes",
     "tree_changes": ".changes",
     "write_changes_tar": ".tar_writer",
@@ -32,6 +40,7 @@ __all__ = [
     "ChangeKind",
     "apply_layer",
     "changes_size",
+    "changes_usage",
     "overlay_changes",
     "tree_changes",
     "write_changes_tar",

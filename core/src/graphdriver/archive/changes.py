@@ -465,3 +465,24 @@ def changes_size(root: str, changes: list[Change], links: bool = False) -> int:
             seen.add(key)
         total += st.st_size
     return total
+
+
+def changes_usage(root: str, changes: list[Change]) -> tuple[int, int]:
+    """(bytes, inodes) on disk of the entries that *changes* adds or changes, each inode once:
+    its allocated blocks (``st_blocks``), directories and symlinks included, a sparse file's
+    holes not, as containerd's snapshotters report a snapshot's Usage (the ``du`` of what it
+    holds), which Kubernetes counts against a pod's ephemeral storage."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for change in changes:
+        if change.kind == ChangeKind.DELETE:
+            continue
+        try:
+            st = os.lstat(root + change.path)
+        except FileNotFoundError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key not in seen:
+            seen.add(key)
+            total += st.st_blocks * 512
+    return total, len(seen)
