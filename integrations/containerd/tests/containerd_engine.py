@@ -37,7 +37,9 @@ DOCUMENTED_ADDRESS = "/run/graphdriver/containerd.sock"
 CONTAINERD = "/usr/bin/containerd"
 STOP_TIMEOUT = 10.0
 START_TIMEOUT = 30.0
-BUSYBOX_APPLETS = ("sh", "cat", "ls", "test", "echo", "mkdir", "rm", "stat", "true")
+BUSYBOX_APPLETS = (
+    "sh", "cat", "ls", "test", "echo", "mkdir", "rm", "stat", "true", "sleep", "dd", "truncate",
+)  # fmt: skip
 
 
 class ReadmeConfigMissing(Exception):
@@ -57,10 +59,15 @@ def readme_config(readme: Path = README, marker: str = CONFIG_MARKER) -> str:
     return found.group(1)
 
 
-def engine_config(snippet: str, proxy_socket: Path, base: Path) -> str:
+def engine_config(
+    snippet: str, proxy_socket: Path, base: Path, sandbox_image: str | None = None
+) -> str:
     """The README's *snippet* for a private containerd under *base*: the documented socket
     becomes *proxy_socket*; root, state, the opt dir and containerd's own sockets go under
-    *base*; the CRI plugin is off (no Kubernetes here, and it would touch the host's network)."""
+    *base*. The CRI plugin is off, unless a *sandbox_image* (the pods' pause image) is given:
+    then it serves Kubernetes' CRI, with runc's state, its CNI folders (empty: pods use the
+    host's network, which nothing touches) under *base*, its stream server on the loopback's
+    first free port, and the stats of snapshots collected every second."""
     if DOCUMENTED_ADDRESS not in snippet:
         raise ReadmeConfigMissing(
             f"the README's containerd configuration names no {DOCUMENTED_ADDRESS}"
@@ -71,8 +78,27 @@ def engine_config(snippet: str, proxy_socket: Path, base: Path) -> str:
     lines[at + 1 : at + 1] = [
         f'root = "{base / "root"}"',
         f'state = "{base / "state"}"',
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+        *([] if sandbox_image else ['disabled_plugins = ["io.containerd.grpc.v1.cri"]']),
     ]
+    if sandbox_image:
+        cri = '[plugins."io.containerd.grpc.v1.cri"'
+        lines += [
+            "",
+            f"{cri}]",
+            f'  sandbox_image = "{sandbox_image}"',
+            "  disable_apparmor = true",
+            "  restrict_oom_score_adj = true",
+            "  stats_collect_period = 1",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            f"{cri}.containerd.runtimes.runc]",
+            '  runtime_type = "io.containerd.runc.v2"',
+            f"{cri}.containerd.runtimes.runc.options]",
+            f'  Root = "{base / "runc"}"',
+            f"{cri}.cni]",
+            f'  bin_dir = "{base / "cni/bin"}"',
+            f'  conf_dir = "{base / "cni/conf"}"',
+        ]
     lines += [
         "",
         "[grpc]",
@@ -174,6 +200,8 @@ class Ctr:
 
     address: Path
     namespace: str
+    #: the top-level cgroup its containers go in, where it is not the namespace's (CRI's pods)
+    cgroup: str = ""
 
     def argv(self, *args: str) -> list[str]:
         return ["ctr", "--address", str(self.address), "--namespace", self.namespace, *args]
@@ -246,14 +274,21 @@ class Engine:
 
 
 @contextlib.contextmanager
-def engine(base: Path, driver: str) -> Iterator[Engine]:
+def engine(base: Path, driver: str, sandbox_image: str | None = None) -> Iterator[Engine]:
     """containerd with the README's configuration and our proxy on a store under *base*
     (``base/store``, driver *driver*); everything stopped and unmounted at the end, and the
-    namespace's cgroup removed."""
+    namespace's cgroup removed. With a *sandbox_image*, containerd's CRI serves too (see
+    :func:`engine_config`), and the namespace is CRI's, ``k8s.io``: its pods' cgroups go
+    under the cgroup the test names in their ``cgroup_parent``, ``Engine.ctr.namespace``."""
     base.mkdir(parents=True, exist_ok=True)
     proxy = Proxy(base / "store", driver, base / "graphdriver.sock", base / "graphdriver.log")
-    containerd = Containerd(base, engine_config(readme_config(), proxy.socket, base))
+    config = engine_config(readme_config(), proxy.socket, base, sandbox_image)
+    containerd = Containerd(base, config)
     ctr = containerd.ctr(f"gd-engine-{secrets.token_hex(4)}")
+    if sandbox_image:
+        for folder in ("cni/bin", "cni/conf"):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        ctr = Ctr(containerd.socket, "k8s.io", cgroup=f"gd-cri-{secrets.token_hex(4)}")
     try:
         proxy.start()
         containerd.start()
@@ -265,7 +300,7 @@ def engine(base: Path, driver: str) -> Iterator[Engine]:
             steps.callback(unmount_all_under, base)
             # runc's parent of the containers' cgroups, before the unmount: a process left in
             # it keeps mounts busy
-            steps.callback(remove_cgroup, ctr.namespace)
+            steps.callback(remove_cgroup, ctr.cgroup or ctr.namespace)
             steps.callback(proxy.stop)
             steps.callback(kill_shims, containerd.socket)
             steps.callback(containerd.stop)
