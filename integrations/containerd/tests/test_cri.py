@@ -145,6 +145,21 @@ class Kubelet:
         return {tag for image in listed for tag in image.repo_tags}
 
 
+def _reconnected(eng: Engine) -> None:
+    """Once containerd's client of the proxy has connected again (grpc-go's backoff, at most
+    3 s in containerd's proxy plugins): calls meanwhile fail UNAVAILABLE, a garbage
+    collection's too, whose snapshots then wait for the next one."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            eng.ctr("snapshots", "--snapshotter", eng.snapshotter, "ls", timeout=30)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_a_pod_lives_and_goes_through_cri(kube: Engine, cri: tuple[ModuleType, ModuleType]) -> None:
     pb, pb_grpc = cri
     k = Kubelet(kube, pb, pb_grpc)
@@ -172,6 +187,7 @@ def test_a_pod_lives_and_goes_through_cri(kube: Engine, cri: tuple[ModuleType, M
         # the proxy stopped and started again under a running pod: CRI goes on
         kube.proxy.stop()
         kube.proxy.start()
+        _reconnected(kube)
         assert k.exec(app, "cat /written.txt").stdout == b"written in the container\n"
         assert k.writable_layer(app, 4 << 20).used_bytes.value >= 4 << 20
         # three image layers, the sandbox's and two containers' read-write layers
