@@ -448,6 +448,27 @@ def test_a_volume_path_that_resolves_to_the_root_is_refused(gd: GD) -> None:
     assert _inspect(gd, "volume", "named")["MountCount"] == 0
 
 
+def test_a_volume_over_a_file_of_the_image_says_why(gd: GD, tmp_path: Path) -> None:
+    """A directory volume where the image has a file (or a host file where it has a
+    directory) is refused in one line that says so, not the kernel's "Invalid argument"."""
+    before = _mount_table(gd)
+    _image(gd)
+    host = tmp_path / "host-file"
+    host.write_text("x")
+    gd("container", "create", "c1", "--image", "img", "-v", "named:/etc/hostname")
+    gd("container", "create", "c2", "--image", "img", "-v", f"{host}:/srv")
+    assert _fail(gd, "container", "mount", "c1").endswith(
+        "cannot mount named at /etc/hostname in container 'c1': it is a directory, and the "
+        "image has a file there"
+    )
+    assert _fail(gd, "container", "mount", "c2").endswith(
+        f"cannot mount {host} at /srv in container 'c2': it is a file, and the image has a "
+        "directory there"
+    )
+    assert _mount_table(gd) == before
+    assert _inspect(gd, "volume", "named")["MountCount"] == 0
+
+
 def test_volumes_stacked_on_one_directory_all_go_at_umount(gd: GD) -> None:
     """Two volumes whose paths resolve to one directory (``/x/y -> /data``) are bound there
     one over the other, as Docker binds them; the umount takes both away."""

@@ -141,6 +141,13 @@ class ContainerMounts:
                 fd = bind.open_in_root(root, mp.destination, create=kind)
                 assert fd is not None
                 try:
+                    there = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+                    if there != kind:  # (the kernel's EINVAL would say nothing of why)
+                        raise InvalidMountSpec(
+                            f"cannot mount {mp.source} at {mp.destination} in container "
+                            f"{name!r}: it is a {_KIND[kind]}, and the image has a "
+                            f"{_KIND[there]} there"
+                        )
                     mp.target = bind.fd_path(fd)
                     bind.bind(src, fd, readonly=not mp.rw)
                     mp.bound = True
@@ -238,6 +245,9 @@ class ContainerMounts:
                 self.records.update(name, mount_count=row["mount_count"] - 1)
                 return
             self._teardown(name, row)
+
+
+_KIND = {"dir": "directory", "file": "file"}
 
 
 def _unbind(path: str, name: str) -> None:
