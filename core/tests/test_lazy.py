@@ -29,3 +29,27 @@ def test_a_lazy_module_reads_the_module_it_stands_for() -> None:
     assert tar.BLOCK == real.BLOCK == 512
     assert tar.encode_header is real.encode_header
     assert vars(tar)["_module"] is real  # imported once, then kept
+
+
+def test_every_protocol_and_type_of_the_driver_contract_is_exported() -> None:
+    """What driver.py's contract names (its Protocols, dataclasses and the Driver class) is
+    importable from ``graphdriver`` itself, as the README's driver-writing section says."""
+    import dataclasses
+    import inspect
+    from typing import Protocol
+
+    from graphdriver import driver
+
+    contract = {
+        name
+        for name, obj in vars(driver).items()
+        if inspect.isclass(obj)
+        and obj.__module__ == driver.__name__
+        and not name.startswith("_")
+        and (Protocol in obj.__mro__ or dataclasses.is_dataclass(obj) or obj is driver.Driver)
+    }
+    assert {"ApplyLowers", "KernelMounts", "MountSpec", "MountEntry"} <= contract
+    missing = sorted(contract - set(graphdriver.__all__))
+    assert missing == [], f"graphdriver does not export {missing}"
+    for name in contract:
+        assert getattr(graphdriver, name) is getattr(driver, name)

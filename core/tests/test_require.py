@@ -102,3 +102,40 @@ def test_an_unknown_name_stops_the_run(tmp_path: Path) -> None:
     code, out = run_generated(tmp_path, "loop-xfs,loop-zfs")
     assert code == pytest.ExitCode.USAGE_ERROR, out
     assert "GRAPHDRIVER_REQUIRE names unknown requirements loop-zfs; choose from root," in out
+
+
+TOOL_USER = """
+from graphdriver.testing.require import run_tool
+
+
+def test_gzips():
+    run_tool(["gzip", "-c"], input=b"x", capture_output=True, check=True)
+"""
+
+
+@pytest.mark.parametrize("require", [None, "host-tools"])
+def test_a_missing_host_tool_is_a_host_that_lacks_it(tmp_path: Path, require: str | None) -> None:
+    """A tool the suite runs (tar, gzip, zstd, truncate, dd) missing: "host lacks it" with the
+    package to install, a failure when GRAPHDRIVER_REQUIRE names host-tools; never a bare
+    FileNotFoundError."""
+    (tmp_path / "test_tool.py").write_text(TOOL_USER)
+    (tmp_path / "empty-bin").mkdir()
+    env = {**os.environ, "PATH": str(tmp_path / "empty-bin")}
+    env.pop("GRAPHDRIVER_REQUIRE", None)
+    if require is not None:
+        env["GRAPHDRIVER_REQUIRE"] = require
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-rsfE", "-p", "no:cacheprovider", "test_tool.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert "host lacks it: gzip (Debian package gzip) is not on PATH" in out, out
+    assert "FileNotFoundError" not in out, out
+    if require is None:
+        assert proc.returncode == 0 and "1 skipped" in out, out
+    else:
+        assert proc.returncode == 1 and "(GRAPHDRIVER_REQUIRE requires host-tools)" in out, out

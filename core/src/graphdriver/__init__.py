@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from .archive import ApplyResult, Change, ChangeKind
     from .driver import (
+        ApplyLowers,
         Capabilities,
         CreateOpts,
         Driver,
@@ -61,6 +62,7 @@ __version__ = "0.1.0"
 #: what it runs)
 _WHERE = {
     "AlreadyExists": ".errors",
+    "ApplyLowers": ".driver",
     "ApplyResult": ".archive.apply",
     "ArchiveError": ".errors",
     "Capabilities": ".driver",
@@ -103,6 +105,7 @@ _WHERE = {
 
 __all__ = [
     "AlreadyExists",
+    "ApplyLowers",
     "ApplyResult",
     "ArchiveError",
     "Capabilities",

@@ -135,8 +135,18 @@ def _priority(name: str) -> tuple[int, str]:
 
 
 def load_driver(name: str) -> type[Driver]:
-    """Import the driver class registered as *name* (and nothing else)."""
-    return cast("type[Driver]", load_plugin(DRIVER_GROUP, name, installed_drivers(), "storage"))
+    """Import the driver class registered as *name* (and nothing else); a class whose ``name``
+    is not its entry point's (its store would live under the wrong directory) is refused."""
+    known = installed_drivers()
+    cls = cast("type[Driver]", load_plugin(DRIVER_GROUP, name, known, "storage"))
+    own = getattr(cls, "name", None)
+    if own != name:
+        said = f"names itself {own!r}" if isinstance(own, str) else "sets no name"
+        raise DriverLoadError(
+            f"storage driver {name!r} ({known[name]}) {said}: a driver class's `name` must be "
+            f"the name of its entry point in {DRIVER_GROUP}"
+        )
+    return cls
 
 
 def load_plugin(group: str, name: str, known: Mapping[str, str], kind: str) -> object:
@@ -181,6 +191,12 @@ def probe_drivers(root: Path, options: Mapping[str, str] | None = None) -> list[
             cls.probe(root / name, {k: v for k, v in (options or {}).items() if k in cls.options})
         except GraphDriverError as exc:
             out.append(DriverReport(name, target, False, str(exc)))
+        except Exception as exc:
+            # a driver's bug breaks no command: it is unavailable, the others go on (as a hook
+            # plugin that fails to load is left out)
+            reason = f"its probe failed: {type(exc).__name__}: {exc}"
+            log.warning("storage driver %s (%s) is left out: %s", name, target, reason)
+            out.append(DriverReport(name, target, False, reason))
         else:
             out.append(DriverReport(name, target, True, ""))
     return out

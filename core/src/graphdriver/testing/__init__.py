@@ -35,6 +35,8 @@ import pytest
 pytest.register_assert_rewrite(
     "graphdriver.testing.base",
     "graphdriver.testing.cases_layers",
+    "graphdriver.testing.cases_mounts",
+    "graphdriver.testing.mountspec",
     "graphdriver.testing.cases_diff",
     "graphdriver.testing.cases_streams",
     "graphdriver.testing.cases_exact",

@@ -243,9 +243,13 @@ class ConformanceBase:
             yield s
         finally:
             s.cleanup()
-            for layer_id in reversed(s.layers()):  # children were created after parents
+            removed = list(reversed(s.layers()))  # children were created after parents
+            for layer_id in removed:
                 s.remove(layer_id)
             assert s.layers() == []
+            stored = s.driver.stored_layers()  # what `graphdriver check` reads
+            kept = sorted(set(removed) & set(stored or ()))
+            assert not kept, f"removed layers still have storage (stored_layers()): {kept}"
             # the store's reserve goes too: a class's stores share one filesystem, and a
             # hundred reserves would fill a small one (graphdriver.reserve)
             remove_tree(store_root / reserve.NAME)

@@ -8,14 +8,13 @@ import gzip
 import hashlib
 import io
 import os
-import subprocess
 import tarfile
 from pathlib import Path
 
 from .. import LayerStore
 from .base import APPLIES, ConformanceBase
 from .groups import group
-from .require import needs_root
+from .require import needs_root, run_tool
 from .tars import edge_tars, tarfile_tar
 from .trees import make_rich, random_content
 
@@ -25,7 +24,7 @@ def _sha(data: bytes) -> str:
 
 
 def _gnu_tar(src: Path, *args: str) -> bytes:
-    return subprocess.run(
+    return run_tool(
         ["tar", "--numeric-owner", *args, "-C", str(src), "-cf", "-", "."],
         capture_output=True,
         check=True,

@@ -10,7 +10,6 @@ import itertools
 import os
 import shutil
 import struct
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from .. import LayerStore
 from .base import APPLIES, ConformanceBase
 from .groups import group
-from .require import needs_root
+from .require import needs_root, run_tool
 from .trees import listing, make_rich, random_content, snapshot
 
 
@@ -50,7 +49,7 @@ class StreamCases(ConformanceBase):
         # a temp dir on tmpfs (before Linux 6.6) would not
         self.base_with(store, make_rich, "source")
         with store.mounted("source") as src:
-            proc = subprocess.run(
+            proc = run_tool(
                 [
                     "tar",
                     "--xattrs",
@@ -81,7 +80,7 @@ class StreamCases(ConformanceBase):
         with store.diff("unchanged") as stream:
             data = stream.read()
         assert data == b"\0" * 1024
-        gz = subprocess.run(["gzip", "-n", "-c"], input=data, capture_output=True, check=True)
+        gz = run_tool(["gzip", "-n", "-c"], input=data, capture_output=True, check=True)
         for layer_id, blob in (("copy", data), ("copy-gz", gz.stdout)):
             store.create(layer_id)
             result = store.apply(layer_id, io.BytesIO(blob))
@@ -132,7 +131,7 @@ class StreamCases(ConformanceBase):
         parts = [plain[a:b] for a, b in itertools.pairwise(cuts)]
 
         def tool(argv: list[str], data: bytes) -> bytes:
-            return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+            return run_tool(argv, input=data, capture_output=True, check=True).stdout
 
         def skippable(payload: bytes, magic: int = 0x184D2A50) -> bytes:
             return magic.to_bytes(4, "little") + len(payload).to_bytes(4, "little") + payload
@@ -177,14 +176,14 @@ class StreamCases(ConformanceBase):
         # a few regions (fits a GNU header) and many (needs GNU extension headers)
         for name, regions in (("few", 3), ("many", 9)):
             f = src / name
-            subprocess.run(["truncate", "-s", "64M", str(f)], check=True)
+            run_tool(["truncate", "-s", "64M", str(f)], check=True)
             for i in range(regions):
-                subprocess.run(
+                run_tool(
                     ["dd", f"if={seed}", f"of={f}", "bs=4096", "count=1", f"skip={i}",
                      f"seek={i * 1500 + 7}", "conv=notrunc", "status=none"],
                     check=True,
                 )  # fmt: skip
-        tar = subprocess.run(
+        tar = run_tool(
             ["tar", *tar_args, "-S", "-C", str(src), "-cf", "-", "."],
             capture_output=True,
             check=True,
@@ -217,7 +216,7 @@ class StreamCases(ConformanceBase):
         }
         for rel, ns in stamps.items():
             os.utime(src / rel, ns=(ns - 5, ns), follow_symlinks=False)
-        tar = subprocess.run(
+        tar = run_tool(
             ["tar", "--format=pax", "-C", str(src), "-cf", "-", "."],
             capture_output=True,
             check=True,

@@ -11,7 +11,10 @@ Skips because a driver does not declare a capability stay skips.
 from __future__ import annotations
 
 import os
-from typing import NoReturn
+import shutil
+import subprocess
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import pytest
 
@@ -41,6 +44,8 @@ REQUIREMENTS = {
     "containerd": "containerd, ctr and runc run containers (an image umoci builds from "
     "busybox-static: test_engine.py), and Go builds containerd's snapshotter test suite offline "
     "from Debian's golang-github-containerd-containerd-dev: integrations/containerd/tests",
+    "host-tools": "the tools the suite writes layers with as real images are made: GNU tar, "
+    "gzip, zstd, and coreutils' truncate and dd (cases_streams.py, cases_exact.py)",
     "docker": "Debian's docker.io (dockerd and docker 20.10) runs containers on a private "
     "containerd, with our volume plugin on /run/docker/plugins: integrations/docker/tests",
 }
@@ -85,3 +90,18 @@ def _skip_or_fail(message: str, requirements: tuple[str, ...]) -> NoReturn:
     if demanded:
         pytest.fail(f"{message} ({ENV} requires {', '.join(demanded)})", pytrace=False)
     pytest.skip(message)
+
+
+#: a host tool the suite runs -> the Debian package that has it
+TOOLS = {"tar": "tar", "gzip": "gzip", "zstd": "zstd", "truncate": "coreutils", "dd": "coreutils"}
+
+
+def run_tool(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    """``subprocess.run(argv, **kwargs)`` of a host tool (:data:`TOOLS`); a host without it
+    skips the running test, saying so, or fails it when ``GRAPHDRIVER_REQUIRE`` names
+    ``host-tools``: never a bare FileNotFoundError."""
+    if shutil.which(argv[0]) is None:
+        package = TOOLS.get(argv[0], argv[0])
+        host_lacks(f"{argv[0]} (Debian package {package}) is not on PATH", "host-tools")
+    proc: subprocess.CompletedProcess[bytes] = subprocess.run(argv, **kwargs)
+    return proc

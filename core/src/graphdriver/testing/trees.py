@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,17 @@ from ..linux import xattr
 from .require import needs_root
 
 IGNORED = {"lost+found"}
+
+#: where make_rich's absolute symlink points: a top directory no host has, so that a driver that
+#: follows a layer's symlink touches nothing of the host's
+NOWHERE = "/gd-no-such-top-7c1e9f2b04"
+
+#: a v2 file capability blob as setcap writes it (``cap_net_bind_service=ep``): the magic with
+#: the effective flag, then permitted and inheritable of the two 32-bit words, little-endian
+FILE_CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
+
+#: the xattr make_rich sets on the layer's root directory itself
+ROOT_XATTR = ("user.layer-root", b"on the root")
 
 
 def random_content(size: int, seed: int) -> bytes:
@@ -37,7 +49,9 @@ def make_base(root: Path) -> None:
 
 
 def make_rich(root: Path) -> None:
-    """A tree with every kind of entry: files, dirs, xattrs, hardlinks, symlinks, devices."""
+    """A tree with every kind of entry: files, dirs, xattrs (a file capability, and one on the
+    root itself), hardlinks, symlinks (one owned by 1001:1002, one absolute to :data:`NOWHERE`),
+    devices."""
     needs_root("the rich tree has files of other owners, device nodes and trusted.* xattrs")
     (root / "etc").mkdir(mode=0o755)
     (root / "etc" / "hostname").write_bytes(b"layer\n")
@@ -56,7 +70,9 @@ def make_rich(root: Path) -> None:
     (root / "hard1").write_bytes(b"linked")
     os.link(root / "hard1", root / "etc" / "hard2")
     os.symlink("etc/hostname", root / "rel-link")
-    os.symlink("/etc/hostname", root / "abs-link")
+    os.symlink(f"{NOWHERE}/etc/hostname", root / "abs-link")
+    os.symlink("etc/hostname", root / "owned-link")
+    os.chown(root / "owned-link", 1001, 1002, follow_symlinks=False)
     os.symlink("nowhere", root / "dangling")
     os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     os.mknod(root / "loopdev", stat.S_IFBLK | 0o660, os.makedev(7, 200))
@@ -73,6 +89,12 @@ def make_rich(root: Path) -> None:
     (name / ("file-" + "m" * 120)).write_bytes(b"long path")
     (root / "sp ace & ünïcödé").write_bytes(b"names")
     os.symlink("t" * 200, root / "long-target-link")
+    cap = root / "capable"
+    cap.write_bytes(b"#!/bin/sh\n")
+    os.chmod(cap, 0o755)
+    os.chown(cap, 1000, 1000)  # (a chown drops a file capability: set it after)
+    os.setxattr(cap, "security.capability", FILE_CAPABILITY)
+    os.setxattr(root, *ROOT_XATTR)
 
 
 def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
@@ -118,6 +140,17 @@ def snapshot(root: Path, *, mtimes: bool = True, exact: bool = False) -> dict[st
                 entry["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
             out[rel] = entry
     return out
+
+
+def root_entry(root: Path) -> dict[str, Any]:
+    """What :func:`snapshot` leaves out: the root directory's own mode, owner and xattrs."""
+    st = os.stat(root)
+    return {
+        "mode": oct(stat.S_IMODE(st.st_mode)),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "xattrs": _xattrs(str(root)),
+    }
 
 
 def listing(root: Path) -> list[str]:

@@ -48,6 +48,7 @@ from graphdriver.toolkit import (
     sqlite_open,
     sqlite_transaction,
     unmount,
+    unmount_all_under,
 )
 
 from . import dmsetup
@@ -416,6 +417,10 @@ class DevmapperDriver(Driver):
     def unmount(self, layer: LayerInfo) -> None:
         target = self._mnt(layer)
         if os.path.ismount(target):
+            # what a runtime left mounted inside the layer (a volume's bind) would keep its
+            # filesystem busy, and the thin device with it: off first, the host's files kept
+            for where in unmount_all_under(target / "rootfs"):
+                log.warning("unmounted %s, mounted inside layer %s, to unmount it", where, layer.id)
             unmount(target, retries=50, delay=0.1)
         with contextlib.suppress(OSError):
             target.rmdir()

@@ -233,10 +233,14 @@ class OverlayDriver(Driver):
         diff.mkdir(0o755)
         (d / "work").mkdir(0o700)
         if parent is not None:
-            # the merged root takes the upper dir's owner and mode: inherit the parent's
+            # the merged root takes the upper dir's owner, mode and xattrs: inherit the
+            # parent's (not overlayfs's own trusted.overlay.* on it)
             pst = os.stat(self._diff(parent))
             os.chown(diff, pst.st_uid, pst.st_gid)
             os.chmod(diff, stat.S_IMODE(pst.st_mode))
+            for key in os.listxattr(self._diff(parent)):
+                if not key.startswith("trusted.overlay."):
+                    os.setxattr(diff, key, os.getxattr(self._diff(parent), key))
             lower = f"l/{self._short(parent)}"
             parent_lower = self._dir(parent) / "lower"
             if parent_lower.exists():
