@@ -172,3 +172,51 @@ def test_names_the_kernel_cannot_give_at_once_fall_back_to_the_walk(store: Layer
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, before)
+
+
+def test_files_rewritten_with_as_many_bytes_right_after_the_snapshot_are_found(
+    store: LayerStore,
+) -> None:
+    """moby's graphtest (DriverTestChanges) writes a layer's files, snapshots it and rewrites
+    some of them with as many bytes at once: the rewrites kept the snapshot's inode numbers and,
+    the kernel's timestamps being coarse and never moved back (multigrain), often its files'
+    mtime and ctime too. Only their content differed, and the compare took an inode written
+    since the snapshot with the parent's number and ctime for the parent's own: every rewrite
+    was missed in 29 of 30 rounds. A written inode's content now tells."""
+
+    def write(path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    missed = []
+    for n in range(10):
+        base, layer = f"b{n}", f"c{n}"
+        store.create(base)
+        root = store.get(base)
+        os.makedirs(root / "d", exist_ok=True)  # (a stat first, as Go's MkdirAll)
+        for j in range(20):
+            write(root / "d" / f"f{j}", bytes([j]) * 64)
+        store.put(base)
+        store.create(layer, base)  # as moby's graphtest asks: Create, not CreateReadWrite
+        root = store.get(layer)
+        want = [("/d", 0)]
+        for j in range(20):  # graphtest's changeManyFiles: rewrite, add, remove in turn
+            if j % 3 == 0:
+                write(root / "d" / f"f{j}", bytes([j + 100]) * 64)
+                want.append((f"/d/f{j}", 0))
+            elif j % 3 == 1:
+                write(root / "d" / f"new{j}", bytes([j + 100]) * 64)
+                want.append((f"/d/new{j}", 1))
+            else:
+                (root / "d" / f"f{j}").unlink()
+                want.append((f"/d/f{j}", 2))
+        store.put(layer)
+        found = [(c.path, int(c.kind)) for c in store.changes(layer, base)]
+        if sorted(found) != sorted(want) or _walked(store, layer, base) != _native(store, layer):
+            missed.append((n, sorted(set(want) - set(found))))
+        store.remove(layer)
+        store.remove(base)
+    assert not missed, missed

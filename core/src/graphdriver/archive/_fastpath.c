@@ -1333,7 +1333,7 @@ static PyObject *check_rows(PyObject *self, PyObject *args) {
  * (graphdriver.archive.changes._Compare._entries) would find added (1) or modified (0) by
  * looking at the two lstats alone, and, when full, each deleted name (2); and left, the names
  * of every entry that loop must look at (a directory, a hardlinked file, a whiteout, one whose
- * metadata equal the old one's but whose inode or ctime leave its content in doubt, one an
+ * metadata equal the old one's but whose ctime leaves its content in doubt, one an
  * lstat failed on). An entry the lstats show unchanged is in neither. OSError, its filename the
  * descriptor, when a directory cannot be read.
  */
@@ -1396,9 +1396,9 @@ static int entry_kind(const char *name, const struct stat *st, const int *fds, P
             return LEFT;
         if (metadata_differ(st, &old))
             *kind = 0;
-        else if ((st->st_ino == old.st_ino && ns_of(&st->st_ctim) == ns_of(&old.st_ctim)) ||
-                 (boundary >= 0 && ns_of(&st->st_ctim) < boundary))
-            *kind = -1; /* the same inode untouched (a snapshot's), or untouched since the copy */
+        else if (boundary >= 0 && ns_of(&st->st_ctim) < boundary)
+            *kind = -1; /* untouched since the copy (not: the same inode with the same ctime,
+                         * which a snapshot's file rewritten within a tick keeps) */
         else
             return LEFT; /* the same metadata: the content tells */
         return DONE;

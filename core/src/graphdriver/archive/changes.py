@@ -69,12 +69,13 @@ def _unchanged(
     is_dir = stat.S_ISDIR(new.st_mode)
     if not is_dir and (new.st_size != old.st_size or new.st_mtime_ns != old.st_mtime_ns):
         return False
-    # Equal metadata. The file is untouched if it is the very same inode with the same ctime
-    # (a btrfs or thin snapshot), or if nothing changed it since the layer was made (ctime
-    # before the layer's boundary). Otherwise look closer, so that no write made within one
-    # timestamp tick of the copy is missed, and no sleep is needed.
-    if new.st_ino == old.st_ino and new.st_ctime_ns == old.st_ctime_ns:
-        return True
+    # Equal metadata. The file is untouched if nothing changed it since the layer was made
+    # (ctime before the layer's boundary). Otherwise look closer, so that no write made within
+    # one timestamp tick of the copy is missed, and no sleep is needed. The same inode number
+    # with the same ctime (a btrfs or thin snapshot's file) proves nothing: the kernel's
+    # timestamps are coarse and never move back (multigrain), so a file of a snapshot
+    # rewritten with as many bytes soon after its parent's last write keeps the parent's
+    # mtime and ctime too (moby's graphtest's rewrites were all missed on btrfs that way).
     if boundary_ns is not None and new.st_ctime_ns < boundary_ns:
         return True
     if _xattrs(new_path) != _xattrs(old_path):
