@@ -796,6 +796,39 @@ def test_a_cleanup_releases_only_its_own_drivers_volume_mounts(gd: GD) -> None:
             volumes.close()
 
 
+def test_a_counted_volume_whose_mount_is_gone_is_mounted_again(gd: GD) -> None:
+    """A tmpfs volume that dockerd (through the volume plugin) holds, whose mount went away
+    (a reboot, an umount by hand) while it stays counted: the next container that mounts it
+    gets a tmpfs again, never the directory below it on the store's disk."""
+    _image(gd)
+    tmpfs = ["--opt", "type=tmpfs", "--opt", "device=tmpfs", "--opt", "o=size=4m"]
+    gd("volume", "create", "t", *tmpfs)
+    volumes = VolumeStore(gd.root)
+    try:
+        data = volumes.mount("t", "docker:abc")
+    finally:
+        volumes.close()
+    unmount(data)  # as a reboot would
+    gd("container", "create", "c", "--image", "img", "-v", "t:/x")
+    try:
+        res = gd("container", "mount", "c")
+        assert "volume t is counted as mounted but its mount is gone" in res.err, res.err
+        root = Path(res.out.strip())
+        (root / "x" / "f").write_text("in the tmpfs")
+        mounted = {e.mountpoint: e.fstype for e in mountinfo()}
+        assert mounted[os.path.realpath(root / "x")] == "tmpfs"
+        assert mounted[os.path.realpath(data)] == "tmpfs"
+        gd("container", "umount", "c")
+        assert (data / "f").read_text() == "in the tmpfs"  # still mounted: dockerd's
+    finally:
+        volumes = VolumeStore(gd.root)
+        try:
+            volumes.unmount("t", "docker:abc")
+        finally:
+            volumes.close()
+    assert not os.path.ismount(data) and not (data / "f").exists()
+
+
 def test_local_volume_with_a_tmpfs_mount(gd: GD) -> None:
     _image(gd)
     gd(

@@ -231,6 +231,34 @@ def test_status_lists_a_volume_whose_recovery_fails(gd: GD) -> None:  # noqa: F8
     assert gd("volume", "ls", "-q").out.split() == ["keep"]
 
 
+def test_an_interrupt_whose_rollback_fails_says_so(gd: GD) -> None:  # noqa: F811
+    """SIGTERM between two steps of `volume rm`, whose volume cannot be deleted (an immutable
+    file): the command's rollback fails, and its last line says so, not "was rolled back"."""
+    gd("volume", "create", "v")
+    data = Path(json.loads(gd("volume", "inspect", "v").out)[0]["Mountpoint"])
+    (data / "stuck").write_text("x")
+    subprocess.run(["chattr", "+i", str(data / "stuck")], check=True)
+    try:
+        proc = subprocess.run(
+            gd.argv("volume", "rm", "v"),
+            env={**os.environ, "GRAPHDRIVER_FAULT": "volumes.remove.after-mark=term"},
+            capture_output=True,
+            timeout=300,
+        )
+        last = proc.stderr.decode().strip().splitlines()[-1]
+        assert proc.returncode == 128 + 15, proc.stderr.decode()
+        assert last.startswith(
+            "graphdriver: interrupted by SIGTERM; what it had half done could not all be "
+            "rolled back (volume v: "
+        ), last
+        assert last.endswith("); see `graphdriver status`"), last
+        assert "Recovery Failed: volume v: " in gd("status").out
+    finally:
+        subprocess.run(["chattr", "-i", str(data / "stuck")], check=True)
+    assert "Recovery Failed" not in gd("status").out
+    assert "v" not in gd("volume", "ls", "-q").out.split()
+
+
 def test_status_lists_a_container_whose_recovery_fails(gd: GD) -> None:  # noqa: F811
     """A container that a killed create left half-made, whose layer someone mounted meanwhile
     (it cannot be removed while mounted), is listed by status as "Recovery Failed"; once the

@@ -303,19 +303,22 @@ def _flushed(code: int | str | None) -> int | str | None:
         return code
 
 
-def _rolled_back() -> bool:
+def _rolled_back() -> str:
     """After an interrupt: the recovery of what the command had opened, run now
-    (:meth:`.Context.recover`); False where it could not be (another command holds the store's
-    lock, a second interrupt), and the next command's open does it."""
+    (:meth:`.Context.recover`), and how it went, for the command's last line: rolled back; or
+    left to the next command's open where it could not run (another command holds the store's
+    lock, a second interrupt); or what it could not undo, which ``status`` lists too."""
     ctx, Context.last = Context.last, None
     if ctx is None:
-        return True
+        return "was rolled back"
     try:
-        ctx.recover()
+        failed = ctx.recover()
     except (Exception, KeyboardInterrupt, Interrupted) as exc:
         log.debug("rolling back after the interrupt: %r", exc)
-        return False
-    return True
+        return "is rolled back by the next command"
+    if failed:
+        return f"could not all be rolled back ({failed[0][1]}); see `graphdriver status`"
+    return "was rolled back"
 
 
 def main(blocked: Collection[int] = ()) -> None:
@@ -338,7 +341,7 @@ def main(blocked: Collection[int] = ()) -> None:
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
         name = signal.Signals(signum).name
-        undo = "was rolled back" if _rolled_back() else "is rolled back by the next command"
+        undo = _rolled_back()
         click.echo(f"graphdriver: interrupted by {name}; what it had half done {undo}", err=True)
         sys.exit(128 + signum)
     except Exception as exc:  # a bug: still one line, the traceback at debug level

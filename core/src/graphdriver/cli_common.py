@@ -102,25 +102,31 @@ class Context:
             if part is not None:
                 part.close()
 
-    def recover(self) -> None:
+    def recover(self) -> list[tuple[str, str]]:
         """Open again what the command had opened (closed by then), without waiting for the
         store's lock, and close it: that runs the recovery the next command's open would. After
         an interrupt (SIGTERM, Ctrl-C), so that a container or volume command stopped between
         two of its steps (a layer mounted and not yet counted, a container left creating or
-        removing) is rolled back now, as an interrupted ``apply-diff`` rolls itself back."""
+        removing) is rolled back now, as an interrupted ``apply-diff`` rolls itself back.
+        Returns what that recovery could not do, as ``status`` lists it."""
         containers, store, volumes = self._containers, self._store, self._volumes
         self.close()
         self._store = self._containers = self._volumes = None
         self.wait = 0.0
+        failed: list[tuple[str, str]] = []
         try:
             if containers is not None:
-                _ = self.containers().volumes  # their open recovers the volumes too
-            elif store is not None:
-                self.store()
+                reopened = self.containers()
+                failed += reopened.recovery_failures + reopened.volumes.recovery_failures
+            if store is not None or containers is not None:
+                from .recovery import failures
+
+                failed += failures(self.store())
             if volumes is not None:
-                self.volumes()
+                failed += self.volumes().recovery_failures
         finally:
             self.close()
+        return failed
 
 
 pass_ctx = click.make_pass_decorator(Context)

@@ -64,6 +64,12 @@ class VolumeDriver(ABC):
     def path(self, name: str, options: Mapping[str, str]) -> Path:
         """Where the data is (``Mountpoint`` in ``volume inspect``)."""
 
+    def mounted(self, name: str, options: Mapping[str, str]) -> bool | None:
+        """Whether what :meth:`mount` made is still in place (a reboot or an unmount by hand
+        takes a mount away while the store still counts it: it is then mounted again);
+        None: this driver cannot tell (the default)."""
+        return None
+
     def status(self, name: str, options: Mapping[str, str]) -> dict[str, str]:
         """Extra key/values for ``volume inspect``."""
         return {}

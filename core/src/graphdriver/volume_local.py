@@ -159,6 +159,9 @@ class LocalVolumeDriver(VolumeDriver):
         finally:
             os.close(fd)
 
+    def mounted(self, name: str, options: Mapping[str, str]) -> bool:
+        return not options or m.is_mountpoint(self.path(name, options))
+
     def unmount(self, name: str, options: Mapping[str, str]) -> None:
         if options:
             m.unmount(self.path(name, options))

@@ -334,6 +334,10 @@ class VolumeStore:
         with self.locked():
             rec = self.get(name)
             drv = self.driver(rec.driver)
+            if rec.mount_count and rec.mountpoint and drv.mounted(name, rec.options) is False:
+                log.warning("volume %s is counted as mounted but its mount is gone (a reboot?); "
+                            "mounting it again", name)  # fmt: skip
+                rec.mountpoint = None
             if rec.mount_count and rec.mountpoint:
                 path = rec.mountpoint
             else:

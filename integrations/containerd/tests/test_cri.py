@@ -2,7 +2,9 @@
 kubelet drives it, with the README's configuration (CRI's snapshotter: ours).
 
 A private containerd 1.6 (Debian's) with its CRI plugin on (pods on the host's network, no CNI
-set up: nothing of the host's network is touched), our proxy beside it, and a CRI client
+set up: nothing of the host's network is configured; CRI's stream server listens on a free port
+of the loopback, and containerd 1.6 keeps its shims' sockets in the host's /run/containerd/s
+whatever its state directory), our proxy beside it, and a CRI client
 generated at the start from ``cri/runtime_v1.proto`` (the part of the interface the test
 calls). The images are the engine test's, built offline by umoci from busybox-static, and a
 pause image of the same layers whose entrypoint sleeps; ``ctr -n k8s.io image import`` puts
@@ -144,6 +146,14 @@ class Kubelet:
         listed = self.images.ListImages(self.pb.ListImagesRequest(), timeout=30).images
         return {tag for image in listed for tag in image.repo_tags}
 
+    def listing(self, wanted: set[str]) -> set[str]:
+        """The tags CRI lists, once it lists *wanted* (it learns of imported images from
+        containerd's events, a moment after the import)."""
+        deadline = time.monotonic() + 30
+        while not wanted <= (tags := self.tags()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return tags
+
 
 def _reconnected(eng: Engine) -> None:
     """Once containerd's client of the proxy has connected again (grpc-go's backoff, at most
@@ -164,7 +174,7 @@ def test_a_pod_lives_and_goes_through_cri(kube: Engine, cri: tuple[ModuleType, M
     pb, pb_grpc = cri
     k = Kubelet(kube, pb, pb_grpc)
     try:
-        assert {APP, PAUSE} <= k.tags()
+        assert {APP, PAUSE} <= k.listing({APP, PAUSE})
         status = k.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=APP)))
         assert status.image.size > 0
         assert k.images.ImageFsInfo(pb.ImageFsInfoRequest(), timeout=30).image_filesystems
