@@ -122,7 +122,8 @@ def serve_docker_graphdriver(ctx: click.Context, name: str, socket_path: Path | 
     dockerd (20.10 to 26, started with --experimental --storage-driver NAME) finds the plugin
     by its socket and keeps every layer in the store of --root and --driver, under the ids it
     gives them. Runs until SIGTERM or SIGINT, then removes the socket; mounted layers stay
-    mounted (dockerd's Cleanup, at its own exit, unmounts them).
+    mounted (dockerd's Cleanup, at its own exit, leaves them too, as live-restore needs:
+    `graphdriver cleanup` unmounts them).
     """
     from graphdriver.plugins import choose_driver
 
