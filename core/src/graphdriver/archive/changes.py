@@ -12,7 +12,7 @@ import contextlib
 import enum
 import os
 import stat
-from collections.abc import Collection, Generator
+from collections.abc import Collection, Generator, Iterator
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -444,37 +444,10 @@ def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
     return walk.result()
 
 
-def changes_size(root: str, changes: list[Change], links: bool = False) -> int:
-    """Bytes of file data that a diff of *changes* carries (each inode counted once); with
-    *links*, a symlink's target too, as Docker's ``ChangesSize`` counts every non-directory's
-    size (``docker ps -s``)."""
+def _kept(root: str, changes: list[Change]) -> Iterator[os.stat_result]:
+    """The lstat of each inode that *changes* adds or changes, once (a hardlinked file's
+    names are one inode); a deletion, or a name gone since, has none."""
     seen: set[tuple[int, int]] = set()
-    total = 0
-    for change in changes:
-        if change.kind == ChangeKind.DELETE:
-            continue
-        try:
-            st = os.lstat(root + change.path)
-        except FileNotFoundError:
-            continue
-        if not (stat.S_ISREG(st.st_mode) or (links and stat.S_ISLNK(st.st_mode))):
-            continue
-        if st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-        total += st.st_size
-    return total
-
-
-def changes_usage(root: str, changes: list[Change]) -> tuple[int, int]:
-    """(bytes, inodes) on disk of the entries that *changes* adds or changes, each inode once:
-    its allocated blocks (``st_blocks``), directories and symlinks included, a sparse file's
-    holes not, as containerd's snapshotters report a snapshot's Usage (the ``du`` of what it
-    holds), which Kubernetes counts against a pod's ephemeral storage."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
     for change in changes:
         if change.kind == ChangeKind.DELETE:
             continue
@@ -485,5 +458,24 @@ def changes_usage(root: str, changes: list[Change]) -> tuple[int, int]:
         key = (st.st_dev, st.st_ino)
         if key not in seen:
             seen.add(key)
-            total += st.st_blocks * 512
-    return total, len(seen)
+            yield st
+
+
+def changes_size(root: str, changes: list[Change], links: bool = False) -> int:
+    """Bytes of file data that a diff of *changes* carries (each inode counted once); with
+    *links*, a symlink's target too, as Docker's ``ChangesSize`` counts every non-directory's
+    size (``docker ps -s``)."""
+    return sum(
+        st.st_size
+        for st in _kept(root, changes)
+        if stat.S_ISREG(st.st_mode) or (links and stat.S_ISLNK(st.st_mode))
+    )
+
+
+def changes_usage(root: str, changes: list[Change]) -> tuple[int, int]:
+    """(bytes, inodes) on disk of the entries that *changes* adds or changes, each inode once:
+    its allocated blocks (``st_blocks``), directories and symlinks included, a sparse file's
+    holes not, as containerd's snapshotters report a snapshot's Usage (the ``du`` of what it
+    holds), which Kubernetes counts against a pod's ephemeral storage."""
+    blocks = [st.st_blocks for st in _kept(root, changes)]
+    return sum(blocks) * 512, len(blocks)

@@ -13,48 +13,19 @@ from ..driver import MountEntry
 from ..linux.mount import (
     MNT_DETACH,
     MS_BIND,
-    MS_NODEV,
-    MS_NOSUID,
     MS_RDONLY,
-    MS_REC,
     MS_REMOUNT,
     mount,
     mounts_under,
     unmount,
 )
-
-#: mount(8) option -> (flags it sets, flags it clears); anything else goes to the filesystem
-_FLAGS = {
-    "ro": (MS_RDONLY, 0),
-    "rw": (0, MS_RDONLY),
-    "nosuid": (MS_NOSUID, 0),
-    "suid": (0, MS_NOSUID),
-    "nodev": (MS_NODEV, 0),
-    "dev": (0, MS_NODEV),
-    "noexec": (0x8, 0),
-    "exec": (0, 0x8),
-    "noatime": (0x400, 0),
-    "relatime": (1 << 21, 0),
-    "bind": (MS_BIND, 0),
-    "rbind": (MS_BIND | MS_REC, 0),
-}
-
-
-def _split(options: Sequence[str]) -> tuple[int, str]:
-    flags, data = 0, []
-    for word in options:
-        if word in _FLAGS:
-            on, off = _FLAGS[word]
-            flags = (flags | on) & ~off
-        else:
-            data.append(word)
-    return flags, ",".join(data)
+from ..volume_local import parse_mount_options
 
 
 def mount_entries(entries: Sequence[MountEntry], target: Path) -> None:
     """Mount *entries* on *target* one after the other (containerd's ``mount.All``)."""
     for entry in entries:
-        flags, data = _split(entry.options)
+        flags, data = parse_mount_options(",".join(entry.options))
         if entry.type == "bind":
             flags |= MS_BIND
         fstype = None if flags & MS_BIND else entry.type
