@@ -253,6 +253,17 @@ def test_an_interrupt_whose_rollback_fails_says_so(gd: GD) -> None:  # noqa: F81
         ), last
         assert last.endswith("); see `graphdriver status`"), last
         assert "Recovery Failed: volume v: " in gd("status").out
+        # another command interrupted meanwhile, whose own rollback works: v's failure, which
+        # its open found already, is not laid at its door
+        proc = subprocess.run(
+            gd.argv("volume", "create", "x"),
+            env={**os.environ, "GRAPHDRIVER_FAULT": "volumes.create.after-record=term"},
+            capture_output=True,
+            timeout=300,
+        )
+        last = proc.stderr.decode().strip().splitlines()[-1]
+        assert last == "graphdriver: interrupted by SIGTERM; what it had half done was rolled back"
+        assert "x" not in gd("volume", "ls", "-q").out.split()
     finally:
         subprocess.run(["chattr", "-i", str(data / "stuck")], check=True)
     assert "Recovery Failed" not in gd("status").out

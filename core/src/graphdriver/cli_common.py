@@ -108,8 +108,12 @@ class Context:
         an interrupt (SIGTERM, Ctrl-C), so that a container or volume command stopped between
         two of its steps (a layer mounted and not yet counted, a container left creating or
         removing) is rolled back now, as an interrupted ``apply-diff`` rolls itself back.
-        Returns what that recovery could not do, as ``status`` lists it."""
+        Returns what that recovery could not do and the command's own open had not found
+        undone already (as ``status`` lists it)."""
         containers, store, volumes = self._containers, self._store, self._volumes
+        before: set[tuple[str, str]] = set()
+        for part in (containers, volumes, containers and containers.opened_volumes()):
+            before.update(part.recovery_failures if part is not None else ())
         self.close()
         self._store = self._containers = self._volumes = None
         self.wait = 0.0
@@ -118,15 +122,13 @@ class Context:
             if containers is not None:
                 reopened = self.containers()
                 failed += reopened.recovery_failures + reopened.volumes.recovery_failures
-            if store is not None or containers is not None:
-                from .recovery import failures
-
-                failed += failures(self.store())
-            if volumes is not None:
+            elif store is not None:
+                self.store()
+            if volumes is not None and containers is None:
                 failed += self.volumes().recovery_failures
         finally:
             self.close()
-        return failed
+        return [f for f in dict.fromkeys(failed) if f not in before]
 
 
 pass_ctx = click.make_pass_decorator(Context)

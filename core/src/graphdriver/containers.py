@@ -65,6 +65,10 @@ class ContainerStore(ContainerMounts):
             with self.store.locked():
                 self._recover()
 
+    def opened_volumes(self) -> VolumeStore | None:
+        """The root's volumes if a command of this store opened them, else None."""
+        return self._volumes
+
     @property
     def volumes(self) -> VolumeStore:
         if self._volumes is None:

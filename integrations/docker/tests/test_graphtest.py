@@ -28,8 +28,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,12 +118,28 @@ def where(request: pytest.FixtureRequest) -> Iterator[tuple[str, Backing, str]]:
         try:
             yield driver, backing, prefix
         finally:
+            _kill_plugins(prefix)  # a suite that hung or panicked never ran its Cleanup
             unmount_all_under(backing.root)
             for left in PLUGIN_DIR.glob(f"{prefix}-*.sock"):
                 left.unlink()
             for made_dir in reversed(made):
                 with contextlib.suppress(OSError):
                     made_dir.rmdir()
+
+
+def _kill_plugins(prefix: str) -> None:
+    """SIGKILL the plugin processes a suite run left (their command lines name *prefix*), and
+    wait until they are gone: one alive holds its store's lock and mounts, and the backing."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if prefix.encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    left.append(proc)
+    deadline = time.monotonic() + 30
+    while any(p.exists() for p in left) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def no_quota(driver: str, backing: Backing) -> str:
