@@ -231,6 +231,18 @@ def test_status_lists_a_volume_whose_recovery_fails(gd: GD) -> None:  # noqa: F8
     assert gd("volume", "ls", "-q").out.split() == ["keep"]
 
 
+def _termed(gd: GD, point: str, *args: str) -> str:  # noqa: F811
+    """The last line of the command *args*, sent SIGTERM at *point*; it exits 128+15."""
+    proc = subprocess.run(
+        gd.argv(*args),
+        env={**os.environ, "GRAPHDRIVER_FAULT": f"{point}=term"},
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 128 + 15, proc.stderr.decode()
+    return proc.stderr.decode().strip().splitlines()[-1]
+
+
 def test_an_interrupt_whose_rollback_fails_says_so(gd: GD) -> None:  # noqa: F811
     """SIGTERM between two steps of `volume rm`, whose volume cannot be deleted (an immutable
     file): the command's rollback fails, and its last line says so, not "was rolled back"."""
@@ -239,14 +251,7 @@ def test_an_interrupt_whose_rollback_fails_says_so(gd: GD) -> None:  # noqa: F81
     (data / "stuck").write_text("x")
     subprocess.run(["chattr", "+i", str(data / "stuck")], check=True)
     try:
-        proc = subprocess.run(
-            gd.argv("volume", "rm", "v"),
-            env={**os.environ, "GRAPHDRIVER_FAULT": "volumes.remove.after-mark=term"},
-            capture_output=True,
-            timeout=300,
-        )
-        last = proc.stderr.decode().strip().splitlines()[-1]
-        assert proc.returncode == 128 + 15, proc.stderr.decode()
+        last = _termed(gd, "volumes.remove.after-mark", "volume", "rm", "v")
         assert last.startswith(
             "graphdriver: interrupted by SIGTERM; what it had half done could not all be "
             "rolled back (volume v: "
@@ -255,13 +260,7 @@ def test_an_interrupt_whose_rollback_fails_says_so(gd: GD) -> None:  # noqa: F81
         assert "Recovery Failed: volume v: " in gd("status").out
         # another command interrupted meanwhile, whose own rollback works: v's failure, which
         # its open found already, is not laid at its door
-        proc = subprocess.run(
-            gd.argv("volume", "create", "x"),
-            env={**os.environ, "GRAPHDRIVER_FAULT": "volumes.create.after-record=term"},
-            capture_output=True,
-            timeout=300,
-        )
-        last = proc.stderr.decode().strip().splitlines()[-1]
+        last = _termed(gd, "volumes.create.after-record", "volume", "create", "x")
         assert last == "graphdriver: interrupted by SIGTERM; what it had half done was rolled back"
         assert "x" not in gd("volume", "ls", "-q").out.split()
     finally:
